@@ -1,0 +1,1 @@
+//! Runnable example programs of dbqsfs live beside this file; run one with `cargo run --release -p dbqsfs-examples --example NAME`.

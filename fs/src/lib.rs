@@ -1,0 +1,1 @@
+//! The FUSE mapping of dbqsfs. Not written yet: see ARCHITECTURE.md.

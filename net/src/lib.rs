@@ -1,0 +1,1 @@
+//! QUIC transport for dbqsfs. Not written yet: see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! The dbqsfs simulator and test harnesses.
