@@ -1,1 +1,31 @@
-//! The FUSE mapping of dbqsfs. Not written yet: see ARCHITECTURE.md.
+//! dbqsfs-fs: the POSIX filesystem of dbqsfs and its FUSE mapping.
+//!
+//! Goals: a POSIX filesystem whose state lives entirely in dBQS: inodes and directory buckets as
+//! owner-signed, versioned records, file contents as immutable content-addressed chunks. A fresh
+//! mount over the same backend sees everything a previous mount made durable.
+//!
+//! Layers:
+//! - [`backend`]: the storage interface (`Backend`) and an in-memory implementation for tests.
+//! - [`layout`]: record labels and value encodings on the backend.
+//! - [`volume`]: `Volume`, all POSIX logic on inode numbers, with no FUSE types (so it is tested
+//!   without a mount); directories in `dir`, file contents and caches in `file`.
+//! - [`fuse`]: a thin fuser adapter over `Volume`, and `mount`.
+//! - [`error`]: `FsError` and the single backend-error → errno mapping.
+//!
+//! Non-goals (for now): several read-write mounts of one volume (dBQS leases are not wired in),
+//! garbage collection of unreachable chunks and records, POSIX ACLs and file locks beyond the
+//! kernel's local ones.
+
+pub mod backend;
+mod dir;
+pub mod error;
+mod file;
+pub mod fuse;
+pub mod layout;
+pub mod volume;
+
+pub use backend::{Backend, BackendError, ChunkId, Failure, MemBackend, Record};
+pub use error::{backend_errno, FsError, FsResult};
+
+pub use layout::{FileKind, Timestamp};
+pub use volume::{Attr, Cred, DirListEntry, SetAttr, StatFs, TimeSet, Volume, VolumeConfig};
