@@ -431,9 +431,24 @@ impl Endpoint {
             *cached = Some(conn.clone());
             Ok(conn)
         };
-        timeout(self.inner.opts.connect_timeout, get)
+        let result = timeout(self.inner.opts.connect_timeout, get)
             .await
-            .unwrap_or(Err(NetError::ConnectTimeout))
+            .unwrap_or(Err(NetError::ConnectTimeout));
+        if result.is_err() {
+            // Do not keep slots for peers we cannot reach: the map would grow
+            // with every bad address a caller tries. A dialler still holding
+            // this slot simply caches into an orphan; the next caller re-dials.
+            let mut conns = self.inner.conns();
+            let key = (peer.to_bytes(), addr);
+            if conns.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                if let Ok(cached) = slot.try_lock() {
+                    if cached.is_none() {
+                        conns.remove(&key);
+                    }
+                }
+            }
+        }
+        result
     }
 
     async fn dial(
