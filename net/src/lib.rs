@@ -37,6 +37,8 @@
 //! answer"; [`Endpoint::request`] reads one frame, [`Endpoint::request_stream`]
 //! reads them all. Streams are aborted with the application [`codes`].
 
+#![warn(missing_docs)]
+
 mod endpoint;
 mod error;
 pub mod frame;
