@@ -593,6 +593,10 @@ impl State {
 
     fn link(&mut self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
         check_name(newname)?;
+        self.live_dir(newparent)?;
+        if self.dir_lookup(newparent, newname)?.is_some() {
+            return err(libc::EEXIST);
+        }
         let node = self.node(ino)?;
         if node.inode.kind == FileKind::Dir {
             return err(libc::EPERM);
@@ -604,10 +608,6 @@ impl State {
             return err(libc::EMLINK);
         }
         let kind = node.inode.kind;
-        self.live_dir(newparent)?;
-        if self.dir_lookup(newparent, newname)?.is_some() {
-            return err(libc::EEXIST);
-        }
         let now = Timestamp::now();
         self.update(ino, |i| {
             i.nlink += 1;
