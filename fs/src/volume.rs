@@ -531,7 +531,7 @@ impl State {
             self.discard(ino);
             return Err(e);
         }
-        Ok(self.attr_of(ino))
+        self.getattr(ino)
     }
 
     /// Removes one link to `ino` whose name is already gone.
@@ -578,7 +578,7 @@ impl State {
         if e.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
         }
-        if self.node(e.ino)?.inode.dir().is_some_and(|d| d.count > 0) {
+        if !self.dir_is_empty(e.ino)? {
             return err(libc::ENOTEMPTY);
         }
         let now = Timestamp::now();
@@ -619,7 +619,13 @@ impl State {
             p.mtime = now;
             p.ctime = now;
         })?;
-        Ok(self.attr_of(ino))
+        self.getattr(ino)
+    }
+
+    /// Asks the entries themselves rather than the directory's count, which a failure between
+    /// storing a bucket and storing the directory inode can leave behind.
+    fn dir_is_empty(&mut self, dir: u64) -> FsResult<bool> {
+        Ok(self.dir_list(dir, 0, 1)?.is_empty())
     }
 
     /// Whether directory `a` is `d` or one of its ancestors.
@@ -672,7 +678,7 @@ impl State {
             if !src_dir && dst_dir {
                 return err(libc::EISDIR);
             }
-            if dst_dir && self.node(d.ino)?.inode.dir().is_some_and(|x| x.count > 0) {
+            if dst_dir && !self.dir_is_empty(d.ino)? {
                 return err(libc::ENOTEMPTY);
             }
         }

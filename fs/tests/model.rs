@@ -662,6 +662,10 @@ fn run_seed(seed: u64, ops: usize, tally: &mut Tally) {
         bucket_max: 1 + rng.below(4) as usize,
         dirty_limit: cs * (1 + rng.below(64) as usize),
         ino_batch: 1 + rng.below(8),
+        // Half the seeds run with tiny caches, so inodes and buckets are dropped and re-read
+        // all the time.
+        max_cached_inodes: if rng.chance(50) { 2 + rng.below(20) as usize } else { 100_000 },
+        max_cached_buckets: if rng.chance(50) { 1 + rng.below(6) as usize } else { 100_000 },
         ..VolumeConfig::default()
     };
     let backend = MemBackend::with_max_block(max_block);
