@@ -51,6 +51,20 @@ impl ChunkMap {
     }
 }
 
+/// A piece of a read that needs chunk `id` from the backend: `len` bytes from `within` in the
+/// chunk go to `at` in the output.
+pub(crate) struct Fetch {
+    pub id: ChunkId,
+    pub at: usize,
+    pub within: usize,
+    pub len: usize,
+}
+
+/// Completes a read planned by `State::read_plan`.
+pub(crate) fn fill(out: &mut [u8], fetch: &Fetch, chunk: &[u8]) {
+    copy_from_piece(&mut out[fetch.at..fetch.at + fetch.len], chunk, fetch.within);
+}
+
 /// A bounded cache of chunk contents. Chunks are immutable, so an entry never goes stale.
 pub(crate) struct ChunkCache {
     map: HashMap<ChunkId, Arc<Vec<u8>>>,
@@ -62,6 +76,10 @@ pub(crate) struct ChunkCache {
 impl ChunkCache {
     pub fn new(limit: usize) -> Self {
         ChunkCache { map: HashMap::new(), order: VecDeque::new(), bytes: 0, limit }
+    }
+
+    pub fn peek(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.map.get(id).cloned()
     }
 
     pub fn get(&mut self, backend: &dyn Backend, id: &ChunkId) -> FsResult<Arc<Vec<u8>>> {
@@ -114,37 +132,39 @@ impl State {
     }
 
     /// Reads `size` bytes at `off`, stopping at the end of the file.
-    pub(crate) fn read(&mut self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+    /// Reads what can be read without the backend: buffered data, cached chunks and holes. The
+    /// pieces that need a chunk fetched are returned for the caller to fetch without holding the
+    /// volume lock; since chunks are immutable the result is the file as it was at this call.
+    pub(crate) fn read_plan(&mut self, ino: u64, off: u64, size: u32) -> FsResult<(Vec<u8>, Vec<Fetch>)> {
         let cs = self.cs();
         self.load(ino)?;
         let node = &self.nodes[&ino];
-        match node.inode.content {
-            Content::File(_) => {}
-            Content::Dir(_) => return err(libc::EISDIR),
-            _ => return err(libc::EINVAL),
-        }
+        let Content::File(map) = &node.inode.content else {
+            return err(if matches!(node.inode.content, Content::Dir(_)) { libc::EISDIR } else { libc::EINVAL });
+        };
         let end = off.saturating_add(size as u64).min(node.inode.size);
         if off >= end {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut out = vec![0u8; (end - off) as usize];
+        let mut fetches = Vec::new();
         let mut pos = off;
         while pos < end {
             let idx = pos / cs;
             let within = (pos % cs) as usize;
             let n = ((cs - within as u64).min(end - pos)) as usize;
-            let dst = &mut out[(pos - off) as usize..][..n];
-            let node = &self.nodes[&ino];
-            let Content::File(map) = &node.inode.content else { unreachable!("checked above") };
+            let at = (pos - off) as usize;
             if let Some(buf) = node.dirty.get(&idx) {
-                copy_from_piece(dst, buf, within);
+                copy_from_piece(&mut out[at..at + n], buf, within);
             } else if let Some(id) = map.chunks.get(&idx) {
-                let data = self.chunks.get(self.backend.as_ref(), id)?;
-                copy_from_piece(dst, &data, within);
+                match self.chunks.peek(id) {
+                    Some(data) => copy_from_piece(&mut out[at..at + n], &data, within),
+                    None => fetches.push(Fetch { id: *id, at, within, len: n }),
+                }
             }
             pos += n as u64;
         }
-        Ok(out)
+        Ok((out, fetches))
     }
 
     /// Writes into the write-back buffer. Returns the number of bytes written (all of them).

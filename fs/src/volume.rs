@@ -939,6 +939,7 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
 /// are serialized by one lock.
 pub struct Volume {
     state: Mutex<State>,
+    backend: Arc<dyn Backend>,
     read_only: bool,
 }
 
@@ -997,7 +998,8 @@ impl Volume {
         };
         let mut state = state;
         state.load(ROOT_INO)?;
-        Ok(Volume { state: Mutex::new(state), read_only: cfg.read_only })
+        let backend = state.backend.clone();
+        Ok(Volume { state: Mutex::new(state), backend, read_only: cfg.read_only })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1106,8 +1108,16 @@ impl Volume {
         self.lock().release(fh)
     }
 
+    /// Reads up to `size` bytes. Chunks that are not cached are fetched without holding the
+    /// volume lock, so a slow fetch does not stall other operations.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        self.lock().read(ino, offset, size)
+        let (mut out, fetches) = self.lock().read_plan(ino, offset, size)?;
+        for f in &fetches {
+            let chunk = Arc::new(self.backend.get_chunk(&f.id)?);
+            crate::file::fill(&mut out, f, &chunk);
+            self.lock().chunks.insert(f.id, chunk);
+        }
+        Ok(out)
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
