@@ -188,10 +188,18 @@ impl Backend for MemBackend {
         self.inner.lock().unwrap().counts.put_chunk += 1;
         self.check(true)?;
         if data.len() > self.max_block {
-            return Err(BackendError::TooLarge { size: data.len(), limit: self.max_block });
+            return Err(BackendError::TooLarge {
+                size: data.len(),
+                limit: self.max_block,
+            });
         }
         let id = Self::chunk_id(data);
-        self.inner.lock().unwrap().chunks.entry(id).or_insert_with(|| Arc::new(data.to_vec()));
+        self.inner
+            .lock()
+            .unwrap()
+            .chunks
+            .entry(id)
+            .or_insert_with(|| Arc::new(data.to_vec()));
         Ok(id)
     }
 
@@ -199,7 +207,11 @@ impl Backend for MemBackend {
         self.inner.lock().unwrap().counts.get_chunk += 1;
         self.check(false)?;
         let inner = self.inner.lock().unwrap();
-        inner.chunks.get(id).map(|c| c.as_ref().clone()).ok_or(BackendError::NotFound)
+        inner
+            .chunks
+            .get(id)
+            .map(|c| c.as_ref().clone())
+            .ok_or(BackendError::NotFound)
     }
 
     fn get_record(&self, label: &[u8]) -> Result<Option<Record>, BackendError> {
@@ -212,12 +224,21 @@ impl Backend for MemBackend {
         self.inner.lock().unwrap().counts.put_record += 1;
         self.check(true)?;
         if value.len() > self.max_block {
-            return Err(BackendError::TooLarge { size: value.len(), limit: self.max_block });
+            return Err(BackendError::TooLarge {
+                size: value.len(),
+                limit: self.max_block,
+            });
         }
         let mut inner = self.inner.lock().unwrap();
         let newer = inner.records.get(label).is_none_or(|r| version > r.version);
         if newer {
-            inner.records.insert(label.to_vec(), Record { version, value: value.to_vec() });
+            inner.records.insert(
+                label.to_vec(),
+                Record {
+                    version,
+                    value: value.to_vec(),
+                },
+            );
         }
         Ok(())
     }
@@ -237,7 +258,13 @@ mod tests {
         b.put_record(b"x", 2, b"two").unwrap();
         b.put_record(b"x", 2, b"again").unwrap();
         b.put_record(b"x", 1, b"one").unwrap();
-        assert_eq!(b.get_record(b"x").unwrap(), Some(Record { version: 2, value: b"two".to_vec() }));
+        assert_eq!(
+            b.get_record(b"x").unwrap(),
+            Some(Record {
+                version: 2,
+                value: b"two".to_vec()
+            })
+        );
         b.put_record(b"x", 3, b"three").unwrap();
         assert_eq!(b.get_record(b"x").unwrap().unwrap().value, b"three");
     }
@@ -259,7 +286,10 @@ mod tests {
         assert_eq!(b.get_record(b"a"), Ok(None));
         b.set_failure(Failure::UnavailableAfter(1));
         assert!(b.put_chunk(b"a").is_ok());
-        assert!(matches!(b.put_chunk(b"b"), Err(BackendError::Unavailable(_))));
+        assert!(matches!(
+            b.put_chunk(b"b"),
+            Err(BackendError::Unavailable(_))
+        ));
         b.set_failure(Failure::None);
         assert!(b.put_chunk(b"b").is_ok());
     }

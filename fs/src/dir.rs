@@ -44,7 +44,11 @@ pub(crate) enum DirMem {
 
 impl DirState {
     pub fn empty(parent: u64) -> Self {
-        DirState { parent, count: 0, layout: DirMem::Inline(BTreeMap::new()) }
+        DirState {
+            parent,
+            count: 0,
+            layout: DirMem::Inline(BTreeMap::new()),
+        }
     }
 }
 
@@ -70,7 +74,11 @@ impl Edit {
 }
 
 fn leaf_for(leaves: &BTreeMap<u64, Leaf>, key: u64) -> Leaf {
-    *leaves.range(..=key).next_back().expect("leaves partition the key space").1
+    *leaves
+        .range(..=key)
+        .next_back()
+        .expect("leaves partition the key space")
+        .1
 }
 
 fn entries_bytes(entries: &EntryMap) -> usize {
@@ -111,12 +119,17 @@ impl State {
             let (version, entries) = match self.backend.get_record(&bucket_label(dir, leaf))? {
                 Some(rec) => {
                     let b = Bucket::decode(&rec.value)?;
-                    let entries = b.entries.into_iter().map(|e| ((name_key(&e.name), e.name.clone()), e)).collect();
+                    let entries = b
+                        .entries
+                        .into_iter()
+                        .map(|e| ((name_key(&e.name), e.name.clone()), e))
+                        .collect();
                     (rec.version, entries)
                 }
                 None => (0, BTreeMap::new()),
             };
-            self.buckets.insert((dir, leaf), BucketMem { version, entries });
+            self.buckets
+                .insert((dir, leaf), BucketMem { version, entries });
         }
         Ok(&self.buckets[&(dir, leaf)])
     }
@@ -131,7 +144,12 @@ impl State {
     }
 
     /// Up to `limit` entries whose offset is greater than `after`, in offset order.
-    pub(crate) fn dir_list(&mut self, dir: u64, after: u64, limit: usize) -> FsResult<Vec<(u64, DirEntry)>> {
+    pub(crate) fn dir_list(
+        &mut self,
+        dir: u64,
+        after: u64,
+        limit: usize,
+    ) -> FsResult<Vec<(u64, DirEntry)>> {
         let min_key = after.saturating_sub(FIRST_ENTRY_COOKIE - 1);
         let leaves: Vec<Leaf> = match &self.dir_state(dir)?.layout {
             DirMem::Inline(map) => {
@@ -161,18 +179,28 @@ impl State {
 
     /// Applies `edits` to directory `dir` and stores them, then applies `f` to the directory's
     /// inode and stores it. Buckets are written before the inode that lists them.
-    pub(crate) fn dir_edit(&mut self, dir: u64, edits: Vec<Edit>, f: impl FnOnce(&mut Inode)) -> FsResult<()> {
+    pub(crate) fn dir_edit(
+        &mut self,
+        dir: u64,
+        edits: Vec<Edit>,
+        f: impl FnOnce(&mut Inode),
+    ) -> FsResult<()> {
         let mut inode = self.node(dir)?.inode.clone();
-        let Content::Dir(d) = &mut inode.content else { return err(libc::ENOTDIR) };
+        let Content::Dir(d) = &mut inode.content else {
+            return err(libc::ENOTDIR);
+        };
         let mut retired = Vec::new();
         match &mut d.layout {
             DirMem::Inline(map) => {
                 let delta = apply(map, &edits);
                 d.count = (d.count as i64 + delta) as u64;
-                if map.len() > self.cfg.dir_inline_max || entries_bytes(map) > self.backend.max_block() / 4 {
+                if map.len() > self.cfg.dir_inline_max
+                    || entries_bytes(map) > self.backend.max_block() / 4
+                {
                     let entries = std::mem::take(map);
                     let leaves = self.write_split(dir, Leaf::ROOT, entries)?;
-                    d.layout = DirMem::Hashed(leaves.into_iter().map(|l| (l.first_key(), l)).collect());
+                    d.layout =
+                        DirMem::Hashed(leaves.into_iter().map(|l| (l.first_key(), l)).collect());
                 }
             }
             DirMem::Hashed(leaves) => {
@@ -218,7 +246,10 @@ impl State {
         if !self.must_split(&entries) || leaf.depth as u32 >= KEY_BITS {
             let version = match self.buckets.get(&(dir, leaf)) {
                 Some(b) => b.version,
-                None => self.backend.get_record(&bucket_label(dir, leaf))?.map_or(0, |r| r.version),
+                None => self
+                    .backend
+                    .get_record(&bucket_label(dir, leaf))?
+                    .map_or(0, |r| r.version),
             };
             self.store_bucket(dir, leaf, version, entries)?;
             return Ok(vec![leaf]);
@@ -238,9 +269,18 @@ impl State {
     }
 
     /// Writes a bucket at the version after `version` and caches it once stored.
-    fn store_bucket(&mut self, dir: u64, leaf: Leaf, version: u64, entries: EntryMap) -> FsResult<()> {
+    fn store_bucket(
+        &mut self,
+        dir: u64,
+        leaf: Leaf,
+        version: u64,
+        entries: EntryMap,
+    ) -> FsResult<()> {
         let v = version + 1;
-        let value = Bucket { entries: entries.values().cloned().collect() }.encode();
+        let value = Bucket {
+            entries: entries.values().cloned().collect(),
+        }
+        .encode();
         if let Err(e) = self.backend.put_record(&bucket_label(dir, leaf), v, &value) {
             // The write may have landed even though it failed: never reuse this version.
             if let Some(b) = self.buckets.get_mut(&(dir, leaf)) {
@@ -248,7 +288,13 @@ impl State {
             }
             return Err(e.into());
         }
-        self.buckets.insert((dir, leaf), BucketMem { version: v, entries });
+        self.buckets.insert(
+            (dir, leaf),
+            BucketMem {
+                version: v,
+                entries,
+            },
+        );
         Ok(())
     }
 

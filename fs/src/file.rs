@@ -62,7 +62,11 @@ pub(crate) struct Fetch {
 
 /// Completes a read planned by `State::read_plan`.
 pub(crate) fn fill(out: &mut [u8], fetch: &Fetch, chunk: &[u8]) {
-    copy_from_piece(&mut out[fetch.at..fetch.at + fetch.len], chunk, fetch.within);
+    copy_from_piece(
+        &mut out[fetch.at..fetch.at + fetch.len],
+        chunk,
+        fetch.within,
+    );
 }
 
 /// A bounded cache of chunk contents. Chunks are immutable, so an entry never goes stale.
@@ -75,7 +79,12 @@ pub(crate) struct ChunkCache {
 
 impl ChunkCache {
     pub fn new(limit: usize) -> Self {
-        ChunkCache { map: HashMap::new(), order: VecDeque::new(), bytes: 0, limit }
+        ChunkCache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            limit,
+        }
     }
 
     pub fn peek(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
@@ -99,7 +108,9 @@ impl ChunkCache {
         self.map.insert(id, data);
         self.order.push_back(id);
         while self.bytes > self.limit {
-            let Some(old) = self.order.pop_front() else { break };
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
             if let Some(d) = self.map.remove(&old) {
                 self.bytes -= d.len();
             }
@@ -135,12 +146,21 @@ impl State {
     /// Reads what can be read without the backend: buffered data, cached chunks and holes. The
     /// pieces that need a chunk fetched are returned for the caller to fetch without holding the
     /// volume lock; since chunks are immutable the result is the file as it was at this call.
-    pub(crate) fn read_plan(&mut self, ino: u64, off: u64, size: u32) -> FsResult<(Vec<u8>, Vec<Fetch>)> {
+    pub(crate) fn read_plan(
+        &mut self,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> FsResult<(Vec<u8>, Vec<Fetch>)> {
         let cs = self.cs();
         self.load(ino)?;
         let node = &self.nodes[&ino];
         let Content::File(map) = &node.inode.content else {
-            return err(if matches!(node.inode.content, Content::Dir(_)) { libc::EISDIR } else { libc::EINVAL });
+            return err(if matches!(node.inode.content, Content::Dir(_)) {
+                libc::EISDIR
+            } else {
+                libc::EINVAL
+            });
         };
         let end = off.saturating_add(size as u64).min(node.inode.size);
         if off >= end {
@@ -159,7 +179,12 @@ impl State {
             } else if let Some(id) = map.chunks.get(&idx) {
                 match self.chunks.peek(id) {
                     Some(data) => copy_from_piece(&mut out[at..at + n], &data, within),
-                    None => fetches.push(Fetch { id: *id, at, within, len: n }),
+                    None => fetches.push(Fetch {
+                        id: *id,
+                        at,
+                        within,
+                        len: n,
+                    }),
                 }
             }
             pos += n as u64;
@@ -170,7 +195,10 @@ impl State {
     /// Writes into the write-back buffer. Returns the number of bytes written (all of them).
     pub(crate) fn write(&mut self, ino: u64, off: u64, data: &[u8]) -> FsResult<usize> {
         let cs = self.cs();
-        let Some(end) = off.checked_add(data.len() as u64).filter(|e| *e <= MAX_FILE_SIZE) else {
+        let Some(end) = off
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+        else {
             return err(libc::EFBIG);
         };
         let node = self.node(ino)?;
@@ -222,10 +250,18 @@ impl State {
     pub(crate) fn flush_data(&mut self, ino: u64) -> FsResult<()> {
         let gs = self.group_size();
         loop {
-            let Some(node) = self.nodes.get_mut(&ino) else { return Ok(()) };
-            let Some((&idx, _)) = node.dirty.iter().next() else { return Ok(()) };
+            let Some(node) = self.nodes.get_mut(&ino) else {
+                return Ok(());
+            };
+            let Some((&idx, _)) = node.dirty.iter().next() else {
+                return Ok(());
+            };
             let buf = node.dirty.get(&idx).expect("just seen").clone();
-            let id = if buf.iter().all(|b| *b == 0) { None } else { Some(self.put_chunk(buf)?) };
+            let id = if buf.iter().all(|b| *b == 0) {
+                None
+            } else {
+                Some(self.put_chunk(buf)?)
+            };
             let node = self.nodes.get_mut(&ino).expect("present above");
             node.dirty.remove(&idx);
             self.dirty_bytes -= self.sb.chunk_size as usize;
@@ -238,7 +274,9 @@ impl State {
 
     /// Makes a file durable: dirty chunks, then index chunks and the inode record.
     pub(crate) fn flush_inode(&mut self, ino: u64) -> FsResult<()> {
-        let Some(node) = self.nodes.get(&ino) else { return Ok(()) };
+        let Some(node) = self.nodes.get(&ino) else {
+            return Ok(());
+        };
         if node.inode.nlink == 0 {
             return Ok(()); // unlinked: nothing names it any more, there is nothing to make durable
         }
@@ -259,7 +297,9 @@ impl State {
             return err(libc::EFBIG);
         }
         if new_size < inode.size {
-            let Content::File(map) = &mut inode.content else { return err(libc::EINVAL) };
+            let Content::File(map) = &mut inode.content else {
+                return err(libc::EINVAL);
+            };
             let keep = new_size.div_ceil(cs);
             let gone: Vec<u64> = map.chunks.range(keep..).map(|(k, _)| *k).collect();
             for idx in gone {
@@ -272,9 +312,14 @@ impl State {
                     let data = self.chunks.get(self.backend.as_ref(), &id)?;
                     if data.len() > rem {
                         let trimmed = data[..rem].to_vec();
-                        let new_id =
-                            if trimmed.iter().all(|b| *b == 0) { None } else { Some(self.put_chunk(trimmed)?) };
-                        let Content::File(map) = &mut inode.content else { unreachable!() };
+                        let new_id = if trimmed.iter().all(|b| *b == 0) {
+                            None
+                        } else {
+                            Some(self.put_chunk(trimmed)?)
+                        };
+                        let Content::File(map) = &mut inode.content else {
+                            unreachable!()
+                        };
                         map.set(idx, new_id, gs);
                     }
                 }
@@ -290,7 +335,9 @@ impl State {
             map.groups.clear();
             map.stale.clear();
             map.indexed = false;
-            return Ok(FileMap::Inline(map.chunks.iter().map(|(k, v)| (*k, *v)).collect()));
+            return Ok(FileMap::Inline(
+                map.chunks.iter().map(|(k, v)| (*k, *v)).collect(),
+            ));
         }
         let gs = self.group_size();
         if !map.indexed {
@@ -299,8 +346,11 @@ impl State {
         let stale: Vec<u64> = map.stale.iter().copied().collect();
         for g in stale {
             let start = g * gs;
-            let entries: Vec<(u32, ChunkId)> =
-                map.chunks.range(start..start.saturating_add(gs)).map(|(k, v)| ((k - start) as u32, *v)).collect();
+            let entries: Vec<(u32, ChunkId)> = map
+                .chunks
+                .range(start..start.saturating_add(gs))
+                .map(|(k, v)| ((k - start) as u32, *v))
+                .collect();
             if entries.is_empty() {
                 map.groups.remove(&g);
             } else {
@@ -310,7 +360,9 @@ impl State {
             map.stale.remove(&g);
         }
         map.indexed = true;
-        Ok(FileMap::Indexed(map.groups.iter().map(|(k, v)| (*k, *v)).collect()))
+        Ok(FileMap::Indexed(
+            map.groups.iter().map(|(k, v)| (*k, *v)).collect(),
+        ))
     }
 
     /// Rebuilds the in-memory chunk map from its stored form.
@@ -324,7 +376,8 @@ impl State {
                 for (g, id) in groups {
                     let data = self.chunks.get(self.backend.as_ref(), id)?;
                     let index = IndexChunk::decode(&data)?;
-                    map.chunks.extend(index.entries.iter().map(|(i, c)| (g * gs + *i as u64, *c)));
+                    map.chunks
+                        .extend(index.entries.iter().map(|(i, c)| (g * gs + *i as u64, *c)));
                     map.groups.insert(*g, *id);
                 }
             }
@@ -334,10 +387,16 @@ impl State {
 
     /// Allocated 512-byte blocks: chunk-sized pieces that hold data, capped at the file size.
     pub(crate) fn blocks_of(&self, ino: u64, inode: &Inode) -> u64 {
-        let Content::File(map) = &inode.content else { return 0 };
+        let Content::File(map) = &inode.content else {
+            return 0;
+        };
         let mut pieces = map.chunks.len() as u64;
         if let Some(node) = self.nodes.get(&ino) {
-            pieces += node.dirty.keys().filter(|k| !map.chunks.contains_key(k)).count() as u64;
+            pieces += node
+                .dirty
+                .keys()
+                .filter(|k| !map.chunks.contains_key(k))
+                .count() as u64;
         }
         (pieces * self.cs()).min(inode.size.next_multiple_of(512)) / 512
     }

@@ -5,6 +5,13 @@
 //! inode number), so every name of a hard link shows the same, current attributes. Permission
 //! checks are the kernel's (`default_permissions`).
 //!
+//! Clearing setuid/setgid: the adapter does not negotiate `FUSE_HANDLE_KILLPRIV(_V2)`, so the
+//! kernel does it: on write, truncate and chown by a process that should drop the bits, the
+//! kernel re-reads the attributes and sends a `SETATTR` with the new mode (in the same request as
+//! the owner change for chown). The volume itself clears setgid on chmod by a caller outside the
+//! file's group (the rule `setattr_copy` applies on local filesystems, which FUSE leaves to us)
+//! and makes new entries of a setgid directory inherit its group.
+//!
 //! Threading: fuser runs `n_threads` request loops, each on its own cloned `/dev/fuse` fd; each
 //! loop calls the volume directly and blocks until it answers, so up to `n_threads` requests are
 //! in flight at once (the volume serializes them internally).
@@ -19,10 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
-    WriteFlags,
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::backend::Backend;
@@ -113,7 +120,11 @@ impl Drop for MountHandle {
 
 /// Opens (or formats) the volume in `backend` and mounts it on `dir`. The mount stays until the
 /// returned handle is dropped or `unmount`ed, or someone unmounts `dir`.
-pub fn mount(backend: Arc<dyn Backend>, dir: &Path, opts: MountOptions) -> Result<MountHandle, MountError> {
+pub fn mount(
+    backend: Arc<dyn Backend>,
+    dir: &Path,
+    opts: MountOptions,
+) -> Result<MountHandle, MountError> {
     let mut vcfg = opts.volume.clone();
     vcfg.read_only |= opts.read_only;
     let volume = Arc::new(Volume::open_or_format(backend, vcfg)?);
@@ -128,7 +139,11 @@ pub fn mount(backend: Arc<dyn Backend>, dir: &Path, opts: MountOptions) -> Resul
         MountOption::FSName(opts.fsname.clone()),
         MountOption::Subtype("dbqsfs".into()),
         MountOption::DefaultPermissions,
-        if opts.read_only { MountOption::RO } else { MountOption::RW },
+        if opts.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
     ];
     if opts.allow_other {
         config.acl = SessionACL::All;
@@ -136,7 +151,10 @@ pub fn mount(backend: Arc<dyn Backend>, dir: &Path, opts: MountOptions) -> Resul
     config.n_threads = Some(opts.n_threads.max(1));
     config.clone_fd = true;
     let session = fuser::spawn_mount(fs, dir, &config)?;
-    Ok(MountHandle { session: Some(session), volume })
+    Ok(MountHandle {
+        session: Some(session),
+        volume,
+    })
 }
 
 struct FuseFs {
@@ -151,7 +169,11 @@ fn errno(e: FsError) -> Errno {
 }
 
 fn cred(req: &Request) -> Cred {
-    Cred { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+    Cred {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
 }
 
 fn file_type(kind: FileKind) -> FileType {
@@ -196,7 +218,12 @@ impl FuseFs {
 
     fn entry(&self, reply: ReplyEntry, r: Result<Attr, FsError>) {
         match r {
-            Ok(a) => reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.entry_ttl,
+                &self.file_attr(&a),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -296,11 +323,27 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(reply, self.volume.mknod(&cred(req), parent.0, name.as_bytes(), mode, rdev));
+        self.entry(
+            reply,
+            self.volume
+                .mknod(&cred(req), parent.0, name.as_bytes(), mode, rdev),
+        );
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        self.entry(reply, self.volume.mkdir(&cred(req), parent.0, name.as_bytes(), mode));
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.volume
+                .mkdir(&cred(req), parent.0, name.as_bytes(), mode),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -311,8 +354,20 @@ impl Filesystem for FuseFs {
         empty(reply, self.volume.rmdir(parent.0, name.as_bytes()));
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.volume.symlink(&cred(req), parent.0, link_name.as_bytes(), target.as_os_str().as_bytes());
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.volume.symlink(
+            &cred(req),
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
         self.entry(reply, r);
     }
 
@@ -326,12 +381,28 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.volume.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits());
+        let r = self.volume.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
         empty(reply, r);
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.volume.link(ino.0, newparent.0, newname.as_bytes()));
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.volume.link(ino.0, newparent.0, newname.as_bytes()),
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -376,7 +447,14 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.volume.flush(ino.0));
     }
 
@@ -393,7 +471,14 @@ impl Filesystem for FuseFs {
         empty(reply, self.volume.release(fh.0));
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.volume.fsync(ino.0, datasync));
     }
 
@@ -405,11 +490,23 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.volume.readdir(ino.0, offset, 256) {
             Ok(entries) => {
                 for e in entries {
-                    if reply.add(INodeNo(e.ino), e.offset, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.offset,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -419,13 +516,22 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok(); // directory changes are written through
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.volume.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
     }
 
     fn setxattr(
@@ -438,7 +544,10 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.volume.setxattr(ino.0, name.as_bytes(), value, flags));
+        empty(
+            reply,
+            self.volume.setxattr(ino.0, name.as_bytes(), value, flags),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -476,10 +585,17 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.volume.create(&cred(req), parent.0, name.as_bytes(), mode) {
-            Ok((a, fh)) => {
-                reply.created(&self.entry_ttl, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-            }
+        match self
+            .volume
+            .create(&cred(req), parent.0, name.as_bytes(), mode)
+        {
+            Ok((a, fh)) => reply.created(
+                &self.entry_ttl,
+                &self.file_attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -58,7 +58,10 @@ impl Timestamp {
 
     pub fn from_system(t: std::time::SystemTime) -> Self {
         match t.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Timestamp { secs: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
                 let (mut secs, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
@@ -76,7 +79,8 @@ impl Timestamp {
         if self.secs >= 0 {
             UNIX_EPOCH + Duration::new(self.secs as u64, self.nsec)
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + Duration::from_nanos(self.nsec as u64)
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
+                + Duration::from_nanos(self.nsec as u64)
         }
     }
 }
@@ -174,7 +178,10 @@ pub struct Leaf {
 pub const KEY_BITS: u32 = 62;
 
 impl Leaf {
-    pub const ROOT: Leaf = Leaf { depth: 0, prefix: 0 };
+    pub const ROOT: Leaf = Leaf {
+        depth: 0,
+        prefix: 0,
+    };
 
     pub fn first_key(self) -> u64 {
         if self.depth == 0 {
@@ -190,7 +197,16 @@ impl Leaf {
 
     pub fn children(self) -> (Leaf, Leaf) {
         let d = self.depth + 1;
-        (Leaf { depth: d, prefix: self.prefix << 1 }, Leaf { depth: d, prefix: (self.prefix << 1) | 1 })
+        (
+            Leaf {
+                depth: d,
+                prefix: self.prefix << 1,
+            },
+            Leaf {
+                depth: d,
+                prefix: (self.prefix << 1) | 1,
+            },
+        )
     }
 }
 
@@ -223,10 +239,18 @@ fn encode<T: Serialize>(tag: u8, value: &T) -> Vec<u8> {
 
 fn decode<T: DeserializeOwned>(tag: u8, what: &'static str, bytes: &[u8]) -> FsResult<T> {
     match bytes.split_first() {
-        Some((t, rest)) if *t == tag => postcard::from_bytes(rest)
-            .map_err(|e| FsError::Decode { what, detail: e.to_string() }),
-        Some((t, _)) => Err(FsError::Decode { what, detail: format!("unknown tag {t:#x}") }),
-        None => Err(FsError::Decode { what, detail: "empty value".into() }),
+        Some((t, rest)) if *t == tag => postcard::from_bytes(rest).map_err(|e| FsError::Decode {
+            what,
+            detail: e.to_string(),
+        }),
+        Some((t, _)) => Err(FsError::Decode {
+            what,
+            detail: format!("unknown tag {t:#x}"),
+        }),
+        None => Err(FsError::Decode {
+            what,
+            detail: "empty value".into(),
+        }),
     }
 }
 
@@ -272,7 +296,14 @@ mod tests {
 
     #[test]
     fn timestamps_before_the_epoch_round_trip() {
-        for t in [Timestamp { secs: -1, nsec: 5 }, Timestamp { secs: -100, nsec: 0 }, Timestamp { secs: 7, nsec: 9 }] {
+        for t in [
+            Timestamp { secs: -1, nsec: 5 },
+            Timestamp {
+                secs: -100,
+                nsec: 0,
+            },
+            Timestamp { secs: 7, nsec: 9 },
+        ] {
             assert_eq!(Timestamp::from_system(t.to_system()), t);
         }
     }
@@ -290,7 +321,12 @@ mod tests {
 
     #[test]
     fn a_value_with_the_wrong_tag_is_refused() {
-        let sb = Superblock { chunk_size: 1, index_group: 1, ino_reserved: 2, created: Timestamp::default() };
+        let sb = Superblock {
+            chunk_size: 1,
+            index_group: 1,
+            ino_reserved: 2,
+            created: Timestamp::default(),
+        };
         assert!(InodeRecord::decode(&sb.encode()).is_err());
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
     }

@@ -33,8 +33,8 @@ use crate::dir::{BucketMem, DirMem, DirState, Edit};
 use crate::error::{err, FsError, FsResult};
 use crate::file::{ChunkCache, ChunkMap};
 use crate::layout::{
-    inode_label, Body, DirBody, DirEntry, DirLayout, FileKind, InodeRecord, Leaf, Superblock, Timestamp, ROOT_INO,
-    SUPER_LABEL,
+    inode_label, Body, DirBody, DirEntry, DirLayout, FileKind, InodeRecord, Leaf, Superblock,
+    Timestamp, ROOT_INO, SUPER_LABEL,
 };
 
 pub const NAME_MAX: usize = 255;
@@ -96,7 +96,11 @@ pub struct Cred {
 }
 
 impl Cred {
-    pub const ROOT: Cred = Cred { uid: 0, gid: 0, pid: 0 };
+    pub const ROOT: Cred = Cred {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 
     pub fn user(uid: u32, gid: u32) -> Self {
         Cred { uid, gid, pid: 0 }
@@ -109,11 +113,17 @@ impl Cred {
 }
 
 fn supplementary_groups(pid: u32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -171,6 +181,14 @@ pub struct StatFs {
     pub ffree: u64,
     pub bsize: u32,
     pub namelen: u32,
+}
+
+/// What `make_node` creates.
+struct NewInode {
+    kind: FileKind,
+    perm: u16,
+    rdev: u32,
+    content: Content,
 }
 
 /// An inode in memory.
@@ -289,7 +307,9 @@ impl State {
             return err(libc::ENOENT);
         }
         self.evict();
-        let Some(rec) = self.backend.get_record(&inode_label(ino))? else { return err(libc::ENOENT) };
+        let Some(rec) = self.backend.get_record(&inode_label(ino))? else {
+            return err(libc::ENOENT);
+        };
         let inode = InodeRecord::decode(&rec.value)?;
         let content = match &inode.body {
             Body::File(map) => Content::File(self.decode_map(map)?),
@@ -298,9 +318,19 @@ impl State {
                 count: d.count,
                 layout: match &d.layout {
                     DirLayout::Inline(entries) => DirMem::Inline(
-                        entries.iter().map(|e| ((crate::layout::name_key(&e.name), e.name.clone()), e.clone())).collect(),
+                        entries
+                            .iter()
+                            .map(|e| {
+                                (
+                                    (crate::layout::name_key(&e.name), e.name.clone()),
+                                    e.clone(),
+                                )
+                            })
+                            .collect(),
                     ),
-                    DirLayout::Hashed(leaves) => DirMem::Hashed(leaves.iter().map(|l| (l.first_key(), *l)).collect()),
+                    DirLayout::Hashed(leaves) => {
+                        DirMem::Hashed(leaves.iter().map(|l| (l.first_key(), *l)).collect())
+                    }
                 },
             }),
             Body::Symlink(t) => Content::Symlink(t.clone()),
@@ -329,7 +359,9 @@ impl State {
             let victims: Vec<u64> = self
                 .nodes
                 .iter()
-                .filter(|(ino, n)| **ino != ROOT_INO && n.open == 0 && !n.meta_dirty && n.dirty.is_empty())
+                .filter(|(ino, n)| {
+                    **ino != ROOT_INO && n.open == 0 && !n.meta_dirty && n.dirty.is_empty()
+                })
                 .map(|(ino, _)| *ino)
                 .take(self.nodes.len().saturating_sub(target))
                 .collect();
@@ -391,7 +423,13 @@ impl State {
                 n.meta_dirty = false;
             }
             None => {
-                let node = Node { version, inode, dirty: BTreeMap::new(), meta_dirty: false, open: 0 };
+                let node = Node {
+                    version,
+                    inode,
+                    dirty: BTreeMap::new(),
+                    meta_dirty: false,
+                    open: 0,
+                };
                 self.nodes.insert(ino, node);
             }
         }
@@ -399,7 +437,11 @@ impl State {
     }
 
     /// Changes one inode: stores its buffered data, then a modified copy of it.
-    pub(crate) fn update(&mut self, ino: u64, f: impl FnOnce(&mut Inode) -> FsResult<()>) -> FsResult<()> {
+    pub(crate) fn update(
+        &mut self,
+        ino: u64,
+        f: impl FnOnce(&mut Inode) -> FsResult<()>,
+    ) -> FsResult<()> {
         self.load(ino)?;
         self.flush_data(ino)?;
         let mut inode = self.nodes[&ino].inode.clone();
@@ -412,7 +454,8 @@ impl State {
             let mut sb = self.sb.clone();
             sb.ino_reserved = self.next_ino + self.cfg.ino_batch.max(1);
             self.sb_version += 1;
-            self.backend.put_record(SUPER_LABEL, self.sb_version, &sb.encode())?;
+            self.backend
+                .put_record(SUPER_LABEL, self.sb_version, &sb.encode())?;
             self.sb = sb;
         }
         let ino = self.next_ino;
@@ -441,8 +484,16 @@ impl State {
             uid: i.uid,
             gid: i.gid,
             rdev: i.rdev,
-            size: if i.kind == FileKind::Dir { 4096 } else { i.size },
-            blocks: if i.kind == FileKind::Dir { 8 } else { self.blocks_of(ino, i) },
+            size: if i.kind == FileKind::Dir {
+                4096
+            } else {
+                i.size
+            },
+            blocks: if i.kind == FileKind::Dir {
+                8
+            } else {
+                self.blocks_of(ino, i)
+            },
             atime: i.atime,
             mtime: i.mtime,
             ctime: i.ctime,
@@ -479,11 +530,14 @@ impl State {
         cred: &Cred,
         parent: u64,
         name: &[u8],
-        kind: FileKind,
-        perm: u16,
-        rdev: u32,
-        content: Content,
+        spec: NewInode,
     ) -> FsResult<Attr> {
+        let NewInode {
+            kind,
+            perm,
+            rdev,
+            content,
+        } = spec;
         check_name(name)?;
         let p = self.live_dir(parent)?;
         let (p_perm, p_gid) = (p.perm, p.gid);
@@ -519,7 +573,11 @@ impl State {
         };
         let ino = self.alloc_ino()?;
         self.store_inode(ino, inode)?;
-        let entry = DirEntry { name: name.to_vec(), ino, kind };
+        let entry = DirEntry {
+            name: name.to_vec(),
+            ino,
+            kind,
+        };
         let linked = self.dir_edit(parent, vec![Edit::Put(entry)], |p| {
             p.mtime = now;
             p.ctime = now;
@@ -554,7 +612,9 @@ impl State {
 
     fn unlink(&mut self, parent: u64, name: &[u8]) -> FsResult<()> {
         check_name(name)?;
-        let Some(e) = self.dir_lookup(parent, name)? else { return err(libc::ENOENT) };
+        let Some(e) = self.dir_lookup(parent, name)? else {
+            return err(libc::ENOENT);
+        };
         if e.kind == FileKind::Dir {
             return err(libc::EISDIR);
         }
@@ -574,7 +634,9 @@ impl State {
             return err(libc::ENOTEMPTY);
         }
         check_name(name)?;
-        let Some(e) = self.dir_lookup(parent, name)? else { return err(libc::ENOENT) };
+        let Some(e) = self.dir_lookup(parent, name)? else {
+            return err(libc::ENOENT);
+        };
         if e.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
         }
@@ -614,7 +676,11 @@ impl State {
             i.ctime = now;
             Ok(())
         })?;
-        let entry = DirEntry { name: newname.to_vec(), ino, kind };
+        let entry = DirEntry {
+            name: newname.to_vec(),
+            ino,
+            kind,
+        };
         self.dir_edit(newparent, vec![Edit::Put(entry)], |p| {
             p.mtime = now;
             p.ctime = now;
@@ -644,16 +710,26 @@ impl State {
         }
     }
 
-    fn rename(&mut self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> FsResult<()> {
+    fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace) {
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
             return err(libc::EINVAL);
         }
         check_name(name)?;
         check_name(newname)?;
         self.live_dir(newparent)?;
-        let Some(src) = self.dir_lookup(parent, name)? else { return err(libc::ENOENT) };
+        let Some(src) = self.dir_lookup(parent, name)? else {
+            return err(libc::ENOENT);
+        };
         let dst = self.dir_lookup(newparent, newname)?;
         match (&dst, exchange, noreplace) {
             (Some(_), _, true) => return err(libc::EEXIST),
@@ -692,10 +768,18 @@ impl State {
             p.mtime = now;
             p.ctime = now;
         };
-        let moved = DirEntry { name: newname.to_vec(), ino: src.ino, kind: src.kind };
+        let moved = DirEntry {
+            name: newname.to_vec(),
+            ino: src.ino,
+            kind: src.kind,
+        };
         if exchange {
             let d = dst.clone().expect("checked above");
-            let back = DirEntry { name: name.to_vec(), ino: d.ino, kind: d.kind };
+            let back = DirEntry {
+                name: name.to_vec(),
+                ino: d.ino,
+                kind: d.kind,
+            };
             if parent == newparent {
                 self.dir_edit(parent, vec![Edit::Put(moved), Edit::Put(back)], touch)?;
             } else {
@@ -714,12 +798,16 @@ impl State {
             return Ok(());
         }
         if parent == newparent {
-            self.dir_edit(parent, vec![Edit::Put(moved), Edit::Remove(name.to_vec())], |p| {
-                touch(p);
-                if dst_dir {
-                    p.nlink -= 1;
-                }
-            })?;
+            self.dir_edit(
+                parent,
+                vec![Edit::Put(moved), Edit::Remove(name.to_vec())],
+                |p| {
+                    touch(p);
+                    if dst_dir {
+                        p.nlink -= 1;
+                    }
+                },
+            )?;
         } else {
             self.dir_edit(newparent, vec![Edit::Put(moved)], |p| {
                 touch(p);
@@ -776,7 +864,10 @@ impl State {
         if set.uid.is_some() || set.gid.is_some() {
             let uid = set.uid.unwrap_or(inode.uid);
             let gid = set.gid.unwrap_or(inode.gid);
-            if set.mode.is_none() && inode.kind != FileKind::Dir && (uid != inode.uid || gid != inode.gid) {
+            if set.mode.is_none()
+                && inode.kind != FileKind::Dir
+                && (uid != inode.uid || gid != inode.gid)
+            {
                 // What the kernel asks for on chown (`ATTR_KILL_SUID`/`SGID`) when it does not
                 // send the mode itself.
                 inode.perm &= !SUID;
@@ -821,13 +912,28 @@ impl State {
         };
         let mut out = Vec::new();
         if offset < 1 {
-            out.push(DirListEntry { offset: 1, ino, kind: FileKind::Dir, name: b".".to_vec() });
+            out.push(DirListEntry {
+                offset: 1,
+                ino,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            });
         }
         if offset < 2 {
-            out.push(DirListEntry { offset: 2, ino: parent, kind: FileKind::Dir, name: b"..".to_vec() });
+            out.push(DirListEntry {
+                offset: 2,
+                ino: parent,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            });
         }
         let rest = self.dir_list(ino, offset, limit.saturating_sub(out.len()))?;
-        out.extend(rest.into_iter().map(|(offset, e)| DirListEntry { offset, ino: e.ino, kind: e.kind, name: e.name }));
+        out.extend(rest.into_iter().map(|(offset, e)| DirListEntry {
+            offset,
+            ino: e.ino,
+            kind: e.kind,
+            name: e.name,
+        }));
         Ok(out)
     }
 
@@ -841,7 +947,9 @@ impl State {
     }
 
     fn release(&mut self, fh: u64) -> FsResult<()> {
-        let Some(ino) = self.handles.remove(&fh) else { return err(libc::EBADF) };
+        let Some(ino) = self.handles.remove(&fh) else {
+            return err(libc::EBADF);
+        };
         let flushed = self.flush_inode(ino);
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.open -= 1;
@@ -867,7 +975,12 @@ impl State {
                 return err(libc::ENODATA);
             }
             i.xattrs.insert(name.to_vec(), value.to_vec());
-            if i.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > XATTR_TOTAL_MAX {
+            if i.xattrs
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+                > XATTR_TOTAL_MAX
+            {
                 return err(libc::ENOSPC);
             }
             i.ctime = Timestamp::now();
@@ -896,7 +1009,10 @@ impl State {
             FileKind::Dir => return err(libc::EISDIR),
             _ => return err(libc::ENODEV),
         }
-        let Some(end) = offset.checked_add(length).filter(|e| *e <= crate::file::MAX_FILE_SIZE) else {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| *e <= crate::file::MAX_FILE_SIZE)
+        else {
             return err(libc::EFBIG);
         };
         let grow = mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > node.inode.size;
@@ -912,8 +1028,12 @@ impl State {
     }
 
     fn sync_all(&mut self) -> FsResult<()> {
-        let dirty: Vec<u64> =
-            self.nodes.iter().filter(|(_, n)| n.meta_dirty || !n.dirty.is_empty()).map(|(i, _)| *i).collect();
+        let dirty: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.meta_dirty || !n.dirty.is_empty())
+            .map(|(i, _)| *i)
+            .collect();
         let mut result = Ok(());
         for ino in dirty {
             if let Err(e) = self.flush_inode(ino) {
@@ -929,7 +1049,10 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
         return err(libc::ERANGE);
     }
     let known = [&b"user."[..], b"trusted.", b"security."];
-    if !known.iter().any(|p| name.starts_with(p) && name.len() > p.len()) {
+    if !known
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
         return err(libc::EOPNOTSUPP);
     }
     Ok(())
@@ -953,7 +1076,11 @@ impl Volume {
                 if cfg.read_only {
                     return err(libc::EROFS);
                 }
-                let chunk_size = cfg.chunk_size.unwrap_or(1 << 20).min(max_block as u32).max(512);
+                let chunk_size = cfg
+                    .chunk_size
+                    .unwrap_or(1 << 20)
+                    .min(max_block as u32)
+                    .max(512);
                 let sb = Superblock {
                     chunk_size,
                     // An index entry takes at most 3 + 32 bytes; keep a margin for the header.
@@ -974,9 +1101,15 @@ impl Volume {
                     mtime: now,
                     ctime: now,
                     xattrs: BTreeMap::new(),
-                    body: Body::Dir(DirBody { parent: ROOT_INO, count: 0, layout: DirLayout::Inline(Vec::new()) }),
+                    body: Body::Dir(DirBody {
+                        parent: ROOT_INO,
+                        count: 0,
+                        layout: DirLayout::Inline(Vec::new()),
+                    }),
                 };
-                let root_version = backend.get_record(&inode_label(ROOT_INO))?.map_or(0, |r| r.version);
+                let root_version = backend
+                    .get_record(&inode_label(ROOT_INO))?
+                    .map_or(0, |r| r.version);
                 backend.put_record(&inode_label(ROOT_INO), root_version + 1, &root.encode())?;
                 backend.put_record(SUPER_LABEL, 1, &sb.encode())?;
                 (sb, 1)
@@ -999,7 +1132,11 @@ impl Volume {
         let mut state = state;
         state.load(ROOT_INO)?;
         let backend = state.backend.clone();
-        Ok(Volume { state: Mutex::new(state), backend, read_only: cfg.read_only })
+        Ok(Volume {
+            state: Mutex::new(state),
+            backend,
+            read_only: cfg.read_only,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1035,27 +1172,74 @@ impl Volume {
     }
 
     /// Creates a regular file, FIFO, socket or device; `mode` carries the file type bits.
-    pub fn mknod(&self, cred: &Cred, parent: u64, name: &[u8], mode: u32, rdev: u32) -> FsResult<Attr> {
+    pub fn mknod(
+        &self,
+        cred: &Cred,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
         let kind = kind_of_mode(mode)?;
         let content = match kind {
             FileKind::File => Content::File(ChunkMap::default()),
             FileKind::Dir | FileKind::Symlink => return err(libc::EINVAL),
             _ => Content::Special,
         };
-        let rdev = if matches!(kind, FileKind::CharDev | FileKind::BlockDev) { rdev } else { 0 };
-        self.lock_rw()?.make_node(cred, parent, name, kind, mode as u16, rdev, content)
+        let rdev = if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
+            rdev
+        } else {
+            0
+        };
+        self.lock_rw()?.make_node(
+            cred,
+            parent,
+            name,
+            NewInode {
+                kind,
+                perm: mode as u16,
+                rdev,
+                content,
+            },
+        )
     }
 
     pub fn mkdir(&self, cred: &Cred, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
         let content = Content::Dir(DirState::empty(parent));
-        self.lock_rw()?.make_node(cred, parent, name, FileKind::Dir, mode as u16, 0, content)
+        self.lock_rw()?.make_node(
+            cred,
+            parent,
+            name,
+            NewInode {
+                kind: FileKind::Dir,
+                perm: mode as u16,
+                rdev: 0,
+                content,
+            },
+        )
     }
 
     /// Creates and opens a regular file; returns its attributes and a file handle.
-    pub fn create(&self, cred: &Cred, parent: u64, name: &[u8], mode: u32) -> FsResult<(Attr, u64)> {
+    pub fn create(
+        &self,
+        cred: &Cred,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> FsResult<(Attr, u64)> {
         let mut state = self.lock_rw()?;
         let content = Content::File(ChunkMap::default());
-        let attr = state.make_node(cred, parent, name, FileKind::File, mode as u16, 0, content)?;
+        let attr = state.make_node(
+            cred,
+            parent,
+            name,
+            NewInode {
+                kind: FileKind::File,
+                perm: mode as u16,
+                rdev: 0,
+                content,
+            },
+        )?;
         let fh = state.open(attr.ino)?;
         Ok((attr, fh))
     }
@@ -1068,7 +1252,17 @@ impl Volume {
             return err(libc::ENAMETOOLONG);
         }
         let content = Content::Symlink(target.to_vec());
-        self.lock_rw()?.make_node(cred, parent, name, FileKind::Symlink, 0o777, 0, content)
+        self.lock_rw()?.make_node(
+            cred,
+            parent,
+            name,
+            NewInode {
+                kind: FileKind::Symlink,
+                perm: 0o777,
+                rdev: 0,
+                content,
+            },
+        )
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -1087,8 +1281,16 @@ impl Volume {
     }
 
     /// `renameat2`: `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
-    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> FsResult<()> {
-        self.lock_rw()?.rename(parent, name, newparent, newname, flags)
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        self.lock_rw()?
+            .rename(parent, name, newparent, newname, flags)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
@@ -1144,7 +1346,15 @@ impl Volume {
         let bsize = state.sb.chunk_size;
         let blocks = (1u64 << 50) / bsize as u64;
         let used = state.next_ino;
-        StatFs { blocks, bfree: blocks, bavail: blocks, files: 1 << 40, ffree: (1 << 40) - used, bsize, namelen: 255 }
+        StatFs {
+            blocks,
+            bfree: blocks,
+            bavail: blocks,
+            files: 1 << 40,
+            ffree: (1 << 40) - used,
+            bsize,
+            namelen: 255,
+        }
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
@@ -1160,7 +1370,14 @@ impl Volume {
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
-        Ok(self.lock().node(ino)?.inode.xattrs.keys().cloned().collect())
+        Ok(self
+            .lock()
+            .node(ino)?
+            .inode
+            .xattrs
+            .keys()
+            .cloned()
+            .collect())
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {

@@ -71,8 +71,16 @@ type R<T> = Result<T, i32>;
 
 impl Model {
     fn new() -> Self {
-        let root = MNode { kind: MKind::Dir(BTreeMap::new()), perm: 0o755, links: 1, xattrs: BTreeMap::new() };
-        Model { nodes: vec![root], parent: HashMap::new() }
+        let root = MNode {
+            kind: MKind::Dir(BTreeMap::new()),
+            perm: 0o755,
+            links: 1,
+            xattrs: BTreeMap::new(),
+        };
+        Model {
+            nodes: vec![root],
+            parent: HashMap::new(),
+        }
     }
 
     fn dir(&self, id: usize) -> Option<&BTreeMap<String, usize>> {
@@ -120,8 +128,17 @@ impl Model {
         let id = self.nodes.len();
         let is_dir = matches!(kind, MKind::Dir(_));
         // A directory made inside a setgid directory is setgid too.
-        let perm = if is_dir && self.nodes[p].perm & 0o2000 != 0 { perm | 0o2000 } else { perm };
-        self.nodes.push(MNode { kind, perm, links: 1, xattrs: BTreeMap::new() });
+        let perm = if is_dir && self.nodes[p].perm & 0o2000 != 0 {
+            perm | 0o2000
+        } else {
+            perm
+        };
+        self.nodes.push(MNode {
+            kind,
+            perm,
+            links: 1,
+            xattrs: BTreeMap::new(),
+        });
         let n = n.to_string();
         self.dir_mut(p).insert(n, id);
         if is_dir {
@@ -152,7 +169,11 @@ impl Model {
         let id = self.target(path)?;
         let f = self.file_mut(id)?;
         let end = (off + len).min(f.len());
-        Ok(if off >= end { Vec::new() } else { f[off..end].to_vec() })
+        Ok(if off >= end {
+            Vec::new()
+        } else {
+            f[off..end].to_vec()
+        })
     }
 
     fn truncate(&mut self, path: &[String], size: usize) -> R<()> {
@@ -246,7 +267,11 @@ impl Model {
         }
         if let Some(d) = dst {
             if ddir && sp != dp && self.is_ancestor(d, sp) {
-                return Err(if exchange { libc::EINVAL } else { libc::ENOTEMPTY });
+                return Err(if exchange {
+                    libc::EINVAL
+                } else {
+                    libc::ENOTEMPTY
+                });
             }
             if !exchange {
                 if sdir && !ddir {
@@ -302,12 +327,20 @@ impl Model {
 
     fn removexattr(&mut self, path: &[String], name: &str) -> R<()> {
         let id = self.target(path)?;
-        self.nodes[id].xattrs.remove(name).map(|_| ()).ok_or(libc::ENODATA)
+        self.nodes[id]
+            .xattrs
+            .remove(name)
+            .map(|_| ())
+            .ok_or(libc::ENODATA)
     }
 
     fn getxattr(&mut self, path: &[String], name: &str) -> R<Vec<u8>> {
         let id = self.target(path)?;
-        self.nodes[id].xattrs.get(name).cloned().ok_or(libc::ENODATA)
+        self.nodes[id]
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or(libc::ENODATA)
     }
 
     /// Every path in the tree (each name once), for picking targets that exist.
@@ -387,7 +420,9 @@ fn unit(r: R<()>) -> R<Out> {
 }
 
 fn data(len: usize, tag: u8) -> Vec<u8> {
-    (0..len).map(|i| tag.wrapping_add((i % 251) as u8) | 1).collect()
+    (0..len)
+        .map(|i| tag.wrapping_add((i % 251) as u8) | 1)
+        .collect()
 }
 
 fn apply_model(m: &mut Model, op: &Op) -> R<Out> {
@@ -442,7 +477,10 @@ fn apply_volume(vol: &Volume, op: &Op) -> R<Out> {
         }
         Op::Truncate(p, size) => {
             let ino = vtarget(vol, p)?;
-            let set = SetAttr { size: Some(*size as u64), ..SetAttr::default() };
+            let set = SetAttr {
+                size: Some(*size as u64),
+                ..SetAttr::default()
+            };
             unit(res(vol.setattr(&ME, ino, &set)).map(|_| ()))
         }
         Op::Fallocate(p, off, len) => {
@@ -469,7 +507,10 @@ fn apply_volume(vol: &Volume, op: &Op) -> R<Out> {
         }
         Op::Chmod(p, perm) => {
             let ino = vtarget(vol, p)?;
-            let set = SetAttr { mode: Some(*perm), ..SetAttr::default() };
+            let set = SetAttr {
+                mode: Some(*perm),
+                ..SetAttr::default()
+            };
             unit(res(vol.setattr(&ME, ino, &set)).map(|_| ()))
         }
         Op::SetXattr(p, n, v, f) => {
@@ -498,13 +539,19 @@ fn compare_trees(m: &Model, vol: &Volume) -> Result<(), String> {
         let mut listed = BTreeMap::new();
         let mut off = 0;
         loop {
-            let batch = vol.readdir(ino, off, 3).map_err(|e| format!("readdir {path}: {e}"))?;
+            let batch = vol
+                .readdir(ino, off, 3)
+                .map_err(|e| format!("readdir {path}: {e}"))?;
             let Some(last) = batch.last() else { break };
             off = last.offset;
             for e in batch {
                 let name = String::from_utf8(e.name).unwrap();
                 if name == ".." {
-                    let want = if id == 0 { ROOT_INO } else { ino_of[&m.parent[&id]] };
+                    let want = if id == 0 {
+                        ROOT_INO
+                    } else {
+                        ino_of[&m.parent[&id]]
+                    };
                     if e.ino != want {
                         return Err(format!("{path}: `..` is {} not {want}", e.ino));
                     }
@@ -523,13 +570,21 @@ fn compare_trees(m: &Model, vol: &Volume) -> Result<(), String> {
         }
         for (name, cid) in d {
             let cpath = format!("{path}{name}");
-            let a = vol.lookup(ino, name.as_bytes()).map_err(|e| format!("lookup {cpath}: {e}"))?;
+            let a = vol
+                .lookup(ino, name.as_bytes())
+                .map_err(|e| format!("lookup {cpath}: {e}"))?;
             if listed[name] != a.ino {
-                return Err(format!("{cpath}: readdir ino {} != lookup ino {}", listed[name], a.ino));
+                return Err(format!(
+                    "{cpath}: readdir ino {} != lookup ino {}",
+                    listed[name], a.ino
+                ));
             }
             if let Some(prev) = ino_of.insert(*cid, a.ino) {
                 if prev != a.ino {
-                    return Err(format!("{cpath}: hard link resolves to inode {} and {prev}", a.ino));
+                    return Err(format!(
+                        "{cpath}: hard link resolves to inode {} and {prev}",
+                        a.ino
+                    ));
                 }
             }
             let n = &m.nodes[*cid];
@@ -538,20 +593,32 @@ fn compare_trees(m: &Model, vol: &Volume) -> Result<(), String> {
             }
             let (kind, nlink, size) = match &n.kind {
                 MKind::File(f) => (FileKind::File, n.links, f.len() as u64),
-                MKind::Dir(sub) => {
-                    (FileKind::Dir, 2 + sub.values().filter(|c| m.is_dir(**c)).count() as u32, a.size)
-                }
+                MKind::Dir(sub) => (
+                    FileKind::Dir,
+                    2 + sub.values().filter(|c| m.is_dir(**c)).count() as u32,
+                    a.size,
+                ),
                 MKind::Symlink(t) => (FileKind::Symlink, n.links, t.len() as u64),
                 MKind::Fifo => (FileKind::Fifo, n.links, 0),
             };
             if (a.kind, a.nlink, a.size) != (kind, nlink, size) {
-                return Err(format!("{cpath}: (kind, nlink, size) {:?}, model {:?}", (a.kind, a.nlink, a.size), (kind, nlink, size)));
+                return Err(format!(
+                    "{cpath}: (kind, nlink, size) {:?}, model {:?}",
+                    (a.kind, a.nlink, a.size),
+                    (kind, nlink, size)
+                ));
             }
             match &n.kind {
                 MKind::File(f) => {
-                    let got = vol.read(a.ino, 0, f.len() as u32 + 10).map_err(|e| format!("read {cpath}: {e}"))?;
+                    let got = vol
+                        .read(a.ino, 0, f.len() as u32 + 10)
+                        .map_err(|e| format!("read {cpath}: {e}"))?;
                     if &got != f {
-                        return Err(format!("{cpath}: contents differ (len {} vs {})", got.len(), f.len()));
+                        return Err(format!(
+                            "{cpath}: contents differ (len {} vs {})",
+                            got.len(),
+                            f.len()
+                        ));
                     }
                 }
                 MKind::Symlink(t) => {
@@ -562,8 +629,12 @@ fn compare_trees(m: &Model, vol: &Volume) -> Result<(), String> {
                 MKind::Dir(_) => stack.push((*cid, a.ino, format!("{cpath}/"))),
                 MKind::Fifo => {}
             }
-            let names: Vec<String> =
-                vol.listxattr(a.ino).unwrap().into_iter().map(|n| String::from_utf8(n).unwrap()).collect();
+            let names: Vec<String> = vol
+                .listxattr(a.ino)
+                .unwrap()
+                .into_iter()
+                .map(|n| String::from_utf8(n).unwrap())
+                .collect();
             let want: Vec<String> = n.xattrs.keys().cloned().collect();
             if names != want {
                 return Err(format!("{cpath}: xattrs {names:?}, model {want:?}"));
@@ -589,8 +660,11 @@ fn any_path(rng: &mut Rng) -> Vec<String> {
 
 /// Mostly an existing path accepted by `filter`, sometimes any path (to reach the errors).
 fn existing(rng: &mut Rng, m: &Model, filter: impl Fn(&MKind) -> bool) -> Vec<String> {
-    let candidates: Vec<Vec<String>> =
-        m.paths().into_iter().filter(|p| filter(&m.nodes[m.target(p).unwrap()].kind)).collect();
+    let candidates: Vec<Vec<String>> = m
+        .paths()
+        .into_iter()
+        .filter(|p| filter(&m.nodes[m.target(p).unwrap()].kind))
+        .collect();
     if candidates.is_empty() || rng.chance(20) {
         any_path(rng)
     } else {
@@ -603,7 +677,11 @@ fn new_path(rng: &mut Rng, m: &Model) -> Vec<String> {
     if rng.chance(25) {
         return any_path(rng);
     }
-    let mut dirs: Vec<Vec<String>> = m.paths().into_iter().filter(|p| m.is_dir(m.target(p).unwrap())).collect();
+    let mut dirs: Vec<Vec<String>> = m
+        .paths()
+        .into_iter()
+        .filter(|p| m.is_dir(m.target(p).unwrap()))
+        .collect();
     dirs.push(Vec::new());
     let mut p = rng.pick(&dirs).clone();
     p.push(rng.pick(&NAMES).to_string());
@@ -621,26 +699,48 @@ fn random_op(rng: &mut Rng, m: &Model, cs: usize) -> Op {
         16..=17 => Op::Symlink(new_path(rng, m), "x".repeat(1 + rng.below(40) as usize)),
         18 => Op::Mkfifo(new_path(rng, m)),
         19..=36 => {
-            let off = if rng.chance(50) { rng.below(4 * cs as u64) } else { rng.below(span as u64) } as usize;
+            let off = if rng.chance(50) {
+                rng.below(4 * cs as u64)
+            } else {
+                rng.below(span as u64)
+            } as usize;
             let len = 1 + rng.below(3 * cs as u64) as usize;
             Op::Write(file(rng), off, len, rng.below(256) as u8)
         }
-        37..=44 => Op::Read(file(rng), rng.below(span as u64) as usize / 2, rng.below(4 * cs as u64) as usize),
+        37..=44 => Op::Read(
+            file(rng),
+            rng.below(span as u64) as usize / 2,
+            rng.below(4 * cs as u64) as usize,
+        ),
         45..=50 => Op::Truncate(file(rng), rng.below(span as u64 / 2) as usize),
-        51..=52 => Op::Fallocate(file(rng), rng.below(span as u64 / 2) as usize, rng.below(2 * cs as u64) as usize),
+        51..=52 => Op::Fallocate(
+            file(rng),
+            rng.below(span as u64 / 2) as usize,
+            rng.below(2 * cs as u64) as usize,
+        ),
         53..=58 => Op::Unlink(any(rng)),
         59..=62 => Op::Rmdir(existing(rng, m, |k| matches!(k, MKind::Dir(_)))),
         63..=67 => Op::Link(any(rng), new_path(rng, m)),
         68..=79 => {
-            let flags = [0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE][rng.below(4) as usize];
-            let to = if rng.chance(50) { any(rng) } else { new_path(rng, m) };
+            let flags =
+                [0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE][rng.below(4) as usize];
+            let to = if rng.chance(50) {
+                any(rng)
+            } else {
+                new_path(rng, m)
+            };
             Op::Rename(any(rng), to, flags)
         }
         80..=84 => Op::Chmod(any(rng), perm),
         85..=89 => {
             let flags = [0, libc::XATTR_CREATE, libc::XATTR_REPLACE][rng.below(3) as usize];
             let value = data(rng.below(40) as usize, rng.below(256) as u8);
-            Op::SetXattr(any(rng), rng.pick(&["user.x", "user.y", "trusted.z"]).to_string(), value, flags)
+            Op::SetXattr(
+                any(rng),
+                rng.pick(&["user.x", "user.y", "trusted.z"]).to_string(),
+                value,
+                flags,
+            )
         }
         90..=92 => Op::RemoveXattr(any(rng), rng.pick(&["user.x", "user.y"]).to_string()),
         93..=96 => Op::GetXattr(any(rng), rng.pick(&["user.x", "user.y"]).to_string()),
@@ -664,8 +764,16 @@ fn run_seed(seed: u64, ops: usize, tally: &mut Tally) {
         ino_batch: 1 + rng.below(8),
         // Half the seeds run with tiny caches, so inodes and buckets are dropped and re-read
         // all the time.
-        max_cached_inodes: if rng.chance(50) { 2 + rng.below(20) as usize } else { 100_000 },
-        max_cached_buckets: if rng.chance(50) { 1 + rng.below(6) as usize } else { 100_000 },
+        max_cached_inodes: if rng.chance(50) {
+            2 + rng.below(20) as usize
+        } else {
+            100_000
+        },
+        max_cached_buckets: if rng.chance(50) {
+            1 + rng.below(6) as usize
+        } else {
+            100_000
+        },
         ..VolumeConfig::default()
     };
     let backend = MemBackend::with_max_block(max_block);
@@ -674,7 +782,14 @@ fn run_seed(seed: u64, ops: usize, tally: &mut Tally) {
     let mut model = Model::new();
     let mut log = Vec::new();
     let fail = |log: &Vec<String>, msg: String| -> ! {
-        let tail = log.iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n  ");
+        let tail = log
+            .iter()
+            .rev()
+            .take(40)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ");
         panic!("seed {seed}: {msg}\nlast operations:\n  {tail}\nreplay: DBQSFS_FS_SEED={seed}");
     };
     for step in 0..ops {

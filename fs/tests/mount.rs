@@ -15,7 +15,11 @@ use std::sync::Arc;
 use dbqsfs_fs::{mount, MemBackend, MountHandle, MountOptions};
 
 fn fuse_available() -> bool {
-    let ok = OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+    let ok = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok();
     if !ok {
         eprintln!("/dev/fuse is not usable here: skipping the mount test");
     }
@@ -23,14 +27,26 @@ fn fuse_available() -> bool {
 }
 
 fn mounted(backend: &MemBackend, dir: &Path, read_only: bool) -> MountHandle {
-    let opts = MountOptions { read_only, n_threads: 2, ..MountOptions::default() };
+    let opts = MountOptions {
+        read_only,
+        n_threads: 2,
+        ..MountOptions::default()
+    };
     mount(Arc::new(backend.clone()), dir, opts).expect("mount")
 }
 
 fn setxattr(path: &Path, name: &str, value: &[u8]) -> i32 {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
-    unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) }
+    unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    }
 }
 
 fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -53,11 +69,20 @@ fn file_operations_through_a_mount_and_persistence_across_remount() {
         let _mount = mounted(&backend, mnt, false);
         // Files, append, random writes, holes.
         fs::write(mnt.join("hello"), b"hello").unwrap();
-        let mut f = OpenOptions::new().append(true).open(mnt.join("hello")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(mnt.join("hello"))
+            .unwrap();
         f.write_all(b", world").unwrap();
         drop(f);
         assert_eq!(fs::read(mnt.join("hello")).unwrap(), b"hello, world");
-        let mut f = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(mnt.join("sparse")).unwrap();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(mnt.join("sparse"))
+            .unwrap();
         f.seek(SeekFrom::Start(3 << 20)).unwrap();
         f.write_all(b"far").unwrap();
         f.sync_all().unwrap();
@@ -80,17 +105,31 @@ fn file_operations_through_a_mount_and_persistence_across_remount() {
         assert_eq!((m1.ino(), m1.nlink()), (m2.ino(), 2));
         std::os::unix::fs::symlink("b/hello", mnt.join("a/sym")).unwrap();
         assert_eq!(fs::read(mnt.join("a/sym")).unwrap(), b"hello, world");
-        assert_eq!(fs::read_link(mnt.join("a/sym")).unwrap(), Path::new("b/hello"));
-        let mut listed: Vec<_> =
-            fs::read_dir(mnt.join("a")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(
+            fs::read_link(mnt.join("a/sym")).unwrap(),
+            Path::new("b/hello")
+        );
+        let mut listed: Vec<_> = fs::read_dir(mnt.join("a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         listed.sort();
         assert_eq!(listed, ["b", "link", "sym"]);
-        assert_eq!(fs::remove_dir(mnt.join("a")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+        assert_eq!(
+            fs::remove_dir(mnt.join("a")).unwrap_err().raw_os_error(),
+            Some(libc::ENOTEMPTY)
+        );
         // Attributes and xattrs.
         fs::set_permissions(mnt.join("a/link"), fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(fs::metadata(mnt.join("a/b/hello")).unwrap().mode() & 0o7777, 0o600);
+        assert_eq!(
+            fs::metadata(mnt.join("a/b/hello")).unwrap().mode() & 0o7777,
+            0o600
+        );
         assert_eq!(setxattr(&mnt.join("a/link"), "user.color", b"blue"), 0);
-        assert_eq!(getxattr(&mnt.join("a/b/hello"), "user.color").unwrap(), b"blue");
+        assert_eq!(
+            getxattr(&mnt.join("a/b/hello"), "user.color").unwrap(),
+            b"blue"
+        );
         // An unlinked file stays readable through an open descriptor.
         fs::write(mnt.join("tmp"), b"still here").unwrap();
         let mut open = File::open(mnt.join("tmp")).unwrap();
@@ -110,12 +149,20 @@ fn file_operations_through_a_mount_and_persistence_across_remount() {
         let _mount = mounted(&backend, mnt, false);
         assert_eq!(fs::read(mnt.join("a/link")).unwrap(), b"hello, world");
         assert_eq!(fs::metadata(mnt.join("big")).unwrap().len(), 5_000_000);
-        assert_eq!(fs::metadata(mnt.join("sparse")).unwrap().len(), (3 << 20) + 3);
-        assert_eq!(getxattr(&mnt.join("a/link"), "user.color").unwrap(), b"blue");
+        assert_eq!(
+            fs::metadata(mnt.join("sparse")).unwrap().len(),
+            (3 << 20) + 3
+        );
+        assert_eq!(
+            getxattr(&mnt.join("a/link"), "user.color").unwrap(),
+            b"blue"
+        );
         assert!(!mnt.join("tmp").exists());
         assert_eq!(fs::read_dir(mnt.join("many")).unwrap().count(), 600);
     }
-    assert!(!fs::read_to_string("/proc/mounts").unwrap().contains(mnt.to_str().unwrap()));
+    assert!(!fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .contains(mnt.to_str().unwrap()));
 }
 
 #[test]
@@ -132,7 +179,14 @@ fn a_read_only_mount_refuses_writes_with_erofs() {
     }
     let _mount = mounted(&backend, mnt, true);
     assert_eq!(fs::read(mnt.join("f")).unwrap(), b"data");
-    let e = OpenOptions::new().write(true).custom_flags(0).open(mnt.join("f")).unwrap_err();
+    let e = OpenOptions::new()
+        .write(true)
+        .custom_flags(0)
+        .open(mnt.join("f"))
+        .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-    assert_eq!(fs::create_dir(mnt.join("d")).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(
+        fs::create_dir(mnt.join("d")).unwrap_err().raw_os_error(),
+        Some(libc::EROFS)
+    );
 }

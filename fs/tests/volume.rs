@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use dbqsfs_fs::layout::{inode_label, Body, FileMap, InodeRecord, ROOT_INO, SUPER_LABEL};
-use dbqsfs_fs::{Cred, Failure, FileKind, MemBackend, SetAttr, TimeSet, Timestamp, Volume, VolumeConfig};
+use dbqsfs_fs::{
+    Cred, Failure, FileKind, MemBackend, SetAttr, TimeSet, Timestamp, Volume, VolumeConfig,
+};
 
 const ROOT: u64 = ROOT_INO;
 const ME: Cred = Cred::ROOT;
@@ -53,13 +55,19 @@ fn names(vol: &Volume, dir: u64) -> Vec<String> {
 fn fresh_volume_has_an_empty_root_directory() {
     let (_, vol) = volume();
     let root = vol.getattr(ROOT).unwrap();
-    assert_eq!((root.kind, root.nlink, root.perm), (FileKind::Dir, 2, 0o755));
+    assert_eq!(
+        (root.kind, root.nlink, root.perm),
+        (FileKind::Dir, 2, 0o755)
+    );
     assert_eq!(names(&vol, ROOT), [".", ".."]);
 }
 
 #[test]
 fn written_data_reads_back_and_holes_read_as_zeros() {
-    let cfg = VolumeConfig { chunk_size: Some(4096), ..VolumeConfig::default() };
+    let cfg = VolumeConfig {
+        chunk_size: Some(4096),
+        ..VolumeConfig::default()
+    };
     let (_, vol) = volume_with(cfg);
     let (a, fh) = vol.create(&ME, ROOT, b"f", 0o644).unwrap();
     vol.write(a.ino, 10_000, b"tail").unwrap();
@@ -95,17 +103,36 @@ fn large_directory_create_rewrites_one_bucket() {
     let (backend, vol) = volume();
     let dir = vol.mkdir(&ME, ROOT, b"big", 0o755).unwrap().ino;
     for i in 0..10_000 {
-        vol.mknod(&ME, dir, format!("file-{i}").as_bytes(), libc::S_IFREG | 0o644, 0).unwrap();
+        vol.mknod(
+            &ME,
+            dir,
+            format!("file-{i}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+        )
+        .unwrap();
     }
     let before = backend.counts();
-    let value_bytes_before: usize = backend.labels().iter().map(|l| backend.peek_record(l).unwrap().value.len()).sum();
-    vol.mknod(&ME, dir, b"one-more", libc::S_IFREG | 0o644, 0).unwrap();
+    let value_bytes_before: usize = backend
+        .labels()
+        .iter()
+        .map(|l| backend.peek_record(l).unwrap().value.len())
+        .sum();
+    vol.mknod(&ME, dir, b"one-more", libc::S_IFREG | 0o644, 0)
+        .unwrap();
     let after = backend.counts();
     // The new inode, the one bucket the name hashes to, and the directory inode (new mtime).
     assert_eq!(after.put_record - before.put_record, 3);
     let dir_record = backend.peek_record(&inode_label(dir)).unwrap();
-    assert!(dir_record.value.len() < 4096, "directory inode holds bucket leaves, not entries");
-    let value_bytes_after: usize = backend.labels().iter().map(|l| backend.peek_record(l).unwrap().value.len()).sum();
+    assert!(
+        dir_record.value.len() < 4096,
+        "directory inode holds bucket leaves, not entries"
+    );
+    let value_bytes_after: usize = backend
+        .labels()
+        .iter()
+        .map(|l| backend.peek_record(l).unwrap().value.len())
+        .sum();
     assert!(value_bytes_after - value_bytes_before < 64 * 1024);
     assert_eq!(vol.lookup(dir, b"file-1234").unwrap().kind, FileKind::File);
     assert_eq!(names(&reopen(&backend), dir).len(), 10_003);
@@ -116,18 +143,35 @@ fn readdir_offsets_survive_inserts_and_removals() {
     let (_, vol) = volume();
     let dir = vol.mkdir(&ME, ROOT, b"d", 0o755).unwrap().ino;
     for i in 0..600 {
-        vol.mknod(&ME, dir, format!("n{i}").as_bytes(), libc::S_IFREG | 0o644, 0).unwrap();
+        vol.mknod(
+            &ME,
+            dir,
+            format!("n{i}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+        )
+        .unwrap();
     }
     let first = vol.readdir(dir, 0, 300).unwrap();
     let resume = first.last().unwrap().offset;
-    let seen: Vec<String> = first.iter().map(|e| String::from_utf8(e.name.clone()).unwrap()).collect();
+    let seen: Vec<String> = first
+        .iter()
+        .map(|e| String::from_utf8(e.name.clone()).unwrap())
+        .collect();
     // Change the directory between two readdir calls: remove some seen and unseen names, add
     // new ones (enough to split buckets).
     for i in (0..600).step_by(7) {
         vol.unlink(dir, format!("n{i}").as_bytes()).unwrap();
     }
     for i in 0..400 {
-        vol.mknod(&ME, dir, format!("new{i}").as_bytes(), libc::S_IFREG | 0o644, 0).unwrap();
+        vol.mknod(
+            &ME,
+            dir,
+            format!("new{i}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+        )
+        .unwrap();
     }
     let mut rest = Vec::new();
     let mut off = resume;
@@ -135,7 +179,11 @@ fn readdir_offsets_survive_inserts_and_removals() {
         let batch = vol.readdir(dir, off, 50).unwrap();
         let Some(last) = batch.last() else { break };
         off = last.offset;
-        rest.extend(batch.into_iter().map(|e| String::from_utf8(e.name).unwrap()));
+        rest.extend(
+            batch
+                .into_iter()
+                .map(|e| String::from_utf8(e.name).unwrap()),
+        );
     }
     for name in &rest {
         assert!(!seen.contains(name), "{name} listed twice");
@@ -143,7 +191,10 @@ fn readdir_offsets_survive_inserts_and_removals() {
     for i in 0..600 {
         let name = format!("n{i}");
         if i % 7 != 0 {
-            assert!(seen.contains(&name) || rest.contains(&name), "{name} skipped");
+            assert!(
+                seen.contains(&name) || rest.contains(&name),
+                "{name} skipped"
+            );
         }
     }
 }
@@ -163,17 +214,30 @@ fn fsync_makes_buffered_data_durable_for_a_fresh_volume() {
 
 #[test]
 fn failed_flush_leaves_the_old_contents_visible_and_can_be_retried() {
-    let cfg = VolumeConfig { chunk_size: Some(4096), ..VolumeConfig::default() };
+    let cfg = VolumeConfig {
+        chunk_size: Some(4096),
+        ..VolumeConfig::default()
+    };
     let (backend, vol) = volume_with(cfg);
     let ino = create_file(&vol, ROOT, "f", &[1u8; 3 * 4096]);
     vol.write(ino, 0, &[2u8; 3 * 4096]).unwrap();
     backend.set_failure(Failure::UnavailableAfter(1)); // one chunk lands, then the cluster is gone
     assert_eq!(errno(vol.fsync(ino, false)), libc::EIO);
     backend.set_failure(Failure::None);
-    assert_eq!(reopen(&backend).read(ino, 0, 3 * 4096).unwrap(), vec![1u8; 3 * 4096]);
-    assert_eq!(vol.read(ino, 0, 3 * 4096).unwrap(), vec![2u8; 3 * 4096], "buffered data is not lost");
+    assert_eq!(
+        reopen(&backend).read(ino, 0, 3 * 4096).unwrap(),
+        vec![1u8; 3 * 4096]
+    );
+    assert_eq!(
+        vol.read(ino, 0, 3 * 4096).unwrap(),
+        vec![2u8; 3 * 4096],
+        "buffered data is not lost"
+    );
     vol.fsync(ino, false).unwrap();
-    assert_eq!(reopen(&backend).read(ino, 0, 3 * 4096).unwrap(), vec![2u8; 3 * 4096]);
+    assert_eq!(
+        reopen(&backend).read(ino, 0, 3 * 4096).unwrap(),
+        vec![2u8; 3 * 4096]
+    );
 }
 
 #[test]
@@ -182,13 +246,20 @@ fn backend_failures_surface_as_eio_and_enospc_and_change_nothing() {
     backend.set_failure(Failure::Unavailable);
     assert_eq!(errno(vol.mkdir(&ME, ROOT, b"d", 0o755)), libc::EIO);
     backend.set_failure(Failure::NoSpace);
-    assert_eq!(errno(vol.mknod(&ME, ROOT, b"f", libc::S_IFREG | 0o644, 0)), libc::ENOSPC);
+    assert_eq!(
+        errno(vol.mknod(&ME, ROOT, b"f", libc::S_IFREG | 0o644, 0)),
+        libc::ENOSPC
+    );
     backend.set_failure(Failure::UnavailableAfter(1)); // the inode lands, the directory does not
-    assert_eq!(errno(vol.mknod(&ME, ROOT, b"g", libc::S_IFREG | 0o644, 0)), libc::EIO);
+    assert_eq!(
+        errno(vol.mknod(&ME, ROOT, b"g", libc::S_IFREG | 0o644, 0)),
+        libc::EIO
+    );
     backend.set_failure(Failure::None);
     assert_eq!(names(&vol, ROOT), [".", ".."]);
     assert_eq!(names(&reopen(&backend), ROOT), [".", ".."]);
-    vol.mknod(&ME, ROOT, b"g", libc::S_IFREG | 0o644, 0).unwrap();
+    vol.mknod(&ME, ROOT, b"g", libc::S_IFREG | 0o644, 0)
+        .unwrap();
     assert_eq!(names(&reopen(&backend), ROOT), [".", "..", "g"]);
 }
 
@@ -199,40 +270,73 @@ fn a_file_past_4_gib_keeps_its_chunk_list_in_index_chunks() {
     let gib = 1u64 << 30;
     let offsets: Vec<u64> = (0..200).map(|i| i * (5 * gib / 200) + 17).collect();
     for (i, off) in offsets.iter().enumerate() {
-        vol.write(a.ino, *off, format!("piece {i}").as_bytes()).unwrap();
+        vol.write(a.ino, *off, format!("piece {i}").as_bytes())
+            .unwrap();
     }
     vol.write(a.ino, 5 * gib, b"end").unwrap();
     vol.release(fh).unwrap();
     let rec = backend.peek_record(&inode_label(a.ino)).unwrap();
     let inode = InodeRecord::decode(&rec.value).unwrap();
-    assert!(matches!(inode.body, Body::File(FileMap::Indexed(_))), "201 chunks are not inline");
+    assert!(
+        matches!(inode.body, Body::File(FileMap::Indexed(_))),
+        "201 chunks are not inline"
+    );
     assert!(rec.value.len() < 1024);
     let fresh = reopen(&backend);
     assert_eq!(fresh.getattr(a.ino).unwrap().size, 5 * gib + 3);
     for (i, off) in offsets.iter().enumerate() {
         let want = format!("piece {i}");
-        assert_eq!(fresh.read(a.ino, *off, want.len() as u32).unwrap(), want.as_bytes());
+        assert_eq!(
+            fresh.read(a.ino, *off, want.len() as u32).unwrap(),
+            want.as_bytes()
+        );
     }
     assert_eq!(fresh.read(a.ino, 5 * gib - 2, 10).unwrap(), b"\0\0end");
     // Truncating back below the inline limit stores the list inline again.
-    fresh.setattr(&ME, a.ino, &SetAttr { size: Some(1000), ..SetAttr::default() }).unwrap();
-    let inode = InodeRecord::decode(&backend.peek_record(&inode_label(a.ino)).unwrap().value).unwrap();
+    fresh
+        .setattr(
+            &ME,
+            a.ino,
+            &SetAttr {
+                size: Some(1000),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+    let inode =
+        InodeRecord::decode(&backend.peek_record(&inode_label(a.ino)).unwrap().value).unwrap();
     assert!(matches!(inode.body, Body::File(FileMap::Inline(_))));
     assert_eq!(&reopen(&backend).read(a.ino, 17, 7).unwrap(), b"piece 0");
 }
 
 #[test]
 fn creates_reserve_inode_numbers_in_batches() {
-    let cfg = VolumeConfig { ino_batch: 64, ..VolumeConfig::default() };
+    let cfg = VolumeConfig {
+        ino_batch: 64,
+        ..VolumeConfig::default()
+    };
     let (backend, vol) = volume_with(cfg);
     let before = backend.peek_record(SUPER_LABEL).unwrap().version;
     for i in 0..100 {
-        vol.mknod(&ME, ROOT, format!("f{i}").as_bytes(), libc::S_IFREG | 0o644, 0).unwrap();
+        vol.mknod(
+            &ME,
+            ROOT,
+            format!("f{i}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+        )
+        .unwrap();
     }
-    assert_eq!(backend.peek_record(SUPER_LABEL).unwrap().version - before, 2);
+    assert_eq!(
+        backend.peek_record(SUPER_LABEL).unwrap().version - before,
+        2
+    );
     // A new mount never hands out a number the old one may have used.
     let fresh = reopen(&backend);
-    let newest = fresh.mknod(&ME, ROOT, b"after", libc::S_IFREG | 0o644, 0).unwrap().ino;
+    let newest = fresh
+        .mknod(&ME, ROOT, b"after", libc::S_IFREG | 0o644, 0)
+        .unwrap()
+        .ino;
     assert!(newest > vol.lookup(ROOT, b"f99").unwrap().ino);
 }
 
@@ -244,7 +348,11 @@ fn rename_of_a_directory_into_its_own_subtree_is_einval() {
     assert_eq!(errno(vol.rename(ROOT, b"a", b, b"x", 0)), libc::EINVAL);
     assert_eq!(errno(vol.rename(ROOT, b"a", a, b"x", 0)), libc::EINVAL);
     vol.mkdir(&ME, ROOT, b"c", 0o755).unwrap();
-    assert_eq!(errno(vol.rename(a, b"b", ROOT, b"a", 0)), libc::ENOTEMPTY, "target is the source's parent");
+    assert_eq!(
+        errno(vol.rename(a, b"b", ROOT, b"a", 0)),
+        libc::ENOTEMPTY,
+        "target is the source's parent"
+    );
 }
 
 #[test]
@@ -253,18 +361,30 @@ fn rename_noreplace_and_exchange() {
     let f = create_file(&vol, ROOT, "f", b"f");
     let d = vol.mkdir(&ME, ROOT, b"d", 0o755).unwrap().ino;
     let g = create_file(&vol, d, "g", b"g");
-    assert_eq!(errno(vol.rename(ROOT, b"f", d, b"g", libc::RENAME_NOREPLACE)), libc::EEXIST);
-    assert_eq!(errno(vol.rename(ROOT, b"f", d, b"none", libc::RENAME_EXCHANGE)), libc::ENOENT);
-    vol.rename(ROOT, b"f", d, b"g", libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(
+        errno(vol.rename(ROOT, b"f", d, b"g", libc::RENAME_NOREPLACE)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(vol.rename(ROOT, b"f", d, b"none", libc::RENAME_EXCHANGE)),
+        libc::ENOENT
+    );
+    vol.rename(ROOT, b"f", d, b"g", libc::RENAME_EXCHANGE)
+        .unwrap();
     assert_eq!(vol.lookup(ROOT, b"f").unwrap().ino, g);
     assert_eq!(vol.lookup(d, b"g").unwrap().ino, f);
     // Exchanging a directory with a file across directories moves the link counts.
     let sub = vol.mkdir(&ME, d, b"sub", 0o755).unwrap().ino;
     assert_eq!(vol.getattr(d).unwrap().nlink, 3);
-    vol.rename(d, b"sub", ROOT, b"f", libc::RENAME_EXCHANGE).unwrap();
+    vol.rename(d, b"sub", ROOT, b"f", libc::RENAME_EXCHANGE)
+        .unwrap();
     assert_eq!(vol.getattr(d).unwrap().nlink, 2);
     assert_eq!(vol.getattr(ROOT).unwrap().nlink, 4);
-    assert_eq!(vol.readdir(sub, 1, 1).unwrap()[0].ino, ROOT, "`..` follows the move");
+    assert_eq!(
+        vol.readdir(sub, 1, 1).unwrap()[0].ino,
+        ROOT,
+        "`..` follows the move"
+    );
 }
 
 #[test]
@@ -275,13 +395,26 @@ fn rename_over_an_existing_name_replaces_it() {
     vol.link(old, ROOT, b"old2").unwrap();
     vol.rename(ROOT, b"f", ROOT, b"old", 0).unwrap();
     assert_eq!(vol.lookup(ROOT, b"old").unwrap().ino, f);
-    assert_eq!(vol.getattr(old).unwrap().nlink, 1, "the other name of the replaced file stays");
+    assert_eq!(
+        vol.getattr(old).unwrap().nlink,
+        1,
+        "the other name of the replaced file stays"
+    );
     let d1 = vol.mkdir(&ME, ROOT, b"d1", 0o755).unwrap().ino;
     vol.mkdir(&ME, ROOT, b"d2", 0o755).unwrap();
     create_file(&vol, d1, "x", b"");
-    assert_eq!(errno(vol.rename(ROOT, b"d2", ROOT, b"d1", 0)), libc::ENOTEMPTY);
-    assert_eq!(errno(vol.rename(ROOT, b"old", ROOT, b"d1", 0)), libc::EISDIR);
-    assert_eq!(errno(vol.rename(ROOT, b"d1", ROOT, b"old", 0)), libc::ENOTDIR);
+    assert_eq!(
+        errno(vol.rename(ROOT, b"d2", ROOT, b"d1", 0)),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(vol.rename(ROOT, b"old", ROOT, b"d1", 0)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(vol.rename(ROOT, b"d1", ROOT, b"old", 0)),
+        libc::ENOTDIR
+    );
     vol.unlink(d1, b"x").unwrap();
     vol.rename(ROOT, b"d2", ROOT, b"d1", 0).unwrap();
     assert_eq!(vol.getattr(ROOT).unwrap().nlink, 3);
@@ -297,7 +430,10 @@ fn hard_links_share_one_inode_and_its_ctime() {
     let linked = vol.link(f, d, b"g").unwrap();
     assert_eq!((linked.ino, linked.nlink), (f, 2));
     assert!(linked.ctime > before);
-    assert_eq!(vol.lookup(d, b"g").unwrap(), vol.lookup(ROOT, b"f").unwrap());
+    assert_eq!(
+        vol.lookup(d, b"g").unwrap(),
+        vol.lookup(ROOT, b"f").unwrap()
+    );
     assert_eq!(errno(vol.link(d, ROOT, b"dirlink")), libc::EPERM);
     assert_eq!(errno(vol.link(f, d, b"g")), libc::EEXIST);
 }
@@ -312,17 +448,39 @@ fn rmdir_of_a_non_empty_directory_is_enotempty() {
     assert_eq!(errno(vol.rmdir(d, b"f")), libc::ENOTDIR);
     vol.unlink(d, b"f").unwrap();
     vol.rmdir(ROOT, b"d").unwrap();
-    assert_eq!(errno(vol.mknod(&ME, d, b"late", libc::S_IFREG | 0o644, 0)), libc::ENOENT);
+    assert_eq!(
+        errno(vol.mknod(&ME, d, b"late", libc::S_IFREG | 0o644, 0)),
+        libc::ENOENT
+    );
     assert_eq!(vol.getattr(ROOT).unwrap().nlink, 2);
 }
 
 #[test]
 fn truncate_shrinks_and_grows_with_zeros() {
-    let cfg = VolumeConfig { chunk_size: Some(4096), ..VolumeConfig::default() };
+    let cfg = VolumeConfig {
+        chunk_size: Some(4096),
+        ..VolumeConfig::default()
+    };
     let (backend, vol) = volume_with(cfg);
     let f = create_file(&vol, ROOT, "f", &[7u8; 10_000]);
-    vol.setattr(&ME, f, &SetAttr { size: Some(5000), ..SetAttr::default() }).unwrap();
-    vol.setattr(&ME, f, &SetAttr { size: Some(12_000), ..SetAttr::default() }).unwrap();
+    vol.setattr(
+        &ME,
+        f,
+        &SetAttr {
+            size: Some(5000),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    vol.setattr(
+        &ME,
+        f,
+        &SetAttr {
+            size: Some(12_000),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
     for v in [&vol, &reopen(&backend)] {
         let data = v.read(f, 0, 20_000).unwrap();
         assert_eq!(data.len(), 12_000);
@@ -335,16 +493,45 @@ fn truncate_shrinks_and_grows_with_zeros() {
 fn utime_omit_leaves_that_time_alone_and_ctime_moves() {
     let (_, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"");
-    let t = Timestamp { secs: 1_000_000, nsec: 123_456_789 };
+    let t = Timestamp {
+        secs: 1_000_000,
+        nsec: 123_456_789,
+    };
     let a = vol
-        .setattr(&ME, f, &SetAttr { atime: Some(TimeSet::At(t)), mtime: Some(TimeSet::At(t)), ..SetAttr::default() })
+        .setattr(
+            &ME,
+            f,
+            &SetAttr {
+                atime: Some(TimeSet::At(t)),
+                mtime: Some(TimeSet::At(t)),
+                ..SetAttr::default()
+            },
+        )
         .unwrap();
     assert_eq!((a.atime, a.mtime), (t, t));
-    let b = vol.setattr(&ME, f, &SetAttr { atime: Some(TimeSet::Now), ..SetAttr::default() }).unwrap();
+    let b = vol
+        .setattr(
+            &ME,
+            f,
+            &SetAttr {
+                atime: Some(TimeSet::Now),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
     assert_eq!(b.mtime, t, "mtime omitted");
     assert!(b.atime > t && b.ctime >= a.ctime);
     let neg = Timestamp { secs: -5, nsec: 1 };
-    let c = vol.setattr(&ME, f, &SetAttr { mtime: Some(TimeSet::At(neg)), ..SetAttr::default() }).unwrap();
+    let c = vol
+        .setattr(
+            &ME,
+            f,
+            &SetAttr {
+                mtime: Some(TimeSet::At(neg)),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
     assert_eq!(c.mtime, neg);
 }
 
@@ -352,22 +539,69 @@ fn utime_omit_leaves_that_time_alone_and_ctime_moves() {
 fn chmod_by_a_non_member_clears_setgid_and_chown_clears_setuid() {
     let (_, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"");
-    vol.setattr(&ME, f, &SetAttr { uid: Some(1000), gid: Some(50), ..SetAttr::default() }).unwrap();
+    vol.setattr(
+        &ME,
+        f,
+        &SetAttr {
+            uid: Some(1000),
+            gid: Some(50),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
     let owner = Cred::user(1000, 1000);
-    let a = vol.setattr(&owner, f, &SetAttr { mode: Some(0o2755), ..SetAttr::default() }).unwrap();
+    let a = vol
+        .setattr(
+            &owner,
+            f,
+            &SetAttr {
+                mode: Some(0o2755),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
     assert_eq!(a.perm, 0o755);
     let member = Cred::user(1000, 50);
-    let a = vol.setattr(&member, f, &SetAttr { mode: Some(0o6755), ..SetAttr::default() }).unwrap();
+    let a = vol
+        .setattr(
+            &member,
+            f,
+            &SetAttr {
+                mode: Some(0o6755),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
     assert_eq!(a.perm, 0o6755);
-    let a = vol.setattr(&ME, f, &SetAttr { uid: Some(2000), ..SetAttr::default() }).unwrap();
-    assert_eq!(a.perm, 0o755, "chown drops setuid, and setgid of a group-executable file");
+    let a = vol
+        .setattr(
+            &ME,
+            f,
+            &SetAttr {
+                uid: Some(2000),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        a.perm, 0o755,
+        "chown drops setuid, and setgid of a group-executable file"
+    );
 }
 
 #[test]
 fn setgid_directories_pass_on_their_group() {
     let (_, vol) = volume();
     let d = vol.mkdir(&ME, ROOT, b"d", 0o2775).unwrap().ino;
-    vol.setattr(&ME, d, &SetAttr { gid: Some(77), ..SetAttr::default() }).unwrap();
+    vol.setattr(
+        &ME,
+        d,
+        &SetAttr {
+            gid: Some(77),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
     let user = Cred::user(1000, 1000);
     let f = vol.mknod(&user, d, b"f", libc::S_IFREG | 0o644, 0).unwrap();
     assert_eq!((f.uid, f.gid), (1000, 77));
@@ -380,15 +614,29 @@ fn xattrs_honour_create_and_replace_flags() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"");
     assert_eq!(errno(vol.getxattr(f, b"user.a")), libc::ENODATA);
-    assert_eq!(errno(vol.setxattr(f, b"user.a", b"1", libc::XATTR_REPLACE)), libc::ENODATA);
-    vol.setxattr(f, b"user.a", b"1", libc::XATTR_CREATE).unwrap();
-    assert_eq!(errno(vol.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE)), libc::EEXIST);
-    vol.setxattr(f, b"user.a", b"2", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(
+        errno(vol.setxattr(f, b"user.a", b"1", libc::XATTR_REPLACE)),
+        libc::ENODATA
+    );
+    vol.setxattr(f, b"user.a", b"1", libc::XATTR_CREATE)
+        .unwrap();
+    assert_eq!(
+        errno(vol.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE)),
+        libc::EEXIST
+    );
+    vol.setxattr(f, b"user.a", b"2", libc::XATTR_REPLACE)
+        .unwrap();
     vol.setxattr(f, b"user.b", b"", 0).unwrap();
-    assert_eq!(errno(vol.setxattr(f, b"system.posix_acl_access", b"", 0)), libc::EOPNOTSUPP);
+    assert_eq!(
+        errno(vol.setxattr(f, b"system.posix_acl_access", b"", 0)),
+        libc::EOPNOTSUPP
+    );
     let fresh = reopen(&backend);
     assert_eq!(fresh.getxattr(f, b"user.a").unwrap(), b"2");
-    assert_eq!(fresh.listxattr(f).unwrap(), [b"user.a".to_vec(), b"user.b".to_vec()]);
+    assert_eq!(
+        fresh.listxattr(f).unwrap(),
+        [b"user.a".to_vec(), b"user.b".to_vec()]
+    );
     vol.removexattr(f, b"user.a").unwrap();
     assert_eq!(errno(vol.removexattr(f, b"user.a")), libc::ENODATA);
 }
@@ -397,13 +645,29 @@ fn xattrs_honour_create_and_replace_flags() {
 fn read_only_volume_rejects_changes_with_erofs() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"data");
-    let ro = Volume::open_or_format(Arc::new(backend), VolumeConfig { read_only: true, ..VolumeConfig::default() })
-        .unwrap();
+    let ro = Volume::open_or_format(
+        Arc::new(backend),
+        VolumeConfig {
+            read_only: true,
+            ..VolumeConfig::default()
+        },
+    )
+    .unwrap();
     assert_eq!(ro.read(f, 0, 10).unwrap(), b"data");
     assert_eq!(errno(ro.mkdir(&ME, ROOT, b"d", 0o755)), libc::EROFS);
     assert_eq!(errno(ro.write(f, 0, b"x")), libc::EROFS);
     assert_eq!(errno(ro.open(f, libc::O_WRONLY)), libc::EROFS);
-    assert_eq!(errno(ro.setattr(&ME, f, &SetAttr { mode: Some(0o600), ..SetAttr::default() })), libc::EROFS);
+    assert_eq!(
+        errno(ro.setattr(
+            &ME,
+            f,
+            &SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            }
+        )),
+        libc::EROFS
+    );
     let fh = ro.open(f, libc::O_RDONLY).unwrap();
     ro.release(fh).unwrap();
 }
@@ -423,15 +687,25 @@ fn fallocate_extends_the_size_and_refuses_other_modes() {
 
 #[test]
 fn writes_past_the_dirty_limit_store_chunks_before_any_flush() {
-    let cfg = VolumeConfig { chunk_size: Some(4096), dirty_limit: 16 * 4096, ..VolumeConfig::default() };
+    let cfg = VolumeConfig {
+        chunk_size: Some(4096),
+        dirty_limit: 16 * 4096,
+        ..VolumeConfig::default()
+    };
     let (backend, vol) = volume_with(cfg);
     let (a, fh) = vol.create(&ME, ROOT, b"f", 0o644).unwrap();
     for i in 0..64u64 {
         vol.write(a.ino, i * 4096, &[i as u8 + 1; 4096]).unwrap();
     }
-    assert!(backend.counts().put_chunk >= 32, "most chunks were stored while writing");
+    assert!(
+        backend.counts().put_chunk >= 32,
+        "most chunks were stored while writing"
+    );
     vol.release(fh).unwrap();
-    assert_eq!(reopen(&backend).read(a.ino, 63 * 4096, 4096).unwrap(), vec![64u8; 4096]);
+    assert_eq!(
+        reopen(&backend).read(a.ino, 63 * 4096, 4096).unwrap(),
+        vec![64u8; 4096]
+    );
 }
 
 #[test]
@@ -450,14 +724,27 @@ fn chunks_are_fetched_once_and_then_served_from_the_cache() {
 #[test]
 fn special_files_and_symlinks() {
     let (backend, vol) = volume();
-    let fifo = vol.mknod(&ME, ROOT, b"fifo", libc::S_IFIFO | 0o600, 0).unwrap();
-    let dev = vol.mknod(&ME, ROOT, b"dev", libc::S_IFCHR | 0o600, 0x0103).unwrap();
+    let fifo = vol
+        .mknod(&ME, ROOT, b"fifo", libc::S_IFIFO | 0o600, 0)
+        .unwrap();
+    let dev = vol
+        .mknod(&ME, ROOT, b"dev", libc::S_IFCHR | 0o600, 0x0103)
+        .unwrap();
     let link = vol.symlink(&ME, ROOT, b"ln", b"../some/where").unwrap();
-    assert_eq!((fifo.kind, dev.kind, dev.rdev), (FileKind::Fifo, FileKind::CharDev, 0x0103));
+    assert_eq!(
+        (fifo.kind, dev.kind, dev.rdev),
+        (FileKind::Fifo, FileKind::CharDev, 0x0103)
+    );
     assert_eq!((link.kind, link.size), (FileKind::Symlink, 13));
-    assert_eq!(reopen(&backend).readlink(link.ino).unwrap(), b"../some/where");
+    assert_eq!(
+        reopen(&backend).readlink(link.ino).unwrap(),
+        b"../some/where"
+    );
     assert_eq!(errno(vol.readlink(fifo.ino)), libc::EINVAL);
-    assert_eq!(errno(vol.mknod(&ME, ROOT, &[b'x'; 256], libc::S_IFREG, 0)), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno(vol.mknod(&ME, ROOT, &[b'x'; 256], libc::S_IFREG, 0)),
+        libc::ENAMETOOLONG
+    );
 }
 
 /// A backend whose chunk reads wait until the test lets them through.
@@ -481,10 +768,18 @@ impl dbqsfs_fs::Backend for GatedReads {
         drop(g);
         self.inner.get_chunk(id)
     }
-    fn get_record(&self, label: &[u8]) -> Result<Option<dbqsfs_fs::Record>, dbqsfs_fs::BackendError> {
+    fn get_record(
+        &self,
+        label: &[u8],
+    ) -> Result<Option<dbqsfs_fs::Record>, dbqsfs_fs::BackendError> {
         self.inner.get_record(label)
     }
-    fn put_record(&self, label: &[u8], version: u64, value: &[u8]) -> Result<(), dbqsfs_fs::BackendError> {
+    fn put_record(
+        &self,
+        label: &[u8],
+        version: u64,
+        value: &[u8],
+    ) -> Result<(), dbqsfs_fs::BackendError> {
         self.inner.put_record(label, version, value)
     }
 }
@@ -494,8 +789,14 @@ fn a_slow_chunk_fetch_does_not_block_other_operations() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"slow data");
     drop(vol);
-    let gate = Arc::new((std::sync::Mutex::new((false, false)), std::sync::Condvar::new()));
-    let gated = GatedReads { inner: backend, gate: gate.clone() };
+    let gate = Arc::new((
+        std::sync::Mutex::new((false, false)),
+        std::sync::Condvar::new(),
+    ));
+    let gated = GatedReads {
+        inner: backend,
+        gate: gate.clone(),
+    };
     let vol = Arc::new(Volume::open_or_format(Arc::new(gated), VolumeConfig::default()).unwrap());
     let reader = {
         let vol = vol.clone();
