@@ -190,3 +190,63 @@ fn a_read_only_mount_refuses_writes_with_erofs() {
         Some(libc::EROFS)
     );
 }
+
+#[test]
+fn a_failed_cluster_surfaces_as_eio_and_the_mount_keeps_answering() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path();
+    let backend = MemBackend::new();
+    let _mount = mounted(&backend, mnt, false);
+    fs::write(mnt.join("before"), b"durable").unwrap();
+    backend.set_failure(dbqsfs_fs::Failure::Unavailable);
+    let e = fs::create_dir(mnt.join("d")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    // Buffered writes succeed; the close that must store them reports the failure.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("before"))
+        .unwrap();
+    f.write_all(b"lost?").unwrap();
+    assert_eq!(f.sync_all().unwrap_err().raw_os_error(), Some(libc::EIO));
+    drop(f);
+    backend.set_failure(dbqsfs_fs::Failure::NoSpace);
+    assert_eq!(
+        fs::write(mnt.join("new"), b"x").unwrap_err().raw_os_error(),
+        Some(libc::ENOSPC)
+    );
+    backend.set_failure(dbqsfs_fs::Failure::None);
+    // What was buffered is still there and the mount works normally again.
+    fs::create_dir(mnt.join("d")).unwrap();
+    assert_eq!(fs::read(mnt.join("before")).unwrap(), b"lost?le");
+}
+
+#[test]
+fn concurrent_writers_through_several_request_threads() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().to_path_buf();
+    let backend = MemBackend::new();
+    let _mount = mounted(&backend, &mnt, false);
+    let workers: Vec<_> = (0..4u8)
+        .map(|t| {
+            let dir = mnt.join(format!("w{t}"));
+            std::thread::spawn(move || {
+                fs::create_dir(&dir).unwrap();
+                for i in 0..50u32 {
+                    let body: Vec<u8> = (0..(i * 997) % 70_000).map(|j| (j as u8) ^ t).collect();
+                    fs::write(dir.join(format!("f{i}")), &body).unwrap();
+                    assert_eq!(fs::read(dir.join(format!("f{i}"))).unwrap(), body);
+                }
+                fs::read_dir(&dir).unwrap().count()
+            })
+        })
+        .collect();
+    for w in workers {
+        assert_eq!(w.join().unwrap(), 50);
+    }
+}
