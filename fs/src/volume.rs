@@ -1394,9 +1394,3 @@ impl Volume {
         self.lock().sync_all()
     }
 }
-
-impl From<&FsError> for i32 {
-    fn from(e: &FsError) -> i32 {
-        e.errno()
-    }
-}
