@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::Backend;
 use crate::dir::{BucketMem, DirMem, DirState, Edit};
-use crate::error::{err, FsError, FsResult};
+use crate::error::{err, FsResult};
 use crate::file::{ChunkCache, ChunkMap};
 use crate::layout::{
     inode_label, Body, DirBody, DirEntry, DirLayout, FileKind, InodeRecord, Leaf, Superblock,
