@@ -1,1 +1,12 @@
-//! The dbqsfs simulator and test harnesses.
+//! Test harnesses of dbqsfs.
+//!
+//! - [`sim`]: the deterministic simulator. It drives the real `dbqsfs-core` state machines over a
+//!   seeded, virtual-time network with loss, duplication, reordering, partitions and crashes, with
+//!   named Byzantine adversaries, test-driven epoch changes, and checkers (linearizability of
+//!   public-key blocks, integrity of content blocks, no lost write, liveness after faults heal).
+//! - [`rng`]: the one seeded PRNG every random choice of a run comes from.
+//! - [`checker`]: the history checkers, usable on any recorded history.
+
+pub mod checker;
+pub mod rng;
+pub mod sim;

@@ -1,0 +1,431 @@
+//! Configurations: who the members are in an epoch, and how anyone can check it.
+//!
+//! A configuration of epoch `e` lists the parameters, the members sorted by node id (the ring), the
+//! MS committee of `e`, and the hash of configuration `e-1`. The genesis configuration (epoch 0) is
+//! trusted by its hash, which is the cluster id. Every later configuration carries a [`Certificate`]:
+//! `2f_ms+1` signatures of the committee of `e-1` over its hash. Holding the genesis configuration is
+//! therefore enough to verify any chain of configurations, and a faulty relay can delay
+//! configurations but never forge them.
+//!
+//! Placement: the replica group of object `x` is the `3f+1` members that succeed `x` on the ring.
+//! Everyone holds the configuration, so locating a group is a local computation.
+
+use crate::crypto::{Domain, Keypair, NodeId, ObjectId, PublicKey, Signature};
+use crate::quorum::Quorum;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// An epoch number. Genesis is epoch 0.
+pub type Epoch = u64;
+
+/// The hash of a configuration.
+pub type ConfigHash = [u8; 32];
+
+/// Cluster parameters, fixed per configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Params {
+    /// Faults tolerated per replica group (groups have 3f+1 members).
+    pub f: u32,
+    /// Faults tolerated by the MS committee (3f_ms+1 members).
+    pub f_ms: u32,
+    /// Length of an epoch, in milliseconds.
+    pub epoch_ms: u64,
+    /// Period of liveness probes, in milliseconds.
+    pub probe_ms: u64,
+    /// Consecutive failed probes after which a member is reported unresponsive.
+    pub evict_after_probes: u32,
+    /// How long a freshness certificate stays valid, in milliseconds.
+    pub freshness_ms: u64,
+}
+
+impl Params {
+    /// Defaults that suit a LAN test cluster with `f` faults per group.
+    pub fn with_f(f: u32) -> Params {
+        Params {
+            f,
+            f_ms: f,
+            epoch_ms: 30_000,
+            probe_ms: 5_000,
+            evict_after_probes: 6,
+            freshness_ms: 60_000,
+        }
+    }
+
+    pub fn quorum(&self) -> Quorum {
+        Quorum::new(self.f as usize)
+    }
+
+    pub fn ms_quorum(&self) -> Quorum {
+        Quorum::new(self.f_ms as usize)
+    }
+}
+
+/// A member of the ring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub key: PublicKey,
+    /// Where the node listens (for example `127.0.0.1:7100`).
+    pub addr: String,
+}
+
+impl Member {
+    pub fn new(key: PublicKey, addr: impl Into<String>) -> Member {
+        Member {
+            id: key.node_id(),
+            key,
+            addr: addr.into(),
+        }
+    }
+}
+
+/// The membership of one epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Configuration {
+    pub epoch: Epoch,
+    pub params: Params,
+    /// Sorted by id, no duplicates.
+    pub members: Vec<Member>,
+    /// The MS committee of this epoch: ids of members, sorted.
+    pub committee: Vec<NodeId>,
+    /// Hash of the configuration of `epoch - 1`; `None` only for genesis.
+    pub prev: Option<ConfigHash>,
+}
+
+/// Why a configuration or certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("members are not sorted by id or contain duplicates")]
+    MembersNotSorted,
+    #[error("member {0:?} has an id that is not the hash of its key")]
+    BadMemberId(NodeId),
+    #[error("{members} members cannot form groups of {needed} (3f+1)")]
+    TooFewMembers { members: usize, needed: usize },
+    #[error("committee is not a sorted set of {expected} members")]
+    BadCommittee { expected: usize },
+    #[error("epoch {got} does not follow epoch {prev}")]
+    WrongEpoch { prev: Epoch, got: Epoch },
+    #[error("configuration does not name the hash of its predecessor")]
+    WrongPredecessor,
+    #[error("certificate has {valid} valid committee signatures, {needed} needed")]
+    NotEnoughSignatures { valid: usize, needed: usize },
+    #[error("configuration of epoch {0} is unknown")]
+    Unknown(Epoch),
+    #[error("genesis configuration does not match the cluster id")]
+    NotOurGenesis,
+}
+
+impl Configuration {
+    /// The hash that certificates sign and successors name. Computed over the canonical postcard
+    /// encoding, which is deterministic for a given value.
+    pub fn hash(&self) -> ConfigHash {
+        let bytes = postcard::to_stdvec(self).expect("configurations always encode");
+        let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 configuration");
+        h.update(&bytes);
+        *h.finalize().as_bytes()
+    }
+
+    /// Checks the internal rules every configuration must satisfy.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.members.windows(2).all(|w| w[0].id < w[1].id) {
+            return Err(ConfigError::MembersNotSorted);
+        }
+        if let Some(m) = self.members.iter().find(|m| m.key.node_id() != m.id) {
+            return Err(ConfigError::BadMemberId(m.id));
+        }
+        let needed = self.quorum().group_size();
+        if self.members.len() < needed {
+            return Err(ConfigError::TooFewMembers {
+                members: self.members.len(),
+                needed,
+            });
+        }
+        let expected = self.params.ms_quorum().group_size();
+        let sorted = self.committee.windows(2).all(|w| w[0] < w[1]);
+        if self.committee.len() != expected
+            || !sorted
+            || self.committee.iter().any(|c| self.member(c).is_none())
+        {
+            return Err(ConfigError::BadCommittee { expected });
+        }
+        Ok(())
+    }
+
+    pub fn quorum(&self) -> Quorum {
+        self.params.quorum()
+    }
+
+    pub fn member(&self, id: &NodeId) -> Option<&Member> {
+        self.members
+            .binary_search_by(|m| m.id.cmp(id))
+            .ok()
+            .map(|i| &self.members[i])
+    }
+
+    pub fn is_member(&self, id: &NodeId) -> bool {
+        self.member(id).is_some()
+    }
+
+    /// The replica group of `x`: the `3f+1` successors of `x` on the ring.
+    pub fn group(&self, x: &ObjectId) -> Vec<&Member> {
+        let n = self.members.len();
+        let size = self.quorum().group_size().min(n);
+        let start = self.members.partition_point(|m| m.id.0 < x.0);
+        (0..size).map(|i| &self.members[(start + i) % n]).collect()
+    }
+
+    /// Whether `node` is in the replica group of `x`.
+    pub fn is_responsible(&self, node: &NodeId, x: &ObjectId) -> bool {
+        self.group(x).iter().any(|m| m.id == *node)
+    }
+
+    /// A deterministic default committee: the first `3f_ms+1` members on the ring.
+    pub fn first_members_as_committee(members: &[Member], params: &Params) -> Vec<NodeId> {
+        members
+            .iter()
+            .take(params.ms_quorum().group_size())
+            .map(|m| m.id)
+            .collect()
+    }
+}
+
+/// Signatures of a committee over a configuration hash. A later issue replaces the list with one
+/// threshold signature; users only call [`CertifiedConfig::verify_successor`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Certificate {
+    pub signatures: Vec<(NodeId, Signature)>,
+}
+
+/// A configuration with the certificate that lets anyone holding its predecessor accept it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertifiedConfig {
+    pub config: Configuration,
+    pub cert: Certificate,
+}
+
+impl CertifiedConfig {
+    /// The genesis configuration, which needs no certificate: it is trusted by its hash.
+    pub fn genesis(config: Configuration) -> CertifiedConfig {
+        CertifiedConfig {
+            config,
+            cert: Certificate::default(),
+        }
+    }
+
+    /// Certifies `config` with the signatures of `signers` (committee members of the previous epoch).
+    pub fn certify(config: Configuration, signers: &[&Keypair]) -> CertifiedConfig {
+        let h = config.hash();
+        let signatures = signers
+            .iter()
+            .map(|k| (k.node_id(), k.sign(Domain::Configuration, &h)))
+            .collect();
+        CertifiedConfig {
+            config,
+            cert: Certificate { signatures },
+        }
+    }
+
+    /// Accepts `self` as the configuration that follows `prev`: the epoch follows, the predecessor
+    /// hash matches, the configuration is well-formed, and `2f_ms+1` distinct members of `prev`'s
+    /// committee signed its hash.
+    pub fn verify_successor(&self, prev: &Configuration) -> Result<(), ConfigError> {
+        let c = &self.config;
+        if c.epoch != prev.epoch + 1 {
+            return Err(ConfigError::WrongEpoch {
+                prev: prev.epoch,
+                got: c.epoch,
+            });
+        }
+        if c.prev != Some(prev.hash()) {
+            return Err(ConfigError::WrongPredecessor);
+        }
+        c.validate()?;
+        let h = c.hash();
+        let mut signers = BTreeSet::new();
+        for (id, sig) in &self.cert.signatures {
+            if !prev.committee.contains(id) || signers.contains(id) {
+                continue;
+            }
+            let Some(m) = prev.member(id) else { continue };
+            if m.key.verify(Domain::Configuration, &h, sig).is_ok() {
+                signers.insert(*id);
+            }
+        }
+        let needed = prev.params.ms_quorum().quorum();
+        if signers.len() < needed {
+            return Err(ConfigError::NotEnoughSignatures {
+                valid: signers.len(),
+                needed,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The verified configurations a node or client knows, from genesis (or a trusted base) up to the
+/// newest. Every configuration in the chain was verified against its predecessor.
+#[derive(Clone, Debug)]
+pub struct ConfigChain {
+    configs: BTreeMap<Epoch, CertifiedConfig>,
+}
+
+impl ConfigChain {
+    /// A chain that starts from a trusted configuration (genesis, whose hash is the cluster id, or a
+    /// configuration read back from the node's own disk).
+    pub fn new(trusted: CertifiedConfig) -> Result<ConfigChain, ConfigError> {
+        trusted.config.validate()?;
+        let mut configs = BTreeMap::new();
+        configs.insert(trusted.config.epoch, trusted);
+        Ok(ConfigChain { configs })
+    }
+
+    pub fn current(&self) -> &CertifiedConfig {
+        self.configs
+            .values()
+            .next_back()
+            .expect("a chain is never empty")
+    }
+
+    pub fn config(&self) -> &Configuration {
+        &self.current().config
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.config().epoch
+    }
+
+    pub fn get(&self, epoch: Epoch) -> Option<&CertifiedConfig> {
+        self.configs.get(&epoch)
+    }
+
+    /// The configurations after `epoch`, oldest first, at most `limit` of them.
+    pub fn after(&self, epoch: Epoch, limit: usize) -> Vec<CertifiedConfig> {
+        self.configs
+            .range(epoch + 1..)
+            .take(limit)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Verifies and appends every configuration of `newer` that extends the chain, in epoch order.
+    /// Configurations the chain already has are skipped. Returns the epochs added; stops at the first
+    /// configuration that does not verify and reports why, keeping what was added before it.
+    pub fn extend(&mut self, mut newer: Vec<CertifiedConfig>) -> Result<Vec<Epoch>, ConfigError> {
+        newer.sort_by_key(|c| c.config.epoch);
+        let mut added = Vec::new();
+        for c in newer {
+            let e = c.config.epoch;
+            if e <= self.epoch() {
+                continue;
+            }
+            c.verify_successor(self.config())?;
+            self.configs.insert(e, c);
+            added.push(e);
+        }
+        Ok(added)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(n: u8) -> Vec<Keypair> {
+        (0..n).map(|i| Keypair::from_seed([i + 1; 32])).collect()
+    }
+
+    fn config(epoch: Epoch, ks: &[Keypair], prev: Option<ConfigHash>) -> Configuration {
+        let params = Params::with_f(1);
+        let mut members: Vec<Member> = ks
+            .iter()
+            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+            .collect();
+        members.sort_by_key(|m| m.id);
+        let committee = Configuration::first_members_as_committee(&members, &params);
+        Configuration {
+            epoch,
+            params,
+            members,
+            committee,
+            prev,
+        }
+    }
+
+    fn signers<'a>(c: &Configuration, ks: &'a [Keypair]) -> Vec<&'a Keypair> {
+        ks.iter()
+            .filter(|k| c.committee.contains(&k.node_id()))
+            .collect()
+    }
+
+    #[test]
+    fn group_is_the_3f_plus_1_successors_on_the_ring() {
+        let ks = keys(6);
+        let c = config(0, &ks, None);
+        let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
+        // An object just after member 4 wraps around the ring: members 5, 0, 1, 2.
+        let mut x = ids[4].0;
+        x[31] = x[31].wrapping_add(1);
+        let g: Vec<NodeId> = c.group(&ObjectId(x)).iter().map(|m| m.id).collect();
+        assert_eq!(g, vec![ids[5], ids[0], ids[1], ids[2]]);
+        // An object equal to a member's id starts at that member.
+        let g: Vec<NodeId> = c.group(&ObjectId(ids[1].0)).iter().map(|m| m.id).collect();
+        assert_eq!(g, vec![ids[1], ids[2], ids[3], ids[4]]);
+    }
+
+    #[test]
+    fn a_chain_accepts_a_certified_successor_and_refuses_forgeries() {
+        let ks = keys(5);
+        let g = config(0, &ks[..4], None);
+        let mut chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
+        let next = config(1, &ks, Some(g.hash()));
+        let committee = signers(&g, &ks);
+
+        // Under-signed: 2 of 4 committee signatures.
+        let weak = CertifiedConfig::certify(next.clone(), &committee[..2]);
+        assert_eq!(
+            weak.verify_successor(&g),
+            Err(ConfigError::NotEnoughSignatures {
+                valid: 2,
+                needed: 3
+            })
+        );
+        // The same signer three times counts once.
+        let dup =
+            CertifiedConfig::certify(next.clone(), &[committee[0], committee[0], committee[0]]);
+        assert!(dup.verify_successor(&g).is_err());
+        // Signed by a non-member of the committee.
+        let outsider = Keypair::from_seed([99; 32]);
+        let forged =
+            CertifiedConfig::certify(next.clone(), &[&outsider, committee[0], committee[1]]);
+        assert!(forged.verify_successor(&g).is_err());
+        // Tampered after signing.
+        let mut tampered = CertifiedConfig::certify(next.clone(), &committee[..3]);
+        tampered.config.params.f = 0;
+        assert!(tampered.verify_successor(&g).is_err());
+        // Wrong predecessor.
+        let wrong = CertifiedConfig::certify(config(1, &ks, Some([0; 32])), &committee[..3]);
+        assert_eq!(
+            wrong.verify_successor(&g),
+            Err(ConfigError::WrongPredecessor)
+        );
+
+        let good = CertifiedConfig::certify(next, &committee[..3]);
+        assert_eq!(chain.extend(vec![good]).unwrap(), vec![1]);
+        assert_eq!(chain.epoch(), 1);
+        assert_eq!(chain.after(0, 10).len(), 1);
+    }
+
+    #[test]
+    fn validation_refuses_malformed_configurations() {
+        let ks = keys(4);
+        let mut c = config(0, &ks, None);
+        assert_eq!(c.validate(), Ok(()));
+        c.members.swap(0, 1);
+        assert_eq!(c.validate(), Err(ConfigError::MembersNotSorted));
+        let c3 = config(0, &ks[..3], None);
+        assert!(matches!(
+            c3.validate(),
+            Err(ConfigError::TooFewMembers { .. })
+        ));
+    }
+}

@@ -1,0 +1,762 @@
+//! The client operations of dBQS as state machines.
+//!
+//! A [`Client`] runs any number of concurrent operations. Each operation runs in one epoch at a time
+//! against the replica group of its object in that epoch:
+//! - write content block: send to the group, done at `2f+1` acknowledgements;
+//! - read content block: ask one replica, then the whole group; accept the first copy that hashes to
+//!   the id; "not found" only when `2f+1` replicas say so;
+//! - write public-key block: phase 1 learns the highest version from `2f+1` replicas (skipped when
+//!   the caller gives the version), phase 2 sends the signed value, done at `2f+1` acknowledgements;
+//! - read public-key block: `2f+1` replies, take the highest validly signed value; if fewer than
+//!   `2f+1` replicas hold it, write it back until `2f+1` do, then return.
+//!
+//! Epochs: a reply of another epoch is never counted. A replica of a newer epoch answers `Stale`: the
+//! client fetches the newer configurations from it, verifies them against its chain, and restarts
+//! every operation of an older epoch in the newest one (a public-key write that already signed its
+//! value re-sends the same value, so a restarted write is idempotent). A replica of an older epoch
+//! answers `Behind`: the client pushes it the configurations and resends.
+//!
+//! Drive it with [`Client::submit`], [`Client::handle_message`] and [`Client::handle_timeout`]
+//! (at [`Client::next_timeout`]); take [`ClientOutput`]s with [`Client::poll_output`].
+
+use super::msg::{DbqsMessage, Reject, RequestId};
+use crate::config::{CertifiedConfig, ConfigChain, Configuration, Epoch};
+use crate::crypto::{Keypair, NodeId, ObjectId};
+use crate::object::{check_content, content_id, ObjectError, PkBlock, Stamp};
+use crate::quorum::Tally;
+use crate::wire::{decode, encode_msg};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A client-side operation handle.
+pub type OpId = u64;
+
+/// Options of a client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Resend unanswered requests after this many milliseconds.
+    pub retransmit_ms: u64,
+    /// Give up on an operation after this many milliseconds (`None`: never).
+    pub op_timeout_ms: Option<u64>,
+    #[cfg(feature = "mutants")]
+    pub mutant: super::Mutant,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            retransmit_ms: 500,
+            op_timeout_ms: None,
+            #[cfg(feature = "mutants")]
+            mutant: super::Mutant::None,
+        }
+    }
+}
+
+/// An operation a caller asks for.
+#[derive(Clone, Debug)]
+pub enum Operation {
+    PutContent {
+        data: Vec<u8>,
+    },
+    GetContent {
+        id: ObjectId,
+    },
+    /// Write `value` to `owner`'s block `label`; `version: None` discovers the version first.
+    PutPk {
+        owner: Keypair,
+        label: Vec<u8>,
+        value: Vec<u8>,
+        version: Option<u64>,
+    },
+    GetPk {
+        id: ObjectId,
+    },
+}
+
+/// How an operation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    ContentStored {
+        id: ObjectId,
+    },
+    /// `None`: `2f+1` replicas said they do not hold it.
+    Content {
+        id: ObjectId,
+        data: Option<Vec<u8>>,
+    },
+    /// The value was written as `stamp`.
+    PkStored {
+        stamp: Stamp,
+    },
+    Pk {
+        block: Option<PkBlock>,
+    },
+    Failed(OpError),
+}
+
+/// Why an operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("no quorum answered within the operation timeout")]
+    Timeout,
+    #[error("the replicas are out of space")]
+    NoSpace,
+    #[error("more than f replicas refused the request: {0:?}")]
+    Refused(Reject),
+    #[error("invalid request: {0}")]
+    Invalid(ObjectError),
+}
+
+/// What the driver should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientOutput {
+    /// Send `bytes` to node `to` (a member of the client's newest configuration).
+    Send { to: NodeId, bytes: Vec<u8> },
+    /// Operation `op` finished.
+    Done { op: OpId, outcome: Outcome },
+    /// `from` sent something no correct replica sends (for logs and evidence).
+    Misbehaviour { from: NodeId, what: &'static str },
+    /// The client moved to a newer epoch.
+    EpochChanged { epoch: Epoch },
+}
+
+/// The phase an operation is in, with what it has collected.
+#[derive(Debug)]
+enum Phase {
+    PutContent {
+        id: ObjectId,
+        data: Vec<u8>,
+        acks: Tally<()>,
+        refusals: Tally<Reject>,
+    },
+    GetContent {
+        id: ObjectId,
+        asked: BTreeSet<NodeId>,
+        missing: Tally<()>,
+    },
+    /// Phase 1 of a public-key write, or a public-key read: collect stamps from a quorum.
+    Collect {
+        id: ObjectId,
+        stamps: Tally<Option<Stamp>>,
+        best: Option<PkBlock>,
+        refusals: Tally<Reject>,
+    },
+    /// Phase 2 of a public-key write, or a read's write-back: until a quorum holds at least `block`.
+    Write {
+        block: PkBlock,
+        holders: Tally<()>,
+        refusals: Tally<Reject>,
+    },
+}
+
+#[derive(Debug)]
+struct OpState {
+    op: Operation,
+    epoch: Epoch,
+    rid: RequestId,
+    phase: Phase,
+    /// For a public-key write: the value once signed (kept across epoch restarts).
+    signed: Option<PkBlock>,
+    deadline: Option<u64>,
+    retransmit_at: u64,
+}
+
+/// A dBQS client.
+pub struct Client {
+    me: NodeId,
+    chain: ConfigChain,
+    opts: ClientOptions,
+    ops: BTreeMap<OpId, OpState>,
+    by_rid: BTreeMap<RequestId, OpId>,
+    /// Outstanding configuration fetches: request id → node asked.
+    fetches: BTreeMap<RequestId, NodeId>,
+    next_op: OpId,
+    next_rid: RequestId,
+    /// The newest epoch reported with [`ClientOutput::EpochChanged`].
+    announced: Epoch,
+    out: VecDeque<ClientOutput>,
+}
+
+impl Client {
+    /// A client known as `me`, starting from the verified configurations in `chain`.
+    pub fn new(me: NodeId, chain: ConfigChain, opts: ClientOptions) -> Client {
+        let chain_epoch = chain.epoch();
+        Client {
+            me,
+            chain,
+            opts,
+            ops: BTreeMap::new(),
+            by_rid: BTreeMap::new(),
+            fetches: BTreeMap::new(),
+            next_op: 1,
+            next_rid: 1,
+            announced: chain_epoch,
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.chain.epoch()
+    }
+
+    pub fn config(&self) -> &Configuration {
+        self.chain.config()
+    }
+
+    pub fn chain(&self) -> &ConfigChain {
+        &self.chain
+    }
+
+    /// Number of operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn poll_output(&mut self) -> Option<ClientOutput> {
+        self.out.pop_front()
+    }
+
+    /// The earliest time at which [`Client::handle_timeout`] has work to do.
+    pub fn next_timeout(&self) -> Option<u64> {
+        self.ops
+            .values()
+            .map(|o| {
+                o.deadline
+                    .map_or(o.retransmit_at, |d| d.min(o.retransmit_at))
+            })
+            .min()
+    }
+
+    /// Learns newer configurations from outside (for example the epoch follower); restarts
+    /// operations of older epochs.
+    pub fn learn_configs(
+        &mut self,
+        now: u64,
+        configs: Vec<CertifiedConfig>,
+    ) -> Result<(), crate::config::ConfigError> {
+        let res = self.chain.extend(configs);
+        self.restart_stale_ops(now);
+        res.map(|_| ())
+    }
+
+    /// Starts an operation.
+    pub fn submit(&mut self, now: u64, op: Operation) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        let deadline = self.opts.op_timeout_ms.map(|t| now + t);
+        let state = OpState {
+            op,
+            epoch: self.epoch(),
+            rid: 0,
+            phase: Phase::GetContent {
+                id: ObjectId([0; 32]),
+                asked: BTreeSet::new(),
+                missing: Tally::new(),
+            },
+            signed: None,
+            deadline,
+            retransmit_at: now,
+        };
+        self.ops.insert(id, state);
+        self.start(now, id);
+        id
+    }
+
+    fn quorum(&self) -> usize {
+        let q = self.config().quorum();
+        #[cfg(feature = "mutants")]
+        if self.opts.mutant == super::Mutant::SmallQuorum {
+            return q.one_correct();
+        }
+        q.quorum()
+    }
+
+    /// Most refusals the group can send while a quorum of it still can answer: `n - quorum`.
+    fn max_refusals(&self) -> usize {
+        self.config().quorum().group_size() - self.quorum()
+    }
+
+    fn fresh_rid(&mut self, op: OpId) -> RequestId {
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        self.by_rid.insert(rid, op);
+        rid
+    }
+
+    fn group_of(&self, x: &ObjectId) -> Vec<NodeId> {
+        self.config().group(x).iter().map(|m| m.id).collect()
+    }
+
+    /// (Re)starts operation `id` in the client's newest epoch from its first phase.
+    fn start(&mut self, now: u64, id: OpId) {
+        let epoch = self.epoch();
+        let Some(st) = self.ops.get(&id) else { return };
+        let old_rid = st.rid;
+        let phase = match (&st.op, &st.signed) {
+            (Operation::PutContent { data }, _) => Phase::PutContent {
+                id: content_id(data),
+                data: data.clone(),
+                acks: Tally::new(),
+                refusals: Tally::new(),
+            },
+            (Operation::GetContent { id }, _) => Phase::GetContent {
+                id: *id,
+                asked: BTreeSet::new(),
+                missing: Tally::new(),
+            },
+            (Operation::PutPk { .. }, Some(block)) => Phase::Write {
+                block: block.clone(),
+                holders: Tally::new(),
+                refusals: Tally::new(),
+            },
+            (
+                Operation::PutPk {
+                    owner,
+                    label,
+                    value,
+                    version: Some(v),
+                },
+                None,
+            ) => match PkBlock::sign(owner, label, *v, value.clone()) {
+                Ok(block) => Phase::Write {
+                    block,
+                    holders: Tally::new(),
+                    refusals: Tally::new(),
+                },
+                Err(e) => return self.finish(id, Outcome::Failed(OpError::Invalid(e))),
+            },
+            (Operation::PutPk { owner, label, .. }, None) => Phase::Collect {
+                id: crate::object::pk_block_id(&owner.public(), label),
+                stamps: Tally::new(),
+                best: None,
+                refusals: Tally::new(),
+            },
+            (Operation::GetPk { id }, _) => Phase::Collect {
+                id: *id,
+                stamps: Tally::new(),
+                best: None,
+                refusals: Tally::new(),
+            },
+        };
+        self.by_rid.remove(&old_rid);
+        let rid = self.fresh_rid(id);
+        let st = self.ops.get_mut(&id).expect("checked above");
+        if let Phase::Write { block, .. } = &phase {
+            st.signed = Some(block.clone());
+        }
+        st.epoch = epoch;
+        st.rid = rid;
+        st.phase = phase;
+        self.send_phase(now, id, Send::First);
+    }
+
+    /// Sends the current phase's request: to every group member that has not answered (or, for a
+    /// first content read, to one of them).
+    fn send_phase(&mut self, now: u64, id: OpId, mode: Send) {
+        let Some(st) = self.ops.get(&id) else { return };
+        let rid = st.rid;
+        let (target, msg) = match &st.phase {
+            Phase::PutContent { id, data, .. } => (
+                *id,
+                DbqsMessage::PutContent {
+                    rid,
+                    id: *id,
+                    data: data.clone(),
+                },
+            ),
+            Phase::GetContent { id, .. } => (*id, DbqsMessage::GetContent { rid, id: *id }),
+            Phase::Collect { id, .. } => (*id, DbqsMessage::GetPk { rid, id: *id }),
+            Phase::Write { block, .. } => (
+                block.id(),
+                DbqsMessage::PutPk {
+                    rid,
+                    block: block.clone(),
+                },
+            ),
+        };
+        let group = self.group_of(&target);
+        let st = self.ops.get_mut(&id).expect("checked above");
+        let answered = |n: &NodeId| match &st.phase {
+            Phase::PutContent { acks, refusals, .. } => acks.contains(n) || refusals.contains(n),
+            Phase::GetContent { missing, .. } => missing.contains(n),
+            Phase::Collect {
+                stamps, refusals, ..
+            } => stamps.contains(n) || refusals.contains(n),
+            Phase::Write {
+                holders, refusals, ..
+            } => holders.contains(n) || refusals.contains(n),
+        };
+        let mut to: Vec<NodeId> = group.iter().filter(|n| !answered(n)).copied().collect();
+        if let Phase::GetContent { asked, .. } = &mut st.phase {
+            match mode {
+                // First try: one replica, chosen by request id so load spreads over the group.
+                Send::First => to = vec![to[(rid as usize) % to.len()]],
+                Send::Widen => to.retain(|n| !asked.contains(n)),
+                Send::Retransmit => {}
+            }
+            asked.extend(to.iter().copied());
+        }
+        st.retransmit_at = now + self.opts.retransmit_ms;
+        let bytes = encode_msg(st.epoch, msg);
+        for n in to {
+            self.out.push_back(ClientOutput::Send {
+                to: n,
+                bytes: bytes.clone(),
+            });
+        }
+    }
+
+    fn finish(&mut self, id: OpId, outcome: Outcome) {
+        if let Some(st) = self.ops.remove(&id) {
+            self.by_rid.remove(&st.rid);
+            self.out.push_back(ClientOutput::Done { op: id, outcome });
+        }
+    }
+
+    fn misbehaviour(&mut self, from: NodeId, what: &'static str) {
+        self.out
+            .push_back(ClientOutput::Misbehaviour { from, what });
+    }
+
+    /// Handles the timers that are due at `now`: retransmissions and operation deadlines.
+    pub fn handle_timeout(&mut self, now: u64) {
+        // A configuration fetch whose answer was lost is asked again at the next `Stale`.
+        self.fetches.clear();
+        let due: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.retransmit_at <= now || o.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let st = &self.ops[&id];
+            if st.deadline.is_some_and(|d| d <= now) {
+                self.finish(id, Outcome::Failed(OpError::Timeout));
+            } else {
+                self.send_phase(now, id, Send::Retransmit);
+            }
+        }
+    }
+
+    /// Handles bytes received from `from`.
+    pub fn handle_message(&mut self, now: u64, from: NodeId, bytes: &[u8]) {
+        let env = match decode::<DbqsMessage>(bytes) {
+            Ok(env) => env,
+            Err(_) => return self.misbehaviour(from, "undecodable message"),
+        };
+        let Some(rid) = env.msg.reply_rid() else {
+            return self.misbehaviour(from, "request sent to a client");
+        };
+        if let DbqsMessage::Configs { configs, .. } = env.msg {
+            // Configurations prove themselves, so any that extend the chain are welcome.
+            self.fetches.remove(&rid);
+            if self.chain.extend(configs).is_err() {
+                self.misbehaviour(from, "sent configurations that do not verify");
+            }
+            return self.restart_stale_ops(now);
+        }
+        let Some(&op) = self.by_rid.get(&rid) else {
+            return;
+        }; // a late reply of a finished phase
+        let st = &self.ops[&op];
+        let op_epoch = st.epoch;
+        let target = match &st.phase {
+            Phase::PutContent { id, .. }
+            | Phase::GetContent { id, .. }
+            | Phase::Collect { id, .. } => *id,
+            Phase::Write { block, .. } => block.id(),
+        };
+        if !self.group_of(&target).contains(&from) {
+            return self.misbehaviour(from, "reply from outside the group");
+        }
+        match env.msg {
+            DbqsMessage::Stale { .. } => {
+                if env.epoch > op_epoch {
+                    self.fetch_configs(from);
+                }
+                return;
+            }
+            DbqsMessage::Behind { .. } => {
+                if env.epoch < op_epoch {
+                    let configs = self
+                        .chain
+                        .after(env.epoch, super::msg::MAX_CONFIGS_PER_REPLY);
+                    let epoch = self.epoch();
+                    self.out.push_back(ClientOutput::Send {
+                        to: from,
+                        bytes: encode_msg(epoch, DbqsMessage::PushConfigs { configs }),
+                    });
+                    self.resend_to(op, from);
+                }
+                return;
+            }
+            _ => {}
+        }
+        if env.epoch != op_epoch {
+            return; // replies of different epochs never combine
+        }
+        self.on_reply(now, op, from, env.msg);
+    }
+
+    fn fetch_configs(&mut self, from: NodeId) {
+        if self.fetches.values().any(|n| *n == from) {
+            return;
+        }
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        self.fetches.insert(rid, from);
+        let epoch = self.epoch();
+        self.out.push_back(ClientOutput::Send {
+            to: from,
+            bytes: encode_msg(epoch, DbqsMessage::GetConfigs { rid, after: epoch }),
+        });
+    }
+
+    fn restart_stale_ops(&mut self, now: u64) {
+        let epoch = self.epoch();
+        if epoch > self.announced {
+            self.announced = epoch;
+            self.out.push_back(ClientOutput::EpochChanged { epoch });
+            // Fetches in flight can tell us nothing newer than what restarts now.
+            self.fetches.clear();
+        }
+        let stale: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.epoch < epoch)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.start(now, id);
+        }
+    }
+
+    /// Resends the current request of `op` to one node (after pushing it configurations).
+    fn resend_to(&mut self, op: OpId, to: NodeId) {
+        let st = &self.ops[&op];
+        let rid = st.rid;
+        let msg = match &st.phase {
+            Phase::PutContent { id, data, .. } => DbqsMessage::PutContent {
+                rid,
+                id: *id,
+                data: data.clone(),
+            },
+            Phase::GetContent { id, .. } => DbqsMessage::GetContent { rid, id: *id },
+            Phase::Collect { id, .. } => DbqsMessage::GetPk { rid, id: *id },
+            Phase::Write { block, .. } => DbqsMessage::PutPk {
+                rid,
+                block: block.clone(),
+            },
+        };
+        self.out.push_back(ClientOutput::Send {
+            to,
+            bytes: encode_msg(st.epoch, msg),
+        });
+    }
+
+    fn on_reply(&mut self, now: u64, op: OpId, from: NodeId, msg: DbqsMessage) {
+        let quorum = self.quorum();
+        let max_refusals = self.max_refusals();
+        let write_back = {
+            #[cfg(feature = "mutants")]
+            {
+                self.opts.mutant != super::Mutant::NoWriteBack
+            }
+            #[cfg(not(feature = "mutants"))]
+            {
+                true
+            }
+        };
+        let st = self.ops.get_mut(&op).expect("caller checked");
+        let mut bad: Option<&'static str> = None;
+        let mut next: Option<Step> = None;
+        match (&mut st.phase, msg) {
+            (Phase::PutContent { id, acks, .. }, DbqsMessage::ContentStored { id: got, .. }) => {
+                if got != *id {
+                    bad = Some("acknowledged another block");
+                } else {
+                    acks.add(from, ());
+                    if acks.len() >= quorum {
+                        next = Some(Step::Done(Outcome::ContentStored { id: *id }));
+                    }
+                }
+            }
+            (Phase::GetContent { id, missing, .. }, DbqsMessage::Content { id: got, data, .. }) => {
+                match data {
+                    Some(data) if got == *id && check_content(id, &data).is_ok() => {
+                        next = Some(Step::Done(Outcome::Content {
+                            id: *id,
+                            data: Some(data),
+                        }));
+                    }
+                    Some(_) => {
+                        bad = Some("served a content block that does not match its id");
+                        missing.add(from, ());
+                        next = Some(Step::AskAll);
+                    }
+                    None => {
+                        missing.add(from, ());
+                        next = Some(if missing.len() >= quorum {
+                            Step::Done(Outcome::Content {
+                                id: *id,
+                                data: None,
+                            })
+                        } else {
+                            Step::AskAll
+                        });
+                    }
+                }
+            }
+            (Phase::GetContent { .. }, DbqsMessage::NotReady { .. }) => next = Some(Step::AskAll),
+            (
+                Phase::Collect {
+                    id, stamps, best, ..
+                },
+                DbqsMessage::Pk { id: got, block, .. },
+            ) => {
+                let valid = match block {
+                    Some(b) if got == *id && b.verify_as(id).is_ok() => Some(b),
+                    Some(_) => {
+                        bad = Some("served a public-key block that does not verify");
+                        None
+                    }
+                    None => None,
+                };
+                let stamp = valid.as_ref().map(|b| b.stamp());
+                // A retransmitted request may be answered again with a newer value; the first answer counts.
+                stamps.add(from, stamp);
+                if let Some(b) = valid {
+                    if best.as_ref().is_none_or(|cur| b.stamp() > cur.stamp()) {
+                        *best = Some(b);
+                    }
+                }
+                if stamps.len() >= quorum {
+                    let top = best.as_ref().map(|b| b.stamp());
+                    let holders = stamps.count(|s| *s == top && top.is_some());
+                    next = Some(match (&st.op, best.take()) {
+                        (Operation::GetPk { .. }, None) => Step::Done(Outcome::Pk { block: None }),
+                        (Operation::GetPk { .. }, Some(b)) if holders >= quorum || !write_back => {
+                            Step::Done(Outcome::Pk { block: Some(b) })
+                        }
+                        (Operation::GetPk { .. }, Some(b)) => {
+                            let mut have = Tally::new();
+                            for (n, s) in stamps.iter() {
+                                if *s == top {
+                                    have.add(*n, ());
+                                }
+                            }
+                            Step::WriteBack(b, have)
+                        }
+                        (
+                            Operation::PutPk {
+                                owner,
+                                label,
+                                value,
+                                ..
+                            },
+                            b,
+                        ) => {
+                            let version = b.map_or(1, |b| b.version.saturating_add(1));
+                            match PkBlock::sign(owner, label, version, value.clone()) {
+                                Ok(block) => Step::Write(block),
+                                Err(e) => Step::Done(Outcome::Failed(OpError::Invalid(e))),
+                            }
+                        }
+                        _ => unreachable!("only public-key operations collect stamps"),
+                    });
+                }
+            }
+            (Phase::Write { block, holders, .. }, DbqsMessage::PkStored { id, stamp, .. }) => {
+                if id != block.id() {
+                    bad = Some("acknowledged another block");
+                } else if stamp >= block.stamp() {
+                    holders.add(from, ());
+                    if holders.len() >= quorum {
+                        next = Some(Step::Done(match st.op {
+                            Operation::GetPk { .. } => Outcome::Pk {
+                                block: Some(block.clone()),
+                            },
+                            _ => Outcome::PkStored {
+                                stamp: block.stamp(),
+                            },
+                        }));
+                    }
+                }
+            }
+            (Phase::Collect { .. } | Phase::Write { .. }, DbqsMessage::NotReady { .. }) => {}
+            (
+                Phase::PutContent { refusals, .. }
+                | Phase::Collect { refusals, .. }
+                | Phase::Write { refusals, .. },
+                DbqsMessage::Rejected { reason, .. },
+            ) => {
+                refusals.add(from, reason);
+                if refusals.len() > max_refusals {
+                    let no_space = refusals.count(|r| *r == Reject::NoSpace);
+                    let err = if no_space > 0 {
+                        OpError::NoSpace
+                    } else {
+                        OpError::Refused(reason)
+                    };
+                    next = Some(Step::Done(Outcome::Failed(err)));
+                }
+            }
+            (Phase::GetContent { missing, .. }, DbqsMessage::Rejected { .. }) => {
+                // A refusal is no copy; it is not a "not found" vote either.
+                let _ = missing;
+                next = Some(Step::AskAll);
+            }
+            _ => bad = Some("reply does not fit the request"),
+        }
+        if let Some(what) = bad {
+            self.misbehaviour(from, what);
+        }
+        match next {
+            None => {}
+            Some(Step::Done(outcome)) => self.finish(op, outcome),
+            Some(Step::AskAll) => self.send_phase(now, op, Send::Widen),
+            Some(Step::Write(block)) => {
+                let st = self.ops.get_mut(&op).expect("caller checked");
+                st.signed = Some(block.clone());
+                self.enter_write(now, op, block, Tally::new());
+            }
+            Some(Step::WriteBack(block, have)) => self.enter_write(now, op, block, have),
+        }
+    }
+
+    fn enter_write(&mut self, now: u64, op: OpId, block: PkBlock, holders: Tally<()>) {
+        let old = self.ops[&op].rid;
+        self.by_rid.remove(&old);
+        let rid = self.fresh_rid(op);
+        let st = self.ops.get_mut(&op).expect("caller checked");
+        st.rid = rid;
+        st.phase = Phase::Write {
+            block,
+            holders,
+            refusals: Tally::new(),
+        };
+        self.send_phase(now, op, Send::First);
+    }
+}
+
+/// Whom [`Client::send_phase`] sends to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Send {
+    /// A phase's first request: the whole group (one replica for a content read).
+    First,
+    /// A content read widens to the replicas not asked yet.
+    Widen,
+    /// Every replica that has not answered.
+    Retransmit,
+}
+
+enum Step {
+    Done(Outcome),
+    AskAll,
+    Write(PkBlock),
+    WriteBack(PkBlock, Tally<()>),
+}

@@ -1,0 +1,35 @@
+//! dBQS: a Byzantine quorum system of content-hash and public-key blocks over epochs.
+//!
+//! Goals: atomic (linearizable) reads and writes of public-key blocks and integrity of content blocks
+//! while at most `f` of the `3f+1` replicas of each group are Byzantine, under any message delay, loss,
+//! duplication or reordering; operations of an older epoch never complete against a newer group, and
+//! replies of different epochs are never combined.
+//!
+//! Non-goals here: moving data between epochs (the state-transfer protocol drives
+//! [`replica::Replica::transfer_complete`]), deciding configurations (the Membership Service), and
+//! timing (the caller supplies `now`).
+//!
+//! Fault model: replicas may lie, go silent, equivocate, replay, or send garbage; they cannot forge an
+//! owner's signature or a BLAKE3 preimage. Clients that own a block are trusted for that block.
+//!
+//! - [`msg`]: the one closed message enum of the protocol.
+//! - [`replica::Replica`]: serves requests over a [`crate::store::Store`] and applies the epoch rules.
+//! - [`client::Client`]: the client operations as state machines.
+
+pub mod client;
+pub mod msg;
+pub mod replica;
+
+/// Deliberate protocol breakages for proving that the simulator's checkers catch real bugs.
+#[cfg(feature = "mutants")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mutant {
+    #[default]
+    None,
+    /// Reads return the highest version without writing it back.
+    NoWriteBack,
+    /// Clients complete operations with f+1 replies instead of 2f+1.
+    SmallQuorum,
+    /// Replicas store public-key blocks without checking the owner's signature.
+    AcceptUnsigned,
+}

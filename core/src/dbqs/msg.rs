@@ -1,0 +1,129 @@
+//! The messages of dBQS, one closed enum. Requests carry a request id chosen by the client; replies
+//! echo it. The sender's epoch travels in the [`crate::wire::Envelope`].
+
+use crate::config::{CertifiedConfig, Epoch};
+use crate::crypto::ObjectId;
+use crate::object::{PkBlock, Stamp};
+use crate::wire::Protocol;
+use serde::{Deserialize, Serialize};
+
+/// A client-chosen request id.
+pub type RequestId = u64;
+
+/// Most configurations sent in one reply; a client that is further behind asks again.
+pub const MAX_CONFIGS_PER_REPLY: usize = 16;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DbqsMessage {
+    // Client → replica.
+    /// Store content block `id` (the replica checks that `data` hashes to `id`).
+    PutContent {
+        rid: RequestId,
+        id: ObjectId,
+        data: Vec<u8>,
+    },
+    GetContent {
+        rid: RequestId,
+        id: ObjectId,
+    },
+    /// Store `block` if it is newer than the held value.
+    PutPk {
+        rid: RequestId,
+        block: PkBlock,
+    },
+    GetPk {
+        rid: RequestId,
+        id: ObjectId,
+    },
+    /// Ask for the configurations after `after`.
+    GetConfigs {
+        rid: RequestId,
+        after: Epoch,
+    },
+    /// Newer configurations for a replica that is behind.
+    PushConfigs {
+        configs: Vec<CertifiedConfig>,
+    },
+
+    // Replica → client.
+    ContentStored {
+        rid: RequestId,
+        id: ObjectId,
+    },
+    /// `None`: the replica does not hold the block.
+    Content {
+        rid: RequestId,
+        id: ObjectId,
+        data: Option<Vec<u8>>,
+    },
+    /// The replica now holds a value of `id` with stamp `stamp` (at least the one written).
+    PkStored {
+        rid: RequestId,
+        id: ObjectId,
+        stamp: Stamp,
+    },
+    Pk {
+        rid: RequestId,
+        id: ObjectId,
+        block: Option<PkBlock>,
+    },
+    Configs {
+        rid: RequestId,
+        configs: Vec<CertifiedConfig>,
+    },
+    /// The request's epoch is older than the replica's (the envelope carries the replica's epoch).
+    Stale {
+        rid: RequestId,
+    },
+    /// The replica's epoch is older than the request's: push it the newer configurations.
+    Behind {
+        rid: RequestId,
+    },
+    /// The replica has not finished receiving this object's range in this epoch.
+    NotReady {
+        rid: RequestId,
+    },
+    Rejected {
+        rid: RequestId,
+        reason: Reject,
+    },
+}
+
+/// Why a replica refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reject {
+    BadSignature,
+    HashMismatch,
+    TooLarge,
+    NotResponsible,
+    NoSpace,
+    StoreFailed,
+}
+
+impl Protocol for DbqsMessage {
+    const ID: u8 = 1;
+}
+
+impl DbqsMessage {
+    /// The request id of a reply, `None` for requests and pushes.
+    pub fn reply_rid(&self) -> Option<RequestId> {
+        use DbqsMessage::*;
+        match self {
+            ContentStored { rid, .. }
+            | Content { rid, .. }
+            | PkStored { rid, .. }
+            | Pk { rid, .. }
+            | Configs { rid, .. }
+            | Stale { rid }
+            | Behind { rid }
+            | NotReady { rid }
+            | Rejected { rid, .. } => Some(*rid),
+            PutContent { .. }
+            | GetContent { .. }
+            | PutPk { .. }
+            | GetPk { .. }
+            | GetConfigs { .. }
+            | PushConfigs { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The replica state machine.
+//!
+//! A replica serves requests of its own epoch over a [`Store`]:
+//! - content blocks are stored only if they hash to their id;
+//! - public-key blocks are stored only if the owner's signature verifies, and only if newer than the
+//!   held value; an older value is acknowledged (with the held stamp) without being stored;
+//! - a request of an older epoch is answered [`DbqsMessage::Stale`], one of a newer epoch
+//!   [`DbqsMessage::Behind`] (the client then pushes the configurations; the replica verifies and
+//!   installs them, then serves);
+//! - after moving to an epoch in which it gained objects, the replica answers reads of those objects
+//!   [`DbqsMessage::NotReady`] until state transfer completes, so a correct replica never claims a
+//!   value it may be missing. It accepts writes at once.
+//!
+//! [`Replica::handle`] takes `&self` so a driver may serve requests concurrently; installing
+//! configurations takes `&mut self`.
+
+use super::msg::{DbqsMessage, Reject, RequestId, MAX_CONFIGS_PER_REPLY};
+use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch};
+use crate::crypto::{NodeId, ObjectId};
+use crate::object::{check_content, ObjectError};
+use crate::store::{Store, StoreError};
+use crate::wire::{decode, encode_msg, WireError};
+use std::collections::BTreeSet;
+
+/// Options of a replica.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaOptions {
+    #[cfg(feature = "mutants")]
+    pub mutant: super::Mutant,
+}
+
+/// What the driver should do with an incoming message.
+#[derive(Debug)]
+pub enum Handled {
+    /// Send these bytes back to the sender.
+    Reply(Vec<u8>),
+    /// Verify and install these configurations ([`Replica::install`]); nothing to send.
+    Install(Vec<CertifiedConfig>),
+    /// Nothing to do; the reason is for logs and evidence.
+    Dropped(Dropped),
+}
+
+/// Why a message was dropped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dropped {
+    Undecodable(WireError),
+    /// A reply sent to a replica.
+    NotARequest,
+}
+
+/// A dBQS replica.
+pub struct Replica<S> {
+    me: NodeId,
+    store: S,
+    chain: ConfigChain,
+    /// Epochs whose state transfer is complete (the replica holds everything it is responsible for).
+    ready: BTreeSet<Epoch>,
+    opts: ReplicaOptions,
+}
+
+impl<S: Store> Replica<S> {
+    /// A replica at the newest epoch of `chain`; `ready` says whether it holds everything it is
+    /// responsible for in that epoch (true at genesis).
+    pub fn new(
+        me: NodeId,
+        store: S,
+        chain: ConfigChain,
+        ready: bool,
+        opts: ReplicaOptions,
+    ) -> Self {
+        let mut r = Replica {
+            me,
+            store,
+            chain,
+            ready: BTreeSet::new(),
+            opts,
+        };
+        if ready {
+            r.ready.insert(r.epoch());
+        }
+        r
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.chain.epoch()
+    }
+
+    pub fn chain(&self) -> &ConfigChain {
+        &self.chain
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Whether the current epoch's state transfer is complete.
+    pub fn is_ready(&self) -> bool {
+        self.ready.contains(&self.epoch())
+    }
+
+    /// Verifies and installs newer configurations; returns the epochs added. The replica then answers
+    /// in the newest epoch; reads of objects it gained wait for [`Replica::transfer_complete`].
+    pub fn install(&mut self, configs: Vec<CertifiedConfig>) -> Result<Vec<Epoch>, ConfigError> {
+        self.chain.extend(configs)
+    }
+
+    /// Marks the state transfer into `epoch` complete.
+    pub fn transfer_complete(&mut self, epoch: Epoch) {
+        self.ready.insert(epoch);
+    }
+
+    /// Whether the replica can answer a read of `x` in its current epoch: its transfer into this
+    /// epoch is complete, or it was ready in the previous epoch and already responsible for `x` then.
+    pub fn readable(&self, x: &ObjectId) -> bool {
+        self.ready_in(self.epoch(), x)
+    }
+
+    /// Whether the replica held everything of `x` that epoch `e` needs: its transfer into `e` is
+    /// complete, or it was ready in `e-1` and already responsible for `x` then.
+    pub fn ready_in(&self, e: Epoch, x: &ObjectId) -> bool {
+        if self.ready.contains(&e) {
+            return true;
+        }
+        e > 0
+            && self.ready.contains(&(e - 1))
+            && self
+                .chain
+                .get(e - 1)
+                .is_some_and(|prev| prev.config.is_responsible(&self.me, x))
+    }
+
+    fn responsible(&self, x: &ObjectId) -> bool {
+        self.chain.config().is_responsible(&self.me, x)
+    }
+
+    /// Handles one message from `from`.
+    pub fn handle(&self, _from: NodeId, bytes: &[u8]) -> Handled {
+        let env = match decode::<DbqsMessage>(bytes) {
+            Ok(env) => env,
+            Err(e) => return Handled::Dropped(Dropped::Undecodable(e)),
+        };
+        let mine = self.epoch();
+        let reply = |msg| Handled::Reply(encode_msg(mine, msg));
+        use DbqsMessage::*;
+        let rid = match &env.msg {
+            PushConfigs { configs } => return Handled::Install(configs.clone()),
+            GetConfigs { rid, after } => {
+                return reply(Configs {
+                    rid: *rid,
+                    configs: self.chain.after(*after, MAX_CONFIGS_PER_REPLY),
+                })
+            }
+            PutContent { rid, .. }
+            | GetContent { rid, .. }
+            | PutPk { rid, .. }
+            | GetPk { rid, .. } => *rid,
+            _ => return Handled::Dropped(Dropped::NotARequest),
+        };
+        if env.epoch < mine {
+            return reply(Stale { rid });
+        }
+        if env.epoch > mine {
+            return reply(Behind { rid });
+        }
+        reply(self.serve(rid, env.msg))
+    }
+
+    fn serve(&self, rid: RequestId, msg: DbqsMessage) -> DbqsMessage {
+        use DbqsMessage::*;
+        let rejected = |reason| Rejected { rid, reason };
+        match msg {
+            PutContent { id, data, .. } => {
+                if !self.responsible(&id) {
+                    return rejected(Reject::NotResponsible);
+                }
+                if let Err(e) = check_content(&id, &data) {
+                    return rejected(object_reject(&e));
+                }
+                match self.store.put_content(&id, &data) {
+                    Ok(()) => ContentStored { rid, id },
+                    Err(e) => rejected(store_reject(&e)),
+                }
+            }
+            GetContent { id, .. } => {
+                if !self.responsible(&id) {
+                    return rejected(Reject::NotResponsible);
+                }
+                match self.store.get_content(&id) {
+                    // Any copy of a content block proves itself, so it may be served before transfer.
+                    Ok(Some(data)) => Content {
+                        rid,
+                        id,
+                        data: Some(data),
+                    },
+                    Ok(None) if !self.readable(&id) => NotReady { rid },
+                    Ok(None) => Content {
+                        rid,
+                        id,
+                        data: None,
+                    },
+                    Err(e) => rejected(store_reject(&e)),
+                }
+            }
+            PutPk { block, .. } => {
+                let id = block.id();
+                if !self.responsible(&id) {
+                    return rejected(Reject::NotResponsible);
+                }
+                if let Err(e) = self.check_pk(&block) {
+                    return rejected(object_reject(&e));
+                }
+                match self.store.put_pk_if_newer(&block) {
+                    Ok(stamp) => PkStored { rid, id, stamp },
+                    Err(e) => rejected(store_reject(&e)),
+                }
+            }
+            GetPk { id, .. } => {
+                if !self.responsible(&id) {
+                    return rejected(Reject::NotResponsible);
+                }
+                if !self.readable(&id) {
+                    return NotReady { rid };
+                }
+                match self.store.get_pk(&id) {
+                    Ok(block) => Pk { rid, id, block },
+                    Err(e) => rejected(store_reject(&e)),
+                }
+            }
+            _ => unreachable!("serve is only called with requests"),
+        }
+    }
+
+    fn check_pk(&self, block: &crate::object::PkBlock) -> Result<(), ObjectError> {
+        #[cfg(feature = "mutants")]
+        if self.opts.mutant == super::Mutant::AcceptUnsigned {
+            return Ok(());
+        }
+        let _ = &self.opts;
+        block.verify()
+    }
+}
+
+fn object_reject(e: &ObjectError) -> Reject {
+    match e {
+        ObjectError::TooLarge { .. } | ObjectError::LabelTooLong { .. } => Reject::TooLarge,
+        ObjectError::HashMismatch => Reject::HashMismatch,
+        ObjectError::Signature(_) => Reject::BadSignature,
+    }
+}
+
+fn store_reject(e: &StoreError) -> Reject {
+    match e {
+        StoreError::NoSpace => Reject::NoSpace,
+        StoreError::Io(_) => Reject::StoreFailed,
+    }
+}

@@ -1,0 +1,137 @@
+//! The storage a replica runs over.
+//!
+//! The trait is the whole contract between the replica state machine and a disk: every method that
+//! writes returns only once the write is durable, so the replica can acknowledge right after it. The
+//! "keep the highest version" rule for public-key blocks is applied atomically by the store
+//! ([`Store::put_pk_if_newer`]), so concurrent requests cannot lose an update. Methods take `&self` so
+//! a driver may serve requests concurrently; implementations synchronise internally.
+//!
+//! [`MemStore`] keeps everything in memory; the simulator uses it and treats it as the durable state
+//! that survives a crash.
+
+use crate::crypto::ObjectId;
+use crate::object::{PkBlock, Stamp};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// An operating failure of the store (not a protocol matter).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("no space left on the store")]
+    NoSpace,
+    #[error("store I/O failed: {0}")]
+    Io(String),
+}
+
+/// Durable storage of content blocks and public-key blocks.
+pub trait Store {
+    /// The verified bytes of content block `id`, or `None` if absent (a copy found corrupt counts as
+    /// absent).
+    fn get_content(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores content block `id` (already verified by the caller); durable on return. Idempotent.
+    fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError>;
+    /// The highest stored value of public-key block `id`.
+    fn get_pk(&self, id: &ObjectId) -> Result<Option<PkBlock>, StoreError>;
+    /// Stores `block` if its stamp is higher than the stored one; returns the stamp held afterwards.
+    /// Durable on return.
+    fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError>;
+    /// Ids of every object held, for state transfer and inspection.
+    fn list(&self) -> Result<Vec<ObjectId>, StoreError>;
+}
+
+impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
+    fn get_content(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get_content(id)
+    }
+    fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError> {
+        (**self).put_content(id, data)
+    }
+    fn get_pk(&self, id: &ObjectId) -> Result<Option<PkBlock>, StoreError> {
+        (**self).get_pk(id)
+    }
+    fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError> {
+        (**self).put_pk_if_newer(block)
+    }
+    fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        (**self).list()
+    }
+}
+
+/// An in-memory store.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    inner: Mutex<MemInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct MemInner {
+    content: BTreeMap<ObjectId, Vec<u8>>,
+    pk: BTreeMap<ObjectId, PkBlock>,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `block` unconditionally (for tests that build a specific state).
+    pub fn force_pk(&self, block: PkBlock) {
+        self.lock().pk.insert(block.id(), block);
+    }
+
+    /// Removes an object (for tests and garbage collection).
+    pub fn remove(&self, id: &ObjectId) {
+        let mut g = self.lock();
+        g.content.remove(id);
+        g.pk.remove(id);
+    }
+
+    /// Number of objects held.
+    pub fn len(&self) -> usize {
+        let g = self.lock();
+        g.content.len() + g.pk.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Store for MemStore {
+    fn get_content(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().content.get(id).cloned())
+    }
+
+    fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError> {
+        self.lock()
+            .content
+            .entry(*id)
+            .or_insert_with(|| data.to_vec());
+        Ok(())
+    }
+
+    fn get_pk(&self, id: &ObjectId) -> Result<Option<PkBlock>, StoreError> {
+        Ok(self.lock().pk.get(id).cloned())
+    }
+
+    fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError> {
+        let mut g = self.lock();
+        let stamp = block.stamp();
+        match g.pk.get(&block.id()) {
+            Some(old) if old.stamp() >= stamp => Ok(old.stamp()),
+            _ => {
+                g.pk.insert(block.id(), block.clone());
+                Ok(stamp)
+            }
+        }
+    }
+
+    fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let g = self.lock();
+        Ok(g.content.keys().chain(g.pk.keys()).copied().collect())
+    }
+}

@@ -1,0 +1,1243 @@
+//! The deterministic simulator of dBQS.
+//!
+//! One seed fixes everything: the swarm parameters of the run (pool size, clients, loss, duplication,
+//! delay, partitions, crashes, epoch changes, which nodes are Byzantine and how), and every random
+//! choice during it. Time is virtual (milliseconds); events run in (time, sequence) order from one
+//! queue, so a seed replays exactly, and a digest of every event proves it.
+//!
+//! A run has three phases:
+//! 1. faults: clients run random operations on a small key set while the network drops, duplicates,
+//!    delays and reorders messages, partitions nodes, nodes crash and restart, and the test moves the
+//!    cluster to new configurations (acting as the Membership Service), copying state between epochs
+//!    as DESIGN §4 specifies (from 2f+1 old replicas that have moved to the new epoch);
+//! 2. healed: the network is reliable, everyone is up and knows every configuration; every operation
+//!    of a correct client must complete within [`LIVENESS_BOUND_MS`];
+//! 3. audit: a fresh client reads every key and every written content block.
+//!
+//! Checks: every public-key block's history is linearizable; every content read returns exactly the
+//! bytes named by the id; a content block whose write completed is never "not found"; no operation
+//! fails; liveness after healing.
+
+pub mod adversary;
+
+use crate::checker::{linearizable_register, RegKind, RegOp};
+use crate::rng::Rng;
+pub use adversary::Adversary;
+use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
+use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId, Signature};
+use dbqsfs_core::dbqs::client::{Client, ClientOptions, ClientOutput, OpId, Operation, Outcome};
+use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
+pub use dbqsfs_core::dbqs::Mutant;
+use dbqsfs_core::object::{content_id, pk_block_id, PkBlock};
+use dbqsfs_core::store::{MemStore, Store};
+use dbqsfs_core::wire::{decode, encode_msg};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
+
+/// After the faults heal, every operation of a correct client must complete within this bound.
+pub const LIVENESS_BOUND_MS: u64 = 60_000;
+/// A run that processes more events than this is reported as a violation (a livelock).
+const EVENT_BUDGET: u64 = 3_000_000;
+const RETRANSMIT_MS: u64 = 150;
+
+/// What a run is asked to do.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub f: u32,
+    pub mutant: Mutant,
+}
+
+/// What a run found.
+#[derive(Clone, Debug)]
+pub struct SeedReport {
+    pub seed: u64,
+    /// Client operations that completed (the audit excluded).
+    pub ops: u64,
+    pub violations: Vec<String>,
+    pub digest: [u8; 32],
+    /// The swarm parameters drawn, for the report of a failing seed.
+    pub setup: String,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        to: NodeId,
+        from: NodeId,
+        bytes: Vec<u8>,
+    },
+    ClientTimer {
+        c: usize,
+        at: u64,
+    },
+    ClientNext {
+        c: usize,
+    },
+    ClientCrash {
+        c: usize,
+    },
+    ClientRestart {
+        c: usize,
+    },
+    Crash {
+        n: usize,
+    },
+    Restart {
+        n: usize,
+    },
+    Partition,
+    HealPartition,
+    EpochChange,
+    Install {
+        n: usize,
+        epoch: u64,
+    },
+    Transfer {
+        n: usize,
+        epoch: u64,
+    },
+    Heal,
+}
+
+struct Node {
+    key: Keypair,
+    replica: Replica<Arc<MemStore>>,
+    store: Arc<MemStore>,
+    up: bool,
+    byz: Option<Byz>,
+}
+
+struct Byz {
+    kind: Adversary,
+    /// Every validly signed public-key block it has been sent, by id.
+    seen: BTreeMap<ObjectId, Vec<PkBlock>>,
+    /// Messages it received, for replaying later.
+    recorded: Vec<Vec<u8>>,
+}
+
+struct ClientSlot {
+    key: Keypair,
+    client: Client,
+    up: bool,
+    ops_left: u32,
+    /// The operation in flight and its history index.
+    current: Option<(OpId, usize)>,
+    timer_at: Option<u64>,
+    /// Owner key of this client's single-writer block.
+    own: Keypair,
+    /// The version of its own block it last wrote, when known (then it may skip discovery).
+    own_version: Option<u64>,
+    auditor: bool,
+}
+
+#[derive(Clone, Debug)]
+enum HKind {
+    PkWrite { key: usize, tag: u64 },
+    PkRead { key: usize, tag: Option<u64> },
+    PutContent { id: ObjectId },
+    GetContent { id: ObjectId, found: Option<bool> },
+}
+
+#[derive(Clone, Debug)]
+struct HOp {
+    client: usize,
+    call: u64,
+    ret: Option<u64>,
+    kind: HKind,
+}
+
+struct PkKey {
+    id: ObjectId,
+    label: Vec<u8>,
+    /// `None`: the shared owner key, written by every client with version discovery.
+    owner: Option<usize>,
+}
+
+/// The swarm parameters of one run.
+#[derive(Debug)]
+struct Swarm {
+    pool: usize,
+    clients: usize,
+    ops_per_client: u32,
+    drop_p: f64,
+    dup_p: f64,
+    max_delay: u64,
+    partitions: bool,
+    crashes: bool,
+    client_crashes: bool,
+    epoch_changes: u32,
+    heal_at: u64,
+}
+
+struct Sim {
+    rng: Rng,
+    opts: RunOptions,
+    swarm: Swarm,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Ev>>,
+    processed: u64,
+    digest: blake3::Hasher,
+    nodes: Vec<Node>,
+    node_index: BTreeMap<NodeId, usize>,
+    clients: Vec<ClientSlot>,
+    client_index: BTreeMap<NodeId, usize>,
+    configs: Vec<CertifiedConfig>,
+    faulty: bool,
+    partition: Option<BTreeSet<NodeId>>,
+    shared_owner: Keypair,
+    keys: Vec<PkKey>,
+    contents: Vec<Vec<u8>>,
+    /// Every object any client ever tried to write (the universe state transfer walks).
+    objects: BTreeSet<ObjectId>,
+    history: Vec<HOp>,
+    next_tag: u64,
+    violations: Vec<String>,
+    completed: u64,
+    healed_at: Option<u64>,
+    /// The audit's reads, taken one at a time by the auditor client.
+    audit_queue: Vec<(Operation, HKind)>,
+}
+
+/// Runs one seed.
+pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
+    let mut sim = Sim::new(seed, opts.clone());
+    sim.run();
+    let setup = format!(
+        "{:?} byzantine={:?}",
+        sim.swarm,
+        sim.nodes
+            .iter()
+            .filter_map(|n| n.byz.as_ref().map(|b| b.kind.name()))
+            .collect::<Vec<_>>()
+    );
+    SeedReport {
+        seed,
+        ops: sim.completed,
+        violations: sim.violations,
+        digest: *sim.digest.finalize().as_bytes(),
+        setup,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, opts: RunOptions) -> Sim {
+        let mut rng = Rng::new(seed);
+        let f = opts.f as usize;
+        let n_min = 3 * f + 1;
+        let swarm = Swarm {
+            pool: n_min + rng.below(4),
+            clients: 2 + rng.below(4),
+            ops_per_client: 15 + rng.below(26) as u32,
+            drop_p: *rng.pick(&[0.0, 0.01, 0.05, 0.15]),
+            dup_p: *rng.pick(&[0.0, 0.02, 0.1]),
+            max_delay: *rng.pick(&[2, 20, 100]),
+            partitions: rng.chance(0.5),
+            crashes: rng.chance(0.5),
+            client_crashes: rng.chance(0.3),
+            epoch_changes: rng.below(4) as u32,
+            heal_at: rng.range(500, 5000),
+        };
+        let mut nodes = Vec::new();
+        let mut node_index = BTreeMap::new();
+        let byz_count = rng.below(f + 1);
+        for i in 0..swarm.pool {
+            let key = Keypair::from_seed(rng.seed32());
+            node_index.insert(key.node_id(), i);
+            nodes.push((key, None));
+        }
+        // Byzantine nodes: any `byz_count` of the pool, each with its own adversary.
+        let mut order: Vec<usize> = (0..swarm.pool).collect();
+        rng.shuffle(&mut order);
+        for &i in order.iter().take(byz_count) {
+            nodes[i].1 = Some(*rng.pick(&Adversary::ALL));
+        }
+        // Genesis: the first 3f+1 + some of the pool.
+        let params = Params::with_f(opts.f);
+        let k = n_min + rng.below(swarm.pool - n_min + 1);
+        let genesis = make_config(0, &params, nodes.iter().take(k).map(|(k, _)| k), None);
+        let genesis = CertifiedConfig::genesis(genesis);
+        let replica_opts = ReplicaOptions {
+            mutant: opts.mutant,
+        };
+        let nodes: Vec<Node> = nodes
+            .into_iter()
+            .map(|(key, byz)| {
+                let store = Arc::new(MemStore::new());
+                let chain = ConfigChain::new(genesis.clone()).expect("genesis is valid");
+                let replica = Replica::new(
+                    key.node_id(),
+                    store.clone(),
+                    chain,
+                    true,
+                    replica_opts.clone(),
+                );
+                Node {
+                    key,
+                    replica,
+                    store,
+                    up: true,
+                    byz: byz.map(|kind| Byz {
+                        kind,
+                        seen: BTreeMap::new(),
+                        recorded: Vec::new(),
+                    }),
+                }
+            })
+            .collect();
+        let shared_owner = Keypair::from_seed(rng.seed32());
+        let mut keys: Vec<PkKey> = (0..2)
+            .map(|i| {
+                let label = format!("shared/{i}").into_bytes();
+                PkKey {
+                    id: pk_block_id(&shared_owner.public(), &label),
+                    label,
+                    owner: None,
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            rng,
+            opts,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            processed: 0,
+            digest: blake3::Hasher::new(),
+            nodes,
+            node_index,
+            clients: Vec::new(),
+            client_index: BTreeMap::new(),
+            configs: vec![genesis],
+            faulty: true,
+            partition: None,
+            shared_owner,
+            keys: Vec::new(),
+            contents: Vec::new(),
+            objects: BTreeSet::new(),
+            history: Vec::new(),
+            next_tag: 1,
+            violations: Vec::new(),
+            completed: 0,
+            healed_at: None,
+            audit_queue: Vec::new(),
+            swarm,
+        };
+        for c in 0..sim.swarm.clients {
+            let own = Keypair::from_seed(sim.rng.seed32());
+            let label = b"own".to_vec();
+            keys.push(PkKey {
+                id: pk_block_id(&own.public(), &label),
+                label,
+                owner: Some(c),
+            });
+            sim.add_client(own, sim.swarm.ops_per_client, false);
+        }
+        sim.objects.extend(keys.iter().map(|k| k.id));
+        sim.keys = keys;
+        sim
+    }
+
+    fn add_client(&mut self, own: Keypair, ops: u32, auditor: bool) -> usize {
+        let key = Keypair::from_seed(self.rng.seed32());
+        let c = self.clients.len();
+        let client = self.new_client_machine(&key);
+        self.client_index.insert(key.node_id(), c);
+        self.clients.push(ClientSlot {
+            key,
+            client,
+            up: true,
+            ops_left: ops,
+            current: None,
+            timer_at: None,
+            own,
+            own_version: None,
+            auditor,
+        });
+        c
+    }
+
+    fn new_client_machine(&self, key: &Keypair) -> Client {
+        // Clients start from genesis and learn newer configurations from the replicas.
+        let chain = ConfigChain::new(self.configs[0].clone()).expect("genesis is valid");
+        let opts = ClientOptions {
+            retransmit_ms: RETRANSMIT_MS,
+            op_timeout_ms: None,
+            mutant: self.opts.mutant,
+        };
+        Client::new(key.node_id(), chain, opts)
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        let idx = self.events.len();
+        self.events.push(Some(ev));
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, idx)));
+    }
+
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(what);
+        }
+    }
+
+    fn run(&mut self) {
+        for c in 0..self.clients.len() {
+            let at = self.rng.range(0, 50);
+            self.schedule(at, Ev::ClientNext { c });
+        }
+        let heal_at = self.swarm.heal_at;
+        self.schedule(heal_at, Ev::Heal);
+        for _ in 0..self.swarm.epoch_changes {
+            let at = self.rng.range(50, heal_at);
+            self.schedule(at, Ev::EpochChange);
+        }
+        if self.swarm.partitions {
+            for _ in 0..3 {
+                let at = self.rng.range(0, heal_at);
+                self.schedule(at, Ev::Partition);
+            }
+        }
+        if self.swarm.crashes {
+            for _ in 0..4 {
+                let at = self.rng.range(0, heal_at);
+                let n = self.rng.below(self.nodes.len());
+                self.schedule(at, Ev::Crash { n });
+            }
+        }
+        if self.swarm.client_crashes {
+            let at = self.rng.range(0, heal_at);
+            let c = self.rng.below(self.clients.len());
+            self.schedule(at, Ev::ClientCrash { c });
+        }
+        let mut audit_started = false;
+        while let Some(Reverse((at, _, idx))) = self.queue.pop() {
+            self.now = at;
+            self.processed += 1;
+            if self.processed > EVENT_BUDGET {
+                self.violation(format!(
+                    "event budget of {EVENT_BUDGET} exceeded at t={}ms (livelock?)",
+                    self.now
+                ));
+                break;
+            }
+            let ev = self.events[idx].take().expect("each event runs once");
+            self.step(ev);
+            if let Some(h) = self.healed_at {
+                let workload_done = self
+                    .clients
+                    .iter()
+                    .all(|c| c.auditor || (c.ops_left == 0 && c.current.is_none()));
+                if workload_done && !audit_started {
+                    audit_started = true;
+                    self.start_audit();
+                }
+                let all_done = self
+                    .clients
+                    .iter()
+                    .all(|c| c.ops_left == 0 && c.current.is_none());
+                if audit_started && all_done {
+                    break;
+                }
+                if self.now > h + LIVENESS_BOUND_MS {
+                    let stuck: Vec<String> = self
+                        .clients
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.current.is_some())
+                        .map(|(i, c)| {
+                            format!(
+                                "client {i}: {:?}",
+                                self.history[c.current.expect("filtered").1].kind
+                            )
+                        })
+                        .collect();
+                    self.violation(format!(
+                        "liveness: {} operations still running {}ms after the faults healed: {}",
+                        stuck.len(),
+                        LIVENESS_BOUND_MS,
+                        stuck.join("; ")
+                    ));
+                    break;
+                }
+            }
+        }
+        self.check();
+    }
+
+    fn step(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::Deliver { to, from, bytes } => {
+                self.digest.update(&now.to_le_bytes());
+                self.digest.update(&to.0);
+                self.digest.update(&from.0);
+                self.digest.update(blake3::hash(&bytes).as_bytes());
+                if let Some(&n) = self.node_index.get(&to) {
+                    self.deliver_to_node(n, from, bytes);
+                } else if let Some(&c) = self.client_index.get(&to) {
+                    if self.clients[c].up {
+                        self.clients[c].client.handle_message(now, from, &bytes);
+                        self.drain_client(c);
+                    }
+                }
+            }
+            Ev::ClientTimer { c, at } => {
+                if self.clients[c].timer_at == Some(at) {
+                    self.clients[c].timer_at = None;
+                    if self.clients[c].up {
+                        self.clients[c].client.handle_timeout(now);
+                        self.drain_client(c);
+                    }
+                }
+            }
+            Ev::ClientNext { c } => self.client_next(c),
+            Ev::ClientCrash { c } => {
+                if self.clients[c].up && !self.clients[c].auditor {
+                    self.clients[c].up = false;
+                    // The operation in flight is abandoned: it stays without a return in the history.
+                    self.clients[c].current = None;
+                    self.clients[c].timer_at = None;
+                    let at = now + self.rng.range(100, 1000);
+                    self.schedule(at, Ev::ClientRestart { c });
+                }
+            }
+            Ev::ClientRestart { c } => {
+                if !self.clients[c].up {
+                    let key = self.clients[c].key.clone();
+                    self.clients[c].client = self.new_client_machine(&key);
+                    self.clients[c].up = true;
+                    self.clients[c].own_version = None;
+                    self.schedule(now + 1, Ev::ClientNext { c });
+                }
+            }
+            Ev::Crash { n } => {
+                if self.faulty && self.nodes[n].up {
+                    self.nodes[n].up = false;
+                    let at = now + self.rng.range(100, 2000);
+                    self.schedule(at, Ev::Restart { n });
+                }
+            }
+            Ev::Restart { n } => self.nodes[n].up = true,
+            Ev::Partition => {
+                if self.faulty {
+                    let mut side = BTreeSet::new();
+                    let all: Vec<NodeId> = self
+                        .node_index
+                        .keys()
+                        .chain(self.client_index.keys())
+                        .copied()
+                        .collect();
+                    for id in all {
+                        if self.rng.chance(0.4) {
+                            side.insert(id);
+                        }
+                    }
+                    self.partition = Some(side);
+                    let at = now + self.rng.range(100, 1500);
+                    self.schedule(at, Ev::HealPartition);
+                }
+            }
+            Ev::HealPartition => self.partition = None,
+            Ev::EpochChange => self.epoch_change(),
+            Ev::Install { n, epoch } => self.install(n, epoch),
+            Ev::Transfer { n, epoch } => self.transfer(n, epoch),
+            Ev::Heal => {
+                self.faulty = false;
+                self.partition = None;
+                self.healed_at = Some(now);
+                let newest = self.configs.len() as u64 - 1;
+                for n in 0..self.nodes.len() {
+                    self.nodes[n].up = true;
+                    self.install(n, newest);
+                }
+                for c in 0..self.clients.len() {
+                    if !self.clients[c].up {
+                        self.schedule(now + 1, Ev::ClientRestart { c });
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- network ----
+
+    fn send(&mut self, from: NodeId, to: NodeId, bytes: Vec<u8>) {
+        let mut copies = 1;
+        if self.faulty {
+            if let Some(side) = &self.partition {
+                if side.contains(&from) != side.contains(&to) {
+                    return;
+                }
+            }
+            if self.rng.chance(self.swarm.drop_p) {
+                return;
+            }
+            if self.rng.chance(self.swarm.dup_p) {
+                copies = 2;
+            }
+        }
+        for _ in 0..copies {
+            let at = self.now + self.rng.range(1, self.swarm.max_delay);
+            self.schedule(
+                at,
+                Ev::Deliver {
+                    to,
+                    from,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    // ---- replicas ----
+
+    fn deliver_to_node(&mut self, n: usize, from: NodeId, bytes: Vec<u8>) {
+        if !self.nodes[n].up {
+            return;
+        }
+        if self.nodes[n].byz.is_some() {
+            return self.byzantine(n, from, bytes);
+        }
+        let handled = self.nodes[n].replica.handle(from, &bytes);
+        self.apply(n, from, handled);
+    }
+
+    fn apply(&mut self, n: usize, from: NodeId, handled: Handled) {
+        match handled {
+            Handled::Reply(reply) => {
+                let me = self.nodes[n].key.node_id();
+                self.send(me, from, reply);
+            }
+            Handled::Install(configs) => {
+                let before = self.nodes[n].replica.epoch();
+                let _ = self.nodes[n].replica.install(configs);
+                let after = self.nodes[n].replica.epoch();
+                for e in before + 1..=after {
+                    self.schedule(self.now + 1, Ev::Transfer { n, epoch: e });
+                }
+            }
+            Handled::Dropped(_) => {}
+        }
+    }
+
+    fn install(&mut self, n: usize, epoch: u64) {
+        if !self.nodes[n].up {
+            return; // it learns at the heal, or from a client that pushes
+        }
+        let have = self.nodes[n].replica.epoch();
+        if have >= epoch {
+            return;
+        }
+        let configs = self.configs[(have + 1) as usize..=(epoch as usize)].to_vec();
+        self.apply(n, NodeId([0; 32]), Handled::Install(configs));
+    }
+
+    /// The state copy into epoch `e` at node `n`, as DESIGN §4 specifies: for each object `n` is
+    /// responsible for in `e`, from `2f+1` replicas of its group in `e-1` that have moved to `e`
+    /// (and held it in `e-1`): content from any copy that verifies, a public-key block as the highest
+    /// validly signed version among them. Retried until enough old replicas can answer.
+    fn transfer(&mut self, n: usize, e: u64) {
+        let retry = |sim: &mut Sim| {
+            let at = sim.now + 50;
+            sim.schedule(at, Ev::Transfer { n, epoch: e });
+        };
+        if !self.nodes[n].up {
+            return retry(self);
+        }
+        let me = self.nodes[n].key.node_id();
+        let config = self.configs[e as usize].config.clone();
+        let prev = self.configs[e as usize - 1].config.clone();
+        let quorum = prev.quorum().quorum();
+        let objects: Vec<ObjectId> = self
+            .objects
+            .iter()
+            .filter(|x| config.is_responsible(&me, x))
+            .copied()
+            .collect();
+        let mut plan: Vec<(ObjectId, Vec<usize>)> = Vec::new();
+        for x in objects {
+            let mut eligible: Vec<usize> = prev
+                .group(&x)
+                .iter()
+                .map(|m| self.node_index[&m.id])
+                .filter(|&y| {
+                    let node = &self.nodes[y];
+                    node.up
+                        && node.replica.epoch() >= e
+                        && node.replica.ready_in(e - 1, &x)
+                        && !matches!(
+                            node.byz.as_ref().map(|b| b.kind),
+                            Some(Adversary::Silent | Adversary::Garbage)
+                        )
+                })
+                .collect();
+            if eligible.len() < quorum {
+                return retry(self);
+            }
+            self.rng.shuffle(&mut eligible);
+            eligible.truncate(quorum);
+            plan.push((x, eligible));
+        }
+        for (x, sources) in plan {
+            let mut best: Option<PkBlock> = None;
+            for y in sources {
+                let (content, pk) = self.transfer_view(y, &x);
+                if let Some(data) = content {
+                    if content_id(&data) == x {
+                        let _ = self.nodes[n].store.put_content(&x, &data);
+                    }
+                }
+                if let Some(b) = pk.filter(|b| b.verify_as(&x).is_ok()) {
+                    if best.as_ref().is_none_or(|cur| b.stamp() > cur.stamp()) {
+                        best = Some(b);
+                    }
+                }
+            }
+            if let Some(b) = best {
+                let _ = self.nodes[n].store.put_pk_if_newer(&b);
+            }
+        }
+        self.nodes[n].replica.transfer_complete(e);
+    }
+
+    /// What node `y` hands over for `x` during a transfer. A Byzantine node hands over the oldest
+    /// version it has seen and no content.
+    fn transfer_view(&self, y: usize, x: &ObjectId) -> (Option<Vec<u8>>, Option<PkBlock>) {
+        let node = &self.nodes[y];
+        match &node.byz {
+            None => (
+                node.store.get_content(x).ok().flatten(),
+                node.store.get_pk(x).ok().flatten(),
+            ),
+            Some(b) => (
+                None,
+                b.seen
+                    .get(x)
+                    .and_then(|v| v.iter().min_by_key(|b| b.stamp()).cloned()),
+            ),
+        }
+    }
+
+    fn epoch_change(&mut self) {
+        if !self.faulty {
+            return;
+        }
+        let last = self.configs.last().expect("never empty").config.clone();
+        let f = self.opts.f as usize;
+        let k = 3 * f + 1 + self.rng.below(self.nodes.len() - 3 * f);
+        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        self.rng.shuffle(&mut order);
+        order.truncate(k);
+        order.sort();
+        let keys: Vec<Keypair> = order.iter().map(|&i| self.nodes[i].key.clone()).collect();
+        let next = make_config(last.epoch + 1, &last.params, keys.iter(), Some(last.hash()));
+        // The committee of the last epoch certifies the next one (the test plays the MS).
+        let signers: Vec<&Keypair> = last
+            .committee
+            .iter()
+            .take(last.params.ms_quorum().quorum())
+            .map(|id| &self.nodes[self.node_index[id]].key)
+            .collect();
+        let certified = CertifiedConfig::certify(next, &signers);
+        self.configs.push(certified);
+        let epoch = last.epoch + 1;
+        for n in 0..self.nodes.len() {
+            let at = self.now + self.rng.range(0, 3000);
+            self.schedule(at, Ev::Install { n, epoch });
+        }
+    }
+
+    // ---- Byzantine nodes ----
+
+    fn byzantine(&mut self, n: usize, from: NodeId, bytes: Vec<u8>) {
+        let me = self.nodes[n].key.node_id();
+        let kind = self.nodes[n].byz.as_ref().expect("caller checked").kind;
+        if self
+            .node_index
+            .get(&from)
+            .is_some_and(|&m| self.nodes[m].byz.is_some())
+        {
+            // Byzantine nodes do not feed each other, or themselves: that would only amplify traffic.
+            return;
+        }
+        match kind {
+            Adversary::Silent => return,
+            Adversary::Garbage => {
+                let len = self.rng.below(80);
+                let junk = self.rng.bytes(len);
+                self.send(me, from, junk);
+                if self.rng.chance(0.3) {
+                    let target = self.random_address(me);
+                    let len = self.rng.below(80);
+                    let junk = self.rng.bytes(len);
+                    self.send(me, target, junk);
+                }
+                return;
+            }
+            Adversary::Replay => {
+                let byz = self.nodes[n].byz.as_mut().expect("caller checked");
+                if byz.recorded.len() < 500 {
+                    byz.recorded.push(bytes.clone());
+                }
+                if self.rng.chance(0.2) {
+                    let len = self.nodes[n].byz.as_ref().expect("checked").recorded.len();
+                    let old = self.nodes[n].byz.as_ref().expect("checked").recorded
+                        [self.rng.below(len)]
+                    .clone();
+                    let target = self.random_address(me);
+                    self.send(me, target, old);
+                }
+            }
+            _ => {}
+        }
+        let epoch = self.nodes[n].replica.epoch();
+        let Ok(env) = decode::<DbqsMessage>(&bytes) else {
+            return;
+        };
+        if let DbqsMessage::PutPk { block, .. } = &env.msg {
+            if block.verify().is_ok() {
+                let seen = &mut self.nodes[n].byz.as_mut().expect("checked").seen;
+                seen.entry(block.id()).or_default().push(block.clone());
+            }
+        }
+        // Lies are told in the requester's epoch; requests of other epochs get honest epoch answers.
+        let lying = match kind {
+            Adversary::Equivocate => from.0[0] % 2 == 1,
+            Adversary::Stale | Adversary::AckWithoutStore => true,
+            _ => false,
+        };
+        if env.epoch == epoch {
+            let lie = match (&env.msg, kind) {
+                (DbqsMessage::PutContent { rid, id, .. }, _)
+                    if lying && kind != Adversary::Stale =>
+                {
+                    Some(DbqsMessage::ContentStored { rid: *rid, id: *id })
+                }
+                (DbqsMessage::PutPk { rid, block }, _) if lying && kind != Adversary::Stale => {
+                    Some(DbqsMessage::PkStored {
+                        rid: *rid,
+                        id: block.id(),
+                        stamp: block.stamp(),
+                    })
+                }
+                (DbqsMessage::GetPk { rid, id }, Adversary::Stale | Adversary::Equivocate)
+                    if lying =>
+                {
+                    let oldest = self.nodes[n]
+                        .byz
+                        .as_ref()
+                        .expect("checked")
+                        .seen
+                        .get(id)
+                        .and_then(|v| v.iter().min_by_key(|b| b.stamp()).cloned());
+                    Some(DbqsMessage::Pk {
+                        rid: *rid,
+                        id: *id,
+                        block: oldest,
+                    })
+                }
+                (DbqsMessage::GetContent { rid, id }, Adversary::Stale | Adversary::Equivocate)
+                    if lying =>
+                {
+                    Some(DbqsMessage::Content {
+                        rid: *rid,
+                        id: *id,
+                        data: None,
+                    })
+                }
+                (DbqsMessage::GetContent { rid, id }, Adversary::Corrupt) => {
+                    let mut data = self.nodes[n]
+                        .store
+                        .get_content(id)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_else(|| vec![0; 16]);
+                    data.push(1);
+                    Some(DbqsMessage::Content {
+                        rid: *rid,
+                        id: *id,
+                        data: Some(data),
+                    })
+                }
+                (DbqsMessage::GetPk { rid, id }, Adversary::Corrupt) => {
+                    let block = self.nodes[n].store.get_pk(id).ok().flatten().map(|mut b| {
+                        b.value.push(1);
+                        b
+                    });
+                    Some(DbqsMessage::Pk {
+                        rid: *rid,
+                        id: *id,
+                        block,
+                    })
+                }
+                (DbqsMessage::GetPk { rid, id }, Adversary::Forge) => {
+                    let real = self.nodes[n].store.get_pk(id).ok().flatten();
+                    Some(DbqsMessage::Pk {
+                        rid: *rid,
+                        id: *id,
+                        block: real.map(|b| self.forge(&b)),
+                    })
+                }
+                _ => None,
+            };
+            if let Some(msg) = lie {
+                self.send(me, from, encode_msg(epoch, msg));
+                return;
+            }
+        }
+        if kind == Adversary::Forge {
+            if let DbqsMessage::PutPk { block, .. } = &env.msg {
+                // Push a forged, higher version to the rest of the group, as if it were a client.
+                let forged = self.forge(block);
+                let config = self.nodes[n].replica.chain().config().clone();
+                for m in config.group(&block.id()) {
+                    if m.id != me {
+                        let rid = self.rng.next_u64();
+                        self.send(
+                            me,
+                            m.id,
+                            encode_msg(
+                                epoch,
+                                DbqsMessage::PutPk {
+                                    rid,
+                                    block: forged.clone(),
+                                },
+                            ),
+                        );
+                    }
+                }
+                // And a forged configuration, signed only by itself.
+                let mut fake = config.clone();
+                fake.epoch += 1;
+                fake.prev = Some(config.hash());
+                let fake = CertifiedConfig::certify(fake, &[&self.nodes[n].key]);
+                let target = self.random_address(me);
+                self.send(
+                    me,
+                    target,
+                    encode_msg(
+                        epoch,
+                        DbqsMessage::PushConfigs {
+                            configs: vec![fake],
+                        },
+                    ),
+                );
+            }
+        }
+        let handled = self.nodes[n].replica.handle(from, &bytes);
+        self.apply(n, from, handled);
+    }
+
+    fn forge(&mut self, real: &PkBlock) -> PkBlock {
+        let mut b = real.clone();
+        b.version = b.version.saturating_add(1000);
+        b.value = self.rng.bytes(24);
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(&self.rng.bytes(64));
+        b.signature = Signature(sig);
+        b
+    }
+
+    /// A random node or client other than `me`.
+    fn random_address(&mut self, me: NodeId) -> NodeId {
+        let all: Vec<NodeId> = self
+            .node_index
+            .keys()
+            .chain(self.client_index.keys())
+            .copied()
+            .filter(|a| *a != me)
+            .collect();
+        *self.rng.pick(&all)
+    }
+
+    // ---- clients ----
+
+    fn client_next(&mut self, c: usize) {
+        let slot = &self.clients[c];
+        if !slot.up || slot.current.is_some() || slot.ops_left == 0 {
+            return;
+        }
+        let now = self.now;
+        let roll = self.rng.below(100);
+        let (op, kind) = if slot.auditor {
+            self.audit_queue
+                .pop()
+                .expect("ops_left counts the audit queue")
+        } else if roll < 30 {
+            let key = self.rng.below(self.keys.len());
+            // Only the sole writer of a block writes it; the shared blocks are written by everyone.
+            let key = match self.keys[key].owner {
+                Some(o) if o != c => self
+                    .keys
+                    .iter()
+                    .position(|k| k.owner == Some(c))
+                    .expect("every client owns a key"),
+                _ => key,
+            };
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            let mut value = tag.to_le_bytes().to_vec();
+            let pad = self.rng.below(200);
+            value.extend(self.rng.bytes(pad));
+            let (owner, version) = match self.keys[key].owner {
+                None => (self.shared_owner.clone(), None),
+                Some(_) => {
+                    let slot = &self.clients[c];
+                    let skip = slot.own_version.is_some() && self.rng.chance(0.5);
+                    (
+                        slot.own.clone(),
+                        if skip {
+                            slot.own_version.map(|v| v + 1)
+                        } else {
+                            None
+                        },
+                    )
+                }
+            };
+            let label = self.keys[key].label.clone();
+            (
+                Operation::PutPk {
+                    owner,
+                    label,
+                    value,
+                    version,
+                },
+                HKind::PkWrite { key, tag },
+            )
+        } else if roll < 60 {
+            let key = self.rng.below(self.keys.len());
+            (
+                Operation::GetPk {
+                    id: self.keys[key].id,
+                },
+                HKind::PkRead { key, tag: None },
+            )
+        } else if roll < 80 || self.contents.is_empty() {
+            let data = if !self.contents.is_empty() && self.rng.chance(0.1) {
+                self.contents[self.rng.below(self.contents.len())].clone()
+            } else {
+                let len = *self.rng.pick(&[0usize, 1, 100, 4096, 20_000]);
+                self.rng.bytes(len)
+            };
+            let id = content_id(&data);
+            self.objects.insert(id);
+            self.contents.push(data.clone());
+            (Operation::PutContent { data }, HKind::PutContent { id })
+        } else {
+            let id = if self.rng.chance(0.1) {
+                ObjectId(self.rng.seed32())
+            } else {
+                content_id(&self.contents[self.rng.below(self.contents.len())])
+            };
+            (
+                Operation::GetContent { id },
+                HKind::GetContent { id, found: None },
+            )
+        };
+        let h = self.history.len();
+        self.history.push(HOp {
+            client: c,
+            call: now,
+            ret: None,
+            kind,
+        });
+        let op_id = self.clients[c].client.submit(now, op);
+        self.clients[c].current = Some((op_id, h));
+        self.clients[c].ops_left -= 1;
+        self.drain_client(c);
+    }
+
+    fn drain_client(&mut self, c: usize) {
+        let me = self.clients[c].key.node_id();
+        while let Some(out) = self.clients[c].client.poll_output() {
+            match out {
+                ClientOutput::Send { to, bytes } => self.send(me, to, bytes),
+                ClientOutput::Done { op, outcome } => self.finish(c, op, outcome),
+                ClientOutput::Misbehaviour { from, what } => {
+                    if !self
+                        .node_index
+                        .get(&from)
+                        .is_some_and(|&n| self.nodes[n].byz.is_some())
+                    {
+                        let msg = format!("client {c} saw a correct node misbehave: {what}");
+                        self.violation(msg);
+                    }
+                }
+                ClientOutput::EpochChanged { .. } => {}
+            }
+        }
+        if !self.clients[c].up {
+            return;
+        }
+        if let Some(t) = self.clients[c].client.next_timeout() {
+            let t = t.max(self.now + 1);
+            if self.clients[c].timer_at.is_none_or(|cur| t < cur) {
+                self.clients[c].timer_at = Some(t);
+                self.schedule(t, Ev::ClientTimer { c, at: t });
+            }
+        }
+    }
+
+    fn finish(&mut self, c: usize, op: OpId, outcome: Outcome) {
+        let Some((cur, h)) = self.clients[c].current else {
+            return;
+        };
+        if cur != op {
+            return;
+        }
+        self.clients[c].current = None;
+        self.history[h].ret = Some(self.now);
+        if !self.clients[c].auditor {
+            self.completed += 1;
+        }
+        let mut kind = self.history[h].kind.clone();
+        let problem = match (&mut kind, outcome) {
+            (HKind::PkWrite { key, .. }, Outcome::PkStored { stamp }) => {
+                if self.keys[*key].owner == Some(c) {
+                    self.clients[c].own_version = Some(stamp.version);
+                }
+                None
+            }
+            (HKind::PkRead { key, tag }, Outcome::Pk { block }) => {
+                let invalid = block
+                    .as_ref()
+                    .is_some_and(|b| b.id() != self.keys[*key].id || b.verify().is_err());
+                *tag = Some(block.map_or(0, |b| value_tag(&b.value)));
+                invalid.then(|| format!("read of key {key} returned an invalid block"))
+            }
+            (HKind::PutContent { id }, Outcome::ContentStored { id: got }) => {
+                (*id != got).then(|| format!("content write of {id:?} acknowledged as {got:?}"))
+            }
+            (HKind::GetContent { id, found }, Outcome::Content { id: got, data }) => {
+                *found = Some(data.is_some());
+                let wrong = data.is_some_and(|d| content_id(&d) != *id) || got != *id;
+                wrong.then(|| format!("content read of {id:?} returned bytes of another block"))
+            }
+            (kind, outcome) => Some(format!(
+                "client {c}: operation {kind:?} ended with {outcome:?}"
+            )),
+        };
+        self.history[h].kind = kind;
+        if let Some(p) = problem {
+            self.violation(p);
+        }
+        let at = self.now + self.rng.range(0, 40);
+        self.schedule(at, Ev::ClientNext { c });
+    }
+
+    fn start_audit(&mut self) {
+        // A fresh client reads every key and every content block whose write completed, one at a time.
+        let mut reads: Vec<(Operation, HKind)> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(key, k)| {
+                (
+                    Operation::GetPk { id: k.id },
+                    HKind::PkRead { key, tag: None },
+                )
+            })
+            .collect();
+        let written: BTreeSet<ObjectId> = self
+            .history
+            .iter()
+            .filter_map(|h| match h.kind {
+                HKind::PutContent { id } if h.ret.is_some() => Some(id),
+                _ => None,
+            })
+            .collect();
+        reads.extend(written.into_iter().map(|id| {
+            (
+                Operation::GetContent { id },
+                HKind::GetContent { id, found: None },
+            )
+        }));
+        let count = reads.len() as u32;
+        self.audit_queue = reads;
+        let own = Keypair::from_seed(self.rng.seed32());
+        let c = self.add_client(own, count, true);
+        self.schedule(self.now + 1, Ev::ClientNext { c });
+    }
+
+    /// Runs the checkers over the recorded history.
+    fn check(&mut self) {
+        // Public-key blocks: one register per key.
+        for key in 0..self.keys.len() {
+            let ops: Vec<RegOp> = self
+                .history
+                .iter()
+                .filter_map(|h| {
+                    let (k, kind) = match h.kind {
+                        HKind::PkWrite { key, tag } => (key, RegKind::Write(tag)),
+                        HKind::PkRead { key, tag } => (key, RegKind::Read(tag.unwrap_or(0))),
+                        _ => return None,
+                    };
+                    (k == key).then(|| RegOp {
+                        call: h.call,
+                        ret: h.ret,
+                        kind,
+                        label: format!("client {}", h.client),
+                    })
+                })
+                .collect();
+            if let Err(e) = linearizable_register(&ops) {
+                self.violation(format!("public-key block {key} is not linearizable: {e}"));
+            }
+        }
+        // Content blocks: a block whose write completed before a read began must be found.
+        let mut completed_at: BTreeMap<ObjectId, u64> = BTreeMap::new();
+        for h in &self.history {
+            if let (HKind::PutContent { id }, Some(ret)) = (&h.kind, h.ret) {
+                let e = completed_at.entry(*id).or_insert(ret);
+                *e = (*e).min(ret);
+            }
+        }
+        let lost: Vec<String> = self
+            .history
+            .iter()
+            .filter_map(|h| match h.kind {
+                HKind::GetContent {
+                    id,
+                    found: Some(false),
+                } if completed_at.get(&id).is_some_and(|&t| t < h.call) => Some(format!(
+                    "content block {id:?} written by t={}ms was not found by client {} at t={}ms",
+                    completed_at[&id], h.client, h.call
+                )),
+                _ => None,
+            })
+            .collect();
+        for l in lost {
+            self.violation(l);
+        }
+    }
+}
+
+fn value_tag(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(u64::MAX, u64::from_le_bytes)
+}
+
+fn make_config<'a>(
+    epoch: u64,
+    params: &Params,
+    keys: impl Iterator<Item = &'a Keypair>,
+    prev: Option<[u8; 32]>,
+) -> Configuration {
+    let mut members: Vec<Member> = keys.map(|k| Member::new(k.public(), "sim")).collect();
+    members.sort_by_key(|m| m.id);
+    let committee = Configuration::first_members_as_committee(&members, params);
+    Configuration {
+        epoch,
+        params: params.clone(),
+        members,
+        committee,
+        prev,
+    }
+}
