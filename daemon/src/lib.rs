@@ -1,1 +1,7 @@
-//! The dbqsfs node process. Only the command-line skeleton exists so far: see ARCHITECTURE.md.
+//! `dbqsfs-daemon`: the node process and the command-line tool of dbqsfs.
+//!
+//! Goals: run the core's sans-IO state machines over real disks ([`store`]) and real QUIC
+//! ([`node`], [`client`]), with no protocol decisions of their own.
+//! Non-goals: membership changes and state transfer (later issues), the filesystem (`dbqsfs-fs`).
+
+pub mod store;

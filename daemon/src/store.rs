@@ -1,0 +1,408 @@
+//! The durable replica store of a node: [`DiskStore`].
+//!
+//! Goals:
+//! - Content blocks live in hash-named files, `DIR/blocks/ab/cd/<hex id>`. A block is written to a
+//!   temporary file under `DIR/blocks/tmp/`, fsync'd, renamed into place, and the directory fsync'd,
+//!   so a block is either wholly present or absent after a crash. Every read re-hashes the bytes: a
+//!   copy that does not hash to its name is logged and reported as missing, never served.
+//! - Public-key blocks and node metadata (the installed configuration chain, the epochs whose state
+//!   transfer is complete) live in one redb database, `DIR/meta.redb`, with immediate durability.
+//!   "Keep the highest version" runs inside one write transaction, so it is atomic.
+//! - Leftovers of a crash (temporary files) are removed when the store is opened.
+//!
+//! Non-goals: garbage collection, repair of corrupt blocks (the protocol re-fetches them from the
+//! group), group commit, quotas.
+
+use dbqsfs_core::config::CertifiedConfig;
+use dbqsfs_core::crypto::ObjectId;
+use dbqsfs_core::object::{check_content, PkBlock, Stamp};
+use dbqsfs_core::store::{Store, StoreError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tracing::warn;
+
+/// Public-key blocks: object id → postcard-encoded [`PkBlock`].
+const PK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pk_blocks");
+/// Node metadata: name → postcard-encoded value.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_CHAIN: &str = "config_chain";
+const META_READY: &str = "ready_epochs";
+
+/// Why a store could not be opened or its metadata read.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("store directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metadata database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("stored metadata {0} is unreadable: {1}")]
+    BadMetadata(&'static str, String),
+}
+
+/// A [`Store`] on a local directory.
+pub struct DiskStore {
+    blocks: PathBuf,
+    tmp: PathBuf,
+    db: Database,
+    tmp_seq: AtomicU64,
+    content_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("blocks", &self.blocks)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(e: io::Error) -> StoreError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        StoreError::NoSpace
+    } else {
+        StoreError::Io(e.to_string())
+    }
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Io(io) => io_err(io),
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` (one level below `parent`) if needed, making its entry durable.
+fn ensure_dir(parent: &Path, dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) the store in `dir`, removing crash leftovers.
+    pub fn open(dir: &Path) -> Result<DiskStore, OpenError> {
+        let at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, source }
+        };
+        let blocks = dir.join("blocks");
+        let tmp = blocks.join("tmp");
+        fs::create_dir_all(&tmp).map_err(at(&tmp))?;
+        for entry in fs::read_dir(&tmp).map_err(at(&tmp))? {
+            let entry = entry.map_err(at(&tmp))?;
+            fs::remove_file(entry.path()).map_err(at(&entry.path()))?;
+        }
+        let db_path = dir.join("meta.redb");
+        let db = Database::create(&db_path).map_err(redb::Error::from)?;
+        {
+            let w = db.begin_write().map_err(redb::Error::from)?;
+            w.open_table(PK).map_err(redb::Error::from)?;
+            w.open_table(META).map_err(redb::Error::from)?;
+            w.commit().map_err(redb::Error::from)?;
+        }
+        let store = DiskStore {
+            blocks,
+            tmp,
+            db,
+            tmp_seq: AtomicU64::new(0),
+            content_bytes: AtomicU64::new(0),
+        };
+        let mut total = 0;
+        store
+            .walk_blocks(&mut |_, len| total += len)
+            .map_err(at(&store.blocks))?;
+        store.content_bytes.store(total, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    fn block_path(&self, id: &ObjectId) -> (PathBuf, PathBuf, PathBuf) {
+        let hex = id.to_hex();
+        let a = self.blocks.join(&hex[0..2]);
+        let b = a.join(&hex[2..4]);
+        let file = b.join(&hex);
+        (a, b, file)
+    }
+
+    /// Visits every content block file as (id, length).
+    fn walk_blocks(&self, visit: &mut dyn FnMut(ObjectId, u64)) -> io::Result<()> {
+        for a in fs::read_dir(&self.blocks)? {
+            let a = a?;
+            if a.path() == self.tmp || !a.file_type()?.is_dir() {
+                continue;
+            }
+            for b in fs::read_dir(a.path())? {
+                let b = b?;
+                if !b.file_type()?.is_dir() {
+                    continue;
+                }
+                for f in fs::read_dir(b.path())? {
+                    let f = f?;
+                    let name = f.file_name();
+                    if let Some(id) = name.to_str().and_then(ObjectId::from_hex) {
+                        visit(id, f.metadata()?.len());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes of content blocks held (approximate under concurrent writes of one block).
+    pub fn content_bytes(&self) -> u64 {
+        self.content_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The installed configurations, oldest first, as last saved.
+    pub fn load_chain(&self) -> Result<Option<Vec<CertifiedConfig>>, StoreError> {
+        self.get_meta(META_CHAIN)
+    }
+
+    /// Saves the installed configurations; durable on return.
+    pub fn save_chain(&self, configs: &[CertifiedConfig]) -> Result<(), StoreError> {
+        self.put_meta(META_CHAIN, &configs)
+    }
+
+    /// The epochs whose state transfer is complete, as last saved.
+    pub fn load_ready(&self) -> Result<Option<Vec<u64>>, StoreError> {
+        self.get_meta(META_READY)
+    }
+
+    /// Saves the epochs whose state transfer is complete; durable on return.
+    pub fn save_ready(&self, epochs: &[u64]) -> Result<(), StoreError> {
+        self.put_meta(META_READY, &epochs)
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(META).map_err(db_err)?;
+        let Some(v) = t.get(name).map_err(db_err)? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Io(format!("metadata {name} is unreadable: {e}")))
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(value).map_err(|e| StoreError::Io(e.to_string()))?;
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(META).map_err(db_err)?;
+            t.insert(name, bytes.as_slice()).map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
+    }
+
+    fn write_block(&self, id: &ObjectId, data: &[u8]) -> io::Result<bool> {
+        let (a, b, file) = self.block_path(id);
+        let existed = file.exists();
+        ensure_dir(&self.blocks, &a)?;
+        ensure_dir(&a, &b)?;
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp
+            .join(format!("{}.{}.{seq}", id.to_hex(), std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &file)?;
+            fsync_dir(&b)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| !existed)
+    }
+}
+
+impl Store for DiskStore {
+    fn get_content(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        let (_, _, file) = self.block_path(id);
+        let data = match fs::read(&file) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        match check_content(id, &data) {
+            Ok(()) => Ok(Some(data)),
+            Err(e) => {
+                warn!(block = %id.to_hex(), path = %file.display(), error = %e,
+                      "content block on disk is corrupt; treating it as missing");
+                Ok(None)
+            }
+        }
+    }
+
+    fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError> {
+        // Always rewrite: a corrupt copy must be replaced by a verified one, and blocks are
+        // immutable, so rewriting an intact copy changes nothing.
+        let new = self.write_block(id, data).map_err(io_err)?;
+        if new {
+            self.content_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn get_pk(&self, id: &ObjectId) -> Result<Option<PkBlock>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(PK).map_err(db_err)?;
+        let Some(v) = t.get(id.0.as_slice()).map_err(db_err)? else {
+            return Ok(None);
+        };
+        match postcard::from_bytes::<PkBlock>(v.value()) {
+            Ok(b) if b.verify_as(id).is_ok() => Ok(Some(b)),
+            _ => {
+                warn!(block = %id.to_hex(), "public-key block on disk is corrupt; treating it as missing");
+                Ok(None)
+            }
+        }
+    }
+
+    fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError> {
+        let id = block.id();
+        let stamp = block.stamp();
+        let bytes = postcard::to_stdvec(block).map_err(|e| StoreError::Io(e.to_string()))?;
+        // redb runs one write transaction at a time, so read-compare-write below is atomic.
+        let w = self.db.begin_write().map_err(db_err)?;
+        let held = {
+            let mut t = w.open_table(PK).map_err(db_err)?;
+            let old = t
+                .get(id.0.as_slice())
+                .map_err(db_err)?
+                .and_then(|v| postcard::from_bytes::<PkBlock>(v.value()).ok())
+                .filter(|b| b.verify_as(&id).is_ok())
+                .map(|b| b.stamp());
+            match old {
+                Some(old) if old >= stamp => old,
+                _ => {
+                    t.insert(id.0.as_slice(), bytes.as_slice()).map_err(db_err)?;
+                    stamp
+                }
+            }
+        };
+        w.commit().map_err(db_err)?;
+        Ok(held)
+    }
+
+    fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let mut ids = Vec::new();
+        self.walk_blocks(&mut |id, _| ids.push(id)).map_err(io_err)?;
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(PK).map_err(db_err)?;
+        for entry in t.iter().map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            if let Ok(arr) = <[u8; 32]>::try_from(k.value()) {
+                ids.push(ObjectId(arr));
+            }
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dbqsfs_core::crypto::Keypair;
+    use dbqsfs_core::object::content_id;
+
+    fn open(dir: &Path) -> DiskStore {
+        DiskStore::open(dir).expect("open store")
+    }
+
+    #[test]
+    fn content_round_trips_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"hello blocks".to_vec();
+        let id = content_id(&data);
+        {
+            let s = open(dir.path());
+            assert_eq!(s.get_content(&id).unwrap(), None);
+            s.put_content(&id, &data).unwrap();
+            s.put_content(&id, &data).unwrap();
+            assert_eq!(s.get_content(&id).unwrap(), Some(data.clone()));
+            assert_eq!(s.content_bytes(), data.len() as u64);
+        }
+        let s = open(dir.path());
+        assert_eq!(s.get_content(&id).unwrap(), Some(data.clone()));
+        assert_eq!(s.content_bytes(), data.len() as u64);
+        assert_eq!(s.list().unwrap(), vec![id]);
+    }
+
+    #[test]
+    fn pk_blocks_keep_the_highest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let owner = Keypair::from_seed([7; 32]);
+        let v1 = PkBlock::sign(&owner, b"root", 1, b"one".to_vec()).unwrap();
+        let v2 = PkBlock::sign(&owner, b"root", 2, b"two".to_vec()).unwrap();
+        assert_eq!(s.put_pk_if_newer(&v2).unwrap(), v2.stamp());
+        assert_eq!(s.put_pk_if_newer(&v1).unwrap(), v2.stamp());
+        assert_eq!(s.get_pk(&v1.id()).unwrap(), Some(v2.clone()));
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.get_pk(&v1.id()).unwrap(), Some(v2));
+        assert_eq!(s.list().unwrap(), vec![v1.id()]);
+    }
+
+    #[test]
+    fn corrupt_block_file_reads_as_missing_and_can_be_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let data = vec![42u8; 4096];
+        let id = content_id(&data);
+        s.put_content(&id, &data).unwrap();
+        let (_, _, file) = s.block_path(&id);
+        let mut bad = data.clone();
+        bad[100] ^= 1;
+        fs::write(&file, &bad).unwrap();
+        assert_eq!(s.get_content(&id).unwrap(), None);
+        s.put_content(&id, &data).unwrap();
+        assert_eq!(s.get_content(&id).unwrap(), Some(data));
+    }
+
+    #[test]
+    fn crash_leftover_tmp_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"torn".to_vec();
+        let id = content_id(&data);
+        {
+            let s = open(dir.path());
+            fs::write(s.tmp.join(format!("{}.1.0", id.to_hex())), b"to").unwrap();
+        }
+        let s = open(dir.path());
+        assert_eq!(fs::read_dir(&s.tmp).unwrap().count(), 0);
+        assert_eq!(s.get_content(&id).unwrap(), None);
+        assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn metadata_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        assert_eq!(s.load_ready().unwrap(), None);
+        s.save_ready(&[0, 1]).unwrap();
+        assert_eq!(s.load_chain().unwrap().map(|c| c.len()), None);
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.load_ready().unwrap(), Some(vec![0, 1]));
+    }
+}
