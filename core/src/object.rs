@@ -80,8 +80,10 @@ pub struct Stamp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PkBlock {
     pub owner: PublicKey,
+    #[serde(with = "serde_bytes")]
     pub label: Vec<u8>,
     pub version: u64,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub signature: Signature,
 }

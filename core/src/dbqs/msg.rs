@@ -20,6 +20,7 @@ pub enum DbqsMessage {
     PutContent {
         rid: RequestId,
         id: ObjectId,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     GetContent {
@@ -54,6 +55,7 @@ pub enum DbqsMessage {
     Content {
         rid: RequestId,
         id: ObjectId,
+        #[serde(with = "serde_bytes")]
         data: Option<Vec<u8>>,
     },
     /// The replica now holds a value of `id` with stamp `stamp` (at least the one written).

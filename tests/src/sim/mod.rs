@@ -169,6 +169,9 @@ struct Swarm {
     client_crashes: bool,
     epoch_changes: u32,
     heal_at: u64,
+    /// When set, about a quarter of the directed links are persistently slow (200–800 ms extra), so
+    /// a write can reach one replica long before the others.
+    slow_links: Option<u64>,
 }
 
 struct Sim {
@@ -240,6 +243,7 @@ impl Sim {
             client_crashes: rng.chance(0.3),
             epoch_changes: rng.below(4) as u32,
             heal_at: rng.range(500, 5000),
+            slow_links: rng.chance(0.5).then(|| rng.next_u64()),
         };
         let mut nodes = Vec::new();
         let mut node_index = BTreeMap::new();
@@ -581,8 +585,12 @@ impl Sim {
                 copies = 2;
             }
         }
+        let skew = self
+            .swarm
+            .slow_links
+            .map_or(0, |salt| link_skew(salt, &from, &to));
         for _ in 0..copies {
-            let at = self.now + self.rng.range(1, self.swarm.max_delay);
+            let at = self.now + skew + self.rng.range(1, self.swarm.max_delay);
             self.schedule(
                 at,
                 Ev::Deliver {
@@ -1214,6 +1222,20 @@ impl Sim {
         for l in lost {
             self.violation(l);
         }
+    }
+}
+
+/// The persistent extra delay of the directed link `from → to`: 0 for three links in four.
+fn link_skew(salt: u64, from: &NodeId, to: &NodeId) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&salt.to_le_bytes());
+    h.update(&from.0);
+    h.update(&to.0);
+    let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
+    if x % 4 == 0 {
+        200 + (x >> 8) % 600
+    } else {
+        0
     }
 }
 

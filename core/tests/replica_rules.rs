@@ -1,0 +1,304 @@
+//! The replica's rules, one test each: what it stores, what it refuses, and how it treats epochs.
+
+use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
+use dbqsfs_core::crypto::{Keypair, NodeId};
+use dbqsfs_core::dbqs::msg::{DbqsMessage, Reject};
+use dbqsfs_core::dbqs::replica::{Dropped, Handled, Replica, ReplicaOptions};
+use dbqsfs_core::object::{content_id, PkBlock};
+use dbqsfs_core::store::{MemStore, Store};
+use dbqsfs_core::wire::{decode, encode_msg, Envelope};
+use std::sync::Arc;
+
+struct Fixture {
+    keys: Vec<Keypair>,
+    configs: Vec<CertifiedConfig>,
+}
+
+/// Epoch 0 has members 0..4; epoch 1 has members 0..6 (certified by epoch 0's committee).
+fn fixture() -> Fixture {
+    let keys: Vec<Keypair> = (0..6).map(|i| Keypair::from_seed([i + 10; 32])).collect();
+    let params = Params::with_f(1);
+    let config = |epoch, ks: &[Keypair], prev| {
+        let mut members: Vec<Member> = ks
+            .iter()
+            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+            .collect();
+        members.sort_by_key(|m| m.id);
+        let committee = Configuration::first_members_as_committee(&members, &params);
+        Configuration {
+            epoch,
+            params: params.clone(),
+            members,
+            committee,
+            prev,
+        }
+    };
+    let g = config(0, &keys[..4], None);
+    let signers: Vec<&Keypair> = keys
+        .iter()
+        .filter(|k| g.committee.contains(&k.node_id()))
+        .collect();
+    let next = CertifiedConfig::certify(config(1, &keys, Some(g.hash())), &signers[..3]);
+    Fixture {
+        keys,
+        configs: vec![CertifiedConfig::genesis(g), next],
+    }
+}
+
+fn replica(fx: &Fixture, i: usize) -> Replica<Arc<MemStore>> {
+    let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();
+    Replica::new(
+        fx.keys[i].node_id(),
+        Arc::new(MemStore::new()),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    )
+}
+
+fn ask(r: &Replica<Arc<MemStore>>, epoch: u64, msg: DbqsMessage) -> Envelope<DbqsMessage> {
+    match r.handle(NodeId([1; 32]), &encode_msg(epoch, msg)) {
+        Handled::Reply(bytes) => decode(&bytes).unwrap(),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn stores_a_valid_block_and_acknowledges_an_older_one_without_storing_it() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let owner = Keypair::from_seed([77; 32]);
+    let v2 = PkBlock::sign(&owner, b"k", 2, b"two".to_vec()).unwrap();
+    let v1 = PkBlock::sign(&owner, b"k", 1, b"one".to_vec()).unwrap();
+    let reply = ask(
+        &r,
+        0,
+        DbqsMessage::PutPk {
+            rid: 1,
+            block: v2.clone(),
+        },
+    );
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::PkStored {
+            rid: 1,
+            id: v2.id(),
+            stamp: v2.stamp()
+        }
+    );
+    let reply = ask(
+        &r,
+        0,
+        DbqsMessage::PutPk {
+            rid: 2,
+            block: v1.clone(),
+        },
+    );
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::PkStored {
+            rid: 2,
+            id: v1.id(),
+            stamp: v2.stamp()
+        },
+        "acknowledged with the held stamp"
+    );
+    assert_eq!(r.store().get_pk(&v1.id()).unwrap(), Some(v2));
+}
+
+#[test]
+fn refuses_bad_signatures_and_wrong_hashes() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let owner = Keypair::from_seed([77; 32]);
+    let mut forged = PkBlock::sign(&owner, b"k", 1, b"one".to_vec()).unwrap();
+    forged.version = 9;
+    let reply = ask(
+        &r,
+        0,
+        DbqsMessage::PutPk {
+            rid: 1,
+            block: forged.clone(),
+        },
+    );
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::Rejected {
+            rid: 1,
+            reason: Reject::BadSignature
+        }
+    );
+    assert_eq!(r.store().get_pk(&forged.id()).unwrap(), None);
+    let reply = ask(
+        &r,
+        0,
+        DbqsMessage::PutContent {
+            rid: 2,
+            id: content_id(b"a"),
+            data: b"b".to_vec(),
+        },
+    );
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::Rejected {
+            rid: 2,
+            reason: Reject::HashMismatch
+        }
+    );
+}
+
+#[test]
+fn older_epoch_is_told_stale_and_newer_epoch_is_told_behind() {
+    let fx = fixture();
+    let mut r = replica(&fx, 0);
+    let id = content_id(b"x");
+    let reply = ask(&r, 1, DbqsMessage::GetContent { rid: 3, id });
+    assert_eq!(
+        (reply.epoch, reply.msg),
+        (0, DbqsMessage::Behind { rid: 3 })
+    );
+    // The client pushes the newer configuration; the replica verifies and installs it.
+    match r.handle(
+        NodeId([1; 32]),
+        &encode_msg(
+            1,
+            DbqsMessage::PushConfigs {
+                configs: vec![fx.configs[1].clone()],
+            },
+        ),
+    ) {
+        Handled::Install(c) => assert_eq!(r.install(c).unwrap(), vec![1]),
+        other => panic!("expected install, got {other:?}"),
+    }
+    let reply = ask(&r, 0, DbqsMessage::GetContent { rid: 4, id });
+    assert_eq!((reply.epoch, reply.msg), (1, DbqsMessage::Stale { rid: 4 }));
+    let reply = ask(&r, 0, DbqsMessage::GetConfigs { rid: 5, after: 0 });
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::Configs {
+            rid: 5,
+            configs: vec![fx.configs[1].clone()]
+        }
+    );
+}
+
+#[test]
+fn a_forged_configuration_is_not_installed() {
+    let fx = fixture();
+    let mut r = replica(&fx, 0);
+    let mut forged = fx.configs[1].clone();
+    forged.cert.signatures.truncate(2);
+    assert!(r.install(vec![forged]).is_err());
+    assert_eq!(r.epoch(), 0);
+}
+
+#[test]
+fn gained_objects_are_not_read_until_transfer_completes_but_writes_are_accepted() {
+    let fx = fixture();
+    // Node 4 joins in epoch 1: everything it is responsible for is gained.
+    let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();
+    let mut r = Replica::new(
+        fx.keys[4].node_id(),
+        Arc::new(MemStore::new()),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    );
+    r.install(vec![fx.configs[1].clone()]).unwrap();
+    assert!(!r.is_ready());
+    let owner = Keypair::from_seed([5; 32]);
+    let block = (0..200u32)
+        .map(|i| PkBlock::sign(&owner, &i.to_le_bytes(), 1, vec![1]).unwrap())
+        .find(|b| {
+            fx.configs[1]
+                .config
+                .is_responsible(&fx.keys[4].node_id(), &b.id())
+        })
+        .expect("some label lands in node 4's range");
+    let reply = ask(
+        &r,
+        1,
+        DbqsMessage::GetPk {
+            rid: 1,
+            id: block.id(),
+        },
+    );
+    assert_eq!(reply.msg, DbqsMessage::NotReady { rid: 1 });
+    let reply = ask(
+        &r,
+        1,
+        DbqsMessage::PutPk {
+            rid: 2,
+            block: block.clone(),
+        },
+    );
+    assert!(
+        matches!(reply.msg, DbqsMessage::PkStored { .. }),
+        "writes are accepted at once"
+    );
+    r.transfer_complete(1);
+    let reply = ask(
+        &r,
+        1,
+        DbqsMessage::GetPk {
+            rid: 3,
+            id: block.id(),
+        },
+    );
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::Pk {
+            rid: 3,
+            id: block.id(),
+            block: Some(block)
+        }
+    );
+}
+
+#[test]
+fn objects_outside_the_group_are_refused() {
+    let fx = fixture();
+    let mut r = replica(&fx, 0);
+    r.install(vec![fx.configs[1].clone()]).unwrap();
+    let me = fx.keys[0].node_id();
+    // With 6 members and groups of 4, some objects are not node 0's.
+    let data = (0..500u32)
+        .map(|i| i.to_le_bytes().to_vec())
+        .find(|d| !fx.configs[1].config.is_responsible(&me, &content_id(d)))
+        .expect("some object lands outside node 0's range");
+    let reply = ask(
+        &r,
+        1,
+        DbqsMessage::PutContent {
+            rid: 1,
+            id: content_id(&data),
+            data,
+        },
+    );
+    assert_eq!(
+        reply.msg,
+        DbqsMessage::Rejected {
+            rid: 1,
+            reason: Reject::NotResponsible
+        }
+    );
+}
+
+#[test]
+fn garbage_and_replies_are_dropped_without_an_answer() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    assert!(matches!(
+        r.handle(NodeId([1; 32]), b"\x01\x01garbage"),
+        Handled::Dropped(Dropped::Undecodable(_))
+    ));
+    assert!(matches!(
+        r.handle(NodeId([1; 32]), &[]),
+        Handled::Dropped(Dropped::Undecodable(_))
+    ));
+    let reply = encode_msg(0, DbqsMessage::Stale { rid: 1 });
+    assert!(matches!(
+        r.handle(NodeId([1; 32]), &reply),
+        Handled::Dropped(Dropped::NotARequest)
+    ));
+}

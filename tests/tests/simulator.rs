@@ -1,0 +1,66 @@
+//! The simulator as a test: a handful of seeds must pass, replay identically, and the checkers must
+//! catch a broken protocol. `.ci/run` runs the long versions with the release `simulate` binary.
+
+use dbqsfs_tests::sim::{run_seed, Mutant, RunOptions};
+
+fn opts(f: u32, mutant: Mutant) -> RunOptions {
+    RunOptions { f, mutant }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_digest() {
+    for seed in [3, 11] {
+        let a = run_seed(seed, &opts(1, Mutant::None));
+        let b = run_seed(seed, &opts(1, Mutant::None));
+        assert_eq!(a.digest, b.digest, "seed {seed} is not deterministic");
+        assert!(a.ops > 0);
+    }
+}
+
+#[test]
+fn different_seeds_explore_different_runs() {
+    let a = run_seed(1, &opts(1, Mutant::None));
+    let b = run_seed(2, &opts(1, Mutant::None));
+    assert_ne!(a.digest, b.digest);
+}
+
+#[test]
+fn twenty_seeds_have_no_violation() {
+    for seed in 0..20 {
+        let r = run_seed(seed, &opts(1, Mutant::None));
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} ({}): {:?}",
+            r.setup,
+            r.violations
+        );
+    }
+}
+
+#[test]
+fn reads_without_write_back_are_caught() {
+    assert!(
+        caught(Mutant::NoWriteBack, 400),
+        "no-write-back was not caught"
+    );
+}
+
+#[test]
+fn quorums_of_f_plus_1_are_caught() {
+    assert!(
+        caught(Mutant::SmallQuorum, 100),
+        "small-quorum was not caught"
+    );
+}
+
+#[test]
+fn replicas_accepting_unsigned_values_are_caught() {
+    assert!(
+        caught(Mutant::AcceptUnsigned, 400),
+        "accept-unsigned was not caught"
+    );
+}
+
+fn caught(m: Mutant, seeds: u64) -> bool {
+    (0..seeds).any(|seed| !run_seed(seed, &opts(1, m)).violations.is_empty())
+}
