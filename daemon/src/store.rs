@@ -294,7 +294,8 @@ impl Store for DiskStore {
             match old {
                 Some(old) if old >= stamp => old,
                 _ => {
-                    t.insert(id.0.as_slice(), bytes.as_slice()).map_err(db_err)?;
+                    t.insert(id.0.as_slice(), bytes.as_slice())
+                        .map_err(db_err)?;
                     stamp
                 }
             }
@@ -305,7 +306,8 @@ impl Store for DiskStore {
 
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
         let mut ids = Vec::new();
-        self.walk_blocks(&mut |id, _| ids.push(id)).map_err(io_err)?;
+        self.walk_blocks(&mut |id, _| ids.push(id))
+            .map_err(io_err)?;
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(PK).map_err(db_err)?;
         for entry in t.iter().map_err(db_err)? {
