@@ -5,6 +5,7 @@
 //! Non-goals: membership changes and state transfer (later issues), the filesystem (`dbqsfs-fs`).
 
 pub mod store;
+pub mod blocks;
 pub mod client;
 pub mod control;
 pub mod files;

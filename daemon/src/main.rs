@@ -1,4 +1,13 @@
+//! The `dbqsfs` binary: see [`cli`] for the subcommands.
+
+mod cli;
+
+use clap::Parser;
+
 fn main() {
-    eprintln!("dbqsfs: nothing is implemented yet");
-    std::process::exit(2);
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::run(cli) {
+        eprintln!("dbqsfs: error: {e:#}");
+        std::process::exit(1);
+    }
 }

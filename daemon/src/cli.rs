@@ -1,0 +1,477 @@
+//! The `dbqsfs` command line: argument definitions (clap derive) and the subcommands.
+//!
+//! Goals: every subcommand explains itself in `--help`; bad arguments exit with code 2 (clap's
+//! convention), failures with code 1 and a message naming what failed. Non-goals: remote cluster
+//! management (only local clusters on 127.0.0.1 are created and started here).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dbqsfs_core::config::{CertifiedConfig, Configuration, Member, Params};
+use dbqsfs_core::crypto::Domain;
+use dbqsfs_daemon::blocks::{self, FileId};
+use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
+use dbqsfs_daemon::files::{self, ClusterFile, ClusterInfo, NodeFile};
+use dbqsfs_daemon::node::{shutdown_signal, Node};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dbqsfs",
+    version,
+    about = "dbqsfs: a Byzantine-fault-tolerant distributed block store and filesystem",
+    long_about = "dbqsfs stores content-addressed and owner-signed blocks on a cluster of nodes, \
+                  tolerating f Byzantine nodes per replica group of 3f+1.\n\n\
+                  Logs go to stderr and are filtered by RUST_LOG (for example RUST_LOG=debug)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create, start and stop a local test cluster on 127.0.0.1.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Run one node in the foreground (SIGTERM or ctrl-c stops it cleanly).
+    #[command(long_about = "Run one node in the foreground from its node directory (as written by \
+        `dbqsfs cluster init`: node.toml, node.key, data/). The node serves the dBQS protocol over \
+        QUIC to the members of the current configuration and the client keys listed in node.toml. \
+        SIGTERM or ctrl-c shuts it down cleanly. Logs go to stderr, filtered by RUST_LOG (default info).")]
+    Node {
+        /// The node directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Store and fetch files as blocks.
+    #[command(subcommand)]
+    Block(BlockCmd),
+    /// Show the cluster's epoch and each member's address, reachability and stored bytes.
+    Status {
+        /// The cluster description written by `cluster init` (DIR/cluster.toml).
+        #[arg(long)]
+        cluster: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Create keys, admission certificates, a genesis configuration and node directories.
+    #[command(long_about = "Create a local cluster description in DIR: one key and one admission \
+        certificate (the admission key's signature over the node key) per node, a genesis \
+        configuration of N nodes listening on 127.0.0.1:P, P+1, ..., with groups of 3f+1 and a \
+        committee of the first 3f+1 members, a client key, DIR/cluster.toml for clients and \
+        DIR/node-<i>/ for each node. Keys are made from OS randomness; secret key files are mode 0600.")]
+    Init {
+        /// Number of nodes (at least 3f+1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        nodes: u32,
+        /// The directory to create (must be empty or absent).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Faults tolerated per replica group (default: the most N nodes allow, (N-1)/3).
+        #[arg(long)]
+        f: Option<u32>,
+        /// UDP port of node 0; node i listens on P+i.
+        #[arg(long, default_value_t = 7100, value_parser = clap::value_parser!(u16).range(1..))]
+        base_port: u16,
+    },
+    /// Start the cluster's nodes in the background (those not already running).
+    #[command(long_about = "Start `dbqsfs node --dir DIR/node-<i>` in the background for every node \
+        of the cluster in DIR that is not already running, with its logs appended to \
+        DIR/node-<i>/node.log and its pid recorded in DIR/node-<i>/node.pid. Running it again after \
+        a node died restarts only that node.")]
+    Up {
+        /// The cluster directory (as given to `cluster init`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop the nodes started by `cluster up` (SIGTERM, then SIGKILL after a timeout).
+    #[command(long_about = "Send SIGTERM to exactly the processes recorded in DIR/node-<i>/node.pid \
+        (checking that each pid still runs a node of this directory), wait for them to exit, and \
+        send SIGKILL to any still running after --timeout seconds.")]
+    Down {
+        /// The cluster directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Seconds to wait after SIGTERM before SIGKILL.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlockCmd {
+    /// Store a file; print its id.
+    #[command(long_about = "Store FILE in the cluster and print its id. A file of at most 1 MiB \
+        becomes one content block (id `c:<hex>`); a larger file becomes content blocks of 1 MiB \
+        plus a manifest block listing them (id `m:<hex>`). Prints the id on stdout once a quorum \
+        of 2f+1 replicas of every block has stored it durably.")]
+    Put {
+        /// The cluster description (DIR/cluster.toml).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The file to store.
+        file: PathBuf,
+    },
+    /// Fetch a file by id and write it to OUT.
+    #[command(long_about = "Fetch the file with id ID (as printed by `block put`) and write it to \
+        OUT. Every block is verified against its hash before it is used; OUT is written to a \
+        temporary name and renamed when complete, so a failed get leaves no partial OUT.")]
+    Get {
+        /// The cluster description (DIR/cluster.toml).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The id printed by `block put` (`c:<hex>` or `m:<hex>`).
+        id: FileId,
+        /// Where to write the file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// Sets up logging on stderr with RUST_LOG, defaulting to `default`.
+pub fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node { dir } => {
+            init_logs("info");
+            let node = Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
+            runtime()?.block_on(node.run(shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Cluster(ClusterCmd::Init {
+            nodes,
+            dir,
+            f,
+            base_port,
+        }) => {
+            init_logs("warn");
+            cluster_init(nodes, &dir, f, base_port)
+        }
+        Command::Cluster(ClusterCmd::Up { dir }) => {
+            init_logs("warn");
+            cluster_up(&dir)
+        }
+        Command::Cluster(ClusterCmd::Down { dir, timeout }) => {
+            init_logs("warn");
+            cluster_down(&dir, Duration::from_secs(timeout))
+        }
+        Command::Block(BlockCmd::Put { cluster, file }) => {
+            init_logs("warn");
+            runtime()?.block_on(block_put(&cluster, &file))
+        }
+        Command::Block(BlockCmd::Get {
+            cluster,
+            id,
+            output,
+        }) => {
+            init_logs("warn");
+            runtime()?.block_on(block_get(&cluster, id, &output))
+        }
+        Command::Status { cluster } => {
+            init_logs("error");
+            runtime()?.block_on(status(&cluster))
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -> Result<()> {
+    let f = f.unwrap_or(n.saturating_sub(1) / 3);
+    if n < 3 * f + 1 {
+        bail!("{n} nodes cannot tolerate f={f}: groups need 3f+1 = {} nodes", 3 * f + 1);
+    }
+    if u32::from(base_port) + n > 65536 {
+        bail!("ports {base_port}..{} do not fit below 65536", u32::from(base_port) + n);
+    }
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .is_some()
+    {
+        bail!("{} exists and is not empty", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let rnd = || files::random_key().map_err(|e| anyhow!("OS randomness: {e}"));
+    let admission = rnd()?;
+    let client = rnd()?;
+    let keys = (0..n).map(|_| rnd()).collect::<Result<Vec<_>>>()?;
+    let addr = |i: u32| format!("127.0.0.1:{}", u32::from(base_port) + i);
+    let mut members: Vec<Member> = keys
+        .iter()
+        .zip(0..)
+        .map(|(k, i)| Member::new(k.public(), addr(i)))
+        .collect();
+    members.sort_by_key(|m| m.id);
+    let params = Params::with_f(f);
+    let committee = Configuration::first_members_as_committee(&members, &params);
+    let config = Configuration {
+        epoch: 0,
+        params,
+        members,
+        committee,
+        prev: None,
+    };
+    config.validate().context("genesis configuration")?;
+    let genesis = files::encode_genesis(&CertifiedConfig::genesis(config));
+
+    files::write_key(&dir.join("admission.key"), &admission)?;
+    files::write_key(&dir.join("client.key"), &client)?;
+    let mut names = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let name = format!("node-{i}");
+        let ndir = dir.join(&name);
+        std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
+        files::write_key(&ndir.join("node.key"), key)?;
+        let cert = admission.sign(Domain::Admission, &key.public().0);
+        files::write_toml(
+            &ndir.join("node.toml"),
+            &NodeFile {
+                listen: addr(i as u32),
+                genesis: genesis.clone(),
+                clients: vec![client.public().to_hex()],
+                admission_key: admission.public().to_hex(),
+                admission_cert: files::to_hex(&cert.0),
+            },
+        )?;
+        names.push(name);
+    }
+    files::write_toml(
+        &dir.join("cluster.toml"),
+        &ClusterFile {
+            genesis,
+            client_key: "client.key".into(),
+            admission_key: admission.public().to_hex(),
+            nodes: names,
+        },
+    )?;
+    println!(
+        "created a cluster of {n} nodes (f={f}) on 127.0.0.1:{base_port}..{} in {}",
+        u32::from(base_port) + n - 1,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn node_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let path = dir.join("cluster.toml");
+    let file: ClusterFile = files::read_toml(&path)?;
+    Ok(file.nodes.iter().map(|n| dir.join(n)).collect())
+}
+
+/// The pid recorded for the node in `ndir`, if it still runs a node of that directory.
+fn running_pid(ndir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(ndir.join("node.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let ndir = std::fs::canonicalize(ndir).ok()?;
+    // A zombie has an empty command line and counts as stopped.
+    (cmdline.contains("node") && cmdline.contains(&*ndir.to_string_lossy())).then_some(pid)
+}
+
+fn cluster_up(dir: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the dbqsfs executable")?;
+    let mut started = Vec::new();
+    for ndir in node_dirs(dir)? {
+        if let Some(pid) = running_pid(&ndir) {
+            println!("{}: already running (pid {pid})", ndir.display());
+            continue;
+        }
+        let ndir = std::fs::canonicalize(&ndir)
+            .with_context(|| format!("node directory {}", ndir.display()))?;
+        let log_path = ndir.join("node.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let child = std::process::Command::new(&exe)
+            .arg("node")
+            .arg("--dir")
+            .arg(&ndir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting the node in {}", ndir.display()))?;
+        std::fs::write(ndir.join("node.pid"), format!("{}\n", child.id()))
+            .with_context(|| format!("recording the pid in {}", ndir.display()))?;
+        started.push((ndir, child));
+    }
+    // Catch nodes that fail at once (bad files, port in use).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut failed = Vec::new();
+    for (ndir, mut child) in started {
+        match child.try_wait() {
+            Ok(Some(status)) => failed.push(format!(
+                "{} exited with {status}; see {}",
+                ndir.display(),
+                ndir.join("node.log").display()
+            )),
+            _ => println!("{}: started (pid {})", ndir.display(), child.id()),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("some nodes did not start:\n{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+fn cluster_down(dir: &Path, timeout: Duration) -> Result<()> {
+    let mut pids = Vec::new();
+    for ndir in node_dirs(dir)? {
+        if let Some(pid) = running_pid(&ndir) {
+            // SAFETY: kill(2) has no memory effects; the pid was checked to be our node.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            pids.push((ndir, pid));
+        } else {
+            let _ = std::fs::remove_file(ndir.join("node.pid"));
+        }
+    }
+    let start = Instant::now();
+    while pids.iter().any(|(n, _)| running_pid(n).is_some()) && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (ndir, pid) in &pids {
+        if running_pid(ndir).is_some() {
+            eprintln!("{}: still running after {timeout:?}; sending SIGKILL", ndir.display());
+            // SAFETY: as above.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_file(ndir.join("node.pid"));
+        println!("{}: stopped (pid {pid})", ndir.display());
+    }
+    Ok(())
+}
+
+fn connect(cluster: &Path) -> Result<DbqsClient> {
+    let info = ClusterInfo::load(cluster)?;
+    Ok(DbqsClient::connect(
+        info.genesis,
+        info.client_key,
+        DbqsClientOptions::default(),
+    )?)
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        if std::io::stderr().is_terminal() && total > 4 * 1024 * 1024 {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn block_put(cluster: &Path, file: &Path) -> Result<()> {
+    let client = connect(cluster)?;
+    let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let bar = progress_bar(data.len() as u64);
+    let id = blocks::put_file(&client, &data, &|n| bar.inc(n))
+        .await
+        .with_context(|| format!("storing {}", file.display()))?;
+    bar.finish_and_clear();
+    println!("{id}");
+    Ok(())
+}
+
+async fn block_get(cluster: &Path, id: FileId, out: &Path) -> Result<()> {
+    let client = connect(cluster)?;
+    let total = blocks::file_size(&client, id).await?.unwrap_or(0);
+    let bar = progress_bar(total);
+    let tmp = out.with_file_name(format!(
+        ".{}.part",
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into())
+    ));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = blocks::get_file(&client, id, &mut |bytes| f.write_all(bytes), &|n| bar.inc(n))
+        .await;
+    bar.finish_and_clear();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("fetching {id}"));
+    }
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+async fn status(cluster: &Path) -> Result<()> {
+    let client = connect(cluster)?;
+    let config = client.chain().config().clone();
+    println!(
+        "epoch {}  f={}  {} members  committee of {}",
+        config.epoch,
+        config.params.f,
+        config.members.len(),
+        config.committee.len()
+    );
+    let queries = config.members.iter().map(|m| {
+        let c = client.clone();
+        let m = m.clone();
+        tokio::spawn(async move {
+            let r = c.node_status(&m).await;
+            (m, r)
+        })
+    });
+    let handles: Vec<_> = queries.collect();
+    let mut unreachable = 0;
+    for h in handles {
+        let (m, r) = h.await?;
+        match r {
+            Ok(s) => println!(
+                "{}  {}  reachable  epoch {}  {} bytes in {} objects{}",
+                m.id.short(),
+                m.addr,
+                s.epoch,
+                s.stored_bytes,
+                s.objects,
+                if s.ready { "" } else { "  (state transfer pending)" }
+            ),
+            Err(e) => {
+                unreachable += 1;
+                println!("{}  {}  unreachable  ({e})", m.id.short(), m.addr)
+            }
+        }
+    }
+    if unreachable > 0 {
+        println!("{unreachable} of {} members unreachable", config.members.len());
+    }
+    Ok(())
+}
