@@ -149,7 +149,10 @@ async fn fetch_manifest(client: &DbqsClient, m: ObjectId) -> Result<Manifest, Tr
     }
     let sum: u64 = manifest.chunks.iter().map(|(_, n)| u64::from(*n)).sum();
     if sum != manifest.total || manifest.chunks.iter().any(|(_, n)| *n as usize > MAX_BLOCK) {
-        return Err(TransferError::BadManifest(name, "sizes do not add up".into()));
+        return Err(TransferError::BadManifest(
+            name,
+            "sizes do not add up".into(),
+        ));
     }
     Ok(manifest)
 }
@@ -184,7 +187,9 @@ pub async fn get_file(
             set.spawn(async move { (i, cid, len, c.get_content(cid).await) });
             next += 1;
         }
-        let Some(r) = set.join_next().await else { break };
+        let Some(r) = set.join_next().await else {
+            break;
+        };
         let (i, cid, len, data) = r.map_err(|e| TransferError::Task(e.to_string()))?;
         let data = data?.ok_or_else(|| TransferError::NotFound(FileId::Block(cid).to_string()))?;
         if data.len() != len as usize {

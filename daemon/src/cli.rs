@@ -37,10 +37,12 @@ pub enum Command {
     #[command(subcommand)]
     Cluster(ClusterCmd),
     /// Run one node in the foreground (SIGTERM or ctrl-c stops it cleanly).
-    #[command(long_about = "Run one node in the foreground from its node directory (as written by \
+    #[command(
+        long_about = "Run one node in the foreground from its node directory (as written by \
         `dbqsfs cluster init`: node.toml, node.key, data/). The node serves the dBQS protocol over \
         QUIC to the members of the current configuration and the client keys listed in node.toml. \
-        SIGTERM or ctrl-c shuts it down cleanly. Logs go to stderr, filtered by RUST_LOG (default info).")]
+        SIGTERM or ctrl-c shuts it down cleanly. Logs go to stderr, filtered by RUST_LOG (default info)."
+    )]
     Node {
         /// The node directory.
         #[arg(long)]
@@ -60,11 +62,13 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
     /// Create keys, admission certificates, a genesis configuration and node directories.
-    #[command(long_about = "Create a local cluster description in DIR: one key and one admission \
+    #[command(
+        long_about = "Create a local cluster description in DIR: one key and one admission \
         certificate (the admission key's signature over the node key) per node, a genesis \
         configuration of N nodes listening on 127.0.0.1:P, P+1, ..., with groups of 3f+1 and a \
         committee of the first 3f+1 members, a client key, DIR/cluster.toml for clients and \
-        DIR/node-<i>/ for each node. Keys are made from OS randomness; secret key files are mode 0600.")]
+        DIR/node-<i>/ for each node. Keys are made from OS randomness; secret key files are mode 0600."
+    )]
     Init {
         /// Number of nodes (at least 3f+1).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -80,19 +84,23 @@ pub enum ClusterCmd {
         base_port: u16,
     },
     /// Start the cluster's nodes in the background (those not already running).
-    #[command(long_about = "Start `dbqsfs node --dir DIR/node-<i>` in the background for every node \
+    #[command(
+        long_about = "Start `dbqsfs node --dir DIR/node-<i>` in the background for every node \
         of the cluster in DIR that is not already running, with its logs appended to \
         DIR/node-<i>/node.log and its pid recorded in DIR/node-<i>/node.pid. Running it again after \
-        a node died restarts only that node.")]
+        a node died restarts only that node."
+    )]
     Up {
         /// The cluster directory (as given to `cluster init`).
         #[arg(long)]
         dir: PathBuf,
     },
     /// Stop the nodes started by `cluster up` (SIGTERM, then SIGKILL after a timeout).
-    #[command(long_about = "Send SIGTERM to exactly the processes recorded in DIR/node-<i>/node.pid \
+    #[command(
+        long_about = "Send SIGTERM to exactly the processes recorded in DIR/node-<i>/node.pid \
         (checking that each pid still runs a node of this directory), wait for them to exit, and \
-        send SIGKILL to any still running after --timeout seconds.")]
+        send SIGKILL to any still running after --timeout seconds."
+    )]
     Down {
         /// The cluster directory.
         #[arg(long)]
@@ -106,10 +114,12 @@ pub enum ClusterCmd {
 #[derive(Subcommand, Debug)]
 pub enum BlockCmd {
     /// Store a file; print its id.
-    #[command(long_about = "Store FILE in the cluster and print its id. A file of at most 1 MiB \
+    #[command(
+        long_about = "Store FILE in the cluster and print its id. A file of at most 1 MiB \
         becomes one content block (id `c:<hex>`); a larger file becomes content blocks of 1 MiB \
         plus a manifest block listing them (id `m:<hex>`). Prints the id on stdout once a quorum \
-        of 2f+1 replicas of every block has stored it durably.")]
+        of 2f+1 replicas of every block has stored it durably."
+    )]
     Put {
         /// The cluster description (DIR/cluster.toml).
         #[arg(long)]
@@ -118,9 +128,11 @@ pub enum BlockCmd {
         file: PathBuf,
     },
     /// Fetch a file by id and write it to OUT.
-    #[command(long_about = "Fetch the file with id ID (as printed by `block put`) and write it to \
+    #[command(
+        long_about = "Fetch the file with id ID (as printed by `block put`) and write it to \
         OUT. Every block is verified against its hash before it is used; OUT is written to a \
-        temporary name and renamed when complete, so a failed get leaves no partial OUT.")]
+        temporary name and renamed when complete, so a failed get leaves no partial OUT."
+    )]
     Get {
         /// The cluster description (DIR/cluster.toml).
         #[arg(long)]
@@ -148,7 +160,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Node { dir } => {
             init_logs("info");
-            let node = Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
+            let node =
+                Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
             runtime()?.block_on(node.run(shutdown_signal()))?;
             Ok(())
         }
@@ -159,6 +172,19 @@ pub fn run(cli: Cli) -> Result<()> {
             base_port,
         }) => {
             init_logs("warn");
+            let fv = f.unwrap_or(nodes.saturating_sub(1) / 3);
+            if nodes < 3 * fv + 1 {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!(
+                            "{nodes} nodes cannot tolerate --f {fv}: groups need 3f+1 = {} nodes",
+                            3 * fv + 1
+                        ),
+                    )
+                    .exit();
+            }
             cluster_init(nodes, &dir, f, base_port)
         }
         Command::Cluster(ClusterCmd::Up { dir }) => {
@@ -198,10 +224,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -> Result<()> {
     let f = f.unwrap_or(n.saturating_sub(1) / 3);
     if n < 3 * f + 1 {
-        bail!("{n} nodes cannot tolerate f={f}: groups need 3f+1 = {} nodes", 3 * f + 1);
+        bail!(
+            "{n} nodes cannot tolerate f={f}: groups need 3f+1 = {} nodes",
+            3 * f + 1
+        );
     }
     if u32::from(base_port) + n > 65536 {
-        bail!("ports {base_port}..{} do not fit below 65536", u32::from(base_port) + n);
+        bail!(
+            "ports {base_port}..{} do not fit below 65536",
+            u32::from(base_port) + n
+        );
     }
     if dir.exists()
         && std::fs::read_dir(dir)
@@ -360,7 +392,10 @@ fn cluster_down(dir: &Path, timeout: Duration) -> Result<()> {
     }
     for (ndir, pid) in &pids {
         if running_pid(ndir).is_some() {
-            eprintln!("{}: still running after {timeout:?}; sending SIGKILL", ndir.display());
+            eprintln!(
+                "{}: still running after {timeout:?}; sending SIGKILL",
+                ndir.display()
+            );
             // SAFETY: as above.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
         }
@@ -388,9 +423,9 @@ fn progress_bar(total: u64) -> ProgressBar {
             ProgressDrawTarget::hidden()
         },
     );
-    if let Ok(style) = ProgressStyle::with_template(
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar
@@ -418,9 +453,12 @@ async fn block_get(cluster: &Path, id: FileId, out: &Path) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into())
     ));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = blocks::get_file(&client, id, &mut |bytes| f.write_all(bytes), &|n| bar.inc(n))
-        .await;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = blocks::get_file(&client, id, &mut |bytes| f.write_all(bytes), &|n| {
+        bar.inc(n)
+    })
+    .await;
     bar.finish_and_clear();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -462,7 +500,11 @@ async fn status(cluster: &Path) -> Result<()> {
                 s.epoch,
                 s.stored_bytes,
                 s.objects,
-                if s.ready { "" } else { "  (state transfer pending)" }
+                if s.ready {
+                    ""
+                } else {
+                    "  (state transfer pending)"
+                }
             ),
             Err(e) => {
                 unreachable += 1;
@@ -471,7 +513,10 @@ async fn status(cluster: &Path) -> Result<()> {
         }
     }
     if unreachable > 0 {
-        println!("{unreachable} of {} members unreachable", config.members.len());
+        println!(
+            "{unreachable} of {} members unreachable",
+            config.members.len()
+        );
     }
     Ok(())
 }

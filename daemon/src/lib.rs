@@ -4,9 +4,9 @@
 //! ([`node`], [`client`]), with no protocol decisions of their own.
 //! Non-goals: membership changes and state transfer (later issues), the filesystem (`dbqsfs-fs`).
 
-pub mod store;
 pub mod blocks;
 pub mod client;
 pub mod control;
 pub mod files;
 pub mod node;
+pub mod store;

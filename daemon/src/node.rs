@@ -199,7 +199,9 @@ async fn handle(
                         info!(epochs = ?added, "installed configurations");
                     }
                     Ok(_) => {}
-                    Err(e) => debug!(peer = %from.short(), error = %e, "refused pushed configurations"),
+                    Err(e) => {
+                        debug!(peer = %from.short(), error = %e, "refused pushed configurations")
+                    }
                 }
                 None
             }

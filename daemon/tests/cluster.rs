@@ -1,0 +1,238 @@
+//! A real 4-node cluster of separate `dbqsfs node` processes over loopback QUIC, driven through the
+//! command line exactly as an operator would: `cluster init`, `cluster up`, `block put/get`,
+//! `status`, `cluster down` (always, from a drop guard).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
+
+fn dbqsfs(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run the dbqsfs binary")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = dbqsfs(args);
+    assert!(
+        out.status.success(),
+        "dbqsfs {args:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running local cluster; stopped with `cluster down` when dropped, even on a failed assertion.
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    toml: String,
+}
+
+impl Cluster {
+    fn start(nodes: u32) -> Cluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cluster");
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).expect("randomness");
+        let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
+        ok(&[
+            "cluster",
+            "init",
+            "--nodes",
+            &nodes.to_string(),
+            "--dir",
+            dir.to_str().unwrap(),
+            "--base-port",
+            &base.to_string(),
+        ]);
+        let c = Cluster {
+            toml: dir.join("cluster.toml").to_string_lossy().into_owned(),
+            dir,
+            _tmp: tmp,
+        };
+        c.up();
+        c
+    }
+
+    fn up(&self) {
+        ok(&["cluster", "up", "--dir", self.dir.to_str().unwrap()]);
+    }
+
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{i}"))
+    }
+
+    /// kill -9 of node `i`, by the pid `cluster up` recorded; waits until it is gone.
+    fn kill9(&self, i: usize) {
+        let pid: i32 = std::fs::read_to_string(self.node_dir(i).join("node.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        // SAFETY: kill(2) on the pid of a node this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let start = Instant::now();
+        while alive(pid) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(pid), "node {i} (pid {pid}) survived SIGKILL");
+    }
+
+    fn put(&self, file: &Path) -> String {
+        ok(&[
+            "block",
+            "put",
+            "--cluster",
+            &self.toml,
+            file.to_str().unwrap(),
+        ])
+        .trim()
+        .to_string()
+    }
+
+    fn get(&self, id: &str, out: &Path) {
+        ok(&[
+            "block",
+            "get",
+            "--cluster",
+            &self.toml,
+            id,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+    }
+
+    fn round_trip(&self, work: &Path, name: &str, data: &[u8]) -> String {
+        let src = work.join(name);
+        std::fs::write(&src, data).unwrap();
+        let id = self.put(&src);
+        let dst = work.join(format!("{name}.out"));
+        self.get(&id, &dst);
+        let back = std::fs::read(&dst).unwrap();
+        assert!(
+            back == data,
+            "{name}: {} bytes back, {} put",
+            back.len(),
+            data.len()
+        );
+        id
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = dbqsfs(&[
+            "cluster",
+            "down",
+            "--dir",
+            self.dir.to_str().unwrap(),
+            "--timeout",
+            "10",
+        ]);
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn payload(len: usize, seed: &str) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+#[test]
+fn files_round_trip_byte_identical_through_a_four_process_cluster_and_survive_kill_9() {
+    let cluster = Cluster::start(4);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+
+    let sizes = [
+        ("0B", 0),
+        ("1B", 1),
+        ("4KiB", 4096),
+        ("1MiB", 1 << 20),
+        ("50MiB", 50 << 20),
+    ];
+    let mut stored = Vec::new();
+    for (name, len) in sizes {
+        let data = payload(len, name);
+        let id = cluster.round_trip(w, name, &data);
+        let expected_tag = if len <= 1 << 20 { "c:" } else { "m:" };
+        assert!(id.starts_with(expected_tag), "{name}: id {id}");
+        stored.push((id, data));
+    }
+
+    let status = ok(&["status", "--cluster", &cluster.toml]);
+    assert_eq!(status.matches("  reachable  ").count(), 4, "{status}");
+
+    // One node dies hard: writes and reads still complete, old data is still readable.
+    cluster.kill9(1);
+    let data = payload(3 << 20, "while node 1 is down");
+    cluster.round_trip(w, "down1", &data);
+    for (i, (id, data)) in stored.iter().enumerate() {
+        let out = w.join(format!("again-{i}"));
+        cluster.get(id, &out);
+        assert!(std::fs::read(&out).unwrap() == *data, "{id} changed");
+    }
+    let status = ok(&["status", "--cluster", &cluster.toml]);
+    assert_eq!(status.matches("  unreachable  ").count(), 1, "{status}");
+
+    // Restart it; with another node down, writes need its acknowledgement, so it serves again.
+    cluster.up();
+    cluster.kill9(2);
+    let data = payload(2 << 20, "node 1 back, node 2 down");
+    cluster.round_trip(w, "back1", &data);
+    let small = payload(4096, "small while node 2 is down");
+    cluster.round_trip(w, "back1-small", &small);
+    cluster.up();
+    let status = ok(&["status", "--cluster", &cluster.toml]);
+    assert_eq!(status.matches("  reachable  ").count(), 4, "{status}");
+}
+
+#[test]
+fn bad_arguments_exit_with_code_2_and_a_message() {
+    for args in [
+        vec!["block", "put"],
+        vec![
+            "block",
+            "get",
+            "--cluster",
+            "x.toml",
+            "not-an-id",
+            "-o",
+            "out",
+        ],
+        vec![
+            "cluster",
+            "init",
+            "--nodes",
+            "2",
+            "--dir",
+            "/nonexistent/x",
+            "--f",
+            "1",
+        ],
+        vec!["no-such-command"],
+    ] {
+        let out = dbqsfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} printed no message");
+    }
+}
