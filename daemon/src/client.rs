@@ -124,6 +124,8 @@ impl DbqsClient {
             key.dalek().clone(),
             opts.transport.clone(),
         )?;
+        // The struct update is needed when core's `mutants` feature adds a field (workspace builds).
+        #[allow(clippy::needless_update)]
         let core = Client::new(
             key.node_id(),
             chain.clone(),

@@ -77,7 +77,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if s.len() % 2 == 1 {
         return None;
     }
     (0..s.len())
