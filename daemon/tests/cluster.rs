@@ -236,3 +236,73 @@ fn bad_arguments_exit_with_code_2_and_a_message() {
         assert!(!out.stderr.is_empty(), "{args:?} printed no message");
     }
 }
+
+#[test]
+fn a_node_killed_in_the_middle_of_writes_holds_no_torn_or_corrupt_block_after_restart() {
+    use dbqsfs_core::store::Store;
+    let cluster = Cluster::start(4);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("big");
+    let data = payload(48 << 20, "killed mid-write");
+    std::fs::write(&src, &data).unwrap();
+    let mut put = Command::new(BIN)
+        .args([
+            "block",
+            "put",
+            "--cluster",
+            &cluster.toml,
+            src.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start block put");
+    // Kill node 0 once it has stored a few blocks, while the put is still running.
+    let blocks = cluster.node_dir(0).join("data/blocks");
+    let start = Instant::now();
+    while count_files(&blocks) < 3 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        put.try_wait().unwrap().is_none(),
+        "the put finished before the kill"
+    );
+    cluster.kill9(0);
+    let out = put.wait_with_output().expect("block put finishes");
+    assert!(
+        out.status.success(),
+        "put with a node killed mid-way failed"
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    cluster.up();
+    let back = work.path().join("big.out");
+    cluster.get(&id, &back);
+    assert!(std::fs::read(&back).unwrap() == data);
+
+    ok(&["cluster", "down", "--dir", cluster.dir.to_str().unwrap()]);
+    for i in 0..4 {
+        let store = dbqsfs_daemon::store::DiskStore::open(&cluster.node_dir(i).join("data"))
+            .expect("reopen store");
+        for oid in store.list().unwrap() {
+            let ok =
+                store.get_content(&oid).unwrap().is_some() || store.get_pk(&oid).unwrap().is_some();
+            assert!(ok, "node {i} holds a torn or corrupt object {oid:?}");
+        }
+        let tmp = cluster.node_dir(i).join("data/blocks/tmp");
+        assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
+    }
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}
