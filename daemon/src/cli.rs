@@ -47,6 +47,10 @@ pub enum Command {
         /// The node directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Test builds only: make this node Byzantine in the given way.
+        #[cfg(feature = "fault-injection")]
+        #[arg(long, value_enum)]
+        fault: Option<dbqsfs_daemon::fault::Fault>,
     },
     /// Store and fetch files as blocks.
     #[command(subcommand)]
@@ -158,10 +162,19 @@ pub fn init_logs(default: &str) {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Node { dir } => {
+        Command::Node {
+            dir,
+            #[cfg(feature = "fault-injection")]
+            fault,
+        } => {
             init_logs("info");
             let node =
                 Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
+            #[cfg(feature = "fault-injection")]
+            let node = match fault {
+                Some(f) => node.with_fault(f),
+                None => node,
+            };
             runtime()?.block_on(node.run(shutdown_signal()))?;
             Ok(())
         }

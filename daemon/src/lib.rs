@@ -7,6 +7,8 @@
 pub mod blocks;
 pub mod client;
 pub mod control;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod files;
 pub mod node;
 pub mod store;

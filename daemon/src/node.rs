@@ -47,7 +47,9 @@ pub enum NodeError {
     Net(#[from] NetError),
 }
 
-type SharedReplica = Arc<RwLock<Replica<Arc<DiskStore>>>>;
+/// The store the replica runs over: the disk store, or a faulty wrapper of it in fault tests.
+type ReplicaStore = Arc<dyn Store + Send + Sync>;
+type SharedReplica = Arc<RwLock<Replica<ReplicaStore>>>;
 
 /// A node loaded from its directory, not yet serving.
 pub struct Node {
@@ -56,6 +58,8 @@ pub struct Node {
     clients: BTreeSet<[u8; 32]>,
     store: Arc<DiskStore>,
     replica: SharedReplica,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<crate::fault::Fault>,
 }
 
 impl Node {
@@ -103,9 +107,10 @@ impl Node {
             }
         };
         info!(node = %key.node_id().short(), epoch = chain.epoch(), ready, %listen, "node loaded");
+        let replica_store: ReplicaStore = store.clone();
         let replica = Replica::new(
             key.node_id(),
-            store.clone(),
+            replica_store,
             chain,
             ready,
             ReplicaOptions::default(),
@@ -116,7 +121,30 @@ impl Node {
             clients,
             store,
             replica: Arc::new(RwLock::new(replica)),
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         })
+    }
+
+    /// Makes this node Byzantine in the way `fault` says (test builds only).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(mut self, fault: crate::fault::Fault) -> Self {
+        let (chain, ready) = {
+            let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
+            (r.chain().clone(), r.is_ready())
+        };
+        let faulty: ReplicaStore =
+            Arc::new(crate::fault::FaultStore::new(self.store.clone(), fault));
+        self.replica = Arc::new(RwLock::new(Replica::new(
+            self.key.node_id(),
+            faulty,
+            chain,
+            ready,
+            ReplicaOptions::default(),
+        )));
+        self.fault = Some(fault);
+        tracing::warn!(?fault, "this node is deliberately faulty");
+        self
     }
 
     pub fn id(&self) -> NodeId {
@@ -138,10 +166,17 @@ impl Node {
         info!(addr = %endpoint.local_addr(), "serving");
         let replica = self.replica.clone();
         let store = self.store.clone();
+        #[cfg(feature = "fault-injection")]
+        let fault = self.fault;
         endpoint.serve(move |peer: VerifyingKey, request: Vec<u8>| {
             let replica = replica.clone();
             let store = store.clone();
-            async move { handle(replica, store, peer, request).await }
+            async move {
+                let reply = handle(replica, store, peer, request).await;
+                #[cfg(feature = "fault-injection")]
+                let reply = crate::fault::distort_reply(fault, reply);
+                reply
+            }
         });
         shutdown.await;
         info!("shutting down");

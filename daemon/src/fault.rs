@@ -1,0 +1,107 @@
+//! Deliberately Byzantine node behaviours, compiled only with the `fault-injection` feature.
+//!
+//! Goals: let real-node tests run one node that lies in each of the ways the protocol must
+//! survive, without touching the replica state machine: faults sit in the store under it
+//! ([`FaultStore`]) or on the replies it sends ([`distort_reply`]). Non-goals: being subtle; these
+//! are blunt faults for tests, never for production builds.
+
+use dbqsfs_core::crypto::ObjectId;
+use dbqsfs_core::object::{PkBlock, Stamp};
+use dbqsfs_core::store::{Store, StoreError};
+
+/// How a faulty node misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Serves content blocks with a flipped byte and public-key blocks with a forged value.
+    Corrupt,
+    /// Keeps the first version of each public-key block, claiming to store newer ones.
+    Stale,
+    /// Never answers.
+    Silent,
+    /// Answers every request with random bytes.
+    Garbage,
+    /// Acknowledges writes without storing anything.
+    AckWithoutStore,
+}
+
+/// A store that misbehaves as its [`Fault`] says.
+pub struct FaultStore<S> {
+    inner: S,
+    fault: Fault,
+}
+
+impl<S> FaultStore<S> {
+    pub fn new(inner: S, fault: Fault) -> Self {
+        FaultStore { inner, fault }
+    }
+}
+
+impl<S: Store> Store for FaultStore<S> {
+    fn get_content(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        let data = self.inner.get_content(id)?;
+        Ok(match (self.fault, data) {
+            (Fault::Corrupt, Some(mut d)) => {
+                match d.first_mut() {
+                    Some(b) => *b ^= 0x5a,
+                    None => d.push(0x5a),
+                }
+                Some(d)
+            }
+            (_, d) => d,
+        })
+    }
+
+    fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError> {
+        match self.fault {
+            Fault::AckWithoutStore => Ok(()),
+            _ => self.inner.put_content(id, data),
+        }
+    }
+
+    fn get_pk(&self, id: &ObjectId) -> Result<Option<PkBlock>, StoreError> {
+        let block = self.inner.get_pk(id)?;
+        Ok(match (self.fault, block) {
+            (Fault::Corrupt, Some(mut b)) => {
+                b.version += 1_000;
+                b.value.push(0x5a);
+                Some(b)
+            }
+            (_, b) => b,
+        })
+    }
+
+    fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError> {
+        match self.fault {
+            Fault::AckWithoutStore => Ok(block.stamp()),
+            Fault::Stale => match self.inner.get_pk(&block.id())? {
+                Some(_) => Ok(block.stamp()),
+                None => self.inner.put_pk_if_newer(block),
+            },
+            _ => self.inner.put_pk_if_newer(block),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        self.inner.list()
+    }
+}
+
+/// The reply a faulty node actually sends.
+pub fn distort_reply(fault: Option<Fault>, reply: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    match fault {
+        Some(Fault::Silent) => None,
+        Some(Fault::Garbage) => {
+            let mut len = [0u8; 2];
+            let _ = getrandom::fill(&mut len);
+            let mut junk = vec![0u8; usize::from(u16::from_le_bytes(len)) % 4096];
+            let _ = getrandom::fill(&mut junk);
+            // Sometimes a well-formed header, so the decoder's deeper checks are exercised too.
+            if junk.len() > 2 && len[0] % 2 == 0 {
+                junk[0] = dbqsfs_core::wire::WIRE_VERSION;
+                junk[1] = 1;
+            }
+            Some(junk)
+        }
+        _ => reply,
+    }
+}

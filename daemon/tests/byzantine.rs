@@ -1,0 +1,96 @@
+//! One Byzantine node out of four, in each fault mode (built with `--features fault-injection`):
+//! every content read returns the right bytes and public-key reads return the latest version.
+
+use dbqsfs_core::crypto::Keypair;
+use dbqsfs_core::object::pk_block_id;
+use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
+use dbqsfs_daemon::fault::Fault;
+use dbqsfs_daemon::files::ClusterInfo;
+use dbqsfs_daemon::node::Node;
+use std::process::Command;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
+
+async fn check_mode(fault: Fault) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let mut r = [0u8; 2];
+    getrandom::fill(&mut r).unwrap();
+    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
+    let out = Command::new(BIN)
+        .args(["cluster", "init", "--nodes", "4", "--dir"])
+        .arg(&dir)
+        .args(["--base-port", &base.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut stops = Vec::new();
+    for i in 0..4 {
+        let mut node = Node::load(&dir.join(format!("node-{i}"))).unwrap();
+        if i == 0 {
+            node = node.with_fault(fault);
+        }
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(node.run(async {
+            let _ = rx.await;
+        }));
+        stops.push((tx, task));
+    }
+    let info = ClusterInfo::load(&dir.join("cluster.toml")).unwrap();
+    let client = DbqsClient::connect(
+        info.genesis,
+        info.client_key,
+        DbqsClientOptions {
+            op_timeout: Duration::from_secs(20),
+            ..DbqsClientOptions::default()
+        },
+    )
+    .unwrap();
+
+    for (i, len) in [0usize, 1, 4096, 1 << 20].into_iter().enumerate() {
+        let data: Vec<u8> = (0..len).map(|x| (x * 7 + i) as u8).collect();
+        let id = client.put_content(data.clone()).await.unwrap();
+        for _ in 0..3 {
+            let got = client.get_content(id).await.unwrap();
+            assert!(
+                got.as_deref() == Some(&data[..]),
+                "{fault:?}: wrong bytes for {len}"
+            );
+        }
+    }
+    let owner = Keypair::from_seed([5; 32]);
+    let pid = pk_block_id(&owner.public(), b"head");
+    for v in 1..=4u64 {
+        let value = format!("value {v}").into_bytes();
+        client
+            .put_pk(&owner, b"head", value.clone(), None)
+            .await
+            .unwrap();
+        let got = client.get_pk(pid).await.unwrap().expect("present");
+        assert_eq!(got.value, value, "{fault:?}: read after write {v}");
+    }
+    for (tx, task) in stops {
+        let _ = tx.send(());
+        task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byzantine_node_in_every_fault_mode_cannot_change_what_clients_read() {
+    for fault in [
+        Fault::Corrupt,
+        Fault::Stale,
+        Fault::Silent,
+        Fault::Garbage,
+        Fault::AckWithoutStore,
+    ] {
+        check_mode(fault).await;
+    }
+}
