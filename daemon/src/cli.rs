@@ -55,6 +55,20 @@ pub enum Command {
     /// Store and fetch files as blocks.
     #[command(subcommand)]
     Block(BlockCmd),
+    /// Measure latency and throughput of block operations against a running cluster.
+    #[command(
+        long_about = "Measure, against a running cluster: public-key block write and read \
+        latency (p50, p99), and content block write and read throughput for 4 KiB and 1 MiB blocks \
+        with 1 and 16 operations in flight. Writes random data under a fresh owner key."
+    )]
+    Bench {
+        /// The cluster description (DIR/cluster.toml).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// Operations per measurement.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+        ops: u32,
+    },
     /// Show the cluster's epoch and each member's address, reachability and stored bytes.
     Status {
         /// The cluster description written by `cluster init` (DIR/cluster.toml).
@@ -219,6 +233,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             init_logs("warn");
             runtime()?.block_on(block_get(&cluster, id, &output))
+        }
+        Command::Bench { cluster, ops } => {
+            init_logs("warn");
+            runtime()?.block_on(bench(&cluster, ops as usize))
         }
         Command::Status { cluster } => {
             init_logs("error");
@@ -532,4 +550,118 @@ async fn status(cluster: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn bench(cluster: &Path, ops: usize) -> Result<()> {
+    let client = connect(cluster)?;
+    let owner = files::random_key().map_err(|e| anyhow!("OS randomness: {e}"))?;
+    let mut lat = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let t = Instant::now();
+        client
+            .put_pk(
+                &owner,
+                b"bench",
+                format!("v{i}").into_bytes(),
+                Some(i as u64 + 1),
+            )
+            .await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "pk write (version known): p50 {:?}  p99 {:?}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    let id = dbqsfs_core::object::pk_block_id(&owner.public(), b"bench");
+    lat.clear();
+    for _ in 0..ops {
+        let t = Instant::now();
+        client.get_pk(id).await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "pk read: p50 {:?}  p99 {:?}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    for size in [4096usize, 1 << 20] {
+        let n = if size > 65536 { ops.min(64) } else { ops };
+        for inflight in [1usize, 16] {
+            let blocks: Vec<Vec<u8>> = (0..n)
+                .map(|_| {
+                    let mut b = vec![0u8; size];
+                    getrandom::fill(&mut b).map(|()| b)
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow!("OS randomness: {e}"))?;
+            let t = Instant::now();
+            let ids = run_parallel(inflight, blocks, {
+                let c = client.clone();
+                move |b| {
+                    let c = c.clone();
+                    async move { c.put_content(b).await }
+                }
+            })
+            .await?;
+            let w = t.elapsed();
+            let t = Instant::now();
+            run_parallel(inflight, ids, {
+                let c = client.clone();
+                move |id| {
+                    let c = c.clone();
+                    async move { c.get_content(id).await }
+                }
+            })
+            .await?;
+            let r = t.elapsed();
+            let mb = (n * size) as f64 / 1e6;
+            println!(
+                "content {:>7} B x{n:<4} in flight {inflight:>2}: write {:8.1} MB/s ({:7.0} ops/s)  read {:8.1} MB/s ({:7.0} ops/s)",
+                size,
+                mb / w.as_secs_f64(),
+                n as f64 / w.as_secs_f64(),
+                mb / r.as_secs_f64(),
+                n as f64 / r.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` over `items` with at most `inflight` at once; results in input order.
+async fn run_parallel<T, R, F, Fut, E>(inflight: usize, items: Vec<T>, f: F) -> Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<R, E>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    let mut items = items.into_iter().enumerate();
+    loop {
+        while set.len() < inflight {
+            let Some((i, item)) = items.next() else { break };
+            let fut = f(item);
+            set.spawn(async move { (i, fut.await) });
+        }
+        let Some(r) = set.join_next().await else {
+            break;
+        };
+        let (i, r) = r?;
+        out[i] = Some(r?);
+    }
+    Ok(out.into_iter().flatten().collect())
 }
