@@ -83,6 +83,8 @@ pub enum Domain {
     Admission,
     /// A node's answer to a liveness probe.
     Probe,
+    /// The MS agreement protocol: committee members' protocol statements and clients' requests.
+    Agreement,
 }
 
 impl Domain {
@@ -92,6 +94,7 @@ impl Domain {
             Domain::Configuration => b"configuration",
             Domain::Admission => b"admission",
             Domain::Probe => b"probe",
+            Domain::Agreement => b"agreement",
         }
     }
 

@@ -18,6 +18,7 @@
 pub mod config;
 pub mod crypto;
 pub mod dbqs;
+pub mod ms;
 pub mod object;
 pub mod quorum;
 pub mod store;

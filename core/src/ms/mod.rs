@@ -1,0 +1,19 @@
+//! The Membership Service (MS): the committee of `3f_ms+1` members that orders membership operations
+//! and certifies each epoch's configuration (DESIGN §3).
+//!
+//! Goals: every correct committee member executes the same operations in the same order while at
+//! most `f_ms` members are Byzantine, under any message loss, duplication, delay or reordering
+//! (safety), and executes every operation of a correct submitter once the network behaves and the
+//! primary is correct or replaced (liveness).
+//!
+//! Non-goals here: what the operations mean (Join, Leave, probe reports, proofs of misbehaviour,
+//! EndEpoch are the MS state machine that runs on top of the agreement), persistence (the driver
+//! persists before it sends, as everywhere in `core/`), and the transport.
+//!
+//! Fault model: up to `f_ms` committee members may lie, equivocate, go silent, replay old messages,
+//! forge signatures of others (and fail), or send garbage; they cannot forge a correct member's or a
+//! client's signature. Clients are authenticated by their signatures only.
+//!
+//! - [`pbft`]: the agreement protocol (PBFT with signatures), a sans-IO state machine.
+
+pub mod pbft;
