@@ -20,7 +20,7 @@
 //! (at [`Client::next_timeout`]); take [`ClientOutput`]s with [`Client::poll_output`].
 
 use super::msg::{DbqsMessage, Reject, RequestId};
-use crate::config::{CertifiedConfig, ConfigChain, Configuration, Epoch};
+use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch};
 use crate::crypto::{Keypair, NodeId, ObjectId};
 use crate::object::{check_content, content_id, ObjectError, PkBlock, Stamp};
 use crate::quorum::Tally;
@@ -37,6 +37,9 @@ pub struct ClientOptions {
     pub retransmit_ms: u64,
     /// Give up on an operation after this many milliseconds (`None`: never).
     pub op_timeout_ms: Option<u64>,
+    /// The first request id. Choose it at random for each client incarnation, so that late replies
+    /// to a previous incarnation (same key, same epoch) cannot match a new request.
+    pub first_request_id: u64,
     #[cfg(feature = "mutants")]
     pub mutant: super::Mutant,
 }
@@ -46,6 +49,7 @@ impl Default for ClientOptions {
         ClientOptions {
             retransmit_ms: 500,
             op_timeout_ms: None,
+            first_request_id: 1,
             #[cfg(feature = "mutants")]
             mutant: super::Mutant::None,
         }
@@ -181,6 +185,7 @@ impl Client {
     /// A client known as `me`, starting from the verified configurations in `chain`.
     pub fn new(me: NodeId, chain: ConfigChain, opts: ClientOptions) -> Client {
         let chain_epoch = chain.epoch();
+        let first_rid = opts.first_request_id;
         Client {
             me,
             chain,
@@ -189,7 +194,7 @@ impl Client {
             by_rid: BTreeMap::new(),
             fetches: BTreeMap::new(),
             next_op: 1,
-            next_rid: 1,
+            next_rid: first_rid,
             announced: chain_epoch,
             out: VecDeque::new(),
         }
@@ -282,7 +287,7 @@ impl Client {
 
     fn fresh_rid(&mut self, op: OpId) -> RequestId {
         let rid = self.next_rid;
-        self.next_rid += 1;
+        self.next_rid = self.next_rid.wrapping_add(1);
         self.by_rid.insert(rid, op);
         rid
     }
@@ -454,8 +459,10 @@ impl Client {
         if let DbqsMessage::Configs { configs, .. } = env.msg {
             // Configurations prove themselves, so any that extend the chain are welcome.
             self.fetches.remove(&rid);
-            if self.chain.extend(configs).is_err() {
-                self.misbehaviour(from, "sent configurations that do not verify");
+            match self.chain.extend(configs) {
+                // A gap (an answer meant for a client further ahead) proves nothing either way.
+                Ok(_) | Err(ConfigError::WrongEpoch { .. }) => {}
+                Err(_) => self.misbehaviour(from, "sent configurations that do not verify"),
             }
             return self.restart_stale_ops(now);
         }
@@ -507,7 +514,7 @@ impl Client {
             return;
         }
         let rid = self.next_rid;
-        self.next_rid += 1;
+        self.next_rid = self.next_rid.wrapping_add(1);
         self.fetches.insert(rid, from);
         let epoch = self.epoch();
         self.out.push_back(ClientOutput::Send {
@@ -585,9 +592,16 @@ impl Client {
                     }
                 }
             }
-            (Phase::GetContent { id, missing, .. }, DbqsMessage::Content { id: got, data, .. }) => {
+            (
+                Phase::GetContent { id, .. } | Phase::Collect { id, .. },
+                DbqsMessage::Content { id: got, .. } | DbqsMessage::Pk { id: got, .. },
+            ) if got != *id => {
+                // A reply about another object is never counted, not even as "not held".
+                bad = Some("answered about another object");
+            }
+            (Phase::GetContent { id, missing, .. }, DbqsMessage::Content { data, .. }) => {
                 match data {
-                    Some(data) if got == *id && check_content(id, &data).is_ok() => {
+                    Some(data) if check_content(id, &data).is_ok() => {
                         next = Some(Step::Done(Outcome::Content {
                             id: *id,
                             data: Some(data),
@@ -616,10 +630,10 @@ impl Client {
                 Phase::Collect {
                     id, stamps, best, ..
                 },
-                DbqsMessage::Pk { id: got, block, .. },
+                DbqsMessage::Pk { block, .. },
             ) => {
                 let valid = match block {
-                    Some(b) if got == *id && b.verify_as(id).is_ok() => Some(b),
+                    Some(b) if b.verify_as(id).is_ok() => Some(b),
                     Some(_) => {
                         bad = Some("served a public-key block that does not verify");
                         None

@@ -36,7 +36,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
-/// After the faults heal, every operation of a correct client must complete within this bound.
+/// After the faults heal, every operation of a correct client must complete within this bound of
+/// its start (or of the heal, for operations that started before it).
 pub const LIVENESS_BOUND_MS: u64 = 60_000;
 /// A run that processes more events than this is reported as a violation (a livelock).
 const EVENT_BUDGET: u64 = 3_000_000;
@@ -203,6 +204,8 @@ struct Sim {
     healed_at: Option<u64>,
     /// The audit's reads, taken one at a time by the auditor client.
     audit_queue: Vec<(Operation, HKind)>,
+    /// Per client, the event indexes of its most recent sends (lost in part if it crashes now).
+    recent_sends: BTreeMap<NodeId, Vec<(u64, usize)>>,
 }
 
 /// Runs one seed.
@@ -240,7 +243,7 @@ impl Sim {
             max_delay: *rng.pick(&[2, 20, 100]),
             partitions: rng.chance(0.5),
             crashes: rng.chance(0.5),
-            client_crashes: rng.chance(0.3),
+            client_crashes: rng.chance(0.5),
             epoch_changes: rng.below(4) as u32,
             heal_at: rng.range(500, 5000),
             slow_links: rng.chance(0.5).then(|| rng.next_u64()),
@@ -329,6 +332,7 @@ impl Sim {
             completed: 0,
             healed_at: None,
             audit_queue: Vec::new(),
+            recent_sends: BTreeMap::new(),
             swarm,
         };
         for c in 0..sim.swarm.clients {
@@ -365,12 +369,13 @@ impl Sim {
         c
     }
 
-    fn new_client_machine(&self, key: &Keypair) -> Client {
+    fn new_client_machine(&mut self, key: &Keypair) -> Client {
         // Clients start from genesis and learn newer configurations from the replicas.
         let chain = ConfigChain::new(self.configs[0].clone()).expect("genesis is valid");
         let opts = ClientOptions {
             retransmit_ms: RETRANSMIT_MS,
             op_timeout_ms: None,
+            first_request_id: self.rng.next_u64(),
             mutant: self.opts.mutant,
         };
         Client::new(key.node_id(), chain, opts)
@@ -429,7 +434,9 @@ impl Sim {
                 ));
                 break;
             }
-            let ev = self.events[idx].take().expect("each event runs once");
+            let Some(ev) = self.events[idx].take() else {
+                continue; // cancelled: lost in a crash
+            };
             self.step(ev);
             if let Some(h) = self.healed_at {
                 let workload_done = self
@@ -447,12 +454,19 @@ impl Sim {
                 if audit_started && all_done {
                     break;
                 }
-                if self.now > h + LIVENESS_BOUND_MS {
+                // Every operation must complete within the bound of its start or of the heal,
+                // whichever is later.
+                let overdue = |c: &ClientSlot| {
+                    c.current.is_some_and(|(_, hi)| {
+                        self.now > self.history[hi].call.max(h) + LIVENESS_BOUND_MS
+                    })
+                };
+                if self.clients.iter().any(overdue) {
                     let stuck: Vec<String> = self
                         .clients
                         .iter()
                         .enumerate()
-                        .filter(|(_, c)| c.current.is_some())
+                        .filter(|(_, c)| overdue(c))
                         .map(|(i, c)| {
                             format!(
                                 "client {i}: {:?}",
@@ -460,11 +474,32 @@ impl Sim {
                             )
                         })
                         .collect();
+                    let nodes: Vec<String> = self
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            let byz = n
+                                .byz
+                                .as_ref()
+                                .map_or(String::new(), |b| format!(" {}", b.kind));
+                            let ready = if n.replica.is_ready() {
+                                "ready"
+                            } else {
+                                "NOT ready"
+                            };
+                            format!(
+                                "{} epoch {} {ready}{byz}",
+                                n.key.node_id().short(),
+                                n.replica.epoch()
+                            )
+                        })
+                        .collect();
                     self.violation(format!(
-                        "liveness: {} operations still running {}ms after the faults healed: {}",
+                        "liveness: {} operations still running {}ms after they started or the faults healed: {}; nodes: {}",
                         stuck.len(),
                         LIVENESS_BOUND_MS,
-                        stuck.join("; ")
+                        stuck.join("; "),
+                        nodes.join(", ")
                     ));
                     break;
                 }
@@ -503,6 +538,14 @@ impl Sim {
             Ev::ClientCrash { c } => {
                 if self.clients[c].up && !self.clients[c].auditor {
                     self.clients[c].up = false;
+                    // What it had sent in the last few milliseconds may not have left the machine:
+                    // each such message is lost with probability one half.
+                    let me = self.clients[c].key.node_id();
+                    for (_, idx) in self.recent_sends.remove(&me).unwrap_or_default() {
+                        if self.rng.chance(0.5) {
+                            self.events[idx] = None;
+                        }
+                    }
                     // The operation in flight is abandoned: it stays without a return in the history.
                     self.clients[c].current = None;
                     self.clients[c].timer_at = None;
@@ -570,16 +613,17 @@ impl Sim {
 
     // ---- network ----
 
-    fn send(&mut self, from: NodeId, to: NodeId, bytes: Vec<u8>) {
+    /// Puts `bytes` on the network; returns the event index of the (first) delivery, if any.
+    fn send(&mut self, from: NodeId, to: NodeId, bytes: Vec<u8>) -> Option<usize> {
         let mut copies = 1;
         if self.faulty {
             if let Some(side) = &self.partition {
                 if side.contains(&from) != side.contains(&to) {
-                    return;
+                    return None;
                 }
             }
             if self.rng.chance(self.swarm.drop_p) {
-                return;
+                return None;
             }
             if self.rng.chance(self.swarm.dup_p) {
                 copies = 2;
@@ -589,6 +633,7 @@ impl Sim {
             .swarm
             .slow_links
             .map_or(0, |salt| link_skew(salt, &from, &to));
+        let first = self.events.len();
         for _ in 0..copies {
             let at = self.now + skew + self.rng.range(1, self.swarm.max_delay);
             self.schedule(
@@ -600,6 +645,7 @@ impl Sim {
                 },
             );
         }
+        Some(first)
     }
 
     // ---- replicas ----
@@ -1064,7 +1110,25 @@ impl Sim {
         let me = self.clients[c].key.node_id();
         while let Some(out) = self.clients[c].client.poll_output() {
             match out {
-                ClientOutput::Send { to, bytes } => self.send(me, to, bytes),
+                ClientOutput::Send { to, bytes } => {
+                    // Sometimes crash a writer right after a write leaves, so that it can reach
+                    // only some replicas: the schedule that write-back exists for.
+                    let is_write = matches!(
+                        decode::<DbqsMessage>(&bytes).map(|e| e.msg),
+                        Ok(DbqsMessage::PutPk { .. })
+                    );
+                    let first = self.send(me, to, bytes);
+                    if self.swarm.client_crashes && self.faulty && !self.clients[c].auditor {
+                        let now = self.now;
+                        let recent = self.recent_sends.entry(me).or_default();
+                        recent.retain(|&(t, _)| t + 3 >= now);
+                        recent.extend(first.map(|i| (now, i)));
+                        if is_write && self.rng.chance(0.03) {
+                            let at = self.now + self.rng.range(0, 2);
+                            self.schedule(at, Ev::ClientCrash { c });
+                        }
+                    }
+                }
                 ClientOutput::Done { op, outcome } => self.finish(c, op, outcome),
                 ClientOutput::Misbehaviour { from, what } => {
                     if !self
