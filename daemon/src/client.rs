@@ -132,6 +132,9 @@ impl DbqsClient {
             ClientOptions {
                 retransmit_ms: opts.retransmit.as_millis() as u64,
                 op_timeout_ms: Some(opts.op_timeout.as_millis() as u64),
+                // A fresh random start, so late replies to an earlier run of this client (same key)
+                // can never match a request of this one.
+                first_request_id: random_u64(),
                 ..ClientOptions::default()
             },
         );
@@ -295,4 +298,14 @@ async fn drive(mut core: Client, endpoint: Endpoint, mut submissions: mpsc::Rece
                 if deadline.is_some() => core.handle_timeout(now()),
         }
     }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // Without OS randomness, fall back to the clock: still distinct between runs.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return t.as_nanos() as u64;
+    }
+    u64::from_le_bytes(b)
 }
