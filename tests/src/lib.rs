@@ -4,9 +4,12 @@
 //!   seeded, virtual-time network with loss, duplication, reordering, partitions and crashes, with
 //!   named Byzantine adversaries, test-driven epoch changes, and checkers (linearizability of
 //!   public-key blocks, integrity of content blocks, no lost write, liveness after faults heal).
+//! - [`agreement_sim`]: the deterministic simulator of the MS agreement protocol (PBFT), with
+//!   Byzantine committee members, safety checks after every step and liveness after healing.
 //! - [`rng`]: the one seeded PRNG every random choice of a run comes from.
 //! - [`checker`]: the history checkers, usable on any recorded history.
 
+pub mod agreement_sim;
 pub mod checker;
 pub mod rng;
 pub mod sim;

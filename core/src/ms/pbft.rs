@@ -54,7 +54,9 @@
 //!   accepting messages of its view and broadcasts a signed VIEW-CHANGE for `v+1` with its stable
 //!   checkpoint proof and its prepared certificates above it (each: the pre-prepare and `2f`
 //!   prepares, all signed, with the batch attached). A member that sees `f+1` view changes for
-//!   higher views joins the smallest of them. The new primary, with `2f+1` view changes, computes
+//!   higher views joins the smallest of them; once `2f+1` members are changing to its target view
+//!   or a later one, a member gives the new primary a (doubling) timeout before moving on to the
+//!   next view. The new primary, with `2f+1` view changes for its view, computes
 //!   the re-issued pre-prepares (PBFT's O set, [`msg::reissue`]): for each sequence number above
 //!   the highest stable checkpoint, the batch of the prepared certificate of the highest view, or
 //!   the null batch; it broadcasts a signed NEW-VIEW with the view changes and those pre-prepares.
@@ -139,7 +141,7 @@ const REQUEST_OVERHEAD: usize = 160;
 /// Bytes a signed vote (prepare, commit, checkpoint) takes on the wire, generously.
 const SIGNED_VOTE: usize = 160;
 /// The request timeout doubles at most this many times.
-const MAX_BACKOFF: u32 = 6;
+const MAX_BACKOFF: u32 = 4;
 /// Most pending requests resent per tick.
 const RESEND_PER_TICK: usize = 64;
 
@@ -1477,18 +1479,24 @@ impl Agreement {
         let Some(target) = self.changing else {
             return;
         };
-        let count = self
+        // The timer runs once 2f+1 members are changing to this view or a later one (a member
+        // that already moved further on still wants to leave this one); without such a quorum a
+        // member waits, so a lonely member does not run ahead of the others.
+        let leaving = self
+            .view_changes
+            .values()
+            .filter(|(vc, _)| vc.body.new_view >= target)
+            .count();
+        if leaving >= self.quorum() && self.new_view_deadline.is_none() {
+            self.new_view_deadline = Some(self.now.saturating_add(self.timeout()));
+        }
+        let exact = self
             .view_changes
             .values()
             .filter(|(vc, _)| vc.body.new_view == target)
             .count();
-        if count >= self.quorum() {
-            if self.new_view_deadline.is_none() {
-                self.new_view_deadline = Some(self.now.saturating_add(self.timeout()));
-            }
-            if self.committee.primary(target) == self.me {
-                self.send_new_view(target);
-            }
+        if exact >= self.quorum() && self.committee.primary(target) == self.me {
+            self.send_new_view(target);
         }
     }
 

@@ -1,0 +1,1260 @@
+//! The deterministic simulator of the MS agreement protocol (`dbqsfs_core::ms::pbft`).
+//!
+//! One seed fixes everything: the swarm parameters of the run (committee size from `f`, protocol
+//! options, clients, loss, duplication, delay, partitions, crashes, primary crashes, which members
+//! are Byzantine and how), and every random choice during it. Time is virtual (milliseconds); events
+//! run in (time, sequence) order from one queue, so a seed replays exactly, and a digest of every
+//! delivery and decision proves it.
+//!
+//! A run has two phases:
+//! 1. faults: clients submit requests (one outstanding each, to random members, retried at other
+//!    members, sometimes duplicated) while the network drops, duplicates, delays and reorders
+//!    messages, partitions members, members crash and restart, and the primary is crashed on purpose
+//!    to force view changes; up to `f` members are Byzantine all along;
+//! 2. healed: the network is reliable and every member is up (the Byzantine ones stay Byzantine);
+//!    every request of every client must be executed by every correct member within
+//!    [`LIVENESS_BOUND_MS`].
+//!
+//! Checks, after every step: a correct member executes sequence numbers in order; no two correct
+//! members execute different requests at one sequence number; no correct member executes a request
+//! twice; no correct member sees two commit certificates for different batches at one sequence
+//! number; no evidence names a correct member; a state a member installs is held by another member
+//! and extends what it had executed. At the end: liveness.
+//!
+//! The Byzantine members run the real state machine and lie through its outputs (see
+//! [`Adversary`]).
+
+use crate::rng::Rng;
+use dbqsfs_core::crypto::{Keypair, NodeId, PublicKey};
+pub use dbqsfs_core::ms::pbft::Mutant;
+use dbqsfs_core::ms::pbft::{
+    batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options, Output,
+    PrePrepare, Request, RequestKey, SeqNo, Signed,
+};
+use dbqsfs_core::wire::{decode, encode_msg};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt;
+
+/// After the faults heal, every request must be executed by every correct member within this bound.
+pub const LIVENESS_BOUND_MS: u64 = 90_000;
+/// A run that processes more events than this is reported as a violation (a livelock).
+const EVENT_BUDGET: u64 = 4_000_000;
+const EPOCH: u64 = 7;
+
+/// What a run is asked to do.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub f: u32,
+    pub mutant: Mutant,
+}
+
+/// What a run found.
+#[derive(Clone, Debug)]
+pub struct SeedReport {
+    pub seed: u64,
+    /// Client requests executed (by the first correct member to execute each).
+    pub decided: u64,
+    /// The highest view a correct member reached.
+    pub max_view: u64,
+    pub violations: Vec<String>,
+    pub digest: [u8; 32],
+    /// The swarm parameters drawn, for the report of a failing seed.
+    pub setup: String,
+}
+
+/// The named Byzantine behaviours a member can draw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adversary {
+    /// Sends nothing.
+    Silent,
+    /// Sends random bytes and bit-flipped copies of its messages.
+    Garbage,
+    /// Sends its statements with broken signatures, someone else's signer index, or a body altered
+    /// after signing; submits requests with forged client signatures.
+    BadSignatures,
+    /// As primary: sends different batches to two halves of the committee (with commits backing
+    /// each half) for a few sequence numbers, then stops proposing. As backup: sometimes sends a
+    /// prepare for another digest to half of the members.
+    Equivocate,
+    /// As primary: never sends pre-prepares (and sometimes no new view). As backup: sends its
+    /// commits to half of the members only.
+    Withhold,
+    /// Honest, but re-sends old messages to random members, re-submits executed requests, and as
+    /// primary puts executed requests into its batches.
+    Replay,
+    /// As the primary of a new view: re-issues every sequence number as the null batch, dropping
+    /// what was prepared. As backup: withholds its commits from one member.
+    OmitInNewView,
+}
+
+impl Adversary {
+    pub const ALL: [Adversary; 7] = [
+        Adversary::Silent,
+        Adversary::Garbage,
+        Adversary::BadSignatures,
+        Adversary::Equivocate,
+        Adversary::Withhold,
+        Adversary::Replay,
+        Adversary::OmitInNewView,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Adversary::Silent => "silent",
+            Adversary::Garbage => "garbage",
+            Adversary::BadSignatures => "bad-signatures",
+            Adversary::Equivocate => "equivocate",
+            Adversary::Withhold => "withhold",
+            Adversary::Replay => "replay",
+            Adversary::OmitInNewView => "omit-in-new-view",
+        }
+    }
+}
+
+impl fmt::Display for Adversary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        m: usize,
+        at: u64,
+    },
+    /// A client's request reaches member `m`.
+    Submit {
+        m: usize,
+        req: Request,
+    },
+    ClientNext {
+        c: usize,
+    },
+    ClientRetry {
+        c: usize,
+        seq: u64,
+    },
+    Crash {
+        m: usize,
+    },
+    CrashPrimary,
+    Restart {
+        m: usize,
+    },
+    Partition,
+    HealPartition,
+    ByzTick {
+        m: usize,
+    },
+    Heal,
+}
+
+/// The application a member runs: the log of what it executed, as a hash chain.
+#[derive(Clone, Debug, Default)]
+struct App {
+    /// `log[i]`: the requests executed at sequence number `i + 1` (key and digest).
+    log: Vec<Vec<(RequestKey, Digest)>>,
+    /// `digests[i]`: the application digest after sequence number `i + 1`.
+    digests: Vec<Digest>,
+    executed: BTreeSet<RequestKey>,
+}
+
+impl App {
+    fn last(&self) -> SeqNo {
+        self.log.len() as SeqNo
+    }
+
+    fn digest(&self) -> Digest {
+        self.digests.last().copied().unwrap_or([0; 32])
+    }
+
+    fn execute(&mut self, seq: SeqNo, requests: &[Request]) {
+        let entry: Vec<(RequestKey, Digest)> =
+            requests.iter().map(|r| (r.key(), r.digest())).collect();
+        let mut h = blake3::Hasher::new();
+        h.update(&self.digest());
+        h.update(&seq.to_le_bytes());
+        for (_, d) in &entry {
+            h.update(d);
+        }
+        self.log.push(entry);
+        self.digests.push(*h.finalize().as_bytes());
+        self.executed.extend(requests.iter().map(|r| r.key()));
+    }
+
+    /// The application as it was after sequence number `seq`.
+    fn prefix(&self, seq: SeqNo) -> App {
+        let log = self.log[..seq as usize].to_vec();
+        let executed = log.iter().flatten().map(|(k, _)| *k).collect();
+        App {
+            log,
+            digests: self.digests[..seq as usize].to_vec(),
+            executed,
+        }
+    }
+}
+
+struct Byz {
+    kind: Adversary,
+    /// Messages it received, for replaying.
+    recorded: Vec<(usize, Vec<u8>)>,
+    /// Requests its core executed, for replaying.
+    old_requests: Vec<Request>,
+    /// Pre-prepares left to equivocate on before withholding, in the current view.
+    equivocations_left: u32,
+    /// The member it withholds commits from.
+    victim: usize,
+    /// A client key of its own, for requests nobody else submitted.
+    fake_client: Keypair,
+    fake_seq: u64,
+}
+
+struct Member {
+    key: Keypair,
+    core: Agreement,
+    up: bool,
+    byz: Option<Byz>,
+    timer_at: Option<u64>,
+    app: App,
+    /// Requests of the simulated clients this member executed.
+    client_executed: usize,
+}
+
+struct ClientSlot {
+    key: Keypair,
+    next_seq: u64,
+    remaining: u32,
+    current: Option<Request>,
+}
+
+/// The swarm parameters of one run.
+#[derive(Debug)]
+struct Swarm {
+    clients: usize,
+    requests_per_client: u32,
+    drop_p: f64,
+    dup_p: f64,
+    max_delay: u64,
+    partitions: bool,
+    crashes: bool,
+    primary_crashes: u32,
+    heal_at: u64,
+    client_retry_ms: u64,
+    max_batch: usize,
+    checkpoint_interval: u64,
+    window: u64,
+    pipeline: u64,
+    request_timeout_ms: u64,
+    tick_ms: u64,
+}
+
+struct Sim {
+    rng: Rng,
+    swarm: Swarm,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Ev>>,
+    processed: u64,
+    digest: blake3::Hasher,
+    members: Vec<Member>,
+    ids: Vec<NodeId>,
+    clients: Vec<ClientSlot>,
+    client_keys: BTreeSet<PublicKey>,
+    faulty: bool,
+    partition: Option<BTreeSet<usize>>,
+    /// Every request the clients created.
+    submitted: Vec<RequestKey>,
+    /// seq → (digests executed there, first correct member that executed it).
+    reference: BTreeMap<SeqNo, (Vec<Digest>, usize)>,
+    /// Client requests executed by some correct member.
+    decided: BTreeSet<RequestKey>,
+    violations: Vec<String>,
+    healed_at: Option<u64>,
+}
+
+/// Runs one seed.
+pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
+    let mut sim = Sim::new(seed, opts.clone());
+    sim.run();
+    let byz: Vec<String> = sim
+        .members
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.byz.as_ref().map(|b| format!("{i}:{}", b.kind)))
+        .collect();
+    let setup = format!("{:?} byzantine={byz:?}", sim.swarm);
+    let max_view = sim
+        .members
+        .iter()
+        .filter(|m| m.byz.is_none())
+        .map(|m| m.core.view())
+        .max()
+        .unwrap_or(0);
+    SeedReport {
+        seed,
+        decided: sim.decided.len() as u64,
+        max_view,
+        violations: sim.violations,
+        digest: *sim.digest.finalize().as_bytes(),
+        setup,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, opts: RunOptions) -> Sim {
+        let mut rng = Rng::new(seed);
+        let f = opts.f as usize;
+        let n = 3 * f + 1;
+        let checkpoint_interval = *rng.pick(&[2u64, 4, 8]);
+        let swarm = Swarm {
+            clients: 2 + rng.below(4),
+            requests_per_client: 5 + rng.below(26) as u32,
+            drop_p: *rng.pick(&[0.0, 0.01, 0.05, 0.15]),
+            dup_p: *rng.pick(&[0.0, 0.02, 0.1]),
+            max_delay: *rng.pick(&[2, 20, 100]),
+            partitions: rng.chance(0.4),
+            crashes: rng.chance(0.4),
+            primary_crashes: rng.below(3) as u32,
+            heal_at: rng.range(1_000, 8_000),
+            client_retry_ms: rng.range(500, 3_000),
+            max_batch: *rng.pick(&[1usize, 2, 4, 8]),
+            checkpoint_interval,
+            window: checkpoint_interval * *rng.pick(&[2u64, 4]),
+            pipeline: *rng.pick(&[1u64, 2, 4]),
+            request_timeout_ms: *rng.pick(&[300u64, 600, 1_000]),
+            tick_ms: *rng.pick(&[50u64, 100, 250]),
+        };
+        // Batches of a whole window must fit in one message (the core refuses such options).
+        let mut swarm = swarm;
+        swarm.max_batch = swarm.max_batch.min(128 / swarm.window as usize).max(1);
+        let keys: Vec<Keypair> = (0..n).map(|_| Keypair::from_seed(rng.seed32())).collect();
+        let committee: Vec<PublicKey> = keys.iter().map(|k| k.public()).collect();
+        let ids: Vec<NodeId> = keys.iter().map(|k| k.node_id()).collect();
+        // Byzantine members: up to f, each with its own adversary. A primary-type adversary is
+        // often put where it will be primary: view 0 (index 0) or the first view change (index 1).
+        let byz_count = if rng.chance(0.5) { f } else { rng.below(f + 1) };
+        let mut slots: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut slots);
+        let mut byz: BTreeMap<usize, Adversary> = BTreeMap::new();
+        for &i in slots.iter().take(byz_count) {
+            let kind = *rng.pick(&Adversary::ALL);
+            let wanted = match kind {
+                Adversary::Equivocate | Adversary::Withhold => Some(0),
+                Adversary::OmitInNewView => Some(1),
+                _ => None,
+            };
+            let at = match wanted {
+                Some(w) if rng.chance(0.6) && !byz.contains_key(&w) => w,
+                _ => i,
+            };
+            let at = if byz.contains_key(&at) {
+                (0..n).find(|j| !byz.contains_key(j)).expect("fewer than n")
+            } else {
+                at
+            };
+            byz.insert(at, kind);
+        }
+        let core_opts = Options {
+            epoch: EPOCH,
+            max_batch: swarm.max_batch,
+            checkpoint_interval: swarm.checkpoint_interval,
+            window: swarm.window,
+            pipeline: swarm.pipeline.min(swarm.window),
+            request_timeout_ms: swarm.request_timeout_ms,
+            tick_ms: swarm.tick_ms,
+            max_pending: 1024,
+            mutant: opts.mutant,
+        };
+        let mut members = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let core = Agreement::new(key.clone(), committee.clone(), core_opts.clone())
+                .expect("the simulator builds valid committees");
+            let byz = byz.get(&i).map(|&kind| Byz {
+                kind,
+                recorded: Vec::new(),
+                old_requests: Vec::new(),
+                equivocations_left: 1 + rng.below(4) as u32,
+                victim: (i + 1 + rng.below(n - 1)) % n,
+                fake_client: Keypair::from_seed(rng.seed32()),
+                fake_seq: 0,
+            });
+            members.push(Member {
+                key: key.clone(),
+                core,
+                up: true,
+                byz,
+                timer_at: None,
+                app: App::default(),
+                client_executed: 0,
+            });
+        }
+        let clients: Vec<ClientSlot> = (0..swarm.clients)
+            .map(|_| ClientSlot {
+                key: Keypair::from_seed(rng.seed32()),
+                next_seq: 1,
+                remaining: swarm.requests_per_client,
+                current: None,
+            })
+            .collect();
+        let client_keys = clients.iter().map(|c| c.key.public()).collect();
+        Sim {
+            rng,
+            swarm,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            processed: 0,
+            digest: blake3::Hasher::new(),
+            members,
+            ids,
+            clients,
+            client_keys,
+            faulty: true,
+            partition: None,
+            submitted: Vec::new(),
+            reference: BTreeMap::new(),
+            decided: BTreeSet::new(),
+            violations: Vec::new(),
+            healed_at: None,
+        }
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        let idx = self.events.len();
+        self.events.push(Some(ev));
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, idx)));
+    }
+
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(format!("t={}ms: {what}", self.now));
+        }
+    }
+
+    fn correct(&self, m: usize) -> bool {
+        self.members[m].byz.is_none()
+    }
+
+    fn run(&mut self) {
+        for m in 0..self.members.len() {
+            self.schedule(0, Ev::Timer { m, at: 0 });
+            self.members[m].timer_at = Some(0);
+            if self.members[m].byz.is_some() {
+                let at = self.rng.range(50, 300);
+                self.schedule(at, Ev::ByzTick { m });
+            }
+        }
+        for c in 0..self.clients.len() {
+            let at = self.rng.range(0, 100);
+            self.schedule(at, Ev::ClientNext { c });
+        }
+        let heal_at = self.swarm.heal_at;
+        self.schedule(heal_at, Ev::Heal);
+        if self.swarm.partitions {
+            for _ in 0..3 {
+                let at = self.rng.range(0, heal_at);
+                self.schedule(at, Ev::Partition);
+            }
+        }
+        if self.swarm.crashes {
+            for _ in 0..3 {
+                let at = self.rng.range(0, heal_at);
+                let m = self.rng.below(self.members.len());
+                self.schedule(at, Ev::Crash { m });
+            }
+        }
+        for _ in 0..self.swarm.primary_crashes {
+            let at = self.rng.range(100, heal_at);
+            self.schedule(at, Ev::CrashPrimary);
+        }
+        while let Some(Reverse((at, _, idx))) = self.queue.pop() {
+            self.now = at;
+            self.processed += 1;
+            if self.processed > EVENT_BUDGET {
+                self.violation(format!(
+                    "event budget of {EVENT_BUDGET} exceeded (livelock?)"
+                ));
+                break;
+            }
+            let ev = self.events[idx].take().expect("each event runs once");
+            self.step(ev);
+            if let Some(h) = self.healed_at {
+                if self.finished() {
+                    break;
+                }
+                if self.now > h + LIVENESS_BOUND_MS {
+                    self.report_liveness();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Every client is done and every correct member executed every request.
+    fn finished(&self) -> bool {
+        self.clients
+            .iter()
+            .all(|c| c.remaining == 0 && c.current.is_none())
+            && self
+                .members
+                .iter()
+                .filter(|m| m.byz.is_none())
+                .all(|m| m.client_executed == self.submitted.len())
+    }
+
+    fn report_liveness(&mut self) {
+        let mut problems = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if m.byz.is_some() {
+                continue;
+            }
+            let missing = self
+                .submitted
+                .iter()
+                .filter(|k| !m.app.executed.contains(k))
+                .count();
+            if missing > 0 {
+                problems.push(format!(
+                    "member {i} (view {}, changing {:?}, executed {}, stable {}) misses {missing} of {} requests",
+                    m.core.view(),
+                    m.core.changing_to(),
+                    m.core.last_executed(),
+                    m.core.stable_checkpoint(),
+                    self.submitted.len()
+                ));
+            }
+        }
+        let waiting = self.clients.iter().filter(|c| c.current.is_some()).count();
+        self.violation(format!(
+            "liveness: {LIVENESS_BOUND_MS}ms after the faults healed, {waiting} clients still wait; {}",
+            problems.join("; ")
+        ));
+    }
+
+    fn step(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::Deliver { to, from, bytes } => {
+                self.digest.update(&now.to_le_bytes());
+                self.digest.update(&[to as u8, from as u8]);
+                self.digest.update(blake3::hash(&bytes).as_bytes());
+                if !self.members[to].up {
+                    return;
+                }
+                if let Some(b) = self.members[to].byz.as_mut() {
+                    if b.kind == Adversary::Replay && b.recorded.len() < 400 {
+                        b.recorded.push((from, bytes.clone()));
+                    }
+                }
+                let from_id = self.ids[from];
+                let _ = self.members[to].core.handle_message(now, from_id, &bytes);
+                self.drain(to);
+            }
+            Ev::Timer { m, at } => {
+                if self.members[m].timer_at == Some(at) {
+                    self.members[m].timer_at = None;
+                    if self.members[m].up {
+                        self.members[m].core.handle_timeout(now);
+                        self.drain(m);
+                    }
+                }
+            }
+            Ev::Submit { m, req } => {
+                if self.members[m].up {
+                    if self.members[m]
+                        .byz
+                        .as_ref()
+                        .is_some_and(|b| b.kind == Adversary::Silent)
+                    {
+                        return;
+                    }
+                    let _ = self.members[m].core.submit(now, req);
+                    self.drain(m);
+                }
+            }
+            Ev::ClientNext { c } => self.client_next(c),
+            Ev::ClientRetry { c, seq } => {
+                let current = self.clients[c].current.clone();
+                if let Some(req) = current.filter(|r| r.seq == seq) {
+                    self.submit_to_random(req);
+                    let at = now + self.swarm.client_retry_ms;
+                    self.schedule(at, Ev::ClientRetry { c, seq });
+                }
+            }
+            Ev::Crash { m } => {
+                if self.faulty && self.members[m].up {
+                    self.members[m].up = false;
+                    let at = now + self.rng.range(100, 2_000);
+                    self.schedule(at, Ev::Restart { m });
+                }
+            }
+            Ev::CrashPrimary => {
+                if self.faulty {
+                    // The primary of the highest view a correct member is in.
+                    let view = (0..self.members.len())
+                        .filter(|&i| self.correct(i))
+                        .map(|i| self.members[i].core.view())
+                        .max()
+                        .unwrap_or(0);
+                    let p = (view % self.members.len() as u64) as usize;
+                    if self.members[p].up {
+                        self.members[p].up = false;
+                        let at = now + self.rng.range(500, 3_000);
+                        self.schedule(at, Ev::Restart { m: p });
+                    }
+                }
+            }
+            Ev::Restart { m } => self.restart(m),
+            Ev::Partition => {
+                if self.faulty {
+                    let side: BTreeSet<usize> = (0..self.members.len())
+                        .filter(|_| self.rng.chance(0.4))
+                        .collect();
+                    self.partition = Some(side);
+                    let at = now + self.rng.range(100, 1_500);
+                    self.schedule(at, Ev::HealPartition);
+                }
+            }
+            Ev::HealPartition => self.partition = None,
+            Ev::ByzTick { m } => {
+                self.byz_tick(m);
+                let at = now + self.rng.range(50, 300);
+                self.schedule(at, Ev::ByzTick { m });
+            }
+            Ev::Heal => {
+                self.faulty = false;
+                self.partition = None;
+                self.healed_at = Some(now);
+                for m in 0..self.members.len() {
+                    self.restart(m);
+                }
+            }
+        }
+    }
+
+    fn restart(&mut self, m: usize) {
+        if self.members[m].up {
+            return;
+        }
+        self.members[m].up = true;
+        self.members[m].core.handle_timeout(self.now);
+        self.drain(m);
+    }
+
+    // ---- network ----
+
+    fn send(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
+        let mut copies = 1;
+        if self.faulty {
+            if let Some(side) = &self.partition {
+                if side.contains(&from) != side.contains(&to) {
+                    return;
+                }
+            }
+            if self.rng.chance(self.swarm.drop_p) {
+                return;
+            }
+            if self.rng.chance(self.swarm.dup_p) {
+                copies = 2;
+            }
+        }
+        for _ in 0..copies {
+            let at = self.now + self.rng.range(1, self.swarm.max_delay);
+            self.schedule(
+                at,
+                Ev::Deliver {
+                    to,
+                    from,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    fn others(&self, m: usize) -> Vec<usize> {
+        (0..self.members.len()).filter(|&i| i != m).collect()
+    }
+
+    // ---- members ----
+
+    fn drain(&mut self, m: usize) {
+        while let Some(out) = self.members[m].core.poll_output() {
+            match out {
+                Output::Send { to, bytes } => {
+                    let to = self.ids.iter().position(|i| *i == to).expect("a member");
+                    self.emit(m, vec![to], bytes);
+                }
+                Output::Broadcast { bytes } => {
+                    let to = self.others(m);
+                    self.emit(m, to, bytes);
+                }
+                Output::Decided { seq, requests } => self.on_decided(m, seq, requests),
+                Output::Checkpoint { seq } => {
+                    let app = self.members[m].app.digest();
+                    self.members[m].core.checkpoint_digest(seq, app);
+                }
+                Output::InstallState { seq, app_digest } => self.install_state(m, seq, app_digest),
+                Output::EnteredView { view } => {
+                    // An equivocating primary equivocates again in each view it leads.
+                    let leads = view % self.members.len() as u64 == m as u64;
+                    if leads && self.members[m].byz.is_some() {
+                        let k = 1 + self.rng.below(4) as u32;
+                        if let Some(b) = self.members[m].byz.as_mut() {
+                            b.equivocations_left = k;
+                        }
+                    }
+                }
+                Output::Evidence(e) => self.on_evidence(m, e),
+            }
+        }
+        if !self.members[m].up {
+            return;
+        }
+        if let Some(t) = self.members[m].core.next_timeout() {
+            let t = t.max(self.now + 1);
+            if self.members[m].timer_at.is_none_or(|cur| t < cur) {
+                self.members[m].timer_at = Some(t);
+                self.schedule(t, Ev::Timer { m, at: t });
+            }
+        }
+    }
+
+    fn on_decided(&mut self, m: usize, seq: SeqNo, requests: Vec<Request>) {
+        self.digest.update(&[m as u8]);
+        self.digest.update(&seq.to_le_bytes());
+        let correct = self.correct(m);
+        if let Some(b) = self.members[m].byz.as_mut() {
+            if b.old_requests.len() < 200 {
+                b.old_requests.extend(requests.iter().cloned());
+            }
+        }
+        let app = &self.members[m].app;
+        if seq != app.last() + 1 {
+            let last = app.last();
+            if correct {
+                self.violation(format!(
+                    "member {m} executed sequence number {seq} after {last}"
+                ));
+            }
+            return;
+        }
+        let twice: Vec<RequestKey> = requests
+            .iter()
+            .map(|r| r.key())
+            .filter(|k| app.executed.contains(k))
+            .collect();
+        if correct && !twice.is_empty() {
+            self.violation(format!(
+                "member {m} executed a request twice (at sequence number {seq})"
+            ));
+        }
+        let digests: Vec<Digest> = requests.iter().map(|r| r.digest()).collect();
+        if correct {
+            match self.reference.get(&seq) {
+                None => {
+                    self.reference.insert(seq, (digests, m));
+                }
+                Some((d, first)) if *d != digests => {
+                    let first = *first;
+                    self.violation(format!(
+                        "SAFETY: members {first} and {m} executed different requests at sequence number {seq}"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let ours = requests
+            .iter()
+            .filter(|r| self.client_keys.contains(&r.client))
+            .count();
+        self.members[m].client_executed += ours;
+        self.members[m].app.execute(seq, &requests);
+        if correct {
+            let mut finished = Vec::new();
+            for r in &requests {
+                if self.client_keys.contains(&r.client) {
+                    self.decided.insert(r.key());
+                    finished.push(r.key());
+                }
+            }
+            for key in finished {
+                self.client_done(key);
+            }
+        }
+    }
+
+    fn install_state(&mut self, m: usize, seq: SeqNo, app_digest: Digest) {
+        let source = (0..self.members.len()).filter(|&j| j != m).find(|&j| {
+            let a = &self.members[j].app;
+            a.last() >= seq && a.digests[seq as usize - 1] == app_digest
+        });
+        let Some(j) = source else {
+            if self.correct(m) {
+                self.violation(format!(
+                    "member {m} installs the state at {seq} but no member holds it"
+                ));
+            }
+            return;
+        };
+        let app = self.members[j].app.prefix(seq);
+        let old = &self.members[m].app;
+        let extends = old.last() < seq
+            && (old.last() == 0 || app.digests[old.last() as usize - 1] == old.digest());
+        if self.correct(m) && !extends {
+            let last = old.last();
+            self.violation(format!(
+                "member {m} installs a state at {seq} that does not extend what it executed (up to {last})"
+            ));
+        }
+        let ours = app
+            .executed
+            .iter()
+            .filter(|k| self.client_keys.contains(&k.0))
+            .count();
+        self.members[m].app = app;
+        self.members[m].client_executed = ours;
+    }
+
+    fn on_evidence(&mut self, m: usize, e: Evidence) {
+        if !self.correct(m) {
+            return;
+        }
+        match e {
+            Evidence::Equivocation { first, .. } => {
+                let guilty = first.signer() as usize;
+                if guilty < self.members.len() && self.correct(guilty) {
+                    self.violation(format!(
+                        "member {m} holds evidence against correct member {guilty}"
+                    ));
+                }
+            }
+            Evidence::ConflictingCommits { first, .. } => {
+                self.violation(format!(
+                    "SAFETY: member {m} holds commit certificates for two different batches at sequence number {}",
+                    first.seq
+                ));
+            }
+        }
+    }
+
+    // ---- clients ----
+
+    fn client_next(&mut self, c: usize) {
+        let slot = &mut self.clients[c];
+        if slot.current.is_some() || slot.remaining == 0 {
+            return;
+        }
+        slot.remaining -= 1;
+        let seq = slot.next_seq;
+        slot.next_seq += 1;
+        let req = client_request(&slot.key, seq);
+        slot.current = Some(req.clone());
+        self.submitted.push(req.key());
+        self.submit_to_random(req.clone());
+        if self.rng.chance(0.1) {
+            // The same request through a second member.
+            self.submit_to_random(req);
+        }
+        let at = self.now + self.swarm.client_retry_ms;
+        self.schedule(at, Ev::ClientRetry { c, seq });
+    }
+
+    fn submit_to_random(&mut self, req: Request) {
+        let m = self.rng.below(self.members.len());
+        if self.faulty && self.rng.chance(self.swarm.drop_p) {
+            return;
+        }
+        let at = self.now + self.rng.range(1, self.swarm.max_delay);
+        self.schedule(at, Ev::Submit { m, req });
+    }
+
+    fn client_done(&mut self, key: RequestKey) {
+        let Some(c) = self.clients.iter().position(|c| {
+            c.key.public() == key.0 && c.current.as_ref().is_some_and(|r| r.seq == key.1)
+        }) else {
+            return;
+        };
+        self.clients[c].current = None;
+        let at = self.now + self.rng.range(0, 50);
+        self.schedule(at, Ev::ClientNext { c });
+    }
+
+    // ---- Byzantine members ----
+
+    /// Sends `bytes` from member `m` to `targets`, or what its adversary sends instead.
+    fn emit(&mut self, m: usize, targets: Vec<usize>, bytes: Vec<u8>) {
+        let Some(kind) = self.members[m].byz.as_ref().map(|b| b.kind) else {
+            for to in targets {
+                self.send(m, to, bytes.clone());
+            }
+            return;
+        };
+        let msg = decode::<AgreementMessage>(&bytes).ok().map(|e| e.msg);
+        match kind {
+            Adversary::Silent => {}
+            Adversary::Garbage => {
+                for to in targets {
+                    let roll = self.rng.below(10);
+                    let out = if roll < 4 {
+                        let len = self.rng.below(200);
+                        self.rng.bytes(len)
+                    } else if roll < 7 {
+                        let mut b = bytes.clone();
+                        for _ in 0..1 + self.rng.below(3) {
+                            if !b.is_empty() {
+                                let i = self.rng.below(b.len());
+                                b[i] ^= 1 << self.rng.below(8);
+                            }
+                        }
+                        b
+                    } else {
+                        bytes.clone()
+                    };
+                    self.send(m, to, out);
+                }
+            }
+            Adversary::BadSignatures => {
+                for to in targets {
+                    let out = match msg.clone() {
+                        Some(mut msg) if self.rng.chance(0.7) => {
+                            self.corrupt(&mut msg);
+                            encode_msg(EPOCH, msg)
+                        }
+                        _ => bytes.clone(),
+                    };
+                    self.send(m, to, out);
+                }
+            }
+            Adversary::Equivocate => match msg {
+                Some(AgreementMessage::PrePrepare { pre_prepare, batch }) => {
+                    self.equivocate(m, pre_prepare, batch)
+                }
+                Some(AgreementMessage::Prepare(p)) if self.rng.chance(0.2) => {
+                    // A prepare for another digest to half of the members.
+                    let mut other = p.body.clone();
+                    other.digest[0] ^= 0xff;
+                    let key = self.members[m].key.clone();
+                    let alt = encode_msg(
+                        EPOCH,
+                        AgreementMessage::Prepare(Signed::sign(&key, p.signer, EPOCH, other)),
+                    );
+                    for to in targets {
+                        let b = if self.rng.chance(0.5) { &alt } else { &bytes };
+                        self.send(m, to, b.clone());
+                    }
+                }
+                _ => {
+                    for to in targets {
+                        self.send(m, to, bytes.clone());
+                    }
+                }
+            },
+            Adversary::Withhold => match msg {
+                Some(AgreementMessage::PrePrepare { .. }) => {}
+                Some(AgreementMessage::NewView { .. }) if self.rng.chance(0.5) => {}
+                Some(AgreementMessage::Commit(_)) => {
+                    for to in targets {
+                        if self.rng.chance(0.5) {
+                            self.send(m, to, bytes.clone());
+                        }
+                    }
+                }
+                _ => {
+                    for to in targets {
+                        self.send(m, to, bytes.clone());
+                    }
+                }
+            },
+            Adversary::Replay => match msg {
+                Some(AgreementMessage::PrePrepare { pre_prepare, batch }) => {
+                    let out = self.with_replayed_request(m, pre_prepare, batch);
+                    for to in targets {
+                        self.send(m, to, out.clone());
+                    }
+                }
+                _ => {
+                    for to in targets {
+                        self.send(m, to, bytes.clone());
+                    }
+                }
+            },
+            Adversary::OmitInNewView => match msg {
+                Some(AgreementMessage::NewView { new_view, batches }) => {
+                    let out = self.omit_in_new_view(m, new_view, batches);
+                    for to in targets {
+                        self.send(m, to, out.clone());
+                    }
+                }
+                Some(AgreementMessage::Commit(_)) => {
+                    let victim = self.members[m].byz.as_ref().map_or(0, |b| b.victim);
+                    for to in targets {
+                        if to != victim {
+                            self.send(m, to, bytes.clone());
+                        }
+                    }
+                }
+                _ => {
+                    for to in targets {
+                        self.send(m, to, bytes.clone());
+                    }
+                }
+            },
+        }
+    }
+
+    fn byz_tick(&mut self, m: usize) {
+        if !self.members[m].up {
+            return;
+        }
+        let Some(kind) = self.members[m].byz.as_ref().map(|b| b.kind) else {
+            return;
+        };
+        match kind {
+            Adversary::Garbage => {
+                let to = *self.rng.pick(&self.others(m));
+                let len = self.rng.below(300);
+                let mut junk = self.rng.bytes(len);
+                if self.rng.chance(0.5) && junk.len() > 3 {
+                    // A valid header in front of the junk.
+                    junk[0] = 1;
+                    junk[1] = 2;
+                    junk[2] = EPOCH as u8;
+                }
+                self.send(m, to, junk);
+            }
+            Adversary::BadSignatures => {
+                // A request with a forged client signature, as if from a simulated client.
+                let c = self.rng.below(self.clients.len());
+                let mut req = client_request(&self.clients[c].key, 1_000_000);
+                req.payload.push(1);
+                let to = *self.rng.pick(&self.others(m));
+                self.send(m, to, encode_msg(EPOCH, AgreementMessage::Request(req)));
+            }
+            Adversary::Replay => {
+                let b = self.members[m].byz.as_ref().expect("byzantine");
+                let (recorded, old) = (b.recorded.len(), b.old_requests.len());
+                for _ in 0..1 + self.rng.below(3) {
+                    if recorded > 0 {
+                        let i = self.rng.below(recorded);
+                        let bytes = self.members[m].byz.as_ref().expect("byzantine").recorded[i]
+                            .1
+                            .clone();
+                        let to = *self.rng.pick(&self.others(m));
+                        self.send(m, to, bytes);
+                    }
+                }
+                if old > 0 {
+                    let i = self.rng.below(old);
+                    let req = self.members[m]
+                        .byz
+                        .as_ref()
+                        .expect("byzantine")
+                        .old_requests[i]
+                        .clone();
+                    let to = *self.rng.pick(&self.others(m));
+                    self.send(m, to, encode_msg(EPOCH, AgreementMessage::Request(req)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Breaks the outermost signature of a message one way or another.
+    fn corrupt(&mut self, msg: &mut AgreementMessage) {
+        let n = self.members.len() as u32;
+        let how = self.rng.below(3);
+        fn mutate<T>(s: &mut Signed<T>, how: usize, n: u32) {
+            match how {
+                0 => s.sig.0[7] ^= 0x20,
+                1 => s.signer = (s.signer + 1) % n,
+                _ => s.signer = n + 3,
+            }
+        }
+        match msg {
+            AgreementMessage::Request(r) => r.sig.0[3] ^= 1,
+            AgreementMessage::PrePrepare { pre_prepare, batch } => {
+                if how == 2 && !batch.is_empty() {
+                    batch.pop(); // the body no longer matches what was signed
+                } else {
+                    mutate(pre_prepare, how, n)
+                }
+            }
+            AgreementMessage::Prepare(p) => {
+                if how == 2 {
+                    p.body.digest[0] ^= 1;
+                } else {
+                    mutate(p, how, n)
+                }
+            }
+            AgreementMessage::Commit(c) => {
+                if how == 2 {
+                    c.body.seq += 1;
+                } else {
+                    mutate(c, how, n)
+                }
+            }
+            AgreementMessage::Checkpoint(c) => mutate(c, how, n),
+            AgreementMessage::ViewChange { view_change, .. } => {
+                if how == 2 {
+                    view_change.body.prepared.clear();
+                } else {
+                    mutate(view_change, how, n)
+                }
+            }
+            AgreementMessage::NewView { new_view, .. } => mutate(new_view, how, n),
+            AgreementMessage::Decided(proofs) => {
+                if let Some(c) = proofs.first_mut().and_then(|p| p.commits.first_mut()) {
+                    mutate(c, how, n)
+                }
+            }
+            AgreementMessage::State(s) => {
+                if let Some(c) = s.stable.signatures.first_mut() {
+                    mutate(c, how, n)
+                } else {
+                    s.app_digest[0] ^= 1;
+                }
+            }
+            AgreementMessage::Status { executed, .. } => *executed += 1_000,
+            AgreementMessage::Fetch { .. } => {}
+        }
+    }
+
+    /// An equivocating primary: one batch to some backups, another to the rest, each backed by
+    /// its commit; after a few, nothing at all.
+    fn equivocate(&mut self, m: usize, pp: Signed<PrePrepare>, batch: Vec<Request>) {
+        let b = self.members[m].byz.as_mut().expect("byzantine");
+        if b.equivocations_left == 0 {
+            return; // withholds from now on: the backups will change view
+        }
+        b.equivocations_left -= 1;
+        b.fake_seq += 1;
+        let fake = Request::sign(&b.fake_client, b.fake_seq, b"equivocation".to_vec());
+        let key = self.members[m].key.clone();
+        let mut alt = match self.rng.below(4) {
+            0 => Vec::new(),
+            1 => batch.iter().rev().cloned().collect(),
+            2 => batch.iter().skip(1).cloned().collect(),
+            _ => {
+                let mut a = batch.clone();
+                a.push(fake.clone());
+                a
+            }
+        };
+        if batch_digest(&alt) == batch_digest(&batch) {
+            alt = vec![fake];
+        }
+        let max = self.members[m].core.options().max_batch;
+        alt.truncate(max);
+        if batch_digest(&alt) == batch_digest(&batch) {
+            alt = Vec::new();
+        }
+        let mut others = self.others(m);
+        self.rng.shuffle(&mut others);
+        let cut = 1 + self.rng.below(others.len() - 1);
+        let PrePrepare { view, seq, .. } = pp.body;
+        for (i, to) in others.into_iter().enumerate() {
+            let b = if i < cut { batch.clone() } else { alt.clone() };
+            let digest = batch_digest(&b);
+            let pre_prepare = if i < cut {
+                pp.clone()
+            } else {
+                Signed::sign(&key, pp.signer, EPOCH, PrePrepare { view, seq, digest })
+            };
+            let commit = Signed::sign(&key, pp.signer, EPOCH, Commit { view, seq, digest });
+            self.send(
+                m,
+                to,
+                encode_msg(
+                    EPOCH,
+                    AgreementMessage::PrePrepare {
+                        pre_prepare,
+                        batch: b,
+                    },
+                ),
+            );
+            self.send(m, to, encode_msg(EPOCH, AgreementMessage::Commit(commit)));
+        }
+    }
+
+    /// A replaying primary adds an already executed request to its batch (re-signing the
+    /// pre-prepare): execution must skip it.
+    fn with_replayed_request(
+        &mut self,
+        m: usize,
+        pp: Signed<PrePrepare>,
+        mut batch: Vec<Request>,
+    ) -> Vec<u8> {
+        let b = self.members[m].byz.as_ref().expect("byzantine");
+        let max = self.members[m].core.options().max_batch;
+        if b.old_requests.is_empty() || batch.len() >= max {
+            return encode_msg(
+                EPOCH,
+                AgreementMessage::PrePrepare {
+                    pre_prepare: pp,
+                    batch,
+                },
+            );
+        }
+        let i = self.rng.below(b.old_requests.len());
+        batch.insert(0, b.old_requests[i].clone());
+        let key = self.members[m].key.clone();
+        let body = PrePrepare {
+            digest: batch_digest(&batch),
+            ..pp.body
+        };
+        let pre_prepare = Signed::sign(&key, pp.signer, EPOCH, body);
+        encode_msg(EPOCH, AgreementMessage::PrePrepare { pre_prepare, batch })
+    }
+
+    /// A new primary that re-issues every sequence number as the null batch.
+    fn omit_in_new_view(
+        &mut self,
+        m: usize,
+        nv: Signed<NewView>,
+        batches: Vec<Vec<Request>>,
+    ) -> Vec<u8> {
+        let key = self.members[m].key.clone();
+        let null = batch_digest(&[]);
+        let mut body = nv.body.clone();
+        let mut new_batches = batches;
+        for (pp, b) in body.pre_prepares.iter_mut().zip(new_batches.iter_mut()) {
+            if pp.body.digest != null {
+                *pp = Signed::sign(
+                    &key,
+                    pp.signer,
+                    EPOCH,
+                    PrePrepare {
+                        digest: null,
+                        ..pp.body.clone()
+                    },
+                );
+                b.clear();
+            }
+        }
+        let new_view = Signed::sign(&key, nv.signer, EPOCH, body);
+        encode_msg(
+            EPOCH,
+            AgreementMessage::NewView {
+                new_view,
+                batches: new_batches,
+            },
+        )
+    }
+}
+
+/// Request `seq` of a simulated client: deterministic, so its digest can be recomputed.
+fn client_request(key: &Keypair, seq: u64) -> Request {
+    let mut payload = b"op ".to_vec();
+    payload.extend_from_slice(&seq.to_le_bytes());
+    Request::sign(key, seq, payload)
+}

@@ -1,0 +1,65 @@
+//! The agreement simulator as a test: a handful of seeds must pass, replay identically, and the
+//! checkers must catch each broken protocol. `.ci/run` can run the long versions with the release
+//! `simulate-agreement` binary.
+
+use dbqsfs_tests::agreement_sim::{run_seed, Mutant, RunOptions};
+
+fn opts(f: u32, mutant: Mutant) -> RunOptions {
+    RunOptions { f, mutant }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_digest() {
+    for seed in [3, 11] {
+        let a = run_seed(seed, &opts(1, Mutant::None));
+        let b = run_seed(seed, &opts(1, Mutant::None));
+        assert_eq!(a.digest, b.digest, "seed {seed} is not deterministic");
+        assert!(a.decided > 0);
+    }
+}
+
+#[test]
+fn different_seeds_explore_different_runs() {
+    let a = run_seed(1, &opts(1, Mutant::None));
+    let b = run_seed(2, &opts(1, Mutant::None));
+    assert_ne!(a.digest, b.digest);
+}
+
+#[test]
+fn twenty_seeds_have_no_violation() {
+    for seed in 0..20 {
+        let r = run_seed(seed, &opts(1, Mutant::None));
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} ({}): {:?}",
+            r.setup,
+            r.violations
+        );
+    }
+}
+
+#[test]
+fn a_seed_with_seven_members_has_no_violation() {
+    let r = run_seed(5, &opts(2, Mutant::None));
+    assert!(r.violations.is_empty(), "{}: {:?}", r.setup, r.violations);
+}
+
+#[test]
+fn preparing_with_f_plus_1_statements_is_caught() {
+    assert!(
+        caught(Mutant::PrepareQuorumF, 300),
+        "prepare-quorum-f was not caught"
+    );
+}
+
+#[test]
+fn accepting_a_new_view_without_its_proof_is_caught() {
+    assert!(
+        caught(Mutant::SkipViewChangeProof, 300),
+        "skip-view-change-proof was not caught"
+    );
+}
+
+fn caught(m: Mutant, seeds: u64) -> bool {
+    (0..seeds).any(|seed| !run_seed(seed, &opts(1, m)).violations.is_empty())
+}
