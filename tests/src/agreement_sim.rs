@@ -57,6 +57,10 @@ pub struct SeedReport {
     pub decided: u64,
     /// The highest view a correct member reached.
     pub max_view: u64,
+    /// States installed by correct members that fell behind a stable checkpoint.
+    pub state_installs: u64,
+    /// Evidence returned by correct members (against Byzantine ones).
+    pub evidence: u64,
     pub violations: Vec<String>,
     pub digest: [u8; 32],
     /// The swarm parameters drawn, for the report of a failing seed.
@@ -278,6 +282,8 @@ struct Sim {
     decided: BTreeSet<RequestKey>,
     violations: Vec<String>,
     healed_at: Option<u64>,
+    state_installs: u64,
+    evidence: u64,
 }
 
 /// Runs one seed.
@@ -302,6 +308,8 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         seed,
         decided: sim.decided.len() as u64,
         max_view,
+        state_installs: sim.state_installs,
+        evidence: sim.evidence,
         violations: sim.violations,
         digest: *sim.digest.finalize().as_bytes(),
         setup,
@@ -425,6 +433,8 @@ impl Sim {
             decided: BTreeSet::new(),
             violations: Vec::new(),
             healed_at: None,
+            state_installs: 0,
+            evidence: 0,
         }
     }
 
@@ -806,6 +816,9 @@ impl Sim {
             }
             return;
         };
+        if self.correct(m) {
+            self.state_installs += 1;
+        }
         let app = self.members[j].app.prefix(seq);
         let old = &self.members[m].app;
         let extends = old.last() < seq
@@ -829,6 +842,7 @@ impl Sim {
         if !self.correct(m) {
             return;
         }
+        self.evidence += 1;
         match e {
             Evidence::Equivocation { first, .. } => {
                 let guilty = first.signer() as usize;

@@ -853,7 +853,7 @@ impl Agreement {
                 return;
             }
             let seq = self.next_seq;
-            self.next_seq += 1;
+            self.next_seq = self.next_seq.saturating_add(1);
             let pp = self.sign(PrePrepare {
                 view: self.view,
                 seq,
@@ -1055,7 +1055,7 @@ impl Agreement {
     }
 
     fn execute_ready(&mut self) {
-        while let Some(proof) = self.decided.get(&(self.last_executed + 1)) {
+        while let Some(proof) = self.decided.get(&self.last_executed.saturating_add(1)) {
             let seq = proof.seq;
             let batch = proof.batch.clone();
             let mut executed = Vec::new();
@@ -1169,7 +1169,7 @@ impl Agreement {
         self.decided.retain(|s, _| *s > seq);
         self.checkpoint_votes.retain(|s, _| *s > seq);
         self.own_checkpoints.retain(|s, _| *s >= seq);
-        self.next_seq = self.next_seq.max(seq + 1);
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
         if self.last_executed < seq {
             self.fetch_behind();
         }
@@ -1645,7 +1645,7 @@ impl Agreement {
             .zip(batches.iter().cloned())
             .collect();
         let top = reissued.last().map_or(0, |(pp, _)| pp.body.seq);
-        self.next_seq = top.max(self.low) + 1;
+        self.next_seq = top.max(self.low).saturating_add(1);
         self.new_view = Some((nv, batches));
         let primary = self.committee.primary(t) == self.me;
         for (pp, batch) in reissued {

@@ -47,6 +47,8 @@ fn main() {
     let opts = RunOptions { f: args.f, mutant };
     let start = Instant::now();
     let (mut decided, mut violations, mut ran) = (0u64, 0u64, 0u64);
+    // Coverage: seeds that changed view, states installed, evidence returned.
+    let (mut changed_view, mut installs, mut evidence) = (0u64, 0u64, 0u64);
     let mut first_failure: Option<u64> = None;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let report = run_seed(seed, &opts);
@@ -61,11 +63,16 @@ fn main() {
         }
         ran += 1;
         decided += report.decided;
+        changed_view += u64::from(report.max_view > 0);
+        installs += report.state_installs;
+        evidence += report.evidence;
         if args.verbose {
             eprintln!(
-                "seed {seed}: decided={} max_view={} violations={} digest={} {}",
+                "seed {seed}: decided={} max_view={} state_installs={} evidence={} violations={} digest={} {}",
                 report.decided,
                 report.max_view,
+                report.state_installs,
+                report.evidence,
                 report.violations.len(),
                 hex8(&report.digest),
                 report.setup
@@ -104,6 +111,9 @@ fn main() {
         "{ran} seeds in {secs:.1}s: {:.1} seeds/s, {:.0} decided/s",
         ran as f64 / secs,
         decided as f64 / secs
+    );
+    eprintln!(
+        "coverage: {changed_view} seeds changed view, {installs} states installed, {evidence} pieces of evidence"
     );
     println!("simulate-agreement: seeds={ran} decided={decided} violations={violations}");
     let ok = if args.mutant.is_some() {

@@ -769,7 +769,7 @@ pub fn reissue(view_changes: &[&Signed<ViewChange>], window: u64) -> Reissue {
     }
     let top = best.keys().next_back().copied().unwrap_or(stable.seq);
     let null = batch_digest(&[]);
-    let slots = (stable.seq + 1..=top)
+    let slots = (stable.seq.saturating_add(1)..=top)
         .map(|seq| match best.get(&seq) {
             Some(&(_, digest, source)) => ReissueSlot {
                 seq,
