@@ -44,11 +44,12 @@
 //!   log below it is discarded. Messages are accepted only for sequence numbers in
 //!   `(low, low + window]`.
 //! - Catching up. Every [`Options::tick_ms`] each member broadcasts an unsigned STATUS and resends
-//!   its messages for slots it has not committed. A member that learns a peer is ahead sends FETCH;
-//!   the peer answers with decided batches and their commit certificates (self-certifying), and,
-//!   when the fetcher is behind the stable checkpoint, the state there (duplicate table and
-//!   application digest, proved by the checkpoint): the member emits [`Output::InstallState`] and
-//!   the driver fetches the application state that hashes to that digest.
+//!   its messages for slots it has not committed and its checkpoints that are not yet stable. A
+//!   member that learns a peer is ahead sends FETCH; the peer answers with decided batches and their
+//!   commit certificates (self-certifying), and, when the fetcher is behind the stable checkpoint,
+//!   the state there (duplicate table and application digest, proved by the checkpoint): the member
+//!   emits [`Output::InstallState`] and the driver fetches the application state that hashes to
+//!   that digest.
 //! - View change. A member that waits for execution longer than the request timeout (doubled at
 //!   each consecutive view change), or that holds proof that the primary equivocated, stops
 //!   accepting messages of its view and broadcasts a signed VIEW-CHANGE for `v+1` with its stable
@@ -1354,6 +1355,15 @@ impl Agreement {
             for m in resend {
                 self.broadcast(m);
             }
+        }
+        // Own checkpoints not yet stable, so that every member's low water mark moves on.
+        let own: Vec<Signed<Checkpoint>> = self
+            .checkpoint_votes
+            .values()
+            .filter_map(|v| v.signed.get(&self.my_id).cloned())
+            .collect();
+        for c in own {
+            self.broadcast(AgreementMessage::Checkpoint(c));
         }
         // Requests that still wait: to every member again.
         let half = self.opts.request_timeout_ms / 2;
