@@ -12,3 +12,4 @@ pub mod fault;
 pub mod files;
 pub mod node;
 pub mod store;
+pub mod volume;
