@@ -1389,6 +1389,22 @@ impl Volume {
         self.lock_rw()?.fallocate(ino, offset, length, mode)
     }
 
+    /// For a read-only volume: forgets cached inodes that are not open, and directory buckets,
+    /// so later calls read the records the read-write mount stored since. A mount calls this
+    /// periodically; files held open keep the version they were opened with. No effect on a
+    /// read-write volume (it is the only writer, so its cache is the truth). Returns how many
+    /// inodes were dropped.
+    pub fn forget_cached(&self) -> usize {
+        if !self.read_only {
+            return 0;
+        }
+        let mut state = self.lock();
+        let before = state.nodes.len();
+        state.nodes.retain(|_, n| n.open > 0);
+        state.buckets.clear();
+        before - state.nodes.len()
+    }
+
     /// Stores everything buffered.
     pub fn sync_all(&self) -> FsResult<()> {
         self.lock().sync_all()

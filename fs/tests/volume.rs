@@ -673,6 +673,40 @@ fn read_only_volume_rejects_changes_with_erofs() {
 }
 
 #[test]
+fn read_only_volume_sees_new_records_after_forgetting_its_cache() {
+    let (backend, vol) = volume();
+    let f = create_file(&vol, ROOT, "f", b"old");
+    let ro = Volume::open_or_format(
+        Arc::new(backend),
+        VolumeConfig {
+            read_only: true,
+            ..VolumeConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ro.read(f, 0, 10).unwrap(), b"old");
+    let held = ro.open(f, libc::O_RDONLY).unwrap();
+    let fh = vol.open(f, libc::O_WRONLY).unwrap();
+    vol.write(f, 0, b"new!").unwrap();
+    vol.release(fh).unwrap();
+    let g = create_file(&vol, ROOT, "g", b"g");
+    // Until the cache is forgotten the read-only volume shows what it loaded.
+    assert_eq!(errno(ro.lookup(ROOT, b"g")), libc::ENOENT);
+    assert_eq!(
+        vol.forget_cached(),
+        0,
+        "a read-write volume keeps its cache"
+    );
+    ro.forget_cached();
+    assert_eq!(ro.lookup(ROOT, b"g").unwrap().ino, g);
+    // A file held open keeps its version; once closed, the next load is current.
+    assert_eq!(ro.read(f, 0, 10).unwrap(), b"old");
+    ro.release(held).unwrap();
+    ro.forget_cached();
+    assert_eq!(ro.read(f, 0, 10).unwrap(), b"new!");
+}
+
+#[test]
 fn fallocate_extends_the_size_and_refuses_other_modes() {
     let (_, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"abc");
