@@ -33,6 +33,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Mount a volume on DIR (with no options: the embedded local cluster's volume "default").
+    #[command(long_about = MOUNT_HELP)]
+    Mount(MountArgs),
+    /// Unmount a dbqsfs mount and wait until its data is stored (and its embedded cluster stopped).
+    #[command(
+        long_about = "Unmount DIR and wait until the mount process has stored everything it \
+        buffered, released the volume lease and, if it was the last mount of the embedded \
+        cluster, stopped that cluster's nodes. As root it calls umount(2); otherwise it runs \
+        `fusermount3 -u`. `fusermount3 -u DIR` and `umount DIR` work too (without the wait). \
+        A busy mount (open files, a working directory inside) is refused unless --lazy."
+    )]
+    Umount(UmountArgs),
     /// Create, start and stop a local test cluster on 127.0.0.1.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -76,6 +88,81 @@ pub enum Command {
         cluster: PathBuf,
     },
 }
+
+const MOUNT_HELP: &str = "Mount a dbqsfs volume on the empty directory DIR.
+
+With no --cluster, this is the embedded default: a local cluster of 4 nodes (f=1) on loopback \
+QUIC, kept under the data directory (--data-dir, else $XDG_DATA_HOME/dbqsfs, else \
+~/.local/share/dbqsfs). The first mount creates the cluster (free UDP ports on 127.0.0.1 are \
+picked) and the volume; every mount starts the nodes if they do not run, and the last mount to \
+end stops them. A later mount shows the same files.
+
+With --cluster FILE (a cluster.toml written by `dbqsfs cluster init`), it mounts volume --volume \
+of that running cluster, creating the volume if it does not exist. The cluster's client key owns \
+the volume.
+
+Without -f the mount runs in the background: this command returns once the mount is up and \
+prints where the logs go (DATA/mount.log, or mount-VOLUME.log next to cluster.toml). With -f it \
+stays in the foreground and logs to stderr; SIGINT or SIGTERM unmounts. Unmount with \
+`dbqsfs umount DIR` (or `fusermount3 -u DIR`).
+
+One read-write mount per volume at a time: it holds a lease on the volume (renewed every 10 s, \
+valid 30 s) and a second read-write mount is refused with the holder's name. Read-only mounts \
+(-o ro) need no lease and may run alongside it.
+
+When the cluster cannot be reached, a system call fails with ETIMEDOUT or EIO after at most the \
+operation timeout (-o timeout, default 15 s) plus 5 s; the mount itself never hangs.
+
+Options (-o, comma-separated): ro, rw, allow_other, default_permissions (always on), nonempty, \
+fsname=NAME, attr_timeout=SECS and entry_timeout=SECS (kernel caching, default 1), \
+timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads).";
+
+/// Arguments of `dbqsfs mount`.
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Data directory of the embedded default cluster [default: $XDG_DATA_HOME/dbqsfs or ~/.local/share/dbqsfs].
+    #[arg(long, value_name = "D", conflicts_with = "cluster")]
+    pub data_dir: Option<PathBuf>,
+    /// Mount a volume of this existing cluster (its cluster.toml) instead of the embedded default.
+    #[arg(long, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+    /// The volume to mount.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub volume: String,
+    /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount).
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount options, comma-separated (see above).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// UDP port of the first node when the embedded cluster is created [default: free ports].
+    #[arg(long, value_name = "P", conflicts_with = "cluster", value_parser = clap::value_parser!(u16).range(1..65530))]
+    pub base_port: Option<u16>,
+    /// The mount point: an existing, empty directory.
+    pub dir: PathBuf,
+}
+
+/// Arguments of `dbqsfs umount`.
+#[derive(clap::Args, Debug)]
+pub struct UmountArgs {
+    /// Detach now even if busy; the mount ends when its last user goes.
+    #[arg(short = 'z', long)]
+    pub lazy: bool,
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+/// A usage error found after parsing: printed like clap's and exits with code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
@@ -176,6 +263,11 @@ pub fn init_logs(default: &str) {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Mount(args) => crate::mount_cmd::run_mount(args),
+        Command::Umount(args) => {
+            init_logs("warn");
+            crate::mount_cmd::run_umount(args)
+        }
         Command::Node {
             dir,
             #[cfg(feature = "fault-injection")]
@@ -252,7 +344,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -> Result<()> {
+pub(crate) fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -> Result<()> {
     let f = f.unwrap_or(n.saturating_sub(1) / 3);
     if n < 3 * f + 1 {
         bail!(
@@ -406,7 +498,7 @@ fn cluster_up(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cluster_down(dir: &Path, timeout: Duration) -> Result<()> {
+pub(crate) fn cluster_down(dir: &Path, timeout: Duration) -> Result<()> {
     let mut pids = Vec::new();
     for ndir in node_dirs(dir)? {
         if let Some(pid) = running_pid(&ndir) {

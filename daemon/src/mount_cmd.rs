@@ -1,0 +1,958 @@
+//! `dbqsfs mount` and `dbqsfs umount`.
+//!
+//! Goals:
+//! - `dbqsfs mount DIR` with nothing else works on a fresh machine: the embedded default is a
+//!   local 4-node cluster (f=1, loopback QUIC) under the data directory, created on first use,
+//!   started when no mount of it is running, stopped when the last mount of it ends.
+//! - Without `-f` the command daemonizes: it starts itself with `-f` in a new session (logs
+//!   appended to a file it names), waits until the mount shows up in /proc/self/mountinfo and
+//!   exits 0, or reports why the mount failed and exits 1.
+//! - With `-f` it stays in the foreground; SIGINT/SIGTERM unmount cleanly; an external unmount
+//!   (`dbqsfs umount DIR`, `fusermount3 -u DIR`, `umount DIR`) ends it after it stored everything
+//!   buffered, released the volume lease and, for the last mount of the embedded cluster,
+//!   stopped its nodes.
+//! - Mount processes record themselves in a per-user registry (`$XDG_RUNTIME_DIR/dbqsfs/` or
+//!   `/tmp/dbqsfs-<uid>/`), which is how `dbqsfs umount DIR` finds the process to wait for and
+//!   how a mount knows whether it is the last one of its cluster.
+//!
+//! Non-goals: fstab integration (`mount -t fuse.dbqsfs`), clusters on other machines being
+//! started or stopped from here.
+
+use crate::cli::{cluster_down, cluster_init, MountArgs, UmountArgs, UsageError};
+use anyhow::{anyhow, bail, Context, Result};
+use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
+use dbqsfs_daemon::files::{self, ClusterInfo};
+use dbqsfs_daemon::node::shutdown_signal;
+use dbqsfs_daemon::volume::{
+    valid_volume_name, BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming,
+};
+use dbqsfs_fs::{Backend, MountOptions};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Seek};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Nodes and faults of the embedded default cluster.
+const EMBEDDED_NODES: u32 = 4;
+const EMBEDDED_F: u32 = 1;
+/// Default bound on one dBQS operation of a mount (`-o timeout=SECS` changes it).
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a read-only mount forgets its cached inodes (so it sees a read-write mount's
+/// changes within this plus the kernel's attribute timeout).
+pub const RO_REFRESH: Duration = Duration::from_secs(2);
+/// How long `dbqsfs mount` waits for the background mount to appear.
+const MOUNT_WAIT: Duration = Duration::from_secs(120);
+/// How long `dbqsfs umount` waits for the mount process to finish.
+const UMOUNT_WAIT: Duration = Duration::from_secs(300);
+
+/// The parsed `-o` options.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub nonempty: bool,
+    pub fsname: Option<String>,
+    pub attr_ttl: Option<Duration>,
+    pub entry_ttl: Option<Duration>,
+    pub op_timeout: Duration,
+    pub threads: Option<usize>,
+}
+
+const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
+    attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N";
+
+fn secs(name: &str, v: &str) -> Result<Duration, UsageError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e6)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| UsageError(format!("-o {name}={v}: expected a number of seconds")))
+}
+
+/// Parses `-o` values (each a comma-separated list).
+pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
+    let mut o = Opts {
+        read_only: false,
+        allow_other: false,
+        nonempty: false,
+        fsname: None,
+        attr_ttl: None,
+        entry_ttl: None,
+        op_timeout: DEFAULT_OP_TIMEOUT,
+        threads: None,
+    };
+    for item in values.iter().flat_map(|v| v.split(',')) {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (item, None),
+        };
+        match (k, v) {
+            ("", None) => {}
+            ("ro", None) => o.read_only = true,
+            ("rw", None) => o.read_only = false,
+            ("allow_other", None) => o.allow_other = true,
+            ("default_permissions", None) => {} // always on
+            ("nonempty", None) => o.nonempty = true,
+            ("fsname", Some(v)) if !v.is_empty() => o.fsname = Some(v.into()),
+            ("attr_timeout", Some(v)) => o.attr_ttl = Some(secs(k, v)?),
+            ("entry_timeout", Some(v)) => o.entry_ttl = Some(secs(k, v)?),
+            ("timeout", Some(v)) => {
+                o.op_timeout = secs(k, v)?;
+                if o.op_timeout < Duration::from_secs(1) {
+                    return Err(UsageError("-o timeout must be at least 1 second".into()));
+                }
+            }
+            ("threads", Some(v)) => {
+                o.threads = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| UsageError(format!("-o threads={v}: expected 1..64")))?,
+                )
+            }
+            _ => {
+                return Err(UsageError(format!(
+                    "unknown or malformed mount option {item:?}; known options: {KNOWN_OPTIONS}"
+                )))
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// Where the embedded default keeps its data: `--data-dir`, `$XDG_DATA_HOME/dbqsfs`,
+/// `~/.local/share/dbqsfs`.
+pub fn data_dir(arg: Option<&Path>) -> Result<PathBuf> {
+    if let Some(d) = arg {
+        return Ok(d.to_path_buf());
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("dbqsfs"));
+    }
+    match std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/dbqsfs")),
+        None => bail!("neither --data-dir, XDG_DATA_HOME nor HOME is set: pass --data-dir DIR"),
+    }
+}
+
+/// `path` made absolute with its parent resolved, without touching `path` itself (which may be
+/// a dead FUSE mount whose stat fails or hangs).
+pub fn mount_path(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
+        return Ok(abs);
+    };
+    let parent = std::fs::canonicalize(parent)
+        .with_context(|| format!("{} does not exist", parent.display()))?;
+    Ok(parent.join(name))
+}
+
+/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The filesystem type mounted on `path` (the topmost mount), if any.
+pub fn mounted_fstype(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_bytes();
+    let mut found = None;
+    for line in info.lines() {
+        let mut fields = line.split(' ');
+        let Some(mp) = fields.nth(4) else { continue };
+        if unescape_mountinfo(mp) != want {
+            continue;
+        }
+        let Some((_, rest)) = line.split_once(" - ") else {
+            continue;
+        };
+        found = rest.split(' ').next().map(str::to_string);
+    }
+    found
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn in_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+}
+
+/// Checks the mount point and FUSE before anything is started; messages say what to do.
+fn check_mount_point(dir: &Path, opts: &Opts) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(UsageError(format!(
+                "mount point {} does not exist: create it first (mkdir -p {})",
+                dir.display(),
+                dir.display()
+            ))
+            .into())
+        }
+        Err(e) => {
+            if let Some(t) = mounted_fstype(dir) {
+                bail!(
+                    "{} is already a mount point ({t}) that does not answer ({e}); if it is a \
+                     dead dbqsfs mount, run `dbqsfs umount {}` first",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            bail!("cannot use mount point {}: {e}", dir.display())
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(
+                UsageError(format!("mount point {} is not a directory", dir.display())).into(),
+            )
+        }
+        Ok(_) => {}
+    }
+    if let Some(t) = mounted_fstype(dir) {
+        bail!(
+            "{} is already a mount point ({t}); unmount it first (`dbqsfs umount {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if !opts.nonempty
+        && std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .is_some()
+    {
+        return Err(UsageError(format!(
+            "mount point {} is not empty: use an empty directory, or `-o nonempty` to mount over \
+             its contents (they stay hidden until unmount)",
+            dir.display()
+        ))
+        .into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!(
+            "/dev/fuse is missing: load the FUSE module (`modprobe fuse`), or in a container \
+             start it with `--device /dev/fuse --cap-add SYS_ADMIN`"
+        );
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        if is_root() || e.kind() != std::io::ErrorKind::PermissionDenied {
+            bail!("cannot open /dev/fuse: {e}");
+        }
+        if !in_path("fusermount3") {
+            bail!("fuse3 is not installed (no fusermount3 in PATH): install it, e.g. `sudo apt-get install fuse3`");
+        }
+    }
+    if !is_root() && !in_path("fusermount3") {
+        bail!("fuse3 is not installed (no fusermount3 in PATH): install it, e.g. `sudo apt-get install fuse3`");
+    }
+    if opts.allow_other && !is_root() {
+        let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+        if !conf.lines().any(|l| l.trim() == "user_allow_other") {
+            bail!("-o allow_other needs `user_allow_other` in /etc/fuse.conf (or mount as root)");
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registry of running mounts.
+
+/// One running mount process, as recorded in the registry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct MountRecord {
+    pid: u32,
+    mountpoint: PathBuf,
+    /// The cluster directory (the directory of cluster.toml).
+    cluster_dir: PathBuf,
+    /// Whether it is the embedded default (whose nodes the mounts start and stop).
+    embedded: bool,
+    volume: String,
+    read_only: bool,
+    log: Option<PathBuf>,
+}
+
+fn registry_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        Some(d) => PathBuf::from(d).join("dbqsfs"),
+        // SAFETY: getuid has no preconditions.
+        None => std::env::temp_dir().join(format!("dbqsfs-{}", unsafe { libc::getuid() })),
+    }
+}
+
+fn record_path(pid: u32) -> PathBuf {
+    registry_dir().join(format!("mount-{pid}.toml"))
+}
+
+/// Whether `pid` still runs a `dbqsfs mount` (a zombie or a reused pid does not count).
+fn mount_process_alive(pid: u32) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    args.iter().any(|a| a.ends_with(b"dbqsfs")) && args.iter().any(|a| *a == b"mount")
+}
+
+fn register(rec: &MountRecord) -> Result<()> {
+    let dir = registry_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    files::write_toml(&record_path(rec.pid), rec)?;
+    Ok(())
+}
+
+fn unregister(pid: u32) {
+    let _ = std::fs::remove_file(record_path(pid));
+}
+
+/// Every record in the registry, with whether its process is alive.
+fn records() -> Vec<(MountRecord, bool)> {
+    let Ok(entries) = std::fs::read_dir(registry_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().as_bytes().starts_with(b"mount-"))
+        .filter_map(|e| files::read_toml::<MountRecord>(&e.path()).ok())
+        .map(|r| {
+            let alive = mount_process_alive(r.pid);
+            (r, alive)
+        })
+        .collect()
+}
+
+/// Live mounts of the cluster in `cluster_dir`, other than `except`.
+fn other_live_mounts(cluster_dir: &Path, except: u32) -> Vec<MountRecord> {
+    records()
+        .into_iter()
+        .filter(|(r, alive)| *alive && r.pid != except && r.cluster_dir == cluster_dir)
+        .map(|(r, _)| r)
+        .collect()
+}
+
+/// An exclusive `flock` on a file, held until dropped.
+struct FileLock {
+    _file: std::fs::File,
+}
+
+impl FileLock {
+    fn take(path: &Path) -> Result<FileLock> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(FileLock { _file: f })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The embedded cluster.
+
+/// Picks a base port with `n` consecutive free UDP ports on 127.0.0.1.
+fn free_base_port(n: u16) -> Result<u16> {
+    for _ in 0..200 {
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).map_err(|e| anyhow!("OS randomness: {e}"))?;
+        let base = 20000 + u16::from_le_bytes(r) % 40000;
+        let free = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("found no {n} consecutive free UDP ports on 127.0.0.1 between 20000 and 60000")
+}
+
+/// Creates the embedded cluster in `DATA/cluster` if it does not exist yet.
+fn ensure_embedded_cluster(data: &Path, base_port: Option<u16>) -> Result<PathBuf> {
+    let cdir = data.join("cluster");
+    if cdir.join("cluster.toml").exists() {
+        return Ok(cdir);
+    }
+    if cdir.exists() {
+        // cluster.toml is written last: without it no node ever ran, so nothing is lost.
+        tracing::warn!(dir = %cdir.display(), "removing an incomplete cluster directory (an interrupted first mount)");
+        std::fs::remove_dir_all(&cdir).with_context(|| format!("removing {}", cdir.display()))?;
+    }
+    let base = match base_port {
+        Some(p) => p,
+        None => free_base_port(EMBEDDED_NODES as u16)?,
+    };
+    cluster_init(EMBEDDED_NODES, &cdir, Some(EMBEDDED_F), base)
+        .context("creating the embedded cluster")?;
+    Ok(cdir)
+}
+
+/// Starts the nodes of the cluster in `cdir` that are not running (`dbqsfs cluster up`, as a
+/// child process, so the nodes do not become children of the mount process).
+fn cluster_up_subprocess(cdir: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the dbqsfs executable")?;
+    let out = std::process::Command::new(exe)
+        .args(["cluster", "up", "--dir"])
+        .arg(cdir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running `dbqsfs cluster up`")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        tracing::info!("{line}");
+    }
+    if !out.status.success() {
+        bail!(
+            "starting the embedded cluster failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Stops the embedded cluster in `cdir` unless another mount of it is alive. Call with the
+/// data directory's lock held.
+fn stop_cluster_if_unused(cdir: &Path, me: u32) {
+    let others = other_live_mounts(cdir, me);
+    if !others.is_empty() {
+        tracing::info!(
+            mounts = others.len(),
+            "other mounts of the embedded cluster remain: leaving its nodes running"
+        );
+        return;
+    }
+    tracing::info!("last mount of the embedded cluster: stopping its nodes");
+    if let Err(e) = cluster_down(cdir, Duration::from_secs(10)) {
+        tracing::error!(error = %e, "stopping the embedded cluster");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mount
+
+/// Entry point of `dbqsfs mount`.
+pub fn run_mount(args: MountArgs) -> Result<()> {
+    let opts = parse_options(&args.options)?;
+    if !valid_volume_name(&args.volume) {
+        return Err(UsageError(format!(
+            "volume name {:?}: use letters, digits, '-', '_' and '.' (at most 128, not starting with '.')",
+            args.volume
+        ))
+        .into());
+    }
+    let dir = mount_path(&args.dir).map_err(|e| UsageError(format!("{e:#}")))?;
+    check_mount_point(&dir, &opts)?;
+    let target = Target::resolve(&args)?;
+    if args.foreground {
+        crate::cli::init_logs(
+            "warn,fuser::mnt=error,dbqsfs=info,dbqsfs_daemon=info,dbqsfs_fs=info",
+        );
+        foreground(&args, &opts, &dir, &target)
+    } else {
+        daemonize(&dir, &target)
+    }
+}
+
+/// Which cluster a mount uses.
+struct Target {
+    /// cluster.toml.
+    cluster_toml: PathBuf,
+    cluster_dir: PathBuf,
+    /// `Some(data dir)` for the embedded default.
+    embedded: Option<PathBuf>,
+    volume: String,
+    log: PathBuf,
+}
+
+impl Target {
+    fn resolve(args: &MountArgs) -> Result<Target> {
+        match &args.cluster {
+            Some(toml) => {
+                let toml = std::fs::canonicalize(toml)
+                    .map_err(|e| UsageError(format!("--cluster {}: {e}", toml.display())))?;
+                let cluster_dir = toml.parent().map(Path::to_path_buf).unwrap_or_default();
+                Ok(Target {
+                    log: cluster_dir.join(format!("mount-{}.log", args.volume)),
+                    cluster_toml: toml,
+                    cluster_dir,
+                    embedded: None,
+                    volume: args.volume.clone(),
+                })
+            }
+            None => {
+                let data = data_dir(args.data_dir.as_deref())?;
+                std::fs::create_dir_all(&data)
+                    .with_context(|| format!("creating the data directory {}", data.display()))?;
+                let data = std::fs::canonicalize(&data)?;
+                let cluster_dir = data.join("cluster");
+                Ok(Target {
+                    cluster_toml: cluster_dir.join("cluster.toml"),
+                    cluster_dir,
+                    log: data.join("mount.log"),
+                    embedded: Some(data),
+                    volume: args.volume.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// Starts `dbqsfs mount ... -f` in a new session and waits for the mount to appear.
+fn daemonize(dir: &Path, target: &Target) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the dbqsfs executable")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&target.log)
+        .with_context(|| format!("opening the log file {}", target.log.display()))?;
+    let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .env("DBQSFS_DAEMON_LOG", &target.log)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    let start = Instant::now();
+    loop {
+        if let Some(t) = mounted_fstype(dir) {
+            if t.starts_with("fuse") {
+                println!(
+                    "mounted volume {:?} on {} (process {}); logs: {}",
+                    target.volume,
+                    dir.display(),
+                    child.id(),
+                    target.log.display()
+                );
+                println!("unmount with: dbqsfs umount {}", dir.display());
+                return Ok(());
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut text = String::new();
+            if let Ok(mut f) = std::fs::File::open(&target.log) {
+                let _ = f.seek(std::io::SeekFrom::Start(start_offset));
+                let _ = f.read_to_string(&mut text);
+            }
+            let text = text.trim();
+            // The child printed the error; its last line is the useful one.
+            let msg = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("dbqsfs: error:"))
+                .map(|l| l.trim_start_matches("dbqsfs: error:").trim().to_string())
+                .unwrap_or_else(|| format!("the mount process exited with {status}"));
+            eprintln!(
+                "dbqsfs: the mount failed; its log is {}",
+                target.log.display()
+            );
+            bail!("{msg}");
+        }
+        if start.elapsed() > MOUNT_WAIT {
+            // SAFETY: kill(2) of the child we started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            bail!(
+                "{} was not mounted after {:?}; stopped the mount process. See {}",
+                dir.display(),
+                MOUNT_WAIT,
+                target.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Unmounts `dir` from inside the mount process (on SIGINT/SIGTERM): plain first, lazily if busy.
+fn unmount_dir(dir: &Path, lazy: bool) -> std::io::Result<()> {
+    if is_root() {
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: a valid C string; umount2 has no memory effects.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        Err(std::io::Error::last_os_error())
+    } else {
+        let out = std::process::Command::new("fusermount3")
+            .arg(if lazy { "-uz" } else { "-u" })
+            .arg(dir)
+            .output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(std::io::Error::other(err.trim().to_string()))
+    }
+}
+
+/// What a foreground mount must undo when it ends, in this order: the registry entry, then
+/// (embedded, last mount) the nodes. Runs on every path out of `foreground`.
+struct Cleanup {
+    pid: u32,
+    cluster_dir: PathBuf,
+    embedded: Option<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        match &self.embedded {
+            Some(data) => {
+                let _lock = FileLock::take(&data.join("lock"));
+                unregister(self.pid);
+                stop_cluster_if_unused(&self.cluster_dir, self.pid);
+            }
+            None => unregister(self.pid),
+        }
+    }
+}
+
+fn foreground(args: &MountArgs, opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
+    let pid = std::process::id();
+    let record = MountRecord {
+        pid,
+        mountpoint: dir.to_path_buf(),
+        cluster_dir: target.cluster_dir.clone(),
+        embedded: target.embedded.is_some(),
+        volume: target.volume.clone(),
+        read_only: opts.read_only,
+        log: std::env::var_os("DBQSFS_DAEMON_LOG").map(PathBuf::from),
+    };
+    let cleanup = match &target.embedded {
+        Some(data) => {
+            let _lock = FileLock::take(&data.join("lock"))?;
+            ensure_embedded_cluster(data, args.base_port)?;
+            let cleanup = Cleanup {
+                pid,
+                cluster_dir: target.cluster_dir.clone(),
+                embedded: Some(data.clone()),
+            };
+            register(&record)?;
+            cluster_up_subprocess(&target.cluster_dir)?;
+            cleanup
+        }
+        None => {
+            register(&record)?;
+            Cleanup {
+                pid,
+                cluster_dir: target.cluster_dir.clone(),
+                embedded: None,
+            }
+        }
+    };
+    let result = serve(opts, dir, target);
+    drop(cleanup);
+    result
+}
+
+/// Connects, takes the lease, mounts, and serves until unmounted.
+fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
+    let info = ClusterInfo::load(&target.cluster_toml)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let handle = rt.handle().clone();
+    let client = {
+        let _g = rt.enter();
+        DbqsClient::connect(
+            info.genesis.clone(),
+            info.client_key.clone(),
+            DbqsClientOptions {
+                op_timeout: opts.op_timeout,
+                ..DbqsClientOptions::default()
+            },
+        )?
+    };
+    let owner = info.client_key.clone();
+    let call_timeout = opts.op_timeout + Duration::from_secs(5);
+    let probe = DbqsBackend::new(
+        client.clone(),
+        owner.clone(),
+        &target.volume,
+        handle.clone(),
+        BackendOptions { call_timeout },
+    );
+    let exists = probe
+        .get_record(dbqsfs_fs::layout::SUPER_LABEL)
+        .map_err(|e| {
+            anyhow!(
+                "cannot reach the cluster of {} ({e}); check that its nodes run (`dbqsfs status \
+                 --cluster {}`)",
+                target.cluster_toml.display(),
+                target.cluster_toml.display()
+            )
+        })?
+        .is_some();
+    if !exists && opts.read_only {
+        bail!(
+            "volume {:?} does not exist yet: mount it read-write once to create it",
+            target.volume
+        );
+    }
+
+    // The lease (read-write mounts only).
+    let mut backend = DbqsBackend::new(
+        client.clone(),
+        owner.clone(),
+        &target.volume,
+        handle.clone(),
+        BackendOptions { call_timeout },
+    );
+    let mut lease_task = None;
+    if !opts.read_only {
+        let holder = format!(
+            "{} pid {} at {}",
+            dbqsfs_daemon::volume::hostname(),
+            std::process::id(),
+            dir.display()
+        );
+        let lease = match rt.block_on(Lease::acquire(
+            client.clone(),
+            owner.clone(),
+            &target.volume,
+            holder,
+            LeaseTiming::default(),
+        )) {
+            Ok(l) => l,
+            Err(e @ LeaseError::Held { .. }) => bail!("{e}"),
+            Err(e) => return Err(e.into()),
+        };
+        backend = backend.with_lease_deadline(lease.writable_until.clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let task = rt.spawn(async move {
+            let mut lease = lease;
+            lease.keep(stop_rx).await;
+            lease
+        });
+        lease_task = Some((stop_tx, task));
+    }
+    if !exists {
+        tracing::info!(volume = target.volume, "creating the volume");
+    }
+
+    let defaults = MountOptions::default();
+    let mopts = MountOptions {
+        read_only: opts.read_only,
+        n_threads: opts.threads.unwrap_or(defaults.n_threads),
+        attr_ttl: opts.attr_ttl.unwrap_or(defaults.attr_ttl),
+        entry_ttl: opts.entry_ttl.unwrap_or(defaults.entry_ttl),
+        allow_other: opts.allow_other,
+        fsname: opts
+            .fsname
+            .clone()
+            .unwrap_or_else(|| format!("dbqsfs:{}", target.volume)),
+        ..defaults
+    };
+    let mounted = dbqsfs_fs::mount(Arc::new(backend), dir, mopts);
+    let mount = match mounted {
+        Ok(m) => m,
+        Err(e) => {
+            release_lease(&rt, lease_task);
+            return Err(anyhow!("{e}")).with_context(|| {
+                format!(
+                    "mounting on {} failed (is FUSE usable here? as a user, is fuse3 installed \
+                     and /dev/fuse accessible?)",
+                    dir.display()
+                )
+            });
+        }
+    };
+    let volume = mount.volume().clone();
+    tracing::info!(
+        volume = target.volume,
+        dir = %dir.display(),
+        read_only = opts.read_only,
+        "mounted"
+    );
+
+    // SIGINT/SIGTERM: unmount; the session then ends like after an external unmount.
+    let sig_dir = dir.to_path_buf();
+    rt.spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("unmounting on signal");
+        let d = sig_dir.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            unmount_dir(&d, false).or_else(|_| unmount_dir(&d, true))
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::error!(error = %e, "unmount on signal failed");
+        }
+    });
+
+    // Read-only: forget cached inodes every RO_REFRESH, so new versions show up.
+    let (refresh_stop, refresh_rx) = std::sync::mpsc::channel::<()>();
+    let refresher = opts.read_only.then(|| {
+        let volume = volume.clone();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                refresh_rx.recv_timeout(RO_REFRESH)
+            {
+                volume.forget_cached();
+            }
+        })
+    });
+
+    let joined = mount.join();
+    drop(refresh_stop);
+    if let Some(t) = refresher {
+        let _ = t.join();
+    }
+    if let Err(e) = volume.sync_all() {
+        tracing::error!(error = %e, "storing buffered data after unmount failed");
+    }
+    release_lease(&rt, lease_task);
+    tracing::info!(dir = %dir.display(), "unmounted");
+    drop(client);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    joined.context("the FUSE session ended with an error")
+}
+
+type LeaseTask = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Lease>,
+);
+
+fn release_lease(rt: &tokio::runtime::Runtime, task: Option<LeaseTask>) {
+    let Some((stop, task)) = task else { return };
+    let _ = stop.send(());
+    match rt.block_on(task) {
+        Ok(lease) => {
+            if let Err(e) = rt.block_on(lease.release()) {
+                tracing::warn!(error = %e, "releasing the volume lease failed; it expires by itself");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the lease keeper failed"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// umount
+
+/// Entry point of `dbqsfs umount`.
+pub fn run_umount(args: UmountArgs) -> Result<()> {
+    let dir = mount_path(&args.dir).map_err(|e| UsageError(format!("{e:#}")))?;
+    let fstype = mounted_fstype(&dir);
+    let recs: Vec<(MountRecord, bool)> = records()
+        .into_iter()
+        .filter(|(r, _)| r.mountpoint == dir)
+        .collect();
+    if fstype.is_none() && recs.is_empty() {
+        bail!("{} is not mounted", dir.display());
+    }
+    if let Some(t) = &fstype {
+        if !t.starts_with("fuse") {
+            bail!(
+                "{} is a {t} mount, not dbqsfs: use umount(8)",
+                dir.display()
+            );
+        }
+        if let Err(e) = unmount_dir(&dir, args.lazy) {
+            if e.raw_os_error() == Some(libc::EBUSY) || e.to_string().contains("busy") {
+                bail!(
+                    "{} is busy (a process has a file open or its working directory there): \
+                     close those, or unmount lazily with `dbqsfs umount --lazy {}`",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            bail!("unmounting {}: {e}", dir.display());
+        }
+    }
+    // Wait for the mount processes to store what they buffered and stop.
+    let start = Instant::now();
+    let mut told = false;
+    for (rec, _) in &recs {
+        while mount_process_alive(rec.pid) {
+            if start.elapsed() > UMOUNT_WAIT {
+                bail!(
+                    "unmounted, but the mount process {} is still running after {:?}",
+                    rec.pid,
+                    UMOUNT_WAIT
+                );
+            }
+            if !told && start.elapsed() > Duration::from_secs(2) {
+                eprintln!(
+                    "waiting for the mount process (pid {}) to store buffered data and stop...",
+                    rec.pid
+                );
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // A mount process that died without cleaning up (kill -9): clean up for it.
+        if std::fs::metadata(record_path(rec.pid)).is_ok() {
+            if rec.embedded {
+                if let Some(data) = rec.cluster_dir.parent() {
+                    let _lock = FileLock::take(&data.join("lock"));
+                    unregister(rec.pid);
+                    stop_cluster_if_unused(&rec.cluster_dir, rec.pid);
+                }
+            } else {
+                unregister(rec.pid);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_options_parse_and_refuse_unknown_ones() {
+        let o =
+            parse_options(&["ro,allow_other".into(), "timeout=3,attr_timeout=0".into()]).unwrap();
+        assert!(o.read_only && o.allow_other);
+        assert_eq!(o.op_timeout, Duration::from_secs(3));
+        assert_eq!(o.attr_ttl, Some(Duration::ZERO));
+        assert!(parse_options(&["bogus".into()]).is_err());
+        assert!(parse_options(&["timeout=x".into()]).is_err());
+        assert!(parse_options(&["threads=0".into()]).is_err());
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(r"/x\"), b"/x\\");
+    }
+}
