@@ -53,20 +53,8 @@ fn main() {
     });
 
     let keys: Vec<Keypair> = (0..4).map(|i| Keypair::from_seed([i + 2; 32])).collect();
-    let params = Params::with_f(1);
-    let mut members: Vec<Member> = keys
-        .iter()
-        .map(|k| Member::new(k.public(), "127.0.0.1:1"))
-        .collect();
-    members.sort_by_key(|m| m.id);
-    let committee = Configuration::first_members_as_committee(&members, &params);
-    let genesis = CertifiedConfig::genesis(Configuration {
-        epoch: 0,
-        params,
-        members,
-        committee,
-        prev: None,
-    });
+    let members = keys.iter().map(|k| Member::new(k.public(), "127.0.0.1:1")).collect();
+    let genesis = CertifiedConfig::genesis(Configuration::new(0, Params::with_f(1), members, None));
     let replica = Replica::new(
         keys[0].node_id(),
         MemStore::new(),

@@ -125,6 +125,14 @@ impl Configuration {
         *h.finalize().as_bytes()
     }
 
+    /// The configuration of `epoch` with `members` (in any order) whose committee is the first
+    /// `3f_ms+1` members on the ring.
+    pub fn new(epoch: Epoch, params: Params, mut members: Vec<Member>, prev: Option<ConfigHash>) -> Configuration {
+        members.sort_by_key(|m| m.id);
+        let committee = Configuration::first_members_as_committee(&members, &params);
+        Configuration { epoch, params, members, committee, prev }
+    }
+
     /// Checks the internal rules every configuration must satisfy.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.members.windows(2).all(|w| w[0].id < w[1].id) {
@@ -335,20 +343,8 @@ mod tests {
     }
 
     fn config(epoch: Epoch, ks: &[Keypair], prev: Option<ConfigHash>) -> Configuration {
-        let params = Params::with_f(1);
-        let mut members: Vec<Member> = ks
-            .iter()
-            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
-            .collect();
-        members.sort_by_key(|m| m.id);
-        let committee = Configuration::first_members_as_committee(&members, &params);
-        Configuration {
-            epoch,
-            params,
-            members,
-            committee,
-            prev,
-        }
+        let members = ks.iter().map(|k| Member::new(k.public(), "127.0.0.1:1")).collect();
+        Configuration::new(epoch, Params::with_f(1), members, prev)
     }
 
     fn signers<'a>(c: &Configuration, ks: &'a [Keypair]) -> Vec<&'a Keypair> {

@@ -19,19 +19,8 @@ fn fixture() -> Fixture {
     let keys: Vec<Keypair> = (0..6).map(|i| Keypair::from_seed([i + 10; 32])).collect();
     let params = Params::with_f(1);
     let config = |epoch, ks: &[Keypair], prev| {
-        let mut members: Vec<Member> = ks
-            .iter()
-            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
-            .collect();
-        members.sort_by_key(|m| m.id);
-        let committee = Configuration::first_members_as_committee(&members, &params);
-        Configuration {
-            epoch,
-            params: params.clone(),
-            members,
-            committee,
-            prev,
-        }
+        let members = ks.iter().map(|k| Member::new(k.public(), "127.0.0.1:1")).collect();
+        Configuration::new(epoch, params.clone(), members, prev)
     };
     let g = config(0, &keys[..4], None);
     let signers: Vec<&Keypair> = keys

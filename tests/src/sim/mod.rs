@@ -1316,14 +1316,6 @@ fn make_config<'a>(
     keys: impl Iterator<Item = &'a Keypair>,
     prev: Option<[u8; 32]>,
 ) -> Configuration {
-    let mut members: Vec<Member> = keys.map(|k| Member::new(k.public(), "sim")).collect();
-    members.sort_by_key(|m| m.id);
-    let committee = Configuration::first_members_as_committee(&members, params);
-    Configuration {
-        epoch,
-        params: params.clone(),
-        members,
-        committee,
-        prev,
-    }
+    let members = keys.map(|k| Member::new(k.public(), "sim")).collect();
+    Configuration::new(epoch, params.clone(), members, prev)
 }
