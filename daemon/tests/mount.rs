@@ -1,0 +1,569 @@
+//! `dbqsfs mount` on a real mount over a real 4-node cluster (the embedded default, in a
+//! temporary data directory, on random ports in 20000-60000), driven through the command line
+//! and ordinary tools: `cp -a` and `diff -r`, untar and checksums, git, a large file, remount,
+//! kill -9 of a node during a copy, one read-write mount per volume with `-o ro` alongside.
+//!
+//! Every test holds an [`Env`] whose drop unmounts everything it mounted (`dbqsfs umount`, then
+//! `fusermount3 -uz` as a last resort) and stops the cluster, also when an assertion fails.
+//! Where /dev/fuse or fusermount3 is unusable the tests say so and pass.
+//!
+//! `DBQSFS_BIG_FILE_MB` sets the size of the large file (default 256; the full run uses 1024).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// The tests start clusters and mounts; on 2 cores they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn fuse_usable() -> bool {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok();
+    let fusermount = Command::new("fusermount3")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !(dev && fusermount) {
+        eprintln!("/dev/fuse or fusermount3 is not usable here: skipping the mount test");
+    }
+    dev && fusermount
+}
+
+fn dbqsfs(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the dbqsfs binary")
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs a shell command, asserting success; returns stdout.
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    assert!(o.status.success(), "`{cmd}` failed: {}", show(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// A data directory, mount points, and what must be undone.
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    base_port: u16,
+    mounts: Vec<PathBuf>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).expect("randomness");
+        Env {
+            data: root.join("data"),
+            base_port: 20000 + u16::from_le_bytes(r) % 39990,
+            root,
+            _tmp: tmp,
+            mounts: Vec::new(),
+        }
+    }
+
+    fn dir(&mut self, name: &str) -> PathBuf {
+        let d = self.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        if !self.mounts.contains(&d) {
+            self.mounts.push(d.clone());
+        }
+        d
+    }
+
+    /// `dbqsfs mount --data-dir DATA [extra] DIR`; returns the command's output.
+    fn try_mount(&mut self, name: &str, extra: &[&str]) -> Output {
+        let dir = self.dir(name);
+        let port = self.base_port.to_string();
+        let data = self.data.to_string_lossy().into_owned();
+        let mut args = vec!["mount", "--data-dir", &data, "--base-port", &port];
+        args.extend_from_slice(extra);
+        let d = dir.to_string_lossy().into_owned();
+        args.push(&d);
+        dbqsfs(&args)
+    }
+
+    fn mount(&mut self, name: &str, extra: &[&str]) -> PathBuf {
+        let o = self.try_mount(name, extra);
+        assert!(o.status.success(), "mount {name}: {}", show(&o));
+        let dir = self.root.join(name);
+        assert!(
+            is_mounted(&dir),
+            "{} not in mountinfo after mount",
+            dir.display()
+        );
+        dir
+    }
+
+    fn umount(&self, dir: &Path) {
+        let o = dbqsfs(&["umount", dir.to_str().unwrap()]);
+        assert!(o.status.success(), "umount {}: {}", dir.display(), show(&o));
+        assert!(!is_mounted(dir), "{} still mounted", dir.display());
+    }
+
+    fn node_pid(&self, i: usize) -> Option<i32> {
+        let p = self.data.join(format!("cluster/node-{i}/node.pid"));
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    }
+
+    fn nodes_running(&self) -> usize {
+        (0..4)
+            .filter(|i| self.node_pid(*i).is_some_and(alive))
+            .count()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for dir in self.mounts.iter().rev() {
+            if is_mounted(dir) {
+                let o = dbqsfs(&["umount", dir.to_str().unwrap()]);
+                if !o.status.success() {
+                    eprintln!("cleanup: dbqsfs umount {}: {}", dir.display(), show(&o));
+                }
+            }
+            if is_mounted(dir) {
+                let _ = Command::new("fusermount3").arg("-uz").arg(dir).output();
+            }
+        }
+        let cdir = self.data.join("cluster");
+        if cdir.join("cluster.toml").exists() {
+            let _ = dbqsfs(&["cluster", "down", "--dir", cdir.to_str().unwrap()]);
+        }
+    }
+}
+
+/// A deterministic byte stream (xorshift), so a large file does not deduplicate.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            c.copy_from_slice(&self.0.to_le_bytes()[..c.len()]);
+        }
+    }
+}
+
+fn big_file_mb() -> usize {
+    std::env::var("DBQSFS_BIG_FILE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+/// Writes `mb` MiB to `path` and fsyncs; returns the BLAKE3 hash of what was written.
+fn write_big(path: &Path, mb: usize) -> blake3::Hash {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut h = blake3::Hasher::new();
+    let mut s = Stream(0x9e37_79b9_7f4a_7c15);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mb {
+        s.fill(&mut buf);
+        h.update(&buf);
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+    h.finalize()
+}
+
+fn hash_file(path: &Path) -> (blake3::Hash, u64) {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        h.update(&buf[..k]);
+    }
+    (h.finalize(), n)
+}
+
+/// A source tarball: a `.crate` (tar.gz) from the cargo cache, tokio's if present.
+fn tarball() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let mut crates: Vec<(u64, PathBuf)> = std::fs::read_dir(home.join("registry/cache"))
+        .ok()?
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "crate"))
+        .map(|p| (std::fs::metadata(&p).map_or(0, |m| m.len()), p))
+        .filter(|(len, _)| *len < 4 << 20)
+        .collect();
+    crates.sort();
+    let tokio = crates.iter().rev().find(|(_, p)| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("tokio-1"))
+    });
+    tokio.or(crates.last()).map(|(_, p)| p.clone())
+}
+
+/// `sha256sum` of every file under `dir`, with paths relative to it, sorted.
+fn checksums(dir: &Path) -> String {
+    sh(&format!(
+        "cd '{}' && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        dir.display()
+    ))
+}
+
+fn git(dir: &Path, args: &str) -> String {
+    sh(&format!(
+        "cd '{}' && git -c user.name=dbqsfs -c user.email=dbqsfs@example.invalid \
+         -c init.defaultBranch=main -c safe.directory='*' {args}",
+        dir.display()
+    ))
+}
+
+#[test]
+fn copy_untar_git_and_a_large_file_survive_a_remount() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let t0 = Instant::now();
+    let mnt = env.mount("mnt", &[]);
+    eprintln!("first mount (cluster created): {:?}", t0.elapsed());
+    assert_eq!(env.nodes_running(), 4);
+
+    // cp -a of source trees, diff -r.
+    let t = Instant::now();
+    sh(&format!(
+        "cp -a '{REPO}/core' '{REPO}/fs' '{}/'",
+        mnt.display()
+    ));
+    sh(&format!("diff -r '{REPO}/core' '{}/core'", mnt.display()));
+    sh(&format!("diff -r '{REPO}/fs' '{}/fs'", mnt.display()));
+    eprintln!("cp -a + diff -r: {:?}", t.elapsed());
+
+    // Untar into the mount and into a local directory; every checksum matches.
+    let local = env.root.join("untar-local");
+    std::fs::create_dir_all(&local).unwrap();
+    let tar = tarball();
+    if let Some(tar) = &tar {
+        let t = Instant::now();
+        std::fs::create_dir_all(mnt.join("untar")).unwrap();
+        sh(&format!(
+            "tar xzf '{}' -C '{}'",
+            tar.display(),
+            local.display()
+        ));
+        sh(&format!(
+            "tar xzf '{}' -C '{}/untar'",
+            tar.display(),
+            mnt.display()
+        ));
+        let want = checksums(&local);
+        assert!(want.lines().count() > 10, "{} has few files", tar.display());
+        assert_eq!(checksums(&mnt.join("untar")), want);
+        eprintln!("untar {} + checksums: {:?}", tar.display(), t.elapsed());
+    } else {
+        eprintln!("no .crate in the cargo cache: untar step skipped");
+    }
+
+    // git inside the mount.
+    let t = Instant::now();
+    let repo = mnt.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    sh(&format!("cp -a '{REPO}/daemon' '{}/'", repo.display()));
+    git(&repo, "init -q");
+    git(&repo, "add -A");
+    git(&repo, "commit -q -m x");
+    git(&repo, "fsck --full");
+    let head = git(&repo, "rev-parse HEAD");
+    eprintln!("git init/add/commit/fsck: {:?}", t.elapsed());
+
+    // A large file written, fsynced and read back.
+    let mb = big_file_mb();
+    let t = Instant::now();
+    let want = write_big(&mnt.join("big"), mb);
+    let wt = t.elapsed();
+    let t = Instant::now();
+    assert_eq!(hash_file(&mnt.join("big")), (want, (mb as u64) << 20));
+    eprintln!(
+        "{mb} MiB: write+fsync {:?} ({:.1} MB/s), read {:?}",
+        wt,
+        mb as f64 * 1.048576 / wt.as_secs_f64(),
+        t.elapsed()
+    );
+
+    // Unmount (the last mount stops the cluster), mount again: everything is still there.
+    env.umount(&mnt);
+    assert_eq!(
+        env.nodes_running(),
+        0,
+        "the last unmount stops the embedded cluster"
+    );
+    let t = Instant::now();
+    let mnt = env.mount("mnt", &[]);
+    eprintln!("second mount: {:?}", t.elapsed());
+    sh(&format!("diff -r '{REPO}/core' '{}/core'", mnt.display()));
+    sh(&format!("diff -r '{REPO}/fs' '{}/fs'", mnt.display()));
+    if tar.is_some() {
+        assert_eq!(checksums(&mnt.join("untar")), checksums(&local));
+    }
+    git(&repo, "fsck --full");
+    assert_eq!(git(&repo, "rev-parse HEAD"), head);
+    assert_eq!(git(&repo, "status --porcelain"), "");
+    let t = Instant::now();
+    assert_eq!(hash_file(&mnt.join("big")), (want, (mb as u64) << 20));
+    eprintln!(
+        "{mb} MiB read after remount (cold cache): {:?}",
+        t.elapsed()
+    );
+    env.umount(&mnt);
+}
+
+#[test]
+fn a_copy_completes_correctly_when_a_node_is_killed_during_it() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let mnt = env.mount("mnt", &[]);
+
+    // A source with many small files and a few large ones, so the copy lasts a while.
+    let src = env.root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    sh(&format!(
+        "cp -a '{REPO}/core' '{REPO}/fs' '{REPO}/net' '{}/'",
+        src.display()
+    ));
+    for i in 0..3 {
+        let mut data = vec![0u8; 24 << 20];
+        Stream(i + 1).fill(&mut data);
+        std::fs::write(src.join(format!("large-{i}")), &data).unwrap();
+    }
+
+    let pid = env.node_pid(2).expect("node-2 pid");
+    let mut cp = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(mnt.join("copy"))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let running = cp.try_wait().unwrap().is_none();
+    // SAFETY: kill(2) of the node process this test's mount started (recorded pid).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "node-2 survived SIGKILL");
+    eprintln!(
+        "node-2 killed; the copy was {}running",
+        if running { "" } else { "no longer " }
+    );
+    let status = cp.wait().unwrap();
+    assert!(
+        status.success(),
+        "cp -a failed after a node was killed: {status}"
+    );
+    sh(&format!(
+        "diff -r '{}' '{}/copy'",
+        src.display(),
+        mnt.display()
+    ));
+    assert!(
+        running,
+        "the copy ended before the node was killed: make the source larger"
+    );
+
+    // Still correct after a remount with the node still down.
+    env.umount(&mnt);
+    let mnt = env.mount("mnt", &[]);
+    sh(&format!(
+        "diff -r '{}' '{}/copy'",
+        src.display(),
+        mnt.display()
+    ));
+    env.umount(&mnt);
+}
+
+#[test]
+fn one_read_write_mount_per_volume_and_read_only_mounts_alongside() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let rw = env.mount("rw", &[]);
+    std::fs::write(rw.join("hello"), b"hello").unwrap();
+
+    // A second read-write mount of the same volume is refused, naming the holder.
+    let o = env.try_mount("rw2", &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("mounted read-write by") && err.contains(&*rw.to_string_lossy()),
+        "the refusal does not name the holder: {err}"
+    );
+    assert!(!is_mounted(&env.root.join("rw2")));
+
+    // A read-only mount works alongside and sees the writer's changes within a few seconds.
+    let ro = env.mount("ro", &["-o", "ro"]);
+    assert_eq!(std::fs::read(ro.join("hello")).unwrap(), b"hello");
+    let e = std::fs::write(ro.join("nope"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    std::fs::write(rw.join("later"), b"later").unwrap();
+    let t = Instant::now();
+    while std::fs::read(ro.join("later")).ok().as_deref() != Some(&b"later"[..]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the read-only mount did not see a new file within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("read-only mount saw a new file after {:?}", t.elapsed());
+
+    // fusermount3 -u works too: the mount process then exits; the cluster keeps running for rw.
+    let out = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&ro)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fusermount3 -u: {}", show(&out));
+    assert!(!is_mounted(&ro));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        env.nodes_running(),
+        4,
+        "the read-write mount still needs the nodes"
+    );
+    assert_eq!(std::fs::read(rw.join("later")).unwrap(), b"later");
+
+    // After the writer unmounts, the lease is free: a new read-write mount takes it.
+    env.umount(&rw);
+    assert_eq!(env.nodes_running(), 0);
+    let rw2 = env.mount("rw2", &[]);
+    assert_eq!(std::fs::read(rw2.join("hello")).unwrap(), b"hello");
+    env.umount(&rw2);
+}
+
+#[test]
+fn mount_arguments_are_checked_before_anything_starts() {
+    let mut env = Env::new();
+    let file = env.root.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let full = env.dir("full");
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let data = env.data.to_string_lossy().into_owned();
+    for (args, needle) in [
+        (
+            vec!["mount", "--data-dir", &data, "/nonexistent/dbqsfs-test"],
+            "does not exist",
+        ),
+        (
+            vec!["mount", "--data-dir", &data, file.to_str().unwrap()],
+            "not a directory",
+        ),
+        (
+            vec!["mount", "--data-dir", &data, full.to_str().unwrap()],
+            "not empty",
+        ),
+        (
+            vec![
+                "mount",
+                "--data-dir",
+                &data,
+                "-o",
+                "bogus",
+                full.to_str().unwrap(),
+            ],
+            "mount option",
+        ),
+        (
+            vec![
+                "mount",
+                "--data-dir",
+                &data,
+                "--volume",
+                "a/b",
+                full.to_str().unwrap(),
+            ],
+            "volume name",
+        ),
+        (
+            vec![
+                "mount",
+                "--cluster",
+                "x",
+                "--data-dir",
+                &data,
+                full.to_str().unwrap(),
+            ],
+            "cannot be used with",
+        ),
+        (vec!["mount"], "DIR"),
+    ] {
+        let o = dbqsfs(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(needle),
+            "{args:?}: {}",
+            show(&o)
+        );
+    }
+    let o = dbqsfs(&["umount", env.root.join("full").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not mounted"));
+    for sub in ["mount", "umount"] {
+        let o = dbqsfs(&[sub, "--help"]);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: dbqsfs"));
+    }
+    assert!(
+        !env.data.join("cluster").exists(),
+        "a refused mount created a cluster"
+    );
+}
