@@ -115,7 +115,8 @@ operation timeout (-o timeout, default 15 s) plus 5 s; the mount itself never ha
 
 Options (-o, comma-separated): ro, rw, allow_other, default_permissions (always on), nonempty, \
 fsname=NAME, attr_timeout=SECS and entry_timeout=SECS (kernel caching, default 1), \
-timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads).";
+timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads), \
+chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB).";
 
 /// Arguments of `dbqsfs mount`.
 #[derive(clap::Args, Debug)]

@@ -58,10 +58,12 @@ pub struct Opts {
     pub entry_ttl: Option<Duration>,
     pub op_timeout: Duration,
     pub threads: Option<usize>,
+    /// Chunk size of a volume created by this mount.
+    pub chunk_size: Option<u32>,
 }
 
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
-    attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N";
+    attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES";
 
 fn secs(name: &str, v: &str) -> Result<Duration, UsageError> {
     v.parse::<f64>()
@@ -82,6 +84,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         entry_ttl: None,
         op_timeout: DEFAULT_OP_TIMEOUT,
         threads: None,
+        chunk_size: None,
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -110,6 +113,16 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
                         .ok()
                         .filter(|n| (1..=64).contains(n))
                         .ok_or_else(|| UsageError(format!("-o threads={v}: expected 1..64")))?,
+                )
+            }
+            ("chunk_size", Some(v)) => {
+                o.chunk_size = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (512..=1 << 20).contains(n))
+                        .ok_or_else(|| {
+                            UsageError(format!("-o chunk_size={v}: expected 512..1048576 bytes"))
+                        })?,
                 )
             }
             _ => {
@@ -778,6 +791,10 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
             .fsname
             .clone()
             .unwrap_or_else(|| format!("dbqsfs:{}", target.volume)),
+        volume: dbqsfs_fs::VolumeConfig {
+            chunk_size: opts.chunk_size,
+            ..defaults.volume.clone()
+        },
         ..defaults
     };
     let mounted = dbqsfs_fs::mount(Arc::new(backend), dir, mopts);

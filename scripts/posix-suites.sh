@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# pjdfstest and fsx on a REAL dbqsfs mount: the embedded default cluster (4 nodes, f=1, loopback
+# QUIC) in a temporary data directory. Needs root and /dev/fuse (pjdfstest switches users).
+#
+#   scripts/posix-suites.sh                 # pjdfstest, its erofs cases, fsx with 10,000 operations
+#   FSX_OPS=100000 scripts/posix-suites.sh  # the full fsx run
+#   SKIP_PJDFSTEST=1 / SKIP_FSX=1           # run only one of the suites
+#   DBQSFS_BIN=path/to/dbqsfs               # use this binary instead of building a release one
+#
+# Installs what is missing: fuse3 (apt-get), pjdfstest and fsx (cargo install --locked), the
+# `tests` user pjdfstest needs. Always unmounts and stops the cluster, also on failure or ctrl-c.
+# Prints the pjdfstest summary lines and fsx's verdict; exits non-zero if any suite failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+FSX_OPS=${FSX_OPS:-10000}
+FSX_SEED=${FSX_SEED:-42}
+
+if [ "$(id -u)" != 0 ]; then
+  echo "posix-suites: run as root (pjdfstest changes users and remounts)" >&2
+  exit 2
+fi
+if ! command -v fusermount3 >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
+fi
+if [ -z "${SKIP_PJDFSTEST:-}" ] && ! command -v pjdfstest >/dev/null 2>&1; then
+  cargo install pjdfstest --version 0.2.2 --locked
+fi
+if [ -z "${SKIP_FSX:-}" ] && ! command -v fsx >/dev/null 2>&1; then
+  cargo install fsx --version 0.3.2 --locked
+fi
+id tests >/dev/null 2>&1 || printf 'tests:x:::pjdfstest dummy:/:/usr/sbin/nologin\n' | newusers
+
+if [ -z "${DBQSFS_BIN:-}" ]; then
+  cargo build --release -p dbqsfs-daemon --bin dbqsfs
+  DBQSFS_BIN=$repo/target/release/dbqsfs
+fi
+bin=$(realpath "$DBQSFS_BIN")
+
+work=$(mktemp -d /tmp/dbqsfs-posix.XXXXXX)
+chmod 755 "$work"   # pjdfstest's dummy users must reach the mount point
+data=$work/data
+mnt=$work/mnt
+fsxmnt=$work/fsx
+other=$work/other
+mkdir -p "$mnt" "$fsxmnt" "$other"
+
+cleanup() {
+  set +e
+  cd /
+  for m in "$fsxmnt" "$mnt"; do
+    if grep -q " $m " /proc/self/mountinfo; then
+      "$bin" umount "$m" || "$bin" umount --lazy "$m" || fusermount3 -uz "$m"
+    fi
+  done
+  if [ -f "$data/cluster/cluster.toml" ]; then
+    "$bin" cluster down --dir "$data/cluster" >/dev/null
+  fi
+  if [ -z "${KEEP_WORK:-}" ]; then rm -rf "$work"; else echo "posix-suites: kept $work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+status=0
+start=$(date +%s)
+# pjdfstest runs as root and as the dummy users: allow_other lets them in.
+"$bin" mount --data-dir "$data" -o allow_other "$mnt"
+
+if [ -z "${SKIP_PJDFSTEST:-}" ]; then
+  # The config with expected_failures from the list kept in the repo.
+  expected=$(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' \
+    "$repo/fs/conformance/pjdfstest-expected-failures.txt" | sed 's/.*/"&"/' | paste -sd, -)
+  sed "s/^expected_failures = .*/expected_failures = [$expected]/" \
+    "$repo/fs/conformance/pjdfstest.toml" > "$work/pjdfstest.toml"
+  sed 's/^allow_remount = false/allow_remount = true/' "$work/pjdfstest.toml" > "$work/pjdfstest-erofs.toml"
+
+  echo "=== pjdfstest on $mnt"
+  t=$(date +%s)
+  (cd "$mnt" && pjdfstest -c "$work/pjdfstest.toml" -p "$mnt" -s "$other" -v) > "$work/pjdfstest.log" 2>&1 || status=1
+  grep 'FAILED$' "$work/pjdfstest.log" || true
+  echo "pjdfstest: $(grep '^Summary:' "$work/pjdfstest.log" || echo 'no summary: see the log')  ($(( $(date +%s) - t )) s)"
+
+  # The read-only remount cases, on their own, with a `mount` that skips the mount.fuse helper.
+  mkdir -p "$work/wrap"
+  printf '#!/bin/sh\nexec /usr/bin/mount -i "$@"\n' > "$work/wrap/mount"
+  chmod +x "$work/wrap/mount"
+  echo "=== pjdfstest erofs cases on $mnt"
+  t=$(date +%s)
+  (cd "$mnt" && PATH="$work/wrap:$PATH" pjdfstest -c "$work/pjdfstest-erofs.toml" -p "$mnt" -v erofs) \
+    > "$work/pjdfstest-erofs.log" 2>&1 || status=1
+  grep 'FAILED$' "$work/pjdfstest-erofs.log" || true
+  echo "pjdfstest erofs: $(grep '^Summary:' "$work/pjdfstest-erofs.log" || echo 'no summary: see the log')  ($(( $(date +%s) - t )) s)"
+fi
+
+if [ -z "${SKIP_FSX:-}" ]; then
+  # Its own volume with 64 KiB chunks: every flush of a rewritten chunk leaves the old one on
+  # the nodes (dBQS has no delete), so 1 MiB chunks would fill the disk in a long run.
+  "$bin" mount --data-dir "$data" --volume fsx -o chunk_size=65536 "$fsxmnt"
+  echo "=== fsx: $FSX_OPS operations, seed $FSX_SEED, on $fsxmnt"
+  t=$(date +%s)
+  mkdir -p "$work/fsx-artifacts"
+  if fsx -q -N "$FSX_OPS" -S "$FSX_SEED" -f "$repo/fs/conformance/fsx.toml" -P "$work/fsx-artifacts" \
+      "$fsxmnt/fsx.testfile" > "$work/fsx.log" 2>&1; then
+    echo "fsx: $(tail -n 1 "$work/fsx.log")  ($FSX_OPS ops, $(( $(date +%s) - t )) s)"
+  else
+    status=1
+    tail -n 30 "$work/fsx.log"
+    echo "fsx: FAILED ($FSX_OPS ops, $(( $(date +%s) - t )) s)"
+  fi
+fi
+
+echo "posix-suites: done in $(( $(date +%s) - start )) s, status $status"
+exit $status
