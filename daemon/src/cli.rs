@@ -89,7 +89,7 @@ pub enum Command {
     },
 }
 
-const MOUNT_HELP: &str = "Mount a dbqsfs volume on the empty directory DIR.
+const MOUNT_HELP: &str = "Mount a dbqsfs volume on the empty directory DIR (created if its parent exists).
 
 With no --cluster, this is the embedded default: a local cluster of 4 nodes (f=1) on loopback \
 QUIC, kept under the data directory (--data-dir, else $XDG_DATA_HOME/dbqsfs, else \
@@ -139,7 +139,7 @@ pub struct MountArgs {
     /// UDP port of the first node when the embedded cluster is created [default: free ports].
     #[arg(long, value_name = "P", conflicts_with = "cluster", value_parser = clap::value_parser!(u16).range(1..65530))]
     pub base_port: Option<u16>,
-    /// The mount point: an existing, empty directory.
+    /// The mount point: an empty directory (created if only its last component is missing).
     pub dir: PathBuf,
 }
 

@@ -158,7 +158,13 @@ pub fn mount_path(path: &Path) -> Result<PathBuf> {
         return Ok(abs);
     };
     let parent = std::fs::canonicalize(parent)
-        .with_context(|| format!("{} does not exist", parent.display()))?;
+        .with_context(|| {
+            format!(
+                "{} does not exist: create the mount point first (mkdir -p {})",
+                parent.display(),
+                abs.display()
+            )
+        })?;
     Ok(parent.join(name))
 }
 
@@ -215,13 +221,11 @@ fn in_path(prog: &str) -> bool {
 /// Checks the mount point and FUSE before anything is started; messages say what to do.
 fn check_mount_point(dir: &Path, opts: &Opts) -> Result<()> {
     match std::fs::metadata(dir) {
+        // Its parent exists (`mount_path` checked): create the mount point itself.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(UsageError(format!(
-                "mount point {} does not exist: create it first (mkdir -p {})",
-                dir.display(),
-                dir.display()
-            ))
-            .into())
+            std::fs::create_dir(dir)
+                .with_context(|| format!("creating the mount point {}", dir.display()))?;
+            eprintln!("dbqsfs: created the mount point {}", dir.display());
         }
         Err(e) => {
             if let Some(t) = mounted_fstype(dir) {

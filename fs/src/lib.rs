@@ -12,8 +12,8 @@
 //! - [`fuse`]: a thin fuser adapter over `Volume`, and `mount`.
 //! - [`error`]: `FsError` and the single backend-error → errno mapping.
 //!
-//! Non-goals (for now): several read-write mounts of one volume (dBQS leases are not wired in),
-//! garbage collection of unreachable chunks and records, POSIX ACLs and file locks beyond the
+//! Non-goals (for now): several read-write mounts of one volume (the daemon's volume lease keeps
+//! to one; read-only volumes revalidate with `Volume::forget_cached`), garbage collection of unreachable chunks and records, POSIX ACLs and file locks beyond the
 //! kernel's local ones.
 
 pub mod backend;
