@@ -19,6 +19,8 @@ struct Net {
     queue: VecDeque<(usize, usize, Vec<u8>)>,
     /// Members cut off: nothing from or to them is delivered.
     down: BTreeSet<usize>,
+    /// Messages (from, to, message) the network drops.
+    filter: Option<fn(usize, usize, &AgreementMessage) -> bool>,
     decided: Vec<Vec<(SeqNo, Vec<Request>)>>,
     evidence: Vec<Vec<Evidence>>,
     views: Vec<Vec<u64>>,
@@ -61,6 +63,7 @@ impl Net {
             now: 0,
             queue: VecDeque::new(),
             down: BTreeSet::new(),
+            filter: None,
             decided: vec![Vec::new(); n],
             evidence: vec![Vec::new(); n],
             views: vec![Vec::new(); n],
@@ -122,6 +125,11 @@ impl Net {
             assert!(budget > 0, "the committee does not go quiet");
             if self.down.contains(&from) || self.down.contains(&to) {
                 continue;
+            }
+            if let (Some(drop), Ok(env)) = (self.filter, decode::<AgreementMessage>(&bytes)) {
+                if drop(from, to, &env.msg) {
+                    continue;
+                }
             }
             let from_id = self.id(from);
             let _ = self.members[to].handle_message(self.now, from_id, &bytes);
@@ -580,6 +588,45 @@ fn a_member_that_missed_everything_catches_up_from_a_checkpoint() {
         net.decided[3].iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         vec![9, 10]
     );
+}
+
+#[test]
+fn a_member_that_never_saw_a_checkpoint_become_stable_learns_it_from_a_peer() {
+    let mut net = Net::new(4);
+    let a = client(1);
+    // Member 3 hears every message but the checkpoints.
+    net.filter = Some(|_, to, m| {
+        to == 3
+            && matches!(
+                m,
+                AgreementMessage::Checkpoint(_) | AgreementMessage::StableCheckpoint(_)
+            )
+    });
+    for seq in 1..=10 {
+        net.submit(0, req(&a, seq)).unwrap();
+        net.run_until(net.now + 50);
+    }
+    net.run_until(net.now + 500);
+    assert_eq!(net.members[0].stable_checkpoint(), 8);
+    assert_eq!(
+        (
+            net.members[3].stable_checkpoint(),
+            net.members[3].last_executed()
+        ),
+        (0, 8),
+        "its window (0, 8] refuses sequence numbers 9 and 10"
+    );
+    net.filter = None;
+    net.run_until(net.now + 500);
+    assert_eq!(
+        (
+            net.members[3].stable_checkpoint(),
+            net.members[3].last_executed()
+        ),
+        (8, 10),
+        "a peer's status reply carries the stable checkpoint; the window moves on"
+    );
+    assert_eq!(net.executed(3), net.executed(0));
 }
 
 #[test]

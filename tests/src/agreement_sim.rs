@@ -19,7 +19,8 @@
 //! members execute different requests at one sequence number; no correct member executes a request
 //! twice; no correct member sees two commit certificates for different batches at one sequence
 //! number; no evidence names a correct member; a state a member installs is held by another member
-//! and extends what it had executed. At the end: liveness.
+//! and extends what it had executed. At the end: the logs of every two correct members agree on
+//! their common prefix, and liveness.
 //!
 //! The Byzantine members run the real state machine and lie through its outputs (see
 //! [`Adversary`]).
@@ -508,6 +509,26 @@ impl Sim {
                 }
             }
         }
+        self.check_prefixes();
+    }
+
+    /// Every two correct members' logs agree on their common prefix (the application digests are
+    /// a hash chain, so comparing the digest at the shorter length compares the whole prefix).
+    fn check_prefixes(&mut self) {
+        let correct: Vec<usize> = (0..self.members.len())
+            .filter(|&m| self.correct(m))
+            .collect();
+        for (i, &a) in correct.iter().enumerate() {
+            for &b in &correct[i + 1..] {
+                let (la, lb) = (&self.members[a].app, &self.members[b].app);
+                let common = la.log.len().min(lb.log.len());
+                if common > 0 && la.digests[common - 1] != lb.digests[common - 1] {
+                    self.violation(format!(
+                        "SAFETY: the logs of members {a} and {b} differ within their first {common} sequence numbers"
+                    ));
+                }
+            }
+        }
     }
 
     /// Every client is done and every correct member executed every request.
@@ -544,6 +565,22 @@ impl Sim {
                 ));
             }
         }
+        let states: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                format!(
+                    "{i}{}: view {} changing {:?} executed {} stable {}",
+                    if m.byz.is_some() { " (byzantine)" } else { "" },
+                    m.core.view(),
+                    m.core.changing_to(),
+                    m.core.last_executed(),
+                    m.core.stable_checkpoint()
+                )
+            })
+            .collect();
+        problems.push(format!("members: {}", states.join(", ")));
         let waiting = self.clients.iter().filter(|c| c.current.is_some()).count();
         self.violation(format!(
             "liveness: {LIVENESS_BOUND_MS}ms after the faults healed, {waiting} clients still wait; {}",
@@ -1139,6 +1176,13 @@ impl Sim {
                 }
             }
             AgreementMessage::Status { executed, .. } => *executed += 1_000,
+            AgreementMessage::StableCheckpoint(proof) => {
+                if let Some(c) = proof.signatures.first_mut() {
+                    mutate(c, how, n)
+                } else {
+                    proof.seq += 8;
+                }
+            }
             AgreementMessage::Fetch { .. } => {}
         }
     }

@@ -49,7 +49,7 @@
 //!   commit certificates (self-certifying), and, when the fetcher is behind the stable checkpoint,
 //!   the state there (duplicate table and application digest, proved by the checkpoint): the member
 //!   emits [`Output::InstallState`] and the driver fetches the application state that hashes to
-//!   that digest.
+//!   that digest. A member whose status shows an older stable checkpoint is sent the newer proof.
 //! - View change. A member that waits for execution longer than the request timeout (doubled at
 //!   each consecutive view change), or that holds proof that the primary equivocated, stops
 //!   accepting messages of its view and broadcasts a signed VIEW-CHANGE for `v+1` with its stable
@@ -572,6 +572,7 @@ impl Agreement {
                 stable,
             } => self.on_status(from_index, view, executed, stable),
             M::Fetch { after } => self.on_fetch(from_index, after),
+            M::StableCheckpoint(proof) => self.on_stable_checkpoint(proof),
             M::State(s) => self.on_state(s),
             M::Decided(proofs) => self.on_decided(proofs),
         };
@@ -1191,6 +1192,22 @@ impl Agreement {
         if view < self.view && self.changing.is_none() {
             self.send_new_view_to(from);
         }
+        if stable < self.low {
+            self.send(
+                from,
+                AgreementMessage::StableCheckpoint(self.stable.clone()),
+            );
+        }
+        Ok(())
+    }
+
+    fn on_stable_checkpoint(&mut self, proof: StableProof) -> Result<(), Rejected> {
+        if proof.seq <= self.low {
+            return Ok(());
+        }
+        self.committee
+            .check_stable(self.opts.epoch, &proof, self.opts.checkpoint_interval)?;
+        self.make_stable(proof);
         Ok(())
     }
 
@@ -1234,15 +1251,20 @@ impl Agreement {
     fn on_fetch(&mut self, from: u32, after: SeqNo) -> Result<(), Rejected> {
         if after < self.low {
             if let Some((app_digest, clients)) = self.stable_state.clone() {
-                if self.low > 0 {
-                    let snapshot = StateSnapshot {
-                        stable: self.stable.clone(),
-                        app_digest,
-                        clients,
-                    };
-                    self.send(from, AgreementMessage::State(snapshot));
-                }
+                let snapshot = StateSnapshot {
+                    stable: self.stable.clone(),
+                    app_digest,
+                    clients,
+                };
+                self.send(from, AgreementMessage::State(snapshot));
             }
+        } else if self.low > 0 {
+            // The fetcher has executed up to the stable checkpoint; it may not know it is stable
+            // (its window would then refuse the batches that follow).
+            self.send(
+                from,
+                AgreementMessage::StableCheckpoint(self.stable.clone()),
+            );
         }
         let start = after.max(self.low).saturating_add(1);
         let proofs: Vec<DecidedProof> = self

@@ -376,6 +376,9 @@ pub enum AgreementMessage {
     Fetch {
         after: SeqNo,
     },
+    /// The sender's stable checkpoint, for a member whose status or fetch shows an older one (it
+    /// may have executed that far without seeing the checkpoint become stable).
+    StableCheckpoint(StableProof),
     /// Answer to a fetch from behind the sender's stable checkpoint.
     State(StateSnapshot),
     /// Answer to a fetch: decided batches in sequence order.
