@@ -15,10 +15,12 @@
 //!
 //! Fault model: up to `f` members may do anything except forge other members' or clients'
 //! signatures: equivocate (two pre-prepares for one slot: returned as [`Evidence`]), withhold
-//! messages, replay old ones, send garbage. Every message is decoded by [`crate::wire::decode`];
-//! every statement's signature and every index is checked before use; nothing from the network
-//! panics. Messages of another epoch, from non-members, of other views or outside the window are
-//! refused with a typed [`Rejected`].
+//! messages, replay old ones, send garbage. Two commit certificates for different batches at one
+//! sequence number would prove that more than `f` members are faulty; they are returned as
+//! evidence too. Every message is decoded by [`crate::wire::decode`]; every statement's signature
+//! and every index is checked before use; nothing from the network panics. Messages of another
+//! epoch, from non-members, of other views or outside the window are refused with a typed
+//! [`Rejected`].
 //!
 //! # The protocol (Castro and Liskov, OSDI 1999, with signatures)
 //!
@@ -57,11 +59,13 @@
 //!   prepares, all signed, with the batch attached). A member that sees `f+1` view changes for
 //!   higher views joins the smallest of them; once `2f+1` members are changing to its target view
 //!   or a later one, a member gives the new primary a (doubling) timeout before moving on to the
-//!   next view. The new primary, with `2f+1` view changes for its view, computes
-//!   the re-issued pre-prepares (PBFT's O set, [`msg::reissue`]): for each sequence number above
-//!   the highest stable checkpoint, the batch of the prepared certificate of the highest view, or
-//!   the null batch; it broadcasts a signed NEW-VIEW with the view changes and those pre-prepares.
-//!   Backups check every view change and recompute the O set before they accept it.
+//!   next view. The new primary, with `2f+1` view changes for its view, computes the re-issued
+//!   pre-prepares (PBFT's O set, [`msg::reissue`]): for each sequence number above the highest
+//!   stable checkpoint, the batch of the prepared certificate of the highest view, or the null
+//!   batch; it broadcasts a signed NEW-VIEW with the view changes and those pre-prepares. Backups
+//!   check every view change and recompute the O set before they accept it, and never accept a
+//!   NEW-VIEW below the view they asked to change to. Decided batches fetched with their commit
+//!   certificates are executed whatever the view.
 //!
 //! Drive it with [`Agreement::submit`], [`Agreement::handle_message`],
 //! [`Agreement::handle_timeout`] (at [`Agreement::next_timeout`]) and
