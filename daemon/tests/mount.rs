@@ -274,14 +274,28 @@ fn copy_untar_git_and_a_large_file_survive_a_remount() {
     eprintln!("first mount (cluster created): {:?}", t0.elapsed());
     assert_eq!(env.nodes_running(), 4);
 
-    // cp -a of source trees, diff -r.
+    // cp -a of source trees, diff -r. The trees are snapshotted first: the repository may be
+    // edited while the test runs.
     let t = Instant::now();
+    let snap = env.root.join("snapshot");
+    std::fs::create_dir_all(&snap).unwrap();
     sh(&format!(
         "cp -a '{REPO}/core' '{REPO}/fs' '{}/'",
+        snap.display()
+    ));
+    sh(&format!(
+        "cp -a '{}/core' '{}/fs' '{}/'",
+        snap.display(),
+        snap.display(),
         mnt.display()
     ));
-    sh(&format!("diff -r '{REPO}/core' '{}/core'", mnt.display()));
-    sh(&format!("diff -r '{REPO}/fs' '{}/fs'", mnt.display()));
+    for tree in ["core", "fs"] {
+        sh(&format!(
+            "diff -r '{}/{tree}' '{}/{tree}'",
+            snap.display(),
+            mnt.display()
+        ));
+    }
     eprintln!("cp -a + diff -r: {:?}", t.elapsed());
 
     // Untar into the mount and into a local directory; every checksum matches.
@@ -345,8 +359,13 @@ fn copy_untar_git_and_a_large_file_survive_a_remount() {
     let t = Instant::now();
     let mnt = env.mount("mnt", &[]);
     eprintln!("second mount: {:?}", t.elapsed());
-    sh(&format!("diff -r '{REPO}/core' '{}/core'", mnt.display()));
-    sh(&format!("diff -r '{REPO}/fs' '{}/fs'", mnt.display()));
+    for tree in ["core", "fs"] {
+        sh(&format!(
+            "diff -r '{}/{tree}' '{}/{tree}'",
+            snap.display(),
+            mnt.display()
+        ));
+    }
     if tar.is_some() {
         assert_eq!(checksums(&mnt.join("untar")), checksums(&local));
     }

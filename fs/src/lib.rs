@@ -13,8 +13,8 @@
 //! - [`error`]: `FsError` and the single backend-error → errno mapping.
 //!
 //! Non-goals (for now): several read-write mounts of one volume (the daemon's volume lease keeps
-//! to one; read-only volumes revalidate with `Volume::forget_cached`), garbage collection of unreachable chunks and records, POSIX ACLs and file locks beyond the
-//! kernel's local ones.
+//! to one; read-only volumes revalidate with `Volume::forget_cached`), garbage collection of
+//! unreachable chunks and records, POSIX ACLs and file locks beyond the kernel's local ones.
 
 pub mod backend;
 mod dir;
