@@ -76,7 +76,8 @@ fn main() {
             violations += report.violations.len() as u64;
             if first_failure.is_none() {
                 first_failure = Some(seed);
-                eprintln!("\nseed {seed} FAILED ({})", report.setup);
+                let verdict = if args.mutant.is_some() { "caught the mutant" } else { "FAILED" };
+                eprintln!("\nseed {seed} {verdict} ({})", report.setup);
                 for v in report.violations.iter().take(5) {
                     eprintln!("  - {v}");
                 }
