@@ -15,5 +15,7 @@
 //! client's signature. Clients are authenticated by their signatures only.
 //!
 //! - [`pbft`]: the agreement protocol (PBFT with signatures), a sans-IO state machine.
+//! - [`membership`]: what the agreed operations mean: joins, leaves, evictions, epoch ends.
 
+pub mod membership;
 pub mod pbft;

@@ -1,0 +1,358 @@
+//! The MS state machine: what the committee's agreed operations mean (DESIGN §3).
+//!
+//! Every correct committee member executes the same operations in the same order (the agreement
+//! guarantees it), and [`Membership::execute`] is deterministic, so every correct member computes the
+//! same next configuration. Operations:
+//! - `Join`: a node with an admission certificate (the operator's admission key over its public key)
+//!   appears in the next configuration. This is the Sybil defence.
+//! - `Leave`: submitted by the leaving node itself; it disappears from the next configuration.
+//! - `Probe`: a committee member's current verdict about a member (responsive or not). A member is
+//!   evicted at the end of the epoch only when at least `f_ms+1` committee members currently report it
+//!   unresponsive, so one faulty prober can neither evict a live node nor keep a dead one.
+//! - `Misbehaviour`: agreement evidence (two conflicting statements signed by one committee member);
+//!   the guilty member is evicted at the end of the epoch.
+//! - `EndEpoch`: a committee member's epoch timer expired. When `f_ms+1` distinct members asked
+//!   (so at least one correct member's timer did), the epoch ends: the next configuration is members +
+//!   joins − leaves − guilty − evicted (never below `3f+1` members), with a committee drawn
+//!   pseudo-randomly from a seed the driver supplies from the agreed batch (unknown before the epoch
+//!   ended), certified by the old committee ([`CertificateCollector`]).
+//!
+//! Non-goals here: ordering (the agreement), probing itself and timers (the daemon's committee role).
+//! Fault model: up to `f_ms` committee members are Byzantine and may submit any operation; every
+//! operation is checked against its submitter's authority before it has an effect.
+
+use crate::config::{Certificate, CertifiedConfig, Configuration, Epoch, Member};
+use crate::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
+use crate::ms::pbft::{Committee, Evidence};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The operator's admission key's signature over a node's public key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionCert {
+    pub node: PublicKey,
+    pub sig: Signature,
+}
+
+impl AdmissionCert {
+    /// The certificate that admits `node`, signed with the cluster's admission key.
+    pub fn sign(admission: &Keypair, node: &PublicKey) -> AdmissionCert {
+        AdmissionCert {
+            node: *node,
+            sig: admission.sign(Domain::Admission, &node.0),
+        }
+    }
+
+    pub fn verify(&self, admission_key: &PublicKey) -> bool {
+        admission_key
+            .verify(Domain::Admission, &self.node.0, &self.sig)
+            .is_ok()
+    }
+}
+
+/// An operation of the MS: the payload of an agreement request, authenticated by its submitter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsOp {
+    Join {
+        member: Member,
+        cert: AdmissionCert,
+    },
+    /// Submitted by the node that leaves.
+    Leave,
+    /// A committee member's current verdict about `target` in `epoch`.
+    Probe {
+        epoch: Epoch,
+        target: NodeId,
+        responsive: bool,
+    },
+    Misbehaviour {
+        epoch: Epoch,
+        evidence: Evidence,
+    },
+    /// The submitter's timer for `epoch` expired.
+    EndEpoch {
+        epoch: Epoch,
+    },
+}
+
+/// What executing an operation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Executed {
+    Accepted,
+    /// The operation had no effect, and why (not an error: Byzantine submitters are expected).
+    Ignored(&'static str),
+    /// The epoch ended: this is the next configuration, to be certified by the old committee.
+    EpochEnded(Box<Configuration>),
+}
+
+/// The membership state of one epoch, at one committee member.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    config: Configuration,
+    admission_key: PublicKey,
+    max_batch: usize,
+    joins: BTreeMap<NodeId, Member>,
+    leaves: BTreeSet<NodeId>,
+    /// target → committee members that currently report it unresponsive.
+    unresponsive: BTreeMap<NodeId, BTreeSet<NodeId>>,
+    guilty: BTreeSet<NodeId>,
+    end_votes: BTreeSet<NodeId>,
+}
+
+/// A summary of what the next epoch will change, for `dbqsfs status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub joins: Vec<NodeId>,
+    pub leaves: Vec<NodeId>,
+    /// Members with at least one unresponsive report, and how many.
+    pub suspected: Vec<(NodeId, usize)>,
+    pub guilty: Vec<NodeId>,
+    pub end_votes: usize,
+}
+
+impl Membership {
+    /// The state at the start of `config`'s epoch. `max_batch` is the agreement's batch limit (to
+    /// check evidence made of certificates).
+    pub fn new(config: Configuration, admission_key: PublicKey, max_batch: usize) -> Membership {
+        Membership {
+            config,
+            admission_key,
+            max_batch,
+            joins: BTreeMap::new(),
+            leaves: BTreeSet::new(),
+            unresponsive: BTreeMap::new(),
+            guilty: BTreeSet::new(),
+            end_votes: BTreeSet::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Configuration {
+        &self.config
+    }
+
+    pub fn pending(&self) -> Pending {
+        Pending {
+            joins: self.joins.keys().copied().collect(),
+            leaves: self.leaves.iter().copied().collect(),
+            suspected: self
+                .unresponsive
+                .iter()
+                .filter(|(_, r)| !r.is_empty())
+                .map(|(t, r)| (*t, r.len()))
+                .collect(),
+            guilty: self.guilty.iter().copied().collect(),
+            end_votes: self.end_votes.len(),
+        }
+    }
+
+    fn in_committee(&self, id: &NodeId) -> bool {
+        self.config.committee.contains(id)
+    }
+
+    /// Executes one agreed operation submitted by `submitter`. `seed` must be the same at every
+    /// member and unknown before this point (the driver passes the digest of the agreed batch that
+    /// carries the operation); it only matters when the epoch ends.
+    pub fn execute(&mut self, submitter: &PublicKey, op: MsOp, seed: &[u8; 32]) -> Executed {
+        let from = submitter.node_id();
+        let epoch = self.config.epoch;
+        match op {
+            MsOp::Join { member, cert } => {
+                if !cert.verify(&self.admission_key) || cert.node != member.key {
+                    return Executed::Ignored("admission certificate does not admit this key");
+                }
+                if member.id != member.key.node_id() {
+                    return Executed::Ignored("member id is not the hash of its key");
+                }
+                if from != member.id {
+                    return Executed::Ignored("a join must be submitted by the joining node");
+                }
+                if self.config.is_member(&member.id) {
+                    return Executed::Ignored("already a member");
+                }
+                self.joins.insert(member.id, member);
+                Executed::Accepted
+            }
+            MsOp::Leave => {
+                if self.joins.remove(&from).is_some() {
+                    return Executed::Accepted;
+                }
+                if !self.config.is_member(&from) {
+                    return Executed::Ignored("not a member");
+                }
+                self.leaves.insert(from);
+                Executed::Accepted
+            }
+            MsOp::Probe {
+                epoch: e,
+                target,
+                responsive,
+            } => {
+                if e != epoch {
+                    return Executed::Ignored("probe report of another epoch");
+                }
+                if !self.in_committee(&from) {
+                    return Executed::Ignored("probe reports come from committee members");
+                }
+                if !self.config.is_member(&target) {
+                    return Executed::Ignored("target is not a member");
+                }
+                let reporters = self.unresponsive.entry(target).or_default();
+                if responsive {
+                    reporters.remove(&from);
+                } else {
+                    reporters.insert(from);
+                }
+                Executed::Accepted
+            }
+            MsOp::Misbehaviour { epoch: e, evidence } => {
+                if e != epoch {
+                    return Executed::Ignored("evidence of another epoch");
+                }
+                let keys: Vec<PublicKey> = self
+                    .config
+                    .committee
+                    .iter()
+                    .filter_map(|id| self.config.member(id))
+                    .map(|m| m.key)
+                    .collect();
+                let Ok(committee) = Committee::new(keys) else {
+                    return Executed::Ignored("no valid committee");
+                };
+                match evidence.verify(&committee, epoch, self.max_batch) {
+                    Ok(Some(guilty)) => {
+                        self.guilty.insert(guilty);
+                        Executed::Accepted
+                    }
+                    Ok(None) => Executed::Ignored("evidence names no single member"),
+                    Err(_) => Executed::Ignored("evidence does not verify"),
+                }
+            }
+            MsOp::EndEpoch { epoch: e } => {
+                if e != epoch {
+                    return Executed::Ignored("end of another epoch");
+                }
+                if !self.in_committee(&from) {
+                    return Executed::Ignored("only committee members end epochs");
+                }
+                self.end_votes.insert(from);
+                if self.end_votes.len() < self.config.params.ms_quorum().one_correct() {
+                    return Executed::Accepted;
+                }
+                let next = self.next_configuration(seed);
+                *self = Membership::new(next.clone(), self.admission_key, self.max_batch);
+                Executed::EpochEnded(Box::new(next))
+            }
+        }
+    }
+
+    /// The configuration of the next epoch.
+    fn next_configuration(&self, seed: &[u8; 32]) -> Configuration {
+        let c = &self.config;
+        let floor = c
+            .quorum()
+            .group_size()
+            .max(c.params.ms_quorum().group_size());
+        let mut members: BTreeMap<NodeId, Member> =
+            c.members.iter().map(|m| (m.id, m.clone())).collect();
+        members.extend(self.joins.iter().map(|(id, m)| (*id, m.clone())));
+        let evicted = self
+            .unresponsive
+            .iter()
+            .filter(|(_, r)| r.len() >= c.params.ms_quorum().one_correct())
+            .map(|(t, _)| *t);
+        // Removals in order of gravity; never below the floor (what is left waits for a later epoch).
+        let removals: Vec<NodeId> = self
+            .guilty
+            .iter()
+            .copied()
+            .chain(self.leaves.iter().copied())
+            .chain(evicted)
+            .collect();
+        for id in removals {
+            if members.len() <= floor {
+                break;
+            }
+            members.remove(&id);
+        }
+        let members: Vec<Member> = members.into_values().collect();
+        let committee =
+            draw_committee(&members, c.params.ms_quorum().group_size(), &c.hash(), seed);
+        Configuration {
+            epoch: c.epoch + 1,
+            params: c.params.clone(),
+            members,
+            committee,
+            prev: Some(c.hash()),
+        }
+    }
+}
+
+/// The committee drawn from `members`: the `size` members whose BLAKE3(config hash ‖ seed ‖ id) is
+/// smallest, sorted by id.
+fn draw_committee(
+    members: &[Member],
+    size: usize,
+    config_hash: &[u8; 32],
+    seed: &[u8; 32],
+) -> Vec<NodeId> {
+    let mut ranked: Vec<([u8; 32], NodeId)> = members
+        .iter()
+        .map(|m| {
+            let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 committee draw");
+            h.update(config_hash);
+            h.update(seed);
+            h.update(&m.id.0);
+            (*h.finalize().as_bytes(), m.id)
+        })
+        .collect();
+    ranked.sort();
+    let mut committee: Vec<NodeId> = ranked.into_iter().take(size).map(|(_, id)| id).collect();
+    committee.sort();
+    committee
+}
+
+/// Collects the old committee's signatures over the next configuration until `2f_ms+1` verify.
+#[derive(Clone, Debug)]
+pub struct CertificateCollector {
+    prev: Configuration,
+    next: Configuration,
+    hash: [u8; 32],
+    signatures: BTreeMap<NodeId, Signature>,
+}
+
+impl CertificateCollector {
+    /// Collects signatures of `prev`'s committee over `next`.
+    pub fn new(prev: Configuration, next: Configuration) -> CertificateCollector {
+        let hash = next.hash();
+        CertificateCollector {
+            prev,
+            next,
+            hash,
+            signatures: BTreeMap::new(),
+        }
+    }
+
+    /// This member's signature over the next configuration.
+    pub fn sign(&self, me: &Keypair) -> Signature {
+        me.sign(Domain::Configuration, &self.hash)
+    }
+
+    /// Adds `signer`'s signature if it is a member of the old committee and it verifies; returns
+    /// the certified configuration once `2f_ms+1` have.
+    pub fn add(&mut self, signer: NodeId, sig: Signature) -> Option<CertifiedConfig> {
+        if !self.prev.committee.contains(&signer) || self.signatures.contains_key(&signer) {
+            return None;
+        }
+        let key = self.prev.member(&signer)?.key;
+        if key.verify(Domain::Configuration, &self.hash, &sig).is_err() {
+            return None;
+        }
+        self.signatures.insert(signer, sig);
+        (self.signatures.len() >= self.prev.params.ms_quorum().quorum()).then(|| CertifiedConfig {
+            config: self.next.clone(),
+            cert: Certificate {
+                signatures: self.signatures.iter().map(|(id, s)| (*id, *s)).collect(),
+            },
+        })
+    }
+}

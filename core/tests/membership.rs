@@ -1,0 +1,331 @@
+//! The MS state machine: what each agreed operation does to the next configuration.
+
+use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
+use dbqsfs_core::crypto::{Keypair, NodeId};
+use dbqsfs_core::ms::membership::{
+    AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
+};
+use dbqsfs_core::ms::pbft::{Evidence, PrePrepare, Signed, SignedStatement};
+
+struct Cluster {
+    admission: Keypair,
+    keys: Vec<Keypair>,
+    config: Configuration,
+}
+
+/// Six members, f = f_ms = 1; the committee is four of them.
+fn cluster() -> Cluster {
+    let keys: Vec<Keypair> = (0..6).map(|i| Keypair::from_seed([i + 30; 32])).collect();
+    let members = keys
+        .iter()
+        .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+        .collect();
+    let config = Configuration::new(0, Params::with_f(1), members, None);
+    Cluster {
+        admission: Keypair::from_seed([99; 32]),
+        keys,
+        config,
+    }
+}
+
+impl Cluster {
+    fn membership(&self) -> Membership {
+        Membership::new(self.config.clone(), self.admission.public(), 8)
+    }
+    /// The committee's keys in committee order (an agreement signer's index is its position).
+    fn committee(&self) -> Vec<&Keypair> {
+        self.config
+            .committee
+            .iter()
+            .map(|id| {
+                self.keys
+                    .iter()
+                    .find(|k| k.node_id() == *id)
+                    .expect("a member")
+            })
+            .collect()
+    }
+    fn outsider(&self) -> &Keypair {
+        self.keys
+            .iter()
+            .find(|k| !self.config.committee.contains(&k.node_id()))
+            .expect("6 members, committee of 4")
+    }
+}
+
+const SEED: [u8; 32] = [7; 32];
+
+/// Ends the epoch with f_ms+1 = 2 committee votes; returns the next configuration.
+fn end_epoch(c: &Cluster, m: &mut Membership) -> Configuration {
+    let e = m.config().epoch;
+    let committee = c.committee();
+    assert_eq!(
+        m.execute(&committee[0].public(), MsOp::EndEpoch { epoch: e }, &SEED),
+        Executed::Accepted
+    );
+    match m.execute(&committee[1].public(), MsOp::EndEpoch { epoch: e }, &SEED) {
+        Executed::EpochEnded(next) => *next,
+        other => panic!("the epoch should end, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_with_an_admission_certificate_joins_at_the_next_epoch() {
+    let c = cluster();
+    let mut m = c.membership();
+    let newcomer = Keypair::from_seed([50; 32]);
+    let member = Member::new(newcomer.public(), "127.0.0.1:9");
+    let cert = AdmissionCert::sign(&c.admission, &newcomer.public());
+    assert_eq!(
+        m.execute(&newcomer.public(), MsOp::Join { member, cert }, &SEED),
+        Executed::Accepted
+    );
+    let next = end_epoch(&c, &mut m);
+    assert!(next.is_member(&newcomer.node_id()));
+    assert_eq!(next.epoch, 1);
+    assert_eq!(next.prev, Some(c.config.hash()));
+    assert_eq!(next.validate(), Ok(()));
+}
+
+#[test]
+fn a_join_without_a_valid_certificate_or_for_someone_else_is_ignored() {
+    let c = cluster();
+    let mut m = c.membership();
+    let newcomer = Keypair::from_seed([50; 32]);
+    let member = Member::new(newcomer.public(), "127.0.0.1:9");
+    let self_signed = AdmissionCert::sign(&newcomer, &newcomer.public());
+    assert!(matches!(
+        m.execute(
+            &newcomer.public(),
+            MsOp::Join {
+                member: member.clone(),
+                cert: self_signed
+            },
+            &SEED
+        ),
+        Executed::Ignored(_)
+    ));
+    let cert = AdmissionCert::sign(&c.admission, &newcomer.public());
+    let other = c.keys[0].public();
+    assert!(
+        matches!(
+            m.execute(&other, MsOp::Join { member, cert }, &SEED),
+            Executed::Ignored(_)
+        ),
+        "submitted by another node"
+    );
+    assert!(!end_epoch(&c, &mut m).is_member(&newcomer.node_id()));
+}
+
+#[test]
+fn a_leave_removes_exactly_its_submitter() {
+    let c = cluster();
+    let mut m = c.membership();
+    let leaver = &c.keys[2];
+    assert_eq!(
+        m.execute(&leaver.public(), MsOp::Leave, &SEED),
+        Executed::Accepted
+    );
+    let next = end_epoch(&c, &mut m);
+    assert!(!next.is_member(&leaver.node_id()));
+    assert_eq!(next.members.len(), 5);
+}
+
+#[test]
+fn one_faulty_prober_cannot_evict_a_live_node_but_f_plus_1_evict_a_dead_one() {
+    let c = cluster();
+    let committee = c.committee();
+    let target = c.outsider().node_id();
+    let probe = |responsive| MsOp::Probe {
+        epoch: 0,
+        target,
+        responsive,
+    };
+
+    let mut m = c.membership();
+    assert_eq!(
+        m.execute(&committee[3].public(), probe(false), &SEED),
+        Executed::Accepted
+    );
+    assert!(
+        end_epoch(&c, &mut m).is_member(&target),
+        "one report is not enough"
+    );
+
+    let mut m = c.membership();
+    m.execute(&committee[2].public(), probe(false), &SEED);
+    m.execute(&committee[3].public(), probe(false), &SEED);
+    assert!(
+        !end_epoch(&c, &mut m).is_member(&target),
+        "f+1 reports evict"
+    );
+
+    let mut m = c.membership();
+    m.execute(&committee[2].public(), probe(false), &SEED);
+    m.execute(&committee[3].public(), probe(false), &SEED);
+    m.execute(&committee[3].public(), probe(true), &SEED);
+    assert!(
+        end_epoch(&c, &mut m).is_member(&target),
+        "a member that answers again is no longer reported by that prober"
+    );
+
+    let mut m = c.membership();
+    let not_committee = c.outsider().public();
+    assert!(matches!(
+        m.execute(&not_committee, probe(false), &SEED),
+        Executed::Ignored(_)
+    ));
+}
+
+#[test]
+fn an_epoch_ends_only_when_f_plus_1_committee_members_ask() {
+    let c = cluster();
+    let mut m = c.membership();
+    let committee = c.committee();
+    assert!(matches!(
+        m.execute(&c.outsider().public(), MsOp::EndEpoch { epoch: 0 }, &SEED),
+        Executed::Ignored(_)
+    ));
+    assert_eq!(
+        m.execute(&committee[0].public(), MsOp::EndEpoch { epoch: 0 }, &SEED),
+        Executed::Accepted
+    );
+    assert_eq!(
+        m.execute(&committee[0].public(), MsOp::EndEpoch { epoch: 0 }, &SEED),
+        Executed::Accepted,
+        "a repeated vote counts once"
+    );
+    assert_eq!(m.config().epoch, 0);
+    assert!(
+        matches!(
+            m.execute(&committee[1].public(), MsOp::EndEpoch { epoch: 5 }, &SEED),
+            Executed::Ignored(_)
+        ),
+        "another epoch's vote"
+    );
+    assert!(matches!(
+        m.execute(&committee[1].public(), MsOp::EndEpoch { epoch: 0 }, &SEED),
+        Executed::EpochEnded(_)
+    ));
+    assert_eq!(m.config().epoch, 1);
+}
+
+#[test]
+fn the_next_committee_follows_the_seed_and_is_the_same_everywhere() {
+    let c = cluster();
+    let committee_for = |seed: [u8; 32]| {
+        let mut a = c.membership();
+        let mut b = c.membership();
+        let k = c.committee();
+        for m in [&mut a, &mut b] {
+            m.execute(&k[0].public(), MsOp::EndEpoch { epoch: 0 }, &seed);
+            m.execute(&k[1].public(), MsOp::EndEpoch { epoch: 0 }, &seed);
+        }
+        assert_eq!(a.config(), b.config(), "deterministic");
+        a.config().committee.clone()
+    };
+    let draws: std::collections::BTreeSet<Vec<NodeId>> =
+        (0..20u8).map(|i| committee_for([i; 32])).collect();
+    assert!(draws.len() > 1, "different seeds draw different committees");
+    for d in &draws {
+        assert_eq!(d.len(), 4);
+    }
+}
+
+#[test]
+fn removals_never_take_the_membership_below_3f_plus_1() {
+    let c = cluster();
+    let mut m = c.membership();
+    for k in &c.keys[..4] {
+        m.execute(&k.public(), MsOp::Leave, &SEED);
+    }
+    let next = end_epoch(&c, &mut m);
+    assert_eq!(next.members.len(), 4);
+    assert_eq!(next.validate(), Ok(()));
+}
+
+#[test]
+fn an_equivocating_committee_member_is_evicted() {
+    let c = cluster();
+    let mut m = c.membership();
+    let committee = c.committee();
+    let index = 1u32;
+    let guilty = committee[index as usize];
+    let pp = |digest| {
+        Signed::sign(
+            guilty,
+            index,
+            0,
+            PrePrepare {
+                view: 0,
+                seq: 1,
+                digest,
+            },
+        )
+    };
+    let evidence = Evidence::Equivocation {
+        first: SignedStatement::PrePrepare(pp([1; 32])),
+        second: SignedStatement::PrePrepare(pp([2; 32])),
+    };
+    assert_eq!(
+        m.execute(
+            &committee[0].public(),
+            MsOp::Misbehaviour {
+                epoch: 0,
+                evidence: evidence.clone()
+            },
+            &SEED
+        ),
+        Executed::Accepted
+    );
+    assert!(!end_epoch(&c, &mut m).is_member(&guilty.node_id()));
+
+    let mut m = c.membership();
+    let not_conflicting = Evidence::Equivocation {
+        first: SignedStatement::PrePrepare(pp([1; 32])),
+        second: SignedStatement::PrePrepare(pp([1; 32])),
+    };
+    assert!(matches!(
+        m.execute(
+            &committee[0].public(),
+            MsOp::Misbehaviour {
+                epoch: 0,
+                evidence: not_conflicting
+            },
+            &SEED
+        ),
+        Executed::Ignored(_)
+    ));
+}
+
+#[test]
+fn the_old_committee_certifies_the_next_configuration_and_followers_accept_it() {
+    let c = cluster();
+    let mut m = c.membership();
+    let next = end_epoch(&c, &mut m);
+    let mut collector = CertificateCollector::new(c.config.clone(), next);
+    let committee = c.committee();
+    assert_eq!(
+        collector.add(c.outsider().node_id(), collector.sign(c.outsider())),
+        None,
+        "not a committee member"
+    );
+    assert_eq!(
+        collector.add(committee[0].node_id(), collector.sign(committee[1])),
+        None,
+        "a signature by someone else"
+    );
+    assert_eq!(
+        collector.add(committee[0].node_id(), collector.sign(committee[0])),
+        None
+    );
+    assert_eq!(
+        collector.add(committee[1].node_id(), collector.sign(committee[1])),
+        None
+    );
+    let certified: CertifiedConfig = collector
+        .add(committee[2].node_id(), collector.sign(committee[2]))
+        .expect("2f+1 signatures");
+    let mut chain = ConfigChain::new(CertifiedConfig::genesis(c.config.clone())).unwrap();
+    assert_eq!(chain.extend(vec![certified]), Ok(vec![1]));
+}
