@@ -127,10 +127,21 @@ impl Configuration {
 
     /// The configuration of `epoch` with `members` (in any order) whose committee is the first
     /// `3f_ms+1` members on the ring.
-    pub fn new(epoch: Epoch, params: Params, mut members: Vec<Member>, prev: Option<ConfigHash>) -> Configuration {
+    pub fn new(
+        epoch: Epoch,
+        params: Params,
+        mut members: Vec<Member>,
+        prev: Option<ConfigHash>,
+    ) -> Configuration {
         members.sort_by_key(|m| m.id);
         let committee = Configuration::first_members_as_committee(&members, &params);
-        Configuration { epoch, params, members, committee, prev }
+        Configuration {
+            epoch,
+            params,
+            members,
+            committee,
+            prev,
+        }
     }
 
     /// Checks the internal rules every configuration must satisfy.
@@ -343,7 +354,10 @@ mod tests {
     }
 
     fn config(epoch: Epoch, ks: &[Keypair], prev: Option<ConfigHash>) -> Configuration {
-        let members = ks.iter().map(|k| Member::new(k.public(), "127.0.0.1:1")).collect();
+        let members = ks
+            .iter()
+            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+            .collect();
         Configuration::new(epoch, Params::with_f(1), members, prev)
     }
 

@@ -19,7 +19,10 @@ fn fixture() -> Fixture {
     let keys: Vec<Keypair> = (0..6).map(|i| Keypair::from_seed([i + 10; 32])).collect();
     let params = Params::with_f(1);
     let config = |epoch, ks: &[Keypair], prev| {
-        let members = ks.iter().map(|k| Member::new(k.public(), "127.0.0.1:1")).collect();
+        let members = ks
+            .iter()
+            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+            .collect();
         Configuration::new(epoch, params.clone(), members, prev)
     };
     let g = config(0, &keys[..4], None);
