@@ -341,9 +341,6 @@ impl Sim {
             request_timeout_ms: *rng.pick(&[300u64, 600, 1_000]),
             tick_ms: *rng.pick(&[50u64, 100, 250]),
         };
-        // Batches of a whole window must fit in one message (the core refuses such options).
-        let mut swarm = swarm;
-        swarm.max_batch = swarm.max_batch.min(128 / swarm.window as usize).max(1);
         let keys: Vec<Keypair> = (0..n).map(|_| Keypair::from_seed(rng.seed32())).collect();
         let committee: Vec<PublicKey> = keys.iter().map(|k| k.public()).collect();
         let ids: Vec<NodeId> = keys.iter().map(|k| k.node_id()).collect();
@@ -371,16 +368,32 @@ impl Sim {
             };
             byz.insert(at, kind);
         }
-        let core_opts = Options {
-            epoch: EPOCH,
-            max_batch: swarm.max_batch,
-            checkpoint_interval: swarm.checkpoint_interval,
-            window: swarm.window,
-            pipeline: swarm.pipeline.min(swarm.window),
-            request_timeout_ms: swarm.request_timeout_ms,
-            tick_ms: swarm.tick_ms,
-            max_pending: 1024,
-            mutant: opts.mutant,
+        // The largest messages (a window of batches and certificates) must fit the wire: shrink
+        // the batches, then the window, until the core accepts the options.
+        let mut swarm = swarm;
+        let core_opts = loop {
+            let o = Options {
+                epoch: EPOCH,
+                max_batch: swarm.max_batch,
+                checkpoint_interval: swarm.checkpoint_interval,
+                window: swarm.window,
+                pipeline: swarm.pipeline.min(swarm.window),
+                request_timeout_ms: swarm.request_timeout_ms,
+                tick_ms: swarm.tick_ms,
+                max_pending: 1024,
+                mutant: opts.mutant,
+            };
+            if o.validate(n).is_ok() {
+                break o;
+            }
+            if swarm.max_batch > 1 {
+                swarm.max_batch /= 2;
+            } else if swarm.window > 2 * swarm.checkpoint_interval {
+                swarm.window /= 2;
+            } else {
+                swarm.checkpoint_interval /= 2;
+                swarm.window = 2 * swarm.checkpoint_interval;
+            }
         };
         let mut members = Vec::new();
         for (i, key) in keys.iter().enumerate() {

@@ -151,7 +151,9 @@ const MAX_BACKOFF: u32 = 4;
 const RESEND_PER_TICK: usize = 64;
 
 impl Options {
-    fn validate(&self, n: usize) -> Result<(), SetupError> {
+    /// Checks the options for a committee of `n` members (as [`Agreement::new`] does): sane
+    /// values, and the largest messages they allow fit the wire's limit.
+    pub fn validate(&self, n: usize) -> Result<(), SetupError> {
         if self.max_batch == 0 {
             return Err(SetupError::Options("max_batch must be at least 1"));
         }
