@@ -157,14 +157,13 @@ pub fn mount_path(path: &Path) -> Result<PathBuf> {
     let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Ok(abs);
     };
-    let parent = std::fs::canonicalize(parent)
-        .with_context(|| {
-            format!(
-                "{} does not exist: create the mount point first (mkdir -p {})",
-                parent.display(),
-                abs.display()
-            )
-        })?;
+    let parent = std::fs::canonicalize(parent).with_context(|| {
+        format!(
+            "{} does not exist: create the mount point first (mkdir -p {})",
+            parent.display(),
+            abs.display()
+        )
+    })?;
     Ok(parent.join(name))
 }
 
@@ -801,6 +800,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         },
         ..defaults
     };
+    let stats = backend.stats();
     let mounted = dbqsfs_fs::mount(Arc::new(backend), dir, mopts);
     let mount = match mounted {
         Ok(m) => m,
@@ -860,7 +860,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         tracing::error!(error = %e, "storing buffered data after unmount failed");
     }
     release_lease(&rt, lease_task);
-    tracing::info!(dir = %dir.display(), "unmounted");
+    tracing::info!(dir = %dir.display(), "unmounted; backend calls: {}", stats.summary());
     drop(client);
     rt.shutdown_timeout(Duration::from_secs(2));
     joined.context("the FUSE session ended with an error")

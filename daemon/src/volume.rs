@@ -67,8 +67,51 @@ pub fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Calls a [`DbqsBackend`] made and the time they took, by kind (for profiles and the unmount
+/// log line).
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    calls: [AtomicU64; 4],
+    micros: [AtomicU64; 4],
+    bytes: [AtomicU64; 4],
+}
+
+const KINDS: [&str; 4] = ["put_chunk", "get_chunk", "get_record", "put_record"];
+
+impl BackendStats {
+    fn add(&self, kind: usize, started: std::time::Instant, bytes: usize) {
+        self.calls[kind].fetch_add(1, Ordering::Relaxed);
+        self.micros[kind].fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.bytes[kind].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// One line: per kind, calls, mean latency and bytes.
+    pub fn summary(&self) -> String {
+        KINDS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let n = self.calls[i].load(Ordering::Relaxed);
+                let us = self.micros[i].load(Ordering::Relaxed);
+                let b = self.bytes[i].load(Ordering::Relaxed);
+                format!(
+                    "{k}: {n} calls, mean {:.2} ms, {:.1} MiB",
+                    if n == 0 {
+                        0.0
+                    } else {
+                        us as f64 / n as f64 / 1000.0
+                    },
+                    b as f64 / (1 << 20) as f64
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 /// The filesystem's view of one volume of a dBQS cluster.
 pub struct DbqsBackend {
+    stats: Arc<BackendStats>,
     client: DbqsClient,
     owner: Keypair,
     prefix: Vec<u8>,
@@ -89,6 +132,7 @@ impl DbqsBackend {
         opts: BackendOptions,
     ) -> DbqsBackend {
         DbqsBackend {
+            stats: Arc::default(),
             client,
             owner,
             prefix: volume_prefix(volume),
@@ -102,6 +146,11 @@ impl DbqsBackend {
     pub fn with_lease_deadline(mut self, until: Arc<AtomicU64>) -> DbqsBackend {
         self.writable_until = Some(until);
         self
+    }
+
+    /// The call statistics of this backend.
+    pub fn stats(&self) -> Arc<BackendStats> {
+        self.stats.clone()
     }
 
     fn label(&self, label: &[u8]) -> Vec<u8> {
@@ -164,23 +213,33 @@ impl Backend for DbqsBackend {
                 limit: MAX_BLOCK,
             });
         }
+        let t = std::time::Instant::now();
         let id = self.block(self.client.put_content(data.to_vec()))?;
+        self.stats.add(0, t, data.len());
         Ok(id.0)
     }
 
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackendError> {
+        let t = std::time::Instant::now();
         match self.block(self.client.get_content(ObjectId(*id)))? {
-            Some(data) => Ok(data),
+            Some(data) => {
+                self.stats.add(1, t, data.len());
+                Ok(data)
+            }
             None => Err(BackendError::NotFound),
         }
     }
 
     fn get_record(&self, label: &[u8]) -> Result<Option<Record>, BackendError> {
         let id = pk_block_id(&self.owner.public(), &self.label(label));
-        Ok(self.block(self.client.get_pk(id))?.map(|b| Record {
+        let t = std::time::Instant::now();
+        let rec = self.block(self.client.get_pk(id))?.map(|b| Record {
             version: b.version,
             value: b.value,
-        }))
+        });
+        self.stats
+            .add(2, t, rec.as_ref().map_or(0, |r| r.value.len()));
+        Ok(rec)
     }
 
     fn put_record(&self, label: &[u8], version: u64, value: &[u8]) -> Result<(), BackendError> {
@@ -192,10 +251,12 @@ impl Backend for DbqsBackend {
             });
         }
         let label = self.label(label);
+        let t = std::time::Instant::now();
         self.block(
             self.client
                 .put_pk(&self.owner, &label, value.to_vec(), Some(version)),
         )?;
+        self.stats.add(3, t, value.len());
         Ok(())
     }
 
