@@ -15,10 +15,12 @@
 //! - [`msg`]: the one closed message enum of the protocol.
 //! - [`replica::Replica`]: serves requests over a [`crate::store::Store`] and applies the epoch rules.
 //! - [`client::Client`]: the client operations as state machines.
+//! - [`transfer`]: state transfer between epochs: planning, messages, the transfer machine.
 
 pub mod client;
 pub mod msg;
 pub mod replica;
+pub mod transfer;
 
 /// Deliberate protocol breakages for proving that the simulator's checkers catch real bugs.
 #[cfg(feature = "mutants")]
@@ -32,4 +34,8 @@ pub enum Mutant {
     SmallQuorum,
     /// Replicas store public-key blocks without checking the owner's signature.
     AcceptUnsigned,
+    /// State transfer takes public-key blocks from one old replica instead of 2f+1.
+    TransferFromOne,
+    /// Replicas answer reads of objects they gained before their transfer completes.
+    ServeBeforeTransfer,
 }

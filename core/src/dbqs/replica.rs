@@ -15,6 +15,7 @@
 //! configurations takes `&mut self`.
 
 use super::msg::{DbqsMessage, Reject, RequestId, MAX_CONFIGS_PER_REPLY};
+use super::transfer::{Arc, TransferMessage, PAGE, PAGE_BYTES};
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch};
 use crate::crypto::{NodeId, ObjectId};
 use crate::object::{check_content, ObjectError};
@@ -116,7 +117,88 @@ impl<S: Store> Replica<S> {
     /// Whether the replica can answer a read of `x` in its current epoch: its transfer into this
     /// epoch is complete, or it was ready in the previous epoch and already responsible for `x` then.
     pub fn readable(&self, x: &ObjectId) -> bool {
+        #[cfg(feature = "mutants")]
+        if self.opts.mutant == super::Mutant::ServeBeforeTransfer {
+            return true;
+        }
         self.ready_in(self.epoch(), x)
+    }
+
+    /// Whether the transfer into epoch `e` completed here.
+    pub fn ready_at(&self, e: Epoch) -> bool {
+        self.ready.contains(&e)
+    }
+
+    /// Serves a state-transfer request ([`TransferMessage`]); `None` means no answer (undecodable,
+    /// not a request, or the store failed).
+    pub fn handle_transfer(&self, _from: NodeId, bytes: &[u8]) -> Option<Vec<u8>> {
+        let env = decode::<TransferMessage>(bytes).ok()?;
+        let mine = self.epoch();
+        let msg = match env.msg {
+            TransferMessage::List {
+                rid,
+                epoch,
+                arc,
+                after,
+            } => {
+                // Only once this replica has moved to `epoch` (so no write can complete here in the
+                // epoch before) and held everything it was responsible for in the epoch before.
+                if epoch == 0 || mine < epoch || !self.ready.contains(&(epoch - 1)) {
+                    TransferMessage::NotYet { rid }
+                } else {
+                    self.listing(rid, arc, after).ok()?
+                }
+            }
+            TransferMessage::Fetch { rid, id } => {
+                // Any copy of a content block proves itself: no epoch condition.
+                TransferMessage::Content {
+                    rid,
+                    id,
+                    data: self.store.get_content(&id).ok()?,
+                }
+            }
+            _ => return None,
+        };
+        Some(encode_msg(mine, msg))
+    }
+
+    /// One page of the objects held in `arc` after `after`, in arc order.
+    fn listing(
+        &self,
+        rid: u64,
+        arc: Arc,
+        after: Option<ObjectId>,
+    ) -> Result<TransferMessage, StoreError> {
+        let mut ids: Vec<ObjectId> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|id| {
+                arc.contains(id) && after.is_none_or(|a| arc.order_key(id) > arc.order_key(&a))
+            })
+            .collect();
+        ids.sort_by_key(|id| arc.order_key(id));
+        ids.dedup();
+        let (mut content, mut pk, mut bytes, mut next) = (Vec::new(), Vec::new(), 0, None);
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 && (i >= PAGE || bytes >= PAGE_BYTES) {
+                next = Some(ids[i - 1]);
+                break;
+            }
+            match self.store.get_pk(id)? {
+                Some(b) => {
+                    bytes += b.value.len() + b.label.len();
+                    pk.push(b);
+                }
+                None => content.push(*id),
+            }
+        }
+        Ok(TransferMessage::Listing {
+            rid,
+            content,
+            pk,
+            next,
+        })
     }
 
     /// Whether the replica held everything of `x` that epoch `e` needs: its transfer into `e` is

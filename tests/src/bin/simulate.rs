@@ -36,6 +36,8 @@ enum MutantArg {
     NoWriteBack,
     SmallQuorum,
     AcceptUnsigned,
+    TransferFromOne,
+    ServeBeforeTransfer,
 }
 
 fn main() {
@@ -45,6 +47,8 @@ fn main() {
         Some(MutantArg::NoWriteBack) => Mutant::NoWriteBack,
         Some(MutantArg::SmallQuorum) => Mutant::SmallQuorum,
         Some(MutantArg::AcceptUnsigned) => Mutant::AcceptUnsigned,
+        Some(MutantArg::TransferFromOne) => Mutant::TransferFromOne,
+        Some(MutantArg::ServeBeforeTransfer) => Mutant::ServeBeforeTransfer,
     };
     let opts = RunOptions { f: args.f, mutant };
     let start = Instant::now();
@@ -76,7 +80,11 @@ fn main() {
             violations += report.violations.len() as u64;
             if first_failure.is_none() {
                 first_failure = Some(seed);
-                let verdict = if args.mutant.is_some() { "caught the mutant" } else { "FAILED" };
+                let verdict = if args.mutant.is_some() {
+                    "caught the mutant"
+                } else {
+                    "FAILED"
+                };
                 eprintln!("\nseed {seed} {verdict} ({})", report.setup);
                 for v in report.violations.iter().take(5) {
                     eprintln!("  - {v}");
@@ -121,6 +129,8 @@ fn mutant_flag(m: Option<MutantArg>) -> &'static str {
         Some(MutantArg::NoWriteBack) => " --mutant no-write-back",
         Some(MutantArg::SmallQuorum) => " --mutant small-quorum",
         Some(MutantArg::AcceptUnsigned) => " --mutant accept-unsigned",
+        Some(MutantArg::TransferFromOne) => " --mutant transfer-from-one",
+        Some(MutantArg::ServeBeforeTransfer) => " --mutant serve-before-transfer",
     }
 }
 

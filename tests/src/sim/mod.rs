@@ -28,9 +28,11 @@ use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId, Signature};
 use dbqsfs_core::dbqs::client::{Client, ClientOptions, ClientOutput, OpId, Operation, Outcome};
 use dbqsfs_core::dbqs::msg::DbqsMessage;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
+use dbqsfs_core::dbqs::transfer::{Transfer, TransferMessage, TransferOptions, TransferOutput};
 pub use dbqsfs_core::dbqs::Mutant;
 use dbqsfs_core::object::{content_id, pk_block_id, PkBlock};
 use dbqsfs_core::store::{MemStore, Store};
+use dbqsfs_core::wire::Protocol;
 use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -108,6 +110,8 @@ struct Node {
     store: Arc<MemStore>,
     up: bool,
     byz: Option<Byz>,
+    /// State transfers in progress, by the epoch they enter (volatile: lost in a crash).
+    transfers: BTreeMap<u64, Transfer>,
 }
 
 struct Byz {
@@ -283,6 +287,7 @@ impl Sim {
                     replica_opts.clone(),
                 );
                 Node {
+                    transfers: BTreeMap::new(),
                     key,
                     replica,
                     store,
@@ -483,9 +488,14 @@ impl Sim {
                                 .as_ref()
                                 .map_or(String::new(), |b| format!(" {}", b.kind));
                             let ready = if n.replica.is_ready() {
-                                "ready"
+                                "ready".to_string()
                             } else {
-                                "NOT ready"
+                                let t: Vec<String> = n
+                                    .transfers
+                                    .iter()
+                                    .map(|(e, t)| format!("transfer {e}: {}", t.describe()))
+                                    .collect();
+                                format!("NOT ready (up {}; {})", n.up, t.join(", "))
                             };
                             format!(
                                 "{} epoch {} {ready}{byz}",
@@ -565,11 +575,12 @@ impl Sim {
             Ev::Crash { n } => {
                 if self.faulty && self.nodes[n].up {
                     self.nodes[n].up = false;
+                    self.nodes[n].transfers.clear();
                     let at = now + self.rng.range(100, 2000);
                     self.schedule(at, Ev::Restart { n });
                 }
             }
-            Ev::Restart { n } => self.nodes[n].up = true,
+            Ev::Restart { n } => self.restart(n),
             Ev::Partition => {
                 if self.faulty {
                     let mut side = BTreeSet::new();
@@ -592,14 +603,21 @@ impl Sim {
             Ev::HealPartition => self.partition = None,
             Ev::EpochChange => self.epoch_change(),
             Ev::Install { n, epoch } => self.install(n, epoch),
-            Ev::Transfer { n, epoch } => self.transfer(n, epoch),
+            Ev::Transfer { n, epoch } => {
+                if self.nodes[n].up {
+                    if let Some(t) = self.nodes[n].transfers.get_mut(&epoch) {
+                        t.handle_timeout(now);
+                    }
+                    self.drain_transfer(n, epoch);
+                }
+            }
             Ev::Heal => {
                 self.faulty = false;
                 self.partition = None;
                 self.healed_at = Some(now);
                 let newest = self.configs.len() as u64 - 1;
                 for n in 0..self.nodes.len() {
-                    self.nodes[n].up = true;
+                    self.restart(n);
                     self.install(n, newest);
                 }
                 for c in 0..self.clients.len() {
@@ -657,8 +675,97 @@ impl Sim {
         if self.nodes[n].byz.is_some() {
             return self.byzantine(n, from, bytes);
         }
+        if bytes.get(1) == Some(&TransferMessage::ID) {
+            return self.transfer_message(n, from, &bytes);
+        }
         let handled = self.nodes[n].replica.handle(from, &bytes);
         self.apply(n, from, handled);
+    }
+
+    /// A state-transfer message at node `n`: a request is served by its replica, a reply goes to
+    /// its transfers in progress (each ignores request ids it did not issue).
+    fn transfer_message(&mut self, n: usize, from: NodeId, bytes: &[u8]) {
+        let me = self.nodes[n].key.node_id();
+        if let Some(reply) = self.nodes[n].replica.handle_transfer(from, bytes) {
+            self.send(me, from, reply);
+            return;
+        }
+        let epochs: Vec<u64> = self.nodes[n].transfers.keys().copied().collect();
+        for e in epochs {
+            if let Some(t) = self.nodes[n].transfers.get_mut(&e) {
+                t.handle_message(self.now, from, bytes);
+            }
+            self.drain_transfer(n, e);
+        }
+    }
+
+    /// A node comes back: up, and its unfinished transfers start again (their progress is what
+    /// they already stored).
+    fn restart(&mut self, n: usize) {
+        if self.nodes[n].up {
+            return;
+        }
+        self.nodes[n].up = true;
+        let current = self.nodes[n].replica.epoch();
+        for e in 1..=current {
+            if !self.nodes[n].replica.ready_at(e) {
+                self.start_transfer(n, e);
+            }
+        }
+    }
+
+    /// Starts the transfer of node `n` into epoch `e`.
+    fn start_transfer(&mut self, n: usize, e: u64) {
+        let me = self.nodes[n].key.node_id();
+        let prev = &self.configs[e as usize - 1].config;
+        let next = &self.configs[e as usize].config;
+        let was_ready = self.nodes[n].replica.ready_at(e - 1);
+        let opts = TransferOptions {
+            retransmit_ms: 200,
+            first_request_id: self.rng.next_u64(),
+            mutant: self.opts.mutant,
+        };
+        let mut t = Transfer::new(prev, next, &me, was_ready, opts);
+        t.start(self.now);
+        self.nodes[n].transfers.insert(e, t);
+        self.drain_transfer(n, e);
+    }
+
+    /// Carries out what transfer `e` of node `n` asks: sends, stores, completion, its timer.
+    fn drain_transfer(&mut self, n: usize, e: u64) {
+        let me = self.nodes[n].key.node_id();
+        let mut timer = None;
+        while let Some(out) = self.nodes[n]
+            .transfers
+            .get_mut(&e)
+            .and_then(|t| t.poll_output())
+        {
+            match out {
+                TransferOutput::Send { to, bytes } => {
+                    self.send(me, to, bytes);
+                }
+                TransferOutput::StoreContent { id, data } => {
+                    let _ = self.nodes[n].store.put_content(&id, &data);
+                }
+                TransferOutput::StorePk { block } => {
+                    let _ = self.nodes[n].store.put_pk_if_newer(&block);
+                }
+                TransferOutput::Complete { epoch } => {
+                    self.nodes[n].replica.transfer_complete(epoch)
+                }
+            }
+        }
+        if let Some(t) = self.nodes[n].transfers.get(&e) {
+            if t.is_complete() {
+                self.nodes[n].transfers.remove(&e);
+            } else {
+                timer = t.next_timeout();
+            }
+        }
+        if let Some(at) = timer {
+            let at = at.max(self.now + 1);
+            self.schedule(at, Ev::Transfer { n, epoch: e });
+        }
     }
 
     fn apply(&mut self, n: usize, from: NodeId, handled: Handled) {
@@ -672,7 +779,7 @@ impl Sim {
                 let _ = self.nodes[n].replica.install(configs);
                 let after = self.nodes[n].replica.epoch();
                 for e in before + 1..=after {
-                    self.schedule(self.now + 1, Ev::Transfer { n, epoch: e });
+                    self.start_transfer(n, e);
                 }
             }
             Handled::Dropped(_) => {}
@@ -689,92 +796,6 @@ impl Sim {
         }
         let configs = self.configs[(have + 1) as usize..=(epoch as usize)].to_vec();
         self.apply(n, NodeId([0; 32]), Handled::Install(configs));
-    }
-
-    /// The state copy into epoch `e` at node `n`, as DESIGN §4 specifies: for each object `n` is
-    /// responsible for in `e`, from `2f+1` replicas of its group in `e-1` that have moved to `e`
-    /// (and held it in `e-1`): content from any copy that verifies, a public-key block as the highest
-    /// validly signed version among them. Retried until enough old replicas can answer.
-    fn transfer(&mut self, n: usize, e: u64) {
-        let retry = |sim: &mut Sim| {
-            let at = sim.now + 50;
-            sim.schedule(at, Ev::Transfer { n, epoch: e });
-        };
-        if !self.nodes[n].up {
-            return retry(self);
-        }
-        let me = self.nodes[n].key.node_id();
-        let config = self.configs[e as usize].config.clone();
-        let prev = self.configs[e as usize - 1].config.clone();
-        let quorum = prev.quorum().quorum();
-        let objects: Vec<ObjectId> = self
-            .objects
-            .iter()
-            .filter(|x| config.is_responsible(&me, x))
-            .copied()
-            .collect();
-        let mut plan: Vec<(ObjectId, Vec<usize>)> = Vec::new();
-        for x in objects {
-            let mut eligible: Vec<usize> = prev
-                .group(&x)
-                .iter()
-                .map(|m| self.node_index[&m.id])
-                .filter(|&y| {
-                    let node = &self.nodes[y];
-                    node.up
-                        && node.replica.epoch() >= e
-                        && node.replica.ready_in(e - 1, &x)
-                        && !matches!(
-                            node.byz.as_ref().map(|b| b.kind),
-                            Some(Adversary::Silent | Adversary::Garbage)
-                        )
-                })
-                .collect();
-            if eligible.len() < quorum {
-                return retry(self);
-            }
-            self.rng.shuffle(&mut eligible);
-            eligible.truncate(quorum);
-            plan.push((x, eligible));
-        }
-        for (x, sources) in plan {
-            let mut best: Option<PkBlock> = None;
-            for y in sources {
-                let (content, pk) = self.transfer_view(y, &x);
-                if let Some(data) = content {
-                    if content_id(&data) == x {
-                        let _ = self.nodes[n].store.put_content(&x, &data);
-                    }
-                }
-                if let Some(b) = pk.filter(|b| b.verify_as(&x).is_ok()) {
-                    if best.as_ref().is_none_or(|cur| b.stamp() > cur.stamp()) {
-                        best = Some(b);
-                    }
-                }
-            }
-            if let Some(b) = best {
-                let _ = self.nodes[n].store.put_pk_if_newer(&b);
-            }
-        }
-        self.nodes[n].replica.transfer_complete(e);
-    }
-
-    /// What node `y` hands over for `x` during a transfer. A Byzantine node hands over the oldest
-    /// version it has seen and no content.
-    fn transfer_view(&self, y: usize, x: &ObjectId) -> (Option<Vec<u8>>, Option<PkBlock>) {
-        let node = &self.nodes[y];
-        match &node.byz {
-            None => (
-                node.store.get_content(x).ok().flatten(),
-                node.store.get_pk(x).ok().flatten(),
-            ),
-            Some(b) => (
-                None,
-                b.seen
-                    .get(x)
-                    .and_then(|v| v.iter().min_by_key(|b| b.stamp()).cloned()),
-            ),
-        }
     }
 
     fn epoch_change(&mut self) {
@@ -848,6 +869,9 @@ impl Sim {
                 }
             }
             _ => {}
+        }
+        if bytes.get(1) == Some(&TransferMessage::ID) {
+            return self.byzantine_transfer(n, from, kind, &bytes);
         }
         let epoch = self.nodes[n].replica.epoch();
         let Ok(env) = decode::<DbqsMessage>(&bytes) else {
@@ -985,6 +1009,105 @@ impl Sim {
         }
         let handled = self.nodes[n].replica.handle(from, &bytes);
         self.apply(n, from, handled);
+    }
+
+    /// A Byzantine node during state transfer: its own transfers run honestly (it wants the data);
+    /// what it serves to others lies according to its kind.
+    fn byzantine_transfer(&mut self, n: usize, from: NodeId, kind: Adversary, bytes: &[u8]) {
+        let me = self.nodes[n].key.node_id();
+        let Some(reply) = self.nodes[n].replica.handle_transfer(from, bytes) else {
+            return self.transfer_message(n, from, bytes);
+        };
+        let lying = match kind {
+            Adversary::Equivocate => from.0[0] % 2 == 1,
+            Adversary::Stale | Adversary::Corrupt | Adversary::Forge => true,
+            _ => false,
+        };
+        let epoch = self.nodes[n].replica.epoch();
+        let reply = match decode::<TransferMessage>(&reply) {
+            Ok(env) if lying => {
+                let msg = match (env.msg, kind) {
+                    // Stale: only the oldest versions it ever saw, and no content at all.
+                    (
+                        TransferMessage::Listing { rid, .. },
+                        Adversary::Stale | Adversary::Equivocate,
+                    ) => {
+                        let seen = &self.nodes[n].byz.as_ref().expect("byzantine").seen;
+                        let pk = seen
+                            .values()
+                            .filter_map(|v| v.iter().min_by_key(|b| b.stamp()).cloned())
+                            .collect();
+                        TransferMessage::Listing {
+                            rid,
+                            content: Vec::new(),
+                            pk,
+                            next: None,
+                        }
+                    }
+                    (
+                        TransferMessage::Content { rid, id, .. },
+                        Adversary::Stale | Adversary::Equivocate,
+                    ) => TransferMessage::Content {
+                        rid,
+                        id,
+                        data: None,
+                    },
+                    // Corrupt: altered values and bytes.
+                    (
+                        TransferMessage::Listing {
+                            rid,
+                            content,
+                            mut pk,
+                            next,
+                        },
+                        Adversary::Corrupt,
+                    ) => {
+                        for b in &mut pk {
+                            b.value.push(1);
+                        }
+                        TransferMessage::Listing {
+                            rid,
+                            content,
+                            pk,
+                            next,
+                        }
+                    }
+                    (TransferMessage::Content { rid, id, data }, Adversary::Corrupt) => {
+                        let mut data = data.unwrap_or_default();
+                        data.push(1);
+                        TransferMessage::Content {
+                            rid,
+                            id,
+                            data: Some(data),
+                        }
+                    }
+                    // Forge: forged higher versions, and an id that does not exist.
+                    (
+                        TransferMessage::Listing {
+                            rid,
+                            mut content,
+                            mut pk,
+                            next,
+                        },
+                        Adversary::Forge,
+                    ) => {
+                        let forged: Vec<PkBlock> = pk.iter().map(|b| self.forge(b)).collect();
+                        pk.extend(forged);
+                        content.push(ObjectId(self.rng.seed32()));
+                        TransferMessage::Listing {
+                            rid,
+                            content,
+                            pk,
+                            next,
+                        }
+                    }
+                    (msg, _) => msg,
+                };
+                encode_msg(epoch, msg)
+            }
+            _ => reply,
+        };
+        self.send(me, from, reply);
     }
 
     fn forge(&mut self, real: &PkBlock) -> PkBlock {
