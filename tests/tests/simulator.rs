@@ -61,6 +61,22 @@ fn replicas_accepting_unsigned_values_are_caught() {
     );
 }
 
+#[test]
+fn a_public_key_block_taken_from_one_old_replica_is_caught() {
+    assert!(
+        caught(Mutant::TransferFromOne, 400),
+        "transfer-from-one was not caught"
+    );
+}
+
+#[test]
+fn reads_served_before_the_transfer_completes_are_caught() {
+    assert!(
+        caught(Mutant::ServeBeforeTransfer, 200),
+        "serve-before-transfer was not caught"
+    );
+}
+
 fn caught(m: Mutant, seeds: u64) -> bool {
     (0..seeds).any(|seed| !run_seed(seed, &opts(1, m)).violations.is_empty())
 }

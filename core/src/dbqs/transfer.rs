@@ -1,7 +1,10 @@
 //! State transfer between epochs (DESIGN §4, "State transfer").
 //!
-//! When a node enters epoch `e`, it fetches the objects it is responsible for in `e` but was not
-//! (or was not ready for) in `e-1`, from their replica group of `e-1`:
+//! When a node enters epoch `e`, it fetches what it is responsible for in `e` from the replica group
+//! of `e-1`: everything it gained (what it was not responsible or not ready for in `e-1`), and, for
+//! what it already held, whatever it is missing (a completed write may have reached only `f+1`
+//! correct replicas, since up to `f` acknowledgements can be lies; after a transfer every correct
+//! member of a group holds every completed write):
 //! - planning ([`plan`]): the ring is cut at the member ids of both epochs; within one such arc the
 //!   groups of both epochs are constant, so each arc the node gained is one unit of transfer with one
 //!   set of sources;
@@ -55,16 +58,19 @@ impl Arc {
     }
 }
 
-/// One unit of transfer: an arc the node gained and the old group that holds it.
+/// One unit of transfer: an arc the node is responsible for and the old group that holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unit {
     pub arc: Arc,
     pub sources: Vec<NodeId>,
+    /// The node was not responsible (or not ready) for this arc in the previous epoch: it may not
+    /// answer reads of it before the unit is done.
+    pub gained: bool,
 }
 
-/// The units node `me` must fetch to enter `next` from `prev` (= epoch `next.epoch - 1`).
-/// `was_ready` says whether `me` held everything it was responsible for in `prev`; if not, it
-/// fetches everything it is responsible for in `next`.
+/// The units node `me` transfers to enter `next` from `prev` (= epoch `next.epoch - 1`): every arc
+/// it is responsible for in `next`, marked `gained` unless it was responsible for it in `prev` and
+/// `was_ready` (it held everything it was responsible for in `prev`).
 pub fn plan(prev: &Configuration, next: &Configuration, me: &NodeId, was_ready: bool) -> Vec<Unit> {
     if !next.is_member(me) {
         return Vec::new();
@@ -81,17 +87,19 @@ pub fn plan(prev: &Configuration, next: &Configuration, me: &NodeId, was_ready: 
     for (i, end) in cuts.iter().enumerate() {
         let start = cuts[(i + cuts.len() - 1) % cuts.len()];
         let point = ObjectId(*end);
-        let gained =
-            next.is_responsible(me, &point) && !(was_ready && prev.is_responsible(me, &point));
-        if !gained {
+        if !next.is_responsible(me, &point) {
             continue;
         }
+        let gained = !(was_ready && prev.is_responsible(me, &point));
         let mut sources: Vec<NodeId> = prev.group(&point).iter().map(|m| m.id).collect();
         sources.sort();
         // Merge with the previous unit when it ends where this one starts and has the same sources.
         match units.last_mut() {
-            Some(u) if u.arc.end == start && u.sources == sources => u.arc.end = *end,
+            Some(u) if u.arc.end == start && u.sources == sources && u.gained == gained => {
+                u.arc.end = *end
+            }
             _ => units.push(Unit {
+                gained,
                 arc: Arc { start, end: *end },
                 sources,
             }),
@@ -100,7 +108,10 @@ pub fn plan(prev: &Configuration, next: &Configuration, me: &NodeId, was_ready: 
     // The first and last units may meet across the top of the ring.
     if units.len() > 1 {
         let (first, last) = (units[0].clone(), units[units.len() - 1].clone());
-        if last.arc.end == first.arc.start && last.sources == first.sources {
+        if last.arc.end == first.arc.start
+            && last.sources == first.sources
+            && last.gained == first.gained
+        {
             units[0].arc.start = last.arc.start;
             units.pop();
         }
@@ -179,6 +190,11 @@ pub enum TransferOutput {
         to: NodeId,
         bytes: Vec<u8>,
     },
+    /// Which of these content blocks does the node hold already? Answer with [`Transfer::held`]
+    /// before anything else; only the others are fetched.
+    Check {
+        ids: Vec<ObjectId>,
+    },
     /// Persist this verified content block.
     StoreContent {
         id: ObjectId,
@@ -215,6 +231,8 @@ struct Want {
 #[derive(Debug)]
 enum Phase {
     Listing,
+    /// Waiting for the driver to say which of these it holds.
+    Checking(BTreeMap<ObjectId, Want>),
     Fetching(BTreeMap<ObjectId, Want>),
     Done,
 }
@@ -327,6 +345,7 @@ impl Transfer {
                     .collect();
                 let phase = match &u.phase {
                     Phase::Listing => "listing".to_string(),
+                    Phase::Checking(w) => format!("checking {}", w.len()),
                     Phase::Fetching(w) => format!("fetching {}", w.len()),
                     Phase::Done => "done".to_string(),
                 };
@@ -424,7 +443,7 @@ impl Transfer {
                         self.request(u, n, Req::Fetch(id));
                     }
                 }
-                Phase::Done => {}
+                Phase::Checking(_) | Phase::Done => {}
             }
         }
     }
@@ -569,16 +588,36 @@ impl Transfer {
                 )
             })
             .collect();
-        let first: Vec<(ObjectId, NodeId)> =
-            wants.iter().map(|(id, w)| (*id, w.order[0])).collect();
-        unit.phase = if wants.is_empty() {
-            Phase::Done
+        if wants.is_empty() {
+            unit.phase = Phase::Done;
         } else {
-            Phase::Fetching(wants)
-        };
-        for (id, n) in first {
-            self.request(u, n, Req::Fetch(id));
+            let ids = wants.keys().copied().collect();
+            unit.phase = Phase::Checking(wants);
+            self.out.push_back(TransferOutput::Check { ids });
         }
+    }
+
+    /// The driver's answer to [`TransferOutput::Check`]: the content blocks of `ids` it holds.
+    pub fn held(&mut self, ids: &[ObjectId]) {
+        let held: BTreeSet<ObjectId> = ids.iter().copied().collect();
+        for u in 0..self.units.len() {
+            let Phase::Checking(wants) = &mut self.units[u].phase else {
+                continue;
+            };
+            let mut wants = std::mem::take(wants);
+            wants.retain(|id, _| !held.contains(id));
+            let first: Vec<(ObjectId, NodeId)> =
+                wants.iter().map(|(id, w)| (*id, w.order[0])).collect();
+            self.units[u].phase = if wants.is_empty() {
+                Phase::Done
+            } else {
+                Phase::Fetching(wants)
+            };
+            for (id, n) in first {
+                self.request(u, n, Req::Fetch(id));
+            }
+        }
+        self.check_complete();
     }
 
     fn on_content(&mut self, u: usize, from: NodeId, id: ObjectId, data: Option<Vec<u8>>) {

@@ -30,7 +30,7 @@ use dbqsfs_core::dbqs::msg::DbqsMessage;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
 use dbqsfs_core::dbqs::transfer::{Transfer, TransferMessage, TransferOptions, TransferOutput};
 pub use dbqsfs_core::dbqs::Mutant;
-use dbqsfs_core::object::{content_id, pk_block_id, PkBlock};
+use dbqsfs_core::object::{content_id, pk_block_id, PkBlock, Stamp};
 use dbqsfs_core::store::{MemStore, Store};
 use dbqsfs_core::wire::Protocol;
 use dbqsfs_core::wire::{decode, encode_msg};
@@ -139,10 +139,23 @@ struct ClientSlot {
 
 #[derive(Clone, Debug)]
 enum HKind {
-    PkWrite { key: usize, tag: u64 },
-    PkRead { key: usize, tag: Option<u64> },
-    PutContent { id: ObjectId },
-    GetContent { id: ObjectId, found: Option<bool> },
+    PkWrite {
+        key: usize,
+        tag: u64,
+    },
+    /// `stamp`: of the value read, if any.
+    PkRead {
+        key: usize,
+        tag: Option<u64>,
+        stamp: Option<Stamp>,
+    },
+    PutContent {
+        id: ObjectId,
+    },
+    GetContent {
+        id: ObjectId,
+        found: Option<bool>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -429,6 +442,8 @@ impl Sim {
             self.schedule(at, Ev::ClientCrash { c });
         }
         let mut audit_started = false;
+        let mut settling_since: Option<u64> = None;
+        let mut holders_checked = false;
         while let Some(Reverse((at, _, idx))) = self.queue.pop() {
             self.now = at;
             self.processed += 1;
@@ -457,7 +472,25 @@ impl Sim {
                     .iter()
                     .all(|c| c.ops_left == 0 && c.current.is_none());
                 if audit_started && all_done {
-                    break;
+                    // One more reconfiguration, let every transfer finish, then check where the
+                    // objects are.
+                    if settling_since.is_none() {
+                        self.reconfigure(500);
+                    }
+                    let since = *settling_since.get_or_insert(self.now);
+                    let newest = self.configs.len() as u64 - 1;
+                    let settled = self.nodes.iter().all(|n| {
+                        n.byz.is_some() || (n.replica.epoch() == newest && n.replica.is_ready())
+                    });
+                    if settled {
+                        self.check_holders();
+                        holders_checked = true;
+                        break;
+                    }
+                    if self.now > since + LIVENESS_BOUND_MS {
+                        self.violation(format!("liveness: state transfers still running {LIVENESS_BOUND_MS}ms after the audit"));
+                        break;
+                    }
                 }
                 // Every operation must complete within the bound of its start or of the heal,
                 // whichever is later.
@@ -514,6 +547,11 @@ impl Sim {
                     break;
                 }
             }
+        }
+        if !holders_checked && self.violations.is_empty() {
+            self.violation(
+                "the run ended before every transfer finished (nothing left to do)".to_string(),
+            );
         }
         self.check();
     }
@@ -744,6 +782,16 @@ impl Sim {
                 TransferOutput::Send { to, bytes } => {
                     self.send(me, to, bytes);
                 }
+                TransferOutput::Check { ids } => {
+                    let store = &self.nodes[n].store;
+                    let held: Vec<ObjectId> = ids
+                        .into_iter()
+                        .filter(|id| store.get_content(id).ok().flatten().is_some())
+                        .collect();
+                    if let Some(t) = self.nodes[n].transfers.get_mut(&e) {
+                        t.held(&held);
+                    }
+                }
                 TransferOutput::StoreContent { id, data } => {
                     let _ = self.nodes[n].store.put_content(&id, &data);
                 }
@@ -799,9 +847,14 @@ impl Sim {
     }
 
     fn epoch_change(&mut self) {
-        if !self.faulty {
-            return;
+        if self.faulty {
+            self.reconfigure(3000);
         }
+    }
+
+    /// The test, acting as the MS, moves the cluster to a new configuration of random members of
+    /// the pool; nodes learn it within `spread_ms` (or from clients and peers that push it).
+    fn reconfigure(&mut self, spread_ms: u64) {
         let last = self.configs.last().expect("never empty").config.clone();
         let f = self.opts.f as usize;
         let k = 3 * f + 1 + self.rng.below(self.nodes.len() - 3 * f);
@@ -822,7 +875,7 @@ impl Sim {
         self.configs.push(certified);
         let epoch = last.epoch + 1;
         for n in 0..self.nodes.len() {
-            let at = self.now + self.rng.range(0, 3000);
+            let at = self.now + self.rng.range(0, spread_ms);
             self.schedule(at, Ev::Install { n, epoch });
         }
     }
@@ -1192,7 +1245,11 @@ impl Sim {
                 Operation::GetPk {
                     id: self.keys[key].id,
                 },
-                HKind::PkRead { key, tag: None },
+                HKind::PkRead {
+                    key,
+                    tag: None,
+                    stamp: None,
+                },
             )
         } else if roll < 80 || self.contents.is_empty() {
             let data = if !self.contents.is_empty() && self.rng.chance(0.1) {
@@ -1298,7 +1355,8 @@ impl Sim {
                 }
                 None
             }
-            (HKind::PkRead { key, tag }, Outcome::Pk { block }) => {
+            (HKind::PkRead { key, tag, stamp }, Outcome::Pk { block }) => {
+                *stamp = block.as_ref().map(|b| b.stamp());
                 let invalid = block
                     .as_ref()
                     .is_some_and(|b| b.id() != self.keys[*key].id || b.verify().is_err());
@@ -1334,7 +1392,11 @@ impl Sim {
             .map(|(key, k)| {
                 (
                     Operation::GetPk { id: k.id },
-                    HKind::PkRead { key, tag: None },
+                    HKind::PkRead {
+                        key,
+                        tag: None,
+                        stamp: None,
+                    },
                 )
             })
             .collect();
@@ -1359,6 +1421,68 @@ impl Sim {
         self.schedule(self.now + 1, Ev::ClientNext { c });
     }
 
+    /// After every transfer finished: each object whose write completed (and each public-key
+    /// block's value as the audit read it) is held by at least `2f+1` correct members of its group
+    /// in the final configuration.
+    fn check_holders(&mut self) {
+        let config = self.configs.last().expect("never empty").config.clone();
+        let need = config.quorum().quorum();
+        let correct_holders = |sim: &Sim, x: &ObjectId, holds: &dyn Fn(&Node) -> bool| {
+            config
+                .group(x)
+                .iter()
+                .map(|m| &sim.nodes[sim.node_index[&m.id]])
+                .filter(|n| n.byz.is_none() && holds(n))
+                .count()
+        };
+        let mut problems = Vec::new();
+        let written: BTreeSet<ObjectId> = self
+            .history
+            .iter()
+            .filter_map(|h| match h.kind {
+                HKind::PutContent { id } if h.ret.is_some() => Some(id),
+                _ => None,
+            })
+            .collect();
+        for id in written {
+            let held = correct_holders(self, &id, &|n: &Node| {
+                n.store.get_content(&id).ok().flatten().is_some()
+            });
+            if held < need {
+                problems.push(format!("content block {id:?} is held by {held} correct members of its group, {need} needed"));
+            }
+        }
+        let audited: Vec<(usize, Stamp)> = self
+            .history
+            .iter()
+            .filter(|h| self.clients[h.client].auditor)
+            .filter_map(|h| match h.kind {
+                HKind::PkRead {
+                    key,
+                    stamp: Some(s),
+                    ..
+                } => Some((key, s)),
+                _ => None,
+            })
+            .collect();
+        for (key, stamp) in audited {
+            let id = self.keys[key].id;
+            let held = correct_holders(self, &id, &|n: &Node| {
+                n.store
+                    .get_pk(&id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|b| b.stamp() >= stamp)
+            });
+            if held < need {
+                problems.push(format!("public-key block {key} is held by {held} correct members of its group, {need} needed"));
+            }
+        }
+        for p in problems {
+            self.violation(p);
+        }
+    }
+
     /// Runs the checkers over the recorded history.
     fn check(&mut self) {
         // Public-key blocks: one register per key.
@@ -1369,7 +1493,7 @@ impl Sim {
                 .filter_map(|h| {
                     let (k, kind) = match h.kind {
                         HKind::PkWrite { key, tag } => (key, RegKind::Write(tag)),
-                        HKind::PkRead { key, tag } => (key, RegKind::Read(tag.unwrap_or(0))),
+                        HKind::PkRead { key, tag, .. } => (key, RegKind::Read(tag.unwrap_or(0))),
                         _ => return None,
                     };
                     (k == key).then(|| RegOp {
