@@ -89,7 +89,8 @@ pub enum Command {
     },
 }
 
-const MOUNT_HELP: &str = "Mount a dbqsfs volume on the empty directory DIR (created if its parent exists).
+const MOUNT_HELP: &str =
+    "Mount a dbqsfs volume on the empty directory DIR (created if its parent exists).
 
 With no --cluster, this is the embedded default: a local cluster of 4 nodes (f=1) on loopback \
 QUIC, kept under the data directory (--data-dir, else $XDG_DATA_HOME/dbqsfs, else \

@@ -586,3 +586,65 @@ fn mount_arguments_are_checked_before_anything_starts() {
         "a refused mount created a cluster"
     );
 }
+
+#[test]
+fn without_a_quorum_calls_fail_within_the_bound_and_the_mount_recovers() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let mnt = env.mount("mnt", &["-o", "timeout=2"]);
+    std::fs::write(mnt.join("before"), b"stored").unwrap();
+
+    // Two of four nodes gone: no quorum of 3.
+    for i in [1, 2] {
+        let pid = env.node_pid(i).unwrap();
+        // SAFETY: kill(2) of a node process this test's mount started (recorded pid).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        while alive(pid) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let t = Instant::now();
+    let e = std::fs::write(mnt.join("during"), b"x").unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ETIMEDOUT)),
+        "a write without a quorum failed with {e}"
+    );
+    // Bound: the operation timeout (2 s) plus 5 s per backend call; the first failed call ends it.
+    assert!(
+        took < Duration::from_secs(8),
+        "the failing write took {took:?}"
+    );
+    eprintln!("write without a quorum: {e} after {took:?}");
+    // The mount still answers: cached data is served.
+    assert_eq!(std::fs::read(mnt.join("before")).unwrap(), b"stored");
+    assert!(
+        std::fs::metadata(mnt.join("during")).is_err(),
+        "a failed create left a name"
+    );
+
+    // The nodes come back: the same mount works again.
+    let cdir = env.data.join("cluster");
+    let o = dbqsfs(&["cluster", "up", "--dir", cdir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", show(&o));
+    let t = Instant::now();
+    loop {
+        match std::fs::write(mnt.join("after"), b"again") {
+            Ok(()) => break,
+            Err(e) if t.elapsed() < Duration::from_secs(20) => {
+                eprintln!("after restart: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("the mount did not recover after the nodes restarted: {e}"),
+        }
+    }
+    env.umount(&mnt);
+    let mnt = env.mount("mnt", &[]);
+    assert_eq!(std::fs::read(mnt.join("before")).unwrap(), b"stored");
+    assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"again");
+    env.umount(&mnt);
+}
