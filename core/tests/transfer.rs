@@ -1,0 +1,226 @@
+//! State transfer: what a node plans to fetch, and the transfer machine against real replicas,
+//! one of which lies.
+
+use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
+use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId, Signature};
+use dbqsfs_core::dbqs::replica::{Replica, ReplicaOptions};
+use dbqsfs_core::dbqs::transfer::{
+    plan, Transfer, TransferMessage, TransferOptions, TransferOutput,
+};
+use dbqsfs_core::object::{content_id, PkBlock};
+use dbqsfs_core::store::{MemStore, Store};
+use dbqsfs_core::wire::{decode, encode_msg};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+fn keys(n: u8) -> Vec<Keypair> {
+    (0..n).map(|i| Keypair::from_seed([i + 60; 32])).collect()
+}
+
+fn config(epoch: u64, ks: &[Keypair], prev: Option<[u8; 32]>) -> Configuration {
+    let members = ks
+        .iter()
+        .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+        .collect();
+    Configuration::new(epoch, Params::with_f(1), members, prev)
+}
+
+fn certify(prev: &Configuration, next: Configuration, ks: &[Keypair]) -> CertifiedConfig {
+    let signers: Vec<&Keypair> = ks
+        .iter()
+        .filter(|k| prev.committee.contains(&k.node_id()))
+        .collect();
+    CertifiedConfig::certify(next, &signers[..3])
+}
+
+#[test]
+fn a_joining_node_gains_everything_it_is_responsible_for_and_nothing_else() {
+    let ks = keys(7);
+    let prev = config(0, &ks[..6], None);
+    let next = config(1, &ks, Some(prev.hash()));
+    let me = ks[6].node_id();
+    let units = plan(&prev, &next, &me, true);
+    assert!(!units.is_empty());
+    assert!(
+        units.iter().all(|u| u.gained),
+        "a new member gains all it is responsible for"
+    );
+    // Every object is covered by a unit exactly when the node is responsible for it.
+    for i in 0..2000u32 {
+        let x = content_id(&i.to_le_bytes());
+        let covered = units.iter().filter(|u| u.arc.contains(&x)).count();
+        assert_eq!(
+            covered,
+            usize::from(next.is_responsible(&me, &x)),
+            "object {x:?}"
+        );
+        if let Some(u) = units.iter().find(|u| u.arc.contains(&x)) {
+            let mut group: Vec<NodeId> = prev.group(&x).iter().map(|m| m.id).collect();
+            group.sort();
+            assert_eq!(u.sources, group, "sources are the old group of the object");
+        }
+    }
+}
+
+#[test]
+fn a_continuing_member_gains_only_what_it_was_not_responsible_for() {
+    let ks = keys(7);
+    let prev = config(0, &ks[..6], None);
+    let next = config(1, &ks, Some(prev.hash()));
+    let me = ks[0].node_id();
+    let units = plan(&prev, &next, &me, true);
+    for i in 0..2000u32 {
+        let x = content_id(&i.to_le_bytes());
+        if let Some(u) = units.iter().find(|u| u.arc.contains(&x)) {
+            assert_eq!(u.gained, !prev.is_responsible(&me, &x));
+        }
+    }
+    // Not ready in the previous epoch: everything counts as gained.
+    assert!(plan(&prev, &next, &me, false).iter().all(|u| u.gained));
+    // Not a member of the next epoch: nothing to fetch.
+    let without = config(1, &ks[1..], Some(prev.hash()));
+    assert!(plan(&prev, &without, &me, true).is_empty());
+}
+
+type R = Replica<Arc<MemStore>>;
+
+/// Four old replicas holding some blocks; a fifth node joins in epoch 1. Replica 0 lies in
+/// transfer: it lists a forged newer value and a content id that does not exist.
+#[test]
+fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
+    let ks = keys(5);
+    let g = config(0, &ks[..4], None);
+    let next = config(1, &ks, Some(g.hash()));
+    let c1 = certify(&g, next.clone(), &ks);
+    let owner = Keypair::from_seed([7; 32]);
+    let mut replicas: BTreeMap<NodeId, R> = BTreeMap::new();
+    for k in &ks[..4] {
+        let chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
+        let mut r = Replica::new(
+            k.node_id(),
+            Arc::new(MemStore::new()),
+            chain,
+            true,
+            ReplicaOptions::default(),
+        );
+        r.install(vec![c1.clone()]).unwrap();
+        replicas.insert(k.node_id(), r);
+    }
+    // Data: 40 public-key blocks (v1 everywhere, v2 on three replicas) and 40 content blocks on
+    // three replicas each.
+    let ids: Vec<NodeId> = replicas.keys().copied().collect();
+    let mut latest = Vec::new();
+    let mut contents = Vec::new();
+    for i in 0..40u32 {
+        let label = i.to_le_bytes();
+        let v1 = PkBlock::sign(&owner, &label, 1, b"one".to_vec()).unwrap();
+        let v2 = PkBlock::sign(&owner, &label, 2, b"two".to_vec()).unwrap();
+        let data = format!("content {i}").into_bytes();
+        for (j, id) in ids.iter().enumerate() {
+            let store = replicas[id].store();
+            store.force_pk(if j as u32 == i % 4 {
+                v1.clone()
+            } else {
+                v2.clone()
+            });
+            if j as u32 != (i + 1) % 4 {
+                store.put_content(&content_id(&data), &data).unwrap();
+            }
+        }
+        latest.push(v2);
+        contents.push(data);
+    }
+    let liar = ids[0];
+    let me = ks[4].node_id();
+    let mut t = Transfer::new(&g, &next, &me, true, TransferOptions::default());
+    let mine = Arc::new(MemStore::new());
+    t.start(0);
+    let mut now = 0;
+    for _round in 0..200 {
+        let mut sent = Vec::new();
+        while let Some(out) = t.poll_output() {
+            match out {
+                TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
+                TransferOutput::Check { ids } => {
+                    let held: Vec<ObjectId> = ids
+                        .into_iter()
+                        .filter(|id| mine.get_content(id).unwrap().is_some())
+                        .collect();
+                    t.held(&held);
+                }
+                TransferOutput::StoreContent { id, data } => mine.put_content(&id, &data).unwrap(),
+                TransferOutput::StorePk { block } => {
+                    mine.put_pk_if_newer(&block).unwrap();
+                }
+                TransferOutput::Complete { epoch } => assert_eq!(epoch, 1),
+            }
+        }
+        if t.is_complete() {
+            break;
+        }
+        for (to, bytes) in sent {
+            let Some(mut reply) = replicas[&to].handle_transfer(me, &bytes) else {
+                continue;
+            };
+            if to == liar {
+                reply = lie(&reply);
+            }
+            t.handle_message(now, to, &reply);
+        }
+        now += 1000;
+        t.handle_timeout(now);
+    }
+    assert!(t.is_complete(), "the transfer finishes: {}", t.describe());
+    for (i, v2) in latest.iter().enumerate() {
+        if next.is_responsible(&me, &v2.id()) {
+            assert_eq!(
+                mine.get_pk(&v2.id()).unwrap().as_ref(),
+                Some(v2),
+                "block {i} has its latest value"
+            );
+        }
+    }
+    for data in &contents {
+        let id = content_id(data);
+        if next.is_responsible(&me, &id) {
+            assert_eq!(mine.get_content(&id).unwrap().as_deref(), Some(&data[..]));
+        }
+    }
+}
+
+/// What the lying replica answers instead: forged newer versions and an id nobody holds.
+fn lie(reply: &[u8]) -> Vec<u8> {
+    let env = decode::<TransferMessage>(reply).unwrap();
+    let msg = match env.msg {
+        TransferMessage::Listing {
+            rid,
+            mut content,
+            mut pk,
+            next,
+        } => {
+            let forged: Vec<PkBlock> = pk
+                .iter()
+                .map(|b| PkBlock {
+                    version: 99,
+                    signature: Signature([1; 64]),
+                    ..b.clone()
+                })
+                .collect();
+            pk.extend(forged);
+            content.push(ObjectId([0xee; 32]));
+            TransferMessage::Listing {
+                rid,
+                content,
+                pk,
+                next,
+            }
+        }
+        TransferMessage::Content { rid, id, .. } => TransferMessage::Content {
+            rid,
+            id,
+            data: Some(b"garbage".to_vec()),
+        },
+        other => other,
+    };
+    encode_msg(env.epoch, msg)
+}
