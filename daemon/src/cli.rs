@@ -109,7 +109,8 @@ stays in the foreground and logs to stderr; SIGINT or SIGTERM unmounts. Unmount 
 
 One read-write mount per volume at a time: it holds a lease on the volume (renewed every 10 s, \
 valid 30 s) and a second read-write mount is refused with the holder's name. Read-only mounts \
-(-o ro) need no lease and may run alongside it.
+(-o ro) need no lease and may run alongside it; they see the writer's closed files within about \
+3 s (a file they hold open keeps the version it was opened with).
 
 When the cluster cannot be reached, a system call fails with ETIMEDOUT or EIO after at most the \
 operation timeout (-o timeout, default 15 s) plus 5 s; the mount itself never hangs.

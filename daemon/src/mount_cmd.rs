@@ -576,7 +576,7 @@ fn daemonize(dir: &Path, target: &Target) -> Result<()> {
                     child.id(),
                     target.log.display()
                 );
-                println!("unmount with: dbqsfs umount {}", dir.display());
+                println!("unmount with: {} umount {}", self_name(), dir.display());
                 return Ok(());
             }
         }
@@ -611,6 +611,21 @@ fn daemonize(dir: &Path, target: &Target) -> Result<()> {
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How to call this program: `dbqsfs` when that is what PATH finds, else its full path.
+fn self_name() -> String {
+    let exe = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("dbqsfs"))
+            .find(|c| c.is_file())
+    });
+    match (exe, on_path) {
+        (Some(e), Some(p)) if std::fs::canonicalize(&p).ok() == Some(e.clone()) => "dbqsfs".into(),
+        (Some(e), _) => e.display().to_string(),
+        (None, _) => "dbqsfs".into(),
     }
 }
 
