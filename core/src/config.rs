@@ -281,6 +281,63 @@ impl CertifiedConfig {
     }
 }
 
+/// "Epoch `epoch` (the configuration with hash `config`) is current as of `time_ms`", signed by
+/// `2f_ms+1` members of that epoch's committee. A client uses a configuration only while it holds
+/// such a certificate younger than its lease, so a partitioned or misled client cannot keep talking
+/// to an old group whose members may have been corrupted after they left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freshness {
+    pub epoch: Epoch,
+    pub config: ConfigHash,
+    /// Milliseconds since the Unix epoch, on the committee's (loosely synchronised) clocks.
+    pub time_ms: u64,
+    pub signatures: Vec<(NodeId, Signature)>,
+}
+
+impl Freshness {
+    fn body(epoch: Epoch, config: &ConfigHash, time_ms: u64) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[..8].copy_from_slice(&epoch.to_le_bytes());
+        b[8..40].copy_from_slice(config);
+        b[40..].copy_from_slice(&time_ms.to_le_bytes());
+        b
+    }
+
+    /// A committee member's signature share: `config` is current at `time_ms`.
+    pub fn sign_share(me: &Keypair, config: &Configuration, time_ms: u64) -> Signature {
+        me.sign(Domain::Freshness, &Self::body(config.epoch, &config.hash(), time_ms))
+    }
+
+    /// The certificate made of `shares` (member, signature) for `config` at `time_ms`.
+    pub fn assemble(config: &Configuration, time_ms: u64, shares: Vec<(NodeId, Signature)>) -> Freshness {
+        Freshness { epoch: config.epoch, config: config.hash(), time_ms, signatures: shares }
+    }
+
+    /// Accepts the certificate for `config`: same epoch and hash, and `2f_ms+1` distinct members of
+    /// `config`'s committee signed it.
+    pub fn verify(&self, config: &Configuration) -> Result<(), ConfigError> {
+        if self.epoch != config.epoch || self.config != config.hash() {
+            return Err(ConfigError::WrongPredecessor);
+        }
+        let body = Self::body(self.epoch, &self.config, self.time_ms);
+        let mut signers = BTreeSet::new();
+        for (id, sig) in &self.signatures {
+            if !config.committee.contains(id) || signers.contains(id) {
+                continue;
+            }
+            let Some(m) = config.member(id) else { continue };
+            if m.key.verify(Domain::Freshness, &body, sig).is_ok() {
+                signers.insert(*id);
+            }
+        }
+        let needed = config.params.ms_quorum().quorum();
+        if signers.len() < needed {
+            return Err(ConfigError::NotEnoughSignatures { valid: signers.len(), needed });
+        }
+        Ok(())
+    }
+}
+
 /// The verified configurations a node or client knows, from genesis (or a trusted base) up to the
 /// newest. Every configuration in the chain was verified against its predecessor.
 #[derive(Clone, Debug)]

@@ -277,6 +277,10 @@ async fn drive(mut core: Client, endpoint: Endpoint, mut submissions: mpsc::Rece
                     warn!(node = %from.short(), what, "replica misbehaved");
                 }
                 ClientOutput::EpochChanged { epoch } => info!(epoch, "client moved to a new epoch"),
+                // The daemon's client sets no freshness lease (nodes do not issue certificates yet).
+                ClientOutput::NeedFreshness { epoch } => {
+                    warn!(epoch, "operations wait for a freshness certificate")
+                }
             }
         }
         if !open && waiting.is_empty() {

@@ -20,7 +20,7 @@
 //! (at [`Client::next_timeout`]); take [`ClientOutput`]s with [`Client::poll_output`].
 
 use super::msg::{DbqsMessage, Reject, RequestId};
-use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch};
+use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, ObjectId};
 use crate::object::{check_content, content_id, ObjectError, PkBlock, Stamp};
 use crate::quorum::Tally;
@@ -39,8 +39,11 @@ pub struct ClientOptions {
     pub op_timeout_ms: Option<u64>,
     /// The first request id. Choose it at random for each client incarnation, so that late replies
     /// to a previous incarnation (same key, same epoch) cannot match a new request.
-    pub first_request_id: u64,
-    #[cfg(feature = "mutants")]
+        pub first_request_id: u64,
+    /// When set, the client starts an operation only while it holds a freshness certificate of its
+    /// newest epoch younger than this many milliseconds (see [`Freshness`]); otherwise the operation
+    /// waits and the client asks for one ([`ClientOutput::NeedFreshness`]).
+    pub freshness_lease_ms: Option<u64>,#[cfg(feature = "mutants")]
     pub mutant: super::Mutant,
 }
 
@@ -49,8 +52,8 @@ impl Default for ClientOptions {
         ClientOptions {
             retransmit_ms: 500,
             op_timeout_ms: None,
-            first_request_id: 1,
-            #[cfg(feature = "mutants")]
+                        first_request_id: 1,
+            freshness_lease_ms: None,#[cfg(feature = "mutants")]
             mutant: super::Mutant::None,
         }
     }
@@ -120,9 +123,11 @@ pub enum ClientOutput {
     Done { op: OpId, outcome: Outcome },
     /// `from` sent something no correct replica sends (for logs and evidence).
     Misbehaviour { from: NodeId, what: &'static str },
-    /// The client moved to a newer epoch.
+        /// The client moved to a newer epoch.
     EpochChanged { epoch: Epoch },
-}
+    /// Operations wait for a freshness certificate of `epoch` (or a newer configuration): fetch one
+    /// and give it to [`Client::learn_freshness`].
+    NeedFreshness { epoch: Epoch },}
 
 /// The phase an operation is in, with what it has collected.
 #[derive(Debug)]
@@ -176,9 +181,12 @@ pub struct Client {
     fetches: BTreeMap<RequestId, NodeId>,
     next_op: OpId,
     next_rid: RequestId,
-    /// The newest epoch reported with [`ClientOutput::EpochChanged`].
+        /// The newest epoch reported with [`ClientOutput::EpochChanged`].
     announced: Epoch,
-    out: VecDeque<ClientOutput>,
+    /// The newest verified freshness certificate of the client's newest epoch.
+    freshness: Option<Freshness>,
+    /// Operations waiting for a fresh certificate before they start.
+    waiting: BTreeSet<OpId>,out: VecDeque<ClientOutput>,
 }
 
 impl Client {
@@ -195,8 +203,9 @@ impl Client {
             fetches: BTreeMap::new(),
             next_op: 1,
             next_rid: first_rid,
-            announced: chain_epoch,
-            out: VecDeque::new(),
+                        announced: chain_epoch,
+            freshness: None,
+            waiting: BTreeSet::new(),out: VecDeque::new(),
         }
     }
 
@@ -226,11 +235,13 @@ impl Client {
     }
 
     /// The earliest time at which [`Client::handle_timeout`] has work to do.
-    pub fn next_timeout(&self) -> Option<u64> {
+        pub fn next_timeout(&self) -> Option<u64> {
         self.ops
-            .values()
-            .map(|o| {
-                o.deadline
+            .iter()
+            .map(|(id, o)| {
+                if self.waiting.contains(id) {
+                    return o.deadline.unwrap_or(u64::MAX);
+                }o.deadline
                     .map_or(o.retransmit_at, |d| d.min(o.retransmit_at))
             })
             .min()
@@ -246,6 +257,34 @@ impl Client {
         let res = self.chain.extend(configs);
         self.restart_stale_ops(now);
         res.map(|_| ())
+    }
+
+        /// Whether the client may use its newest configuration at `now`.
+    fn fresh(&self, now: u64) -> bool {
+        match self.opts.freshness_lease_ms {
+            None => true,
+            Some(lease) => self
+                .freshness
+                .as_ref()
+                .is_some_and(|f| f.epoch == self.epoch() && now <= f.time_ms.saturating_add(lease)),
+        }
+    }
+
+    /// Learns a freshness certificate (verified against the configuration of its epoch, which the
+    /// client must know) and starts the operations that waited for one.
+    pub fn learn_freshness(&mut self, now: u64, cert: Freshness) -> Result<(), ConfigError> {
+        let config = self.chain.get(cert.epoch).ok_or(ConfigError::Unknown(cert.epoch))?;
+        cert.verify(&config.config)?;
+        let newer = self.freshness.as_ref().is_none_or(|f| (cert.epoch, cert.time_ms) > (f.epoch, f.time_ms));
+        if cert.epoch == self.epoch() && newer {
+            self.freshness = Some(cert);
+        }
+        if self.fresh(now) {
+            for id in std::mem::take(&mut self.waiting) {
+                self.start(now, id);
+            }
+        }
+        Ok(())
     }
 
     /// Starts an operation.
@@ -297,8 +336,16 @@ impl Client {
     }
 
     /// (Re)starts operation `id` in the client's newest epoch from its first phase.
-    fn start(&mut self, now: u64, id: OpId) {
+        fn start(&mut self, now: u64, id: OpId) {
         let epoch = self.epoch();
+        if !self.fresh(now) {
+            if self.waiting.is_empty() {
+                self.out.push_back(ClientOutput::NeedFreshness { epoch });
+            }
+            self.waiting.insert(id);
+            return;
+        }
+        self.waiting.remove(&id);
         let Some(st) = self.ops.get(&id) else { return };
         let old_rid = st.rid;
         let phase = match (&st.op, &st.signed) {
@@ -434,7 +481,9 @@ impl Client {
         let due: Vec<OpId> = self
             .ops
             .iter()
-            .filter(|(_, o)| o.retransmit_at <= now || o.deadline.is_some_and(|d| d <= now))
+                        .filter(|(id, o)| {
+                (o.retransmit_at <= now && !self.waiting.contains(id)) || o.deadline.is_some_and(|d| d <= now)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in due {
