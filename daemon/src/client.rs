@@ -308,7 +308,9 @@ fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // Without OS randomness, fall back to the clock: still distinct between runs.
     if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         return t.as_nanos() as u64;
     }
     u64::from_le_bytes(b)
