@@ -26,7 +26,13 @@
 //! [`Adversary`]).
 
 use crate::rng::Rng;
+use dbqsfs_core::config::{
+    CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
+};
 use dbqsfs_core::crypto::{Keypair, NodeId, PublicKey};
+use dbqsfs_core::ms::membership::{
+    AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
+};
 pub use dbqsfs_core::ms::pbft::Mutant;
 use dbqsfs_core::ms::pbft::{
     batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options, Output,
@@ -36,6 +42,7 @@ use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
+use std::rc::Rc;
 
 /// After the faults heal, every request must be executed by every correct member within this bound.
 pub const LIVENESS_BOUND_MS: u64 = 90_000;
@@ -66,6 +73,28 @@ pub struct SeedReport {
     pub digest: [u8; 32],
     /// The swarm parameters drawn, for the report of a failing seed.
     pub setup: String,
+    /// The membership changes the run made (what the MS checkers had to check).
+    pub ms: MsCoverage,
+}
+
+/// What the MS part of a run exercised, counted in the next configuration.
+#[derive(Clone, Debug, Default)]
+pub struct MsCoverage {
+    /// The epoch ended (at every correct member, with one configuration).
+    pub epoch_ended: bool,
+    /// Nodes with a valid admission certificate that joined.
+    pub joined: u64,
+    /// Joins without a valid certificate, refused.
+    pub refused: u64,
+    pub left: u64,
+    /// Dead members evicted on the reports of at least f+1 correct committee members.
+    pub evicted: u64,
+    /// Live members reported unresponsive by the Byzantine prober alone, kept.
+    pub kept: u64,
+    /// A Byzantine member's early `EndEpoch` that did not end the epoch alone.
+    pub early_end: bool,
+    /// Forged or under-signed certificates rejected.
+    pub rejected_certs: u64,
 }
 
 /// The named Byzantine behaviours a member can draw.
@@ -161,17 +190,55 @@ enum Ev {
     Heal,
 }
 
-/// The application a member runs: the log of what it executed, as a hash chain.
-#[derive(Clone, Debug, Default)]
+/// The application a member runs: the log of what it executed, as a hash chain, and the MS state
+/// machine ([`Membership`]) fed with every agreed operation.
+#[derive(Clone, Debug)]
 struct App {
     /// `log[i]`: the requests executed at sequence number `i + 1` (key and digest).
     log: Vec<Vec<(RequestKey, Digest)>>,
     /// `digests[i]`: the application digest after sequence number `i + 1`.
     digests: Vec<Digest>,
     executed: BTreeSet<RequestKey>,
+    /// `batches[i]`: the requests executed at sequence number `i + 1` (to replay the MS state).
+    batches: Vec<Vec<Request>>,
+    /// The MS state at the start of the run (genesis), shared by every member.
+    genesis: Rc<Membership>,
+    ms: Membership,
+    /// Where and to what the epoch ended at this member, if it did.
+    ended: Option<Ended>,
+}
+
+/// The epoch end a member executed: the request (sequence number, index in the batch) whose
+/// `EndEpoch` ended it, and the next configuration it computed.
+#[derive(Clone, Debug)]
+struct Ended {
+    seq: SeqNo,
+    index: usize,
+    config: Configuration,
+}
+
+/// The seed the MS draws the next committee from: BLAKE3 of the decided batch's digest and its
+/// sequence number (the same at every correct member, unknown before the batch is decided).
+fn ms_seed(seq: SeqNo, requests: &[Request]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("dbqsfs agreement simulator ms seed");
+    h.update(&seq.to_le_bytes());
+    h.update(&batch_digest(requests));
+    *h.finalize().as_bytes()
 }
 
 impl App {
+    fn new(genesis: Rc<Membership>) -> App {
+        App {
+            log: Vec::new(),
+            digests: Vec::new(),
+            executed: BTreeSet::new(),
+            batches: Vec::new(),
+            ms: (*genesis).clone(),
+            genesis,
+            ended: None,
+        }
+    }
+
     fn last(&self) -> SeqNo {
         self.log.len() as SeqNo
     }
@@ -192,17 +259,33 @@ impl App {
         self.log.push(entry);
         self.digests.push(*h.finalize().as_bytes());
         self.executed.extend(requests.iter().map(|r| r.key()));
+        self.batches.push(requests.to_vec());
+        // The MS: every request's payload is an operation of its submitter (payloads that are
+        // not operations, from Byzantine members, are skipped like ignored operations).
+        let seed = ms_seed(seq, requests);
+        for (index, r) in requests.iter().enumerate() {
+            let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) else {
+                continue;
+            };
+            if let Executed::EpochEnded(next) = self.ms.execute(&r.client, op, &seed) {
+                if self.ended.is_none() {
+                    self.ended = Some(Ended {
+                        seq,
+                        index,
+                        config: *next,
+                    });
+                }
+            }
+        }
     }
 
-    /// The application as it was after sequence number `seq`.
+    /// The application as it was after sequence number `seq` (the MS state replayed from genesis).
     fn prefix(&self, seq: SeqNo) -> App {
-        let log = self.log[..seq as usize].to_vec();
-        let executed = log.iter().flatten().map(|(k, _)| *k).collect();
-        App {
-            log,
-            digests: self.digests[..seq as usize].to_vec(),
-            executed,
+        let mut app = App::new(self.genesis.clone());
+        for (i, batch) in self.batches[..seq as usize].iter().enumerate() {
+            app.execute(i as SeqNo + 1, batch);
         }
+        app
     }
 }
 
@@ -237,6 +320,29 @@ struct ClientSlot {
     next_seq: u64,
     remaining: u32,
     current: Option<Request>,
+    /// The payloads (encoded MS operations) of requests 1, 2, ...; `None` for a load client, whose
+    /// requests are operations of an outsider ([`client_request`]).
+    script: Option<Vec<Vec<u8>>>,
+    /// The request (its `seq`) this client holds back until the epoch timer fires: its `EndEpoch`.
+    gate: Option<u64>,
+}
+
+/// What the MS part of a run draws: the genesis configuration (the agreement's committee plus
+/// `extras`), who joins, leaves, dies, and who lies about probes or ends the epoch early.
+struct MsSetup {
+    genesis: Configuration,
+    /// Joining nodes and whether their admission certificate is valid.
+    joiners: Vec<(NodeId, bool)>,
+    leavers: BTreeSet<NodeId>,
+    /// Members that no longer answer probes: every correct committee member reports them.
+    dead: BTreeSet<NodeId>,
+    /// A live member that the Byzantine prober (alone) reports unresponsive.
+    accused: Option<NodeId>,
+    /// The Byzantine member that lies in its probe reports, and whether it also submits an
+    /// `EndEpoch` before anyone else.
+    prober: Option<(usize, bool)>,
+    /// Requests that must all be decided before the correct members' epoch timers fire.
+    before_end: BTreeSet<RequestKey>,
 }
 
 /// The swarm parameters of one run.
@@ -285,6 +391,8 @@ struct Sim {
     healed_at: Option<u64>,
     state_installs: u64,
     evidence: u64,
+    ms: MsSetup,
+    coverage: MsCoverage,
 }
 
 /// Runs one seed.
@@ -297,7 +405,16 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         .enumerate()
         .filter_map(|(i, m)| m.byz.as_ref().map(|b| format!("{i}:{}", b.kind)))
         .collect();
-    let setup = format!("{:?} byzantine={byz:?}", sim.swarm);
+    let setup = format!(
+        "{:?} byzantine={byz:?} ms: extras={} joiners(valid)={:?} leavers={} dead={} accused={} prober={:?}",
+        sim.swarm,
+        sim.ms.genesis.members.len() - sim.members.len(),
+        sim.ms.joiners.iter().map(|j| j.1).collect::<Vec<_>>(),
+        sim.ms.leavers.len(),
+        sim.ms.dead.len(),
+        sim.ms.accused.is_some(),
+        sim.ms.prober
+    );
     let max_view = sim
         .members
         .iter()
@@ -314,6 +431,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         violations: sim.violations,
         digest: *sim.digest.finalize().as_bytes(),
         setup,
+        ms: sim.coverage,
     }
 }
 
@@ -395,6 +513,37 @@ impl Sim {
                 swarm.window = 2 * swarm.checkpoint_interval;
             }
         };
+        // The MS: a genesis configuration whose committee is the agreement's committee, plus
+        // members outside the committee (some leave, some die); nodes that join.
+        let admission = Keypair::from_seed(rng.seed32());
+        let extras: Vec<Keypair> = (0..2 + rng.below(4))
+            .map(|_| Keypair::from_seed(rng.seed32()))
+            .collect();
+        let addr = |i: usize| format!("10.0.{}.{}:7100", i / 200, i % 200 + 1);
+        let mut genesis_members: Vec<NodeInfo> = keys
+            .iter()
+            .chain(extras.iter())
+            .enumerate()
+            .map(|(i, k)| NodeInfo::new(k.public(), addr(i)))
+            .collect();
+        genesis_members.sort_by_key(|m| m.id);
+        let mut committee_ids = ids.clone();
+        committee_ids.sort();
+        let genesis = Configuration {
+            epoch: 0,
+            params: Params::with_f(opts.f),
+            members: genesis_members,
+            committee: committee_ids,
+            prev: None,
+        };
+        genesis
+            .validate()
+            .expect("the simulator builds valid genesis configurations");
+        let genesis_ms = Rc::new(Membership::new(
+            genesis.clone(),
+            admission.public(),
+            core_opts.max_batch,
+        ));
         let mut members = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let core = Agreement::new(key.clone(), committee.clone(), core_opts.clone())
@@ -414,18 +563,29 @@ impl Sim {
                 up: true,
                 byz,
                 timer_at: None,
-                app: App::default(),
+                app: App::new(genesis_ms.clone()),
                 client_executed: 0,
             });
         }
-        let clients: Vec<ClientSlot> = (0..swarm.clients)
+        let mut clients: Vec<ClientSlot> = (0..swarm.clients)
             .map(|_| ClientSlot {
                 key: Keypair::from_seed(rng.seed32()),
                 next_seq: 1,
                 remaining: swarm.requests_per_client,
                 current: None,
+                script: None,
+                gate: None,
             })
             .collect();
+        let ms = draw_ms(
+            &mut rng,
+            genesis,
+            &admission,
+            &keys,
+            &extras,
+            &byz,
+            &mut clients,
+        );
         let client_keys = clients.iter().map(|c| c.key.public()).collect();
         Sim {
             rng,
@@ -449,6 +609,8 @@ impl Sim {
             healed_at: None,
             state_installs: 0,
             evidence: 0,
+            ms,
+            coverage: MsCoverage::default(),
         }
     }
 
@@ -478,11 +640,16 @@ impl Sim {
                 self.schedule(at, Ev::ByzTick { m });
             }
         }
+        let heal_at = self.swarm.heal_at;
         for c in 0..self.clients.len() {
-            let at = self.rng.range(0, 100);
+            // Load clients start at once; the MS's submitters at some point during the faults.
+            let at = if self.clients[c].script.is_some() {
+                self.rng.range(0, heal_at)
+            } else {
+                self.rng.range(0, 100)
+            };
             self.schedule(at, Ev::ClientNext { c });
         }
-        let heal_at = self.swarm.heal_at;
         self.schedule(heal_at, Ev::Heal);
         if self.swarm.partitions {
             for _ in 0..3 {
@@ -523,6 +690,7 @@ impl Sim {
             }
         }
         self.check_prefixes();
+        self.check_membership();
     }
 
     /// Every two correct members' logs agree on their common prefix (the application digests are
@@ -544,6 +712,247 @@ impl Sim {
         }
     }
 
+    /// The MS checks, against the agreed log (the longest log of a correct member, whose prefixes
+    /// the other correct members share) and what the seed drew:
+    /// - the epoch ends exactly at the first agreed `EndEpoch` that makes `f+1` distinct committee
+    ///   members ask (so a single Byzantine member's early one does not end it), at every correct
+    ///   member that got there, with the IDENTICAL next configuration;
+    /// - joiners with a valid certificate that joined before the end are members of it, joiners
+    ///   without one are not; leavers are not; a dead member reported by `f+1` correct members is
+    ///   evicted; a live member reported only by the Byzantine prober is kept;
+    /// - the old committee's correct members certify it (`2f+1` signatures verify against
+    ///   genesis and extend the chain); `f` signatures, or a tampered configuration, are refused.
+    fn check_membership(&mut self) {
+        let f = self.ms.genesis.params.f_ms as usize;
+        let correct: Vec<usize> = (0..self.members.len())
+            .filter(|&m| self.correct(m))
+            .collect();
+        let Some(&oracle) = correct
+            .iter()
+            .max_by_key(|&&m| (self.members[m].app.last(), Reverse(m)))
+        else {
+            return;
+        };
+        let genesis = self.ms.genesis.clone();
+        let correct_ids: BTreeSet<NodeId> = correct.iter().map(|&m| self.ids[m]).collect();
+        // Walk the agreed log up to the end of the epoch.
+        let mut votes: BTreeSet<NodeId> = BTreeSet::new();
+        let mut end: Option<(SeqNo, usize)> = None;
+        let mut before: BTreeSet<RequestKey> = BTreeSet::new();
+        // target → correct committee members whose last report called it unresponsive.
+        let mut reported: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
+        'walk: for (i, batch) in self.members[oracle].app.batches.iter().enumerate() {
+            for (index, r) in batch.iter().enumerate() {
+                before.insert(r.key());
+                let from = r.client.node_id();
+                match postcard::from_bytes::<MsOp>(&r.payload) {
+                    Ok(MsOp::EndEpoch { epoch: 0 }) if genesis.committee.contains(&from) => {
+                        votes.insert(from);
+                        if votes.len() > f {
+                            end = Some((i as SeqNo + 1, index));
+                            break 'walk;
+                        }
+                    }
+                    Ok(MsOp::Probe {
+                        epoch: 0,
+                        target,
+                        responsive,
+                    }) if correct_ids.contains(&from) => {
+                        let set = reported.entry(target).or_default();
+                        if responsive {
+                            set.remove(&from);
+                        } else {
+                            set.insert(from);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let ended: Vec<(usize, Ended)> = correct
+            .iter()
+            .filter_map(|&m| self.members[m].app.ended.clone().map(|e| (m, e)))
+            .collect();
+        let Some((first, reference)) = ended.first().cloned() else {
+            return; // the liveness check reports an epoch that never ended
+        };
+        for (m, e) in &ended {
+            if Some((e.seq, e.index)) != end {
+                self.violation(format!(
+                    "MS: member {m} ended the epoch at request {}:{} but f+1 committee members asked only at {end:?}",
+                    e.seq, e.index
+                ));
+            }
+            if e.config.hash() != reference.config.hash() {
+                self.violation(format!(
+                    "MS SAFETY: members {first} and {m} computed different next configurations"
+                ));
+            }
+        }
+        let next = reference.config;
+        self.digest.update(&next.hash());
+        self.coverage.epoch_ended = true;
+        if let Some((b, true)) = self.ms.prober {
+            // Its EndEpoch was agreed (before the others were submitted) and did not end the epoch.
+            let early = (self.members[b].key.public(), 1);
+            if before.contains(&early) && votes.len() > f {
+                self.coverage.early_end = true;
+            }
+        }
+        if next.epoch != 1 || next.prev != Some(genesis.hash()) || next.validate().is_err() {
+            self.violation(format!(
+                "MS: the next configuration is not a valid successor of genesis (epoch {}, {:?})",
+                next.epoch,
+                next.validate()
+            ));
+        }
+        // Who is in it.
+        let submitted_before = |key: NodeId| {
+            before
+                .iter()
+                .any(|(pk, seq)| *seq == 1 && pk.node_id() == key)
+        };
+        for &(id, valid) in &self.ms.joiners.clone() {
+            let joined_before = submitted_before(id);
+            match (valid, next.is_member(&id)) {
+                (true, false) if joined_before => self.violation(format!(
+                    "MS: node {id:?} joined with a valid certificate before the epoch ended but is not a member of the next configuration"
+                )),
+                (true, true) => self.coverage.joined += 1,
+                (false, true) => self.violation(format!(
+                    "MS: node {id:?} joined without a valid admission certificate and is a member of the next configuration"
+                )),
+                (false, false) => self.coverage.refused += 1,
+                _ => {}
+            }
+        }
+        for &id in &self.ms.leavers.clone() {
+            if !submitted_before(id) {
+                continue;
+            }
+            if next.is_member(&id) {
+                self.violation(format!(
+                    "MS: node {id:?} left before the epoch ended but is a member of the next configuration"
+                ));
+            } else {
+                self.coverage.left += 1;
+            }
+        }
+        for &id in &self.ms.dead.clone() {
+            let reporters = reported.get(&id).map_or(0, |r| r.len());
+            if reporters > f {
+                if next.is_member(&id) {
+                    self.violation(format!(
+                        "MS: dead member {id:?} was reported unresponsive by {reporters} correct committee members but was not evicted"
+                    ));
+                } else {
+                    self.coverage.evicted += 1;
+                }
+            }
+        }
+        if let Some(id) = self.ms.accused {
+            if next.is_member(&id) {
+                self.coverage.kept += 1;
+            } else {
+                self.violation(format!(
+                    "MS: live member {id:?}, reported unresponsive only by a Byzantine member, was evicted"
+                ));
+            }
+        }
+        self.check_certificate(&genesis, &next, &correct);
+    }
+
+    /// The old committee certifies `next`: the correct members' signatures, collected, verify as a
+    /// successor of genesis and extend a chain that starts at genesis; a certificate with `f`
+    /// signatures, a tampered configuration, or one signed by the Byzantine members and outsiders
+    /// is refused.
+    fn check_certificate(
+        &mut self,
+        genesis: &Configuration,
+        next: &Configuration,
+        correct: &[usize],
+    ) {
+        let f = genesis.params.f_ms as usize;
+        let mut collector = CertificateCollector::new(genesis.clone(), next.clone());
+        let mut certified = None;
+        for (k, &m) in correct.iter().enumerate() {
+            let key = &self.members[m].key;
+            let got = collector.add(key.node_id(), collector.sign(key));
+            let enough = k >= 2 * f;
+            if got.is_some() != enough && certified.is_none() {
+                self.violation(format!(
+                    "MS: the certificate collector returned {} after {} signatures",
+                    if got.is_some() {
+                        "a certificate"
+                    } else {
+                        "nothing"
+                    },
+                    k + 1
+                ));
+            }
+            if certified.is_none() {
+                certified = got;
+            }
+        }
+        let Some(certified) = certified else {
+            self.violation(
+                "MS: the correct old committee members could not certify the next configuration"
+                    .into(),
+            );
+            return;
+        };
+        if let Err(e) = certified.verify_successor(genesis) {
+            self.violation(format!(
+                "MS: the certified next configuration is refused: {e}"
+            ));
+        }
+        let chain = || ConfigChain::new(CertifiedConfig::genesis(genesis.clone()));
+        match chain().map(|mut c| c.extend(vec![certified.clone()]).map(|_| c.epoch())) {
+            Ok(Ok(1)) => {}
+            other => self.violation(format!(
+                "MS: a chain from genesis does not extend to the certified configuration: {other:?}"
+            )),
+        }
+        let mut forged: Vec<(&'static str, CertifiedConfig)> = Vec::new();
+        let mut under = certified.clone();
+        under.cert.signatures.truncate(f);
+        forged.push(("under-signed (f signatures)", under));
+        let mut tampered = certified.clone();
+        let intruder = Keypair::from_seed(blake3::hash(&next.hash()).into());
+        tampered
+            .config
+            .members
+            .push(NodeInfo::new(intruder.public(), "10.9.9.9:7100"));
+        tampered.config.members.sort_by_key(|m| m.id);
+        forged.push(("tampered (an extra member)", tampered));
+        let mut recommitted = certified.clone();
+        recommitted.config.committee = genesis.committee.clone();
+        if recommitted.config != certified.config {
+            forged.push(("tampered (the old committee kept)", recommitted));
+        }
+        // Signed by every Byzantine member plus outsiders (members outside the old committee).
+        let byz_keys: Vec<&Keypair> = (0..self.members.len())
+            .filter(|&m| !self.correct(m))
+            .map(|m| &self.members[m].key)
+            .collect();
+        let mut forger = Vec::new();
+        forger.extend(byz_keys.iter().copied());
+        forger.push(&intruder);
+        let by_byz = CertifiedConfig::certify(next.clone(), &forger);
+        forged.push(("signed by the Byzantine members and an outsider", by_byz));
+        for (what, c) in forged {
+            let direct = c.verify_successor(genesis);
+            let chained = chain().map(|mut ch| ch.extend(vec![c]));
+            if direct.is_ok() || matches!(chained, Ok(Ok(_))) {
+                self.violation(format!(
+                    "MS: a {what} configuration certificate was accepted"
+                ));
+            } else {
+                self.coverage.rejected_certs += 1;
+            }
+        }
+    }
+
     /// Every client is done and every correct member executed every request.
     fn finished(&self) -> bool {
         self.clients
@@ -553,7 +962,7 @@ impl Sim {
                 .members
                 .iter()
                 .filter(|m| m.byz.is_none())
-                .all(|m| m.client_executed == self.submitted.len())
+                .all(|m| m.client_executed == self.submitted.len() && m.app.ended.is_some())
     }
 
     fn report_liveness(&mut self) {
@@ -594,6 +1003,14 @@ impl Sim {
             })
             .collect();
         problems.push(format!("members: {}", states.join(", ")));
+        let not_ended: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.correct(i) && self.members[i].app.ended.is_none())
+            .collect();
+        if !not_ended.is_empty() {
+            problems.push(format!(
+                "the epoch did not end at correct members {not_ended:?}"
+            ));
+        }
         let waiting = self.clients.iter().filter(|c| c.current.is_some()).count();
         self.violation(format!(
             "liveness: {LIVENESS_BOUND_MS}ms after the faults healed, {waiting} clients still wait; {}",
@@ -914,14 +1331,23 @@ impl Sim {
     // ---- clients ----
 
     fn client_next(&mut self, c: usize) {
-        let slot = &mut self.clients[c];
+        let slot = &self.clients[c];
         if slot.current.is_some() || slot.remaining == 0 {
             return;
         }
+        if slot.gate == Some(slot.next_seq) && !self.epoch_timer_fired() {
+            let at = self.now + 250;
+            self.schedule(at, Ev::ClientNext { c });
+            return;
+        }
+        let slot = &mut self.clients[c];
         slot.remaining -= 1;
         let seq = slot.next_seq;
         slot.next_seq += 1;
-        let req = client_request(&slot.key, seq);
+        let req = match &slot.script {
+            Some(script) => Request::sign(&slot.key, seq, script[seq as usize - 1].clone()),
+            None => client_request(&slot.key, seq),
+        };
         slot.current = Some(req.clone());
         self.submitted.push(req.key());
         self.submit_to_random(req.clone());
@@ -931,6 +1357,12 @@ impl Sim {
         }
         let at = self.now + self.swarm.client_retry_ms;
         self.schedule(at, Ev::ClientRetry { c, seq });
+    }
+
+    /// The correct committee members' epoch timers fire once the faults healed and every other
+    /// MS operation was decided (so what the next configuration must contain is known).
+    fn epoch_timer_fired(&self) -> bool {
+        self.healed_at.is_some() && self.ms.before_end.iter().all(|k| self.decided.contains(k))
     }
 
     fn submit_to_random(&mut self, req: Request) {
@@ -1323,9 +1755,161 @@ impl Sim {
     }
 }
 
+/// Draws the MS part of a run and adds a client for every node that submits operations: joiners,
+/// leavers, and the committee members themselves (probe reports, then `EndEpoch` once their epoch
+/// timer fires, which the driver holds back until every other operation was decided and the
+/// faults healed).
+fn draw_ms(
+    rng: &mut Rng,
+    genesis: Configuration,
+    admission: &Keypair,
+    keys: &[Keypair],
+    extras: &[Keypair],
+    byz: &BTreeMap<usize, Adversary>,
+    clients: &mut Vec<ClientSlot>,
+) -> MsSetup {
+    fn add(
+        clients: &mut Vec<ClientSlot>,
+        before_end: &mut BTreeSet<RequestKey>,
+        key: Keypair,
+        ops: Vec<MsOp>,
+        gated_end: bool,
+    ) {
+        let n = ops.len() as u64;
+        for seq in 1..=n {
+            if !(gated_end && seq == n) {
+                before_end.insert((key.public(), seq));
+            }
+        }
+        clients.push(ClientSlot {
+            key,
+            next_seq: 1,
+            remaining: n as u32,
+            current: None,
+            script: Some(
+                ops.iter()
+                    .map(|op| postcard::to_stdvec(op).expect("operations encode"))
+                    .collect(),
+            ),
+            gate: gated_end.then_some(n),
+        });
+    }
+    let mut before_end = BTreeSet::new();
+    let mut order: Vec<usize> = (0..extras.len()).collect();
+    rng.shuffle(&mut order);
+    let dead_n = rng.below(3).min(extras.len() - 1);
+    let leave_n = rng.below(3).min(extras.len() - 1 - dead_n);
+    let dead: BTreeSet<NodeId> = order[..dead_n]
+        .iter()
+        .map(|&i| extras[i].node_id())
+        .collect();
+    let mut leavers = BTreeSet::new();
+    for &i in &order[dead_n..dead_n + leave_n] {
+        leavers.insert(extras[i].node_id());
+        add(
+            clients,
+            &mut before_end,
+            extras[i].clone(),
+            vec![MsOp::Leave],
+            false,
+        );
+    }
+    let mut joiners = Vec::new();
+    let (valid_n, invalid_n) = (rng.below(4), rng.below(3));
+    for j in 0..valid_n + invalid_n {
+        let key = Keypair::from_seed(rng.seed32());
+        let valid = j < valid_n;
+        let cert = if valid {
+            AdmissionCert::sign(admission, &key.public())
+        } else if rng.chance(0.5) {
+            // Self-signed.
+            AdmissionCert::sign(&key, &key.public())
+        } else {
+            // The admission key's certificate of another node.
+            let other = Keypair::from_seed(rng.seed32());
+            AdmissionCert::sign(admission, &other.public())
+        };
+        let member = NodeInfo::new(key.public(), format!("10.1.0.{}:7100", j + 1));
+        joiners.push((key.node_id(), valid));
+        add(
+            clients,
+            &mut before_end,
+            key,
+            vec![MsOp::Join { member, cert }],
+            false,
+        );
+    }
+    let live: Vec<NodeId> = genesis
+        .members
+        .iter()
+        .map(|m| m.id)
+        .filter(|id| !dead.contains(id) && !leavers.contains(id))
+        .collect();
+    let probe = |target: NodeId, responsive: bool| MsOp::Probe {
+        epoch: 0,
+        target,
+        responsive,
+    };
+    let byz_members: Vec<usize> = byz.keys().copied().collect();
+    let mut prober = None;
+    let mut accused = None;
+    if !byz_members.is_empty() && rng.chance(0.8) {
+        let b = *rng.pick(&byz_members);
+        let early = rng.chance(0.5);
+        let candidates: Vec<NodeId> = live
+            .iter()
+            .copied()
+            .filter(|id| *id != keys[b].node_id())
+            .collect();
+        let target = *rng.pick(&candidates);
+        let mut ops = Vec::new();
+        if early {
+            ops.push(MsOp::EndEpoch { epoch: 0 });
+        }
+        ops.push(probe(target, false));
+        // It keeps vouching for the dead.
+        ops.extend(dead.iter().map(|&d| probe(d, true)));
+        prober = Some((b, early));
+        accused = Some(target);
+        add(clients, &mut before_end, keys[b].clone(), ops, false);
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if byz.contains_key(&i) {
+            continue;
+        }
+        let mut ops: Vec<MsOp> = dead.iter().map(|&d| probe(d, false)).collect();
+        rng.shuffle(&mut ops);
+        if rng.chance(0.5) {
+            ops.push(probe(*rng.pick(&live), true));
+        }
+        ops.push(MsOp::EndEpoch { epoch: 0 });
+        add(clients, &mut before_end, key.clone(), ops, true);
+    }
+    MsSetup {
+        genesis,
+        joiners,
+        leavers,
+        dead,
+        accused,
+        prober,
+        before_end,
+    }
+}
+
 /// Request `seq` of a simulated client: deterministic, so its digest can be recomputed.
+///
+/// A load client is an outsider: its operations (leaving, ending the epoch, reporting itself)
+/// carry no authority and must all be ignored by the MS.
 fn client_request(key: &Keypair, seq: u64) -> Request {
-    let mut payload = b"op ".to_vec();
-    payload.extend_from_slice(&seq.to_le_bytes());
+    let op = match seq % 3 {
+        0 => MsOp::Leave,
+        1 => MsOp::EndEpoch { epoch: 0 },
+        _ => MsOp::Probe {
+            epoch: 0,
+            target: key.node_id(),
+            responsive: false,
+        },
+    };
+    let payload = postcard::to_stdvec(&op).expect("operations encode");
     Request::sign(key, seq, payload)
 }

@@ -63,3 +63,28 @@ fn accepting_a_new_view_without_its_proof_is_caught() {
 fn caught(m: Mutant, seeds: u64) -> bool {
     (0..seeds).any(|seed| !run_seed(seed, &opts(1, m)).violations.is_empty())
 }
+
+#[test]
+fn membership_changes_are_the_same_at_every_correct_member() {
+    // Twenty seeds: the epoch ends at every correct member with one next configuration, which
+    // holds the certified joiners and not the refused ones, the leavers or the dead, keeps the
+    // member a Byzantine prober accuses, and is certified by the old committee.
+    let (mut joined, mut refused, mut evicted, mut kept, mut rejected) = (0, 0, 0, 0, 0);
+    for seed in 100..120 {
+        let r = run_seed(seed, &opts(1, Mutant::None));
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} ({}): {:?}",
+            r.setup,
+            r.violations
+        );
+        assert!(r.ms.epoch_ended, "seed {seed}: the epoch did not end");
+        joined += r.ms.joined;
+        refused += r.ms.refused;
+        evicted += r.ms.evicted;
+        kept += r.ms.kept;
+        rejected += r.ms.rejected_certs;
+    }
+    // The seeds exercise every rule.
+    assert!(joined > 0 && refused > 0 && evicted > 0 && kept > 0 && rejected > 0);
+}

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
-    about = "Run the deterministic simulator of the MS agreement (PBFT): Byzantine committee members (equivocating, withholding, forging primaries), message loss, partitions and crashes, checked for safety and liveness."
+    about = "Run the deterministic simulator of the MS agreement (PBFT) and the Membership Service on top of it: Byzantine committee members (equivocating, withholding, forging primaries, lying probers), message loss, partitions and crashes, joins, leaves, evictions and one epoch end, checked for safety and liveness."
 )]
 struct Args {
     /// Number of seeds to run (starting at --seed).
@@ -49,6 +49,9 @@ fn main() {
     let (mut decided, mut violations, mut ran) = (0u64, 0u64, 0u64);
     // Coverage: seeds that changed view, states installed, evidence returned.
     let (mut changed_view, mut installs, mut evidence) = (0u64, 0u64, 0u64);
+    // MS coverage: epochs ended, joins, refused joins, leaves, evictions, live members kept,
+    // early Byzantine EndEpochs outvoted, forged certificates refused.
+    let mut ms = [0u64; 8];
     let mut first_failure: Option<u64> = None;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let report = run_seed(seed, &opts);
@@ -66,13 +69,27 @@ fn main() {
         changed_view += u64::from(report.max_view > 0);
         installs += report.state_installs;
         evidence += report.evidence;
+        let m = &report.ms;
+        for (acc, v) in ms.iter_mut().zip([
+            u64::from(m.epoch_ended),
+            m.joined,
+            m.refused,
+            m.left,
+            m.evicted,
+            m.kept,
+            u64::from(m.early_end),
+            m.rejected_certs,
+        ]) {
+            *acc += v;
+        }
         if args.verbose {
             eprintln!(
-                "seed {seed}: decided={} max_view={} state_installs={} evidence={} violations={} digest={} {}",
+                "seed {seed}: decided={} max_view={} state_installs={} evidence={} ms={:?} violations={} digest={} {}",
                 report.decided,
                 report.max_view,
                 report.state_installs,
                 report.evidence,
+                report.ms,
                 report.violations.len(),
                 hex8(&report.digest),
                 report.setup
@@ -114,6 +131,10 @@ fn main() {
     );
     eprintln!(
         "coverage: {changed_view} seeds changed view, {installs} states installed, {evidence} pieces of evidence"
+    );
+    eprintln!(
+        "membership: {} epochs ended, {} joins, {} joins refused, {} leaves, {} dead evicted, {} live kept against a Byzantine prober, {} early Byzantine EndEpochs outvoted, {} forged certificates refused",
+        ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6], ms[7]
     );
     println!("simulate-agreement: seeds={ran} decided={decided} violations={violations}");
     let ok = if args.mutant.is_some() {
