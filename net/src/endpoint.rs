@@ -352,8 +352,28 @@ impl Endpoint {
         peer: &VerifyingKey,
         msg: &[u8],
     ) -> Result<Vec<u8>, NetError> {
-        let mut responses = self.request_stream(addr, peer, msg).await?;
-        responses.next().await?.ok_or(NetError::NoResponse)
+        let result = async {
+            let mut responses = self.request_stream(addr, peer, msg).await?;
+            responses.next().await?.ok_or(NetError::NoResponse)
+        }
+        .await;
+        if matches!(result, Err(NetError::Timeout)) {
+            // A peer that was killed leaves a connection that looks open until its idle timeout;
+            // drop it so the next request dials afresh (a restarted peer is used at once).
+            self.drop_cached(addr, peer).await;
+        }
+        result
+    }
+
+    /// Closes and forgets the cached connection to `peer` at `addr`, if any.
+    async fn drop_cached(&self, addr: SocketAddr, peer: &VerifyingKey) {
+        let slot = self.inner.conns().get(&(peer.to_bytes(), addr)).cloned();
+        if let Some(slot) = slot {
+            if let Some(conn) = slot.lock().await.take() {
+                debug!(%addr, "request timed out: dropping the cached connection");
+                conn.close(VarInt::from_u32(codes::CLOSE_SUSPECT), b"request timed out");
+            }
+        }
     }
 
     /// Like [`Endpoint::request`], but returns all response frames as a stream

@@ -66,6 +66,9 @@ pub mod codes {
     /// Connection: the acceptor does not authorize the dialler's key
     /// (the dialler sees [`crate::NetError::Unauthorized`]).
     pub const CLOSE_UNAUTHORIZED: u32 = 1;
+    /// Connection: a request on it timed out, so the dialler suspects the peer died (for example
+    /// killed without closing) and dials afresh next time.
+    pub const CLOSE_SUSPECT: u32 = 2;
 
     /// Stream: the request was cancelled (timeout, or the requester left).
     pub const STREAM_CANCELLED: u32 = 0x10;

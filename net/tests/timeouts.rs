@@ -46,8 +46,30 @@ async fn request_times_out_when_the_handler_never_answers() {
                 ..TransportOptions::default()
             },
         );
+        let before = impatient
+            .connection(addr, &server_key)
+            .await
+            .expect("connect")
+            .stable_id();
         let result = impatient.request(addr, &server_key, b"hang").await;
         assert!(matches!(result, Err(NetError::Timeout)), "{result:?}");
+        // The timed-out connection is suspected dead and dropped: the next request dials afresh.
+        let after = impatient
+            .connection(addr, &server_key)
+            .await
+            .expect("connect")
+            .stable_id();
+        assert_ne!(
+            before, after,
+            "a request that timed out drops its cached connection"
+        );
+        assert_eq!(
+            impatient
+                .request(addr, &server_key, b"ok")
+                .await
+                .expect("answered"),
+            b"ok"
+        );
 
         // The server notices the requester left and drops the stuck handler.
         // (Handlers that answered drop their signal too; wait for the first.)
