@@ -24,6 +24,18 @@
 //!
 //! The Byzantine members run the real state machine and lie through its outputs (see
 //! [`Adversary`]).
+//!
+//! On top of the agreement, every member runs the MS state machine ([`Membership`]) from one
+//! genesis configuration (the agreement's committee plus members outside it): request payloads
+//! are postcard-encoded [`MsOp`]s, executed in decided order with the submitter as authority and a
+//! seed hashed from the decided batch. The seed draws joiners (with and without a valid admission
+//! certificate), leavers, dead members (reported unresponsive by every correct committee member),
+//! one Byzantine prober (accuses a live member, vouches for the dead, sometimes ends the epoch
+//! early) and, once the faults healed and every other operation was decided, the correct
+//! committee members' `EndEpoch`. The load clients are outsiders whose operations must be
+//! ignored. One epoch transition per run; the agreement keeps the genesis committee. Checks:
+//! see `check_membership` and `check_certificate`; liveness includes the epoch ending at every
+//! correct member.
 
 use crate::rng::Rng;
 use dbqsfs_core::config::{
