@@ -6,54 +6,15 @@
 use dbqsfs_core::object::content_id;
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
-use dbqsfs_daemon::node::Node;
 use dbqsfs_daemon::volume::{BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming};
 use dbqsfs_fs::{Backend, BackendError, Cred, Volume, VolumeConfig};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
+mod common;
 
-fn init(dir: &Path) -> PathBuf {
-    let mut r = [0u8; 2];
-    getrandom::fill(&mut r).expect("randomness");
-    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
-    let out = Command::new(BIN)
-        .args(["cluster", "init", "--nodes", "4", "--dir"])
-        .arg(dir)
-        .args(["--base-port", &base.to_string()])
-        .output()
-        .expect("run dbqsfs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("cluster.toml")
-}
-
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-fn start(rt: &tokio::runtime::Runtime, dir: &Path) -> Running {
-    let node = Node::load(dir).expect("load node");
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = rt.spawn(async move {
-        node.run(async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("node runs");
-    });
-    Running { stop, task }
-}
+use common::{init_cluster, start_node, Running};
 
 fn client(rt: &tokio::runtime::Runtime, info: &ClusterInfo, timeout: Duration) -> DbqsClient {
     let _g = rt.enter();
@@ -94,9 +55,9 @@ fn dbqs_backend_serves_a_volume_and_leases_keep_one_writer() {
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("c");
-    let toml = init(&dir);
+    let toml = init_cluster(&dir);
     let nodes: Vec<Running> = (0..4)
-        .map(|i| start(&rt, &dir.join(format!("node-{i}"))))
+        .map(|i| start_node(rt.handle(), &dir.join(format!("node-{i}"))))
         .collect();
     let info = ClusterInfo::load(&toml).unwrap();
     let c = client(&rt, &info, Duration::from_secs(3));
@@ -241,8 +202,7 @@ fn dbqs_backend_serves_a_volume_and_leases_keep_one_writer() {
 
     // With every node gone, calls fail within the operation timeout (3 s) instead of hanging.
     for n in nodes {
-        let _ = n.stop.send(());
-        rt.block_on(n.task).unwrap();
+        rt.block_on(n.stop_now()).unwrap();
     }
     let t = Instant::now();
     let r = b.get_record(b"r");

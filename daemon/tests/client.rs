@@ -6,55 +6,16 @@ use dbqsfs_core::crypto::Keypair;
 use dbqsfs_core::object::{content_id, pk_block_id};
 use dbqsfs_daemon::client::{ClientError, DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
-use dbqsfs_daemon::node::Node;
 use dbqsfs_net::{Endpoint, TransportOptions};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
+mod common;
 
-fn init(dir: &Path) -> PathBuf {
-    let mut r = [0u8; 2];
-    getrandom::fill(&mut r).expect("randomness");
-    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
-    let out = Command::new(BIN)
-        .args(["cluster", "init", "--nodes", "4", "--dir"])
-        .arg(dir)
-        .args(["--base-port", &base.to_string()])
-        .output()
-        .expect("run dbqsfs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("cluster.toml")
-}
+use common::{init_cluster, start_node};
 
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-fn start(dir: &Path) -> Running {
-    let node = Node::load(dir).expect("load node");
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        node.run(async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("node runs");
-    });
-    Running { stop, task }
-}
-
-async fn stop(r: Running) {
-    let _ = r.stop.send(());
-    r.task.await.expect("node task");
+fn start(dir: &Path) -> common::Running {
+    start_node(&tokio::runtime::Handle::current(), dir)
 }
 
 fn options() -> DbqsClientOptions {
@@ -68,8 +29,8 @@ fn options() -> DbqsClientOptions {
 async fn client_reads_latest_pk_versions_and_absences_and_refuses_strangers() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("c");
-    let toml = init(&dir);
-    let mut nodes: Vec<Running> = (0..4)
+    let toml = init_cluster(&dir);
+    let mut nodes: Vec<common::Running> = (0..4)
         .map(|i| start(&dir.join(format!("node-{i}"))))
         .collect();
     let info = ClusterInfo::load(&toml).unwrap();
@@ -148,9 +109,9 @@ async fn client_reads_latest_pk_versions_and_absences_and_refuses_strangers() {
 
     // Restart every node from its directory: acknowledged data is still there.
     for n in nodes.drain(..) {
-        stop(n).await;
+        n.stop().await;
     }
-    let nodes: Vec<Running> = (0..4)
+    let nodes: Vec<common::Running> = (0..4)
         .map(|i| start(&dir.join(format!("node-{i}"))))
         .collect();
     let client =
@@ -163,6 +124,6 @@ async fn client_reads_latest_pk_versions_and_absences_and_refuses_strangers() {
         .expect("block present after restart");
     assert_eq!(got.value, b"two");
     for n in nodes {
-        stop(n).await;
+        n.stop().await;
     }
 }

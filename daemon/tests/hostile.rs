@@ -5,68 +5,75 @@
 use dbqsfs_core::crypto::Keypair;
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
-use dbqsfs_daemon::node::Node;
 use dbqsfs_net::{local_bind_for, Endpoint, NetError, TransportOptions};
 use ed25519_dalek::VerifyingKey;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
+mod common;
 
-fn init(dir: &Path) {
-    let mut r = [0u8; 2];
-    getrandom::fill(&mut r).expect("randomness");
-    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
-    let out = Command::new(BIN)
-        .args(["cluster", "init", "--nodes", "4", "--dir"])
-        .arg(dir)
-        .args(["--base-port", &base.to_string()])
-        .output()
-        .expect("run dbqsfs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
+use common::{init_cluster, start_node};
 
 fn options() -> TransportOptions {
-    TransportOptions { connect_timeout: Duration::from_secs(3), request_timeout: Duration::from_secs(5), ..TransportOptions::default() }
+    TransportOptions {
+        connect_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(5),
+        ..TransportOptions::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_get_nothing_and_nodes_keep_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("c");
-    init(&dir);
-    let mut stops = Vec::new();
-    let mut tasks = Vec::new();
-    for i in 0..4 {
-        let node = Node::load(&dir.join(format!("node-{i}"))).expect("load node");
-        let (tx, rx) = oneshot::channel::<()>();
-        stops.push(tx);
-        tasks.push(tokio::spawn(async move {
-            node.run(async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("node runs");
-        }));
-    }
+    init_cluster(&dir);
+    let nodes: Vec<common::Running> = (0..4)
+        .map(|i| {
+            start_node(
+                &tokio::runtime::Handle::current(),
+                &dir.join(format!("node-{i}")),
+            )
+        })
+        .collect();
     let info = ClusterInfo::load(&dir.join("cluster.toml")).unwrap();
     let member = info.genesis.config.members[0].clone();
     let addr: SocketAddr = member.addr.parse().unwrap();
     let node_key = VerifyingKey::from_bytes(&member.key.0).unwrap();
-    let client = DbqsClient::connect(info.genesis.clone(), info.client_key.clone(), DbqsClientOptions::default()).unwrap();
-    let id = client.put_content(b"before".to_vec()).await.expect("a correct client writes");
+    let client = DbqsClient::connect(
+        info.genesis.clone(),
+        info.client_key.clone(),
+        DbqsClientOptions::default(),
+    )
+    .unwrap();
+    let id = client
+        .put_content(b"before".to_vec())
+        .await
+        .expect("a correct client writes");
 
     // A dialler that pins another key than the node's is refused by its own TLS check.
     let wrong = Keypair::from_seed([42; 32]);
-    let ep = Endpoint::client(local_bind_for(addr), info.client_key.dalek().clone(), options()).unwrap();
-    let err = ep.request(addr, &VerifyingKey::from_bytes(&wrong.public().0).unwrap(), b"x").await.unwrap_err();
-    assert!(matches!(err, NetError::WrongPeerKey | NetError::Handshake(_)), "got {err:?}");
+    let ep = Endpoint::client(
+        local_bind_for(addr),
+        info.client_key.dalek().clone(),
+        options(),
+    )
+    .unwrap();
+    let err = ep
+        .request(
+            addr,
+            &VerifyingKey::from_bytes(&wrong.public().0).unwrap(),
+            b"x",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, NetError::WrongPeerKey | NetError::Handshake(_)),
+        "got {err:?}"
+    );
 
     // A client key the cluster does not know is refused after the handshake.
-    let stranger = Endpoint::client(local_bind_for(addr), wrong.dalek().clone(), options()).unwrap();
+    let stranger =
+        Endpoint::client(local_bind_for(addr), wrong.dalek().clone(), options()).unwrap();
     let err = stranger.request(addr, &node_key, b"x").await.unwrap_err();
     assert!(matches!(err, NetError::Unauthorized), "got {err:?}");
 
@@ -76,8 +83,13 @@ async fn hostile_peers_get_nothing_and_nodes_keep_serving() {
     let _ = send.write_all(&(1u32 << 30).to_le_bytes()).await;
     let _ = send.write_all(&[0u8; 4096]).await;
     let _ = send.finish();
-    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await.expect("the node answers at once");
-    assert!(answer.is_err() || answer.as_ref().is_ok_and(|b| b.is_empty()), "an oversized frame got an answer");
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .expect("the node answers at once");
+    assert!(
+        answer.is_err() || answer.as_ref().is_ok_and(|b| b.is_empty()),
+        "an oversized frame got an answer"
+    );
 
     // Garbage datagrams at the node's UDP port.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -89,14 +101,20 @@ async fn hostile_peers_get_nothing_and_nodes_keep_serving() {
     }
 
     // The nodes still serve the correct client.
-    assert_eq!(client.get_content(id).await.expect("read"), Some(b"before".to_vec()));
-    let id2 = client.put_content(b"after".to_vec()).await.expect("write after the attacks");
-    assert_eq!(client.get_content(id2).await.expect("read"), Some(b"after".to_vec()));
+    assert_eq!(
+        client.get_content(id).await.expect("read"),
+        Some(b"before".to_vec())
+    );
+    let id2 = client
+        .put_content(b"after".to_vec())
+        .await
+        .expect("write after the attacks");
+    assert_eq!(
+        client.get_content(id2).await.expect("read"),
+        Some(b"after".to_vec())
+    );
 
-    for tx in stops {
-        let _ = tx.send(());
-    }
-    for t in tasks {
-        t.await.expect("node task");
+    for n in nodes {
+        n.stop().await;
     }
 }
