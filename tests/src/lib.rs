@@ -8,8 +8,10 @@
 //!   Byzantine committee members, safety checks after every step and liveness after healing.
 //! - [`rng`]: the one seeded PRNG every random choice of a run comes from.
 //! - [`checker`]: the history checkers, usable on any recorded history.
+//! - [`runner`]: the seed loop both simulators' command-line runners share.
 
 pub mod agreement_sim;
 pub mod checker;
 pub mod rng;
+pub mod runner;
 pub mod sim;
