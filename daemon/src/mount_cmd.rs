@@ -735,7 +735,10 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         owner.clone(),
         &target.volume,
         handle.clone(),
-        BackendOptions { call_timeout },
+        BackendOptions {
+            call_timeout,
+            ..BackendOptions::default()
+        },
     );
     let exists = probe
         .get_record(dbqsfs_fs::layout::SUPER_LABEL)
@@ -761,7 +764,10 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         owner.clone(),
         &target.volume,
         handle.clone(),
-        BackendOptions { call_timeout },
+        BackendOptions {
+            call_timeout,
+            ..BackendOptions::default()
+        },
     );
     let mut lease_task = None;
     if !opts.read_only {

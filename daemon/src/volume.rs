@@ -49,12 +49,17 @@ pub fn valid_volume_name(name: &str) -> bool {
 pub struct BackendOptions {
     /// The outer bound on one backend call. Set it a little above the client's operation timeout.
     pub call_timeout: Duration,
+    /// After a call timed out (no quorum answered), calls fail at once for this long instead of
+    /// each waiting out its own timeout, so a burst of system calls during an outage ends within
+    /// about one timeout rather than one timeout each; the first call after the window tries again.
+    pub fail_fast: Duration,
 }
 
 impl Default for BackendOptions {
     fn default() -> Self {
         BackendOptions {
             call_timeout: Duration::from_secs(20),
+            fail_fast: Duration::from_secs(3),
         }
     }
 }
@@ -120,6 +125,8 @@ pub struct DbqsBackend {
     /// For a read-write mount: writes are refused at and after this time (Unix ms), which the
     /// lease keeper moves forward on each renewal. `None`: no lease check (tests, read-only).
     writable_until: Option<Arc<AtomicU64>>,
+    /// Calls fail at once until this time (Unix ms) after a call timed out.
+    fail_fast_until: AtomicU64,
 }
 
 impl DbqsBackend {
@@ -139,6 +146,7 @@ impl DbqsBackend {
             handle,
             opts,
             writable_until: None,
+            fail_fast_until: AtomicU64::new(0),
         }
     }
 
@@ -163,14 +171,26 @@ impl DbqsBackend {
         &self,
         fut: impl std::future::Future<Output = Result<T, ClientError>>,
     ) -> Result<T, BackendError> {
+        if unix_ms() < self.fail_fast_until.load(Ordering::Relaxed) {
+            return Err(BackendError::TimedOut);
+        }
         let timeout = self.opts.call_timeout;
-        match self
+        let result = match self
             .handle
             .block_on(async move { tokio::time::timeout(timeout, fut).await })
         {
             Ok(r) => r.map_err(|e| map_error(&e)),
             Err(_) => Err(BackendError::TimedOut),
+        };
+        match &result {
+            Err(BackendError::TimedOut) => {
+                let until = unix_ms() + self.opts.fail_fast.as_millis() as u64;
+                self.fail_fast_until.store(until, Ordering::Relaxed);
+            }
+            Ok(_) => self.fail_fast_until.store(0, Ordering::Relaxed),
+            Err(_) => {}
         }
+        result
     }
 
     fn check_writable(&self) -> Result<(), BackendError> {

@@ -42,6 +42,7 @@ fn backend(
         rt.handle().clone(),
         BackendOptions {
             call_timeout: Duration::from_secs(5),
+            ..BackendOptions::default()
         },
     )
 }
