@@ -393,8 +393,9 @@ impl Sim {
         let opts = ClientOptions {
             retransmit_ms: RETRANSMIT_MS,
             op_timeout_ms: None,
-                        first_request_id: self.rng.next_u64(),
-            freshness_lease_ms: None,mutant: self.opts.mutant,
+            first_request_id: self.rng.next_u64(),
+            freshness_lease_ms: None,
+            mutant: self.opts.mutant,
         };
         Client::new(key.node_id(), chain, opts)
     }
@@ -1320,7 +1321,7 @@ impl Sim {
                         self.violation(msg);
                     }
                 }
-                                // The simulated clients run without a freshness lease (core/tests cover leases).
+                // The simulated clients run without a freshness lease (core/tests cover leases).
                 ClientOutput::EpochChanged { .. } | ClientOutput::NeedFreshness { .. } => {}
             }
         }
