@@ -294,3 +294,45 @@ fn garbage_and_replies_are_dropped_without_an_answer() {
         Handled::Dropped(Dropped::NotARequest)
     ));
 }
+
+#[test]
+fn a_transferred_arc_is_readable_before_the_whole_epoch_is() {
+    let fx = fixture();
+    let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();
+    let mut r = Replica::new(
+        fx.keys[4].node_id(),
+        Arc::new(MemStore::new()),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    );
+    r.install(vec![fx.configs[1].clone()]).unwrap();
+    let owner = Keypair::from_seed([5; 32]);
+    let mine: Vec<PkBlock> = (0..400u32)
+        .map(|i| PkBlock::sign(&owner, &i.to_le_bytes(), 1, vec![1]).unwrap())
+        .filter(|b| {
+            fx.configs[1]
+                .config
+                .is_responsible(&fx.keys[4].node_id(), &b.id())
+        })
+        .take(2)
+        .collect();
+    let (a, b) = (&mine[0], &mine[1]);
+    // An arc that holds `a` but not `b`.
+    let mut start = a.id().0;
+    start[31] = start[31].wrapping_sub(1);
+    let arc = dbqsfs_core::dbqs::transfer::Arc {
+        start,
+        end: a.id().0,
+    };
+    assert!(arc.contains(&a.id()) && !arc.contains(&b.id()));
+    r.arc_ready(1, arc);
+    assert!(matches!(
+        ask(&r, 1, DbqsMessage::GetPk { rid: 1, id: a.id() }).msg,
+        DbqsMessage::Pk { .. }
+    ));
+    assert_eq!(
+        ask(&r, 1, DbqsMessage::GetPk { rid: 2, id: b.id() }).msg,
+        DbqsMessage::NotReady { rid: 2 }
+    );
+}

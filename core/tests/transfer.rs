@@ -152,7 +152,9 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
                 TransferOutput::StorePk { block } => {
                     mine.put_pk_if_newer(&block).unwrap();
                 }
-                TransferOutput::Complete { epoch } => assert_eq!(epoch, 1),
+                TransferOutput::UnitDone { epoch, .. } | TransferOutput::Complete { epoch } => {
+                    assert_eq!(epoch, 1)
+                }
             }
         }
         if t.is_complete() {

@@ -21,7 +21,7 @@ use crate::crypto::{NodeId, ObjectId};
 use crate::object::{check_content, ObjectError};
 use crate::store::{Store, StoreError};
 use crate::wire::{decode, encode_msg, WireError};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Options of a replica.
 #[derive(Clone, Debug, Default)]
@@ -56,6 +56,8 @@ pub struct Replica<S> {
     chain: ConfigChain,
     /// Epochs whose state transfer is complete (the replica holds everything it is responsible for).
     ready: BTreeSet<Epoch>,
+    /// Arcs whose transfer into an epoch is complete, while the rest of that epoch's is not.
+    ready_arcs: BTreeMap<Epoch, Vec<Arc>>,
     opts: ReplicaOptions,
 }
 
@@ -74,6 +76,7 @@ impl<S: Store> Replica<S> {
             store,
             chain,
             ready: BTreeSet::new(),
+            ready_arcs: BTreeMap::new(),
             opts,
         };
         if ready {
@@ -112,6 +115,14 @@ impl<S: Store> Replica<S> {
     /// Marks the state transfer into `epoch` complete.
     pub fn transfer_complete(&mut self, epoch: Epoch) {
         self.ready.insert(epoch);
+        self.ready_arcs.remove(&epoch);
+    }
+
+    /// Marks the transfer of `arc` into `epoch` complete: reads in it may be answered.
+    pub fn arc_ready(&mut self, epoch: Epoch, arc: Arc) {
+        if !self.ready.contains(&epoch) {
+            self.ready_arcs.entry(epoch).or_default().push(arc);
+        }
     }
 
     /// Whether the replica can answer a read of `x` in its current epoch: its transfer into this
@@ -202,9 +213,15 @@ impl<S: Store> Replica<S> {
     }
 
     /// Whether the replica held everything of `x` that epoch `e` needs: its transfer into `e` is
-    /// complete, or it was ready in `e-1` and already responsible for `x` then.
+    /// complete (as a whole, or for an arc holding `x`), or it was ready in `e-1` and already
+    /// responsible for `x` then.
     pub fn ready_in(&self, e: Epoch, x: &ObjectId) -> bool {
-        if self.ready.contains(&e) {
+        if self.ready.contains(&e)
+            || self
+                .ready_arcs
+                .get(&e)
+                .is_some_and(|arcs| arcs.iter().any(|a| a.contains(x)))
+        {
             return true;
         }
         e > 0

@@ -204,6 +204,12 @@ pub enum TransferOutput {
     StorePk {
         block: PkBlock,
     },
+    /// Every object of `arc` is stored (once everything above is persisted): the replica may answer
+    /// reads in `arc` ([`crate::dbqs::replica::Replica::arc_ready`]) before the whole epoch is done.
+    UnitDone {
+        epoch: Epoch,
+        arc: Arc,
+    },
     /// Every unit is done: once everything above is persisted, the epoch's transfer is complete.
     Complete {
         epoch: Epoch,
@@ -242,6 +248,8 @@ struct UnitState {
     unit: Unit,
     listings: BTreeMap<NodeId, Listing>,
     phase: Phase,
+    /// [`TransferOutput::UnitDone`] was given for it.
+    announced: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -285,6 +293,7 @@ impl Transfer {
                 unit,
                 listings: BTreeMap::new(),
                 phase: Phase::Listing,
+                announced: false,
             })
             .collect();
         let quorum = prev.quorum().quorum();
@@ -661,6 +670,15 @@ impl Transfer {
     }
 
     fn check_complete(&mut self) {
+        for u in &mut self.units {
+            if matches!(u.phase, Phase::Done) && !u.announced {
+                u.announced = true;
+                self.out.push_back(TransferOutput::UnitDone {
+                    epoch: self.epoch,
+                    arc: u.unit.arc,
+                });
+            }
+        }
         if !self.complete && self.units.iter().all(|u| matches!(u.phase, Phase::Done)) {
             self.complete = true;
             self.by_rid.clear();

@@ -799,6 +799,9 @@ impl Sim {
                 TransferOutput::StorePk { block } => {
                     let _ = self.nodes[n].store.put_pk_if_newer(&block);
                 }
+                TransferOutput::UnitDone { epoch, arc } => {
+                    self.nodes[n].replica.arc_ready(epoch, arc)
+                }
                 TransferOutput::Complete { epoch } => {
                     self.nodes[n].replica.transfer_complete(epoch)
                 }
