@@ -305,12 +305,24 @@ impl Freshness {
 
     /// A committee member's signature share: `config` is current at `time_ms`.
     pub fn sign_share(me: &Keypair, config: &Configuration, time_ms: u64) -> Signature {
-        me.sign(Domain::Freshness, &Self::body(config.epoch, &config.hash(), time_ms))
+        me.sign(
+            Domain::Freshness,
+            &Self::body(config.epoch, &config.hash(), time_ms),
+        )
     }
 
     /// The certificate made of `shares` (member, signature) for `config` at `time_ms`.
-    pub fn assemble(config: &Configuration, time_ms: u64, shares: Vec<(NodeId, Signature)>) -> Freshness {
-        Freshness { epoch: config.epoch, config: config.hash(), time_ms, signatures: shares }
+    pub fn assemble(
+        config: &Configuration,
+        time_ms: u64,
+        shares: Vec<(NodeId, Signature)>,
+    ) -> Freshness {
+        Freshness {
+            epoch: config.epoch,
+            config: config.hash(),
+            time_ms,
+            signatures: shares,
+        }
     }
 
     /// Accepts the certificate for `config`: same epoch and hash, and `2f_ms+1` distinct members of
@@ -332,7 +344,10 @@ impl Freshness {
         }
         let needed = config.params.ms_quorum().quorum();
         if signers.len() < needed {
-            return Err(ConfigError::NotEnoughSignatures { valid: signers.len(), needed });
+            return Err(ConfigError::NotEnoughSignatures {
+                valid: signers.len(),
+                needed,
+            });
         }
         Ok(())
     }

@@ -84,9 +84,10 @@ pub enum Domain {
     /// A node's answer to a liveness probe.
     Probe,
     /// The MS agreement protocol: committee members' protocol statements and clients' requests.
-        Agreement,
+    Agreement,
     /// A committee member's statement that an epoch is current at a time.
-    Freshness,}
+    Freshness,
+}
 
 impl Domain {
     fn context(self) -> &'static [u8] {
@@ -95,8 +96,9 @@ impl Domain {
             Domain::Configuration => b"configuration",
             Domain::Admission => b"admission",
             Domain::Probe => b"probe",
-                        Domain::Agreement => b"agreement",
-            Domain::Freshness => b"freshness",}
+            Domain::Agreement => b"agreement",
+            Domain::Freshness => b"freshness",
+        }
     }
 
     fn message(self, body: &[u8]) -> Vec<u8> {

@@ -39,11 +39,12 @@ pub struct ClientOptions {
     pub op_timeout_ms: Option<u64>,
     /// The first request id. Choose it at random for each client incarnation, so that late replies
     /// to a previous incarnation (same key, same epoch) cannot match a new request.
-        pub first_request_id: u64,
+    pub first_request_id: u64,
     /// When set, the client starts an operation only while it holds a freshness certificate of its
     /// newest epoch younger than this many milliseconds (see [`Freshness`]); otherwise the operation
     /// waits and the client asks for one ([`ClientOutput::NeedFreshness`]).
-    pub freshness_lease_ms: Option<u64>,#[cfg(feature = "mutants")]
+    pub freshness_lease_ms: Option<u64>,
+    #[cfg(feature = "mutants")]
     pub mutant: super::Mutant,
 }
 
@@ -52,8 +53,9 @@ impl Default for ClientOptions {
         ClientOptions {
             retransmit_ms: 500,
             op_timeout_ms: None,
-                        first_request_id: 1,
-            freshness_lease_ms: None,#[cfg(feature = "mutants")]
+            first_request_id: 1,
+            freshness_lease_ms: None,
+            #[cfg(feature = "mutants")]
             mutant: super::Mutant::None,
         }
     }
@@ -123,11 +125,12 @@ pub enum ClientOutput {
     Done { op: OpId, outcome: Outcome },
     /// `from` sent something no correct replica sends (for logs and evidence).
     Misbehaviour { from: NodeId, what: &'static str },
-        /// The client moved to a newer epoch.
+    /// The client moved to a newer epoch.
     EpochChanged { epoch: Epoch },
     /// Operations wait for a freshness certificate of `epoch` (or a newer configuration): fetch one
     /// and give it to [`Client::learn_freshness`].
-    NeedFreshness { epoch: Epoch },}
+    NeedFreshness { epoch: Epoch },
+}
 
 /// The phase an operation is in, with what it has collected.
 #[derive(Debug)]
@@ -181,12 +184,13 @@ pub struct Client {
     fetches: BTreeMap<RequestId, NodeId>,
     next_op: OpId,
     next_rid: RequestId,
-        /// The newest epoch reported with [`ClientOutput::EpochChanged`].
+    /// The newest epoch reported with [`ClientOutput::EpochChanged`].
     announced: Epoch,
     /// The newest verified freshness certificate of the client's newest epoch.
     freshness: Option<Freshness>,
     /// Operations waiting for a fresh certificate before they start.
-    waiting: BTreeSet<OpId>,out: VecDeque<ClientOutput>,
+    waiting: BTreeSet<OpId>,
+    out: VecDeque<ClientOutput>,
 }
 
 impl Client {
@@ -203,9 +207,10 @@ impl Client {
             fetches: BTreeMap::new(),
             next_op: 1,
             next_rid: first_rid,
-                        announced: chain_epoch,
+            announced: chain_epoch,
             freshness: None,
-            waiting: BTreeSet::new(),out: VecDeque::new(),
+            waiting: BTreeSet::new(),
+            out: VecDeque::new(),
         }
     }
 
@@ -235,13 +240,14 @@ impl Client {
     }
 
     /// The earliest time at which [`Client::handle_timeout`] has work to do.
-        pub fn next_timeout(&self) -> Option<u64> {
+    pub fn next_timeout(&self) -> Option<u64> {
         self.ops
             .iter()
             .map(|(id, o)| {
                 if self.waiting.contains(id) {
                     return o.deadline.unwrap_or(u64::MAX);
-                }o.deadline
+                }
+                o.deadline
                     .map_or(o.retransmit_at, |d| d.min(o.retransmit_at))
             })
             .min()
@@ -259,7 +265,7 @@ impl Client {
         res.map(|_| ())
     }
 
-        /// Whether the client may use its newest configuration at `now`.
+    /// Whether the client may use its newest configuration at `now`.
     fn fresh(&self, now: u64) -> bool {
         match self.opts.freshness_lease_ms {
             None => true,
@@ -273,9 +279,15 @@ impl Client {
     /// Learns a freshness certificate (verified against the configuration of its epoch, which the
     /// client must know) and starts the operations that waited for one.
     pub fn learn_freshness(&mut self, now: u64, cert: Freshness) -> Result<(), ConfigError> {
-        let config = self.chain.get(cert.epoch).ok_or(ConfigError::Unknown(cert.epoch))?;
+        let config = self
+            .chain
+            .get(cert.epoch)
+            .ok_or(ConfigError::Unknown(cert.epoch))?;
         cert.verify(&config.config)?;
-        let newer = self.freshness.as_ref().is_none_or(|f| (cert.epoch, cert.time_ms) > (f.epoch, f.time_ms));
+        let newer = self
+            .freshness
+            .as_ref()
+            .is_none_or(|f| (cert.epoch, cert.time_ms) > (f.epoch, f.time_ms));
         if cert.epoch == self.epoch() && newer {
             self.freshness = Some(cert);
         }
@@ -336,7 +348,7 @@ impl Client {
     }
 
     /// (Re)starts operation `id` in the client's newest epoch from its first phase.
-        fn start(&mut self, now: u64, id: OpId) {
+    fn start(&mut self, now: u64, id: OpId) {
         let epoch = self.epoch();
         if !self.fresh(now) {
             if self.waiting.is_empty() {
@@ -481,8 +493,9 @@ impl Client {
         let due: Vec<OpId> = self
             .ops
             .iter()
-                        .filter(|(id, o)| {
-                (o.retransmit_at <= now && !self.waiting.contains(id)) || o.deadline.is_some_and(|d| d <= now)
+            .filter(|(id, o)| {
+                (o.retransmit_at <= now && !self.waiting.contains(id))
+                    || o.deadline.is_some_and(|d| d <= now)
             })
             .map(|(id, _)| *id)
             .collect();
