@@ -212,8 +212,6 @@ struct Sim {
     shared_owner: Keypair,
     keys: Vec<PkKey>,
     contents: Vec<Vec<u8>>,
-    /// Every object any client ever tried to write (the universe state transfer walks).
-    objects: BTreeSet<ObjectId>,
     history: Vec<HOp>,
     next_tag: u64,
     violations: Vec<String>,
@@ -343,7 +341,6 @@ impl Sim {
             shared_owner,
             keys: Vec::new(),
             contents: Vec::new(),
-            objects: BTreeSet::new(),
             history: Vec::new(),
             next_tag: 1,
             violations: Vec::new(),
@@ -363,7 +360,6 @@ impl Sim {
             });
             sim.add_client(own, sim.swarm.ops_per_client, false);
         }
-        sim.objects.extend(keys.iter().map(|k| k.id));
         sim.keys = keys;
         sim
     }
@@ -1263,7 +1259,6 @@ impl Sim {
                 self.rng.bytes(len)
             };
             let id = content_id(&data);
-            self.objects.insert(id);
             self.contents.push(data.clone());
             (Operation::PutContent { data }, HKind::PutContent { id })
         } else {
