@@ -389,6 +389,11 @@ impl ConfigChain {
         self.configs.get(&epoch)
     }
 
+    /// Every configuration of the chain, oldest first (what a node persists).
+    pub fn all(&self) -> Vec<CertifiedConfig> {
+        self.configs.values().cloned().collect()
+    }
+
     /// The configurations after `epoch`, oldest first, at most `limit` of them.
     pub fn after(&self, epoch: Epoch, limit: usize) -> Vec<CertifiedConfig> {
         self.configs

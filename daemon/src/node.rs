@@ -221,15 +221,17 @@ async fn handle(
             Handled::Reply(bytes) => Some(bytes),
             Handled::Install(configs) => {
                 let mut r = replica.write().unwrap_or_else(|p| p.into_inner());
-                match r.install(configs) {
+                // Persist the longer chain first and move to it only then: a node that restarted
+                // in an epoch it had already left could accept writes the new epoch assumes over.
+                let mut next = r.chain().clone();
+                match next.extend(configs.clone()) {
                     Ok(added) if !added.is_empty() => {
-                        let chain = r.chain();
-                        let all = chain.after(0, usize::MAX);
-                        let mut saved = Vec::with_capacity(all.len() + 1);
-                        saved.extend(chain.get(0).cloned());
-                        saved.extend(all);
-                        if let Err(e) = store.save_chain(&saved) {
-                            warn!(error = %e, "could not persist the configuration chain");
+                        if let Err(e) = store.save_chain(&next.all()) {
+                            warn!(error = %e, "could not persist the configuration chain; staying in the current epoch");
+                            return None;
+                        }
+                        if let Err(e) = r.install(configs) {
+                            warn!(error = %e, "configurations verified once did not install");
                         }
                         info!(epochs = ?added, "installed configurations");
                     }

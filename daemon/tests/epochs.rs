@@ -1,0 +1,113 @@
+//! A node that is pushed a newer certified configuration moves to it, keeps it across a restart,
+//! and refuses an under-signed one.
+
+mod common;
+
+use common::{init_cluster, start_node};
+use dbqsfs_core::config::{CertifiedConfig, Configuration};
+use dbqsfs_core::crypto::Keypair;
+use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::wire::encode_msg;
+use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
+use dbqsfs_daemon::files::{read_key, ClusterInfo};
+use dbqsfs_net::{local_bind_for, Endpoint, TransportOptions};
+use ed25519_dalek::VerifyingKey;
+use std::net::SocketAddr;
+use tokio::runtime::Handle;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_configuration_is_installed_persisted_and_forgeries_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let toml = init_cluster(&dir);
+    let node_dir = |i: usize| dir.join(format!("node-{i}"));
+    let mut nodes: Vec<common::Running> = (0..4)
+        .map(|i| start_node(&Handle::current(), &node_dir(i)))
+        .collect();
+    let info = ClusterInfo::load(&toml).unwrap();
+    let genesis = info.genesis.config.clone();
+    let keys: Vec<Keypair> = (0..4)
+        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
+        .collect();
+    let committee: Vec<&Keypair> = keys
+        .iter()
+        .filter(|k| genesis.committee.contains(&k.node_id()))
+        .collect();
+    let next = Configuration::new(
+        1,
+        genesis.params.clone(),
+        genesis.members.clone(),
+        Some(genesis.hash()),
+    );
+    let good = CertifiedConfig::certify(next.clone(), &committee[..3]);
+    let weak = CertifiedConfig::certify(next, &committee[..2]);
+
+    let client = DbqsClient::connect(
+        info.genesis.clone(),
+        info.client_key.clone(),
+        DbqsClientOptions::default(),
+    )
+    .unwrap();
+    let ep = Endpoint::client(
+        local_bind_for("127.0.0.1:1".parse().unwrap()),
+        info.client_key.dalek().clone(),
+        TransportOptions::default(),
+    )
+    .unwrap();
+    let push = |i: usize, c: CertifiedConfig| {
+        let ep = ep.clone();
+        let m = genesis
+            .members
+            .iter()
+            .find(|m| m.id == keys[i].node_id())
+            .unwrap()
+            .clone();
+        async move {
+            let addr: SocketAddr = m.addr.parse().unwrap();
+            let key = VerifyingKey::from_bytes(&m.key.0).unwrap();
+            // A push is one-way: the node answers nothing.
+            let _ = ep
+                .request(
+                    addr,
+                    &key,
+                    &encode_msg(1, DbqsMessage::PushConfigs { configs: vec![c] }),
+                )
+                .await;
+            m
+        }
+    };
+
+    let m1 = push(1, weak).await;
+    assert_eq!(
+        client.node_status(&m1).await.unwrap().epoch,
+        0,
+        "an under-signed configuration is refused"
+    );
+
+    let m0 = push(0, good).await;
+    assert_eq!(
+        client.node_status(&m0).await.unwrap().epoch,
+        1,
+        "a certified configuration is installed"
+    );
+
+    // Restarted from its directory, the node is still in epoch 1.
+    nodes.remove(0).stop().await;
+    nodes.insert(0, start_node(&Handle::current(), &node_dir(0)));
+    let mut epoch = None;
+    for _ in 0..50 {
+        if let Ok(s) = client.node_status(&m0).await {
+            epoch = Some(s.epoch);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        epoch,
+        Some(1),
+        "the installed chain was persisted before use"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}
