@@ -70,6 +70,35 @@ fn end_epoch(c: &Cluster, m: &mut Membership) -> Configuration {
 }
 
 #[test]
+fn joins_and_leaves_for_another_epoch_are_ignored_so_replays_do_nothing() {
+    let c = cluster();
+    let mut m = c.membership();
+    let newcomer = Keypair::from_seed([51; 32]);
+    let member = Member::new(newcomer.public(), "127.0.0.1:9");
+    let cert = AdmissionCert::sign(&c.admission, &newcomer.public());
+    assert!(matches!(
+        m.execute(
+            &newcomer.public(),
+            MsOp::Join {
+                epoch: 7,
+                member,
+                cert
+            },
+            &SEED
+        ),
+        Executed::Ignored(_)
+    ));
+    let leaver = &c.keys[2];
+    assert!(matches!(
+        m.execute(&leaver.public(), MsOp::Leave { epoch: 3 }, &SEED),
+        Executed::Ignored(_)
+    ));
+    let next = end_epoch(&c, &mut m);
+    assert!(!next.is_member(&newcomer.node_id()));
+    assert!(next.is_member(&leaver.node_id()));
+}
+
+#[test]
 fn a_node_with_an_admission_certificate_joins_at_the_next_epoch() {
     let c = cluster();
     let mut m = c.membership();
@@ -77,7 +106,15 @@ fn a_node_with_an_admission_certificate_joins_at_the_next_epoch() {
     let member = Member::new(newcomer.public(), "127.0.0.1:9");
     let cert = AdmissionCert::sign(&c.admission, &newcomer.public());
     assert_eq!(
-        m.execute(&newcomer.public(), MsOp::Join { member, cert }, &SEED),
+        m.execute(
+            &newcomer.public(),
+            MsOp::Join {
+                epoch: 0,
+                member,
+                cert
+            },
+            &SEED
+        ),
         Executed::Accepted
     );
     let next = end_epoch(&c, &mut m);
@@ -98,6 +135,7 @@ fn a_join_without_a_valid_certificate_or_for_someone_else_is_ignored() {
         m.execute(
             &newcomer.public(),
             MsOp::Join {
+                epoch: 0,
                 member: member.clone(),
                 cert: self_signed
             },
@@ -109,7 +147,15 @@ fn a_join_without_a_valid_certificate_or_for_someone_else_is_ignored() {
     let other = c.keys[0].public();
     assert!(
         matches!(
-            m.execute(&other, MsOp::Join { member, cert }, &SEED),
+            m.execute(
+                &other,
+                MsOp::Join {
+                    epoch: 0,
+                    member,
+                    cert
+                },
+                &SEED
+            ),
             Executed::Ignored(_)
         ),
         "submitted by another node"
@@ -123,7 +169,7 @@ fn a_leave_removes_exactly_its_submitter() {
     let mut m = c.membership();
     let leaver = &c.keys[2];
     assert_eq!(
-        m.execute(&leaver.public(), MsOp::Leave, &SEED),
+        m.execute(&leaver.public(), MsOp::Leave { epoch: 0 }, &SEED),
         Executed::Accepted
     );
     let next = end_epoch(&c, &mut m);
@@ -237,7 +283,7 @@ fn removals_never_take_the_membership_below_3f_plus_1() {
     let c = cluster();
     let mut m = c.membership();
     for k in &c.keys[..4] {
-        m.execute(&k.public(), MsOp::Leave, &SEED);
+        m.execute(&k.public(), MsOp::Leave { epoch: 0 }, &SEED);
     }
     let next = end_epoch(&c, &mut m);
     assert_eq!(next.members.len(), 4);

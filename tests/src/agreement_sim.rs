@@ -1822,7 +1822,7 @@ fn draw_ms(
             clients,
             &mut before_end,
             extras[i].clone(),
-            vec![MsOp::Leave],
+            vec![MsOp::Leave { epoch: 0 }],
             false,
         );
     }
@@ -1847,7 +1847,11 @@ fn draw_ms(
             clients,
             &mut before_end,
             key,
-            vec![MsOp::Join { member, cert }],
+            vec![MsOp::Join {
+                epoch: 0,
+                member,
+                cert,
+            }],
             false,
         );
     }
@@ -1914,7 +1918,7 @@ fn draw_ms(
 /// carry no authority and must all be ignored by the MS.
 fn client_request(key: &Keypair, seq: u64) -> Request {
     let op = match seq % 3 {
-        0 => MsOp::Leave,
+        0 => MsOp::Leave { epoch: 0 },
         1 => MsOp::EndEpoch { epoch: 0 },
         _ => MsOp::Probe {
             epoch: 0,

@@ -53,12 +53,17 @@ impl AdmissionCert {
 /// An operation of the MS: the payload of an agreement request, authenticated by its submitter.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MsOp {
+    /// Submitted by the joining node, for the epoch it believes current (a join of another epoch
+    /// is ignored, so an old request replayed later has no effect: the node resubmits).
     Join {
+        epoch: Epoch,
         member: Member,
         cert: AdmissionCert,
     },
-    /// Submitted by the node that leaves.
-    Leave,
+    /// Submitted by the node that leaves, for the epoch it believes current (replay-safe likewise).
+    Leave {
+        epoch: Epoch,
+    },
     /// A committee member's current verdict about `target` in `epoch`.
     Probe {
         epoch: Epoch,
@@ -156,7 +161,14 @@ impl Membership {
         let from = submitter.node_id();
         let epoch = self.config.epoch;
         match op {
-            MsOp::Join { member, cert } => {
+            MsOp::Join {
+                epoch: e,
+                member,
+                cert,
+            } => {
+                if e != epoch {
+                    return Executed::Ignored("join for another epoch");
+                }
                 if !cert.verify(&self.admission_key) || cert.node != member.key {
                     return Executed::Ignored("admission certificate does not admit this key");
                 }
@@ -172,7 +184,10 @@ impl Membership {
                 self.joins.insert(member.id, member);
                 Executed::Accepted
             }
-            MsOp::Leave => {
+            MsOp::Leave { epoch: e } => {
+                if e != epoch {
+                    return Executed::Ignored("leave for another epoch");
+                }
                 if self.joins.remove(&from).is_some() {
                     return Executed::Accepted;
                 }
