@@ -56,6 +56,26 @@ impl Arc {
             std::cmp::Ordering::Equal => true,
         }
     }
+
+    /// Whether `other` lies wholly within this arc.
+    pub fn covers(&self, other: &Arc) -> bool {
+        if self.start == self.end {
+            return true;
+        }
+        if other.start == other.end {
+            return false;
+        }
+        let end = ObjectId(other.end);
+        if !self.contains(&end) {
+            return false;
+        }
+        // `other` starts where this arc starts, or inside it and before its own end.
+        let start = ObjectId(other.start);
+        other.start == self.start
+            || (self.contains(&start)
+                && other.start != self.end
+                && self.order_key(&start) < self.order_key(&end))
+    }
 }
 
 /// One unit of transfer: an arc the node is responsible for and the old group that holds it.
@@ -372,9 +392,30 @@ impl Transfer {
         (!self.complete).then_some(self.retransmit_at)
     }
 
+    /// Marks done, before [`Transfer::start`], every unit whose arc lies within `done`: a driver
+    /// resuming after a crash passes the arcs it persisted as done (after [`TransferOutput::UnitDone`])
+    /// and they are not listed or fetched again. They are announced done like the others. Returns
+    /// how many units it marked.
+    pub fn skip(&mut self, done: &Arc) -> usize {
+        let mut n = 0;
+        for u in &mut self.units {
+            if matches!(u.phase, Phase::Listing)
+                && u.listings.is_empty()
+                && done.covers(&u.unit.arc)
+            {
+                u.phase = Phase::Done;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Sends the first requests.
     pub fn start(&mut self, now: u64) {
         for u in 0..self.units.len() {
+            if matches!(self.units[u].phase, Phase::Done) {
+                continue; // skipped
+            }
             for n in self.units[u].unit.sources.clone() {
                 self.units[u].listings.insert(n, Listing::default());
                 self.request(u, n, Req::List);
