@@ -1,4 +1,5 @@
-//! The daemon's own small protocol, beside dBQS: node status for `dbqsfs status`.
+//! The daemon's own small protocol, beside dBQS: node status for `dbqsfs status`, with the node's
+//! state transfers in progress.
 //!
 //! Goals: one closed enum, carried in the core's versioned [`dbqsfs_core::wire::Envelope`] under its
 //! own protocol tag, so a node tells it apart from dBQS messages by the envelope header and decodes
@@ -6,6 +7,7 @@
 //! are informational and untrusted.
 
 use dbqsfs_core::config::Epoch;
+use dbqsfs_core::dbqs::transfer::Arc;
 use dbqsfs_core::wire::{Protocol, WIRE_VERSION};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +26,74 @@ pub enum ControlMessage {
         /// Whether the node's state transfer into `epoch` is complete.
         ready: bool,
     },
+}
+
+/// One state transfer of a node: into `epoch`, by units of the ring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    pub epoch: Epoch,
+    /// Complete: everything is stored and the node is ready in `epoch`.
+    pub complete: bool,
+    /// Milliseconds since this transfer started (or resumed) in this process; at completion, how
+    /// long it took.
+    pub elapsed_ms: u64,
+    pub units: Vec<UnitStatus>,
+}
+
+/// Progress of one unit (an arc of the ring with one set of sources).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitStatus {
+    pub arc: Arc,
+    pub phase: UnitPhase,
+    /// Objects of the unit held (found held, or fetched and stored durably), of those known so far
+    /// (`objects_total` is 0 while the unit is being listed).
+    pub objects_done: u64,
+    pub objects_total: u64,
+    /// Bytes of the objects held.
+    pub bytes_done: u64,
+    /// Objects and bytes fetched from sources and stored in this run (not found held).
+    pub fetched_objects: u64,
+    pub fetched_bytes: u64,
+    /// Bytes per second fetched and stored, over the unit's fetching so far.
+    pub rate: u64,
+}
+
+/// Where a unit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnitPhase {
+    /// Waiting for 2f+1 complete listings from the old group.
+    Listing,
+    /// Fetching and storing the listed objects not held.
+    Fetching,
+    /// Every object is stored; reads of the arc may be answered.
+    Done,
+    /// Done before this process started (persisted progress of an interrupted transfer).
+    Resumed,
+}
+
+impl TransferStatus {
+    /// (objects done, objects known, bytes done, bytes fetched) over all units.
+    pub fn totals(&self) -> (u64, u64, u64, u64) {
+        self.units.iter().fold((0, 0, 0, 0), |(a, b, c, d), u| {
+            // Saturating: a status is untrusted input to whoever prints it.
+            (
+                a.saturating_add(u.objects_done),
+                b.saturating_add(u.objects_total),
+                c.saturating_add(u.bytes_done),
+                d.saturating_add(u.fetched_bytes),
+            )
+        })
+    }
+
+    /// Units done (in this run or before it) and units in all.
+    pub fn units_done(&self) -> (usize, usize) {
+        let done = self
+            .units
+            .iter()
+            .filter(|u| matches!(u.phase, UnitPhase::Done | UnitPhase::Resumed))
+            .count();
+        (done, self.units.len())
+    }
 }
 
 impl Protocol for ControlMessage {

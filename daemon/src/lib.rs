@@ -14,4 +14,5 @@ pub mod fault;
 pub mod files;
 pub mod node;
 pub mod store;
+pub mod transfer;
 pub mod volume;

@@ -6,8 +6,9 @@
 //!   so a block is either wholly present or absent after a crash. Every read re-hashes the bytes: a
 //!   copy that does not hash to its name is logged and reported as missing, never served.
 //! - Public-key blocks and node metadata (the installed configuration chain, the epochs whose state
-//!   transfer is complete) live in one redb database, `DIR/meta.redb`, with immediate durability.
-//!   "Keep the highest version" runs inside one write transaction, so it is atomic.
+//!   transfer is complete, the arcs done of transfers not yet complete) live in one redb database,
+//!   `DIR/meta.redb`, with immediate durability. "Keep the highest version" runs inside one write
+//!   transaction, so it is atomic.
 //! - Leftovers of a crash (temporary files) are removed when the store is opened.
 //!
 //! Non-goals: garbage collection, repair of corrupt blocks (the protocol re-fetches them from the
@@ -15,9 +16,11 @@
 
 use dbqsfs_core::config::CertifiedConfig;
 use dbqsfs_core::crypto::ObjectId;
+use dbqsfs_core::dbqs::transfer::Arc as RingArc;
 use dbqsfs_core::object::{check_content, PkBlock, Stamp};
 use dbqsfs_core::store::{Store, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +33,10 @@ const PK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pk_blocks");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_CHAIN: &str = "config_chain";
 const META_READY: &str = "ready_epochs";
+/// State transfer progress: epoch → postcard-encoded arcs whose transfer into it is done (while the
+/// epoch's transfer is not complete).
+const TRANSFER_DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("transfer_done");
+
 
 /// Why a store could not be opened or its metadata read.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +118,7 @@ impl DiskStore {
             let w = db.begin_write().map_err(redb::Error::from)?;
             w.open_table(PK).map_err(redb::Error::from)?;
             w.open_table(META).map_err(redb::Error::from)?;
+            w.open_table(TRANSFER_DONE).map_err(redb::Error::from)?;
             w.commit().map_err(redb::Error::from)?;
         }
         let store = DiskStore {
@@ -183,6 +191,75 @@ impl DiskStore {
     /// Saves the epochs whose state transfer is complete; durable on return.
     pub fn save_ready(&self, epochs: &[u64]) -> Result<(), StoreError> {
         self.put_meta(META_READY, &epochs)
+    }
+
+    /// The arcs whose state transfer is done, per epoch, as persisted by
+    /// [`DiskStore::add_transfer_done`].
+    pub fn load_transfer_done(&self) -> Result<BTreeMap<u64, Vec<RingArc>>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(TRANSFER_DONE).map_err(db_err)?;
+        let mut done = BTreeMap::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let arcs: Vec<RingArc> = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Io(format!("transfer progress is unreadable: {e}")))?;
+            done.insert(k.value(), arcs);
+        }
+        Ok(done)
+    }
+
+    /// Records that the transfer of `arc` into `epoch` is done; durable on return.
+    pub fn add_transfer_done(&self, epoch: u64, arc: RingArc) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(TRANSFER_DONE).map_err(db_err)?;
+            let mut arcs: Vec<RingArc> = match t.get(epoch).map_err(db_err)? {
+                Some(v) => postcard::from_bytes(v.value()).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            if arcs.contains(&arc) {
+                return Ok(());
+            }
+            arcs.push(arc);
+            let bytes = postcard::to_stdvec(&arcs).map_err(|e| StoreError::Io(e.to_string()))?;
+            t.insert(epoch, bytes.as_slice()).map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
+    }
+
+    /// Forgets the per-arc progress of `epoch` (once its whole transfer is recorded complete).
+    pub fn clear_transfer_done(&self, epoch: u64) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(TRANSFER_DONE).map_err(db_err)?;
+            t.remove(epoch).map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
+    }
+
+    /// [`Store::put_pk_if_newer`] for many blocks in one durable transaction (state transfer).
+    pub fn put_pk_many(&self, blocks: &[PkBlock]) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(PK).map_err(db_err)?;
+            for block in blocks {
+                let id = block.id();
+                let held = t
+                    .get(id.0.as_slice())
+                    .map_err(db_err)?
+                    .and_then(|v| postcard::from_bytes::<PkBlock>(v.value()).ok())
+                    .filter(|b| b.verify_as(&id).is_ok())
+                    .map(|b| b.stamp());
+                if held.is_some_and(|h| h >= block.stamp()) {
+                    continue;
+                }
+                let bytes =
+                    postcard::to_stdvec(block).map_err(|e| StoreError::Io(e.to_string()))?;
+                t.insert(id.0.as_slice(), bytes.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -406,5 +483,45 @@ mod tests {
         drop(s);
         let s = open(dir.path());
         assert_eq!(s.load_ready().unwrap(), Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn transfer_progress_round_trips_and_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let arc = |a: u8, b: u8| RingArc {
+            start: [a; 32],
+            end: [b; 32],
+        };
+        {
+            let s = open(dir.path());
+            assert!(s.load_transfer_done().unwrap().is_empty());
+            s.add_transfer_done(3, arc(1, 2)).unwrap();
+            s.add_transfer_done(3, arc(1, 2)).unwrap();
+            s.add_transfer_done(3, arc(5, 9)).unwrap();
+            s.add_transfer_done(4, arc(7, 7)).unwrap();
+        }
+        let s = open(dir.path());
+        let done = s.load_transfer_done().unwrap();
+        assert_eq!(done[&3], vec![arc(1, 2), arc(5, 9)]);
+        assert_eq!(done[&4], vec![arc(7, 7)]);
+        s.clear_transfer_done(3).unwrap();
+        assert_eq!(
+            s.load_transfer_done().unwrap().keys().collect::<Vec<_>>(),
+            [&4]
+        );
+    }
+
+    #[test]
+    fn pk_batches_keep_the_highest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let owner = Keypair::from_seed([8; 32]);
+        let v1 = PkBlock::sign(&owner, b"a", 1, b"one".to_vec()).unwrap();
+        let v2 = PkBlock::sign(&owner, b"a", 2, b"two".to_vec()).unwrap();
+        let w = PkBlock::sign(&owner, b"b", 1, b"w".to_vec()).unwrap();
+        s.put_pk_many(&[v2.clone(), w.clone()]).unwrap();
+        s.put_pk_many(std::slice::from_ref(&v1)).unwrap();
+        assert_eq!(s.get_pk(&v1.id()).unwrap(), Some(v2));
+        assert_eq!(s.get_pk(&w.id()).unwrap(), Some(w));
     }
 }

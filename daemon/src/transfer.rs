@@ -1,0 +1,1217 @@
+//! The node's state-transfer worker (DESIGN §4 "State transfer"): one tokio task that drives the
+//! core's sans-IO [`Transfer`] machines into every epoch the node installed and is not ready in.
+//!
+//! Goals:
+//! - [`TransferWorker::epochs_installed`] is the one hook: whoever installs configurations calls it
+//!   after persisting them. The worker starts a transfer into each new epoch `e` (from the group of
+//!   `e-1`, `was_ready` = the replica was ready in `e-1`). When the node starts it resumes every
+//!   epoch it is not ready in, skipping the units persisted as done ([`Transfer::skip`]).
+//! - Requests go out over the node's QUIC endpoint (requests to itself are served locally):
+//!   at most `max_requests` in flight, `max_requests_per_peer` per source, none while
+//!   `max_pending_writes` fetched objects wait for the disk, optionally under a bandwidth cap. So
+//!   fetched data held in memory stays bounded whatever the size of the transfer.
+//! - Durability before announcement: every object is written on the blocking pool (the store
+//!   fsyncs); a unit's [`TransferOutput::UnitDone`] waits for every write issued before it, is
+//!   persisted ([`DiskStore::add_transfer_done`]) and only then made readable
+//!   (`Replica::arc_ready`); a complete transfer is saved ready ([`DiskStore::save_ready`]) before
+//!   `Replica::transfer_complete`. A failed write abandons the run, which restarts a little later
+//!   from what is persisted.
+//! - Progress per epoch and unit (objects and bytes done of those known so far, rate) for
+//!   `dbqsfs status` ([`TransferWorker::status`]) and the progress bar
+//!   ([`TransferWorker::subscribe`]); milestones and periodic progress in the log.
+//!
+//! Non-goals: protocol decisions (the core's), garbage collection of lost ranges, fetching single
+//! objects on demand.
+//!
+//! Fault model: sources may lie, stall, vanish or answer garbage. The core verifies every object
+//! and claim; the worker bounds every request in time and the requests in number, and treats any
+//! failure of a request as no answer (the core asks again, elsewhere). Nothing received panics.
+
+use crate::control::{TransferStatus, UnitPhase, UnitStatus};
+use crate::store::DiskStore;
+use dbqsfs_core::config::{Configuration, Epoch};
+use dbqsfs_core::crypto::{NodeId, ObjectId};
+use dbqsfs_core::dbqs::msg::{DbqsMessage, MAX_CONFIGS_PER_REPLY};
+use dbqsfs_core::dbqs::replica::Replica;
+use dbqsfs_core::dbqs::transfer::{
+    plan, Arc as RingArc, Transfer, TransferMessage, TransferOptions as CoreOptions, TransferOutput,
+};
+use dbqsfs_core::object::PkBlock;
+use dbqsfs_core::store::{Store, StoreError};
+use dbqsfs_core::wire::{decode, encode_msg, Protocol, WIRE_VERSION};
+use dbqsfs_net::Endpoint;
+use ed25519_dalek::VerifyingKey;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// The replica as the node shares it (the same type as the node's).
+pub type SharedReplica = Arc<RwLock<Replica<Arc<dyn Store + Send + Sync>>>>;
+
+/// Tuning of the worker.
+#[derive(Clone, Debug)]
+pub struct TransferOptions {
+    /// Requests in flight, over all sources.
+    pub max_requests: usize,
+    /// Requests in flight to one source.
+    pub max_requests_per_peer: usize,
+    /// Fetched objects waiting for (or in) a store write before no further request is sent.
+    pub max_pending_writes: usize,
+    /// Store writes running at once.
+    pub max_concurrent_writes: usize,
+    /// The core's retransmission interval (it backs off up to 16 times this while nothing moves).
+    pub retransmit: Duration,
+    /// Bound on one request, connection included.
+    pub request_timeout: Duration,
+    /// Cap on the bytes received per second, if any.
+    pub rate_limit: Option<u64>,
+    /// Delay before a run abandoned after a store failure starts again.
+    pub retry_after_failure: Duration,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            max_requests: 32,
+            max_requests_per_peer: 8,
+            max_pending_writes: 16,
+            max_concurrent_writes: 4,
+            retransmit: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(15),
+            rate_limit: None,
+            retry_after_failure: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Completed transfers kept in the status.
+const KEEP_FINISHED: usize = 8;
+/// Most public-key blocks written in one store transaction.
+const PK_BATCH: usize = 256;
+/// How often the status is republished while it changes, and progress logged.
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether `bytes` claim to be a state-transfer message (by the envelope header; decoding decides).
+pub fn is_transfer(bytes: &[u8]) -> bool {
+    matches!(bytes, [v, p, ..] if *v == WIRE_VERSION && *p == TransferMessage::ID)
+}
+
+/// Serves a state-transfer request from `from` (blocking: the replica reads the store).
+pub fn serve(replica: &SharedReplica, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
+    replica
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .handle_transfer(from, request)
+}
+
+/// The handle of a node's transfer worker. Cheap to clone.
+#[derive(Clone)]
+pub struct TransferWorker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    me: NodeId,
+    store: Arc<DiskStore>,
+    opts: TransferOptions,
+    events: mpsc::UnboundedSender<Event>,
+    /// Taken by [`TransferWorker::start`].
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    status: watch::Sender<Vec<TransferStatus>>,
+}
+
+impl std::fmt::Debug for TransferWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferWorker")
+            .field("me", &self.shared.me.short())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TransferWorker {
+    /// The worker of node `me` over `store`; it runs once [`TransferWorker::start`]ed. Installs
+    /// reported before that are kept and handled at start.
+    pub fn new(me: NodeId, store: Arc<DiskStore>, opts: TransferOptions) -> TransferWorker {
+        let (events, inbox) = mpsc::unbounded_channel();
+        let (status, _) = watch::channel(Vec::new());
+        TransferWorker {
+            shared: Arc::new(Shared {
+                me,
+                store,
+                opts,
+                events,
+                inbox: Mutex::new(Some(inbox)),
+                status,
+            }),
+        }
+    }
+
+    /// The hook: the node installed (and persisted) the configurations of `epochs`. Starts their
+    /// transfers, and those of any other installed epoch the node is not ready in. Never blocks.
+    pub fn epochs_installed(&self, epochs: &[Epoch]) {
+        if !epochs.is_empty() {
+            let _ = self.shared.events.send(Event::Installed(epochs.to_vec()));
+        }
+    }
+
+    /// The transfers running, then the last few completed.
+    pub fn status(&self) -> Vec<TransferStatus> {
+        self.shared.status.borrow().clone()
+    }
+
+    /// Follows [`TransferWorker::status`] as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<TransferStatus>> {
+        self.shared.status.subscribe()
+    }
+
+    /// Restores the readiness persisted by earlier runs into `replica`, then spawns the worker,
+    /// which resumes every installed epoch the node is not ready in. Call once, before serving;
+    /// a second call returns a task that does nothing.
+    pub fn start(&self, endpoint: Endpoint, replica: SharedReplica) -> JoinHandle<()> {
+        let inbox = self
+            .shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(inbox) = inbox else {
+            warn!("the transfer worker was started twice");
+            return tokio::spawn(async {});
+        };
+        let store = &self.shared.store;
+        let ready = store.load_ready().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the epochs this node is ready in");
+            None
+        });
+        let mut done = store.load_transfer_done().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read persisted transfer progress; transfers start over");
+            BTreeMap::new()
+        });
+        {
+            let mut r = replica.write().unwrap_or_else(|p| p.into_inner());
+            for e in ready.unwrap_or_default() {
+                if e <= r.epoch() && !r.ready_at(e) {
+                    r.transfer_complete(e);
+                }
+            }
+            done.retain(|e, _| !r.ready_at(*e));
+        }
+        let opts = &self.shared.opts;
+        let worker = Worker {
+            me: self.shared.me,
+            store: self.shared.store.clone(),
+            replica,
+            endpoint,
+            opts: opts.clone(),
+            events: self.shared.events.clone(),
+            status: self.shared.status.clone(),
+            clock: Instant::now(),
+            transfers: BTreeMap::new(),
+            finished: VecDeque::new(),
+            restart_at: BTreeMap::new(),
+            done_arcs: done,
+            queues: BTreeMap::new(),
+            inflight: 0,
+            inflight_peer: BTreeMap::new(),
+            last_peer: None,
+            pending_writes: 0,
+            write_slots: Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1))),
+            tokens: 0.0,
+            tokens_at: Instant::now(),
+            reply_estimate: 64.0 * 1024.0,
+            pushed: BTreeMap::new(),
+            next_gen: 1,
+            dirty: false,
+            published_at: Instant::now(),
+            logged_at: Instant::now(),
+        };
+        tokio::spawn(worker.run(inbox))
+    }
+}
+
+enum Event {
+    Installed(Vec<Epoch>),
+    /// The answer to a request (`None`: failed or timed out).
+    Reply {
+        epoch: Epoch,
+        gen: u64,
+        to: NodeId,
+        reply: Option<Vec<u8>>,
+        /// Bytes the rate limiter reserved for it.
+        reserved: f64,
+    },
+    /// The answer to a [`TransferOutput::Check`]: the ids held, with their sizes.
+    Checked {
+        epoch: Epoch,
+        gen: u64,
+        held: Result<Vec<(ObjectId, u64)>, StoreError>,
+    },
+    Written {
+        epoch: Epoch,
+        gen: u64,
+        seq: u64,
+        objects: Vec<(ObjectId, u64)>,
+        fetched: bool,
+        result: Result<(), StoreError>,
+    },
+    Announced {
+        epoch: Epoch,
+        gen: u64,
+        what: TransferOutput,
+        result: Result<(), StoreError>,
+    },
+}
+
+/// One transfer in progress.
+struct Running {
+    /// Distinguishes this run from an abandoned one of the same epoch (whose events are ignored).
+    gen: u64,
+    t: Transfer,
+    /// The sources' addresses (members of the previous configuration).
+    addrs: BTreeMap<NodeId, (SocketAddr, VerifyingKey)>,
+    units: Vec<UnitStats>,
+    started: Instant,
+    /// A [`TransferOutput::Check`] is being answered: nothing else is fed to the machine.
+    checking: bool,
+    /// Replies that arrived meanwhile.
+    backlog: VecDeque<(NodeId, Vec<u8>)>,
+    /// Store writes: the next sequence number and those not finished.
+    next_seq: u64,
+    writes: BTreeSet<u64>,
+    /// Announcements waiting for every write numbered below theirs.
+    announce: VecDeque<(u64, TransferOutput)>,
+    announcing: bool,
+    /// Requests of this transfer waiting in the send queues.
+    queued: usize,
+}
+
+struct UnitStats {
+    arc: RingArc,
+    phase: UnitPhase,
+    objects_total: u64,
+    objects_done: u64,
+    bytes_done: u64,
+    fetched_objects: u64,
+    fetched_bytes: u64,
+    first_fetch: Option<Instant>,
+    last_fetch: Option<Instant>,
+}
+
+impl UnitStats {
+    fn status(&self) -> UnitStatus {
+        let end = match self.phase {
+            UnitPhase::Fetching => Some(Instant::now()),
+            _ => self.last_fetch,
+        };
+        let rate = match (self.first_fetch, end) {
+            (Some(a), Some(b)) if b > a => {
+                (self.fetched_bytes as f64 / (b - a).as_secs_f64()) as u64
+            }
+            _ => 0,
+        };
+        UnitStatus {
+            arc: self.arc,
+            phase: self.phase,
+            objects_done: self.objects_done,
+            objects_total: self.objects_total,
+            bytes_done: self.bytes_done,
+            fetched_objects: self.fetched_objects,
+            fetched_bytes: self.fetched_bytes,
+            rate,
+        }
+    }
+}
+
+impl Running {
+    fn unit_of(&mut self, id: &ObjectId) -> Option<&mut UnitStats> {
+        self.units.iter_mut().find(|u| u.arc.contains(id))
+    }
+
+    fn status(&self, epoch: Epoch, complete: bool) -> TransferStatus {
+        TransferStatus {
+            epoch,
+            complete,
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            units: self.units.iter().map(UnitStats::status).collect(),
+        }
+    }
+}
+
+/// A store write.
+enum Write {
+    Content { id: ObjectId, data: Vec<u8> },
+    Pk(Vec<PkBlock>),
+}
+
+struct Worker {
+    me: NodeId,
+    store: Arc<DiskStore>,
+    replica: SharedReplica,
+    endpoint: Endpoint,
+    opts: TransferOptions,
+    events: mpsc::UnboundedSender<Event>,
+    status: watch::Sender<Vec<TransferStatus>>,
+    /// Time zero of the core machines' clock.
+    clock: Instant,
+    transfers: BTreeMap<Epoch, Running>,
+    finished: VecDeque<TransferStatus>,
+    /// Abandoned runs start again at these times.
+    restart_at: BTreeMap<Epoch, Instant>,
+    /// Arcs persisted as done, per epoch not complete.
+    done_arcs: BTreeMap<Epoch, Vec<RingArc>>,
+    /// Requests waiting to be sent, per destination: (epoch, run, bytes).
+    queues: BTreeMap<NodeId, VecDeque<(Epoch, u64, Vec<u8>)>>,
+    /// Requests sent and not yet consumed (a reply held back counts until it is fed).
+    inflight: usize,
+    inflight_peer: BTreeMap<NodeId, usize>,
+    last_peer: Option<NodeId>,
+    /// Writes issued and not finished, over all transfers.
+    pending_writes: usize,
+    write_slots: Arc<Semaphore>,
+    /// Rate limit: a token bucket of bytes, and the expected size of a reply.
+    tokens: f64,
+    tokens_at: Instant,
+    reply_estimate: f64,
+    /// When configurations were last pushed to a source that was behind.
+    pushed: BTreeMap<NodeId, Instant>,
+    next_gen: u64,
+    dirty: bool,
+    published_at: Instant,
+    logged_at: Instant,
+}
+
+impl Worker {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    fn lock_replica(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, Replica<Arc<dyn Store + Send + Sync>>> {
+        self.replica.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Event>) {
+        self.start_missing();
+        loop {
+            self.fire_timers();
+            self.pump();
+            self.publish(false);
+            let deadline = self.next_deadline();
+            tokio::select! {
+                ev = inbox.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Starts a transfer into every installed epoch that is neither ready, running nor waiting to
+    /// restart.
+    fn start_missing(&mut self) {
+        let missing: Vec<Epoch> = {
+            let r = self.lock_replica();
+            (1..=r.epoch())
+                .filter(|e| !r.ready_at(*e))
+                .filter(|e| !self.transfers.contains_key(e) && !self.restart_at.contains_key(e))
+                .collect()
+        };
+        for e in missing {
+            self.start_transfer(e);
+        }
+    }
+
+    fn start_transfer(&mut self, e: Epoch) {
+        let (prev, next, was_ready) = {
+            let r = self.lock_replica();
+            if r.ready_at(e) || self.transfers.contains_key(&e) {
+                return;
+            }
+            let get = |x: Epoch| r.chain().get(x).map(|c| c.config.clone());
+            (
+                get(e.wrapping_sub(1)),
+                get(e),
+                r.ready_at(e.wrapping_sub(1)),
+            )
+        };
+        let (Some(prev), Some(next)) = (prev, next) else {
+            warn!(
+                epoch = e,
+                "cannot transfer into an epoch whose configurations are not both known"
+            );
+            return;
+        };
+        // The struct update is needed when core's `mutants` feature adds a field (workspace builds).
+        #[allow(clippy::needless_update)]
+        let core_opts = CoreOptions {
+            retransmit_ms: self.opts.retransmit.as_millis().max(1) as u64,
+            // Random, so late replies to an earlier run can never match a request of this one.
+            first_request_id: random_u64(),
+            ..CoreOptions::default()
+        };
+        let mut t = Transfer::new(&prev, &next, &self.me, was_ready, core_opts);
+        let done = self.done_arcs.get(&e).cloned().unwrap_or_default();
+        let mut resumed = 0;
+        for arc in &done {
+            resumed += t.skip(arc);
+        }
+        let units: Vec<UnitStats> = plan(&prev, &next, &self.me, was_ready)
+            .into_iter()
+            .map(|u| UnitStats {
+                phase: if done.iter().any(|d| d.covers(&u.arc)) {
+                    UnitPhase::Resumed
+                } else {
+                    UnitPhase::Listing
+                },
+                arc: u.arc,
+                objects_total: 0,
+                objects_done: 0,
+                bytes_done: 0,
+                fetched_objects: 0,
+                fetched_bytes: 0,
+                first_fetch: None,
+                last_fetch: None,
+            })
+            .collect();
+        let addrs = source_addrs(&prev);
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        info!(
+            epoch = e,
+            units = units.len(),
+            resumed,
+            was_ready,
+            "state transfer started"
+        );
+        t.start(self.now_ms());
+        self.transfers.insert(
+            e,
+            Running {
+                gen,
+                t,
+                addrs,
+                units,
+                started: Instant::now(),
+                checking: false,
+                backlog: VecDeque::new(),
+                next_seq: 0,
+                writes: BTreeSet::new(),
+                announce: VecDeque::new(),
+                announcing: false,
+                queued: 0,
+            },
+        );
+        self.dirty = true;
+        self.drain(e);
+    }
+
+    /// Abandons the run of `e` (a store failure); it starts again from what is persisted.
+    fn abandon(&mut self, e: Epoch, why: &str) {
+        if self.remove(e).is_some() {
+            warn!(
+                epoch = e,
+                why,
+                retry_in = ?self.opts.retry_after_failure,
+                "state transfer interrupted"
+            );
+            self.restart_at
+                .insert(e, Instant::now() + self.opts.retry_after_failure);
+            self.dirty = true;
+        }
+    }
+
+    /// Removes the run of `e`; the replies it held back no longer count as in flight.
+    fn remove(&mut self, e: Epoch) -> Option<Running> {
+        let r = self.transfers.remove(&e)?;
+        self.inflight = self.inflight.saturating_sub(r.backlog.len());
+        Some(r)
+    }
+
+    fn live(&self, e: Epoch, gen: u64) -> bool {
+        self.transfers.get(&e).is_some_and(|r| r.gen == gen)
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Installed(epochs) => {
+                debug!(?epochs, "configurations installed");
+                self.start_missing();
+            }
+            Event::Reply {
+                epoch,
+                gen,
+                to,
+                reply,
+                reserved,
+            } => {
+                if let Some(n) = self.inflight_peer.get_mut(&to) {
+                    *n = n.saturating_sub(1);
+                }
+                if self.opts.rate_limit.is_some() {
+                    let got = reply.as_ref().map_or(0, Vec::len) as f64;
+                    self.tokens += reserved - got;
+                    if got > 0.0 {
+                        self.reply_estimate = 0.9 * self.reply_estimate + 0.1 * got;
+                    }
+                }
+                let Some(bytes) = reply else {
+                    self.inflight = self.inflight.saturating_sub(1);
+                    return;
+                };
+                self.maybe_push_configs(epoch, to, &bytes);
+                if !self.live(epoch, gen) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                    return;
+                }
+                let now = self.now_ms();
+                let Some(r) = self.transfers.get_mut(&epoch) else {
+                    return;
+                };
+                if r.checking {
+                    r.backlog.push_back((to, bytes));
+                    return;
+                }
+                self.inflight = self.inflight.saturating_sub(1);
+                r.t.handle_message(now, to, &bytes);
+                self.drain(epoch);
+            }
+            Event::Checked { epoch, gen, held } => {
+                if !self.live(epoch, gen) {
+                    return;
+                }
+                let held = match held {
+                    Ok(h) => h,
+                    Err(e) => return self.abandon(epoch, &format!("checking held blocks: {e}")),
+                };
+                if let Some(r) = self.transfers.get_mut(&epoch) {
+                    for (id, len) in &held {
+                        if let Some(u) = r.unit_of(id) {
+                            u.objects_done += 1;
+                            u.bytes_done += len;
+                        }
+                    }
+                    let ids: Vec<ObjectId> = held.iter().map(|(id, _)| *id).collect();
+                    r.t.held(&ids);
+                    r.checking = false;
+                    self.dirty = true;
+                }
+                self.drain(epoch);
+                self.feed_backlog(epoch);
+            }
+            Event::Written {
+                epoch,
+                gen,
+                seq,
+                objects,
+                fetched,
+                result,
+            } => {
+                self.pending_writes = self.pending_writes.saturating_sub(1);
+                if !self.live(epoch, gen) {
+                    return;
+                }
+                if let Err(e) = result {
+                    return self.abandon(epoch, &format!("storing a transferred object: {e}"));
+                }
+                if let Some(r) = self.transfers.get_mut(&epoch) {
+                    r.writes.remove(&seq);
+                    let now = Instant::now();
+                    for (id, len) in &objects {
+                        if let Some(u) = r.unit_of(id) {
+                            u.objects_done += 1;
+                            u.bytes_done += len;
+                            if fetched {
+                                u.fetched_objects += 1;
+                                u.fetched_bytes += len;
+                                u.first_fetch.get_or_insert(now);
+                                u.last_fetch = Some(now);
+                            }
+                        }
+                    }
+                    self.dirty = true;
+                }
+                self.try_announce(epoch);
+            }
+            Event::Announced {
+                epoch,
+                gen,
+                what,
+                result,
+            } => {
+                if !self.live(epoch, gen) {
+                    return;
+                }
+                if let Err(e) = result {
+                    return self.abandon(epoch, &format!("persisting progress: {e}"));
+                }
+                match what {
+                    TransferOutput::UnitDone { arc, .. } => {
+                        self.done_arcs.entry(epoch).or_default().push(arc);
+                        if let Some(r) = self.transfers.get_mut(&epoch) {
+                            r.announcing = false;
+                            if let Some(u) = r.units.iter_mut().find(|u| u.arc == arc) {
+                                if u.phase != UnitPhase::Resumed {
+                                    u.phase = UnitPhase::Done;
+                                }
+                                // What was not stored was dropped: 2f+1 old replicas deny it.
+                                u.objects_total = u.objects_done;
+                                debug!(
+                                    epoch,
+                                    objects = u.objects_done,
+                                    bytes = u.bytes_done,
+                                    "transfer unit done"
+                                );
+                            }
+                        }
+                        self.publish(true);
+                        self.try_announce(epoch);
+                    }
+                    TransferOutput::Complete { .. } => self.complete(epoch),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, epoch: Epoch) {
+        let Some(r) = self.remove(epoch) else {
+            return;
+        };
+        self.done_arcs.remove(&epoch);
+        let status = r.status(epoch, true);
+        let (objects, _, bytes, fetched) = status.totals();
+        let secs = r.started.elapsed().as_secs_f64();
+        info!(
+            epoch,
+            objects,
+            bytes,
+            fetched_bytes = fetched,
+            secs = format!("{secs:.2}"),
+            mb_per_s = format!("{:.1}", fetched as f64 / 1e6 / secs.max(1e-3)),
+            "state transfer complete: ready in this epoch"
+        );
+        self.finished.retain(|s| s.epoch != epoch);
+        self.finished.push_back(status);
+        while self.finished.len() > KEEP_FINISHED {
+            self.finished.pop_front();
+        }
+        self.publish(true);
+    }
+
+    /// Feeds the replies held back during a check, until the next check.
+    fn feed_backlog(&mut self, e: Epoch) {
+        loop {
+            let now = self.now_ms();
+            let Some(r) = self.transfers.get_mut(&e) else {
+                return;
+            };
+            if r.checking {
+                return;
+            }
+            let Some((from, bytes)) = r.backlog.pop_front() else {
+                return;
+            };
+            self.inflight = self.inflight.saturating_sub(1);
+            r.t.handle_message(now, from, &bytes);
+            self.drain(e);
+        }
+    }
+
+    /// Carries out what transfer `e` asks, in order, up to a check.
+    fn drain(&mut self, e: Epoch) {
+        let Some(r) = self.transfers.get_mut(&e) else {
+            return;
+        };
+        let gen = r.gen;
+        let mut outs = Vec::new();
+        while !r.checking {
+            let Some(out) = r.t.poll_output() else { break };
+            if matches!(out, TransferOutput::Check { .. }) {
+                r.checking = true;
+            }
+            outs.push(out);
+        }
+        let mut pk: Vec<PkBlock> = Vec::new();
+        for out in outs {
+            if !matches!(out, TransferOutput::StorePk { .. }) && !pk.is_empty() {
+                self.write(e, gen, Write::Pk(std::mem::take(&mut pk)));
+            }
+            match out {
+                TransferOutput::Send { to, bytes } => {
+                    if let Some(r) = self.transfers.get_mut(&e) {
+                        r.queued += 1;
+                    }
+                    self.queues
+                        .entry(to)
+                        .or_default()
+                        .push_back((e, gen, bytes));
+                }
+                TransferOutput::Check { ids } => self.check(e, gen, ids),
+                TransferOutput::StoreContent { id, data } => {
+                    self.write(e, gen, Write::Content { id, data })
+                }
+                TransferOutput::StorePk { block } => {
+                    if let Some(u) = self
+                        .transfers
+                        .get_mut(&e)
+                        .and_then(|r| r.unit_of(&block.id()))
+                    {
+                        u.objects_total += 1;
+                    }
+                    pk.push(block);
+                    if pk.len() >= PK_BATCH {
+                        self.write(e, gen, Write::Pk(std::mem::take(&mut pk)));
+                    }
+                }
+                out @ (TransferOutput::UnitDone { .. } | TransferOutput::Complete { .. }) => {
+                    if let Some(r) = self.transfers.get_mut(&e) {
+                        r.announce.push_back((r.next_seq, out));
+                    }
+                }
+            }
+        }
+        if !pk.is_empty() {
+            self.write(e, gen, Write::Pk(pk));
+        }
+        self.dirty = true;
+        self.try_announce(e);
+    }
+
+    /// Answers a check from the store, on the blocking pool (every held block is read and
+    /// verified: a corrupt copy counts as missing and is fetched again).
+    fn check(&mut self, e: Epoch, gen: u64, ids: Vec<ObjectId>) {
+        if let Some(r) = self.transfers.get_mut(&e) {
+            if let Some(u) = ids.first().and_then(|id| r.unit_of(id)) {
+                if u.phase == UnitPhase::Listing {
+                    u.phase = UnitPhase::Fetching;
+                }
+            }
+            for id in &ids {
+                if let Some(u) = r.unit_of(id) {
+                    u.objects_total += 1;
+                }
+            }
+        }
+        let store = self.store.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let held = tokio::task::spawn_blocking(move || {
+                let mut held = Vec::new();
+                for id in ids {
+                    if let Some(data) = store.get_content(&id)? {
+                        held.push((id, data.len() as u64));
+                    }
+                }
+                Ok(held)
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("check task: {e}"))));
+            let _ = events.send(Event::Checked {
+                epoch: e,
+                gen,
+                held,
+            });
+        });
+    }
+
+    /// Writes on the blocking pool, at most `max_concurrent_writes` at once.
+    fn write(&mut self, e: Epoch, gen: u64, w: Write) {
+        let Some(r) = self.transfers.get_mut(&e) else {
+            return;
+        };
+        let seq = r.next_seq;
+        r.next_seq += 1;
+        r.writes.insert(seq);
+        self.pending_writes += 1;
+        let (objects, fetched) = match &w {
+            Write::Content { id, data } => (vec![(*id, data.len() as u64)], true),
+            Write::Pk(blocks) => (
+                blocks
+                    .iter()
+                    .map(|b| (b.id(), (b.value.len() + b.label.len()) as u64))
+                    .collect(),
+                false,
+            ),
+        };
+        let store = self.store.clone();
+        let slots = self.write_slots.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            // The semaphore is never closed; without a permit the write still runs.
+            let _permit = slots.acquire_owned().await.ok();
+            let result = tokio::task::spawn_blocking(move || match w {
+                Write::Content { id, data } => store.put_content(&id, &data),
+                Write::Pk(blocks) => store.put_pk_many(&blocks),
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("write task: {e}"))));
+            let _ = events.send(Event::Written {
+                epoch: e,
+                gen,
+                seq,
+                objects,
+                fetched,
+                result,
+            });
+        });
+    }
+
+    /// Persists and applies the next announcement of `e` once every write before it is durable.
+    fn try_announce(&mut self, e: Epoch) {
+        let Some(r) = self.transfers.get_mut(&e) else {
+            return;
+        };
+        if r.announcing {
+            return;
+        }
+        let Some((barrier, _)) = r.announce.front() else {
+            return;
+        };
+        if r.writes.first().is_some_and(|first| first < barrier) {
+            return;
+        }
+        let Some((_, what)) = r.announce.pop_front() else {
+            return;
+        };
+        r.announcing = true;
+        let gen = r.gen;
+        let store = self.store.clone();
+        let replica = self.replica.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let w = what.clone();
+            let result = tokio::task::spawn_blocking(move || announce(&store, &replica, &w))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Io(format!("announce task: {e}"))));
+            let _ = events.send(Event::Announced {
+                epoch: e,
+                gen,
+                what,
+                result,
+            });
+        });
+    }
+
+    /// Feeds due timers: the machines' retransmissions (only when none of their requests still
+    /// waits to be sent, so a slow queue never snowballs), and abandoned runs' restarts.
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Epoch> = self
+            .restart_at
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(e, _)| *e)
+            .collect();
+        for e in due {
+            self.restart_at.remove(&e);
+            self.start_transfer(e);
+        }
+        let now_ms = self.now_ms();
+        let due: Vec<Epoch> = self
+            .transfers
+            .iter()
+            .filter(|(_, r)| !r.checking && r.queued == 0)
+            .filter(|(_, r)| r.t.next_timeout().is_some_and(|at| at <= now_ms))
+            .map(|(e, _)| *e)
+            .collect();
+        for e in due {
+            if let Some(r) = self.transfers.get_mut(&e) {
+                r.t.handle_timeout(now_ms);
+            }
+            self.drain(e);
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut at = Instant::now() + Duration::from_secs(3600);
+        for r in self.transfers.values() {
+            if !r.checking && r.queued == 0 {
+                if let Some(ms) = r.t.next_timeout() {
+                    at = at.min(self.clock + Duration::from_millis(ms));
+                }
+            }
+        }
+        for t in self.restart_at.values() {
+            at = at.min(*t);
+        }
+        if self.dirty {
+            at = at.min(self.published_at + PUBLISH_EVERY);
+        }
+        if !self.transfers.is_empty() {
+            at = at.min(self.logged_at + LOG_EVERY);
+        }
+        if let Some(rate) = self.rate_wait() {
+            at = at.min(Instant::now() + rate);
+        }
+        at
+    }
+
+    /// With a rate limit and requests waiting: how long until the bucket allows the next one.
+    fn rate_wait(&self) -> Option<Duration> {
+        let rate = self.opts.rate_limit? as f64;
+        if self.queues.values().all(VecDeque::is_empty) || self.tokens > 0.0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64(
+            (-self.tokens / rate).clamp(0.001, 1.0),
+        ))
+    }
+
+    /// Sends queued requests while the bounds allow, round-robin over destinations.
+    fn pump(&mut self) {
+        loop {
+            if self.inflight >= self.opts.max_requests.max(1)
+                || self.pending_writes >= self.opts.max_pending_writes.max(1)
+            {
+                return;
+            }
+            if let Some(rate) = self.opts.rate_limit {
+                let now = Instant::now();
+                let burst = (rate as f64 / 10.0).max(self.reply_estimate);
+                self.tokens =
+                    (self.tokens + (now - self.tokens_at).as_secs_f64() * rate as f64).min(burst);
+                self.tokens_at = now;
+                if self.tokens <= 0.0 {
+                    return;
+                }
+            }
+            let per_peer = self.opts.max_requests_per_peer.max(1);
+            let ready = |n: &NodeId, q: &VecDeque<_>| {
+                !q.is_empty() && self.inflight_peer.get(n).copied().unwrap_or(0) < per_peer
+            };
+            let after = self.last_peer;
+            let pick = self
+                .queues
+                .iter()
+                .filter(|(n, _)| after.is_none_or(|a| **n > a))
+                .find(|(n, q)| ready(n, q))
+                .or_else(|| self.queues.iter().find(|(n, q)| ready(n, q)))
+                .map(|(n, _)| *n);
+            let Some(to) = pick else {
+                self.queues.retain(|_, q| !q.is_empty());
+                return;
+            };
+            self.last_peer = Some(to);
+            let Some((epoch, gen, bytes)) = self.queues.get_mut(&to).and_then(VecDeque::pop_front)
+            else {
+                continue;
+            };
+            let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) else {
+                continue; // its run was abandoned
+            };
+            r.queued = r.queued.saturating_sub(1);
+            let dest = r.addrs.get(&to).copied();
+            self.send(epoch, gen, to, dest, bytes);
+        }
+    }
+
+    fn send(
+        &mut self,
+        epoch: Epoch,
+        gen: u64,
+        to: NodeId,
+        dest: Option<(SocketAddr, VerifyingKey)>,
+        bytes: Vec<u8>,
+    ) {
+        let reserved = if self.opts.rate_limit.is_some() {
+            self.tokens -= self.reply_estimate;
+            self.reply_estimate
+        } else {
+            0.0
+        };
+        self.inflight += 1;
+        *self.inflight_peer.entry(to).or_default() += 1;
+        let events = self.events.clone();
+        let reply = move |reply| Event::Reply {
+            epoch,
+            gen,
+            to,
+            reply,
+            reserved,
+        };
+        if to == self.me {
+            let replica = self.replica.clone();
+            let me = self.me;
+            tokio::spawn(async move {
+                let r = tokio::task::spawn_blocking(move || serve(&replica, me, &bytes))
+                    .await
+                    .ok()
+                    .flatten();
+                let _ = events.send(reply(r));
+            });
+            return;
+        }
+        let Some((addr, key)) = dest else {
+            debug!(to = %to.short(), "no usable address for a transfer source");
+            let _ = events.send(reply(None));
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        let timeout = self.opts.request_timeout;
+        tokio::spawn(async move {
+            let r = match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
+            {
+                Ok(Ok(r)) => Some(r),
+                Ok(Err(e)) => {
+                    debug!(to = %to.short(), %addr, error = %e, "transfer request failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(to = %to.short(), %addr, "transfer request timed out");
+                    None
+                }
+            };
+            let _ = events.send(reply(r));
+        });
+    }
+
+    /// A source answered "not yet" from an older epoch: it has not installed the configuration
+    /// the transfer is for, so push it the newer ones (at most once per retransmission interval).
+    fn maybe_push_configs(&mut self, epoch: Epoch, to: NodeId, bytes: &[u8]) {
+        if to == self.me || bytes.len() > 64 {
+            return;
+        }
+        let Ok(env) = decode::<TransferMessage>(bytes) else {
+            return;
+        };
+        if !matches!(env.msg, TransferMessage::NotYet { .. }) || env.epoch >= epoch {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .pushed
+            .get(&to)
+            .is_some_and(|t| now < *t + self.opts.retransmit)
+        {
+            return;
+        }
+        self.pushed.insert(to, now);
+        let Some(Some((addr, key))) = self
+            .transfers
+            .get(&epoch)
+            .map(|r| r.addrs.get(&to).copied())
+        else {
+            return;
+        };
+        let (mine, configs) = {
+            let r = self.lock_replica();
+            (r.epoch(), r.chain().after(env.epoch, MAX_CONFIGS_PER_REPLY))
+        };
+        debug!(to = %to.short(), their_epoch = env.epoch, "pushing configurations to a source that is behind");
+        let push = encode_msg(mine, DbqsMessage::PushConfigs { configs });
+        let endpoint = self.endpoint.clone();
+        let timeout = self.opts.request_timeout;
+        tokio::spawn(async move {
+            // One-way: the node answers nothing.
+            let _ = tokio::time::timeout(timeout, endpoint.request(addr, &key, &push)).await;
+        });
+    }
+
+    fn snapshot(&self) -> Vec<TransferStatus> {
+        self.transfers
+            .iter()
+            .map(|(e, r)| r.status(*e, false))
+            .chain(self.finished.iter().rev().cloned())
+            .collect()
+    }
+
+    /// Publishes the status (at most every [`PUBLISH_EVERY`] unless `now`), and logs progress
+    /// every [`LOG_EVERY`] while transfers run.
+    fn publish(&mut self, now: bool) {
+        if self.dirty && (now || self.published_at.elapsed() >= PUBLISH_EVERY) {
+            self.status.send_replace(self.snapshot());
+            self.dirty = false;
+            self.published_at = Instant::now();
+        }
+        if !self.transfers.is_empty() && self.logged_at.elapsed() >= LOG_EVERY {
+            self.logged_at = Instant::now();
+            for (e, r) in &self.transfers {
+                let s = r.status(*e, false);
+                let (objects, known, bytes, fetched) = s.totals();
+                let (units_done, units) = s.units_done();
+                info!(
+                    epoch = e,
+                    units = format!("{units_done}/{units}"),
+                    objects = format!("{objects}/{known}"),
+                    bytes,
+                    mb_per_s = format!(
+                        "{:.1}",
+                        fetched as f64 / 1e6 / r.started.elapsed().as_secs_f64().max(1e-3)
+                    ),
+                    "state transfer in progress"
+                );
+            }
+        }
+    }
+}
+
+/// Makes an announcement durable, then applies it to the replica.
+fn announce(
+    store: &DiskStore,
+    replica: &SharedReplica,
+    what: &TransferOutput,
+) -> Result<(), StoreError> {
+    match what {
+        TransferOutput::UnitDone { epoch, arc } => {
+            store.add_transfer_done(*epoch, *arc)?;
+            replica
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .arc_ready(*epoch, *arc);
+        }
+        TransferOutput::Complete { epoch } => {
+            {
+                // Under the lock, so two completions cannot save over each other.
+                let mut r = replica.write().unwrap_or_else(|p| p.into_inner());
+                let mut ready: Vec<Epoch> = (0..=r.epoch()).filter(|e| r.ready_at(*e)).collect();
+                ready.push(*epoch);
+                ready.sort_unstable();
+                ready.dedup();
+                store.save_ready(&ready)?;
+                r.transfer_complete(*epoch);
+            }
+            if let Err(e) = store.clear_transfer_done(*epoch) {
+                debug!(epoch, error = %e, "could not clear the per-arc progress of a complete transfer");
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The members' addresses and keys; a member whose address or key does not parse is left out (its
+/// requests then fail like those to an unreachable node).
+fn source_addrs(config: &Configuration) -> BTreeMap<NodeId, (SocketAddr, VerifyingKey)> {
+    let mut addrs = BTreeMap::new();
+    for m in &config.members {
+        match (
+            m.addr.parse::<SocketAddr>(),
+            VerifyingKey::from_bytes(&m.key.0),
+        ) {
+            (Ok(addr), Ok(key)) => {
+                addrs.insert(m.id, (addr, key));
+            }
+            _ => warn!(member = %m.id.short(), addr = %m.addr, "member address or key unusable"),
+        }
+    }
+    addrs
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64;
+    }
+    u64::from_le_bytes(b)
+}
