@@ -11,7 +11,7 @@
 //! Non-goals: protocol decisions (quorums, retries and epochs are the core's), chunking of large
 //! files (the CLI does it), caching.
 
-use crate::control::ControlMessage;
+use crate::control::{ControlMessage, TransferStatus};
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, ConfigError, Member};
 use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId};
 use dbqsfs_core::dbqs::client::{
@@ -82,6 +82,8 @@ pub struct NodeStatus {
     pub stored_bytes: u64,
     pub objects: u64,
     pub ready: bool,
+    /// State transfers running, then the last few completed.
+    pub transfers: Vec<TransferStatus>,
 }
 
 type Submission = (Operation, oneshot::Sender<Outcome>);
@@ -223,11 +225,13 @@ impl DbqsClient {
                 stored_bytes,
                 objects,
                 ready,
+                transfers,
             } => Ok(NodeStatus {
                 epoch,
                 stored_bytes,
                 objects,
                 ready,
+                transfers,
             }),
             other => Err(ClientError::BadStatus(format!("{other:?}"))),
         }

@@ -25,6 +25,8 @@ pub enum ControlMessage {
         objects: u64,
         /// Whether the node's state transfer into `epoch` is complete.
         ready: bool,
+        /// State transfers running, then the last few completed ones (by this process).
+        transfers: Vec<TransferStatus>,
     },
 }
 

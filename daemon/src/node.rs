@@ -284,6 +284,8 @@ fn control(
                     stored_bytes: store.content_bytes(),
                     objects,
                     ready,
+                    // Filled in by the transfer worker.
+                    transfers: Vec::new(),
                 },
             ))
         }
