@@ -311,6 +311,26 @@ impl Freshness {
         )
     }
 
+    /// Whether `sig` is `signer`'s valid share for `config` at `time_ms`, and `signer` is a member
+    /// of `config`'s committee.
+    pub fn verify_share(
+        config: &Configuration,
+        time_ms: u64,
+        signer: &NodeId,
+        sig: &Signature,
+    ) -> bool {
+        config.committee.contains(signer)
+            && config.member(signer).is_some_and(|m| {
+                m.key
+                    .verify(
+                        Domain::Freshness,
+                        &Self::body(config.epoch, &config.hash(), time_ms),
+                        sig,
+                    )
+                    .is_ok()
+            })
+    }
+
     /// The certificate made of `shares` (member, signature) for `config` at `time_ms`.
     pub fn assemble(
         config: &Configuration,

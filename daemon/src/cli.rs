@@ -7,11 +7,14 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dbqsfs_core::config::{CertifiedConfig, Configuration, Member, Params};
-use dbqsfs_core::crypto::Domain;
+use dbqsfs_core::crypto::{Domain, PublicKey};
+use dbqsfs_core::ms::membership::AdmissionCert;
 use dbqsfs_daemon::blocks::{self, FileId};
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::{self, ClusterFile, ClusterInfo, NodeFile};
+use dbqsfs_daemon::ms::MsMessage;
 use dbqsfs_daemon::node::{shutdown_signal, Node};
+use dbqsfs_daemon::transfer::{self, TransferOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -59,10 +62,58 @@ pub enum Command {
         /// The node directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Join a running cluster through the member at HOST:PORT (with --cert; first run only:
+        /// it writes node.toml, and later runs keep joining until a configuration includes the node).
+        #[arg(long, value_name = "HOST:PORT", requires = "cert")]
+        join: Option<std::net::SocketAddr>,
+        /// The certificate printed by `dbqsfs admit` for this node's key (a file, or the text itself).
+        #[arg(long, value_name = "C", requires = "join")]
+        cert: Option<String>,
+        /// With --join: the UDP address this node listens on and members reach it at.
+        #[arg(long, value_name = "IP:PORT", requires = "join")]
+        listen: Option<std::net::SocketAddr>,
+        /// Cap on the bytes per second the node's state transfers receive [default: no cap].
+        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+        transfer_rate_limit: Option<u64>,
         /// Test builds only: make this node Byzantine in the given way.
         #[cfg(feature = "fault-injection")]
         #[arg(long, value_enum)]
         fault: Option<dbqsfs_daemon::fault::Fault>,
+    },
+    /// Create a node key in DIR (for a node that will join) and print its public key.
+    #[command(
+        long_about = "Create DIR (if needed) and DIR/node.key, a fresh ed25519 key from OS         randomness (mode 0600), and print its public key in hex. Give the key to the cluster's         operator, who runs `dbqsfs admit` and returns the certificate; then start the node with         `dbqsfs node --dir DIR --join HOST:PORT --cert CERT --listen IP:PORT`."
+    )]
+    Keygen {
+        /// The node directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Print an admission certificate that lets the node with NODE_PUBKEY join the cluster.
+    #[command(
+        long_about = "Sign NODE_PUBKEY (hex, as printed by `dbqsfs keygen`) with the cluster's         admission key K (DIR/admission.key of `cluster init`) and print the certificate: one hex         line holding the signature and what the node needs to trust the cluster (the genesis         configuration, the admission public key and the client keys of cluster.toml, by default         the one next to K). The Membership Service admits only nodes with such a certificate."
+    )]
+    Admit {
+        /// The admission key file.
+        #[arg(long, value_name = "K")]
+        admission_key: PathBuf,
+        /// The cluster description [default: cluster.toml next to the admission key].
+        #[arg(long, value_name = "FILE")]
+        cluster: Option<PathBuf>,
+        /// The public key of the node to admit (hex).
+        node_pubkey: String,
+    },
+    /// Ask the node in DIR (running) to leave the cluster, and wait until it has.
+    #[command(
+        long_about = "Ask the node running from DIR to leave: it submits a Leave operation to the         Membership Service, and this command waits until a certified configuration without the         node is installed (at the end of the current epoch), printing the epoch. The node keeps         running so that the new replicas can copy its data; stop it afterwards. node.toml is         changed so that a restart does not join again."
+    )]
+    Leave {
+        /// The node directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
     /// Store and fetch files as blocks.
     #[command(subcommand)]
@@ -81,7 +132,8 @@ pub enum Command {
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
         ops: u32,
     },
-    /// Show the cluster's epoch and each member's address, reachability and stored bytes.
+    /// Show the cluster: epoch, committee, members (reachability, probe state, stored bytes,
+    /// transfers), and the joins and leaves pending for the next epoch.
     Status {
         /// The cluster description written by `cluster init` (DIR/cluster.toml).
         #[arg(long)]
@@ -190,6 +242,8 @@ pub enum ClusterCmd {
         /// UDP port of node 0; node i listens on P+i.
         #[arg(long, default_value_t = 7100, value_parser = clap::value_parser!(u16).range(1..))]
         base_port: u16,
+        #[command(flatten)]
+        timing: Timing,
     },
     /// Start the cluster's nodes in the background (those not already running).
     #[command(
@@ -217,6 +271,37 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+}
+
+/// The Membership Service's periods, fixed in the genesis configuration.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Timing {
+    /// Epoch length: a committee member proposes the end of the epoch this long after it began.
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1_000..))]
+    pub epoch_ms: u64,
+    /// Each committee member probes every member this often.
+    #[arg(long, value_name = "MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub probe_ms: u64,
+    /// A member is reported unresponsive after this many failed probes in a row (and evicted at
+    /// the end of the epoch once f_ms+1 committee members report it). With the defaults a dead
+    /// node is gone within about a minute.
+    #[arg(long, value_name = "N", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
+    pub evict_after: u32,
+    /// Clients use a configuration only while holding a freshness certificate younger than this.
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1_500..))]
+    pub freshness_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        let p = Params::with_f(1);
+        Timing {
+            epoch_ms: p.epoch_ms,
+            probe_ms: p.probe_ms,
+            evict_after: p.evict_after_probes,
+            freshness_ms: p.freshness_ms,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,10 +358,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Node {
             dir,
+            join,
+            cert,
+            listen,
+            transfer_rate_limit,
             #[cfg(feature = "fault-injection")]
             fault,
         } => {
             init_logs("info");
+            if let (Some(join), Some(cert)) = (join, cert) {
+                prepare_join(&dir, join, &cert, listen)?;
+            }
             let node =
                 Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
             #[cfg(feature = "fault-injection")]
@@ -284,7 +376,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(f) => node.with_fault(f),
                 None => node,
             };
-            runtime()?.block_on(node.run(shutdown_signal()))?;
+            let node = match transfer_rate_limit {
+                Some(r) => node.with_transfer_options(TransferOptions {
+                    rate_limit: Some(r),
+                    ..TransferOptions::default()
+                }),
+                None => node,
+            };
+            let rt = runtime()?;
+            // State transfers show a progress bar on a terminal (and are logged in any case).
+            if std::io::stderr().is_terminal() {
+                rt.spawn(transfer::show_progress(node.transfers().subscribe()));
+            }
+            rt.block_on(node.run(shutdown_signal()))?;
             Ok(())
         }
         Command::Cluster(ClusterCmd::Init {
@@ -292,6 +396,7 @@ pub fn run(cli: Cli) -> Result<()> {
             dir,
             f,
             base_port,
+            timing,
         }) => {
             init_logs("warn");
             let fv = f.unwrap_or(nodes.saturating_sub(1) / 3);
@@ -307,7 +412,23 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                     .exit();
             }
-            cluster_init(nodes, &dir, f, base_port)
+            cluster_init(nodes, &dir, f, base_port, &timing)
+        }
+        Command::Keygen { dir } => {
+            init_logs("warn");
+            keygen(&dir)
+        }
+        Command::Admit {
+            admission_key,
+            cluster,
+            node_pubkey,
+        } => {
+            init_logs("warn");
+            admit(&admission_key, cluster.as_deref(), &node_pubkey)
+        }
+        Command::Leave { dir, timeout } => {
+            init_logs("warn");
+            runtime()?.block_on(leave(&dir, Duration::from_secs(timeout)))
         }
         Command::Cluster(ClusterCmd::Up { dir }) => {
             init_logs("warn");
@@ -347,7 +468,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-pub(crate) fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -> Result<()> {
+pub(crate) fn cluster_init(
+    n: u32,
+    dir: &Path,
+    f: Option<u32>,
+    base_port: u16,
+    timing: &Timing,
+) -> Result<()> {
     let f = f.unwrap_or(n.saturating_sub(1) / 3);
     if n < 3 * f + 1 {
         bail!(
@@ -381,7 +508,13 @@ pub(crate) fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -
         .map(|(k, i)| Member::new(k.public(), addr(i)))
         .collect();
     members.sort_by_key(|m| m.id);
-    let params = Params::with_f(f);
+    let params = Params {
+        epoch_ms: timing.epoch_ms,
+        probe_ms: timing.probe_ms,
+        evict_after_probes: timing.evict_after,
+        freshness_ms: timing.freshness_ms,
+        ..Params::with_f(f)
+    };
     let committee = Configuration::first_members_as_committee(&members, &params);
     let config = Configuration {
         epoch: 0,
@@ -410,6 +543,8 @@ pub(crate) fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -
                 clients: vec![client.public().to_hex()],
                 admission_key: admission.public().to_hex(),
                 admission_cert: files::to_hex(&cert.0),
+                join: false,
+                bootstrap: None,
             },
         )?;
         names.push(name);
@@ -429,6 +564,176 @@ pub(crate) fn cluster_init(n: u32, dir: &Path, f: Option<u32>, base_port: u16) -
         dir.display()
     );
     Ok(())
+}
+
+fn keygen(dir: &Path) -> Result<()> {
+    let path = dir.join("node.key");
+    if path.exists() {
+        bail!(
+            "{} exists; a node keeps its key (remove the directory to start over)",
+            path.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = files::random_key().map_err(|e| anyhow!("OS randomness: {e}"))?;
+    files::write_key(&path, &key)?;
+    println!("{}", key.public().to_hex());
+    eprintln!(
+        "created {}; next: `dbqsfs admit --admission-key CLUSTER/admission.key {}` on the cluster's side",
+        path.display(),
+        key.public().to_hex()
+    );
+    Ok(())
+}
+
+fn admit(admission_key: &Path, cluster: Option<&Path>, node: &str) -> Result<()> {
+    let admission = files::read_key(admission_key)?;
+    let node = PublicKey::from_hex(node)
+        .filter(|k| ed25519_dalek::VerifyingKey::from_bytes(&k.0).is_ok())
+        .ok_or_else(|| {
+            UsageError(format!(
+                "NODE_PUBKEY {node:?} is not an ed25519 public key in hex (64 hex digits, as printed by `dbqsfs keygen`)"
+            ))
+        })?;
+    let cluster = match cluster {
+        Some(c) => c.to_path_buf(),
+        None => admission_key
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("cluster.toml"),
+    };
+    let info = ClusterInfo::load(&cluster)?;
+    if info.file.admission_key != admission.public().to_hex() {
+        bail!(
+            "{} is not the admission key of the cluster in {}",
+            admission_key.display(),
+            cluster.display()
+        );
+    }
+    let ticket = files::JoinTicket {
+        cert: AdmissionCert::sign(&admission, &node),
+        admission_key: admission.public(),
+        genesis: info.genesis.clone(),
+        clients: vec![info.client_key.public()],
+    };
+    println!("{}", ticket.encode());
+    Ok(())
+}
+
+/// Writes node.toml for a node that joins through `via`, from the certificate `cert`.
+fn prepare_join(
+    dir: &Path,
+    via: std::net::SocketAddr,
+    cert: &str,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let key_path = dir.join("node.key");
+    if !key_path.exists() {
+        bail!(
+            "{} does not exist: create the node's key with `dbqsfs keygen --dir {}` and have it admitted first",
+            key_path.display(),
+            dir.display()
+        );
+    }
+    let key = files::read_key(&key_path)?;
+    let cert_path = Path::new(cert);
+    let text = if cert_path.exists() {
+        std::fs::read_to_string(cert_path)
+            .with_context(|| format!("reading {}", cert_path.display()))?
+    } else {
+        cert.to_string()
+    };
+    let ticket = files::JoinTicket::decode(Path::new("--cert"), &text)?;
+    if ticket.cert.node != key.public() || !ticket.cert.verify(&ticket.admission_key) {
+        bail!(
+            "the certificate does not admit this node's key {} (was it made for another key?)",
+            key.public().to_hex()
+        );
+    }
+    let toml = dir.join("node.toml");
+    if toml.exists() {
+        // Already prepared: keep the node's file (it may have left since; `leave` clears `join`).
+        return Ok(());
+    }
+    let listen = listen.ok_or_else(|| {
+        UsageError(
+            "the first `node --join` needs --listen IP:PORT (where members reach this node)".into(),
+        )
+    })?;
+    files::write_toml(
+        &toml,
+        &NodeFile {
+            listen: listen.to_string(),
+            genesis: files::encode_genesis(&ticket.genesis),
+            clients: ticket.clients.iter().map(|c| c.to_hex()).collect(),
+            admission_key: ticket.admission_key.to_hex(),
+            admission_cert: files::to_hex(&ticket.cert.sig.0),
+            join: true,
+            bootstrap: Some(via.to_string()),
+        },
+    )?;
+    Ok(())
+}
+
+/// Asks the node running from `dir` to leave and waits until it is out of the configuration.
+async fn leave(dir: &Path, timeout: Duration) -> Result<()> {
+    let toml = dir.join("node.toml");
+    let mut file: NodeFile = files::read_toml(&toml)?;
+    let key = files::read_key(&dir.join("node.key"))?;
+    let addr: std::net::SocketAddr = file.listen.parse().map_err(|_| {
+        anyhow!(
+            "{}: listen {:?} is not IP:port",
+            toml.display(),
+            file.listen
+        )
+    })?;
+    // Do not join again after a restart.
+    file.join = false;
+    files::write_toml(&toml, &file)?;
+    let endpoint = dbqsfs_net::Endpoint::client(
+        dbqsfs_net::local_bind_for(addr),
+        key.dalek().clone(),
+        dbqsfs_net::TransportOptions::default(),
+    )?;
+    let vk = key.dalek().verifying_key();
+    let deadline = Instant::now() + timeout;
+    let mut announced = None;
+    loop {
+        let req = dbqsfs_core::wire::encode_msg(0, MsMessage::Leave);
+        match endpoint.request(addr, &vk, &req).await {
+            Ok(resp) => match dbqsfs_core::wire::decode::<MsMessage>(&resp).map(|e| e.msg) {
+                Ok(MsMessage::Leaving {
+                    epoch,
+                    member: false,
+                }) => {
+                    println!("left: the configuration of epoch {epoch} does not include this node");
+                    println!("the node keeps serving its old data to the new replicas; stop it when `dbqsfs status` shows their transfers complete");
+                    return Ok(());
+                }
+                Ok(MsMessage::Leaving {
+                    epoch,
+                    member: true,
+                }) => {
+                    if announced != Some(epoch) {
+                        eprintln!(
+                            "epoch {epoch}: leave submitted, waiting for the end of the epoch"
+                        );
+                        announced = Some(epoch);
+                    }
+                }
+                Ok(other) => bail!("the node refused: {other:?}"),
+                Err(e) => bail!("the node's answer is undecodable: {e}"),
+            },
+            Err(e) => bail!(
+                "cannot reach the node at {addr}: {e} (is `dbqsfs node --dir {}` running?)",
+                dir.display()
+            ),
+        }
+        if Instant::now() >= deadline {
+            bail!("the node is still a member after {}s; is the Membership Service running (see `dbqsfs status`)?", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn node_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -598,14 +903,82 @@ async fn block_get(cluster: &Path, id: FileId, out: &Path) -> Result<()> {
 
 async fn status(cluster: &Path) -> Result<()> {
     let client = connect(cluster)?;
-    let config = client.chain().config().clone();
+    let chain = client.refresh().await;
+    let config = chain.config().clone();
+    let p = &config.params;
     println!(
-        "epoch {}  f={}  {} members  committee of {}",
+        "epoch {}  f={}  {} members  committee of {} (f_ms={})  epoch {} s, probes every {} s, evict after {} failed",
         config.epoch,
-        config.params.f,
+        p.f,
         config.members.len(),
-        config.committee.len()
+        config.committee.len(),
+        p.f_ms,
+        p.epoch_ms / 1000,
+        p.probe_ms as f64 / 1000.0,
+        p.evict_after_probes,
     );
+    // The MS view of every member: the committee members' probes and pending changes.
+    let ms_queries: Vec<_> = config
+        .members
+        .iter()
+        .map(|m| {
+            let c = client.clone();
+            let m = m.clone();
+            tokio::spawn(async move { c.ms_status(&m).await.ok() })
+        })
+        .collect();
+    let mut views = Vec::new();
+    for h in ms_queries {
+        if let Some(v) = h.await? {
+            views.push(v);
+        }
+    }
+    // Probe state: how many committee members (of those that answered) report each member
+    // unresponsive.
+    let suspicion = |id: &dbqsfs_core::crypto::NodeId| -> (usize, usize) {
+        let probers: Vec<_> = views
+            .iter()
+            .filter(|v| v.in_agreement && v.epoch == config.epoch)
+            .collect();
+        let bad = probers
+            .iter()
+            .filter(|v| v.probes.iter().any(|(t, _, ok)| t == id && !ok))
+            .count();
+        (bad, probers.len())
+    };
+    if let Some(v) = views
+        .iter()
+        .find(|v| v.in_agreement && v.epoch == config.epoch)
+    {
+        println!(
+            "agreement: view {}  primary {}  {} operations batches executed  epoch age {} s",
+            v.view,
+            v.primary.map(|p| p.short()).unwrap_or_else(|| "?".into()),
+            v.executed,
+            v.epoch_age_ms / 1000
+        );
+        if let Some(pending) = &v.pending {
+            let ids = |xs: &[dbqsfs_core::crypto::NodeId]| {
+                xs.iter().map(|x| x.short()).collect::<Vec<_>>().join(" ")
+            };
+            println!(
+                "pending for epoch {}: joins [{}]  leaves [{}]  suspected [{}]  guilty [{}]  end votes {}",
+                config.epoch + 1,
+                ids(&pending.joins),
+                ids(&pending.leaves),
+                pending
+                    .suspected
+                    .iter()
+                    .map(|(id, n)| format!("{}×{n}", id.short()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                ids(&pending.guilty),
+                pending.end_votes
+            );
+        }
+    } else {
+        println!("agreement: no committee member answered");
+    }
     let queries = config.members.iter().map(|m| {
         let c = client.clone();
         let m = m.clone();
@@ -616,8 +989,29 @@ async fn status(cluster: &Path) -> Result<()> {
     });
     let handles: Vec<_> = queries.collect();
     let mut unreachable = 0;
+    let mut transfers = Vec::new();
     for h in handles {
         let (m, r) = h.await?;
+        let (bad, probers) = suspicion(&m.id);
+        // "C" marks committee members; then what the committee's probes say.
+        print!(
+            "{} {:<26} ",
+            if config.committee.contains(&m.id) {
+                "C"
+            } else {
+                " "
+            },
+            if bad == 0 {
+                format!("probes ok ({probers} probers)")
+            } else {
+                format!("UNRESPONSIVE to {bad} of {probers}")
+            },
+        );
+        if let Ok(s) = &r {
+            if !s.transfers.is_empty() {
+                transfers.push((m.id, s.transfers.clone()));
+            }
+        }
         match r {
             Ok(s) => println!(
                 "{}  {}  reachable  epoch {}  {} bytes in {} objects{}",
@@ -643,6 +1037,11 @@ async fn status(cluster: &Path) -> Result<()> {
             "{unreachable} of {} members unreachable",
             config.members.len()
         );
+    }
+    for (id, ts) in transfers {
+        for line in transfer::status_lines(&ts) {
+            println!("{}  {line}", id.short());
+        }
     }
     Ok(())
 }

@@ -12,7 +12,10 @@
 //! files (the CLI does it), caching.
 
 use crate::control::{ControlMessage, TransferStatus};
-use dbqsfs_core::config::{CertifiedConfig, ConfigChain, ConfigError, Member};
+use crate::ms::{MsMessage, MsStatus};
+use dbqsfs_core::config::{
+    CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness, Member,
+};
 use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId};
 use dbqsfs_core::dbqs::client::{
     Client, ClientOptions, ClientOutput, OpError, OpId, Operation, Outcome,
@@ -23,6 +26,7 @@ use dbqsfs_net::{local_bind_for, Endpoint, NetError, TransportOptions};
 use ed25519_dalek::VerifyingKey;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -59,6 +63,9 @@ pub struct DbqsClientOptions {
     /// Give up on an operation after this long.
     pub op_timeout: Duration,
     pub transport: TransportOptions,
+    /// Use a configuration only while holding a freshness certificate of it younger than the
+    /// configuration's `freshness_ms` (DESIGN §3); off only for tools that must work without an MS.
+    pub freshness: bool,
 }
 
 impl Default for DbqsClientOptions {
@@ -71,6 +78,7 @@ impl Default for DbqsClientOptions {
                 connect_timeout: Duration::from_secs(3),
                 ..TransportOptions::default()
             },
+            freshness: true,
         }
     }
 }
@@ -86,15 +94,21 @@ pub struct NodeStatus {
     pub transfers: Vec<TransferStatus>,
 }
 
-type Submission = (Operation, oneshot::Sender<Outcome>);
+/// What the driver task takes: operations, and configurations or freshness certificates learned
+/// elsewhere.
+enum Input {
+    Op(Operation, oneshot::Sender<Outcome>),
+    Learn(Vec<CertifiedConfig>, Option<Freshness>),
+}
 
 /// An async dBQS client. Cheap to clone; all clones share one driver task, which stops when the
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct DbqsClient {
-    submit: mpsc::Sender<Submission>,
+    submit: mpsc::Sender<Input>,
     endpoint: Endpoint,
-    chain: ConfigChain,
+    /// The newest verified configurations the driver knows.
+    chain: Arc<Mutex<ConfigChain>>,
 }
 
 fn member_addr(m: &Member) -> Result<(SocketAddr, VerifyingKey), ClientError> {
@@ -128,6 +142,7 @@ impl DbqsClient {
         )?;
         // The struct update is needed when core's `mutants` feature adds a field (workspace builds).
         #[allow(clippy::needless_update)]
+        let lease = opts.freshness.then_some(chain.config().params.freshness_ms);
         let core = Client::new(
             key.node_id(),
             chain.clone(),
@@ -137,11 +152,13 @@ impl DbqsClient {
                 // A fresh random start, so late replies to an earlier run of this client (same key)
                 // can never match a request of this one.
                 first_request_id: random_u64(),
+                freshness_lease_ms: lease,
                 ..ClientOptions::default()
             },
         );
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(drive(core, endpoint.clone(), rx));
+        let chain = Arc::new(Mutex::new(chain));
+        tokio::spawn(drive(core, endpoint.clone(), rx, chain.clone()));
         Ok(DbqsClient {
             submit: tx,
             endpoint,
@@ -149,15 +166,60 @@ impl DbqsClient {
         })
     }
 
-    /// The configuration the client started from.
-    pub fn chain(&self) -> &ConfigChain {
-        &self.chain
+    /// The newest verified configurations the client knows.
+    pub fn chain(&self) -> ConfigChain {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks the members of the newest known configuration for newer configurations (verified
+    /// from genesis before use) until one answers; returns the newest chain. Also learns the
+    /// freshest freshness certificate offered.
+    pub async fn refresh(&self) -> ConfigChain {
+        let mut chain = self.chain();
+        let mut freshest: Option<Freshness> = None;
+        // Members of each newer configuration learned are asked in turn (bounded).
+        for _ in 0..8 {
+            let before = chain.epoch();
+            let answers = ask_chain(&self.endpoint, chain.config(), before).await;
+            for (configs, freshness) in answers {
+                let _ = chain.extend(configs);
+                if let Some(f) = freshness {
+                    if freshest
+                        .as_ref()
+                        .is_none_or(|c| (f.epoch, f.time_ms) > (c.epoch, c.time_ms))
+                    {
+                        freshest = Some(f);
+                    }
+                }
+            }
+            if chain.epoch() == before {
+                break;
+            }
+        }
+        let newer = chain.after(self.chain().epoch(), usize::MAX);
+        let _ = self.submit.send(Input::Learn(newer, freshest)).await;
+        *self.chain.lock().unwrap_or_else(|p| p.into_inner()) = chain.clone();
+        chain
+    }
+
+    /// Asks member `m` for its view of the Membership Service.
+    pub async fn ms_status(&self, m: &Member) -> Result<MsStatus, ClientError> {
+        let (addr, key) = member_addr(m)?;
+        let req = encode_msg(self.chain().epoch(), MsMessage::StatusRequest);
+        let resp = self.endpoint.request(addr, &key, &req).await?;
+        match decode::<MsMessage>(&resp)
+            .map_err(|e| ClientError::BadStatus(e.to_string()))?
+            .msg
+        {
+            MsMessage::Status(s) => Ok(*s),
+            other => Err(ClientError::BadStatus(format!("{other:?}"))),
+        }
     }
 
     async fn run(&self, op: Operation) -> Result<Outcome, ClientError> {
         let (tx, rx) = oneshot::channel();
         self.submit
-            .send((op, tx))
+            .send(Input::Op(op, tx))
             .await
             .map_err(|_| ClientError::Closed)?;
         match rx.await.map_err(|_| ClientError::Closed)? {
@@ -214,7 +276,7 @@ impl DbqsClient {
     /// Asks member `m` for its status (one request, bounded by the transport's timeouts).
     pub async fn node_status(&self, m: &Member) -> Result<NodeStatus, ClientError> {
         let (addr, key) = member_addr(m)?;
-        let req = encode_msg(self.chain.epoch(), ControlMessage::StatusRequest);
+        let req = encode_msg(self.chain().epoch(), ControlMessage::StatusRequest);
         let resp = self.endpoint.request(addr, &key, &req).await?;
         match decode::<ControlMessage>(&resp)
             .map_err(|e| ClientError::BadStatus(e.to_string()))?
@@ -239,9 +301,24 @@ impl DbqsClient {
 }
 
 /// The driver task: owns the core client.
-async fn drive(mut core: Client, endpoint: Endpoint, mut submissions: mpsc::Receiver<Submission>) {
+async fn drive(
+    mut core: Client,
+    endpoint: Endpoint,
+    mut submissions: mpsc::Receiver<Input>,
+    latest: Arc<Mutex<ConfigChain>>,
+) {
+    // The core's clock is wall-clock milliseconds (freshness certificates carry wall-clock time),
+    // advanced monotonically from the start.
     let start = Instant::now();
-    let now = move || start.elapsed().as_millis() as u64;
+    let start_ms = unix_ms();
+    let now = move || start_ms + start.elapsed().as_millis() as u64;
+    // Freshness: fetched at once when the core asks, and ahead of expiry in the background.
+    let (learn_tx, mut learned) =
+        mpsc::unbounded_channel::<(Vec<CertifiedConfig>, Option<Freshness>)>();
+    let refresh_every =
+        Duration::from_millis((core.config().params.freshness_ms / 4).clamp(200, 2_000));
+    let mut next_refresh = Instant::now();
+    let mut refreshing = false;
     let (resp_tx, mut responses) = mpsc::unbounded_channel::<(NodeId, Vec<u8>)>();
     let mut waiting: HashMap<OpId, oneshot::Sender<Outcome>> = HashMap::new();
     let mut open = true;
@@ -280,32 +357,124 @@ async fn drive(mut core: Client, endpoint: Endpoint, mut submissions: mpsc::Rece
                 ClientOutput::Misbehaviour { from, what } => {
                     warn!(node = %from.short(), what, "replica misbehaved");
                 }
-                ClientOutput::EpochChanged { epoch } => info!(epoch, "client moved to a new epoch"),
-                // The daemon's client sets no freshness lease (nodes do not issue certificates yet).
+                ClientOutput::EpochChanged { epoch } => {
+                    info!(epoch, "client moved to a new epoch");
+                    *latest.lock().unwrap_or_else(|p| p.into_inner()) = core.chain().clone();
+                }
                 ClientOutput::NeedFreshness { epoch } => {
-                    warn!(epoch, "operations wait for a freshness certificate")
+                    debug!(epoch, "operations wait for a freshness certificate");
+                    next_refresh = Instant::now();
                 }
             }
         }
         if !open && waiting.is_empty() {
             break;
         }
+        if core.config().params.freshness_ms > 0 && !refreshing && Instant::now() >= next_refresh {
+            refreshing = true;
+            next_refresh = Instant::now() + refresh_every;
+            let endpoint = endpoint.clone();
+            let config = core.config().clone();
+            let tx = learn_tx.clone();
+            tokio::spawn(async move {
+                let answers = ask_chain(&endpoint, &config, config.epoch).await;
+                let mut configs = Vec::new();
+                let mut fresh = None;
+                for (c, f) in answers {
+                    if c.len() > configs.len() {
+                        configs = c;
+                    }
+                    fresh = fresh.or(f);
+                }
+                let _ = tx.send((configs, fresh));
+            });
+        }
         let deadline = core
             .next_timeout()
-            .map(|t| start + Duration::from_millis(t));
+            .map(|t| start + Duration::from_millis(t.saturating_sub(start_ms)));
         tokio::select! {
             sub = submissions.recv(), if open => match sub {
-                Some((op, tx)) => {
+                Some(Input::Op(op, tx)) => {
                     let id = core.submit(now(), op);
                     waiting.insert(id, tx);
                 }
+                Some(Input::Learn(configs, fresh)) => learn(&mut core, now(), configs, fresh, &latest),
                 None => open = false,
             },
+            Some((configs, fresh)) = learned.recv() => {
+                refreshing = false;
+                learn(&mut core, now(), configs, fresh, &latest);
+            }
+            _ = tokio::time::sleep_until(next_refresh), if !refreshing => {}
             Some((from, bytes)) = responses.recv() => core.handle_message(now(), from, &bytes),
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await },
                 if deadline.is_some() => core.handle_timeout(now()),
         }
     }
+}
+
+/// Feeds configurations and a freshness certificate learned elsewhere to the core.
+fn learn(
+    core: &mut Client,
+    now: u64,
+    configs: Vec<CertifiedConfig>,
+    fresh: Option<Freshness>,
+    latest: &Mutex<ConfigChain>,
+) {
+    if !configs.is_empty() {
+        if let Err(e) = core.learn_configs(now, configs) {
+            debug!(error = %e, "learned configurations refused");
+        }
+        *latest.lock().unwrap_or_else(|p| p.into_inner()) = core.chain().clone();
+    }
+    if let Some(f) = fresh {
+        if let Err(e) = core.learn_freshness(now, f) {
+            debug!(error = %e, "freshness certificate refused");
+        }
+    }
+}
+
+/// Asks `config`'s members for the configurations after `epoch` and the freshest freshness
+/// certificate: committee members first (they issue freshness), answers from those that answer
+/// within the transport's bounds. Untrusted: the caller verifies.
+async fn ask_chain(
+    endpoint: &Endpoint,
+    config: &Configuration,
+    epoch: Epoch,
+) -> Vec<(Vec<CertifiedConfig>, Option<Freshness>)> {
+    let req = encode_msg(epoch, MsMessage::ChainAfter { epoch });
+    let mut members: Vec<&Member> = config.members.iter().collect();
+    members.sort_by_key(|m| !config.committee.contains(&m.id));
+    let mut asks = tokio::task::JoinSet::new();
+    for (addr, key) in members.into_iter().filter_map(|m| member_addr(m).ok()) {
+        let endpoint = endpoint.clone();
+        let req = req.clone();
+        asks.spawn(async move {
+            let resp =
+                tokio::time::timeout(Duration::from_secs(3), endpoint.request(addr, &key, &req))
+                    .await
+                    .ok()?
+                    .ok()?;
+            match decode::<MsMessage>(&resp).ok()?.msg {
+                MsMessage::Chain { configs, freshness } => Some((configs, freshness)),
+                _ => None,
+            }
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = asks.join_next().await {
+        if let Ok(Some(a)) = done {
+            answers.push(a);
+        }
+    }
+    answers
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn random_u64() -> u64 {

@@ -22,6 +22,10 @@ pub enum Fault {
     Garbage,
     /// Acknowledges writes without storing anything.
     AckWithoutStore,
+    /// As a committee member: withholds its agreement messages and sends garbage ones, never
+    /// proposes the end of an epoch, and pushes forged configurations and freshness certificates
+    /// to every member (stores and answers dBQS honestly).
+    ForgeConfigs,
 }
 
 /// A store that misbehaves as its [`Fault`] says.
@@ -83,6 +87,10 @@ impl<S: Store> Store for FaultStore<S> {
 
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
         self.inner.list()
+    }
+
+    fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.inner.delete(id)
     }
 }
 

@@ -56,6 +56,12 @@ pub struct NodeFile {
     pub admission_key: String,
     /// The admission key's signature over this node's public key (hex).
     pub admission_cert: String,
+    /// Ask the MS to join the cluster until a configuration includes this node.
+    #[serde(default)]
+    pub join: bool,
+    /// A member's address to learn configurations from while this node is not a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<String>,
 }
 
 /// `cluster.toml`.
@@ -69,6 +75,29 @@ pub struct ClusterFile {
     pub admission_key: String,
     /// Node directories, relative to this file's directory.
     pub nodes: Vec<String>,
+}
+
+/// What `dbqsfs admit` prints for a node that joins: its admission certificate and what it needs to
+/// trust the cluster. Printed as hex of its postcard encoding.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinTicket {
+    pub cert: dbqsfs_core::ms::membership::AdmissionCert,
+    pub admission_key: PublicKey,
+    pub genesis: CertifiedConfig,
+    pub clients: Vec<PublicKey>,
+}
+
+impl JoinTicket {
+    pub fn encode(&self) -> String {
+        to_hex(&postcard::to_allocvec(self).unwrap_or_default())
+    }
+
+    /// Decodes a ticket from its hex text (`what` names it in errors).
+    pub fn decode(what: &Path, text: &str) -> Result<JoinTicket, FileError> {
+        from_hex(text)
+            .and_then(|b| postcard::from_bytes(&b).ok())
+            .ok_or_else(|| FileError::invalid(what, "not a certificate printed by `dbqsfs admit`"))
+    }
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {

@@ -12,6 +12,7 @@ pub mod control;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod files;
+pub mod ms;
 pub mod node;
 pub mod store;
 pub mod transfer;

@@ -423,8 +423,14 @@ fn ensure_embedded_cluster(data: &Path, base_port: Option<u16>) -> Result<PathBu
         Some(p) => p,
         None => free_base_port(EMBEDDED_NODES as u16)?,
     };
-    cluster_init(EMBEDDED_NODES, &cdir, Some(EMBEDDED_F), base)
-        .context("creating the embedded cluster")?;
+    cluster_init(
+        EMBEDDED_NODES,
+        &cdir,
+        Some(EMBEDDED_F),
+        base,
+        &crate::cli::Timing::default(),
+    )
+    .context("creating the embedded cluster")?;
     Ok(cdir)
 }
 

@@ -4,28 +4,37 @@
 //! - Load the node directory (`node.toml`, `node.key`, the store under `data/`), check the node's
 //!   admission certificate, and resume from the configuration chain saved in the store (verified
 //!   from the genesis configuration) or from genesis.
-//! - Admit as peers the members of the current configuration and the listed client keys.
-//! - Feed every request to the replica (on the blocking pool: the store fsyncs), send back its reply,
-//!   install pushed configurations and persist the chain. Answer [`ControlMessage::StatusRequest`].
+//! - Serve dBQS and state transfer to the members of the current configuration and the listed
+//!   client keys; the MS protocol (`ms`) to anyone, since a node that joins is nobody yet (what a
+//!   stranger may ask is limited there). Every connection is authenticated by its key; what it may
+//!   do is decided per message ([`Peer`]).
+//! - Feed every request to the replica (on the blocking pool: the store fsyncs), send back its reply.
+//!   Newer configurations, from any source, go through [`Shared::install`]: verified against the
+//!   chain, persisted, then installed. Answer [`ControlMessage::StatusRequest`].
+//! - Run the node's MS task ([`crate::ms`]): epoch follower, and committee role when in the committee.
 //! - Shut down cleanly on SIGTERM or ctrl-c.
 //!
-//! Non-goals: protocol decisions (the replica makes them), membership changes, state transfer.
+//! Non-goals: protocol decisions (the replica and the MS core make them).
 
 use crate::control::{is_control, ControlMessage};
 use crate::files::{self, FileError, NodeFile};
+use crate::ms::{is_ms, Inbound, MsHandle, MsOptions};
 use crate::store::{DiskStore, OpenError};
-use dbqsfs_core::config::{ConfigChain, ConfigError};
+use crate::transfer::{self, TransferOptions, TransferWorker};
+use dbqsfs_core::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch, Freshness};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
+use dbqsfs_core::ms::membership::AdmissionCert;
+use dbqsfs_core::ms::pbft::AgreementMessage;
 use dbqsfs_core::store::{Store, StoreError};
-use dbqsfs_core::wire::{decode, encode_msg};
+use dbqsfs_core::wire::{decode, encode_msg, Protocol};
 use dbqsfs_net::{Authorizer, Endpoint, NetError, TransportOptions};
 use ed25519_dalek::VerifyingKey;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tracing::{debug, info, warn};
 
 /// Why a node could not start.
@@ -45,19 +54,156 @@ pub enum NodeError {
     NotAdmitted(PathBuf),
     #[error("transport: {0}")]
     Net(#[from] NetError),
+    #[error("the join address {0} is not a member address in any configuration this node knows; join through a member's address")]
+    UnknownBootstrap(SocketAddr),
 }
 
 /// The store the replica runs over: the disk store, or a faulty wrapper of it in fault tests.
 type ReplicaStore = Arc<dyn Store + Send + Sync>;
 type SharedReplica = Arc<RwLock<Replica<ReplicaStore>>>;
 
+/// What a peer is to this node, by its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A member of the current configuration.
+    Member,
+    /// A client key listed in node.toml.
+    Client,
+    /// This node's own key (its `dbqsfs` commands).
+    Myself,
+    /// Anyone else: a node that is joining, a member that was removed, or a stranger.
+    Stranger,
+}
+
+/// What the node's tasks share.
+pub struct Shared {
+    pub key: Keypair,
+    pub admission_key: PublicKey,
+    /// The address this node listens on (as members are told to reach it).
+    pub listen: SocketAddr,
+    pub replica: SharedReplica,
+    pub store: Arc<DiskStore>,
+    clients: BTreeSet<[u8; 32]>,
+    freshness: Mutex<Option<Freshness>>,
+    /// Serializes installations (verify, persist, install must not interleave).
+    installing: Mutex<()>,
+    /// The state-transfer worker: told of every installed epoch ([`Shared::install`]).
+    pub transfers: TransferWorker,
+}
+
+impl Shared {
+    pub fn epoch(&self) -> Epoch {
+        self.replica
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .epoch()
+    }
+
+    /// A copy of the verified configuration chain.
+    pub fn chain(&self) -> ConfigChain {
+        self.replica
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .chain()
+            .clone()
+    }
+
+    pub fn peer(&self, key: &PublicKey) -> Peer {
+        if *key == self.key.public() {
+            Peer::Myself
+        } else if self.clients.contains(&key.0) {
+            Peer::Client
+        } else if self
+            .replica
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .chain()
+            .config()
+            .is_member(&key.node_id())
+        {
+            Peer::Member
+        } else {
+            Peer::Stranger
+        }
+    }
+
+    /// Verifies `configs` against the chain, persists the longer chain, and only then installs it
+    /// (a node that restarted in an epoch it had already left could accept writes the new epoch
+    /// assumes over). Blocking: it fsyncs. Returns the epochs added (none if nothing was new).
+    pub fn install(&self, configs: Vec<CertifiedConfig>) -> Result<Vec<Epoch>, InstallError> {
+        let _one = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.chain();
+        let added = next.extend(configs.clone())?;
+        if added.is_empty() {
+            return Ok(added);
+        }
+        self.store.save_chain(&next.all())?;
+        {
+            let mut r = self.replica.write().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = r.install(configs) {
+                warn!(error = %e, "configurations verified once did not install");
+            }
+        }
+        let config = next.config();
+        info!(
+            epochs = ?added,
+            members = config.members.len(),
+            member = config.is_member(&self.key.node_id()),
+            committee = config.committee.contains(&self.key.node_id()),
+            "installed configurations"
+        );
+        self.transfers.epochs_installed(&added);
+        Ok(added)
+    }
+
+    /// The newest freshness certificate this node holds.
+    pub fn freshness(&self) -> Option<Freshness> {
+        self.freshness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps `f` if it verifies against the configuration of its epoch and is newer.
+    pub fn learn_freshness(&self, f: Freshness) {
+        let Some(config) = self.chain().get(f.epoch).map(|c| c.config.clone()) else {
+            return;
+        };
+        if f.verify(&config).is_err() {
+            return;
+        }
+        let mut cur = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
+        if cur
+            .as_ref()
+            .is_none_or(|c| (f.epoch, f.time_ms) > (c.epoch, c.time_ms))
+        {
+            *cur = Some(f);
+        }
+    }
+
+    /// The newest epoch whose MS agreement this node took part in.
+    pub fn agreement_marker(&self) -> Result<Option<Epoch>, StoreError> {
+        self.store.load_agreement_epoch()
+    }
+
+    pub fn set_agreement_marker(&self, epoch: Epoch) -> Result<(), StoreError> {
+        self.store.save_agreement_epoch(epoch)
+    }
+}
+
+/// Why configurations were not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("could not persist the configuration chain (staying in the current epoch): {0}")]
+    Store(#[from] StoreError),
+}
+
 /// A node loaded from its directory, not yet serving.
 pub struct Node {
-    key: Keypair,
-    listen: SocketAddr,
-    clients: BTreeSet<[u8; 32]>,
-    store: Arc<DiskStore>,
-    replica: SharedReplica,
+    shared: Arc<Shared>,
+    ms: MsOptions,
     #[cfg(feature = "fault-injection")]
     fault: Option<crate::fault::Fault>,
 }
@@ -98,29 +244,63 @@ impl Node {
             }
             None => store.save_chain(&[genesis])?,
         }
+        let me = key.node_id();
         let ready = match store.load_ready()? {
             Some(epochs) => epochs.contains(&chain.epoch()),
             None => {
-                // A fresh node at genesis holds everything it is responsible for (nothing).
-                store.save_ready(&[chain.epoch()])?;
-                true
+                // A fresh node holds everything it is responsible for: at genesis nothing has been
+                // written, and a node that is not a member is responsible for nothing.
+                let fresh = chain.epoch() == 0 || !chain.config().is_member(&me);
+                if fresh {
+                    store.save_ready(&[chain.epoch()])?;
+                }
+                fresh
             }
         };
-        info!(node = %key.node_id().short(), epoch = chain.epoch(), ready, %listen, "node loaded");
+        let mut ms = MsOptions::default();
+        if file.join {
+            ms.join = Some(AdmissionCert {
+                node: key.public(),
+                sig: cert,
+            });
+        }
+        if let Some(addr) = &file.bootstrap {
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|_| NodeError::BadListen(addr.clone()))?;
+            let member = chain
+                .all()
+                .iter()
+                .rev()
+                .find_map(|c| {
+                    c.config
+                        .members
+                        .iter()
+                        .find(|m| m.addr == addr.to_string())
+                        .cloned()
+                })
+                .ok_or(NodeError::UnknownBootstrap(addr))?;
+            let vk = VerifyingKey::from_bytes(&member.key.0)
+                .map_err(|_| NodeError::UnknownBootstrap(addr))?;
+            ms.bootstrap = Some((addr, vk));
+        }
+        info!(node = %me.short(), epoch = chain.epoch(), ready, %listen, "node loaded");
         let replica_store: ReplicaStore = store.clone();
-        let replica = Replica::new(
-            key.node_id(),
-            replica_store,
-            chain,
-            ready,
-            ReplicaOptions::default(),
-        );
+        let replica = Replica::new(me, replica_store, chain, ready, ReplicaOptions::default());
+        let transfers = TransferWorker::new(me, store.clone(), TransferOptions::default());
         Ok(Node {
-            key,
-            listen,
-            clients,
-            store,
-            replica: Arc::new(RwLock::new(replica)),
+            shared: Arc::new(Shared {
+                key,
+                admission_key: admission,
+                listen,
+                replica: Arc::new(RwLock::new(replica)),
+                store,
+                clients,
+                freshness: Mutex::new(None),
+                installing: Mutex::new(()),
+                transfers,
+            }),
+            ms,
             #[cfg(feature = "fault-injection")]
             fault: None,
         })
@@ -129,50 +309,81 @@ impl Node {
     /// Makes this node Byzantine in the way `fault` says (test builds only).
     #[cfg(feature = "fault-injection")]
     pub fn with_fault(mut self, fault: crate::fault::Fault) -> Self {
+        let s = &self.shared;
         let (chain, ready) = {
-            let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
+            let r = s.replica.read().unwrap_or_else(|p| p.into_inner());
             (r.chain().clone(), r.is_ready())
         };
-        let faulty: ReplicaStore =
-            Arc::new(crate::fault::FaultStore::new(self.store.clone(), fault));
-        self.replica = Arc::new(RwLock::new(Replica::new(
-            self.key.node_id(),
+        let faulty: ReplicaStore = Arc::new(crate::fault::FaultStore::new(s.store.clone(), fault));
+        let replica = Replica::new(
+            s.key.node_id(),
             faulty,
             chain,
             ready,
             ReplicaOptions::default(),
-        )));
+        );
+        self.shared = Arc::new(Shared {
+            key: s.key.clone(),
+            admission_key: s.admission_key,
+            listen: s.listen,
+            replica: Arc::new(RwLock::new(replica)),
+            store: s.store.clone(),
+            clients: s.clients.clone(),
+            freshness: Mutex::new(None),
+            installing: Mutex::new(()),
+            transfers: s.transfers.clone(),
+        });
         self.fault = Some(fault);
+        self.ms.forge = fault == crate::fault::Fault::ForgeConfigs;
         tracing::warn!(?fault, "this node is deliberately faulty");
         self
     }
 
+    /// Changes the node's MS timing (tests use short periods).
+    pub fn with_ms_options(mut self, f: impl FnOnce(&mut MsOptions)) -> Self {
+        f(&mut self.ms);
+        self
+    }
+
     pub fn id(&self) -> NodeId {
-        self.key.node_id()
+        self.shared.key.node_id()
     }
 
     /// Serves until `shutdown` completes, then closes the endpoint.
+    /// Tunes the state-transfer worker (before [`Node::run`]).
+    pub fn with_transfer_options(mut self, opts: TransferOptions) -> Self {
+        if let Some(s) = Arc::get_mut(&mut self.shared) {
+            s.transfers = TransferWorker::new(s.key.node_id(), s.store.clone(), opts);
+        }
+        self
+    }
+
+    /// The state-transfer worker (to follow its progress).
+    pub fn transfers(&self) -> &TransferWorker {
+        &self.shared.transfers
+    }
+
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
-        let authorizer = NodeAuthorizer {
-            replica: self.replica.clone(),
-            clients: self.clients.clone(),
-        };
+        let shared = self.shared;
         let endpoint = Endpoint::server(
-            self.listen,
-            self.key.dalek().clone(),
+            shared.listen,
+            shared.key.dalek().clone(),
             TransportOptions::default(),
-            Arc::new(authorizer),
+            Arc::new(AnyKey),
         )?;
         info!(addr = %endpoint.local_addr(), "serving");
-        let replica = self.replica.clone();
-        let store = self.store.clone();
+        let transfers = shared
+            .transfers
+            .start(endpoint.clone(), shared.replica.clone());
+        let ms = crate::ms::spawn(shared.clone(), endpoint.clone(), self.ms);
         #[cfg(feature = "fault-injection")]
         let fault = self.fault;
+        let serving = shared.clone();
         endpoint.serve(move |peer: VerifyingKey, request: Vec<u8>| {
-            let replica = replica.clone();
-            let store = store.clone();
+            let shared = serving.clone();
+            let ms = ms.clone();
             async move {
-                let reply = handle(replica, store, peer, request).await;
+                let reply = handle(shared, ms, peer, request).await;
                 #[cfg(feature = "fault-injection")]
                 let reply = crate::fault::distort_reply(fault, reply);
                 reply
@@ -180,65 +391,65 @@ impl Node {
         });
         shutdown.await;
         info!("shutting down");
+        transfers.abort();
+        let _ = transfers.await;
         endpoint.close().await;
         Ok(())
     }
 }
 
-struct NodeAuthorizer {
-    replica: SharedReplica,
-    clients: BTreeSet<[u8; 32]>,
-}
+/// Every key may connect: a joining node is in no configuration yet. What a peer may ask is decided
+/// per message, by [`Shared::peer`].
+struct AnyKey;
 
-impl Authorizer for NodeAuthorizer {
-    fn is_authorized(&self, peer: &VerifyingKey) -> bool {
-        let bytes = peer.to_bytes();
-        if self.clients.contains(&bytes) {
-            return true;
-        }
-        let id = PublicKey(bytes).node_id();
-        let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
-        r.chain().config().is_member(&id)
+impl Authorizer for AnyKey {
+    fn is_authorized(&self, _peer: &VerifyingKey) -> bool {
+        true
     }
 }
 
 async fn handle(
-    replica: SharedReplica,
-    store: Arc<DiskStore>,
+    shared: Arc<Shared>,
+    ms: MsHandle,
     peer: VerifyingKey,
     request: Vec<u8>,
 ) -> Option<Vec<u8>> {
-    let from = PublicKey(peer.to_bytes()).node_id();
+    let key = PublicKey(peer.to_bytes());
+    let from = key.node_id();
+    let kind = shared.peer(&key);
+    if is_ms(&request) {
+        return crate::ms::serve(&shared, &ms, key, kind, &request).await;
+    }
+    if request.get(1) == Some(&<AgreementMessage as Protocol>::ID) {
+        if kind == Peer::Member {
+            ms.offer(Inbound::Agreement {
+                from,
+                bytes: request,
+            });
+        }
+        return None;
+    }
+    if kind == Peer::Stranger {
+        debug!(peer = %from.short(), "request from a key that is neither a member nor a client: refused");
+        return None;
+    }
     let task = tokio::task::spawn_blocking(move || {
         if is_control(&request) {
-            return control(&replica, &store, from, &request);
+            return control(&shared, from, &request);
         }
-        let handled = replica
+        if transfer::is_transfer(&request) {
+            return transfer::serve(&shared.replica, from, &request);
+        }
+        let handled = shared
+            .replica
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .handle(from, &request);
         match handled {
             Handled::Reply(bytes) => Some(bytes),
             Handled::Install(configs) => {
-                let mut r = replica.write().unwrap_or_else(|p| p.into_inner());
-                // Persist the longer chain first and move to it only then: a node that restarted
-                // in an epoch it had already left could accept writes the new epoch assumes over.
-                let mut next = r.chain().clone();
-                match next.extend(configs.clone()) {
-                    Ok(added) if !added.is_empty() => {
-                        if let Err(e) = store.save_chain(&next.all()) {
-                            warn!(error = %e, "could not persist the configuration chain; staying in the current epoch");
-                            return None;
-                        }
-                        if let Err(e) = r.install(configs) {
-                            warn!(error = %e, "configurations verified once did not install");
-                        }
-                        info!(epochs = ?added, "installed configurations");
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        debug!(peer = %from.short(), error = %e, "refused pushed configurations")
-                    }
+                if let Err(e) = shared.install(configs) {
+                    debug!(peer = %from.short(), error = %e, "refused pushed configurations");
                 }
                 None
             }
@@ -257,12 +468,7 @@ async fn handle(
     }
 }
 
-fn control(
-    replica: &SharedReplica,
-    store: &DiskStore,
-    from: NodeId,
-    request: &[u8],
-) -> Option<Vec<u8>> {
+fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
     let env = match decode::<ControlMessage>(request) {
         Ok(env) => env,
         Err(e) => {
@@ -273,9 +479,10 @@ fn control(
     match env.msg {
         ControlMessage::StatusRequest => {
             let (epoch, ready) = {
-                let r = replica.read().unwrap_or_else(|p| p.into_inner());
+                let r = shared.replica.read().unwrap_or_else(|p| p.into_inner());
                 (r.epoch(), r.is_ready())
             };
+            let store = &shared.store;
             let objects = store.list().map(|l| l.len() as u64).unwrap_or(0);
             Some(encode_msg(
                 epoch,
@@ -284,8 +491,7 @@ fn control(
                     stored_bytes: store.content_bytes(),
                     objects,
                     ready,
-                    // Filled in by the transfer worker.
-                    transfers: Vec::new(),
+                    transfers: shared.transfers.status(),
                 },
             ))
         }

@@ -33,10 +33,11 @@ const PK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pk_blocks");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_CHAIN: &str = "config_chain";
 const META_READY: &str = "ready_epochs";
+/// The newest epoch whose MS agreement this node took part in.
+const META_AGREEMENT: &str = "agreement_epoch";
 /// State transfer progress: epoch → postcard-encoded arcs whose transfer into it is done (while the
 /// epoch's transfer is not complete).
 const TRANSFER_DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("transfer_done");
-
 
 /// Why a store could not be opened or its metadata read.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +192,16 @@ impl DiskStore {
     /// Saves the epochs whose state transfer is complete; durable on return.
     pub fn save_ready(&self, epochs: &[u64]) -> Result<(), StoreError> {
         self.put_meta(META_READY, &epochs)
+    }
+
+    /// The newest epoch whose MS agreement this node took part in (signed anything in).
+    pub fn load_agreement_epoch(&self) -> Result<Option<u64>, StoreError> {
+        self.get_meta(META_AGREEMENT)
+    }
+
+    /// Records that this node takes part in the MS agreement of `epoch`; durable on return.
+    pub fn save_agreement_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        self.put_meta(META_AGREEMENT, &epoch)
     }
 
     /// The arcs whose state transfer is done, per epoch, as persisted by
@@ -394,6 +405,25 @@ impl Store for DiskStore {
             }
         }
         Ok(ids)
+    }
+
+    fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
+        let (_, b, file) = self.block_path(id);
+        let len = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(&file) {
+            Ok(()) => {
+                fsync_dir(&b).map_err(io_err)?;
+                self.content_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(PK).map_err(db_err)?;
+            t.remove(id.0.as_slice()).map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
     }
 }
 

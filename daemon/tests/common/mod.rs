@@ -63,3 +63,238 @@ impl Running {
         self.task
     }
 }
+
+/// A cluster of separate `dbqsfs node` processes, killed when dropped.
+pub struct Cluster {
+    pub dir: PathBuf,
+    base: u32,
+    n: usize,
+    dirs: Vec<PathBuf>,
+    children: Vec<Option<std::process::Child>>,
+    extra: usize,
+}
+
+impl Cluster {
+    /// `dbqsfs cluster init` of `n` nodes with `args` (e.g. timing) in `root/c`.
+    pub fn init(root: &Path, n: usize, args: &[&str]) -> Cluster {
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).expect("randomness");
+        let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
+        let dir = root.join("c");
+        let out = Command::new(BIN)
+            .args(["cluster", "init", "--nodes", &n.to_string(), "--dir"])
+            .arg(&dir)
+            .args(["--base-port", &base.to_string()])
+            .args(args)
+            .output()
+            .expect("run dbqsfs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dirs = (0..n).map(|i| dir.join(format!("node-{i}"))).collect();
+        Cluster {
+            dir,
+            base,
+            n,
+            dirs,
+            children: (0..n).map(|_| None).collect(),
+            extra: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    pub fn node_dir(&self, i: usize) -> &Path {
+        &self.dirs[i]
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.base + i as u32)
+    }
+
+    /// Starts node `i` (logs to its directory's node.log).
+    pub fn start(&mut self, i: usize) {
+        self.start_with(i, &[]);
+    }
+
+    pub fn start_with(&mut self, i: usize, args: &[&str]) {
+        let dir = self.dirs[i].clone();
+        self.children[i] = Some(self.spawn(&dir, args));
+    }
+
+    fn spawn(&self, dir: &Path, args: &[&str]) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .expect("node log");
+        Command::new(BIN)
+            .arg("node")
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn node")
+    }
+
+    /// A directory and address for one more node.
+    pub fn new_node_dir(&mut self) -> (PathBuf, String) {
+        let k = self.extra;
+        self.extra += 1;
+        let dir = self.dir.join(format!("extra-{k}"));
+        (
+            dir,
+            format!("127.0.0.1:{}", self.base + (self.n + k) as u32),
+        )
+    }
+
+    /// Starts a node that joins through node 0 with certificate `cert`; returns its index.
+    pub fn spawn_join(&mut self, dir: &Path, addr: &str, cert: &str) -> usize {
+        let via = self.addr(0);
+        let child = self.spawn(dir, &["--join", &via, "--cert", cert, "--listen", addr]);
+        self.dirs.push(dir.to_path_buf());
+        self.children.push(Some(child));
+        self.dirs.len() - 1
+    }
+
+    pub fn node_id(&self, i: usize) -> dbqsfs_core::crypto::NodeId {
+        dbqsfs_daemon::files::read_key(&self.dirs[i].join("node.key"))
+            .expect("node key")
+            .node_id()
+    }
+
+    /// kill -9 node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        let dir = self.dirs[i].clone();
+        self.children[i] = Some(self.spawn(&dir, &[]));
+    }
+
+    /// A client of the cluster (inside a tokio runtime).
+    pub fn client(&self) -> dbqsfs_daemon::client::DbqsClient {
+        let info = dbqsfs_daemon::files::ClusterInfo::load(&self.dir.join("cluster.toml"))
+            .expect("cluster.toml");
+        dbqsfs_daemon::client::DbqsClient::connect(
+            info.genesis,
+            info.client_key,
+            dbqsfs_daemon::client::DbqsClientOptions::default(),
+        )
+        .expect("client")
+    }
+
+    /// Waits until the client learns epoch `e` or later; returns it.
+    pub async fn wait_epoch(
+        &self,
+        client: &dbqsfs_daemon::client::DbqsClient,
+        e: u64,
+        timeout: std::time::Duration,
+    ) -> u64 {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let got = client.refresh().await.epoch();
+            if got >= e {
+                return got;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "epoch {e} not reached in {timeout:?} (at {got}); logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until every member of the newest configuration reports epoch `e` or later.
+    pub async fn wait_all_at_least(
+        &self,
+        client: &dbqsfs_daemon::client::DbqsClient,
+        e: u64,
+        timeout: std::time::Duration,
+    ) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let chain = client.refresh().await;
+            let mut behind = Vec::new();
+            for m in &chain.config().members {
+                match client.ms_status(m).await {
+                    Ok(s) if s.epoch >= e => {}
+                    other => behind.push((m.id.short(), other.map(|s| s.epoch).ok())),
+                }
+            }
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "members not at epoch {e} within {timeout:?}: {behind:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// (epoch, configuration hash) of every member that answers.
+    pub async fn config_hashes(
+        &self,
+        client: &dbqsfs_daemon::client::DbqsClient,
+    ) -> Vec<(u64, [u8; 32])> {
+        let chain = client.refresh().await;
+        let mut out = Vec::new();
+        for m in &chain.config().members {
+            if let Ok(s) = client.ms_status(m).await {
+                out.push((s.epoch, s.config));
+            }
+        }
+        out
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop_all(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Some(child) = c.as_mut() {
+                unsafe {
+                    libc::kill(child.id() as i32, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for c in self.children.iter_mut() {
+            if let Some(mut child) = c.take() {
+                while std::time::Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Some(mut child) = c.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,1427 @@
+//! The Membership Service as a node runs it (DESIGN §3): the epoch follower on every node, and the
+//! committee role on the members of the current epoch's committee.
+//!
+//! Goals:
+//! - **Follower** (every node). Configurations arrive pushed along a tree computed from the newest
+//!   configuration ([`push_children`]) and are pulled every [`MsOptions::pull`] from a random member
+//!   (or, for a node that is joining, from the peer it was told to join through). Every configuration
+//!   is verified against the chain from the genesis configuration, persisted, and only then used
+//!   ([`Shared::install`]).
+//! - **Committee role** (members of the current committee). Runs the core's PBFT
+//!   ([`dbqsfs_core::ms::pbft::Agreement`]) over QUIC and executes the agreed operations with the
+//!   core's [`Membership`]; probes every member every `probe_ms` with a nonce that the member must
+//!   sign ([`MsMessage::Challenge`]) and submits its verdict when it changes (unresponsive after
+//!   `evict_after_probes` failed probes in a row); submits `EndEpoch` when the epoch timer fires;
+//!   turns agreement evidence into `Misbehaviour` operations; signs the next configuration when its
+//!   epoch ends and collects `2f_ms+1` signatures into the certificate; signs a freshness share
+//!   every third of `freshness_ms` and assembles freshness certificates.
+//! - **Submissions** (any node): joins (`dbqsfs node --join`), leaves (`dbqsfs leave`), and the
+//!   committee's own reports go out one at a time (the agreement executes a client's requests in
+//!   order and drops overtaken ones), resent until executed or their epoch is over.
+//!
+//! Non-goals: protocol decisions (the core makes them), state transfer (the transfer worker reacts
+//! to installed epochs on its own). A committee member that restarts in the epoch in which it
+//! already took part in the agreement sits that agreement out (it forgot what it signed and would
+//! count as Byzantine); it is back in a later epoch.
+//!
+//! Fault model: every message comes from the network and is checked before use; a Byzantine peer
+//! can delay or refuse, never forge: configurations and freshness certificates are self-certifying,
+//! probe answers are signatures over our nonce, agreement messages are checked by the core.
+
+use crate::node::{Peer, Shared};
+use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness, Member};
+use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
+use dbqsfs_core::ms::membership::{
+    AdmissionCert, CertificateCollector, Executed, Membership, MsOp, Pending,
+};
+use dbqsfs_core::ms::pbft::{
+    batch_digest, Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
+};
+use dbqsfs_core::wire::{decode, encode_msg, Protocol};
+use dbqsfs_net::Endpoint;
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Most configurations in one push or pull answer.
+const MAX_CONFIGS: usize = 64;
+/// Most batches kept per epoch for members that catch up (epochs are short; a bound all the same).
+const MAX_BATCHES: usize = 100_000;
+
+/// Messages of the MS between nodes (and from `dbqsfs` commands), beside the agreement's own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsMessage {
+    /// A signed MS operation for the committee. Any member may send one; a stranger only a join.
+    Submit(Request),
+    /// A prober's challenge: sign `nonce` for `epoch`.
+    Challenge {
+        epoch: Epoch,
+        nonce: [u8; 32],
+    },
+    /// The answer: the member's signature over [`probe_body`].
+    ChallengeAnswer {
+        sig: Signature,
+    },
+    /// A committee member's signature over the next configuration (of epoch `epoch`, hash `hash`).
+    ConfigShare {
+        epoch: Epoch,
+        hash: ConfigHash,
+        sig: Signature,
+    },
+    /// A committee member's freshness share: epoch `epoch` (hash `config`) is current at `time_ms`.
+    FreshShare {
+        epoch: Epoch,
+        config: ConfigHash,
+        time_ms: u64,
+        sig: Signature,
+    },
+    /// Certified configurations (oldest first), and the newest freshness certificate known.
+    Push {
+        configs: Vec<CertifiedConfig>,
+        freshness: Option<Freshness>,
+    },
+    /// Asks for the configurations after `epoch` (a pull).
+    ChainAfter {
+        epoch: Epoch,
+    },
+    /// The answer to [`MsMessage::ChainAfter`].
+    Chain {
+        configs: Vec<CertifiedConfig>,
+        freshness: Option<Freshness>,
+    },
+    /// Asks a committee member for the batches it executed in `epoch` up to `upto` (catching up
+    /// after the agreement skipped to a stable checkpoint).
+    Batches {
+        epoch: Epoch,
+        upto: SeqNo,
+    },
+    /// The answer to [`MsMessage::Batches`]: batches 1..=upto.
+    BatchLog {
+        batches: Vec<Vec<Request>>,
+    },
+    /// Asks for the node's view of the MS (for `dbqsfs status`).
+    StatusRequest,
+    Status(Box<MsStatus>),
+    /// Sent by `dbqsfs leave` with the node's own key: leave the cluster.
+    Leave,
+    /// The answer to [`MsMessage::Leave`]: whether the node is still a member of `epoch`.
+    Leaving {
+        epoch: Epoch,
+        member: bool,
+    },
+    /// A refusal, with the reason.
+    Refused {
+        reason: String,
+    },
+}
+
+impl Protocol for MsMessage {
+    const ID: u8 = 0x41;
+}
+
+/// Whether `bytes` claim to be an MS message (by the envelope header; decoding decides).
+pub fn is_ms(bytes: &[u8]) -> bool {
+    matches!(bytes, [v, p, ..] if *v == dbqsfs_core::wire::WIRE_VERSION && *p == MsMessage::ID)
+}
+
+/// A node's view of the MS, for `dbqsfs status` (informational, unsigned).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsStatus {
+    pub epoch: Epoch,
+    pub config: ConfigHash,
+    pub member: bool,
+    pub committee: Vec<NodeId>,
+    /// Whether this node runs the agreement of this epoch (a committee member not sitting out).
+    pub in_agreement: bool,
+    pub view: View,
+    pub primary: Option<NodeId>,
+    pub executed: SeqNo,
+    /// This node's probes (committee members only): member, failed probes in a row, verdict.
+    pub probes: Vec<(NodeId, u32, bool)>,
+    /// What the next epoch changes, as this member's MS state has it.
+    pub pending: Option<Pending>,
+    /// Milliseconds since this node entered the epoch.
+    pub epoch_age_ms: u64,
+    /// Time of the newest freshness certificate this node holds.
+    pub freshness_ms: Option<u64>,
+    /// Whether the node asked to leave.
+    pub leaving: bool,
+    /// The last view change this node's agreement went through: (epoch, view entered).
+    pub last_view_change: Option<(Epoch, View)>,
+}
+
+/// The body a member signs to answer a probe: it binds the prober, so an answer cannot be
+/// replayed to another prober.
+pub fn probe_body(epoch: Epoch, nonce: &[u8; 32], prober: &NodeId) -> Vec<u8> {
+    let mut b = Vec::with_capacity(72);
+    b.extend_from_slice(&epoch.to_le_bytes());
+    b.extend_from_slice(nonce);
+    b.extend_from_slice(&prober.0);
+    b
+}
+
+/// Timing of the MS role that is local to a node (the protocol's own periods are in the
+/// configuration's [`dbqsfs_core::config::Params`]).
+#[derive(Clone, Debug)]
+pub struct MsOptions {
+    /// Period of pulls from a random member.
+    pub pull: Duration,
+    /// Resend an unexecuted submission after this long.
+    pub resubmit: Duration,
+    /// Period of the role's timer checks.
+    pub tick: Duration,
+    /// A peer to pull configurations from before this node is a member: (address, key).
+    pub bootstrap: Option<(SocketAddr, VerifyingKey)>,
+    /// Join the cluster with this admission certificate (until a configuration includes us).
+    pub join: Option<AdmissionCert>,
+    /// Test builds only: behave as a Byzantine committee member (withhold agreement messages, send
+    /// garbage ones, never propose the end of an epoch, push forged configurations and freshness
+    /// certificates to every member).
+    #[cfg(feature = "fault-injection")]
+    pub forge: bool,
+}
+
+impl Default for MsOptions {
+    fn default() -> Self {
+        MsOptions {
+            pull: Duration::from_secs(2),
+            resubmit: Duration::from_secs(2),
+            tick: Duration::from_millis(50),
+            bootstrap: None,
+            join: None,
+            #[cfg(feature = "fault-injection")]
+            forge: false,
+        }
+    }
+}
+
+/// Inputs of the MS task.
+pub enum Inbound {
+    /// An agreement message from a peer.
+    Agreement { from: NodeId, bytes: Vec<u8> },
+    /// An MS message that needs the task's state; `reply` takes the answer, if any.
+    Message {
+        from: PublicKey,
+        msg: MsMessage,
+        reply: oneshot::Sender<Option<MsMessage>>,
+    },
+    /// The answer to a pull or a batch fetch we sent.
+    Answer { from: NodeId, msg: MsMessage },
+    /// A probe answer (or its failure): (target, nonce, answer).
+    ProbeResult {
+        target: NodeId,
+        epoch: Epoch,
+        nonce: [u8; 32],
+        answer: Option<Signature>,
+    },
+}
+
+/// The handle through which the node feeds the MS task.
+#[derive(Clone)]
+pub struct MsHandle {
+    tx: mpsc::Sender<Inbound>,
+}
+
+impl MsHandle {
+    /// Feeds an input; drops it when the task is overloaded (every input is retransmitted by
+    /// its sender or recomputed by a timer).
+    pub fn offer(&self, input: Inbound) {
+        if self.tx.try_send(input).is_err() {
+            debug!("MS task busy: dropped an input");
+        }
+    }
+
+    /// Sends `msg` to the task and waits for its answer.
+    pub async fn ask(&self, from: PublicKey, msg: MsMessage) -> Option<MsMessage> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Inbound::Message { from, msg, reply })
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+}
+
+/// Starts the MS task of the node.
+pub fn spawn(shared: Arc<Shared>, endpoint: Endpoint, opts: MsOptions) -> MsHandle {
+    let (tx, rx) = mpsc::channel(4096);
+    let handle = MsHandle { tx: tx.clone() };
+    let task = Task::new(shared, endpoint, opts, tx);
+    tokio::spawn(task.run(rx));
+    handle
+}
+
+/// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
+/// key, `kind` what it is to us.
+pub async fn serve(
+    shared: &Arc<Shared>,
+    ms: &MsHandle,
+    peer: PublicKey,
+    kind: Peer,
+    bytes: &[u8],
+) -> Option<Vec<u8>> {
+    let env = match decode::<MsMessage>(bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            debug!(peer = %peer.node_id().short(), error = %e, "undecodable MS message");
+            return None;
+        }
+    };
+    let epoch = shared.epoch();
+    let allowed = match (&env.msg, kind) {
+        (_, Peer::Member | Peer::Myself) => true,
+        (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => true,
+        // A stranger may learn the configurations and ask to join, nothing else.
+        (MsMessage::ChainAfter { .. } | MsMessage::Submit(_), _) => true,
+        _ => false,
+    };
+    if !allowed {
+        let reason = "not a member of this cluster".to_string();
+        return Some(encode_msg(epoch, MsMessage::Refused { reason }));
+    }
+    let answer = match env.msg {
+        MsMessage::Challenge { epoch: e, nonce } => Some(MsMessage::ChallengeAnswer {
+            sig: shared
+                .key
+                .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
+        }),
+        MsMessage::ChainAfter { epoch: after } => Some(MsMessage::Chain {
+            configs: shared.chain().after(after, MAX_CONFIGS),
+            freshness: shared.freshness(),
+        }),
+        MsMessage::Push { configs, freshness } => {
+            if let Some(f) = freshness {
+                shared.learn_freshness(f);
+            }
+            if !configs.is_empty() {
+                let s = shared.clone();
+                let from = peer.node_id();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = s.install(configs) {
+                        debug!(peer = %from.short(), error = %e, "refused pushed configurations");
+                    }
+                })
+                .await
+                .ok()?;
+            }
+            None
+        }
+        MsMessage::Leave if kind != Peer::Myself => Some(MsMessage::Refused {
+            reason: "only the node's own key may ask it to leave".into(),
+        }),
+        msg @ (MsMessage::Submit(_)
+        | MsMessage::ConfigShare { .. }
+        | MsMessage::FreshShare { .. }
+        | MsMessage::Batches { .. }
+        | MsMessage::StatusRequest
+        | MsMessage::Leave) => ms.ask(peer, msg).await,
+        MsMessage::ChallengeAnswer { .. }
+        | MsMessage::Chain { .. }
+        | MsMessage::BatchLog { .. }
+        | MsMessage::Status(_)
+        | MsMessage::Leaving { .. }
+        | MsMessage::Refused { .. } => None,
+    };
+    answer.map(|m| encode_msg(epoch, m))
+}
+
+/// The members that `me` forwards a newly installed configuration to: its children in a binary
+/// tree over the members ordered by BLAKE3(epoch ‖ id). The committee members that certified it
+/// push to the root.
+pub fn push_children(config: &Configuration, me: &NodeId) -> Vec<Member> {
+    let order = tree_order(config);
+    let Some(i) = order.iter().position(|m| m.id == *me) else {
+        return order.into_iter().take(1).collect();
+    };
+    [2 * i + 1, 2 * i + 2]
+        .into_iter()
+        .filter_map(|j| order.get(j).cloned())
+        .collect()
+}
+
+fn tree_order(config: &Configuration) -> Vec<Member> {
+    let mut ranked: Vec<([u8; 32], Member)> = config
+        .members
+        .iter()
+        .map(|m| {
+            let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 push tree");
+            h.update(&config.epoch.to_le_bytes());
+            h.update(&m.id.0);
+            (*h.finalize().as_bytes(), m.clone())
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.0.cmp(&b.0));
+    ranked.into_iter().map(|(_, m)| m).collect()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_bytes() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    if getrandom::fill(&mut b).is_err() {
+        // Without OS randomness: the clock, hashed (a probe nonce only needs to be fresh).
+        b = *blake3::hash(&unix_ms().to_le_bytes()).as_bytes();
+    }
+    b
+}
+
+/// The seed the MS draws the next committee from: fixed by the agreed batch that ends the epoch.
+fn ms_seed(seq: SeqNo, requests: &[Request]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 ms seed");
+    h.update(&seq.to_le_bytes());
+    h.update(&batch_digest(requests));
+    *h.finalize().as_bytes()
+}
+
+fn member_target(m: &Member) -> Option<(SocketAddr, VerifyingKey)> {
+    Some((
+        m.addr.parse().ok()?,
+        VerifyingKey::from_bytes(&m.key.0).ok()?,
+    ))
+}
+
+#[derive(Clone, Debug, Default)]
+struct ProbeState {
+    failures: u32,
+    /// The verdict last submitted (true: responsive). Members start responsive.
+    reported: bool,
+    /// The verdict now.
+    responsive: bool,
+    outstanding: Option<[u8; 32]>,
+}
+
+/// The agreement and MS state of one epoch at a committee member.
+struct Role {
+    epoch: Epoch,
+    config: Configuration,
+    /// `None` while sitting this epoch's agreement out.
+    agreement: Option<Agreement>,
+    start: Membership,
+    membership: Membership,
+    batches: Vec<Vec<Request>>,
+    digests: Vec<Digest>,
+    /// Waiting for the batches up to a stable checkpoint: outputs are queued meanwhile.
+    installing: Option<(SeqNo, Digest)>,
+    queued: VecDeque<Output>,
+    collector: Option<CertificateCollector>,
+    /// Shares for next configurations received before we computed ours.
+    early_shares: Vec<(NodeId, ConfigHash, Signature)>,
+    fresh_shares: BTreeMap<u64, BTreeMap<NodeId, Signature>>,
+    probes: BTreeMap<NodeId, ProbeState>,
+    next_probe: Instant,
+    next_fresh: Instant,
+    end_at: Instant,
+}
+
+impl Role {
+    fn app_digest(&self) -> Digest {
+        self.digests.last().copied().unwrap_or([0; 32])
+    }
+}
+
+/// One outstanding submission of this node.
+struct Outstanding {
+    op: MsOp,
+    req: Request,
+    sent: Option<Instant>,
+}
+
+struct Task {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    opts: MsOptions,
+    tx: mpsc::Sender<Inbound>,
+    start: Instant,
+    epoch: Epoch,
+    entered: Instant,
+    role: Option<Role>,
+    /// Operations to submit, one at a time.
+    outbox: VecDeque<MsOp>,
+    outstanding: Option<Outstanding>,
+    last_seq: u64,
+    leaving: bool,
+    next_pull: Instant,
+    last_view_change: Option<(Epoch, View)>,
+}
+
+impl Task {
+    fn new(
+        shared: Arc<Shared>,
+        endpoint: Endpoint,
+        opts: MsOptions,
+        tx: mpsc::Sender<Inbound>,
+    ) -> Task {
+        let now = Instant::now();
+        Task {
+            epoch: shared.epoch(),
+            shared,
+            endpoint,
+            opts,
+            tx,
+            start: now,
+            entered: now,
+            role: None,
+            outbox: VecDeque::new(),
+            outstanding: None,
+            last_seq: 0,
+            leaving: false,
+            next_pull: now,
+            last_view_change: None,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
+        self.enter_epoch();
+        let mut tick = tokio::time::interval(self.opts.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.on_input(input),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+            if self.shared.epoch() != self.epoch {
+                self.enter_epoch();
+            }
+            self.drain();
+        }
+    }
+
+    /// Sets up the role for the newest installed epoch.
+    fn enter_epoch(&mut self) {
+        let chain = self.shared.chain();
+        let config = chain.config().clone();
+        let changed = config.epoch != self.epoch || self.role.is_none();
+        self.epoch = config.epoch;
+        self.entered = Instant::now();
+        // Operations of an older epoch are void; what we still want is queued again.
+        self.outbox
+            .retain(|op| op_epoch(op).is_none_or(|e| e == config.epoch));
+        if self
+            .outstanding
+            .as_ref()
+            .is_some_and(|o| op_epoch(&o.op).is_some_and(|e| e != config.epoch))
+        {
+            self.outstanding = None;
+        }
+        let me = self.shared.key.node_id();
+        let member = config.is_member(&me);
+        if let Some(cert) = &self.opts.join {
+            if member {
+                info!(epoch = config.epoch, "this node is a member");
+                self.opts.join = None;
+            } else if !self.queued_kind(|op| matches!(op, MsOp::Join { .. })) {
+                let addr = self.shared.listen.to_string();
+                self.outbox.push_back(MsOp::Join {
+                    epoch: config.epoch,
+                    member: Member::new(self.shared.key.public(), addr),
+                    cert: cert.clone(),
+                });
+            }
+        }
+        if self.leaving && member && !self.queued_kind(|op| matches!(op, MsOp::Leave { .. })) {
+            self.outbox.push_back(MsOp::Leave {
+                epoch: config.epoch,
+            });
+        }
+        if !changed {
+            return;
+        }
+        self.role = None;
+        if !config.committee.contains(&me) {
+            return;
+        }
+        // Probing, freshness shares and submissions need no agreement state; the agreement does: a
+        // member that already signed in this epoch's agreement and forgot it sits it out.
+        let take_part = match self.shared.agreement_marker() {
+            Ok(Some(e)) if e >= config.epoch => {
+                warn!(
+                    epoch = config.epoch,
+                    "restarted in an epoch whose agreement this node took part in: sitting it out"
+                );
+                false
+            }
+            Ok(_) => match self.shared.set_agreement_marker(config.epoch) {
+                // Persisted before we sign anything in this epoch's agreement.
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "cannot persist the agreement marker: sitting this epoch out");
+                    false
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot read the agreement marker: sitting this epoch out");
+                false
+            }
+        };
+        let keys: Vec<PublicKey> = config
+            .committee
+            .iter()
+            .filter_map(|id| config.member(id).map(|m| m.key))
+            .collect();
+        #[allow(clippy::needless_update)]
+        let opts = AgreementOptions {
+            epoch: config.epoch,
+            request_timeout_ms: 2_000,
+            ..AgreementOptions::default()
+        };
+        let max_batch = opts.max_batch;
+        let agreement = if take_part {
+            match Agreement::new(self.shared.key.clone(), keys, opts) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    warn!(error = ?e, "cannot run this epoch's agreement");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let ms = Membership::new(config.clone(), self.shared.admission_key, max_batch);
+        let now = Instant::now();
+        let probes = config
+            .members
+            .iter()
+            .filter(|m| m.id != me)
+            .map(|m| {
+                (
+                    m.id,
+                    ProbeState {
+                        reported: true,
+                        responsive: true,
+                        ..ProbeState::default()
+                    },
+                )
+            })
+            .collect();
+        info!(epoch = config.epoch, "in the committee of this epoch");
+        self.role = Some(Role {
+            epoch: config.epoch,
+            end_at: now + Duration::from_millis(config.params.epoch_ms),
+            config,
+            agreement,
+            start: ms.clone(),
+            membership: ms,
+            batches: Vec::new(),
+            digests: Vec::new(),
+            installing: None,
+            queued: VecDeque::new(),
+            collector: None,
+            early_shares: Vec::new(),
+            fresh_shares: BTreeMap::new(),
+            probes,
+            next_probe: now,
+            next_fresh: now,
+        });
+    }
+
+    fn queued_kind(&self, f: impl Fn(&MsOp) -> bool) -> bool {
+        self.outbox.iter().any(&f) || self.outstanding.as_ref().is_some_and(|o| f(&o.op))
+    }
+
+    fn on_input(&mut self, input: Inbound) {
+        let now = self.now_ms();
+        match input {
+            Inbound::Agreement { from, bytes } => {
+                if let Some(agreement) = self.role.as_mut().and_then(|r| r.agreement.as_mut()) {
+                    if let Err(e) = agreement.handle_message(now, from, &bytes) {
+                        debug!(peer = %from.short(), error = ?e, "agreement message refused");
+                    }
+                } else if let Ok(env) = decode::<dbqsfs_core::ms::pbft::AgreementMessage>(&bytes) {
+                    if env.epoch > self.epoch {
+                        self.pull_from(from);
+                    }
+                }
+            }
+            Inbound::Message { from, msg, reply } => {
+                let answer = self.on_message(from, msg);
+                let _ = reply.send(answer);
+            }
+            Inbound::Answer { from, msg } => self.on_answer(from, msg),
+            Inbound::ProbeResult {
+                target,
+                epoch,
+                nonce,
+                answer,
+            } => self.on_probe_result(target, epoch, nonce, answer),
+        }
+    }
+
+    fn on_message(&mut self, from: PublicKey, msg: MsMessage) -> Option<MsMessage> {
+        let now = self.now_ms();
+        let sender = from.node_id();
+        match msg {
+            MsMessage::Submit(req) => {
+                let Some(role) = self.role.as_mut().filter(|r| r.agreement.is_some()) else {
+                    return Some(MsMessage::Refused {
+                        reason: "not running this epoch's agreement".into(),
+                    });
+                };
+                // A stranger's request must be a join by itself.
+                if !role.config.is_member(&req.client.node_id()) {
+                    match postcard::from_bytes::<MsOp>(&req.payload) {
+                        Ok(MsOp::Join { .. }) => {}
+                        _ => {
+                            return Some(MsMessage::Refused {
+                                reason: "a non-member may only ask to join".into(),
+                            })
+                        }
+                    }
+                }
+                match role
+                    .agreement
+                    .as_mut()
+                    .map(|a| a.submit(now, req))
+                    .unwrap_or(Ok(()))
+                {
+                    Ok(()) => None,
+                    Err(e) => Some(MsMessage::Refused {
+                        reason: format!("{e:?}"),
+                    }),
+                }
+            }
+            MsMessage::ConfigShare { epoch, hash, sig } => {
+                let role = self.role.as_mut()?;
+                if epoch != role.epoch + 1 {
+                    return None;
+                }
+                match role.collector.as_mut() {
+                    Some(c) => {
+                        if let Some(cc) = c.add(sender, sig) {
+                            self.certified(cc);
+                        }
+                    }
+                    None if role.early_shares.len() < 64 => {
+                        role.early_shares.push((sender, hash, sig))
+                    }
+                    None => {}
+                }
+                None
+            }
+            MsMessage::FreshShare {
+                epoch,
+                config,
+                time_ms,
+                sig,
+            } => {
+                let role = self.role.as_mut()?;
+                if epoch != role.epoch
+                    || config != role.config.hash()
+                    || !Freshness::verify_share(&role.config, time_ms, &sender, &sig)
+                {
+                    return None;
+                }
+                self.add_fresh_share(time_ms, sender, sig);
+                None
+            }
+            MsMessage::Batches { epoch, upto } => {
+                let role = self.role.as_ref()?;
+                if epoch != role.epoch || upto as usize > role.batches.len() {
+                    return None;
+                }
+                Some(MsMessage::BatchLog {
+                    batches: role.batches[..upto as usize].to_vec(),
+                })
+            }
+            MsMessage::StatusRequest => Some(MsMessage::Status(Box::new(self.status()))),
+            MsMessage::Leave => {
+                if !self.leaving {
+                    info!("asked to leave the cluster");
+                    self.leaving = true;
+                    self.enter_epoch();
+                }
+                let member = self.shared.chain().config().is_member(&sender);
+                Some(MsMessage::Leaving {
+                    epoch: self.epoch,
+                    member,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn status(&self) -> MsStatus {
+        let chain = self.shared.chain();
+        let config = chain.config();
+        let me = self.shared.key.node_id();
+        let mut s = MsStatus {
+            epoch: config.epoch,
+            config: config.hash(),
+            member: config.is_member(&me),
+            committee: config.committee.clone(),
+            epoch_age_ms: self.entered.elapsed().as_millis() as u64,
+            freshness_ms: self.shared.freshness().map(|f| f.time_ms),
+            leaving: self.leaving,
+            last_view_change: self.last_view_change,
+            ..MsStatus::default()
+        };
+        if let Some(role) = &self.role {
+            if let Some(a) = &role.agreement {
+                s.in_agreement = true;
+                s.view = a.view();
+                s.primary = a.committee().id(a.committee().primary(a.view()));
+                s.executed = a.last_executed();
+                s.pending = Some(role.membership.pending());
+            }
+            s.probes = role
+                .probes
+                .iter()
+                .map(|(id, p)| (*id, p.failures, p.responsive))
+                .collect();
+        }
+        s
+    }
+
+    fn on_answer(&mut self, from: NodeId, msg: MsMessage) {
+        match msg {
+            MsMessage::Chain { configs, freshness } => {
+                if let Some(f) = freshness {
+                    self.shared.learn_freshness(f);
+                }
+                if configs.is_empty() {
+                    return;
+                }
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = shared.install(configs) {
+                        debug!(peer = %from.short(), error = %e, "pulled configurations refused");
+                    }
+                });
+            }
+            MsMessage::BatchLog { batches } => self.on_batch_log(batches),
+            MsMessage::Refused { reason } => {
+                debug!(peer = %from.short(), reason, "MS message refused")
+            }
+            _ => {}
+        }
+    }
+
+    fn on_probe_result(
+        &mut self,
+        target: NodeId,
+        epoch: Epoch,
+        nonce: [u8; 32],
+        answer: Option<Signature>,
+    ) {
+        let me = self.shared.key.node_id();
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        if epoch != role.epoch {
+            return;
+        }
+        let Some(key) = role.config.member(&target).map(|m| m.key) else {
+            return;
+        };
+        let Some(p) = role.probes.get_mut(&target) else {
+            return;
+        };
+        if p.outstanding != Some(nonce) {
+            return;
+        }
+        p.outstanding = None;
+        let ok = answer.is_some_and(|sig| {
+            key.verify(Domain::Probe, &probe_body(epoch, &nonce, &me), &sig)
+                .is_ok()
+        });
+        if ok {
+            p.failures = 0;
+            p.responsive = true;
+        } else {
+            p.failures = p.failures.saturating_add(1);
+            if p.failures >= role.config.params.evict_after_probes {
+                p.responsive = false;
+            }
+        }
+        if p.responsive != p.reported {
+            p.reported = p.responsive;
+            let responsive = p.responsive;
+            info!(target = %target.short(), responsive, "probe verdict changed");
+            // A newer verdict about the same target replaces a queued one.
+            self.outbox
+                .retain(|op| !matches!(op, MsOp::Probe { target: t, .. } if *t == target));
+            self.outbox.push_back(MsOp::Probe {
+                epoch,
+                target,
+                responsive,
+            });
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let now_ms = self.now_ms();
+        #[cfg(feature = "fault-injection")]
+        if self.opts.forge && now >= self.next_pull {
+            self.forge();
+        }
+        if now >= self.next_pull {
+            self.next_pull = now + self.opts.pull;
+            self.pull_random();
+        }
+        self.submit_next(now);
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        if let Some(a) = role.agreement.as_mut() {
+            if a.next_timeout().is_some_and(|t| t <= now_ms) {
+                a.handle_timeout(now_ms);
+            }
+        }
+        #[cfg(feature = "fault-injection")]
+        let honest = !self.opts.forge;
+        #[cfg(not(feature = "fault-injection"))]
+        let honest = true;
+        if honest && now >= role.end_at {
+            role.end_at = now + Duration::from_millis(role.config.params.epoch_ms.max(1_000));
+            let epoch = role.epoch;
+            if !self
+                .outbox
+                .iter()
+                .any(|op| matches!(op, MsOp::EndEpoch { .. }))
+            {
+                info!(epoch, "epoch timer fired: proposing the end of the epoch");
+                self.outbox.push_back(MsOp::EndEpoch { epoch });
+            }
+        }
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        if now >= role.next_probe {
+            role.next_probe = now + Duration::from_millis(role.config.params.probe_ms.max(100));
+            self.probe_all();
+        }
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        if now >= role.next_fresh {
+            let period = (role.config.params.freshness_ms / 3).max(500);
+            role.next_fresh = now + Duration::from_millis(period);
+            let t = unix_ms();
+            let time_ms = t - t % period;
+            let sig = Freshness::sign_share(&self.shared.key, &role.config, time_ms);
+            let msg = MsMessage::FreshShare {
+                epoch: role.epoch,
+                config: role.config.hash(),
+                time_ms,
+                sig,
+            };
+            let targets = self.committee_peers();
+            self.send_all(targets, msg);
+            self.add_fresh_share(time_ms, self.shared.key.node_id(), sig);
+        }
+    }
+
+    fn add_fresh_share(&mut self, time_ms: u64, signer: NodeId, sig: Signature) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        // Keep a few recent times only.
+        if role.fresh_shares.len() > 8 {
+            if let Some(oldest) = role.fresh_shares.keys().next().copied() {
+                role.fresh_shares.remove(&oldest);
+            }
+        }
+        let shares = role.fresh_shares.entry(time_ms).or_default();
+        shares.insert(signer, sig);
+        if shares.len() == role.config.params.ms_quorum().quorum() {
+            let cert = Freshness::assemble(
+                &role.config,
+                time_ms,
+                shares.iter().map(|(id, s)| (*id, *s)).collect(),
+            );
+            if cert.verify(&role.config).is_ok() {
+                debug!(
+                    epoch = role.epoch,
+                    time_ms, "freshness certificate assembled"
+                );
+                self.shared.learn_freshness(cert);
+            }
+        }
+    }
+
+    fn committee_peers(&self) -> Vec<Member> {
+        let chain = self.shared.chain();
+        let config = chain.config();
+        let me = self.shared.key.node_id();
+        config
+            .committee
+            .iter()
+            .filter(|id| **id != me)
+            .filter_map(|id| config.member(id).cloned())
+            .collect()
+    }
+
+    fn probe_all(&mut self) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        let epoch = role.epoch;
+        let mut sends = Vec::new();
+        for m in &role.config.members {
+            let Some(p) = role.probes.get_mut(&m.id) else {
+                continue;
+            };
+            if p.outstanding.is_some() {
+                // The last probe is unanswered: it failed.
+                continue;
+            }
+            let nonce = random_bytes();
+            p.outstanding = Some(nonce);
+            sends.push((m.clone(), nonce));
+        }
+        for (m, nonce) in sends {
+            let Some((addr, key)) = member_target(&m) else {
+                continue;
+            };
+            let endpoint = self.endpoint.clone();
+            let tx = self.tx.clone();
+            let bytes = encode_msg(epoch, MsMessage::Challenge { epoch, nonce });
+            let timeout = Duration::from_millis(role_probe_timeout(&role.config));
+            tokio::spawn(async move {
+                let answer =
+                    match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
+                    {
+                        Ok(Ok(resp)) => match decode::<MsMessage>(&resp).map(|e| e.msg) {
+                            Ok(MsMessage::ChallengeAnswer { sig }) => Some(sig),
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                let _ = tx
+                    .send(Inbound::ProbeResult {
+                        target: m.id,
+                        epoch,
+                        nonce,
+                        answer,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// Sends the head of the outbox (or resends the outstanding submission).
+    fn submit_next(&mut self, now: Instant) {
+        if self.outstanding.is_none() {
+            let Some(op) = self.outbox.pop_front() else {
+                return;
+            };
+            // Sequence numbers grow with the clock, so they stay above those of an earlier run.
+            let seq = (unix_ms() << 10).max(self.last_seq + 1);
+            self.last_seq = seq;
+            let payload = match postcard::to_allocvec(&op) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "cannot encode an MS operation");
+                    return;
+                }
+            };
+            let req = Request::sign(&self.shared.key, seq, payload);
+            self.outstanding = Some(Outstanding {
+                op,
+                req,
+                sent: None,
+            });
+        }
+        let resubmit = self.opts.resubmit;
+        let Some(o) = self.outstanding.as_mut() else {
+            return;
+        };
+        if o.sent.is_some_and(|t| now < t + resubmit) {
+            return;
+        }
+        o.sent = Some(now);
+        let req = o.req.clone();
+        debug!(op = ?o.op, "submitting an MS operation");
+        let now_ms = self.now_ms();
+        if let Some(a) = self.role.as_mut().and_then(|r| r.agreement.as_mut()) {
+            if let Err(e) = a.submit(now_ms, req.clone()) {
+                debug!(error = ?e, "own submission refused");
+            }
+        }
+        let targets = self.committee_peers();
+        self.send_all(targets, MsMessage::Submit(req));
+    }
+
+    /// Carries out the agreement's outputs.
+    fn drain(&mut self) {
+        loop {
+            let Some(role) = self.role.as_mut() else {
+                return;
+            };
+            let Some(out) = role.agreement.as_mut().and_then(|a| a.poll_output()) else {
+                return;
+            };
+            if role.installing.is_some()
+                && matches!(out, Output::Decided { .. } | Output::Checkpoint { .. })
+            {
+                role.queued.push_back(out);
+                continue;
+            }
+            self.on_output(out);
+        }
+    }
+
+    fn on_output(&mut self, out: Output) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        let epoch = role.epoch;
+        match out {
+            #[cfg(feature = "fault-injection")]
+            Output::Send { .. } | Output::Broadcast { .. } if self.opts.forge => {}
+            Output::Send { to, bytes } => {
+                if let Some(m) = role.config.member(&to).cloned() {
+                    self.send_raw(m, bytes);
+                }
+            }
+            Output::Broadcast { bytes } => {
+                for m in self.committee_peers() {
+                    self.send_raw(m, bytes.clone());
+                }
+            }
+            Output::Decided { seq, requests } => self.execute(seq, requests),
+            Output::Checkpoint { seq } => {
+                if seq as usize == role.digests.len() {
+                    let d = role.app_digest();
+                    if let Some(a) = role.agreement.as_mut() {
+                        a.checkpoint_digest(seq, d);
+                    }
+                }
+            }
+            Output::InstallState { seq, app_digest } => {
+                info!(
+                    epoch,
+                    seq, "catching up to a stable checkpoint: fetching its batches"
+                );
+                role.installing = Some((seq, app_digest));
+                for m in self.committee_peers() {
+                    self.request(m, MsMessage::Batches { epoch, upto: seq });
+                }
+            }
+            Output::EnteredView { view } => {
+                info!(epoch, view, "agreement entered a new view");
+                self.last_view_change = Some((epoch, view));
+            }
+            Output::Evidence(evidence) => {
+                warn!(epoch, "agreement evidence of misbehaviour: reporting it");
+                self.outbox
+                    .push_back(MsOp::Misbehaviour { epoch, evidence });
+            }
+        }
+    }
+
+    /// Executes a decided batch on the MS state.
+    fn execute(&mut self, seq: SeqNo, requests: Vec<Request>) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        if seq as usize != role.batches.len() + 1 {
+            warn!(
+                seq,
+                executed = role.batches.len(),
+                "decided batch out of order: ignored"
+            );
+            return;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(&role.app_digest());
+        h.update(&seq.to_le_bytes());
+        for r in &requests {
+            h.update(&r.digest());
+        }
+        role.digests.push(*h.finalize().as_bytes());
+        if role.batches.len() < MAX_BATCHES {
+            role.batches.push(requests.clone());
+        }
+        let mut ended = None;
+        let seed = ms_seed(seq, &requests);
+        for r in &requests {
+            if self
+                .outstanding
+                .as_ref()
+                .is_some_and(|o| o.req.client == r.client && o.req.seq == r.seq)
+            {
+                self.outstanding = None;
+            }
+            let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) else {
+                continue;
+            };
+            let what = format!("{op:?}");
+            match role.membership.execute(&r.client, op, &seed) {
+                Executed::Accepted => debug!(op = what, "MS operation executed"),
+                Executed::Ignored(why) => debug!(op = what, why, "MS operation ignored"),
+                Executed::EpochEnded(next) => {
+                    if ended.is_none() {
+                        ended = Some(*next);
+                    }
+                }
+            }
+        }
+        if let Some(next) = ended {
+            self.epoch_ended(next);
+        }
+    }
+
+    fn epoch_ended(&mut self, next: Configuration) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        if role.collector.is_some() {
+            return;
+        }
+        info!(
+            epoch = next.epoch,
+            members = next.members.len(),
+            "the epoch ended: signing the next configuration"
+        );
+        let hash = next.hash();
+        let mut collector = CertificateCollector::new(role.config.clone(), next);
+        let sig = collector.sign(&self.shared.key);
+        let mut done = collector.add(self.shared.key.node_id(), sig);
+        for (from, h, s) in std::mem::take(&mut role.early_shares) {
+            if h == hash && done.is_none() {
+                done = collector.add(from, s);
+            }
+        }
+        role.collector = Some(collector);
+        let msg = MsMessage::ConfigShare {
+            epoch: role.epoch + 1,
+            hash,
+            sig,
+        };
+        let targets = self.committee_peers();
+        self.send_all(targets, msg);
+        if let Some(cc) = done {
+            self.certified(cc);
+        }
+    }
+
+    /// The next configuration is certified: install it and push it to the root of the tree.
+    fn certified(&mut self, cc: CertifiedConfig) {
+        info!(epoch = cc.config.epoch, "next configuration certified");
+        let root = tree_order(&cc.config)
+            .into_iter()
+            .take(2)
+            .collect::<Vec<_>>();
+        let shared = self.shared.clone();
+        let msg = MsMessage::Push {
+            configs: vec![cc.clone()],
+            freshness: None,
+        };
+        self.send_all(root, msg);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = shared.install(vec![cc]) {
+                warn!(error = %e, "the certified configuration did not install");
+            }
+        });
+    }
+
+    fn on_batch_log(&mut self, batches: Vec<Vec<Request>>) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        let Some((seq, digest)) = role.installing else {
+            return;
+        };
+        if batches.len() as u64 != seq {
+            return;
+        }
+        // Replay from the start of the epoch and accept only what hashes to the agreed digest.
+        let mut ms = role.start.clone();
+        let mut digests = Vec::with_capacity(batches.len());
+        let mut ended = None;
+        for (i, batch) in batches.iter().enumerate() {
+            let s = i as SeqNo + 1;
+            let mut h = blake3::Hasher::new();
+            h.update(&digests.last().copied().unwrap_or([0u8; 32]));
+            h.update(&s.to_le_bytes());
+            for r in batch {
+                h.update(&r.digest());
+            }
+            digests.push(*h.finalize().as_bytes());
+            let seed = ms_seed(s, batch);
+            for r in batch {
+                if let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) {
+                    if let Executed::EpochEnded(next) = ms.execute(&r.client, op, &seed) {
+                        ended.get_or_insert(*next);
+                    }
+                }
+            }
+        }
+        if digests.last().copied().unwrap_or([0; 32]) != digest {
+            debug!("a batch log does not match the stable checkpoint: ignored");
+            return;
+        }
+        info!(seq, "caught up to the stable checkpoint");
+        role.membership = ms;
+        role.batches = batches;
+        role.digests = digests;
+        role.installing = None;
+        let queued: Vec<Output> = role.queued.drain(..).collect();
+        if let Some(next) = ended {
+            self.epoch_ended(next);
+        }
+        for out in queued {
+            match out {
+                Output::Decided { seq: s, .. } | Output::Checkpoint { seq: s } if s <= seq => {}
+                other => self.on_output(other),
+            }
+        }
+    }
+
+    fn pull_random(&mut self) {
+        let chain = self.shared.chain();
+        let me = self.shared.key.node_id();
+        let others: Vec<&Member> = chain
+            .config()
+            .members
+            .iter()
+            .filter(|m| m.id != me)
+            .collect();
+        let msg = MsMessage::ChainAfter { epoch: self.epoch };
+        if !others.is_empty() {
+            let i = (u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or([0; 8]))
+                % others.len() as u64) as usize;
+            let m = others[i].clone();
+            self.request(m, msg.clone());
+        }
+        if let Some((addr, key)) = self.opts.bootstrap {
+            if !chain.config().is_member(&me) {
+                self.request_at(addr, key, msg);
+            }
+        }
+    }
+
+    fn pull_from(&mut self, from: NodeId) {
+        if let Some(m) = self.shared.chain().config().member(&from).cloned() {
+            self.request(m, MsMessage::ChainAfter { epoch: self.epoch });
+        }
+    }
+
+    fn send_all(&self, to: Vec<Member>, msg: MsMessage) {
+        let bytes = encode_msg(self.epoch, msg);
+        for m in to {
+            self.send_raw(m, bytes.clone());
+        }
+    }
+
+    /// Pushes a configuration certified by this node alone (its signature and made-up ones of the
+    /// others) and a forged freshness certificate to every member; sends garbage agreement messages.
+    #[cfg(feature = "fault-injection")]
+    fn forge(&mut self) {
+        let chain = self.shared.chain();
+        let cur = chain.config();
+        let me = self.shared.key.node_id();
+        // Keep only ourselves and the fewest others a configuration may have.
+        let mut members: Vec<Member> = cur.members.iter().filter(|m| m.id == me).cloned().collect();
+        members.extend(
+            cur.members
+                .iter()
+                .filter(|m| m.id != me)
+                .take(cur.quorum().group_size() - 1)
+                .cloned(),
+        );
+        let next = Configuration::new(cur.epoch + 1, cur.params.clone(), members, Some(cur.hash()));
+        let hash = next.hash();
+        let mut signatures: Vec<(NodeId, Signature)> = cur
+            .committee
+            .iter()
+            .map(|id| (*id, Signature([7u8; 64])))
+            .collect();
+        signatures.retain(|(id, _)| *id != me);
+        signatures.push((me, self.shared.key.sign(Domain::Configuration, &hash)));
+        let forged = CertifiedConfig {
+            config: next,
+            cert: dbqsfs_core::config::Certificate { signatures },
+        };
+        let fresh = Freshness {
+            epoch: cur.epoch,
+            config: cur.hash(),
+            time_ms: unix_ms() + 3_600_000,
+            signatures: vec![(me, Signature([9u8; 64]))],
+        };
+        warn!(
+            epoch = cur.epoch + 1,
+            "FAULT: pushing a forged configuration to every member"
+        );
+        let others: Vec<Member> = cur.members.iter().filter(|m| m.id != me).cloned().collect();
+        self.send_all(
+            others.clone(),
+            MsMessage::Push {
+                configs: vec![forged],
+                freshness: Some(fresh),
+            },
+        );
+        let mut junk = vec![0u8; 200];
+        junk.copy_from_slice(&[0x5a; 200]);
+        junk[0] = dbqsfs_core::wire::WIRE_VERSION;
+        junk[1] = <dbqsfs_core::ms::pbft::AgreementMessage as Protocol>::ID;
+        for m in others {
+            self.send_raw(m, junk.clone());
+        }
+    }
+
+    /// Sends one-way bytes to `m` (the answer, if any, is dropped).
+    fn send_raw(&self, m: Member, bytes: Vec<u8>) {
+        let Some((addr, key)) = member_target(&m) else {
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            let _ = endpoint.request(addr, &key, &bytes).await;
+        });
+    }
+
+    /// Sends `msg` to `m` and feeds its answer back as [`Inbound::Answer`].
+    fn request(&self, m: Member, msg: MsMessage) {
+        if let Some((addr, key)) = member_target(&m) {
+            self.request_at(addr, key, msg);
+        }
+    }
+
+    fn request_at(&self, addr: SocketAddr, key: VerifyingKey, msg: MsMessage) {
+        let endpoint = self.endpoint.clone();
+        let tx = self.tx.clone();
+        let bytes = encode_msg(self.epoch, msg);
+        let from = PublicKey(key.to_bytes()).node_id();
+        tokio::spawn(async move {
+            if let Ok(resp) = endpoint.request(addr, &key, &bytes).await {
+                if let Ok(env) = decode::<MsMessage>(&resp) {
+                    let _ = tx.send(Inbound::Answer { from, msg: env.msg }).await;
+                }
+            }
+        });
+    }
+}
+
+fn role_probe_timeout(config: &Configuration) -> u64 {
+    config.params.probe_ms.clamp(200, 5_000)
+}
+
+/// The epoch an operation is for, if it names one.
+fn op_epoch(op: &MsOp) -> Option<Epoch> {
+    match op {
+        MsOp::Join { epoch, .. }
+        | MsOp::Leave { epoch }
+        | MsOp::Probe { epoch, .. }
+        | MsOp::Misbehaviour { epoch, .. }
+        | MsOp::EndEpoch { epoch } => Some(*epoch),
+    }
+}

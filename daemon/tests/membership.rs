@@ -1,0 +1,270 @@
+//! The Membership Service on a real cluster of separate `dbqsfs node` processes over loopback:
+//! nodes join with certificates and appear at every node in the next epoch, a node without a
+//! certificate is refused, the committee changes across epochs, a member killed with kill -9 is
+//! evicted within the configured bound, and killing the agreement's primary causes a view change
+//! after which epochs go on.
+
+mod common;
+
+use common::{Cluster, BIN};
+use dbqsfs_core::config::Member;
+use dbqsfs_core::crypto::{Keypair, NodeId};
+use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
+use dbqsfs_core::ms::pbft::Request;
+use dbqsfs_core::wire::encode_msg;
+use dbqsfs_daemon::ms::MsMessage;
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Fast periods: epochs of 2 s, probes every 300 ms, unresponsive after 3 failures.
+const TIMING: &[&str] = &[
+    "--epoch-ms",
+    "2000",
+    "--probe-ms",
+    "300",
+    "--evict-after",
+    "3",
+    "--freshness-ms",
+    "3000",
+];
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run dbqsfs");
+    assert!(
+        out.status.success(),
+        "dbqsfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a_primary_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::init(tmp.path(), 4, TIMING);
+    for i in 0..4 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+
+    // Epochs advance on their own.
+    let e0 = cluster
+        .wait_epoch(&client, 1, Duration::from_secs(30))
+        .await;
+    println!("epoch {e0} reached");
+
+    // Two nodes join with certificates.
+    let mut joined = Vec::new();
+    for _ in 0..2 {
+        let (dir, addr) = cluster.new_node_dir();
+        let pubkey = run(&["keygen", "--dir", dir.to_str().unwrap()]);
+        let admission = tmp.path().join("c/admission.key");
+        let cert = run(&[
+            "admit",
+            "--admission-key",
+            admission.to_str().unwrap(),
+            &pubkey,
+        ]);
+        let i = cluster.spawn_join(&dir, &addr, &cert);
+        joined.push((i, pubkey));
+    }
+    let joiners: Vec<NodeId> = joined.iter().map(|(i, _)| cluster.node_id(*i)).collect();
+
+    // A node without a certificate asks to join directly: the committee ignores it.
+    let outsider = Keypair::from_seed([77; 32]);
+    let self_signed = AdmissionCert::sign(&outsider, &outsider.public());
+    let chain = client.refresh().await;
+    let op = MsOp::Join {
+        epoch: chain.epoch(),
+        member: Member::new(outsider.public(), "127.0.0.1:9"),
+        cert: self_signed,
+    };
+    let req = Request::sign(&outsider, 1, postcard::to_allocvec(&op).unwrap());
+    let ep = dbqsfs_net::Endpoint::client(
+        dbqsfs_net::local_bind_for("127.0.0.1:1".parse().unwrap()),
+        outsider.dalek().clone(),
+        dbqsfs_net::TransportOptions::default(),
+    )
+    .unwrap();
+    for m in &chain.config().members {
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap();
+        let _ = ep
+            .request(
+                m.addr.parse().unwrap(),
+                &key,
+                &encode_msg(chain.epoch(), MsMessage::Submit(req.clone())),
+            )
+            .await;
+    }
+
+    // Both joiners appear, and every node agrees on the configuration.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let with_joiners = loop {
+        let chain = client.refresh().await;
+        let c = chain.config();
+        if joiners.iter().all(|j| c.is_member(j)) {
+            break chain.epoch();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "joiners not admitted: {:?}",
+            c.members
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    println!("joiners are members from epoch {with_joiners}");
+    cluster
+        .wait_all_at_least(&client, with_joiners, Duration::from_secs(30))
+        .await;
+    assert!(
+        !client
+            .refresh()
+            .await
+            .config()
+            .is_member(&outsider.node_id()),
+        "a node without an admission certificate was admitted"
+    );
+
+    // The committee (4 of 6) changes across epochs.
+    let mut committees = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committees.len() < 2 {
+        let chain = client.refresh().await;
+        committees.insert(chain.config().committee.clone());
+        assert!(Instant::now() < deadline, "the committee never changed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("{} distinct committees seen", committees.len());
+
+    // kill -9 a non-committee member: evicted within the bound (probes, then the epoch's end).
+    let chain = client.refresh().await;
+    let victim = (0..cluster.len())
+        .find(|&i| {
+            let id = cluster.node_id(i);
+            chain.config().is_member(&id) && !chain.config().committee.contains(&id)
+        })
+        .expect("a non-committee member");
+    let victim_id = cluster.node_id(victim);
+    let killed_at = Instant::now();
+    cluster.kill(victim);
+    // Bound: evict_after probes of probe_ms, plus up to two epochs (the verdict lands in one, the
+    // eviction takes effect at its end), plus slack for this 2-core machine.
+    let bound = Duration::from_millis(3 * 300 + 2 * 2000 + 10_000);
+    loop {
+        let chain = client.refresh().await;
+        if !chain.config().is_member(&victim_id) {
+            println!(
+                "killed member evicted after {:?} (epoch {})",
+                killed_at.elapsed(),
+                chain.epoch()
+            );
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < bound,
+            "a killed member was not evicted within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // kill -9 the primary of an agreement just after its epoch began (so that the end of that
+    // epoch still has to be ordered): a view change, and epochs go on.
+    let now_at = client.refresh().await.epoch();
+    cluster
+        .wait_epoch(&client, now_at + 1, Duration::from_secs(30))
+        .await;
+    let (primary, epoch) = loop {
+        let chain = client.refresh().await;
+        let mut found = None;
+        for m in &chain.config().members {
+            if let Ok(s) = client.ms_status(m).await {
+                if s.in_agreement && s.epoch == chain.epoch() {
+                    found = s.primary.map(|p| (p, s.epoch));
+                    break;
+                }
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pi = (0..cluster.len())
+        .find(|&i| cluster.node_id(i) == primary)
+        .expect("the primary is one of ours");
+    cluster.kill(pi);
+    println!("killed the primary of epoch {epoch}");
+    let mut saw_view_change = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let chain = client.refresh().await;
+        for m in &chain.config().members {
+            if let Ok(s) = client.ms_status(m).await {
+                if s.last_view_change.is_some_and(|(e, v)| e == epoch && v > 0) {
+                    saw_view_change = true;
+                }
+            }
+        }
+        if chain.epoch() >= epoch + 2 {
+            break;
+        }
+        if saw_view_change {
+            // Seen; now only the epochs must go on.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "epochs stopped after the primary was killed (at {})",
+            chain.epoch()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("view change observed: {saw_view_change}");
+    assert!(
+        saw_view_change,
+        "no view change was observed after the primary was killed"
+    );
+    cluster.stop_all();
+}
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forging_committee_member_can_neither_stop_epochs_nor_get_a_forgery_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::init(tmp.path(), 4, TIMING);
+    cluster.start_with(0, &["--fault", "forge-configs"]);
+    for i in 1..4 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+    let start = client.refresh().await.epoch();
+    let reached = cluster
+        .wait_epoch(&client, start + 3, Duration::from_secs(60))
+        .await;
+    // Every node holds the same, properly certified configuration for each epoch.
+    let hashes = cluster.config_hashes(&client).await;
+    assert!(hashes.len() >= 3, "not all nodes answered: {hashes:?}");
+    let mut by_epoch = std::collections::BTreeMap::<u64, BTreeSet<[u8; 32]>>::new();
+    for (e, h) in &hashes {
+        by_epoch.entry(*e).or_default().insert(*h);
+    }
+    for (e, hs) in &by_epoch {
+        assert_eq!(
+            hs.len(),
+            1,
+            "nodes disagree on the configuration of epoch {e}"
+        );
+    }
+    let chain = client.refresh().await;
+    for (e, hs) in &by_epoch {
+        let cc = chain.get(*e).expect("the client verified that epoch too");
+        assert!(
+            hs.contains(&cc.config.hash()),
+            "a node holds a configuration the client rejects"
+        );
+    }
+    println!("epochs went on to {reached} with a forging committee member");
+    cluster.stop_all();
+}
