@@ -37,6 +37,9 @@ pub trait Store {
     fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError>;
     /// Ids of every object held, for state transfer and inspection.
     fn list(&self) -> Result<Vec<ObjectId>, StoreError>;
+    /// Removes object `id` (content or public-key block), for garbage collection of ranges handed
+    /// to a later group; durable on return. Removing an absent object succeeds.
+    fn delete(&self, id: &ObjectId) -> Result<(), StoreError>;
 }
 
 impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
@@ -54,6 +57,9 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
         (**self).list()
+    }
+    fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
+        (**self).delete(id)
     }
 }
 
@@ -133,5 +139,10 @@ impl Store for MemStore {
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
         let g = self.lock();
         Ok(g.content.keys().chain(g.pk.keys()).copied().collect())
+    }
+
+    fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.remove(id);
+        Ok(())
     }
 }
