@@ -5,9 +5,8 @@
 //! duplication or reordering; operations of an older epoch never complete against a newer group, and
 //! replies of different epochs are never combined.
 //!
-//! Non-goals here: moving data between epochs (the state-transfer protocol drives
-//! [`replica::Replica::transfer_complete`]), deciding configurations (the Membership Service), and
-//! timing (the caller supplies `now`).
+//! Non-goals here: deciding configurations (the Membership Service) and timing (the caller supplies
+//! `now`).
 //!
 //! Fault model: replicas may lie, go silent, equivocate, replay, or send garbage; they cannot forge an
 //! owner's signature or a BLAKE3 preimage. Clients that own a block are trusted for that block.
@@ -15,9 +14,12 @@
 //! - [`msg`]: the one closed message enum of the protocol.
 //! - [`replica::Replica`]: serves requests over a [`crate::store::Store`] and applies the epoch rules.
 //! - [`client::Client`]: the client operations as state machines.
-//! - [`transfer`]: state transfer between epochs: planning, messages, the transfer machine.
+//! - [`transfer`]: state transfer between epochs: planning, messages, the transfer machine, on-demand
+//!   fetch of one object.
+//! - [`gc`]: garbage collection of the ranges a node lost, once their new group holds them.
 
 pub mod client;
+pub mod gc;
 pub mod msg;
 pub mod replica;
 pub mod transfer;
@@ -38,4 +40,6 @@ pub enum Mutant {
     TransferFromOne,
     /// Replicas answer reads of objects they gained before their transfer completes.
     ServeBeforeTransfer,
+    /// Old replicas delete a lost range after f+1 of its new group confirm holding it, not 2f+1.
+    GcEarly,
 }

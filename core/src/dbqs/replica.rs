@@ -8,14 +8,19 @@
 //!   [`DbqsMessage::Behind`] (the client then pushes the configurations; the replica verifies and
 //!   installs them, then serves);
 //! - after moving to an epoch in which it gained objects, the replica answers reads of those objects
-//!   [`DbqsMessage::NotReady`] until state transfer completes, so a correct replica never claims a
-//!   value it may be missing. It accepts writes at once.
+//!   [`DbqsMessage::NotReady`] until state transfer completes (for their arc, or for the one object
+//!   fetched on demand), so a correct replica never claims a value it may be missing. It accepts
+//!   writes at once. [`Replica::handle_noting_miss`] names the object of such a read, so the driver
+//!   can fetch it on demand ([`super::transfer::Transfer::fetch_now`]);
+//! - it serves state transfer and garbage collection ([`Replica::handle_transfer`]), and deletes a
+//!   range it lost once `2f+1` of the range's new group hold it ([`Replica::delete_lost`]); from then
+//!   on it answers requests for that range [`TransferMessage::Gone`], never an empty listing.
 //!
 //! [`Replica::handle`] takes `&self` so a driver may serve requests concurrently; installing
 //! configurations takes `&mut self`.
 
 use super::msg::{DbqsMessage, Reject, RequestId, MAX_CONFIGS_PER_REPLY};
-use super::transfer::{Arc, TransferMessage, PAGE, PAGE_BYTES};
+use super::transfer::{responsible_for_arc, Arc, TransferMessage, PAGE, PAGE_BYTES};
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch};
 use crate::crypto::{NodeId, ObjectId};
 use crate::object::{check_content, ObjectError};
@@ -58,6 +63,8 @@ pub struct Replica<S> {
     ready: BTreeSet<Epoch>,
     /// Arcs whose transfer into an epoch is complete, while the rest of that epoch's is not.
     ready_arcs: BTreeMap<Epoch, Vec<Arc>>,
+    /// Arcs lost on entering an epoch whose objects were deleted ([`Replica::delete_lost`]).
+    collected: BTreeMap<Epoch, Vec<Arc>>,
     opts: ReplicaOptions,
 }
 
@@ -77,6 +84,7 @@ impl<S: Store> Replica<S> {
             chain,
             ready: BTreeSet::new(),
             ready_arcs: BTreeMap::new(),
+            collected: BTreeMap::new(),
             opts,
         };
         if ready {
@@ -125,6 +133,13 @@ impl<S: Store> Replica<S> {
         }
     }
 
+    /// Marks object `x` transferred into `epoch` on demand ([`super::transfer::Transfer::fetch_now`]
+    /// gave [`super::transfer::TransferOutput::UnitDone`] for [`Arc::single`]`(x)`): reads of it
+    /// may be answered.
+    pub fn object_ready(&mut self, epoch: Epoch, x: &ObjectId) {
+        self.arc_ready(epoch, Arc::single(x));
+    }
+
     /// Whether the replica can answer a read of `x` in its current epoch: its transfer into this
     /// epoch is complete, or it was ready in the previous epoch and already responsible for `x` then.
     pub fn readable(&self, x: &ObjectId) -> bool {
@@ -140,8 +155,8 @@ impl<S: Store> Replica<S> {
         self.ready.contains(&e)
     }
 
-    /// Serves a state-transfer request ([`TransferMessage`]); `None` means no answer (undecodable,
-    /// not a request, or the store failed).
+    /// Serves a state-transfer or garbage-collection request ([`TransferMessage`]); `None` means no
+    /// answer (undecodable, not a request, or the store failed).
     pub fn handle_transfer(&self, _from: NodeId, bytes: &[u8]) -> Option<Vec<u8>> {
         let env = decode::<TransferMessage>(bytes).ok()?;
         let mine = self.epoch();
@@ -152,25 +167,147 @@ impl<S: Store> Replica<S> {
                 arc,
                 after,
             } => {
-                // Only once this replica has moved to `epoch` (so no write can complete here in the
-                // epoch before) and held everything it was responsible for in the epoch before.
-                if epoch == 0 || mine < epoch || !self.ready.contains(&(epoch - 1)) {
+                if self.gone(epoch, &arc) {
+                    TransferMessage::Gone { rid }
+                } else if epoch == 0 || mine < epoch || !self.ready.contains(&(epoch - 1)) {
+                    // Only once this replica has moved to `epoch` (so no write can complete here in
+                    // the epoch before) and held everything it was responsible for in the epoch
+                    // before.
+                    TransferMessage::NotYet { rid }
+                } else {
+                    self.listing(rid, arc, after).ok()?
+                }
+            }
+            TransferMessage::ListReady {
+                rid,
+                epoch,
+                arc,
+                after,
+            } => {
+                if self.gone(epoch, &arc) {
+                    TransferMessage::Gone { rid }
+                } else if !self.holds_range(epoch, &arc) {
                     TransferMessage::NotYet { rid }
                 } else {
                     self.listing(rid, arc, after).ok()?
                 }
             }
             TransferMessage::Fetch { rid, id } => {
-                // Any copy of a content block proves itself: no epoch condition.
-                TransferMessage::Content {
-                    rid,
-                    id,
-                    data: self.store.get_content(&id).ok()?,
+                // Any copy of a content block proves itself: no epoch condition. "Not held" from a
+                // replica that deleted it would be a lie: the asker counts denials.
+                match self.store.get_content(&id).ok()? {
+                    None if self.gone(env.epoch, &Arc::single(&id)) => {
+                        TransferMessage::Gone { rid }
+                    }
+                    data => TransferMessage::Content { rid, id, data },
                 }
             }
+            TransferMessage::FetchReady { rid, epoch, id } => {
+                let arc = Arc::single(&id);
+                if self.gone(epoch, &arc) {
+                    TransferMessage::Gone { rid }
+                } else if !self.holds_range(epoch, &arc) {
+                    TransferMessage::NotYet { rid }
+                } else {
+                    TransferMessage::Content {
+                        rid,
+                        id,
+                        data: self.store.get_content(&id).ok()?,
+                    }
+                }
+            }
+            TransferMessage::HaveQuery { rid, epoch, arc } => TransferMessage::Have {
+                rid,
+                have: self.holds_range(epoch, &arc),
+            },
             _ => return None,
         };
         Some(encode_msg(mine, msg))
+    }
+
+    /// Whether this replica completed its transfer of all of `arc` into `epoch` or a later epoch
+    /// (as a whole epoch it was responsible for `arc` in, or arc by arc), so it held every write of
+    /// `arc` completed before `epoch`. A later deletion of the range does not undo it: the replica
+    /// deleted only after `2f+1` of a later group held the range. This is what it answers a
+    /// [`TransferMessage::HaveQuery`].
+    pub fn holds_range(&self, epoch: Epoch, arc: &Arc) -> bool {
+        (epoch.max(1)..=self.epoch()).any(|e| {
+            (self.ready.contains(&e)
+                && self
+                    .chain
+                    .get(e)
+                    .is_some_and(|c| responsible_for_arc(&c.config, &self.me, arc)))
+                || self
+                    .ready_arcs
+                    .get(&e)
+                    .is_some_and(|arcs| arc.covered_by(arcs))
+        })
+    }
+
+    /// Whether this replica deleted objects of `arc` that a transfer into `epoch` would ask for: it
+    /// lost a range overlapping `arc` on entering `epoch` or later and collected it.
+    fn gone(&self, epoch: Epoch, arc: &Arc) -> bool {
+        self.collected
+            .range(epoch..)
+            .any(|(_, arcs)| arcs.iter().any(|a| a.overlaps(arc)))
+    }
+
+    /// Garbage collection of `arc`, lost on entering `epoch`, once `2f+1` of its new group hold it
+    /// ([`super::gc::GcOutput::Delete`]): records the arc as collected (from now on requests for it
+    /// are answered [`TransferMessage::Gone`]), then deletes every object held in `arc` that this
+    /// replica has not been responsible for in any epoch from `epoch` to its current one, checked
+    /// now (an object it gained back stays; a later loss collects it). Returns the ids deleted. On
+    /// a store error, call it again: it is idempotent.
+    pub fn delete_lost(&mut self, epoch: Epoch, arc: Arc) -> Result<Vec<ObjectId>, StoreError> {
+        self.note_collected(epoch, arc);
+        let mut deleted = Vec::new();
+        for id in self.store.list()? {
+            if arc.contains(&id) && !self.responsible_since(epoch, &id) {
+                self.store.delete(&id)?;
+                deleted.push(id);
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn responsible_since(&self, epoch: Epoch, x: &ObjectId) -> bool {
+        // An epoch missing from the chain counts as responsible: never delete on a doubt.
+        (epoch..=self.epoch()).any(|e| {
+            self.chain
+                .get(e)
+                .is_none_or(|c| c.config.is_responsible(&self.me, x))
+        })
+    }
+
+    /// Records `arc`, lost on entering `epoch`, as collected without deleting anything: for a
+    /// driver restoring what it persisted of [`Replica::collected`].
+    pub fn note_collected(&mut self, epoch: Epoch, arc: Arc) {
+        let arcs = self.collected.entry(epoch).or_default();
+        if !arcs.contains(&arc) {
+            arcs.push(arc);
+        }
+    }
+
+    /// Every arc collected, by the epoch on entering which it was lost (to persist: a restarted
+    /// replica must go on answering `Gone` for them).
+    pub fn collected(&self) -> &BTreeMap<Epoch, Vec<Arc>> {
+        &self.collected
+    }
+
+    /// The arcs lost on entering `epoch` that are collected already (for
+    /// [`super::gc::Gc::new`]).
+    pub fn collected_in(&self, epoch: Epoch) -> &[Arc] {
+        self.collected.get(&epoch).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Whether an object transferred into `epoch` should still be stored: false once this replica
+    /// collected a range holding it, lost on entering a later epoch (a late transfer must not bring
+    /// back what garbage collection deleted; the later group holds it).
+    pub fn accepts_transferred(&self, epoch: Epoch, id: &ObjectId) -> bool {
+        !self
+            .collected
+            .range(epoch.saturating_add(1)..)
+            .any(|(_, arcs)| arcs.iter().any(|a| a.contains(id)))
     }
 
     /// One page of the objects held in `arc` after `after`, in arc order.
@@ -237,35 +374,47 @@ impl<S: Store> Replica<S> {
     }
 
     /// Handles one message from `from`.
-    pub fn handle(&self, _from: NodeId, bytes: &[u8]) -> Handled {
+    pub fn handle(&self, from: NodeId, bytes: &[u8]) -> Handled {
+        self.handle_noting_miss(from, bytes).0
+    }
+
+    /// Like [`Replica::handle`], and also names the object of a read answered
+    /// [`DbqsMessage::NotReady`] because its transfer into this epoch is not done: the driver may
+    /// fetch it on demand ([`super::transfer::Transfer::fetch_now`]) and the client's retry is then
+    /// answered.
+    pub fn handle_noting_miss(&self, _from: NodeId, bytes: &[u8]) -> (Handled, Option<ObjectId>) {
         let env = match decode::<DbqsMessage>(bytes) {
             Ok(env) => env,
-            Err(e) => return Handled::Dropped(Dropped::Undecodable(e)),
+            Err(e) => return (Handled::Dropped(Dropped::Undecodable(e)), None),
         };
         let mine = self.epoch();
         let reply = |msg| Handled::Reply(encode_msg(mine, msg));
         use DbqsMessage::*;
         let rid = match &env.msg {
-            PushConfigs { configs } => return Handled::Install(configs.clone()),
+            PushConfigs { configs } => return (Handled::Install(configs.clone()), None),
             GetConfigs { rid, after } => {
-                return reply(Configs {
-                    rid: *rid,
-                    configs: self.chain.after(*after, MAX_CONFIGS_PER_REPLY),
-                })
+                let configs = self.chain.after(*after, MAX_CONFIGS_PER_REPLY);
+                return (reply(Configs { rid: *rid, configs }), None);
             }
             PutContent { rid, .. }
             | GetContent { rid, .. }
             | PutPk { rid, .. }
             | GetPk { rid, .. } => *rid,
-            _ => return Handled::Dropped(Dropped::NotARequest),
+            _ => return (Handled::Dropped(Dropped::NotARequest), None),
         };
         if env.epoch < mine {
-            return reply(Stale { rid });
+            return (reply(Stale { rid }), None);
         }
         if env.epoch > mine {
-            return reply(Behind { rid });
+            return (reply(Behind { rid }), None);
         }
-        reply(self.serve(rid, env.msg))
+        let read = match &env.msg {
+            GetContent { id, .. } | GetPk { id, .. } => Some(*id),
+            _ => None,
+        };
+        let msg = self.serve(rid, env.msg);
+        let miss = read.filter(|_| matches!(msg, NotReady { .. }));
+        (reply(msg), miss)
     }
 
     fn serve(&self, rid: RequestId, msg: DbqsMessage) -> DbqsMessage {

@@ -18,10 +18,17 @@
 //!   write has at most `2f` such replicas, counting liars), so a Byzantine lister can neither stall
 //!   the transfer with an id that does not exist nor make it drop one that does;
 //! - when every unit is done the transfer is complete and the replica may answer reads of what it
-//!   gained ([`crate::dbqs::replica::Replica::transfer_complete`]).
+//!   gained ([`crate::dbqs::replica::Replica::transfer_complete`]);
+//! - old replicas delete a range they lost only after `2f+1` of its new group confirm holding it
+//!   ([`super::gc`]), and answer [`TransferMessage::Gone`] for it from then on. A unit that meets a
+//!   `Gone` (or stays unfinished for long) also asks the other members of its new group
+//!   ([`TransferMessage::ListReady`], [`TransferMessage::FetchReady`]); those that completed their
+//!   own transfer of the range hold every write completed before the epoch, so `f+1` of their
+//!   listings (one of them correct) do what `2f+1` old ones do, and `f+1` of their denials drop an id;
+//! - a read need not wait for its range: [`Transfer::fetch_now`] runs the same rules for the arc
+//!   holding just that object ([`Arc::single`]).
 //!
-//! Non-goals here: persistence of progress and garbage collection of lost ranges (the driver's and a
-//! later step's), on-demand fetch of single objects (a read waits for its unit instead).
+//! Non-goals here: persistence of progress (the driver's).
 //!
 //! Fault model: up to `f` replicas of each old group may list objects that do not exist, claim
 //! versions they cannot produce, serve wrong bytes or forged blocks, or go silent; every object is
@@ -76,13 +83,111 @@ impl Arc {
                 && other.start != self.end
                 && self.order_key(&start) < self.order_key(&end))
     }
+
+    /// The arc holding exactly `x`: `(x-1, x]`.
+    pub fn single(x: &ObjectId) -> Arc {
+        let mut start = x.0;
+        for b in start.iter_mut().rev() {
+            let (v, borrow) = b.overflowing_sub(1);
+            *b = v;
+            if !borrow {
+                break;
+            }
+        }
+        Arc { start, end: x.0 }
+    }
+
+    /// Whether the two arcs share a point.
+    pub fn overlaps(&self, other: &Arc) -> bool {
+        // A non-empty intersection of two arcs ends where one of them ends.
+        self.contains(&ObjectId(other.end)) || other.contains(&ObjectId(self.end))
+    }
+
+    /// Whether every point of this arc lies in one of `arcs`.
+    pub fn covered_by(&self, arcs: &[Arc]) -> bool {
+        // Cut this arc at every end point of `arcs` inside it: no arc of `arcs` starts or ends
+        // strictly inside a piece, so an arc holding a piece's last point holds the whole piece.
+        arcs.iter()
+            .flat_map(|a| [a.start, a.end])
+            .filter(|p| self.contains(&ObjectId(*p)))
+            .chain([self.end])
+            .all(|p| arcs.iter().any(|a| a.contains(&ObjectId(p))))
+    }
 }
 
-/// One unit of transfer: an arc the node is responsible for and the old group that holds it.
+/// Whether `node` is responsible in `config` for every point of `arc`.
+pub fn responsible_for_arc(config: &Configuration, node: &NodeId, arc: &Arc) -> bool {
+    // The group is constant between consecutive member ids, so the end of each piece of `arc` cut
+    // at member ids decides for the whole piece.
+    config
+        .members
+        .iter()
+        .map(|m| m.id.0)
+        .filter(|p| arc.contains(&ObjectId(*p)))
+        .chain([arc.end])
+        .all(|p| config.is_responsible(node, &ObjectId(p)))
+}
+
+/// The ring cut at the member ids of both configurations: the pieces, in ring order, within each
+/// of which the groups of both epochs are constant.
+pub(crate) fn pieces(prev: &Configuration, next: &Configuration) -> Vec<Arc> {
+    let mut cuts: Vec<[u8; 32]> = prev
+        .members
+        .iter()
+        .chain(next.members.iter())
+        .map(|m| m.id.0)
+        .collect();
+    cuts.sort();
+    cuts.dedup();
+    (0..cuts.len())
+        .map(|i| Arc {
+            start: cuts[(i + cuts.len() - 1) % cuts.len()],
+            end: cuts[i],
+        })
+        .collect()
+}
+
+/// Joins consecutive pieces (in ring order, some left out) that meet and carry the same key,
+/// also across the top of the ring.
+pub(crate) fn merge<K: PartialEq + Clone>(pieces: Vec<(Arc, K)>) -> Vec<(Arc, K)> {
+    let mut out: Vec<(Arc, K)> = Vec::new();
+    for (arc, key) in pieces {
+        match out.last_mut() {
+            Some((a, k)) if a.end == arc.start && *k == key => a.end = arc.end,
+            _ => out.push((arc, key)),
+        }
+    }
+    if out.len() > 1 {
+        let (first, last) = (out[0].clone(), out[out.len() - 1].clone());
+        if last.0.end == first.0.start && last.1 == first.1 {
+            out[0].0.start = last.0.start;
+            out.pop();
+        }
+    }
+    out
+}
+
+fn group_ids(config: &Configuration, point: &ObjectId, except: Option<&NodeId>) -> Vec<NodeId> {
+    let mut ids: Vec<NodeId> = config
+        .group(point)
+        .iter()
+        .map(|m| m.id)
+        .filter(|id| Some(id) != except)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// One unit of transfer: an arc the node is responsible for, the old group that holds it, and the
+/// other members of its new group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unit {
     pub arc: Arc,
     pub sources: Vec<NodeId>,
+    /// The other members of the arc's group in the new epoch: asked ([`TransferMessage::ListReady`])
+    /// when old replicas deleted the range, since `f+1` of them that completed their own transfer
+    /// include a correct one that holds everything.
+    pub peers: Vec<NodeId>,
     /// The node was not responsible (or not ready) for this arc in the previous epoch: it may not
     /// answer reads of it before the unit is done.
     pub gained: bool,
@@ -95,48 +200,30 @@ pub fn plan(prev: &Configuration, next: &Configuration, me: &NodeId, was_ready: 
     if !next.is_member(me) {
         return Vec::new();
     }
-    let mut cuts: Vec<[u8; 32]> = prev
-        .members
-        .iter()
-        .chain(next.members.iter())
-        .map(|m| m.id.0)
-        .collect();
-    cuts.sort();
-    cuts.dedup();
-    let mut units: Vec<Unit> = Vec::new();
-    for (i, end) in cuts.iter().enumerate() {
-        let start = cuts[(i + cuts.len() - 1) % cuts.len()];
-        let point = ObjectId(*end);
-        if !next.is_responsible(me, &point) {
-            continue;
-        }
-        let gained = !(was_ready && prev.is_responsible(me, &point));
-        let mut sources: Vec<NodeId> = prev.group(&point).iter().map(|m| m.id).collect();
-        sources.sort();
-        // Merge with the previous unit when it ends where this one starts and has the same sources.
-        match units.last_mut() {
-            Some(u) if u.arc.end == start && u.sources == sources && u.gained == gained => {
-                u.arc.end = *end
+    // Each piece keyed by (sources, peers, gained): pieces with the same key join into one unit.
+    type Key = (Vec<NodeId>, Vec<NodeId>, bool);
+    let keyed: Vec<(Arc, Key)> = pieces(prev, next)
+        .into_iter()
+        .filter_map(|arc| {
+            let point = ObjectId(arc.end);
+            if !next.is_responsible(me, &point) {
+                return None;
             }
-            _ => units.push(Unit {
-                gained,
-                arc: Arc { start, end: *end },
-                sources,
-            }),
-        }
-    }
-    // The first and last units may meet across the top of the ring.
-    if units.len() > 1 {
-        let (first, last) = (units[0].clone(), units[units.len() - 1].clone());
-        if last.arc.end == first.arc.start
-            && last.sources == first.sources
-            && last.gained == first.gained
-        {
-            units[0].arc.start = last.arc.start;
-            units.pop();
-        }
-    }
-    units
+            let gained = !(was_ready && prev.is_responsible(me, &point));
+            let sources = group_ids(prev, &point, None);
+            let peers = group_ids(next, &point, Some(me));
+            Some((arc, (sources, peers, gained)))
+        })
+        .collect();
+    merge(keyed)
+        .into_iter()
+        .map(|(arc, (sources, peers, gained))| Unit {
+            arc,
+            sources,
+            peers,
+            gained,
+        })
+        .collect()
 }
 
 /// Most objects in one listing page.
@@ -144,7 +231,8 @@ pub const PAGE: usize = 256;
 /// Most bytes of public-key blocks in one listing page (a larger single block still goes alone).
 pub const PAGE_BYTES: usize = 512 * 1024;
 
-/// The messages of state transfer. The envelope carries the sender's epoch.
+/// The messages of state transfer and of garbage collection. The envelope carries the sender's
+/// epoch (a transfer sends its requests in the epoch it enters).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TransferMessage {
     /// List the objects of `arc` after `after`, for a node entering `epoch`.
@@ -172,9 +260,35 @@ pub enum TransferMessage {
         #[serde(with = "serde_bytes")]
         data: Option<Vec<u8>>,
     },
-    /// This replica has not moved to the asked epoch yet, or was not ready in the epoch before it:
-    /// ask again later.
+    /// This replica has not moved to the asked epoch yet, or was not ready in the epoch before it
+    /// (for [`TransferMessage::ListReady`] and [`TransferMessage::FetchReady`]: has not completed its
+    /// transfer of the range): ask again later.
     NotYet { rid: u64 },
+    /// Asked of another member of the range's group in `epoch`: list `arc` after `after` if this
+    /// replica completed its transfer of `arc` into `epoch` or a later epoch (it then holds every
+    /// write completed before `epoch`). Answered [`TransferMessage::Listing`], `NotYet` or `Gone`.
+    ListReady {
+        rid: u64,
+        epoch: Epoch,
+        arc: Arc,
+        after: Option<ObjectId>,
+    },
+    /// Like [`TransferMessage::Fetch`], from a member of `id`'s group in `epoch` that completed its
+    /// transfer of `id` into `epoch` or later: its "not held" proves no write of `id` completed
+    /// before `epoch`. Answered `Content`, `NotYet` or `Gone`.
+    FetchReady {
+        rid: u64,
+        epoch: Epoch,
+        id: ObjectId,
+    },
+    /// This replica deleted what was asked: it handed the range to a later group, which `2f+1` of
+    /// that group confirmed holding. Ask elsewhere.
+    Gone { rid: u64 },
+    /// Garbage collection: has this replica completed its transfer of `arc` into `epoch` or a later
+    /// epoch (so it holds every write of `arc` completed before `epoch`)?
+    HaveQuery { rid: u64, epoch: Epoch, arc: Arc },
+    /// The answer to [`TransferMessage::HaveQuery`].
+    Have { rid: u64, have: bool },
 }
 
 impl Protocol for TransferMessage {
@@ -203,6 +317,10 @@ impl Default for TransferOptions {
     }
 }
 
+/// A unit that is still unfinished after this many retransmission rounds also asks the new
+/// group's peers (as it does at once when an old replica answers `Gone`).
+const PEERS_AFTER_STALLS: u32 = 6;
+
 /// What the driver should do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransferOutput {
@@ -215,17 +333,20 @@ pub enum TransferOutput {
     Check {
         ids: Vec<ObjectId>,
     },
-    /// Persist this verified content block.
+    /// Persist this verified content block (unless
+    /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on).
     StoreContent {
         id: ObjectId,
         data: Vec<u8>,
     },
-    /// Persist this verified public-key block if it is newer than the held one.
+    /// Persist this verified public-key block if it is newer than the held one (unless
+    /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on).
     StorePk {
         block: PkBlock,
     },
     /// Every object of `arc` is stored (once everything above is persisted): the replica may answer
     /// reads in `arc` ([`crate::dbqs::replica::Replica::arc_ready`]) before the whole epoch is done.
+    /// For an on-demand fetch ([`Transfer::fetch_now`]) `arc` is [`Arc::single`] of the object.
     UnitDone {
         epoch: Epoch,
         arc: Arc,
@@ -243,15 +364,48 @@ struct Listing {
     /// Where the next page starts (`None` before the first page).
     cursor: Option<ObjectId>,
     done: bool,
+    /// The replica deleted the range: it will not list it.
+    gone: bool,
+}
+
+/// Whom a request goes to: an old replica, or a peer of the new group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Via {
+    Old,
+    Peer,
 }
 
 #[derive(Debug)]
 struct Want {
     /// Old replicas that said they do not hold it.
-    no: BTreeSet<NodeId>,
-    /// Next source to ask, as an index into the unit's sources (listers are tried first).
-    order: Vec<NodeId>,
+    no_old: BTreeSet<NodeId>,
+    /// Peers, ready for the range, that said they do not hold it.
+    no_peer: BTreeSet<NodeId>,
+    /// Replicas that deleted it.
+    gone: BTreeSet<(Via, NodeId)>,
+    /// Sources in the order they are tried: listers first, then the old group, then the peers.
+    order: Vec<(Via, NodeId)>,
     next: usize,
+}
+
+impl Want {
+    /// The next source to ask, rotating over those that neither denied nor deleted it (peers only
+    /// once they are asked at all).
+    fn next_source(&mut self, peers: bool) -> Option<(Via, NodeId)> {
+        for _ in 0..self.order.len() {
+            let c = self.order[self.next % self.order.len()];
+            self.next += 1;
+            let refused = self.gone.contains(&c)
+                || match c.0 {
+                    Via::Old => self.no_old.contains(&c.1),
+                    Via::Peer => !peers || self.no_peer.contains(&c.1),
+                };
+            if !refused {
+                return Some(c);
+            }
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -266,23 +420,52 @@ enum Phase {
 #[derive(Debug)]
 struct UnitState {
     unit: Unit,
+    /// An on-demand unit of this one object ([`Transfer::fetch_now`]).
+    single: Option<ObjectId>,
+    /// Listings of old replicas.
     listings: BTreeMap<NodeId, Listing>,
+    /// Listings of new-group peers, once asked.
+    peer_listings: BTreeMap<NodeId, Listing>,
+    peers_asked: bool,
+    /// Retransmission rounds that found the unit unfinished.
+    stalls: u32,
     phase: Phase,
     /// [`TransferOutput::UnitDone`] was given for it.
     announced: bool,
 }
 
+impl UnitState {
+    fn new(unit: Unit, single: Option<ObjectId>) -> UnitState {
+        UnitState {
+            unit,
+            single,
+            listings: BTreeMap::new(),
+            peer_listings: BTreeMap::new(),
+            peers_asked: false,
+            stalls: 0,
+            phase: Phase::Listing,
+            announced: false,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Req {
     List,
+    ListReady,
     Fetch(ObjectId),
+    FetchReady(ObjectId),
 }
 
 /// The transfer into one epoch at one node.
 #[derive(Debug)]
 pub struct Transfer {
     epoch: Epoch,
+    /// Old listings needed (`2f+1` of the old group).
     quorum: usize,
+    /// Peer listings, or peer denials, needed (`f+1` of the new group).
+    peer_quorum: usize,
+    /// The units of the plan, then on-demand units of single objects.
     units: Vec<UnitState>,
     /// Outstanding requests: rid → (unit, node asked, what). A resend keeps the last few request
     /// ids of the same request alive, so a slow answer still counts.
@@ -309,17 +492,12 @@ impl Transfer {
     ) -> Transfer {
         let units = plan(prev, next, me, was_ready)
             .into_iter()
-            .map(|unit| UnitState {
-                unit,
-                listings: BTreeMap::new(),
-                phase: Phase::Listing,
-                announced: false,
-            })
+            .map(|unit| UnitState::new(unit, None))
             .collect();
-        let quorum = prev.quorum().quorum();
         Transfer {
             epoch: next.epoch,
-            quorum,
+            quorum: prev.quorum().quorum(),
+            peer_quorum: next.quorum().one_correct(),
             units,
             by_rid: BTreeMap::new(),
             recent: BTreeMap::new(),
@@ -340,16 +518,11 @@ impl Transfer {
         self.complete
     }
 
-    /// (units done, units in all, content blocks still wanted).
+    /// (units done, units in all, content blocks still wanted), on-demand units left out.
     pub fn progress(&self) -> (usize, usize, usize) {
-        let done = self
-            .units
-            .iter()
-            .filter(|u| matches!(u.phase, Phase::Done))
-            .count();
-        let wanted = self
-            .units
-            .iter()
+        let range = || self.units.iter().filter(|u| u.single.is_none());
+        let done = range().filter(|u| matches!(u.phase, Phase::Done)).count();
+        let wanted = range()
             .map(|u| {
                 if let Phase::Fetching(w) = &u.phase {
                     w.len()
@@ -358,7 +531,7 @@ impl Transfer {
                 }
             })
             .sum();
-        (done, self.units.len(), wanted)
+        (done, range().count(), wanted)
     }
 
     /// A one-line account of each unit, for logs and failure reports.
@@ -367,18 +540,35 @@ impl Transfer {
             .units
             .iter()
             .map(|u| {
-                let listed: Vec<String> = u
-                    .listings
-                    .iter()
-                    .map(|(n, l)| format!("{}{}", n.short(), if l.done { "✓" } else { "…" }))
-                    .collect();
+                let listed = |ls: &BTreeMap<NodeId, Listing>| -> Vec<String> {
+                    ls.iter()
+                        .map(|(n, l)| {
+                            let mark = if l.gone {
+                                "✗"
+                            } else if l.done {
+                                "✓"
+                            } else {
+                                "…"
+                            };
+                            format!("{}{mark}", n.short())
+                        })
+                        .collect()
+                };
                 let phase = match &u.phase {
                     Phase::Listing => "listing".to_string(),
                     Phase::Checking(w) => format!("checking {}", w.len()),
                     Phase::Fetching(w) => format!("fetching {}", w.len()),
                     Phase::Done => "done".to_string(),
                 };
-                format!("[{phase}: {}]", listed.join(" "))
+                let what = u
+                    .single
+                    .map_or(String::new(), |x| format!("object {} ", x.short()));
+                let peers = if u.peers_asked {
+                    format!("; peers {}", listed(&u.peer_listings).join(" "))
+                } else {
+                    String::new()
+                };
+                format!("[{what}{phase}: {}{peers}]", listed(&u.listings).join(" "))
             })
             .collect();
         units.join(" ")
@@ -416,13 +606,82 @@ impl Transfer {
             if matches!(self.units[u].phase, Phase::Done) {
                 continue; // skipped
             }
-            for n in self.units[u].unit.sources.clone() {
-                self.units[u].listings.insert(n, Listing::default());
-                self.request(u, n, Req::List);
-            }
+            self.ask_sources(u);
         }
         self.retransmit_at = now + self.opts.retransmit_ms;
         self.check_complete();
+    }
+
+    fn ask_sources(&mut self, u: usize) {
+        for n in self.units[u].unit.sources.clone() {
+            self.units[u].listings.insert(n, Listing::default());
+            self.request(u, n, Req::List);
+        }
+    }
+
+    /// Fetches object `x` now, ahead of its unit, so that a read of it need not wait for the whole
+    /// range: from the same old group with the same rules (a public-key block as the highest validly
+    /// signed among `2f+1` listings of `(x-1, x]`, a content block from any copy that hashes to `x`,
+    /// absence only when `2f+1` deny), or from the new group's peers like a unit. When it is stored,
+    /// [`TransferOutput::UnitDone`] names [`Arc::single`]`(x)`. Returns whether `x` is being fetched
+    /// (false: `x` is not in a gained unit still transferring, so reads of it need not wait here).
+    pub fn fetch_now(&mut self, now: u64, x: ObjectId) -> bool {
+        if self.complete {
+            return false;
+        }
+        if let Some(u) = self.units.iter().find(|u| u.single == Some(x)) {
+            return !matches!(u.phase, Phase::Done);
+        }
+        let Some(parent) = self
+            .units
+            .iter()
+            .find(|u| u.single.is_none() && u.unit.arc.contains(&x))
+        else {
+            return false;
+        };
+        if !parent.unit.gained || matches!(parent.phase, Phase::Done) {
+            return false;
+        }
+        let unit = Unit {
+            arc: Arc::single(&x),
+            ..parent.unit.clone()
+        };
+        let peers = parent.peers_asked;
+        self.units.push(UnitState::new(unit, Some(x)));
+        let u = self.units.len() - 1;
+        self.ask_sources(u);
+        if peers {
+            self.ask_peers(u);
+        }
+        self.retransmit_at = self.retransmit_at.min(now + self.opts.retransmit_ms);
+        true
+    }
+
+    /// Also asks the unit's new-group peers (once).
+    fn ask_peers(&mut self, u: usize) {
+        if self.units[u].peers_asked {
+            return;
+        }
+        self.units[u].peers_asked = true;
+        let peers = self.units[u].unit.peers.clone();
+        match &mut self.units[u].phase {
+            Phase::Listing => {
+                for n in peers {
+                    self.units[u].peer_listings.insert(n, Listing::default());
+                    self.request(u, n, Req::ListReady);
+                }
+            }
+            // Peers are in every want's order already: they are tried from now on.
+            Phase::Checking(_) | Phase::Fetching(_) | Phase::Done => {}
+        }
+    }
+
+    fn fetch(&mut self, u: usize, id: ObjectId, (via, n): (Via, NodeId)) {
+        let req = match via {
+            Via::Old => Req::Fetch(id),
+            Via::Peer => Req::FetchReady(id),
+        };
+        self.request(u, n, req);
     }
 
     fn request(&mut self, u: usize, to: NodeId, req: Req) {
@@ -437,22 +696,27 @@ impl Transfer {
                 self.by_rid.remove(&old);
             }
         }
+        let epoch = self.epoch;
+        let arc = self.units[u].unit.arc;
         let msg = match req {
-            Req::List => {
-                let arc = self.units[u].unit.arc;
-                let after = self.units[u].listings.get(&to).and_then(|l| l.cursor);
-                TransferMessage::List {
-                    rid,
-                    epoch: self.epoch,
-                    arc,
-                    after,
-                }
-            }
+            Req::List => TransferMessage::List {
+                rid,
+                epoch,
+                arc,
+                after: self.units[u].listings.get(&to).and_then(|l| l.cursor),
+            },
+            Req::ListReady => TransferMessage::ListReady {
+                rid,
+                epoch,
+                arc,
+                after: self.units[u].peer_listings.get(&to).and_then(|l| l.cursor),
+            },
             Req::Fetch(id) => TransferMessage::Fetch { rid, id },
+            Req::FetchReady(id) => TransferMessage::FetchReady { rid, epoch, id },
         };
         self.out.push_back(TransferOutput::Send {
             to,
-            bytes: encode_msg(self.epoch, msg),
+            bytes: encode_msg(epoch, msg),
         });
     }
 
@@ -464,33 +728,38 @@ impl Transfer {
         self.retransmit_at = now + self.backoff;
         self.backoff = (self.backoff * 2).min(self.opts.retransmit_ms * 16);
         for u in 0..self.units.len() {
-            match &mut self.units[u].phase {
+            if matches!(self.units[u].phase, Phase::Done) {
+                continue;
+            }
+            self.units[u].stalls += 1;
+            if self.units[u].stalls >= PEERS_AFTER_STALLS {
+                self.ask_peers(u);
+            }
+            let unit = &mut self.units[u];
+            let peers = unit.peers_asked;
+            match &mut unit.phase {
                 Phase::Listing => {
-                    let pending: Vec<NodeId> = self.units[u]
-                        .listings
-                        .iter()
-                        .filter(|(_, l)| !l.done)
-                        .map(|(n, _)| *n)
-                        .collect();
-                    for n in pending {
+                    let pending = |ls: &BTreeMap<NodeId, Listing>| -> Vec<NodeId> {
+                        ls.iter()
+                            .filter(|(_, l)| !l.done && !l.gone)
+                            .map(|(n, _)| *n)
+                            .collect()
+                    };
+                    let (old, new) = (pending(&unit.listings), pending(&unit.peer_listings));
+                    for n in old {
                         self.request(u, n, Req::List);
+                    }
+                    for n in new {
+                        self.request(u, n, Req::ListReady);
                     }
                 }
                 Phase::Fetching(wants) => {
-                    let mut asks = Vec::new();
-                    for (id, w) in wants.iter_mut() {
-                        // Rotate to the next source that has not said no.
-                        for _ in 0..w.order.len() {
-                            let n = w.order[w.next % w.order.len()];
-                            w.next += 1;
-                            if !w.no.contains(&n) {
-                                asks.push((*id, n));
-                                break;
-                            }
-                        }
-                    }
-                    for (id, n) in asks {
-                        self.request(u, n, Req::Fetch(id));
+                    let asks: Vec<(ObjectId, (Via, NodeId))> = wants
+                        .iter_mut()
+                        .filter_map(|(id, w)| w.next_source(peers).map(|c| (*id, c)))
+                        .collect();
+                    for (id, c) in asks {
+                        self.fetch(u, id, c);
                     }
                 }
                 Phase::Checking(_) | Phase::Done => {}
@@ -506,7 +775,8 @@ impl Transfer {
         let rid = match &env.msg {
             TransferMessage::Listing { rid, .. }
             | TransferMessage::Content { rid, .. }
-            | TransferMessage::NotYet { rid } => *rid,
+            | TransferMessage::NotYet { rid }
+            | TransferMessage::Gone { rid } => *rid,
             _ => return,
         };
         let Some(&(u, asked, req)) = self.by_rid.get(&rid) else {
@@ -519,19 +789,49 @@ impl Transfer {
         for old in self.recent.remove(&(u, asked, req)).unwrap_or_default() {
             self.by_rid.remove(&old);
         }
-        if !matches!(env.msg, TransferMessage::NotYet { .. }) {
+        if matches!(
+            env.msg,
+            TransferMessage::Listing { .. } | TransferMessage::Content { .. }
+        ) {
             self.backoff = self.opts.retransmit_ms;
         }
         match (env.msg, req) {
             (TransferMessage::NotYet { .. }, _) => {} // asked again at the next timeout
+            (TransferMessage::Gone { .. }, Req::List) => {
+                if let Some(l) = self.units[u].listings.get_mut(&from) {
+                    l.gone = true;
+                }
+                self.ask_peers(u);
+            }
+            (TransferMessage::Gone { .. }, Req::ListReady) => {
+                if let Some(l) = self.units[u].peer_listings.get_mut(&from) {
+                    l.gone = true;
+                }
+            }
+            (TransferMessage::Gone { .. }, Req::Fetch(id)) => {
+                self.ask_peers(u);
+                self.on_gone(u, (Via::Old, from), id);
+            }
+            (TransferMessage::Gone { .. }, Req::FetchReady(id)) => {
+                self.on_gone(u, (Via::Peer, from), id)
+            }
             (
                 TransferMessage::Listing {
                     content, pk, next, ..
                 },
                 Req::List,
-            ) => self.on_listing(u, from, content, pk, next),
+            ) => self.on_listing(u, Via::Old, from, content, pk, next),
+            (
+                TransferMessage::Listing {
+                    content, pk, next, ..
+                },
+                Req::ListReady,
+            ) => self.on_listing(u, Via::Peer, from, content, pk, next),
             (TransferMessage::Content { id, data, .. }, Req::Fetch(want)) if id == want => {
-                self.on_content(u, from, id, data)
+                self.on_content(u, (Via::Old, from), id, data)
+            }
+            (TransferMessage::Content { id, data, .. }, Req::FetchReady(want)) if id == want => {
+                self.on_content(u, (Via::Peer, from), id, data)
             }
             _ => {}
         }
@@ -541,6 +841,7 @@ impl Transfer {
     fn on_listing(
         &mut self,
         u: usize,
+        via: Via,
         from: NodeId,
         content: Vec<ObjectId>,
         pk: Vec<PkBlock>,
@@ -551,10 +852,14 @@ impl Transfer {
             return;
         }
         let arc = unit.unit.arc;
-        let Some(l) = unit.listings.get_mut(&from) else {
+        let listings = match via {
+            Via::Old => &mut unit.listings,
+            Via::Peer => &mut unit.peer_listings,
+        };
+        let Some(l) = listings.get_mut(&from) else {
             return;
         };
-        if l.done {
+        if l.done || l.gone {
             return;
         }
         l.content
@@ -577,15 +882,23 @@ impl Transfer {
         match next {
             Some(n) if forward(&n) => {
                 l.cursor = Some(n);
-                self.request(u, from, Req::List);
+                let req = match via {
+                    Via::Old => Req::List,
+                    Via::Peer => Req::ListReady,
+                };
+                self.request(u, from, req);
             }
             // A page that does not move forward (a late answer to an earlier page, or a liar) says
             // nothing about where the listing ends; the next timeout asks again.
             Some(_) => {}
             None => {
                 l.done = true;
-                let done = unit.listings.values().filter(|l| l.done).count();
-                if done >= self.quorum {
+                let done = |ls: &BTreeMap<NodeId, Listing>| ls.values().filter(|l| l.done).count();
+                // `2f+1` old replicas that moved on include one holding every completed write; so
+                // do `f+1` peers that completed their own transfer of the range.
+                if done(&unit.listings) >= self.quorum
+                    || done(&unit.peer_listings) >= self.peer_quorum
+                {
                     self.start_fetching(u);
                 }
             }
@@ -595,10 +908,15 @@ impl Transfer {
     /// Enough complete listings: store the highest public-key blocks, fetch the content.
     fn start_fetching(&mut self, u: usize) {
         let unit = &mut self.units[u];
-        let listers: Vec<(&NodeId, &Listing)> =
-            unit.listings.iter().filter(|(_, l)| l.done).collect();
+        let listers: Vec<((Via, NodeId), &Listing)> = unit
+            .listings
+            .iter()
+            .map(|(n, l)| ((Via::Old, *n), l))
+            .chain(unit.peer_listings.iter().map(|(n, l)| ((Via::Peer, *n), l)))
+            .filter(|(_, l)| l.done)
+            .collect();
         let mut best: BTreeMap<ObjectId, PkBlock> = BTreeMap::new();
-        let mut content: BTreeMap<ObjectId, Vec<NodeId>> = BTreeMap::new();
+        let mut content: BTreeMap<ObjectId, Vec<(Via, NodeId)>> = BTreeMap::new();
         #[cfg(feature = "mutants")]
         let pk_from = if self.opts.mutant == super::Mutant::TransferFromOne {
             1
@@ -614,26 +932,34 @@ impl Transfer {
                 }
             }
         }
-        for (n, l) in &listers {
+        for (c, l) in &listers {
             for id in &l.content {
-                content.entry(*id).or_default().push(**n);
+                content.entry(*id).or_default().push(*c);
             }
         }
         for block in best.into_values() {
             self.out.push_back(TransferOutput::StorePk { block });
         }
-        let sources = unit.unit.sources.clone();
+        let others: Vec<(Via, NodeId)> = unit
+            .unit
+            .sources
+            .iter()
+            .map(|n| (Via::Old, *n))
+            .chain(unit.unit.peers.iter().map(|n| (Via::Peer, *n)))
+            .collect();
         let wants: BTreeMap<ObjectId, Want> = content
             .into_iter()
             .map(|(id, listed_by)| {
                 let mut order = listed_by.clone();
-                order.extend(sources.iter().filter(|s| !listed_by.contains(s)));
+                order.extend(others.iter().filter(|c| !listed_by.contains(c)));
                 (
                     id,
                     Want {
-                        no: BTreeSet::new(),
+                        no_old: BTreeSet::new(),
+                        no_peer: BTreeSet::new(),
+                        gone: BTreeSet::new(),
                         order,
-                        next: 1,
+                        next: 0,
                     },
                 )
             })
@@ -651,31 +977,36 @@ impl Transfer {
     pub fn held(&mut self, ids: &[ObjectId]) {
         let held: BTreeSet<ObjectId> = ids.iter().copied().collect();
         for u in 0..self.units.len() {
+            let peers = self.units[u].peers_asked;
             let Phase::Checking(wants) = &mut self.units[u].phase else {
                 continue;
             };
             let mut wants = std::mem::take(wants);
             wants.retain(|id, _| !held.contains(id));
-            let first: Vec<(ObjectId, NodeId)> =
-                wants.iter().map(|(id, w)| (*id, w.order[0])).collect();
+            let first: Vec<(ObjectId, (Via, NodeId))> = wants
+                .iter_mut()
+                .filter_map(|(id, w)| w.next_source(peers).map(|c| (*id, c)))
+                .collect();
             self.units[u].phase = if wants.is_empty() {
                 Phase::Done
             } else {
                 Phase::Fetching(wants)
             };
-            for (id, n) in first {
-                self.request(u, n, Req::Fetch(id));
+            for (id, c) in first {
+                self.fetch(u, id, c);
             }
         }
         self.check_complete();
     }
 
-    fn on_content(&mut self, u: usize, from: NodeId, id: ObjectId, data: Option<Vec<u8>>) {
-        let quorum = self.quorum;
+    fn on_content(&mut self, u: usize, from: (Via, NodeId), id: ObjectId, data: Option<Vec<u8>>) {
+        let (quorum, peer_quorum) = (self.quorum, self.peer_quorum);
+        let peers = self.units[u].peers_asked;
         let Phase::Fetching(wants) = &mut self.units[u].phase else {
             return;
         };
         let Some(w) = wants.get_mut(&id) else { return };
+        let mut ask = None;
         match data {
             Some(data) if check_content(&id, &data).is_ok() => {
                 wants.remove(&id);
@@ -683,30 +1014,40 @@ impl Transfer {
                     .push_back(TransferOutput::StoreContent { id, data });
             }
             _ => {
-                w.no.insert(from);
-                if w.no.len() >= quorum {
-                    // 2f+1 old replicas do not hold it: it was never a completed write.
+                match from.0 {
+                    Via::Old => w.no_old.insert(from.1),
+                    Via::Peer => w.no_peer.insert(from.1),
+                };
+                // `2f+1` old replicas do not hold it (a completed write has at most `2f` such,
+                // liars included), or `f+1` peers that hold every write completed before this
+                // epoch do not: it was never a completed write.
+                if w.no_old.len() >= quorum || w.no_peer.len() >= peer_quorum {
                     wants.remove(&id);
                 } else {
-                    let mut ask = None;
-                    for _ in 0..w.order.len() {
-                        let n = w.order[w.next % w.order.len()];
-                        w.next += 1;
-                        if !w.no.contains(&n) {
-                            ask = Some(n);
-                            break;
-                        }
-                    }
-                    if let Some(n) = ask {
-                        self.request(u, n, Req::Fetch(id));
-                    }
+                    ask = w.next_source(peers);
                 }
             }
+        }
+        if let Some(c) = ask {
+            self.fetch(u, id, c);
         }
         if let Phase::Fetching(wants) = &self.units[u].phase {
             if wants.is_empty() {
                 self.units[u].phase = Phase::Done;
             }
+        }
+    }
+
+    /// `from` deleted content block `id`: ask the next source.
+    fn on_gone(&mut self, u: usize, from: (Via, NodeId), id: ObjectId) {
+        let peers = self.units[u].peers_asked;
+        let Phase::Fetching(wants) = &mut self.units[u].phase else {
+            return;
+        };
+        let Some(w) = wants.get_mut(&id) else { return };
+        w.gone.insert(from);
+        if let Some(c) = w.next_source(peers) {
+            self.fetch(u, id, c);
         }
     }
 
@@ -720,7 +1061,12 @@ impl Transfer {
                 });
             }
         }
-        if !self.complete && self.units.iter().all(|u| matches!(u.phase, Phase::Done)) {
+        if !self.complete
+            && self
+                .units
+                .iter()
+                .all(|u| u.single.is_some() || matches!(u.phase, Phase::Done))
+        {
             self.complete = true;
             self.by_rid.clear();
             self.recent.clear();
