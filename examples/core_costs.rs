@@ -53,7 +53,10 @@ fn main() {
     });
 
     let keys: Vec<Keypair> = (0..4).map(|i| Keypair::from_seed([i + 2; 32])).collect();
-    let members = keys.iter().map(|k| Member::new(k.public(), "127.0.0.1:1")).collect();
+    let members = keys
+        .iter()
+        .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+        .collect();
     let genesis = CertifiedConfig::genesis(Configuration::new(0, Params::with_f(1), members, None));
     let replica = Replica::new(
         keys[0].node_id(),

@@ -154,6 +154,8 @@ pub struct MsStatus {
     pub leaving: bool,
     /// The last view change this node's agreement went through: (epoch, view entered).
     pub last_view_change: Option<(Epoch, View)>,
+    /// Requests executed in this epoch (duplicates excluded), for benchmarks.
+    pub requests_executed: u64,
 }
 
 /// The body a member signs to answer a probe: it binds the prober, so an answer cannot be
@@ -247,13 +249,16 @@ impl MsHandle {
     }
 }
 
-/// Starts the MS task of the node.
-pub fn spawn(shared: Arc<Shared>, endpoint: Endpoint, opts: MsOptions) -> MsHandle {
+/// Starts the MS task of the node; abort the returned task to stop it (the node does at shutdown).
+pub fn spawn(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    opts: MsOptions,
+) -> (MsHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(4096);
     let handle = MsHandle { tx: tx.clone() };
     let task = Task::new(shared, endpoint, opts, tx);
-    tokio::spawn(task.run(rx));
-    handle
+    (handle, tokio::spawn(task.run(rx)))
 }
 
 /// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
@@ -777,6 +782,7 @@ impl Task {
                 s.view = a.view();
                 s.primary = a.committee().id(a.committee().primary(a.view()));
                 s.executed = a.last_executed();
+                s.requests_executed = role.batches.iter().map(|b| b.len() as u64).sum();
                 s.pending = Some(role.membership.pending());
             }
             s.probes = role

@@ -375,7 +375,7 @@ impl Node {
         let transfers = shared
             .transfers
             .start(endpoint.clone(), shared.replica.clone());
-        let ms = crate::ms::spawn(shared.clone(), endpoint.clone(), self.ms);
+        let (ms, ms_task) = crate::ms::spawn(shared.clone(), endpoint.clone(), self.ms);
         #[cfg(feature = "fault-injection")]
         let fault = self.fault;
         let serving = shared.clone();
@@ -391,6 +391,8 @@ impl Node {
         });
         shutdown.await;
         info!("shutting down");
+        ms_task.abort();
+        let _ = ms_task.await;
         transfers.abort();
         let _ = transfers.await;
         endpoint.close().await;

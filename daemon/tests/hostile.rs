@@ -2,9 +2,12 @@
 //! the wrong key, a client whose key the cluster does not know, an oversized frame, and garbage
 //! datagrams. None of them gets anything, and the nodes keep serving a correct client.
 
-use dbqsfs_core::crypto::Keypair;
+use dbqsfs_core::crypto::{Keypair, ObjectId};
+use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
+use dbqsfs_daemon::ms::MsMessage;
 use dbqsfs_net::{local_bind_for, Endpoint, NetError, TransportOptions};
 use ed25519_dalek::VerifyingKey;
 use std::net::SocketAddr;
@@ -71,11 +74,28 @@ async fn hostile_peers_get_nothing_and_nodes_keep_serving() {
         "got {err:?}"
     );
 
-    // A client key the cluster does not know is refused after the handshake.
+    // A key the cluster does not know may connect (a joining node must reach the Membership
+    // Service) but gets no dBQS answer, and no MS answer beyond a refusal.
     let stranger =
         Endpoint::client(local_bind_for(addr), wrong.dalek().clone(), options()).unwrap();
-    let err = stranger.request(addr, &node_key, b"x").await.unwrap_err();
-    assert!(matches!(err, NetError::Unauthorized), "got {err:?}");
+    let get = encode_msg(
+        0,
+        DbqsMessage::GetContent {
+            rid: 1,
+            id: ObjectId([3; 32]),
+        },
+    );
+    let err = stranger.request(addr, &node_key, &get).await.unwrap_err();
+    assert!(matches!(err, NetError::NoResponse), "got {err:?}");
+    let status = encode_msg(0, MsMessage::StatusRequest);
+    let resp = stranger.request(addr, &node_key, &status).await.unwrap();
+    assert!(
+        matches!(
+            decode::<MsMessage>(&resp).unwrap().msg,
+            MsMessage::Refused { .. }
+        ),
+        "a stranger got an MS status"
+    );
 
     // An authorized client that claims a 1 GiB frame gets its stream aborted, nothing allocated.
     let conn = ep.connection(addr, &node_key).await.expect("connect");

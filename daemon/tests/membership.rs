@@ -268,3 +268,165 @@ async fn a_forging_committee_member_can_neither_stop_epochs_nor_get_a_forgery_ac
     println!("epochs went on to {reached} with a forging committee member");
     cluster.stop_all();
 }
+
+/// Benchmark (run with `-- --ignored --nocapture`): agreement latency and throughput on 4 loopback
+/// nodes, and epoch change time (EndEpoch proposed → every member on the new epoch).
+///
+/// Load: join requests of outsiders with self-signed certificates (ordered by the agreement, then
+/// ignored by the MS), from 1 client for latency and from 32 clients for throughput.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_agreement_and_epoch_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Epochs that never end by themselves, so the benchmark ends them.
+    let mut cluster = Cluster::init(
+        tmp.path(),
+        4,
+        &["--epoch-ms", "3600000", "--freshness-ms", "60000"],
+    );
+    for i in 0..4 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+    let chain = client.refresh().await;
+    let config = chain.config().clone();
+    let members: Vec<Member> = config.members.clone();
+    let target = |m: &Member| {
+        (
+            m.addr.parse::<std::net::SocketAddr>().unwrap(),
+            ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap(),
+        )
+    };
+    let executed = |c: dbqsfs_daemon::client::DbqsClient, m: Member| async move {
+        c.ms_status(&m)
+            .await
+            .map(|s| s.requests_executed)
+            .unwrap_or(0)
+    };
+    // Wait until the agreement answers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let submit = |key: Keypair, seq: u64, ep: dbqsfs_net::Endpoint, members: Vec<Member>| async move {
+        let op = MsOp::Join {
+            epoch: 0,
+            member: Member::new(key.public(), "127.0.0.1:9"),
+            cert: AdmissionCert::sign(&key, &key.public()),
+        };
+        let req = Request::sign(&key, seq, postcard::to_allocvec(&op).unwrap());
+        let bytes = encode_msg(0, MsMessage::Submit(req));
+        for m in &members {
+            let (addr, vk) = target(m);
+            let _ = ep.request(addr, &vk, &bytes).await;
+        }
+    };
+    let endpoint = |k: &Keypair| {
+        dbqsfs_net::Endpoint::client(
+            dbqsfs_net::local_bind_for("127.0.0.1:1".parse().unwrap()),
+            k.dalek().clone(),
+            dbqsfs_net::TransportOptions::default(),
+        )
+        .unwrap()
+    };
+
+    // Latency: one request at a time, until one member has executed it.
+    let key = Keypair::from_seed([201; 32]);
+    let ep = endpoint(&key);
+    let mut lat = Vec::new();
+    for seq in 1..=50u64 {
+        let before = executed(client.clone(), members[0].clone()).await;
+        let t = Instant::now();
+        submit(key.clone(), seq, ep.clone(), members.clone()).await;
+        while executed(client.clone(), members[0].clone()).await <= before {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "request not executed"
+            );
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "agreement latency (submit → executed at a member, 1 client): p50 {:?} p90 {:?}",
+        lat[lat.len() / 2],
+        lat[lat.len() * 9 / 10]
+    );
+
+    // Throughput: 32 clients, each with one request outstanding at a time, for 10 s.
+    let before = executed(client.clone(), members[0].clone()).await;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..32u8 {
+        let key = Keypair::from_seed([c + 1; 32]);
+        let ep = endpoint(&key);
+        let members = members.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seq = 1;
+            while t.elapsed() < Duration::from_secs(10) {
+                submit(key.clone(), seq, ep.clone(), members.clone()).await;
+                seq += 1;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let done = executed(client.clone(), members[0].clone()).await - before;
+    println!(
+        "agreement throughput (32 clients): {done} requests in {:?} = {:.0} requests/s",
+        t.elapsed(),
+        done as f64 / t.elapsed().as_secs_f64()
+    );
+
+    // Epoch change: two committee members (f_ms+1) propose the end; time until all members moved.
+    let mut times = Vec::new();
+    for round in 0..5 {
+        let chain = client.refresh().await;
+        let e = chain.epoch();
+        let proposers: Vec<Keypair> = (0..cluster.len())
+            .map(|i| dbqsfs_daemon::files::read_key(&cluster.node_dir(i).join("node.key")).unwrap())
+            .filter(|k| chain.config().committee.contains(&k.node_id()))
+            .take(2)
+            .collect();
+        let t = Instant::now();
+        for k in &proposers {
+            let op = MsOp::EndEpoch { epoch: e };
+            let seq = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64)
+                << 12;
+            let req = Request::sign(k, seq, postcard::to_allocvec(&op).unwrap());
+            let ep = endpoint(k);
+            let bytes = encode_msg(e, MsMessage::Submit(req));
+            for m in &chain.config().members {
+                let (addr, vk) = target(m);
+                let _ = ep.request(addr, &vk, &bytes).await;
+            }
+        }
+        loop {
+            let mut all = true;
+            for m in &chain.config().members {
+                if client.ms_status(m).await.map(|s| s.epoch).unwrap_or(0) <= e {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "epoch {e} did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        times.push(t.elapsed());
+        println!("epoch change {round}: {e} → {} in {:?}", e + 1, t.elapsed());
+    }
+    times.sort();
+    println!(
+        "epoch change time (EndEpoch proposed → every member on the new epoch): p50 {:?}",
+        times[times.len() / 2]
+    );
+    cluster.stop_all();
+}
