@@ -77,6 +77,11 @@ fn reads_served_before_the_transfer_completes_are_caught() {
     );
 }
 
+#[test]
+fn deleting_a_lost_range_on_f_plus_1_confirmations_is_caught() {
+    assert!(caught(Mutant::GcEarly, 100), "gc-early was not caught");
+}
+
 fn caught(m: Mutant, seeds: u64) -> bool {
     (0..seeds).any(|seed| !run_seed(seed, &opts(1, m)).violations.is_empty())
 }

@@ -37,6 +37,7 @@ enum MutantArg {
     AcceptUnsigned,
     TransferFromOne,
     ServeBeforeTransfer,
+    GcEarly,
 }
 
 fn main() {
@@ -48,6 +49,7 @@ fn main() {
         Some(MutantArg::AcceptUnsigned) => Mutant::AcceptUnsigned,
         Some(MutantArg::TransferFromOne) => Mutant::TransferFromOne,
         Some(MutantArg::ServeBeforeTransfer) => Mutant::ServeBeforeTransfer,
+        Some(MutantArg::GcEarly) => Mutant::GcEarly,
     };
     let opts = RunOptions { f: args.f, mutant };
     let seeds = Seeds {
@@ -71,7 +73,14 @@ fn main() {
                 violations: r.violations,
                 digest: r.digest,
                 setup: r.setup,
-                detail: String::new(),
+                detail: format!(
+                    "deleted={} on-demand={}/{} gone={} peer-requests={}",
+                    r.stats.deleted,
+                    r.stats.on_demand_done,
+                    r.stats.on_demand,
+                    r.stats.gone,
+                    r.stats.peer_requests
+                ),
             }
         },
         || {},

@@ -14,7 +14,9 @@ pub enum Adversary {
     /// Serves forged (mis-signed, higher-version) public-key blocks, pushes forged writes and forged
     /// configurations to other replicas.
     Forge,
-    /// Acknowledges writes without storing them.
+    /// Acknowledges writes without storing them, stores nothing from its own transfers either,
+    /// claims to hold every range it is asked about for garbage collection, and serves none of them
+    /// to the peers of its group.
     AckWithoutStore,
     /// Honest to some clients; stale and acknowledging without storing to others.
     Equivocate,

@@ -8,15 +8,20 @@
 //! A run has three phases:
 //! 1. faults: clients run random operations on a small key set while the network drops, duplicates,
 //!    delays and reorders messages, partitions nodes, nodes crash and restart, and the test moves the
-//!    cluster to new configurations (acting as the Membership Service), copying state between epochs
-//!    as DESIGN §4 specifies (from 2f+1 old replicas that have moved to the new epoch);
+//!    cluster to new configurations (acting as the Membership Service); nodes run the real state
+//!    transfer into each epoch, fetch an object on demand when a read hits it before its range is
+//!    transferred, and garbage-collect the ranges they lost once their transfer into the epoch is
+//!    complete (DESIGN §4);
 //! 2. healed: the network is reliable, everyone is up and knows every configuration; every operation
 //!    of a correct client must complete within [`LIVENESS_BOUND_MS`];
 //! 3. audit: a fresh client reads every key and every written content block.
 //!
 //! Checks: every public-key block's history is linearizable; every content read returns exactly the
 //! bytes named by the id; a content block whose write completed is never "not found"; no operation
-//! fails; liveness after healing.
+//! fails; liveness after healing; when a correct node deletes a lost range, at least `f+1` correct
+//! members of the range's new group hold it; after a final reconfiguration and once every transfer
+//! and garbage collection finished, every completed write is on `2f+1` correct members of its group
+//! and no correct node holds anything it is not responsible for.
 
 pub mod adversary;
 
@@ -26,9 +31,12 @@ pub use adversary::Adversary;
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId, Signature};
 use dbqsfs_core::dbqs::client::{Client, ClientOptions, ClientOutput, OpId, Operation, Outcome};
+use dbqsfs_core::dbqs::gc::{Gc, GcOptions, GcOutput};
 use dbqsfs_core::dbqs::msg::DbqsMessage;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
-use dbqsfs_core::dbqs::transfer::{Transfer, TransferMessage, TransferOptions, TransferOutput};
+use dbqsfs_core::dbqs::transfer::{
+    Arc as RingArc, Transfer, TransferMessage, TransferOptions, TransferOutput,
+};
 pub use dbqsfs_core::dbqs::Mutant;
 use dbqsfs_core::object::{content_id, pk_block_id, PkBlock, Stamp};
 use dbqsfs_core::store::{MemStore, Store};
@@ -62,6 +70,23 @@ pub struct SeedReport {
     pub digest: [u8; 32],
     /// The swarm parameters drawn, for the report of a failing seed.
     pub setup: String,
+    /// What the run exercised, for `--verbose`.
+    pub stats: Stats,
+}
+
+/// Counts of what a run exercised beyond client operations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Objects deleted by garbage collection at correct nodes.
+    pub deleted: u64,
+    /// Reads that hit an object not transferred yet and started an on-demand fetch.
+    pub on_demand: u64,
+    /// On-demand fetches that completed before their range.
+    pub on_demand_done: u64,
+    /// `Gone` answers received by transfers.
+    pub gone: u64,
+    /// Requests to new-group peers (`ListReady`, `FetchReady`).
+    pub peer_requests: u64,
 }
 
 #[derive(Debug)]
@@ -100,6 +125,12 @@ enum Ev {
     Transfer {
         n: usize,
         epoch: u64,
+        at: u64,
+    },
+    Gc {
+        n: usize,
+        epoch: u64,
+        at: u64,
     },
     Heal,
 }
@@ -112,6 +143,13 @@ struct Node {
     byz: Option<Byz>,
     /// State transfers in progress, by the epoch they enter (volatile: lost in a crash).
     transfers: BTreeMap<u64, Transfer>,
+    /// Garbage collections in progress, by the epoch on entering which the ranges were lost, and
+    /// those finished (volatile: a restarted node starts them again, skipping collected arcs).
+    gcs: BTreeMap<u64, Gc>,
+    gc_done: BTreeSet<u64>,
+    /// The pending timer event of each transfer and collection, by epoch.
+    transfer_timer: BTreeMap<u64, u64>,
+    gc_timer: BTreeMap<u64, u64>,
 }
 
 struct Byz {
@@ -221,6 +259,7 @@ struct Sim {
     audit_queue: Vec<(Operation, HKind)>,
     /// Per client, the event indexes of its most recent sends (lost in part if it crashes now).
     recent_sends: BTreeMap<NodeId, Vec<(u64, usize)>>,
+    stats: Stats,
 }
 
 /// Runs one seed.
@@ -241,6 +280,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         violations: sim.violations,
         digest: *sim.digest.finalize().as_bytes(),
         setup,
+        stats: sim.stats,
     }
 }
 
@@ -299,6 +339,10 @@ impl Sim {
                 );
                 Node {
                     transfers: BTreeMap::new(),
+                    gcs: BTreeMap::new(),
+                    gc_done: BTreeSet::new(),
+                    transfer_timer: BTreeMap::new(),
+                    gc_timer: BTreeMap::new(),
                     key,
                     replica,
                     store,
@@ -348,6 +392,7 @@ impl Sim {
             healed_at: None,
             audit_queue: Vec::new(),
             recent_sends: BTreeMap::new(),
+            stats: Stats::default(),
             swarm,
         };
         for c in 0..sim.swarm.clients {
@@ -477,7 +522,10 @@ impl Sim {
                     let since = *settling_since.get_or_insert(self.now);
                     let newest = self.configs.len() as u64 - 1;
                     let settled = self.nodes.iter().all(|n| {
-                        n.byz.is_some() || (n.replica.epoch() == newest && n.replica.is_ready())
+                        n.byz.is_some()
+                            || (n.replica.epoch() == newest
+                                && n.replica.is_ready()
+                                && (1..=newest).all(|e| n.gc_done.contains(&e)))
                     });
                     if settled {
                         self.check_holders();
@@ -485,7 +533,35 @@ impl Sim {
                         break;
                     }
                     if self.now > since + LIVENESS_BOUND_MS {
-                        self.violation(format!("liveness: state transfers still running {LIVENESS_BOUND_MS}ms after the audit"));
+                        let nodes: Vec<String> = self
+                            .nodes
+                            .iter()
+                            .filter(|n| n.byz.is_none())
+                            .map(|n| {
+                                let t: Vec<String> = n
+                                    .transfers
+                                    .iter()
+                                    .map(|(e, t)| format!("transfer {e}: {}", t.describe()))
+                                    .chain(
+                                        n.gcs
+                                            .iter()
+                                            .map(|(e, g)| format!("gc {e}: {}", g.describe())),
+                                    )
+                                    .collect();
+                                format!(
+                                    "{} epoch {} ready {} gc done {:?} {}",
+                                    n.key.node_id().short(),
+                                    n.replica.epoch(),
+                                    n.replica.is_ready(),
+                                    n.gc_done,
+                                    t.join(", ")
+                                )
+                            })
+                            .collect();
+                        self.violation(format!(
+                            "liveness: state transfers or garbage collections still running {LIVENESS_BOUND_MS}ms after the audit: {}",
+                            nodes.join("; ")
+                        ));
                         break;
                     }
                 }
@@ -611,6 +687,10 @@ impl Sim {
                 if self.faulty && self.nodes[n].up {
                     self.nodes[n].up = false;
                     self.nodes[n].transfers.clear();
+                    self.nodes[n].gcs.clear();
+                    self.nodes[n].gc_done.clear();
+                    self.nodes[n].transfer_timer.clear();
+                    self.nodes[n].gc_timer.clear();
                     let at = now + self.rng.range(100, 2000);
                     self.schedule(at, Ev::Restart { n });
                 }
@@ -638,12 +718,22 @@ impl Sim {
             Ev::HealPartition => self.partition = None,
             Ev::EpochChange => self.epoch_change(),
             Ev::Install { n, epoch } => self.install(n, epoch),
-            Ev::Transfer { n, epoch } => {
-                if self.nodes[n].up {
+            Ev::Transfer { n, epoch, at } => {
+                if self.nodes[n].up && self.nodes[n].transfer_timer.get(&epoch) == Some(&at) {
+                    self.nodes[n].transfer_timer.remove(&epoch);
                     if let Some(t) = self.nodes[n].transfers.get_mut(&epoch) {
                         t.handle_timeout(now);
                     }
                     self.drain_transfer(n, epoch);
+                }
+            }
+            Ev::Gc { n, epoch, at } => {
+                if self.nodes[n].up && self.nodes[n].gc_timer.get(&epoch) == Some(&at) {
+                    self.nodes[n].gc_timer.remove(&epoch);
+                    if let Some(g) = self.nodes[n].gcs.get_mut(&epoch) {
+                        g.handle_timeout(now);
+                    }
+                    self.drain_gc(n, epoch);
                 }
             }
             Ev::Heal => {
@@ -713,17 +803,33 @@ impl Sim {
         if bytes.get(1) == Some(&TransferMessage::ID) {
             return self.transfer_message(n, from, &bytes);
         }
-        let handled = self.nodes[n].replica.handle(from, &bytes);
+        let (handled, miss) = self.nodes[n].replica.handle_noting_miss(from, &bytes);
+        if let Some(x) = miss {
+            // A read hit an object not transferred yet: fetch it ahead of its range.
+            let e = self.nodes[n].replica.epoch();
+            if let Some(t) = self.nodes[n].transfers.get_mut(&e) {
+                if t.fetch_now(self.now, x) {
+                    self.stats.on_demand += 1;
+                }
+                self.drain_transfer(n, e);
+            }
+        }
         self.apply(n, from, handled);
     }
 
     /// A state-transfer message at node `n`: a request is served by its replica, a reply goes to
-    /// its transfers in progress (each ignores request ids it did not issue).
+    /// its transfers and garbage collections in progress (each ignores request ids it did not issue).
     fn transfer_message(&mut self, n: usize, from: NodeId, bytes: &[u8]) {
         let me = self.nodes[n].key.node_id();
         if let Some(reply) = self.nodes[n].replica.handle_transfer(from, bytes) {
             self.send(me, from, reply);
             return;
+        }
+        if matches!(
+            decode::<TransferMessage>(bytes).map(|e| e.msg),
+            Ok(TransferMessage::Gone { .. })
+        ) {
+            self.stats.gone += 1;
         }
         let epochs: Vec<u64> = self.nodes[n].transfers.keys().copied().collect();
         for e in epochs {
@@ -731,6 +837,13 @@ impl Sim {
                 t.handle_message(self.now, from, bytes);
             }
             self.drain_transfer(n, e);
+        }
+        let epochs: Vec<u64> = self.nodes[n].gcs.keys().copied().collect();
+        for e in epochs {
+            if let Some(g) = self.nodes[n].gcs.get_mut(&e) {
+                g.handle_message(self.now, from, bytes);
+            }
+            self.drain_gc(n, e);
         }
     }
 
@@ -745,6 +858,9 @@ impl Sim {
         for e in 1..=current {
             if !self.nodes[n].replica.ready_at(e) {
                 self.start_transfer(n, e);
+            }
+            if self.nodes[n].replica.ready_at(e) || e < current {
+                self.start_gc(n, e);
             }
         }
     }
@@ -777,6 +893,12 @@ impl Sim {
         {
             match out {
                 TransferOutput::Send { to, bytes } => {
+                    if matches!(
+                        decode::<TransferMessage>(&bytes).map(|e| e.msg),
+                        Ok(TransferMessage::ListReady { .. } | TransferMessage::FetchReady { .. })
+                    ) {
+                        self.stats.peer_requests += 1;
+                    }
                     self.send(me, to, bytes);
                 }
                 TransferOutput::Check { ids } => {
@@ -789,17 +911,29 @@ impl Sim {
                         t.held(&held);
                     }
                 }
+                // What a late transfer brings of a range collected since is not stored again; a
+                // hollow node stores nothing.
                 TransferOutput::StoreContent { id, data } => {
-                    let _ = self.nodes[n].store.put_content(&id, &data);
+                    if self.nodes[n].replica.accepts_transferred(e, &id) && !self.hollow(n) {
+                        let _ = self.nodes[n].store.put_content(&id, &data);
+                    }
                 }
                 TransferOutput::StorePk { block } => {
-                    let _ = self.nodes[n].store.put_pk_if_newer(&block);
+                    if self.nodes[n].replica.accepts_transferred(e, &block.id()) && !self.hollow(n)
+                    {
+                        let _ = self.nodes[n].store.put_pk_if_newer(&block);
+                    }
                 }
                 TransferOutput::UnitDone { epoch, arc } => {
+                    if arc == RingArc::single(&ObjectId(arc.end)) {
+                        self.stats.on_demand_done += 1;
+                    }
                     self.nodes[n].replica.arc_ready(epoch, arc)
                 }
                 TransferOutput::Complete { epoch } => {
-                    self.nodes[n].replica.transfer_complete(epoch)
+                    self.nodes[n].replica.transfer_complete(epoch);
+                    // Then collect what the node lost on entering this epoch.
+                    self.start_gc(n, epoch);
                 }
             }
         }
@@ -812,7 +946,106 @@ impl Sim {
         }
         if let Some(at) = timer {
             let at = at.max(self.now + 1);
-            self.schedule(at, Ev::Transfer { n, epoch: e });
+            let pending = self.nodes[n].transfer_timer.get(&e);
+            if pending.is_none_or(|&p| at < p) {
+                self.nodes[n].transfer_timer.insert(e, at);
+                self.schedule(at, Ev::Transfer { n, epoch: e, at });
+            }
+        }
+    }
+
+    /// When correct node `n` deletes `arc`, lost on entering `epoch`: at least `f+1` correct members
+    /// of the arc's group in `epoch` hold it (completed their transfer of it into `epoch` or later),
+    /// so every write completed before `epoch` survives on a correct node that serves it (DESIGN §4:
+    /// old replicas delete only after `2f+1` new ones, up to `f` of them liars, confirm).
+    fn check_deletion(&mut self, n: usize, epoch: u64, arc: RingArc) {
+        let config = &self.configs[epoch as usize].config;
+        let need = config.quorum().one_correct();
+        let holders: Vec<NodeId> = config
+            .group(&ObjectId(arc.end))
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let held = holders
+            .iter()
+            .map(|id| &self.nodes[self.node_index[id]])
+            .filter(|m| m.byz.is_none() && m.replica.holds_range(epoch, &arc))
+            .count();
+        if held < need {
+            let me = self.nodes[n].key.node_id().short();
+            self.violation(format!(
+                "node {me} deleted a range lost on entering epoch {epoch} while {held} correct members of its new group held it, {need} needed"
+            ));
+        }
+    }
+
+    /// Whether node `n` is Byzantine and holds nothing (acknowledges writes and transfers without
+    /// storing them).
+    fn hollow(&self, n: usize) -> bool {
+        self.nodes[n]
+            .byz
+            .as_ref()
+            .is_some_and(|b| b.kind == Adversary::AckWithoutStore)
+    }
+
+    /// Starts the garbage collection of what node `n` lost on entering epoch `e`, unless it runs
+    /// or finished; arcs the replica collected already are skipped.
+    fn start_gc(&mut self, n: usize, e: u64) {
+        let node = &self.nodes[n];
+        if e == 0 || node.gcs.contains_key(&e) || node.gc_done.contains(&e) {
+            return;
+        }
+        let me = node.key.node_id();
+        let prev = &self.configs[e as usize - 1].config;
+        let next = &self.configs[e as usize].config;
+        let opts = GcOptions {
+            retransmit_ms: 300,
+            first_request_id: self.rng.next_u64(),
+            mutant: self.opts.mutant,
+        };
+        let mut gc = Gc::new(prev, next, &me, node.replica.collected_in(e), opts);
+        gc.start(self.now);
+        self.nodes[n].gcs.insert(e, gc);
+        self.drain_gc(n, e);
+    }
+
+    /// Carries out what collection `e` of node `n` asks: sends, deletions, its timer.
+    fn drain_gc(&mut self, n: usize, e: u64) {
+        let me = self.nodes[n].key.node_id();
+        while let Some(out) = self.nodes[n].gcs.get_mut(&e).and_then(|g| g.poll_output()) {
+            match out {
+                GcOutput::Send { to, bytes } => {
+                    self.send(me, to, bytes);
+                }
+                GcOutput::Delete { epoch, arc } => {
+                    if self.nodes[n].byz.is_none() {
+                        self.check_deletion(n, epoch, arc);
+                    }
+                    let deleted = self.nodes[n].replica.delete_lost(epoch, arc);
+                    if self.nodes[n].byz.is_none() {
+                        self.stats.deleted += deleted.map_or(0, |d| d.len() as u64);
+                    }
+                }
+                GcOutput::Complete { epoch } => {
+                    self.nodes[n].gc_done.insert(epoch);
+                }
+            }
+        }
+        let mut timer = None;
+        if let Some(g) = self.nodes[n].gcs.get(&e) {
+            if g.is_complete() {
+                self.nodes[n].gcs.remove(&e);
+            } else {
+                timer = g.next_timeout();
+            }
+        }
+        if let Some(at) = timer {
+            let at = at.max(self.now + 1);
+            let pending = self.nodes[n].gc_timer.get(&e);
+            if pending.is_none_or(|&p| at < p) {
+                self.nodes[n].gc_timer.insert(e, at);
+                self.schedule(at, Ev::Gc { n, epoch: e, at });
+            }
         }
     }
 
@@ -828,6 +1061,13 @@ impl Sim {
                 let after = self.nodes[n].replica.epoch();
                 for e in before + 1..=after {
                     self.start_transfer(n, e);
+                }
+                // A node that moved past an epoch collects what it lost on entering it even if its
+                // transfer into that epoch is still running.
+                if after > before {
+                    for e in 1..after {
+                        self.start_gc(n, e);
+                    }
                 }
             }
             Handled::Dropped(_) => {}
@@ -1068,6 +1308,15 @@ impl Sim {
     /// what it serves to others lies according to its kind.
     fn byzantine_transfer(&mut self, n: usize, from: NodeId, kind: Adversary, bytes: &[u8]) {
         let me = self.nodes[n].key.node_id();
+        if kind == Adversary::AckWithoutStore
+            && matches!(
+                decode::<TransferMessage>(bytes).map(|e| e.msg),
+                Ok(TransferMessage::ListReady { .. } | TransferMessage::FetchReady { .. })
+            )
+        {
+            // Hollow: it claims to hold every range ("have" below) but serves none to its peers.
+            return;
+        }
         let Some(reply) = self.nodes[n].replica.handle_transfer(from, bytes) else {
             return self.transfer_message(n, from, bytes);
         };
@@ -1077,6 +1326,17 @@ impl Sim {
             _ => false,
         };
         let epoch = self.nodes[n].replica.epoch();
+        // Garbage collection: every liar, and the node that acknowledges without storing, claims
+        // to hold whatever it is asked about, so that old replicas delete early.
+        if let Ok(TransferMessage::Have { rid, .. }) =
+            decode::<TransferMessage>(&reply).map(|e| e.msg)
+        {
+            if lying || kind == Adversary::AckWithoutStore {
+                let lie = TransferMessage::Have { rid, have: true };
+                self.send(me, from, encode_msg(epoch, lie));
+                return;
+            }
+        }
         let reply = match decode::<TransferMessage>(&reply) {
             Ok(env) if lying => {
                 let msg = match (env.msg, kind) {
@@ -1310,10 +1570,10 @@ impl Sim {
                 }
                 ClientOutput::Done { op, outcome } => self.finish(c, op, outcome),
                 ClientOutput::Misbehaviour { from, what } => {
-                    if !self
+                    if self
                         .node_index
                         .get(&from)
-                        .is_some_and(|&n| self.nodes[n].byz.is_some())
+                        .is_none_or(|&n| self.nodes[n].byz.is_none())
                     {
                         let msg = format!("client {c} saw a correct node misbehave: {what}");
                         self.violation(msg);
@@ -1421,9 +1681,10 @@ impl Sim {
         self.schedule(self.now + 1, Ev::ClientNext { c });
     }
 
-    /// After every transfer finished: each object whose write completed (and each public-key
-    /// block's value as the audit read it) is held by at least `2f+1` correct members of its group
-    /// in the final configuration.
+    /// After every transfer and garbage collection finished: each object whose write completed (and
+    /// each public-key block's value as the audit read it) is held by at least `2f+1` correct members
+    /// of its group in the final configuration, and no correct node holds anything it is not
+    /// responsible for in that configuration (what it lost was deleted).
     fn check_holders(&mut self) {
         let config = self.configs.last().expect("never empty").config.clone();
         let need = config.quorum().quorum();
@@ -1476,6 +1737,23 @@ impl Sim {
             });
             if held < need {
                 problems.push(format!("public-key block {key} is held by {held} correct members of its group, {need} needed"));
+            }
+        }
+        for n in self.nodes.iter().filter(|n| n.byz.is_none()) {
+            let me = n.key.node_id();
+            let stray: Vec<ObjectId> = n
+                .store
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|id| !config.is_responsible(&me, id))
+                .collect();
+            if let Some(id) = stray.first() {
+                problems.push(format!(
+                    "node {} still holds {} objects it is not responsible for after garbage collection (e.g. {id:?})",
+                    me.short(),
+                    stray.len()
+                ));
             }
         }
         for p in problems {
