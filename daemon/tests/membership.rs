@@ -71,6 +71,31 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
     }
     let joiners: Vec<NodeId> = joined.iter().map(|(i, _)| cluster.node_id(*i)).collect();
 
+    // A node whose certificate was made for another key is refused by `dbqsfs node --join`.
+    let (dir, addr) = cluster.new_node_dir();
+    run(&["keygen", "--dir", dir.to_str().unwrap()]);
+    let other = run(&[
+        "admit",
+        "--admission-key",
+        tmp.path().join("c/admission.key").to_str().unwrap(),
+        &joined[0].1,
+    ]);
+    let out = Command::new(BIN)
+        .args(["node", "--dir", dir.to_str().unwrap(), "--join"])
+        .arg(cluster.addr(0))
+        .args(["--cert", &other, "--listen", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a node joined with another node's certificate"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not admit this node"),
+        "unclear error: {err}"
+    );
+
     // A node without a certificate asks to join directly: the committee ignores it.
     let outsider = Keypair::from_seed([77; 32]);
     let self_signed = AdmissionCert::sign(&outsider, &outsider.public());
@@ -291,12 +316,6 @@ async fn bench_agreement_and_epoch_change() {
     let chain = client.refresh().await;
     let config = chain.config().clone();
     let members: Vec<Member> = config.members.clone();
-    let target = |m: &Member| {
-        (
-            m.addr.parse::<std::net::SocketAddr>().unwrap(),
-            ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap(),
-        )
-    };
     let executed = |c: dbqsfs_daemon::client::DbqsClient, m: Member| async move {
         c.ms_status(&m)
             .await
@@ -305,19 +324,6 @@ async fn bench_agreement_and_epoch_change() {
     };
     // Wait until the agreement answers.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let submit = |key: Keypair, seq: u64, ep: dbqsfs_net::Endpoint, members: Vec<Member>| async move {
-        let op = MsOp::Join {
-            epoch: 0,
-            member: Member::new(key.public(), "127.0.0.1:9"),
-            cert: AdmissionCert::sign(&key, &key.public()),
-        };
-        let req = Request::sign(&key, seq, postcard::to_allocvec(&op).unwrap());
-        let bytes = encode_msg(0, MsMessage::Submit(req));
-        for m in &members {
-            let (addr, vk) = target(m);
-            let _ = ep.request(addr, &vk, &bytes).await;
-        }
-    };
     let endpoint = |k: &Keypair| {
         dbqsfs_net::Endpoint::client(
             dbqsfs_net::local_bind_for("127.0.0.1:1".parse().unwrap()),
@@ -334,7 +340,7 @@ async fn bench_agreement_and_epoch_change() {
     for seq in 1..=50u64 {
         let before = executed(client.clone(), members[0].clone()).await;
         let t = Instant::now();
-        submit(key.clone(), seq, ep.clone(), members.clone()).await;
+        submit_join(key.clone(), seq, ep.clone(), members.clone()).await;
         while executed(client.clone(), members[0].clone()).await <= before {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
@@ -361,7 +367,7 @@ async fn bench_agreement_and_epoch_change() {
         tasks.push(tokio::spawn(async move {
             let mut seq = 1;
             while t.elapsed() < Duration::from_secs(10) {
-                submit(key.clone(), seq, ep.clone(), members.clone()).await;
+                submit_join(key.clone(), seq, ep.clone(), members.clone()).await;
                 seq += 1;
             }
         }));
@@ -429,4 +435,26 @@ async fn bench_agreement_and_epoch_change() {
         times[times.len() / 2]
     );
     cluster.stop_all();
+}
+
+fn target(m: &Member) -> (std::net::SocketAddr, ed25519_dalek::VerifyingKey) {
+    (
+        m.addr.parse().unwrap(),
+        ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap(),
+    )
+}
+
+/// Submits an outsider's join (self-signed certificate: ordered, then ignored) to every member.
+async fn submit_join(key: Keypair, seq: u64, ep: dbqsfs_net::Endpoint, members: Vec<Member>) {
+    let op = MsOp::Join {
+        epoch: 0,
+        member: Member::new(key.public(), "127.0.0.1:9"),
+        cert: AdmissionCert::sign(&key, &key.public()),
+    };
+    let req = Request::sign(&key, seq, postcard::to_allocvec(&op).unwrap());
+    let bytes = encode_msg(0, MsMessage::Submit(req));
+    for m in &members {
+        let (addr, vk) = target(m);
+        let _ = ep.request(addr, &vk, &bytes).await;
+    }
 }
