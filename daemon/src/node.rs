@@ -349,12 +349,9 @@ impl Node {
         self.shared.key.node_id()
     }
 
-    /// Serves until `shutdown` completes, then closes the endpoint.
     /// Tunes the state-transfer worker (before [`Node::run`]).
-    pub fn with_transfer_options(mut self, opts: TransferOptions) -> Self {
-        if let Some(s) = Arc::get_mut(&mut self.shared) {
-            s.transfers = TransferWorker::new(s.key.node_id(), s.store.clone(), opts);
-        }
+    pub fn with_transfer_options(self, opts: TransferOptions) -> Self {
+        self.shared.transfers.set_options(opts);
         self
     }
 
@@ -363,6 +360,7 @@ impl Node {
         &self.shared.transfers
     }
 
+    /// Serves until `shutdown` completes, then closes the endpoint.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
         let shared = self.shared;
         let endpoint = Endpoint::server(

@@ -119,7 +119,7 @@ pub struct TransferWorker {
 struct Shared {
     me: NodeId,
     store: Arc<DiskStore>,
-    opts: TransferOptions,
+    opts: Mutex<TransferOptions>,
     events: mpsc::UnboundedSender<Event>,
     /// Taken by [`TransferWorker::start`].
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
@@ -144,12 +144,17 @@ impl TransferWorker {
             shared: Arc::new(Shared {
                 me,
                 store,
-                opts,
+                opts: Mutex::new(opts),
                 events,
                 inbox: Mutex::new(Some(inbox)),
                 status,
             }),
         }
+    }
+
+    /// Replaces the options (before [`TransferWorker::start`]; a running worker keeps its own).
+    pub fn set_options(&self, opts: TransferOptions) {
+        *self.shared.opts.lock().unwrap_or_else(|p| p.into_inner()) = opts;
     }
 
     /// The hook: the node installed (and persisted) the configurations of `epochs`. Starts their
@@ -202,13 +207,17 @@ impl TransferWorker {
             }
             done.retain(|e, _| !r.ready_at(*e));
         }
-        let opts = &self.shared.opts;
+        let opts = self
+            .shared
+            .opts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let worker = Worker {
             me: self.shared.me,
             store: self.shared.store.clone(),
             replica,
             endpoint,
-            opts: opts.clone(),
             events: self.shared.events.clone(),
             status: self.shared.status.clone(),
             clock: Instant::now(),
@@ -222,6 +231,7 @@ impl TransferWorker {
             last_peer: None,
             pending_writes: 0,
             write_slots: Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1))),
+            opts,
             tokens: 0.0,
             tokens_at: Instant::now(),
             reply_estimate: 64.0 * 1024.0,
@@ -671,6 +681,7 @@ impl Worker {
                                 );
                             }
                         }
+                        self.dirty = true;
                         self.publish(true);
                         self.try_announce(epoch);
                     }
@@ -703,6 +714,7 @@ impl Worker {
         while self.finished.len() > KEEP_FINISHED {
             self.finished.pop_front();
         }
+        self.dirty = true;
         self.publish(true);
     }
 
@@ -1214,4 +1226,121 @@ fn random_u64() -> u64 {
         return t.as_nanos() as u64;
     }
     u64::from_le_bytes(b)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn arc_name(arc: &RingArc) -> String {
+    let hex = |b: &[u8; 32]| {
+        b[..4]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    format!("{}…–{}…", hex(&arc.start), hex(&arc.end))
+}
+
+/// Lines describing a node's transfers (as its status reports them, untrusted), for `dbqsfs
+/// status`: one per transfer, and one per unit of a transfer in progress.
+pub fn status_lines(transfers: &[TransferStatus]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for t in transfers {
+        let (objects, known, bytes, fetched) = t.totals();
+        let (units_done, units) = t.units_done();
+        let secs = (t.elapsed_ms as f64 / 1e3).max(1e-3);
+        if t.complete {
+            lines.push(format!(
+                "transfer into epoch {}: complete in {secs:.1} s: {units} units, {objects} objects, \
+                 {:.1} MB ({:.1} MB fetched, {:.1} MB/s)",
+                t.epoch,
+                mb(bytes),
+                mb(fetched),
+                mb(fetched) / secs
+            ));
+            continue;
+        }
+        lines.push(format!(
+            "transfer into epoch {}: {units_done}/{units} units done, {objects}/{known} objects known \
+             so far, {:.1} MB held, {:.1} MB fetched at {:.1} MB/s, {secs:.0} s",
+            t.epoch,
+            mb(bytes),
+            mb(fetched),
+            mb(fetched) / secs
+        ));
+        for u in &t.units {
+            let phase = match u.phase {
+                UnitPhase::Listing => "listing",
+                UnitPhase::Fetching => "fetching",
+                UnitPhase::Done => "done",
+                UnitPhase::Resumed => "done before restart",
+            };
+            lines.push(format!(
+                "  {} {phase}: {}/{} objects, {:.1} MB ({:.1} MB fetched, {:.1} MB/s)",
+                arc_name(&u.arc),
+                u.objects_done,
+                u.objects_total,
+                mb(u.bytes_done),
+                mb(u.fetched_bytes),
+                mb(u.rate)
+            ));
+        }
+    }
+    lines
+}
+
+/// Shows the transfers in progress as a progress bar on stderr (for a node run on a terminal)
+/// until `rx`'s worker is gone.
+pub async fn show_progress(mut rx: watch::Receiver<Vec<TransferStatus>>) {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let mut bar: Option<ProgressBar> = None;
+    while rx.changed().await.is_ok() {
+        let transfers: Vec<TransferStatus> = rx
+            .borrow_and_update()
+            .iter()
+            .filter(|t| !t.complete)
+            .cloned()
+            .collect();
+        if transfers.is_empty() {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            continue;
+        }
+        let (mut objects, mut known, mut bytes, mut fetched) = (0u64, 0u64, 0u64, 0u64);
+        let (mut units_done, mut units, mut secs) = (0, 0, 0f64);
+        for t in &transfers {
+            let (o, k, b, f) = t.totals();
+            objects += o;
+            known += k;
+            bytes += b;
+            fetched += f;
+            let (d, n) = t.units_done();
+            units_done += d;
+            units += n;
+            secs = secs.max(t.elapsed_ms as f64 / 1e3);
+        }
+        let b = bar.get_or_insert_with(|| {
+            let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
+            if let Ok(style) =
+                ProgressStyle::with_template("transfer {msg} [{bar:30}] {pos}/{len} objects")
+            {
+                b.set_style(style);
+            }
+            b
+        });
+        let epochs: Vec<String> = transfers.iter().map(|t| t.epoch.to_string()).collect();
+        b.set_length(known.max(objects));
+        b.set_position(objects);
+        b.set_message(format!(
+            "into epoch {}: units {units_done}/{units}, {:.1} MB, {:.1} MB/s",
+            epochs.join(","),
+            mb(bytes),
+            mb(fetched) / secs.max(1e-3)
+        ));
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
 }
