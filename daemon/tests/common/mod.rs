@@ -248,6 +248,36 @@ impl Cluster {
         }
     }
 
+    /// Waits until every member of the newest configuration is at that epoch and ready in it (its
+    /// state transfer complete).
+    pub async fn wait_ready(
+        &self,
+        client: &dbqsfs_daemon::client::DbqsClient,
+        timeout: std::time::Duration,
+    ) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let chain = client.refresh().await;
+            let mut pending = Vec::new();
+            for m in &chain.config().members {
+                match client.node_status(m).await {
+                    Ok(s) if s.epoch == chain.epoch() && s.ready => {}
+                    other => pending.push((m.id.short(), other.map(|s| (s.epoch, s.ready)).ok())),
+                }
+            }
+            if pending.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "members not ready in epoch {} within {timeout:?}: {pending:?}; logs in {}",
+                chain.epoch(),
+                self.dir.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+
     /// (epoch, configuration hash) of every member that answers.
     pub async fn config_hashes(
         &self,

@@ -1,0 +1,299 @@
+//! Reconfiguration under load on a real cluster of separate `dbqsfs node` processes: 4 nodes hold
+//! 200 MiB while a verified client workload runs (content and public-key blocks, each read checked
+//! against what was acknowledged); 3 nodes join, one per epoch; then one member leaves and one is
+//! killed with kill -9 and evicted. The workload must see no failed and no wrong operation;
+//! afterwards every object is readable and held by every member of its group in the final
+//! configuration.
+//!
+//! `DBQSFS_RECONF_MB` changes the amount of data (default 200).
+
+mod common;
+
+use common::{Cluster, BIN};
+use dbqsfs_core::crypto::{Keypair, ObjectId};
+use dbqsfs_core::store::Store;
+use dbqsfs_daemon::client::DbqsClient;
+use dbqsfs_daemon::store::DiskStore;
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TIMING: &[&str] = &[
+    "--epoch-ms",
+    "4000",
+    "--probe-ms",
+    "500",
+    "--evict-after",
+    "4",
+    "--freshness-ms",
+    "6000",
+];
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run dbqsfs");
+    assert!(
+        out.status.success(),
+        "dbqsfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    getrandom::fill(&mut v).unwrap();
+    v
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    wrong: AtomicU64,
+}
+
+/// The verified workload: puts and gets of content blocks and of public-key blocks (one writer per
+/// label, so a read must return the last acknowledged value or a newer one being written).
+async fn workload(client: DbqsClient, stop: Arc<AtomicBool>, counts: Arc<Counts>) -> Vec<ObjectId> {
+    let owner = Keypair::from_seed(random(32).try_into().unwrap());
+    let mut content: Vec<(ObjectId, blake3::Hash)> = Vec::new();
+    let mut pk: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut i = 0u64;
+    let fail = |what: String| {
+        counts.failed.fetch_add(1, Ordering::Relaxed);
+        eprintln!("workload: FAILED {what}");
+    };
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        match i % 4 {
+            0 => {
+                let data = random(64 * 1024);
+                match client.put_content(data.clone()).await {
+                    Ok(id) => {
+                        content.push((id, blake3::hash(&data)));
+                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(format!("put content: {e}")),
+                }
+            }
+            1 if !content.is_empty() => {
+                let (id, h) = content[(i as usize / 4) % content.len()];
+                match client.get_content(id).await {
+                    Ok(Some(d)) if blake3::hash(&d) == h => {
+                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(other) => {
+                        counts.wrong.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("workload: WRONG content read: {:?}", other.map(|d| d.len()));
+                    }
+                    Err(e) => fail(format!("get content: {e}")),
+                }
+            }
+            2 => {
+                let label = format!("k{}", i % 16).into_bytes();
+                let value = format!("v{i}").into_bytes();
+                match client.put_pk(&owner, &label, value.clone(), None).await {
+                    Ok(_) => {
+                        pk.insert(label, value);
+                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(format!("put pk: {e}")),
+                }
+            }
+            _ => {
+                let Some((label, value)) = pk.iter().nth(i as usize % pk.len().max(1)) else {
+                    continue;
+                };
+                let id = dbqsfs_core::object::pk_block_id(&owner.public(), label);
+                match client.get_pk(id).await {
+                    Ok(Some(b)) if b.value == *value => {
+                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(other) => {
+                        counts.wrong.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("workload: WRONG pk read: {:?}", other.map(|b| b.version));
+                    }
+                    Err(e) => fail(format!("get pk: {e}")),
+                }
+            }
+        }
+    }
+    let mut ids: Vec<ObjectId> = content.iter().map(|(id, _)| *id).collect();
+    ids.extend(
+        pk.keys()
+            .map(|l| dbqsfs_core::object::pk_block_id(&owner.public(), l)),
+    );
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_load() {
+    let mb: usize = std::env::var("DBQSFS_RECONF_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::init(tmp.path(), 4, TIMING);
+    for i in 0..4 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+
+    // 200 MiB of 1 MiB content blocks, 8 in flight.
+    let t = Instant::now();
+    let mut stored: Vec<(ObjectId, blake3::Hash)> = Vec::new();
+    for chunk in (0..mb).collect::<Vec<_>>().chunks(8) {
+        let puts: Vec<_> = chunk
+            .iter()
+            .map(|_| {
+                let c = client.clone();
+                tokio::spawn(async move {
+                    let data = random(1 << 20);
+                    let h = blake3::hash(&data);
+                    (c.put_content(data).await.expect("initial put"), h)
+                })
+            })
+            .collect();
+        for p in puts {
+            stored.push(p.await.unwrap());
+        }
+    }
+    println!("stored {mb} MiB in {:?}", t.elapsed());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Counts::default());
+    let load = tokio::spawn(workload(client.clone(), stop.clone(), counts.clone()));
+
+    // Three joins, one per epoch.
+    let admission = tmp.path().join("c/admission.key");
+    for k in 0..3 {
+        let (dir, addr) = cluster.new_node_dir();
+        let pubkey = run(&["keygen", "--dir", dir.to_str().unwrap()]);
+        let cert = run(&[
+            "admit",
+            "--admission-key",
+            admission.to_str().unwrap(),
+            &pubkey,
+        ]);
+        let i = cluster.spawn_join(&dir, &addr, &cert);
+        let id = cluster.node_id(i);
+        let t = Instant::now();
+        loop {
+            let chain = client.refresh().await;
+            if chain.config().is_member(&id) {
+                println!(
+                    "join {k}: member at epoch {} after {:?}",
+                    chain.epoch(),
+                    t.elapsed()
+                );
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "join {k} not admitted"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cluster.wait_ready(&client, Duration::from_secs(180)).await;
+    }
+
+    // One member leaves, one is killed (kill -9) and evicted.
+    let leaver = 1;
+    let victim = 2;
+    let leaver_id = cluster.node_id(leaver);
+    let victim_id = cluster.node_id(victim);
+    let out = Command::new(BIN)
+        .args(["leave", "--dir"])
+        .arg(cluster.node_dir(leaver))
+        .args(["--timeout", "60"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "leave: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.kill(victim);
+    let t = Instant::now();
+    loop {
+        let chain = client.refresh().await;
+        let c = chain.config();
+        if !c.is_member(&leaver_id) && !c.is_member(&victim_id) {
+            println!(
+                "leave and eviction done at epoch {} after {:?}",
+                chain.epoch(),
+                t.elapsed()
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "leaver or killed node still a member"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.wait_ready(&client, Duration::from_secs(180)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let written = load.await.unwrap();
+    let (ok, failed, wrong) = (
+        counts.ok.load(Ordering::Relaxed),
+        counts.failed.load(Ordering::Relaxed),
+        counts.wrong.load(Ordering::Relaxed),
+    );
+    println!("workload: {ok} operations ok, {failed} failed, {wrong} wrong");
+    assert!(ok > 100, "the workload hardly ran ({ok} operations)");
+    assert_eq!(
+        (failed, wrong),
+        (0, 0),
+        "the workload saw failed or wrong operations"
+    );
+
+    // Every object is readable.
+    for (id, h) in &stored {
+        let d = client
+            .get_content(*id)
+            .await
+            .expect("read")
+            .expect("present");
+        assert_eq!(blake3::hash(&d), *h, "content {id:?} changed");
+    }
+    let final_config = client.refresh().await.config().clone();
+    cluster.stop_all();
+
+    // Every object is held by every member of its group in the final configuration.
+    let mut stores = BTreeMap::new();
+    for i in 0..cluster.len() {
+        let id = cluster.node_id(i);
+        if i == victim {
+            continue;
+        }
+        let store = DiskStore::open(&cluster.node_dir(i).join("data")).expect("open store");
+        let held: std::collections::BTreeSet<ObjectId> =
+            store.list().unwrap().into_iter().collect();
+        stores.insert(id, held);
+    }
+    let all: Vec<ObjectId> = stored.iter().map(|(id, _)| *id).chain(written).collect();
+    let mut extra = 0;
+    for x in &all {
+        for m in final_config.group(x) {
+            let held = stores.get(&m.id).expect("a member's store");
+            assert!(
+                held.contains(x),
+                "{:?} is missing at group member {}",
+                x,
+                m.id.short()
+            );
+        }
+        extra += stores
+            .iter()
+            .filter(|(id, held)| !final_config.is_responsible(id, x) && held.contains(x))
+            .count();
+    }
+    println!(
+        "{} objects held by every member of their final group; {extra} copies left at nodes no longer responsible",
+        all.len()
+    );
+}
