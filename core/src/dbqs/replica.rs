@@ -257,10 +257,22 @@ impl<S: Store> Replica<S> {
     /// are answered [`TransferMessage::Gone`]), then deletes every object held in `arc` that this
     /// replica has not been responsible for in any epoch from `epoch` to its current one, checked
     /// now (an object it gained back stays; a later loss collects it). Returns the ids deleted. On
-    /// a store error, call it again: it is idempotent.
+    /// a store error, call it again: it is idempotent. A driver that shares the replica behind a
+    /// lock may instead call [`Replica::note_collected`] (exclusive) and then
+    /// [`Replica::delete_collected`] (shared), so that requests are served while it deletes.
     pub fn delete_lost(&mut self, epoch: Epoch, arc: Arc) -> Result<Vec<ObjectId>, StoreError> {
         self.note_collected(epoch, arc);
+        self.delete_collected(epoch, arc)
+    }
+
+    /// The deleting half of [`Replica::delete_lost`], for an arc already recorded with
+    /// [`Replica::note_collected`] (otherwise it deletes nothing: a range is answered `Gone` before
+    /// anything of it goes). Checks responsibility object by object, at the moment of deleting.
+    pub fn delete_collected(&self, epoch: Epoch, arc: Arc) -> Result<Vec<ObjectId>, StoreError> {
         let mut deleted = Vec::new();
+        if !self.collected_in(epoch).contains(&arc) {
+            return Ok(deleted);
+        }
         for id in self.store.list()? {
             if arc.contains(&id) && !self.responsible_since(epoch, &id) {
                 self.store.delete(&id)?;
