@@ -297,3 +297,162 @@ async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_lo
         all.len()
     );
 }
+
+/// Ends the current epoch now: `f_ms+1` committee members (whose keys the test holds) propose it.
+async fn end_epoch(cluster: &Cluster, client: &DbqsClient) -> u64 {
+    use dbqsfs_core::ms::membership::MsOp;
+    use dbqsfs_core::ms::pbft::Request;
+    use dbqsfs_daemon::ms::MsMessage;
+    let chain = client.refresh().await;
+    let e = chain.epoch();
+    for k in (0..cluster.len())
+        .filter_map(|i| dbqsfs_daemon::files::read_key(&cluster.node_dir(i).join("node.key")).ok())
+        .filter(|k| chain.config().committee.contains(&k.node_id()))
+        .take(2)
+    {
+        let seq = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64)
+            << 12;
+        let op = MsOp::EndEpoch { epoch: e };
+        let req = Request::sign(&k, seq, postcard::to_allocvec(&op).unwrap());
+        let ep = dbqsfs_net::Endpoint::client(
+            dbqsfs_net::local_bind_for("127.0.0.1:1".parse().unwrap()),
+            k.dalek().clone(),
+            dbqsfs_net::TransportOptions::default(),
+        )
+        .unwrap();
+        let bytes = dbqsfs_core::wire::encode_msg(e, MsMessage::Submit(req));
+        for m in &chain.config().members {
+            let vk = ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap();
+            let _ = ep.request(m.addr.parse().unwrap(), &vk, &bytes).await;
+        }
+    }
+    cluster
+        .wait_epoch(client, e + 1, Duration::from_secs(30))
+        .await
+}
+
+/// 1 MiB content puts, 8 in flight, for `secs`: MB/s.
+async fn put_throughput(
+    client: &DbqsClient,
+    secs: u64,
+    stop_early: Option<Arc<AtomicBool>>,
+) -> (f64, u64) {
+    let t = Instant::now();
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let c = client.clone();
+        let bytes = bytes.clone();
+        let stop = stop_early.clone();
+        tasks.push(tokio::spawn(async move {
+            while t.elapsed() < Duration::from_secs(secs)
+                && !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                c.put_content(random(1 << 20))
+                    .await
+                    .expect("put during benchmark");
+                bytes.fetch_add(1 << 20, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let b = bytes.load(Ordering::Relaxed);
+    (b as f64 / 1e6 / t.elapsed().as_secs_f64(), b)
+}
+
+/// Benchmark (run with `-- --ignored --nocapture`): the state-transfer rate when a 5th node joins
+/// a cluster holding `DBQSFS_BENCH_MB` (default 1024) MiB, and client write throughput during that
+/// transfer relative to steady state, measured in the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_transfer_rate_and_throughput_dip() {
+    let mb: usize = std::env::var("DBQSFS_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::init(
+        tmp.path(),
+        4,
+        &["--epoch-ms", "3600000", "--freshness-ms", "60000"],
+    );
+    for i in 0..4 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+    let t = Instant::now();
+    for chunk in (0..mb).collect::<Vec<_>>().chunks(8) {
+        let puts: Vec<_> = chunk
+            .iter()
+            .map(|_| {
+                let c = client.clone();
+                tokio::spawn(async move { c.put_content(random(1 << 20)).await.expect("put") })
+            })
+            .collect();
+        for p in puts {
+            p.await.unwrap();
+        }
+    }
+    println!("stored {mb} MiB in {:?}", t.elapsed());
+
+    let (steady, _) = put_throughput(&client, 15, None).await;
+    println!("steady state: {steady:.1} MB/s of 1 MiB puts (8 in flight)");
+
+    // A 5th node joins; the epoch is ended at once.
+    let (dir, addr) = cluster.new_node_dir();
+    let pubkey = run(&["keygen", "--dir", dir.to_str().unwrap()]);
+    let admission = tmp.path().join("c/admission.key");
+    let cert = run(&[
+        "admit",
+        "--admission-key",
+        admission.to_str().unwrap(),
+        &pubkey,
+    ]);
+    let i = cluster.spawn_join(&dir, &addr, &cert);
+    let id = cluster.node_id(i);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let e = end_epoch(&cluster, &client).await;
+    assert!(
+        client.refresh().await.config().is_member(&id),
+        "the 5th node did not join"
+    );
+    let member = client.refresh().await.config().member(&id).unwrap().clone();
+
+    // Throughput while it transfers; stop when its transfer completes.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let c = client.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(s) = c.node_status(&member).await {
+                    if let Some(t) = s.transfers.iter().find(|t| t.epoch == e && t.complete) {
+                        done.store(true, Ordering::Relaxed);
+                        return t.clone();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (during, _) = put_throughput(&client, 600, Some(done.clone())).await;
+    let transfer = watcher.await.unwrap();
+    let (objects, _, _, fetched) = transfer.totals();
+    let secs = transfer.elapsed_ms as f64 / 1000.0;
+    println!(
+        "transfer into epoch {e}: {objects} objects, {:.1} MB fetched in {secs:.1} s = {:.1} MB/s, {:.0} objects/s",
+        fetched as f64 / 1e6,
+        fetched as f64 / 1e6 / secs,
+        objects as f64 / secs
+    );
+    println!(
+        "client throughput during the transfer: {during:.1} MB/s = {:.0}% of steady state ({steady:.1} MB/s)",
+        100.0 * during / steady
+    );
+    cluster.stop_all();
+}
