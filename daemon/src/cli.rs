@@ -1008,8 +1008,10 @@ async fn status(cluster: &Path) -> Result<()> {
             },
         );
         if let Ok(s) = &r {
-            if !s.transfers.is_empty() {
-                transfers.push((m.id, s.transfers.clone()));
+            let mut lines = transfer::status_lines(&s.transfers);
+            lines.extend(transfer::gc_line(&s.gc));
+            if !lines.is_empty() {
+                transfers.push((m.id, lines));
             }
         }
         match r {
@@ -1038,8 +1040,8 @@ async fn status(cluster: &Path) -> Result<()> {
             config.members.len()
         );
     }
-    for (id, ts) in transfers {
-        for line in transfer::status_lines(&ts) {
+    for (id, lines) in transfers {
+        for line in lines {
             println!("{}  {line}", id.short());
         }
     }

@@ -11,7 +11,7 @@
 //! Non-goals: protocol decisions (quorums, retries and epochs are the core's), chunking of large
 //! files (the CLI does it), caching.
 
-use crate::control::{ControlMessage, TransferStatus};
+use crate::control::{ControlMessage, GcStatus, TransferStatus};
 use crate::ms::{MsMessage, MsStatus};
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness, Member,
@@ -92,6 +92,8 @@ pub struct NodeStatus {
     pub ready: bool,
     /// State transfers running, then the last few completed.
     pub transfers: Vec<TransferStatus>,
+    /// Garbage collection of lost ranges, per epoch that lost some.
+    pub gc: Vec<GcStatus>,
 }
 
 /// What the driver task takes: operations, and configurations or freshness certificates learned
@@ -288,12 +290,14 @@ impl DbqsClient {
                 objects,
                 ready,
                 transfers,
+                gc,
             } => Ok(NodeStatus {
                 epoch,
                 stored_bytes,
                 objects,
                 ready,
                 transfers,
+                gc,
             }),
             other => Err(ClientError::BadStatus(format!("{other:?}"))),
         }

@@ -27,7 +27,29 @@ pub enum ControlMessage {
         ready: bool,
         /// State transfers running, then the last few completed ones (by this process).
         transfers: Vec<TransferStatus>,
+        /// Garbage collection of the ranges lost on entering each epoch that lost some.
+        gc: Vec<GcStatus>,
     },
+}
+
+/// Garbage collection of what a node lost on entering one epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcStatus {
+    pub epoch: Epoch,
+    /// Arcs lost on entering `epoch` (from the configurations), and those collected (deleted once
+    /// `2f+1` of their new group held them; persisted, so across restarts).
+    pub arcs_lost: u64,
+    pub arcs_collected: u64,
+    /// Whether a collection of the rest is running in this process.
+    pub running: bool,
+    /// Objects deleted by this process.
+    pub objects_deleted: u64,
+}
+
+impl GcStatus {
+    pub fn complete(&self) -> bool {
+        self.arcs_collected >= self.arcs_lost
+    }
 }
 
 /// One state transfer of a node: into `epoch`, by units of the ring.

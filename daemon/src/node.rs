@@ -108,6 +108,13 @@ impl Shared {
             .clone()
     }
 
+    /// Whether `id` is a member of any configuration this node knows.
+    pub fn was_member(&self, id: &NodeId) -> bool {
+        let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
+        let chain = r.chain();
+        (0..=chain.epoch()).any(|e| chain.get(e).is_some_and(|c| c.config.is_member(id)))
+    }
+
     pub fn peer(&self, key: &PublicKey) -> Peer {
         if *key == self.key.public() {
             Peer::Myself
@@ -430,6 +437,19 @@ async fn handle(
         return None;
     }
     if kind == Peer::Stranger {
+        // A node that left still collects what it lost: it asks the members that took its ranges
+        // over whether they hold them (an answer from memory, about what this node holds).
+        if transfer::is_transfer(&request)
+            && shared.was_member(&from)
+            && transfer::is_have_query(&request)
+        {
+            return tokio::task::spawn_blocking(move || {
+                transfer::serve(&shared.replica, from, &request)
+            })
+            .await
+            .ok()
+            .flatten();
+        }
         debug!(peer = %from.short(), "request from a key that is neither a member nor a client: refused");
         return None;
     }
@@ -440,11 +460,14 @@ async fn handle(
         if transfer::is_transfer(&request) {
             return transfer::serve(&shared.replica, from, &request);
         }
-        let handled = shared
-            .replica
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .handle(from, &request);
+        let ((handled, miss), epoch) = {
+            let r = shared.replica.read().unwrap_or_else(|p| p.into_inner());
+            (r.handle_noting_miss(from, &request), r.epoch())
+        };
+        if let Some(x) = miss {
+            // A read hit an object not transferred yet: fetch it ahead of its range.
+            shared.transfers.fetch_now(epoch, x);
+        }
         match handled {
             Handled::Reply(bytes) => Some(bytes),
             Handled::Install(configs) => {
@@ -478,9 +501,9 @@ fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
     };
     match env.msg {
         ControlMessage::StatusRequest => {
-            let (epoch, ready) = {
+            let (epoch, ready, gc) = {
                 let r = shared.replica.read().unwrap_or_else(|p| p.into_inner());
-                (r.epoch(), r.is_ready())
+                (r.epoch(), r.is_ready(), shared.transfers.gc_status(&r))
             };
             let store = &shared.store;
             let objects = store.list().map(|l| l.len() as u64).unwrap_or(0);
@@ -492,6 +515,7 @@ fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
                     objects,
                     ready,
                     transfers: shared.transfers.status(),
+                    gc,
                 },
             ))
         }

@@ -38,6 +38,9 @@ const META_AGREEMENT: &str = "agreement_epoch";
 /// State transfer progress: epoch → postcard-encoded arcs whose transfer into it is done (while the
 /// epoch's transfer is not complete).
 const TRANSFER_DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("transfer_done");
+/// Garbage collection: epoch → postcard-encoded arcs lost on entering it whose objects were deleted
+/// (`Replica::delete_lost`); restored into the replica at start so it goes on answering `Gone`.
+const GC_COLLECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("gc_collected");
 
 /// Why a store could not be opened or its metadata read.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +123,7 @@ impl DiskStore {
             w.open_table(PK).map_err(redb::Error::from)?;
             w.open_table(META).map_err(redb::Error::from)?;
             w.open_table(TRANSFER_DONE).map_err(redb::Error::from)?;
+            w.open_table(GC_COLLECTED).map_err(redb::Error::from)?;
             w.commit().map_err(redb::Error::from)?;
         }
         let store = DiskStore {
@@ -207,23 +211,61 @@ impl DiskStore {
     /// The arcs whose state transfer is done, per epoch, as persisted by
     /// [`DiskStore::add_transfer_done`].
     pub fn load_transfer_done(&self) -> Result<BTreeMap<u64, Vec<RingArc>>, StoreError> {
-        let r = self.db.begin_read().map_err(db_err)?;
-        let t = r.open_table(TRANSFER_DONE).map_err(db_err)?;
-        let mut done = BTreeMap::new();
-        for entry in t.iter().map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let arcs: Vec<RingArc> = postcard::from_bytes(v.value())
-                .map_err(|e| StoreError::Io(format!("transfer progress is unreadable: {e}")))?;
-            done.insert(k.value(), arcs);
-        }
-        Ok(done)
+        self.load_arcs(TRANSFER_DONE, "transfer progress")
     }
 
     /// Records that the transfer of `arc` into `epoch` is done; durable on return.
     pub fn add_transfer_done(&self, epoch: u64, arc: RingArc) -> Result<(), StoreError> {
+        self.add_arc(TRANSFER_DONE, epoch, arc)
+    }
+
+    /// Forgets the per-arc progress of `epoch` (once its whole transfer is recorded complete).
+    pub fn clear_transfer_done(&self, epoch: u64) -> Result<(), StoreError> {
         let w = self.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(TRANSFER_DONE).map_err(db_err)?;
+            t.remove(epoch).map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
+    }
+
+    /// The arcs collected by garbage collection, by the epoch on entering which they were lost
+    /// ([`DiskStore::add_gc_collected`]).
+    pub fn load_gc_collected(&self) -> Result<BTreeMap<u64, Vec<RingArc>>, StoreError> {
+        self.load_arcs(GC_COLLECTED, "garbage collection progress")
+    }
+
+    /// Records that `arc`, lost on entering `epoch`, was collected; durable on return.
+    pub fn add_gc_collected(&self, epoch: u64, arc: RingArc) -> Result<(), StoreError> {
+        self.add_arc(GC_COLLECTED, epoch, arc)
+    }
+
+    fn load_arcs(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        what: &str,
+    ) -> Result<BTreeMap<u64, Vec<RingArc>>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(table).map_err(db_err)?;
+        let mut out = BTreeMap::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let arcs: Vec<RingArc> = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Io(format!("{what} is unreadable: {e}")))?;
+            out.insert(k.value(), arcs);
+        }
+        Ok(out)
+    }
+
+    fn add_arc(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        epoch: u64,
+        arc: RingArc,
+    ) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(table).map_err(db_err)?;
             let mut arcs: Vec<RingArc> = match t.get(epoch).map_err(db_err)? {
                 Some(v) => postcard::from_bytes(v.value()).unwrap_or_default(),
                 None => Vec::new(),
@@ -234,16 +276,6 @@ impl DiskStore {
             arcs.push(arc);
             let bytes = postcard::to_stdvec(&arcs).map_err(|e| StoreError::Io(e.to_string()))?;
             t.insert(epoch, bytes.as_slice()).map_err(db_err)?;
-        }
-        w.commit().map_err(db_err)
-    }
-
-    /// Forgets the per-arc progress of `epoch` (once its whole transfer is recorded complete).
-    pub fn clear_transfer_done(&self, epoch: u64) -> Result<(), StoreError> {
-        let w = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = w.open_table(TRANSFER_DONE).map_err(db_err)?;
-            t.remove(epoch).map_err(db_err)?;
         }
         w.commit().map_err(db_err)
     }
@@ -417,6 +449,16 @@ impl Store for DiskStore {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(e)),
+        }
+        // A write transaction (an fsync) only for a public-key block actually held: garbage
+        // collection deletes many content blocks in a row.
+        let held_pk = {
+            let r = self.db.begin_read().map_err(db_err)?;
+            let t = r.open_table(PK).map_err(db_err)?;
+            t.get(id.0.as_slice()).map_err(db_err)?.is_some()
+        };
+        if !held_pk {
+            return Ok(());
         }
         let w = self.db.begin_write().map_err(db_err)?;
         {

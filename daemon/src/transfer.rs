@@ -20,17 +20,29 @@
 //!   `dbqsfs status` ([`TransferWorker::status`]) and the progress bar
 //!   ([`TransferWorker::subscribe`]); milestones and periodic progress in the log.
 //!
-//! Non-goals: protocol decisions (the core's), garbage collection of lost ranges, fetching single
-//! objects on demand.
+//! - Garbage collection ([`dbqsfs_core::dbqs::gc`]): once the node is ready in an epoch `e` (its
+//!   transfer into `e` completed, or at start for every epoch it is ready in), a [`Gc`] asks the new
+//!   groups of the arcs lost on entering `e` whether they hold them (at most `max_requests` such
+//!   questions in flight; the machine asks again with backoff); on [`GcOutput::Delete`] the replica
+//!   deletes on the blocking pool (`Replica::delete_lost`, which re-checks responsibility) and the
+//!   arc is then persisted collected ([`DiskStore::add_gc_collected`]), restored into the replica
+//!   at start. A failed deletion is retried.
+//! - On-demand fetch ([`TransferWorker::fetch_now`]): a read that hit an object not yet transferred
+//!   has the running transfer of its epoch fetch it ahead of its unit; its
+//!   [`TransferOutput::UnitDone`] for [`RingArc::single`] makes it readable (`Replica::object_ready`).
+//!   At most [`MAX_FETCH_REQUESTS`] requests wait for the worker; duplicates are ignored.
+//!
+//! Non-goals: protocol decisions (the core's).
 //!
 //! Fault model: sources may lie, stall, vanish or answer garbage. The core verifies every object
 //! and claim; the worker bounds every request in time and the requests in number, and treats any
 //! failure of a request as no answer (the core asks again, elsewhere). Nothing received panics.
 
-use crate::control::{TransferStatus, UnitPhase, UnitStatus};
+use crate::control::{GcStatus, TransferStatus, UnitPhase, UnitStatus};
 use crate::store::DiskStore;
 use dbqsfs_core::config::{Configuration, Epoch};
 use dbqsfs_core::crypto::{NodeId, ObjectId};
+use dbqsfs_core::dbqs::gc::{lost, Gc, GcOptions, GcOutput};
 use dbqsfs_core::dbqs::msg::{DbqsMessage, MAX_CONFIGS_PER_REPLY};
 use dbqsfs_core::dbqs::replica::Replica;
 use dbqsfs_core::dbqs::transfer::{
@@ -96,10 +108,21 @@ const PK_BATCH: usize = 256;
 /// How often the status is republished while it changes, and progress logged.
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// On-demand fetch requests waiting for the worker.
+pub const MAX_FETCH_REQUESTS: usize = 256;
 
 /// Whether `bytes` claim to be a state-transfer message (by the envelope header; decoding decides).
 pub fn is_transfer(bytes: &[u8]) -> bool {
     matches!(bytes, [v, p, ..] if *v == WIRE_VERSION && *p == TransferMessage::ID)
+}
+
+/// Whether `bytes` decode as a garbage-collection question ([`TransferMessage::HaveQuery`]): a node
+/// that left asks it of the members that took its ranges over.
+pub fn is_have_query(bytes: &[u8]) -> bool {
+    matches!(
+        decode::<TransferMessage>(bytes).map(|e| e.msg),
+        Ok(TransferMessage::HaveQuery { .. })
+    )
 }
 
 /// Serves a state-transfer request from `from` (blocking: the replica reads the store).
@@ -124,6 +147,10 @@ struct Shared {
     /// Taken by [`TransferWorker::start`].
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
     status: watch::Sender<Vec<TransferStatus>>,
+    /// On-demand fetches requested and not yet taken by the worker.
+    fetches: Mutex<BTreeSet<(Epoch, ObjectId)>>,
+    /// Garbage collection in this process, per epoch: (running, objects deleted).
+    gc: Mutex<BTreeMap<Epoch, (bool, u64)>>,
 }
 
 impl std::fmt::Debug for TransferWorker {
@@ -148,6 +175,8 @@ impl TransferWorker {
                 events,
                 inbox: Mutex::new(Some(inbox)),
                 status,
+                fetches: Mutex::new(BTreeSet::new()),
+                gc: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -163,6 +192,61 @@ impl TransferWorker {
         if !epochs.is_empty() {
             let _ = self.shared.events.send(Event::Installed(epochs.to_vec()));
         }
+    }
+
+    /// A read of `x` in `epoch` hit an object not transferred yet: has the running transfer into
+    /// `epoch` fetch it ahead of its unit. Never blocks; a duplicate of a waiting request, or one
+    /// beyond [`MAX_FETCH_REQUESTS`] waiting, is ignored (the client's retry asks again).
+    pub fn fetch_now(&self, epoch: Epoch, x: ObjectId) {
+        let mut waiting = self
+            .shared
+            .fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if waiting.len() >= MAX_FETCH_REQUESTS || !waiting.insert((epoch, x)) {
+            return;
+        }
+        if self
+            .shared
+            .events
+            .send(Event::FetchNow { epoch, x })
+            .is_err()
+        {
+            waiting.remove(&(epoch, x));
+        }
+    }
+
+    /// Garbage collection of every epoch on entering which the node lost ranges: arcs lost and
+    /// collected (from the replica, so across restarts), and this process's work.
+    pub fn gc_status<S: Store>(&self, replica: &Replica<S>) -> Vec<GcStatus> {
+        let me = self.shared.me;
+        let local = self
+            .shared
+            .gc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let chain = replica.chain();
+        (1..=replica.epoch())
+            .filter_map(|e| {
+                let prev = &chain.get(e - 1)?.config;
+                let next = &chain.get(e)?.config;
+                let arcs = lost(prev, next, &me);
+                if arcs.is_empty() {
+                    return None;
+                }
+                let collected = replica.collected_in(e);
+                let (running, deleted) = local.get(&e).copied().unwrap_or((false, 0));
+                Some(GcStatus {
+                    epoch: e,
+                    arcs_lost: arcs.len() as u64,
+                    arcs_collected: arcs.iter().filter(|l| collected.contains(&l.arc)).count()
+                        as u64,
+                    running,
+                    objects_deleted: deleted,
+                })
+            })
+            .collect()
     }
 
     /// The transfers running, then the last few completed.
@@ -206,6 +290,18 @@ impl TransferWorker {
                 }
             }
             done.retain(|e, _| !r.ready_at(*e));
+            match store.load_gc_collected() {
+                Ok(collected) => {
+                    for (e, arcs) in collected {
+                        for arc in arcs {
+                            r.note_collected(e, arc);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the arcs garbage-collected; they are collected again")
+                }
+            }
         }
         let opts = self
             .shared
@@ -240,6 +336,11 @@ impl TransferWorker {
             dirty: false,
             published_at: Instant::now(),
             logged_at: Instant::now(),
+            gcs: BTreeMap::new(),
+            gc_done: BTreeSet::new(),
+            gc_inflight: 0,
+            gc_retry: Vec::new(),
+            handle: self.clone(),
         };
         tokio::spawn(worker.run(inbox))
     }
@@ -247,6 +348,24 @@ impl TransferWorker {
 
 enum Event {
     Installed(Vec<Epoch>),
+    /// [`TransferWorker::fetch_now`].
+    FetchNow {
+        epoch: Epoch,
+        x: ObjectId,
+    },
+    /// The answer to a garbage-collection question (`None`: failed or timed out).
+    GcReply {
+        epoch: Epoch,
+        gen: u64,
+        from: NodeId,
+        reply: Option<Vec<u8>>,
+    },
+    /// A deletion of a lost arc: the objects deleted, or why not.
+    GcDeleted {
+        epoch: Epoch,
+        arc: RingArc,
+        result: Result<usize, StoreError>,
+    },
     /// The answer to a request (`None`: failed or timed out).
     Reply {
         epoch: Epoch,
@@ -299,6 +418,20 @@ struct Running {
     announcing: bool,
     /// Requests of this transfer waiting in the send queues.
     queued: usize,
+    /// On-demand fetches asked during a check, applied after it.
+    fetch_backlog: Vec<ObjectId>,
+}
+
+/// One garbage collection in progress.
+struct GcRun {
+    gen: u64,
+    g: Gc,
+    /// The new groups' addresses (members of the epoch).
+    addrs: BTreeMap<NodeId, (SocketAddr, VerifyingKey)>,
+    /// Deletions issued and not yet carried out (retried on failure).
+    deleting: usize,
+    deleted: u64,
+    started: Instant,
 }
 
 struct UnitStats {
@@ -394,6 +527,14 @@ struct Worker {
     dirty: bool,
     published_at: Instant,
     logged_at: Instant,
+    /// Garbage collections running, and the epochs collected (or with nothing lost) in this process.
+    gcs: BTreeMap<Epoch, GcRun>,
+    gc_done: BTreeSet<Epoch>,
+    /// Garbage-collection questions in flight (at most `max_requests`).
+    gc_inflight: usize,
+    /// Deletions that failed, to try again at these times.
+    gc_retry: Vec<(Instant, Epoch, RingArc)>,
+    handle: TransferWorker,
 }
 
 impl Worker {
@@ -436,6 +577,13 @@ impl Worker {
         };
         for e in missing {
             self.start_transfer(e);
+        }
+        let ready: Vec<Epoch> = {
+            let r = self.lock_replica();
+            (1..=r.epoch()).filter(|e| r.ready_at(*e)).collect()
+        };
+        for e in ready {
+            self.start_gc(e);
         }
     }
 
@@ -517,6 +665,7 @@ impl Worker {
                 announce: VecDeque::new(),
                 announcing: false,
                 queued: 0,
+                fetch_backlog: Vec::new(),
             },
         );
         self.dirty = true;
@@ -555,6 +704,49 @@ impl Worker {
                 debug!(?epochs, "configurations installed");
                 self.start_missing();
             }
+            Event::FetchNow { epoch, x } => {
+                self.handle
+                    .shared
+                    .fetches
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(epoch, x));
+                self.fetch_now(epoch, x);
+            }
+            Event::GcReply {
+                epoch,
+                gen,
+                from,
+                reply,
+            } => {
+                self.gc_inflight = self.gc_inflight.saturating_sub(1);
+                let now = self.now_ms();
+                if let (Some(bytes), Some(run)) =
+                    (reply, self.gcs.get_mut(&epoch).filter(|run| run.gen == gen))
+                {
+                    run.g.handle_message(now, from, &bytes);
+                    self.drain_gc(epoch);
+                }
+            }
+            Event::GcDeleted { epoch, arc, result } => match result {
+                Ok(n) => {
+                    if let Some(run) = self.gcs.get_mut(&epoch) {
+                        run.deleting = run.deleting.saturating_sub(1);
+                        run.deleted += n as u64;
+                    }
+                    self.gc_publish(epoch, n as u64);
+                    info!(epoch, objects = n, arc = %arc_name(&arc), "lost range collected");
+                    self.gc_finish(epoch);
+                }
+                Err(e) => {
+                    warn!(epoch, arc = %arc_name(&arc), error = %e, "deleting a lost range failed; trying again");
+                    self.gc_retry.push((
+                        Instant::now() + self.opts.retry_after_failure,
+                        epoch,
+                        arc,
+                    ));
+                }
+            },
             Event::Reply {
                 epoch,
                 gen,
@@ -615,6 +807,14 @@ impl Worker {
                 }
                 self.drain(epoch);
                 self.feed_backlog(epoch);
+                let waiting = self
+                    .transfers
+                    .get_mut(&epoch)
+                    .map(|r| std::mem::take(&mut r.fetch_backlog))
+                    .unwrap_or_default();
+                for x in waiting {
+                    self.fetch_now(epoch, x);
+                }
             }
             Event::Written {
                 epoch,
@@ -664,7 +864,9 @@ impl Worker {
                 }
                 match what {
                     TransferOutput::UnitDone { arc, .. } => {
-                        self.done_arcs.entry(epoch).or_default().push(arc);
+                        if !is_single(&arc) {
+                            self.done_arcs.entry(epoch).or_default().push(arc);
+                        }
                         if let Some(r) = self.transfers.get_mut(&epoch) {
                             r.announcing = false;
                             if let Some(u) = r.units.iter_mut().find(|u| u.arc == arc) {
@@ -716,6 +918,209 @@ impl Worker {
         }
         self.dirty = true;
         self.publish(true);
+        // Then collect what the node lost on entering this epoch.
+        self.start_gc(epoch);
+    }
+
+    /// Has the running transfer into `epoch` fetch `x` ahead of its unit (after a check in
+    /// progress).
+    fn fetch_now(&mut self, epoch: Epoch, x: ObjectId) {
+        let now = self.now_ms();
+        let Some(r) = self.transfers.get_mut(&epoch) else {
+            return;
+        };
+        if r.checking {
+            if r.fetch_backlog.len() < MAX_FETCH_REQUESTS && !r.fetch_backlog.contains(&x) {
+                r.fetch_backlog.push(x);
+            }
+            return;
+        }
+        if r.t.fetch_now(now, x) {
+            debug!(epoch, object = %x.short(), "fetching an object on demand");
+            self.drain(epoch);
+        }
+    }
+
+    /// Starts the garbage collection of what the node lost on entering `e` (it is ready in `e`),
+    /// unless it runs or is done; arcs collected already (before a restart) are skipped.
+    fn start_gc(&mut self, e: Epoch) {
+        if e == 0 || self.gcs.contains_key(&e) || self.gc_done.contains(&e) {
+            return;
+        }
+        let (prev, next, collected) = {
+            let r = self.lock_replica();
+            if !r.ready_at(e) {
+                return;
+            }
+            let get = |x: Epoch| r.chain().get(x).map(|c| c.config.clone());
+            (get(e - 1), get(e), r.collected_in(e).to_vec())
+        };
+        let (Some(prev), Some(next)) = (prev, next) else {
+            return;
+        };
+        #[allow(clippy::needless_update)]
+        let opts = GcOptions {
+            retransmit_ms: self.opts.retransmit.as_millis().max(1) as u64,
+            first_request_id: random_u64(),
+            ..GcOptions::default()
+        };
+        let mut g = Gc::new(&prev, &next, &self.me, &collected, opts);
+        let (_, units) = g.progress();
+        if units == 0 {
+            self.gc_done.insert(e);
+            return;
+        }
+        info!(
+            epoch = e,
+            arcs = units,
+            "garbage collection of lost ranges started"
+        );
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        g.start(self.now_ms());
+        self.gcs.insert(
+            e,
+            GcRun {
+                gen,
+                g,
+                addrs: source_addrs(&next),
+                deleting: 0,
+                deleted: 0,
+                started: Instant::now(),
+            },
+        );
+        self.gc_publish(e, 0);
+        self.drain_gc(e);
+    }
+
+    /// Carries out what collection `e` asks: questions (dropped beyond the bound: the machine asks
+    /// again), deletions on the blocking pool.
+    fn drain_gc(&mut self, e: Epoch) {
+        let mut outs = Vec::new();
+        let gen = match self.gcs.get_mut(&e) {
+            Some(run) => {
+                while let Some(out) = run.g.poll_output() {
+                    outs.push(out);
+                }
+                run.gen
+            }
+            None => return,
+        };
+        for out in outs {
+            match out {
+                GcOutput::Send { to, bytes } => {
+                    if self.gc_inflight >= self.opts.max_requests.max(1) {
+                        continue;
+                    }
+                    self.send_gc(e, gen, to, bytes);
+                }
+                GcOutput::Delete { epoch, arc } => {
+                    if let Some(run) = self.gcs.get_mut(&e) {
+                        run.deleting += 1;
+                    }
+                    self.delete_lost(epoch, arc);
+                }
+                GcOutput::Complete { .. } => {}
+            }
+        }
+        self.gc_finish(e);
+    }
+
+    /// Ends collection `e` once its machine is complete and every deletion is carried out.
+    fn gc_finish(&mut self, e: Epoch) {
+        let Some(run) = self.gcs.get(&e) else { return };
+        if !run.g.is_complete() || run.deleting > 0 {
+            return;
+        }
+        if let Some(run) = self.gcs.remove(&e) {
+            info!(
+                epoch = e,
+                objects_deleted = run.deleted,
+                secs = format!("{:.2}", run.started.elapsed().as_secs_f64()),
+                "garbage collection complete"
+            );
+        }
+        self.gc_done.insert(e);
+        if let Some(s) = self
+            .handle
+            .shared
+            .gc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&e)
+        {
+            s.0 = false;
+        }
+    }
+
+    /// Counts `deleted` objects for collection `e` in the status (and marks it running).
+    fn gc_publish(&self, e: Epoch, deleted: u64) {
+        let mut gc = self
+            .handle
+            .shared
+            .gc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let s = gc.entry(e).or_insert((true, 0));
+        s.1 += deleted;
+    }
+
+    /// Deletes `arc`, lost on entering `epoch`, through the replica (which re-checks every object),
+    /// then persists it collected; on the blocking pool.
+    fn delete_lost(&self, epoch: Epoch, arc: RingArc) {
+        let store = self.store.clone();
+        let replica = self.replica.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let deleted = replica
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .delete_lost(epoch, arc)?;
+                store.add_gc_collected(epoch, arc)?;
+                Ok(deleted.len())
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("delete task: {e}"))));
+            let _ = events.send(Event::GcDeleted { epoch, arc, result });
+        });
+    }
+
+    fn send_gc(&mut self, epoch: Epoch, gen: u64, to: NodeId, bytes: Vec<u8>) {
+        self.gc_inflight += 1;
+        let events = self.events.clone();
+        let reply = move |reply| Event::GcReply {
+            epoch,
+            gen,
+            from: to,
+            reply,
+        };
+        if to == self.me {
+            let replica = self.replica.clone();
+            let me = self.me;
+            tokio::spawn(async move {
+                let r = tokio::task::spawn_blocking(move || serve(&replica, me, &bytes))
+                    .await
+                    .ok()
+                    .flatten();
+                let _ = events.send(reply(r));
+            });
+            return;
+        }
+        let Some((addr, key)) = self.gcs.get(&epoch).and_then(|r| r.addrs.get(&to).copied()) else {
+            let _ = events.send(reply(None));
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        let timeout = self.opts.request_timeout;
+        tokio::spawn(async move {
+            let r = match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
+            {
+                Ok(Ok(r)) => Some(r),
+                _ => None,
+            };
+            let _ = events.send(reply(r));
+        });
     }
 
     /// Feeds the replies held back during a check, until the next check.
@@ -854,14 +1259,33 @@ impl Worker {
             ),
         };
         let store = self.store.clone();
+        let replica = self.replica.clone();
         let slots = self.write_slots.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
             // The semaphore is never closed; without a permit the write still runs.
             let _permit = slots.acquire_owned().await.ok();
-            let result = tokio::task::spawn_blocking(move || match w {
-                Write::Content { id, data } => store.put_content(&id, &data),
-                Write::Pk(blocks) => store.put_pk_many(&blocks),
+            let result = tokio::task::spawn_blocking(move || {
+                // Under the replica's read lock, so no collection runs between the check and the
+                // write: what a late transfer brings of a range collected since is not stored again.
+                let r = replica.read().unwrap_or_else(|p| p.into_inner());
+                match w {
+                    Write::Content { id, data } => {
+                        if r.accepts_transferred(e, &id) {
+                            store.put_content(&id, &data)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    Write::Pk(mut blocks) => {
+                        blocks.retain(|b| r.accepts_transferred(e, &b.id()));
+                        if blocks.is_empty() {
+                            Ok(())
+                        } else {
+                            store.put_pk_many(&blocks)
+                        }
+                    }
+                }
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(format!("write task: {e}"))));
@@ -940,6 +1364,25 @@ impl Worker {
             }
             self.drain(e);
         }
+        let due: Vec<Epoch> = self
+            .gcs
+            .iter()
+            .filter(|(_, run)| run.g.next_timeout().is_some_and(|at| at <= now_ms))
+            .map(|(e, _)| *e)
+            .collect();
+        for e in due {
+            if let Some(run) = self.gcs.get_mut(&e) {
+                run.g.handle_timeout(now_ms);
+            }
+            self.drain_gc(e);
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gc_retry)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.gc_retry = later;
+        for (_, e, arc) in due {
+            self.delete_lost(e, arc);
+        }
     }
 
     fn next_deadline(&self) -> Instant {
@@ -952,6 +1395,14 @@ impl Worker {
             }
         }
         for t in self.restart_at.values() {
+            at = at.min(*t);
+        }
+        for run in self.gcs.values() {
+            if let Some(ms) = run.g.next_timeout() {
+                at = at.min(self.clock + Duration::from_millis(ms));
+            }
+        }
+        for (t, _, _) in &self.gc_retry {
             at = at.min(*t);
         }
         if self.dirty {
@@ -1172,6 +1623,13 @@ fn announce(
     what: &TransferOutput,
 ) -> Result<(), StoreError> {
     match what {
+        TransferOutput::UnitDone { epoch, arc } if is_single(arc) => {
+            // An object fetched on demand: not persisted (after a restart a read fetches it again).
+            replica
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .object_ready(*epoch, &ObjectId(arc.end));
+        }
         TransferOutput::UnitDone { epoch, arc } => {
             store.add_transfer_done(*epoch, *arc)?;
             replica
@@ -1226,6 +1684,11 @@ fn random_u64() -> u64 {
         return t.as_nanos() as u64;
     }
     u64::from_le_bytes(b)
+}
+
+/// Whether `arc` holds exactly one object (an on-demand unit).
+fn is_single(arc: &RingArc) -> bool {
+    *arc == RingArc::single(&ObjectId(arc.end))
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -1288,6 +1751,27 @@ pub fn status_lines(transfers: &[TransferStatus]) -> Vec<String> {
         }
     }
     lines
+}
+
+/// One line summing up a node's garbage collection (as its status reports it, untrusted), for
+/// `dbqsfs status`; `None` if the node never lost a range.
+pub fn gc_line(gc: &[GcStatus]) -> Option<String> {
+    if gc.is_empty() {
+        return None;
+    }
+    let (mut lost, mut collected, mut deleted) = (0u64, 0u64, 0u64);
+    for g in gc {
+        lost = lost.saturating_add(g.arcs_lost);
+        collected = collected.saturating_add(g.arcs_collected.min(g.arcs_lost));
+        deleted = deleted.saturating_add(g.objects_deleted);
+    }
+    let running = gc.iter().any(|g| g.running && !g.complete());
+    Some(format!(
+        "garbage collection: {collected}/{lost} lost arcs collected, {} pending{}, {deleted} objects \
+         deleted by this process",
+        lost - collected,
+        if running { " (running)" } else { "" }
+    ))
 }
 
 /// Shows the transfers in progress as a progress bar on stderr (for a node run on a terminal)

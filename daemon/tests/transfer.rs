@@ -4,7 +4,10 @@
 //!   objects of its groups, serves them (every read succeeds with an old node stopped), and
 //!   afterwards every member of every object's group holds it on disk;
 //! - a new node killed (SIGKILL) mid-transfer resumes after a restart: the units it persisted as
-//!   done are not transferred again, and it fetches only the blocks it had not stored.
+//!   done are not transferred again, and it fetches only the blocks it had not stored;
+//! - once everyone is ready, the old members garbage-collect the ranges they lost to the new node:
+//!   afterwards no node holds an object it is not responsible for, every member of every object's
+//!   group still holds it and every object reads back; a restarted node remembers what it collected.
 
 mod common;
 
@@ -470,6 +473,124 @@ async fn a_new_node_transfers_exactly_its_groups_objects_and_serves_them() {
     eprintln!("stopped all: {:?}", t0.elapsed());
     s.check_holdings(&data);
     eprintln!("checked: {:?}", t0.elapsed());
+}
+
+/// Waits until every member in `members` reports its garbage collection complete in epoch 1 or
+/// later; the statuses then.
+async fn wait_collected(
+    client: &DbqsClient,
+    members: &[Member],
+    within: Duration,
+) -> BTreeMap<NodeId, NodeStatus> {
+    let start = Instant::now();
+    loop {
+        let mut done = BTreeMap::new();
+        let mut pending = Vec::new();
+        for m in members {
+            match client.node_status(m).await {
+                Ok(s) if s.epoch >= 1 && s.ready && s.gc.iter().all(|g| g.complete()) => {
+                    done.insert(m.id, s);
+                }
+                Ok(s) => pending.push(format!("{}: epoch {} gc {:?}", m.id.short(), s.epoch, s.gc)),
+                Err(e) => pending.push(format!("{}: {e}", m.id.short())),
+            }
+        }
+        if pending.is_empty() {
+            return done;
+        }
+        assert!(
+            start.elapsed() < within,
+            "garbage collection not complete within {within:?}:\n{}",
+            pending.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_members_collect_the_ranges_they_lost_to_a_new_node() {
+    let s = Setup::new(4);
+    let mut nodes: Vec<Option<Running>> = s
+        .dirs
+        .iter()
+        .map(|d| Some(start_node(&Handle::current(), d)))
+        .collect();
+    let client = s.client();
+    let data = write_data(&client, 64, 64 * 1024, 40).await;
+    s.push_next().await;
+    let t0 = Instant::now();
+    wait_ready(&client, &s.next.config.members, Duration::from_secs(120)).await;
+    let statuses = wait_collected(&client, &s.next.config.members, Duration::from_secs(60)).await;
+    eprintln!("ready and collected: {:?}", t0.elapsed());
+    let mut deleted = 0;
+    for (i, id) in s.ids.iter().enumerate() {
+        let gc = &statuses[id].gc;
+        eprintln!("{}: {gc:?}", id.short());
+        if i == s.new_node() {
+            assert!(gc.is_empty(), "the new node lost nothing");
+        } else {
+            // With 4 members every node held everything; each old node lost some range to the 5th.
+            assert!(!gc.is_empty() && gc.iter().all(|g| g.epoch == 1 && g.arcs_lost > 0));
+        }
+        deleted += gc.iter().map(|g| g.objects_deleted).sum::<u64>();
+    }
+    assert!(deleted > 0, "some objects were deleted");
+    read_all(&client, &data).await;
+
+    // A restarted old node remembers what it collected: nothing left to collect, nothing to run.
+    nodes[0].take().unwrap().stop().await;
+    nodes[0] = Some(start_node(&Handle::current(), &s.dirs[0]));
+    let m0 = s.member(0);
+    let t1 = Instant::now();
+    let after = loop {
+        match client.node_status(&m0).await {
+            Ok(st) => break st,
+            Err(e) => {
+                assert!(
+                    t1.elapsed() < Duration::from_secs(20),
+                    "restarted node: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(
+        !after.gc.is_empty() && after.gc.iter().all(|g| g.complete() && !g.running),
+        "after a restart: {:?}",
+        after.gc
+    );
+    read_all(&s.client(), &data).await;
+
+    stop_all(nodes.into_iter().flatten()).await;
+    s.check_holdings(&data);
+    // No node holds an object it is not responsible for in epoch 1.
+    let mut extra = Vec::new();
+    let mut held = 0;
+    for (id, dir) in s.ids.iter().zip(&s.dirs) {
+        for x in open_store(dir).list().unwrap() {
+            held += 1;
+            if !s.next.config.is_responsible(id, &x) {
+                extra.push(format!("{} on {}", x.to_hex(), id.short()));
+            }
+        }
+    }
+    assert!(
+        extra.is_empty(),
+        "{} objects held by nodes not responsible for them:\n{}",
+        extra.len(),
+        extra.join("\n")
+    );
+    let copies: usize = data
+        .content
+        .keys()
+        .chain(data.pk.keys())
+        .map(|x| s.next.config.group(x).len())
+        .sum();
+    assert_eq!(held, copies, "every node holds exactly its groups' objects");
+    eprintln!(
+        "{deleted} objects deleted; {held} copies held: {:?}",
+        t0.elapsed()
+    );
 }
 
 /// A `dbqsfs node` process this test started; killed (SIGKILL, by its pid) when dropped.
