@@ -3,7 +3,8 @@
 //! against what was acknowledged); 3 nodes join, one per epoch; then one member leaves and one is
 //! killed with kill -9 and evicted. The workload must see no failed and no wrong operation;
 //! afterwards every object is readable and held by every member of its group in the final
-//! configuration.
+//! configuration, and, once every node still running (the leaver too) reports its garbage
+//! collection complete, no node holds an object it is not responsible for in that configuration.
 //!
 //! `DBQSFS_RECONF_MB` changes the amount of data (default 200).
 
@@ -260,6 +261,64 @@ async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_lo
             .expect("present");
         assert_eq!(blake3::hash(&d), *h, "content {id:?} changed");
     }
+    // Wait until every node still running (the members, and the node that left) has collected the
+    // ranges it lost.
+    let chain = client.refresh().await;
+    let all_configs = chain.all();
+    let left_at = all_configs
+        .iter()
+        .rev()
+        .take_while(|c| !c.config.is_member(&leaver_id))
+        .last()
+        .map(|c| c.config.epoch)
+        .expect("the leaver is no member in the newest configuration");
+    let t = Instant::now();
+    loop {
+        let newest = client.refresh().await.epoch();
+        let mut pending = Vec::new();
+        let mut deleted = 0;
+        for i in 0..cluster.len() {
+            if i == victim {
+                continue;
+            }
+            let id = cluster.node_id(i);
+            let m = all_configs
+                .iter()
+                .rev()
+                .find_map(|c| c.config.member(&id).cloned())
+                .expect("every node was a member");
+            match client.node_status(&m).await {
+                Ok(s)
+                    if s.ready
+                        && s.gc.iter().all(|g| g.complete())
+                        && s.epoch >= if i == leaver { left_at } else { newest } =>
+                {
+                    deleted += s.gc.iter().map(|g| g.objects_deleted).sum::<u64>();
+                }
+                Ok(s) => pending.push(format!(
+                    "{}: epoch {} ready {} gc {:?}",
+                    id.short(),
+                    s.epoch,
+                    s.ready,
+                    s.gc
+                )),
+                Err(e) => pending.push(format!("{}: {e}", id.short())),
+            }
+        }
+        if pending.is_empty() {
+            println!(
+                "garbage collection complete everywhere after {:?}: {deleted} objects deleted",
+                t.elapsed()
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "garbage collection not complete:\n{}",
+            pending.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let final_config = client.refresh().await.config().clone();
     cluster.stop_all();
 
@@ -276,7 +335,7 @@ async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_lo
         stores.insert(id, held);
     }
     let all: Vec<ObjectId> = stored.iter().map(|(id, _)| *id).chain(written).collect();
-    let mut extra = 0;
+    let mut extra = Vec::new();
     for x in &all {
         for m in final_config.group(x) {
             let held = stores.get(&m.id).expect("a member's store");
@@ -287,14 +346,22 @@ async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_lo
                 m.id.short()
             );
         }
-        extra += stores
-            .iter()
-            .filter(|(id, held)| !final_config.is_responsible(id, x) && held.contains(x))
-            .count();
+        extra.extend(
+            stores
+                .iter()
+                .filter(|(id, held)| !final_config.is_responsible(id, x) && held.contains(x))
+                .map(|(id, _)| format!("{x:?} at {}", id.short())),
+        );
     }
     println!(
-        "{} objects held by every member of their final group; {extra} copies left at nodes no longer responsible",
-        all.len()
+        "{} objects held by every member of their final group; {} copies left at nodes no longer responsible",
+        all.len(),
+        extra.len()
+    );
+    assert!(
+        extra.is_empty(),
+        "copies left at nodes not responsible for them in the final configuration:\n{}",
+        extra.join("\n")
     );
 }
 
