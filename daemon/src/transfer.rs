@@ -330,7 +330,8 @@ impl TransferWorker {
             opts,
             tokens: 0.0,
             tokens_at: Instant::now(),
-            reply_estimate: 64.0 * 1024.0,
+            // Until replies are seen, assume the largest (a first burst stays within the cap).
+            reply_estimate: dbqsfs_core::object::MAX_BLOCK as f64,
             pushed: BTreeMap::new(),
             next_gen: 1,
             dirty: false,
@@ -1419,7 +1420,7 @@ impl Worker {
 
     /// With a rate limit and requests waiting: how long until the bucket allows the next one.
     fn rate_wait(&self) -> Option<Duration> {
-        let rate = self.opts.rate_limit? as f64;
+        let rate = self.opts.rate_limit?.max(1) as f64;
         if self.queues.values().all(VecDeque::is_empty) || self.tokens > 0.0 {
             return None;
         }
@@ -1437,6 +1438,7 @@ impl Worker {
                 return;
             }
             if let Some(rate) = self.opts.rate_limit {
+                let rate = rate.max(1);
                 let now = Instant::now();
                 let burst = (rate as f64 / 10.0).max(self.reply_estimate);
                 self.tokens =
@@ -1706,10 +1708,19 @@ fn arc_name(arc: &RingArc) -> String {
 }
 
 /// Lines describing a node's transfers (as its status reports them, untrusted), for `dbqsfs
-/// status`: one per transfer, and one per unit of a transfer in progress.
+/// status`: one per transfer in progress and for the newest completed, and one per unit of a
+/// transfer in progress.
 pub fn status_lines(transfers: &[TransferStatus]) -> Vec<String> {
     let mut lines = Vec::new();
+    let mut completed = 0;
     for t in transfers {
+        // Running ones, and the newest completed (the status lists those newest first).
+        if t.complete {
+            completed += 1;
+            if completed > 1 {
+                continue;
+            }
+        }
         let (objects, known, bytes, fetched) = t.totals();
         let (units_done, units) = t.units_done();
         let secs = (t.elapsed_ms as f64 / 1e3).max(1e-3);
@@ -1815,7 +1826,8 @@ pub async fn show_progress(mut rx: watch::Receiver<Vec<TransferStatus>>) {
             b
         });
         let epochs: Vec<String> = transfers.iter().map(|t| t.epoch.to_string()).collect();
-        b.set_length(known.max(objects));
+        // Nothing known while listing: an empty bar, not a full one.
+        b.set_length(known.max(objects).max(1));
         b.set_position(objects);
         b.set_message(format!(
             "into epoch {}: units {units_done}/{units}, {:.1} MB, {:.1} MB/s",
