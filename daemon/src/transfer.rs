@@ -9,7 +9,10 @@
 //! - Requests go out over the node's QUIC endpoint (requests to itself are served locally):
 //!   at most `max_requests` in flight, `max_requests_per_peer` per source, none while
 //!   `max_pending_writes` fetched objects wait for the disk, optionally under a bandwidth cap. So
-//!   fetched data held in memory stays bounded whatever the size of the transfer.
+//!   fetched data held in memory stays bounded whatever the size of the transfer. A source whose
+//!   request fails in transport, or that answers nothing for 3 s while asked, gets nothing for a
+//!   while (1 s, doubling to 16 s) and what waits for it is dropped, so a dead or silent source
+//!   holds up nothing: the machines ask elsewhere.
 //! - Durability before announcement: every object is written on the blocking pool (the store
 //!   fsyncs); a unit's [`TransferOutput::UnitDone`] waits for every write issued before it, is
 //!   persisted ([`DiskStore::add_transfer_done`]) and only then made readable
@@ -51,7 +54,7 @@ use dbqsfs_core::dbqs::transfer::{
 use dbqsfs_core::object::PkBlock;
 use dbqsfs_core::store::{Store, StoreError};
 use dbqsfs_core::wire::{decode, encode_msg, Protocol, WIRE_VERSION};
-use dbqsfs_net::Endpoint;
+use dbqsfs_net::{Endpoint, NetError};
 use ed25519_dalek::VerifyingKey;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -94,7 +97,7 @@ impl Default for TransferOptions {
             max_pending_writes: 16,
             max_concurrent_writes: 4,
             retransmit: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(10),
             rate_limit: None,
             retry_after_failure: Duration::from_secs(2),
         }
@@ -108,6 +111,13 @@ const PK_BATCH: usize = 256;
 /// How often the status is republished while it changes, and progress logged.
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long nothing is sent to a source after a transport failure: doubling from the first to the
+/// second while it stays unreachable.
+const MIN_DOWN: Duration = Duration::from_secs(1);
+const MAX_DOWN: Duration = Duration::from_secs(16);
+/// A source with requests in flight that has answered none of them for this long counts as
+/// unreachable (its requests still run to their timeout; nothing more waits for it).
+const SILENT_AFTER: Duration = Duration::from_secs(3);
 /// On-demand fetch requests waiting for the worker.
 pub const MAX_FETCH_REQUESTS: usize = 256;
 
@@ -325,6 +335,8 @@ impl TransferWorker {
             inflight: 0,
             inflight_peer: BTreeMap::new(),
             last_peer: None,
+            down: BTreeMap::new(),
+            heard: BTreeMap::new(),
             pending_writes: 0,
             write_slots: Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1))),
             opts,
@@ -375,6 +387,9 @@ enum Event {
         reply: Option<Vec<u8>>,
         /// Bytes the rate limiter reserved for it.
         reserved: f64,
+        /// The transport failed (no connection, or no answer in time), as opposed to an answer of
+        /// nothing.
+        unreachable: bool,
     },
     /// The answer to a [`TransferOutput::Check`]: the ids held, with their sizes.
     Checked {
@@ -515,6 +530,11 @@ struct Worker {
     inflight: usize,
     inflight_peer: BTreeMap<NodeId, usize>,
     last_peer: Option<NodeId>,
+    /// Sources whose last request failed in transport: until when nothing is sent to them, and
+    /// the backoff that set it.
+    down: BTreeMap<NodeId, (Instant, Duration)>,
+    /// When each source last answered (or, if it had nothing in flight, was sent a request).
+    heard: BTreeMap<NodeId, Instant>,
     /// Writes issued and not finished, over all transfers.
     pending_writes: usize,
     write_slots: Arc<Semaphore>,
@@ -754,9 +774,18 @@ impl Worker {
                 to,
                 reply,
                 reserved,
+                unreachable,
             } => {
                 if let Some(n) = self.inflight_peer.get_mut(&to) {
                     *n = n.saturating_sub(1);
+                }
+                if !unreachable {
+                    self.heard.insert(to, Instant::now());
+                }
+                if unreachable {
+                    self.mark_down(to);
+                } else if reply.is_some() {
+                    self.down.remove(&to);
                 }
                 if self.opts.rate_limit.is_some() {
                     let got = reply.as_ref().map_or(0, Vec::len) as f64;
@@ -1164,6 +1193,9 @@ impl Worker {
             }
             match out {
                 TransferOutput::Send { to, bytes } => {
+                    if self.is_down(&to) {
+                        continue; // the machine asks again, elsewhere, at its next timeout
+                    }
                     if let Some(r) = self.transfers.get_mut(&e) {
                         r.queued += 1;
                     }
@@ -1341,6 +1373,15 @@ impl Worker {
     /// waits to be sent, so a slow queue never snowballs), and abandoned runs' restarts.
     fn fire_timers(&mut self) {
         let now = Instant::now();
+        let silent: Vec<NodeId> = self
+            .silent_since()
+            .filter(|(n, since)| now >= *since + SILENT_AFTER && !self.is_down(n))
+            .map(|(n, _)| n)
+            .collect();
+        for n in silent {
+            debug!(source = %n.short(), "source silent: treated as unreachable");
+            self.mark_down(n);
+        }
         let due: Vec<Epoch> = self
             .restart_at
             .iter()
@@ -1386,8 +1427,21 @@ impl Worker {
         }
     }
 
+    /// Sources with requests in flight, and since when they have answered nothing.
+    fn silent_since(&self) -> impl Iterator<Item = (NodeId, Instant)> + '_ {
+        self.inflight_peer
+            .iter()
+            .filter(|(n, busy)| **busy > 0 && **n != self.me)
+            .filter_map(|(n, _)| self.heard.get(n).map(|t| (*n, *t)))
+    }
+
     fn next_deadline(&self) -> Instant {
         let mut at = Instant::now() + Duration::from_secs(3600);
+        for (n, since) in self.silent_since() {
+            if !self.is_down(&n) {
+                at = at.min(since + SILENT_AFTER);
+            }
+        }
         for r in self.transfers.values() {
             if !r.checking && r.queued == 0 {
                 if let Some(ms) = r.t.next_timeout() {
@@ -1493,14 +1547,19 @@ impl Worker {
             0.0
         };
         self.inflight += 1;
-        *self.inflight_peer.entry(to).or_default() += 1;
+        let busy = self.inflight_peer.entry(to).or_default();
+        if *busy == 0 {
+            self.heard.insert(to, Instant::now());
+        }
+        *busy += 1;
         let events = self.events.clone();
-        let reply = move |reply| Event::Reply {
+        let reply = move |reply: Option<Vec<u8>>, unreachable| Event::Reply {
             epoch,
             gen,
             to,
             reply,
             reserved,
+            unreachable,
         };
         if to == self.me {
             let replica = self.replica.clone();
@@ -1510,32 +1569,60 @@ impl Worker {
                     .await
                     .ok()
                     .flatten();
-                let _ = events.send(reply(r));
+                let _ = events.send(reply(r, false));
             });
             return;
         }
         let Some((addr, key)) = dest else {
             debug!(to = %to.short(), "no usable address for a transfer source");
-            let _ = events.send(reply(None));
+            let _ = events.send(reply(None, false));
             return;
         };
         let endpoint = self.endpoint.clone();
         let timeout = self.opts.request_timeout;
         tokio::spawn(async move {
-            let r = match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
-            {
-                Ok(Ok(r)) => Some(r),
-                Ok(Err(e)) => {
-                    debug!(to = %to.short(), %addr, error = %e, "transfer request failed");
-                    None
-                }
-                Err(_) => {
-                    debug!(to = %to.short(), %addr, "transfer request timed out");
-                    None
-                }
-            };
-            let _ = events.send(reply(r));
+            let (r, unreachable) =
+                match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await {
+                    Ok(Ok(r)) => (Some(r), false),
+                    // Alive, but it answered nothing (it refused or failed this request).
+                    Ok(Err(NetError::NoResponse)) => (None, false),
+                    Ok(Err(e)) => {
+                        debug!(to = %to.short(), %addr, error = %e, "transfer request failed");
+                        (None, true)
+                    }
+                    Err(_) => {
+                        debug!(to = %to.short(), %addr, "transfer request timed out");
+                        (None, true)
+                    }
+                };
+            let _ = events.send(reply(r, unreachable));
         });
+    }
+
+    fn is_down(&self, n: &NodeId) -> bool {
+        self.down
+            .get(n)
+            .is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
+    /// A request to `n` failed in transport: send it nothing for a while (doubling while it stays
+    /// unreachable, up to [`MAX_DOWN`]), and drop what waits for it, so that a dead or silent
+    /// source holds up neither the queue nor the machines' retransmissions (which ask elsewhere).
+    fn mark_down(&mut self, n: NodeId) {
+        let backoff = self
+            .down
+            .get(&n)
+            .map_or(MIN_DOWN, |(_, b)| (*b * 2).min(MAX_DOWN));
+        self.down.insert(n, (Instant::now() + backoff, backoff));
+        let dropped = self.queues.remove(&n).unwrap_or_default();
+        if !dropped.is_empty() {
+            debug!(source = %n.short(), requests = dropped.len(), ?backoff, "source unreachable: requests to it dropped");
+        }
+        for (epoch, gen, _) in dropped {
+            if let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) {
+                r.queued = r.queued.saturating_sub(1);
+            }
+        }
     }
 
     /// A source answered "not yet" from an older epoch: it has not installed the configuration

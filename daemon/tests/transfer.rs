@@ -5,6 +5,8 @@
 //!   afterwards every member of every object's group holds it on disk;
 //! - a new node killed (SIGKILL) mid-transfer resumes after a restart: the units it persisted as
 //!   done are not transferred again, and it fetches only the blocks it had not stored;
+//! - a source that hangs (SIGSTOP) in the middle of a transfer delays it by seconds, not by a
+//!   request timeout per block;
 //! - once everyone is ready, the old members garbage-collect the ranges they lost to the new node:
 //!   afterwards no node holds an object it is not responsible for, every member of every object's
 //!   group still holds it and every object reads back; a restarted node remembers what it collected.
@@ -771,4 +773,78 @@ async fn a_node_killed_mid_transfer_resumes_without_fetching_again_what_it_store
     drop(_proc);
     stop_all(nodes.drain(..)).await;
     s.check_holdings(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_that_hangs_mid_transfer_holds_up_nothing() {
+    let s = Setup::new(4);
+    let n = s.new_node();
+    // The old node with the lowest id (which the new node asks first for every block it listed)
+    // runs as a process, so that it can be frozen (SIGSTOP): it then accepts nothing and answers
+    // nothing, like a silent Byzantine node.
+    let k = (0..n).min_by_key(|i| s.ids[*i]).unwrap();
+    let frozen = NodeProcess::spawn(&s.dirs[k], None, &s.dirs[k].join("node.log"));
+    let nodes: Vec<Running> = (0..n)
+        .filter(|i| *i != k)
+        .map(|i| start_node(&Handle::current(), &s.dirs[i]))
+        .collect();
+    let client = s.client();
+    wait_reachable(&client, &s.member(k)).await;
+    let data = write_data(&client, 96, 256 * 1024, 20).await;
+    let needed = s.needed(&data);
+    let new = s.member(n);
+
+    // The new node fetches at 4 MB/s (about 5 s in all); once it has fetched something, that node
+    // freezes for good.
+    let _proc = NodeProcess::spawn(&s.dirs[n], Some(4_000_000), &s.dirs[n].join("node.log"));
+    wait_reachable(&client, &new).await;
+    s.push_next().await;
+    let start = Instant::now();
+    loop {
+        let st = client.node_status(&new).await.expect("status");
+        let t = st.transfers.iter().find(|t| t.epoch == 1);
+        assert!(
+            !t.is_some_and(|t| t.complete),
+            "the transfer finished before a source froze: {}",
+            describe(&st.transfers)
+        );
+        if t.is_some_and(|t| fetched(t).0 > 0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nothing fetched within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SAFETY: kill(2) on the pid of a process this test started.
+    assert_eq!(
+        unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) },
+        0
+    );
+    let froze = Instant::now();
+
+    let statuses = wait_ready(
+        &client,
+        std::slice::from_ref(&new),
+        Duration::from_secs(120),
+    )
+    .await;
+    let after = froze.elapsed();
+    let t = completed(&statuses[&new.id]);
+    eprintln!(
+        "a source froze {:?} into the transfer; it completed {after:?} later, {} blocks fetched",
+        froze - start,
+        fetched(t).0
+    );
+    assert_eq!(fetched(t).0 as usize, needed.len());
+    // Each request to the frozen source waits 10 s for its timeout: requests left queued for it, 8
+    // at a time, would take minutes; dropped once it fails, they are asked elsewhere.
+    assert!(
+        after < Duration::from_secs(30),
+        "the transfer took {after:?} after a source froze"
+    );
+    read_all(&client, &data).await;
+    drop(frozen); // SIGKILL
+    stop_all(nodes.into_iter()).await;
 }
