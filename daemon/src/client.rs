@@ -142,9 +142,9 @@ impl DbqsClient {
             key.dalek().clone(),
             opts.transport.clone(),
         )?;
+        let lease = opts.freshness.then_some(chain.config().params.freshness_ms);
         // The struct update is needed when core's `mutants` feature adds a field (workspace builds).
         #[allow(clippy::needless_update)]
-        let lease = opts.freshness.then_some(chain.config().params.freshness_ms);
         let core = Client::new(
             key.node_id(),
             chain.clone(),

@@ -360,7 +360,7 @@ fn tree_order(config: &Configuration) -> Vec<Member> {
             (*h.finalize().as_bytes(), m.clone())
         })
         .collect();
-    ranked.sort_by(|a, b| a.0.cmp(&b.0));
+    ranked.sort_by_key(|r| r.0);
     ranked.into_iter().map(|(_, m)| m).collect()
 }
 
