@@ -341,7 +341,7 @@ pub async fn serve(
 pub fn push_children(config: &Configuration, me: &NodeId) -> Vec<Member> {
     let order = tree_order(config);
     let Some(i) = order.iter().position(|m| m.id == *me) else {
-        return order.into_iter().take(1).collect();
+        return Vec::new();
     };
     [2 * i + 1, 2 * i + 2]
         .into_iter()
@@ -502,10 +502,29 @@ impl Task {
                 _ = tick.tick() => self.on_tick(),
             }
             if self.shared.epoch() != self.epoch {
+                self.forward_new_configs();
                 self.enter_epoch();
             }
             self.drain();
         }
+    }
+
+    /// Passes the configurations installed since our last epoch down the push tree of the newest
+    /// one (whatever their source: a push, a pull, or our own certificate).
+    fn forward_new_configs(&self) {
+        let chain = self.shared.chain();
+        let configs = chain.after(self.epoch, MAX_CONFIGS);
+        if configs.is_empty() {
+            return;
+        }
+        let children = push_children(chain.config(), &self.shared.key.node_id());
+        self.send_all(
+            children,
+            MsMessage::Push {
+                configs,
+                freshness: None,
+            },
+        );
     }
 
     /// Sets up the role for the newest installed epoch.
