@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Cluster, BIN};
+use common::{run_cli, Cluster, BIN};
 use dbqsfs_core::config::Member;
 use dbqsfs_core::crypto::{Keypair, NodeId};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
@@ -29,16 +29,6 @@ const TIMING: &[&str] = &[
     "3000",
 ];
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().expect("run dbqsfs");
-    assert!(
-        out.status.success(),
-        "dbqsfs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a_primary_kill() {
     let tmp = tempfile::tempdir().unwrap();
@@ -58,9 +48,9 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
     let mut joined = Vec::new();
     for _ in 0..2 {
         let (dir, addr) = cluster.new_node_dir();
-        let pubkey = run(&["keygen", "--dir", dir.to_str().unwrap()]);
+        let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
         let admission = tmp.path().join("c/admission.key");
-        let cert = run(&[
+        let cert = run_cli(&[
             "admit",
             "--admission-key",
             admission.to_str().unwrap(),
@@ -73,8 +63,8 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
 
     // A node whose certificate was made for another key is refused by `dbqsfs node --join`.
     let (dir, addr) = cluster.new_node_dir();
-    run(&["keygen", "--dir", dir.to_str().unwrap()]);
-    let other = run(&[
+    run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
+    let other = run_cli(&[
         "admit",
         "--admission-key",
         tmp.path().join("c/admission.key").to_str().unwrap(),
@@ -387,28 +377,8 @@ async fn bench_agreement_and_epoch_change() {
     let mut times = Vec::new();
     for round in 0..5 {
         let chain = client.refresh().await;
-        let e = chain.epoch();
-        let proposers: Vec<Keypair> = (0..cluster.len())
-            .map(|i| dbqsfs_daemon::files::read_key(&cluster.node_dir(i).join("node.key")).unwrap())
-            .filter(|k| chain.config().committee.contains(&k.node_id()))
-            .take(2)
-            .collect();
         let t = Instant::now();
-        for k in &proposers {
-            let op = MsOp::EndEpoch { epoch: e };
-            let seq = (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64)
-                << 12;
-            let req = Request::sign(k, seq, postcard::to_allocvec(&op).unwrap());
-            let ep = endpoint(k);
-            let bytes = encode_msg(e, MsMessage::Submit(req));
-            for m in &chain.config().members {
-                let (addr, vk) = target(m);
-                let _ = ep.request(addr, &vk, &bytes).await;
-            }
-        }
+        let e = cluster.propose_end_of_epoch(&client).await;
         loop {
             let mut all = true;
             for m in &chain.config().members {

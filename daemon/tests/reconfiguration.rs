@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Cluster, BIN};
+use common::{run_cli, Cluster, BIN};
 use dbqsfs_core::crypto::{Keypair, ObjectId};
 use dbqsfs_core::store::Store;
 use dbqsfs_daemon::client::DbqsClient;
@@ -31,16 +31,6 @@ const TIMING: &[&str] = &[
     "--freshness-ms",
     "6000",
 ];
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().expect("run dbqsfs");
-    assert!(
-        out.status.success(),
-        "dbqsfs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn random(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
@@ -171,8 +161,8 @@ async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_lo
     let admission = tmp.path().join("c/admission.key");
     for k in 0..3 {
         let (dir, addr) = cluster.new_node_dir();
-        let pubkey = run(&["keygen", "--dir", dir.to_str().unwrap()]);
-        let cert = run(&[
+        let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
+        let cert = run_cli(&[
             "admit",
             "--admission-key",
             admission.to_str().unwrap(),
@@ -365,42 +355,6 @@ async fn atomic_reads_and_writes_survive_three_joins_a_leave_and_a_kill_under_lo
     );
 }
 
-/// Ends the current epoch now: `f_ms+1` committee members (whose keys the test holds) propose it.
-async fn end_epoch(cluster: &Cluster, client: &DbqsClient) -> u64 {
-    use dbqsfs_core::ms::membership::MsOp;
-    use dbqsfs_core::ms::pbft::Request;
-    use dbqsfs_daemon::ms::MsMessage;
-    let chain = client.refresh().await;
-    let e = chain.epoch();
-    for k in (0..cluster.len())
-        .filter_map(|i| dbqsfs_daemon::files::read_key(&cluster.node_dir(i).join("node.key")).ok())
-        .filter(|k| chain.config().committee.contains(&k.node_id()))
-        .take(2)
-    {
-        let seq = (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64)
-            << 12;
-        let op = MsOp::EndEpoch { epoch: e };
-        let req = Request::sign(&k, seq, postcard::to_allocvec(&op).unwrap());
-        let ep = dbqsfs_net::Endpoint::client(
-            dbqsfs_net::local_bind_for("127.0.0.1:1".parse().unwrap()),
-            k.dalek().clone(),
-            dbqsfs_net::TransportOptions::default(),
-        )
-        .unwrap();
-        let bytes = dbqsfs_core::wire::encode_msg(e, MsMessage::Submit(req));
-        for m in &chain.config().members {
-            let vk = ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap();
-            let _ = ep.request(m.addr.parse().unwrap(), &vk, &bytes).await;
-        }
-    }
-    cluster
-        .wait_epoch(client, e + 1, Duration::from_secs(30))
-        .await
-}
-
 /// 1 MiB content puts, 8 in flight, for `secs`: MB/s.
 async fn put_throughput(
     client: &DbqsClient,
@@ -472,9 +426,9 @@ async fn bench_transfer_rate_and_throughput_dip() {
 
     // A 5th node joins; the epoch is ended at once.
     let (dir, addr) = cluster.new_node_dir();
-    let pubkey = run(&["keygen", "--dir", dir.to_str().unwrap()]);
+    let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
     let admission = tmp.path().join("c/admission.key");
-    let cert = run(&[
+    let cert = run_cli(&[
         "admit",
         "--admission-key",
         admission.to_str().unwrap(),
@@ -483,7 +437,10 @@ async fn bench_transfer_rate_and_throughput_dip() {
     let i = cluster.spawn_join(&dir, &addr, &cert);
     let id = cluster.node_id(i);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let e = end_epoch(&cluster, &client).await;
+    let ended = cluster.propose_end_of_epoch(&client).await;
+    let e = cluster
+        .wait_epoch(&client, ended + 1, Duration::from_secs(30))
+        .await;
     assert!(
         client.refresh().await.config().is_member(&id),
         "the 5th node did not join"

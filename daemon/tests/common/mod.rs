@@ -64,6 +64,17 @@ impl Running {
     }
 }
 
+/// Runs `dbqsfs ARGS` to success; returns its trimmed stdout.
+pub fn run_cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run dbqsfs");
+    assert!(
+        out.status.success(),
+        "dbqsfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A cluster of separate `dbqsfs node` processes, killed when dropped.
 pub struct Cluster {
     pub dir: PathBuf,
@@ -276,6 +287,42 @@ impl Cluster {
             );
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
+    }
+
+    /// Has `f_ms+1` committee members of the client's newest epoch (whose keys the test holds)
+    /// propose its end, as their epoch timers would; returns that epoch.
+    pub async fn propose_end_of_epoch(&self, client: &dbqsfs_daemon::client::DbqsClient) -> u64 {
+        use dbqsfs_core::ms::membership::MsOp;
+        use dbqsfs_core::ms::pbft::Request;
+        use dbqsfs_daemon::ms::MsMessage;
+        let chain = client.refresh().await;
+        let e = chain.epoch();
+        let proposers = (0..self.len())
+            .filter_map(|i| dbqsfs_daemon::files::read_key(&self.dirs[i].join("node.key")).ok())
+            .filter(|k| chain.config().committee.contains(&k.node_id()))
+            .take(chain.config().params.ms_quorum().one_correct());
+        for k in proposers {
+            // Above any sequence number the member itself used in this epoch (unix ms << 10).
+            let seq = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64)
+                << 12;
+            let op = MsOp::EndEpoch { epoch: e };
+            let req = Request::sign(&k, seq, postcard::to_allocvec(&op).unwrap());
+            let ep = dbqsfs_net::Endpoint::client(
+                dbqsfs_net::local_bind_for("127.0.0.1:1".parse().unwrap()),
+                k.dalek().clone(),
+                dbqsfs_net::TransportOptions::default(),
+            )
+            .unwrap();
+            let bytes = dbqsfs_core::wire::encode_msg(e, MsMessage::Submit(req));
+            for m in &chain.config().members {
+                let vk = ed25519_dalek::VerifyingKey::from_bytes(&m.key.0).unwrap();
+                let _ = ep.request(m.addr.parse().unwrap(), &vk, &bytes).await;
+            }
+        }
+        e
     }
 
     /// (epoch, configuration hash) of every member that answers.
