@@ -373,5 +373,28 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
         }
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
+    }
+}
+
+impl Cluster {
+    /// Copies every node's log out of the (temporary) cluster directory, which is about to be
+    /// removed, so that a failed test can be read after the fact; prints where.
+    fn keep_logs(&self) {
+        let keep = std::env::temp_dir().join(format!(
+            "dbqsfs-failed-{}-{}",
+            std::process::id(),
+            self.base
+        ));
+        if std::fs::create_dir_all(&keep).is_err() {
+            return;
+        }
+        for dir in &self.dirs {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            let _ = std::fs::copy(dir.join("node.log"), keep.join(format!("{name}.log")));
+        }
+        eprintln!("node logs of the failed test kept in {}", keep.display());
     }
 }
