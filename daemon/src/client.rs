@@ -256,7 +256,7 @@ impl DbqsClient {
         version: Option<u64>,
     ) -> Result<Stamp, ClientError> {
         let op = Operation::PutPk {
-            owner: owner.clone(),
+            owner: Box::new(owner.clone()),
             label: label.to_vec(),
             value,
             version,

@@ -72,7 +72,8 @@ pub enum Operation {
     },
     /// Write `value` to `owner`'s block `label`; `version: None` discovers the version first.
     PutPk {
-        owner: Keypair,
+        /// Boxed: a key pair is large, and most operations carry none.
+        owner: Box<Keypair>,
         label: Vec<u8>,
         value: Vec<u8>,
         version: Option<u64>,

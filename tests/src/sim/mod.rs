@@ -1492,7 +1492,7 @@ impl Sim {
             let label = self.keys[key].label.clone();
             (
                 Operation::PutPk {
-                    owner,
+                    owner: Box::new(owner),
                     label,
                     value,
                     version,
