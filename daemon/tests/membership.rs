@@ -192,7 +192,10 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
     let mut attempt = 0;
     let (epoch, survivors) = loop {
         attempt += 1;
-        assert!(attempt <= 3, "never managed to kill a primary early in its epoch");
+        assert!(
+            attempt <= 3,
+            "never managed to kill a primary early in its epoch"
+        );
         let before = client.refresh().await.epoch();
         let deadline = Instant::now() + Duration::from_secs(30);
         let chain = loop {
@@ -238,7 +241,10 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
         println!("the kill of epoch {epoch}'s primary came late; trying again after its eviction");
         let deadline = Instant::now() + Duration::from_secs(60);
         while client.refresh().await.config().is_member(&primary) {
-            assert!(Instant::now() < deadline, "a killed primary was never evicted");
+            assert!(
+                Instant::now() < deadline,
+                "a killed primary was never evicted"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };

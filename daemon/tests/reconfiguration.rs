@@ -386,9 +386,11 @@ async fn put_throughput(
     (b as f64 / 1e6 / t.elapsed().as_secs_f64(), b)
 }
 
-/// Benchmark (run with `-- --ignored --nocapture`): the state-transfer rate when a 5th node joins
-/// a cluster holding `DBQSFS_BENCH_MB` (default 1024) MiB, and client write throughput during that
-/// transfer relative to steady state, measured in the same run.
+/// Benchmark (run with `-- --ignored --nocapture`): state-transfer rates into nodes joining a
+/// cluster of 4 that holds `DBQSFS_BENCH_MB` (default 1024) MiB plus what the steady-state
+/// measurement wrote: a 5th node joins the idle cluster (the transfer alone), then a 6th joins
+/// while the client writes, which gives the transfer rate under load and the client throughput
+/// during it relative to steady state, in the same run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_transfer_rate_and_throughput_dip() {
@@ -424,10 +426,37 @@ async fn bench_transfer_rate_and_throughput_dip() {
     let (steady, _) = put_throughput(&client, 15, None).await;
     println!("steady state: {steady:.1} MB/s of 1 MiB puts (8 in flight)");
 
-    // A 5th node joins; the epoch is ended at once.
+    // A 5th node joins an idle cluster: the transfer alone, with the machine to itself.
+    let (e, member) = join_one(&mut cluster, &client, tmp.path()).await;
+    let transfer = transfer_of(&client, &member, e, None).await;
+    report("into a node joining an idle cluster", e, &transfer);
+
+    // A 6th node joins while the client writes: both rates, in the same run.
+    let (e, member) = join_one(&mut cluster, &client, tmp.path()).await;
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (c, done) = (client.clone(), done.clone());
+        tokio::spawn(async move { transfer_of(&c, &member, e, Some(done)).await })
+    };
+    let (during, _) = put_throughput(&client, 600, Some(done.clone())).await;
+    let transfer = watcher.await.unwrap();
+    report("into a node joining under the client load", e, &transfer);
+    println!(
+        "client throughput during the transfer: {during:.1} MB/s = {:.0}% of steady state ({steady:.1} MB/s)",
+        100.0 * during / steady
+    );
+    cluster.stop_all();
+}
+
+/// Admits and starts one more node, then ends the epoch so that it joins: its epoch and member.
+async fn join_one(
+    cluster: &mut Cluster,
+    client: &DbqsClient,
+    root: &std::path::Path,
+) -> (u64, dbqsfs_core::config::Member) {
     let (dir, addr) = cluster.new_node_dir();
     let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
-    let admission = tmp.path().join("c/admission.key");
+    let admission = root.join("c/admission.key");
     let cert = run_cli(&[
         "admit",
         "--admission-key",
@@ -437,46 +466,46 @@ async fn bench_transfer_rate_and_throughput_dip() {
     let i = cluster.spawn_join(&dir, &addr, &cert);
     let id = cluster.node_id(i);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let ended = cluster.propose_end_of_epoch(&client).await;
+    let ended = cluster.propose_end_of_epoch(client).await;
     let e = cluster
-        .wait_epoch(&client, ended + 1, Duration::from_secs(30))
+        .wait_epoch(client, ended + 1, Duration::from_secs(30))
         .await;
-    assert!(
-        client.refresh().await.config().is_member(&id),
-        "the 5th node did not join"
-    );
-    let member = client.refresh().await.config().member(&id).unwrap().clone();
+    let chain = client.refresh().await;
+    let member = chain
+        .config()
+        .member(&id)
+        .expect("the new node joined")
+        .clone();
+    (e, member)
+}
 
-    // Throughput while it transfers; stop when its transfer completes.
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let c = client.clone();
-        let done = done.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Ok(s) = c.node_status(&member).await {
-                    if let Some(t) = s.transfers.iter().find(|t| t.epoch == e && t.complete) {
-                        done.store(true, Ordering::Relaxed);
-                        return t.clone();
-                    }
+/// Waits for `member`'s transfer into epoch `e` to complete (then sets `done`): its status.
+async fn transfer_of(
+    client: &DbqsClient,
+    member: &dbqsfs_core::config::Member,
+    e: u64,
+    done: Option<Arc<AtomicBool>>,
+) -> dbqsfs_daemon::control::TransferStatus {
+    loop {
+        if let Ok(s) = client.node_status(member).await {
+            if let Some(t) = s.transfers.iter().find(|t| t.epoch == e && t.complete) {
+                if let Some(d) = done {
+                    d.store(true, Ordering::Relaxed);
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                return t.clone();
             }
-        })
-    };
-    let (during, _) = put_throughput(&client, 600, Some(done.clone())).await;
-    let transfer = watcher.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn report(what: &str, e: u64, transfer: &dbqsfs_daemon::control::TransferStatus) {
     let (objects, _, _, fetched) = transfer.totals();
     let secs = transfer.elapsed_ms as f64 / 1000.0;
     println!(
-        "transfer into epoch {e}: {objects} objects, {:.1} MB fetched in {secs:.1} s = {:.1} MB/s, {:.0} objects/s",
+        "transfer {what} (epoch {e}): {objects} objects, {:.1} MB fetched in {secs:.1} s = {:.1} MB/s, {:.0} objects/s",
         fetched as f64 / 1e6,
         fetched as f64 / 1e6 / secs,
         objects as f64 / secs
     );
-    println!(
-        "client throughput during the transfer: {during:.1} MB/s = {:.0}% of steady state ({steady:.1} MB/s)",
-        100.0 * during / steady
-    );
-    cluster.stop_all();
 }
