@@ -27,8 +27,9 @@
 //!   transfer into `e` completed, or at start for every epoch it is ready in), a [`Gc`] asks the new
 //!   groups of the arcs lost on entering `e` whether they hold them (at most `max_requests` such
 //!   questions in flight; the machine asks again with backoff); on [`GcOutput::Delete`] the replica
-//!   deletes on the blocking pool (`Replica::delete_lost`, which re-checks responsibility) and the
-//!   arc is then persisted collected ([`DiskStore::add_gc_collected`]), restored into the replica
+//!   deletes on the blocking pool (`Replica::note_collected` under the write lock, then
+//!   `Replica::delete_collected`, which re-checks responsibility, under the read lock, so requests
+//!   are served meanwhile) and the arc is then persisted collected ([`DiskStore::add_gc_collected`]), restored into the replica
 //!   at start. A failed deletion is retried.
 //! - On-demand fetch ([`TransferWorker::fetch_now`]): a read that hit an object not yet transferred
 //!   has the running transfer of its epoch fetch it ahead of its unit; its
@@ -1103,10 +1104,17 @@ impl Worker {
         let events = self.events.clone();
         tokio::spawn(async move {
             let result = tokio::task::spawn_blocking(move || {
-                let deleted = replica
+                // Recorded under the write lock (from then on the range is answered `Gone` and no
+                // late transfer stores into it), deleted under the read lock: requests are served
+                // while the files go; only an install waits.
+                replica
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
-                    .delete_lost(epoch, arc)?;
+                    .note_collected(epoch, arc);
+                let deleted = replica
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .delete_collected(epoch, arc)?;
                 store.add_gc_collected(epoch, arc)?;
                 Ok(deleted.len())
             })
