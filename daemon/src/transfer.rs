@@ -333,6 +333,8 @@ impl TransferWorker {
             restart_at: BTreeMap::new(),
             done_arcs: done,
             queues: BTreeMap::new(),
+            urgent: VecDeque::new(),
+            draining_urgent: false,
             inflight: 0,
             inflight_peer: BTreeMap::new(),
             last_peer: None,
@@ -527,6 +529,11 @@ struct Worker {
     done_arcs: BTreeMap<Epoch, Vec<RingArc>>,
     /// Requests waiting to be sent, per destination: (epoch, run, bytes).
     queues: BTreeMap<NodeId, VecDeque<(Epoch, u64, Vec<u8>)>>,
+    /// Requests of on-demand fetches (a read waits for them): sent before the queues, whatever
+    /// the rate cap and the pending writes. At most [`MAX_FETCH_REQUESTS`] objects ask at once.
+    urgent: VecDeque<(NodeId, Epoch, u64, Vec<u8>)>,
+    /// Set while the outputs of an on-demand fetch are drained: their requests are urgent.
+    draining_urgent: bool,
     /// Requests sent and not yet consumed (a reply held back counts until it is fed).
     inflight: usize,
     inflight_peer: BTreeMap<NodeId, usize>,
@@ -968,7 +975,9 @@ impl Worker {
         }
         if r.t.fetch_now(now, x) {
             debug!(epoch, object = %x.short(), "fetching an object on demand");
+            self.draining_urgent = true;
             self.drain(epoch);
+            self.draining_urgent = false;
         }
     }
 
@@ -1203,6 +1212,10 @@ impl Worker {
                 TransferOutput::Send { to, bytes } => {
                     if self.is_down(&to) {
                         continue; // the machine asks again, elsewhere, at its next timeout
+                    }
+                    if self.draining_urgent {
+                        self.urgent.push_back((to, e, gen, bytes));
+                        continue;
                     }
                     if let Some(r) = self.transfers.get_mut(&e) {
                         r.queued += 1;
@@ -1491,8 +1504,19 @@ impl Worker {
         ))
     }
 
-    /// Sends queued requests while the bounds allow, round-robin over destinations.
+    /// Sends the urgent requests, then queued ones while the bounds allow, round-robin over
+    /// destinations.
     fn pump(&mut self) {
+        while let Some((to, epoch, gen, bytes)) = self.urgent.pop_front() {
+            if self.is_down(&to) {
+                continue; // the machine asks again, elsewhere, at its next timeout
+            }
+            let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) else {
+                continue;
+            };
+            let dest = r.addrs.get(&to).copied();
+            self.send(epoch, gen, to, dest, bytes);
+        }
         loop {
             if self.inflight >= self.opts.max_requests.max(1)
                 || self.pending_writes >= self.opts.max_pending_writes.max(1)

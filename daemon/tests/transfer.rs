@@ -7,6 +7,8 @@
 //!   done are not transferred again, and it fetches only the blocks it had not stored;
 //! - a source that hangs (SIGSTOP) in the middle of a transfer delays it by seconds, not by a
 //!   request timeout per block;
+//! - a read that needs the new node before its range is transferred is answered after a fetch of
+//!   that one object (on demand), not after the range;
 //! - once everyone is ready, the old members garbage-collect the ranges they lost to the new node:
 //!   afterwards no node holds an object it is not responsible for, every member of every object's
 //!   group still holds it and every object reads back; a restarted node remembers what it collected.
@@ -845,6 +847,101 @@ async fn a_source_that_hangs_mid_transfer_holds_up_nothing() {
         "the transfer took {after:?} after a source froze"
     );
     read_all(&client, &data).await;
+    drop(frozen); // SIGKILL
+    stop_all(nodes.into_iter()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_the_new_node_must_answer_fetches_its_object_on_demand() {
+    let s = Setup::new(4);
+    let n = s.new_node();
+    // The old node with the highest id runs as a process, so that it can be frozen (SIGSTOP).
+    let k = (0..n).max_by_key(|i| s.ids[*i]).unwrap();
+    let frozen = NodeProcess::spawn(&s.dirs[k], None, &s.dirs[k].join("node.log"));
+    let nodes: Vec<Running> = (0..n)
+        .filter(|i| *i != k)
+        .map(|i| start_node(&Handle::current(), &s.dirs[i]))
+        .collect();
+    let client = s.client();
+    wait_reachable(&client, &s.member(k)).await;
+    let data = write_data(&client, 24, 256 * 1024, 30).await;
+    let new = s.member(n);
+
+    // The new node fetches at 20 kB/s: its ranges (about 5 MB) would take minutes.
+    let _proc = NodeProcess::spawn(&s.dirs[n], Some(20_000), &s.dirs[n].join("node.log"));
+    wait_reachable(&client, &new).await;
+    s.push_next().await;
+
+    // A public-key block of a range the new node is still fetching, whose group in epoch 1 holds
+    // the new node and the node about to freeze: a read (2f+1 = 3 answers of 4) needs the new node.
+    let config = &s.next.config;
+    let start = Instant::now();
+    let (x, arc) = loop {
+        let st = client.node_status(&new).await.expect("status");
+        let pending: Vec<RingArc> = st
+            .transfers
+            .iter()
+            .filter(|t| t.epoch == 1)
+            .flat_map(|t| t.units.iter())
+            .filter(|u| u.phase == UnitPhase::Fetching)
+            .map(|u| u.arc)
+            .collect();
+        let found = data.pk.keys().find_map(|x| {
+            let group: Vec<NodeId> = config.group(x).iter().map(|m| m.id).collect();
+            let arc = pending.iter().find(|a| a.contains(x))?;
+            (group.contains(&new.id) && group.contains(&s.ids[k])).then_some((*x, *arc))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no public-key block in a range being fetched: {}",
+            describe(&st.transfers)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // SAFETY: kill(2) on the pid of a process this test started.
+    assert_eq!(
+        unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) },
+        0
+    );
+
+    let asked = Instant::now();
+    let log_tail = || {
+        let log = std::fs::read_to_string(s.dirs[n].join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    let got = match tokio::time::timeout(Duration::from_secs(30), client.get_pk(x)).await {
+        Ok(Ok(Some(got))) => got,
+        other => panic!(
+            "the read needing the new node failed: {other:?}; the new node's log ends:\n{}",
+            log_tail()
+        ),
+    };
+    let took = asked.elapsed();
+    let (version, value) = &data.pk[&x];
+    assert_eq!((got.version, &got.value), (*version, value));
+
+    // The range itself is still being fetched: the object came on demand.
+    let st = client.node_status(&new).await.expect("status");
+    let unit = st
+        .transfers
+        .iter()
+        .filter(|t| t.epoch == 1)
+        .flat_map(|t| t.units.iter())
+        .find(|u| u.arc == arc)
+        .expect("the unit is still reported");
+    eprintln!(
+        "a read needing the new node took {took:?}; its range is {:?}, {} of {} objects",
+        unit.phase, unit.objects_done, unit.objects_total
+    );
+    assert_eq!(
+        unit.phase,
+        UnitPhase::Fetching,
+        "the range was transferred before the read: on-demand fetch is untested"
+    );
     drop(frozen); // SIGKILL
     stop_all(nodes.into_iter()).await;
 }
