@@ -29,10 +29,12 @@
 //!   questions in flight; the machine asks again with backoff); on [`GcOutput::Delete`] the replica
 //!   deletes on the blocking pool (`Replica::note_collected` under the write lock, then
 //!   `Replica::delete_collected`, which re-checks responsibility, under the read lock, so requests
-//!   are served meanwhile) and the arc is then persisted collected ([`DiskStore::add_gc_collected`]), restored into the replica
-//!   at start. A failed deletion is retried.
+//!   are served meanwhile) and the arc is then persisted collected
+//!   ([`DiskStore::add_gc_collected`]), restored into the replica at start. A failed deletion is
+//!   retried.
 //! - On-demand fetch ([`TransferWorker::fetch_now`]): a read that hit an object not yet transferred
-//!   has the running transfer of its epoch fetch it ahead of its unit; its
+//!   has the running transfer of its epoch fetch it ahead of its unit (its requests go before the
+//!   queued ones and outside the rate cap); its
 //!   [`TransferOutput::UnitDone`] for [`RingArc::single`] makes it readable (`Replica::object_ready`).
 //!   At most [`MAX_FETCH_REQUESTS`] requests wait for the worker; duplicates are ignored.
 //!
