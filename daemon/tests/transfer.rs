@@ -625,6 +625,30 @@ impl NodeProcess {
     }
 }
 
+impl NodeProcess {
+    /// SIGSTOP: from now on it accepts nothing and answers nothing, like a silent Byzantine node.
+    fn freeze(&self) {
+        // SAFETY: kill(2) on the pid of a process this test started.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) },
+            0
+        );
+    }
+}
+
+/// Starts the genesis nodes: node `k` as a process (so that it can be frozen), the others in this
+/// runtime; and a client, once node `k` answers.
+async fn start_old_nodes(s: &Setup, k: usize) -> (NodeProcess, Vec<Running>, DbqsClient) {
+    let proc = NodeProcess::spawn(&s.dirs[k], None, &s.dirs[k].join("node.log"));
+    let nodes = (0..s.new_node())
+        .filter(|i| *i != k)
+        .map(|i| start_node(&Handle::current(), &s.dirs[i]))
+        .collect();
+    let client = s.client();
+    wait_reachable(&client, &s.member(k)).await;
+    (proc, nodes, client)
+}
+
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -785,13 +809,7 @@ async fn a_source_that_hangs_mid_transfer_holds_up_nothing() {
     // runs as a process, so that it can be frozen (SIGSTOP): it then accepts nothing and answers
     // nothing, like a silent Byzantine node.
     let k = (0..n).min_by_key(|i| s.ids[*i]).unwrap();
-    let frozen = NodeProcess::spawn(&s.dirs[k], None, &s.dirs[k].join("node.log"));
-    let nodes: Vec<Running> = (0..n)
-        .filter(|i| *i != k)
-        .map(|i| start_node(&Handle::current(), &s.dirs[i]))
-        .collect();
-    let client = s.client();
-    wait_reachable(&client, &s.member(k)).await;
+    let (frozen, nodes, client) = start_old_nodes(&s, k).await;
     let data = write_data(&client, 96, 256 * 1024, 20).await;
     let needed = s.needed(&data);
     let new = s.member(n);
@@ -819,11 +837,7 @@ async fn a_source_that_hangs_mid_transfer_holds_up_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // SAFETY: kill(2) on the pid of a process this test started.
-    assert_eq!(
-        unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) },
-        0
-    );
+    frozen.freeze();
     let froze = Instant::now();
 
     let statuses = wait_ready(
@@ -857,13 +871,7 @@ async fn a_read_the_new_node_must_answer_fetches_its_object_on_demand() {
     let n = s.new_node();
     // The old node with the highest id runs as a process, so that it can be frozen (SIGSTOP).
     let k = (0..n).max_by_key(|i| s.ids[*i]).unwrap();
-    let frozen = NodeProcess::spawn(&s.dirs[k], None, &s.dirs[k].join("node.log"));
-    let nodes: Vec<Running> = (0..n)
-        .filter(|i| *i != k)
-        .map(|i| start_node(&Handle::current(), &s.dirs[i]))
-        .collect();
-    let client = s.client();
-    wait_reachable(&client, &s.member(k)).await;
+    let (frozen, nodes, client) = start_old_nodes(&s, k).await;
     let data = write_data(&client, 24, 256 * 1024, 30).await;
     let new = s.member(n);
 
@@ -901,11 +909,7 @@ async fn a_read_the_new_node_must_answer_fetches_its_object_on_demand() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    // SAFETY: kill(2) on the pid of a process this test started.
-    assert_eq!(
-        unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) },
-        0
-    );
+    frozen.freeze();
 
     let asked = Instant::now();
     let log_tail = || {
