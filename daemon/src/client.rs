@@ -344,7 +344,7 @@ async fn drive(
                     let endpoint = endpoint.clone();
                     let resp_tx = resp_tx.clone();
                     tokio::spawn(async move {
-                        match endpoint.request(addr, &key, &bytes).await {
+                        match endpoint.request_shared(addr, &key, bytes).await {
                             Ok(resp) => {
                                 let _ = resp_tx.send((to, resp));
                             }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
@@ -136,7 +137,7 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), NetError>> + Send + 'a {
         async move {
             if let Some(response) = self.handle(peer, request).await {
-                out.send(&response).await?;
+                out.send_owned(response).await?;
             }
             Ok(())
         }
@@ -167,7 +168,12 @@ pub struct Responder {
 impl Responder {
     /// Sends one response frame (at most `max_frame` bytes).
     pub async fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
-        write_frame(&mut self.send, frame, self.max_frame).await
+        self.send_owned(frame.to_vec()).await
+    }
+
+    /// [`Responder::send`] without copying the frame.
+    pub async fn send_owned(&mut self, frame: Vec<u8>) -> Result<(), NetError> {
+        write_frame(&mut self.send, Bytes::from(frame), self.max_frame).await
     }
 }
 
@@ -352,8 +358,20 @@ impl Endpoint {
         peer: &VerifyingKey,
         msg: &[u8],
     ) -> Result<Vec<u8>, NetError> {
+        self.request_shared(addr, peer, Bytes::copy_from_slice(msg))
+            .await
+    }
+
+    /// [`Endpoint::request`] with a message that is not copied: one message sent to several
+    /// peers is shared by all of its sends.
+    pub async fn request_shared(
+        &self,
+        addr: SocketAddr,
+        peer: &VerifyingKey,
+        msg: Bytes,
+    ) -> Result<Vec<u8>, NetError> {
         let result = async {
-            let mut responses = self.request_stream(addr, peer, msg).await?;
+            let mut responses = self.request_stream_shared(addr, peer, msg).await?;
             responses.next().await?.ok_or(NetError::NoResponse)
         }
         .await;
@@ -383,6 +401,16 @@ impl Endpoint {
         addr: SocketAddr,
         peer: &VerifyingKey,
         msg: &[u8],
+    ) -> Result<ResponseStream, NetError> {
+        self.request_stream_shared(addr, peer, Bytes::copy_from_slice(msg))
+            .await
+    }
+
+    async fn request_stream_shared(
+        &self,
+        addr: SocketAddr,
+        peer: &VerifyingKey,
+        msg: Bytes,
     ) -> Result<ResponseStream, NetError> {
         let opts = &self.inner.opts;
         frame::check_len(msg.len(), opts.max_frame)?;

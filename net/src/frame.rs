@@ -1,18 +1,20 @@
 //! Framing: `u32` little-endian length, then that many bytes.
 //!
 //! The length comes from an untrusted peer, so it is checked against the limit
-//! before anything is allocated, and the buffer grows only as bytes actually
+//! before anything is allocated, and what is held grows only as bytes actually
 //! arrive (a peer that claims 2 MiB and sends nothing costs us almost nothing).
+//!
+//! Bulk data is copied once on each side: a sent frame's body is handed to the
+//! stream without a copy ([`Bytes`]), and a received one is kept as the chunks
+//! the stream gives until it is whole, then joined.
 
+use bytes::Bytes;
 use quinn::{ReadExactError, RecvStream, SendStream};
 
 use crate::NetError;
 
 /// Bytes of the length header in front of each frame.
 pub const HEADER_LEN: usize = 4;
-
-/// Memory reserved up front for a frame body; more is reserved as data arrives.
-const INITIAL_CAPACITY: usize = 64 * 1024;
 
 /// Reads one frame of at most `max` bytes.
 ///
@@ -39,28 +41,29 @@ pub async fn read_frame(recv: &mut RecvStream, max: u32) -> Result<Option<Vec<u8
         len: u64::from(claimed),
         max,
     })?;
-    let mut body = Vec::with_capacity(len.min(INITIAL_CAPACITY));
-    while body.len() < len {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut got = 0;
+    while got < len {
         let chunk = recv
-            .read_chunk(len - body.len(), true)
+            .read_chunk(len - got, true)
             .await?
             .ok_or(NetError::Truncated)?;
-        let bytes = chunk.bytes;
-        if body.capacity() - body.len() < bytes.len() {
-            // Grow geometrically but never past the announced length.
-            let target = (body.capacity() * 2).max(body.len() + bytes.len()).min(len);
-            body.reserve_exact(target - body.len());
-        }
-        body.extend_from_slice(&bytes);
+        got += chunk.bytes.len();
+        chunks.push(chunk.bytes);
+    }
+    let mut body = Vec::with_capacity(len);
+    for c in &chunks {
+        body.extend_from_slice(c);
     }
     Ok(Some(body))
 }
 
-/// Writes one frame; refuses messages longer than `max`.
-pub async fn write_frame(send: &mut SendStream, msg: &[u8], max: u32) -> Result<(), NetError> {
+/// Writes one frame; refuses messages longer than `max`. The body is queued on
+/// the stream as it is (no copy).
+pub async fn write_frame(send: &mut SendStream, msg: Bytes, max: u32) -> Result<(), NetError> {
     let len = check_len(msg.len(), max)?;
-    send.write_all(&len.to_le_bytes()).await?;
-    send.write_all(msg).await?;
+    let mut parts = [Bytes::copy_from_slice(&len.to_le_bytes()), msg];
+    send.write_all_chunks(&mut parts).await?;
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use super::msg::{DbqsMessage, Reject, RequestId};
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, ObjectId};
 use crate::object::{check_content, content_id, ObjectError, PkBlock, Stamp};
+use bytes::Bytes;
 use crate::quorum::Tally;
 use crate::wire::{decode, encode_msg};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -120,8 +121,9 @@ pub enum OpError {
 /// What the driver should do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientOutput {
-    /// Send `bytes` to node `to` (a member of the client's newest configuration).
-    Send { to: NodeId, bytes: Vec<u8> },
+    /// Send `bytes` to node `to` (a member of the client's newest configuration). A message for
+    /// several nodes is encoded once and shared ([`Bytes`] clones are references).
+    Send { to: NodeId, bytes: Bytes },
     /// Operation `op` finished.
     Done { op: OpId, outcome: Outcome },
     /// `from` sent something no correct replica sends (for logs and evidence).
@@ -466,7 +468,7 @@ impl Client {
             asked.extend(to.iter().copied());
         }
         st.retransmit_at = now + self.opts.retransmit_ms;
-        let bytes = encode_msg(st.epoch, msg);
+        let bytes = Bytes::from(encode_msg(st.epoch, msg));
         for n in to {
             self.out.push_back(ClientOutput::Send {
                 to: n,
@@ -558,7 +560,7 @@ impl Client {
                     let epoch = self.epoch();
                     self.out.push_back(ClientOutput::Send {
                         to: from,
-                        bytes: encode_msg(epoch, DbqsMessage::PushConfigs { configs }),
+                        bytes: encode_msg(epoch, DbqsMessage::PushConfigs { configs }).into(),
                     });
                     self.resend_to(op, from);
                 }
@@ -582,7 +584,7 @@ impl Client {
         let epoch = self.epoch();
         self.out.push_back(ClientOutput::Send {
             to: from,
-            bytes: encode_msg(epoch, DbqsMessage::GetConfigs { rid, after: epoch }),
+            bytes: encode_msg(epoch, DbqsMessage::GetConfigs { rid, after: epoch }).into(),
         });
     }
 
@@ -624,7 +626,7 @@ impl Client {
         };
         self.out.push_back(ClientOutput::Send {
             to,
-            bytes: encode_msg(st.epoch, msg),
+            bytes: encode_msg(st.epoch, msg).into(),
         });
     }
 

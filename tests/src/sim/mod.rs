@@ -1556,7 +1556,7 @@ impl Sim {
                         decode::<DbqsMessage>(&bytes).map(|e| e.msg),
                         Ok(DbqsMessage::PutPk { .. })
                     );
-                    let first = self.send(me, to, bytes);
+                    let first = self.send(me, to, bytes.to_vec());
                     if self.swarm.client_crashes && self.faulty && !self.clients[c].auditor {
                         let now = self.now;
                         let recent = self.recent_sends.entry(me).or_default();
