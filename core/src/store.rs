@@ -37,6 +37,25 @@ pub trait Store {
     fn put_pk_if_newer(&self, block: &PkBlock) -> Result<Stamp, StoreError>;
     /// Ids of every object held, for state transfer and inspection.
     fn list(&self) -> Result<Vec<ObjectId>, StoreError>;
+    /// Ids of the objects held in `(lo, hi]` (from the lowest id when `lo` is `None`), ascending,
+    /// at most `limit`: a page of a state-transfer listing. The default sorts [`Store::list`];
+    /// stores with an ordered index answer from it.
+    fn list_range(
+        &self,
+        lo: Option<&ObjectId>,
+        hi: &ObjectId,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        let mut ids: Vec<ObjectId> = self
+            .list()?
+            .into_iter()
+            .filter(|id| lo.is_none_or(|lo| id > lo) && id <= hi)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.truncate(limit);
+        Ok(ids)
+    }
     /// Removes object `id` (content or public-key block), for garbage collection of ranges handed
     /// to a later group; durable on return. Removing an absent object succeeds.
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError>;
@@ -57,6 +76,14 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
         (**self).list()
+    }
+    fn list_range(
+        &self,
+        lo: Option<&ObjectId>,
+        hi: &ObjectId,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        (**self).list_range(lo, hi, limit)
     }
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         (**self).delete(id)
@@ -139,6 +166,27 @@ impl Store for MemStore {
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
         let g = self.lock();
         Ok(g.content.keys().chain(g.pk.keys()).copied().collect())
+    }
+
+    fn list_range(
+        &self,
+        lo: Option<&ObjectId>,
+        hi: &ObjectId,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        if lo.is_some_and(|lo| lo >= hi) {
+            return Ok(Vec::new()); // empty (and a reversed range would panic the map)
+        }
+        use std::ops::Bound;
+        let range = (lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)), Bound::Included(*hi));
+        let g = self.lock();
+        let mut ids: Vec<ObjectId> = (g.content.range(range).map(|(id, _)| *id).take(limit))
+            .chain(g.pk.range(range).map(|(id, _)| *id).take(limit))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.truncate(limit);
+        Ok(ids)
     }
 
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {

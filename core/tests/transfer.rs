@@ -226,3 +226,88 @@ fn lie(reply: &[u8]) -> Vec<u8> {
     };
     encode_msg(env.epoch, msg)
 }
+
+/// Listing pages walk an arc in its order from any cursor, wrapping arcs and the whole ring
+/// included, and a cursor from outside the arc yields nothing outside it.
+#[test]
+fn listing_pages_walk_an_arc_in_order_from_any_cursor() {
+    use dbqsfs_core::dbqs::transfer::{Arc as RingArc, PAGE};
+    let ks = keys(5);
+    let g = config(0, &ks[..4], None);
+    let c1 = certify(&g, config(1, &ks, Some(g.hash())), &ks);
+    let chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
+    let store = Arc::new(MemStore::new());
+    let mut r = Replica::new(
+        ks[0].node_id(),
+        store.clone(),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    );
+    r.install(vec![c1]).unwrap();
+    let owner = Keypair::from_seed([9; 32]);
+    let mut all = Vec::new();
+    for i in 0..700u32 {
+        let data = format!("listed {i}").into_bytes();
+        store.put_content(&content_id(&data), &data).unwrap();
+        all.push(content_id(&data));
+    }
+    for i in 0..100u32 {
+        let b = PkBlock::sign(&owner, &i.to_le_bytes(), 1, vec![1; 10]).unwrap();
+        all.push(b.id());
+        store.force_pk(b);
+    }
+    let me = ks[4].node_id();
+    let list = |arc: RingArc, after: Option<ObjectId>| -> (Vec<ObjectId>, Option<ObjectId>) {
+        let ask = encode_msg(1, TransferMessage::List { rid: 1, epoch: 1, arc, after });
+        let reply = r.handle_transfer(me, &ask).expect("a listing");
+        match decode::<TransferMessage>(&reply).unwrap().msg {
+            TransferMessage::Listing { content, pk, next, .. } => {
+                let mut ids = content;
+                ids.extend(pk.iter().map(PkBlock::id));
+                ids.sort_by_key(|id| arc.order_key(id));
+                (ids, next)
+            }
+            other => panic!("not a listing: {other:?}"),
+        }
+    };
+    let point = |b: u8| {
+        let mut p = [0u8; 32];
+        p[0] = b;
+        p
+    };
+    let arcs = [
+        RingArc { start: point(0x10), end: point(0xa0) },
+        RingArc { start: point(0xc0), end: point(0x30) },
+        RingArc { start: point(0x55), end: point(0x55) },
+        RingArc { start: [0xff; 32], end: point(0x40) },
+        RingArc::single(&all[3]),
+    ];
+    for arc in arcs {
+        let mut want: Vec<ObjectId> = all.iter().filter(|id| arc.contains(id)).copied().collect();
+        want.sort_by_key(|id| arc.order_key(id));
+        let (mut got, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (ids, next) = list(arc, after);
+            assert!(ids.len() <= PAGE);
+            got.extend(ids);
+            pages += 1;
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(got, want, "arc {arc:?} in {pages} pages");
+        // From every cursor, the rest of the arc.
+        for (k, a) in want.iter().enumerate().step_by(97) {
+            let (ids, _) = list(arc, Some(*a));
+            assert_eq!(ids[..], want[k + 1..(k + 1 + PAGE).min(want.len())]);
+        }
+    }
+    // A cursor outside the arc, before or after it: only the arc's ids, and no panic.
+    let arc = arcs[0];
+    for bogus in [point(0x05), point(0xf0), [0xff; 32], [0; 32]] {
+        let (ids, _) = list(arc, Some(ObjectId(bogus)));
+        assert!(ids.iter().all(|id| arc.contains(id)), "{bogus:?}");
+    }
+}

@@ -89,6 +89,15 @@ impl<S: Store> Store for FaultStore<S> {
         self.inner.list()
     }
 
+    fn list_range(
+        &self,
+        lo: Option<&ObjectId>,
+        hi: &ObjectId,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        self.inner.list_range(lo, hi, limit)
+    }
+
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         self.inner.delete(id)
     }

@@ -20,11 +20,12 @@ use dbqsfs_core::dbqs::transfer::Arc as RingArc;
 use dbqsfs_core::object::{check_content, PkBlock, Stamp};
 use dbqsfs_core::store::{Store, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use tracing::warn;
 
 /// Public-key blocks: object id → postcard-encoded [`PkBlock`].
@@ -64,6 +65,9 @@ pub struct DiskStore {
     db: Database,
     tmp_seq: AtomicU64,
     content_bytes: AtomicU64,
+    /// The ids of the content block files, in order (built at open). Renames into place and
+    /// removals of block files happen under its lock, so it always matches the directory tree.
+    index: Mutex<BTreeSet<ObjectId>>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -132,13 +136,49 @@ impl DiskStore {
             db,
             tmp_seq: AtomicU64::new(0),
             content_bytes: AtomicU64::new(0),
+            index: Mutex::new(BTreeSet::new()),
         };
-        let mut total = 0;
+        let (mut total, mut index) = (0, BTreeSet::new());
         store
-            .walk_blocks(&mut |_, len| total += len)
+            .walk_blocks(&mut |id, len| {
+                total += len;
+                index.insert(id);
+            })
             .map_err(at(&store.blocks))?;
         store.content_bytes.store(total, Ordering::Relaxed);
+        *store.index() = index;
         Ok(store)
+    }
+
+    fn index(&self) -> MutexGuard<'_, BTreeSet<ObjectId>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ids of the public-key blocks in `(lo, hi]`, ascending, at most `limit`.
+    fn pk_range(
+        &self,
+        lo: Option<&ObjectId>,
+        hi: &ObjectId,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        use std::ops::Bound;
+        if lo.is_some_and(|lo| lo >= hi) {
+            return Ok(Vec::new());
+        }
+        let lo = lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(&lo.0[..]));
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(PK).map_err(db_err)?;
+        let mut ids = Vec::new();
+        for entry in t.range::<&[u8]>((lo, Bound::Included(&hi.0[..]))).map_err(db_err)? {
+            if ids.len() >= limit {
+                break;
+            }
+            let (k, _) = entry.map_err(db_err)?;
+            if let Ok(arr) = <[u8; 32]>::try_from(k.value()) {
+                ids.push(ObjectId(arr));
+            }
+        }
+        Ok(ids)
     }
 
     fn block_path(&self, id: &ObjectId) -> (PathBuf, PathBuf, PathBuf) {
@@ -171,6 +211,19 @@ impl DiskStore {
             }
         }
         Ok(())
+    }
+
+    /// The size of content block `id` if this store holds it, without reading it: a block file
+    /// exists only once written whole and fsync'd (temporary file, then rename), and every block
+    /// is verified against its id before it is written, so what exists is what was verified.
+    /// (Decay on the disk after that is caught when the block is read: [`Store::get_content`].)
+    pub fn content_len(&self, id: &ObjectId) -> Result<Option<u64>, StoreError> {
+        let (_, _, file) = self.block_path(id);
+        match fs::metadata(&file) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
     }
 
     /// Total bytes of content blocks held (approximate under concurrent writes of one block).
@@ -343,7 +396,11 @@ impl DiskStore {
             f.write_all(data)?;
             f.sync_all()?;
             drop(f);
-            fs::rename(&tmp, &file)?;
+            {
+                let mut index = self.index();
+                fs::rename(&tmp, &file)?;
+                index.insert(*id);
+            }
             fsync_dir(&b)
         })();
         if result.is_err() {
@@ -425,9 +482,7 @@ impl Store for DiskStore {
     }
 
     fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
-        let mut ids = Vec::new();
-        self.walk_blocks(&mut |id, _| ids.push(id))
-            .map_err(io_err)?;
+        let mut ids: Vec<ObjectId> = self.index().iter().copied().collect();
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(PK).map_err(db_err)?;
         for entry in t.iter().map_err(db_err)? {
@@ -439,10 +494,37 @@ impl Store for DiskStore {
         Ok(ids)
     }
 
+    fn list_range(
+        &self,
+        lo: Option<&ObjectId>,
+        hi: &ObjectId,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        if lo.is_some_and(|lo| lo >= hi) {
+            return Ok(Vec::new()); // empty (and a reversed range would panic the map)
+        }
+        use std::ops::Bound;
+        let range = (lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)), Bound::Included(*hi));
+        let mut ids: Vec<ObjectId> = self.index().range(range).take(limit).copied().collect();
+        ids.extend(self.pk_range(lo, hi, limit)?);
+        ids.sort();
+        ids.dedup();
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         let (_, b, file) = self.block_path(id);
         let len = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-        match fs::remove_file(&file) {
+        let removed = {
+            let mut index = self.index();
+            let removed = fs::remove_file(&file);
+            if removed.is_ok() {
+                index.remove(id);
+            }
+            removed
+        };
+        match removed {
             Ok(()) => {
                 fsync_dir(&b).map_err(io_err)?;
                 self.content_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -495,7 +577,45 @@ mod tests {
         let s = open(dir.path());
         assert_eq!(s.get_content(&id).unwrap(), Some(data.clone()));
         assert_eq!(s.content_bytes(), data.len() as u64);
+        assert_eq!(s.content_len(&id).unwrap(), Some(data.len() as u64));
+        assert_eq!(s.content_len(&content_id(b"other")).unwrap(), None);
         assert_eq!(s.list().unwrap(), vec![id]);
+    }
+
+    #[test]
+    fn ranges_come_from_the_index_and_the_pk_table_in_order_across_reopen_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = Keypair::from_seed([3; 32]);
+        let mut all = Vec::new();
+        {
+            let s = open(dir.path());
+            for i in 0..60u32 {
+                let data = format!("block {i}").into_bytes();
+                let id = content_id(&data);
+                s.put_content(&id, &data).unwrap();
+                all.push(id);
+                let b = PkBlock::sign(&owner, &i.to_le_bytes(), 1, vec![2; 5]).unwrap();
+                s.put_pk_if_newer(&b).unwrap();
+                all.push(b.id());
+            }
+        }
+        all.sort();
+        let s = open(dir.path());
+        let top = ObjectId([0xff; 32]);
+        assert_eq!(s.list_range(None, &top, 1000).unwrap(), all);
+        assert_eq!(s.list_range(None, &top, 7).unwrap(), all[..7]);
+        assert_eq!(s.list_range(Some(&all[10]), &all[30], 1000).unwrap(), all[11..=30]);
+        assert_eq!(s.list_range(Some(&all[30]), &all[10], 1000).unwrap(), vec![]);
+        assert_eq!(s.list_range(Some(&all[10]), &all[10], 1000).unwrap(), vec![]);
+        let mut listed = s.list().unwrap();
+        listed.sort();
+        assert_eq!(listed, all);
+        for id in &all[..20] {
+            s.delete(id).unwrap();
+        }
+        assert_eq!(s.list_range(None, &top, 1000).unwrap(), all[20..]);
+        drop(s);
+        assert_eq!(open(dir.path()).list_range(None, &top, 1000).unwrap(), all[20..]);
     }
 
     #[test]

@@ -329,16 +329,8 @@ impl<S: Store> Replica<S> {
         arc: Arc,
         after: Option<ObjectId>,
     ) -> Result<TransferMessage, StoreError> {
-        let mut ids: Vec<ObjectId> = self
-            .store
-            .list()?
-            .into_iter()
-            .filter(|id| {
-                arc.contains(id) && after.is_none_or(|a| arc.order_key(id) > arc.order_key(&a))
-            })
-            .collect();
-        ids.sort_by_key(|id| arc.order_key(id));
-        ids.dedup();
+        // One more than a page, so that a full page knows whether more follow.
+        let ids = self.arc_ids(&arc, after, PAGE + 1)?;
         let (mut content, mut pk, mut bytes, mut next) = (Vec::new(), Vec::new(), 0, None);
         for (i, id) in ids.iter().enumerate() {
             if i > 0 && (i >= PAGE || bytes >= PAGE_BYTES) {
@@ -359,6 +351,38 @@ impl<S: Store> Replica<S> {
             pk,
             next,
         })
+    }
+
+    /// Ids held in `arc` after `after`, in the arc's order, at most `limit`: the arc is one or two
+    /// ranges of ids ([`Store::list_range`]), the second one after it wraps round the ring.
+    fn arc_ids(
+        &self,
+        arc: &Arc,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        let (start, end) = (ObjectId(arc.start), ObjectId(arc.end));
+        let mut ranges = if arc.start < arc.end {
+            vec![(Some(start), end)]
+        } else {
+            vec![(Some(start), ObjectId([0xff; 32])), (None, end)]
+        };
+        match after {
+            // After the wrap: only the second range is left.
+            Some(a) if arc.order_key(&a).0 => ranges = vec![(Some(a), end)],
+            Some(a) => ranges[0].0 = Some(a),
+            None => {}
+        }
+        let mut ids = Vec::new();
+        for (lo, hi) in ranges {
+            if ids.len() >= limit {
+                break;
+            }
+            ids.extend(self.store.list_range(lo.as_ref(), &hi, limit - ids.len())?);
+        }
+        // A cursor from outside the arc (a confused or lying asker) yields nothing outside it.
+        ids.retain(|id| arc.contains(id));
+        Ok(ids)
     }
 
     /// Whether the replica held everything of `x` that epoch `e` needs: its transfer into `e` is
