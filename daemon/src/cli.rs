@@ -75,6 +75,12 @@ pub enum Command {
         /// Cap on the bytes per second the node's state transfers receive [default: no cap].
         #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
         transfer_rate_limit: Option<u64>,
+        /// Cap on the bytes per second the node's state transfers receive while it serves client
+        /// requests (any in the last second); without clients they run at full speed. Higher moves
+        /// data sooner and slows clients more.
+        #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = transfer::DEFAULT_RATE_UNDER_LOAD,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        transfer_rate_under_load: u64,
         /// Test builds only: make this node Byzantine in the given way.
         #[cfg(feature = "fault-injection")]
         #[arg(long, value_enum)]
@@ -362,6 +368,7 @@ pub fn run(cli: Cli) -> Result<()> {
             cert,
             listen,
             transfer_rate_limit,
+            transfer_rate_under_load,
             #[cfg(feature = "fault-injection")]
             fault,
         } => {
@@ -376,13 +383,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(f) => node.with_fault(f),
                 None => node,
             };
-            let node = match transfer_rate_limit {
-                Some(r) => node.with_transfer_options(TransferOptions {
-                    rate_limit: Some(r),
-                    ..TransferOptions::default()
-                }),
-                None => node,
-            };
+            let node = node.with_transfer_options(TransferOptions {
+                rate_limit: transfer_rate_limit,
+                rate_under_load: Some(transfer_rate_under_load),
+                ..TransferOptions::default()
+            });
             let rt = runtime()?;
             // State transfers show a progress bar on a terminal (and are logged in any case).
             if std::io::stderr().is_terminal() {

@@ -62,6 +62,10 @@ pub struct TransferStatus {
     /// long it took.
     pub elapsed_ms: u64,
     pub units: Vec<UnitStatus>,
+    /// The cap on the transfer's rate (bytes/s) in force when the status was taken, if any.
+    pub rate_cap: Option<u64>,
+    /// That cap is the one while clients are served: the transfer yields to client traffic.
+    pub yielding: bool,
 }
 
 /// Progress of one unit (an arc of the ring with one set of sources).

@@ -23,6 +23,7 @@ use crate::store::{DiskStore, OpenError};
 use crate::transfer::{self, TransferOptions, TransferWorker};
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch, Freshness};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
+use dbqsfs_core::dbqs::msg::is_block_op;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
 use dbqsfs_core::ms::membership::AdmissionCert;
 use dbqsfs_core::ms::pbft::AgreementMessage;
@@ -452,6 +453,10 @@ async fn handle(
         }
         debug!(peer = %from.short(), "request from a key that is neither a member nor a client: refused");
         return None;
+    }
+    if kind == Peer::Client && is_block_op(&request) {
+        // Transfers yield to client traffic.
+        shared.transfers.client_request();
     }
     let task = tokio::task::spawn_blocking(move || {
         if is_control(&request) {

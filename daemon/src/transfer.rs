@@ -9,7 +9,9 @@
 //! - Requests go out over the node's QUIC endpoint (requests to itself are served locally):
 //!   at most `max_requests` in flight, `max_requests_per_peer` per source, none while
 //!   `max_pending_writes` fetched objects wait for the disk, optionally under a bandwidth cap. So
-//!   fetched data held in memory stays bounded whatever the size of the transfer. A source whose
+//!   fetched data held in memory stays bounded whatever the size of the transfer. Transfers yield
+//!   to clients: while the node serves client requests ([`TransferWorker::client_request`]) the
+//!   rate is capped at `rate_under_load`, and it runs uncapped when there are none. A source whose
 //!   request fails in transport, or that answers nothing for 3 s while asked, gets nothing for a
 //!   while (1 s, doubling to 16 s) and what waits for it is dropped, so a dead or silent source
 //!   holds up nothing: the machines ask elsewhere.
@@ -61,6 +63,7 @@ use dbqsfs_net::{Endpoint, NetError};
 use ed25519_dalek::VerifyingKey;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -88,6 +91,10 @@ pub struct TransferOptions {
     pub request_timeout: Duration,
     /// Cap on the bytes received per second, if any.
     pub rate_limit: Option<u64>,
+    /// Cap on the bytes received per second while the node serves clients (a client request came
+    /// in during the last [`CLIENTS_ACTIVE_FOR`]), if any: the transfer yields to client traffic
+    /// and runs at full speed when there is none. The lower of the two caps applies.
+    pub rate_under_load: Option<u64>,
     /// Delay before a run abandoned after a store failure starts again.
     pub retry_after_failure: Duration,
 }
@@ -102,10 +109,19 @@ impl Default for TransferOptions {
             retransmit: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             rate_limit: None,
+            rate_under_load: Some(DEFAULT_RATE_UNDER_LOAD),
             retry_after_failure: Duration::from_secs(2),
         }
     }
 }
+
+/// The default of [`TransferOptions::rate_under_load`], bytes/s: on the 2-core machine of
+/// docs/BENCHMARKS.md ("State transfer when a node joins"), client writes that saturate it keep
+/// about 90% of their throughput while a transfer runs at this rate, and a 1 GiB range still moves
+/// in about 20 s.
+pub const DEFAULT_RATE_UNDER_LOAD: u64 = 50_000_000;
+/// How long after a client request the node counts as serving clients.
+pub const CLIENTS_ACTIVE_FOR: Duration = Duration::from_secs(1);
 
 /// Completed transfers kept in the status.
 const KEEP_FINISHED: usize = 8;
@@ -164,6 +180,10 @@ struct Shared {
     fetches: Mutex<BTreeSet<(Epoch, ObjectId)>>,
     /// Garbage collection in this process, per epoch: (running, objects deleted).
     gc: Mutex<BTreeMap<Epoch, (bool, u64)>>,
+    /// Time zero of `client_seen`.
+    born: std::time::Instant,
+    /// When a client request last came in: milliseconds since `born`, plus 1 (0: never).
+    client_seen: AtomicU64,
 }
 
 impl std::fmt::Debug for TransferWorker {
@@ -190,6 +210,8 @@ impl TransferWorker {
                 status,
                 fetches: Mutex::new(BTreeSet::new()),
                 gc: Mutex::new(BTreeMap::new()),
+                born: std::time::Instant::now(),
+                client_seen: AtomicU64::new(0),
             }),
         }
     }
@@ -205,6 +227,21 @@ impl TransferWorker {
         if !epochs.is_empty() {
             let _ = self.shared.events.send(Event::Installed(epochs.to_vec()));
         }
+    }
+
+    /// The node received a request from a client: for [`CLIENTS_ACTIVE_FOR`], transfers keep to
+    /// [`TransferOptions::rate_under_load`]. One atomic store; never blocks.
+    pub fn client_request(&self) {
+        let ms = self.shared.born.elapsed().as_millis() as u64 + 1;
+        self.shared.client_seen.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether a client request came in during the last [`CLIENTS_ACTIVE_FOR`].
+    fn clients_active(&self) -> bool {
+        let seen = self.shared.client_seen.load(Ordering::Relaxed);
+        seen != 0
+            && self.shared.born.elapsed().as_millis() as u64 + 1
+                < seen + CLIENTS_ACTIVE_FOR.as_millis() as u64
     }
 
     /// A read of `x` in `epoch` hit an object not transferred yet: has the running transfer into
@@ -503,6 +540,8 @@ impl Running {
             complete,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             units: self.units.iter().map(UnitStats::status).collect(),
+            rate_cap: None,
+            yielding: false,
         }
     }
 }
@@ -797,12 +836,10 @@ impl Worker {
                 } else if reply.is_some() {
                     self.down.remove(&to);
                 }
-                if self.opts.rate_limit.is_some() {
-                    let got = reply.as_ref().map_or(0, Vec::len) as f64;
-                    self.tokens += reserved - got;
-                    if got > 0.0 {
-                        self.reply_estimate = 0.9 * self.reply_estimate + 0.1 * got;
-                    }
+                let got = reply.as_ref().map_or(0, Vec::len) as f64;
+                self.tokens += reserved - got;
+                if got > 0.0 {
+                    self.reply_estimate = 0.9 * self.reply_estimate + 0.1 * got;
                 }
                 let Some(bytes) = reply else {
                     self.inflight = self.inflight.saturating_sub(1);
@@ -1258,8 +1295,9 @@ impl Worker {
         self.try_announce(e);
     }
 
-    /// Answers a check from the store, on the blocking pool (every held block is read and
-    /// verified: a corrupt copy counts as missing and is fetched again).
+    /// Answers a check from the store, on the blocking pool, by the block files' sizes
+    /// ([`DiskStore::content_len`]: held blocks are not read; a node that stays responsible for a
+    /// range holds most of it, and reading it all at every epoch cost more CPU than the transfer).
     fn check(&mut self, e: Epoch, gen: u64, ids: Vec<ObjectId>) {
         if let Some(r) = self.transfers.get_mut(&e) {
             if let Some(u) = ids.first().and_then(|id| r.unit_of(id)) {
@@ -1279,8 +1317,8 @@ impl Worker {
             let held = tokio::task::spawn_blocking(move || {
                 let mut held = Vec::new();
                 for id in ids {
-                    if let Some(data) = store.get_content(&id)? {
-                        held.push((id, data.len() as u64));
+                    if let Some(len) = store.content_len(&id)? {
+                        held.push((id, len));
                     }
                 }
                 Ok(held)
@@ -1495,9 +1533,25 @@ impl Worker {
         at
     }
 
-    /// With a rate limit and requests waiting: how long until the bucket allows the next one.
+    /// The cap on the transfer's rate in force now, bytes/s, and whether it is the one under client
+    /// load ([`TransferOptions::rate_under_load`]).
+    fn cap(&self) -> Option<(u64, bool)> {
+        let limit = self.opts.rate_limit;
+        let busy = self
+            .opts
+            .rate_under_load
+            .filter(|_| self.handle.clients_active());
+        match (limit, busy) {
+            (Some(l), Some(b)) if b < l => Some((b.max(1), true)),
+            (Some(l), _) => Some((l.max(1), false)),
+            (None, Some(b)) => Some((b.max(1), true)),
+            (None, None) => None,
+        }
+    }
+
+    /// Under a rate cap and with requests waiting: how long until the bucket allows the next one.
     fn rate_wait(&self) -> Option<Duration> {
-        let rate = self.opts.rate_limit?.max(1) as f64;
+        let rate = self.cap()?.0 as f64;
         if self.queues.values().all(VecDeque::is_empty) || self.tokens > 0.0 {
             return None;
         }
@@ -1525,9 +1579,8 @@ impl Worker {
             {
                 return;
             }
-            if let Some(rate) = self.opts.rate_limit {
-                let rate = rate.max(1);
-                let now = Instant::now();
+            let now = Instant::now();
+            if let Some((rate, _)) = self.cap() {
                 let burst = (rate as f64 / 10.0).max(self.reply_estimate);
                 self.tokens =
                     (self.tokens + (now - self.tokens_at).as_secs_f64() * rate as f64).min(burst);
@@ -1535,6 +1588,10 @@ impl Worker {
                 if self.tokens <= 0.0 {
                     return;
                 }
+            } else {
+                // No cap now: the bucket starts empty when one comes into force.
+                self.tokens = 0.0;
+                self.tokens_at = now;
             }
             let per_peer = self.opts.max_requests_per_peer.max(1);
             let ready = |n: &NodeId, q: &VecDeque<_>| {
@@ -1574,12 +1631,9 @@ impl Worker {
         dest: Option<(SocketAddr, VerifyingKey)>,
         bytes: Vec<u8>,
     ) {
-        let reserved = if self.opts.rate_limit.is_some() {
-            self.tokens -= self.reply_estimate;
-            self.reply_estimate
-        } else {
-            0.0
-        };
+        // Charged to the bucket now, settled against the reply's size when it comes.
+        let reserved = self.reply_estimate;
+        self.tokens -= reserved;
         self.inflight += 1;
         let busy = self.inflight_peer.entry(to).or_default();
         if *busy == 0 {
@@ -1702,9 +1756,14 @@ impl Worker {
     }
 
     fn snapshot(&self) -> Vec<TransferStatus> {
+        let cap = self.cap();
         self.transfers
             .iter()
-            .map(|(e, r)| r.status(*e, false))
+            .map(|(e, r)| TransferStatus {
+                rate_cap: cap.map(|(rate, _)| rate),
+                yielding: cap.is_some_and(|(_, busy)| busy),
+                ..r.status(*e, false)
+            })
             .chain(self.finished.iter().rev().cloned())
             .collect()
     }
@@ -1856,9 +1915,14 @@ pub fn status_lines(transfers: &[TransferStatus]) -> Vec<String> {
             ));
             continue;
         }
+        let cap = match (t.rate_cap, t.yielding) {
+            (Some(c), true) => format!(" (capped at {:.1} MB/s while clients are served)", mb(c)),
+            (Some(c), false) => format!(" (capped at {:.1} MB/s)", mb(c)),
+            (None, _) => String::new(),
+        };
         lines.push(format!(
             "transfer into epoch {}: {units_done}/{units} units done, {objects}/{known} objects known \
-             so far, {:.1} MB held, {:.1} MB fetched at {:.1} MB/s, {secs:.0} s",
+             so far, {:.1} MB held, {:.1} MB fetched at {:.1} MB/s{cap}, {secs:.0} s",
             t.epoch,
             mb(bytes),
             mb(fetched),

@@ -604,17 +604,26 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn spawn(dir: &Path, rate_limit: Option<u64>, log: &Path) -> NodeProcess {
+        let limit = rate_limit.map(|r| r.to_string());
+        let args: Vec<&str> = match &limit {
+            Some(r) => vec!["--transfer-rate-limit", r],
+            None => vec![],
+        };
+        NodeProcess::spawn_with(dir, &args, log)
+    }
+
+    /// `dbqsfs node --dir DIR ARGS`, logging to `log`.
+    fn spawn_with(dir: &Path, args: &[&str], log: &Path) -> NodeProcess {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("node").arg("--dir").arg(dir);
-        if let Some(r) = rate_limit {
-            cmd.args(["--transfer-rate-limit", &r.to_string()]);
-        }
-        let child = cmd
+        let child = Command::new(BIN)
+            .arg("node")
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -947,5 +956,99 @@ async fn a_read_the_new_node_must_answer_fetches_its_object_on_demand() {
         "the range was transferred before the read: on-demand fetch is untested"
     );
     drop(frozen); // SIGKILL
+    stop_all(nodes.into_iter()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_yields_to_client_writes_and_runs_at_full_speed_without_them() {
+    let s = Setup::new(4);
+    let n = s.new_node();
+    let nodes: Vec<Running> = s.dirs[..n]
+        .iter()
+        .map(|d| start_node(&Handle::current(), d))
+        .collect();
+    let client = s.client();
+    let data = write_data(&client, 24, 256 * 1024, 0).await;
+    let share: u64 = s
+        .needed(&data)
+        .iter()
+        .map(|id| data.content[id].len() as u64)
+        .sum();
+    let new = s.member(n);
+
+    // While clients write, the new node fetches at most 200 kB/s: its share (about 5 MB) would
+    // take about half a minute.
+    const UNDER_LOAD: u64 = 200_000;
+    let _proc = NodeProcess::spawn_with(
+        &s.dirs[n],
+        &["--transfer-rate-under-load", &UNDER_LOAD.to_string()],
+        &s.dirs[n].join("node.log"),
+    );
+    wait_reachable(&client, &new).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .put_content(payload(4096, &format!("load {i}")))
+                    .await
+                    .expect("a write during the transfer");
+                i += 1;
+            }
+            i
+        })
+    };
+    s.push_next().await;
+
+    // Under the load: capped, and reported so.
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let st = client.node_status(&new).await.expect("status");
+    let t = st
+        .transfers
+        .iter()
+        .find(|t| t.epoch == 1)
+        .unwrap_or_else(|| panic!("no transfer into epoch 1: {}", describe(&st.transfers)));
+    let (_, bytes) = fetched(t);
+    eprintln!(
+        "under load: {bytes} of {share} bytes fetched in {:?}, cap {:?}, yielding {}",
+        start.elapsed(),
+        t.rate_cap,
+        t.yielding
+    );
+    assert!(
+        !t.complete,
+        "the transfer did not yield: {}",
+        describe(&st.transfers)
+    );
+    assert_eq!((t.rate_cap, t.yielding), (Some(UNDER_LOAD), true));
+    // The bucket's burst is one reply: allow one largest block beyond the cap.
+    let allowed = UNDER_LOAD * start.elapsed().as_secs() + dbqsfs_core::object::MAX_BLOCK as u64;
+    assert!(
+        bytes <= allowed,
+        "{bytes} bytes fetched under load, {allowed} allowed"
+    );
+    for line in dbqsfs_daemon::transfer::status_lines(&st.transfers) {
+        eprintln!("  {line}");
+    }
+
+    // Without clients: full speed, so the rest comes within a few seconds.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = load.await.unwrap();
+    let stopped = Instant::now();
+    let done = wait_ready(&client, std::slice::from_ref(&new), Duration::from_secs(20)).await;
+    let t = completed(&done[&new.id]);
+    eprintln!(
+        "{writes} client writes; the transfer completed {:?} after they stopped ({} bytes fetched in all)",
+        stopped.elapsed(),
+        fetched(t).1
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the transfer stayed slow after the clients stopped"
+    );
+    read_all(&client, &data).await;
     stop_all(nodes.into_iter()).await;
 }

@@ -106,6 +106,20 @@ impl Protocol for DbqsMessage {
     const ID: u8 = 1;
 }
 
+/// Whether `bytes` claim to be a client's read or write of a block (`PutContent`, `GetContent`,
+/// `PutPk`, `GetPk`), by the envelope header and the message's variant alone: cheap, for deciding
+/// priorities before anything is decoded (decoding decides what the message is).
+pub fn is_block_op(bytes: &[u8]) -> bool {
+    // Postcard: the version and protocol bytes, the epoch as a varint, then the variant's index
+    // as a varint, in declaration order.
+    match postcard::take_from_bytes::<(u8, u8, Epoch, u32)>(bytes) {
+        Ok(((version, protocol, _, variant), _)) => {
+            version == crate::wire::WIRE_VERSION && protocol == DbqsMessage::ID && variant <= 3
+        }
+        Err(_) => false,
+    }
+}
+
 impl DbqsMessage {
     /// The request id of a reply, `None` for requests and pushes.
     pub fn reply_rid(&self) -> Option<RequestId> {
@@ -127,5 +141,44 @@ impl DbqsMessage {
             | GetConfigs { .. }
             | PushConfigs { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Keypair;
+    use crate::wire::encode_msg;
+
+    #[test]
+    fn block_ops_are_told_from_the_header_alone() {
+        let id = ObjectId([7; 32]);
+        let block = PkBlock::sign(&Keypair::from_seed([1; 32]), b"l", 1, b"v".to_vec()).unwrap();
+        let ops = [
+            DbqsMessage::PutContent {
+                rid: 1,
+                id,
+                data: vec![1; 300],
+            },
+            DbqsMessage::GetContent { rid: 1 << 40, id },
+            DbqsMessage::PutPk { rid: 2, block },
+            DbqsMessage::GetPk { rid: 3, id },
+        ];
+        for (i, m) in ops.into_iter().enumerate() {
+            assert!(is_block_op(&encode_msg(u64::MAX - i as u64, m)));
+        }
+        let others = [
+            DbqsMessage::GetConfigs { rid: 4, after: 9 },
+            DbqsMessage::Stale { rid: 5 },
+            DbqsMessage::NotReady { rid: 6 },
+        ];
+        for m in others {
+            assert!(!is_block_op(&encode_msg(3, m)));
+        }
+        assert!(!is_block_op(&[]));
+        assert!(!is_block_op(&[crate::wire::WIRE_VERSION, DbqsMessage::ID]));
+        let mut other_protocol = encode_msg(3, DbqsMessage::GetPk { rid: 3, id });
+        other_protocol[1] = DbqsMessage::ID + 1;
+        assert!(!is_block_op(&other_protocol));
     }
 }
