@@ -178,7 +178,10 @@ impl Store for MemStore {
             return Ok(Vec::new()); // empty (and a reversed range would panic the map)
         }
         use std::ops::Bound;
-        let range = (lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)), Bound::Included(*hi));
+        let range = (
+            lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)),
+            Bound::Included(*hi),
+        );
         let g = self.lock();
         let mut ids: Vec<ObjectId> = (g.content.range(range).map(|(id, _)| *id).take(limit))
             .chain(g.pk.range(range).map(|(id, _)| *id).take(limit))

@@ -259,10 +259,20 @@ fn listing_pages_walk_an_arc_in_order_from_any_cursor() {
     }
     let me = ks[4].node_id();
     let list = |arc: RingArc, after: Option<ObjectId>| -> (Vec<ObjectId>, Option<ObjectId>) {
-        let ask = encode_msg(1, TransferMessage::List { rid: 1, epoch: 1, arc, after });
+        let ask = encode_msg(
+            1,
+            TransferMessage::List {
+                rid: 1,
+                epoch: 1,
+                arc,
+                after,
+            },
+        );
         let reply = r.handle_transfer(me, &ask).expect("a listing");
         match decode::<TransferMessage>(&reply).unwrap().msg {
-            TransferMessage::Listing { content, pk, next, .. } => {
+            TransferMessage::Listing {
+                content, pk, next, ..
+            } => {
                 let mut ids = content;
                 ids.extend(pk.iter().map(PkBlock::id));
                 ids.sort_by_key(|id| arc.order_key(id));
@@ -277,10 +287,22 @@ fn listing_pages_walk_an_arc_in_order_from_any_cursor() {
         p
     };
     let arcs = [
-        RingArc { start: point(0x10), end: point(0xa0) },
-        RingArc { start: point(0xc0), end: point(0x30) },
-        RingArc { start: point(0x55), end: point(0x55) },
-        RingArc { start: [0xff; 32], end: point(0x40) },
+        RingArc {
+            start: point(0x10),
+            end: point(0xa0),
+        },
+        RingArc {
+            start: point(0xc0),
+            end: point(0x30),
+        },
+        RingArc {
+            start: point(0x55),
+            end: point(0x55),
+        },
+        RingArc {
+            start: [0xff; 32],
+            end: point(0x40),
+        },
         RingArc::single(&all[3]),
     ];
     for arc in arcs {

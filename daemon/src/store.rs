@@ -169,7 +169,10 @@ impl DiskStore {
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(PK).map_err(db_err)?;
         let mut ids = Vec::new();
-        for entry in t.range::<&[u8]>((lo, Bound::Included(&hi.0[..]))).map_err(db_err)? {
+        for entry in t
+            .range::<&[u8]>((lo, Bound::Included(&hi.0[..])))
+            .map_err(db_err)?
+        {
             if ids.len() >= limit {
                 break;
             }
@@ -504,7 +507,10 @@ impl Store for DiskStore {
             return Ok(Vec::new()); // empty (and a reversed range would panic the map)
         }
         use std::ops::Bound;
-        let range = (lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)), Bound::Included(*hi));
+        let range = (
+            lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)),
+            Bound::Included(*hi),
+        );
         let mut ids: Vec<ObjectId> = self.index().range(range).take(limit).copied().collect();
         ids.extend(self.pk_range(lo, hi, limit)?);
         ids.sort();
@@ -604,9 +610,18 @@ mod tests {
         let top = ObjectId([0xff; 32]);
         assert_eq!(s.list_range(None, &top, 1000).unwrap(), all);
         assert_eq!(s.list_range(None, &top, 7).unwrap(), all[..7]);
-        assert_eq!(s.list_range(Some(&all[10]), &all[30], 1000).unwrap(), all[11..=30]);
-        assert_eq!(s.list_range(Some(&all[30]), &all[10], 1000).unwrap(), vec![]);
-        assert_eq!(s.list_range(Some(&all[10]), &all[10], 1000).unwrap(), vec![]);
+        assert_eq!(
+            s.list_range(Some(&all[10]), &all[30], 1000).unwrap(),
+            all[11..=30]
+        );
+        assert_eq!(
+            s.list_range(Some(&all[30]), &all[10], 1000).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            s.list_range(Some(&all[10]), &all[10], 1000).unwrap(),
+            vec![]
+        );
         let mut listed = s.list().unwrap();
         listed.sort();
         assert_eq!(listed, all);
@@ -615,7 +630,10 @@ mod tests {
         }
         assert_eq!(s.list_range(None, &top, 1000).unwrap(), all[20..]);
         drop(s);
-        assert_eq!(open(dir.path()).list_range(None, &top, 1000).unwrap(), all[20..]);
+        assert_eq!(
+            open(dir.path()).list_range(None, &top, 1000).unwrap(),
+            all[20..]
+        );
     }
 
     #[test]

@@ -23,9 +23,9 @@ use super::msg::{DbqsMessage, Reject, RequestId};
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, ObjectId};
 use crate::object::{check_content, content_id, ObjectError, PkBlock, Stamp};
-use bytes::Bytes;
 use crate::quorum::Tally;
 use crate::wire::{decode, encode_msg};
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A client-side operation handle.
