@@ -379,9 +379,28 @@ async fn put_throughput(
             }
         }));
     }
+    // The MB written in each second, printed at the end.
+    let per_second = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let (bytes, per_second) = (bytes.clone(), per_second.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = bytes.load(Ordering::Relaxed);
+                per_second
+                    .lock()
+                    .unwrap()
+                    .push(((now - last) as f64 / 1e6).round() as u64);
+                last = now;
+            }
+        })
+    };
     for task in tasks {
         task.await.unwrap();
     }
+    sampler.abort();
+    println!("  MB written per second: {:?}", per_second.lock().unwrap());
     let b = bytes.load(Ordering::Relaxed);
     (b as f64 / 1e6 / t.elapsed().as_secs_f64(), b)
 }
@@ -428,8 +447,11 @@ async fn bench_transfer_rate_and_throughput_dip() {
 
     // A 5th node joins an idle cluster: the transfer alone, with the machine to itself.
     let (e, member) = join_one(&mut cluster, &client, tmp.path()).await;
+    let cpu = Cpu::now();
     let transfer = transfer_of(&client, &member, e, None).await;
     report("into a node joining an idle cluster", e, &transfer);
+    cpu.report("the idle transfer", transfer.totals().3);
+    settle(&client).await;
 
     // A 6th node joins while the client writes: both rates, in the same run.
     let (e, member) = join_one(&mut cluster, &client, tmp.path()).await;
@@ -438,14 +460,89 @@ async fn bench_transfer_rate_and_throughput_dip() {
         let (c, done) = (client.clone(), done.clone());
         tokio::spawn(async move { transfer_of(&c, &member, e, Some(done)).await })
     };
+    let cpu = Cpu::now();
     let (during, _) = put_throughput(&client, 600, Some(done.clone())).await;
     let transfer = watcher.await.unwrap();
+    cpu.report("the transfer under load", transfer.totals().3);
     report("into a node joining under the client load", e, &transfer);
     println!(
         "client throughput during the transfer: {during:.1} MB/s = {:.0}% of steady state ({steady:.1} MB/s)",
         100.0 * during / steady
     );
+    // The same load on the 6 nodes once everything settled: what the transfer itself cost.
+    settle(&client).await;
+    let cpu = Cpu::now();
+    let (after, written) = put_throughput(&client, 15, None).await;
+    cpu.report("the client's writes alone", written);
+    println!(
+        "after: {after:.1} MB/s on 6 nodes; during the transfer {:.0}% of that",
+        100.0 * during / after
+    );
     cluster.stop_all();
+}
+
+/// The machine's CPU time (all processes), from /proc/stat.
+struct Cpu {
+    busy: u64,
+    total: u64,
+    at: Instant,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        let total: u64 = ticks.iter().take(8).sum();
+        Cpu {
+            busy: total - idle,
+            total,
+            at: Instant::now(),
+        }
+    }
+
+    /// Prints how busy the machine was since `self`, and the CPU time per MB of `bytes`.
+    fn report(&self, what: &str, bytes: u64) {
+        let now = Cpu::now();
+        let busy = (now.busy - self.busy) as f64;
+        let total = (now.total - self.total).max(1) as f64;
+        let ticks_per_s = total / self.at.elapsed().as_secs_f64();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "CPU during {what}: {:.0}% of the machine, {:.1} ms per MB",
+            100.0 * busy / total,
+            1000.0 * busy / (ticks_per_s / cores) / (bytes as f64 / 1e6).max(1e-9)
+        );
+    }
+}
+
+/// Waits until every member is ready and done with garbage collection (at most 2 minutes).
+async fn settle(client: &DbqsClient) {
+    let t = Instant::now();
+    let config = client.refresh().await.config().clone();
+    for m in &config.members {
+        loop {
+            match client.node_status(m).await {
+                Ok(s) if s.ready && s.gc.iter().all(|g| g.complete()) => break,
+                _ if t.elapsed() > Duration::from_secs(120) => {
+                    panic!("{} did not settle in 2 minutes", m.id.short())
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    println!(
+        "settled (ready, garbage collected) after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 }
 
 /// Admits and starts one more node, then ends the epoch so that it joins: its epoch and member.
@@ -463,7 +560,9 @@ async fn join_one(
         admission.to_str().unwrap(),
         &pubkey,
     ]);
-    let i = cluster.spawn_join(&dir, &addr, &cert);
+    let more = std::env::var("DBQSFS_BENCH_NODE_ARGS").unwrap_or_default();
+    let more: Vec<&str> = more.split_whitespace().collect();
+    let i = cluster.spawn_join_with(&dir, &addr, &cert, &more);
     let id = cluster.node_id(i);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ended = cluster.propose_end_of_epoch(client).await;

@@ -171,8 +171,15 @@ impl Cluster {
 
     /// Starts a node that joins through node 0 with certificate `cert`; returns its index.
     pub fn spawn_join(&mut self, dir: &Path, addr: &str, cert: &str) -> usize {
+        self.spawn_join_with(dir, addr, cert, &[])
+    }
+
+    /// [`Cluster::spawn_join`] with more `dbqsfs node` arguments.
+    pub fn spawn_join_with(&mut self, dir: &Path, addr: &str, cert: &str, more: &[&str]) -> usize {
         let via = self.addr(0);
-        let child = self.spawn(dir, &["--join", &via, "--cert", cert, "--listen", addr]);
+        let mut args = vec!["--join", &via, "--cert", cert, "--listen", addr];
+        args.extend_from_slice(more);
+        let child = self.spawn(dir, &args);
         self.dirs.push(dir.to_path_buf());
         self.children.push(Some(child));
         self.dirs.len() - 1
