@@ -332,4 +332,29 @@ fn listing_pages_walk_an_arc_in_order_from_any_cursor() {
         let (ids, _) = list(arc, Some(ObjectId(bogus)));
         assert!(ids.iter().all(|id| arc.contains(id)), "{bogus:?}");
     }
+
+    // Garbage collection of the whole ring (from 0x55.., so wrapping), 7 objects a step: exactly
+    // the objects the replica is not responsible for in epoch 1 go.
+    let arc = arcs[2];
+    r.note_collected(1, arc);
+    let (mut after, mut steps, mut deleted) = (None, 0, 0);
+    loop {
+        let (page, next) = r.delete_collected_page(1, arc, after, 7).unwrap();
+        steps += 1;
+        deleted += page.len();
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let config = r.chain().config().clone();
+    let held: std::collections::BTreeSet<ObjectId> = store.list().unwrap().into_iter().collect();
+    for id in &all {
+        let gone = arc.contains(id) && !config.is_responsible(&ks[0].node_id(), id);
+        assert_eq!(held.contains(id), !gone, "{id:?} after {steps} steps");
+    }
+    assert!(
+        steps > 5 && deleted > 0,
+        "{deleted} deleted in {steps} steps"
+    );
 }

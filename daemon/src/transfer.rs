@@ -123,6 +123,11 @@ pub const DEFAULT_RATE_UNDER_LOAD: u64 = 50_000_000;
 /// How long after a client request the node counts as serving clients.
 pub const CLIENTS_ACTIVE_FOR: Duration = Duration::from_secs(1);
 
+/// Objects garbage collection deletes at a time (under the replica's read lock), and its pause
+/// between such pages while the node serves clients: at most 320 deletions a second then.
+const GC_PAGE: usize = 32;
+const GC_PAUSE_UNDER_LOAD: Duration = Duration::from_millis(100);
+
 /// Completed transfers kept in the status.
 const KEEP_FINISHED: usize = 8;
 /// Most public-key blocks written in one store transaction.
@@ -1150,21 +1155,34 @@ impl Worker {
         let store = self.store.clone();
         let replica = self.replica.clone();
         let events = self.events.clone();
+        let handle = self.handle.clone();
         tokio::spawn(async move {
             let result = tokio::task::spawn_blocking(move || {
                 // Recorded under the write lock (from then on the range is answered `Gone` and no
-                // late transfer stores into it), deleted under the read lock: requests are served
-                // while the files go; only an install waits.
+                // late transfer stores into it), deleted under the read lock, a page at a time:
+                // requests are served while the files go, an install waits for one page at most,
+                // and while clients are served the deletion pauses between pages.
                 replica
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .note_collected(epoch, arc);
-                let deleted = replica
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .delete_collected(epoch, arc)?;
+                let (mut deleted, mut after) = (0, None);
+                loop {
+                    let (page, next) = replica
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .delete_collected_page(epoch, arc, after, GC_PAGE)?;
+                    deleted += page.len();
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                    if handle.clients_active() {
+                        std::thread::sleep(GC_PAUSE_UNDER_LOAD);
+                    }
+                }
                 store.add_gc_collected(epoch, arc)?;
-                Ok(deleted.len())
+                Ok(deleted)
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(format!("delete task: {e}"))));

@@ -269,17 +269,45 @@ impl<S: Store> Replica<S> {
     /// [`Replica::note_collected`] (otherwise it deletes nothing: a range is answered `Gone` before
     /// anything of it goes). Checks responsibility object by object, at the moment of deleting.
     pub fn delete_collected(&self, epoch: Epoch, arc: Arc) -> Result<Vec<ObjectId>, StoreError> {
-        let mut deleted = Vec::new();
-        if !self.collected_in(epoch).contains(&arc) {
-            return Ok(deleted);
-        }
-        for id in self.store.list()? {
-            if arc.contains(&id) && !self.responsible_since(epoch, &id) {
-                self.store.delete(&id)?;
-                deleted.push(id);
+        let (mut deleted, mut after) = (Vec::new(), None);
+        loop {
+            let (page, next) = self.delete_collected_page(epoch, arc, after, PAGE)?;
+            deleted.extend(page);
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(deleted),
             }
         }
-        Ok(deleted)
+    }
+
+    /// One step of [`Replica::delete_collected`]: the next `limit` objects of `arc` after `after`
+    /// (in the arc's order) are deleted unless the replica is responsible for them again. Returns
+    /// those deleted and where the next step starts (`None`: the arc is done). A driver that wants
+    /// to pause between steps (or let a writer take the lock) calls this instead.
+    pub fn delete_collected_page(
+        &self,
+        epoch: Epoch,
+        arc: Arc,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectId>, Option<ObjectId>), StoreError> {
+        let mut deleted = Vec::new();
+        if !self.collected_in(epoch).contains(&arc) {
+            return Ok((deleted, None));
+        }
+        let ids = self.arc_ids(&arc, after, limit.max(1))?;
+        for id in &ids {
+            if !self.responsible_since(epoch, id) {
+                self.store.delete(id)?;
+                deleted.push(*id);
+            }
+        }
+        let next = if ids.len() < limit.max(1) {
+            None
+        } else {
+            ids.last().copied()
+        };
+        Ok((deleted, next))
     }
 
     fn responsible_since(&self, epoch: Epoch, x: &ObjectId) -> bool {
