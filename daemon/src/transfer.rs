@@ -30,8 +30,8 @@
 //!   groups of the arcs lost on entering `e` whether they hold them (at most `max_requests` such
 //!   questions in flight; the machine asks again with backoff); on [`GcOutput::Delete`] the replica
 //!   deletes on the blocking pool (`Replica::note_collected` under the write lock, then
-//!   `Replica::delete_collected`, which re-checks responsibility, under the read lock, so requests
-//!   are served meanwhile) and the arc is then persisted collected
+//!   `Replica::delete_collected_page`, which re-checks responsibility, 32 objects at a time under
+//!   the read lock, so requests are served meanwhile, pausing between pages while clients are) and the arc is then persisted collected
 //!   ([`DiskStore::add_gc_collected`]), restored into the replica at start. A failed deletion is
 //!   retried.
 //! - On-demand fetch ([`TransferWorker::fetch_now`]): a read that hit an object not yet transferred
