@@ -31,9 +31,9 @@
 //!   questions in flight; the machine asks again with backoff); on [`GcOutput::Delete`] the replica
 //!   deletes on the blocking pool (`Replica::note_collected` under the write lock, then
 //!   `Replica::delete_collected_page`, which re-checks responsibility, 32 objects at a time under
-//!   the read lock, so requests are served meanwhile, pausing between pages while clients are) and the arc is then persisted collected
-//!   ([`DiskStore::add_gc_collected`]), restored into the replica at start. A failed deletion is
-//!   retried.
+//!   the read lock, so requests are served meanwhile; it pauses between pages while clients are
+//!   served) and the arc is then persisted collected ([`DiskStore::add_gc_collected`]), restored
+//!   into the replica at start. A failed deletion is retried.
 //! - On-demand fetch ([`TransferWorker::fetch_now`]): a read that hit an object not yet transferred
 //!   has the running transfer of its epoch fetch it ahead of its unit (its requests go before the
 //!   queued ones and outside the rate cap); its
@@ -1314,8 +1314,9 @@ impl Worker {
     }
 
     /// Answers a check from the store, on the blocking pool, by the block files' sizes
-    /// ([`DiskStore::content_len`]: held blocks are not read; a node that stays responsible for a
-    /// range holds most of it, and reading it all at every epoch cost more CPU than the transfer).
+    /// ([`DiskStore::content_len`]): held blocks are not read. A node that stays responsible for a
+    /// range holds most of it; reading and hashing all of it at every epoch change was about
+    /// 1.4 GB per node in the transfer benchmark.
     fn check(&mut self, e: Epoch, gen: u64, ids: Vec<ObjectId>) {
         if let Some(r) = self.transfers.get_mut(&e) {
             if let Some(u) = ids.first().and_then(|id| r.unit_of(id)) {
