@@ -9,6 +9,10 @@
 //!   transfer is complete, the arcs done of transfers not yet complete) live in one redb database,
 //!   `DIR/meta.redb`, with immediate durability. "Keep the highest version" runs inside one write
 //!   transaction, so it is atomic.
+//! - The ids of the content blocks are also kept in memory, ordered (built by walking the tree at
+//!   open; about 50 bytes per block), so that a state-transfer listing page is a range query
+//!   ([`Store::list_range`]) and not a walk of the tree. Renames into place and removals happen
+//!   under the index's lock.
 //! - Leftovers of a crash (temporary files) are removed when the store is opened.
 //!
 //! Non-goals: garbage collection, repair of corrupt blocks (the protocol re-fetches them from the
