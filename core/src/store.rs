@@ -12,6 +12,7 @@
 use crate::crypto::ObjectId;
 use crate::object::{PkBlock, Stamp};
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Mutex;
 
 /// An operating failure of the store (not a protocol matter).
@@ -88,6 +89,30 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         (**self).delete(id)
     }
+}
+
+/// The bounds of `(lo, hi]` (from the lowest id when `lo` is `None`) for an ordered map's range
+/// query, or `None` when the range is empty (a reversed range would panic a `BTreeMap`).
+pub fn id_bounds(
+    lo: Option<&ObjectId>,
+    hi: &ObjectId,
+) -> Option<(Bound<ObjectId>, Bound<ObjectId>)> {
+    if lo.is_some_and(|lo| lo >= hi) {
+        return None;
+    }
+    Some((
+        lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)),
+        Bound::Included(*hi),
+    ))
+}
+
+/// The first `limit` ids of two ascending lists of ids (content and public-key blocks), merged.
+pub fn merge_ids(mut a: Vec<ObjectId>, b: Vec<ObjectId>, limit: usize) -> Vec<ObjectId> {
+    a.extend(b);
+    a.sort();
+    a.dedup();
+    a.truncate(limit);
+    a
 }
 
 /// An in-memory store.
@@ -174,22 +199,13 @@ impl Store for MemStore {
         hi: &ObjectId,
         limit: usize,
     ) -> Result<Vec<ObjectId>, StoreError> {
-        if lo.is_some_and(|lo| lo >= hi) {
-            return Ok(Vec::new()); // empty (and a reversed range would panic the map)
-        }
-        use std::ops::Bound;
-        let range = (
-            lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)),
-            Bound::Included(*hi),
-        );
+        let Some(range) = id_bounds(lo, hi) else {
+            return Ok(Vec::new());
+        };
         let g = self.lock();
-        let mut ids: Vec<ObjectId> = (g.content.range(range).map(|(id, _)| *id).take(limit))
-            .chain(g.pk.range(range).map(|(id, _)| *id).take(limit))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.truncate(limit);
-        Ok(ids)
+        let content = g.content.range(range).map(|(id, _)| *id).take(limit);
+        let pk = g.pk.range(range).map(|(id, _)| *id).take(limit);
+        Ok(merge_ids(content.collect(), pk.collect(), limit))
     }
 
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {

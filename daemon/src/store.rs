@@ -22,11 +22,12 @@ use dbqsfs_core::config::CertifiedConfig;
 use dbqsfs_core::crypto::ObjectId;
 use dbqsfs_core::dbqs::transfer::Arc as RingArc;
 use dbqsfs_core::object::{check_content, PkBlock, Stamp};
-use dbqsfs_core::store::{Store, StoreError};
+use dbqsfs_core::store::{id_bounds, merge_ids, Store, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -158,23 +159,21 @@ impl DiskStore {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ids of the public-key blocks in `(lo, hi]`, ascending, at most `limit`.
+    /// Ids of the public-key blocks within `range` (from [`id_bounds`]), ascending, at most
+    /// `limit`.
     fn pk_range(
         &self,
-        lo: Option<&ObjectId>,
-        hi: &ObjectId,
+        range: (Bound<ObjectId>, Bound<ObjectId>),
         limit: usize,
     ) -> Result<Vec<ObjectId>, StoreError> {
-        use std::ops::Bound;
-        if lo.is_some_and(|lo| lo >= hi) {
-            return Ok(Vec::new());
+        fn bytes(b: &Bound<ObjectId>) -> Bound<&[u8]> {
+            b.as_ref().map(|id| &id.0[..])
         }
-        let lo = lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(&lo.0[..]));
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(PK).map_err(db_err)?;
         let mut ids = Vec::new();
         for entry in t
-            .range::<&[u8]>((lo, Bound::Included(&hi.0[..])))
+            .range::<&[u8]>((bytes(&range.0), bytes(&range.1)))
             .map_err(db_err)?
         {
             if ids.len() >= limit {
@@ -507,20 +506,11 @@ impl Store for DiskStore {
         hi: &ObjectId,
         limit: usize,
     ) -> Result<Vec<ObjectId>, StoreError> {
-        if lo.is_some_and(|lo| lo >= hi) {
-            return Ok(Vec::new()); // empty (and a reversed range would panic the map)
-        }
-        use std::ops::Bound;
-        let range = (
-            lo.map_or(Bound::Unbounded, |lo| Bound::Excluded(*lo)),
-            Bound::Included(*hi),
-        );
-        let mut ids: Vec<ObjectId> = self.index().range(range).take(limit).copied().collect();
-        ids.extend(self.pk_range(lo, hi, limit)?);
-        ids.sort();
-        ids.dedup();
-        ids.truncate(limit);
-        Ok(ids)
+        let Some(range) = id_bounds(lo, hi) else {
+            return Ok(Vec::new());
+        };
+        let content: Vec<ObjectId> = self.index().range(range).take(limit).copied().collect();
+        Ok(merge_ids(content, self.pk_range(range, limit)?, limit))
     }
 
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
