@@ -336,3 +336,78 @@ fn a_transferred_arc_is_readable_before_the_whole_epoch_is() {
         DbqsMessage::NotReady { rid: 2 }
     );
 }
+
+#[test]
+fn a_range_held_is_listed_for_the_next_epoch_though_another_range_is_still_transferring() {
+    use dbqsfs_core::dbqs::transfer::{Arc as RingArc, TransferMessage};
+    let fx = fixture();
+    // Epoch 2: the same members as epoch 1, certified by epoch 1's committee.
+    let prev = &fx.configs[1].config;
+    let next = Configuration::new(
+        2,
+        prev.params.clone(),
+        prev.members.clone(),
+        Some(prev.hash()),
+    );
+    let signers: Vec<&Keypair> = fx
+        .keys
+        .iter()
+        .filter(|k| prev.committee.contains(&k.node_id()))
+        .collect();
+    let epoch2 = CertifiedConfig::certify(next, &signers[..3]);
+    // Node 4 joined in epoch 1 and completed its transfer of one arc only.
+    let me = fx.keys[4].node_id();
+    let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();
+    let mut r = Replica::new(
+        me,
+        Arc::new(MemStore::new()),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    );
+    r.install(vec![fx.configs[1].clone()]).unwrap();
+    let mut ids = fx.configs[1]
+        .config
+        .members
+        .iter()
+        .map(|m| m.id.0)
+        .collect::<Vec<_>>();
+    ids.sort();
+    // Node 4's own arc (from its predecessor to itself) is in its range in both epochs; an arc
+    // just before its predecessor's id is another one.
+    let at = ids.iter().position(|id| *id == me.0).unwrap();
+    let held = RingArc {
+        start: ids[(at + ids.len() - 1) % ids.len()],
+        end: me.0,
+    };
+    let other = RingArc {
+        start: ids[(at + ids.len() - 2) % ids.len()],
+        end: ids[(at + ids.len() - 1) % ids.len()],
+    };
+    assert!(prev.is_responsible(&me, &dbqsfs_core::crypto::ObjectId(held.end)));
+    r.arc_ready(1, held);
+    let list = |r: &Replica<Arc<MemStore>>, rid, arc| {
+        let asked = TransferMessage::List {
+            rid,
+            epoch: 2,
+            arc,
+            after: None,
+        };
+        let reply = r
+            .handle_transfer(NodeId([1; 32]), &encode_msg(2, asked))
+            .unwrap();
+        decode::<TransferMessage>(&reply).unwrap().msg
+    };
+    // Still in epoch 1: writes may complete here, so nothing is listed yet.
+    assert_eq!(list(&r, 1, held), TransferMessage::NotYet { rid: 1 });
+    r.install(vec![epoch2]).unwrap();
+    assert!(
+        matches!(list(&r, 2, held), TransferMessage::Listing { rid: 2, .. }),
+        "the arc it holds is listed though its transfer into epoch 1 is incomplete"
+    );
+    assert_eq!(
+        list(&r, 3, other),
+        TransferMessage::NotYet { rid: 3 },
+        "an arc it never completed is not"
+    );
+}

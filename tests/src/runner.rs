@@ -69,6 +69,14 @@ pub fn run(
         }
         if !report.violations.is_empty() {
             violations += report.violations.len() as u64;
+            let mutant = seeds
+                .mutant
+                .as_ref()
+                .map_or(String::new(), |m| format!(" --mutant {m}"));
+            let replay = format!(
+                "cargo run --release -p dbqsfs-tests --bin {} -- --seeds 1 --seed {seed} {}{mutant}",
+                seeds.name, seeds.replay_args
+            );
             if first_failure.is_none() {
                 first_failure = Some(seed);
                 let verdict = if seeds.mutant.is_some() {
@@ -80,14 +88,11 @@ pub fn run(
                 for v in report.violations.iter().take(5) {
                     eprintln!("  - {v}");
                 }
-                let mutant = seeds
-                    .mutant
-                    .as_ref()
-                    .map_or(String::new(), |m| format!(" --mutant {m}"));
-                eprintln!(
-                    "  replay: cargo run --release -p dbqsfs-tests --bin {} -- --seeds 1 --seed {seed} {}{mutant}",
-                    seeds.name, seeds.replay_args
-                );
+                eprintln!("  replay: {replay}");
+            } else {
+                // Every later failure gets one line, so a long run reports each seed it found.
+                let first = report.violations[0].chars().take(160).collect::<String>();
+                eprintln!("\nseed {seed} FAILED: {first}\n  replay: {replay}");
             }
             if seeds.mutant.is_some() {
                 break;

@@ -37,6 +37,23 @@ fn twenty_seeds_have_no_violation() {
     }
 }
 
+/// Seeds a long soak found (liveness): a replica stuck on one range of its transfer into an epoch
+/// (every old holder and peer had collected it since) answered `NotYet` to listings of every other
+/// range of that epoch, so groups that needed its listing waited forever. Replicas now list an arc
+/// once they hold that arc, not only once their whole transfer is complete.
+#[test]
+fn seeds_found_by_the_soak_pass() {
+    for seed in [1_000_049, 1_003_470] {
+        let r = run_seed(seed, &opts(1, Mutant::None));
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} ({}): {:?}",
+            r.setup,
+            r.violations
+        );
+    }
+}
+
 #[test]
 fn reads_without_write_back_are_caught() {
     assert!(

@@ -169,10 +169,9 @@ impl<S: Store> Replica<S> {
             } => {
                 if self.gone(epoch, &arc) {
                     TransferMessage::Gone { rid }
-                } else if epoch == 0 || mine < epoch || !self.ready.contains(&(epoch - 1)) {
+                } else if epoch == 0 || mine < epoch || !self.held_before(epoch - 1, &arc) {
                     // Only once this replica has moved to `epoch` (so no write can complete here in
-                    // the epoch before) and held everything it was responsible for in the epoch
-                    // before.
+                    // the epoch before) and held everything of `arc` that the epoch before needed.
                     TransferMessage::NotYet { rid }
                 } else {
                     self.listing(rid, arc, after).ok()?
@@ -223,6 +222,15 @@ impl<S: Store> Replica<S> {
             _ => return None,
         };
         Some(encode_msg(mine, msg))
+    }
+
+    /// Whether this replica held every write of `arc` completed before epoch `e`: it was ready in `e`
+    /// as a whole, or completed its transfer of `arc` into `e` or later ([`Replica::holds_range`]).
+    /// Checked by the arc, not the whole epoch: a transfer stuck on one range the replica no longer
+    /// needs (every old holder and peer collected it after a later group took it) must not keep it
+    /// from listing the ranges it does hold, or the next group could wait on it forever.
+    fn held_before(&self, e: Epoch, arc: &Arc) -> bool {
+        self.ready.contains(&e) || (e > 0 && self.holds_range(e, arc))
     }
 
     /// Whether this replica completed its transfer of all of `arc` into `epoch` or a later epoch
