@@ -323,7 +323,8 @@ async fn drive(
         Duration::from_millis((core.config().params.freshness_ms / 4).clamp(200, 2_000));
     let mut next_refresh = Instant::now();
     let mut refreshing = false;
-    let (resp_tx, mut responses) = mpsc::unbounded_channel::<(NodeId, Vec<u8>)>();
+    // Answers, and `None` for a request that failed in transport.
+    let (resp_tx, mut responses) = mpsc::unbounded_channel::<(NodeId, Option<Vec<u8>>)>();
     let mut waiting: HashMap<OpId, oneshot::Sender<Outcome>> = HashMap::new();
     let mut open = true;
     loop {
@@ -346,10 +347,14 @@ async fn drive(
                     tokio::spawn(async move {
                         match endpoint.request_shared(addr, &key, bytes).await {
                             Ok(resp) => {
-                                let _ = resp_tx.send((to, resp));
+                                let _ = resp_tx.send((to, Some(resp)));
                             }
-                            // Includes the expected NoResponse to one-way configuration pushes.
-                            Err(e) => debug!(to = %to.short(), %addr, error = %e, "request failed"),
+                            // The expected answer to one-way configuration pushes.
+                            Err(NetError::NoResponse) => {}
+                            Err(e) => {
+                                debug!(to = %to.short(), %addr, error = %e, "request failed");
+                                let _ = resp_tx.send((to, None));
+                            }
                         }
                     });
                 }
@@ -410,7 +415,10 @@ async fn drive(
                 learn(&mut core, now(), configs, fresh, &latest);
             }
             _ = tokio::time::sleep_until(next_refresh), if !refreshing => {}
-            Some((from, bytes)) = responses.recv() => core.handle_message(now(), from, &bytes),
+            Some((from, resp)) = responses.recv() => match resp {
+                Some(bytes) => core.handle_message(now(), from, &bytes),
+                None => core.peer_failed(now(), from),
+            },
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await },
                 if deadline.is_some() => core.handle_timeout(now()),
         }

@@ -3,8 +3,11 @@
 //! A [`Client`] runs any number of concurrent operations. Each operation runs in one epoch at a time
 //! against the replica group of its object in that epoch:
 //! - write content block: send to the group, done at `2f+1` acknowledgements;
-//! - read content block: ask one replica, then the whole group; accept the first copy that hashes to
-//!   the id; "not found" only when `2f+1` replicas say so;
+//! - read content block: ask the healthiest replica ([`Health`]), then one more each time the hedge
+//!   delay (adaptive, from the latency of good answers) passes without a copy, and all the others at
+//!   once on a wrong copy, a refusal or "not held"; accept the first copy that hashes to the id;
+//!   "not found" only when `2f+1` replicas say so. A replica that is slow, fails or lies is asked
+//!   last for a while, so one bad replica costs little;
 //! - write public-key block: phase 1 learns the highest version from `2f+1` replicas (skipped when
 //!   the caller gives the version), phase 2 sends the signed value, done at `2f+1` acknowledgements;
 //! - read public-key block: `2f+1` replies, take the highest validly signed value; if fewer than
@@ -19,6 +22,7 @@
 //! Drive it with [`Client::submit`], [`Client::handle_message`] and [`Client::handle_timeout`]
 //! (at [`Client::next_timeout`]); take [`ClientOutput`]s with [`Client::poll_output`].
 
+use super::health::Health;
 use super::msg::{DbqsMessage, Reject, RequestId};
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, ObjectId};
@@ -45,6 +49,10 @@ pub struct ClientOptions {
     /// newest epoch younger than this many milliseconds (see [`Freshness`]); otherwise the operation
     /// waits and the client asks for one ([`ClientOutput::NeedFreshness`]).
     pub freshness_lease_ms: Option<u64>,
+    /// A content read asks one more replica each time this long passes without a copy, at the
+    /// least: the delay follows the latency of good answers ([`Health::hedge_delay`]), between this
+    /// and `retransmit_ms`.
+    pub hedge_min_ms: u64,
     #[cfg(feature = "mutants")]
     pub mutant: super::Mutant,
 }
@@ -56,6 +64,7 @@ impl Default for ClientOptions {
             op_timeout_ms: None,
             first_request_id: 1,
             freshness_lease_ms: None,
+            hedge_min_ms: 20,
             #[cfg(feature = "mutants")]
             mutant: super::Mutant::None,
         }
@@ -146,7 +155,8 @@ enum Phase {
     },
     GetContent {
         id: ObjectId,
-        asked: BTreeSet<NodeId>,
+        /// Replicas asked, with when they were first asked.
+        asked: BTreeMap<NodeId, u64>,
         missing: Tally<()>,
     },
     /// Phase 1 of a public-key write, or a public-key read: collect stamps from a quorum.
@@ -174,6 +184,8 @@ struct OpState {
     signed: Option<PkBlock>,
     deadline: Option<u64>,
     retransmit_at: u64,
+    /// A content read asks one more replica then.
+    hedge_at: Option<u64>,
 }
 
 /// A dBQS client.
@@ -193,6 +205,7 @@ pub struct Client {
     freshness: Option<Freshness>,
     /// Operations waiting for a fresh certificate before they start.
     waiting: BTreeSet<OpId>,
+    health: Health,
     out: VecDeque<ClientOutput>,
 }
 
@@ -213,6 +226,7 @@ impl Client {
             announced: chain_epoch,
             freshness: None,
             waiting: BTreeSet::new(),
+            health: Health::new(),
             out: VecDeque::new(),
         }
     }
@@ -251,7 +265,9 @@ impl Client {
                     return o.deadline.unwrap_or(u64::MAX);
                 }
                 o.deadline
-                    .map_or(o.retransmit_at, |d| d.min(o.retransmit_at))
+                    .into_iter()
+                    .chain(o.hedge_at)
+                    .fold(o.retransmit_at, u64::min)
             })
             .min()
     }
@@ -313,12 +329,13 @@ impl Client {
             rid: 0,
             phase: Phase::GetContent {
                 id: ObjectId([0; 32]),
-                asked: BTreeSet::new(),
+                asked: BTreeMap::new(),
                 missing: Tally::new(),
             },
             signed: None,
             deadline,
             retransmit_at: now,
+            hedge_at: None,
         };
         self.ops.insert(id, state);
         self.start(now, id);
@@ -372,7 +389,7 @@ impl Client {
             },
             (Operation::GetContent { id }, _) => Phase::GetContent {
                 id: *id,
-                asked: BTreeSet::new(),
+                asked: BTreeMap::new(),
                 missing: Tally::new(),
             },
             (Operation::PutPk { .. }, Some(block)) => Phase::Write {
@@ -458,16 +475,34 @@ impl Client {
             } => holders.contains(n) || refusals.contains(n),
         };
         let mut to: Vec<NodeId> = group.iter().filter(|n| !answered(n)).copied().collect();
+        st.hedge_at = None;
         if let Phase::GetContent { asked, .. } = &mut st.phase {
+            // Healthiest first; equally healthy replicas rotate by request id, so load spreads.
+            let unasked: Vec<NodeId> = to
+                .iter()
+                .filter(|n| !asked.contains_key(n))
+                .copied()
+                .collect();
+            let unasked = self.health.order(&unasked, rid as usize, now);
             match mode {
-                // First try: one replica, chosen by request id so load spreads over the group.
-                Send::First => to = vec![to[(rid as usize) % to.len()]],
-                Send::Widen => to.retain(|n| !asked.contains(n)),
+                // One replica at a time, the next after each hedge delay without a copy.
+                Send::First | Send::Hedge => to = unasked.into_iter().take(1).collect(),
+                Send::Widen => to = unasked,
                 Send::Retransmit => {}
             }
-            asked.extend(to.iter().copied());
+            for n in &to {
+                asked.entry(*n).or_insert(now);
+            }
+            if asked.len() < group.len() {
+                let delay = self
+                    .health
+                    .hedge_delay(self.opts.hedge_min_ms, self.opts.retransmit_ms);
+                st.hedge_at = Some(now + delay);
+            }
         }
-        st.retransmit_at = now + self.opts.retransmit_ms;
+        if mode != Send::Hedge {
+            st.retransmit_at = now + self.opts.retransmit_ms;
+        }
         let bytes = Bytes::from(encode_msg(st.epoch, msg));
         for n in to {
             self.out.push_back(ClientOutput::Send {
@@ -484,9 +519,12 @@ impl Client {
         }
     }
 
-    fn misbehaviour(&mut self, from: NodeId, what: &'static str) {
+    /// `from` sent something no correct replica sends: reported, counted against its health, and
+    /// content reads that wait for it ask another replica at once.
+    fn misbehaviour(&mut self, now: u64, from: NodeId, what: &'static str) {
         self.out
             .push_back(ClientOutput::Misbehaviour { from, what });
+        self.peer_failed(now, from);
     }
 
     /// Handles the timers that are due at `now`: retransmissions and operation deadlines.
@@ -497,7 +535,8 @@ impl Client {
             .ops
             .iter()
             .filter(|(id, o)| {
-                (o.retransmit_at <= now && !self.waiting.contains(id))
+                ((o.retransmit_at <= now || o.hedge_at.is_some_and(|h| h <= now))
+                    && !self.waiting.contains(id))
                     || o.deadline.is_some_and(|d| d <= now)
             })
             .map(|(id, _)| *id)
@@ -506,20 +545,65 @@ impl Client {
             let st = &self.ops[&id];
             if st.deadline.is_some_and(|d| d <= now) {
                 self.finish(id, Outcome::Failed(OpError::Timeout));
-            } else {
+            } else if st.retransmit_at <= now {
                 self.send_phase(now, id, Send::Retransmit);
+            } else {
+                self.hedge(now, id);
             }
         }
+    }
+
+    /// The hedge delay of content read `id` passed without a copy: the replicas it waits for count
+    /// as slow, and one more is asked.
+    fn hedge(&mut self, now: u64, id: OpId) {
+        let Some(Phase::GetContent { asked, missing, .. }) = self.ops.get(&id).map(|o| &o.phase)
+        else {
+            return;
+        };
+        let slow: Vec<NodeId> = asked
+            .keys()
+            .filter(|n| !missing.contains(n))
+            .copied()
+            .collect();
+        for n in slow {
+            self.health.slow(n, now);
+        }
+        self.send_phase(now, id, Send::Hedge);
+    }
+
+    /// A request to `node` failed in transport (the driver could not reach it, or it answered
+    /// nothing): it counts against the replica's health, and content reads that wait for it ask
+    /// another replica at once.
+    pub fn peer_failed(&mut self, now: u64, node: NodeId) {
+        self.health.failed(node, now);
+        let waiting: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(id, o)| {
+                !self.waiting.contains(id)
+                    && matches!(&o.phase, Phase::GetContent { asked, missing, .. }
+                        if asked.contains_key(&node) && !missing.contains(&node))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.send_phase(now, id, Send::Hedge);
+        }
+    }
+
+    /// The replicas' health as this client sees it.
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Handles bytes received from `from`.
     pub fn handle_message(&mut self, now: u64, from: NodeId, bytes: &[u8]) {
         let env = match decode::<DbqsMessage>(bytes) {
             Ok(env) => env,
-            Err(_) => return self.misbehaviour(from, "undecodable message"),
+            Err(_) => return self.misbehaviour(now, from, "undecodable message"),
         };
         let Some(rid) = env.msg.reply_rid() else {
-            return self.misbehaviour(from, "request sent to a client");
+            return self.misbehaviour(now, from, "request sent to a client");
         };
         if let DbqsMessage::Configs { configs, .. } = env.msg {
             // Configurations prove themselves, so any that extend the chain are welcome.
@@ -527,7 +611,7 @@ impl Client {
             match self.chain.extend(configs) {
                 // A gap (an answer meant for a client further ahead) proves nothing either way.
                 Ok(_) | Err(ConfigError::WrongEpoch { .. }) => {}
-                Err(_) => self.misbehaviour(from, "sent configurations that do not verify"),
+                Err(_) => self.misbehaviour(now, from, "sent configurations that do not verify"),
             }
             return self.restart_stale_ops(now);
         }
@@ -543,7 +627,7 @@ impl Client {
             Phase::Write { block, .. } => block.id(),
         };
         if !self.group_of(&target).contains(&from) {
-            return self.misbehaviour(from, "reply from outside the group");
+            return self.misbehaviour(now, from, "reply from outside the group");
         }
         match env.msg {
             DbqsMessage::Stale { .. } => {
@@ -645,6 +729,8 @@ impl Client {
         };
         let st = self.ops.get_mut(&op).expect("caller checked");
         let mut bad: Option<&'static str> = None;
+        // A good copy of a content block, and how long after asking.
+        let mut good: Option<u64> = None;
         let mut next: Option<Step> = None;
         match (&mut st.phase, msg) {
             (Phase::PutContent { id, acks, .. }, DbqsMessage::ContentStored { id: got, .. }) => {
@@ -664,32 +750,37 @@ impl Client {
                 // A reply about another object is never counted, not even as "not held".
                 bad = Some("answered about another object");
             }
-            (Phase::GetContent { id, missing, .. }, DbqsMessage::Content { data, .. }) => {
-                match data {
-                    Some(data) if check_content(id, &data).is_ok() => {
-                        next = Some(Step::Done(Outcome::Content {
-                            id: *id,
-                            data: Some(data),
-                        }));
-                    }
-                    Some(_) => {
-                        bad = Some("served a content block that does not match its id");
-                        missing.add(from, ());
-                        next = Some(Step::AskAll);
-                    }
-                    None => {
-                        missing.add(from, ());
-                        next = Some(if missing.len() >= quorum {
-                            Step::Done(Outcome::Content {
-                                id: *id,
-                                data: None,
-                            })
-                        } else {
-                            Step::AskAll
-                        });
-                    }
+            (
+                Phase::GetContent {
+                    id, missing, asked, ..
+                },
+                DbqsMessage::Content { data, .. },
+            ) => match data {
+                Some(data) if check_content(id, &data).is_ok() => {
+                    let asked_at = asked.get(&from).copied().unwrap_or(now);
+                    good = Some(now.saturating_sub(asked_at));
+                    next = Some(Step::Done(Outcome::Content {
+                        id: *id,
+                        data: Some(data),
+                    }));
                 }
-            }
+                Some(_) => {
+                    bad = Some("served a content block that does not match its id");
+                    missing.add(from, ());
+                    next = Some(Step::AskAll);
+                }
+                None => {
+                    missing.add(from, ());
+                    next = Some(if missing.len() >= quorum {
+                        Step::Done(Outcome::Content {
+                            id: *id,
+                            data: None,
+                        })
+                    } else {
+                        Step::AskAll
+                    });
+                }
+            },
             (Phase::GetContent { .. }, DbqsMessage::NotReady { .. }) => next = Some(Step::AskAll),
             (
                 Phase::Collect {
@@ -792,7 +883,10 @@ impl Client {
             _ => bad = Some("reply does not fit the request"),
         }
         if let Some(what) = bad {
-            self.misbehaviour(from, what);
+            self.misbehaviour(now, from, what);
+        }
+        if let Some(latency) = good {
+            self.health.answered(from, now, latency);
         }
         match next {
             None => {}
@@ -827,6 +921,8 @@ impl Client {
 enum Send {
     /// A phase's first request: the whole group (one replica for a content read).
     First,
+    /// A content read asks one more replica (the healthiest not asked yet).
+    Hedge,
     /// A content read widens to the replicas not asked yet.
     Widen,
     /// Every replica that has not answered.

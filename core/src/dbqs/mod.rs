@@ -14,12 +14,14 @@
 //! - [`msg`]: the one closed message enum of the protocol.
 //! - [`replica::Replica`]: serves requests over a [`crate::store::Store`] and applies the epoch rules.
 //! - [`client::Client`]: the client operations as state machines.
+//! - [`health::Health`]: whom a client asks first and how long it waits before asking another.
 //! - [`transfer`]: state transfer between epochs: planning, messages, the transfer machine, on-demand
 //!   fetch of one object.
 //! - [`gc`]: garbage collection of the ranges a node lost, once their new group holds them.
 
 pub mod client;
 pub mod gc;
+pub mod health;
 pub mod msg;
 pub mod replica;
 pub mod transfer;

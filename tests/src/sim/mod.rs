@@ -103,6 +103,12 @@ enum Ev {
     ClientNext {
         c: usize,
     },
+    /// A request of client `c` to a node that was down failed in transport (the driver's connection
+    /// timeout).
+    ClientPeerFailed {
+        c: usize,
+        node: NodeId,
+    },
     ClientCrash {
         c: usize,
     },
@@ -436,6 +442,7 @@ impl Sim {
             op_timeout_ms: None,
             first_request_id: self.rng.next_u64(),
             freshness_lease_ms: None,
+            hedge_min_ms: 10,
             mutant: self.opts.mutant,
         };
         Client::new(key.node_id(), chain, opts)
@@ -656,6 +663,12 @@ impl Sim {
                 }
             }
             Ev::ClientNext { c } => self.client_next(c),
+            Ev::ClientPeerFailed { c, node } => {
+                if self.clients[c].up {
+                    self.clients[c].client.peer_failed(now, node);
+                    self.drain_client(c);
+                }
+            }
             Ev::ClientCrash { c } => {
                 if self.clients[c].up && !self.clients[c].auditor {
                     self.clients[c].up = false;
@@ -795,6 +808,12 @@ impl Sim {
 
     fn deliver_to_node(&mut self, n: usize, from: NodeId, bytes: Vec<u8>) {
         if !self.nodes[n].up {
+            // A client's driver learns, after its connection timeout, that the request failed.
+            if let Some(&c) = self.client_index.get(&from) {
+                let at = self.now + self.rng.range(50, 500);
+                let node = self.nodes[n].key.node_id();
+                self.schedule(at, Ev::ClientPeerFailed { c, node });
+            }
             return;
         }
         if self.nodes[n].byz.is_some() {
