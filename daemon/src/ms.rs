@@ -567,7 +567,10 @@ impl Task {
         if !changed {
             return;
         }
-        self.role = None;
+        // Probe failures carry over from the epoch before (when this node probed in it too): a
+        // count that restarted at every epoch could never reach `evict_after_probes` when an
+        // epoch holds fewer probe rounds than that, and a dead member would never be evicted.
+        let carried = self.role.take().map(|r| r.probes).unwrap_or_default();
         if !config.committee.contains(&me) {
             return;
         }
@@ -619,21 +622,35 @@ impl Task {
         };
         let ms = Membership::new(config.clone(), self.shared.admission_key, max_batch);
         let now = Instant::now();
-        let probes = config
+        let probes: BTreeMap<NodeId, ProbeState> = config
             .members
             .iter()
             .filter(|m| m.id != me)
             .map(|m| {
+                let before = carried.get(&m.id);
+                let responsive = before.is_none_or(|p| p.responsive);
                 (
                     m.id,
                     ProbeState {
-                        reported: true,
-                        responsive: true,
-                        ..ProbeState::default()
+                        failures: before.map_or(0, |p| p.failures),
+                        responsive,
+                        // Reported just below when unresponsive.
+                        reported: responsive,
+                        outstanding: None,
                     },
                 )
             })
             .collect();
+        // The new epoch's membership starts with every member responsive: a member found
+        // unresponsive before is reported again at once.
+        for (target, _) in probes.iter().filter(|(_, p)| !p.responsive) {
+            info!(target = %target.short(), "still unresponsive: reported in the new epoch");
+            self.outbox.push_back(MsOp::Probe {
+                epoch: config.epoch,
+                target: *target,
+                responsive: false,
+            });
+        }
         info!(epoch = config.epoch, "in the committee of this epoch");
         self.role = Some(Role {
             epoch: config.epoch,
@@ -1436,8 +1453,11 @@ impl Task {
     }
 }
 
+/// A probe's answer is awaited for most of the probe period, so that it is settled (answered or
+/// failed) before the next round: a round that found the last probe still outstanding would count
+/// nothing, and failures would accrue at half the rate.
 fn role_probe_timeout(config: &Configuration) -> u64 {
-    config.params.probe_ms.clamp(200, 5_000)
+    (config.params.probe_ms.saturating_mul(4) / 5).clamp(200, 5_000)
 }
 
 /// The epoch an operation is for, if it names one.

@@ -1,0 +1,70 @@
+//! Eviction as documented, with the default periods of `dbqsfs cluster init` (epochs of 30 s,
+//! probes every 5 s, unresponsive after 6 failed probes): a member killed with kill -9 is gone from
+//! the configuration within 90 s, and the committee's status shows its probe failures mounting
+//! meanwhile. Failure counts carry over epoch changes; when they restarted at every epoch, an epoch
+//! of 30 s never held the 6 failures, and a dead node stayed a member forever.
+
+mod common;
+
+use common::Cluster;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_evicted_within_90_s_with_the_default_periods() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::init(tmp.path(), 5, &[]);
+    for i in 0..5 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+    cluster
+        .wait_all_at_least(&client, 0, Duration::from_secs(30))
+        .await;
+    let chain = client.refresh().await;
+    let config = chain.config().clone();
+    let victim = (0..cluster.len())
+        .find(|&i| !config.committee.contains(&cluster.node_id(i)))
+        .expect("5 members and a committee of 4: one is outside it");
+    let victim_id = cluster.node_id(victim);
+    let killed_at = Instant::now();
+    cluster.kill(victim);
+    println!("killed node {victim} in epoch {}", chain.epoch());
+
+    let bound = Duration::from_secs(90);
+    let mut most_failures = 0;
+    loop {
+        let chain = client.refresh().await;
+        if !chain.config().is_member(&victim_id) {
+            println!(
+                "evicted after {:.1} s (epoch {}); most probe failures seen in status: {most_failures}",
+                killed_at.elapsed().as_secs_f64(),
+                chain.epoch()
+            );
+            break;
+        }
+        for m in &chain.config().members {
+            if m.id == victim_id || !chain.config().committee.contains(&m.id) {
+                continue;
+            }
+            if let Ok(s) = client.ms_status(m).await {
+                for (target, failures, _) in s.probes {
+                    if target == victim_id {
+                        most_failures = most_failures.max(failures);
+                    }
+                }
+            }
+        }
+        assert!(
+            killed_at.elapsed() < bound,
+            "the killed member is still in epoch {} after {bound:?} (most probe failures seen: \
+             {most_failures}); logs in {}",
+            chain.epoch(),
+            cluster.dir.display()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        most_failures >= 2,
+        "status never showed the probe failures mounting ({most_failures})"
+    );
+}
