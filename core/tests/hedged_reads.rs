@@ -8,6 +8,7 @@ use dbqsfs_core::dbqs::client::{Client, ClientOptions, ClientOutput, Operation, 
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
 use dbqsfs_core::object::content_id;
 use dbqsfs_core::store::{MemStore, Store};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const RETRANSMIT_MS: u64 = 2_000;
@@ -201,4 +202,77 @@ fn a_replica_whose_requests_fail_in_transport_is_passed_over_at_once() {
         "another replica is asked at once"
     );
     assert!(c.client.health().penalty(&dead, 1) > 0);
+}
+
+/// A public-key read whose first `2f+1` answers include a stale one waits briefly for the last
+/// replica instead of writing back at once: when its answer shows `2f+1` holders of the newest
+/// value, the read ends without a write-back round; when it never comes, the read writes back.
+#[test]
+fn a_read_that_meets_a_stale_answer_waits_for_the_last_replica_before_writing_back() {
+    use dbqsfs_core::object::PkBlock;
+    let owner = Keypair::from_seed([9; 32]);
+    let v1 = PkBlock::sign(&owner, b"inode", 1, b"old".to_vec()).unwrap();
+    let v2 = PkBlock::sign(&owner, b"inode", 2, b"new".to_vec()).unwrap();
+    for last_answers in [true, false] {
+        // Replica 0 is stale: it holds version 1 only.
+        let mut c = Cluster::new(&[]);
+        for (i, r) in c.replicas.iter().enumerate() {
+            r.store()
+                .put_pk_if_newer(if i == 0 { &v1 } else { &v2 })
+                .unwrap();
+        }
+        let me = c.client.id();
+        c.client.submit(0, Operation::GetPk { id: v2.id() });
+        let mut requests = BTreeMap::new();
+        while let Some(out) = c.client.poll_output() {
+            if let ClientOutput::Send { to, bytes } = out {
+                requests.insert(to, bytes);
+            }
+        }
+        assert_eq!(
+            requests.len(),
+            4,
+            "a public-key read asks the whole group at once"
+        );
+        let answer = |c: &Cluster, i: usize| match c.replicas[i].handle(me, &requests[&c.ids[i]]) {
+            Handled::Reply(r) => r,
+            other => panic!("{other:?}"),
+        };
+        // The stale replica and two correct ones answer first.
+        for i in 0..3 {
+            let reply = answer(&c, i);
+            c.client.handle_message(1, c.ids[i], &reply);
+        }
+        assert!(
+            c.client.poll_output().is_none(),
+            "no write-back yet: it waits for the last"
+        );
+        let mut outs = Vec::new();
+        if last_answers {
+            let reply = answer(&c, 3);
+            c.client.handle_message(2, c.ids[3], &reply);
+        } else {
+            let at = c.client.next_timeout().unwrap();
+            assert!(
+                at < RETRANSMIT_MS,
+                "it waits a hedge delay, not a retransmission"
+            );
+            c.client.handle_timeout(at);
+        }
+        while let Some(out) = c.client.poll_output() {
+            outs.push(out);
+        }
+        let wrote_back = outs.iter().any(|o| matches!(o, ClientOutput::Send { .. }));
+        let done = outs.iter().any(|o| {
+            matches!(o, ClientOutput::Done { outcome: Outcome::Pk { block: Some(b) }, .. } if *b == v2)
+        });
+        if last_answers {
+            assert!(
+                done && !wrote_back,
+                "3 holders among 4 answers: done, no write-back"
+            );
+        } else {
+            assert!(wrote_back && !done, "only 2 holders: it writes back");
+        }
+    }
 }

@@ -165,6 +165,9 @@ enum Phase {
         stamps: Tally<Option<Stamp>>,
         best: Option<PkBlock>,
         refusals: Tally<Reject>,
+        /// A read whose quorum of answers does not show `2f+1` holders of the highest value waits
+        /// until then for the rest of the group (whose answers may show them) before writing back.
+        linger: Option<u64>,
     },
     /// Phase 2 of a public-key write, or a read's write-back: until a quorum holds at least `block`.
     Write {
@@ -418,12 +421,14 @@ impl Client {
                 stamps: Tally::new(),
                 best: None,
                 refusals: Tally::new(),
+                linger: None,
             },
             (Operation::GetPk { id }, _) => Phase::Collect {
                 id: *id,
                 stamps: Tally::new(),
                 best: None,
                 refusals: Tally::new(),
+                linger: None,
             },
         };
         self.by_rid.remove(&old_rid);
@@ -475,7 +480,12 @@ impl Client {
             } => holders.contains(n) || refusals.contains(n),
         };
         let mut to: Vec<NodeId> = group.iter().filter(|n| !answered(n)).copied().collect();
-        st.hedge_at = None;
+        // A read lingering for the rest of the group keeps its deadline; a content read sets its
+        // next hedge below.
+        st.hedge_at = match &st.phase {
+            Phase::Collect { linger, .. } => *linger,
+            _ => None,
+        };
         if let Phase::GetContent { asked, .. } = &mut st.phase {
             // Healthiest first; equally healthy replicas rotate by request id, so load spreads.
             let unasked: Vec<NodeId> = to
@@ -545,6 +555,20 @@ impl Client {
             let st = &self.ops[&id];
             if st.deadline.is_some_and(|d| d <= now) {
                 self.finish(id, Outcome::Failed(OpError::Timeout));
+            } else if let Phase::Collect {
+                stamps,
+                best,
+                linger: Some(t),
+                ..
+            } = &st.phase
+            {
+                if *t <= now {
+                    // The rest of the group did not answer in time: decide on what came.
+                    let step = collect_step(&st.op, stamps, best.clone(), self.quorum(), true);
+                    self.apply(now, id, step);
+                } else {
+                    self.send_phase(now, id, Send::Retransmit);
+                }
             } else if st.retransmit_at <= now {
                 self.send_phase(now, id, Send::Retransmit);
             } else {
@@ -727,6 +751,10 @@ impl Client {
                 true
             }
         };
+        let group_size = self.config().quorum().group_size();
+        let linger_ms = self
+            .health
+            .hedge_delay(self.opts.hedge_min_ms, self.opts.retransmit_ms);
         let st = self.ops.get_mut(&op).expect("caller checked");
         let mut bad: Option<&'static str> = None;
         // A good copy of a content block, and how long after asking.
@@ -784,7 +812,11 @@ impl Client {
             (Phase::GetContent { .. }, DbqsMessage::NotReady { .. }) => next = Some(Step::AskAll),
             (
                 Phase::Collect {
-                    id, stamps, best, ..
+                    id,
+                    stamps,
+                    best,
+                    linger,
+                    ..
                 },
                 DbqsMessage::Pk { block, .. },
             ) => {
@@ -807,37 +839,29 @@ impl Client {
                 if stamps.len() >= quorum {
                     let top = best.as_ref().map(|b| b.stamp());
                     let holders = stamps.count(|s| *s == top && top.is_some());
-                    next = Some(match (&st.op, best.take()) {
-                        (Operation::GetPk { .. }, None) => Step::Done(Outcome::Pk { block: None }),
-                        (Operation::GetPk { .. }, Some(b)) if holders >= quorum || !write_back => {
-                            Step::Done(Outcome::Pk { block: Some(b) })
+                    // A write-back costs a round; the answers of the rest of the group, likely on
+                    // their way, may show `2f+1` holders already.
+                    let would_write_back = matches!(st.op, Operation::GetPk { .. })
+                        && top.is_some()
+                        && holders < quorum
+                        && write_back;
+                    if would_write_back
+                        && stamps.len() < group_size
+                        && linger.is_none_or(|t| now < t)
+                    {
+                        if linger.is_none() {
+                            *linger = Some(now + linger_ms);
+                            next = Some(Step::Linger(now + linger_ms));
                         }
-                        (Operation::GetPk { .. }, Some(b)) => {
-                            let mut have = Tally::new();
-                            for (n, s) in stamps.iter() {
-                                if *s == top {
-                                    have.add(*n, ());
-                                }
-                            }
-                            Step::WriteBack(b, have)
-                        }
-                        (
-                            Operation::PutPk {
-                                owner,
-                                label,
-                                value,
-                                ..
-                            },
-                            b,
-                        ) => {
-                            let version = b.map_or(1, |b| b.version.saturating_add(1));
-                            match PkBlock::sign(owner, label, version, value.clone()) {
-                                Ok(block) => Step::Write(block),
-                                Err(e) => Step::Done(Outcome::Failed(OpError::Invalid(e))),
-                            }
-                        }
-                        _ => unreachable!("only public-key operations collect stamps"),
-                    });
+                    } else {
+                        next = Some(collect_step(
+                            &st.op,
+                            stamps,
+                            best.take(),
+                            quorum,
+                            write_back,
+                        ));
+                    }
                 }
             }
             (Phase::Write { block, holders, .. }, DbqsMessage::PkStored { id, stamp, .. }) => {
@@ -888,16 +912,27 @@ impl Client {
         if let Some(latency) = good {
             self.health.answered(from, now, latency);
         }
-        match next {
-            None => {}
-            Some(Step::Done(outcome)) => self.finish(op, outcome),
-            Some(Step::AskAll) => self.send_phase(now, op, Send::Widen),
-            Some(Step::Write(block)) => {
+        if let Some(step) = next {
+            self.apply(now, op, step);
+        }
+    }
+
+    /// Carries out what a reply or a timer decided for operation `op`.
+    fn apply(&mut self, now: u64, op: OpId, step: Step) {
+        match step {
+            Step::Linger(until) => {
+                if let Some(st) = self.ops.get_mut(&op) {
+                    st.hedge_at = Some(until);
+                }
+            }
+            Step::Done(outcome) => self.finish(op, outcome),
+            Step::AskAll => self.send_phase(now, op, Send::Widen),
+            Step::Write(block) => {
                 let st = self.ops.get_mut(&op).expect("caller checked");
                 st.signed = Some(block.clone());
                 self.enter_write(now, op, block, Tally::new());
             }
-            Some(Step::WriteBack(block, have)) => self.enter_write(now, op, block, have),
+            Step::WriteBack(block, have) => self.enter_write(now, op, block, have),
         }
     }
 
@@ -930,8 +965,55 @@ enum Send {
 }
 
 enum Step {
+    /// A read waits for more answers until then before it writes back.
+    Linger(u64),
     Done(Outcome),
     AskAll,
     Write(PkBlock),
     WriteBack(PkBlock, Tally<()>),
+}
+
+/// What a quorum (or more) of collected stamps decides: a read returns the highest validly signed
+/// value, written back first unless `2f+1` of the answers hold it; a write with version discovery
+/// signs the next version.
+fn collect_step(
+    op: &Operation,
+    stamps: &Tally<Option<Stamp>>,
+    best: Option<PkBlock>,
+    quorum: usize,
+    write_back: bool,
+) -> Step {
+    let top = best.as_ref().map(|b| b.stamp());
+    let holders = stamps.count(|s| *s == top && top.is_some());
+    match (op, best) {
+        (Operation::GetPk { .. }, None) => Step::Done(Outcome::Pk { block: None }),
+        (Operation::GetPk { .. }, Some(b)) if holders >= quorum || !write_back => {
+            Step::Done(Outcome::Pk { block: Some(b) })
+        }
+        (Operation::GetPk { .. }, Some(b)) => {
+            let mut have = Tally::new();
+            for (n, s) in stamps.iter() {
+                if *s == top {
+                    have.add(*n, ());
+                }
+            }
+            Step::WriteBack(b, have)
+        }
+        (
+            Operation::PutPk {
+                owner,
+                label,
+                value,
+                ..
+            },
+            b,
+        ) => {
+            let version = b.map_or(1, |b| b.version.saturating_add(1));
+            match PkBlock::sign(owner, label, version, value.clone()) {
+                Ok(block) => Step::Write(block),
+                Err(e) => Step::Done(Outcome::Failed(OpError::Invalid(e))),
+            }
+        }
+        _ => unreachable!("only public-key operations collect stamps"),
+    }
 }
