@@ -57,6 +57,47 @@ pub enum NodeError {
     Net(#[from] NetError),
     #[error("the join address {0} is not a member address in any configuration this node knows; join through a member's address")]
     UnknownBootstrap(SocketAddr),
+    #[error("a node already runs in {dir} ({who}); stop it first (`dbqsfs cluster down`, or kill that pid)")]
+    AlreadyRunning { dir: PathBuf, who: String },
+    #[error("cannot lock {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
+}
+
+/// Locks `dir/node.lock` for this process (released when the process ends, however it ends) and
+/// records its pid there; a node already running in `dir` is named in the error.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("node.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| NodeError::Lock(path.clone(), e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(NodeError::AlreadyRunning {
+                dir: dir.to_path_buf(),
+                who: if pid.is_empty() {
+                    "its pid is not recorded yet".into()
+                } else {
+                    format!("pid {pid}")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(NodeError::Lock(path, e)),
+    }
+    let record = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    record.map_err(|e| NodeError::Lock(path, e))?;
+    Ok(file)
 }
 
 /// The store the replica runs over: the disk store, or a faulty wrapper of it in fault tests.
@@ -211,6 +252,8 @@ pub enum InstallError {
 /// A node loaded from its directory, not yet serving.
 pub struct Node {
     shared: Arc<Shared>,
+    /// `DIR/node.lock`, locked while the node runs (one node per directory); holds its pid.
+    _lock: std::fs::File,
     ms: MsOptions,
     #[cfg(feature = "fault-injection")]
     fault: Option<crate::fault::Fault>,
@@ -219,6 +262,7 @@ pub struct Node {
 impl Node {
     /// Loads the node in `dir`.
     pub fn load(dir: &Path) -> Result<Node, NodeError> {
+        let lock = lock_dir(dir)?;
         let toml_path = dir.join("node.toml");
         let file: NodeFile = files::read_toml(&toml_path)?;
         let key = files::read_key(&dir.join("node.key"))?;
@@ -297,6 +341,7 @@ impl Node {
         let replica = Replica::new(me, replica_store, chain, ready, ReplicaOptions::default());
         let transfers = TransferWorker::new(me, store.clone(), TransferOptions::default());
         Ok(Node {
+            _lock: lock,
             shared: Arc::new(Shared {
                 key,
                 admission_key: admission,
@@ -452,7 +497,8 @@ async fn handle(
             .flatten();
         }
         debug!(peer = %from.short(), "request from a key that is neither a member nor a client: refused");
-        return None;
+        // A block request is told so, and its client fails at once instead of timing out.
+        return dbqsfs_core::dbqs::msg::refuse_unauthorized(&request);
     }
     if kind == Peer::Client && is_block_op(&request) {
         // Transfers yield to client traffic.

@@ -306,3 +306,22 @@ fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+#[test]
+fn a_second_node_on_a_running_nodes_directory_is_refused_naming_the_running_one() {
+    let cluster = Cluster::start(4);
+    let ndir = cluster.dir.join("node-0");
+    let pid = std::fs::read_to_string(ndir.join("node.pid")).unwrap();
+    let out = dbqsfs(&["node", "--dir", ndir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "a node already runs in {} (pid {})",
+            ndir.display(),
+            pid.trim()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("already runs").count(), 1, "said once: {err}");
+}

@@ -125,6 +125,8 @@ pub enum OpError {
     Refused(Reject),
     #[error("invalid request: {0}")]
     Invalid(ObjectError),
+    #[error("the cluster does not know this client's key (not authorized): mount with the cluster's client key, or have the operator list this key among the cluster's clients")]
+    NotAuthorized,
 }
 
 /// What the driver should do.
@@ -189,6 +191,8 @@ struct OpState {
     retransmit_at: u64,
     /// A content read asks one more replica then.
     hedge_at: Option<u64>,
+    /// Replicas that refused the client as not authorized.
+    unauthorized: BTreeSet<NodeId>,
 }
 
 /// A dBQS client.
@@ -339,6 +343,7 @@ impl Client {
             deadline,
             retransmit_at: now,
             hedge_at: None,
+            unauthorized: BTreeSet::new(),
         };
         self.ops.insert(id, state);
         self.start(now, id);
@@ -756,6 +761,18 @@ impl Client {
             .health
             .hedge_delay(self.opts.hedge_min_ms, self.opts.retransmit_ms);
         let st = self.ops.get_mut(&op).expect("caller checked");
+        if let DbqsMessage::Rejected {
+            reason: Reject::NotAuthorized,
+            ..
+        } = msg
+        {
+            // Whatever the phase: once more than `f` replicas refuse the key, no quorum will serve it.
+            st.unauthorized.insert(from);
+            if st.unauthorized.len() > max_refusals {
+                self.finish(op, Outcome::Failed(OpError::NotAuthorized));
+            }
+            return;
+        }
         let mut bad: Option<&'static str> = None;
         // A good copy of a content block, and how long after asking.
         let mut good: Option<u64> = None;

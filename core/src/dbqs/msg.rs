@@ -100,6 +100,8 @@ pub enum Reject {
     NotResponsible,
     NoSpace,
     StoreFailed,
+    /// The requester's key is neither a client the cluster lists nor a member.
+    NotAuthorized,
 }
 
 impl Protocol for DbqsMessage {
@@ -142,6 +144,25 @@ impl DbqsMessage {
             | PushConfigs { .. } => None,
         }
     }
+}
+
+/// The answer to a block request (`PutContent`, `GetContent`, `PutPk`, `GetPk`) from a key the
+/// node does not serve: `Rejected { NotAuthorized }` in the request's own epoch, so that the client
+/// counts it and fails at once instead of waiting out its timeout. `None` for anything else.
+pub fn refuse_unauthorized(request: &[u8]) -> Option<Vec<u8>> {
+    let env = crate::wire::decode::<DbqsMessage>(request).ok()?;
+    let rid = match env.msg {
+        DbqsMessage::PutContent { rid, .. }
+        | DbqsMessage::GetContent { rid, .. }
+        | DbqsMessage::PutPk { rid, .. }
+        | DbqsMessage::GetPk { rid, .. } => rid,
+        _ => return None,
+    };
+    let reply = DbqsMessage::Rejected {
+        rid,
+        reason: Reject::NotAuthorized,
+    };
+    Some(crate::wire::encode_msg(env.epoch, reply))
 }
 
 #[cfg(test)]
