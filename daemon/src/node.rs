@@ -420,7 +420,7 @@ impl Node {
             shared.listen,
             shared.key.dalek().clone(),
             TransportOptions::default(),
-            Arc::new(AnyKey),
+            Arc::new(Trust(shared.clone())),
         )?;
         info!(addr = %endpoint.local_addr(), "serving");
         let transfers = shared
@@ -440,8 +440,10 @@ impl Node {
                 reply
             }
         });
+        let trimmer = tokio::spawn(trim_memory());
         shutdown.await;
         info!("shutting down");
+        trimmer.abort();
         ms_task.abort();
         let _ = ms_task.await;
         transfers.abort();
@@ -451,13 +453,33 @@ impl Node {
     }
 }
 
-/// Every key may connect: a joining node is in no configuration yet. What a peer may ask is decided
-/// per message, by [`Shared::peer`].
-struct AnyKey;
+/// Returns the heap's free memory to the OS every 10 s. glibc keeps what a burst freed (a flood
+/// of strangers' half-sent frames, a transfer's buffers) in its heap: measured, 50 strangers left
+/// a node at 93 MB resident after they were gone, against 16 MB once trimmed.
+async fn trim_memory() {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator's own heap.
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+    }
+}
 
-impl Authorizer for AnyKey {
+/// Every key may connect: a joining node is in no configuration yet, and a node that left still
+/// asks about what it collects. What a peer may ask is decided per message, by [`Shared::peer`].
+/// Members, listed clients and this node itself get the transport's full budget, other keys the
+/// strangers' small one.
+struct Trust(Arc<Shared>);
+
+impl Authorizer for Trust {
     fn is_authorized(&self, _peer: &VerifyingKey) -> bool {
         true
+    }
+
+    fn is_trusted(&self, peer: &VerifyingKey) -> bool {
+        self.0.peer(&PublicKey(peer.to_bytes())) != Peer::Stranger
     }
 }
 

@@ -47,6 +47,44 @@ pub struct TransportOptions {
     pub max_concurrent_streams: u32,
     /// Flow-control window of a whole connection, in each direction, in bytes.
     pub connection_window: u64,
+    /// The budget of peers the [`Authorizer`] does not trust.
+    pub strangers: StrangerLimits,
+}
+
+/// What peers that the [`Authorizer`] does not trust may use, all of them together.
+///
+/// A stranger's connection starts with room for one frame in flight (its flow-control window)
+/// and `max_streams` streams; a request of a stranger is read only while it holds one of
+/// `max_receiving` slots, and must arrive whole within `request_timeout`. So strangers hold at
+/// most about `(max_connections + max_receiving) * max_frame` bytes of ours at any time (about
+/// 84 MiB with the defaults), and a slow sender is cut off. A connection whose peer becomes
+/// trusted (a joining node admitted) gets the full budget at its next stream.
+#[derive(Clone, Debug)]
+pub struct StrangerLimits {
+    /// Connections from untrusted keys at once, in all; more are closed with
+    /// [`crate::codes::CLOSE_BUSY`].
+    pub max_connections: usize,
+    /// Connections from one untrusted key at once.
+    pub max_connections_per_key: usize,
+    /// Streams an untrusted peer may have open on one connection.
+    pub max_streams: u32,
+    /// Requests of untrusted peers being received at once, in all.
+    pub max_receiving: usize,
+    /// An untrusted peer's request must be received whole within this (waiting for a slot
+    /// included); otherwise its stream is aborted with [`crate::codes::STREAM_BUSY`].
+    pub request_timeout: Duration,
+}
+
+impl Default for StrangerLimits {
+    fn default() -> Self {
+        StrangerLimits {
+            max_connections: 32,
+            max_connections_per_key: 4,
+            max_streams: 4,
+            max_receiving: 8,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for TransportOptions {
@@ -59,35 +97,43 @@ impl Default for TransportOptions {
             keep_alive_interval: Duration::from_secs(10),
             max_concurrent_streams: 64,
             connection_window: 32 * 1024 * 1024,
+            strangers: StrangerLimits::default(),
         }
     }
 }
 
 impl TransportOptions {
-    /// The quinn transport parameters; `accept_streams` is false for connections
-    /// we dial, on which the peer has no business opening streams.
+    /// One whole frame fits in a stream's window, so a request never waits for a window update.
+    fn stream_window(&self) -> u64 {
+        (u64::from(self.max_frame) + frame::HEADER_LEN as u64).max(64 * 1024)
+    }
+
+    /// The quinn transport parameters. Connections we accept start with a stranger's budget
+    /// (one frame's window, `strangers.max_streams` streams), raised once the peer is known to
+    /// be trusted; `accept_streams` is false for connections we dial, on which the peer has no
+    /// business opening streams.
     fn transport_config(&self, accept_streams: bool) -> TransportConfig {
-        let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
-        // One whole frame fits in a stream's window, so a request never waits
-        // for a window update.
-        let stream_window = (u64::from(self.max_frame) + frame::HEADER_LEN as u64).max(64 * 1024);
-        let connection_window = self.connection_window.max(stream_window);
-        let streams = if accept_streams {
-            self.max_concurrent_streams
+        let stream_window = self.stream_window();
+        let (streams, connection_window) = if accept_streams {
+            (self.strangers.max_streams, stream_window)
         } else {
-            0
+            (0, self.connection_window.max(stream_window))
         };
         let mut t = TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .stream_receive_window(varint(stream_window))
             .receive_window(varint(connection_window))
-            .send_window(connection_window)
+            .send_window(self.connection_window.max(stream_window))
             .datagram_receive_buffer_size(None)
             .keep_alive_interval(Some(self.keep_alive_interval))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
         t
     }
+}
+
+fn varint(v: u64) -> VarInt {
+    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
 }
 
 /// Decides whether an authenticated peer may use this endpoint.
@@ -98,6 +144,13 @@ impl TransportOptions {
 pub trait Authorizer: Send + Sync + 'static {
     /// `true` if `peer` may send requests to us.
     fn is_authorized(&self, peer: &VerifyingKey) -> bool;
+
+    /// `true` if `peer` gets the full budget of [`TransportOptions`]; others share the
+    /// strangers' ([`StrangerLimits`]). Asked when a connection is accepted and at each stream
+    /// until it says yes.
+    fn is_trusted(&self, _peer: &VerifyingKey) -> bool {
+        true
+    }
 }
 
 impl<F> Authorizer for F
@@ -236,6 +289,60 @@ struct Inner {
     authorizer: Option<Arc<dyn Authorizer>>,
     /// One connection per (peer key, address); the async lock serialises dials.
     conns: Mutex<HashMap<([u8; 32], SocketAddr), ConnSlot>>,
+    strangers: Arc<Strangers>,
+}
+
+/// What untrusted peers hold of [`StrangerLimits`] now.
+struct Strangers {
+    /// Open connections by key.
+    conns: Mutex<HashMap<[u8; 32], usize>>,
+    receiving: Arc<tokio::sync::Semaphore>,
+}
+
+impl Strangers {
+    /// A connection slot for `peer`, or `None` when the budget is spent.
+    fn admit(
+        self: &Arc<Self>,
+        peer: &VerifyingKey,
+        limits: &StrangerLimits,
+    ) -> Option<StrangerSlot> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = conns.values().sum();
+        let mine = conns.entry(peer.to_bytes()).or_default();
+        if total >= limits.max_connections || *mine >= limits.max_connections_per_key {
+            if *mine == 0 {
+                conns.remove(&peer.to_bytes());
+            }
+            return None;
+        }
+        *mine += 1;
+        Some(StrangerSlot {
+            strangers: self.clone(),
+            key: peer.to_bytes(),
+        })
+    }
+}
+
+/// An untrusted peer's connection, counted until dropped.
+struct StrangerSlot {
+    strangers: Arc<Strangers>,
+    key: [u8; 32],
+}
+
+impl Drop for StrangerSlot {
+    fn drop(&mut self) {
+        let mut conns = self
+            .strangers
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = conns.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                conns.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -322,6 +429,10 @@ impl Endpoint {
     ) -> Result<Self, NetError> {
         let local_addr = quic.local_addr()?;
         let dial_transport = Arc::new(opts.transport_config(false));
+        let strangers = Arc::new(Strangers {
+            conns: Mutex::new(HashMap::new()),
+            receiving: Arc::new(tokio::sync::Semaphore::new(opts.strangers.max_receiving)),
+        });
         Ok(Endpoint {
             inner: Arc::new(Inner {
                 quic,
@@ -332,6 +443,7 @@ impl Endpoint {
                 dial_transport,
                 authorizer,
                 conns: Mutex::new(HashMap::new()),
+                strangers,
             }),
         })
     }
@@ -554,6 +666,7 @@ impl Endpoint {
                     handler.clone(),
                     authorizer.clone(),
                     inner.opts.clone(),
+                    inner.strangers.clone(),
                 ));
             }
         })
@@ -575,6 +688,7 @@ async fn serve_connection<H: Handler>(
     handler: Arc<H>,
     authorizer: Arc<dyn Authorizer>,
     opts: Arc<TransportOptions>,
+    strangers: Arc<Strangers>,
 ) {
     let remote = incoming.remote_address();
     let conn = match timeout(opts.connect_timeout, incoming).await {
@@ -598,6 +712,21 @@ async fn serve_connection<H: Handler>(
         conn.close(VarInt::from_u32(codes::CLOSE_UNAUTHORIZED), b"unauthorized");
         return;
     }
+    // A stranger holds a slot of the strangers' budget while connected; a trusted peer gets the
+    // full budget (its connection started with a stranger's).
+    let mut stranger = None;
+    if !authorizer.is_trusted(&peer) {
+        match strangers.admit(&peer, &opts.strangers) {
+            Some(slot) => stranger = Some(slot),
+            None => {
+                debug!(%remote, "too many connections from untrusted keys: refused");
+                conn.close(VarInt::from_u32(codes::CLOSE_BUSY), b"busy");
+                return;
+            }
+        }
+    } else {
+        trust(&conn, &opts);
+    }
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(streams) => streams,
@@ -611,28 +740,63 @@ async fn serve_connection<H: Handler>(
             conn.close(VarInt::from_u32(codes::CLOSE_UNAUTHORIZED), b"unauthorized");
             return;
         }
+        if stranger.is_some() && authorizer.is_trusted(&peer) {
+            stranger = None;
+            trust(&conn, &opts);
+        }
+        let receiving = stranger.as_ref().map(|_| strangers.receiving.clone());
         tokio::spawn(serve_stream(
             handler.clone(),
             peer,
             send,
             recv,
             opts.clone(),
+            receiving,
         ));
     }
 }
 
+/// Gives a trusted peer's connection the full budget: streams and flow-control window.
+fn trust(conn: &quinn::Connection, opts: &TransportOptions) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(opts.max_concurrent_streams));
+    conn.set_receive_window(varint(opts.connection_window.max(opts.stream_window())));
+}
+
+/// Serves one request. `receiving` is the strangers' pool of receiving slots for an untrusted
+/// peer (`None` for a trusted one): its request is read only while holding a slot, and within the
+/// strangers' deadline.
 async fn serve_stream<H: Handler>(
     handler: Arc<H>,
     peer: VerifyingKey,
     mut send: SendStream,
     mut recv: RecvStream,
     opts: Arc<TransportOptions>,
+    receiving: Option<Arc<tokio::sync::Semaphore>>,
 ) {
     let abort = |send: &mut SendStream, recv: &mut RecvStream, code: u32| {
         let _ = recv.stop(VarInt::from_u32(code));
         let _ = send.reset(VarInt::from_u32(code));
     };
-    let request = match timeout(opts.request_timeout, read_frame(&mut recv, opts.max_frame)).await {
+    let (limit, permit) = match receiving {
+        None => (opts.request_timeout, None),
+        Some(pool) => {
+            let deadline = Instant::now() + opts.strangers.request_timeout;
+            match timeout_at(deadline, pool.acquire_owned()).await {
+                Ok(Ok(permit)) => (deadline - Instant::now(), Some(permit)),
+                _ => {
+                    debug!("no receiving slot for an untrusted peer's request");
+                    abort(&mut send, &mut recv, codes::STREAM_BUSY);
+                    return;
+                }
+            }
+        }
+    };
+    let timeout_code = if permit.is_some() {
+        codes::STREAM_BUSY
+    } else {
+        codes::STREAM_CANCELLED
+    };
+    let request = match timeout(limit, read_frame(&mut recv, opts.max_frame)).await {
         Ok(Ok(Some(request))) => request,
         Ok(Ok(None)) => {
             // The peer opened a stream and finished it without a request.
@@ -650,10 +814,11 @@ async fn serve_stream<H: Handler>(
         }
         Err(_) => {
             debug!("request not received in time");
-            abort(&mut send, &mut recv, codes::STREAM_CANCELLED);
+            abort(&mut send, &mut recv, timeout_code);
             return;
         }
     };
+    drop(permit);
     drop(recv);
     let requester_gone = send.stopped();
     let mut out = Responder {

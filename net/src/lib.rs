@@ -10,7 +10,11 @@
 //!   it means to reach; the acceptor learns the dialler's key from the
 //!   handshake and asks the caller's [`Authorizer`] whether to serve it.
 //! - Bound everything a peer can make us spend: frame length (checked before
-//!   allocating), concurrent streams per connection, time per request.
+//!   allocating), concurrent streams per connection, time per request. Peers
+//!   the [`Authorizer`] does not trust (strangers) share a small budget of their
+//!   own ([`StrangerLimits`]): connections, streams, bytes buffered for requests
+//!   still arriving, and a short deadline to deliver a request, so strangers can
+//!   cost at most a fixed amount of memory however many they are.
 //! - Reuse one connection per (peer key, address) and re-dial it transparently.
 //!
 //! # Non-goals
@@ -45,7 +49,8 @@ pub mod frame;
 mod tls;
 
 pub use endpoint::{
-    local_bind_for, Authorizer, Endpoint, Handler, Responder, ResponseStream, TransportOptions,
+    local_bind_for, Authorizer, Endpoint, Handler, Responder, ResponseStream, StrangerLimits,
+    TransportOptions,
 };
 pub use error::NetError;
 pub use tls::{key_to_spki, peer_key, spki_to_key};
@@ -69,6 +74,9 @@ pub mod codes {
     /// Connection: a request on it timed out, so the dialler suspects the peer died (for example
     /// killed without closing) and dials afresh next time.
     pub const CLOSE_SUSPECT: u32 = 2;
+    /// Connection: the acceptor already holds as many connections from untrusted keys as it
+    /// allows (see [`crate::StrangerLimits`]); try again later.
+    pub const CLOSE_BUSY: u32 = 3;
 
     /// Stream: the request was cancelled (timeout, or the requester left).
     pub const STREAM_CANCELLED: u32 = 0x10;
@@ -78,4 +86,7 @@ pub mod codes {
     pub const STREAM_BAD_REQUEST: u32 = 0x12;
     /// Stream: the handler failed while writing its response.
     pub const STREAM_HANDLER_FAILED: u32 = 0x13;
+    /// Stream: an untrusted peer's request waited too long for a receiving slot, or was not
+    /// received within the untrusted peers' deadline.
+    pub const STREAM_BUSY: u32 = 0x14;
 }

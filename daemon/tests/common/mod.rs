@@ -191,6 +191,11 @@ impl Cluster {
             .node_id()
     }
 
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(|c| c.id())
+    }
+
     /// kill -9 node `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
