@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput of a live mount while one node of four is faulty, against the same cluster healthy.
 #
-#   scripts/bench-faults.sh [MODE...]     # default: healthy killed silent garbage corrupt stale healthy
+#   scripts/bench-faults.sh [MODE...]     # default: healthy killed silent garbage corrupt stale equivocate healthy
 #
 # For each mode: a fresh 4-node cluster (f=1) on loopback, node 3 started with `--fault MODE`
 # (`killed`: started healthy and killed with kill -9 before the writes). A read-write mount copies a
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(healthy killed silent garbage corrupt stale healthy)
+[ ${#modes[@]} -gt 0 ] || modes=(healthy killed silent garbage corrupt stale equivocate healthy)
 files=${TREE_FILES:-300}
 
 cargo build --release --locked -p dbqsfs-daemon --features fault-injection --bin dbqsfs >&2

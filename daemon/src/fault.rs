@@ -2,12 +2,17 @@
 //!
 //! Goals: let real-node tests run one node that lies in each of the ways the protocol must
 //! survive, without touching the replica state machine: faults sit in the store under it
-//! ([`FaultStore`]) or on the replies it sends ([`distort_reply`]). Non-goals: being subtle; these
+//! ([`FaultStore`]) or on the replies it sends ([`Distorter`]). Non-goals: being subtle; these
 //! are blunt faults for tests, never for production builds.
 
 use dbqsfs_core::crypto::ObjectId;
+use dbqsfs_core::dbqs::msg::DbqsMessage;
 use dbqsfs_core::object::{PkBlock, Stamp};
 use dbqsfs_core::store::{Store, StoreError};
+use dbqsfs_core::wire::{decode, encode_msg};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// How a faulty node misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -22,6 +27,11 @@ pub enum Fault {
     Garbage,
     /// Acknowledges writes without storing anything.
     AckWithoutStore,
+    /// Tells different requesters different things about the same object: on every other read
+    /// (alternating by request and by requester key) it answers a public-key read with the oldest
+    /// version it ever served of that block (validly signed: replicas cannot forge) and a content
+    /// read with "not held".
+    Equivocate,
     /// As a committee member: withholds its agreement messages and sends garbage ones, never
     /// proposes the end of an epoch, and pushes forged configurations and freshness certificates
     /// to every member (stores and answers dBQS honestly).
@@ -103,22 +113,74 @@ impl<S: Store> Store for FaultStore<S> {
     }
 }
 
-/// The reply a faulty node actually sends.
-pub fn distort_reply(fault: Option<Fault>, reply: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    match fault {
-        Some(Fault::Silent) => None,
-        Some(Fault::Garbage) => {
-            let mut len = [0u8; 2];
-            let _ = getrandom::fill(&mut len);
-            let mut junk = vec![0u8; usize::from(u16::from_le_bytes(len)) % 4096];
-            let _ = getrandom::fill(&mut junk);
-            // Sometimes a well-formed header, so the decoder's deeper checks are exercised too.
-            if junk.len() > 2 && len[0] % 2 == 0 {
-                junk[0] = dbqsfs_core::wire::WIRE_VERSION;
-                junk[1] = 1;
-            }
-            Some(junk)
+/// What a faulty node does to its replies: [`Fault::Silent`] sends none, [`Fault::Garbage`]
+/// random bytes, [`Fault::Equivocate`] alternates between the truth and old or missing values.
+pub struct Distorter {
+    fault: Option<Fault>,
+    /// For equivocation: the oldest version served of each public-key block.
+    oldest: Mutex<HashMap<ObjectId, PkBlock>>,
+    turn: AtomicU64,
+}
+
+impl Distorter {
+    pub fn new(fault: Option<Fault>) -> Distorter {
+        Distorter {
+            fault,
+            oldest: Mutex::new(HashMap::new()),
+            turn: AtomicU64::new(0),
         }
-        _ => reply,
     }
+
+    /// The reply a faulty node actually sends to `peer`.
+    pub fn reply(&self, peer: &[u8; 32], reply: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        match self.fault {
+            Some(Fault::Silent) => None,
+            Some(Fault::Garbage) => Some(garbage()),
+            Some(Fault::Equivocate) => reply.map(|r| self.equivocate(peer, r)),
+            _ => reply,
+        }
+    }
+
+    fn equivocate(&self, peer: &[u8; 32], reply: Vec<u8>) -> Vec<u8> {
+        let Ok(env) = decode::<DbqsMessage>(&reply) else {
+            return reply;
+        };
+        let lie = (self.turn.fetch_add(1, Ordering::Relaxed) + u64::from(peer[0])) % 2 == 1;
+        let msg = match env.msg {
+            DbqsMessage::Pk {
+                rid,
+                id,
+                block: Some(b),
+            } => {
+                let mut oldest = self.oldest.lock().unwrap_or_else(|p| p.into_inner());
+                let old = oldest.entry(id).or_insert_with(|| b.clone()).clone();
+                let block = Some(if lie { old } else { b });
+                DbqsMessage::Pk { rid, id, block }
+            }
+            DbqsMessage::Content {
+                rid,
+                id,
+                data: Some(data),
+            } => DbqsMessage::Content {
+                rid,
+                id,
+                data: (!lie).then_some(data),
+            },
+            _ => return reply,
+        };
+        encode_msg(env.epoch, msg)
+    }
+}
+
+fn garbage() -> Vec<u8> {
+    let mut len = [0u8; 2];
+    let _ = getrandom::fill(&mut len);
+    let mut junk = vec![0u8; usize::from(u16::from_le_bytes(len)) % 4096];
+    let _ = getrandom::fill(&mut junk);
+    // Sometimes a well-formed header, so the decoder's deeper checks are exercised too.
+    if junk.len() > 2 && len[0] % 2 == 0 {
+        junk[0] = dbqsfs_core::wire::WIRE_VERSION;
+        junk[1] = 1;
+    }
+    junk
 }

@@ -428,15 +428,17 @@ impl Node {
             .start(endpoint.clone(), shared.replica.clone());
         let (ms, ms_task) = crate::ms::spawn(shared.clone(), endpoint.clone(), self.ms);
         #[cfg(feature = "fault-injection")]
-        let fault = self.fault;
+        let distorter = Arc::new(crate::fault::Distorter::new(self.fault));
         let serving = shared.clone();
         endpoint.serve(move |peer: VerifyingKey, request: Vec<u8>| {
             let shared = serving.clone();
             let ms = ms.clone();
+            #[cfg(feature = "fault-injection")]
+            let distorter = distorter.clone();
             async move {
                 let reply = handle(shared, ms, peer, request).await;
                 #[cfg(feature = "fault-injection")]
-                let reply = crate::fault::distort_reply(fault, reply);
+                let reply = distorter.reply(&peer.to_bytes(), reply);
                 reply
             }
         });

@@ -90,6 +90,7 @@ async fn one_byzantine_node_in_every_fault_mode_cannot_change_what_clients_read(
         Fault::Silent,
         Fault::Garbage,
         Fault::AckWithoutStore,
+        Fault::Equivocate,
     ] {
         check_mode(fault).await;
     }
