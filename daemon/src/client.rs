@@ -326,6 +326,8 @@ async fn drive(
     // Answers, and `None` for a request that failed in transport.
     let (resp_tx, mut responses) = mpsc::unbounded_channel::<(NodeId, Option<Vec<u8>>)>();
     let mut waiting: HashMap<OpId, oneshot::Sender<Outcome>> = HashMap::new();
+    // Misbehaviour seen per replica since it was last logged, and when that was.
+    let mut misbehaved: HashMap<NodeId, (u64, Option<Instant>)> = HashMap::new();
     let mut open = true;
     loop {
         while let Some(out) = core.poll_output() {
@@ -364,7 +366,15 @@ async fn drive(
                     }
                 }
                 ClientOutput::Misbehaviour { from, what } => {
-                    warn!(node = %from.short(), what, "replica misbehaved");
+                    // Once per replica every 10 s, with a count: a lying replica answers every
+                    // request, and a line each would flood the log.
+                    let (count, last) = misbehaved.entry(from).or_insert((0, None));
+                    *count += 1;
+                    if last.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                        warn!(node = %from.short(), what, times = *count, "replica misbehaved");
+                        *count = 0;
+                        *last = Some(Instant::now());
+                    }
                 }
                 ClientOutput::EpochChanged { epoch } => {
                     info!(epoch, "client moved to a new epoch");
