@@ -359,6 +359,11 @@ impl Node {
         })
     }
 
+    /// The UDP address the node listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
     /// Makes this node Byzantine in the way `fault` says (test builds only).
     #[cfg(feature = "fault-injection")]
     pub fn with_fault(mut self, fault: crate::fault::Fault) -> Self {
@@ -420,7 +425,7 @@ impl Node {
             shared.listen,
             shared.key.dalek().clone(),
             TransportOptions::default(),
-            Arc::new(Trust(shared.clone())),
+            Arc::new(Trust(Arc::downgrade(&shared))),
         )?;
         info!(addr = %endpoint.local_addr(), "serving");
         let transfers = shared
@@ -472,8 +477,9 @@ async fn trim_memory() {
 /// Every key may connect: a joining node is in no configuration yet, and a node that left still
 /// asks about what it collects. What a peer may ask is decided per message, by [`Shared::peer`].
 /// Members, listed clients and this node itself get the transport's full budget, other keys the
-/// strangers' small one.
-struct Trust(Arc<Shared>);
+/// strangers' small one. It holds the node weakly: the endpoint holds it, and the node's workers
+/// hold the endpoint, so a strong reference would keep the socket bound after the node stopped.
+struct Trust(std::sync::Weak<Shared>);
 
 impl Authorizer for Trust {
     fn is_authorized(&self, _peer: &VerifyingKey) -> bool {
@@ -481,7 +487,9 @@ impl Authorizer for Trust {
     }
 
     fn is_trusted(&self, peer: &VerifyingKey) -> bool {
-        self.0.peer(&PublicKey(peer.to_bytes())) != Peer::Stranger
+        self.0
+            .upgrade()
+            .is_some_and(|shared| shared.peer(&PublicKey(peer.to_bytes())) != Peer::Stranger)
     }
 }
 

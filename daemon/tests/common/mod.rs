@@ -39,6 +39,14 @@ pub struct Running {
 /// Runs the node of `dir` on `rt` until [`Running::stop`].
 pub fn start_node(rt: &Handle, dir: &Path) -> Running {
     let node = Node::load(dir).expect("load node");
+    // A node stopped just before in this process may still hold its socket for a few seconds:
+    // tasks it spawned (requests in flight, probes) keep its endpoint until they end. A node
+    // process releases it when it exits; here, wait until the port is free.
+    let addr = node.listen_addr();
+    let free_by = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::UdpSocket::bind(addr).is_err() && std::time::Instant::now() < free_by {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let (stop, rx) = oneshot::channel::<()>();
     let task = rt.spawn(async move {
         node.run(async {
