@@ -12,14 +12,7 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlisted_client_key_is_refused_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::init(tmp.path(), 4, &[]);
-    for i in 0..4 {
-        cluster.start(i);
-    }
-    let listed = cluster.client();
-    cluster
-        .wait_all_at_least(&listed, 0, Duration::from_secs(30))
-        .await;
+    let (cluster, listed) = Cluster::up(tmp.path(), 4, &[]).await;
     listed
         .put_content(b"for a listed client".to_vec())
         .await

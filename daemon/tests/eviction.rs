@@ -12,14 +12,7 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_evicted_within_90_s_with_the_default_periods() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::init(tmp.path(), 5, &[]);
-    for i in 0..5 {
-        cluster.start(i);
-    }
-    let client = cluster.client();
-    cluster
-        .wait_all_at_least(&client, 0, Duration::from_secs(30))
-        .await;
+    let (mut cluster, client) = Cluster::up(tmp.path(), 5, &[]).await;
     let chain = client.refresh().await;
     let config = chain.config().clone();
     let victim = (0..cluster.len())

@@ -3,7 +3,7 @@
 //! datagrams. None of them gets anything, and the nodes keep serving a correct client.
 
 use dbqsfs_core::crypto::{Keypair, ObjectId};
-use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::dbqs::msg::{DbqsMessage, Reject};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
@@ -75,7 +75,7 @@ async fn hostile_peers_get_nothing_and_nodes_keep_serving() {
     );
 
     // A key the cluster does not know may connect (a joining node must reach the Membership
-    // Service) but gets no dBQS answer, and no MS answer beyond a refusal.
+    // Service) but gets no dBQS answer beyond "not authorized", and no MS answer beyond a refusal.
     let stranger =
         Endpoint::client(local_bind_for(addr), wrong.dalek().clone(), options()).unwrap();
     let get = encode_msg(
@@ -85,8 +85,14 @@ async fn hostile_peers_get_nothing_and_nodes_keep_serving() {
             id: ObjectId([3; 32]),
         },
     );
-    let err = stranger.request(addr, &node_key, &get).await.unwrap_err();
-    assert!(matches!(err, NetError::NoResponse), "got {err:?}");
+    let resp = stranger.request(addr, &node_key, &get).await.unwrap();
+    assert_eq!(
+        decode::<DbqsMessage>(&resp).unwrap().msg,
+        DbqsMessage::Rejected {
+            rid: 1,
+            reason: Reject::NotAuthorized
+        }
+    );
     let status = encode_msg(0, MsMessage::StatusRequest);
     let resp = stranger.request(addr, &node_key, &status).await.unwrap();
     assert!(

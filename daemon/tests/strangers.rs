@@ -25,14 +25,7 @@ fn rss_mb(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_strangers_with_half_sent_frames_cost_a_node_less_than_100_mb() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::init(tmp.path(), 4, &[]);
-    for i in 0..4 {
-        cluster.start(i);
-    }
-    let client = cluster.client();
-    cluster
-        .wait_all_at_least(&client, 0, Duration::from_secs(30))
-        .await;
+    let (cluster, client) = Cluster::up(tmp.path(), 4, &[]).await;
     for i in 0..8u8 {
         client.put_content(vec![i; 1 << 20]).await.unwrap();
     }

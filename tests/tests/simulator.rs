@@ -24,17 +24,20 @@ fn different_seeds_explore_different_runs() {
     assert_ne!(a.digest, b.digest);
 }
 
+/// Runs `seed` at f=1 and fails the test with its setup and violations if it finds any.
+fn assert_clean(seed: u64) {
+    let r = run_seed(seed, &opts(1, Mutant::None));
+    assert!(
+        r.violations.is_empty(),
+        "seed {seed} ({}): {:?}",
+        r.setup,
+        r.violations
+    );
+}
+
 #[test]
 fn twenty_seeds_have_no_violation() {
-    for seed in 0..20 {
-        let r = run_seed(seed, &opts(1, Mutant::None));
-        assert!(
-            r.violations.is_empty(),
-            "seed {seed} ({}): {:?}",
-            r.setup,
-            r.violations
-        );
-    }
+    (0..20).for_each(assert_clean);
 }
 
 /// Seeds a long soak found (liveness): a replica stuck on one range of its transfer into an epoch
@@ -43,15 +46,7 @@ fn twenty_seeds_have_no_violation() {
 /// once they hold that arc, not only once their whole transfer is complete.
 #[test]
 fn seeds_found_by_the_soak_pass() {
-    for seed in [1_000_049, 1_003_470] {
-        let r = run_seed(seed, &opts(1, Mutant::None));
-        assert!(
-            r.violations.is_empty(),
-            "seed {seed} ({}): {:?}",
-            r.setup,
-            r.violations
-        );
-    }
+    [1_000_049, 1_003_470].into_iter().for_each(assert_clean);
 }
 
 #[test]

@@ -123,6 +123,24 @@ impl Cluster {
         }
     }
 
+    /// `init` of `n` nodes with `args`, every node started, and a client of the cluster once every
+    /// member answers.
+    pub async fn up(
+        root: &Path,
+        n: usize,
+        args: &[&str],
+    ) -> (Cluster, dbqsfs_daemon::client::DbqsClient) {
+        let mut cluster = Cluster::init(root, n, args);
+        for i in 0..n {
+            cluster.start(i);
+        }
+        let client = cluster.client();
+        cluster
+            .wait_all_at_least(&client, 0, std::time::Duration::from_secs(30))
+            .await;
+        (cluster, client)
+    }
+
     pub fn len(&self) -> usize {
         self.dirs.len()
     }
