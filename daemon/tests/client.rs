@@ -114,8 +114,14 @@ async fn client_reads_latest_pk_versions_and_absences_and_refuses_strangers() {
     let nodes: Vec<common::Running> = (0..4)
         .map(|i| start(&dir.join(format!("node-{i}"))))
         .collect();
-    let client =
-        DbqsClient::connect(info.genesis.clone(), info.client_key.clone(), options()).unwrap();
+    // The restarted nodes come up one by one (each waits for its old socket to be released) and
+    // the client first needs a fresh freshness certificate: the default operation timeout.
+    let client = DbqsClient::connect(
+        info.genesis.clone(),
+        info.client_key.clone(),
+        DbqsClientOptions::default(),
+    )
+    .unwrap();
     assert_eq!(client.get_content(cid).await.unwrap(), Some(data));
     let got = client
         .get_pk(id)
