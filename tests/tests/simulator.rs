@@ -81,10 +81,12 @@ fn a_public_key_block_taken_from_one_old_replica_is_caught() {
     );
 }
 
+/// Caught at seed 396 since reads wait for the last replica before a write-back (the fourth
+/// answer often outvotes what a replica serving too early says; it was seed 16 before).
 #[test]
 fn reads_served_before_the_transfer_completes_are_caught() {
     assert!(
-        caught(Mutant::ServeBeforeTransfer, 200),
+        caught(Mutant::ServeBeforeTransfer, 600),
         "serve-before-transfer was not caught"
     );
 }
