@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Throughput of a live mount while one node of four is faulty, against the same cluster healthy.
 #
-#   scripts/bench-faults.sh [MODE...]     # default: healthy killed silent garbage corrupt stale equivocate healthy
+#   scripts/bench-faults.sh [MODE...]     # default: healthy killed silent garbage corrupt stale equivocate full healthy
 #
 # For each mode: a fresh 4-node cluster (f=1) on loopback, node 3 started with `--fault MODE`
-# (`killed`: started healthy and killed with kill -9 before the writes). A read-write mount copies a
+# (`killed`: started healthy and killed with kill -9 before the writes; `full`: node 3's directory
+# on a 12 MiB tmpfs with a 4 MiB reserve, so that it is full after a few blocks). A read-write mount copies a
 # generated tree (TREE_FILES files, default 300, of 1 KiB to 256 KiB: about 15 MB) in and unmounts (the unmount
 # returns once everything is stored): write throughput. Then a fresh read-only mount reads every
 # file back and checks it against the source's SHA-256 sums: read throughput, and the count of
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(healthy killed silent garbage corrupt stale equivocate healthy)
+[ ${#modes[@]} -gt 0 ] || modes=(healthy killed silent garbage corrupt stale equivocate full healthy)
 files=${TREE_FILES:-300}
 
 cargo build --release --locked -p dbqsfs-daemon --features fault-injection --bin dbqsfs >&2
@@ -28,6 +29,7 @@ cleanup() {
   done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  grep -q " $work/c/node-3 " /proc/self/mountinfo && umount "$work/c/node-3"
   rm -rf "$work/c" "$work/tree"
   echo "bench-faults: results in $work/results.txt" >&2
 }
@@ -57,10 +59,19 @@ run_mode() {
   local mode=$1 c="$work/c" port=$(( 20000 + RANDOM % 30000 ))
   rm -rf "$c"
   "$bin" cluster init --nodes 4 --dir "$c" --base-port "$port" >/dev/null
+  if [ "$mode" = full ]; then
+    mv "$c/node-3" "$c/node-3.init" && mkdir "$c/node-3"
+    mount -t tmpfs -o size=12M tmpfs "$c/node-3"
+    cp -a "$c/node-3.init/." "$c/node-3/"
+  fi
   pids=()
   for i in 0 1 2 3; do
     local extra=()
-    if [ "$i" = 3 ] && [ "$mode" != healthy ] && [ "$mode" != killed ]; then extra=(--fault "$mode"); fi
+    case "$i/$mode" in
+      3/healthy|3/killed) ;;
+      3/full) extra=(--reserve 4) ;;
+      3/*) extra=(--fault "$mode") ;;
+    esac
     "$bin" node --dir "$c/node-$i" "${extra[@]}" > "$c/node-$i.log" 2>&1 &
     pids+=($!)
   done
@@ -82,6 +93,10 @@ run_mode() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
+  if [ "$mode" = full ]; then
+    echo "node 3: $(grep -c 'store full' "$c/node-3.log" || true) 'store full' lines, $(grep -c 'goes on without' "$c/node-3.log" || true) transfers that deferred blocks" >&2
+    umount "$c/node-3"
+  fi
   local ws rs
   ws=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
   rs=$(awk -v a="$t2" -v b="$t3" 'BEGIN { print b - a }')

@@ -125,11 +125,26 @@ pub struct MemStore {
 struct MemInner {
     content: BTreeMap<ObjectId, Vec<u8>>,
     pk: BTreeMap<ObjectId, PkBlock>,
+    /// At most this many content blocks; a new one beyond it is refused with `NoSpace`.
+    content_limit: Option<usize>,
 }
 
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that holds at most `limit` content blocks (a full disk, for tests): a new content
+    /// block beyond it is refused with [`StoreError::NoSpace`]; public-key blocks always fit.
+    pub fn with_content_limit(limit: usize) -> Self {
+        let s = Self::default();
+        s.lock().content_limit = Some(limit);
+        s
+    }
+
+    /// Lifts the limit of [`MemStore::with_content_limit`] (space was freed).
+    pub fn lift_content_limit(&self) {
+        self.lock().content_limit = None;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
@@ -165,10 +180,11 @@ impl Store for MemStore {
     }
 
     fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError> {
-        self.lock()
-            .content
-            .entry(*id)
-            .or_insert_with(|| data.to_vec());
+        let mut g = self.lock();
+        if !g.content.contains_key(id) && g.content_limit.is_some_and(|l| g.content.len() >= l) {
+            return Err(StoreError::NoSpace);
+        }
+        g.content.entry(*id).or_insert_with(|| data.to_vec());
         Ok(())
     }
 

@@ -411,3 +411,93 @@ fn a_range_held_is_listed_for_the_next_epoch_though_another_range_is_still_trans
         "an arc it never completed is not"
     );
 }
+
+#[test]
+fn a_block_deferred_for_lack_of_space_is_never_denied_and_its_range_never_claimed() {
+    use dbqsfs_core::dbqs::transfer::{Arc as RingArc, TransferMessage};
+    let fx = fixture();
+    let mut r = replica(&fx, 0);
+    r.install(vec![fx.configs[1].clone()]).unwrap();
+    r.transfer_complete(1);
+    let me = fx.keys[0].node_id();
+    // Two blocks node 0 is responsible for in epoch 1: one deferred, one stored.
+    let mut mine = (0..200u32)
+        .map(|i| format!("block {i}").into_bytes())
+        .filter(|d| fx.configs[1].config.is_responsible(&me, &content_id(d)));
+    let (data, stored) = (mine.next().unwrap(), mine.next().unwrap());
+    let (x, y) = (content_id(&data), content_id(&stored));
+    r.store().put_content(&y, &stored).unwrap();
+    r.defer(x);
+    let transfer = |r: &Replica<Arc<MemStore>>, msg| {
+        let reply = r
+            .handle_transfer(NodeId([1; 32]), &encode_msg(1, msg))
+            .unwrap();
+        decode::<TransferMessage>(&reply).unwrap().msg
+    };
+    let have = |r: &Replica<Arc<MemStore>>, rid| {
+        let arc = RingArc::single(&x);
+        transfer(r, TransferMessage::HaveQuery { rid, epoch: 1, arc })
+    };
+    // A read of it is "not ready", never "not held" (which would vote that it does not exist).
+    assert_eq!(
+        ask(&r, 1, DbqsMessage::GetContent { rid: 1, id: x }).msg,
+        DbqsMessage::NotReady { rid: 1 }
+    );
+    assert_eq!(
+        transfer(&r, TransferMessage::Fetch { rid: 2, id: x }),
+        TransferMessage::NotYet { rid: 2 }
+    );
+    // Garbage collection elsewhere must not take its range as held here.
+    assert_eq!(
+        have(&r, 3),
+        TransferMessage::Have {
+            rid: 3,
+            have: false
+        }
+    );
+    // What it holds is still served.
+    assert!(matches!(
+        ask(&r, 1, DbqsMessage::GetContent { rid: 4, id: y }).msg,
+        DbqsMessage::Content { data: Some(_), .. }
+    ));
+    // Once stored, the deferral is forgotten and the block is served like any other.
+    r.store().put_content(&x, &data).unwrap();
+    r.undefer(&x);
+    assert!(matches!(
+        ask(&r, 1, DbqsMessage::GetContent { rid: 5, id: x }).msg,
+        DbqsMessage::Content { data: Some(_), .. }
+    ));
+    assert_eq!(have(&r, 6), TransferMessage::Have { rid: 6, have: true });
+}
+
+#[test]
+fn a_full_store_refuses_new_content_with_no_space_and_still_takes_public_key_blocks() {
+    let fx = fixture();
+    let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();
+    let r = Replica::new(
+        fx.keys[0].node_id(),
+        Arc::new(MemStore::with_content_limit(0)),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    );
+    let data = b"no room".to_vec();
+    let put = DbqsMessage::PutContent {
+        rid: 1,
+        id: content_id(&data),
+        data,
+    };
+    assert_eq!(
+        ask(&r, 0, put).msg,
+        DbqsMessage::Rejected {
+            rid: 1,
+            reason: Reject::NoSpace
+        }
+    );
+    let owner = Keypair::from_seed([9; 32]);
+    let block = PkBlock::sign(&owner, b"name", 1, vec![1]).unwrap();
+    assert!(matches!(
+        ask(&r, 0, DbqsMessage::PutPk { rid: 2, block }).msg,
+        DbqsMessage::PkStored { .. }
+    ));
+}

@@ -358,3 +358,103 @@ fn listing_pages_walk_an_arc_in_order_from_any_cursor() {
         "{deleted} deleted in {steps} steps"
     );
 }
+
+/// Four old replicas holding 60 content blocks each; a fifth node joins. One old replica lists,
+/// then dies: every fetch sent to it fails in transport and the driver says so
+/// ([`Transfer::peer_failed`]). The transfer completes without a single retransmission round, and
+/// the fetches were spread over the live listers, not all sent to one.
+#[test]
+fn fetches_waiting_on_a_source_that_fails_are_asked_elsewhere_at_once() {
+    let ks = keys(5);
+    let g = config(0, &ks[..4], None);
+    let next = config(1, &ks, Some(g.hash()));
+    let c1 = certify(&g, next.clone(), &ks);
+    let mut replicas: BTreeMap<NodeId, R> = BTreeMap::new();
+    for k in &ks[..4] {
+        let chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
+        let mut r = Replica::new(
+            k.node_id(),
+            Arc::new(MemStore::new()),
+            chain,
+            true,
+            ReplicaOptions::default(),
+        );
+        r.install(vec![c1.clone()]).unwrap();
+        replicas.insert(k.node_id(), r);
+    }
+    let contents: Vec<Vec<u8>> = (0..60u32)
+        .map(|i| format!("block {i}").into_bytes())
+        .collect();
+    for r in replicas.values() {
+        for data in &contents {
+            r.store().put_content(&content_id(data), data).unwrap();
+        }
+    }
+    let me = ks[4].node_id();
+    let dead = *replicas.keys().next().unwrap();
+    let mut t = Transfer::new(&g, &next, &me, true, TransferOptions::default());
+    let mine = Arc::new(MemStore::new());
+    t.start(0);
+    let mut fetched_from: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut listed = false;
+    for _round in 0..50 {
+        let mut sent = Vec::new();
+        while let Some(out) = t.poll_output() {
+            match out {
+                TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
+                TransferOutput::Check { ids } => {
+                    listed = true;
+                    t.held(&[]);
+                    let _ = ids;
+                }
+                TransferOutput::StoreContent { id, data } => mine.put_content(&id, &data).unwrap(),
+                _ => {}
+            }
+        }
+        if t.is_complete() || sent.is_empty() {
+            break;
+        }
+        for (to, bytes) in sent {
+            let fetch = matches!(
+                decode::<TransferMessage>(&bytes).map(|e| e.msg),
+                Ok(TransferMessage::Fetch { .. })
+            );
+            if fetch {
+                *fetched_from.entry(to).or_default() += 1;
+                if to == dead {
+                    t.peer_failed(1, dead);
+                    continue;
+                }
+            }
+            if let Some(reply) = replicas[&to].handle_transfer(me, &bytes) {
+                t.handle_message(1, to, &reply);
+            }
+        }
+        // No handle_timeout: only answers and failures move the transfer.
+    }
+    assert!(listed, "the dead replica listed before it died");
+    assert!(
+        t.is_complete(),
+        "complete without retransmissions: {}",
+        t.describe()
+    );
+    let wanted = contents
+        .iter()
+        .filter(|d| next.is_responsible(&me, &content_id(d)))
+        .count();
+    assert!(wanted > 0);
+    for data in &contents {
+        let id = content_id(data);
+        if next.is_responsible(&me, &id) {
+            assert_eq!(mine.get_content(&id).unwrap().as_deref(), Some(&data[..]));
+        }
+    }
+    let live_sources = fetched_from
+        .iter()
+        .filter(|(n, c)| **n != dead && **c > 0)
+        .count();
+    assert!(
+        live_sources >= 2,
+        "fetches spread over the live listers: {fetched_from:?}"
+    );
+}

@@ -81,6 +81,12 @@ pub enum Command {
         #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = transfer::DEFAULT_RATE_UNDER_LOAD,
               value_parser = clap::value_parser!(u64).range(1..))]
         transfer_rate_under_load: u64,
+        /// Free space (MiB) kept on the data directory's filesystem for metadata: below it the node
+        /// refuses new content blocks (clients and transfers go on with the other replicas) but
+        /// still stores public-key blocks and configurations, so it stays in its epoch and the
+        /// volume's namespace stays writable [default: 1% of the filesystem, 16 MiB to 1 GiB].
+        #[arg(long, value_name = "MIB")]
+        reserve: Option<u64>,
         /// Test builds only: make this node Byzantine in the given way.
         #[cfg(feature = "fault-injection")]
         #[arg(long, value_enum)]
@@ -279,6 +285,28 @@ pub enum ClusterCmd {
     },
 }
 
+/// What `status` says of a node's free space: nothing while it has room; "FULL" (it refuses new
+/// content blocks), and the blocks it deferred, otherwise.
+fn space_note(s: &dbqsfs_daemon::control::SpaceStatus) -> String {
+    let mib = |b: u64| b >> 20;
+    let mut note = String::new();
+    if s.full {
+        note += &format!(
+            "  FULL ({} MiB free of {} MiB, {} MiB reserved): new content blocks refused",
+            mib(s.free),
+            mib(s.size),
+            mib(s.reserve)
+        );
+    }
+    if s.deferred > 0 {
+        note += &format!(
+            "  {} blocks deferred for lack of space (stored once space is freed)",
+            s.deferred
+        );
+    }
+    note
+}
+
 /// The Membership Service's periods, fixed in the genesis configuration.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Timing {
@@ -369,6 +397,7 @@ pub fn run(cli: Cli) -> Result<()> {
             listen,
             transfer_rate_limit,
             transfer_rate_under_load,
+            reserve,
             #[cfg(feature = "fault-injection")]
             fault,
         } => {
@@ -378,6 +407,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let node =
                 Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
+            if let Some(mib) = reserve {
+                node.set_reserve(mib.saturating_mul(1 << 20));
+            }
             #[cfg(feature = "fault-injection")]
             let node = match fault {
                 Some(f) => node.with_fault(f),
@@ -1021,7 +1053,7 @@ async fn status(cluster: &Path) -> Result<()> {
         }
         match r {
             Ok(s) => println!(
-                "{}  {}  reachable  epoch {}  {} bytes in {} objects{}",
+                "{}  {}  reachable  epoch {}  {} bytes in {} objects{}{}",
                 m.id.short(),
                 m.addr,
                 s.epoch,
@@ -1031,7 +1063,8 @@ async fn status(cluster: &Path) -> Result<()> {
                     ""
                 } else {
                     "  (state transfer pending)"
-                }
+                },
+                space_note(&s.space),
             ),
             Err(e) => {
                 unreachable += 1;

@@ -11,7 +11,7 @@
 //! Non-goals: protocol decisions (quorums, retries and epochs are the core's), chunking of large
 //! files (the CLI does it), caching.
 
-use crate::control::{ControlMessage, GcStatus, TransferStatus};
+use crate::control::{ControlMessage, GcStatus, SpaceStatus, TransferStatus};
 use crate::ms::{MsMessage, MsStatus};
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness, Member,
@@ -94,6 +94,8 @@ pub struct NodeStatus {
     pub transfers: Vec<TransferStatus>,
     /// Garbage collection of lost ranges, per epoch that lost some.
     pub gc: Vec<GcStatus>,
+    /// Free space of the node's store.
+    pub space: SpaceStatus,
 }
 
 /// What the driver task takes: operations, and configurations or freshness certificates learned
@@ -291,6 +293,7 @@ impl DbqsClient {
                 ready,
                 transfers,
                 gc,
+                space,
             } => Ok(NodeStatus {
                 epoch,
                 stored_bytes,
@@ -298,6 +301,7 @@ impl DbqsClient {
                 ready,
                 transfers,
                 gc,
+                space,
             }),
             other => Err(ClientError::BadStatus(format!("{other:?}"))),
         }

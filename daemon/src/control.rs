@@ -29,7 +29,24 @@ pub enum ControlMessage {
         transfers: Vec<TransferStatus>,
         /// Garbage collection of the ranges lost on entering each epoch that lost some.
         gc: Vec<GcStatus>,
+        /// Free space of the node's store.
+        space: SpaceStatus,
     },
+}
+
+/// Free space of a node's store, and what it could not store for lack of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceStatus {
+    /// Bytes free on the store's filesystem (0 if unknown).
+    pub free: u64,
+    /// Size of the store's filesystem (0 if unknown).
+    pub size: u64,
+    /// Free space kept for metadata: new content blocks are refused below it.
+    pub reserve: u64,
+    /// Content blocks deferred for lack of space (stored once space is back).
+    pub deferred: u64,
+    /// Whether the store refuses new content blocks (its last one did not fit above the reserve).
+    pub full: bool,
 }
 
 /// Garbage collection of what a node lost on entering one epoch.

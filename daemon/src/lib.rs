@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod client;
 pub mod control;
+pub mod deferred;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod files;

@@ -16,7 +16,7 @@
 //!
 //! Non-goals: protocol decisions (the replica and the MS core make them).
 
-use crate::control::{is_control, ControlMessage};
+use crate::control::{is_control, ControlMessage, SpaceStatus};
 use crate::files::{self, FileError, NodeFile};
 use crate::ms::{is_ms, Inbound, MsHandle, MsOptions};
 use crate::store::{DiskStore, OpenError};
@@ -338,7 +338,17 @@ impl Node {
         }
         info!(node = %me.short(), epoch = chain.epoch(), ready, %listen, "node loaded");
         let replica_store: ReplicaStore = store.clone();
-        let replica = Replica::new(me, replica_store, chain, ready, ReplicaOptions::default());
+        let mut replica = Replica::new(me, replica_store, chain, ready, ReplicaOptions::default());
+        let deferred = store.load_deferred()?;
+        if !deferred.is_empty() {
+            info!(
+                blocks = deferred.len(),
+                "content blocks deferred for lack of space: stored once space is free"
+            );
+        }
+        for x in deferred {
+            replica.defer(x);
+        }
         let transfers = TransferWorker::new(me, store.clone(), TransferOptions::default());
         Ok(Node {
             _lock: lock,
@@ -359,6 +369,12 @@ impl Node {
         })
     }
 
+    /// Keeps `bytes` free on the data directory's filesystem for metadata
+    /// ([`DiskStore::set_reserve`]).
+    pub fn set_reserve(&self, bytes: u64) {
+        self.shared.store.set_reserve(bytes);
+    }
+
     /// The UDP address the node listens on.
     pub fn listen_addr(&self) -> SocketAddr {
         self.shared.listen
@@ -373,13 +389,18 @@ impl Node {
             (r.chain().clone(), r.is_ready())
         };
         let faulty: ReplicaStore = Arc::new(crate::fault::FaultStore::new(s.store.clone(), fault));
-        let replica = Replica::new(
+        let mut replica = Replica::new(
             s.key.node_id(),
             faulty,
             chain,
             ready,
             ReplicaOptions::default(),
         );
+        if let Ok(deferred) = s.store.load_deferred() {
+            for x in deferred {
+                replica.defer(x);
+            }
+        }
         self.shared = Arc::new(Shared {
             key: s.key.clone(),
             admission_key: s.admission_key,
@@ -584,11 +605,31 @@ fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
     };
     match env.msg {
         ControlMessage::StatusRequest => {
-            let (epoch, ready, gc) = {
+            let (epoch, ready, gc, deferred) = {
                 let r = shared.replica.read().unwrap_or_else(|p| p.into_inner());
-                (r.epoch(), r.is_ready(), shared.transfers.gc_status(&r))
+                let deferred = r.deferred().len() as u64;
+                (
+                    r.epoch(),
+                    r.is_ready(),
+                    shared.transfers.gc_status(&r),
+                    deferred,
+                )
             };
             let store = &shared.store;
+            let space = store.space().map_or(
+                SpaceStatus {
+                    deferred,
+                    full: store.is_full(),
+                    ..SpaceStatus::default()
+                },
+                |s| SpaceStatus {
+                    free: s.free,
+                    size: s.size,
+                    reserve: s.reserve,
+                    deferred,
+                    full: store.is_full(),
+                },
+            );
             let objects = store.list().map(|l| l.len() as u64).unwrap_or(0);
             Some(encode_msg(
                 epoch,
@@ -599,6 +640,7 @@ fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
                     ready,
                     transfers: shared.transfers.status(),
                     gc,
+                    space,
                 },
             ))
         }

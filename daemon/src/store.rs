@@ -14,6 +14,14 @@
 //!   ([`Store::list_range`]) and not a walk of the tree. Renames into place and removals happen
 //!   under the index's lock.
 //! - Leftovers of a crash (temporary files) are removed when the store is opened.
+//! - A reserve of free space ([`DiskStore::set_reserve`]) is kept for metadata: a new content block
+//!   is refused ([`StoreError::NoSpace`]) when storing it would leave less free space on the
+//!   filesystem than the reserve, while public-key blocks, configurations and progress records
+//!   (small, and what keeps the node in its epoch and the volume's namespace writable) go on
+//!   using the reserve. The store logs once when it becomes full and once when it is not any more.
+//! - Content blocks a transfer could not store for lack of space are recorded as deferred
+//!   (`DIR/meta.redb`), so the node answers for them honestly after a restart and stores them
+//!   once space is back.
 //!
 //! Non-goals: garbage collection, repair of corrupt blocks (the protocol re-fetches them from the
 //! group), group commit, quotas.
@@ -21,7 +29,7 @@
 use dbqsfs_core::config::CertifiedConfig;
 use dbqsfs_core::crypto::ObjectId;
 use dbqsfs_core::dbqs::transfer::Arc as RingArc;
-use dbqsfs_core::object::{check_content, PkBlock, Stamp};
+use dbqsfs_core::object::{check_content, PkBlock, Stamp, MAX_BLOCK};
 use dbqsfs_core::store::{id_bounds, merge_ids, Store, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,9 +37,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Public-key blocks: object id → postcard-encoded [`PkBlock`].
 const PK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pk_blocks");
@@ -47,6 +55,24 @@ const TRANSFER_DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("transfe
 /// Garbage collection: epoch → postcard-encoded arcs lost on entering it whose objects were deleted
 /// (`Replica::delete_lost`); restored into the replica at start so it goes on answering `Gone`.
 const GC_COLLECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("gc_collected");
+/// Content blocks a transfer could not store for lack of space: object id → ().
+const DEFERRED: TableDefinition<&[u8], ()> = TableDefinition::new("deferred");
+
+/// The reserve when none is set: 1% of the filesystem, at least 16 MiB and at most 1 GiB.
+pub fn default_reserve(fs_bytes: u64) -> u64 {
+    (fs_bytes / 100).clamp(16 << 20, 1 << 30)
+}
+
+/// Free space of a store, for status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes free on the store's filesystem for this process.
+    pub free: u64,
+    /// Size of the store's filesystem.
+    pub size: u64,
+    /// Free space kept for metadata: content blocks are refused below it.
+    pub reserve: u64,
+}
 
 /// Why a store could not be opened or its metadata read.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +96,10 @@ pub struct DiskStore {
     db: Database,
     tmp_seq: AtomicU64,
     content_bytes: AtomicU64,
+    /// Free space kept for metadata ([`DiskStore::set_reserve`]).
+    reserve: AtomicU64,
+    /// Whether the last content write was refused for want of space (for logging transitions).
+    full: AtomicBool,
     /// The ids of the content block files, in order (built at open). Renames into place and
     /// removals of block files happen under its lock, so it always matches the directory tree.
     index: Mutex<BTreeSet<ObjectId>>,
@@ -133,6 +163,7 @@ impl DiskStore {
             w.open_table(META).map_err(redb::Error::from)?;
             w.open_table(TRANSFER_DONE).map_err(redb::Error::from)?;
             w.open_table(GC_COLLECTED).map_err(redb::Error::from)?;
+            w.open_table(DEFERRED).map_err(redb::Error::from)?;
             w.commit().map_err(redb::Error::from)?;
         }
         let store = DiskStore {
@@ -141,8 +172,12 @@ impl DiskStore {
             db,
             tmp_seq: AtomicU64::new(0),
             content_bytes: AtomicU64::new(0),
+            reserve: AtomicU64::new(0),
+            full: AtomicBool::new(false),
             index: Mutex::new(BTreeSet::new()),
         };
+        let size = store.statvfs().map(|(_, size)| size).map_err(at(dir))?;
+        store.set_reserve(default_reserve(size));
         let (mut total, mut index) = (0, BTreeSet::new());
         store
             .walk_blocks(&mut |id, len| {
@@ -153,6 +188,110 @@ impl DiskStore {
         store.content_bytes.store(total, Ordering::Relaxed);
         *store.index() = index;
         Ok(store)
+    }
+
+    /// Keeps `bytes` free on the filesystem for metadata: content blocks are refused below it.
+    pub fn set_reserve(&self, bytes: u64) {
+        self.reserve.store(bytes, Ordering::Relaxed);
+    }
+
+    /// (bytes free for this process, size) of the store's filesystem.
+    fn statvfs(&self) -> io::Result<(u64, u64)> {
+        let st = rustix::fs::statvfs(&self.blocks).map_err(io::Error::from)?;
+        let unit = st.f_frsize.max(1);
+        Ok((
+            st.f_bavail.saturating_mul(unit),
+            st.f_blocks.saturating_mul(unit),
+        ))
+    }
+
+    /// The store's free space and reserve now.
+    pub fn space(&self) -> io::Result<Space> {
+        let (free, size) = self.statvfs()?;
+        Ok(Space {
+            free,
+            size,
+            reserve: self.reserve.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Whether `len` more bytes of content fit above the reserve. The store is *full* from the first
+    /// refusal until a block of the largest size fits twice over again (so that small blocks that
+    /// still fit do not make it flap); it logs when it becomes full and when it stops being full.
+    fn room_for(&self, len: u64) -> Result<(), StoreError> {
+        let space = self.space().map_err(io_err)?;
+        let fits = space.free >= space.reserve.saturating_add(len);
+        let roomy = space.free >= space.reserve.saturating_add(2 * MAX_BLOCK as u64);
+        let was_full = self.full.load(Ordering::Relaxed);
+        if !fits {
+            self.full.store(true, Ordering::Relaxed);
+        } else if roomy {
+            self.full.store(false, Ordering::Relaxed);
+        }
+        if !fits && !was_full {
+            warn!(
+                dir = %self.blocks.display(),
+                free_mb = space.free >> 20,
+                reserve_mb = space.reserve >> 20,
+                "store full: new content blocks are refused until space is freed on this \
+                 filesystem (public-key blocks and metadata go on, from the reserve)"
+            );
+        } else if roomy && was_full {
+            info!(
+                free_mb = space.free >> 20,
+                "store no longer full: content blocks are stored again"
+            );
+        }
+        if fits {
+            Ok(())
+        } else {
+            Err(StoreError::NoSpace)
+        }
+    }
+
+    /// Whether the store is full: a block of the largest size would not fit above the reserve, or
+    /// it did not lately and has not got room for two since ([`DiskStore::room_for`]).
+    pub fn is_full(&self) -> bool {
+        self.room_for(MAX_BLOCK as u64).is_err() || self.full.load(Ordering::Relaxed)
+    }
+
+    /// The content blocks deferred for lack of space ([`DiskStore::add_deferred`]).
+    pub fn load_deferred(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(DEFERRED).map_err(db_err)?;
+        let mut ids = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            if let Ok(arr) = <[u8; 32]>::try_from(k.value()) {
+                ids.push(ObjectId(arr));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Records content blocks a transfer could not store for lack of space; durable on return
+    /// (from the reserve).
+    pub fn add_deferred(&self, ids: &[ObjectId]) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(DEFERRED).map_err(db_err)?;
+            for id in ids {
+                t.insert(id.0.as_slice(), ()).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
+    }
+
+    /// Forgets deferred blocks (stored now, or no longer this node's); durable on return.
+    pub fn remove_deferred(&self, ids: &[ObjectId]) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(DEFERRED).map_err(db_err)?;
+            for id in ids {
+                t.remove(id.0.as_slice()).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
     }
 
     fn index(&self) -> MutexGuard<'_, BTreeSet<ObjectId>> {
@@ -436,7 +575,15 @@ impl Store for DiskStore {
 
     fn put_content(&self, id: &ObjectId, data: &[u8]) -> Result<(), StoreError> {
         // Always rewrite: a corrupt copy must be replaced by a verified one, and blocks are
-        // immutable, so rewriting an intact copy changes nothing.
+        // immutable, so rewriting an intact copy changes nothing. Below the reserve, a copy held
+        // stays as it is (every read verifies it) and a new block is refused.
+        if let Err(e) = self.room_for(data.len() as u64) {
+            return if self.content_len(id)?.is_some() {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
         let new = self.write_block(id, data).map_err(io_err)?;
         if new {
             self.content_bytes

@@ -19,8 +19,11 @@
 //!   fsyncs); a unit's [`TransferOutput::UnitDone`] waits for every write issued before it, is
 //!   persisted ([`DiskStore::add_transfer_done`]) and only then made readable
 //!   (`Replica::arc_ready`); a complete transfer is saved ready ([`DiskStore::save_ready`]) before
-//!   `Replica::transfer_complete`. A failed write abandons the run, which restarts a little later
-//!   from what is persisted.
+//!   `Replica::transfer_complete`. A failed write abandons the run, which restarts later from what
+//!   is persisted (2 s, doubling up to 60 s while failures go on; logged once). A content block
+//!   that does not fit above the store's reserve does not fail the run: it is recorded as deferred
+//!   (`Replica::defer`) and fetched by [`crate::deferred`] once space is back, so a full node still
+//!   becomes ready and lists what it holds, and no other node's transfer waits on it.
 //! - Progress per epoch and unit (objects and bytes done of those known so far, rate) for
 //!   `dbqsfs status` ([`TransferWorker::status`]) and the progress bar
 //!   ([`TransferWorker::subscribe`]); milestones and periodic progress in the log.
@@ -139,6 +142,8 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// second while it stays unreachable.
 const MIN_DOWN: Duration = Duration::from_secs(1);
 const MAX_DOWN: Duration = Duration::from_secs(16);
+/// The longest wait before a transfer interrupted by store failures starts again.
+const MAX_RETRY: Duration = Duration::from_secs(60);
 /// A source with requests in flight that has answered none of them for this long counts as
 /// unreachable (its requests still run to their timeout; nothing more waits for it).
 const SILENT_AFTER: Duration = Duration::from_secs(3);
@@ -375,6 +380,7 @@ impl TransferWorker {
             transfers: BTreeMap::new(),
             finished: VecDeque::new(),
             restart_at: BTreeMap::new(),
+            failures: 0,
             done_arcs: done,
             queues: BTreeMap::new(),
             urgent: VecDeque::new(),
@@ -402,7 +408,19 @@ impl TransferWorker {
             gc_retry: Vec::new(),
             handle: self.clone(),
         };
-        tokio::spawn(worker.run(inbox))
+        // Blocks a full store deferred are brought in beside the transfers, and stop with them.
+        let refetch = crate::deferred::run(
+            self.shared.me,
+            self.shared.store.clone(),
+            worker.replica.clone(),
+            worker.endpoint.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                () = worker.run(inbox) => {}
+                () = refetch => {}
+            }
+        })
     }
 }
 
@@ -450,7 +468,9 @@ enum Event {
         seq: u64,
         objects: Vec<(ObjectId, u64)>,
         fetched: bool,
-        result: Result<(), StoreError>,
+        /// `Some(id)`: content block `id` did not fit above the store's reserve and was recorded
+        /// as deferred instead ([`Replica::defer`]).
+        result: Result<Option<ObjectId>, StoreError>,
     },
     Announced {
         epoch: Epoch,
@@ -483,6 +503,8 @@ struct Running {
     queued: usize,
     /// On-demand fetches asked during a check, applied after it.
     fetch_backlog: Vec<ObjectId>,
+    /// Content blocks deferred for lack of space in this run.
+    deferred: u64,
 }
 
 /// One garbage collection in progress.
@@ -571,6 +593,8 @@ struct Worker {
     finished: VecDeque<TransferStatus>,
     /// Abandoned runs start again at these times.
     restart_at: BTreeMap<Epoch, Instant>,
+    /// Store failures since a transfer last completed (for the backoff of [`Worker::abandon`]).
+    failures: u32,
     /// Arcs persisted as done, per epoch not complete.
     done_arcs: BTreeMap<Epoch, Vec<RingArc>>,
     /// Requests waiting to be sent, per destination: (epoch, run, bytes).
@@ -741,6 +765,7 @@ impl Worker {
                 announcing: false,
                 queued: 0,
                 fetch_backlog: Vec::new(),
+                deferred: 0,
             },
         );
         self.dirty = true;
@@ -748,16 +773,30 @@ impl Worker {
     }
 
     /// Abandons the run of `e` (a store failure); it starts again from what is persisted.
+    /// Store failures in a row back off (doubling up to [`MAX_RETRY`]) and are logged as warnings
+    /// once, then at debug level, until a transfer completes.
     fn abandon(&mut self, e: Epoch, why: &str) {
         if self.remove(e).is_some() {
-            warn!(
-                epoch = e,
-                why,
-                retry_in = ?self.opts.retry_after_failure,
-                "state transfer interrupted"
-            );
-            self.restart_at
-                .insert(e, Instant::now() + self.opts.retry_after_failure);
+            let n = self.failures;
+            self.failures += 1;
+            let retry_in = (self.opts.retry_after_failure * 2u32.pow(n.min(8))).min(MAX_RETRY);
+            if n == 0 {
+                warn!(
+                    epoch = e,
+                    why,
+                    ?retry_in,
+                    "state transfer interrupted; retrying with backoff"
+                );
+            } else {
+                debug!(
+                    epoch = e,
+                    why,
+                    ?retry_in,
+                    failures = n + 1,
+                    "state transfer interrupted again"
+                );
+            }
+            self.restart_at.insert(e, Instant::now() + retry_in);
             self.dirty = true;
         }
     }
@@ -910,10 +949,29 @@ impl Worker {
                 if !self.live(epoch, gen) {
                     return;
                 }
-                if let Err(e) = result {
-                    return self.abandon(epoch, &format!("storing a transferred object: {e}"));
+                let deferred = match result {
+                    Ok(d) => d,
+                    Err(e) => {
+                        return self.abandon(epoch, &format!("storing a transferred object: {e}"))
+                    }
+                };
+                if let Some(x) = deferred {
+                    self.replica
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .defer(x);
                 }
                 if let Some(r) = self.transfers.get_mut(&epoch) {
+                    if deferred.is_some() {
+                        if r.deferred == 0 {
+                            warn!(
+                                epoch,
+                                "store full: the transfer goes on without the content blocks that \
+                                 do not fit; they are fetched once space is freed"
+                            );
+                        }
+                        r.deferred += 1;
+                    }
                     r.writes.remove(&seq);
                     let now = Instant::now();
                     for (id, len) in &objects {
@@ -980,6 +1038,10 @@ impl Worker {
         let Some(r) = self.remove(epoch) else {
             return;
         };
+        if self.failures > 1 {
+            info!(epoch, "state transfer stores again after failures");
+        }
+        self.failures = 0;
         self.done_arcs.remove(&epoch);
         let status = r.status(epoch, true);
         let (objects, _, bytes, fetched) = status.totals();
@@ -1331,6 +1393,7 @@ impl Worker {
             }
         }
         let store = self.store.clone();
+        let replica = self.replica.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
             let held = tokio::task::spawn_blocking(move || {
@@ -1338,6 +1401,15 @@ impl Worker {
                 for id in ids {
                     if let Some(len) = store.content_len(&id)? {
                         held.push((id, len));
+                    } else if replica
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .deferred()
+                        .contains(&id)
+                    {
+                        // Deferred for lack of space already: fetched by `deferred::refetch`
+                        // once there is room, not by every transfer again.
+                        held.push((id, 0));
                     }
                 }
                 Ok(held)
@@ -1384,18 +1456,23 @@ impl Worker {
                 let r = replica.read().unwrap_or_else(|p| p.into_inner());
                 match w {
                     Write::Content { id, data } => {
-                        if r.accepts_transferred(e, &id) {
-                            store.put_content(&id, &data)
-                        } else {
-                            Ok(())
+                        if !r.accepts_transferred(e, &id) {
+                            return Ok(None);
+                        }
+                        match store.put_content(&id, &data) {
+                            // A full store goes on without the block, and says so durably.
+                            Err(StoreError::NoSpace) => {
+                                store.add_deferred(&[id]).map(|()| Some(id))
+                            }
+                            other => other.map(|()| None),
                         }
                     }
                     Write::Pk(mut blocks) => {
                         blocks.retain(|b| r.accepts_transferred(e, &b.id()));
                         if blocks.is_empty() {
-                            Ok(())
+                            Ok(None)
                         } else {
-                            store.put_pk_many(&blocks)
+                            store.put_pk_many(&blocks).map(|()| None)
                         }
                     }
                 }
@@ -1713,8 +1790,9 @@ impl Worker {
     }
 
     /// A request to `n` failed in transport: send it nothing for a while (doubling while it stays
-    /// unreachable, up to [`MAX_DOWN`]), and drop what waits for it, so that a dead or silent
-    /// source holds up neither the queue nor the machines' retransmissions (which ask elsewhere).
+    /// unreachable, up to [`MAX_DOWN`]), drop what waits for it, and tell the machines
+    /// ([`Transfer::peer_failed`]), which ask elsewhere at once what waited on it, so that a dead or
+    /// silent source holds up neither the queue nor the machines' retransmissions.
     fn mark_down(&mut self, n: NodeId) {
         let backoff = self
             .down
@@ -1729,6 +1807,17 @@ impl Worker {
             if let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) {
                 r.queued = r.queued.saturating_sub(1);
             }
+        }
+        // The machines ask elsewhere now what waited on it, rather than at their next timeout.
+        let now = self.now_ms();
+        let epochs: Vec<Epoch> = self.transfers.keys().copied().collect();
+        for e in epochs {
+            if let Some(r) = self.transfers.get_mut(&e) {
+                if !r.checking {
+                    r.t.peer_failed(now, n);
+                }
+            }
+            self.drain(e);
         }
     }
 

@@ -66,12 +66,7 @@ impl Health {
 
     /// `n` gave a good answer `latency_ms` after it was asked.
     pub fn answered(&mut self, n: NodeId, now: u64, latency_ms: u64) {
-        let p = self.penalty(&n, now) / 2;
-        if p == 0 {
-            self.penalties.remove(&n);
-        } else {
-            self.penalties.insert(n, (p, now));
-        }
+        self.good(n, now);
         self.srtt = Some(match self.srtt {
             None => (latency_ms, latency_ms / 2),
             Some((srtt, var)) => {
@@ -79,6 +74,16 @@ impl Health {
                 ((7 * srtt + latency_ms) / 8, var)
             }
         });
+    }
+
+    /// `n` gave a good answer (its latency unknown or beside the point): its penalty halves.
+    pub fn good(&mut self, n: NodeId, now: u64) {
+        let p = self.penalty(&n, now) / 2;
+        if p == 0 {
+            self.penalties.remove(&n);
+        } else {
+            self.penalties.insert(n, (p, now));
+        }
     }
 
     /// How long to wait for an answer before asking another replica: `srtt + 4·rttvar` of good

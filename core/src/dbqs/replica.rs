@@ -65,6 +65,8 @@ pub struct Replica<S> {
     ready_arcs: BTreeMap<Epoch, Vec<Arc>>,
     /// Arcs lost on entering an epoch whose objects were deleted ([`Replica::delete_lost`]).
     collected: BTreeMap<Epoch, Vec<Arc>>,
+    /// Content blocks a transfer brought that the store had no room for ([`Replica::defer`]).
+    deferred: BTreeSet<ObjectId>,
     opts: ReplicaOptions,
 }
 
@@ -85,6 +87,7 @@ impl<S: Store> Replica<S> {
             ready: BTreeSet::new(),
             ready_arcs: BTreeMap::new(),
             collected: BTreeMap::new(),
+            deferred: BTreeSet::new(),
             opts,
         };
         if ready {
@@ -138,6 +141,38 @@ impl<S: Store> Replica<S> {
     /// may be answered.
     pub fn object_ready(&mut self, epoch: Epoch, x: &ObjectId) {
         self.arc_ready(epoch, Arc::single(x));
+    }
+
+    /// Records that content block `x`, which this replica is responsible for, could not be stored
+    /// for lack of space: its transfer may complete without it, and the replica answers for it as
+    /// described in the module documentation until [`Replica::undefer`]. The driver persists the
+    /// set and stores the blocks once space is back.
+    pub fn defer(&mut self, x: ObjectId) {
+        self.deferred.insert(x);
+    }
+
+    /// Forgets a deferral: the block is stored now, or this replica is no longer responsible for it.
+    pub fn undefer(&mut self, x: &ObjectId) {
+        self.deferred.remove(x);
+    }
+
+    /// The content blocks deferred for lack of space, in id order.
+    pub fn deferred(&self) -> &BTreeSet<ObjectId> {
+        &self.deferred
+    }
+
+    /// Whether a deferred block lies in `arc`.
+    fn defers_in(&self, arc: &Arc) -> bool {
+        !self.deferred.is_empty()
+            && if arc.start == arc.end {
+                true
+            } else if arc.start < arc.end {
+                self.deferred
+                    .range(ObjectId(arc.start)..=ObjectId(arc.end))
+                    .any(|x| arc.contains(x))
+            } else {
+                self.deferred.iter().any(|x| arc.contains(x))
+            }
     }
 
     /// Whether the replica can answer a read of `x` in its current epoch: its transfer into this
@@ -198,6 +233,7 @@ impl<S: Store> Replica<S> {
                     None if self.gone(env.epoch, &Arc::single(&id)) => {
                         TransferMessage::Gone { rid }
                     }
+                    None if self.deferred.contains(&id) => TransferMessage::NotYet { rid },
                     data => TransferMessage::Content { rid, id, data },
                 }
             }
@@ -225,20 +261,29 @@ impl<S: Store> Replica<S> {
     }
 
     /// Whether this replica held every write of `arc` completed before epoch `e`: it was ready in `e`
-    /// as a whole, or completed its transfer of `arc` into `e` or later ([`Replica::holds_range`]).
+    /// as a whole, or completed its transfer of `arc` into `e` or later.
     /// Checked by the arc, not the whole epoch: a transfer stuck on one range the replica no longer
     /// needs (every old holder and peer collected it after a later group took it) must not keep it
     /// from listing the ranges it does hold, or the next group could wait on it forever.
+    /// Blocks a full store deferred are left out of its listings (it counts as one of the `f`
+    /// faulty listers for them); the range is listed all the same, so that a full replica never
+    /// holds up the next group's transfer.
     fn held_before(&self, e: Epoch, arc: &Arc) -> bool {
-        self.ready.contains(&e) || (e > 0 && self.holds_range(e, arc))
+        self.ready.contains(&e) || (e > 0 && self.completed_range(e, arc))
     }
 
     /// Whether this replica completed its transfer of all of `arc` into `epoch` or a later epoch
     /// (as a whole epoch it was responsible for `arc` in, or arc by arc), so it held every write of
-    /// `arc` completed before `epoch`. A later deletion of the range does not undo it: the replica
-    /// deleted only after `2f+1` of a later group held the range. This is what it answers a
-    /// [`TransferMessage::HaveQuery`].
+    /// `arc` completed before `epoch`, and defers none of the range's blocks. A later deletion of
+    /// the range does not undo it: the replica deleted only after `2f+1` of a later group held the
+    /// range. This is what it answers a [`TransferMessage::HaveQuery`].
     pub fn holds_range(&self, epoch: Epoch, arc: &Arc) -> bool {
+        !self.defers_in(arc) && self.completed_range(epoch, arc)
+    }
+
+    /// [`Replica::holds_range`] without the deferred blocks: the transfer of `arc` into `epoch` or
+    /// later completed (a full store may have deferred some of its blocks).
+    fn completed_range(&self, epoch: Epoch, arc: &Arc) -> bool {
         (epoch.max(1)..=self.epoch()).any(|e| {
             (self.ready.contains(&e)
                 && self
@@ -516,7 +561,9 @@ impl<S: Store> Replica<S> {
                         id,
                         data: Some(data),
                     },
-                    Ok(None) if !self.readable(&id) => NotReady { rid },
+                    Ok(None) if !self.readable(&id) || self.deferred.contains(&id) => {
+                        NotReady { rid }
+                    }
                     Ok(None) => Content {
                         rid,
                         id,

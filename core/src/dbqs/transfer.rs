@@ -26,7 +26,14 @@
 //!   own transfer of the range hold every write completed before the epoch, so `f+1` of their
 //!   listings (one of them correct) do what `2f+1` old ones do, and `f+1` of their denials drop an id;
 //! - a read need not wait for its range: [`Transfer::fetch_now`] runs the same rules for the arc
-//!   holding just that object ([`Arc::single`]).
+//!   holding just that object ([`Arc::single`]);
+//! - whom a content block is fetched from routes around bad sources ([`super::health`]): each
+//!   block tries its listers first, healthiest first (ties spread by the block's id, so the load
+//!   spreads over the listers), then the rest of both groups; an undecodable answer or a copy that
+//!   does not hash to its id counts against its sender, and a source whose request failed in
+//!   transport ([`Transfer::peer_failed`], from the driver) has every fetch waiting on it asked
+//!   elsewhere at once instead of at the next retransmission. Health decides only whom to ask, never
+//!   what counts.
 //!
 //! Non-goals here: persistence of progress (the driver's).
 //!
@@ -34,6 +41,7 @@
 //! versions they cannot produce, serve wrong bytes or forged blocks, or go silent; every object is
 //! verified before it is stored, and every claim is checked against the object fetched.
 
+use super::health::Health;
 use crate::config::{Configuration, Epoch};
 use crate::crypto::{NodeId, ObjectId};
 use crate::object::{check_content, PkBlock};
@@ -386,6 +394,8 @@ struct Want {
     /// Sources in the order they are tried: listers first, then the old group, then the peers.
     order: Vec<(Via, NodeId)>,
     next: usize,
+    /// The source asked last, while its answer is awaited.
+    asked: Option<NodeId>,
 }
 
 impl Want {
@@ -401,6 +411,7 @@ impl Want {
                     Via::Peer => !peers || self.no_peer.contains(&c.1),
                 };
             if !refused {
+                self.asked = Some(c.1);
                 return Some(c);
             }
         }
@@ -479,6 +490,10 @@ pub struct Transfer {
     backoff: u64,
     complete: bool,
     out: VecDeque<TransferOutput>,
+    /// Which sources answered well or badly lately: orders whom each block is fetched from.
+    health: Health,
+    /// The time of the latest input that gave one.
+    now: u64,
 }
 
 impl Transfer {
@@ -507,6 +522,8 @@ impl Transfer {
             retransmit_at: 0,
             complete: false,
             out: VecDeque::new(),
+            health: Health::new(),
+            now: 0,
         }
     }
 
@@ -602,6 +619,7 @@ impl Transfer {
 
     /// Sends the first requests.
     pub fn start(&mut self, now: u64) {
+        self.now = now;
         for u in 0..self.units.len() {
             if matches!(self.units[u].phase, Phase::Done) {
                 continue; // skipped
@@ -626,6 +644,7 @@ impl Transfer {
     /// [`TransferOutput::UnitDone`] names [`Arc::single`]`(x)`. Returns whether `x` is being fetched
     /// (false: `x` is not in a gained unit still transferring, so reads of it need not wait here).
     pub fn fetch_now(&mut self, now: u64, x: ObjectId) -> bool {
+        self.now = now;
         if self.complete {
             return false;
         }
@@ -722,6 +741,7 @@ impl Transfer {
 
     /// Resends what is unanswered.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
         if now < self.retransmit_at || self.complete {
             return;
         }
@@ -767,9 +787,33 @@ impl Transfer {
         }
     }
 
+    /// The driver's request to `node` failed in transport (no connection, or no answer in time):
+    /// every block whose fetch waits on it is asked of its next source now, and `node` goes last
+    /// for the blocks wanted from here on until its health recovers.
+    pub fn peer_failed(&mut self, now: u64, node: NodeId) {
+        self.now = self.now.max(now);
+        self.health.failed(node, self.now);
+        for u in 0..self.units.len() {
+            let peers = self.units[u].peers_asked;
+            let Phase::Fetching(wants) = &mut self.units[u].phase else {
+                continue;
+            };
+            let asks: Vec<(ObjectId, (Via, NodeId))> = wants
+                .iter_mut()
+                .filter(|(_, w)| w.asked == Some(node))
+                .filter_map(|(id, w)| w.next_source(peers).map(|c| (*id, c)))
+                .collect();
+            for (id, c) in asks {
+                self.fetch(u, id, c);
+            }
+        }
+    }
+
     /// Handles a reply from `from`.
-    pub fn handle_message(&mut self, _now: u64, from: NodeId, bytes: &[u8]) {
+    pub fn handle_message(&mut self, now: u64, from: NodeId, bytes: &[u8]) {
+        self.now = self.now.max(now);
         let Ok(env) = decode::<TransferMessage>(bytes) else {
+            self.health.failed(from, self.now);
             return;
         };
         let rid = match &env.msg {
@@ -950,7 +994,22 @@ impl Transfer {
         let wants: BTreeMap<ObjectId, Want> = content
             .into_iter()
             .map(|(id, listed_by)| {
-                let mut order = listed_by.clone();
+                // Listers healthiest first; equally healthy ones in an order rotated by the id.
+                let n = listed_by.len().max(1);
+                let rotate = usize::from(id.0[0]) % n;
+                let mut keyed: Vec<(u32, usize, (Via, NodeId))> = listed_by
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        (
+                            self.health.penalty(&c.1, self.now),
+                            (i + n - rotate) % n,
+                            *c,
+                        )
+                    })
+                    .collect();
+                keyed.sort();
+                let mut order: Vec<(Via, NodeId)> = keyed.into_iter().map(|(_, _, c)| c).collect();
                 order.extend(others.iter().filter(|c| !listed_by.contains(c)));
                 (
                     id,
@@ -960,6 +1019,7 @@ impl Transfer {
                         gone: BTreeSet::new(),
                         order,
                         next: 0,
+                        asked: None,
                     },
                 )
             })
@@ -1009,11 +1069,16 @@ impl Transfer {
         let mut ask = None;
         match data {
             Some(data) if check_content(&id, &data).is_ok() => {
+                self.health.good(from.1, self.now);
                 wants.remove(&id);
                 self.out
                     .push_back(TransferOutput::StoreContent { id, data });
             }
-            _ => {
+            bad => {
+                if bad.is_some() {
+                    // A copy that does not hash to its id: a lie, counted against its sender.
+                    self.health.failed(from.1, self.now);
+                }
                 match from.0 {
                     Via::Old => w.no_old.insert(from.1),
                     Via::Peer => w.no_peer.insert(from.1),

@@ -74,12 +74,13 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
                     r.stats.gone,
-                    r.stats.peer_requests
+                    r.stats.peer_requests,
+                    r.stats.deferred
                 ),
             }
         },

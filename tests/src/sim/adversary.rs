@@ -24,6 +24,10 @@ pub enum Adversary {
     Garbage,
     /// Honest, but replays recorded messages (of older epochs, as epochs pass) to random peers.
     Replay,
+    /// Honest, but its store is full: it holds at most a few content blocks, refuses clients'
+    /// new ones (`NoSpace`) and defers what its transfers bring (`Replica::defer`). Drawn apart
+    /// from [`Adversary::ALL`] (see `Sim::new`).
+    Full,
 }
 
 impl Adversary {
@@ -48,6 +52,7 @@ impl Adversary {
             Adversary::Equivocate => "equivocate",
             Adversary::Garbage => "garbage",
             Adversary::Replay => "replay",
+            Adversary::Full => "full",
         }
     }
 }

@@ -39,7 +39,7 @@ use dbqsfs_core::dbqs::transfer::{
 };
 pub use dbqsfs_core::dbqs::Mutant;
 use dbqsfs_core::object::{content_id, pk_block_id, PkBlock, Stamp};
-use dbqsfs_core::store::{MemStore, Store};
+use dbqsfs_core::store::{MemStore, Store, StoreError};
 use dbqsfs_core::wire::Protocol;
 use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
@@ -87,6 +87,8 @@ pub struct Stats {
     pub gone: u64,
     /// Requests to new-group peers (`ListReady`, `FetchReady`).
     pub peer_requests: u64,
+    /// Content blocks a full store's transfer deferred (`Replica::defer`).
+    pub deferred: u64,
 }
 
 #[derive(Debug)]
@@ -107,6 +109,11 @@ enum Ev {
     /// timeout).
     ClientPeerFailed {
         c: usize,
+        node: NodeId,
+    },
+    /// A state-transfer request of node `n` to a node that was down failed in transport.
+    TransferPeerFailed {
+        n: usize,
         node: NodeId,
     },
     ClientCrash {
@@ -320,8 +327,16 @@ impl Sim {
         // Byzantine nodes: any `byz_count` of the pool, each with its own adversary.
         let mut order: Vec<usize> = (0..swarm.pool).collect();
         rng.shuffle(&mut order);
+        // A full store is drawn from a stream of its own, so that adding it left every other
+        // seed's draws (and the seeds recorded as regressions) as they were.
+        let mut full = Rng::new(seed ^ 0x6675_6c6c_5f64_6973);
+        let mut limits = BTreeMap::new();
         for &i in order.iter().take(byz_count) {
             nodes[i].1 = Some(*rng.pick(&Adversary::ALL));
+            if full.chance(1.0 / 9.0) {
+                nodes[i].1 = Some(Adversary::Full);
+                limits.insert(i, full.below(6));
+            }
         }
         // Genesis: the first 3f+1 + some of the pool.
         let params = Params::with_f(opts.f);
@@ -333,8 +348,12 @@ impl Sim {
         };
         let nodes: Vec<Node> = nodes
             .into_iter()
-            .map(|(key, byz)| {
-                let store = Arc::new(MemStore::new());
+            .enumerate()
+            .map(|(i, (key, byz))| {
+                let store = Arc::new(match limits.get(&i) {
+                    Some(&limit) => MemStore::with_content_limit(limit),
+                    None => MemStore::new(),
+                });
                 let chain = ConfigChain::new(genesis.clone()).expect("genesis is valid");
                 let replica = Replica::new(
                     key.node_id(),
@@ -669,6 +688,17 @@ impl Sim {
                     self.drain_client(c);
                 }
             }
+            Ev::TransferPeerFailed { n, node } => {
+                if self.nodes[n].up {
+                    let epochs: Vec<u64> = self.nodes[n].transfers.keys().copied().collect();
+                    for e in epochs {
+                        if let Some(t) = self.nodes[n].transfers.get_mut(&e) {
+                            t.peer_failed(now, node);
+                        }
+                        self.drain_transfer(n, e);
+                    }
+                }
+            }
             Ev::ClientCrash { c } => {
                 if self.clients[c].up && !self.clients[c].auditor {
                     self.clients[c].up = false;
@@ -814,6 +844,14 @@ impl Sim {
                 let node = self.nodes[n].key.node_id();
                 self.schedule(at, Ev::ClientPeerFailed { c, node });
             }
+            // So does a node's state-transfer request (its driver marks the source down).
+            if bytes.get(1) == Some(&TransferMessage::ID) {
+                if let Some(&m) = self.node_index.get(&from) {
+                    let at = self.now + self.rng.range(50, 500);
+                    let node = self.nodes[n].key.node_id();
+                    self.schedule(at, Ev::TransferPeerFailed { n: m, node });
+                }
+            }
             return;
         }
         if self.nodes[n].byz.is_some() {
@@ -921,10 +959,14 @@ impl Sim {
                     self.send(me, to, bytes);
                 }
                 TransferOutput::Check { ids } => {
-                    let store = &self.nodes[n].store;
+                    // Blocks deferred for lack of space count as held, as in the node's driver.
+                    let (store, replica) = (&self.nodes[n].store, &self.nodes[n].replica);
                     let held: Vec<ObjectId> = ids
                         .into_iter()
-                        .filter(|id| store.get_content(id).ok().flatten().is_some())
+                        .filter(|id| {
+                            store.get_content(id).ok().flatten().is_some()
+                                || replica.deferred().contains(id)
+                        })
                         .collect();
                     if let Some(t) = self.nodes[n].transfers.get_mut(&e) {
                         t.held(&held);
@@ -934,7 +976,13 @@ impl Sim {
                 // hollow node stores nothing.
                 TransferOutput::StoreContent { id, data } => {
                     if self.nodes[n].replica.accepts_transferred(e, &id) && !self.hollow(n) {
-                        let _ = self.nodes[n].store.put_content(&id, &data);
+                        // A full store defers the block, as the node's driver does.
+                        if let Err(StoreError::NoSpace) =
+                            self.nodes[n].store.put_content(&id, &data)
+                        {
+                            self.nodes[n].replica.defer(id);
+                            self.stats.deferred += 1;
+                        }
                     }
                 }
                 TransferOutput::StorePk { block } => {
