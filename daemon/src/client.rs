@@ -461,8 +461,10 @@ fn learn(
 }
 
 /// Asks `config`'s members for the configurations after `epoch` and the freshest freshness
-/// certificate: committee members first (they issue freshness), answers from those that answer
-/// within the transport's bounds. Untrusted: the caller verifies.
+/// certificate: committee members first (they issue freshness). Returns once every member answered
+/// or failed, or once `2f+1` answered and the others had twice the time those took (20 ms to
+/// 500 ms) more, so a dead or silent member costs a refresh a short hedge instead of the 3 s
+/// request timeout. Untrusted: the caller verifies.
 async fn ask_chain(
     endpoint: &Endpoint,
     config: &Configuration,
@@ -487,10 +489,26 @@ async fn ask_chain(
             }
         });
     }
+    let need = config.quorum().quorum().min(asks.len());
+    let started = tokio::time::Instant::now();
+    let mut stop_at = None;
     let mut answers = Vec::new();
-    while let Some(done) = asks.join_next().await {
+    loop {
+        let next = match stop_at {
+            None => asks.join_next().await,
+            Some(at) => match tokio::time::timeout_at(at, asks.join_next()).await {
+                Ok(next) => next,
+                Err(_) => break, // the stragglers are dropped with the set
+            },
+        };
+        let Some(done) = next else { break };
         if let Ok(Some(a)) = done {
             answers.push(a);
+        }
+        if stop_at.is_none() && answers.len() >= need {
+            let grace = (started.elapsed() * 2)
+                .clamp(Duration::from_millis(20), Duration::from_millis(500));
+            stop_at = Some(tokio::time::Instant::now() + grace);
         }
     }
     answers

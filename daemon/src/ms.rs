@@ -4,7 +4,10 @@
 //! Goals:
 //! - **Follower** (every node). Configurations arrive pushed along a tree computed from the newest
 //!   configuration ([`push_children`]) and are pulled every [`MsOptions::pull`] from a random member
-//!   (or, for a node that is joining, from the peer it was told to join through). Every configuration
+//!   among the healthiest ([`Health`]: a member whose request failed or timed out, [`PULL_TIMEOUT`],
+//!   is asked last until it answers again or its penalty decays, and a failed pull is retried at
+//!   once elsewhere rather than a period later), or, for a node that is joining, from the peer it
+//!   was told to join through. Every configuration
 //!   is verified against the chain from the genesis configuration, persisted, and only then used
 //!   ([`Shared::install`]).
 //! - **Committee role** (members of the current committee). Runs the core's PBFT
@@ -31,6 +34,7 @@
 use crate::node::{Peer, Shared};
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness, Member};
 use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
+use dbqsfs_core::dbqs::health::Health;
 use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp, Pending,
 };
@@ -49,6 +53,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+/// How long a pull or batch fetch may take before it counts as failed.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Failed pulls retried at once, elsewhere, between two periodic pulls.
+const PULL_RETRIES: u32 = 2;
 /// Most configurations in one push or pull answer.
 const MAX_CONFIGS: usize = 64;
 /// Most batches kept per epoch for members that catch up (epochs are short; a bound all the same).
@@ -215,6 +223,9 @@ pub enum Inbound {
     },
     /// The answer to a pull or a batch fetch we sent.
     Answer { from: NodeId, msg: MsMessage },
+    /// A pull or batch fetch we sent to `from` failed: no connection, no answer in time, or an
+    /// undecodable one.
+    Failed { from: NodeId },
     /// A probe answer (or its failure): (target, nonce, answer).
     ProbeResult {
         target: NodeId,
@@ -457,6 +468,12 @@ struct Task {
     leaving: bool,
     next_pull: Instant,
     last_view_change: Option<(Epoch, View)>,
+    /// How the members this node pulls from answered lately.
+    health: Health,
+    /// The member of the last random pull, until it answers or fails.
+    pulling: Option<NodeId>,
+    /// Pulls retried at once since the last periodic one (at most [`PULL_RETRIES`]).
+    pull_retries: u32,
 }
 
 impl Task {
@@ -482,6 +499,9 @@ impl Task {
             leaving: false,
             next_pull: now,
             last_view_change: None,
+            health: Health::new(),
+            pulling: None,
+            pull_retries: 0,
         }
     }
 
@@ -694,7 +714,25 @@ impl Task {
                 let answer = self.on_message(from, msg);
                 let _ = reply.send(answer);
             }
-            Inbound::Answer { from, msg } => self.on_answer(from, msg),
+            Inbound::Answer { from, msg } => {
+                self.health.good(from, now);
+                if self.pulling == Some(from) {
+                    self.pulling = None;
+                }
+                self.on_answer(from, msg)
+            }
+            Inbound::Failed { from } => {
+                self.health.failed(from, now);
+                if self.pulling == Some(from) {
+                    self.pulling = None;
+                    if self.pull_retries < PULL_RETRIES {
+                        // Ask another member now rather than a whole period later.
+                        debug!(peer = %from.short(), "pull failed; pulling from another member");
+                        self.pull_retries += 1;
+                        self.pull_random();
+                    }
+                }
+            }
             Inbound::ProbeResult {
                 target,
                 epoch,
@@ -806,7 +844,13 @@ impl Task {
             config: config.hash(),
             member: config.is_member(&me),
             committee: config.committee.clone(),
-            epoch_age_ms: self.entered.elapsed().as_millis() as u64,
+            // A configuration installed since this task last entered an epoch is entered next: it
+            // is this node's epoch, just begun (not the age of the epoch before).
+            epoch_age_ms: if config.epoch == self.epoch {
+                self.entered.elapsed().as_millis() as u64
+            } else {
+                0
+            },
             freshness_ms: self.shared.freshness().map(|f| f.time_ms),
             leaving: self.leaving,
             last_view_change: self.last_view_change,
@@ -915,6 +959,7 @@ impl Task {
         }
         if now >= self.next_pull {
             self.next_pull = now + self.opts.pull;
+            self.pull_retries = 0;
             self.pull_random();
         }
         self.submit_next(now);
@@ -1339,10 +1384,14 @@ impl Task {
             .collect();
         let msg = MsMessage::ChainAfter { epoch: self.epoch };
         if !others.is_empty() {
-            let i = (u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or([0; 8]))
-                % others.len() as u64) as usize;
-            let m = others[i].clone();
-            self.request(m, msg.clone());
+            // A random one of the healthiest members.
+            let ids: Vec<NodeId> = others.iter().map(|m| m.id).collect();
+            let rotate = u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or([0; 8]));
+            let pick = self.health.order(&ids, rotate as usize, self.now_ms())[0];
+            if let Some(m) = others.iter().find(|m| m.id == pick) {
+                self.pulling = Some(pick);
+                self.request((*m).clone(), msg.clone());
+            }
         }
         if let Some((addr, key)) = self.opts.bootstrap {
             if !chain.config().is_member(&me) {
@@ -1444,11 +1493,15 @@ impl Task {
         let bytes = encode_msg(self.epoch, msg);
         let from = PublicKey(key.to_bytes()).node_id();
         tokio::spawn(async move {
-            if let Ok(resp) = endpoint.request(addr, &key, &bytes).await {
-                if let Ok(env) = decode::<MsMessage>(&resp) {
-                    let _ = tx.send(Inbound::Answer { from, msg: env.msg }).await;
-                }
-            }
+            let answer = tokio::time::timeout(PULL_TIMEOUT, endpoint.request(addr, &key, &bytes))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|resp| decode::<MsMessage>(&resp).ok());
+            let _ = match answer {
+                Some(env) => tx.send(Inbound::Answer { from, msg: env.msg }).await,
+                None => tx.send(Inbound::Failed { from }).await,
+            };
         });
     }
 }

@@ -221,24 +221,37 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
             .filter_map(|id| config.member(id).cloned())
             .collect();
         let mut timely = true;
+        let mut seen = Vec::new();
         for m in &survivors {
             match client.ms_status(m).await {
                 Ok(s) => {
                     let age_at_kill = s
                         .epoch_age_ms
                         .saturating_sub(killed.elapsed().as_millis() as u64);
+                    seen.push(format!(
+                        "{}: epoch {} view {} age at kill {age_at_kill} ms",
+                        m.id.short(),
+                        s.epoch,
+                        s.view
+                    ));
                     if s.epoch != epoch || s.view != 0 || age_at_kill + 300 >= epoch_ms {
                         timely = false;
                     }
                 }
-                Err(_) => timely = false,
+                Err(e) => {
+                    seen.push(format!("{}: {e}", m.id.short()));
+                    timely = false
+                }
             }
         }
         if timely {
             println!("killed the primary of epoch {epoch} early in it");
             break (epoch, survivors);
         }
-        println!("the kill of epoch {epoch}'s primary came late; trying again after its eviction");
+        println!(
+            "the kill of epoch {epoch}'s primary came late ({}); trying again after its eviction",
+            seen.join(", ")
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         while client.refresh().await.config().is_member(&primary) {
             assert!(
