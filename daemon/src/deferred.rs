@@ -11,7 +11,7 @@
 //!   transfer protocol's `Fetch`, which any epoch may ask: a content block proves itself by its
 //!   hash, checked here before it is stored), store it, and forget the deferral, durably first.
 //! - A block this node is no longer responsible for is forgotten (its new group got it by
-//!   transfer); one that a client wrote again meanwhile is forgotten once held.
+//!   transfer), full or not; one that a client wrote again meanwhile is forgotten once held.
 //! - Stops at the first refusal for want of space; logs what it stored, not every attempt.
 //!
 //! Non-goals: deciding that a block does not exist. A deferral is only dropped when the block is
@@ -53,17 +53,22 @@ pub async fn run(me: NodeId, store: Arc<DiskStore>, replica: SharedReplica, endp
             if r.deferred().is_empty() {
                 continue;
             }
+            let config = r.chain().config().clone();
+            // Every block no longer ours (a check in memory), then a batch of the others.
+            let (mut ids, ours): (Vec<ObjectId>, Vec<ObjectId>) = r
+                .deferred()
+                .iter()
+                .partition(|x| !config.is_responsible(&me, x));
+            ids.extend(ours.into_iter().take(BATCH));
             Round {
                 epoch: r.epoch(),
-                config: r.chain().config().clone(),
-                ids: r.deferred().iter().take(BATCH).copied().collect(),
+                config,
+                ids,
                 left: r.deferred().len(),
             }
         };
-        if store.is_full() {
-            continue;
-        }
-        round.run(me, &store, &replica, &endpoint).await;
+        let full = store.is_full();
+        round.run(me, full, &store, &replica, &endpoint).await;
     }
 }
 
@@ -75,9 +80,12 @@ struct Round {
 }
 
 impl Round {
+    /// Forgets what is no longer this node's; unless the store is `full`, fetches and stores the
+    /// rest.
     async fn run(
         self,
         me: NodeId,
+        full: bool,
         store: &Arc<DiskStore>,
         replica: &SharedReplica,
         endpoint: &Endpoint,
@@ -90,6 +98,9 @@ impl Round {
             }
             if matches!(store.content_len(id), Ok(Some(_))) {
                 stored.push(*id);
+                continue;
+            }
+            if full {
                 continue;
             }
             let Some(data) = self.fetch(me, endpoint, id).await else {
@@ -131,7 +142,7 @@ impl Round {
             stored = stored.len(),
             no_longer_ours = forgotten.len(),
             still_deferred = self.left.saturating_sub(done.len()),
-            "deferred content blocks stored now that space is free"
+            "deferred content blocks settled: stored now that space is free, or no longer this node's"
         );
     }
 
