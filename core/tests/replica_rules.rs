@@ -428,6 +428,14 @@ fn a_block_deferred_for_lack_of_space_is_never_denied_and_its_range_never_claime
     let (x, y) = (content_id(&data), content_id(&stored));
     r.store().put_content(&y, &stored).unwrap();
     r.defer(x);
+    // A deferred block the replica is no longer responsible for is for its driver to forget.
+    let elsewhere = (0..200u32)
+        .map(|i| content_id(format!("other {i}").as_bytes()))
+        .find(|z| !fx.configs[1].config.is_responsible(&me, z))
+        .unwrap();
+    r.defer(elsewhere);
+    assert_eq!(r.deferred_elsewhere(), vec![elsewhere]);
+    r.undefer(&elsewhere);
     let transfer = |r: &Replica<Arc<MemStore>>, msg| {
         let reply = r
             .handle_transfer(NodeId([1; 32]), &encode_msg(1, msg))

@@ -21,8 +21,8 @@
 //! verified, and a source that fails is skipped for the next.
 
 use crate::store::DiskStore;
-use crate::transfer::SharedReplica;
-use dbqsfs_core::config::Epoch;
+use crate::transfer::{random_u64, source_addrs, SharedReplica};
+use dbqsfs_core::config::{Configuration, Epoch};
 use dbqsfs_core::crypto::{NodeId, ObjectId};
 use dbqsfs_core::dbqs::transfer::TransferMessage;
 use dbqsfs_core::object::check_content;
@@ -30,6 +30,7 @@ use dbqsfs_core::store::{Store, StoreError};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::Endpoint;
 use ed25519_dalek::VerifyingKey;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,7 @@ const BATCH: usize = 64;
 /// How long one source may take to answer one fetch.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs until the node stops (the task is aborted with the node's other tasks).
+/// Runs until the node stops (it stops with the transfer worker).
 pub async fn run(me: NodeId, store: Arc<DiskStore>, replica: SharedReplica, endpoint: Endpoint) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,17 +54,19 @@ pub async fn run(me: NodeId, store: Arc<DiskStore>, replica: SharedReplica, endp
             if r.deferred().is_empty() {
                 continue;
             }
-            let config = r.chain().config().clone();
-            // Every block no longer ours (a check in memory), then a batch of the others.
-            let (mut ids, ours): (Vec<ObjectId>, Vec<ObjectId>) = r
+            let elsewhere = r.deferred_elsewhere();
+            let ours = r
                 .deferred()
                 .iter()
-                .partition(|x| !config.is_responsible(&me, x));
-            ids.extend(ours.into_iter().take(BATCH));
+                .filter(|x| !elsewhere.contains(x))
+                .take(BATCH)
+                .copied()
+                .collect();
             Round {
                 epoch: r.epoch(),
-                config,
-                ids,
+                config: r.chain().config().clone(),
+                elsewhere,
+                ours,
                 left: r.deferred().len(),
             }
         };
@@ -74,14 +77,17 @@ pub async fn run(me: NodeId, store: Arc<DiskStore>, replica: SharedReplica, endp
 
 struct Round {
     epoch: Epoch,
-    config: dbqsfs_core::config::Configuration,
-    ids: Vec<ObjectId>,
+    config: Configuration,
+    /// Deferred blocks no longer this node's (`Replica::deferred_elsewhere`): forgotten.
+    elsewhere: Vec<ObjectId>,
+    /// A batch of the others: stored if there is room.
+    ours: Vec<ObjectId>,
     left: usize,
 }
 
 impl Round {
-    /// Forgets what is no longer this node's; unless the store is `full`, fetches and stores the
-    /// rest.
+    /// Forgets what is no longer this node's; unless the store is `full`, fetches and stores a
+    /// batch of the rest.
     async fn run(
         self,
         me: NodeId,
@@ -90,12 +96,9 @@ impl Round {
         replica: &SharedReplica,
         endpoint: &Endpoint,
     ) {
-        let (mut stored, mut forgotten) = (Vec::new(), Vec::new());
-        for id in &self.ids {
-            if !self.config.is_responsible(&me, id) {
-                forgotten.push(*id);
-                continue;
-            }
+        let mut stored = Vec::new();
+        let sources = source_addrs(&self.config);
+        for id in &self.ours {
             if matches!(store.content_len(id), Ok(Some(_))) {
                 stored.push(*id);
                 continue;
@@ -103,7 +106,7 @@ impl Round {
             if full {
                 continue;
             }
-            let Some(data) = self.fetch(me, endpoint, id).await else {
+            let Some(data) = self.fetch(me, endpoint, &sources, id).await else {
                 continue;
             };
             let (s, x) = (store.clone(), *id);
@@ -119,7 +122,7 @@ impl Round {
                 }
             }
         }
-        let done: Vec<ObjectId> = stored.iter().chain(&forgotten).copied().collect();
+        let done: Vec<ObjectId> = stored.iter().chain(&self.elsewhere).copied().collect();
         if done.is_empty() {
             return;
         }
@@ -131,7 +134,7 @@ impl Round {
                 .unwrap_or_else(|e| Err(StoreError::Io(format!("write task: {e}"))))
         };
         if let Err(e) = persisted {
-            warn!(error = %e, "cannot record deferred blocks as stored; trying again later");
+            warn!(error = %e, "cannot record deferred blocks as settled; trying again later");
             return;
         }
         let mut r = replica.write().unwrap_or_else(|p| p.into_inner());
@@ -140,30 +143,28 @@ impl Round {
         }
         info!(
             stored = stored.len(),
-            no_longer_ours = forgotten.len(),
+            no_longer_ours = self.elsewhere.len(),
             still_deferred = self.left.saturating_sub(done.len()),
             "deferred content blocks settled: stored now that space is free, or no longer this node's"
         );
     }
 
     /// A verified copy of `id` from the first other member of its group that has one.
-    async fn fetch(&self, me: NodeId, endpoint: &Endpoint, id: &ObjectId) -> Option<Vec<u8>> {
-        let mut rid = [0u8; 8];
-        let _ = getrandom::fill(&mut rid);
-        let rid = u64::from_le_bytes(rid);
+    async fn fetch(
+        &self,
+        me: NodeId,
+        endpoint: &Endpoint,
+        sources: &BTreeMap<NodeId, (SocketAddr, VerifyingKey)>,
+        id: &ObjectId,
+    ) -> Option<Vec<u8>> {
+        let rid = random_u64();
         let request = encode_msg(self.epoch, TransferMessage::Fetch { rid, id: *id });
         for m in self.config.group(id) {
-            if m.id == me {
-                continue;
-            }
-            let (Ok(addr), Ok(key)) = (
-                m.addr.parse::<SocketAddr>(),
-                VerifyingKey::from_bytes(&m.key.0),
-            ) else {
+            let Some((addr, key)) = sources.get(&m.id).filter(|_| m.id != me) else {
                 continue;
             };
             let answer =
-                tokio::time::timeout(REQUEST_TIMEOUT, endpoint.request(addr, &key, &request)).await;
+                tokio::time::timeout(REQUEST_TIMEOUT, endpoint.request(*addr, key, &request)).await;
             let bytes = match answer {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {

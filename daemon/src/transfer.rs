@@ -1812,10 +1812,9 @@ impl Worker {
         let now = self.now_ms();
         let epochs: Vec<Epoch> = self.transfers.keys().copied().collect();
         for e in epochs {
+            // During a check the re-asks wait in the machine until `drain` may poll it again.
             if let Some(r) = self.transfers.get_mut(&e) {
-                if !r.checking {
-                    r.t.peer_failed(now, n);
-                }
+                r.t.peer_failed(now, n);
             }
             self.drain(e);
         }
@@ -1949,7 +1948,7 @@ fn announce(
 
 /// The members' addresses and keys; a member whose address or key does not parse is left out (its
 /// requests then fail like those to an unreachable node).
-fn source_addrs(config: &Configuration) -> BTreeMap<NodeId, (SocketAddr, VerifyingKey)> {
+pub(crate) fn source_addrs(config: &Configuration) -> BTreeMap<NodeId, (SocketAddr, VerifyingKey)> {
     let mut addrs = BTreeMap::new();
     for m in &config.members {
         match (
@@ -1965,7 +1964,7 @@ fn source_addrs(config: &Configuration) -> BTreeMap<NodeId, (SocketAddr, Verifyi
     addrs
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         let t = std::time::SystemTime::now()

@@ -156,9 +156,21 @@ impl<S: Store> Replica<S> {
         self.deferred.remove(x);
     }
 
-    /// The content blocks deferred for lack of space, in id order.
+    /// The content blocks deferred for lack of space, in id order. A transfer's
+    /// [`super::transfer::TransferOutput::Check`] counts them as held: the driver stores them once
+    /// there is room, rather than every later transfer fetching them again.
     pub fn deferred(&self) -> &BTreeSet<ObjectId> {
         &self.deferred
+    }
+
+    /// The deferred blocks this replica is no longer responsible for (their new group got them by
+    /// transfer): the driver forgets them ([`Replica::undefer`]), full or not.
+    pub fn deferred_elsewhere(&self) -> Vec<ObjectId> {
+        self.deferred
+            .iter()
+            .filter(|x| !self.responsible(x))
+            .copied()
+            .collect()
     }
 
     /// Whether a deferred block lies in `arc`.
