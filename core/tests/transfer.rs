@@ -84,6 +84,24 @@ fn a_continuing_member_gains_only_what_it_was_not_responsible_for() {
 
 type R = Replica<Arc<MemStore>>;
 
+/// Replicas of genesis `g` with keys `ks`, moved on to epoch 1 (`c1`) and ready in genesis.
+fn old_replicas(ks: &[Keypair], g: &Configuration, c1: &CertifiedConfig) -> BTreeMap<NodeId, R> {
+    ks.iter()
+        .map(|k| {
+            let chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
+            let mut r = Replica::new(
+                k.node_id(),
+                Arc::new(MemStore::new()),
+                chain,
+                true,
+                ReplicaOptions::default(),
+            );
+            r.install(vec![c1.clone()]).unwrap();
+            (k.node_id(), r)
+        })
+        .collect()
+}
+
 /// Four old replicas holding some blocks; a fifth node joins in epoch 1. Replica 0 lies in
 /// transfer: it lists a forged newer value and a content id that does not exist.
 #[test]
@@ -93,19 +111,7 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
     let next = config(1, &ks, Some(g.hash()));
     let c1 = certify(&g, next.clone(), &ks);
     let owner = Keypair::from_seed([7; 32]);
-    let mut replicas: BTreeMap<NodeId, R> = BTreeMap::new();
-    for k in &ks[..4] {
-        let chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
-        let mut r = Replica::new(
-            k.node_id(),
-            Arc::new(MemStore::new()),
-            chain,
-            true,
-            ReplicaOptions::default(),
-        );
-        r.install(vec![c1.clone()]).unwrap();
-        replicas.insert(k.node_id(), r);
-    }
+    let replicas = old_replicas(&ks[..4], &g, &c1);
     // Data: 40 public-key blocks (v1 everywhere, v2 on three replicas) and 40 content blocks on
     // three replicas each.
     let ids: Vec<NodeId> = replicas.keys().copied().collect();
@@ -369,19 +375,7 @@ fn fetches_waiting_on_a_source_that_fails_are_asked_elsewhere_at_once() {
     let g = config(0, &ks[..4], None);
     let next = config(1, &ks, Some(g.hash()));
     let c1 = certify(&g, next.clone(), &ks);
-    let mut replicas: BTreeMap<NodeId, R> = BTreeMap::new();
-    for k in &ks[..4] {
-        let chain = ConfigChain::new(CertifiedConfig::genesis(g.clone())).unwrap();
-        let mut r = Replica::new(
-            k.node_id(),
-            Arc::new(MemStore::new()),
-            chain,
-            true,
-            ReplicaOptions::default(),
-        );
-        r.install(vec![c1.clone()]).unwrap();
-        replicas.insert(k.node_id(), r);
-    }
+    let replicas = old_replicas(&ks[..4], &g, &c1);
     let contents: Vec<Vec<u8>> = (0..60u32)
         .map(|i| format!("block {i}").into_bytes())
         .collect();

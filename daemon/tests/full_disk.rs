@@ -11,12 +11,11 @@
 
 mod common;
 
-use common::Cluster;
+use common::{is_mounted, Cluster, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
 const FULL_NODES: [usize; 2] = [0, 1];
 
 fn usable() -> bool {
@@ -34,14 +33,6 @@ fn usable() -> bool {
 
 fn run(cmd: &mut Command) -> std::process::Output {
     cmd.stdin(Stdio::null()).output().expect("run a command")
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 /// The cluster, its tmpfs mounts and the volume's mounts; drop undoes all of it.
@@ -135,6 +126,25 @@ fn onto_tmpfs(dir: &Path, size: &str, env: &mut Env) {
     assert!(out.status.success(), "copy the node directory");
 }
 
+/// Reads files `d/f{k}` below `dir` back and compares them with what was written.
+fn read_back(dir: &Path, files: impl IntoIterator<Item = usize>, when: &str) {
+    for k in files {
+        let got = std::fs::read(dir.join(format!("d/f{k}"))).unwrap();
+        assert!(got == file_bytes(k), "file f{k} reads back wrong {when}");
+    }
+}
+
+/// Waits for `n` more epochs, then for every member to be ready in the newest.
+async fn epochs_pass(env: &Env, client: &dbqsfs_daemon::client::DbqsClient, n: u64) {
+    let e = client.refresh().await.epoch();
+    env.cluster
+        .wait_epoch(client, e + n, Duration::from_secs(60))
+        .await;
+    env.cluster
+        .wait_ready(client, Duration::from_secs(60))
+        .await;
+}
+
 fn file_bytes(k: usize) -> Vec<u8> {
     let mut state = (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (0..1 << 20)
@@ -214,22 +224,10 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     );
 
     // Epochs go on, and every node becomes ready in them (nobody's transfer waits on the full).
-    let e0 = client.refresh().await.epoch();
-    env.cluster
-        .wait_epoch(&client, e0 + 2, Duration::from_secs(60))
-        .await;
-    env.cluster
-        .wait_ready(&client, Duration::from_secs(60))
-        .await;
+    epochs_pass(&env, &client, 2).await;
 
     // The volume stays readable and its namespace writable.
-    let check = |dir: &Path| {
-        for k in 0..written {
-            let got = std::fs::read(dir.join(format!("d/f{k}"))).unwrap();
-            assert!(got == file_bytes(k), "file f{k} reads back wrong");
-        }
-    };
-    check(&mnt);
+    read_back(&mnt, 0..written, "through the mount");
     std::fs::remove_file(mnt.join("d/f0")).expect("rm on a volume with two full nodes");
     std::fs::create_dir(mnt.join("e")).expect("mkdir on a volume with two full nodes");
     env.umount(&mnt);
@@ -237,13 +235,7 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     env.mount(&ro, true);
     let names = std::fs::read_dir(ro.join("d")).unwrap().count();
     assert_eq!(names, written - 1, "the fresh mount lists the files left");
-    for k in 1..written {
-        let got = std::fs::read(ro.join(format!("d/f{k}"))).unwrap();
-        assert!(
-            got == file_bytes(k),
-            "file f{k} reads back wrong on a fresh mount"
-        );
-    }
+    read_back(&ro, 1..written, "on a fresh mount");
     env.umount(&ro);
 
     // Space is freed: the deferred blocks are stored by themselves, and writes go on.
@@ -280,20 +272,8 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
             .expect("write after space freed");
     }
     env.umount(&mnt);
-    let e1 = client.refresh().await.epoch();
-    env.cluster
-        .wait_epoch(&client, e1 + 1, Duration::from_secs(60))
-        .await;
-    env.cluster
-        .wait_ready(&client, Duration::from_secs(60))
-        .await;
+    epochs_pass(&env, &client, 1).await;
     env.mount(&ro, true);
-    for k in (1..written).chain(100..104) {
-        let got = std::fs::read(ro.join(format!("d/f{k}"))).unwrap();
-        assert!(
-            got == file_bytes(k),
-            "file f{k} reads back wrong at the end"
-        );
-    }
+    read_back(&ro, (1..written).chain(100..104), "at the end");
     env.umount(&ro);
 }

@@ -9,6 +9,9 @@
 //!
 //! `DBQSFS_BIG_FILE_MB` sets the size of the large file (default 256; the full run uses 1024).
 
+mod common;
+
+use common::is_mounted;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -63,14 +66,6 @@ fn sh(cmd: &str) -> String {
         .expect("run sh");
     assert!(o.status.success(), "`{cmd}` failed: {}", show(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 fn alive(pid: i32) -> bool {

@@ -11,6 +11,15 @@ use tokio::task::JoinHandle;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
 
+/// Whether `dir` is a mount point now (per /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
 /// `dbqsfs cluster init` of 4 nodes in `dir`, on random loopback ports; returns `cluster.toml`.
 pub fn init_cluster(dir: &Path) -> PathBuf {
     let mut r = [0u8; 2];
