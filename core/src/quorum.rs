@@ -54,7 +54,7 @@ pub enum Vote<V> {
 }
 
 /// Votes keyed by sender; each sender counts once.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tally<V> {
     votes: BTreeMap<NodeId, V>,
 }

@@ -26,6 +26,9 @@ struct Net {
     views: Vec<Vec<u64>>,
     /// Each member's application digest: a hash chain of what it executed.
     app: Vec<Digest>,
+    /// What each member persisted last ([`Output::Persist`]), with its application then (digest,
+    /// batches decided): its disk.
+    saved: Vec<Option<(Vec<u8>, Digest, usize)>>,
     /// Every message broadcast so far, decoded (for tests that forge from real statements).
     seen: Vec<(usize, AgreementMessage)>,
 }
@@ -68,6 +71,7 @@ impl Net {
             evidence: vec![Vec::new(); n],
             views: vec![Vec::new(); n],
             app: vec![[0; 32]; n],
+            saved: vec![None; n],
             seen: Vec::new(),
         }
     }
@@ -83,6 +87,9 @@ impl Net {
     fn drain(&mut self, i: usize) {
         while let Some(out) = self.members[i].poll_output() {
             match out {
+                Output::Persist { state } => {
+                    self.saved[i] = Some((state, self.app[i], self.decided[i].len()));
+                }
                 Output::Send { to, bytes } => {
                     let to = self.index(&to);
                     self.queue.push_back((i, to, bytes));
@@ -160,6 +167,19 @@ impl Net {
                 }
             }
         }
+    }
+
+    /// Member `i` crashes and starts again from what it persisted: its memory is gone, and so is
+    /// what its application did after that point.
+    fn restart(&mut self, i: usize) {
+        let (state, app, decided) = self.saved[i].clone().expect("it persisted something");
+        let committee: Vec<_> = self.keys.iter().map(|k| k.public()).collect();
+        let opts = self.members[i].options().clone();
+        self.members[i] =
+            Agreement::restore(self.keys[i].clone(), committee, opts, &state, self.now).unwrap();
+        self.app[i] = app;
+        self.decided[i].truncate(decided);
+        self.drain(i);
     }
 
     fn submit(&mut self, to: usize, req: Request) -> Result<(), Rejected> {
@@ -662,4 +682,116 @@ fn committees_that_are_not_three_f_plus_one_are_refused() {
         Agreement::new(keys[4].clone(), publics[..4].to_vec(), options()).is_err(),
         "a non-member cannot run the agreement"
     );
+}
+
+#[test]
+fn what_a_member_signs_is_persisted_before_it_leaves_and_a_restart_keeps_it() {
+    let mut net = Net::new(4);
+    let a = client(1);
+    let primary = net.keys[0].clone();
+    let sign_pp = |batch: &[Request]| {
+        Signed::sign(
+            &primary,
+            0,
+            EPOCH,
+            PrePrepare {
+                view: 0,
+                seq: 1,
+                digest: batch_digest(batch),
+            },
+        )
+    };
+    let send = |pre_prepare: Signed<PrePrepare>, batch| {
+        encode_msg(EPOCH, AgreementMessage::PrePrepare { pre_prepare, batch })
+    };
+    let first = vec![req(&a, 1)];
+    let second = vec![req(&a, 2)];
+    let (pp1, pp2) = (send(sign_pp(&first), first), send(sign_pp(&second), second));
+    let from = net.id(0);
+    assert_eq!(net.members[1].handle_message(0, from, &pp1), Ok(()));
+    let mut outs = Vec::new();
+    while let Some(o) = net.members[1].poll_output() {
+        outs.push(o);
+    }
+    let persist = outs
+        .iter()
+        .position(|o| matches!(o, Output::Persist { .. }))
+        .expect("a member that prepares persists first");
+    let prepare = outs
+        .iter()
+        .position(|o| matches!(o, Output::Broadcast { .. }))
+        .expect("and broadcasts its prepare");
+    assert!(
+        persist < prepare,
+        "the state is persisted before the prepare leaves"
+    );
+    let Output::Persist { state } = &outs[persist] else {
+        unreachable!()
+    };
+    // The member crashes and restarts from that state: it remembers its prepare for the slot
+    // and refuses a second pre-prepare for it (an equivocating primary's), as before the crash.
+    let committee: Vec<_> = net.keys.iter().map(|k| k.public()).collect();
+    let mut restored =
+        Agreement::restore(net.keys[1].clone(), committee.clone(), options(), state, 50).unwrap();
+    assert_eq!(
+        restored.handle_message(50, from, &pp2),
+        Err(Rejected::Conflicting)
+    );
+    // Without it, the member would prepare the second batch: what the persisted state prevents.
+    let mut amnesiac = Agreement::new(net.keys[1].clone(), committee.clone(), options()).unwrap();
+    assert_eq!(amnesiac.handle_message(50, from, &pp2), Ok(()));
+    // Nothing else restores: garbage, or the state of another epoch.
+    assert!(Agreement::restore(
+        net.keys[1].clone(),
+        committee.clone(),
+        options(),
+        b"junk",
+        0
+    )
+    .is_err());
+    let other = Options {
+        epoch: EPOCH + 1,
+        ..options()
+    };
+    assert!(Agreement::restore(net.keys[1].clone(), committee, other, state, 0).is_err());
+}
+
+#[test]
+fn a_whole_committee_restarted_from_what_it_persisted_goes_on_deciding() {
+    let mut net = Net::new(4);
+    let a = client(1);
+    for seq in 1..=6 {
+        net.submit(seq as usize % 4, req(&a, seq)).unwrap();
+        net.run_until(net.now + 60);
+    }
+    // Mid-agreement: the last request reached the members, not yet decided.
+    net.submit(2, req(&a, 7)).unwrap();
+    for i in 0..4 {
+        net.restart(i);
+    }
+    net.queue.clear();
+    for seq in 8..=10 {
+        net.submit(seq as usize % 4, req(&a, seq)).unwrap();
+        net.run_until(net.now + 60);
+    }
+    net.run_until(net.now + 3_000);
+    let all: Vec<Vec<u8>> = (1..=10).map(|s| format!("op {s}").into_bytes()).collect();
+    for i in 0..4 {
+        let seqs: Vec<SeqNo> = net.decided[i].iter().map(|(s, _)| *s).collect();
+        let expected: Vec<SeqNo> = (1..=seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, expected,
+            "member {i} executes in order, nothing twice"
+        );
+        // Request 7 was lost with the members' memories unless it was ordered before; its client
+        // would resend it. Every other request is executed once, in order.
+        let executed = net.executed(i);
+        let want: Vec<Vec<u8>> = all
+            .iter()
+            .filter(|p| executed.contains(p) || p.as_slice() != b"op 7")
+            .cloned()
+            .collect();
+        assert_eq!(executed, want, "member {i}");
+        assert_eq!(net.decided[i], net.decided[0], "members agree");
+    }
 }

@@ -23,9 +23,12 @@
 //!   order and drops overtaken ones), resent until executed or their epoch is over.
 //!
 //! Non-goals: protocol decisions (the core makes them), state transfer (the transfer worker reacts
-//! to installed epochs on its own). A committee member that restarts in the epoch in which it
-//! already took part in the agreement sits that agreement out (it forgot what it signed and would
-//! count as Byzantine); it is back in a later epoch.
+//! to installed epochs on its own). A committee member persists what the agreement
+//! must not forget ([`Output::Persist`]: written to the node's store, with the batches it
+//! executed, before any message after it is sent) and, restarted in the same epoch, takes the
+//! agreement up again from it ([`Agreement::restore`], the MS state replayed from the batches), so
+//! epochs go on after a restart of any number of members. A member whose state cannot be read or
+//! written sits that epoch's agreement out rather than risk signing twice.
 //!
 //! Fault model: every message comes from the network and is checked before use; a Byzantine peer
 //! can delay or refuse, never forge: configurations and freshness certificates are self-certifying,
@@ -426,6 +429,8 @@ struct Role {
     membership: Membership,
     batches: Vec<Vec<Request>>,
     digests: Vec<Digest>,
+    /// How many of `batches` are persisted (with the agreement's state, [`Output::Persist`]).
+    saved_batches: usize,
     /// Waiting for the batches up to a stable checkpoint: outputs are queued meanwhile.
     installing: Option<(SeqNo, Digest)>,
     queued: VecDeque<Output>,
@@ -594,29 +599,6 @@ impl Task {
         if !config.committee.contains(&me) {
             return;
         }
-        // Probing, freshness shares and submissions need no agreement state; the agreement does: a
-        // member that already signed in this epoch's agreement and forgot it sits it out.
-        let take_part = match self.shared.agreement_marker() {
-            Ok(Some(e)) if e >= config.epoch => {
-                warn!(
-                    epoch = config.epoch,
-                    "restarted in an epoch whose agreement this node took part in: sitting it out"
-                );
-                false
-            }
-            Ok(_) => match self.shared.set_agreement_marker(config.epoch) {
-                // Persisted before we sign anything in this epoch's agreement.
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %e, "cannot persist the agreement marker: sitting this epoch out");
-                    false
-                }
-            },
-            Err(e) => {
-                warn!(error = %e, "cannot read the agreement marker: sitting this epoch out");
-                false
-            }
-        };
         let keys: Vec<PublicKey> = config
             .committee
             .iter()
@@ -629,18 +611,20 @@ impl Task {
             ..AgreementOptions::default()
         };
         let max_batch = opts.max_batch;
-        let agreement = if take_part {
-            match Agreement::new(self.shared.key.clone(), keys, opts) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    warn!(error = ?e, "cannot run this epoch's agreement");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         let ms = Membership::new(config.clone(), self.shared.admission_key, max_batch);
+        // The agreement starts afresh, or from what this member persisted in this epoch before
+        // a restart (everything it signed was persisted before it was sent).
+        let restored = self.restore_agreement(&config, keys, opts, &ms);
+        let (agreement, app) = match restored {
+            Ok(r) => r,
+            Err(why) => {
+                warn!(
+                    epoch = config.epoch,
+                    "{why}: sitting this epoch's agreement out"
+                );
+                (None, None)
+            }
+        };
         let now = Instant::now();
         let probes: BTreeMap<NodeId, ProbeState> = config
             .members
@@ -681,6 +665,7 @@ impl Task {
             membership: ms,
             batches: Vec::new(),
             digests: Vec::new(),
+            saved_batches: 0,
             installing: None,
             queued: VecDeque::new(),
             collector: None,
@@ -690,6 +675,140 @@ impl Task {
             next_probe: now,
             next_fresh: now,
         });
+        if let Some(app) = app {
+            self.resume(app);
+        }
+    }
+
+    /// Reads back what this member persisted in `config`'s agreement, if anything: the agreement
+    /// restored from it and the MS state replayed from the batches it had executed. `Err` says
+    /// why it must sit the agreement out (it may have signed something it cannot recall).
+    fn restore_agreement(
+        &self,
+        config: &Configuration,
+        keys: Vec<PublicKey>,
+        opts: AgreementOptions,
+        start: &Membership,
+    ) -> Result<(Option<Agreement>, Option<Restored>), String> {
+        let epoch = config.epoch;
+        let key = self.shared.key.clone();
+        let store = &self.shared.store;
+        let saved = store
+            .load_agreement(epoch)
+            .map_err(|e| format!("cannot read the persisted agreement state ({e})"))?;
+        let Some((record, batches)) = saved else {
+            let legacy = store
+                .load_legacy_agreement_epoch()
+                .map_err(|e| format!("cannot read the agreement marker ({e})"))?;
+            if legacy.is_some_and(|e| e >= epoch) {
+                return Err(
+                    "restarted in an epoch whose agreement an older version of this \
+                     node took part in without persisting what it signed"
+                        .into(),
+                );
+            }
+            let a = Agreement::new(key, keys, opts)
+                .map_err(|e| format!("cannot run this epoch's agreement ({e})"))?;
+            return Ok((Some(a), None));
+        };
+        let unreadable =
+            |e: postcard::Error| format!("the persisted agreement state is unreadable ({e})");
+        let record: SavedRole = postcard::from_bytes(&record).map_err(unreadable)?;
+        let batches = batches
+            .iter()
+            .map(|b| postcard::from_bytes::<Vec<Request>>(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unreadable)?;
+        let a = Agreement::restore(key, keys, opts, &record.agreement, self.now_ms())
+            .map_err(|e| format!("cannot restore the agreement ({e})"))?;
+        info!(
+            epoch,
+            view = a.view(),
+            executed = batches.len(),
+            "restarted in this epoch's agreement from the state it persisted"
+        );
+        let (membership, digests, ended) = replay(start, &batches);
+        Ok((
+            Some(a),
+            Some(Restored {
+                membership,
+                batches,
+                digests,
+                ended,
+                installing: record.installing,
+                queued: record.queued,
+            }),
+        ))
+    }
+
+    /// Puts the MS state read back by [`Task::restore_agreement`] in place, and goes on where it
+    /// stopped: signing the next configuration if the epoch had ended, fetching the batches of a
+    /// stable checkpoint it was installing.
+    fn resume(&mut self, app: Restored) {
+        let Some(role) = self.role.as_mut() else {
+            return;
+        };
+        role.membership = app.membership;
+        role.saved_batches = app.batches.len();
+        role.batches = app.batches;
+        role.digests = app.digests;
+        role.installing = app.installing;
+        role.queued = app
+            .queued
+            .into_iter()
+            .map(|q| match q {
+                Queued::Decided { seq, requests } => Output::Decided { seq, requests },
+                Queued::Checkpoint { seq } => Output::Checkpoint { seq },
+            })
+            .collect();
+        let epoch = role.epoch;
+        let installing = role.installing;
+        if let Some(next) = app.ended {
+            self.epoch_ended(next);
+        }
+        if let Some((upto, _)) = installing {
+            for m in self.committee_peers() {
+                self.request(m, MsMessage::Batches { epoch, upto });
+            }
+        }
+    }
+
+    /// Writes the agreement's durable state with what the driver must keep beside it (the
+    /// batches executed since the last write, a stable checkpoint being installed and the
+    /// outputs queued behind it), durable on return.
+    fn persist(&mut self, state: Vec<u8>) -> Result<(), String> {
+        let Some(role) = self.role.as_mut() else {
+            return Ok(());
+        };
+        let record = SavedRole {
+            agreement: state,
+            installing: role.installing,
+            queued: role
+                .queued
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Decided { seq, requests } => Some(Queued::Decided {
+                        seq: *seq,
+                        requests: requests.clone(),
+                    }),
+                    Output::Checkpoint { seq } => Some(Queued::Checkpoint { seq: *seq }),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let encode = |e: postcard::Error| format!("cannot encode the agreement state ({e})");
+        let record = postcard::to_allocvec(&record).map_err(encode)?;
+        let new = role.batches[role.saved_batches.min(role.batches.len())..]
+            .iter()
+            .map(postcard::to_allocvec)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(encode)?;
+        self.shared
+            .store
+            .save_agreement(role.epoch, &record, role.saved_batches as u64 + 1, &new)
+            .map_err(|e| e.to_string())?;
+        role.saved_batches = role.batches.len();
+        Ok(())
     }
 
     fn queued_kind(&self, f: impl Fn(&MsOp) -> bool) -> bool {
@@ -1171,6 +1290,16 @@ impl Task {
         };
         let epoch = role.epoch;
         match out {
+            Output::Persist { state } => {
+                if let Err(e) = self.persist(state) {
+                    // What follows must not leave unpersisted: drop the agreement, and with it
+                    // every output it still holds.
+                    warn!(epoch, error = %e, "cannot persist the agreement state: sitting this epoch's agreement out");
+                    if let Some(role) = self.role.as_mut() {
+                        role.agreement = None;
+                    }
+                }
+            }
             #[cfg(feature = "fault-injection")]
             Output::Send { .. } | Output::Broadcast { .. } if self.opts.forge => {}
             Output::Send { to, bytes } => {
@@ -1227,13 +1356,8 @@ impl Task {
             );
             return;
         }
-        let mut h = blake3::Hasher::new();
-        h.update(&role.app_digest());
-        h.update(&seq.to_le_bytes());
-        for r in &requests {
-            h.update(&r.digest());
-        }
-        role.digests.push(*h.finalize().as_bytes());
+        let digest = chain_digest(&role.app_digest(), seq, &requests);
+        role.digests.push(digest);
         if role.batches.len() < MAX_BATCHES {
             role.batches.push(requests.clone());
         }
@@ -1331,27 +1455,7 @@ impl Task {
             return;
         }
         // Replay from the start of the epoch and accept only what hashes to the agreed digest.
-        let mut ms = role.start.clone();
-        let mut digests = Vec::with_capacity(batches.len());
-        let mut ended = None;
-        for (i, batch) in batches.iter().enumerate() {
-            let s = i as SeqNo + 1;
-            let mut h = blake3::Hasher::new();
-            h.update(&digests.last().copied().unwrap_or([0u8; 32]));
-            h.update(&s.to_le_bytes());
-            for r in batch {
-                h.update(&r.digest());
-            }
-            digests.push(*h.finalize().as_bytes());
-            let seed = ms_seed(s, batch);
-            for r in batch {
-                if let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) {
-                    if let Executed::EpochEnded(next) = ms.execute(&r.client, op, &seed) {
-                        ended.get_or_insert(*next);
-                    }
-                }
-            }
-        }
+        let (ms, digests, ended) = replay(&role.start, &batches);
         if digests.last().copied().unwrap_or([0; 32]) != digest {
             debug!("a batch log does not match the stable checkpoint: ignored");
             return;
@@ -1509,6 +1613,68 @@ impl Task {
 /// A probe's answer is awaited for most of the probe period, so that it is settled (answered or
 /// failed) before the next round: a round that found the last probe still outstanding would count
 /// nothing, and failures would accrue at half the rate.
+/// The application digest after batch `seq`: a hash chain through every executed batch, so that
+/// equal digests mean equal histories.
+fn chain_digest(prev: &Digest, seq: SeqNo, requests: &[Request]) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(prev);
+    h.update(&seq.to_le_bytes());
+    for r in requests {
+        h.update(&r.digest());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The MS state after executing `batches` (sequence numbers 1, 2, ...) from `start`, the digest
+/// after each, and the next configuration if they ended the epoch.
+fn replay(
+    start: &Membership,
+    batches: &[Vec<Request>],
+) -> (Membership, Vec<Digest>, Option<Configuration>) {
+    let mut ms = start.clone();
+    let mut digests: Vec<Digest> = Vec::with_capacity(batches.len());
+    let mut ended = None;
+    for (i, batch) in batches.iter().enumerate() {
+        let seq = i as SeqNo + 1;
+        let prev = digests.last().copied().unwrap_or([0; 32]);
+        digests.push(chain_digest(&prev, seq, batch));
+        let seed = ms_seed(seq, batch);
+        for r in batch {
+            if let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) {
+                if let Executed::EpochEnded(next) = ms.execute(&r.client, op, &seed) {
+                    ended.get_or_insert(*next);
+                }
+            }
+        }
+    }
+    (ms, digests, ended)
+}
+
+/// What a committee member persists beside the agreement's durable state.
+#[derive(Serialize, Deserialize)]
+struct SavedRole {
+    agreement: Vec<u8>,
+    installing: Option<(SeqNo, Digest)>,
+    queued: Vec<Queued>,
+}
+
+/// An agreement output queued while a stable checkpoint's batches are fetched.
+#[derive(Serialize, Deserialize)]
+enum Queued {
+    Decided { seq: SeqNo, requests: Vec<Request> },
+    Checkpoint { seq: SeqNo },
+}
+
+/// The MS state of an epoch read back after a restart.
+struct Restored {
+    membership: Membership,
+    batches: Vec<Vec<Request>>,
+    digests: Vec<Digest>,
+    ended: Option<Configuration>,
+    installing: Option<(SeqNo, Digest)>,
+    queued: Vec<Queued>,
+}
+
 fn role_probe_timeout(config: &Configuration) -> u64 {
     (config.params.probe_ms.saturating_mul(4) / 5).clamp(200, 5_000)
 }

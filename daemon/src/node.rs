@@ -229,15 +229,6 @@ impl Shared {
             *cur = Some(f);
         }
     }
-
-    /// The newest epoch whose MS agreement this node took part in.
-    pub fn agreement_marker(&self) -> Result<Option<Epoch>, StoreError> {
-        self.store.load_agreement_epoch()
-    }
-
-    pub fn set_agreement_marker(&self, epoch: Epoch) -> Result<(), StoreError> {
-        self.store.save_agreement_epoch(epoch)
-    }
 }
 
 /// Why configurations were not installed.

@@ -47,8 +47,10 @@ const PK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pk_blocks");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_CHAIN: &str = "config_chain";
 const META_READY: &str = "ready_epochs";
-/// The newest epoch whose MS agreement this node took part in.
-const META_AGREEMENT: &str = "agreement_epoch";
+/// Written by versions before the agreement state was persisted: the newest epoch whose MS
+/// agreement the node took part in (read only, so that a node upgraded mid-epoch sits out the
+/// agreement it signed in without a record).
+const META_LEGACY_AGREEMENT: &str = "agreement_epoch";
 /// State transfer progress: epoch → postcard-encoded arcs whose transfer into it is done (while the
 /// epoch's transfer is not complete).
 const TRANSFER_DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("transfer_done");
@@ -57,6 +59,14 @@ const TRANSFER_DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("transfe
 const GC_COLLECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("gc_collected");
 /// Content blocks a transfer could not store for lack of space: object id → ().
 const DEFERRED: TableDefinition<&[u8], ()> = TableDefinition::new("deferred");
+/// A committee member's MS agreement state: epoch → what it must not forget (the driver's record,
+/// holding the core's durable state). Only the newest epoch is kept.
+const MS_AGREEMENT: TableDefinition<u64, &[u8]> = TableDefinition::new("ms_agreement");
+/// The batches a committee member executed: (epoch, sequence number) → the batch, encoded.
+const MS_BATCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ms_batches");
+
+/// A committee member's agreement record and the batches it executed, encoded.
+pub type SavedAgreement = (Vec<u8>, Vec<Vec<u8>>);
 
 /// The reserve when none is set: 1% of the filesystem, at least 16 MiB and at most 1 GiB.
 pub fn default_reserve(fs_bytes: u64) -> u64 {
@@ -164,6 +174,8 @@ impl DiskStore {
             w.open_table(TRANSFER_DONE).map_err(redb::Error::from)?;
             w.open_table(GC_COLLECTED).map_err(redb::Error::from)?;
             w.open_table(DEFERRED).map_err(redb::Error::from)?;
+            w.open_table(MS_AGREEMENT).map_err(redb::Error::from)?;
+            w.open_table(MS_BATCHES).map_err(redb::Error::from)?;
             w.commit().map_err(redb::Error::from)?;
         }
         let store = DiskStore {
@@ -396,14 +408,57 @@ impl DiskStore {
         self.put_meta(META_READY, &epochs)
     }
 
-    /// The newest epoch whose MS agreement this node took part in (signed anything in).
-    pub fn load_agreement_epoch(&self) -> Result<Option<u64>, StoreError> {
-        self.get_meta(META_AGREEMENT)
+    /// The epoch an older version recorded taking part in the MS agreement of, if any.
+    pub fn load_legacy_agreement_epoch(&self) -> Result<Option<u64>, StoreError> {
+        self.get_meta(META_LEGACY_AGREEMENT)
     }
 
-    /// Records that this node takes part in the MS agreement of `epoch`; durable on return.
-    pub fn save_agreement_epoch(&self, epoch: u64) -> Result<(), StoreError> {
-        self.put_meta(META_AGREEMENT, &epoch)
+    /// The MS agreement record of `epoch` and the batches executed in it (in sequence order,
+    /// from 1), as last saved by [`DiskStore::save_agreement`].
+    pub fn load_agreement(&self, epoch: u64) -> Result<Option<SavedAgreement>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(MS_AGREEMENT).map_err(db_err)?;
+        let Some(record) = t.get(epoch).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let b = r.open_table(MS_BATCHES).map_err(db_err)?;
+        let mut batches = Vec::new();
+        for entry in b.range((epoch, 0)..=(epoch, u64::MAX)).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if k.value().1 != batches.len() as u64 + 1 {
+                return Err(StoreError::Io(format!(
+                    "the MS batches of epoch {epoch} have a gap at {}",
+                    batches.len() + 1
+                )));
+            }
+            batches.push(v.value().to_vec());
+        }
+        Ok(Some((record.value().to_vec(), batches)))
+    }
+
+    /// Replaces the MS agreement record of `epoch`, adds the batches executed since the last save
+    /// (`first` is the sequence number of `batches[0]`), and forgets older epochs' records; one
+    /// transaction, durable on return.
+    pub fn save_agreement(
+        &self,
+        epoch: u64,
+        record: &[u8],
+        first: u64,
+        batches: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(MS_AGREEMENT).map_err(db_err)?;
+            t.retain_in(..epoch, |_, _| false).map_err(db_err)?;
+            t.insert(epoch, record).map_err(db_err)?;
+            let mut b = w.open_table(MS_BATCHES).map_err(db_err)?;
+            b.retain_in(..(epoch, 0), |_, _| false).map_err(db_err)?;
+            for (i, batch) in batches.iter().enumerate() {
+                b.insert((epoch, first + i as u64), batch.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
     }
 
     /// The arcs whose state transfer is done, per epoch, as persisted by

@@ -388,6 +388,45 @@ pub fn local_bind_for(target: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
+/// The key of a listening node's stateless resets (RFC 9000 §10.3), derived from its node key so
+/// that it is the same after a restart. A peer that still holds a connection to the node's
+/// previous process sends on it; the restarted node cannot decrypt that, answers with a stateless
+/// reset whose token the previous process had issued from the same key, and the peer drops the
+/// connection at once and dials afresh. With a random key per process (quinn's default) the peer
+/// would wait for its request or idle timeout (30 s) before noticing. The connection ids' hash key
+/// is derived the same way, for the same reason.
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn of(key: &SigningKey) -> ResetKey {
+        ResetKey(blake3::derive_key(
+            "dbqsfs 2026-12 quic stateless reset key",
+            key.as_bytes(),
+        ))
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(32);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        // `blake3::Hash` compares in constant time.
+        let mac = blake3::keyed_hash(&self.0, data);
+        match <[u8; 32]>::try_from(signature) {
+            Ok(sig) if blake3::Hash::from(sig) == mac => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
+    }
+}
+
 impl Endpoint {
     /// An endpoint that accepts connections on `bind` (and can dial).
     ///
@@ -405,7 +444,19 @@ impl Endpoint {
             .map_err(|e| NetError::Tls(rustls::Error::General(e.to_string())))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(opts.transport_config(true)));
-        let quic = quinn::Endpoint::server(config, bind)?;
+        let socket = std::net::UdpSocket::bind(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+        let reset = ResetKey::of(&key);
+        let cid_key = u64::from_le_bytes(reset.0[..8].try_into().expect("8 bytes"));
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
+        // Connection ids are checked with a keyed hash before anything else: with a key of its
+        // own, a restarted node would drop the packets of old connections as invalid instead of
+        // answering them with a stateless reset.
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let quic = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)?;
         Self::new(quic, key, identity, opts, Some(authorizer))
     }
 

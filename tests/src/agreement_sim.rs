@@ -67,6 +67,10 @@ const EPOCH: u64 = 7;
 pub struct RunOptions {
     pub f: u32,
     pub mutant: Mutant,
+    /// The driver mutant `forget-signed-state`: a crashed member restarts without what it
+    /// persisted (a fresh agreement and application), as a driver that skipped
+    /// [`Output::Persist`] would.
+    pub forget_signed_state: bool,
 }
 
 /// What a run found.
@@ -229,6 +233,12 @@ struct Ended {
     config: Configuration,
 }
 
+/// A statement's identity, for comparing two statements of one slot.
+fn body_hash<T: serde::Serialize>(body: &T) -> [u8; 32] {
+    let bytes = postcard::to_allocvec(body).expect("in-memory statements encode");
+    *blake3::hash(&bytes).as_bytes()
+}
+
 /// The seed the MS draws the next committee from: BLAKE3 of the decided batch's digest and its
 /// sequence number (the same at every correct member, unknown before the batch is decided).
 fn ms_seed(seq: SeqNo, requests: &[Request]) -> [u8; 32] {
@@ -320,6 +330,10 @@ struct Member {
     key: Keypair,
     core: Agreement,
     up: bool,
+    /// Crashed (not merely cut off): it restarts from what it persisted.
+    crashed: bool,
+    /// What it persisted last ([`Output::Persist`]) and its application at that point: its disk.
+    saved: Option<(Vec<u8>, App)>,
     byz: Option<Byz>,
     timer_at: Option<u64>,
     app: App,
@@ -405,6 +419,15 @@ struct Sim {
     evidence: u64,
     ms: MsSetup,
     coverage: MsCoverage,
+    /// What members restart with.
+    committee: Vec<PublicKey>,
+    core_opts: Options,
+    genesis_ms: Rc<Membership>,
+    forget_signed_state: bool,
+    /// Every statement a correct member signed: (member, kind, view, seq) → digest of the body.
+    signed: BTreeMap<(usize, u8, u64, u64), [u8; 32]>,
+    /// Correct members restarted from their persisted state.
+    restarts: u64,
 }
 
 /// Runs one seed.
@@ -573,6 +596,8 @@ impl Sim {
                 key: key.clone(),
                 core,
                 up: true,
+                crashed: false,
+                saved: None,
                 byz,
                 timer_at: None,
                 app: App::new(genesis_ms.clone()),
@@ -623,6 +648,12 @@ impl Sim {
             evidence: 0,
             ms,
             coverage: MsCoverage::default(),
+            committee,
+            core_opts,
+            genesis_ms,
+            forget_signed_state: opts.forget_signed_state,
+            signed: BTreeMap::new(),
+            restarts: 0,
         }
     }
 
@@ -1083,6 +1114,7 @@ impl Sim {
             Ev::Crash { m } => {
                 if self.faulty && self.members[m].up {
                     self.members[m].up = false;
+                    self.members[m].crashed = true;
                     let at = now + self.rng.range(100, 2_000);
                     self.schedule(at, Ev::Restart { m });
                 }
@@ -1098,6 +1130,7 @@ impl Sim {
                     let p = (view % self.members.len() as u64) as usize;
                     if self.members[p].up {
                         self.members[p].up = false;
+                        self.members[p].crashed = true;
                         let at = now + self.rng.range(500, 3_000);
                         self.schedule(at, Ev::Restart { m: p });
                     }
@@ -1136,8 +1169,111 @@ impl Sim {
             return;
         }
         self.members[m].up = true;
+        if std::mem::take(&mut self.members[m].crashed) {
+            self.recover(m);
+        }
         self.members[m].core.handle_timeout(self.now);
         self.drain(m);
+    }
+
+    /// A crashed member's process starts again: its memory is gone; it has what it persisted
+    /// (nothing under the `forget-signed-state` mutant).
+    fn recover(&mut self, m: usize) {
+        let saved = if self.forget_signed_state {
+            None
+        } else {
+            self.members[m].saved.clone()
+        };
+        let key = self.members[m].key.clone();
+        let (core, app) = match saved {
+            Some((state, app)) => {
+                let core = Agreement::restore(
+                    key,
+                    self.committee.clone(),
+                    self.core_opts.clone(),
+                    &state,
+                    self.now,
+                );
+                match core {
+                    Ok(core) => (core, app),
+                    Err(e) => {
+                        self.violation(format!(
+                            "member {m} cannot restore the state it persisted: {e}"
+                        ));
+                        return;
+                    }
+                }
+            }
+            None => (
+                Agreement::new(key, self.committee.clone(), self.core_opts.clone())
+                    .expect("the simulator builds valid committees"),
+                App::new(self.genesis_ms.clone()),
+            ),
+        };
+        if self.correct(m) {
+            self.restarts += 1;
+        }
+        let ours = app
+            .executed
+            .iter()
+            .filter(|k| self.client_keys.contains(&k.0))
+            .count();
+        let member = &mut self.members[m];
+        member.core = core;
+        member.app = app;
+        member.client_executed = ours;
+        member.timer_at = None;
+    }
+
+    /// Records what correct member `m` signed in `bytes`: a second, different statement for one
+    /// slot (a pre-prepare, prepare or commit of one view and sequence number, a checkpoint of one
+    /// sequence number, a view change or new view for one view) is a violation, whatever
+    /// happened to the member in between (crashes and restarts included).
+    fn check_signed(&mut self, m: usize, bytes: &[u8]) {
+        use dbqsfs_core::ms::pbft::AgreementMessage as M;
+        let Ok(env) = decode::<AgreementMessage>(bytes) else {
+            return;
+        };
+        let mut statements: Vec<(u32, u8, u64, u64, [u8; 32])> = Vec::new();
+        match &env.msg {
+            M::PrePrepare { pre_prepare: p, .. } => {
+                statements.push((p.signer, 1, p.body.view, p.body.seq, p.body.digest))
+            }
+            M::Prepare(p) => statements.push((p.signer, 2, p.body.view, p.body.seq, p.body.digest)),
+            M::Commit(c) => statements.push((c.signer, 3, c.body.view, c.body.seq, c.body.digest)),
+            M::Checkpoint(c) => statements.push((c.signer, 4, 0, c.body.seq, c.body.digest)),
+            M::ViewChange { view_change: v, .. } => {
+                statements.push((v.signer, 5, v.body.new_view, 0, body_hash(&v.body)))
+            }
+            M::NewView { new_view: v, .. } => {
+                statements.push((v.signer, 6, v.body.view, 0, body_hash(&v.body)));
+                for p in &v.body.pre_prepares {
+                    statements.push((p.signer, 1, p.body.view, p.body.seq, p.body.digest));
+                }
+            }
+            _ => {}
+        }
+        const KINDS: [&str; 7] = [
+            "",
+            "pre-prepares",
+            "prepares",
+            "commits",
+            "checkpoints",
+            "view changes",
+            "new views",
+        ];
+        for (signer, kind, view, seq, digest) in statements {
+            if signer as usize != m {
+                continue;
+            }
+            match self.signed.insert((m, kind, view, seq), digest) {
+                Some(before) if before != digest => self.violation(format!(
+                    "SAFETY: member {m} signed two different {} for view {view}, sequence number {seq}",
+                    KINDS[kind as usize]
+                )),
+                _ => {}
+            }
+        }
     }
 
     // ---- network ----
@@ -1179,6 +1315,10 @@ impl Sim {
     fn drain(&mut self, m: usize) {
         while let Some(out) = self.members[m].core.poll_output() {
             match out {
+                Output::Persist { state } => {
+                    let app = self.members[m].app.clone();
+                    self.members[m].saved = Some((state, app));
+                }
                 Output::Send { to, bytes } => {
                     let to = self.ids.iter().position(|i| *i == to).expect("a member");
                     self.emit(m, vec![to], bytes);
@@ -1401,6 +1541,9 @@ impl Sim {
 
     /// Sends `bytes` from member `m` to `targets`, or what its adversary sends instead.
     fn emit(&mut self, m: usize, targets: Vec<usize>, bytes: Vec<u8>) {
+        if self.correct(m) {
+            self.check_signed(m, &bytes);
+        }
         let Some(kind) = self.members[m].byz.as_ref().map(|b| b.kind) else {
             for to in targets {
                 self.send(m, to, bytes.clone());

@@ -5,7 +5,11 @@
 use dbqsfs_tests::agreement_sim::{run_seed, Mutant, RunOptions};
 
 fn opts(f: u32, mutant: Mutant) -> RunOptions {
-    RunOptions { f, mutant }
+    RunOptions {
+        f,
+        mutant,
+        forget_signed_state: false,
+    }
 }
 
 #[test]
@@ -58,6 +62,16 @@ fn accepting_a_new_view_without_its_proof_is_caught() {
         caught(Mutant::SkipViewChangeProof, 300),
         "skip-view-change-proof was not caught"
     );
+}
+
+#[test]
+fn restarting_without_the_persisted_state_is_caught() {
+    let forget = RunOptions {
+        forget_signed_state: true,
+        ..opts(1, Mutant::None)
+    };
+    let first = (0..300).find(|&seed| !run_seed(seed, &forget).violations.is_empty());
+    assert!(first.is_some(), "forget-signed-state was not caught");
 }
 
 fn caught(m: Mutant, seeds: u64) -> bool {

@@ -83,6 +83,7 @@ pub use msg::{
     Signed, SignedStatement, StableProof, StateSnapshot, View, ViewChange, MAX_CLIENTS,
     MAX_PAYLOAD,
 };
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Deliberate protocol breakages for proving that the agreement simulator's checkers catch real
@@ -200,6 +201,11 @@ impl Options {
 /// What the driver should do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
+    /// Write `state` to stable storage (replacing the previous one) before carrying out any
+    /// later output: the messages after it carry statements that a restarted member must
+    /// remember ([`Agreement::restore`] takes it back). Emitted after the local outputs of the
+    /// same input, so the driver's application state at this point matches `state`.
+    Persist { state: Vec<u8> },
     /// Send `bytes` to member `to`.
     Send { to: NodeId, bytes: Vec<u8> },
     /// Send `bytes` to every other member.
@@ -221,7 +227,8 @@ pub enum Output {
 
 /// Signed votes for one slot, each member counted once ([`Tally`]); a second, different vote is
 /// returned with the first as evidence.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(bound(serialize = "T: Serialize", deserialize = "T: Deserialize<'de>"))]
 struct Votes<T> {
     tally: Tally<Digest>,
     signed: BTreeMap<NodeId, Signed<T>>,
@@ -292,7 +299,7 @@ impl<T: Voted + Clone> Votes<T> {
 }
 
 /// One sequence number in the current view.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Slot {
     pre_prepare: Option<(Signed<PrePrepare>, Vec<Request>)>,
     prepares: Votes<Prepare>,
@@ -312,7 +319,7 @@ struct Pending {
 
 /// This member's own checkpoint at a sequence number: the duplicate table when it executed it, and
 /// the digests once the driver supplied the application's.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct OwnCheckpoint {
     clients: Vec<(PublicKey, u64)>,
     app: Option<Digest>,
@@ -340,15 +347,16 @@ pub struct LogSize {
     pub lowest: Option<SeqNo>,
 }
 
-/// One committee member running the agreement.
-pub struct Agreement {
-    key: Keypair,
-    me: u32,
-    my_id: NodeId,
-    committee: Committee,
-    opts: Options,
-    now: u64,
-
+/// What a member must not forget across a restart: everything it signed and everything its
+/// signatures depend on (its view, its votes and their slots, its prepared and decided
+/// certificates, its checkpoints, view changes and the duplicate table that execution built). A
+/// member restored from it ([`Agreement::restore`]) never signs two different statements for one
+/// slot; a member that loses it is Byzantine. [`Output::Persist`] carries it, serialized, before
+/// any message that depends on it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Durable {
+    /// The epoch of the committee (a state is never restored into another).
+    epoch: Epoch,
     view: View,
     /// `Some(target)` while changing to view `target`.
     changing: Option<View>,
@@ -356,10 +364,6 @@ pub struct Agreement {
 
     /// The last executed request seq of every client (the duplicate table).
     clients: BTreeMap<PublicKey, u64>,
-    pending: BTreeMap<RequestKey, Pending>,
-    /// Pending requests in arrival order.
-    arrivals: BTreeMap<u64, RequestKey>,
-    next_arrival: u64,
     /// Requests in a pre-prepare of the current view.
     proposed: BTreeSet<RequestKey>,
 
@@ -386,6 +390,27 @@ pub struct Agreement {
     view_changes: BTreeMap<u32, (Signed<ViewChange>, Vec<Vec<Request>>)>,
     /// The NEW-VIEW that started the current view (none for view 0), to help members behind.
     new_view: Option<(Signed<NewView>, Vec<Vec<Request>>)>,
+}
+
+/// One committee member running the agreement.
+pub struct Agreement {
+    key: Keypair,
+    me: u32,
+    my_id: NodeId,
+    committee: Committee,
+    opts: Options,
+    now: u64,
+
+    /// The state a restart must keep; the rest of this struct is volatile (pending requests are
+    /// resent by their clients, timers and peers' statuses start again).
+    d: Durable,
+    /// The hash of the durable state last handed out in [`Output::Persist`].
+    persisted: Option<[u8; 32]>,
+
+    pending: BTreeMap<RequestKey, Pending>,
+    /// Pending requests in arrival order.
+    arrivals: BTreeMap<u64, RequestKey>,
+    next_arrival: u64,
 
     next_tick: u64,
     /// In the normal case: when to suspect the primary if nothing executes.
@@ -420,28 +445,31 @@ impl Agreement {
             me: my_index,
             my_id,
             committee,
-            opts,
             now: 0,
-            view: 0,
-            changing: None,
-            backoff: 0,
-            clients: BTreeMap::new(),
+            d: Durable {
+                epoch: opts.epoch,
+                view: 0,
+                changing: None,
+                backoff: 0,
+                clients: BTreeMap::new(),
+                proposed: BTreeSet::new(),
+                slots: BTreeMap::new(),
+                next_seq: 1,
+                prepared: BTreeMap::new(),
+                decided: BTreeMap::new(),
+                last_executed: 0,
+                low: 0,
+                stable: StableProof::genesis(),
+                stable_state: Some(([0; 32], Vec::new())),
+                own_checkpoints: BTreeMap::new(),
+                checkpoint_votes: BTreeMap::new(),
+                view_changes: BTreeMap::new(),
+                new_view: None,
+            },
+            persisted: None,
             pending: BTreeMap::new(),
             arrivals: BTreeMap::new(),
             next_arrival: 0,
-            proposed: BTreeSet::new(),
-            slots: BTreeMap::new(),
-            next_seq: 1,
-            prepared: BTreeMap::new(),
-            decided: BTreeMap::new(),
-            last_executed: 0,
-            low: 0,
-            stable: StableProof::genesis(),
-            stable_state: Some(([0; 32], Vec::new())),
-            own_checkpoints: BTreeMap::new(),
-            checkpoint_votes: BTreeMap::new(),
-            view_changes: BTreeMap::new(),
-            new_view: None,
             next_tick: 0,
             progress_deadline: None,
             progress_mark: 0,
@@ -449,7 +477,40 @@ impl Agreement {
             peers: vec![None; n],
             fetch_cursor: my_index as usize,
             out: VecDeque::new(),
+            opts,
         })
+    }
+
+    /// A member restarted from the durable state it last persisted ([`Output::Persist`]), at time
+    /// `now`: it is back in the view it was in (or changing to the view it asked for), with every
+    /// statement it signed, and signs nothing that contradicts them. Its timers start again; its
+    /// pending requests are gone (clients resend them). `committee` and `opts` must be those it
+    /// ran with.
+    pub fn restore(
+        me: Keypair,
+        committee: Vec<PublicKey>,
+        opts: Options,
+        state: &[u8],
+        now: u64,
+    ) -> Result<Agreement, SetupError> {
+        let d: Durable = postcard::from_bytes(state).map_err(|_| SetupError::BadState)?;
+        let mut a = Agreement::new(me, committee, opts)?;
+        if d.epoch != a.opts.epoch {
+            return Err(SetupError::BadState);
+        }
+        a.persisted = Some(*blake3::hash(state).as_bytes());
+        a.progress_mark = d.last_executed;
+        a.d = d;
+        a.now = now;
+        a.next_tick = now;
+        if a.d.changing.is_some() {
+            // Give the view it asked for one timeout before moving on, as if just started.
+            a.new_view_deadline = Some(now.saturating_add(a.timeout()));
+        }
+        let mark = a.out.len();
+        a.after_input();
+        a.seal(mark);
+        Ok(a)
     }
 
     // ---- accessors ----
@@ -472,26 +533,26 @@ impl Agreement {
     }
 
     pub fn view(&self) -> View {
-        self.view
+        self.d.view
     }
 
     /// The view this member is changing to, if it is.
     pub fn changing_to(&self) -> Option<View> {
-        self.changing
+        self.d.changing
     }
 
     /// Whether this member is the primary of its view and not changing view.
     pub fn is_primary(&self) -> bool {
-        self.changing.is_none() && self.committee.primary(self.view) == self.me
+        self.d.changing.is_none() && self.committee.primary(self.d.view) == self.me
     }
 
     pub fn last_executed(&self) -> SeqNo {
-        self.last_executed
+        self.d.last_executed
     }
 
     /// The sequence number of the stable checkpoint (the low water mark).
     pub fn stable_checkpoint(&self) -> SeqNo {
-        self.low
+        self.d.low
     }
 
     /// Requests waiting to be ordered.
@@ -501,20 +562,20 @@ impl Agreement {
 
     pub fn log_size(&self) -> LogSize {
         let lowest = [
-            self.slots.keys().next(),
-            self.prepared.keys().next(),
-            self.decided.keys().next(),
-            self.checkpoint_votes.keys().next(),
+            self.d.slots.keys().next(),
+            self.d.prepared.keys().next(),
+            self.d.decided.keys().next(),
+            self.d.checkpoint_votes.keys().next(),
         ]
         .into_iter()
         .flatten()
         .min()
         .copied();
         LogSize {
-            slots: self.slots.len(),
-            prepared: self.prepared.len(),
-            decided: self.decided.len(),
-            checkpoints: self.checkpoint_votes.len(),
+            slots: self.d.slots.len(),
+            prepared: self.d.prepared.len(),
+            decided: self.d.decided.len(),
+            checkpoints: self.d.checkpoint_votes.len(),
             lowest,
         }
     }
@@ -539,14 +600,17 @@ impl Agreement {
 
     /// A client submits `req` to this member, which forwards it to every member.
     pub fn submit(&mut self, now: u64, req: Request) -> Result<(), Rejected> {
+        let mark = self.out.len();
         self.now = self.now.max(now);
         let res = self.on_request(req, true);
         self.after_input();
+        self.seal(mark);
         res
     }
 
     /// Handles bytes received from `from` (as authenticated by the transport).
     pub fn handle_message(&mut self, now: u64, from: NodeId, bytes: &[u8]) -> Result<(), Rejected> {
+        let mark = self.out.len();
         self.now = self.now.max(now);
         let env = decode::<AgreementMessage>(bytes)?;
         if env.epoch != self.opts.epoch {
@@ -583,20 +647,22 @@ impl Agreement {
             M::Decided(proofs) => self.on_decided(proofs),
         };
         self.after_input();
+        self.seal(mark);
         res
     }
 
     /// Runs the timers due at `now`.
     pub fn handle_timeout(&mut self, now: u64) {
+        let mark = self.out.len();
         self.now = self.now.max(now);
         if self.now >= self.next_tick {
             self.next_tick = self.now.saturating_add(self.opts.tick_ms);
             self.tick();
         }
-        match self.changing {
+        match self.d.changing {
             None => {
                 if self.progress_deadline.is_some_and(|d| self.now >= d) {
-                    self.start_view_change(self.view.saturating_add(1));
+                    self.start_view_change(self.d.view.saturating_add(1));
                 }
             }
             Some(target) => {
@@ -607,12 +673,14 @@ impl Agreement {
             }
         }
         self.after_input();
+        self.seal(mark);
     }
 
     /// The driver's answer to [`Output::Checkpoint`]: the application's digest after executing
     /// `seq`. Unknown or repeated sequence numbers are ignored.
     pub fn checkpoint_digest(&mut self, seq: SeqNo, app_digest: Digest) {
-        let Some(own) = self.own_checkpoints.get_mut(&seq) else {
+        let mark = self.out.len();
+        let Some(own) = self.d.own_checkpoints.get_mut(&seq) else {
             return;
         };
         if own.digest.is_some() {
@@ -622,12 +690,13 @@ impl Agreement {
         own.app = Some(app_digest);
         own.digest = Some(digest);
         let clients = own.clients.clone();
-        if seq == self.low && self.stable.digest == digest && self.stable_state.is_none() {
-            self.stable_state = Some((app_digest, clients));
+        if seq == self.d.low && self.d.stable.digest == digest && self.d.stable_state.is_none() {
+            self.d.stable_state = Some((app_digest, clients));
         }
-        if seq > self.low {
+        if seq > self.d.low {
             let c = self.sign(Checkpoint { seq, digest });
             let _ = self
+                .d
                 .checkpoint_votes
                 .entry(seq)
                 .or_default()
@@ -636,6 +705,7 @@ impl Agreement {
             self.check_stable(seq);
         }
         self.after_input();
+        self.seal(mark);
     }
 
     // ---- helpers ----
@@ -666,13 +736,13 @@ impl Agreement {
     }
 
     fn high(&self) -> SeqNo {
-        self.low.saturating_add(self.opts.window)
+        self.d.low.saturating_add(self.opts.window)
     }
 
     fn timeout(&self) -> u64 {
         self.opts
             .request_timeout_ms
-            .saturating_mul(1 << self.backoff.min(MAX_BACKOFF))
+            .saturating_mul(1 << self.d.backoff.min(MAX_BACKOFF))
     }
 
     fn sign<T: msg::Statement>(&self, body: T) -> Signed<T> {
@@ -700,12 +770,12 @@ impl Agreement {
     }
 
     fn check_view(&self, view: View) -> Result<(), Rejected> {
-        if self.changing.is_some() {
+        if self.d.changing.is_some() {
             return Err(Rejected::ChangingView);
         }
-        if view != self.view {
+        if view != self.d.view {
             return Err(Rejected::OtherView {
-                ours: self.view,
+                ours: self.d.view,
                 theirs: view,
             });
         }
@@ -713,10 +783,10 @@ impl Agreement {
     }
 
     fn check_window(&self, seq: SeqNo) -> Result<(), Rejected> {
-        if seq <= self.low || seq > self.high() {
+        if seq <= self.d.low || seq > self.high() {
             return Err(Rejected::OutsideWindow {
                 seq,
-                low: self.low,
+                low: self.d.low,
                 high: self.high(),
             });
         }
@@ -746,27 +816,28 @@ impl Agreement {
     }
 
     fn has_work(&self) -> bool {
-        let next = self.last_executed.saturating_add(1);
+        let next = self.d.last_executed.saturating_add(1);
         !self.pending.is_empty()
             || self
+                .d
                 .slots
                 .range(next..)
                 .any(|(_, s)| s.pre_prepare.is_some())
-            || self.decided.range(next..).next().is_some()
+            || self.d.decided.range(next..).next().is_some()
     }
 
     /// Bookkeeping after every input: progress resets the view-change timer; the primary proposes;
     /// the timer runs while there is work.
     fn after_input(&mut self) {
-        if self.last_executed > self.progress_mark {
-            self.progress_mark = self.last_executed;
+        if self.d.last_executed > self.progress_mark {
+            self.progress_mark = self.d.last_executed;
             self.progress_deadline = None;
-            if self.changing.is_none() {
-                self.backoff = 0;
+            if self.d.changing.is_none() {
+                self.d.backoff = 0;
             }
         }
         self.try_propose();
-        if self.changing.is_none() {
+        if self.d.changing.is_none() {
             if self.has_work() {
                 if self.progress_deadline.is_none() {
                     self.progress_deadline = Some(self.now.saturating_add(self.timeout()));
@@ -777,10 +848,37 @@ impl Agreement {
         }
     }
 
+    /// Orders what one input produced for the driver: its local outputs first (decisions,
+    /// checkpoints, evidence: the driver's state then matches the agreement's), then, when the
+    /// input signed or learned anything a restart must keep, [`Output::Persist`] with the durable
+    /// state, then the messages, which may leave only once that state is on disk.
+    fn seal(&mut self, mark: usize) {
+        let produced: Vec<Output> = self.out.drain(mark.min(self.out.len())..).collect();
+        let (sends, local): (Vec<Output>, Vec<Output>) = produced
+            .into_iter()
+            .partition(|o| matches!(o, Output::Send { .. } | Output::Broadcast { .. }));
+        self.out.extend(local);
+        if sends.is_empty() {
+            return;
+        }
+        let state = self.durable_state();
+        let hash = *blake3::hash(&state).as_bytes();
+        if self.persisted != Some(hash) {
+            self.persisted = Some(hash);
+            self.out.push_back(Output::Persist { state });
+        }
+        self.out.extend(sends);
+    }
+
+    /// The durable state, serialized (what [`Output::Persist`] carries).
+    pub fn durable_state(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.d).expect("the durable state serializes")
+    }
+
     // ---- requests ----
 
     fn on_request(&mut self, req: Request, submitted: bool) -> Result<(), Rejected> {
-        let executed = self.clients.get(&req.client).copied().unwrap_or(0);
+        let executed = self.d.clients.get(&req.client).copied().unwrap_or(0);
         if req.seq <= executed {
             return Err(Rejected::AlreadyExecuted {
                 seq: req.seq,
@@ -822,7 +920,7 @@ impl Agreement {
         if let Some(p) = self.pending.remove(key) {
             self.arrivals.remove(&p.arrival);
         }
-        self.proposed.remove(key);
+        self.d.proposed.remove(key);
     }
 
     /// Drops pending requests the duplicate table says are done.
@@ -830,14 +928,15 @@ impl Agreement {
         let done: Vec<RequestKey> = self
             .pending
             .keys()
-            .filter(|(c, s)| self.clients.get(c).is_some_and(|e| s <= e))
+            .filter(|(c, s)| self.d.clients.get(c).is_some_and(|e| s <= e))
             .copied()
             .collect();
         for k in done {
             self.remove_pending(&k);
         }
-        let clients = &self.clients;
-        self.proposed
+        let clients = &self.d.clients;
+        self.d
+            .proposed
             .retain(|(c, s)| clients.get(c).is_none_or(|e| s > e));
     }
 
@@ -846,13 +945,13 @@ impl Agreement {
         if !self.is_primary() {
             return;
         }
-        while self.next_seq <= self.high()
-            && self.next_seq <= self.last_executed.saturating_add(self.opts.pipeline)
+        while self.d.next_seq <= self.high()
+            && self.d.next_seq <= self.d.last_executed.saturating_add(self.opts.pipeline)
         {
             let batch: Vec<Request> = self
                 .arrivals
                 .values()
-                .filter(|k| !self.proposed.contains(k))
+                .filter(|k| !self.d.proposed.contains(k))
                 .filter_map(|k| self.pending.get(k))
                 .map(|p| p.req.clone())
                 .take(self.opts.max_batch)
@@ -860,15 +959,15 @@ impl Agreement {
             if batch.is_empty() {
                 return;
             }
-            let seq = self.next_seq;
-            self.next_seq = self.next_seq.saturating_add(1);
+            let seq = self.d.next_seq;
+            self.d.next_seq = self.d.next_seq.saturating_add(1);
             let pp = self.sign(PrePrepare {
-                view: self.view,
+                view: self.d.view,
                 seq,
                 digest: batch_digest(&batch),
             });
-            self.proposed.extend(batch.iter().map(|r| r.key()));
-            self.slots.entry(seq).or_default().pre_prepare = Some((pp.clone(), batch.clone()));
+            self.d.proposed.extend(batch.iter().map(|r| r.key()));
+            self.d.slots.entry(seq).or_default().pre_prepare = Some((pp.clone(), batch.clone()));
             self.broadcast(AgreementMessage::PrePrepare {
                 pre_prepare: pp,
                 batch,
@@ -886,11 +985,12 @@ impl Agreement {
     ) -> Result<(), Rejected> {
         self.check_view(pp.body.view)?;
         self.check_window(pp.body.seq)?;
-        if pp.signer != self.committee.primary(self.view) {
+        if pp.signer != self.committee.primary(self.d.view) {
             return Err(Rejected::NotPrimary);
         }
         let seq = pp.body.seq;
         let held = self
+            .d
             .slots
             .get(&seq)
             .and_then(|s| s.pre_prepare.as_ref())
@@ -911,12 +1011,12 @@ impl Agreement {
                 first: SignedStatement::PrePrepare(first),
                 second: SignedStatement::PrePrepare(pp),
             });
-            self.start_view_change(self.view.saturating_add(1));
+            self.start_view_change(self.d.view.saturating_add(1));
             return Err(Rejected::Conflicting);
         }
-        self.proposed.extend(batch.iter().map(|r| r.key()));
-        self.slots.entry(seq).or_default().pre_prepare = Some((pp, batch));
-        if self.committee.primary(self.view) != self.me {
+        self.d.proposed.extend(batch.iter().map(|r| r.key()));
+        self.d.slots.entry(seq).or_default().pre_prepare = Some((pp, batch));
+        if self.committee.primary(self.d.view) != self.me {
             self.send_prepare(seq);
         }
         self.check_slot(seq);
@@ -924,15 +1024,15 @@ impl Agreement {
     }
 
     fn send_prepare(&mut self, seq: SeqNo) {
-        let Some((pp, _)) = self.slots.get(&seq).and_then(|s| s.pre_prepare.as_ref()) else {
+        let Some((pp, _)) = self.d.slots.get(&seq).and_then(|s| s.pre_prepare.as_ref()) else {
             return;
         };
         let p = self.sign(Prepare {
-            view: self.view,
+            view: self.d.view,
             seq,
             digest: pp.body.digest,
         });
-        let slot = self.slots.entry(seq).or_default();
+        let slot = self.d.slots.entry(seq).or_default();
         let _ = slot.prepares.add(self.my_id, p.clone());
         slot.sent_prepare = Some(p.clone());
         self.broadcast(AgreementMessage::Prepare(p));
@@ -942,11 +1042,12 @@ impl Agreement {
         self.check_view(p.body.view)?;
         self.check_window(p.body.seq)?;
         let who = self.signer_id(p.signer)?;
-        if p.signer == self.committee.primary(self.view) {
+        if p.signer == self.committee.primary(self.d.view) {
             return Err(Rejected::PrepareFromPrimary);
         }
         let seq = p.body.seq;
         if self
+            .d
             .slots
             .get(&seq)
             .is_some_and(|s| s.prepares.has(&who, &p.body.digest))
@@ -955,6 +1056,7 @@ impl Agreement {
         }
         self.committee.verify(self.opts.epoch, &p)?;
         let added = self
+            .d
             .slots
             .entry(seq)
             .or_default()
@@ -977,6 +1079,7 @@ impl Agreement {
         let who = self.signer_id(c.signer)?;
         let seq = c.body.seq;
         if self
+            .d
             .slots
             .get(&seq)
             .is_some_and(|s| s.commits.has(&who, &c.body.digest))
@@ -985,6 +1088,7 @@ impl Agreement {
         }
         self.committee.verify(self.opts.epoch, &c)?;
         let added = self
+            .d
             .slots
             .entry(seq)
             .or_default()
@@ -1005,8 +1109,8 @@ impl Agreement {
     fn check_slot(&mut self, seq: SeqNo) {
         let needed = self.prepares_needed();
         let quorum = self.quorum();
-        let view = self.view;
-        let Some(slot) = self.slots.get_mut(&seq) else {
+        let view = self.d.view;
+        let Some(slot) = self.d.slots.get_mut(&seq) else {
             return;
         };
         let Some((pp, batch)) = slot.pre_prepare.clone() else {
@@ -1019,14 +1123,14 @@ impl Agreement {
                 pre_prepare: pp.clone(),
                 prepares: slot.prepares.matching(&digest),
             };
-            self.prepared.insert(seq, (cert, batch.clone()));
+            self.d.prepared.insert(seq, (cert, batch.clone()));
             let c = self.sign(Commit { view, seq, digest });
-            let slot = self.slots.entry(seq).or_default();
+            let slot = self.d.slots.entry(seq).or_default();
             let _ = slot.commits.add(self.my_id, c.clone());
             slot.sent_commit = Some(c.clone());
             self.broadcast(AgreementMessage::Commit(c));
         }
-        let slot = self.slots.entry(seq).or_default();
+        let slot = self.d.slots.entry(seq).or_default();
         if slot.prepared && !slot.committed && slot.commits.count(&digest) >= quorum {
             slot.committed = true;
             let proof = DecidedProof {
@@ -1042,10 +1146,10 @@ impl Agreement {
     /// A checked commit certificate for `proof.seq`: record it and execute what can be.
     fn on_committed(&mut self, proof: DecidedProof) {
         let seq = proof.seq;
-        if seq <= self.low {
+        if seq <= self.d.low {
             return;
         }
-        if let Some(held) = self.decided.get(&seq) {
+        if let Some(held) = self.d.decided.get(&seq) {
             if batch_digest(&held.batch) != batch_digest(&proof.batch) {
                 let first = held.clone();
                 self.evidence(Evidence::ConflictingCommits {
@@ -1055,40 +1159,40 @@ impl Agreement {
             }
             return;
         }
-        if seq <= self.last_executed {
+        if seq <= self.d.last_executed {
             return; // skipped over by a state snapshot
         }
-        self.decided.insert(seq, proof);
+        self.d.decided.insert(seq, proof);
         self.execute_ready();
     }
 
     fn execute_ready(&mut self) {
-        while let Some(proof) = self.decided.get(&self.last_executed.saturating_add(1)) {
+        while let Some(proof) = self.d.decided.get(&self.d.last_executed.saturating_add(1)) {
             let seq = proof.seq;
             let batch = proof.batch.clone();
             let mut executed = Vec::new();
             for req in batch {
                 let key = req.key();
                 self.remove_pending(&key);
-                let last = self.clients.get(&req.client).copied();
+                let last = self.d.clients.get(&req.client).copied();
                 if last.is_some_and(|l| req.seq <= l) || req.seq == 0 {
                     continue; // duplicate or replay
                 }
-                if last.is_none() && self.clients.len() >= MAX_CLIENTS {
+                if last.is_none() && self.d.clients.len() >= MAX_CLIENTS {
                     continue; // the duplicate table is full: deterministic refusal
                 }
-                self.clients.insert(req.client, req.seq);
+                self.d.clients.insert(req.client, req.seq);
                 executed.push(req);
             }
             self.prune_pending();
-            self.last_executed = seq;
+            self.d.last_executed = seq;
             self.out.push_back(Output::Decided {
                 seq,
                 requests: executed,
             });
             if seq.is_multiple_of(self.opts.checkpoint_interval) {
-                let clients = self.clients.iter().map(|(c, s)| (*c, *s)).collect();
-                self.own_checkpoints.insert(
+                let clients = self.d.clients.iter().map(|(c, s)| (*c, *s)).collect();
+                self.d.own_checkpoints.insert(
                     seq,
                     OwnCheckpoint {
                         clients,
@@ -1108,12 +1212,13 @@ impl Agreement {
         if seq == 0 || !seq.is_multiple_of(self.opts.checkpoint_interval) {
             return Err(Rejected::BadCertificate("checkpoint off the interval"));
         }
-        if seq <= self.low {
+        if seq <= self.d.low {
             return Err(Rejected::Stale("checkpoint not above the stable one"));
         }
         self.check_window(seq)?;
         let who = self.signer_id(c.signer)?;
         if self
+            .d
             .checkpoint_votes
             .get(&seq)
             .is_some_and(|v| v.has(&who, &c.body.digest))
@@ -1122,6 +1227,7 @@ impl Agreement {
         }
         self.committee.verify(self.opts.epoch, &c)?;
         let added = self
+            .d
             .checkpoint_votes
             .entry(seq)
             .or_default()
@@ -1139,7 +1245,7 @@ impl Agreement {
 
     fn check_stable(&mut self, seq: SeqNo) {
         let quorum = self.quorum();
-        let Some(votes) = self.checkpoint_votes.get(&seq) else {
+        let Some(votes) = self.d.checkpoint_votes.get(&seq) else {
             return;
         };
         let Some(digest) = votes
@@ -1160,25 +1266,26 @@ impl Agreement {
     /// Moves the low water mark to a checked stable checkpoint and truncates the log below it.
     fn make_stable(&mut self, proof: StableProof) {
         let seq = proof.seq;
-        if seq <= self.low {
+        if seq <= self.d.low {
             return;
         }
-        self.low = seq;
-        self.stable_state =
-            self.own_checkpoints
+        self.d.low = seq;
+        self.d.stable_state =
+            self.d
+                .own_checkpoints
                 .get(&seq)
                 .and_then(|own| match (own.app, own.digest) {
                     (Some(app), Some(d)) if d == proof.digest => Some((app, own.clients.clone())),
                     _ => None,
                 });
-        self.stable = proof;
-        self.slots.retain(|s, _| *s > seq);
-        self.prepared.retain(|s, _| *s > seq);
-        self.decided.retain(|s, _| *s > seq);
-        self.checkpoint_votes.retain(|s, _| *s > seq);
-        self.own_checkpoints.retain(|s, _| *s >= seq);
-        self.next_seq = self.next_seq.max(seq.saturating_add(1));
-        if self.last_executed < seq {
+        self.d.stable = proof;
+        self.d.slots.retain(|s, _| *s > seq);
+        self.d.prepared.retain(|s, _| *s > seq);
+        self.d.decided.retain(|s, _| *s > seq);
+        self.d.checkpoint_votes.retain(|s, _| *s > seq);
+        self.d.own_checkpoints.retain(|s, _| *s >= seq);
+        self.d.next_seq = self.d.next_seq.max(seq.saturating_add(1));
+        if self.d.last_executed < seq {
             self.fetch_behind();
         }
     }
@@ -1195,20 +1302,20 @@ impl Agreement {
         if let Some(p) = self.peers.get_mut(from as usize) {
             *p = Some(PeerStatus { executed, stable });
         }
-        if view < self.view && self.changing.is_none() {
+        if view < self.d.view && self.d.changing.is_none() {
             self.send_new_view_to(from);
         }
-        if stable < self.low {
+        if stable < self.d.low {
             self.send(
                 from,
-                AgreementMessage::StableCheckpoint(self.stable.clone()),
+                AgreementMessage::StableCheckpoint(self.d.stable.clone()),
             );
         }
         Ok(())
     }
 
     fn on_stable_checkpoint(&mut self, proof: StableProof) -> Result<(), Rejected> {
-        if proof.seq <= self.low {
+        if proof.seq <= self.d.low {
             return Ok(());
         }
         self.committee
@@ -1219,7 +1326,7 @@ impl Agreement {
 
     /// Sends the NEW-VIEW of the current view to a member that is behind it.
     fn send_new_view_to(&mut self, to: u32) {
-        if let Some((nv, batches)) = self.new_view.clone() {
+        if let Some((nv, batches)) = self.d.new_view.clone() {
             self.send(
                 to,
                 AgreementMessage::NewView {
@@ -1236,7 +1343,7 @@ impl Agreement {
         if n < 2 {
             return;
         }
-        let behind = self.last_executed;
+        let behind = self.d.last_executed;
         let ahead =
             |p: &Option<PeerStatus>| p.is_some_and(|p| p.executed > behind || p.stable > behind);
         let start = self.fetch_cursor;
@@ -1255,25 +1362,26 @@ impl Agreement {
     }
 
     fn on_fetch(&mut self, from: u32, after: SeqNo) -> Result<(), Rejected> {
-        if after < self.low {
-            if let Some((app_digest, clients)) = self.stable_state.clone() {
+        if after < self.d.low {
+            if let Some((app_digest, clients)) = self.d.stable_state.clone() {
                 let snapshot = StateSnapshot {
-                    stable: self.stable.clone(),
+                    stable: self.d.stable.clone(),
                     app_digest,
                     clients,
                 };
                 self.send(from, AgreementMessage::State(snapshot));
             }
-        } else if self.low > 0 {
+        } else if self.d.low > 0 {
             // The fetcher has executed up to the stable checkpoint; it may not know it is stable
             // (its window would then refuse the batches that follow).
             self.send(
                 from,
-                AgreementMessage::StableCheckpoint(self.stable.clone()),
+                AgreementMessage::StableCheckpoint(self.d.stable.clone()),
             );
         }
-        let start = after.max(self.low).saturating_add(1);
+        let start = after.max(self.d.low).saturating_add(1);
         let proofs: Vec<DecidedProof> = self
+            .d
             .decided
             .range(start..)
             .take(self.opts.window as usize)
@@ -1288,9 +1396,9 @@ impl Agreement {
     fn on_decided(&mut self, proofs: Vec<DecidedProof>) -> Result<(), Rejected> {
         let mut result = Ok(());
         for p in proofs {
-            if p.seq <= self.last_executed
+            if p.seq <= self.d.last_executed
                 || p.seq > self.high()
-                || self.decided.contains_key(&p.seq)
+                || self.d.decided.contains_key(&p.seq)
             {
                 continue;
             }
@@ -1311,7 +1419,7 @@ impl Agreement {
 
     fn on_state(&mut self, s: StateSnapshot) -> Result<(), Rejected> {
         let seq = s.stable.seq;
-        if seq <= self.last_executed {
+        if seq <= self.d.last_executed {
             return Err(Rejected::Stale("state not newer than what was executed"));
         }
         self.committee
@@ -1326,19 +1434,19 @@ impl Agreement {
                 "state does not match the checkpoint digest",
             ));
         }
-        self.last_executed = seq;
-        self.clients = s.clients.iter().copied().collect();
+        self.d.last_executed = seq;
+        self.d.clients = s.clients.iter().copied().collect();
         self.prune_pending();
-        self.decided.retain(|x, _| *x > seq);
+        self.d.decided.retain(|x, _| *x > seq);
         self.out.push_back(Output::InstallState {
             seq,
             app_digest: s.app_digest,
         });
-        if seq > self.low {
+        if seq > self.d.low {
             self.make_stable(s.stable);
         }
-        if seq == self.low && self.stable_state.is_none() {
-            self.stable_state = Some((s.app_digest, s.clients));
+        if seq == self.d.low && self.d.stable_state.is_none() {
+            self.d.stable_state = Some((s.app_digest, s.clients));
         }
         self.execute_ready();
         Ok(())
@@ -1348,22 +1456,22 @@ impl Agreement {
 
     fn tick(&mut self) {
         self.broadcast(AgreementMessage::Status {
-            view: self.view,
-            changing: self.changing.is_some(),
-            executed: self.last_executed,
-            stable: self.low,
+            view: self.d.view,
+            changing: self.d.changing.is_some(),
+            executed: self.d.last_executed,
+            stable: self.d.low,
         });
-        if self.changing.is_some() {
-            if let Some((vc, batches)) = self.view_changes.get(&self.me).cloned() {
+        if self.d.changing.is_some() {
+            if let Some((vc, batches)) = self.d.view_changes.get(&self.me).cloned() {
                 self.broadcast(AgreementMessage::ViewChange {
                     view_change: vc,
                     batches,
                 });
             }
         } else {
-            let primary = self.committee.primary(self.view) == self.me;
+            let primary = self.committee.primary(self.d.view) == self.me;
             let mut resend = Vec::new();
-            for slot in self.slots.values() {
+            for slot in self.d.slots.values() {
                 if slot.committed {
                     continue;
                 }
@@ -1386,6 +1494,7 @@ impl Agreement {
         }
         // Own checkpoints not yet stable, so that every member's low water mark moves on.
         let own: Vec<Signed<Checkpoint>> = self
+            .d
             .checkpoint_votes
             .values()
             .filter_map(|v| v.signed.get(&self.my_id).cloned())
@@ -1399,7 +1508,7 @@ impl Agreement {
         let due: Vec<RequestKey> = self
             .arrivals
             .values()
-            .filter(|k| !self.proposed.contains(k))
+            .filter(|k| !self.d.proposed.contains(k))
             .filter(|k| {
                 self.pending
                     .get(k)
@@ -1415,7 +1524,7 @@ impl Agreement {
                 self.broadcast(AgreementMessage::Request(r));
             }
         }
-        let behind = self.last_executed;
+        let behind = self.d.last_executed;
         if self
             .peers
             .iter()
@@ -1429,23 +1538,24 @@ impl Agreement {
     // ---- view change ----
 
     fn start_view_change(&mut self, target: View) {
-        if target <= self.view || self.changing.is_some_and(|t| target <= t) {
+        if target <= self.d.view || self.d.changing.is_some_and(|t| target <= t) {
             return;
         }
-        self.changing = Some(target);
-        self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+        self.d.changing = Some(target);
+        self.d.backoff = (self.d.backoff + 1).min(MAX_BACKOFF);
         self.progress_deadline = None;
         self.new_view_deadline = None;
-        self.slots.clear();
-        self.proposed.clear();
+        self.d.slots.clear();
+        self.d.proposed.clear();
         let (certs, batches): (Vec<PreparedCert>, Vec<Vec<Request>>) =
-            self.prepared.values().cloned().unzip();
+            self.d.prepared.values().cloned().unzip();
         let vc = self.sign(ViewChange {
             new_view: target,
-            stable: self.stable.clone(),
+            stable: self.d.stable.clone(),
             prepared: certs,
         });
-        self.view_changes
+        self.d
+            .view_changes
             .insert(self.me, (vc.clone(), batches.clone()));
         self.broadcast(AgreementMessage::ViewChange {
             view_change: vc,
@@ -1462,14 +1572,15 @@ impl Agreement {
         let target = vc.body.new_view;
         let signer = vc.signer;
         self.signer_id(signer)?;
-        if target <= self.view {
+        if target <= self.d.view {
             // The sender has not seen the view this member is in.
-            if self.changing.is_none() {
+            if self.d.changing.is_none() {
                 self.send_new_view_to(signer);
             }
             return Err(Rejected::Stale("view change to a view already reached"));
         }
         if self
+            .d
             .view_changes
             .get(&signer)
             .is_some_and(|(held, _)| held.body.new_view >= target)
@@ -1493,15 +1604,16 @@ impl Agreement {
                 return Err(Rejected::DigestMismatch);
             }
         }
-        self.view_changes.insert(signer, (vc, batches));
+        self.d.view_changes.insert(signer, (vc, batches));
         self.check_view_changes();
         Ok(())
     }
 
     /// The f+1 rule, the new-view timer, and the new primary's NEW-VIEW.
     fn check_view_changes(&mut self) {
-        let current = self.changing.unwrap_or(self.view);
+        let current = self.d.changing.unwrap_or(self.d.view);
         let higher: Vec<View> = self
+            .d
             .view_changes
             .iter()
             .filter(|(i, _)| **i != self.me)
@@ -1514,13 +1626,14 @@ impl Agreement {
             self.start_view_change(lowest);
             return;
         }
-        let Some(target) = self.changing else {
+        let Some(target) = self.d.changing else {
             return;
         };
         // The timer runs once 2f+1 members are changing to this view or a later one (a member
         // that already moved further on still wants to leave this one); without such a quorum a
         // member waits, so a lonely member does not run ahead of the others.
         let leaving = self
+            .d
             .view_changes
             .values()
             .filter(|(vc, _)| vc.body.new_view >= target)
@@ -1529,6 +1642,7 @@ impl Agreement {
             self.new_view_deadline = Some(self.now.saturating_add(self.timeout()));
         }
         let exact = self
+            .d
             .view_changes
             .values()
             .filter(|(vc, _)| vc.body.new_view == target)
@@ -1540,6 +1654,7 @@ impl Agreement {
 
     fn send_new_view(&mut self, target: View) {
         let chosen: Vec<(Signed<ViewChange>, Vec<Vec<Request>>)> = self
+            .d
             .view_changes
             .values()
             .filter(|(vc, _)| vc.body.new_view == target)
@@ -1580,12 +1695,12 @@ impl Agreement {
         batches: Vec<Vec<Request>>,
     ) -> Result<(), Rejected> {
         let t = nv.body.view;
-        let acceptable = match self.changing {
+        let acceptable = match self.d.changing {
             Some(target) => t >= target,
-            None => t > self.view,
+            None => t > self.d.view,
         };
         if !acceptable {
-            return if t == self.view {
+            return if t == self.d.view {
                 Ok(())
             } else {
                 Err(Rejected::Stale("new view not above the current one"))
@@ -1665,14 +1780,16 @@ impl Agreement {
     /// Starts view `nv.body.view` with the re-issued pre-prepares.
     fn enter_view(&mut self, nv: Signed<NewView>, batches: Vec<Vec<Request>>, stable: StableProof) {
         let t = nv.body.view;
-        self.view = t;
-        self.changing = None;
+        self.d.view = t;
+        self.d.changing = None;
         self.new_view_deadline = None;
         self.progress_deadline = None;
-        self.slots.clear();
-        self.proposed.clear();
-        self.view_changes.retain(|_, (vc, _)| vc.body.new_view > t);
-        if stable.seq > self.low {
+        self.d.slots.clear();
+        self.d.proposed.clear();
+        self.d
+            .view_changes
+            .retain(|_, (vc, _)| vc.body.new_view > t);
+        if stable.seq > self.d.low {
             self.make_stable(stable);
         }
         let reissued: Vec<(Signed<PrePrepare>, Vec<Request>)> = nv
@@ -1683,16 +1800,16 @@ impl Agreement {
             .zip(batches.iter().cloned())
             .collect();
         let top = reissued.last().map_or(0, |(pp, _)| pp.body.seq);
-        self.next_seq = top.max(self.low).saturating_add(1);
-        self.new_view = Some((nv, batches));
+        self.d.next_seq = top.max(self.d.low).saturating_add(1);
+        self.d.new_view = Some((nv, batches));
         let primary = self.committee.primary(t) == self.me;
         for (pp, batch) in reissued {
             let seq = pp.body.seq;
-            if seq <= self.low || seq > self.high() {
+            if seq <= self.d.low || seq > self.high() {
                 continue;
             }
-            self.proposed.extend(batch.iter().map(|r| r.key()));
-            self.slots.entry(seq).or_default().pre_prepare = Some((pp, batch));
+            self.d.proposed.extend(batch.iter().map(|r| r.key()));
+            self.d.slots.entry(seq).or_default().pre_prepare = Some((pp, batch));
             if !primary {
                 self.send_prepare(seq);
             }
@@ -1704,7 +1821,7 @@ impl Agreement {
             let waiting: Vec<Request> = self
                 .arrivals
                 .values()
-                .filter(|k| !self.proposed.contains(k))
+                .filter(|k| !self.d.proposed.contains(k))
                 .filter_map(|k| self.pending.get(k))
                 .map(|p| p.req.clone())
                 .take(RESEND_PER_TICK)
@@ -1714,7 +1831,7 @@ impl Agreement {
                 self.send(to, AgreementMessage::Request(r));
             }
         }
-        if self.last_executed < self.low {
+        if self.d.last_executed < self.d.low {
             self.fetch_behind();
         }
     }

@@ -35,16 +35,22 @@ struct Args {
 enum MutantArg {
     PrepareQuorumF,
     SkipViewChangeProof,
+    /// The driver restarts a crashed member without what it persisted.
+    ForgetSignedState,
 }
 
 fn main() {
     let args = Args::parse();
     let mutant = match args.mutant {
-        None => Mutant::None,
+        None | Some(MutantArg::ForgetSignedState) => Mutant::None,
         Some(MutantArg::PrepareQuorumF) => Mutant::PrepareQuorumF,
         Some(MutantArg::SkipViewChangeProof) => Mutant::SkipViewChangeProof,
     };
-    let opts = RunOptions { f: args.f, mutant };
+    let opts = RunOptions {
+        f: args.f,
+        mutant,
+        forget_signed_state: matches!(args.mutant, Some(MutantArg::ForgetSignedState)),
+    };
     // Coverage: seeds that changed view, states installed, evidence returned; and of the MS: epochs
     // ended, joins, refused joins, leaves, evictions, live members kept, early Byzantine EndEpochs
     // outvoted, forged certificates refused.

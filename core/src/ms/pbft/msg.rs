@@ -512,6 +512,8 @@ pub enum SetupError {
     NotInCommittee,
     #[error("invalid options: {0}")]
     Options(&'static str),
+    #[error("the persisted agreement state is unreadable or of another epoch")]
+    BadState,
 }
 
 impl Committee {
