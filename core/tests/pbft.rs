@@ -201,6 +201,20 @@ fn client(i: u8) -> Keypair {
     Keypair::from_seed([100 + i; 32])
 }
 
+/// The pre-prepare of `batch` at (`view`, `seq`), signed by the primary of view 0 (`key`).
+fn pre_prepare(key: &Keypair, view: u64, seq: SeqNo, batch: &[Request]) -> Signed<PrePrepare> {
+    Signed::sign(
+        key,
+        0,
+        EPOCH,
+        PrePrepare {
+            view,
+            seq,
+            digest: batch_digest(batch),
+        },
+    )
+}
+
 fn req(c: &Keypair, seq: u64) -> Request {
     Request::sign(c, seq, format!("op {seq}").into_bytes())
 }
@@ -257,16 +271,7 @@ fn a_duplicated_or_replayed_request_is_not_executed_twice() {
     let primary = &net.keys[0];
     let batch = vec![r1.clone(), r2.clone(), r2.clone()];
     let next = net.members[1].last_executed() + 1;
-    let pp = Signed::sign(
-        primary,
-        0,
-        EPOCH,
-        PrePrepare {
-            view: 0,
-            seq: next,
-            digest: batch_digest(&batch),
-        },
-    );
+    let pp = pre_prepare(primary, 0, next, &batch);
     let bytes = encode_msg(
         EPOCH,
         AgreementMessage::PrePrepare {
@@ -320,18 +325,7 @@ fn two_pre_prepares_for_one_slot_are_returned_as_evidence() {
     let mut net = Net::new(4);
     let a = client(1);
     let primary = net.keys[0].clone();
-    let sign_pp = |batch: &[Request]| {
-        Signed::sign(
-            &primary,
-            0,
-            EPOCH,
-            PrePrepare {
-                view: 0,
-                seq: 1,
-                digest: batch_digest(batch),
-            },
-        )
-    };
+    let sign_pp = |batch: &[Request]| pre_prepare(&primary, 0, 1, batch);
     let first = vec![req(&a, 1)];
     let second = vec![req(&a, 2)];
     let (pp1, pp2) = (sign_pp(&first), sign_pp(&second));
@@ -689,18 +683,7 @@ fn what_a_member_signs_is_persisted_before_it_leaves_and_a_restart_keeps_it() {
     let mut net = Net::new(4);
     let a = client(1);
     let primary = net.keys[0].clone();
-    let sign_pp = |batch: &[Request]| {
-        Signed::sign(
-            &primary,
-            0,
-            EPOCH,
-            PrePrepare {
-                view: 0,
-                seq: 1,
-                digest: batch_digest(batch),
-            },
-        )
-    };
+    let sign_pp = |batch: &[Request]| pre_prepare(&primary, 0, 1, batch);
     let send = |pre_prepare: Signed<PrePrepare>, batch| {
         encode_msg(EPOCH, AgreementMessage::PrePrepare { pre_prepare, batch })
     };

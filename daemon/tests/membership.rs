@@ -47,15 +47,7 @@ async fn nodes_join_with_certificates_are_evicted_when_dead_and_epochs_survive_a
     // Two nodes join with certificates.
     let mut joined = Vec::new();
     for _ in 0..2 {
-        let (dir, addr) = cluster.new_node_dir();
-        let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
-        let admission = tmp.path().join("c/admission.key");
-        let cert = run_cli(&[
-            "admit",
-            "--admission-key",
-            admission.to_str().unwrap(),
-            &pubkey,
-        ]);
+        let (dir, addr, pubkey, cert) = cluster.new_admitted_node();
         let i = cluster.spawn_join(&dir, &addr, &cert);
         joined.push((i, pubkey));
     }

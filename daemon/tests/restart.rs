@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{run_cli, Cluster};
+use common::Cluster;
 use std::time::{Duration, Instant};
 
 const EPOCH_MS: u64 = 3000;
@@ -123,15 +123,7 @@ async fn epochs_go_on_after_whole_cluster_restarts_and_a_double_kill_then_a_join
     let (mut epoch, _) = next_epoch(&cluster, &client, e, bound, "and the epoch after").await;
 
     // A join still happens.
-    let (dir, addr) = cluster.new_node_dir();
-    let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
-    let admission = tmp.path().join("c/admission.key");
-    let cert = run_cli(&[
-        "admit",
-        "--admission-key",
-        admission.to_str().unwrap(),
-        &pubkey,
-    ]);
+    let (dir, addr, _, cert) = cluster.new_admitted_node();
     let joiner = cluster.spawn_join(&dir, &addr, &cert);
     let joiner_id = cluster.node_id(joiner);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -204,6 +204,22 @@ impl Cluster {
         )
     }
 
+    /// A directory and address for one more node, its key made (`dbqsfs keygen`) and admitted
+    /// with the cluster's admission key (`dbqsfs admit`): (directory, address, public key,
+    /// admission certificate).
+    pub fn new_admitted_node(&mut self) -> (PathBuf, String, String, String) {
+        let (dir, addr) = self.new_node_dir();
+        let pubkey = run_cli(&["keygen", "--dir", dir.to_str().unwrap()]);
+        let admission = self.dir.join("admission.key");
+        let cert = run_cli(&[
+            "admit",
+            "--admission-key",
+            admission.to_str().unwrap(),
+            &pubkey,
+        ]);
+        (dir, addr, pubkey, cert)
+    }
+
     /// Starts a node that joins through node 0 with certificate `cert`; returns its index.
     pub fn spawn_join(&mut self, dir: &Path, addr: &str, cert: &str) -> usize {
         self.spawn_join_with(dir, addr, cert, &[])
