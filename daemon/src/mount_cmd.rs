@@ -60,10 +60,18 @@ pub struct Opts {
     pub threads: Option<usize>,
     /// Chunk size of a volume created by this mount.
     pub chunk_size: Option<u32>,
+    /// Commit after every change (`-o sync`).
+    pub sync: bool,
+    /// Longest time between a change and its commit (`-o commit=MS`).
+    pub commit_interval: Duration,
 }
 
+/// Default of `-o commit=MS`.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
-    attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES";
+    attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
+    commit=MS";
 
 fn secs(name: &str, v: &str) -> Result<Duration, UsageError> {
     v.parse::<f64>()
@@ -85,6 +93,8 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         op_timeout: DEFAULT_OP_TIMEOUT,
         threads: None,
         chunk_size: None,
+        sync: false,
+        commit_interval: DEFAULT_COMMIT_INTERVAL,
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -98,6 +108,18 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
             ("allow_other", None) => o.allow_other = true,
             ("default_permissions", None) => {} // always on
             ("nonempty", None) => o.nonempty = true,
+            ("sync", None) => o.sync = true,
+            ("async", None) => o.sync = false,
+            ("commit", Some(v)) => {
+                o.commit_interval = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| (1..=3_600_000).contains(ms))
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| {
+                        UsageError(format!("-o commit={v}: expected 1..3600000 milliseconds"))
+                    })?
+            }
             ("fsname", Some(v)) if !v.is_empty() => o.fsname = Some(v.into()),
             ("attr_timeout", Some(v)) => o.attr_ttl = Some(secs(k, v)?),
             ("entry_timeout", Some(v)) => o.entry_ttl = Some(secs(k, v)?),
@@ -747,7 +769,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         },
     );
     let exists = probe
-        .get_record(dbqsfs_fs::layout::SUPER_LABEL)
+        .get_record(dbqsfs_fs::layout::HEAD_LABEL)
         .map_err(|e| {
             anyhow!(
                 "cannot reach the cluster of {} ({e}); check that its nodes run (`dbqsfs status \
@@ -820,6 +842,8 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
             .unwrap_or_else(|| format!("dbqsfs:{}", target.volume)),
         volume: dbqsfs_fs::VolumeConfig {
             chunk_size: opts.chunk_size,
+            sync: opts.sync,
+            commit_interval: Some(opts.commit_interval),
             ..defaults.volume.clone()
         },
         ..defaults
@@ -870,7 +894,9 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 refresh_rx.recv_timeout(RO_REFRESH)
             {
-                volume.forget_cached();
+                if let Err(e) = volume.refresh() {
+                    tracing::warn!(error = %e, "reading the volume's new head failed; retrying");
+                }
             }
         })
     });
@@ -1010,6 +1036,10 @@ mod tests {
         assert!(parse_options(&["bogus".into()]).is_err());
         assert!(parse_options(&["timeout=x".into()]).is_err());
         assert!(parse_options(&["threads=0".into()]).is_err());
+        let o = parse_options(&["sync,commit=250".into()]).unwrap();
+        assert!(o.sync);
+        assert_eq!(o.commit_interval, Duration::from_millis(250));
+        assert!(parse_options(&["commit=0".into()]).is_err());
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub enum Failure {
     NoSpace,
     /// The next `n` calls (reads or writes) succeed, then every call fails with `Unavailable`.
     UnavailableAfter(u64),
+    /// The next `n` writes succeed, then every write fails with `Unavailable`; reads succeed.
+    /// With `land`, the failing writes are stored all the same (a lost acknowledgment).
+    WritesFailAfter { n: u64, land: bool },
 }
 
 /// How many calls of each kind a `MemBackend` has served (failed calls included).
@@ -172,7 +175,23 @@ impl MemBackend {
                     Err(BackendError::Unavailable("failure switch".into()))
                 }
             }
+            Failure::WritesFailAfter { .. } if !write => Ok(()),
+            Failure::WritesFailAfter { n, .. } => {
+                if self.calls.fetch_add(1, Ordering::SeqCst) < n {
+                    Ok(())
+                } else {
+                    Err(BackendError::Unavailable("failure switch".into()))
+                }
+            }
         }
+    }
+
+    /// Whether a write that fails is stored all the same.
+    fn failed_write_lands(&self) -> bool {
+        matches!(
+            *self.failure.lock().unwrap(),
+            Failure::WritesFailAfter { land: true, .. }
+        )
     }
 
     pub fn chunk_id(data: &[u8]) -> ChunkId {
@@ -186,7 +205,12 @@ impl MemBackend {
 impl Backend for MemBackend {
     fn put_chunk(&self, data: &[u8]) -> Result<ChunkId, BackendError> {
         self.inner.lock().unwrap().counts.put_chunk += 1;
-        self.check(true)?;
+        let checked = self.check(true);
+        if let Err(e) = &checked {
+            if !self.failed_write_lands() {
+                return Err(e.clone());
+            }
+        }
         if data.len() > self.max_block {
             return Err(BackendError::TooLarge {
                 size: data.len(),
@@ -200,7 +224,7 @@ impl Backend for MemBackend {
             .chunks
             .entry(id)
             .or_insert_with(|| Arc::new(data.to_vec()));
-        Ok(id)
+        checked.map(|_| id)
     }
 
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackendError> {
@@ -222,7 +246,10 @@ impl Backend for MemBackend {
 
     fn put_record(&self, label: &[u8], version: u64, value: &[u8]) -> Result<(), BackendError> {
         self.inner.lock().unwrap().counts.put_record += 1;
-        self.check(true)?;
+        let checked = self.check(true);
+        if checked.is_err() && !self.failed_write_lands() {
+            return checked;
+        }
         if value.len() > self.max_block {
             return Err(BackendError::TooLarge {
                 size: value.len(),
@@ -240,7 +267,7 @@ impl Backend for MemBackend {
                 },
             );
         }
-        Ok(())
+        checked
     }
 
     fn max_block(&self) -> usize {

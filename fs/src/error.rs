@@ -16,6 +16,9 @@ pub enum FsError {
     /// A record or index chunk that does not decode: stored by a newer or broken client.
     #[error("undecodable {what}: {detail}")]
     Decode { what: &'static str, detail: String },
+    /// A volume in a format this build does not read; the text says which and what to do.
+    #[error("{0}")]
+    Format(String),
 }
 
 pub type FsResult<T> = Result<T, FsError>;
@@ -26,7 +29,7 @@ impl FsError {
         match self {
             FsError::Posix(e) => *e,
             FsError::Backend(b) => backend_errno(b),
-            FsError::Decode { .. } => libc::EIO,
+            FsError::Decode { .. } | FsError::Format(_) => libc::EIO,
         }
     }
 }

@@ -1,55 +1,29 @@
-//! File contents: fixed-size chunking, the write-back buffer, the chunk cache and the chunk map
-//! of large files.
+//! File contents: the write-back buffers, the chunk cache and chunk reads.
 //!
 //! Goals: random reads and writes at any offset of a file of any size with a bounded amount of
-//! work per call; holes cost nothing and read as zeros; a flush stores chunks first and the inode
-//! (which names them) last, so a failed flush never makes a half-written file visible.
+//! work per call; holes cost nothing and read as zeros; buffered data joins the batch of the
+//! next commit, which stores the chunks before the head that names them.
 //!
 //! Model: chunk `i` of a file holds bytes `[i*cs, (i+1)*cs)`; it is absent (a hole), a durable
-//! chunk named in the inode's map, or a dirty buffer in memory that shadows the durable chunk.
-//! Invariant: no chunk or buffer holds bytes at or beyond the file size, so growing a file never
-//! exposes old data. A partially written chunk is read, modified and written whole.
+//! chunk named in the inode's map, a buffer in the batch being committed (`flushing`), or a dirty
+//! buffer not yet in a batch (`dirty`); each shadows the ones before it. Invariant: no chunk or
+//! buffer holds bytes at or beyond the file size, so growing a file never exposes old data. A
+//! partially written chunk is read, modified and committed whole.
 //!
 //! Non-goals: content-defined chunking or deduplication across offsets, compression, and
 //! deleting chunks that are no longer referenced (dBQS has no delete).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::backend::{Backend, ChunkId};
 use crate::error::{err, FsResult};
-use crate::layout::{FileMap, IndexChunk};
-use crate::volume::{Content, Inode, State};
+use crate::image::{Content, Inode};
+use crate::layout::JournalOp;
+use crate::volume::State;
 
 /// The largest file size (the largest `off_t`).
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-
-/// Files with at most this many chunks keep the chunk list inside the inode record.
-pub(crate) const INLINE_CHUNKS: usize = 64;
-
-/// Which chunk holds each piece of a file, in memory.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ChunkMap {
-    pub chunks: BTreeMap<u64, ChunkId>,
-    /// Index chunks as last stored (empty while the map is stored inline).
-    pub groups: BTreeMap<u64, ChunkId>,
-    /// Whether the stored map is indexed.
-    pub indexed: bool,
-    /// Groups whose entries changed since their index chunk was stored.
-    pub stale: BTreeSet<u64>,
-}
-
-impl ChunkMap {
-    pub fn set(&mut self, idx: u64, id: Option<ChunkId>, group_size: u64) {
-        let changed = match id {
-            Some(id) => self.chunks.insert(idx, id) != Some(id),
-            None => self.chunks.remove(&idx).is_some(),
-        };
-        if changed {
-            self.stale.insert(idx / group_size);
-        }
-    }
-}
 
 /// A piece of a read that needs chunk `id` from the backend: `len` bytes from `within` in the
 /// chunk go to `at` in the output.
@@ -128,18 +102,7 @@ fn copy_from_piece(dst: &mut [u8], piece: &[u8], within: usize) {
 
 impl State {
     fn cs(&self) -> u64 {
-        self.sb.chunk_size as u64
-    }
-
-    fn group_size(&self) -> u64 {
-        self.sb.index_group as u64
-    }
-
-    /// Stores one chunk and remembers its bytes in the cache.
-    pub(crate) fn put_chunk(&mut self, data: Vec<u8>) -> FsResult<ChunkId> {
-        let id = self.backend.put_chunk(&data)?;
-        self.chunks.insert(id, Arc::new(data));
-        Ok(id)
+        self.chunk_size as u64
     }
 
     /// Reads `size` bytes at `off`, stopping at the end of the file.
@@ -153,14 +116,13 @@ impl State {
         size: u32,
     ) -> FsResult<(Vec<u8>, Vec<Fetch>)> {
         let cs = self.cs();
-        self.load(ino)?;
-        let node = &self.nodes[&ino];
-        let Content::File(map) = &node.inode.content else {
-            return err(if matches!(node.inode.content, Content::Dir(_)) {
-                libc::EISDIR
-            } else {
-                libc::EINVAL
-            });
+        let Some(node) = self.nodes.get(&ino) else {
+            return err(libc::ENOENT);
+        };
+        let map = match &node.inode.content {
+            Content::File(map) => map,
+            Content::Dir(_) => return err(libc::EISDIR),
+            _ => return err(libc::EINVAL),
         };
         let end = off.saturating_add(size as u64).min(node.inode.size);
         if off >= end {
@@ -175,6 +137,8 @@ impl State {
             let n = ((cs - within as u64).min(end - pos)) as usize;
             let at = (pos - off) as usize;
             if let Some(buf) = node.dirty.get(&idx) {
+                copy_from_piece(&mut out[at..at + n], buf, within);
+            } else if let Some(buf) = node.flushing.get(&idx) {
                 copy_from_piece(&mut out[at..at + n], buf, within);
             } else if let Some(id) = map.chunks.get(&idx) {
                 match self.chunks.peek(id) {
@@ -192,6 +156,29 @@ impl State {
         Ok((out, fetches))
     }
 
+    /// The current contents of chunk `idx` of a file: its buffer, or its stored chunk.
+    fn chunk_contents(&mut self, ino: u64, idx: u64) -> FsResult<Vec<u8>> {
+        let node = &self.nodes[&ino];
+        if let Some(buf) = node.dirty.get(&idx) {
+            return Ok(buf.clone());
+        }
+        if let Some(buf) = node.flushing.get(&idx) {
+            return Ok(buf.as_ref().clone());
+        }
+        let id = match &node.inode.content {
+            Content::File(map) => map.chunks.get(&idx).copied(),
+            _ => None,
+        };
+        match id {
+            Some(id) => Ok(self
+                .chunks
+                .get(self.backend.as_ref(), &id)?
+                .as_ref()
+                .clone()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Writes into the write-back buffer. Returns the number of bytes written (all of them).
     pub(crate) fn write(&mut self, ino: u64, off: u64, data: &[u8]) -> FsResult<usize> {
         let cs = self.cs();
@@ -201,14 +188,29 @@ impl State {
         else {
             return err(libc::EFBIG);
         };
-        let node = self.node(ino)?;
-        match node.inode.content {
+        match self.node(ino)?.inode.content {
             Content::File(_) => {}
             Content::Dir(_) => return err(libc::EISDIR),
             _ => return err(libc::EINVAL),
         }
-        if self.dirty_bytes >= self.cfg.dirty_limit {
-            self.flush_data(ino)?;
+        // Read every chunk the write only partly covers before changing anything, so a failed
+        // read leaves the file as it was.
+        let mut bases = Vec::new();
+        let mut pos = off;
+        while pos < end {
+            let idx = pos / cs;
+            let within = pos % cs;
+            let n = (cs - within).min(end - pos);
+            let whole = within == 0 && n == cs;
+            if !whole && !self.nodes[&ino].dirty.contains_key(&idx) {
+                bases.push((idx, self.chunk_contents(ino, idx)?));
+            }
+            pos += n;
+        }
+        let node = self.nodes.get_mut(&ino).expect("checked above");
+        for (idx, base) in bases {
+            node.dirty.insert(idx, base);
+            self.dirty_bytes += cs as usize;
         }
         let mut pos = off;
         let mut src = 0usize;
@@ -216,19 +218,10 @@ impl State {
             let idx = pos / cs;
             let within = (pos % cs) as usize;
             let n = (cs as usize - within).min(data.len() - src);
-            let node = self.nodes.get_mut(&ino).expect("loaded above");
-            if !node.dirty.contains_key(&idx) {
-                let base = match &node.inode.content {
-                    Content::File(map) => match map.chunks.get(&idx) {
-                        Some(id) => self.chunks.get(self.backend.as_ref(), id)?.as_ref().clone(),
-                        None => Vec::new(),
-                    },
-                    _ => unreachable!("checked above"),
-                };
-                node.dirty.insert(idx, base);
+            let buf = node.dirty.entry(idx).or_insert_with(|| {
                 self.dirty_bytes += cs as usize;
-            }
-            let buf = node.dirty.get_mut(&idx).expect("inserted above");
+                Vec::with_capacity(cs as usize)
+            });
             if buf.len() < within + n {
                 buf.resize(within + n, 0);
             }
@@ -236,153 +229,67 @@ impl State {
             src += n;
             pos += n as u64;
         }
-        let node = self.nodes.get_mut(&ino).expect("loaded above");
         let now = crate::layout::Timestamp::now();
         node.inode.size = node.inode.size.max(end);
         node.inode.mtime = now;
         node.inode.ctime = now;
-        node.meta_dirty = true;
+        self.changed.insert(ino);
+        self.dirty_files.insert(ino);
         Ok(data.len())
     }
 
-    /// Stores the dirty chunks of a file (not its inode). On failure the chunks not yet stored
-    /// stay dirty, so nothing is lost and a later flush retries.
-    pub(crate) fn flush_data(&mut self, ino: u64) -> FsResult<()> {
-        let gs = self.group_size();
-        loop {
-            let Some(node) = self.nodes.get_mut(&ino) else {
-                return Ok(());
-            };
-            let Some((&idx, _)) = node.dirty.iter().next() else {
-                return Ok(());
-            };
-            let buf = node.dirty.get(&idx).expect("just seen").clone();
-            let id = if buf.iter().all(|b| *b == 0) {
-                None
-            } else {
-                Some(self.put_chunk(buf)?)
-            };
-            let node = self.nodes.get_mut(&ino).expect("present above");
-            node.dirty.remove(&idx);
-            self.dirty_bytes -= self.sb.chunk_size as usize;
-            if let Content::File(map) = &mut node.inode.content {
-                map.set(idx, id, gs);
-            }
-            node.meta_dirty = true;
-        }
-    }
-
-    /// Makes a file durable: dirty chunks, then index chunks and the inode record.
-    pub(crate) fn flush_inode(&mut self, ino: u64) -> FsResult<()> {
-        let Some(node) = self.nodes.get(&ino) else {
-            return Ok(());
-        };
-        if node.inode.nlink == 0 {
-            return Ok(()); // unlinked: nothing names it any more, there is nothing to make durable
-        }
-        self.flush_data(ino)?;
-        let node = &self.nodes[&ino];
-        if node.meta_dirty {
-            let inode = node.inode.clone();
-            self.store_inode(ino, inode)?;
-        }
-        Ok(())
-    }
-
-    /// Changes the size of `inode` (a clone that is about to be stored; its file has no dirty
-    /// buffers). A shrink drops the chunks past the end and rewrites the new last chunk trimmed.
-    pub(crate) fn truncate_clone(&mut self, inode: &mut Inode, new_size: u64) -> FsResult<()> {
-        let (cs, gs) = (self.cs(), self.group_size());
+    /// Sets a file's size; returns the old one. A shrink drops the chunks and buffers past the
+    /// end and trims the new last chunk (into a buffer). Fails, changing nothing, only if the new
+    /// last chunk cannot be read.
+    pub(crate) fn truncate(&mut self, ino: u64, new_size: u64) -> FsResult<u64> {
+        let cs = self.cs();
         if new_size > MAX_FILE_SIZE {
             return err(libc::EFBIG);
         }
-        if new_size < inode.size {
-            let Content::File(map) = &mut inode.content else {
-                return err(libc::EINVAL);
+        let old = self.node(ino)?.inode.size;
+        if new_size < old {
+            let rem = (new_size % cs) as usize;
+            let last = new_size / cs;
+            let trimmed = if rem != 0 {
+                let mut data = self.chunk_contents(ino, last)?;
+                data.truncate(rem);
+                Some(data)
+            } else {
+                None
             };
             let keep = new_size.div_ceil(cs);
-            let gone: Vec<u64> = map.chunks.range(keep..).map(|(k, _)| *k).collect();
-            for idx in gone {
-                map.set(idx, None, gs);
+            let node = self.nodes.get_mut(&ino).expect("checked above");
+            let Content::File(map) = &mut node.inode.content else {
+                return err(libc::EINVAL);
+            };
+            let mut gone: BTreeSet<u64> = map.chunks.range(keep..).map(|(k, _)| *k).collect();
+            gone.extend(node.flushing.range(keep..).map(|(k, _)| *k));
+            for idx in &gone {
+                map.chunks.remove(idx);
+                node.flushing.remove(idx);
             }
-            let rem = (new_size % cs) as usize;
-            if rem != 0 {
-                let idx = new_size / cs;
-                if let Some(id) = map.chunks.get(&idx).copied() {
-                    let data = self.chunks.get(self.backend.as_ref(), &id)?;
-                    if data.len() > rem {
-                        let trimmed = data[..rem].to_vec();
-                        let new_id = if trimmed.iter().all(|b| *b == 0) {
-                            None
-                        } else {
-                            Some(self.put_chunk(trimmed)?)
-                        };
-                        let Content::File(map) = &mut inode.content else {
-                            unreachable!()
-                        };
-                        map.set(idx, new_id, gs);
-                    }
+            let dropped: Vec<u64> = node.dirty.range(keep..).map(|(k, _)| *k).collect();
+            for idx in dropped {
+                node.dirty.remove(&idx);
+                self.dirty_bytes -= cs as usize;
+            }
+            self.journal
+                .extend(
+                    gone.into_iter()
+                        .map(|idx| JournalOp::Chunk { ino, idx, id: None }),
+                );
+            if let Some(data) = trimmed {
+                if !node.dirty.contains_key(&last) {
+                    self.dirty_bytes += cs as usize;
                 }
+                node.dirty.insert(last, data);
+                self.dirty_files.insert(ino);
             }
         }
-        inode.size = new_size;
-        Ok(())
-    }
-
-    /// Encodes a chunk map for storing, writing the index chunks of stale groups first.
-    pub(crate) fn encode_map(&mut self, map: &mut ChunkMap) -> FsResult<FileMap> {
-        if map.chunks.len() <= INLINE_CHUNKS {
-            map.groups.clear();
-            map.stale.clear();
-            map.indexed = false;
-            return Ok(FileMap::Inline(
-                map.chunks.iter().map(|(k, v)| (*k, *v)).collect(),
-            ));
-        }
-        let gs = self.group_size();
-        if !map.indexed {
-            map.stale = map.chunks.keys().map(|k| k / gs).collect();
-        }
-        let stale: Vec<u64> = map.stale.iter().copied().collect();
-        for g in stale {
-            let start = g * gs;
-            let entries: Vec<(u32, ChunkId)> = map
-                .chunks
-                .range(start..start.saturating_add(gs))
-                .map(|(k, v)| ((k - start) as u32, *v))
-                .collect();
-            if entries.is_empty() {
-                map.groups.remove(&g);
-            } else {
-                let id = self.put_chunk(IndexChunk { group: g, entries }.encode())?;
-                map.groups.insert(g, id);
-            }
-            map.stale.remove(&g);
-        }
-        map.indexed = true;
-        Ok(FileMap::Indexed(
-            map.groups.iter().map(|(k, v)| (*k, *v)).collect(),
-        ))
-    }
-
-    /// Rebuilds the in-memory chunk map from its stored form.
-    pub(crate) fn decode_map(&mut self, stored: &FileMap) -> FsResult<ChunkMap> {
-        let mut map = ChunkMap::default();
-        match stored {
-            FileMap::Inline(list) => map.chunks.extend(list.iter().copied()),
-            FileMap::Indexed(groups) => {
-                let gs = self.group_size();
-                map.indexed = true;
-                for (g, id) in groups {
-                    let data = self.chunks.get(self.backend.as_ref(), id)?;
-                    let index = IndexChunk::decode(&data)?;
-                    map.chunks
-                        .extend(index.entries.iter().map(|(i, c)| (g * gs + *i as u64, *c)));
-                    map.groups.insert(*g, *id);
-                }
-            }
-        }
-        Ok(map)
+        let node = self.nodes.get_mut(&ino).expect("checked above");
+        node.inode.size = new_size;
+        self.changed.insert(ino);
+        Ok(old)
     }
 
     /// Allocated 512-byte blocks: chunk-sized pieces that hold data, capped at the file size.
@@ -392,11 +299,14 @@ impl State {
         };
         let mut pieces = map.chunks.len() as u64;
         if let Some(node) = self.nodes.get(&ino) {
-            pieces += node
+            let extra: BTreeSet<u64> = node
                 .dirty
                 .keys()
+                .chain(node.flushing.keys())
                 .filter(|k| !map.chunks.contains_key(k))
-                .count() as u64;
+                .copied()
+                .collect();
+            pieces += extra.len() as u64;
         }
         (pieces * self.cs()).min(inode.size.next_multiple_of(512)) / 512
     }

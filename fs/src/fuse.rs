@@ -66,7 +66,10 @@ impl Default for MountOptions {
             allow_other: false,
             max_write: 1 << 20,
             fsname: "dbqsfs".into(),
-            volume: VolumeConfig::default(),
+            volume: VolumeConfig {
+                commit_interval: Some(Duration::from_secs(1)),
+                ..VolumeConfig::default()
+            },
         }
     }
 }
@@ -519,12 +522,12 @@ impl Filesystem for FuseFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok(); // directory changes are written through
+        empty(reply, self.volume.fsync(ino.0, datasync));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -1,25 +1,29 @@
-//! How a volume is laid out on the backend: record labels and value encodings.
+//! How a volume is laid out on the backend (format 2, the volume log): one record, the rest
+//! content-addressed chunks.
 //!
-//! Goals: a small, versioned, documented format that a fresh mount can read back, and that
-//! keeps each mutation to a few small records (one inode, at most a couple of directory buckets).
+//! Goals: one signed record write makes a whole batch of operations durable (group commit);
+//! opening a volume reads its last checkpoint and the journal after it, so opening costs what the
+//! live namespace costs, not what its history did; a small write stores about its own size in
+//! the journal until a checkpoint folds it in.
 //!
-//! Labels (relative to the volume; the backend prefixes the volume name):
-//! - `super`                     — [`Superblock`]: format, chunk size, inode-number reservation.
-//! - `inode/<n>`                 — [`InodeRecord`] of inode `n` (decimal). Root is inode 1.
-//! - `dir/<n>/<depth>/<prefix>`  — [`Bucket`] of a hashed directory `n`: the entries whose name
-//!   key has the top `depth` bits equal to `prefix` (hex). A bucket that splits is replaced by two
-//!   buckets one level deeper; its old record becomes garbage and its label is never reused.
-//!
-//! Chunks: file data (fixed-size, aligned: chunk `i` holds bytes `[i*cs, (i+1)*cs)`, possibly
-//! shorter at the end of the data) and [`IndexChunk`]s listing the data chunks of one group of
-//! a large file.
+//! Objects (the backend prefixes record labels with the volume's name):
+//! - record `head` — [`Head`]: format, chunk size, next inode number, the current checkpoint's
+//!   root pieces and the journal segments committed since. Its version is the commit number.
+//! - chunk: a journal [`Segment`] — the [`JournalOp`]s of one commit (a commit whose operations
+//!   exceed a block writes several segments; the head lists them all, so they become visible
+//!   together).
+//! - chunks: a checkpoint — a [`Root`] (split into pieces) naming, for each page of 256 inode
+//!   numbers, the pieces of that [`Page`]. Pages that did not change keep their chunks, so a
+//!   checkpoint writes what changed since the last one (a Merkle tree of depth two).
+//! - chunks: file data, fixed-size and aligned: chunk `i` of a file holds bytes
+//!   `[i*cs, (i+1)*cs)`, possibly shorter at the end of the data.
 //!
 //! Every value is one tag byte followed by the postcard encoding of the struct. The tag names the
-//! kind and the format revision, so a reader can refuse what it does not understand.
+//! kind and the format revision, so a reader can refuse what it does not understand. A volume of
+//! format 1 (a `super` record, no `head`) is refused with a message naming both formats.
 //!
-//! Non-goals: multi-record atomicity (each record is replaced atomically; operations order their
-//! writes so a crash leaves at worst an unreferenced inode or a stale link count), garbage
-//! collection of unreachable chunks and records.
+//! Non-goals: garbage collection of superseded chunks (journal segments folded into a
+//! checkpoint, replaced pages, overwritten data), several writers.
 
 use std::collections::BTreeMap;
 
@@ -28,21 +32,16 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::backend::ChunkId;
 use crate::error::{FsError, FsResult};
 
-pub const SUPER_LABEL: &[u8] = b"super";
+/// The head record of format 2.
+pub const HEAD_LABEL: &[u8] = b"head";
+/// The superblock record of format 1 (only looked for, to refuse such a volume clearly).
+pub const FORMAT1_LABEL: &[u8] = b"super";
 pub const ROOT_INO: u64 = 1;
 
-pub fn inode_label(ino: u64) -> Vec<u8> {
-    format!("inode/{ino}").into_bytes()
-}
-
-pub fn bucket_label(dir: u64, leaf: Leaf) -> Vec<u8> {
-    format!("dir/{dir}/{}/{:x}", leaf.depth, leaf.prefix).into_bytes()
-}
-
-const TAG_SUPER: u8 = 0x51;
-const TAG_INODE: u8 = 0x49;
-const TAG_BUCKET: u8 = 0x42;
-const TAG_INDEX: u8 = 0x58;
+const TAG_HEAD: u8 = 0x48;
+const TAG_SEGMENT: u8 = 0x4a;
+const TAG_PAGE: u8 = 0x50;
+const TAG_ROOT: u8 = 0x52;
 
 /// Seconds and nanoseconds since the Unix epoch (seconds may be negative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -96,20 +95,68 @@ pub enum FileKind {
     Socket,
 }
 
+/// The one mutable record of a volume (label [`HEAD_LABEL`]): where its state is. Written only
+/// by the volume's writer, once per commit, at the commit's number as record version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Superblock {
+pub struct Head {
+    /// Format of everything the head reaches; [`FORMAT`].
+    pub format: u32,
     /// Bytes per data chunk; fixed at format time.
     pub chunk_size: u32,
-    /// Data-chunk entries per index chunk of a large file; fixed at format time.
-    pub index_group: u32,
-    /// Inode numbers below this may have been handed out; a new mount starts here.
-    pub ino_reserved: u64,
     pub created: Timestamp,
+    /// Inode numbers from here on were never used.
+    pub next_ino: u64,
+    /// The pieces of the last checkpoint's root (a [`Root`] split into chunks), or empty for a
+    /// volume that has none yet (a fresh volume: only the root directory, made by its journal).
+    pub checkpoint: Vec<ChunkId>,
+    /// Journal segments committed since that checkpoint, oldest first; each is the list of its
+    /// pieces (one, unless the segment is larger than a block).
+    pub journal: Vec<Vec<ChunkId>>,
 }
 
-/// One inode as stored.
+/// Format version of a volume: 1 was one record per inode and directory bucket, written through;
+/// 2 is the volume log (head, journal segments, checkpoints).
+pub const FORMAT: u32 = 2;
+
+/// One committed piece of the journal: operations in the order they apply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InodeRecord {
+pub struct Segment {
+    pub ops: Vec<JournalOp>,
+}
+
+/// A redo record. Each sets one key to its new value (an inode's attributes, a directory entry,
+/// a file's chunk, an inode's existence), so replaying a segment twice changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JournalOp {
+    /// Creates the inode or replaces its attributes (entries and chunks stay).
+    Put {
+        ino: u64,
+        meta: Meta,
+    },
+    /// Adds an entry to a directory, or replaces the entry of the same name.
+    Link {
+        dir: u64,
+        entry: DirEntry,
+    },
+    Unlink {
+        dir: u64,
+        name: Vec<u8>,
+    },
+    /// Sets chunk `idx` of a file (`None`: a hole).
+    Chunk {
+        ino: u64,
+        idx: u64,
+        id: Option<ChunkId>,
+    },
+    /// The inode is gone, with its entries and chunks.
+    Free {
+        ino: u64,
+    },
+}
+
+/// An inode's attributes: everything but a directory's entries and a file's chunks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
     pub kind: FileKind,
     /// Permission bits including setuid, setgid and sticky (`0o7777`).
     pub perm: u16,
@@ -122,42 +169,10 @@ pub struct InodeRecord {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-    pub body: Body,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Body {
-    /// Regular file: which chunk holds each chunk-sized piece. Missing pieces are holes.
-    File(FileMap),
-    Dir(DirBody),
-    Symlink(Vec<u8>),
-    /// FIFO, socket or device: nothing beyond the attributes.
-    Special,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FileMap {
-    /// Sorted `(chunk index, chunk id)` pairs, for small files.
-    Inline(Vec<(u64, ChunkId)>),
-    /// Sorted `(group, index chunk id)` pairs; group `g` covers chunk indices
-    /// `[g*index_group, (g+1)*index_group)` and only groups with data are listed.
-    Indexed(Vec<(u64, ChunkId)>),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DirBody {
+    /// A directory's parent (`..`), 0 for other kinds.
     pub parent: u64,
-    /// Number of entries (excluding `.` and `..`).
-    pub count: u64,
-    pub layout: DirLayout,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DirLayout {
-    /// Entries kept in the directory's own inode record (small directories).
-    Inline(Vec<DirEntry>),
-    /// Entries spread over bucket records; these leaves partition the key space.
-    Hashed(Vec<Leaf>),
+    /// A symlink's target, empty for other kinds.
+    pub target: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,60 +182,40 @@ pub struct DirEntry {
     pub kind: FileKind,
 }
 
-/// A bucket of a hashed directory: all keys whose top `depth` bits equal `prefix`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Leaf {
-    pub depth: u8,
-    pub prefix: u64,
+/// An inode as a checkpoint stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInode {
+    pub ino: u64,
+    pub meta: Meta,
+    pub entries: Vec<DirEntry>,
+    pub chunks: Vec<(u64, ChunkId)>,
+}
+
+/// The inodes of one page of a checkpoint: inode numbers `[n * PAGE_INODES, (n+1) * PAGE_INODES)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    pub inodes: Vec<StoredInode>,
+}
+
+/// Inode numbers per checkpoint page. A checkpoint rewrites only the pages that changed.
+pub const PAGE_INODES: u64 = 256;
+
+/// A checkpoint's root: the pieces of each page (a page larger than a block is split).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    pub pages: Vec<(u64, Vec<ChunkId>)>,
+}
+
+/// Splits an encoded value into pieces of at most `max` bytes (at least one piece).
+pub fn split(bytes: &[u8], max: usize) -> Vec<&[u8]> {
+    if bytes.is_empty() {
+        return vec![bytes];
+    }
+    bytes.chunks(max.max(1)).collect()
 }
 
 /// Name keys are 62-bit, so that readdir cookies (`key + 3`) stay positive as `off_t`.
 pub const KEY_BITS: u32 = 62;
-
-impl Leaf {
-    pub const ROOT: Leaf = Leaf {
-        depth: 0,
-        prefix: 0,
-    };
-
-    pub fn first_key(self) -> u64 {
-        if self.depth == 0 {
-            0
-        } else {
-            self.prefix << (KEY_BITS - self.depth as u32)
-        }
-    }
-
-    pub fn contains(self, key: u64) -> bool {
-        self.depth == 0 || key >> (KEY_BITS - self.depth as u32) == self.prefix
-    }
-
-    pub fn children(self) -> (Leaf, Leaf) {
-        let d = self.depth + 1;
-        (
-            Leaf {
-                depth: d,
-                prefix: self.prefix << 1,
-            },
-            Leaf {
-                depth: d,
-                prefix: (self.prefix << 1) | 1,
-            },
-        )
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bucket {
-    pub entries: Vec<DirEntry>,
-}
-
-/// The data-chunk list of one group of a large file: `(index within group, chunk id)`, sorted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexChunk {
-    pub group: u64,
-    pub entries: Vec<(u32, ChunkId)>,
-}
 
 /// The 62-bit key of a directory entry name: its position in readdir order and its bucket.
 pub fn name_key(name: &[u8]) -> u64 {
@@ -254,39 +249,48 @@ fn decode<T: DeserializeOwned>(tag: u8, what: &'static str, bytes: &[u8]) -> FsR
     }
 }
 
-impl Superblock {
+impl Head {
     pub fn encode(&self) -> Vec<u8> {
-        encode(TAG_SUPER, self)
+        encode(TAG_HEAD, self)
     }
     pub fn decode(bytes: &[u8]) -> FsResult<Self> {
-        decode(TAG_SUPER, "superblock", bytes)
+        decode(TAG_HEAD, "volume head", bytes)
     }
 }
 
-impl InodeRecord {
+/// A segment's encoding, from borrowed operations.
+#[derive(Serialize)]
+struct SegmentRef<'a> {
+    ops: &'a [JournalOp],
+}
+
+impl Segment {
     pub fn encode(&self) -> Vec<u8> {
-        encode(TAG_INODE, self)
+        Segment::encode_ops(&self.ops)
+    }
+    pub fn encode_ops(ops: &[JournalOp]) -> Vec<u8> {
+        encode(TAG_SEGMENT, &SegmentRef { ops })
     }
     pub fn decode(bytes: &[u8]) -> FsResult<Self> {
-        decode(TAG_INODE, "inode", bytes)
+        decode(TAG_SEGMENT, "journal segment", bytes)
     }
 }
 
-impl Bucket {
+impl Page {
     pub fn encode(&self) -> Vec<u8> {
-        encode(TAG_BUCKET, self)
+        encode(TAG_PAGE, self)
     }
     pub fn decode(bytes: &[u8]) -> FsResult<Self> {
-        decode(TAG_BUCKET, "directory bucket", bytes)
+        decode(TAG_PAGE, "checkpoint page", bytes)
     }
 }
 
-impl IndexChunk {
+impl Root {
     pub fn encode(&self) -> Vec<u8> {
-        encode(TAG_INDEX, self)
+        encode(TAG_ROOT, self)
     }
     pub fn decode(bytes: &[u8]) -> FsResult<Self> {
-        decode(TAG_INDEX, "index chunk", bytes)
+        decode(TAG_ROOT, "checkpoint root", bytes)
     }
 }
 
@@ -309,25 +313,26 @@ mod tests {
     }
 
     #[test]
-    fn leaves_split_into_halves_of_their_key_range() {
-        let (a, b) = Leaf::ROOT.children();
-        assert!(a.contains(0) && !a.contains(1 << 61) && b.contains(1 << 61));
-        assert_eq!(b.first_key(), 1 << 61);
-        let (c, d) = b.children();
-        assert_eq!(c.first_key(), 1 << 61);
-        assert_eq!(d.first_key(), 3 << 60);
-        assert!(d.contains((1 << 62) - 1));
+    fn a_value_with_the_wrong_tag_is_refused() {
+        let head = Head {
+            format: FORMAT,
+            chunk_size: 1,
+            created: Timestamp::default(),
+            next_ino: 2,
+            checkpoint: Vec::new(),
+            journal: vec![vec![[7; 32]]],
+        };
+        assert!(Segment::decode(&head.encode()).is_err());
+        assert_eq!(Head::decode(&head.encode()).unwrap(), head);
     }
 
     #[test]
-    fn a_value_with_the_wrong_tag_is_refused() {
-        let sb = Superblock {
-            chunk_size: 1,
-            index_group: 1,
-            ino_reserved: 2,
-            created: Timestamp::default(),
-        };
-        assert!(InodeRecord::decode(&sb.encode()).is_err());
-        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+    fn split_keeps_every_byte_in_order() {
+        let bytes: Vec<u8> = (0..10u8).collect();
+        assert_eq!(
+            split(&bytes, 4),
+            vec![&bytes[..4], &bytes[4..8], &bytes[8..]]
+        );
+        assert_eq!(split(&[], 4).len(), 1);
     }
 }

@@ -17,10 +17,12 @@
 //! unreachable chunks and records, POSIX ACLs and file locks beyond the kernel's local ones.
 
 pub mod backend;
+mod commit;
 mod dir;
 pub mod error;
 mod file;
 pub mod fuse;
+mod image;
 pub mod layout;
 pub mod volume;
 

@@ -2,40 +2,41 @@
 //!
 //! Goals: every operation a FUSE adapter needs (lookup, attributes, the namespace operations,
 //! file I/O, directories, extended attributes) with POSIX/Linux semantics, testable without a
-//! mount; durable state reachable by a fresh `Volume` over the same backend.
+//! mount, at the speed of memory: the mount is the single writer of its volume, so its state in
+//! memory is the truth and the backend is its log (`layout`, `commit`).
 //!
-//! Durability rules:
-//! - Namespace operations and attribute changes are written through: when the call returns, the
-//!   records are stored. Each record is stored before the record that refers to it (a new inode
-//!   before the directory entry naming it; bucket before the directory inode listing it), and an
-//!   operation removes a name before lowering a link count, so a crash in between leaves at worst
-//!   an unreferenced inode or a link count that is too high, never a name for a missing inode.
-//! - File data is buffered (`file.rs`) and stored on `flush`, `fsync`, `release`, before any
-//!   other change to that inode is stored, and when the dirty total passes `dirty_limit`. Chunks
-//!   go first, the inode record last: a failed flush leaves the old file visible.
-//! - The in-memory state of a record is replaced only once the store succeeded (namespace and
-//!   attribute operations work on a copy), so a failed call changes nothing visible, apart from
-//!   buffered data that stays buffered for a retry.
+//! Durability (the promise the README states):
+//! - Every operation applies to the in-memory state at once and joins the current batch.
+//! - A commit makes a batch durable as a whole: its data chunks and journal segment first, then
+//!   one head record naming them. Commits happen on `fsync`/`fdatasync` of any file or directory,
+//!   `sync_all` (unmount, `syncfs`), every `commit_interval` (the mount's timer), when the batch
+//!   grows past `journal_ops` operations or `dirty_limit` bytes of data, and after every change
+//!   with `sync` set.
+//! - After a crash at any instant, opening the volume shows the state after some prefix of the
+//!   operations, and that prefix holds every operation that completed before a commit returned
+//!   (so every `fsync` that succeeded). A batch is cut under the volume lock, so it is a prefix.
+//! - A failed commit returns its batch to the front of the next one: nothing applied is lost
+//!   while the volume lives, and the `fsync` that asked fails with the backend's error.
 //!
 //! Permission checks are left to the kernel (`default_permissions`); the volume applies the rules
 //! the kernel leaves to filesystems: setgid directories, clearing setgid on chmod by a non-member,
 //! times and link counts.
 //!
-//! Non-goals: concurrency inside one volume (one lock serializes operations; backend calls are
-//! made under it), several writers on one volume, atime updates on read (behaves as `noatime`),
-//! POSIX ACLs, hole punching.
+//! Non-goals: several writers on one volume, atime updates on read (behaves as `noatime`),
+//! POSIX ACLs, hole punching, a namespace larger than memory.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use crate::backend::Backend;
-use crate::dir::{BucketMem, DirMem, DirState, Edit};
+use crate::commit::Committer;
+use crate::dir::Edit;
 use crate::error::{err, FsResult};
-use crate::file::{ChunkCache, ChunkMap};
-use crate::layout::{
-    inode_label, Body, DirBody, DirEntry, DirLayout, FileKind, InodeRecord, Leaf, Superblock,
-    Timestamp, ROOT_INO, SUPER_LABEL,
-};
+use crate::file::ChunkCache;
+use crate::image::{ChunkMap, DirState, Image};
+pub(crate) use crate::image::{Content, Inode};
+use crate::layout::{DirEntry, FileKind, JournalOp, Timestamp, ROOT_INO};
 
 pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4096;
@@ -54,18 +55,18 @@ pub struct VolumeConfig {
     /// Owner of the root directory of a volume formatted now.
     pub root_uid: u32,
     pub root_gid: u32,
-    /// Buffered bytes (over all files) beyond which a write first stores the file's dirty chunks.
+    /// Buffered file data (over all files) beyond which a change commits the batch first.
     pub dirty_limit: usize,
+    /// Journal operations in the batch beyond which a change commits it first.
+    pub journal_ops: usize,
     pub chunk_cache_bytes: usize,
-    /// Inode numbers reserved per superblock write.
-    pub ino_batch: u64,
-    /// Entries a directory keeps in its inode record before moving to buckets.
-    pub dir_inline_max: usize,
-    /// Entries per bucket before it splits.
-    pub bucket_max: usize,
-    /// Cached inodes beyond which clean, closed ones are dropped.
-    pub max_cached_inodes: usize,
-    pub max_cached_buckets: usize,
+    /// Commit at least this often while there are changes (a background thread; `None`: only
+    /// on the other triggers, as tests want).
+    pub commit_interval: Option<Duration>,
+    /// Commit after every change before it returns (`-o sync`).
+    pub sync: bool,
+    /// Journal segments after which a commit also writes a checkpoint.
+    pub checkpoint_segments: usize,
 }
 
 impl Default for VolumeConfig {
@@ -76,12 +77,11 @@ impl Default for VolumeConfig {
             root_uid: 0,
             root_gid: 0,
             dirty_limit: 64 << 20,
+            journal_ops: 100_000,
             chunk_cache_bytes: 128 << 20,
-            ino_batch: 1024,
-            dir_inline_max: 32,
-            bucket_max: 256,
-            max_cached_inodes: 200_000,
-            max_cached_buckets: 20_000,
+            commit_interval: None,
+            sync: false,
+            checkpoint_segments: 64,
         }
     }
 }
@@ -191,57 +191,47 @@ struct NewInode {
     content: Content,
 }
 
-/// An inode in memory.
-#[derive(Clone, Debug)]
-pub(crate) struct Inode {
-    pub kind: FileKind,
-    pub perm: u16,
-    pub uid: u32,
-    pub gid: u32,
-    pub nlink: u32,
-    pub rdev: u32,
-    pub size: u64,
-    pub atime: Timestamp,
-    pub mtime: Timestamp,
-    pub ctime: Timestamp,
-    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-    pub content: Content,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) enum Content {
-    File(ChunkMap),
-    Dir(DirState),
-    Symlink(Vec<u8>),
-    Special,
-}
-
 pub(crate) struct Node {
-    /// Highest version of the inode record this volume stored or saw.
-    pub version: u64,
     pub inode: Inode,
-    /// Buffered chunk contents by chunk index (file data not yet stored).
+    /// Buffered chunk contents by chunk index, not yet in a batch. They shadow `flushing`.
     pub dirty: BTreeMap<u64, Vec<u8>>,
-    /// The inode differs from its stored record (buffered writes changed size or times).
-    pub meta_dirty: bool,
+    /// Chunk contents in the batch being committed; they shadow the chunk map until then.
+    pub flushing: BTreeMap<u64, Arc<Vec<u8>>>,
     /// Open file handles.
     pub open: u32,
+}
+
+impl Node {
+    fn new(inode: Inode) -> Self {
+        Node {
+            inode,
+            dirty: BTreeMap::new(),
+            flushing: BTreeMap::new(),
+            open: 0,
+        }
+    }
 }
 
 pub(crate) struct State {
     pub backend: Arc<dyn Backend>,
     pub cfg: VolumeConfig,
-    pub sb: Superblock,
-    sb_version: u64,
-    next_ino: u64,
+    pub chunk_size: u32,
+    pub next_ino: u64,
+    /// Every live inode: the whole namespace is in memory.
     pub nodes: HashMap<u64, Node>,
-    /// Inodes removed while this volume ran; their stored records are unreachable garbage.
-    dead: HashSet<u64>,
-    pub buckets: HashMap<(u64, Leaf), BucketMem>,
     pub chunks: ChunkCache,
     handles: HashMap<u64, u64>,
     next_fh: u64,
     pub dirty_bytes: usize,
+    /// The batch being gathered: operations in the order they happened...
+    pub journal: Vec<JournalOp>,
+    /// ...inodes whose attributes changed (their final attributes join the batch at the cut)...
+    pub changed: BTreeSet<u64>,
+    /// ...and files with dirty chunks.
+    pub dirty_files: BTreeSet<u64>,
+    /// Read-only: inodes kept at an older version because they were open when a newer head was
+    /// taken up.
+    pinned: BTreeSet<u64>,
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -271,207 +261,51 @@ const SUID: u16 = libc::S_ISUID as u16;
 const SGID: u16 = libc::S_ISGID as u16;
 const XGRP: u16 = libc::S_IXGRP as u16;
 
-impl Inode {
-    fn from_record(rec: InodeRecord, content: Content) -> Self {
-        Inode {
-            kind: rec.kind,
-            perm: rec.perm,
-            uid: rec.uid,
-            gid: rec.gid,
-            nlink: rec.nlink,
-            rdev: rec.rdev,
-            size: rec.size,
-            atime: rec.atime,
-            mtime: rec.mtime,
-            ctime: rec.ctime,
-            xattrs: rec.xattrs,
-            content,
-        }
-    }
-
-    fn dir(&self) -> Option<&DirState> {
-        match &self.content {
-            Content::Dir(d) => Some(d),
-            _ => None,
-        }
-    }
-}
-
 impl State {
-    /// Loads an inode into the cache if it is not there yet.
-    pub(crate) fn load(&mut self, ino: u64) -> FsResult<()> {
-        if self.nodes.contains_key(&ino) {
-            return Ok(());
-        }
-        if self.dead.contains(&ino) {
-            return err(libc::ENOENT);
-        }
-        self.evict();
-        let Some(rec) = self.backend.get_record(&inode_label(ino))? else {
-            return err(libc::ENOENT);
-        };
-        let inode = InodeRecord::decode(&rec.value)?;
-        let content = match &inode.body {
-            Body::File(map) => Content::File(self.decode_map(map)?),
-            Body::Dir(d) => Content::Dir(DirState {
-                parent: d.parent,
-                count: d.count,
-                layout: match &d.layout {
-                    DirLayout::Inline(entries) => DirMem::Inline(
-                        entries
-                            .iter()
-                            .map(|e| {
-                                (
-                                    (crate::layout::name_key(&e.name), e.name.clone()),
-                                    e.clone(),
-                                )
-                            })
-                            .collect(),
-                    ),
-                    DirLayout::Hashed(leaves) => {
-                        DirMem::Hashed(leaves.iter().map(|l| (l.first_key(), *l)).collect())
-                    }
-                },
-            }),
-            Body::Symlink(t) => Content::Symlink(t.clone()),
-            Body::Special => Content::Special,
-        };
-        let node = Node {
-            version: rec.version,
-            inode: Inode::from_record(inode, content),
-            dirty: BTreeMap::new(),
-            meta_dirty: false,
-            open: 0,
-        };
-        self.nodes.insert(ino, node);
-        Ok(())
-    }
-
     pub(crate) fn node(&mut self, ino: u64) -> FsResult<&mut Node> {
-        self.load(ino)?;
-        Ok(self.nodes.get_mut(&ino).expect("loaded"))
-    }
-
-    /// Drops clean, closed inodes and some buckets when the caches are over their limits.
-    fn evict(&mut self) {
-        if self.nodes.len() >= self.cfg.max_cached_inodes {
-            let target = self.cfg.max_cached_inodes / 2;
-            let victims: Vec<u64> = self
-                .nodes
-                .iter()
-                .filter(|(ino, n)| {
-                    **ino != ROOT_INO && n.open == 0 && !n.meta_dirty && n.dirty.is_empty()
-                })
-                .map(|(ino, _)| *ino)
-                .take(self.nodes.len().saturating_sub(target))
-                .collect();
-            for ino in victims {
-                self.nodes.remove(&ino);
-            }
-        }
-        if self.buckets.len() >= self.cfg.max_cached_buckets {
-            self.buckets.clear();
-        }
-    }
-
-    /// Stores `inode` as the new record of `ino` (index chunks first), then makes it the cached
-    /// state. The cached state is untouched if storing fails.
-    pub(crate) fn store_inode(&mut self, ino: u64, mut inode: Inode) -> FsResult<()> {
-        let body = match &mut inode.content {
-            Content::File(map) => Body::File(self.encode_map(map)?),
-            Content::Dir(d) => Body::Dir(DirBody {
-                parent: d.parent,
-                count: d.count,
-                layout: match &d.layout {
-                    DirMem::Inline(m) => DirLayout::Inline(m.values().cloned().collect()),
-                    DirMem::Hashed(l) => DirLayout::Hashed(l.values().copied().collect()),
-                },
-            }),
-            Content::Symlink(t) => Body::Symlink(t.clone()),
-            Content::Special => Body::Special,
-        };
-        let rec = InodeRecord {
-            kind: inode.kind,
-            perm: inode.perm,
-            uid: inode.uid,
-            gid: inode.gid,
-            nlink: inode.nlink,
-            rdev: inode.rdev,
-            size: inode.size,
-            atime: inode.atime,
-            mtime: inode.mtime,
-            ctime: inode.ctime,
-            xattrs: inode.xattrs.clone(),
-            body,
-        };
-        let value = rec.encode();
-        if value.len() > self.backend.max_block() {
-            return err(libc::ENOSPC);
-        }
-        let version = self.nodes.get(&ino).map_or(0, |n| n.version) + 1;
-        if let Err(e) = self.backend.put_record(&inode_label(ino), version, &value) {
-            // The write may have landed although it failed: never reuse this version.
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                n.version = version;
-            }
-            return Err(e.into());
-        }
         match self.nodes.get_mut(&ino) {
-            Some(n) => {
-                n.version = version;
-                n.inode = inode;
-                n.meta_dirty = false;
-            }
-            None => {
-                let node = Node {
-                    version,
-                    inode,
-                    dirty: BTreeMap::new(),
-                    meta_dirty: false,
-                    open: 0,
-                };
-                self.nodes.insert(ino, node);
-            }
+            Some(n) => Ok(n),
+            None => err(libc::ENOENT),
         }
-        Ok(())
     }
 
-    /// Changes one inode: stores its buffered data, then a modified copy of it.
+    /// Makes `inode` the state of `ino`; its attributes join the batch.
+    pub(crate) fn store_inode(&mut self, ino: u64, inode: Inode) {
+        match self.nodes.get_mut(&ino) {
+            Some(n) => n.inode = inode,
+            None => {
+                self.nodes.insert(ino, Node::new(inode));
+            }
+        }
+        self.changed.insert(ino);
+    }
+
+    /// Changes one inode through a copy: a failing `f` changes nothing.
     pub(crate) fn update(
         &mut self,
         ino: u64,
         f: impl FnOnce(&mut Inode) -> FsResult<()>,
     ) -> FsResult<()> {
-        self.load(ino)?;
-        self.flush_data(ino)?;
-        let mut inode = self.nodes[&ino].inode.clone();
+        let mut inode = self.node(ino)?.inode.clone();
         f(&mut inode)?;
-        self.store_inode(ino, inode)
+        self.store_inode(ino, inode);
+        Ok(())
     }
 
-    fn alloc_ino(&mut self) -> FsResult<u64> {
-        if self.next_ino >= self.sb.ino_reserved {
-            let mut sb = self.sb.clone();
-            sb.ino_reserved = self.next_ino + self.cfg.ino_batch.max(1);
-            self.sb_version += 1;
-            self.backend
-                .put_record(SUPER_LABEL, self.sb_version, &sb.encode())?;
-            self.sb = sb;
-        }
+    fn alloc_ino(&mut self) -> u64 {
         let ino = self.next_ino;
         self.next_ino += 1;
-        Ok(ino)
+        ino
     }
 
     /// Forgets an inode that no name and no handle refers to any more.
     fn discard(&mut self, ino: u64) {
         if let Some(node) = self.nodes.remove(&ino) {
-            self.dirty_bytes -= node.dirty.len() * self.sb.chunk_size as usize;
-            if matches!(node.inode.content, Content::Dir(_)) {
-                self.forget_dir(ino);
-            }
+            self.dirty_bytes -= node.dirty.len() * self.chunk_size as usize;
         }
-        self.dead.insert(ino);
+        self.changed.remove(&ino);
+        self.dirty_files.remove(&ino);
+        self.journal.push(JournalOp::Free { ino });
     }
 
     fn attr_of(&self, ino: u64) -> Attr {
@@ -501,7 +335,7 @@ impl State {
     }
 
     fn getattr(&mut self, ino: u64) -> FsResult<Attr> {
-        self.load(ino)?;
+        self.node(ino)?;
         Ok(self.attr_of(ino))
     }
 
@@ -571,8 +405,8 @@ impl State {
             xattrs: BTreeMap::new(),
             content,
         };
-        let ino = self.alloc_ino()?;
-        self.store_inode(ino, inode)?;
+        let ino = self.alloc_ino();
+        self.store_inode(ino, inode);
         let entry = DirEntry {
             name: name.to_vec(),
             ino,
@@ -606,6 +440,9 @@ impl State {
         node.inode.ctime = now;
         if node.open == 0 {
             self.discard(ino);
+        } else {
+            // Unlinked but open: its attributes stay in the journal until the last close frees it.
+            self.changed.insert(ino);
         }
         Ok(())
     }
@@ -845,22 +682,20 @@ impl State {
     }
 
     fn setattr(&mut self, cred: &Cred, ino: u64, set: &SetAttr) -> FsResult<Attr> {
-        self.load(ino)?;
-        self.flush_data(ino)?;
-        let mut inode = self.nodes[&ino].inode.clone();
         let now = Timestamp::now();
         if let Some(size) = set.size {
-            match inode.kind {
+            match self.node(ino)?.inode.kind {
                 FileKind::File => {}
                 FileKind::Dir => return err(libc::EISDIR),
                 _ => return err(libc::EINVAL),
             }
-            let old = inode.size;
-            self.truncate_clone(&mut inode, size)?;
+            // The only step that can fail (reading the new last chunk), so it goes first.
+            let old = self.truncate(ino, size)?;
             if set.mtime.is_none() && size != old {
-                inode.mtime = now;
+                self.nodes.get_mut(&ino).expect("checked").inode.mtime = now;
             }
         }
+        let mut inode = self.node(ino)?.inode.clone();
         if set.uid.is_some() || set.gid.is_some() {
             let uid = set.uid.unwrap_or(inode.uid);
             let gid = set.gid.unwrap_or(inode.gid);
@@ -896,12 +731,7 @@ impl State {
             None => {}
         }
         inode.ctime = set.ctime.unwrap_or(now);
-        if inode.nlink == 0 {
-            // Unlinked but open: nothing names the record, keep the change in memory only.
-            self.nodes.get_mut(&ino).expect("loaded").inode = inode;
-        } else {
-            self.store_inode(ino, inode)?;
-        }
+        self.store_inode(ino, inode);
         Ok(self.attr_of(ino))
     }
 
@@ -950,15 +780,13 @@ impl State {
         let Some(ino) = self.handles.remove(&fh) else {
             return err(libc::EBADF);
         };
-        let flushed = self.flush_inode(ino);
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.open -= 1;
             if node.open == 0 && node.inode.nlink == 0 {
                 self.discard(ino);
-                return Ok(());
             }
         }
-        flushed
+        Ok(())
     }
 
     fn setxattr(&mut self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
@@ -1027,20 +855,19 @@ impl State {
         })
     }
 
-    fn sync_all(&mut self) -> FsResult<()> {
-        let dirty: Vec<u64> = self
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.meta_dirty || !n.dirty.is_empty())
-            .map(|(i, _)| *i)
-            .collect();
-        let mut result = Ok(());
-        for ino in dirty {
-            if let Err(e) = self.flush_inode(ino) {
-                result = result.and(Err(e));
-            }
-        }
-        result
+    /// Whether the batch is large enough that the change that grew it must commit it first.
+    pub(crate) fn batch_full(&self) -> bool {
+        self.journal.len() + self.changed.len() >= self.cfg.journal_ops
+            || self.dirty_bytes >= self.cfg.dirty_limit
+    }
+
+    pub(crate) fn batch_over_hard_limit(&self) -> bool {
+        self.journal.len() + self.changed.len() >= 2 * self.cfg.journal_ops
+            || self.dirty_bytes >= 2 * self.cfg.dirty_limit
+    }
+
+    pub(crate) fn batch_empty(&self) -> bool {
+        self.journal.is_empty() && self.changed.is_empty() && self.dirty_files.is_empty()
     }
 }
 
@@ -1058,105 +885,163 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-/// A mounted-or-not filesystem volume: all POSIX logic on inode numbers. Thread-safe; operations
-/// are serialized by one lock.
-pub struct Volume {
+/// What a volume shares with its commit timer.
+struct Shared {
     state: Mutex<State>,
+    committer: Mutex<Committer>,
     backend: Arc<dyn Backend>,
     read_only: bool,
+    /// Set when the volume is dropped; the timer waits on the condvar.
+    stop: Mutex<bool>,
+    wake: Condvar,
 }
 
-impl Volume {
-    /// Opens the volume stored in `backend`, formatting it first if it has no superblock.
-    pub fn open_or_format(backend: Arc<dyn Backend>, cfg: VolumeConfig) -> FsResult<Volume> {
-        let max_block = backend.max_block();
-        let (sb, sb_version) = match backend.get_record(SUPER_LABEL)? {
-            Some(rec) => (Superblock::decode(&rec.value)?, rec.version),
-            None => {
-                if cfg.read_only {
-                    return err(libc::EROFS);
-                }
-                let chunk_size = cfg
-                    .chunk_size
-                    .unwrap_or(1 << 20)
-                    .min(max_block as u32)
-                    .max(512);
-                let sb = Superblock {
-                    chunk_size,
-                    // An index entry takes at most 3 + 32 bytes; keep a margin for the header.
-                    index_group: ((max_block - 64) / 40).max(1) as u32,
-                    ino_reserved: ROOT_INO + 1,
-                    created: Timestamp::now(),
-                };
-                let now = sb.created;
-                let root = InodeRecord {
-                    kind: FileKind::Dir,
-                    perm: 0o755,
-                    uid: cfg.root_uid,
-                    gid: cfg.root_gid,
-                    nlink: 2,
-                    rdev: 0,
-                    size: 0,
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
-                    xattrs: BTreeMap::new(),
-                    body: Body::Dir(DirBody {
-                        parent: ROOT_INO,
-                        count: 0,
-                        layout: DirLayout::Inline(Vec::new()),
-                    }),
-                };
-                let root_version = backend
-                    .get_record(&inode_label(ROOT_INO))?
-                    .map_or(0, |r| r.version);
-                backend.put_record(&inode_label(ROOT_INO), root_version + 1, &root.encode())?;
-                backend.put_record(SUPER_LABEL, 1, &sb.encode())?;
-                (sb, 1)
-            }
-        };
-        let state = State {
-            chunks: ChunkCache::new(cfg.chunk_cache_bytes),
-            backend,
-            next_ino: sb.ino_reserved,
-            sb,
-            sb_version,
-            nodes: HashMap::new(),
-            dead: HashSet::new(),
-            buckets: HashMap::new(),
-            handles: HashMap::new(),
-            next_fh: 1,
-            dirty_bytes: 0,
-            cfg: cfg.clone(),
-        };
-        let mut state = state;
-        state.load(ROOT_INO)?;
-        let backend = state.backend.clone();
-        Ok(Volume {
-            state: Mutex::new(state),
-            backend,
-            read_only: cfg.read_only,
-        })
-    }
-
+impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn commit(&self, checkpoint: bool) -> FsResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut c = self.committer.lock().unwrap_or_else(|p| p.into_inner());
+        c.commit(self.backend.as_ref(), &self.state, checkpoint)
+    }
+}
+
+/// Commits every `interval` while the volume has changes, until the volume is dropped.
+fn commit_timer(shared: Weak<Shared>, interval: Duration) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        {
+            let stop = s.stop.lock().unwrap_or_else(|p| p.into_inner());
+            let (stop, _) = s
+                .wake
+                .wait_timeout(stop, interval)
+                .unwrap_or_else(|p| p.into_inner());
+            if *stop {
+                return;
+            }
+        }
+        if !s.lock().batch_empty() {
+            if let Err(e) = s.commit(false) {
+                tracing::warn!(error = %e, "periodic commit failed; the batch is kept for the next");
+            }
+        }
+    }
+}
+
+/// A mounted-or-not filesystem volume: all POSIX logic on inode numbers. Thread-safe; operations
+/// are serialized by one lock, which is never held across a backend call except to read a chunk
+/// that a partial write or a truncation must modify.
+pub struct Volume {
+    shared: Arc<Shared>,
+    timer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        *self.shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Volume {
+    /// Opens the volume stored in `backend` (its last checkpoint and the journal after it),
+    /// formatting it first if it has no head.
+    pub fn open_or_format(backend: Arc<dyn Backend>, cfg: VolumeConfig) -> FsResult<Volume> {
+        let committer = Committer::open(backend.as_ref(), &cfg)?;
+        let mut state = State {
+            chunks: ChunkCache::new(cfg.chunk_cache_bytes),
+            backend: backend.clone(),
+            chunk_size: committer.head.chunk_size,
+            next_ino: committer.head.next_ino,
+            nodes: HashMap::new(),
+            handles: HashMap::new(),
+            next_fh: 1,
+            dirty_bytes: 0,
+            journal: Vec::new(),
+            changed: BTreeSet::new(),
+            dirty_files: BTreeSet::new(),
+            pinned: BTreeSet::new(),
+            cfg: cfg.clone(),
+        };
+        state.take_up(&committer.image);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            committer: Mutex::new(committer),
+            backend,
+            read_only: cfg.read_only,
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+        });
+        let timer = match cfg.commit_interval {
+            Some(interval) if !cfg.read_only => {
+                let weak = Arc::downgrade(&shared);
+                Some(
+                    std::thread::Builder::new()
+                        .name("dbqsfs-commit".into())
+                        .spawn(move || commit_timer(weak, interval))
+                        .map_err(|_| crate::error::FsError::Posix(libc::EAGAIN))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Volume { shared, timer })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+
     /// Locks for a change, refusing it on a read-only volume.
     fn lock_rw(&self) -> FsResult<MutexGuard<'_, State>> {
-        if self.read_only {
+        if self.shared.read_only {
             return err(libc::EROFS);
         }
         Ok(self.lock())
     }
 
+    /// Locks for a change after making room: a batch past twice its limits (commits have been
+    /// failing) must commit before anything else joins it, and the change fails, changing
+    /// nothing, if that commit fails. This bounds the memory a batch takes.
+    fn lock_change(&self) -> FsResult<MutexGuard<'_, State>> {
+        let over = self.lock_rw()?.batch_over_hard_limit();
+        if over {
+            self.shared.commit(false)?;
+        }
+        self.lock_rw()
+    }
+
+    /// After a change (the lock released): commits when the batch is full, or always with
+    /// `sync`. With `sync` a failed commit fails the call (the change stays applied, to be
+    /// committed by the next commit); otherwise it is logged and the next `fsync` reports it.
+    fn changed<T>(&self, r: FsResult<T>) -> FsResult<T> {
+        let v = r?;
+        let (sync, full) = {
+            let s = self.lock();
+            (s.cfg.sync, s.batch_full())
+        };
+        if sync {
+            self.shared.commit(false)?;
+        } else if full {
+            if let Err(e) = self.shared.commit(false) {
+                tracing::warn!(error = %e, "commit of a full batch failed; it is kept for the next");
+            }
+        }
+        Ok(v)
+    }
+
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.shared.read_only
     }
 
     pub fn chunk_size(&self) -> u32 {
-        self.lock().sb.chunk_size
+        self.lock().chunk_size
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
@@ -1168,7 +1053,8 @@ impl Volume {
     }
 
     pub fn setattr(&self, cred: &Cred, ino: u64, set: &SetAttr) -> FsResult<Attr> {
-        self.lock_rw()?.setattr(cred, ino, set)
+        let r = self.lock_change()?.setattr(cred, ino, set);
+        self.changed(r)
     }
 
     /// Creates a regular file, FIFO, socket or device; `mode` carries the file type bits.
@@ -1191,7 +1077,7 @@ impl Volume {
         } else {
             0
         };
-        self.lock_rw()?.make_node(
+        let r = self.lock_change()?.make_node(
             cred,
             parent,
             name,
@@ -1201,12 +1087,13 @@ impl Volume {
                 rdev,
                 content,
             },
-        )
+        );
+        self.changed(r)
     }
 
     pub fn mkdir(&self, cred: &Cred, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
         let content = Content::Dir(DirState::empty(parent));
-        self.lock_rw()?.make_node(
+        let r = self.lock_change()?.make_node(
             cred,
             parent,
             name,
@@ -1216,7 +1103,8 @@ impl Volume {
                 rdev: 0,
                 content,
             },
-        )
+        );
+        self.changed(r)
     }
 
     /// Creates and opens a regular file; returns its attributes and a file handle.
@@ -1227,21 +1115,24 @@ impl Volume {
         name: &[u8],
         mode: u32,
     ) -> FsResult<(Attr, u64)> {
-        let mut state = self.lock_rw()?;
-        let content = Content::File(ChunkMap::default());
-        let attr = state.make_node(
-            cred,
-            parent,
-            name,
-            NewInode {
-                kind: FileKind::File,
-                perm: mode as u16,
-                rdev: 0,
-                content,
-            },
-        )?;
-        let fh = state.open(attr.ino)?;
-        Ok((attr, fh))
+        let r = (|| {
+            let mut state = self.lock_change()?;
+            let content = Content::File(ChunkMap::default());
+            let attr = state.make_node(
+                cred,
+                parent,
+                name,
+                NewInode {
+                    kind: FileKind::File,
+                    perm: mode as u16,
+                    rdev: 0,
+                    content,
+                },
+            )?;
+            let fh = state.open(attr.ino)?;
+            Ok((attr, fh))
+        })();
+        self.changed(r)
     }
 
     pub fn symlink(&self, cred: &Cred, parent: u64, name: &[u8], target: &[u8]) -> FsResult<Attr> {
@@ -1252,7 +1143,7 @@ impl Volume {
             return err(libc::ENAMETOOLONG);
         }
         let content = Content::Symlink(target.to_vec());
-        self.lock_rw()?.make_node(
+        let r = self.lock_change()?.make_node(
             cred,
             parent,
             name,
@@ -1262,7 +1153,8 @@ impl Volume {
                 rdev: 0,
                 content,
             },
-        )
+        );
+        self.changed(r)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -1273,11 +1165,13 @@ impl Volume {
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
-        self.lock_rw()?.unlink(parent, name)
+        let r = self.lock_change()?.unlink(parent, name);
+        self.changed(r)
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
-        self.lock_rw()?.rmdir(parent, name)
+        let r = self.lock_change()?.rmdir(parent, name);
+        self.changed(r)
     }
 
     /// `renameat2`: `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
@@ -1289,12 +1183,15 @@ impl Volume {
         newname: &[u8],
         flags: u32,
     ) -> FsResult<()> {
-        self.lock_rw()?
-            .rename(parent, name, newparent, newname, flags)
+        let r = self
+            .lock_change()?
+            .rename(parent, name, newparent, newname, flags);
+        self.changed(r)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
-        self.lock_rw()?.link(ino, newparent, newname)
+        let r = self.lock_change()?.link(ino, newparent, newname);
+        self.changed(r)
     }
 
     /// Opens a file; `flags` are the `open(2)` flags. Returns a handle for `release`.
@@ -1304,8 +1201,8 @@ impl Volume {
         state.open(ino)
     }
 
-    /// Closes a handle: stores the file if it was the last writer's, drops an unlinked file
-    /// when its last handle goes.
+    /// Closes a handle; drops an unlinked file when its last handle goes. Makes nothing durable
+    /// by itself (see `fsync`).
     pub fn release(&self, fh: u64) -> FsResult<()> {
         self.lock().release(fh)
     }
@@ -1315,7 +1212,7 @@ impl Volume {
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let (mut out, fetches) = self.lock().read_plan(ino, offset, size)?;
         for f in &fetches {
-            let chunk = Arc::new(self.backend.get_chunk(&f.id)?);
+            let chunk = Arc::new(self.shared.backend.get_chunk(&f.id)?);
             crate::file::fill(&mut out, f, &chunk);
             self.lock().chunks.insert(f.id, chunk);
         }
@@ -1323,17 +1220,20 @@ impl Volume {
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
-        self.lock_rw()?.write(ino, offset, data)
+        let r = self.lock_change()?.write(ino, offset, data);
+        self.changed(r)
     }
 
-    /// `close` of one descriptor: returns once the file's chunks and then its inode are stored.
+    /// `close` of one descriptor: nothing to do; the data is in the batch, which the next
+    /// commit makes durable.
     pub fn flush(&self, ino: u64) -> FsResult<()> {
-        self.lock().flush_inode(ino)
+        self.lock().node(ino).map(|_| ())
     }
 
-    /// `fsync`/`fdatasync`: both store chunks and inode (the size is part of the data).
-    pub fn fsync(&self, ino: u64, _datasync: bool) -> FsResult<()> {
-        self.lock().flush_inode(ino)
+    /// `fsync`/`fdatasync` of a file or directory: commits everything applied so far (which
+    /// includes every change the caller could have seen), as ext4's journal does.
+    pub fn fsync(&self, _ino: u64, _datasync: bool) -> FsResult<()> {
+        self.shared.commit(false)
     }
 
     /// Entries after `offset` (0 for the start), at most `limit`, `.` and `..` included.
@@ -1343,9 +1243,9 @@ impl Volume {
 
     pub fn statfs(&self) -> StatFs {
         let state = self.lock();
-        let bsize = state.sb.chunk_size;
+        let bsize = state.chunk_size;
         let blocks = (1u64 << 50) / bsize as u64;
-        let used = state.next_ino;
+        let used = state.nodes.len() as u64;
         StatFs {
             blocks,
             bfree: blocks,
@@ -1358,7 +1258,8 @@ impl Volume {
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
-        self.lock_rw()?.setxattr(ino, name, value, flags)
+        let r = self.lock_change()?.setxattr(ino, name, value, flags);
+        self.changed(r)
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
@@ -1381,32 +1282,73 @@ impl Volume {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
-        self.lock_rw()?.removexattr(ino, name)
+        let r = self.lock_change()?.removexattr(ino, name);
+        self.changed(r)
     }
 
     /// Mode 0 and `FALLOC_FL_KEEP_SIZE`; every other mode is `EOPNOTSUPP`.
     pub fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
-        self.lock_rw()?.fallocate(ino, offset, length, mode)
+        let r = self.lock_change()?.fallocate(ino, offset, length, mode);
+        self.changed(r)
     }
 
-    /// For a read-only volume: forgets cached inodes that are not open, and directory buckets,
-    /// so later calls read the records the read-write mount stored since. A mount calls this
-    /// periodically; files held open keep the version they were opened with. No effect on a
-    /// read-write volume (it is the only writer, so its cache is the truth). Returns how many
-    /// inodes were dropped.
-    pub fn forget_cached(&self) -> usize {
-        if !self.read_only {
-            return 0;
+    /// For a read-only volume: takes up what the writer committed since (files held open keep
+    /// the version they were opened with). A mount calls this periodically. Returns whether
+    /// there was anything new; no effect on a read-write volume.
+    pub fn refresh(&self) -> FsResult<bool> {
+        if !self.shared.read_only {
+            return Ok(false);
         }
+        let mut c = self
+            .shared
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let new = c.follow(self.shared.backend.as_ref())?;
         let mut state = self.lock();
-        let before = state.nodes.len();
-        state.nodes.retain(|_, n| n.open > 0);
-        state.buckets.clear();
-        before - state.nodes.len()
+        if !new
+            && state
+                .pinned
+                .iter()
+                .all(|i| state.nodes.get(i).is_some_and(|n| n.open > 0))
+        {
+            return Ok(false);
+        }
+        state.next_ino = c.head.next_ino;
+        state.take_up(&c.image);
+        Ok(new)
     }
 
-    /// Stores everything buffered.
+    /// Commits everything applied so far and writes a checkpoint (unmount, `syncfs`).
     pub fn sync_all(&self) -> FsResult<()> {
-        self.lock().sync_all()
+        self.shared.commit(true)
+    }
+}
+
+impl State {
+    /// Makes the image's inodes the live ones. Inodes held open keep their state; an inode with
+    /// no links and no handle (left by a crash while it was open) is dropped and, on a writable
+    /// volume, freed in the next batch.
+    fn take_up(&mut self, image: &Image) {
+        let old = std::mem::take(&mut self.nodes);
+        self.pinned.clear();
+        for (ino, inode) in &image.inodes {
+            if inode.nlink == 0 {
+                if !self.cfg.read_only {
+                    self.journal.push(JournalOp::Free { ino: *ino });
+                }
+                continue;
+            }
+            self.nodes.insert(*ino, Node::new(inode.clone()));
+        }
+        for (ino, n) in old {
+            if n.open > 0 {
+                self.nodes.insert(ino, n);
+                self.pinned.insert(ino);
+            }
+        }
+        self.next_ino = self
+            .next_ino
+            .max(image.inodes.keys().last().map_or(0, |i| i + 1));
     }
 }

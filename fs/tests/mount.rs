@@ -12,7 +12,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use dbqsfs_fs::{mount, MemBackend, MountHandle, MountOptions};
+use dbqsfs_fs::layout::ROOT_INO;
+use dbqsfs_fs::{mount, MemBackend, MountHandle, MountOptions, Volume, VolumeConfig};
 
 fn fuse_available() -> bool {
     let ok = OpenOptions::new()
@@ -202,25 +203,25 @@ fn a_failed_cluster_surfaces_as_eio_and_the_mount_keeps_answering() {
     let _mount = mounted(&backend, mnt, false);
     fs::write(mnt.join("before"), b"durable").unwrap();
     backend.set_failure(dbqsfs_fs::Failure::Unavailable);
-    let e = fs::create_dir(mnt.join("d")).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EIO));
-    // Buffered writes succeed; the close that must store them reports the failure.
+    // Changes apply at once; the fsync that must commit them reports the failure.
+    fs::create_dir(mnt.join("d")).unwrap();
     let mut f = OpenOptions::new()
         .write(true)
         .open(mnt.join("before"))
         .unwrap();
     f.write_all(b"lost?").unwrap();
     assert_eq!(f.sync_all().unwrap_err().raw_os_error(), Some(libc::EIO));
-    drop(f);
     backend.set_failure(dbqsfs_fs::Failure::NoSpace);
-    assert_eq!(
-        fs::write(mnt.join("new"), b"x").unwrap_err().raw_os_error(),
-        Some(libc::ENOSPC)
-    );
+    assert_eq!(f.sync_all().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
     backend.set_failure(dbqsfs_fs::Failure::None);
-    // What was buffered is still there and the mount works normally again.
-    fs::create_dir(mnt.join("d")).unwrap();
+    // Nothing applied was lost: the next fsync commits all of it.
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(mnt.join("d").is_dir());
     assert_eq!(fs::read(mnt.join("before")).unwrap(), b"lost?le");
+    let fresh = Volume::open_or_format(Arc::new(backend.clone()), VolumeConfig::default()).unwrap();
+    let d = fresh.lookup(ROOT_INO, b"d").unwrap();
+    assert_eq!(d.kind, dbqsfs_fs::FileKind::Dir);
 }
 
 #[test]

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use dbqsfs_fs::layout::{inode_label, Body, FileMap, InodeRecord, ROOT_INO, SUPER_LABEL};
+use dbqsfs_fs::layout::{HEAD_LABEL, ROOT_INO};
 use dbqsfs_fs::{
-    Cred, Failure, FileKind, MemBackend, SetAttr, TimeSet, Timestamp, Volume, VolumeConfig,
+    Backend, Cred, Failure, FileKind, MemBackend, SetAttr, TimeSet, Timestamp, Volume, VolumeConfig,
 };
 
 const ROOT: u64 = ROOT_INO;
@@ -99,7 +99,7 @@ fn unlinked_open_file_keeps_data_until_last_close() {
 }
 
 #[test]
-fn large_directory_create_rewrites_one_bucket() {
+fn a_create_in_a_large_directory_commits_one_small_segment_and_the_head() {
     let (backend, vol) = volume();
     let dir = vol.mkdir(&ME, ROOT, b"big", 0o755).unwrap().ino;
     for i in 0..10_000 {
@@ -112,28 +112,22 @@ fn large_directory_create_rewrites_one_bucket() {
         )
         .unwrap();
     }
+    vol.sync_all().unwrap();
     let before = backend.counts();
-    let value_bytes_before: usize = backend
-        .labels()
-        .iter()
-        .map(|l| backend.peek_record(l).unwrap().value.len())
-        .sum();
+    let chunks_before = backend.chunk_count();
     vol.mknod(&ME, dir, b"one-more", libc::S_IFREG | 0o644, 0)
         .unwrap();
-    let after = backend.counts();
-    // The new inode, the one bucket the name hashes to, and the directory inode (new mtime).
-    assert_eq!(after.put_record - before.put_record, 3);
-    let dir_record = backend.peek_record(&inode_label(dir)).unwrap();
-    assert!(
-        dir_record.value.len() < 4096,
-        "directory inode holds bucket leaves, not entries"
+    assert_eq!(
+        backend.counts(),
+        before,
+        "nothing is stored before a commit"
     );
-    let value_bytes_after: usize = backend
-        .labels()
-        .iter()
-        .map(|l| backend.peek_record(l).unwrap().value.len())
-        .sum();
-    assert!(value_bytes_after - value_bytes_before < 64 * 1024);
+    vol.fsync(dir, false).unwrap();
+    let after = backend.counts();
+    assert_eq!(after.put_record - before.put_record, 1, "one head write");
+    assert_eq!(after.put_chunk - before.put_chunk, 1, "one journal segment");
+    assert_eq!(backend.chunk_count() - chunks_before, 1);
+    assert!(backend.peek_record(HEAD_LABEL).unwrap().value.len() < 1024);
     assert_eq!(vol.lookup(dir, b"file-1234").unwrap().kind, FileKind::File);
     assert_eq!(names(&reopen(&backend), dir).len(), 10_003);
 }
@@ -205,7 +199,11 @@ fn fsync_makes_buffered_data_durable_for_a_fresh_volume() {
     let (a, fh) = vol.create(&ME, ROOT, b"f", 0o644).unwrap();
     vol.write(a.ino, 0, b"buffered").unwrap();
     let fresh = reopen(&backend);
-    assert_eq!(fresh.getattr(a.ino).unwrap().size, 0, "not yet flushed");
+    assert_eq!(
+        errno(fresh.getattr(a.ino)),
+        libc::ENOENT,
+        "not committed yet"
+    );
     vol.fsync(a.ino, false).unwrap();
     let fresh = reopen(&backend);
     assert_eq!(fresh.read(a.ino, 0, 100).unwrap(), b"buffered");
@@ -220,6 +218,7 @@ fn failed_flush_leaves_the_old_contents_visible_and_can_be_retried() {
     };
     let (backend, vol) = volume_with(cfg);
     let ino = create_file(&vol, ROOT, "f", &[1u8; 3 * 4096]);
+    vol.fsync(ino, false).unwrap();
     vol.write(ino, 0, &[2u8; 3 * 4096]).unwrap();
     backend.set_failure(Failure::UnavailableAfter(1)); // one chunk lands, then the cluster is gone
     assert_eq!(errno(vol.fsync(ino, false)), libc::EIO);
@@ -241,30 +240,59 @@ fn failed_flush_leaves_the_old_contents_visible_and_can_be_retried() {
 }
 
 #[test]
-fn backend_failures_surface_as_eio_and_enospc_and_change_nothing() {
+fn backend_failures_surface_at_fsync_and_the_batch_waits_for_the_next_commit() {
     let (backend, vol) = volume();
     backend.set_failure(Failure::Unavailable);
-    assert_eq!(errno(vol.mkdir(&ME, ROOT, b"d", 0o755)), libc::EIO);
+    vol.mkdir(&ME, ROOT, b"d", 0o755).unwrap();
+    assert_eq!(errno(vol.fsync(ROOT, false)), libc::EIO);
     backend.set_failure(Failure::NoSpace);
-    assert_eq!(
-        errno(vol.mknod(&ME, ROOT, b"f", libc::S_IFREG | 0o644, 0)),
-        libc::ENOSPC
-    );
-    backend.set_failure(Failure::UnavailableAfter(1)); // the inode lands, the directory does not
-    assert_eq!(
-        errno(vol.mknod(&ME, ROOT, b"g", libc::S_IFREG | 0o644, 0)),
-        libc::EIO
-    );
-    backend.set_failure(Failure::None);
-    assert_eq!(names(&vol, ROOT), [".", ".."]);
-    assert_eq!(names(&reopen(&backend), ROOT), [".", ".."]);
-    vol.mknod(&ME, ROOT, b"g", libc::S_IFREG | 0o644, 0)
+    vol.mknod(&ME, ROOT, b"f", libc::S_IFREG | 0o644, 0)
         .unwrap();
-    assert_eq!(names(&reopen(&backend), ROOT), [".", "..", "g"]);
+    assert_eq!(errno(vol.fsync(ROOT, false)), libc::ENOSPC);
+    backend.set_failure(Failure::UnavailableAfter(1)); // the segment lands, the head does not
+    assert_eq!(errno(vol.fsync(ROOT, false)), libc::EIO);
+    backend.set_failure(Failure::None);
+    assert_eq!(names(&vol, ROOT), [".", "..", "d", "f"]);
+    assert_eq!(names(&reopen(&backend), ROOT), [".", ".."]);
+    vol.fsync(ROOT, false).unwrap();
+    assert_eq!(names(&reopen(&backend), ROOT), [".", "..", "d", "f"]);
 }
 
 #[test]
-fn a_file_past_4_gib_keeps_its_chunk_list_in_index_chunks() {
+fn a_batch_that_cannot_commit_stops_growing() {
+    let cfg = VolumeConfig {
+        journal_ops: 10,
+        ..VolumeConfig::default()
+    };
+    let (backend, vol) = volume_with(cfg);
+    backend.set_failure(Failure::Unavailable);
+    let mut made = 0;
+    for i in 0..100 {
+        match vol.mknod(
+            &ME,
+            ROOT,
+            format!("f{i}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+        ) {
+            Ok(_) => made += 1,
+            Err(e) => {
+                assert_eq!(e.errno(), libc::EIO);
+                break;
+            }
+        }
+    }
+    assert!(
+        made < 30,
+        "{made} creates joined a batch that cannot commit"
+    );
+    backend.set_failure(Failure::None);
+    vol.fsync(ROOT, false).unwrap();
+    assert_eq!(names(&reopen(&backend), ROOT).len(), made + 2);
+}
+
+#[test]
+fn a_file_past_4_gib_reads_back_after_reopening() {
     let (backend, vol) = volume();
     let (a, fh) = vol.create(&ME, ROOT, b"huge", 0o644).unwrap();
     let gib = 1u64 << 30;
@@ -275,13 +303,7 @@ fn a_file_past_4_gib_keeps_its_chunk_list_in_index_chunks() {
     }
     vol.write(a.ino, 5 * gib, b"end").unwrap();
     vol.release(fh).unwrap();
-    let rec = backend.peek_record(&inode_label(a.ino)).unwrap();
-    let inode = InodeRecord::decode(&rec.value).unwrap();
-    assert!(
-        matches!(inode.body, Body::File(FileMap::Indexed(_))),
-        "201 chunks are not inline"
-    );
-    assert!(rec.value.len() < 1024);
+    vol.sync_all().unwrap();
     let fresh = reopen(&backend);
     assert_eq!(fresh.getattr(a.ino).unwrap().size, 5 * gib + 3);
     for (i, off) in offsets.iter().enumerate() {
@@ -292,7 +314,6 @@ fn a_file_past_4_gib_keeps_its_chunk_list_in_index_chunks() {
         );
     }
     assert_eq!(fresh.read(a.ino, 5 * gib - 2, 10).unwrap(), b"\0\0end");
-    // Truncating back below the inline limit stores the list inline again.
     fresh
         .setattr(
             &ME,
@@ -303,20 +324,14 @@ fn a_file_past_4_gib_keeps_its_chunk_list_in_index_chunks() {
             },
         )
         .unwrap();
-    let inode =
-        InodeRecord::decode(&backend.peek_record(&inode_label(a.ino)).unwrap().value).unwrap();
-    assert!(matches!(inode.body, Body::File(FileMap::Inline(_))));
+    fresh.fsync(a.ino, false).unwrap();
     assert_eq!(&reopen(&backend).read(a.ino, 17, 7).unwrap(), b"piece 0");
 }
 
 #[test]
-fn creates_reserve_inode_numbers_in_batches() {
-    let cfg = VolumeConfig {
-        ino_batch: 64,
-        ..VolumeConfig::default()
-    };
-    let (backend, vol) = volume_with(cfg);
-    let before = backend.peek_record(SUPER_LABEL).unwrap().version;
+fn a_batch_of_creates_costs_one_head_write_and_numbers_are_never_reused() {
+    let (backend, vol) = volume();
+    let before = backend.peek_record(HEAD_LABEL).unwrap().version;
     for i in 0..100 {
         vol.mknod(
             &ME,
@@ -327,17 +342,53 @@ fn creates_reserve_inode_numbers_in_batches() {
         )
         .unwrap();
     }
-    assert_eq!(
-        backend.peek_record(SUPER_LABEL).unwrap().version - before,
-        2
-    );
-    // A new mount never hands out a number the old one may have used.
+    vol.fsync(ROOT, false).unwrap();
+    assert_eq!(backend.peek_record(HEAD_LABEL).unwrap().version - before, 1);
     let fresh = reopen(&backend);
     let newest = fresh
         .mknod(&ME, ROOT, b"after", libc::S_IFREG | 0o644, 0)
         .unwrap()
         .ino;
     assert!(newest > vol.lookup(ROOT, b"f99").unwrap().ino);
+}
+
+#[test]
+fn a_volume_of_format_1_is_refused_with_both_formats_named() {
+    let backend = MemBackend::new();
+    backend.put_record(b"super", 1, b"old").unwrap();
+    let e = Volume::open_or_format(Arc::new(backend), VolumeConfig::default())
+        .err()
+        .expect("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("format 1") && msg.contains("format 2"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn checkpoints_bound_the_journal_and_reopening_reads_checkpoint_and_journal() {
+    let cfg = VolumeConfig {
+        checkpoint_segments: 4,
+        ..VolumeConfig::default()
+    };
+    let (backend, vol) = volume_with(cfg);
+    for i in 0..20u32 {
+        let ino = create_file(&vol, ROOT, &format!("f{i}"), &i.to_le_bytes());
+        vol.fsync(ino, false).unwrap();
+        let head = dbqsfs_fs::layout::Head::decode(&backend.peek_record(HEAD_LABEL).unwrap().value)
+            .unwrap();
+        assert!(
+            head.journal.len() < 4,
+            "journal of {} segments",
+            head.journal.len()
+        );
+    }
+    let fresh = reopen(&backend);
+    for i in 0..20u32 {
+        let ino = fresh.lookup(ROOT, format!("f{i}").as_bytes()).unwrap().ino;
+        assert_eq!(fresh.read(ino, 0, 4).unwrap(), i.to_le_bytes());
+    }
 }
 
 #[test]
@@ -481,6 +532,7 @@ fn truncate_shrinks_and_grows_with_zeros() {
         },
     )
     .unwrap();
+    vol.sync_all().unwrap();
     for v in [&vol, &reopen(&backend)] {
         let data = v.read(f, 0, 20_000).unwrap();
         assert_eq!(data.len(), 12_000);
@@ -631,6 +683,7 @@ fn xattrs_honour_create_and_replace_flags() {
         errno(vol.setxattr(f, b"system.posix_acl_access", b"", 0)),
         libc::EOPNOTSUPP
     );
+    vol.sync_all().unwrap();
     let fresh = reopen(&backend);
     assert_eq!(fresh.getxattr(f, b"user.a").unwrap(), b"2");
     assert_eq!(
@@ -645,6 +698,7 @@ fn xattrs_honour_create_and_replace_flags() {
 fn read_only_volume_rejects_changes_with_erofs() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"data");
+    vol.sync_all().unwrap();
     let ro = Volume::open_or_format(
         Arc::new(backend),
         VolumeConfig {
@@ -673,9 +727,10 @@ fn read_only_volume_rejects_changes_with_erofs() {
 }
 
 #[test]
-fn read_only_volume_sees_new_records_after_forgetting_its_cache() {
+fn read_only_volume_follows_the_head_and_open_files_keep_their_version() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"old");
+    vol.sync_all().unwrap();
     let ro = Volume::open_or_format(
         Arc::new(backend),
         VolumeConfig {
@@ -690,19 +745,16 @@ fn read_only_volume_sees_new_records_after_forgetting_its_cache() {
     vol.write(f, 0, b"new!").unwrap();
     vol.release(fh).unwrap();
     let g = create_file(&vol, ROOT, "g", b"g");
-    // Until the cache is forgotten the read-only volume shows what it loaded.
+    assert!(!ro.refresh().unwrap(), "nothing committed yet");
     assert_eq!(errno(ro.lookup(ROOT, b"g")), libc::ENOENT);
-    assert_eq!(
-        vol.forget_cached(),
-        0,
-        "a read-write volume keeps its cache"
-    );
-    ro.forget_cached();
+    vol.fsync(g, false).unwrap();
+    assert!(!vol.refresh().unwrap(), "a read-write volume is the truth");
+    assert!(ro.refresh().unwrap());
     assert_eq!(ro.lookup(ROOT, b"g").unwrap().ino, g);
-    // A file held open keeps its version; once closed, the next load is current.
+    // A file held open keeps its version; once closed, the next refresh takes up the new one.
     assert_eq!(ro.read(f, 0, 10).unwrap(), b"old");
     ro.release(held).unwrap();
-    ro.forget_cached();
+    ro.refresh().unwrap();
     assert_eq!(ro.read(f, 0, 10).unwrap(), b"new!");
 }
 
@@ -746,6 +798,7 @@ fn writes_past_the_dirty_limit_store_chunks_before_any_flush() {
 fn chunks_are_fetched_once_and_then_served_from_the_cache() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", &[5u8; 100_000]);
+    vol.sync_all().unwrap();
     let fresh = reopen(&backend);
     fresh.read(f, 0, 100_000).unwrap();
     let fetched = backend.counts().get_chunk;
@@ -770,6 +823,7 @@ fn special_files_and_symlinks() {
         (FileKind::Fifo, FileKind::CharDev, 0x0103)
     );
     assert_eq!((link.kind, link.size), (FileKind::Symlink, 13));
+    vol.sync_all().unwrap();
     assert_eq!(
         reopen(&backend).readlink(link.ino).unwrap(),
         b"../some/where"
@@ -785,6 +839,8 @@ fn special_files_and_symlinks() {
 struct GatedReads {
     inner: MemBackend,
     gate: Arc<(std::sync::Mutex<(bool, bool)>, std::sync::Condvar)>, // (a read is waiting, open)
+    /// Only the chunk with these bytes is held at the gate (not the journal read at open).
+    held: Vec<u8>,
 }
 
 impl dbqsfs_fs::Backend for GatedReads {
@@ -792,6 +848,9 @@ impl dbqsfs_fs::Backend for GatedReads {
         self.inner.put_chunk(data)
     }
     fn get_chunk(&self, id: &dbqsfs_fs::ChunkId) -> Result<Vec<u8>, dbqsfs_fs::BackendError> {
+        if self.inner.get_chunk(id)? != self.held {
+            return self.inner.get_chunk(id);
+        }
         let (lock, cv) = &*self.gate;
         let mut g = lock.lock().unwrap();
         g.0 = true;
@@ -822,6 +881,7 @@ impl dbqsfs_fs::Backend for GatedReads {
 fn a_slow_chunk_fetch_does_not_block_other_operations() {
     let (backend, vol) = volume();
     let f = create_file(&vol, ROOT, "f", b"slow data");
+    vol.sync_all().unwrap();
     drop(vol);
     let gate = Arc::new((
         std::sync::Mutex::new((false, false)),
@@ -830,6 +890,7 @@ fn a_slow_chunk_fetch_does_not_block_other_operations() {
     let gated = GatedReads {
         inner: backend,
         gate: gate.clone(),
+        held: b"slow data".to_vec(),
     };
     let vol = Arc::new(Volume::open_or_format(Arc::new(gated), VolumeConfig::default()).unwrap());
     let reader = {

@@ -1,0 +1,344 @@
+//! Group commit: how a batch of applied operations becomes durable, and checkpoints.
+//!
+//! Goals: one head write makes a whole batch durable; nothing the head names is missing when it
+//! lands (data chunks and the journal segment are stored first); the volume lock is held only to
+//! cut the batch and to record its outcome, never across a backend call; a failed commit loses
+//! nothing (its batch goes back to the front of the next one).
+//!
+//! Protocol of one commit (serialized by the `Committer`'s mutex, so heads go out in order):
+//! 1. cut, under the volume lock (`State::seal`): the final attributes of each changed inode,
+//!    then the journal operations in order, then the dirty chunks, which move to `flushing`
+//!    (readers still see them there);
+//! 2. store the non-zero chunks, in parallel; add a `Chunk` operation for each;
+//! 3. store the segment (the batch's operations, split into pieces if large);
+//! 4. write the head one version up, naming the segment after the earlier ones;
+//! 5. apply the batch to the durable image and, under the volume lock, put the new chunk ids in
+//!    the files' maps (`State::sealed`).
+//!
+//! Any failure in 2–4 undoes step 1 (`State::unseal`); a head version once tried is never
+//! reused, since a failed write may have landed. Every `checkpoint_segments` commits (and on
+//! demand) the committer writes the image's changed pages and root, then a head naming that
+//! checkpoint and an empty journal.
+//!
+//! Non-goals: several writers (the daemon's lease keeps to one), freeing superseded chunks.
+
+use std::mem;
+use std::sync::Arc;
+
+use crate::backend::{Backend, ChunkId};
+use crate::error::{err, FsError, FsResult};
+use crate::image::{piece_size, put_chunks, Content, Image};
+use crate::layout::{
+    split, Head, JournalOp, Meta, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL, ROOT_INO,
+};
+use crate::volume::{State, VolumeConfig};
+
+/// A batch cut from the state: operations, and chunk contents whose ids are not known yet.
+pub(crate) struct Batch {
+    pub ops: Vec<JournalOp>,
+    pub data: Vec<(u64, u64, Arc<Vec<u8>>)>,
+    pub next_ino: u64,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.data.is_empty()
+    }
+}
+
+impl State {
+    /// Cuts the batch: everything applied so far.
+    pub(crate) fn seal(&mut self) -> Batch {
+        // Attributes first: a `Put` creates an inode that later operations of the batch (links
+        // into a new directory, chunks of a new file) refer to.
+        let mut ops = Vec::with_capacity(self.changed.len() + self.journal.len());
+        for ino in mem::take(&mut self.changed) {
+            if let Some(n) = self.nodes.get(&ino) {
+                ops.push(JournalOp::Put {
+                    ino,
+                    meta: n.inode.meta(),
+                });
+            }
+        }
+        ops.append(&mut self.journal);
+        let mut data = Vec::new();
+        for ino in mem::take(&mut self.dirty_files) {
+            if let Some(n) = self.nodes.get_mut(&ino) {
+                for (idx, buf) in mem::take(&mut n.dirty) {
+                    let buf = Arc::new(buf);
+                    n.flushing.insert(idx, buf.clone());
+                    data.push((ino, idx, buf));
+                }
+            }
+        }
+        // Every dirty buffer is in `dirty_files`, so none is left.
+        self.dirty_bytes = 0;
+        Batch {
+            ops,
+            data,
+            next_ino: self.next_ino,
+        }
+    }
+
+    /// Puts a batch that failed back in front of what happened since.
+    pub(crate) fn unseal(&mut self, batch: Batch) {
+        // Attributes are taken again at the next cut (they may have changed since); the other
+        // operations go back in front of the ones that followed them.
+        let mut ops = Vec::with_capacity(batch.ops.len() + self.journal.len());
+        for op in batch.ops {
+            match op {
+                JournalOp::Put { ino, .. } => {
+                    self.changed.insert(ino);
+                }
+                op => ops.push(op),
+            }
+        }
+        ops.append(&mut self.journal);
+        self.journal = ops;
+        for (ino, idx, buf) in batch.data {
+            let Some(n) = self.nodes.get_mut(&ino) else {
+                continue;
+            };
+            // Gone from `flushing` means truncated away since: the data is dead.
+            if !n.flushing.get(&idx).is_some_and(|f| Arc::ptr_eq(f, &buf)) {
+                continue;
+            }
+            n.flushing.remove(&idx);
+            if let std::collections::btree_map::Entry::Vacant(slot) = n.dirty.entry(idx) {
+                slot.insert(Arc::try_unwrap(buf).unwrap_or_else(|b| b.as_ref().clone()));
+                self.dirty_bytes += self.chunk_size as usize;
+                self.dirty_files.insert(ino);
+            }
+        }
+    }
+
+    /// A batch is durable: its chunks join the files' maps (unless truncated away since).
+    fn sealed(&mut self, batch: Batch, ids: &[Option<ChunkId>]) {
+        for ((ino, idx, buf), id) in batch.data.into_iter().zip(ids) {
+            let Some(n) = self.nodes.get_mut(&ino) else {
+                continue;
+            };
+            if !n.flushing.get(&idx).is_some_and(|f| Arc::ptr_eq(f, &buf)) {
+                continue;
+            }
+            n.flushing.remove(&idx);
+            if let Content::File(map) = &mut n.inode.content {
+                match id {
+                    Some(id) => {
+                        map.chunks.insert(idx, *id);
+                        self.chunks.insert(*id, buf);
+                    }
+                    None => {
+                        map.chunks.remove(&idx);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The volume's durable side: its image, its head, and the head's version.
+pub(crate) struct Committer {
+    pub image: Image,
+    pub head: Head,
+    pub version: u64,
+}
+
+fn format_error(detail: String) -> FsError {
+    FsError::Format(detail)
+}
+
+impl Committer {
+    /// Opens the volume in `backend`, formatting an empty one unless `cfg.read_only`.
+    pub fn open(backend: &dyn Backend, cfg: &VolumeConfig) -> FsResult<Committer> {
+        let Some(rec) = backend.get_record(HEAD_LABEL)? else {
+            if backend.get_record(FORMAT1_LABEL)?.is_some() {
+                return Err(format_error(format!(
+                    "this volume was written in dbqsfs volume format 1 (one record per inode); \
+                     this dbqsfs reads format {FORMAT} (the volume log) only. Copy its files out \
+                     with the dbqsfs release that wrote it, then into a new volume"
+                )));
+            }
+            if cfg.read_only {
+                return err(libc::EROFS);
+            }
+            return Committer::format(backend, cfg);
+        };
+        let head = Head::decode(&rec.value)?;
+        if head.format != FORMAT {
+            return Err(format_error(format!(
+                "this volume is in dbqsfs volume format {}; this dbqsfs reads format {FORMAT}",
+                head.format
+            )));
+        }
+        let image = Image::load(backend, &head)?;
+        Ok(Committer {
+            image,
+            head,
+            version: rec.version,
+        })
+    }
+
+    fn format(backend: &dyn Backend, cfg: &VolumeConfig) -> FsResult<Committer> {
+        let chunk_size = cfg
+            .chunk_size
+            .unwrap_or(1 << 20)
+            .min(backend.max_block() as u32)
+            .max(512);
+        let now = Timestamp::now();
+        let root = Meta {
+            kind: crate::layout::FileKind::Dir,
+            perm: 0o755,
+            uid: cfg.root_uid,
+            gid: cfg.root_gid,
+            nlink: 2,
+            rdev: 0,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            xattrs: Default::default(),
+            parent: ROOT_INO,
+            target: Vec::new(),
+        };
+        let ops = vec![JournalOp::Put {
+            ino: ROOT_INO,
+            meta: root,
+        }];
+        let mut c = Committer {
+            image: Image::empty(),
+            head: Head {
+                format: FORMAT,
+                chunk_size,
+                created: now,
+                next_ino: ROOT_INO + 1,
+                checkpoint: Vec::new(),
+                journal: Vec::new(),
+            },
+            version: 0,
+        };
+        c.append(backend, &ops, ROOT_INO + 1)?;
+        Ok(c)
+    }
+
+    /// Stores a segment of `ops` and a head naming it; then applies `ops` to the image.
+    fn append(&mut self, backend: &dyn Backend, ops: &[JournalOp], next_ino: u64) -> FsResult<()> {
+        let segment = Segment::encode_ops(ops);
+        let pieces = put_chunks(backend, &split(&segment, piece_size(backend)))?;
+        let mut head = self.head.clone();
+        head.journal.push(pieces);
+        head.next_ino = next_ino;
+        self.write_head(backend, head)?;
+        for op in ops {
+            self.image.apply(op);
+        }
+        Ok(())
+    }
+
+    fn write_head(&mut self, backend: &dyn Backend, head: Head) -> FsResult<()> {
+        let value = head.encode();
+        if value.len() > backend.max_block() {
+            return err(libc::ENOSPC);
+        }
+        self.version += 1;
+        backend.put_record(HEAD_LABEL, self.version, &value)?;
+        self.head = head;
+        Ok(())
+    }
+
+    /// Commits everything applied to `state` so far (see the module's protocol). With
+    /// `checkpoint`, also writes a checkpoint afterwards.
+    pub fn commit(
+        &mut self,
+        backend: &dyn Backend,
+        state: &std::sync::Mutex<State>,
+        checkpoint: bool,
+    ) -> FsResult<()> {
+        let batch = lock(state).seal();
+        if !batch.is_empty() {
+            match self.store(backend, &batch) {
+                Ok(ids) => lock(state).sealed(batch, &ids),
+                Err(e) => {
+                    lock(state).unseal(batch);
+                    return Err(e);
+                }
+            }
+        }
+        let head_full = self.head.encode().len() > backend.max_block() / 2;
+        let due = self.head.journal.len() >= lock(state).cfg.checkpoint_segments.max(1);
+        if checkpoint || head_full || due {
+            self.checkpoint(backend)?;
+        }
+        Ok(())
+    }
+
+    /// Steps 2–4: chunks, segment, head. Returns each data chunk's id (`None`: all zeros).
+    fn store(&mut self, backend: &dyn Backend, batch: &Batch) -> FsResult<Vec<Option<ChunkId>>> {
+        let nonzero: Vec<&[u8]> = batch
+            .data
+            .iter()
+            .map(|(_, _, b)| b.as_slice())
+            .filter(|b| b.iter().any(|x| *x != 0))
+            .collect();
+        let mut stored = put_chunks(backend, &nonzero)?.into_iter();
+        let ids: Vec<Option<ChunkId>> = batch
+            .data
+            .iter()
+            .map(|(_, _, b)| {
+                b.iter()
+                    .any(|x| *x != 0)
+                    .then(|| stored.next().expect("one id per stored chunk"))
+            })
+            .collect();
+        let mut ops = batch.ops.clone();
+        ops.extend(
+            batch
+                .data
+                .iter()
+                .zip(&ids)
+                .map(|((ino, idx, _), id)| JournalOp::Chunk {
+                    ino: *ino,
+                    idx: *idx,
+                    id: *id,
+                }),
+        );
+        self.append(backend, &ops, batch.next_ino)?;
+        Ok(ids)
+    }
+
+    /// Writes the image's changed pages and root, then a head naming them with an empty journal.
+    pub fn checkpoint(&mut self, backend: &dyn Backend) -> FsResult<()> {
+        if self.head.journal.is_empty() && !self.head.checkpoint.is_empty() {
+            return Ok(());
+        }
+        let root = self.image.checkpoint(backend)?;
+        let mut head = self.head.clone();
+        head.checkpoint = root;
+        head.journal.clear();
+        self.write_head(backend, head)
+    }
+
+    /// For a read-only volume: takes up a newer head if there is one. Returns whether it did.
+    pub fn follow(&mut self, backend: &dyn Backend) -> FsResult<bool> {
+        let Some(rec) = backend.get_record(HEAD_LABEL)? else {
+            return Ok(false);
+        };
+        if rec.version <= self.version {
+            return Ok(false);
+        }
+        let head = Head::decode(&rec.value)?;
+        if head.checkpoint == self.head.checkpoint && head.journal.starts_with(&self.head.journal) {
+            self.image
+                .replay(backend, &head.journal[self.head.journal.len()..])?;
+        } else {
+            self.image = Image::load(backend, &head)?;
+        }
+        self.head = head;
+        self.version = rec.version;
+        Ok(true)
+    }
+}

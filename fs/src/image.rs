@@ -1,0 +1,391 @@
+//! Inodes in memory, and `Image`: a volume's state exactly as its head describes it.
+//!
+//! Goals: one replay path. Opening a volume loads the head's checkpoint into an `Image` and
+//! applies the journal after it; the writer's committer keeps its own `Image` and applies each
+//! batch once the head naming it is stored, so a checkpoint is written from what is durable,
+//! never from what is merely applied in memory; a read-only mount follows the head the same way.
+//!
+//! Model: every inode with its attributes (`Meta`), a directory's entries and a file's chunk
+//! map. Journal operations each set one key (see `layout::JournalOp`), so applying a segment
+//! twice, or a prefix of it again, changes nothing. The image remembers which checkpoint pages
+//! changed since it last wrote them, and a checkpoint writes only those.
+//!
+//! Non-goals: anything not durable (buffered data, open handles: `volume::State`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::backend::{Backend, ChunkId};
+use crate::error::{FsError, FsResult};
+use crate::layout::{
+    name_key, split, DirEntry, FileKind, Head, JournalOp, Meta, Page, Root, Segment, StoredInode,
+    Timestamp, PAGE_INODES,
+};
+
+/// A directory's entries by (name key, name): readdir order, stable offsets.
+pub(crate) type EntryMap = BTreeMap<(u64, Vec<u8>), DirEntry>;
+
+pub(crate) fn entry_key(name: &[u8]) -> (u64, Vec<u8>) {
+    (name_key(name), name.to_vec())
+}
+
+/// An inode in memory.
+#[derive(Clone, Debug)]
+pub(crate) struct Inode {
+    pub kind: FileKind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub content: Content,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Content {
+    File(ChunkMap),
+    Dir(DirState),
+    Symlink(Vec<u8>),
+    Special,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct DirState {
+    pub parent: u64,
+    pub entries: EntryMap,
+}
+
+impl DirState {
+    pub fn empty(parent: u64) -> Self {
+        DirState {
+            parent,
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+/// Which durable chunk holds each chunk-sized piece of a file; missing pieces are holes.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ChunkMap {
+    pub chunks: BTreeMap<u64, ChunkId>,
+}
+
+impl Inode {
+    pub fn meta(&self) -> Meta {
+        Meta {
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            rdev: self.rdev,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            xattrs: self.xattrs.clone(),
+            parent: match &self.content {
+                Content::Dir(d) => d.parent,
+                _ => 0,
+            },
+            target: match &self.content {
+                Content::Symlink(t) => t.clone(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// A new inode with these attributes and no entries or chunks.
+    pub fn from_meta(meta: Meta) -> Self {
+        let content = match meta.kind {
+            FileKind::File => Content::File(ChunkMap::default()),
+            FileKind::Dir => Content::Dir(DirState::empty(meta.parent)),
+            FileKind::Symlink => Content::Symlink(meta.target.clone()),
+            _ => Content::Special,
+        };
+        let mut inode = Inode {
+            kind: meta.kind,
+            perm: 0,
+            uid: 0,
+            gid: 0,
+            nlink: 0,
+            rdev: 0,
+            size: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            xattrs: BTreeMap::new(),
+            content,
+        };
+        inode.set_meta(meta);
+        inode
+    }
+
+    /// Replaces the attributes, keeping entries and chunks.
+    pub fn set_meta(&mut self, meta: Meta) {
+        self.perm = meta.perm;
+        self.uid = meta.uid;
+        self.gid = meta.gid;
+        self.nlink = meta.nlink;
+        self.rdev = meta.rdev;
+        self.size = meta.size;
+        self.atime = meta.atime;
+        self.mtime = meta.mtime;
+        self.ctime = meta.ctime;
+        self.xattrs = meta.xattrs;
+        match &mut self.content {
+            Content::Dir(d) => d.parent = meta.parent,
+            Content::Symlink(t) => *t = meta.target,
+            _ => {}
+        }
+    }
+
+    pub fn dir(&self) -> Option<&DirState> {
+        match &self.content {
+            Content::Dir(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn stored(&self, ino: u64) -> StoredInode {
+        StoredInode {
+            ino,
+            meta: self.meta(),
+            entries: match &self.content {
+                Content::Dir(d) => d.entries.values().cloned().collect(),
+                _ => Vec::new(),
+            },
+            chunks: match &self.content {
+                Content::File(m) => m.chunks.iter().map(|(k, v)| (*k, *v)).collect(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    fn from_stored(s: StoredInode) -> Self {
+        let mut inode = Inode::from_meta(s.meta);
+        match &mut inode.content {
+            Content::Dir(d) => {
+                d.entries = s
+                    .entries
+                    .into_iter()
+                    .map(|e| (entry_key(&e.name), e))
+                    .collect()
+            }
+            Content::File(m) => m.chunks = s.chunks.into_iter().collect(),
+            _ => {}
+        }
+        inode
+    }
+}
+
+/// A volume's durable state: a checkpoint plus the journal applied after it.
+pub(crate) struct Image {
+    pub inodes: BTreeMap<u64, Inode>,
+    /// The chunks of each page as last checkpointed.
+    pages: BTreeMap<u64, Vec<ChunkId>>,
+    /// Pages changed since.
+    dirty: BTreeSet<u64>,
+}
+
+fn page_of(ino: u64) -> u64 {
+    ino / PAGE_INODES
+}
+
+impl Image {
+    pub fn empty() -> Self {
+        Image {
+            inodes: BTreeMap::new(),
+            pages: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    pub fn apply(&mut self, op: &JournalOp) {
+        let ino = match op {
+            JournalOp::Put { ino, meta } => {
+                match self.inodes.get_mut(ino) {
+                    Some(i) if i.kind == meta.kind => i.set_meta(meta.clone()),
+                    _ => {
+                        self.inodes.insert(*ino, Inode::from_meta(meta.clone()));
+                    }
+                }
+                *ino
+            }
+            JournalOp::Link { dir, entry } => {
+                if let Some(Content::Dir(d)) = self.inodes.get_mut(dir).map(|i| &mut i.content) {
+                    d.entries.insert(entry_key(&entry.name), entry.clone());
+                }
+                *dir
+            }
+            JournalOp::Unlink { dir, name } => {
+                if let Some(Content::Dir(d)) = self.inodes.get_mut(dir).map(|i| &mut i.content) {
+                    d.entries.remove(&entry_key(name));
+                }
+                *dir
+            }
+            JournalOp::Chunk { ino, idx, id } => {
+                if let Some(Content::File(m)) = self.inodes.get_mut(ino).map(|i| &mut i.content) {
+                    match id {
+                        Some(id) => m.chunks.insert(*idx, *id),
+                        None => m.chunks.remove(idx),
+                    };
+                }
+                *ino
+            }
+            JournalOp::Free { ino } => {
+                self.inodes.remove(ino);
+                *ino
+            }
+        };
+        self.dirty.insert(page_of(ino));
+    }
+
+    /// Loads what `head` names: its checkpoint, then its journal.
+    pub fn load(backend: &dyn Backend, head: &Head) -> FsResult<Image> {
+        let mut image = Image::empty();
+        if !head.checkpoint.is_empty() {
+            let root = Root::decode(&get_joined(backend, &head.checkpoint)?)?;
+            let pieces: Vec<ChunkId> = root.pages.iter().flat_map(|(_, p)| p.clone()).collect();
+            let mut fetched = get_chunks(backend, &pieces)?.into_iter();
+            for (no, ids) in &root.pages {
+                let bytes: Vec<u8> = fetched.by_ref().take(ids.len()).flatten().collect();
+                for s in Page::decode(&bytes)?.inodes {
+                    if page_of(s.ino) != *no {
+                        return Err(FsError::Decode {
+                            what: "checkpoint page",
+                            detail: format!("inode {} in page {no}", s.ino),
+                        });
+                    }
+                    image.inodes.insert(s.ino, Inode::from_stored(s));
+                }
+            }
+            image.pages = root.pages.into_iter().collect();
+        }
+        image.replay(backend, &head.journal)?;
+        Ok(image)
+    }
+
+    /// Applies journal segments (each a list of pieces) in order.
+    pub fn replay(&mut self, backend: &dyn Backend, segments: &[Vec<ChunkId>]) -> FsResult<()> {
+        let pieces: Vec<ChunkId> = segments.iter().flatten().copied().collect();
+        let mut fetched = get_chunks(backend, &pieces)?.into_iter();
+        for seg in segments {
+            let bytes: Vec<u8> = fetched.by_ref().take(seg.len()).flatten().collect();
+            for op in &Segment::decode(&bytes)?.ops {
+                self.apply(op);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the pages changed since the last checkpoint, then the root; returns the root's
+    /// pieces for the head. Pages are written before the root that names them.
+    pub fn checkpoint(&mut self, backend: &dyn Backend) -> FsResult<Vec<ChunkId>> {
+        let max = piece_size(backend);
+        let dirty: Vec<u64> = self.dirty.iter().copied().collect();
+        let mut encoded = Vec::new();
+        for no in &dirty {
+            let range = no * PAGE_INODES..(no + 1) * PAGE_INODES;
+            let page = Page {
+                inodes: self
+                    .inodes
+                    .range(range)
+                    .map(|(ino, i)| i.stored(*ino))
+                    .collect(),
+            };
+            encoded.push((*no, (!page.inodes.is_empty()).then(|| page.encode())));
+        }
+        let pieces: Vec<&[u8]> = encoded
+            .iter()
+            .filter_map(|(_, b)| b.as_deref())
+            .flat_map(|b| split(b, max))
+            .collect();
+        let mut ids = put_chunks(backend, &pieces)?.into_iter();
+        for (no, bytes) in &encoded {
+            match bytes {
+                Some(b) => {
+                    let n = split(b, max).len();
+                    self.pages.insert(*no, ids.by_ref().take(n).collect());
+                }
+                None => {
+                    self.pages.remove(no);
+                }
+            }
+        }
+        self.dirty.clear();
+        let root = Root {
+            pages: self.pages.iter().map(|(k, v)| (*k, v.clone())).collect(),
+        }
+        .encode();
+        put_chunks(backend, &split(&root, max))
+    }
+}
+
+/// The largest piece a segment, page or root is split into.
+pub(crate) fn piece_size(backend: &dyn Backend) -> usize {
+    backend.max_block().max(64)
+}
+
+/// How many backend calls a volume makes at once when it moves many chunks.
+const PARALLEL: usize = 16;
+
+/// Runs `f` on every item with up to `PARALLEL` calls in flight; results in input order.
+fn parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> FsResult<R> + Sync,
+) -> FsResult<Vec<R>> {
+    if items.len() <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<FsResult<R>>> = (0..items.len()).map(|_| None).collect();
+    let slots: Vec<std::sync::Mutex<&mut Option<FsResult<R>>>> =
+        results.iter_mut().map(std::sync::Mutex::new).collect();
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL.min(items.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= items.len() {
+                    break;
+                }
+                let r = f(&items[i]);
+                let failed = r.is_err();
+                **slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                if failed {
+                    next.store(items.len(), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    drop(slots);
+    let mut out = Vec::with_capacity(items.len());
+    for r in results {
+        match r {
+            Some(r) => out.push(r?),
+            // Not attempted because an earlier item failed; that failure comes first.
+            None => unreachable!("an unattempted item follows a failed one"),
+        }
+    }
+    Ok(out)
+}
+
+/// Stores chunks in parallel; their ids in order.
+pub(crate) fn put_chunks(backend: &dyn Backend, pieces: &[&[u8]]) -> FsResult<Vec<ChunkId>> {
+    parallel(pieces, |p| Ok(backend.put_chunk(p)?))
+}
+
+/// Fetches chunks in parallel; their bytes in order.
+pub(crate) fn get_chunks(backend: &dyn Backend, ids: &[ChunkId]) -> FsResult<Vec<Vec<u8>>> {
+    parallel(ids, |id| Ok(backend.get_chunk(id)?))
+}
+
+/// Fetches the pieces of one value and joins them.
+pub(crate) fn get_joined(backend: &dyn Backend, ids: &[ChunkId]) -> FsResult<Vec<u8>> {
+    Ok(get_chunks(backend, ids)?.concat())
+}
