@@ -173,16 +173,29 @@ stays in the foreground and logs to stderr; SIGINT or SIGTERM unmounts. Unmount 
 
 One read-write mount per volume at a time: it holds a lease on the volume (renewed every 10 s, \
 valid 30 s) and a second read-write mount is refused with the holder's name. Read-only mounts \
-(-o ro) need no lease and may run alongside it; they see the writer's closed files within about \
-3 s (a file they hold open keeps the version it was opened with).
+(-o ro) need no lease and may run alongside it; they see what the writer has committed within \
+about 2 s (a file they hold open keeps the version it was opened with).
 
-When the cluster cannot be reached, a system call fails with ETIMEDOUT or EIO after at most the \
-operation timeout (-o timeout, default 15 s) plus 5 s; the mount itself never hangs.
+Durability: changes apply at once in the mount's memory and are committed to the cluster in \
+batches (one signed head record per batch). fsync, fdatasync and fsync of a directory return \
+after everything done before them is stored on a quorum; unmount too (sync(1) does not reach \
+FUSE filesystems). Without \
+those a change is committed within -o commit=MS (default 1000). close makes nothing durable (as \
+on ext4). A crash (of the mount or the machine) loses at most the uncommitted tail: the volume \
+comes back as it was at some commit, holding everything a successful fsync covered. -o sync \
+commits after every operation (slow, write-through).
+
+When the cluster cannot be reached, a system call that needs it (fsync, anything under -o sync, \
+a read of data not cached) fails with ETIMEDOUT or EIO after at most the operation timeout \
+(-o timeout, default 15 s) plus 5 s; other changes keep applying and are committed once the \
+cluster is back; the mount itself never hangs.
 
 Options (-o, comma-separated): ro, rw, allow_other, default_permissions (always on), nonempty, \
 fsname=NAME, attr_timeout=SECS and entry_timeout=SECS (kernel caching, default 1), \
 timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads), \
-chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB).";
+chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB), \
+commit=MS (longest time a change waits for its commit, default 1000), sync (commit every \
+operation before it returns), async (the default).";
 
 /// Arguments of `dbqsfs mount`.
 #[derive(clap::Args, Debug)]

@@ -7,6 +7,7 @@ use dbqsfs_core::object::content_id;
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
 use dbqsfs_daemon::volume::{BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming};
+use dbqsfs_fs::layout::HEAD_LABEL;
 use dbqsfs_fs::{Backend, BackendError, Cred, Volume, VolumeConfig};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -100,6 +101,9 @@ fn dbqs_backend_serves_a_volume_and_leases_keep_one_writer() {
         vol.write(a.ino, 0, &data).unwrap();
         vol.release(fh).unwrap();
         vol.mkdir(&Cred::ROOT, 1, b"dir", 0o755).unwrap();
+        // What unmount does: commit the journal and write a checkpoint. Dropping a volume
+        // without it is a crash, which keeps only what was committed.
+        vol.sync_all().unwrap();
         a.ino
     };
     let c2 = client(&rt, &info, Duration::from_secs(3));
@@ -199,7 +203,7 @@ fn dbqs_backend_serves_a_volume_and_leases_keep_one_writer() {
         fenced.put_record(b"r", 9, b"x"),
         Err(BackendError::Unavailable(_))
     ));
-    assert!(fenced.get_record(b"super").unwrap().is_some());
+    assert!(fenced.get_record(HEAD_LABEL).unwrap().is_some());
 
     // With every node gone, calls fail within the operation timeout (3 s) instead of hanging.
     for n in nodes {
