@@ -149,6 +149,13 @@ impl MemBackend {
         self.inner.lock().unwrap().chunks.len()
     }
 
+    /// Bytes held: every chunk and the current value of every record.
+    pub fn stored_bytes(&self) -> usize {
+        let inner = self.inner.lock().unwrap();
+        inner.chunks.values().map(|c| c.len()).sum::<usize>()
+            + inner.records.values().map(|r| r.value.len()).sum::<usize>()
+    }
+
     /// The stored version of a record, bypassing counters and failures.
     pub fn peek_record(&self, label: &[u8]) -> Option<Record> {
         self.inner.lock().unwrap().records.get(label).cloned()

@@ -9,7 +9,8 @@
 //! 1. cut, under the volume lock (`State::seal`): the final attributes of each changed inode,
 //!    then the journal operations in order, then the dirty chunks, which move to `flushing`
 //!    (readers still see them there);
-//! 2. store the non-zero chunks, in parallel; add a `Chunk` operation for each;
+//! 2. store the non-zero chunks, in parallel; add a `Chunk` operation for each, or `Patch`
+//!    operations (the changed bytes, inline) for a chunk changed only a little;
 //! 3. store the segment (the batch's operations, split into pieces if large);
 //! 4. write the head one version up, naming the segment after the earlier ones;
 //! 5. apply the batch to the durable image and, under the volume lock, put the new chunk ids in
@@ -22,22 +23,46 @@
 //!
 //! Non-goals: several writers (the daemon's lease keeps to one), freeing superseded chunks.
 
+use std::collections::btree_map::Entry;
 use std::mem;
 use std::sync::Arc;
 
 use crate::backend::{Backend, ChunkId};
 use crate::error::{err, FsError, FsResult};
-use crate::image::{piece_size, put_chunks, Content, Image};
+use crate::file::Dirty;
+use crate::image::{piece_size, put_chunks, Content, Image, Piece};
 use crate::layout::{
     split, Head, JournalOp, Meta, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL, ROOT_INO,
 };
 use crate::volume::{State, VolumeConfig};
 
-/// A batch cut from the state: operations, and chunk contents whose ids are not known yet.
+/// A batch cut from the state: operations, and buffered chunks to store.
 pub(crate) struct Batch {
     pub ops: Vec<JournalOp>,
-    pub data: Vec<(u64, u64, Arc<Vec<u8>>)>,
+    pub data: Vec<Flush>,
     pub next_ino: u64,
+}
+
+/// One buffered chunk of a batch.
+pub(crate) struct Flush {
+    ino: u64,
+    idx: u64,
+    buf: Arc<Vec<u8>>,
+    /// The ranges written since the chunk's state before the batch (`None`: all of it).
+    ranges: Option<Vec<(usize, usize)>>,
+    /// Stored as `Patch` operations of `ranges` rather than as a new chunk.
+    as_patches: bool,
+}
+
+impl Flush {
+    fn patch_ops(&self) -> impl Iterator<Item = JournalOp> + '_ {
+        self.ranges.iter().flatten().map(|(s, e)| JournalOp::Patch {
+            ino: self.ino,
+            idx: self.idx,
+            off: *s as u32,
+            data: self.buf[*s..*e].to_vec(),
+        })
+    }
 }
 
 impl Batch {
@@ -61,13 +86,41 @@ impl State {
             }
         }
         ops.append(&mut self.journal);
+        // Small changes to stored chunks go as patches while the chunk's patches stay under the
+        // limit and all files' patches under the budget (`patch_bytes` only overestimates: it
+        // is not lowered when a file is truncated or removed, so it is counted again when full).
+        let limit = self.patch_limit();
+        if self.patch_bytes > self.cfg.patch_budget {
+            self.patch_bytes = self.count_patch_bytes();
+        }
+        let mut budget = self.cfg.patch_budget.saturating_sub(self.patch_bytes);
         let mut data = Vec::new();
         for ino in mem::take(&mut self.dirty_files) {
             if let Some(n) = self.nodes.get_mut(&ino) {
-                for (idx, buf) in mem::take(&mut n.dirty) {
-                    let buf = Arc::new(buf);
+                for (idx, d) in mem::take(&mut n.dirty) {
+                    let piece = match &n.inode.content {
+                        Content::File(m) => m.chunks.get(&idx).filter(|p| p.id.is_some()),
+                        _ => None,
+                    };
+                    let changed: usize = d.ranges.iter().flatten().map(|(s, e)| e - s).sum();
+                    let as_patches = piece.is_some_and(|p| {
+                        d.ranges.is_some()
+                            && changed > 0
+                            && p.patch_bytes() + changed <= limit
+                            && changed <= budget
+                    });
+                    if as_patches {
+                        budget -= changed;
+                    }
+                    let buf = Arc::new(d.data);
                     n.flushing.insert(idx, buf.clone());
-                    data.push((ino, idx, buf));
+                    data.push(Flush {
+                        ino,
+                        idx,
+                        buf,
+                        ranges: d.ranges,
+                        as_patches,
+                    });
                 }
             }
         }
@@ -95,43 +148,69 @@ impl State {
         }
         ops.append(&mut self.journal);
         self.journal = ops;
-        for (ino, idx, buf) in batch.data {
-            let Some(n) = self.nodes.get_mut(&ino) else {
+        let limit = self.patch_limit();
+        for f in batch.data {
+            let Some(n) = self.nodes.get_mut(&f.ino) else {
                 continue;
             };
             // Gone from `flushing` means truncated away since: the data is dead.
-            if !n.flushing.get(&idx).is_some_and(|f| Arc::ptr_eq(f, &buf)) {
+            if !n
+                .flushing
+                .get(&f.idx)
+                .is_some_and(|b| Arc::ptr_eq(b, &f.buf))
+            {
                 continue;
             }
-            n.flushing.remove(&idx);
-            if let std::collections::btree_map::Entry::Vacant(slot) = n.dirty.entry(idx) {
-                slot.insert(Arc::try_unwrap(buf).unwrap_or_else(|b| b.as_ref().clone()));
-                self.dirty_bytes += self.chunk_size as usize;
-                self.dirty_files.insert(ino);
+            n.flushing.remove(&f.idx);
+            match n.dirty.entry(f.idx) {
+                Entry::Vacant(slot) => {
+                    self.dirty_bytes += f.buf.len();
+                    slot.insert(Dirty {
+                        data: Arc::try_unwrap(f.buf).unwrap_or_else(|b| b.as_ref().clone()),
+                        ranges: f.ranges,
+                    });
+                    self.dirty_files.insert(f.ino);
+                }
+                // Written since, over this buffer: the changes since the stored state are both.
+                Entry::Occupied(mut newer) => newer.get_mut().absorb(f.ranges.as_deref(), limit),
             }
         }
     }
 
     /// A batch is durable: its chunks join the files' maps (unless truncated away since).
     fn sealed(&mut self, batch: Batch, ids: &[Option<ChunkId>]) {
-        for ((ino, idx, buf), id) in batch.data.into_iter().zip(ids) {
-            let Some(n) = self.nodes.get_mut(&ino) else {
+        for (f, id) in batch.data.iter().zip(ids) {
+            let Some(n) = self.nodes.get_mut(&f.ino) else {
                 continue;
             };
-            if !n.flushing.get(&idx).is_some_and(|f| Arc::ptr_eq(f, &buf)) {
+            if !n
+                .flushing
+                .get(&f.idx)
+                .is_some_and(|b| Arc::ptr_eq(b, &f.buf))
+            {
                 continue;
             }
-            n.flushing.remove(&idx);
-            if let Content::File(map) = &mut n.inode.content {
-                match id {
-                    Some(id) => {
-                        map.chunks.insert(idx, *id);
-                        self.chunks.insert(*id, buf);
-                    }
-                    None => {
-                        map.chunks.remove(&idx);
+            n.flushing.remove(&f.idx);
+            let Content::File(map) = &mut n.inode.content else {
+                continue;
+            };
+            let old = if f.as_patches {
+                let piece = map.chunks.entry(f.idx).or_default();
+                for op in f.patch_ops() {
+                    if let JournalOp::Patch { off, data, .. } = op {
+                        self.patch_bytes += data.len();
+                        piece.patches.push((off, data));
                     }
                 }
+                None
+            } else if let Some(id) = id {
+                self.chunks.insert(*id, f.buf.clone());
+                map.chunks.insert(f.idx, Piece::whole(*id))
+            } else {
+                map.chunks.remove(&f.idx)
+            };
+            if let Some(old) = old {
+                self.patch_bytes = self.patch_bytes.saturating_sub(old.patch_bytes());
             }
         }
     }
@@ -276,36 +355,34 @@ impl Committer {
         Ok(())
     }
 
-    /// Steps 2–4: chunks, segment, head. Returns each data chunk's id (`None`: all zeros).
+    /// Steps 2–4: chunks, segment, head. Returns each whole chunk's id (`None`: all zeros, or
+    /// stored as patches).
     fn store(&mut self, backend: &dyn Backend, batch: &Batch) -> FsResult<Vec<Option<ChunkId>>> {
-        let nonzero: Vec<&[u8]> = batch
+        let stored_whole = |f: &Flush| !f.as_patches && f.buf.iter().any(|x| *x != 0);
+        let bodies: Vec<&[u8]> = batch
             .data
             .iter()
-            .map(|(_, _, b)| b.as_slice())
-            .filter(|b| b.iter().any(|x| *x != 0))
+            .filter(|f| stored_whole(f))
+            .map(|f| f.buf.as_slice())
             .collect();
-        let mut stored = put_chunks(backend, &nonzero)?.into_iter();
+        let mut stored = put_chunks(backend, &bodies)?.into_iter();
         let ids: Vec<Option<ChunkId>> = batch
             .data
             .iter()
-            .map(|(_, _, b)| {
-                b.iter()
-                    .any(|x| *x != 0)
-                    .then(|| stored.next().expect("one id per stored chunk"))
-            })
+            .map(|f| stored_whole(f).then(|| stored.next().expect("one id per stored chunk")))
             .collect();
         let mut ops = batch.ops.clone();
-        ops.extend(
-            batch
-                .data
-                .iter()
-                .zip(&ids)
-                .map(|((ino, idx, _), id)| JournalOp::Chunk {
-                    ino: *ino,
-                    idx: *idx,
+        for (f, id) in batch.data.iter().zip(&ids) {
+            if f.as_patches {
+                ops.extend(f.patch_ops());
+            } else {
+                ops.push(JournalOp::Chunk {
+                    ino: f.ino,
+                    idx: f.idx,
                     id: *id,
-                }),
-        );
+                });
+            }
+        }
         self.append(backend, &ops, batch.next_ino)?;
         Ok(ids)
     }

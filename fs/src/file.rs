@@ -5,20 +5,24 @@
 //! next commit, which stores the chunks before the head that names them.
 //!
 //! Model: chunk `i` of a file holds bytes `[i*cs, (i+1)*cs)`; it is absent (a hole), a durable
-//! chunk named in the inode's map, a buffer in the batch being committed (`flushing`), or a dirty
-//! buffer not yet in a batch (`dirty`); each shadows the ones before it. Invariant: no chunk or
-//! buffer holds bytes at or beyond the file size, so growing a file never exposes old data. A
-//! partially written chunk is read, modified and committed whole.
+//! piece named in the inode's map (a stored chunk with small writes patched over it), a buffer in
+//! the batch being committed (`flushing`), or a dirty buffer not yet in a batch (`dirty`); each
+//! shadows the ones before it. Invariant: no chunk, patch or buffer holds bytes at or beyond the
+//! file size, so growing a file never exposes old data. A partially written chunk is read and
+//! modified in its buffer; the commit stores the bytes that changed as patches when they are few
+//! (up to an eighth of the chunk, counting the patches it already has), else the chunk whole.
 //!
 //! Non-goals: content-defined chunking or deduplication across offsets, compression, and
 //! deleting chunks that are no longer referenced (dBQS has no delete).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::Arc;
+
+use lru::LruCache;
 
 use crate::backend::{Backend, ChunkId};
 use crate::error::{err, FsResult};
-use crate::image::{Content, Inode};
+use crate::image::{overlay, Content, Inode};
 use crate::layout::JournalOp;
 use crate::volume::State;
 
@@ -26,27 +30,78 @@ use crate::volume::State;
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
 /// A piece of a read that needs chunk `id` from the backend: `len` bytes from `within` in the
-/// chunk go to `at` in the output.
+/// chunk, with `patches` over them, go to `at` in the output.
 pub(crate) struct Fetch {
     pub id: ChunkId,
     pub at: usize,
     pub within: usize,
     pub len: usize,
+    pub patches: Vec<(u32, Vec<u8>)>,
 }
 
 /// Completes a read planned by `State::read_plan`.
 pub(crate) fn fill(out: &mut [u8], fetch: &Fetch, chunk: &[u8]) {
-    copy_from_piece(
-        &mut out[fetch.at..fetch.at + fetch.len],
-        chunk,
-        fetch.within,
-    );
+    let dst = &mut out[fetch.at..fetch.at + fetch.len];
+    copy_from_piece(dst, chunk, fetch.within);
+    overlay(dst, fetch.within, &fetch.patches);
 }
 
-/// A bounded cache of chunk contents. Chunks are immutable, so an entry never goes stale.
+/// A buffered chunk: its whole contents, and which bytes changed since the chunk's state before
+/// the batch, so that a small change can be stored as patches instead of a new chunk.
+pub(crate) struct Dirty {
+    pub data: Vec<u8>,
+    /// Ranges written, sorted, disjoint and not touching; `None`: the buffer must be stored whole
+    /// (a truncation cut it, or more than the patch limit changed).
+    pub ranges: Option<Vec<(usize, usize)>>,
+}
+
+impl Dirty {
+    pub fn new(data: Vec<u8>) -> Self {
+        Dirty {
+            data,
+            ranges: Some(Vec::new()),
+        }
+    }
+
+    /// Records that `[start, end)` changed; past `limit` bytes in all, the buffer goes whole.
+    pub fn touch(&mut self, start: usize, end: usize, limit: usize) {
+        if let Some(r) = &mut self.ranges {
+            merge_range(r, start, end);
+            if r.iter().map(|(s, e)| e - s).sum::<usize>() > limit {
+                self.ranges = None;
+            }
+        }
+    }
+
+    /// Takes in the ranges of an older buffer of the same chunk that failed to commit.
+    pub fn absorb(&mut self, older: Option<&[(usize, usize)]>, limit: usize) {
+        match older {
+            Some(ranges) => {
+                for (s, e) in ranges {
+                    self.touch(*s, *e, limit);
+                }
+            }
+            None => self.ranges = None,
+        }
+    }
+}
+
+/// Adds `[start, end)` to sorted disjoint ranges, joining those it overlaps or touches.
+fn merge_range(ranges: &mut Vec<(usize, usize)>, mut start: usize, mut end: usize) {
+    let first = ranges.partition_point(|(_, e)| *e < start);
+    let mut last = first;
+    while last < ranges.len() && ranges[last].0 <= end {
+        start = start.min(ranges[last].0);
+        end = end.max(ranges[last].1);
+        last += 1;
+    }
+    ranges.splice(first..last, [(start, end)]);
+}
+
+/// A bounded cache of chunk contents, least recently used out first, bounded in bytes. Chunks
+/// are immutable, so an entry never goes stale.
 pub(crate) struct ChunkCache {
-    map: HashMap<ChunkId, Arc<Vec<u8>>>,
-    order: VecDeque<ChunkId>,
+    map: LruCache<ChunkId, Arc<Vec<u8>>>,
     bytes: usize,
     limit: usize,
 }
@@ -54,15 +109,19 @@ pub(crate) struct ChunkCache {
 impl ChunkCache {
     pub fn new(limit: usize) -> Self {
         ChunkCache {
-            map: HashMap::new(),
-            order: VecDeque::new(),
+            map: LruCache::unbounded(),
             bytes: 0,
             limit,
         }
     }
 
-    pub fn peek(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+    /// The chunk if cached (it becomes the most recently used).
+    pub fn peek(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
         self.map.get(id).cloned()
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.map.contains(id)
     }
 
     pub fn get(&mut self, backend: &dyn Backend, id: &ChunkId) -> FsResult<Arc<Vec<u8>>> {
@@ -75,19 +134,16 @@ impl ChunkCache {
     }
 
     pub fn insert(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
-        if data.len() > self.limit || self.map.contains_key(&id) {
+        if data.len() > self.limit || self.map.contains(&id) {
             return;
         }
         self.bytes += data.len();
-        self.map.insert(id, data);
-        self.order.push_back(id);
+        self.map.put(id, data);
         while self.bytes > self.limit {
-            let Some(old) = self.order.pop_front() else {
+            let Some((_, old)) = self.map.pop_lru() else {
                 break;
             };
-            if let Some(d) = self.map.remove(&old) {
-                self.bytes -= d.len();
-            }
+            self.bytes -= old.len();
         }
     }
 }
@@ -136,19 +192,25 @@ impl State {
             let within = (pos % cs) as usize;
             let n = ((cs - within as u64).min(end - pos)) as usize;
             let at = (pos - off) as usize;
-            if let Some(buf) = node.dirty.get(&idx) {
-                copy_from_piece(&mut out[at..at + n], buf, within);
+            let dst = &mut out[at..at + n];
+            if let Some(d) = node.dirty.get(&idx) {
+                copy_from_piece(dst, &d.data, within);
             } else if let Some(buf) = node.flushing.get(&idx) {
-                copy_from_piece(&mut out[at..at + n], buf, within);
-            } else if let Some(id) = map.chunks.get(&idx) {
-                match self.chunks.peek(id) {
-                    Some(data) => copy_from_piece(&mut out[at..at + n], &data, within),
-                    None => fetches.push(Fetch {
-                        id: *id,
+                copy_from_piece(dst, buf, within);
+            } else if let Some(piece) = map.chunks.get(&idx) {
+                match piece.id.map(|id| (id, self.chunks.peek(&id))) {
+                    Some((id, None)) => fetches.push(Fetch {
+                        id,
                         at,
                         within,
                         len: n,
+                        patches: piece.patches.clone(),
                     }),
+                    Some((_, Some(data))) => {
+                        copy_from_piece(dst, &data, within);
+                        overlay(dst, within, &piece.patches);
+                    }
+                    None => overlay(dst, within, &piece.patches),
                 }
             }
             pos += n as u64;
@@ -156,27 +218,72 @@ impl State {
         Ok((out, fetches))
     }
 
+    /// After a read of `[off, off + size)`: when it follows the file's previous read (or starts
+    /// the file), the stored chunks of the next `readahead_bytes` that are neither cached nor
+    /// being fetched; they are marked as being fetched, for the caller to fetch.
+    pub(crate) fn read_ahead(&mut self, ino: u64, off: u64, size: u32) -> Vec<ChunkId> {
+        let cs = self.cs();
+        if size == 0 {
+            return Vec::new();
+        }
+        let (first, last) = (off / cs, (off + size as u64 - 1) / cs);
+        if self.last_read.len() >= 4096 {
+            self.last_read.clear();
+        }
+        let prev = self.last_read.insert(ino, last);
+        let sequential = off == 0 || prev.is_some_and(|p| first == p || first == p + 1);
+        let Some(node) = self.nodes.get(&ino).filter(|_| sequential) else {
+            return Vec::new();
+        };
+        let Content::File(map) = &node.inode.content else {
+            return Vec::new();
+        };
+        let window = (self.cfg.readahead_bytes as u64 / cs).max(1);
+        let mut ids = Vec::new();
+        for idx in last + 1..=last + window {
+            if idx.saturating_mul(cs) >= node.inode.size
+                || self.inflight.len() >= 2 * window as usize
+            {
+                break;
+            }
+            if node.dirty.contains_key(&idx) || node.flushing.contains_key(&idx) {
+                continue;
+            }
+            if let Some(id) = map.chunks.get(&idx).and_then(|p| p.id) {
+                if !self.chunks.contains(&id) && self.inflight.insert(id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
     /// The current contents of chunk `idx` of a file: its buffer, or its stored chunk.
     fn chunk_contents(&mut self, ino: u64, idx: u64) -> FsResult<Vec<u8>> {
         let node = &self.nodes[&ino];
-        if let Some(buf) = node.dirty.get(&idx) {
-            return Ok(buf.clone());
+        if let Some(d) = node.dirty.get(&idx) {
+            return Ok(d.data.clone());
         }
         if let Some(buf) = node.flushing.get(&idx) {
             return Ok(buf.as_ref().clone());
         }
-        let id = match &node.inode.content {
-            Content::File(map) => map.chunks.get(&idx).copied(),
+        let piece = match &node.inode.content {
+            Content::File(map) => map.chunks.get(&idx).cloned(),
             _ => None,
         };
-        match id {
-            Some(id) => Ok(self
-                .chunks
-                .get(self.backend.as_ref(), &id)?
-                .as_ref()
-                .clone()),
-            None => Ok(Vec::new()),
-        }
+        let Some(piece) = piece else {
+            return Ok(Vec::new());
+        };
+        let chunk = match piece.id {
+            Some(id) => self.chunks.get(self.backend.as_ref(), &id)?,
+            None => Arc::new(Vec::new()),
+        };
+        Ok(piece.materialize(&chunk))
+    }
+
+    /// Bytes of small writes a chunk may carry as patches before it is stored whole again.
+    pub(crate) fn patch_limit(&self) -> usize {
+        self.chunk_size as usize / 8
     }
 
     /// Writes into the write-back buffer. Returns the number of bytes written (all of them).
@@ -207,10 +314,11 @@ impl State {
             }
             pos += n;
         }
+        let limit = self.patch_limit();
         let node = self.nodes.get_mut(&ino).expect("checked above");
         for (idx, base) in bases {
-            node.dirty.insert(idx, base);
-            self.dirty_bytes += cs as usize;
+            self.dirty_bytes += base.len();
+            node.dirty.insert(idx, Dirty::new(base));
         }
         let mut pos = off;
         let mut src = 0usize;
@@ -218,14 +326,18 @@ impl State {
             let idx = pos / cs;
             let within = (pos % cs) as usize;
             let n = (cs as usize - within).min(data.len() - src);
-            let buf = node.dirty.entry(idx).or_insert_with(|| {
-                self.dirty_bytes += cs as usize;
-                Vec::with_capacity(cs as usize)
-            });
-            if buf.len() < within + n {
-                buf.resize(within + n, 0);
+            // A chunk not yet buffered is written whole here (partial ones were read above).
+            let d = node
+                .dirty
+                .entry(idx)
+                .or_insert_with(|| Dirty::new(Vec::new()));
+            let before = d.data.len();
+            if d.data.len() < within + n {
+                d.data.resize(within + n, 0);
             }
-            buf[within..within + n].copy_from_slice(&data[src..src + n]);
+            d.data[within..within + n].copy_from_slice(&data[src..src + n]);
+            d.touch(within, within + n, limit);
+            self.dirty_bytes += d.data.len() - before;
             src += n;
             pos += n as u64;
         }
@@ -270,8 +382,9 @@ impl State {
             }
             let dropped: Vec<u64> = node.dirty.range(keep..).map(|(k, _)| *k).collect();
             for idx in dropped {
-                node.dirty.remove(&idx);
-                self.dirty_bytes -= cs as usize;
+                if let Some(d) = node.dirty.remove(&idx) {
+                    self.dirty_bytes -= d.data.len();
+                }
             }
             self.journal
                 .extend(
@@ -279,10 +392,12 @@ impl State {
                         .map(|idx| JournalOp::Chunk { ino, idx, id: None }),
                 );
             if let Some(data) = trimmed {
-                if !node.dirty.contains_key(&last) {
-                    self.dirty_bytes += cs as usize;
+                // Stored whole: patches over the old chunk would bring back the cut bytes.
+                self.dirty_bytes += data.len();
+                let d = Dirty { data, ranges: None };
+                if let Some(old) = node.dirty.insert(last, d) {
+                    self.dirty_bytes -= old.data.len();
                 }
-                node.dirty.insert(last, data);
                 self.dirty_files.insert(ino);
             }
         }

@@ -6,20 +6,20 @@
 //! never from what is merely applied in memory; a read-only mount follows the head the same way.
 //!
 //! Model: every inode with its attributes (`Meta`), a directory's entries and a file's chunk
-//! map. Journal operations each set one key (see `layout::JournalOp`), so applying a segment
+//! map (each piece a stored chunk plus the small writes patched over it). Journal operations each set one key (see `layout::JournalOp`), so applying a segment
 //! twice, or a prefix of it again, changes nothing. The image remembers which checkpoint pages
 //! changed since it last wrote them, and a checkpoint writes only those.
 //!
 //! Non-goals: anything not durable (buffered data, open handles: `volume::State`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::{Backend, ChunkId};
 use crate::error::{FsError, FsResult};
 use crate::layout::{
-    name_key, split, DirEntry, FileKind, Head, JournalOp, Meta, Page, Root, Segment, StoredInode,
-    Timestamp, PAGE_INODES,
+    name_key, split, DirEntry, FileKind, Head, JournalOp, Meta, Page, Patches, Root, Segment,
+    StoredChunk, StoredInode, Timestamp, PAGE_INODES,
 };
 
 /// A directory's entries by (name key, name): readdir order, stable offsets.
@@ -69,10 +69,59 @@ impl DirState {
     }
 }
 
-/// Which durable chunk holds each chunk-sized piece of a file; missing pieces are holes.
+/// What each chunk-sized piece of a file holds; missing pieces are holes.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ChunkMap {
-    pub chunks: BTreeMap<u64, ChunkId>,
+    pub chunks: BTreeMap<u64, Piece>,
+}
+
+/// One chunk-sized piece of a file: a stored chunk and the small writes patched over it since
+/// (in the order they apply). A piece without patches always has a chunk.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Piece {
+    pub id: Option<ChunkId>,
+    pub patches: Vec<(u32, Vec<u8>)>,
+    /// The chunk holding `patches` as the last checkpoint stored them (`None`: changed since).
+    pub stored_patches: Option<ChunkId>,
+}
+
+impl Piece {
+    pub fn whole(id: ChunkId) -> Self {
+        Piece {
+            id: Some(id),
+            patches: Vec::new(),
+            stored_patches: None,
+        }
+    }
+
+    pub fn patch_bytes(&self) -> usize {
+        self.patches.iter().map(|(_, d)| d.len()).sum()
+    }
+
+    /// The piece's bytes, given its chunk's.
+    pub fn materialize(&self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = chunk.to_vec();
+        for (off, data) in &self.patches {
+            let end = *off as usize + data.len();
+            if out.len() < end {
+                out.resize(end, 0);
+            }
+            out[*off as usize..end].copy_from_slice(data);
+        }
+        out
+    }
+}
+
+/// Overlays `patches` on `dst`, which holds the piece's bytes from offset `within`.
+pub(crate) fn overlay(dst: &mut [u8], within: usize, patches: &[(u32, Vec<u8>)]) {
+    let w_end = within + dst.len();
+    for (off, data) in patches {
+        let p = *off as usize;
+        let (s, e) = (p.max(within), (p + data.len()).min(w_end));
+        if s < e {
+            dst[s - within..e - within].copy_from_slice(&data[s - p..e - p]);
+        }
+    }
 }
 
 impl Inode {
@@ -161,13 +210,27 @@ impl Inode {
                 _ => Vec::new(),
             },
             chunks: match &self.content {
-                Content::File(m) => m.chunks.iter().map(|(k, v)| (*k, *v)).collect(),
+                Content::File(m) => m
+                    .chunks
+                    .iter()
+                    .map(|(k, p)| {
+                        debug_assert!(p.patches.is_empty() || p.stored_patches.is_some());
+                        (
+                            *k,
+                            StoredChunk {
+                                id: p.id,
+                                patches: p.stored_patches,
+                            },
+                        )
+                    })
+                    .collect(),
                 _ => Vec::new(),
             },
         }
     }
 
-    fn from_stored(s: StoredInode) -> Self {
+    /// An inode from a checkpoint page; `patches` holds the patch lists the page names.
+    fn from_stored(s: StoredInode, patches: &HashMap<ChunkId, Patches>) -> FsResult<Self> {
         let mut inode = Inode::from_meta(s.meta);
         match &mut inode.content {
             Content::Dir(d) => {
@@ -177,10 +240,31 @@ impl Inode {
                     .map(|e| (entry_key(&e.name), e))
                     .collect()
             }
-            Content::File(m) => m.chunks = s.chunks.into_iter().collect(),
+            Content::File(m) => {
+                for (idx, c) in s.chunks {
+                    let list = match c.patches {
+                        Some(id) => patches[&id].list.clone(),
+                        None => Vec::new(),
+                    };
+                    if c.id.is_none() && list.is_empty() {
+                        return Err(FsError::Decode {
+                            what: "checkpoint page",
+                            detail: format!("chunk {idx} of inode {} holds nothing", s.ino),
+                        });
+                    }
+                    m.chunks.insert(
+                        idx,
+                        Piece {
+                            id: c.id,
+                            patches: list,
+                            stored_patches: c.patches,
+                        },
+                    );
+                }
+            }
             _ => {}
         }
-        inode
+        Ok(inode)
     }
 }
 
@@ -232,9 +316,22 @@ impl Image {
             JournalOp::Chunk { ino, idx, id } => {
                 if let Some(Content::File(m)) = self.inodes.get_mut(ino).map(|i| &mut i.content) {
                     match id {
-                        Some(id) => m.chunks.insert(*idx, *id),
+                        Some(id) => m.chunks.insert(*idx, Piece::whole(*id)),
                         None => m.chunks.remove(idx),
                     };
+                }
+                *ino
+            }
+            JournalOp::Patch {
+                ino,
+                idx,
+                off,
+                data,
+            } => {
+                if let Some(Content::File(m)) = self.inodes.get_mut(ino).map(|i| &mut i.content) {
+                    let p = m.chunks.entry(*idx).or_default();
+                    p.patches.push((*off, data.clone()));
+                    p.stored_patches = None;
                 }
                 *ino
             }
@@ -253,6 +350,7 @@ impl Image {
             let root = Root::decode(&get_joined(backend, &head.checkpoint)?)?;
             let pieces: Vec<ChunkId> = root.pages.iter().flat_map(|(_, p)| p.clone()).collect();
             let mut fetched = get_chunks(backend, &pieces)?.into_iter();
+            let mut stored = Vec::new();
             for (no, ids) in &root.pages {
                 let bytes: Vec<u8> = fetched.by_ref().take(ids.len()).flatten().collect();
                 for s in Page::decode(&bytes)?.inodes {
@@ -262,8 +360,21 @@ impl Image {
                             detail: format!("inode {} in page {no}", s.ino),
                         });
                     }
-                    image.inodes.insert(s.ino, Inode::from_stored(s));
+                    stored.push(s);
                 }
+            }
+            let patch_ids: Vec<ChunkId> = stored
+                .iter()
+                .flat_map(|s| s.chunks.iter().filter_map(|(_, c)| c.patches))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut patches = HashMap::new();
+            for (id, bytes) in patch_ids.iter().zip(get_chunks(backend, &patch_ids)?) {
+                patches.insert(*id, Patches::decode(&bytes)?);
+            }
+            for s in stored {
+                image.inodes.insert(s.ino, Inode::from_stored(s, &patches)?);
             }
             image.pages = root.pages.into_iter().collect();
         }
@@ -289,6 +400,31 @@ impl Image {
     pub fn checkpoint(&mut self, backend: &dyn Backend) -> FsResult<Vec<ChunkId>> {
         let max = piece_size(backend);
         let dirty: Vec<u64> = self.dirty.iter().copied().collect();
+        // The patch lists that changed since they were last stored, before the pages naming them.
+        let mut changed = Vec::new();
+        for no in &dirty {
+            for (ino, inode) in self.inodes.range(no * PAGE_INODES..(no + 1) * PAGE_INODES) {
+                if let Content::File(m) = &inode.content {
+                    for (idx, p) in &m.chunks {
+                        if !p.patches.is_empty() && p.stored_patches.is_none() {
+                            let list = Patches {
+                                list: p.patches.clone(),
+                            };
+                            changed.push((*ino, *idx, list.encode()));
+                        }
+                    }
+                }
+            }
+        }
+        let bodies: Vec<&[u8]> = changed.iter().map(|(_, _, b)| b.as_slice()).collect();
+        let ids = put_chunks(backend, &bodies)?;
+        for ((ino, idx, _), id) in changed.iter().zip(ids) {
+            if let Some(Content::File(m)) = self.inodes.get_mut(ino).map(|i| &mut i.content) {
+                if let Some(p) = m.chunks.get_mut(idx) {
+                    p.stored_patches = Some(id);
+                }
+            }
+        }
         let mut encoded = Vec::new();
         for no in &dirty {
             let range = no * PAGE_INODES..(no + 1) * PAGE_INODES;

@@ -16,7 +16,10 @@
 //!   numbers, the pieces of that [`Page`]. Pages that did not change keep their chunks, so a
 //!   checkpoint writes what changed since the last one (a Merkle tree of depth two).
 //! - chunks: file data, fixed-size and aligned: chunk `i` of a file holds bytes
-//!   `[i*cs, (i+1)*cs)`, possibly shorter at the end of the data.
+//!   `[i*cs, (i+1)*cs)`, possibly shorter at the end of the data. A small write into a stored
+//!   chunk is journaled as a [`JournalOp::Patch`] (its bytes inline) instead of a new chunk; a
+//!   checkpoint keeps each patched chunk's patches in a chunk of their own ([`Patches`]), and
+//!   the writer stores the chunk whole again once its patches pass an eighth of the chunk size.
 //!
 //! Every value is one tag byte followed by the postcard encoding of the struct. The tag names the
 //! kind and the format revision, so a reader can refuse what it does not understand. A volume of
@@ -42,6 +45,7 @@ const TAG_HEAD: u8 = 0x48;
 const TAG_SEGMENT: u8 = 0x4a;
 const TAG_PAGE: u8 = 0x50;
 const TAG_ROOT: u8 = 0x52;
+const TAG_PATCHES: u8 = 0x54;
 
 /// Seconds and nanoseconds since the Unix epoch (seconds may be negative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -142,11 +146,19 @@ pub enum JournalOp {
         dir: u64,
         name: Vec<u8>,
     },
-    /// Sets chunk `idx` of a file (`None`: a hole).
+    /// Sets chunk `idx` of a file (`None`: a hole), dropping the chunk's patches.
     Chunk {
         ino: u64,
         idx: u64,
         id: Option<ChunkId>,
+    },
+    /// Overwrites bytes `[off, off + data.len())` of chunk `idx` of a file: a small write,
+    /// stored inline instead of a new chunk. Applying it again leaves the same bytes.
+    Patch {
+        ino: u64,
+        idx: u64,
+        off: u32,
+        data: Vec<u8>,
     },
     /// The inode is gone, with its entries and chunks.
     Free {
@@ -182,13 +194,28 @@ pub struct DirEntry {
     pub kind: FileKind,
 }
 
+/// A chunk of a file as a checkpoint stores it: its stored chunk (`None`: a hole) and, when small
+/// writes were patched over it, the chunk holding those patches (a [`Patches`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredChunk {
+    pub id: Option<ChunkId>,
+    pub patches: Option<ChunkId>,
+}
+
+/// The patches of one chunk, in the order they apply over the chunk (a checkpoint stores each
+/// patched chunk's list apart, so a page names it by id and rewrites it only when it changes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Patches {
+    pub list: Vec<(u32, Vec<u8>)>,
+}
+
 /// An inode as a checkpoint stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredInode {
     pub ino: u64,
     pub meta: Meta,
     pub entries: Vec<DirEntry>,
-    pub chunks: Vec<(u64, ChunkId)>,
+    pub chunks: Vec<(u64, StoredChunk)>,
 }
 
 /// The inodes of one page of a checkpoint: inode numbers `[n * PAGE_INODES, (n+1) * PAGE_INODES)`.
@@ -282,6 +309,15 @@ impl Page {
     }
     pub fn decode(bytes: &[u8]) -> FsResult<Self> {
         decode(TAG_PAGE, "checkpoint page", bytes)
+    }
+}
+
+impl Patches {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(TAG_PATCHES, self)
+    }
+    pub fn decode(bytes: &[u8]) -> FsResult<Self> {
+        decode(TAG_PATCHES, "chunk patches", bytes)
     }
 }
 

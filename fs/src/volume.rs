@@ -25,15 +25,15 @@
 //! Non-goals: several writers on one volume, atime updates on read (behaves as `noatime`),
 //! POSIX ACLs, hole punching, a namespace larger than memory.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ChunkId};
 use crate::commit::Committer;
 use crate::dir::Edit;
 use crate::error::{err, FsResult};
-use crate::file::ChunkCache;
+use crate::file::{ChunkCache, Dirty};
 use crate::image::{ChunkMap, DirState, Image};
 pub(crate) use crate::image::{Content, Inode};
 use crate::layout::{DirEntry, FileKind, JournalOp, Timestamp, ROOT_INO};
@@ -67,6 +67,11 @@ pub struct VolumeConfig {
     pub sync: bool,
     /// Journal segments after which a commit also writes a checkpoint.
     pub checkpoint_segments: usize,
+    /// Bytes of small writes the files' maps may hold as patches (in memory, and in each
+    /// checkpoint); beyond it, changed chunks are stored whole.
+    pub patch_budget: usize,
+    /// How far a sequential read fetches ahead of itself, in bytes (whole chunks, at least one).
+    pub readahead_bytes: usize,
 }
 
 impl Default for VolumeConfig {
@@ -82,6 +87,8 @@ impl Default for VolumeConfig {
             commit_interval: None,
             sync: false,
             checkpoint_segments: 64,
+            patch_budget: 64 << 20,
+            readahead_bytes: 8 << 20,
         }
     }
 }
@@ -194,7 +201,7 @@ struct NewInode {
 pub(crate) struct Node {
     pub inode: Inode,
     /// Buffered chunk contents by chunk index, not yet in a batch. They shadow `flushing`.
-    pub dirty: BTreeMap<u64, Vec<u8>>,
+    pub dirty: BTreeMap<u64, Dirty>,
     /// Chunk contents in the batch being committed; they shadow the chunk map until then.
     pub flushing: BTreeMap<u64, Arc<Vec<u8>>>,
     /// Open file handles.
@@ -222,7 +229,10 @@ pub(crate) struct State {
     pub chunks: ChunkCache,
     handles: HashMap<u64, u64>,
     next_fh: u64,
+    /// Bytes in `dirty` buffers, over all files.
     pub dirty_bytes: usize,
+    /// Bytes of patches in the files' maps (an upper bound: see `State::seal`).
+    pub patch_bytes: usize,
     /// The batch being gathered: operations in the order they happened...
     pub journal: Vec<JournalOp>,
     /// ...inodes whose attributes changed (their final attributes join the batch at the cut)...
@@ -232,6 +242,10 @@ pub(crate) struct State {
     /// Read-only: inodes kept at an older version because they were open when a newer head was
     /// taken up.
     pinned: BTreeSet<u64>,
+    /// Chunks being fetched ahead of reads (a reader that needs one waits for it).
+    pub(crate) inflight: HashSet<ChunkId>,
+    /// The chunk index where each file's last read ended, to tell sequential reads.
+    pub(crate) last_read: HashMap<u64, u64>,
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -301,7 +315,7 @@ impl State {
     /// Forgets an inode that no name and no handle refers to any more.
     fn discard(&mut self, ino: u64) {
         if let Some(node) = self.nodes.remove(&ino) {
-            self.dirty_bytes -= node.dirty.len() * self.chunk_size as usize;
+            self.dirty_bytes -= node.dirty.values().map(|d| d.data.len()).sum::<usize>();
         }
         self.changed.remove(&ino);
         self.dirty_files.remove(&ino);
@@ -894,6 +908,8 @@ struct Shared {
     /// Set when the volume is dropped; the timer waits on the condvar.
     stop: Mutex<bool>,
     wake: Condvar,
+    /// Signalled (with `state`) when a fetch ahead of reads ends.
+    fetched: Condvar,
 }
 
 impl Shared {
@@ -910,23 +926,48 @@ impl Shared {
     }
 }
 
-/// Commits every `interval` while the volume has changes, until the volume is dropped.
+/// Commits every `interval` while the volume has changes, and at once when a change finds the
+/// batch full, until the volume is dropped.
 fn commit_timer(shared: Weak<Shared>, interval: Duration) {
+    let mut failed = false;
     loop {
         let Some(s) = shared.upgrade() else { return };
+        // After a failure, wait: the next try would fail at once (the backend fails fast).
+        let full = !failed && s.lock().batch_full();
         {
             let stop = s.stop.lock().unwrap_or_else(|p| p.into_inner());
-            let (stop, _) = s
-                .wake
-                .wait_timeout(stop, interval)
-                .unwrap_or_else(|p| p.into_inner());
+            let stop = if full {
+                stop
+            } else if failed {
+                // The whole interval: writers' wake-ups do not cut it short.
+                let deadline = std::time::Instant::now() + interval;
+                let mut stop = stop;
+                loop {
+                    let now = std::time::Instant::now();
+                    if *stop || now >= deadline {
+                        break stop;
+                    }
+                    stop = s
+                        .wake
+                        .wait_timeout(stop, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            } else {
+                s.wake
+                    .wait_timeout(stop, interval)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            };
             if *stop {
                 return;
             }
         }
+        failed = false;
         if !s.lock().batch_empty() {
             if let Err(e) = s.commit(false) {
                 tracing::warn!(error = %e, "periodic commit failed; the batch is kept for the next");
+                failed = true;
             }
         }
     }
@@ -964,10 +1005,13 @@ impl Volume {
             handles: HashMap::new(),
             next_fh: 1,
             dirty_bytes: 0,
+            patch_bytes: 0,
             journal: Vec::new(),
             changed: BTreeSet::new(),
             dirty_files: BTreeSet::new(),
             pinned: BTreeSet::new(),
+            inflight: HashSet::new(),
+            last_read: HashMap::new(),
             cfg: cfg.clone(),
         };
         state.take_up(&committer.image);
@@ -978,6 +1022,7 @@ impl Volume {
             read_only: cfg.read_only,
             stop: Mutex::new(false),
             wake: Condvar::new(),
+            fetched: Condvar::new(),
         });
         let timer = match cfg.commit_interval {
             Some(interval) if !cfg.read_only => {
@@ -1017,8 +1062,8 @@ impl Volume {
         self.lock_rw()
     }
 
-    /// After a change (the lock released): commits when the batch is full, or always with
-    /// `sync`. With `sync` a failed commit fails the call (the change stays applied, to be
+    /// After a change (the lock released): commits when the batch is full (in the commit
+    /// thread, if there is one), or always with `sync`. With `sync` a failed commit fails the call (the change stays applied, to be
     /// committed by the next commit); otherwise it is logged and the next `fsync` reports it.
     fn changed<T>(&self, r: FsResult<T>) -> FsResult<T> {
         let v = r?;
@@ -1028,6 +1073,9 @@ impl Volume {
         };
         if sync {
             self.shared.commit(false)?;
+        } else if full && self.timer.is_some() {
+            // The commit thread takes it; writers go on until twice the limits (`lock_change`).
+            self.shared.wake.notify_all();
         } else if full {
             if let Err(e) = self.shared.commit(false) {
                 tracing::warn!(error = %e, "commit of a full batch failed; it is kept for the next");
@@ -1208,15 +1256,67 @@ impl Volume {
     }
 
     /// Reads up to `size` bytes. Chunks that are not cached are fetched without holding the
-    /// volume lock, so a slow fetch does not stall other operations.
+    /// volume lock, so a slow fetch does not stall other operations; a sequential read also
+    /// starts fetching the chunks after it (`readahead_bytes`), each in a thread of its own.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (mut out, fetches) = self.lock().read_plan(ino, offset, size)?;
+        let (mut out, fetches, ahead) = {
+            let mut st = self.lock();
+            let (out, fetches) = st.read_plan(ino, offset, size)?;
+            (out, fetches, st.read_ahead(ino, offset, size))
+        };
+        for id in ahead {
+            self.fetch_ahead(id);
+        }
         for f in &fetches {
-            let chunk = Arc::new(self.shared.backend.get_chunk(&f.id)?);
+            let chunk = self.fetch(&f.id)?;
             crate::file::fill(&mut out, f, &chunk);
-            self.lock().chunks.insert(f.id, chunk);
         }
         Ok(out)
+    }
+
+    /// A chunk for a read: from the cache, from a fetch ahead already under way, or fetched.
+    fn fetch(&self, id: &ChunkId) -> FsResult<Arc<Vec<u8>>> {
+        let mut st = self.lock();
+        loop {
+            if let Some(c) = st.chunks.peek(id) {
+                return Ok(c);
+            }
+            if !st.inflight.contains(id) {
+                break;
+            }
+            st = self
+                .shared
+                .fetched
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(st);
+        let chunk = Arc::new(self.shared.backend.get_chunk(id)?);
+        self.lock().chunks.insert(*id, chunk.clone());
+        Ok(chunk)
+    }
+
+    /// Fetches a chunk into the cache in the background (`id` is already in `inflight`).
+    fn fetch_ahead(&self, id: ChunkId) {
+        let weak = Arc::downgrade(&self.shared);
+        let spawned = std::thread::Builder::new()
+            .name("dbqsfs-readahead".into())
+            .spawn(move || {
+                let Some(s) = weak.upgrade() else { return };
+                let r = s.backend.get_chunk(&id);
+                let mut st = s.lock();
+                st.inflight.remove(&id);
+                match r {
+                    Ok(data) => st.chunks.insert(id, Arc::new(data)),
+                    Err(e) => tracing::debug!(error = %e, "read-ahead fetch failed"),
+                }
+                drop(st);
+                s.fetched.notify_all();
+            });
+        if spawned.is_err() {
+            self.lock().inflight.remove(&id);
+            self.shared.fetched.notify_all();
+        }
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
@@ -1350,5 +1450,17 @@ impl State {
         self.next_ino = self
             .next_ino
             .max(image.inodes.keys().last().map_or(0, |i| i + 1));
+        self.patch_bytes = self.count_patch_bytes();
+    }
+
+    /// Bytes of patches over all files' maps.
+    pub(crate) fn count_patch_bytes(&self) -> usize {
+        self.nodes
+            .values()
+            .map(|n| match &n.inode.content {
+                Content::File(m) => m.chunks.values().map(|p| p.patch_bytes()).sum(),
+                _ => 0,
+            })
+            .sum()
     }
 }

@@ -712,7 +712,12 @@ fn random_op(rng: &mut Rng, m: &Model, cs: usize) -> Op {
             } else {
                 rng.below(span as u64)
             } as usize;
-            let len = 1 + rng.below(3 * cs as u64) as usize;
+            // Small writes often, so that stored chunks get patches.
+            let len = if rng.chance(40) {
+                1 + rng.below(cs as u64 / 6) as usize
+            } else {
+                1 + rng.below(3 * cs as u64) as usize
+            };
             Op::Write(file(rng), off, len, rng.below(256) as u8)
         }
         37..=44 => Op::Read(
@@ -769,6 +774,7 @@ fn run_seed(seed: u64, ops: usize, tally: &mut Tally) {
         dirty_limit: cs * (1 + rng.below(64) as usize),
         journal_ops: 1 + rng.below(64) as usize,
         checkpoint_segments: 1 + rng.below(8) as usize,
+        patch_budget: *rng.pick(&[cs / 4, 8 * cs, 64 << 20]),
         ..VolumeConfig::default()
     };
     let backend = MemBackend::with_max_block(max_block);
@@ -849,6 +855,7 @@ fn run_crash_case(seed: u64) {
         dirty_limit: cs * (1 + rng.below(16) as usize),
         journal_ops: 1 + rng.below(32) as usize,
         checkpoint_segments: 1 + rng.below(4) as usize,
+        patch_budget: *rng.pick(&[cs / 4, 8 * cs, 64 << 20]),
         ..VolumeConfig::default()
     };
     let backend = MemBackend::with_max_block(max_block);

@@ -914,3 +914,115 @@ fn a_slow_chunk_fetch_does_not_block_other_operations() {
     }
     assert_eq!(reader.join().unwrap(), b"slow data");
 }
+
+#[test]
+fn a_small_write_into_a_stored_chunk_stores_about_its_own_size() {
+    let (backend, vol) = volume();
+    let data: Vec<u8> = (0..(3 << 20) + 100).map(|i| (i * 31 % 253) as u8).collect();
+    let ino = create_file(&vol, ROOT, "big", &data);
+    vol.fsync(ino, false).unwrap();
+    let mut expect = data.clone();
+    // 4 KiB writes into stored 1 MiB chunks: each commit stores the bytes, not the chunk.
+    for (i, off) in [5000usize, (1 << 20) + 77, (2 << 20) + 4096, 12]
+        .iter()
+        .enumerate()
+    {
+        let before = backend.stored_bytes();
+        let w = vec![i as u8 + 1; 4096];
+        vol.write(ino, *off as u64, &w).unwrap();
+        expect[*off..off + 4096].copy_from_slice(&w);
+        vol.fsync(ino, false).unwrap();
+        let grew = backend.stored_bytes() - before;
+        assert!(grew < 12 << 10, "a 4 KiB write stored {grew} bytes");
+        assert_eq!(vol.read(ino, 0, expect.len() as u32).unwrap(), expect);
+    }
+    // The patches survive a reopen from the journal, and from a checkpoint.
+    drop(vol);
+    let vol = reopen(&backend);
+    assert_eq!(vol.read(ino, 0, expect.len() as u32).unwrap(), expect);
+    vol.sync_all().unwrap();
+    drop(vol);
+    let vol = reopen(&backend);
+    assert_eq!(vol.read(ino, 0, expect.len() as u32).unwrap(), expect);
+
+    // Past an eighth of the chunk in patches, the chunk is stored whole again; a truncation
+    // into a patched chunk cuts its patches too.
+    for k in 0..40u64 {
+        let w = vec![0xa0 + k as u8; 4096];
+        let off = (k * 8192) as usize;
+        vol.write(ino, off as u64, &w).unwrap();
+        expect[off..off + 4096].copy_from_slice(&w);
+        vol.fsync(ino, false).unwrap();
+    }
+    assert_eq!(vol.read(ino, 0, expect.len() as u32).unwrap(), expect);
+    vol.setattr(
+        &ME,
+        ino,
+        &SetAttr {
+            size: Some(6000),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    vol.setattr(
+        &ME,
+        ino,
+        &SetAttr {
+            size: Some(9000),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    expect.truncate(6000);
+    expect.resize(9000, 0);
+    assert_eq!(vol.read(ino, 0, 10_000).unwrap(), expect);
+    vol.sync_all().unwrap();
+    drop(vol);
+    let vol = reopen(&backend);
+    assert_eq!(vol.read(ino, 0, 10_000).unwrap(), expect);
+}
+
+#[test]
+fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
+    let cfg = VolumeConfig {
+        chunk_size: Some(4096),
+        readahead_bytes: 3 * 4096,
+        ..VolumeConfig::default()
+    };
+    let (backend, vol) = volume_with(cfg.clone());
+    let data: Vec<u8> = (0..40 * 4096).map(|i| (i % 249) as u8).collect();
+    let f = create_file(&vol, ROOT, "f", &data);
+    vol.sync_all().unwrap();
+    drop(vol);
+    let wait_for = |n: u64| {
+        let t = std::time::Instant::now();
+        while backend.counts().get_chunk < n && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        backend.counts().get_chunk
+    };
+
+    // A read far into the file fetches its chunk only.
+    let vol = Volume::open_or_format(Arc::new(backend.clone()), cfg).unwrap();
+    let base = backend.counts().get_chunk;
+    assert_eq!(
+        vol.read(f, 20 * 4096, 4096).unwrap(),
+        data[20 * 4096..21 * 4096]
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(backend.counts().get_chunk, base + 1);
+    // The start of the file, then the next chunk: the three chunks after each are fetched
+    // ahead, and reading them costs no more fetches.
+    assert_eq!(vol.read(f, 0, 4096).unwrap(), data[..4096]);
+    assert_eq!(wait_for(base + 5), base + 5);
+    assert_eq!(vol.read(f, 4096, 4096).unwrap(), data[4096..8192]);
+    assert_eq!(wait_for(base + 6), base + 6);
+    for i in 2..5 {
+        let r = vol.read(f, i * 4096, 4096).unwrap();
+        assert_eq!(r, data[i as usize * 4096..(i as usize + 1) * 4096]);
+    }
+    // Chunks 2..5 read in order: the window moved on to chunk 7, nothing fetched twice.
+    assert_eq!(wait_for(base + 9), base + 9);
+    let all = vol.read(f, 0, data.len() as u32).unwrap();
+    assert_eq!(all, data);
+}
