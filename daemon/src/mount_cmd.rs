@@ -910,7 +910,12 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         tracing::error!(error = %e, "storing buffered data after unmount failed");
     }
     release_lease(&rt, lease_task);
-    tracing::info!(dir = %dir.display(), "unmounted; backend calls: {}", stats.summary());
+    tracing::info!(
+        dir = %dir.display(),
+        written_mib = volume.bytes_written() as f64 / (1 << 20) as f64,
+        "unmounted; backend calls: {}",
+        stats.summary()
+    );
     drop(client);
     rt.shutdown_timeout(Duration::from_secs(2));
     joined.context("the FUSE session ended with an error")

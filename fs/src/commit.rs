@@ -29,10 +29,11 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, ChunkId};
 use crate::error::{err, FsError, FsResult};
-use crate::file::Dirty;
+use crate::file::{Changes, Dirty};
 use crate::image::{piece_size, put_chunks, Content, Image, Piece};
 use crate::layout::{
-    split, Head, JournalOp, Meta, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL, ROOT_INO,
+    split, Head, JournalOp, Meta, Patch, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL,
+    ROOT_INO,
 };
 use crate::volume::{State, VolumeConfig};
 
@@ -48,19 +49,18 @@ pub(crate) struct Flush {
     ino: u64,
     idx: u64,
     buf: Arc<Vec<u8>>,
-    /// The ranges written since the chunk's state before the batch (`None`: all of it).
-    ranges: Option<Vec<(usize, usize)>>,
-    /// Stored as `Patch` operations of `ranges` rather than as a new chunk.
-    as_patches: bool,
+    /// What changed since the chunk's state before the batch (`None`: too much to tell).
+    changes: Option<Changes>,
+    /// The patches that store it, or `None`: it is stored as a new chunk.
+    patches: Option<Vec<Patch>>,
 }
 
 impl Flush {
     fn patch_ops(&self) -> impl Iterator<Item = JournalOp> + '_ {
-        self.ranges.iter().flatten().map(|(s, e)| JournalOp::Patch {
+        self.patches.iter().flatten().map(|patch| JournalOp::Patch {
             ino: self.ino,
             idx: self.idx,
-            off: *s as u32,
-            data: self.buf[*s..*e].to_vec(),
+            patch: patch.clone(),
         })
     }
 }
@@ -102,24 +102,25 @@ impl State {
                         Content::File(m) => m.chunks.get(&idx).filter(|p| p.id.is_some()),
                         _ => None,
                     };
-                    let changed: usize = d.ranges.iter().flatten().map(|(s, e)| e - s).sum();
-                    let as_patches = piece.is_some_and(|p| {
-                        d.ranges.is_some()
-                            && changed > 0
-                            && p.patch_bytes() + changed <= limit
-                            && changed <= budget
-                    });
-                    if as_patches {
-                        budget -= changed;
-                    }
+                    let patches = match (piece, &d.changes) {
+                        (Some(p), Some(c)) => {
+                            let list = c.patches(&d.data);
+                            let cost: usize = list.iter().map(Patch::cost).sum();
+                            (p.patch_bytes() + cost <= limit && cost <= budget).then(|| {
+                                budget -= cost;
+                                list
+                            })
+                        }
+                        _ => None,
+                    };
                     let buf = Arc::new(d.data);
                     n.flushing.insert(idx, buf.clone());
                     data.push(Flush {
                         ino,
                         idx,
                         buf,
-                        ranges: d.ranges,
-                        as_patches,
+                        changes: d.changes,
+                        patches,
                     });
                 }
             }
@@ -167,12 +168,12 @@ impl State {
                     self.dirty_bytes += f.buf.len();
                     slot.insert(Dirty {
                         data: Arc::try_unwrap(f.buf).unwrap_or_else(|b| b.as_ref().clone()),
-                        ranges: f.ranges,
+                        changes: f.changes,
                     });
                     self.dirty_files.insert(f.ino);
                 }
                 // Written since, over this buffer: the changes since the stored state are both.
-                Entry::Occupied(mut newer) => newer.get_mut().absorb(f.ranges.as_deref(), limit),
+                Entry::Occupied(mut newer) => newer.get_mut().absorb(f.changes.as_ref(), limit),
             }
         }
     }
@@ -194,13 +195,11 @@ impl State {
             let Content::File(map) = &mut n.inode.content else {
                 continue;
             };
-            let old = if f.as_patches {
+            let old = if let Some(patches) = &f.patches {
                 let piece = map.chunks.entry(f.idx).or_default();
-                for op in f.patch_ops() {
-                    if let JournalOp::Patch { off, data, .. } = op {
-                        self.patch_bytes += data.len();
-                        piece.patches.push((off, data));
-                    }
+                for patch in patches {
+                    self.patch_bytes += patch.cost();
+                    piece.patches.push(patch.clone());
                 }
                 None
             } else if let Some(id) = id {
@@ -358,7 +357,7 @@ impl Committer {
     /// Steps 2–4: chunks, segment, head. Returns each whole chunk's id (`None`: all zeros, or
     /// stored as patches).
     fn store(&mut self, backend: &dyn Backend, batch: &Batch) -> FsResult<Vec<Option<ChunkId>>> {
-        let stored_whole = |f: &Flush| !f.as_patches && f.buf.iter().any(|x| *x != 0);
+        let stored_whole = |f: &Flush| f.patches.is_none() && f.buf.iter().any(|x| *x != 0);
         let bodies: Vec<&[u8]> = batch
             .data
             .iter()
@@ -373,7 +372,7 @@ impl Committer {
             .collect();
         let mut ops = batch.ops.clone();
         for (f, id) in batch.data.iter().zip(&ids) {
-            if f.as_patches {
+            if f.patches.is_some() {
                 ops.extend(f.patch_ops());
             } else {
                 ops.push(JournalOp::Chunk {

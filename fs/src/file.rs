@@ -23,7 +23,7 @@ use lru::LruCache;
 use crate::backend::{Backend, ChunkId};
 use crate::error::{err, FsResult};
 use crate::image::{overlay, Content, Inode};
-use crate::layout::JournalOp;
+use crate::layout::{JournalOp, Patch};
 use crate::volume::State;
 
 /// The largest file size (the largest `off_t`).
@@ -36,7 +36,7 @@ pub(crate) struct Fetch {
     pub at: usize,
     pub within: usize,
     pub len: usize,
-    pub patches: Vec<(u32, Vec<u8>)>,
+    pub patches: Vec<Patch>,
 }
 
 /// Completes a read planned by `State::read_plan`.
@@ -46,48 +46,108 @@ pub(crate) fn fill(out: &mut [u8], fetch: &Fetch, chunk: &[u8]) {
     overlay(dst, fetch.within, &fetch.patches);
 }
 
-/// A buffered chunk: its whole contents, and which bytes changed since the chunk's state before
-/// the batch, so that a small change can be stored as patches instead of a new chunk.
+/// A buffered chunk: its whole contents, and what changed since the chunk's state before the
+/// batch, so that a small change can be stored as patches instead of a new chunk.
 pub(crate) struct Dirty {
     pub data: Vec<u8>,
-    /// Ranges written, sorted, disjoint and not touching; `None`: the buffer must be stored whole
-    /// (a truncation cut it, or more than the patch limit changed).
-    pub ranges: Option<Vec<(usize, usize)>>,
+    /// `None`: store the buffer whole (more than the patch limit was written into it).
+    pub changes: Option<Changes>,
+}
+
+/// The byte ranges of a buffered chunk that changed: zeroed (a truncation or a punched hole)
+/// and written. Sorted, disjoint, not touching.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Changes {
+    zeros: Vec<(usize, usize)>,
+    writes: Vec<(usize, usize)>,
+    written: usize,
+}
+
+impl Changes {
+    /// The patches that turn the chunk's earlier state into `data`: the zeroed ranges first,
+    /// then the written ranges with their final bytes. This holds whatever the order of the
+    /// changes was, since a written byte carries its final value and a zeroed byte that was not
+    /// written after is zero in `data`.
+    pub fn patches(&self, data: &[u8]) -> Vec<Patch> {
+        let zero = |s: usize, e: usize| Patch::Zero {
+            off: s as u32,
+            len: (e - s) as u32,
+        };
+        let mut out: Vec<Patch> = self.zeros.iter().map(|(s, e)| zero(*s, *e)).collect();
+        for (s, e) in &self.writes {
+            let in_data = (*e).min(data.len());
+            if *s < in_data {
+                out.push(Patch::Write {
+                    off: *s as u32,
+                    data: data[*s..in_data].to_vec(),
+                });
+            }
+            // Written, then cut by a truncation: zeros now.
+            if *e > in_data.max(*s) {
+                out.push(zero(in_data.max(*s), *e));
+            }
+        }
+        out
+    }
+
+    /// Takes in the changes of an older buffer of the same chunk that this one was made from.
+    fn absorb(&mut self, older: &Changes) {
+        for (s, e) in &older.zeros {
+            merge_range(&mut self.zeros, *s, *e);
+        }
+        for (s, e) in &older.writes {
+            merge_range(&mut self.writes, *s, *e);
+        }
+        self.written += older.written;
+    }
 }
 
 impl Dirty {
     pub fn new(data: Vec<u8>) -> Self {
         Dirty {
             data,
-            ranges: Some(Vec::new()),
+            changes: Some(Changes::default()),
         }
     }
 
-    /// Records that `[start, end)` changed; past `limit` bytes in all, the buffer goes whole.
-    pub fn touch(&mut self, start: usize, end: usize, limit: usize) {
-        if let Some(r) = &mut self.ranges {
-            merge_range(r, start, end);
-            if r.iter().map(|(s, e)| e - s).sum::<usize>() > limit {
-                self.ranges = None;
+    /// Records that `[start, end)` was written; past `limit` bytes in all, the buffer goes whole.
+    pub fn wrote(&mut self, start: usize, end: usize, limit: usize) {
+        if let Some(c) = &mut self.changes {
+            merge_range(&mut c.writes, start, end);
+            c.written += end - start;
+            if c.written > limit {
+                self.changes = None;
             }
         }
     }
 
-    /// Takes in the ranges of an older buffer of the same chunk that failed to commit.
-    pub fn absorb(&mut self, older: Option<&[(usize, usize)]>, limit: usize) {
-        match older {
-            Some(ranges) => {
-                for (s, e) in ranges {
-                    self.touch(*s, *e, limit);
+    /// Records that `[start, end)` became zeros.
+    pub fn zeroed(&mut self, start: usize, end: usize) {
+        if let Some(c) = &mut self.changes {
+            merge_range(&mut c.zeros, start, end);
+        }
+    }
+
+    /// Takes in the changes of an older buffer of the same chunk that failed to commit, which
+    /// this one was made from.
+    pub fn absorb(&mut self, older: Option<&Changes>, limit: usize) {
+        match (&mut self.changes, older) {
+            (Some(c), Some(o)) => {
+                c.absorb(o);
+                if c.written > limit {
+                    self.changes = None;
                 }
             }
-            None => self.ranges = None,
+            _ => self.changes = None,
         }
     }
 }
 
 /// Adds `[start, end)` to sorted disjoint ranges, joining those it overlaps or touches.
 fn merge_range(ranges: &mut Vec<(usize, usize)>, mut start: usize, mut end: usize) {
+    if start >= end {
+        return;
+    }
     let first = ranges.partition_point(|(_, e)| *e < start);
     let mut last = first;
     while last < ranges.len() && ranges[last].0 <= end {
@@ -283,7 +343,7 @@ impl State {
 
     /// Bytes of small writes a chunk may carry as patches before it is stored whole again.
     pub(crate) fn patch_limit(&self) -> usize {
-        self.chunk_size as usize / 8
+        self.chunk_size as usize / 2
     }
 
     /// Writes into the write-back buffer. Returns the number of bytes written (all of them).
@@ -336,7 +396,7 @@ impl State {
                 d.data.resize(within + n, 0);
             }
             d.data[within..within + n].copy_from_slice(&data[src..src + n]);
-            d.touch(within, within + n, limit);
+            d.wrote(within, within + n, limit);
             self.dirty_bytes += d.data.len() - before;
             src += n;
             pos += n as u64;
@@ -364,8 +424,9 @@ impl State {
             let last = new_size / cs;
             let trimmed = if rem != 0 {
                 let mut data = self.chunk_contents(ino, last)?;
+                let old_len = data.len();
                 data.truncate(rem);
-                Some(data)
+                Some((data, old_len))
             } else {
                 None
             };
@@ -391,13 +452,20 @@ impl State {
                     gone.into_iter()
                         .map(|idx| JournalOp::Chunk { ino, idx, id: None }),
                 );
-            if let Some(data) = trimmed {
-                // Stored whole: patches over the old chunk would bring back the cut bytes.
-                self.dirty_bytes += data.len();
-                let d = Dirty { data, ranges: None };
-                if let Some(old) = node.dirty.insert(last, d) {
-                    self.dirty_bytes -= old.data.len();
-                }
+            // The new last chunk loses its bytes from `rem` on (a zeroed range, so that they
+            // read as zeros if the file grows again).
+            if let Some((data, old_len)) = trimmed.filter(|(_, old_len)| *old_len > rem) {
+                let mut d = match node.dirty.remove(&last) {
+                    Some(mut d) => {
+                        self.dirty_bytes -= d.data.len();
+                        d.data = data;
+                        d
+                    }
+                    None => Dirty::new(data),
+                };
+                d.zeroed(rem, old_len);
+                self.dirty_bytes += d.data.len();
+                node.dirty.insert(last, d);
                 self.dirty_files.insert(ino);
             }
         }
@@ -405,6 +473,66 @@ impl State {
         node.inode.size = new_size;
         self.changed.insert(ino);
         Ok(old)
+    }
+
+    /// Makes bytes `[start, end)` of a file zeros (`end` at most the size): chunks wholly inside
+    /// become holes, the others are changed in their buffers. Fails, changing nothing, only if
+    /// a chunk it partly covers cannot be read.
+    pub(crate) fn zero_range(&mut self, ino: u64, start: u64, end: u64) -> FsResult<()> {
+        let cs = self.cs();
+        if start >= end {
+            return Ok(());
+        }
+        let size = self.node(ino)?.inode.size;
+        // Within chunk `idx`: the range it covers, and whether that leaves nothing of the chunk.
+        let span = |idx: u64| {
+            let (s, e) = (
+                start.max(idx * cs) - idx * cs,
+                end.min((idx + 1) * cs) - idx * cs,
+            );
+            (
+                s as usize,
+                e as usize,
+                s == 0 && (e == cs || idx * cs + e >= size),
+            )
+        };
+        let chunks = start / cs..=(end - 1) / cs;
+        let mut bases = Vec::new();
+        for idx in chunks.clone() {
+            if !span(idx).2 && !self.nodes[&ino].dirty.contains_key(&idx) {
+                bases.push((idx, self.chunk_contents(ino, idx)?));
+            }
+        }
+        let node = self.nodes.get_mut(&ino).expect("checked above");
+        let Content::File(map) = &mut node.inode.content else {
+            return err(libc::EINVAL);
+        };
+        for (idx, base) in bases {
+            self.dirty_bytes += base.len();
+            node.dirty.insert(idx, Dirty::new(base));
+        }
+        for idx in chunks {
+            let (s, e, whole) = span(idx);
+            if whole {
+                let stored = map.chunks.remove(&idx).is_some();
+                let flushing = node.flushing.remove(&idx).is_some();
+                if let Some(d) = node.dirty.remove(&idx) {
+                    self.dirty_bytes -= d.data.len();
+                }
+                if stored || flushing {
+                    self.journal.push(JournalOp::Chunk { ino, idx, id: None });
+                }
+            } else {
+                let d = node.dirty.get_mut(&idx).expect("buffered above");
+                let in_data = e.min(d.data.len());
+                if s < in_data {
+                    d.data[s..in_data].fill(0);
+                }
+                d.zeroed(s, e);
+                self.dirty_files.insert(ino);
+            }
+        }
+        Ok(())
     }
 
     /// Allocated 512-byte blocks: chunk-sized pieces that hold data, capped at the file size.

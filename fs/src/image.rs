@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::backend::{Backend, ChunkId};
 use crate::error::{FsError, FsResult};
 use crate::layout::{
-    name_key, split, DirEntry, FileKind, Head, JournalOp, Meta, Page, Patches, Root, Segment,
-    StoredChunk, StoredInode, Timestamp, PAGE_INODES,
+    name_key, split, DirEntry, FileKind, Head, JournalOp, Meta, Page, Patch, Patches, Root,
+    Segment, StoredChunk, StoredInode, Timestamp, PAGE_INODES,
 };
 
 /// A directory's entries by (name key, name): readdir order, stable offsets.
@@ -80,7 +80,7 @@ pub(crate) struct ChunkMap {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Piece {
     pub id: Option<ChunkId>,
-    pub patches: Vec<(u32, Vec<u8>)>,
+    pub patches: Vec<Patch>,
     /// The chunk holding `patches` as the last checkpoint stored them (`None`: changed since).
     pub stored_patches: Option<ChunkId>,
 }
@@ -95,31 +95,52 @@ impl Piece {
     }
 
     pub fn patch_bytes(&self) -> usize {
-        self.patches.iter().map(|(_, d)| d.len()).sum()
+        self.patches.iter().map(Patch::cost).sum()
     }
 
-    /// The piece's bytes, given its chunk's.
+    /// The piece's bytes, given its chunk's (zeros at the end are left out).
     pub fn materialize(&self, chunk: &[u8]) -> Vec<u8> {
         let mut out = chunk.to_vec();
-        for (off, data) in &self.patches {
-            let end = *off as usize + data.len();
-            if out.len() < end {
-                out.resize(end, 0);
+        for patch in &self.patches {
+            match patch {
+                Patch::Write { off, data } => {
+                    let end = *off as usize + data.len();
+                    if out.len() < end {
+                        out.resize(end, 0);
+                    }
+                    out[*off as usize..end].copy_from_slice(data);
+                }
+                Patch::Zero { off, len } => {
+                    let (s, e) = (*off as usize, *off as usize + *len as usize);
+                    if e >= out.len() {
+                        out.truncate(s);
+                    } else if s < out.len() {
+                        out[s..e].fill(0);
+                    }
+                }
             }
-            out[*off as usize..end].copy_from_slice(data);
         }
         out
     }
 }
 
 /// Overlays `patches` on `dst`, which holds the piece's bytes from offset `within`.
-pub(crate) fn overlay(dst: &mut [u8], within: usize, patches: &[(u32, Vec<u8>)]) {
+pub(crate) fn overlay(dst: &mut [u8], within: usize, patches: &[Patch]) {
     let w_end = within + dst.len();
-    for (off, data) in patches {
-        let p = *off as usize;
-        let (s, e) = (p.max(within), (p + data.len()).min(w_end));
-        if s < e {
-            dst[s - within..e - within].copy_from_slice(&data[s - p..e - p]);
+    for patch in patches {
+        let (p, len) = match patch {
+            Patch::Write { off, data } => (*off as usize, data.len()),
+            Patch::Zero { off, len } => (*off as usize, *len as usize),
+        };
+        let (s, e) = (p.max(within), (p + len).min(w_end));
+        if s >= e {
+            continue;
+        }
+        match patch {
+            Patch::Write { data, .. } => {
+                dst[s - within..e - within].copy_from_slice(&data[s - p..e - p])
+            }
+            Patch::Zero { .. } => dst[s - within..e - within].fill(0),
         }
     }
 }
@@ -322,15 +343,10 @@ impl Image {
                 }
                 *ino
             }
-            JournalOp::Patch {
-                ino,
-                idx,
-                off,
-                data,
-            } => {
+            JournalOp::Patch { ino, idx, patch } => {
                 if let Some(Content::File(m)) = self.inodes.get_mut(ino).map(|i| &mut i.content) {
                     let p = m.chunks.entry(*idx).or_default();
-                    p.patches.push((*off, data.clone()));
+                    p.patches.push(patch.clone());
                     p.stored_patches = None;
                 }
                 *ino

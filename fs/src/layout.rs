@@ -152,13 +152,13 @@ pub enum JournalOp {
         idx: u64,
         id: Option<ChunkId>,
     },
-    /// Overwrites bytes `[off, off + data.len())` of chunk `idx` of a file: a small write,
-    /// stored inline instead of a new chunk. Applying it again leaves the same bytes.
+    /// Changes a few bytes of chunk `idx` of a file (a small write, a truncation or a punched
+    /// hole inside it), stored inline instead of a new chunk. Applying it again leaves the same
+    /// bytes.
     Patch {
         ino: u64,
         idx: u64,
-        off: u32,
-        data: Vec<u8>,
+        patch: Patch,
     },
     /// The inode is gone, with its entries and chunks.
     Free {
@@ -202,11 +202,30 @@ pub struct StoredChunk {
     pub patches: Option<ChunkId>,
 }
 
+/// A change to some bytes of a chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Patch {
+    /// `data` at `off`.
+    Write { off: u32, data: Vec<u8> },
+    /// Zeros over `[off, off + len)`.
+    Zero { off: u32, len: u32 },
+}
+
+impl Patch {
+    /// What the patch costs to keep: its bytes (a run of zeros costs a few).
+    pub fn cost(&self) -> usize {
+        match self {
+            Patch::Write { data, .. } => data.len(),
+            Patch::Zero { .. } => 8,
+        }
+    }
+}
+
 /// The patches of one chunk, in the order they apply over the chunk (a checkpoint stores each
 /// patched chunk's list apart, so a page names it by id and rewrites it only when it changes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Patches {
-    pub list: Vec<(u32, Vec<u8>)>,
+    pub list: Vec<Patch>,
 }
 
 /// An inode as a checkpoint stores it.

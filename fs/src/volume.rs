@@ -841,8 +841,18 @@ impl State {
         })
     }
 
+    /// `fallocate`: allocation (space is not reserved: dBQS stores what is written), punching
+    /// a hole (with `KEEP_SIZE`, as Linux requires) and zeroing a range.
     fn fallocate(&mut self, ino: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+        let (keep, punch, zero) = (
+            libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_PUNCH_HOLE,
+            libc::FALLOC_FL_ZERO_RANGE,
+        );
+        let clears = mode & (punch | zero) != 0;
+        if mode & !(keep | punch | zero) != 0
+            || (mode & punch != 0 && (mode & keep == 0 || mode & zero != 0))
+        {
             return err(libc::EOPNOTSUPP);
         }
         let node = self.node(ino)?;
@@ -851,17 +861,26 @@ impl State {
             FileKind::Dir => return err(libc::EISDIR),
             _ => return err(libc::ENODEV),
         }
+        if clears && length == 0 {
+            return err(libc::EINVAL);
+        }
         let Some(end) = offset
             .checked_add(length)
             .filter(|e| *e <= crate::file::MAX_FILE_SIZE)
         else {
             return err(libc::EFBIG);
         };
-        let grow = mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > node.inode.size;
+        let size = node.inode.size;
+        let grow = mode & keep == 0 && end > size;
+        if clears {
+            self.zero_range(ino, offset, end.min(size))?;
+        }
         let now = Timestamp::now();
         self.update(ino, |i| {
             if grow {
                 i.size = end;
+            }
+            if grow || clears {
                 i.mtime = now;
             }
             i.ctime = now;
@@ -910,6 +929,8 @@ struct Shared {
     wake: Condvar,
     /// Signalled (with `state`) when a fetch ahead of reads ends.
     fetched: Condvar,
+    /// Bytes applications wrote (`write` calls), for the write amplification in the log.
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -1023,6 +1044,7 @@ impl Volume {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             fetched: Condvar::new(),
+            written: Default::default(),
         });
         let timer = match cfg.commit_interval {
             Some(interval) if !cfg.read_only => {
@@ -1321,7 +1343,18 @@ impl Volume {
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
         let r = self.lock_change()?.write(ino, offset, data);
-        self.changed(r)
+        let n = self.changed(r)?;
+        self.shared
+            .written
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Bytes written by `write` calls since the volume was opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.shared
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `close` of one descriptor: nothing to do; the data is in the batch, which the next

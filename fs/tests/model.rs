@@ -190,11 +190,22 @@ impl Model {
         Ok(())
     }
 
-    fn fallocate(&mut self, path: &[String], off: usize, len: usize) -> R<()> {
+    /// `kind`: 0 allocate, 1 punch a hole (size kept), 2 zero a range, 3 zero a range with the
+    /// size kept.
+    fn fallocate(&mut self, path: &[String], off: usize, len: usize, kind: u8) -> R<()> {
         let id = self.target(path)?;
         match &mut self.nodes[id].kind {
             MKind::File(f) => {
-                if f.len() < off + len {
+                if kind != 0 && len == 0 {
+                    return Err(libc::EINVAL);
+                }
+                if kind != 0 {
+                    let end = (off + len).min(f.len());
+                    if off < end {
+                        f[off..end].fill(0);
+                    }
+                }
+                if (kind == 0 || kind == 2) && f.len() < off + len {
                     f.resize(off + len, 0);
                 }
                 Ok(())
@@ -405,7 +416,7 @@ enum Op {
     Write(Vec<String>, usize, usize, u8),
     Read(Vec<String>, usize, usize),
     Truncate(Vec<String>, usize),
-    Fallocate(Vec<String>, usize, usize),
+    Fallocate(Vec<String>, usize, usize, u8),
     Unlink(Vec<String>),
     Rmdir(Vec<String>),
     Link(Vec<String>, Vec<String>),
@@ -442,7 +453,7 @@ fn apply_model(m: &mut Model, op: &Op) -> R<Out> {
         Op::Write(p, off, len, tag) => unit(m.write(p, *off, &data(*len, *tag))),
         Op::Read(p, off, len) => m.read(p, *off, *len).map(Out::Bytes),
         Op::Truncate(p, size) => unit(m.truncate(p, *size)),
-        Op::Fallocate(p, off, len) => unit(m.fallocate(p, *off, *len)),
+        Op::Fallocate(p, off, len, kind) => unit(m.fallocate(p, *off, *len, *kind)),
         Op::Unlink(p) => unit(m.unlink(p)),
         Op::Rmdir(p) => unit(m.rmdir(p)),
         Op::Link(a, b) => unit(m.link(a, b)),
@@ -491,9 +502,16 @@ fn apply_volume(vol: &Volume, op: &Op) -> R<Out> {
             };
             unit(res(vol.setattr(&ME, ino, &set)).map(|_| ()))
         }
-        Op::Fallocate(p, off, len) => {
+        Op::Fallocate(p, off, len, kind) => {
             let ino = vtarget(vol, p)?;
-            unit(res(vol.fallocate(ino, *off as u64, *len as u64, 0)))
+            let keep = libc::FALLOC_FL_KEEP_SIZE;
+            let mode = [
+                0,
+                libc::FALLOC_FL_PUNCH_HOLE | keep,
+                libc::FALLOC_FL_ZERO_RANGE,
+                libc::FALLOC_FL_ZERO_RANGE | keep,
+            ][*kind as usize];
+            unit(res(vol.fallocate(ino, *off as u64, *len as u64, mode)))
         }
         Op::Unlink(p) => {
             let (d, n) = vresolve(vol, p)?;
@@ -730,6 +748,7 @@ fn random_op(rng: &mut Rng, m: &Model, cs: usize) -> Op {
             file(rng),
             rng.below(span as u64 / 2) as usize,
             rng.below(2 * cs as u64) as usize,
+            rng.below(4) as u8,
         ),
         53..=58 => Op::Unlink(any(rng)),
         59..=62 => Op::Rmdir(existing(rng, m, |k| matches!(k, MKind::Dir(_)))),

@@ -759,16 +759,53 @@ fn read_only_volume_follows_the_head_and_open_files_keep_their_version() {
 }
 
 #[test]
-fn fallocate_extends_the_size_and_refuses_other_modes() {
-    let (_, vol) = volume();
+fn fallocate_extends_the_size_punches_holes_and_zeroes_ranges() {
+    let (backend, vol) = volume_with(VolumeConfig {
+        chunk_size: Some(4096),
+        ..VolumeConfig::default()
+    });
     let f = create_file(&vol, ROOT, "f", b"abc");
     vol.fallocate(f, 0, 100, 0).unwrap();
     assert_eq!(vol.getattr(f).unwrap().size, 100);
     vol.fallocate(f, 0, 200, libc::FALLOC_FL_KEEP_SIZE).unwrap();
     assert_eq!(vol.getattr(f).unwrap().size, 100);
-    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    assert_eq!(errno(vol.fallocate(f, 0, 10, punch)), libc::EOPNOTSUPP);
     assert_eq!(&vol.read(f, 0, 5).unwrap(), b"abc\0\0");
+
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
+    let zero = libc::FALLOC_FL_ZERO_RANGE;
+    assert_eq!(
+        errno(vol.fallocate(f, 0, 10, libc::FALLOC_FL_PUNCH_HOLE)),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(vol.fallocate(f, 0, 10, libc::FALLOC_FL_COLLAPSE_RANGE)),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(errno(vol.fallocate(f, 0, 0, punch)), libc::EINVAL);
+
+    // Five stored chunks; a hole over the middle frees chunk 2 and zeroes parts of 1 and 3.
+    let mut expect: Vec<u8> = (0..5 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+    vol.write(f, 0, &expect).unwrap();
+    vol.fsync(f, false).unwrap();
+    let blocks = vol.getattr(f).unwrap().blocks;
+    vol.fallocate(f, 4096 + 100, 3 * 4096 - 200, punch).unwrap();
+    expect[4096 + 100..4 * 4096 - 100].fill(0);
+    assert_eq!(vol.getattr(f).unwrap().size, 5 * 4096);
+    assert!(vol.getattr(f).unwrap().blocks < blocks);
+    assert_eq!(vol.read(f, 0, 6 * 4096).unwrap(), expect);
+    // Zeroing past the end grows the file unless the size is kept.
+    vol.fallocate(f, 5 * 4096 - 10, 30, zero | keep).unwrap();
+    expect[5 * 4096 - 10..].fill(0);
+    assert_eq!(vol.getattr(f).unwrap().size, 5 * 4096);
+    vol.fallocate(f, 10, 5 * 4096, zero).unwrap();
+    expect[10..].fill(0);
+    expect.resize(5 * 4096 + 10, 0);
+    assert_eq!(vol.read(f, 0, 6 * 4096).unwrap(), expect);
+    vol.sync_all().unwrap();
+    drop(vol);
+    let vol = reopen(&backend);
+    assert_eq!(vol.read(f, 0, 6 * 4096).unwrap(), expect);
 }
 
 #[test]
