@@ -11,8 +11,10 @@
 //!    (readers still see them there);
 //! 2. store the non-zero chunks, in parallel; add a `Chunk` operation for each, or `Patch`
 //!    operations (the changed bytes, inline) for a chunk changed only a little;
-//! 3. store the segment (the batch's operations, split into pieces if large);
-//! 4. write the head one version up, naming the segment after the earlier ones;
+//! 3. unless the batch's operations fit in the head's tail (small commits: one record write
+//!    each), store them with the tail as a segment (split into pieces if large);
+//! 4. write the head one version up, with the operations in its tail or the segment named
+//!    after the earlier ones;
 //! 5. apply the batch to the durable image and, under the volume lock, put the new chunk ids in
 //!    the files' maps (`State::sealed`).
 //!
@@ -296,6 +298,7 @@ impl Committer {
                 next_ino: ROOT_INO + 1,
                 checkpoint: Vec::new(),
                 journal: Vec::new(),
+                tail: Vec::new(),
             },
             version: 0,
         };
@@ -303,12 +306,19 @@ impl Committer {
         Ok(c)
     }
 
-    /// Stores a segment of `ops` and a head naming it; then applies `ops` to the image.
+    /// Writes a head holding `ops` in its tail, or, when the tail would grow too large, stores
+    /// the tail and `ops` as a segment first and names it in the head; then applies `ops` to
+    /// the image.
     fn append(&mut self, backend: &dyn Backend, ops: &[JournalOp], next_ino: u64) -> FsResult<()> {
-        let segment = Segment::encode_ops(ops);
-        let pieces = put_chunks(backend, &split(&segment, piece_size(backend)))?;
         let mut head = self.head.clone();
-        head.journal.push(pieces);
+        head.tail.extend_from_slice(ops);
+        let tail_bytes = Segment::encode_ops(&head.tail).len();
+        if tail_bytes > Head::tail_max(backend.max_block()) {
+            let segment = Segment::encode_ops(&head.tail);
+            let pieces = put_chunks(backend, &split(&segment, piece_size(backend)))?;
+            head.journal.push(pieces);
+            head.tail.clear();
+        }
         head.next_ino = next_ino;
         self.write_head(backend, head)?;
         for op in ops {
@@ -388,13 +398,17 @@ impl Committer {
 
     /// Writes the image's changed pages and root, then a head naming them with an empty journal.
     pub fn checkpoint(&mut self, backend: &dyn Backend) -> FsResult<()> {
-        if self.head.journal.is_empty() && !self.head.checkpoint.is_empty() {
+        if self.head.journal.is_empty()
+            && self.head.tail.is_empty()
+            && !self.head.checkpoint.is_empty()
+        {
             return Ok(());
         }
         let root = self.image.checkpoint(backend)?;
         let mut head = self.head.clone();
         head.checkpoint = root;
         head.journal.clear();
+        head.tail.clear();
         self.write_head(backend, head)
     }
 
@@ -407,9 +421,21 @@ impl Committer {
             return Ok(false);
         }
         let head = Head::decode(&rec.value)?;
-        if head.checkpoint == self.head.checkpoint && head.journal.starts_with(&self.head.journal) {
-            self.image
-                .replay(backend, &head.journal[self.head.journal.len()..])?;
+        let old = &self.head;
+        let new_segments = head.journal.get(old.journal.len()..).unwrap_or_default();
+        if head.checkpoint != old.checkpoint || !head.journal.starts_with(&old.journal) {
+            self.image = Image::load(backend, &head)?;
+        } else if new_segments.is_empty() && head.tail.starts_with(&old.tail) {
+            for op in &head.tail[old.tail.len()..] {
+                self.image.apply(op);
+            }
+        } else if !new_segments.is_empty() {
+            // The new segments begin with the old tail's operations (the writer moved them
+            // there): applying those again changes nothing.
+            self.image.replay(backend, new_segments)?;
+            for op in &head.tail {
+                self.image.apply(op);
+            }
         } else {
             self.image = Image::load(backend, &head)?;
         }

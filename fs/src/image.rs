@@ -359,7 +359,7 @@ impl Image {
         self.dirty.insert(page_of(ino));
     }
 
-    /// Loads what `head` names: its checkpoint, then its journal.
+    /// Loads what `head` names: its checkpoint, then its journal, then its tail.
     pub fn load(backend: &dyn Backend, head: &Head) -> FsResult<Image> {
         let mut image = Image::empty();
         if !head.checkpoint.is_empty() {
@@ -395,6 +395,9 @@ impl Image {
             image.pages = root.pages.into_iter().collect();
         }
         image.replay(backend, &head.journal)?;
+        for op in &head.tail {
+            image.apply(op);
+        }
         Ok(image)
     }
 

@@ -8,7 +8,8 @@
 //!
 //! Objects (the backend prefixes record labels with the volume's name):
 //! - record `head` — [`Head`]: format, chunk size, next inode number, the current checkpoint's
-//!   root pieces and the journal segments committed since. Its version is the commit number.
+//!   root pieces, the journal segments committed since, and the operations of the latest small
+//!   commits inline (its tail). Its version is the commit number.
 //! - chunk: a journal [`Segment`] — the [`JournalOp`]s of one commit (a commit whose operations
 //!   exceed a block writes several segments; the head lists them all, so they become visible
 //!   together).
@@ -116,6 +117,10 @@ pub struct Head {
     /// Journal segments committed since that checkpoint, oldest first; each is the list of its
     /// pieces (one, unless the segment is larger than a block).
     pub journal: Vec<Vec<ChunkId>>,
+    /// Operations committed after those segments, held in the head itself: a small commit
+    /// costs one record write. When they would pass [`Head::tail_max`], the next commit stores
+    /// them (with its own) as a segment.
+    pub tail: Vec<JournalOp>,
 }
 
 /// Format version of a volume: 1 was one record per inode and directory bucket, written through;
@@ -296,6 +301,11 @@ fn decode<T: DeserializeOwned>(tag: u8, what: &'static str, bytes: &[u8]) -> FsR
 }
 
 impl Head {
+    /// The most bytes of encoded operations a head holds in its tail, for blocks of `max_block`.
+    pub fn tail_max(max_block: usize) -> usize {
+        (max_block / 4).min(64 << 10)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         encode(TAG_HEAD, self)
     }
@@ -376,6 +386,7 @@ mod tests {
             next_ino: 2,
             checkpoint: Vec::new(),
             journal: vec![vec![[7; 32]]],
+            tail: vec![JournalOp::Free { ino: 9 }],
         };
         assert!(Segment::decode(&head.encode()).is_err());
         assert_eq!(Head::decode(&head.encode()).unwrap(), head);
