@@ -10,7 +10,7 @@
 //! shadows the ones before it. Invariant: no chunk, patch or buffer holds bytes at or beyond the
 //! file size, so growing a file never exposes old data. A partially written chunk is read and
 //! modified in its buffer; the commit stores the bytes that changed as patches when they are few
-//! (up to an eighth of the chunk, counting the patches it already has), else the chunk whole.
+//! (up to half the chunk, counting the patches it already has), else the chunk whole.
 //!
 //! Non-goals: content-defined chunking or deduplication across offsets, compression, and
 //! deleting chunks that are no longer referenced (dBQS has no delete).

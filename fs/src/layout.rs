@@ -20,7 +20,7 @@
 //!   `[i*cs, (i+1)*cs)`, possibly shorter at the end of the data. A small write into a stored
 //!   chunk is journaled as a [`JournalOp::Patch`] (its bytes inline) instead of a new chunk; a
 //!   checkpoint keeps each patched chunk's patches in a chunk of their own ([`Patches`]), and
-//!   the writer stores the chunk whole again once its patches pass an eighth of the chunk size.
+//!   the writer stores the chunk whole again once its patches pass half the chunk size.
 //!
 //! Every value is one tag byte followed by the postcard encoding of the struct. The tag names the
 //! kind and the format revision, so a reader can refuse what it does not understand. A volume of

@@ -7,8 +7,9 @@
 //!
 //! Durability (the promise the README states):
 //! - Every operation applies to the in-memory state at once and joins the current batch.
-//! - A commit makes a batch durable as a whole: its data chunks and journal segment first, then
-//!   one head record naming them. Commits happen on `fsync`/`fdatasync` of any file or directory,
+//! - A commit makes a batch durable as a whole: its new data chunks (and, for a large batch, its
+//!   journal segment) first, then one head record naming them and holding a small batch's
+//!   operations itself. Commits happen on `fsync`/`fdatasync` of any file or directory,
 //!   `sync_all` (unmount, `syncfs`), every `commit_interval` (the mount's timer), when the batch
 //!   grows past `journal_ops` operations or `dirty_limit` bytes of data, and after every change
 //!   with `sync` set.
@@ -23,7 +24,7 @@
 //! times and link counts.
 //!
 //! Non-goals: several writers on one volume, atime updates on read (behaves as `noatime`),
-//! POSIX ACLs, hole punching, a namespace larger than memory.
+//! POSIX ACLs, reserving space in `fallocate`, a namespace larger than memory.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
