@@ -392,8 +392,10 @@ fn a_copy_completes_correctly_when_a_node_is_killed_during_it() {
         "cp -a '{REPO}/core' '{REPO}/fs' '{REPO}/net' '{}/'",
         src.display()
     ));
-    for i in 0..3 {
-        let mut data = vec![0u8; 24 << 20];
+    // Writes apply in memory up to the dirty limit (64 MiB, writers wait past 128 MiB), so the
+    // copy must be well past that to be still running at the kill.
+    for i in 0..6 {
+        let mut data = vec![0u8; 48 << 20];
         Stream(i + 1).fill(&mut data);
         std::fs::write(src.join(format!("large-{i}")), &data).unwrap();
     }
@@ -656,6 +658,115 @@ fn without_a_quorum_calls_fail_within_the_bound_and_the_mount_recovers() {
         assert_eq!(std::fs::read(mnt.join(format!("burst{i}"))).unwrap(), b"x");
     }
     assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"again");
+    env.umount(&mnt);
+}
+
+#[test]
+fn a_mount_killed_during_a_copy_keeps_every_fsynced_file_and_a_consistent_tree() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let o = env.try_mount("mnt", &[]);
+    assert!(o.status.success(), "mount: {}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let pid: i32 = out
+        .split("(process ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no mount pid in {out:?}"));
+    let mnt = env.root.join("mnt");
+    let src = env.root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    sh(&format!(
+        "cp -a '{REPO}/core' '{REPO}/fs' '{REPO}/net' '{REPO}/daemon' '{}/'",
+        src.display()
+    ));
+    for i in 0..6 {
+        let mut data = vec![0u8; 48 << 20];
+        Stream(i + 10).fill(&mut data);
+        std::fs::write(src.join(format!("large-{i}")), &data).unwrap();
+    }
+
+    // Files fsync'd before and during a copy; then kill -9 of the mount in the middle of it.
+    let content = |i: usize| format!("synced file {i} ").repeat(i + 1).into_bytes();
+    std::fs::create_dir(mnt.join("synced")).unwrap();
+    for i in 0..20 {
+        write_synced(&mnt.join(format!("synced/f{i}")), &content(i)).unwrap();
+    }
+    let mut cp = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(mnt.join("copy"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // One fsync while the copy runs (it commits what the copy did so far, too).
+    std::thread::sleep(Duration::from_millis(200));
+    write_synced(&mnt.join("synced/f20"), &content(20)).unwrap();
+    let copying = cp.try_wait().unwrap().is_none();
+    // SAFETY: kill(2) of the mount process this test started (the pid it printed).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "the mount survived SIGKILL");
+    let _ = cp.wait();
+    let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).output();
+    assert!(
+        copying,
+        "the copy ended before the kill: make the source larger"
+    );
+
+    // The remount takes the dead holder's lease at once and shows a state after some prefix of
+    // the operations: every fsync'd file whole, every copied file a prefix of its source.
+    let mnt = env.mount("mnt", &[]);
+    for i in 0..=20 {
+        let got = std::fs::read(mnt.join(format!("synced/f{i}")));
+        assert_eq!(got.ok(), Some(content(i)), "fsync'd file f{i}");
+    }
+    let (mut files, mut dirs) = (0, 0);
+    let mut stack = vec![mnt.join("copy")];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            assert_eq!(dir, mnt.join("copy"), "a listed directory cannot be read");
+            continue;
+        };
+        let mut subdirs = 0;
+        for e in rd {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).expect("a listed name has an inode");
+            let rel = e
+                .path()
+                .strip_prefix(mnt.join("copy"))
+                .unwrap()
+                .to_path_buf();
+            if meta.is_dir() {
+                subdirs += 1;
+                dirs += 1;
+                stack.push(e.path());
+            } else if meta.is_file() {
+                files += 1;
+                let got = std::fs::read(e.path()).unwrap();
+                let want = std::fs::read(src.join(&rel)).unwrap();
+                assert_eq!(got.len() as u64, meta.len());
+                assert!(
+                    want.starts_with(&got),
+                    "{} is not a prefix of its source",
+                    rel.display()
+                );
+            }
+        }
+        use std::os::unix::fs::MetadataExt;
+        let nlink = std::fs::metadata(&dir).unwrap().nlink();
+        assert_eq!(nlink, 2 + subdirs, "link count of {}", dir.display());
+    }
+    eprintln!(
+        "after kill -9 during the copy: {files} files and {dirs} directories, all consistent"
+    );
     env.umount(&mnt);
 }
 
