@@ -48,6 +48,16 @@ pub enum Command {
         A busy mount (open files, a working directory inside) is refused unless --lazy."
     )]
     Umount(UmountArgs),
+    /// Create, list and delete snapshots of a volume (mount one with -o snapshot=NAME).
+    #[command(
+        subcommand,
+        long_about = "A snapshot names a volume's committed state (what the last commit of its \
+        read-write mount stored): taking one is instant, whatever the volume holds, and works while \
+        the volume is mounted. `dbqsfs mount -o snapshot=NAME DIR` mounts it read-only; it never \
+        changes. The cluster must be running (the embedded one runs while a mount of it does). \
+        Deleting a snapshot does not free its data yet."
+    )]
+    Snapshot(crate::snapshot_cmd::SnapshotCmd),
     /// Create, start and stop a local test cluster on 127.0.0.1.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -195,7 +205,8 @@ fsname=NAME, attr_timeout=SECS and entry_timeout=SECS (kernel caching, default 1
 timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads), \
 chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB), \
 commit=MS (longest time a change waits for its commit, default 1000), sync (commit every \
-operation before it returns), async (the default).";
+operation before it returns), async (the default), snapshot=NAME (mount that snapshot of the \
+volume, read-only; see `dbqsfs snapshot`).";
 
 /// Arguments of `dbqsfs mount`.
 #[derive(clap::Args, Debug)]
@@ -499,6 +510,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             init_logs("warn");
             runtime()?.block_on(block_get(&cluster, id, &output))
+        }
+        Command::Snapshot(cmd) => {
+            init_logs("warn");
+            crate::snapshot_cmd::run(cmd)
         }
         Command::Bench { cluster, ops } => {
             init_logs("warn");

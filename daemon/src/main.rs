@@ -2,6 +2,7 @@
 
 mod cli;
 mod mount_cmd;
+mod snapshot_cmd;
 
 use clap::Parser;
 

@@ -64,6 +64,8 @@ pub struct Opts {
     pub sync: bool,
     /// Longest time between a change and its commit (`-o commit=MS`).
     pub commit_interval: Duration,
+    /// Mount this snapshot of the volume (read-only).
+    pub snapshot: Option<String>,
 }
 
 /// Default of `-o commit=MS`.
@@ -71,7 +73,7 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
     attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
-    commit=MS";
+    commit=MS, snapshot=NAME";
 
 fn secs(name: &str, v: &str) -> Result<Duration, UsageError> {
     v.parse::<f64>()
@@ -95,6 +97,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         chunk_size: None,
         sync: false,
         commit_interval: DEFAULT_COMMIT_INTERVAL,
+        snapshot: None,
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -121,6 +124,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
                     })?
             }
             ("fsname", Some(v)) if !v.is_empty() => o.fsname = Some(v.into()),
+            ("snapshot", Some(v)) if !v.is_empty() => o.snapshot = Some(v.into()),
             ("attr_timeout", Some(v)) => o.attr_ttl = Some(secs(k, v)?),
             ("entry_timeout", Some(v)) => o.entry_ttl = Some(secs(k, v)?),
             ("timeout", Some(v)) => {
@@ -154,6 +158,8 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
             }
         }
     }
+    // A snapshot never changes: it mounts read-only.
+    o.read_only |= o.snapshot.is_some();
     Ok(o)
 }
 
@@ -836,14 +842,15 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         attr_ttl: opts.attr_ttl.unwrap_or(defaults.attr_ttl),
         entry_ttl: opts.entry_ttl.unwrap_or(defaults.entry_ttl),
         allow_other: opts.allow_other,
-        fsname: opts
-            .fsname
-            .clone()
-            .unwrap_or_else(|| format!("dbqsfs:{}", target.volume)),
+        fsname: opts.fsname.clone().unwrap_or_else(|| match &opts.snapshot {
+            Some(s) => format!("dbqsfs:{}@{s}", target.volume),
+            None => format!("dbqsfs:{}", target.volume),
+        }),
         volume: dbqsfs_fs::VolumeConfig {
             chunk_size: opts.chunk_size,
             sync: opts.sync,
             commit_interval: Some(opts.commit_interval),
+            snapshot: opts.snapshot.clone(),
             ..defaults.volume.clone()
         },
         ..defaults
@@ -888,7 +895,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
 
     // Read-only: forget cached inodes every RO_REFRESH, so new versions show up.
     let (refresh_stop, refresh_rx) = std::sync::mpsc::channel::<()>();
-    let refresher = opts.read_only.then(|| {
+    let refresher = (opts.read_only && opts.snapshot.is_none()).then(|| {
         let volume = volume.clone();
         std::thread::spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =

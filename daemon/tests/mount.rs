@@ -770,6 +770,63 @@ fn a_mount_killed_during_a_copy_keeps_every_fsynced_file_and_a_consistent_tree()
     env.umount(&mnt);
 }
 
+#[test]
+fn a_snapshot_taken_while_mounted_mounts_read_only_and_keeps_its_state() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let rw = env.mount("rw", &[]);
+    std::fs::create_dir(rw.join("d")).unwrap();
+    write_synced(&rw.join("d/f"), b"before").unwrap();
+    let data = env.data.to_string_lossy().into_owned();
+    let snap = |args: &[&str]| {
+        let mut all = vec!["snapshot"];
+        all.extend_from_slice(args);
+        all.extend(["--data-dir", &data]);
+        dbqsfs(&all)
+    };
+    let o = snap(&["create", "s1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("-o snapshot=s1"));
+    let o = snap(&["create", "s1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already has a snapshot"));
+
+    write_synced(&rw.join("d/f"), b"after").unwrap();
+    std::fs::write(rw.join("new"), b"new").unwrap();
+    let ro = env.mount("snap", &["-o", "snapshot=s1"]);
+    assert_eq!(std::fs::read(ro.join("d/f")).unwrap(), b"before");
+    assert!(std::fs::metadata(ro.join("new")).is_err());
+    let e = std::fs::write(ro.join("x"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        std::fs::read(ro.join("d/f")).unwrap(),
+        b"before",
+        "a snapshot never changes"
+    );
+    let o = snap(&["list"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("s1\tcommit "),
+        "{}",
+        show(&o)
+    );
+    env.umount(&ro);
+    let o = snap(&["delete", "s1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = env.try_mount("snap", &["-o", "snapshot=s1"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no snapshot named"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(std::fs::read(rw.join("d/f")).unwrap(), b"after");
+    env.umount(&rw);
+}
+
 /// Creates (or truncates) `path` with `data` and fsyncs it.
 fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;

@@ -226,15 +226,37 @@ pub(crate) struct Committer {
     pub image: Image,
     pub head: Head,
     pub version: u64,
+    /// Opened from a snapshot: the head never changes.
+    frozen: bool,
 }
 
 fn format_error(detail: String) -> FsError {
     FsError::Format(detail)
 }
 
+fn check_format(head: &Head) -> FsResult<()> {
+    if head.format != FORMAT {
+        return Err(format_error(format!(
+            "this volume is in dbqsfs volume format {}; this dbqsfs reads format {FORMAT}",
+            head.format
+        )));
+    }
+    Ok(())
+}
+
 impl Committer {
     /// Opens the volume in `backend`, formatting an empty one unless `cfg.read_only`.
     pub fn open(backend: &dyn Backend, cfg: &VolumeConfig) -> FsResult<Committer> {
+        if let Some(name) = &cfg.snapshot {
+            let head = crate::snapshot::head_of(backend, name)?;
+            check_format(&head)?;
+            return Ok(Committer {
+                image: Image::load(backend, &head)?,
+                head,
+                version: 0,
+                frozen: true,
+            });
+        }
         let Some(rec) = backend.get_record(HEAD_LABEL)? else {
             if backend.get_record(FORMAT1_LABEL)?.is_some() {
                 return Err(format_error(format!(
@@ -249,17 +271,13 @@ impl Committer {
             return Committer::format(backend, cfg);
         };
         let head = Head::decode(&rec.value)?;
-        if head.format != FORMAT {
-            return Err(format_error(format!(
-                "this volume is in dbqsfs volume format {}; this dbqsfs reads format {FORMAT}",
-                head.format
-            )));
-        }
+        check_format(&head)?;
         let image = Image::load(backend, &head)?;
         Ok(Committer {
             image,
             head,
             version: rec.version,
+            frozen: false,
         })
     }
 
@@ -301,6 +319,7 @@ impl Committer {
                 tail: Vec::new(),
             },
             version: 0,
+            frozen: false,
         };
         c.append(backend, &ops, ROOT_INO + 1)?;
         Ok(c)
@@ -414,6 +433,9 @@ impl Committer {
 
     /// For a read-only volume: takes up a newer head if there is one. Returns whether it did.
     pub fn follow(&mut self, backend: &dyn Backend) -> FsResult<bool> {
+        if self.frozen {
+            return Ok(false);
+        }
         let Some(rec) = backend.get_record(HEAD_LABEL)? else {
             return Ok(false);
         };

@@ -13,7 +13,7 @@
 //! - [`error`]: `FsError` and the single backend-error → errno mapping.
 //!
 //! Non-goals (for now): several read-write mounts of one volume (the daemon's volume lease keeps
-//! to one; read-only volumes revalidate with `Volume::forget_cached`), garbage collection of
+//! to one; read-only volumes follow the head with `Volume::refresh`), garbage collection of
 //! unreachable chunks and records, POSIX ACLs and file locks beyond the kernel's local ones.
 
 pub mod backend;
@@ -24,6 +24,7 @@ mod file;
 pub mod fuse;
 mod image;
 pub mod layout;
+pub mod snapshot;
 pub mod volume;
 
 pub use backend::{Backend, BackendError, ChunkId, Failure, MemBackend, Record};

@@ -73,6 +73,8 @@ pub struct VolumeConfig {
     pub patch_budget: usize,
     /// How far a sequential read fetches ahead of itself, in bytes (whole chunks, at least one).
     pub readahead_bytes: usize,
+    /// Open this snapshot instead of the volume's current state (read-only; see `snapshot`).
+    pub snapshot: Option<String>,
 }
 
 impl Default for VolumeConfig {
@@ -90,6 +92,7 @@ impl Default for VolumeConfig {
             checkpoint_segments: 64,
             patch_budget: 64 << 20,
             readahead_bytes: 8 << 20,
+            snapshot: None,
         }
     }
 }
@@ -1016,7 +1019,8 @@ impl Drop for Volume {
 impl Volume {
     /// Opens the volume stored in `backend` (its last checkpoint and the journal after it),
     /// formatting it first if it has no head.
-    pub fn open_or_format(backend: Arc<dyn Backend>, cfg: VolumeConfig) -> FsResult<Volume> {
+    pub fn open_or_format(backend: Arc<dyn Backend>, mut cfg: VolumeConfig) -> FsResult<Volume> {
+        cfg.read_only |= cfg.snapshot.is_some();
         let committer = Committer::open(backend.as_ref(), &cfg)?;
         let mut state = State {
             chunks: ChunkCache::new(cfg.chunk_cache_bytes),

@@ -1110,3 +1110,62 @@ fn a_read_only_volume_follows_tails_segments_and_checkpoints() {
         assert_eq!(got, want, "round {round}");
     }
 }
+
+#[test]
+fn a_snapshot_keeps_the_committed_state_and_mounts_read_only() {
+    use dbqsfs_fs::snapshot::{self, SnapshotError};
+    let (backend, vol) = volume();
+    let f = create_file(&vol, ROOT, "f", b"before");
+    vol.mkdir(&ME, ROOT, b"d", 0o755).unwrap();
+    vol.fsync(ROOT, false).unwrap();
+    let uncommitted = create_file(&vol, ROOT, "not-yet", b"x");
+    let taken = snapshot::create(&backend, "s1").unwrap();
+    assert!(matches!(
+        snapshot::create(&backend, "s1"),
+        Err(SnapshotError::Exists(_))
+    ));
+    for bad in ["", ".hidden", "a/b", &"x".repeat(101)] {
+        assert!(matches!(
+            snapshot::create(&backend, bad),
+            Err(SnapshotError::BadName(_))
+        ));
+    }
+
+    // The writer goes on; the snapshot does not move.
+    vol.write(f, 0, b"AFTER!").unwrap();
+    vol.rmdir(ROOT, b"d").unwrap();
+    vol.sync_all().unwrap();
+    let open_snap = |name: &str| {
+        Volume::open_or_format(
+            Arc::new(backend.clone()),
+            VolumeConfig {
+                snapshot: Some(name.into()),
+                ..VolumeConfig::default()
+            },
+        )
+    };
+    let snap = open_snap("s1").unwrap();
+    assert!(snap.is_read_only());
+    assert_eq!(snap.read(f, 0, 10).unwrap(), b"before");
+    assert!(snap.lookup(ROOT, b"d").is_ok());
+    assert_eq!(errno(snap.lookup(ROOT, b"not-yet")), libc::ENOENT);
+    assert_eq!(errno(snap.mkdir(&ME, ROOT, b"x", 0o755)), libc::EROFS);
+    assert!(!snap.refresh().unwrap());
+    assert_eq!(reopen(&backend).read(f, 0, 10).unwrap(), b"AFTER!");
+    assert!(reopen(&backend).lookup(ROOT, b"not-yet").unwrap().ino == uncommitted);
+
+    let listed = snapshot::list(&backend).unwrap();
+    assert_eq!(listed, vec![("s1".to_string(), taken)]);
+    snapshot::create(&backend, "s2").unwrap();
+    assert_eq!(open_snap("s2").unwrap().read(f, 0, 10).unwrap(), b"AFTER!");
+    snapshot::delete(&backend, "s1").unwrap();
+    assert!(matches!(
+        snapshot::delete(&backend, "s1"),
+        Err(SnapshotError::NoSuchSnapshot(_))
+    ));
+    assert!(open_snap("s1").is_err());
+    assert_eq!(snapshot::list(&backend).unwrap().len(), 1);
+    // A name can be taken again after a delete.
+    snapshot::create(&backend, "s1").unwrap();
+    assert_eq!(open_snap("s1").unwrap().read(f, 0, 10).unwrap(), b"AFTER!");
+}
