@@ -26,6 +26,7 @@
 //! Non-goals: several writers (the daemon's lease keeps to one), freeing superseded chunks.
 
 use std::collections::btree_map::Entry;
+use std::collections::HashMap;
 use std::mem;
 use std::sync::Arc;
 
@@ -37,7 +38,7 @@ use crate::layout::{
     split, Head, JournalOp, Meta, Patch, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL,
     ROOT_INO,
 };
-use crate::volume::{State, VolumeConfig};
+use crate::volume::{Node, State, VolumeConfig};
 
 /// A batch cut from the state: operations, and buffered chunks to store.
 pub(crate) struct Batch {
@@ -153,18 +154,9 @@ impl State {
         self.journal = ops;
         let limit = self.patch_limit();
         for f in batch.data {
-            let Some(n) = self.nodes.get_mut(&f.ino) else {
+            let Some(n) = take_flushing(&mut self.nodes, &f) else {
                 continue;
             };
-            // Gone from `flushing` means truncated away since: the data is dead.
-            if !n
-                .flushing
-                .get(&f.idx)
-                .is_some_and(|b| Arc::ptr_eq(b, &f.buf))
-            {
-                continue;
-            }
-            n.flushing.remove(&f.idx);
             match n.dirty.entry(f.idx) {
                 Entry::Vacant(slot) => {
                     self.dirty_bytes += f.buf.len();
@@ -183,17 +175,9 @@ impl State {
     /// A batch is durable: its chunks join the files' maps (unless truncated away since).
     fn sealed(&mut self, batch: Batch, ids: &[Option<ChunkId>]) {
         for (f, id) in batch.data.iter().zip(ids) {
-            let Some(n) = self.nodes.get_mut(&f.ino) else {
+            let Some(n) = take_flushing(&mut self.nodes, f) else {
                 continue;
             };
-            if !n
-                .flushing
-                .get(&f.idx)
-                .is_some_and(|b| Arc::ptr_eq(b, &f.buf))
-            {
-                continue;
-            }
-            n.flushing.remove(&f.idx);
             let Content::File(map) = &mut n.inode.content else {
                 continue;
             };
@@ -215,6 +199,21 @@ impl State {
             }
         }
     }
+}
+
+/// Ends a flush's time in its file's `flushing` and returns the file, unless the flush is no
+/// longer there (truncated or punched away since, or the file is gone): then its data is dead.
+fn take_flushing<'a>(nodes: &'a mut HashMap<u64, Node>, f: &Flush) -> Option<&'a mut Node> {
+    let n = nodes.get_mut(&f.ino)?;
+    if !n
+        .flushing
+        .get(&f.idx)
+        .is_some_and(|b| Arc::ptr_eq(b, &f.buf))
+    {
+        return None;
+    }
+    n.flushing.remove(&f.idx);
+    Some(n)
 }
 
 fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
