@@ -95,7 +95,7 @@ fi
 if [ -z "${SKIP_FSX:-}" ]; then
   # Its own volume (default chunk size, 1 MiB unless FSX_CHUNK_SIZE says otherwise). dBQS has no
   # delete yet, so what a run stores stays on the nodes: the step reports how much that was.
-  node_bytes() { du -sb "$data"/cluster/node-*/ | awk '{ s += $1 } END { printf "%d\n", s }'; }
+  node_bytes() { du -sb "$data"/cluster/node-*/ | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
   before=$(node_bytes)
   "$bin" mount --data-dir "$data" --volume fsx ${FSX_CHUNK_SIZE:+-o chunk_size=$FSX_CHUNK_SIZE} "$fsxmnt"
   echo "=== fsx: $FSX_OPS operations, seed $FSX_SEED, on $fsxmnt"
@@ -112,9 +112,11 @@ if [ -z "${SKIP_FSX:-}" ]; then
   "$bin" umount "$fsxmnt"
   # Bytes the mount received in write calls (its unmount log line), against what the nodes
   # stored meanwhile (every replica counted, as on the disks).
-  written=$(grep -h 'written_mib=' "$data"/*.log 2>/dev/null | tail -n 1 | sed 's/.*written_mib=\([0-9.]*\).*/\1/')
+  line=$(grep -h 'written_mib=' "$data"/*.log 2>/dev/null | tail -n 1)
+  written=$(sed 's/.*written_mib=\([0-9.]*\).*/\1/' <<< "$line")
+  blocks=$(sed -n 's/.*put_chunk: [0-9]* calls, mean [0-9.]* ms, \([0-9.]*\) MiB.*/\1/p' <<< "$line")
   grown=$(( $(node_bytes) - before ))
-  python3 -c "import sys; w=float(sys.argv[1] or 0)*2**20; g=int(sys.argv[2]); print(f'fsx: wrote {w/2**20:.1f} MiB; the nodes stored {g/2**20:.1f} MiB more ({g/w if w else 0:.1f}x the bytes written, 4 replicas counted)')" "${written:-0}" "$grown"
+  python3 -c "import sys; w=float(sys.argv[1] or 0)*2**20; g=int(sys.argv[2]); b=float(sys.argv[3] or 0)*2**20; print(f'fsx: wrote {w/2**20:.1f} MiB; the mount stored {b/2**20:.1f} MiB of blocks ({b/w if w else 0:.1f}x per replica); the nodes grew by {g/2**20:.1f} MiB ({g/w if w else 0:.1f}x, 4 replicas counted)')" "${written:-0}" "$grown" "${blocks:-0}"
 fi
 
 echo "posix-suites: done in $(( $(date +%s) - start )) s, status $status"
