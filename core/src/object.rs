@@ -11,8 +11,9 @@
 use crate::crypto::{CryptoError, Domain, Keypair, ObjectId, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
 
-/// Largest content block and largest public-key block value.
-pub const MAX_BLOCK: usize = 1 << 20;
+/// Largest content block and largest public-key block value: a volume's 1 MiB chunk plus room
+/// for an envelope around it (an encrypted volume's nonce and authentication tag).
+pub const MAX_BLOCK: usize = (1 << 20) + 4096;
 /// Largest label of a public-key block.
 pub const MAX_LABEL: usize = 1024;
 

@@ -58,6 +58,20 @@ pub enum Command {
         Deleting a snapshot does not free its data yet."
     )]
     Snapshot(crate::snapshot_cmd::SnapshotCmd),
+    /// Create an encrypted volume, or change what opens its key.
+    #[command(
+        subcommand,
+        long_about = "An encrypted volume's blocks are sealed by the mount (XChaCha20-Poly1305 \
+        under a random volume key) before they leave the machine: nodes store ciphertext and \
+        hashed labels only. The volume key is kept in the volume, wrapped by a key file \
+        (--keyfile PATH, at least 32 bytes: `head -c 32 /dev/urandom > PATH`) or a passphrase \
+        (--passphrase: asked on the terminal, or $DBQSFS_PASSPHRASE; Argon2id). Mount it with \
+        `-o keyfile=PATH` or `-o passphrase`. `rekey` changes the wrapping without rewriting \
+        data. Lose the key file or passphrase and the data is lost. The cluster must be running \
+        (the embedded one runs while a mount of it does; a first mount with `-o \
+        encrypt,keyfile=PATH` creates an encrypted volume too)."
+    )]
+    Volume(crate::volume_cmd::VolumeCmd),
     /// Create, start and stop a local test cluster on 127.0.0.1.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -206,7 +220,12 @@ timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads),
 chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB), \
 commit=MS (longest time a change waits for its commit, default 1000), sync (commit every \
 operation before it returns), async (the default), snapshot=NAME (mount that snapshot of the \
-volume, read-only; see `dbqsfs snapshot`).";
+volume, read-only; see `dbqsfs snapshot`).
+
+Encryption (see `dbqsfs volume --help`): keyfile=PATH or passphrase (asked on the terminal, or \
+$DBQSFS_PASSPHRASE) opens an encrypted volume; on a volume that does not exist yet they create \
+it encrypted (encrypt says so explicitly and asks for a passphrase twice). Nodes then hold only \
+ciphertext and hashed labels. An unencrypted volume stays unencrypted.";
 
 /// Arguments of `dbqsfs mount`.
 #[derive(clap::Args, Debug)]
@@ -514,6 +533,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(cmd) => {
             init_logs("warn");
             crate::snapshot_cmd::run(cmd)
+        }
+        Command::Volume(cmd) => {
+            init_logs("warn");
+            crate::volume_cmd::run(cmd)
         }
         Command::Bench { cluster, ops } => {
             init_logs("warn");

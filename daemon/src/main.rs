@@ -3,6 +3,7 @@
 mod cli;
 mod mount_cmd;
 mod snapshot_cmd;
+mod volume_cmd;
 
 use clap::Parser;
 

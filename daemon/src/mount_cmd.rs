@@ -26,7 +26,11 @@ use dbqsfs_daemon::node::shutdown_signal;
 use dbqsfs_daemon::volume::{
     valid_volume_name, BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming,
 };
+use dbqsfs_fs::crypt::{self, Encrypted, KdfCost, KeyError, Secret};
 use dbqsfs_fs::{Backend, MountOptions};
+use zeroize::Zeroizing;
+
+use crate::volume_cmd::{self, PASSPHRASE_ENV};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek};
 use std::os::unix::ffi::OsStrExt;
@@ -66,6 +70,12 @@ pub struct Opts {
     pub commit_interval: Duration,
     /// Mount this snapshot of the volume (read-only).
     pub snapshot: Option<String>,
+    /// Create the volume encrypted (`-o encrypt`; implied by a key file or passphrase).
+    pub encrypt: bool,
+    /// The encrypted volume's key file (`-o keyfile=PATH`).
+    pub keyfile: Option<PathBuf>,
+    /// Read the encrypted volume's passphrase (`-o passphrase`).
+    pub passphrase: bool,
 }
 
 /// Default of `-o commit=MS`.
@@ -73,7 +83,7 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
     attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
-    commit=MS, snapshot=NAME";
+    commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase";
 
 fn secs(name: &str, v: &str) -> Result<Duration, UsageError> {
     v.parse::<f64>()
@@ -98,6 +108,9 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         sync: false,
         commit_interval: DEFAULT_COMMIT_INTERVAL,
         snapshot: None,
+        encrypt: false,
+        keyfile: None,
+        passphrase: false,
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -125,6 +138,9 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
             }
             ("fsname", Some(v)) if !v.is_empty() => o.fsname = Some(v.into()),
             ("snapshot", Some(v)) if !v.is_empty() => o.snapshot = Some(v.into()),
+            ("encrypt", None) => o.encrypt = true,
+            ("keyfile", Some(v)) if !v.is_empty() => o.keyfile = Some(v.into()),
+            ("passphrase", None) => o.passphrase = true,
             ("attr_timeout", Some(v)) => o.attr_ttl = Some(secs(k, v)?),
             ("entry_timeout", Some(v)) => o.entry_ttl = Some(secs(k, v)?),
             ("timeout", Some(v)) => {
@@ -160,6 +176,18 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
     }
     // A snapshot never changes: it mounts read-only.
     o.read_only |= o.snapshot.is_some();
+    if o.keyfile.is_some() && o.passphrase {
+        return Err(UsageError(
+            "-o keyfile and -o passphrase exclude each other: a volume's key is wrapped by one"
+                .into(),
+        ));
+    }
+    if o.encrypt && o.keyfile.is_none() && !o.passphrase {
+        return Err(UsageError(
+            "-o encrypt needs -o keyfile=PATH or -o passphrase (what will open the volume's key)"
+                .into(),
+        ));
+    }
     Ok(o)
 }
 
@@ -517,13 +545,26 @@ pub fn run_mount(args: MountArgs) -> Result<()> {
     let dir = mount_path(&args.dir).map_err(|e| UsageError(format!("{e:#}")))?;
     check_mount_point(&dir, &opts)?;
     let target = Target::resolve(&args)?;
+    // Check the key file now, so a wrong path fails here and not in the background.
+    if let Some(k) = &opts.keyfile {
+        Secret::key_file(k).map_err(|e| UsageError(format!("-o keyfile: {e}")))?;
+    }
     if args.foreground {
         crate::cli::init_logs(
             "warn,fuser::mnt=error,dbqsfs=info,dbqsfs_daemon=info,dbqsfs_fs=info",
         );
         foreground(&args, &opts, &dir, &target)
     } else {
-        daemonize(&dir, &target)
+        // The background process cannot ask: the passphrase goes to it on its stdin.
+        let pass = match opts.passphrase {
+            true => Some(volume_cmd::passphrase(
+                PASSPHRASE_ENV,
+                "volume passphrase: ",
+                opts.encrypt,
+            )?),
+            false => None,
+        };
+        daemonize(&dir, &target, pass)
     }
 }
 
@@ -572,7 +613,7 @@ impl Target {
 }
 
 /// Starts `dbqsfs mount ... -f` in a new session and waits for the mount to appear.
-fn daemonize(dir: &Path, target: &Target) -> Result<()> {
+fn daemonize(dir: &Path, target: &Target, pass: Option<Zeroizing<Vec<u8>>>) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the dbqsfs executable")?;
     let log = std::fs::OpenOptions::new()
@@ -586,7 +627,11 @@ fn daemonize(dir: &Path, target: &Target) -> Result<()> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(&args)
         .env("DBQSFS_DAEMON_LOG", &target.log)
-        .stdin(std::process::Stdio::null())
+        .env_remove(PASSPHRASE_ENV)
+        .stdin(match pass {
+            Some(_) => std::process::Stdio::piped(),
+            None => std::process::Stdio::null(),
+        })
         .stdout(log.try_clone()?)
         .stderr(log);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -599,6 +644,11 @@ fn daemonize(dir: &Path, target: &Target) -> Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting the mount process")?;
+    if let (Some(p), Some(mut stdin)) = (pass, child.stdin.take()) {
+        use std::io::Write;
+        // A child that failed early has closed its stdin; its log says why (below).
+        let _ = stdin.write_all(&p).and_then(|_| stdin.write_all(b"\n"));
+    }
     let start = Instant::now();
     loop {
         if let Some(t) = mounted_fstype(dir) {
@@ -740,13 +790,27 @@ fn foreground(args: &MountArgs, opts: &Opts, dir: &Path, target: &Target) -> Res
             }
         }
     };
-    let result = serve(opts, dir, target);
+    let result = secret_of(opts).and_then(|secret| serve(opts, dir, target, secret));
     drop(cleanup);
     result
 }
 
 /// Connects, takes the lease, mounts, and serves until unmounted.
-fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
+/// What opens the volume's key, as the options name it (a passphrase from $DBQSFS_PASSPHRASE,
+/// the terminal, or a line of stdin: how the background mount gets it).
+fn secret_of(opts: &Opts) -> Result<Option<Secret>> {
+    Ok(match (&opts.keyfile, opts.passphrase) {
+        (Some(k), _) => Some(Secret::key_file(k)?),
+        (None, true) => Some(Secret::Passphrase(volume_cmd::passphrase(
+            PASSPHRASE_ENV,
+            "volume passphrase: ",
+            opts.encrypt,
+        )?)),
+        (None, false) => None,
+    })
+}
+
+fn serve(opts: &Opts, dir: &Path, target: &Target, secret: Option<Secret>) -> Result<()> {
     let info = ClusterInfo::load(&target.cluster_toml)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -764,7 +828,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
     };
     let owner = info.client_key.clone();
     let call_timeout = opts.op_timeout + Duration::from_secs(5);
-    let probe = DbqsBackend::new(
+    let probe = Arc::new(DbqsBackend::new(
         client.clone(),
         owner.clone(),
         &target.volume,
@@ -773,18 +837,43 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
             call_timeout,
             ..BackendOptions::default()
         },
-    );
-    let exists = probe
+    ));
+    let cannot_reach = |e: &dyn std::fmt::Display| {
+        anyhow!(
+            "cannot reach the cluster of {} ({e}); check that its nodes run (`dbqsfs status \
+             --cluster {}`)",
+            target.cluster_toml.display(),
+            target.cluster_toml.display()
+        )
+    };
+    let plain_exists = probe
         .get_record(dbqsfs_fs::layout::HEAD_LABEL)
-        .map_err(|e| {
-            anyhow!(
-                "cannot reach the cluster of {} ({e}); check that its nodes run (`dbqsfs status \
-                 --cluster {}`)",
-                target.cluster_toml.display(),
-                target.cluster_toml.display()
-            )
-        })?
+        .map_err(|e| cannot_reach(&e))?
         .is_some();
+    let encrypted = crypt::is_encrypted(&*probe).map_err(|e| cannot_reach(&e))?;
+    let volume_name = &target.volume;
+    let key = match (encrypted, &secret) {
+        (true, None) => bail!(
+            "volume {volume_name:?} is encrypted: mount it with -o keyfile=PATH or -o passphrase"
+        ),
+        (true, Some(s)) => Some(crypt::open_key(&*probe, s).map_err(|e| match e {
+            KeyError::Backend(b) => cannot_reach(&b),
+            e => volume_cmd::explain(e, volume_name),
+        })?),
+        (false, Some(_)) if plain_exists => bail!(
+            "volume {volume_name:?} exists and is not encrypted; encryption is chosen when a \
+             volume is created: leave out -o keyfile/passphrase, or create a new volume with -o \
+             encrypt,keyfile=PATH and copy the data over"
+        ),
+        (false, _) => None,
+    };
+    let exists = match &key {
+        Some(k) => Encrypted::new(probe.clone(), k)
+            .get_record(dbqsfs_fs::layout::HEAD_LABEL)
+            .map_err(|e| cannot_reach(&e))?
+            .is_some(),
+        None => plain_exists,
+    };
     if !exists && opts.read_only {
         bail!(
             "volume {:?} does not exist yet: mount it read-write once to create it",
@@ -831,8 +920,26 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         });
         lease_task = Some((stop_tx, task));
     }
+    // A new volume with a secret is created encrypted (its key first, after the lease is held).
+    let key = match (key, &secret) {
+        (None, Some(s)) => {
+            tracing::info!(volume = target.volume, "creating the volume's key");
+            match crypt::create_key(&backend, s, KdfCost::default()) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    release_lease(&rt, lease_task);
+                    return Err(volume_cmd::explain(e, volume_name));
+                }
+            }
+        }
+        (key, _) => key,
+    };
     if !exists {
-        tracing::info!(volume = target.volume, "creating the volume");
+        tracing::info!(
+            volume = target.volume,
+            encrypted = key.is_some(),
+            "creating the volume"
+        );
     }
 
     let defaults = MountOptions::default();
@@ -856,7 +963,12 @@ fn serve(opts: &Opts, dir: &Path, target: &Target) -> Result<()> {
         ..defaults
     };
     let stats = backend.stats();
-    let mounted = dbqsfs_fs::mount(Arc::new(backend), dir, mopts);
+    let fs_backend: Arc<dyn Backend> = match &key {
+        Some(k) => Arc::new(Encrypted::new(backend, k)),
+        None => Arc::new(backend),
+    };
+    drop(key);
+    let mounted = dbqsfs_fs::mount(fs_backend, dir, mopts);
     let mount = match mounted {
         Ok(m) => m,
         Err(e) => {
@@ -1052,6 +1164,12 @@ mod tests {
         assert!(o.sync);
         assert_eq!(o.commit_interval, Duration::from_millis(250));
         assert!(parse_options(&["commit=0".into()]).is_err());
+        let o = parse_options(&["encrypt,keyfile=/k".into()]).unwrap();
+        assert!(o.encrypt && o.keyfile == Some(PathBuf::from("/k")) && !o.passphrase);
+        assert!(parse_options(&["passphrase".into()]).unwrap().passphrase);
+        assert!(parse_options(&["encrypt".into()]).is_err(), "encrypt needs a secret");
+        assert!(parse_options(&["keyfile=/k,passphrase".into()]).is_err());
+        assert!(parse_options(&["keyfile=".into()]).is_err());
     }
 
     #[test]

@@ -1,15 +1,10 @@
 //! `dbqsfs snapshot`: create, list and delete a volume's snapshots (the logic is
 //! `dbqsfs_fs::snapshot`; this is the command line and the connection to the cluster).
 
-use anyhow::{bail, Context, Result};
-use dbqsfs_daemon::client::DbqsClient;
-use dbqsfs_daemon::files::ClusterInfo;
-use dbqsfs_daemon::volume::{BackendOptions, DbqsBackend};
+use anyhow::Result;
 use dbqsfs_fs::snapshot::{self, SnapshotError};
-use std::path::PathBuf;
-use std::time::Duration;
 
-use crate::mount_cmd;
+use crate::volume_cmd::{Connection, KeyArgs, VolumeAt};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum SnapshotCmd {
@@ -17,6 +12,8 @@ pub enum SnapshotCmd {
     Create {
         #[command(flatten)]
         at: VolumeAt,
+        #[command(flatten)]
+        key: KeyArgs,
         /// Letters, digits, '.', '_' and '-' (at most 100).
         name: String,
     },
@@ -24,83 +21,35 @@ pub enum SnapshotCmd {
     List {
         #[command(flatten)]
         at: VolumeAt,
+        #[command(flatten)]
+        key: KeyArgs,
     },
     /// Delete a snapshot (its data is not freed yet: dBQS has no deletion).
     Delete {
         #[command(flatten)]
         at: VolumeAt,
+        #[command(flatten)]
+        key: KeyArgs,
         name: String,
     },
 }
 
-/// Which volume of which cluster.
-#[derive(clap::Args, Debug)]
-pub struct VolumeAt {
-    /// The cluster's description [default: the embedded cluster of --data-dir].
-    #[arg(long, value_name = "FILE")]
-    cluster: Option<PathBuf>,
-    /// The embedded cluster's data directory [default: as for `dbqsfs mount`].
-    #[arg(long, value_name = "DIR", conflicts_with = "cluster")]
-    data_dir: Option<PathBuf>,
-    /// The volume.
-    #[arg(long, default_value = "default")]
-    volume: String,
-}
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
 pub fn run(cmd: SnapshotCmd) -> Result<()> {
-    let at = match &cmd {
-        SnapshotCmd::Create { at, .. }
-        | SnapshotCmd::List { at }
-        | SnapshotCmd::Delete { at, .. } => at,
+    let (at, key) = match &cmd {
+        SnapshotCmd::Create { at, key, .. }
+        | SnapshotCmd::List { at, key }
+        | SnapshotCmd::Delete { at, key, .. } => (at, key),
     };
-    let toml = match &at.cluster {
-        Some(t) => t.clone(),
-        None => mount_cmd::data_dir(at.data_dir.as_deref())?.join("cluster/cluster.toml"),
-    };
-    if !toml.exists() {
-        bail!(
-            "no cluster at {}: pass --cluster FILE, or --data-dir of the embedded cluster",
-            toml.display()
-        );
-    }
-    let info = ClusterInfo::load(&toml)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = {
-        let _g = rt.enter();
-        DbqsClient::connect(
-            info.genesis.clone(),
-            info.client_key.clone(),
-            mount_cmd::mount_client_options(TIMEOUT),
-        )?
-    };
-    let backend = DbqsBackend::new(
-        client,
-        info.client_key.clone(),
-        &at.volume,
-        rt.handle().clone(),
-        BackendOptions {
-            call_timeout: TIMEOUT + Duration::from_secs(5),
-            ..BackendOptions::default()
-        },
-    );
+    let secret = key.secret(false)?;
+    let conn = Connection::open(at)?;
     let unreachable = |e: SnapshotError| match e {
-        SnapshotError::Fs(e) => anyhow::anyhow!(
-            "{e}: cannot reach the cluster of {} (its nodes run while a mount of the embedded \
-             cluster does; see `dbqsfs status --cluster {}`)",
-            toml.display(),
-            toml.display()
-        ),
+        SnapshotError::Fs(e) => conn.unreachable(e),
         e => e.into(),
     };
+    let backend = conn.fs_backend(secret.as_ref())?;
     match &cmd {
         SnapshotCmd::Create { name, .. } => {
-            let s = snapshot::create(&backend, name).map_err(unreachable)?;
+            let s = snapshot::create(&*backend, name).map_err(unreachable)?;
             println!(
                 "snapshot {name:?} of volume {:?} (commit {}); mount it with `dbqsfs mount -o \
                  snapshot={name} DIR`",
@@ -108,7 +57,7 @@ pub fn run(cmd: SnapshotCmd) -> Result<()> {
             );
         }
         SnapshotCmd::List { .. } => {
-            let all = snapshot::list(&backend).map_err(|e| unreachable(e.into()))?;
+            let all = snapshot::list(&*backend).map_err(|e| unreachable(e.into()))?;
             if all.is_empty() {
                 println!("volume {:?} has no snapshots", at.volume);
             }
@@ -124,12 +73,12 @@ pub fn run(cmd: SnapshotCmd) -> Result<()> {
             }
         }
         SnapshotCmd::Delete { name, .. } => {
-            snapshot::delete(&backend, name).map_err(unreachable)?;
+            snapshot::delete(&*backend, name).map_err(unreachable)?;
             println!("deleted snapshot {name:?} of volume {:?}", at.volume);
         }
     }
     drop(backend);
-    rt.shutdown_timeout(Duration::from_secs(2));
+    conn.close();
     Ok(())
 }
 

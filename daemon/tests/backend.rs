@@ -83,7 +83,7 @@ fn dbqs_backend_serves_a_volume_and_leases_keep_one_writer() {
         None
     );
     assert!(matches!(
-        b.put_chunk(&vec![0; (1 << 20) + 1]),
+        b.put_chunk(&vec![0; dbqsfs_core::object::MAX_BLOCK + 1]),
         Err(BackendError::TooLarge { .. })
     ));
 

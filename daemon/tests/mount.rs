@@ -833,3 +833,232 @@ fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()
 }
+
+/// Whether `needle` occurs anywhere under `dir` (every file, byte by byte).
+fn found_under(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => {
+                    if let Ok(bytes) = std::fs::read(&p) {
+                        if bytes.windows(needle.len()).any(|w| w == needle) {
+                            hits.push(p);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    hits
+}
+
+/// Writes `marker` into a file's name, contents, an xattr's name and value, a directory's
+/// name and a symlink's target, all fsync'd.
+fn write_marked(dir: &Path, marker: &str) {
+    let sub = dir.join(format!("dir-{marker}"));
+    std::fs::create_dir(&sub).unwrap();
+    let file = sub.join(format!("file-{marker}.txt"));
+    write_synced(&file, format!("contents {marker} ").repeat(200).as_bytes()).unwrap();
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (path, name, value) = (
+        c(file.to_str().unwrap()),
+        c(&format!("user.x-{marker}")),
+        format!("xattr value {marker}"),
+    );
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    std::os::unix::fs::symlink(format!("../target-{marker}"), sub.join("link")).unwrap();
+    std::fs::File::open(&sub).unwrap().sync_all().unwrap();
+}
+
+fn check_marked(dir: &Path, marker: &str) {
+    let sub = dir.join(format!("dir-{marker}"));
+    let file = sub.join(format!("file-{marker}.txt"));
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        format!("contents {marker} ").repeat(200).as_bytes()
+    );
+    assert_eq!(
+        std::fs::read_link(sub.join("link")).unwrap(),
+        PathBuf::from(format!("../target-{marker}"))
+    );
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (path, name) = (c(file.to_str().unwrap()), c(&format!("user.x-{marker}")));
+    let mut buf = [0u8; 256];
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n >= 0, "getxattr: {}", std::io::Error::last_os_error());
+    let out = String::from_utf8_lossy(&buf[..n as usize]).into_owned();
+    assert_eq!(out.trim(), format!("xattr value {marker}"));
+}
+
+#[test]
+fn an_encrypted_volume_leaves_only_ciphertext_on_the_nodes() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).unwrap();
+    let tag = u64::from_le_bytes(r);
+    let (plain_mark, secret_mark) = (format!("PLAIN{tag:016x}"), format!("SECRET{tag:016x}"));
+    let key = env.root.join("volume.key");
+    std::fs::write(&key, r.repeat(5)).unwrap();
+    let keyopt = format!("keyfile={}", key.display());
+
+    // An unencrypted volume (so the search can find a marker) and an encrypted one.
+    let plain = env.mount("plain", &[]);
+    write_marked(&plain, &plain_mark);
+    let sec = env.mount(
+        "sec",
+        &["--volume", "sec", "-o", &format!("encrypt,{keyopt}")],
+    );
+    write_marked(&sec, &secret_mark);
+    check_marked(&sec, &secret_mark);
+    env.umount(&sec);
+
+    // A missing key, a missing file, a short file, another key: clear errors.
+    let expect_fail = |env: &mut Env, extra: &[&str], what: &str| {
+        let o = env.try_mount("sec", extra);
+        assert!(!o.status.success(), "mount {extra:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(err.contains(what), "mount {extra:?}: {err}");
+    };
+    expect_fail(&mut env, &["--volume", "sec"], "is encrypted");
+    let missing = format!("keyfile={}", env.root.join("nope").display());
+    expect_fail(
+        &mut env,
+        &["--volume", "sec", "-o", &missing],
+        "No such file",
+    );
+    let short = env.root.join("short.key");
+    std::fs::write(&short, b"0123456789").unwrap();
+    let shortopt = format!("keyfile={}", short.display());
+    expect_fail(
+        &mut env,
+        &["--volume", "sec", "-o", &shortopt],
+        "at least 32",
+    );
+    let other = env.root.join("other.key");
+    std::fs::write(&other, [7u8; 32]).unwrap();
+    let otheropt = format!("keyfile={}", other.display());
+    expect_fail(
+        &mut env,
+        &["--volume", "sec", "-o", &otheropt],
+        "does not open",
+    );
+    expect_fail(
+        &mut env,
+        &["--volume", "default", "-o", &keyopt],
+        "not encrypted",
+    );
+
+    // The right key shows everything; after a rekey only the new key does.
+    let sec = env.mount("sec", &["--volume", "sec", "-o", &keyopt]);
+    check_marked(&sec, &secret_mark);
+    env.umount(&sec);
+    let data = env.data.to_string_lossy().into_owned();
+    let o = dbqsfs(&[
+        "volume",
+        "rekey",
+        "--data-dir",
+        &data,
+        "--volume",
+        "sec",
+        "--keyfile",
+        key.to_str().unwrap(),
+        "--new-keyfile",
+        other.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "rekey: {}", show(&o));
+    expect_fail(
+        &mut env,
+        &["--volume", "sec", "-o", &keyopt],
+        "does not open",
+    );
+    let sec = env.mount("sec", &["--volume", "sec", "-o", &otheropt]);
+    check_marked(&sec, &secret_mark);
+    env.umount(&sec);
+
+    // A passphrase-wrapped volume, the passphrase given to the background mount.
+    let o = Command::new(env!("CARGO_BIN_EXE_dbqsfs"))
+        .args([
+            "volume",
+            "create",
+            "--data-dir",
+            &data,
+            "--volume",
+            "pp",
+            "--encrypt",
+        ])
+        .arg("--passphrase")
+        .env("DBQSFS_PASSPHRASE", "correct horse battery")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "volume create: {}", show(&o));
+    let pp_mount = |env: &mut Env, pass: &str| {
+        let dir = env.dir("pp");
+        Command::new(env!("CARGO_BIN_EXE_dbqsfs"))
+            .args([
+                "mount",
+                "--data-dir",
+                &data,
+                "--base-port",
+                &env.base_port.to_string(),
+            ])
+            .args(["--volume", "pp", "-o", "passphrase"])
+            .arg(&dir)
+            .env("DBQSFS_PASSPHRASE", pass)
+            .output()
+            .unwrap()
+    };
+    let o = pp_mount(&mut env, "wrong horse");
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("does not open"),
+        "{}",
+        show(&o)
+    );
+    let o = pp_mount(&mut env, "correct horse battery");
+    assert!(o.status.success(), "{}", show(&o));
+    let pp = env.root.join("pp");
+    write_marked(&pp, &secret_mark);
+    env.umount(&pp);
+    env.umount(&plain);
+
+    // Every node's files, byte by byte: the plain marker is there, the secret one nowhere.
+    let nodes = env.data.join("cluster");
+    assert!(
+        !found_under(&nodes, plain_mark.as_bytes()).is_empty(),
+        "the unencrypted volume's marker is not on the nodes: the search cannot see markers"
+    );
+    let hits = found_under(&nodes, secret_mark.as_bytes());
+    assert!(
+        hits.is_empty(),
+        "the encrypted volume's marker is in {hits:?}"
+    );
+}

@@ -69,6 +69,25 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// A shared backend is a backend (so a caller can keep a handle on what a `Volume` uses).
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn put_chunk(&self, data: &[u8]) -> Result<ChunkId, BackendError> {
+        (**self).put_chunk(data)
+    }
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackendError> {
+        (**self).get_chunk(id)
+    }
+    fn get_record(&self, label: &[u8]) -> Result<Option<Record>, BackendError> {
+        (**self).get_record(label)
+    }
+    fn put_record(&self, label: &[u8], version: u64, value: &[u8]) -> Result<(), BackendError> {
+        (**self).put_record(label, version, value)
+    }
+    fn max_block(&self) -> usize {
+        (**self).max_block()
+    }
+}
+
 /// What `MemBackend` does with the next calls; see [`MemBackend::set_failure`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failure {

@@ -6,6 +6,7 @@
 //!
 //! Layers:
 //! - [`backend`]: the storage interface (`Backend`) and an in-memory implementation for tests.
+//! - [`crypt`]: encryption at rest, a `Backend` wrapper the rest of the crate never sees.
 //! - [`layout`]: record labels and value encodings on the backend.
 //! - [`volume`]: `Volume`, all POSIX logic on inode numbers, with no FUSE types (so it is tested
 //!   without a mount); directories in `dir`, file contents and caches in `file`.
@@ -18,6 +19,7 @@
 
 pub mod backend;
 mod commit;
+pub mod crypt;
 mod dir;
 pub mod error;
 mod file;

@@ -23,8 +23,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use dbqsfs_fs::crypt::{Encrypted, VolumeKey};
 use dbqsfs_fs::layout::ROOT_INO;
-use dbqsfs_fs::{Cred, Failure, FileKind, FsResult, MemBackend, SetAttr, Volume, VolumeConfig};
+use dbqsfs_fs::{
+    Backend, Cred, Failure, FileKind, FsResult, MemBackend, SetAttr, Volume, VolumeConfig,
+};
 
 // ---------------------------------------------------------------- deterministic randomness
 
@@ -797,7 +800,18 @@ fn run_seed(seed: u64, ops: usize, tally: &mut Tally) {
         ..VolumeConfig::default()
     };
     let backend = MemBackend::with_max_block(max_block);
-    let open = || Volume::open_or_format(Arc::new(backend.clone()), cfg.clone()).unwrap();
+    // A quarter of the sequences run over an encrypted volume (whose blocks are smaller by the
+    // envelope, so its chunk size is not a power of two either).
+    let encrypted = seed % 4 == 3;
+    let open = || {
+        let b: Arc<dyn Backend> = if encrypted {
+            let key = VolumeKey::from_bytes(blake3::hash(&seed.to_le_bytes()).into());
+            Arc::new(Encrypted::new(backend.clone(), &key))
+        } else {
+            Arc::new(backend.clone())
+        };
+        Volume::open_or_format(b, cfg.clone()).unwrap()
+    };
     let mut vol = open();
     let mut model = Model::new();
     let mut log = Vec::new();

@@ -1,0 +1,335 @@
+//! `dbqsfs volume`: create an encrypted volume and change the wrapping of its key; and what the
+//! volume commands share: which volume of which cluster ([`VolumeAt`]), the connection to it
+//! ([`Connection`]), the secret that opens an encrypted volume ([`KeyArgs`], [`passphrase`]) and
+//! the volume's backend as the filesystem must see it ([`fs_backend`]).
+//!
+//! The key logic is `dbqsfs_fs::crypt`; this is the command line around it.
+
+use anyhow::{anyhow, bail, Context, Result};
+use dbqsfs_daemon::client::DbqsClient;
+use dbqsfs_daemon::files::ClusterInfo;
+use dbqsfs_daemon::volume::{valid_volume_name, BackendOptions, DbqsBackend};
+use dbqsfs_fs::crypt::{self, Encrypted, KdfCost, KeyError, Secret};
+use dbqsfs_fs::layout::HEAD_LABEL;
+use dbqsfs_fs::Backend;
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+use crate::cli::UsageError;
+use crate::mount_cmd;
+
+/// The environment variable a script puts a volume's passphrase in (instead of a prompt).
+pub const PASSPHRASE_ENV: &str = "DBQSFS_PASSPHRASE";
+/// The new passphrase of `dbqsfs volume rekey --new-passphrase`, for scripts.
+pub const NEW_PASSPHRASE_ENV: &str = "DBQSFS_NEW_PASSPHRASE";
+
+#[derive(clap::Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a volume now (a mount creates one on first use; use this for an encrypted one).
+    Create {
+        #[command(flatten)]
+        at: VolumeAt,
+        /// Encrypt the volume (needs --keyfile or --passphrase).
+        #[arg(long)]
+        encrypt: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Change what opens an encrypted volume's key (the data is not rewritten).
+    Rekey {
+        #[command(flatten)]
+        at: VolumeAt,
+        /// What opens the key now.
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The new key file (at least 32 bytes).
+        #[arg(long, value_name = "PATH", conflicts_with = "new_passphrase")]
+        new_keyfile: Option<PathBuf>,
+        /// A new passphrase (asked on the terminal, or $DBQSFS_NEW_PASSPHRASE).
+        #[arg(long)]
+        new_passphrase: bool,
+    },
+}
+
+/// Which volume of which cluster.
+#[derive(clap::Args, Debug)]
+pub struct VolumeAt {
+    /// The cluster's description [default: the embedded cluster of --data-dir].
+    #[arg(long, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+    /// The embedded cluster's data directory [default: as for `dbqsfs mount`].
+    #[arg(long, value_name = "DIR", conflicts_with = "cluster")]
+    pub data_dir: Option<PathBuf>,
+    /// The volume.
+    #[arg(long, default_value = "default")]
+    pub volume: String,
+}
+
+/// What opens an encrypted volume.
+#[derive(clap::Args, Debug)]
+pub struct KeyArgs {
+    /// The volume's key file.
+    #[arg(long, value_name = "PATH", conflicts_with = "passphrase")]
+    pub keyfile: Option<PathBuf>,
+    /// Ask for the volume's passphrase on the terminal (or read $DBQSFS_PASSPHRASE).
+    #[arg(long)]
+    pub passphrase: bool,
+}
+
+impl KeyArgs {
+    /// The secret these arguments name, if any (prompting for a passphrase; `confirm` asks twice).
+    pub fn secret(&self, confirm: bool) -> Result<Option<Secret>> {
+        match (&self.keyfile, self.passphrase) {
+            (Some(p), _) => Ok(Some(Secret::key_file(p)?)),
+            (None, true) => Ok(Some(Secret::Passphrase(passphrase(
+                PASSPHRASE_ENV,
+                "volume passphrase: ",
+                confirm,
+            )?))),
+            (None, false) => Ok(None),
+        }
+    }
+}
+
+/// A passphrase from `env`, else the terminal (asked twice with `confirm`), else a line of stdin.
+pub fn passphrase(env: &str, prompt: &str, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {
+    let p = if let Ok(p) = std::env::var(env) {
+        Zeroizing::new(p)
+    } else if std::io::stdin().is_terminal() {
+        let p =
+            Zeroizing::new(rpassword::prompt_password(prompt).context("reading the passphrase")?);
+        if confirm {
+            let again = Zeroizing::new(
+                rpassword::prompt_password("again: ").context("reading the passphrase")?,
+            );
+            if *again != *p {
+                bail!("the two passphrases differ; nothing was changed");
+            }
+        }
+        p
+    } else {
+        let mut line = Zeroizing::new(String::new());
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the passphrase from standard input")?;
+        let trimmed = line.trim_end_matches(['\r', '\n']).to_string();
+        Zeroizing::new(trimmed)
+    };
+    if p.is_empty() {
+        bail!("an empty passphrase is refused: type one, set ${env}, or use a key file instead");
+    }
+    Ok(Zeroizing::new(p.as_bytes().to_vec()))
+}
+
+/// Turns a key error into one that names the volume and says what to do.
+pub fn explain(e: KeyError, volume: &str) -> anyhow::Error {
+    match e {
+        KeyError::NotEncrypted => anyhow!(
+            "volume {volume:?} is not encrypted; leave out the key file and passphrase options"
+        ),
+        KeyError::WrongSecret => anyhow!(
+            "the passphrase or key file does not open volume {volume:?}'s key; nothing was \
+             changed (check the key file's path, or retype the passphrase)"
+        ),
+        KeyError::AlreadyEncrypted => anyhow!("volume {volume:?} already has a key"),
+        e => anyhow!("volume {volume:?}: {e}"),
+    }
+}
+
+/// A runtime and a dBQS client of a cluster, and a backend of one of its volumes.
+pub struct Connection {
+    pub rt: tokio::runtime::Runtime,
+    pub backend: Arc<DbqsBackend>,
+    /// The cluster's description, for messages.
+    pub toml: PathBuf,
+    pub volume: String,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Connection {
+    pub fn open(at: &VolumeAt) -> Result<Connection> {
+        if !valid_volume_name(&at.volume) {
+            return Err(UsageError(format!(
+                "volume name {:?}: use letters, digits, '-', '_' and '.'",
+                at.volume
+            ))
+            .into());
+        }
+        let toml = match &at.cluster {
+            Some(t) => t.clone(),
+            None => mount_cmd::data_dir(at.data_dir.as_deref())?.join("cluster/cluster.toml"),
+        };
+        if !toml.exists() {
+            bail!(
+                "no cluster at {}: pass --cluster FILE, or --data-dir of the embedded cluster",
+                toml.display()
+            );
+        }
+        let info = ClusterInfo::load(&toml)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let client = {
+            let _g = rt.enter();
+            DbqsClient::connect(
+                info.genesis.clone(),
+                info.client_key.clone(),
+                mount_cmd::mount_client_options(TIMEOUT),
+            )?
+        };
+        let backend = Arc::new(DbqsBackend::new(
+            client,
+            info.client_key.clone(),
+            &at.volume,
+            rt.handle().clone(),
+            BackendOptions {
+                call_timeout: TIMEOUT + Duration::from_secs(5),
+                ..BackendOptions::default()
+            },
+        ));
+        Ok(Connection {
+            rt,
+            backend,
+            toml,
+            volume: at.volume.clone(),
+        })
+    }
+
+    /// The error for a cluster that did not answer.
+    pub fn unreachable(&self, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!(
+            "{e}: cannot reach the cluster of {} (its nodes run while a mount of the embedded \
+             cluster does; see `dbqsfs status --cluster {}`)",
+            self.toml.display(),
+            self.toml.display()
+        )
+    }
+
+    /// The volume's backend as the filesystem must see it: through its encryption when it has a
+    /// key (which `secret` must open), as it is otherwise.
+    pub fn fs_backend(&self, secret: Option<&Secret>) -> Result<Arc<dyn Backend>> {
+        let raw = self.backend.clone();
+        let volume = &self.volume;
+        let encrypted = crypt::is_encrypted(&raw).map_err(|e| self.unreachable(e))?;
+        match (encrypted, secret) {
+            (false, None) => Ok(raw),
+            (false, Some(_)) => Err(explain(KeyError::NotEncrypted, volume)),
+            (true, None) => bail!(
+                "volume {volume:?} is encrypted: give its key file (--keyfile PATH, or -o \
+                 keyfile=PATH for a mount) or its passphrase (--passphrase, -o passphrase)"
+            ),
+            (true, Some(s)) => {
+                let key = crypt::open_key(&raw, s).map_err(|e| match e {
+                    KeyError::Backend(b) => self.unreachable(b),
+                    e => explain(e, volume),
+                })?;
+                Ok(Arc::new(Encrypted::new(raw, &key)))
+            }
+        }
+    }
+
+    pub fn close(self) {
+        drop(self.backend);
+        self.rt.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+pub fn run(cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create { at, encrypt, key } => {
+            let secret = key.secret(true)?;
+            if encrypt && secret.is_none() {
+                return Err(
+                    UsageError("--encrypt needs --keyfile PATH or --passphrase".into()).into(),
+                );
+            }
+            if !encrypt && secret.is_some() {
+                return Err(
+                    UsageError("--keyfile and --passphrase go with --encrypt".into()).into(),
+                );
+            }
+            let conn = Connection::open(&at)?;
+            let raw = &*conn.backend;
+            let exists = raw
+                .get_record(HEAD_LABEL)
+                .map_err(|e| conn.unreachable(e))?
+                .is_some()
+                || crypt::is_encrypted(raw).map_err(|e| conn.unreachable(e))?;
+            if exists {
+                bail!("volume {:?} already exists", at.volume);
+            }
+            match secret {
+                Some(s) => {
+                    crypt::create_key(raw, &s, KdfCost::default())
+                        .map_err(|e| explain(e, &at.volume))?;
+                    println!(
+                        "created encrypted volume {:?}; mount it with `dbqsfs mount --volume {} \
+                         -o {} DIR` (keep the key file or passphrase: without it the data is lost)",
+                        at.volume,
+                        at.volume,
+                        match &key.keyfile {
+                            Some(p) => format!("keyfile={}", p.display()),
+                            None => "passphrase".into(),
+                        }
+                    );
+                }
+                None => println!(
+                    "volume {:?} is created by its first read-write mount: `dbqsfs mount \
+                     --volume {} DIR`",
+                    at.volume, at.volume
+                ),
+            }
+            conn.close();
+            Ok(())
+        }
+        VolumeCmd::Rekey {
+            at,
+            key,
+            new_keyfile,
+            new_passphrase,
+        } => {
+            let Some(old) = key.secret(false)? else {
+                return Err(UsageError(
+                    "rekey needs what opens the key now: --keyfile PATH or --passphrase".into(),
+                )
+                .into());
+            };
+            let new = match (new_keyfile.as_deref(), new_passphrase) {
+                (Some(p), _) => Secret::key_file(p)?,
+                (None, true) => Secret::Passphrase(passphrase(
+                    NEW_PASSPHRASE_ENV,
+                    "new volume passphrase: ",
+                    true,
+                )?),
+                (None, false) => {
+                    return Err(UsageError(
+                        "rekey needs the new secret: --new-keyfile PATH or --new-passphrase".into(),
+                    )
+                    .into())
+                }
+            };
+            let conn = Connection::open(&at)?;
+            crypt::rekey(&conn.backend, &old, &new, KdfCost::default()).map_err(|e| match e {
+                KeyError::Backend(b) => conn.unreachable(b),
+                e => explain(e, &at.volume),
+            })?;
+            println!(
+                "volume {:?} now opens with {}",
+                at.volume,
+                match &new_keyfile {
+                    Some(p) => format!("key file {}", p.display()),
+                    None => "the new passphrase".into(),
+                }
+            );
+            conn.close();
+            Ok(())
+        }
+    }
+}
