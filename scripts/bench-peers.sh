@@ -4,6 +4,8 @@
 # dbqsfs/bindfs ratios (inverted for the `s` rows, so below 1 is slower either way).
 #
 #   scripts/bench-peers.sh [ROUNDS]        # default 2 rounds; root (peers.sh drops caches)
+#   AGAINST=encrypted scripts/bench-peers.sh  # against an encrypted volume of the same cluster
+#                                             # instead of bindfs (the cost of encryption)
 #   PEERS=/path/to/peers.sh PEERS_TARBALL=x.tar.gz DBQSFS_BIN=target/release/dbqsfs
 #
 # dbqsfs: the embedded default cluster (4 nodes, f=1) in a temporary data directory, default
@@ -28,12 +30,15 @@ fi
 bin=$(realpath "$DBQSFS_BIN")
 
 work=$(mktemp -d /var/tmp/dbqsfs-bench.XXXXXX)
-mkdir -p "$work/dbqsfs" "$work/bindfs" "$work/bindfs-src" "$work/out"
+against=${AGAINST:-bindfs}
+case $against in bindfs|encrypted) ;; *) echo "bench-peers: AGAINST=bindfs or encrypted" >&2; exit 2;; esac
+mkdir -p "$work/dbqsfs" "$work/bindfs" "$work/bindfs-src" "$work/encrypted" "$work/out"
 bindfs_pid=
 cleanup() {
   set +e
   cd /
   grep -q " $work/dbqsfs " /proc/self/mountinfo && "$bin" umount "$work/dbqsfs"
+  grep -q " $work/encrypted " /proc/self/mountinfo && "$bin" umount "$work/encrypted"
   grep -q " $work/bindfs " /proc/self/mountinfo && fusermount3 -u "$work/bindfs"
   [ -n "$bindfs_pid" ] && kill "$bindfs_pid" 2>/dev/null
   [ -f "$work/data/cluster/cluster.toml" ] && "$bin" cluster down --dir "$work/data/cluster" >/dev/null
@@ -44,36 +49,41 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 "$bin" mount --data-dir "$work/data" "$work/dbqsfs"
-bindfs -f "$work/bindfs-src" "$work/bindfs" &
-bindfs_pid=$!
-for _ in $(seq 100); do grep -q " $work/bindfs " /proc/self/mountinfo && break; sleep 0.1; done
+if [ "$against" = bindfs ]; then
+  bindfs -f "$work/bindfs-src" "$work/bindfs" &
+  bindfs_pid=$!
+  for _ in $(seq 100); do grep -q " $work/bindfs " /proc/self/mountinfo && break; sleep 0.1; done
+else
+  head -c 32 /dev/urandom > "$work/volume.key"
+  "$bin" mount --data-dir "$work/data" --volume encrypted -o "encrypt,keyfile=$work/volume.key" "$work/encrypted"
+fi
 
 echo "tarball: $PEERS_TARBALL ($(tar -tzf "$PEERS_TARBALL" | wc -l) entries)"
 for r in $(seq "$rounds"); do
-  for fs in dbqsfs bindfs; do
+  for fs in dbqsfs "$against"; do
     echo "=== round $r: $fs ($(date -Is))"
     "$peers" "$work/$fs" "$fs" > "$work/out/r$r-$fs.txt" 2> "$work/out/r$r-$fs.err"
     tr '\n' ' ' < "$work/out/r$r-$fs.txt"; echo
   done
 done
 
-python3 - "$work/out" "$rounds" <<'PY'
+python3 - "$work/out" "$rounds" "$against" <<'PY'
 import sys, statistics, collections
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, other = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 vals = collections.defaultdict(lambda: collections.defaultdict(list))
 units, order = {}, []
 for r in range(1, rounds + 1):
-    for fs in ("dbqsfs", "bindfs"):
+    for fs in ("dbqsfs", other):
         for line in open(f"{out}/r{r}-{fs}.txt"):
             m, v, u = line.split()
             if m not in units:
                 order.append(m)
             units[m] = u
             vals[m][fs].append(float(v))
-print("| metric | unit | dbqsfs | bindfs | dbqsfs/bindfs |")
+print(f"| metric | unit | dbqsfs | {other} | dbqsfs/{other} |")
 print("|---|---|---:|---:|---:|")
 for m in order:
-    d, b = statistics.median(vals[m]["dbqsfs"]), statistics.median(vals[m]["bindfs"])
+    d, b = statistics.median(vals[m]["dbqsfs"]), statistics.median(vals[m][other])
     ratio = (b / d) if units[m] == "s" else (d / b)
     fmt = lambda x: f"{x:.3f}" if units[m] == "s" else (f"{x:.1f}" if x < 1000 else f"{x:.0f}")
     print(f"| {m} | {units[m]} | {fmt(d)} | {fmt(b)} | {ratio:.3f} |")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# core/ must stay sans-IO: no async runtime, sockets, transport, FUSE, disk store or OS randomness in its
-# dependency tree, and no clock, file, socket or OS randomness calls in its source.
+# core/ must stay sans-IO and deterministic: no async runtime, sockets, transport, FUSE, disk store or
+# OS randomness in its dependency tree; no clock, file, socket, environment, process or OS
+# randomness calls in its source; and no std HashMap/HashSet (their default hasher is seeded per
+# process, so iterating one can differ between two runs of one seed: use BTreeMap/BTreeSet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 forbidden='^(tokio|mio|socket2|quinn|quinn-proto|quinn-udp|rustls|fuser|redb|getrandom|rand|rand_core|libc|nix|async-std|smol|futures)$'
@@ -16,4 +18,10 @@ if [ -n "$calls" ]; then
   echo "$calls" >&2
   exit 1
 fi
-echo "core/ is sans-IO: $(wc -l <<<"$deps") crates in its tree, none of them I/O"
+nondet=$(grep -rn -E '\b(HashMap|HashSet|RandomState)\b|std::env|std::process|env!\(|option_env!\(' core/src || true)
+if [ -n "$nondet" ]; then
+  echo "core/ uses something nondeterministic (a std hash map or set, the environment, processes):" >&2
+  echo "$nondet" >&2
+  exit 1
+fi
+echo "core/ is sans-IO and deterministic: $(wc -l <<<"$deps") crates in its tree, none of them I/O"

@@ -6,6 +6,7 @@
 #   FSX_OPS=100000 scripts/posix-suites.sh  # the full fsx run
 #   SKIP_PJDFSTEST=1 / SKIP_FSX=1           # run only one of the suites
 #   DBQSFS_BIN=path/to/dbqsfs               # use this binary instead of building a release one
+#   ENCRYPT=1                               # both volumes encrypted (-o keyfile=, a random key)
 #
 # Installs what is missing: fuse3 (apt-get), pjdfstest and fsx (cargo install --locked), the
 # `tests` user pjdfstest needs. Always unmounts and stops the cluster, also on failure or ctrl-c.
@@ -44,6 +45,13 @@ mnt=$work/mnt
 fsxmnt=$work/fsx
 other=$work/other
 mkdir -p "$mnt" "$fsxmnt" "$other"
+# Extra mount options: with ENCRYPT=1 both volumes are created encrypted with a random key file.
+keyopt=
+if [ -n "${ENCRYPT:-}" ]; then
+  head -c 32 /dev/urandom > "$work/volume.key"
+  keyopt=",keyfile=$work/volume.key"
+  echo "posix-suites: encrypted volumes (key file $work/volume.key)"
+fi
 
 cleanup() {
   set +e
@@ -64,7 +72,7 @@ trap 'exit 130' INT TERM
 status=0
 start=$(date +%s)
 # pjdfstest runs as root and as the dummy users: allow_other lets them in.
-"$bin" mount --data-dir "$data" -o allow_other "$mnt"
+"$bin" mount --data-dir "$data" -o "allow_other$keyopt" "$mnt"
 
 if [ -z "${SKIP_PJDFSTEST:-}" ]; then
   # The config with expected_failures from the list kept in the repo.
@@ -97,7 +105,7 @@ if [ -z "${SKIP_FSX:-}" ]; then
   # delete yet, so what a run stores stays on the nodes: the step reports how much that was.
   node_bytes() { du -sb "$data"/cluster/node-*/ | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
   before=$(node_bytes)
-  "$bin" mount --data-dir "$data" --volume fsx ${FSX_CHUNK_SIZE:+-o chunk_size=$FSX_CHUNK_SIZE} "$fsxmnt"
+  "$bin" mount --data-dir "$data" --volume fsx -o "rw${FSX_CHUNK_SIZE:+,chunk_size=$FSX_CHUNK_SIZE}$keyopt" "$fsxmnt"
   echo "=== fsx: $FSX_OPS operations, seed $FSX_SEED, on $fsxmnt"
   t=$(date +%s)
   mkdir -p "$work/fsx-artifacts"
