@@ -3,7 +3,7 @@
 //! Goals: run the core's sans-IO state machines over real disks ([`store`]) and real QUIC
 //! ([`node`], [`client`]), with no protocol decisions of their own.
 //! [`volume`] connects the filesystem (`dbqsfs-fs`) to dBQS: its `Backend` over [`client`] and
-//! the volume lease; the `dbqsfs mount` command lives in the binary (`mount_cmd.rs`).
+//! the volume lease; the `dbqsfs` commands live in the binary (`cmd/`).
 //! Non-goals: membership changes and state transfer (later issues), POSIX logic (`dbqsfs-fs`).
 
 pub mod blocks;

@@ -1,17 +1,14 @@
-//! The `dbqsfs` binary: see [`cli`] for the subcommands.
+//! The `dbqsfs` binary: see [`cmd`] for the subcommands.
 
-mod cli;
-mod mount_cmd;
-mod snapshot_cmd;
-mod volume_cmd;
+mod cmd;
 
 use clap::Parser;
 
 fn main() {
-    let cli = cli::Cli::parse();
-    if let Err(e) = cli::run(cli) {
+    let cli = cmd::Cli::parse();
+    if let Err(e) = cmd::run(cli) {
         eprintln!("dbqsfs: error: {e:#}");
-        if e.downcast_ref::<cli::UsageError>().is_some() {
+        if e.downcast_ref::<cmd::UsageError>().is_some() {
             eprintln!("For more information, try '--help'.");
             std::process::exit(2);
         }

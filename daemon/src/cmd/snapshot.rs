@@ -4,7 +4,8 @@
 use anyhow::Result;
 use dbqsfs_fs::snapshot::{self, SnapshotError};
 
-use crate::volume_cmd::{Connection, KeyArgs, VolumeAt};
+use super::keys::KeyArgs;
+use super::volume::{Connection, VolumeAt};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum SnapshotCmd {

@@ -18,7 +18,9 @@
 //! Non-goals: fstab integration (`mount -t fuse.dbqsfs`), clusters on other machines being
 //! started or stopped from here.
 
-use crate::cli::{cluster_down, cluster_init, MountArgs, UmountArgs, UsageError};
+use super::cluster::{cluster_down, cluster_init, Timing};
+use super::common::{init_logs, UsageError};
+use super::keys::{self, PASSPHRASE_ENV};
 use anyhow::{anyhow, bail, Context, Result};
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::{self, ClusterInfo};
@@ -30,7 +32,6 @@ use dbqsfs_fs::crypt::{self, Encrypted, KdfCost, KeyError, Secret};
 use dbqsfs_fs::{Backend, MountOptions};
 use zeroize::Zeroizing;
 
-use crate::volume_cmd::{self, PASSPHRASE_ENV};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek};
 use std::os::unix::ffi::OsStrExt;
@@ -484,7 +485,7 @@ fn ensure_embedded_cluster(data: &Path, base_port: Option<u16>) -> Result<PathBu
         &cdir,
         Some(EMBEDDED_F),
         base,
-        &crate::cli::Timing::default(),
+        &Timing::default(),
     )
     .context("creating the embedded cluster")?;
     Ok(cdir)
@@ -550,14 +551,12 @@ pub fn run_mount(args: MountArgs) -> Result<()> {
         Secret::key_file(k).map_err(|e| UsageError(format!("-o keyfile: {e}")))?;
     }
     if args.foreground {
-        crate::cli::init_logs(
-            "warn,fuser::mnt=error,dbqsfs=info,dbqsfs_daemon=info,dbqsfs_fs=info",
-        );
+        init_logs("warn,fuser::mnt=error,dbqsfs=info,dbqsfs_daemon=info,dbqsfs_fs=info");
         foreground(&args, &opts, &dir, &target)
     } else {
         // The background process cannot ask: the passphrase goes to it on its stdin.
         let pass = match opts.passphrase {
-            true => Some(volume_cmd::passphrase(
+            true => Some(keys::passphrase(
                 PASSPHRASE_ENV,
                 "volume passphrase: ",
                 opts.encrypt,
@@ -801,7 +800,7 @@ fn foreground(args: &MountArgs, opts: &Opts, dir: &Path, target: &Target) -> Res
 fn secret_of(opts: &Opts) -> Result<Option<Secret>> {
     Ok(match (&opts.keyfile, opts.passphrase) {
         (Some(k), _) => Some(Secret::key_file(k)?),
-        (None, true) => Some(Secret::Passphrase(volume_cmd::passphrase(
+        (None, true) => Some(Secret::Passphrase(keys::passphrase(
             PASSPHRASE_ENV,
             "volume passphrase: ",
             opts.encrypt,
@@ -858,7 +857,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target, secret: Option<Secret>) -> Re
         ),
         (true, Some(s)) => Some(crypt::open_key(&*probe, s).map_err(|e| match e {
             KeyError::Backend(b) => cannot_reach(&b),
-            e => volume_cmd::explain(e, volume_name),
+            e => keys::explain(e, volume_name),
         })?),
         (false, Some(_)) if plain_exists => bail!(
             "volume {volume_name:?} exists and is not encrypted; encryption is chosen when a \
@@ -928,7 +927,7 @@ fn serve(opts: &Opts, dir: &Path, target: &Target, secret: Option<Secret>) -> Re
                 Ok(k) => Some(k),
                 Err(e) => {
                     release_lease(&rt, lease_task);
-                    return Err(volume_cmd::explain(e, volume_name));
+                    return Err(keys::explain(e, volume_name));
                 }
             }
         }
@@ -1146,6 +1145,91 @@ pub fn run_umount(args: UmountArgs) -> Result<()> {
     Ok(())
 }
 
+pub(crate) const MOUNT_HELP: &str =
+    "Mount a dbqsfs volume on the empty directory DIR (created if its parent exists).
+
+With no --cluster, this is the embedded default: a local cluster of 4 nodes (f=1) on loopback \
+QUIC, kept under the data directory (--data-dir, else $XDG_DATA_HOME/dbqsfs, else \
+~/.local/share/dbqsfs). The first mount creates the cluster (free UDP ports on 127.0.0.1 are \
+picked) and the volume; every mount starts the nodes if they do not run, and the last mount to \
+end stops them. A later mount shows the same files.
+
+With --cluster FILE (a cluster.toml written by `dbqsfs cluster init`), it mounts volume --volume \
+of that running cluster, creating the volume if it does not exist. The cluster's client key owns \
+the volume.
+
+Without -f the mount runs in the background: this command returns once the mount is up and \
+prints where the logs go (DATA/mount.log, or mount-VOLUME.log next to cluster.toml). With -f it \
+stays in the foreground and logs to stderr; SIGINT or SIGTERM unmounts. Unmount with \
+`dbqsfs umount DIR` (or `fusermount3 -u DIR`).
+
+One read-write mount per volume at a time: it holds a lease on the volume (renewed every 10 s, \
+valid 30 s) and a second read-write mount is refused with the holder's name. Read-only mounts \
+(-o ro) need no lease and may run alongside it; they see what the writer has committed within \
+about 2 s (a file they hold open keeps the version it was opened with).
+
+Durability: changes apply at once in the mount's memory and are committed to the cluster in \
+batches (one signed head record per batch). fsync, fdatasync and fsync of a directory return \
+after everything done before them is stored on a quorum; unmount too (sync(1) does not reach \
+FUSE filesystems). Without \
+those a change is committed within -o commit=MS (default 1000). close makes nothing durable (as \
+on ext4). A crash (of the mount or the machine) loses at most the uncommitted tail: the volume \
+comes back as it was at some commit, holding everything a successful fsync covered. -o sync \
+commits after every operation (slow, write-through).
+
+When the cluster cannot be reached, a system call that needs it (fsync, anything under -o sync, \
+a read of data not cached) fails with ETIMEDOUT or EIO after at most the operation timeout \
+(-o timeout, default 15 s) plus 5 s; other changes keep applying and are committed once the \
+cluster is back; the mount itself never hangs.
+
+Options (-o, comma-separated): ro, rw, allow_other, default_permissions (always on), nonempty, \
+fsname=NAME, attr_timeout=SECS and entry_timeout=SECS (kernel caching, default 1), \
+timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads), \
+chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB), \
+commit=MS (longest time a change waits for its commit, default 1000), sync (commit every \
+operation before it returns), async (the default), snapshot=NAME (mount that snapshot of the \
+volume, read-only; see `dbqsfs snapshot`).
+
+Encryption (see `dbqsfs volume --help`): keyfile=PATH or passphrase (asked on the terminal, or \
+$DBQSFS_PASSPHRASE) opens an encrypted volume; on a volume that does not exist yet they create \
+it encrypted (encrypt says so explicitly and asks for a passphrase twice). Nodes then hold only \
+ciphertext and hashed labels. An unencrypted volume stays unencrypted.";
+
+/// Arguments of `dbqsfs mount`.
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Data directory of the embedded default cluster [default: $XDG_DATA_HOME/dbqsfs or ~/.local/share/dbqsfs].
+    #[arg(long, value_name = "D", conflicts_with = "cluster")]
+    pub data_dir: Option<PathBuf>,
+    /// Mount a volume of this existing cluster (its cluster.toml) instead of the embedded default.
+    #[arg(long, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+    /// The volume to mount.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub volume: String,
+    /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount).
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount options, comma-separated (see above).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// UDP port of the first node when the embedded cluster is created [default: free ports].
+    #[arg(long, value_name = "P", conflicts_with = "cluster", value_parser = clap::value_parser!(u16).range(1..65530))]
+    pub base_port: Option<u16>,
+    /// The mount point: an empty directory (created if only its last component is missing).
+    pub dir: PathBuf,
+}
+
+/// Arguments of `dbqsfs umount`.
+#[derive(clap::Args, Debug)]
+pub struct UmountArgs {
+    /// Detach now even if busy; the mount ends when its last user goes.
+    #[arg(short = 'z', long)]
+    pub lazy: bool,
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,7 +1251,10 @@ mod tests {
         let o = parse_options(&["encrypt,keyfile=/k".into()]).unwrap();
         assert!(o.encrypt && o.keyfile == Some(PathBuf::from("/k")) && !o.passphrase);
         assert!(parse_options(&["passphrase".into()]).unwrap().passphrase);
-        assert!(parse_options(&["encrypt".into()]).is_err(), "encrypt needs a secret");
+        assert!(
+            parse_options(&["encrypt".into()]).is_err(),
+            "encrypt needs a secret"
+        );
         assert!(parse_options(&["keyfile=/k,passphrase".into()]).is_err());
         assert!(parse_options(&["keyfile=".into()]).is_err());
     }
