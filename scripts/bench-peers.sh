@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The peer workload (../shared/bench/peers.sh) on a dbqsfs mount and on a bindfs passthrough of a
-# local directory, interleaved (dbqsfs bindfs dbqsfs bindfs ...), then a table of medians and the
+# local directory, interleaved (dbqsfs bindfs bindfs dbqsfs ...), then a table of medians and the
 # dbqsfs/bindfs ratios (inverted for the `s` rows, so below 1 is slower either way).
 #
 #   scripts/bench-peers.sh [ROUNDS]        # default 2 rounds; root (peers.sh drops caches)
@@ -60,7 +60,9 @@ fi
 
 echo "tarball: $PEERS_TARBALL ($(tar -tzf "$PEERS_TARBALL" | wc -l) entries)"
 for r in $(seq "$rounds"); do
-  for fs in dbqsfs "$against"; do
+  # Odd rounds run dbqsfs first, even rounds second, so neither side always follows the other.
+  order="dbqsfs $against"; [ $((r % 2)) = 0 ] && order="$against dbqsfs"
+  for fs in $order; do
     echo "=== round $r: $fs ($(date -Is))"
     "$peers" "$work/$fs" "$fs" > "$work/out/r$r-$fs.txt" 2> "$work/out/r$r-$fs.err"
     tr '\n' ' ' < "$work/out/r$r-$fs.txt"; echo

@@ -20,12 +20,10 @@ use std::path::{Path, PathBuf};
 /// Why a file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is in the message, not a `source`, so that a chain of causes (`{:#}`)
+    /// does not say it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
 }
@@ -33,7 +31,7 @@ pub enum FileError {
 impl FileError {
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError {
         let path = path.to_path_buf();
-        move |source| FileError::Io { path, source }
+        move |error| FileError::Io { path, error }
     }
     fn invalid(path: &Path, what: impl Into<String>) -> FileError {
         FileError::Invalid {

@@ -87,12 +87,8 @@ pub struct Space {
 /// Why a store could not be opened or its metadata read.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("store directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("store directory {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("metadata database: {0}")]
     Db(#[from] redb::Error),
     #[error("stored metadata {0} is unreadable: {1}")]
@@ -156,7 +152,7 @@ impl DiskStore {
     pub fn open(dir: &Path) -> Result<DiskStore, OpenError> {
         let at = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| OpenError::Io { path, source }
+            move |error| OpenError::Io { path, error }
         };
         let blocks = dir.join("blocks");
         let tmp = blocks.join("tmp");

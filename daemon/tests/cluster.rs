@@ -191,7 +191,10 @@ fn files_round_trip_byte_identical_through_a_four_process_cluster_and_survive_ki
         cluster.get(id, &out);
         assert!(std::fs::read(&out).unwrap() == *data, "{id} changed");
     }
-    let status = ok(&["status", "--cluster", &cluster.toml]);
+    // Some members did not answer: exit code 3.
+    let out = dbqsfs(&["status", "--cluster", &cluster.toml]);
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{status}");
     assert_eq!(status.matches("  unreachable  ").count(), 1, "{status}");
 
     // Restart it; with another node down, writes need its acknowledgement, so it serves again.

@@ -1062,3 +1062,107 @@ fn an_encrypted_volume_leaves_only_ciphertext_on_the_nodes() {
         "the encrypted volume's marker is in {hits:?}"
     );
 }
+
+/// What an operator meets around a mount: `status` of the embedded default without --cluster,
+/// its exit code once the cluster is down, a closed pipe; a failed mount removes the mount point
+/// it made; ctrl-c while `mount -f` starts leaves no node running; `umount` leaves other FUSE
+/// filesystems alone.
+#[test]
+fn status_ctrl_c_and_umount_behave_around_a_mount() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let data = env.data.to_string_lossy().into_owned();
+    let rw = env.mount("rw", &[]);
+    let o = dbqsfs(&["status", "--data-dir", &data]);
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("C: committee member") && out.contains("reachable"),
+        "{out}"
+    );
+    assert!(!out.contains(" bytes in "), "sizes are for people: {out}");
+    // The first line goes to `head`, which exits; later lines meet a closed pipe.
+    let err = env.root.join("status.err");
+    sh(&format!(
+        "{} status --data-dir '{data}' 2>'{}' | head -c 1 >/dev/null",
+        env!("CARGO_BIN_EXE_dbqsfs"),
+        err.display()
+    ));
+    let err = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        !err.contains("panicked"),
+        "status into a closed pipe: {err}"
+    );
+    env.umount(&rw);
+    let o = dbqsfs(&["status", "--data-dir", &data]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no member of the cluster answered"));
+
+    // A mount that fails after it created its mount point removes it again.
+    let fresh = env.root.join("fresh");
+    let o = dbqsfs(&[
+        "mount",
+        "--data-dir",
+        &data,
+        "--base-port",
+        &env.base_port.to_string(),
+        "-o",
+        "snapshot=nope",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(!fresh.exists(), "the failed mount left {}", fresh.display());
+
+    // Ctrl-c at once after `mount -f` starts: nothing keeps running.
+    for delay_ms in [30u64, 150, 400] {
+        let dir = env.dir("fg");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dbqsfs"))
+            .args(["mount", "-f", "--data-dir", &data])
+            .args(["--base-port", &env.base_port.to_string()])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: kill(2) of the child this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let waited = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "mount -f did not end on ctrl-c after {delay_ms} ms"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            env.nodes_running(),
+            0,
+            "nodes left running after ctrl-c at {delay_ms} ms"
+        );
+        assert!(
+            !is_mounted(&dir),
+            "still mounted after ctrl-c at {delay_ms} ms"
+        );
+    }
+
+    // Another FUSE filesystem on a directory is not ours to unmount.
+    if Command::new("bindfs").arg("--version").output().is_ok() {
+        let src = env.root.join("bindsrc");
+        std::fs::create_dir_all(&src).unwrap();
+        let other = env.dir("bind");
+        sh(&format!("bindfs '{}' '{}'", src.display(), other.display()));
+        let o = dbqsfs(&["umount", other.to_str().unwrap()]);
+        let still = is_mounted(&other);
+        let _ = Command::new("fusermount3").arg("-u").arg(&other).output();
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not a dbqsfs mount"));
+        assert!(still, "dbqsfs umount unmounted a bindfs mount");
+    } else {
+        eprintln!("bindfs not installed: the umount-of-another-filesystem case is skipped");
+    }
+}

@@ -25,13 +25,13 @@ pub enum NetError {
     WrongPeerKey,
     /// The TLS/QUIC handshake failed for another reason.
     #[error("handshake failed: {0}")]
-    Handshake(#[source] ConnectionError),
+    Handshake(ConnectionError),
     /// The connection could not even be started (bad address, endpoint stopped, ...).
     #[error("cannot connect: {0}")]
-    Connect(#[source] quinn::ConnectError),
+    Connect(quinn::ConnectError),
     /// The connection was closed or lost.
     #[error("connection lost: {0}")]
-    ConnectionLost(#[source] ConnectionError),
+    ConnectionLost(ConnectionError),
     /// A frame length exceeds the limit (ours, or the one we send under).
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
     FrameTooLarge {

@@ -5,6 +5,8 @@ use clap::Subcommand;
 use dbqsfs_core::config::{CertifiedConfig, Configuration, Member, Params};
 use dbqsfs_core::crypto::Domain;
 use dbqsfs_daemon::files::{self, ClusterFile, NodeFile};
+
+use super::common::open_log;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -223,11 +225,7 @@ pub(crate) fn cluster_up(dir: &Path) -> Result<()> {
         let ndir = std::fs::canonicalize(&ndir)
             .with_context(|| format!("node directory {}", ndir.display()))?;
         let log_path = ndir.join("node.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
+        let log = open_log(&log_path)?;
         let child = std::process::Command::new(&exe)
             .arg("node")
             .arg("--dir")

@@ -75,7 +75,7 @@ pub enum Command {
     /// Create an encrypted volume, or change what opens its key.
     #[command(
         subcommand,
-        long_about = "An encrypted volume's blocks are sealed by the mount (XChaCha20-Poly1305 \
+        long_about = "An encrypted volume's blocks are sealed by the mount (AES-256-GCM-SIV \
         under a random volume key) before they leave the machine: nodes store ciphertext and \
         hashed labels only. The volume key is kept in the volume, wrapped by a key file \
         (--keyfile PATH, at least 32 bytes: `head -c 32 /dev/urandom > PATH`) or a passphrase \
@@ -195,14 +195,31 @@ pub enum Command {
     },
     /// Show the cluster: epoch, committee, members (reachability, probe state, stored bytes,
     /// transfers), and the joins and leaves pending for the next epoch.
+    #[command(
+        long_about = "Show the cluster: epoch, committee, members (reachability, \
+        probe state, stored data, transfers), and the joins and leaves pending for the next \
+        epoch. Exits 0 when every member answered, 3 when some did not, 1 when none did (the \
+        cluster is down or unreachable from here)."
+    )]
     Status {
-        /// The cluster description written by `cluster init` (DIR/cluster.toml).
-        #[arg(long)]
-        cluster: PathBuf,
+        /// The cluster description written by `cluster init` [default: the embedded cluster of
+        /// --data-dir].
+        #[arg(long, value_name = "FILE")]
+        cluster: Option<PathBuf>,
+        /// The embedded cluster's data directory [default: as for `dbqsfs mount`].
+        #[arg(long, value_name = "DIR", conflicts_with = "cluster")]
+        data_dir: Option<PathBuf>,
     },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if !matches!(cli.command, Command::Node { .. } | Command::Mount(_)) {
+        // A command whose output goes to a closed pipe (`dbqsfs status | head -1`) ends quietly,
+        // as other Unix tools do (Rust ignores SIGPIPE, which turns it into a panic in println!).
+        // Long-running processes (node, mount) keep ignoring it: their logs may outlive a reader.
+        // SAFETY: restoring a signal's default disposition; no handler runs Rust code.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Mount(args) => mount::run_mount(args),
         Command::Umount(args) => {
@@ -318,9 +335,21 @@ pub fn run(cli: Cli) -> Result<()> {
             init_logs("warn");
             runtime()?.block_on(bench(&cluster, ops as usize))
         }
-        Command::Status { cluster } => {
+        Command::Status { cluster, data_dir } => {
             init_logs("error");
-            runtime()?.block_on(status(&cluster))
+            let toml = common::cluster_toml(cluster.as_deref(), data_dir.as_deref())?;
+            let answered = runtime()?.block_on(status(&toml))?;
+            match answered {
+                status::Answered::All => Ok(()),
+                status::Answered::Some => std::process::exit(3),
+                status::Answered::None => {
+                    Err(anyhow::anyhow!(
+                    "no member of the cluster answered: are its nodes running? (`dbqsfs cluster \
+                     up --dir {}`, or for the embedded default a `dbqsfs mount`)",
+                    toml.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                ))
+                }
+            }
         }
     }
 }

@@ -19,12 +19,11 @@
 //! started or stopped from here.
 
 use super::cluster::{cluster_down, cluster_init, Timing};
-use super::common::{init_logs, UsageError};
+use super::common::{data_dir, init_logs, open_log, UsageError};
 use super::keys::{self, PASSPHRASE_ENV};
 use anyhow::{anyhow, bail, Context, Result};
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::{self, ClusterInfo};
-use dbqsfs_daemon::node::shutdown_signal;
 use dbqsfs_daemon::volume::{
     valid_volume_name, BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming,
 };
@@ -36,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,21 +192,6 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
     Ok(o)
 }
 
-/// Where the embedded default keeps its data: `--data-dir`, `$XDG_DATA_HOME/dbqsfs`,
-/// `~/.local/share/dbqsfs`.
-pub fn data_dir(arg: Option<&Path>) -> Result<PathBuf> {
-    if let Some(d) = arg {
-        return Ok(d.to_path_buf());
-    }
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("dbqsfs"));
-    }
-    match std::env::var_os("HOME").filter(|x| !x.is_empty()) {
-        Some(h) => Ok(PathBuf::from(h).join(".local/share/dbqsfs")),
-        None => bail!("neither --data-dir, XDG_DATA_HOME nor HOME is set: pass --data-dir DIR"),
-    }
-}
-
 /// `path` made absolute with its parent resolved, without touching `path` itself (which may be
 /// a dead FUSE mount whose stat fails or hangs).
 pub fn mount_path(path: &Path) -> Result<PathBuf> {
@@ -247,6 +232,11 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 /// The filesystem type mounted on `path` (the topmost mount), if any.
 pub fn mounted_fstype(path: &Path) -> Option<String> {
+    mounted(path).map(|(fstype, _)| fstype)
+}
+
+/// The filesystem type and source of the topmost mount on `path`, if any.
+fn mounted(path: &Path) -> Option<(String, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.as_os_str().as_bytes();
     let mut found = None;
@@ -259,7 +249,11 @@ pub fn mounted_fstype(path: &Path) -> Option<String> {
         let Some((_, rest)) = line.split_once(" - ") else {
             continue;
         };
-        found = rest.split(' ').next().map(str::to_string);
+        let mut f = rest.split(' ');
+        let fstype = f.next().unwrap_or_default().to_string();
+        let source =
+            String::from_utf8_lossy(&unescape_mountinfo(f.next().unwrap_or_default())).into_owned();
+        found = Some((fstype, source));
     }
     found
 }
@@ -275,12 +269,14 @@ fn in_path(prog: &str) -> bool {
 }
 
 /// Checks the mount point and FUSE before anything is started; messages say what to do.
-fn check_mount_point(dir: &Path, opts: &Opts) -> Result<()> {
+/// Sets `created` when it made the mount point (so that a failed mount removes it again).
+fn check_mount_point(dir: &Path, opts: &Opts, created: &mut bool) -> Result<()> {
     match std::fs::metadata(dir) {
         // Its parent exists (`mount_path` checked): create the mount point itself.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir(dir)
                 .with_context(|| format!("creating the mount point {}", dir.display()))?;
+            *created = true;
             eprintln!("dbqsfs: created the mount point {}", dir.display());
         }
         Err(e) => {
@@ -544,15 +540,27 @@ pub fn run_mount(args: MountArgs) -> Result<()> {
         .into());
     }
     let dir = mount_path(&args.dir).map_err(|e| UsageError(format!("{e:#}")))?;
-    check_mount_point(&dir, &opts)?;
-    let target = Target::resolve(&args)?;
+    let mut created = false;
+    let result = mount_on(&args, &opts, &dir, &mut created);
+    if result.is_err() && created {
+        // Only if still empty: a mount point this command made is not left behind.
+        if std::fs::remove_dir(&dir).is_ok() {
+            eprintln!("dbqsfs: removed the mount point {} again", dir.display());
+        }
+    }
+    result
+}
+
+fn mount_on(args: &MountArgs, opts: &Opts, dir: &Path, created: &mut bool) -> Result<()> {
+    check_mount_point(dir, opts, created)?;
+    let target = Target::resolve(args)?;
     // Check the key file now, so a wrong path fails here and not in the background.
     if let Some(k) = &opts.keyfile {
         Secret::key_file(k).map_err(|e| UsageError(format!("-o keyfile: {e}")))?;
     }
     if args.foreground {
         init_logs("warn,fuser::mnt=error,dbqsfs=info,dbqsfs_daemon=info,dbqsfs_fs=info");
-        foreground(&args, &opts, &dir, &target)
+        foreground(args, opts, dir, &target)
     } else {
         // The background process cannot ask: the passphrase goes to it on its stdin.
         let pass = match opts.passphrase {
@@ -563,7 +571,7 @@ pub fn run_mount(args: MountArgs) -> Result<()> {
             )?),
             false => None,
         };
-        daemonize(&dir, &target, pass)
+        daemonize(dir, &target, pass)
     }
 }
 
@@ -615,11 +623,7 @@ impl Target {
 fn daemonize(dir: &Path, target: &Target, pass: Option<Zeroizing<Vec<u8>>>) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the dbqsfs executable")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&target.log)
-        .with_context(|| format!("opening the log file {}", target.log.display()))?;
+    let log = open_log(&target.log)?;
     let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
@@ -767,6 +771,20 @@ fn foreground(args: &MountArgs, opts: &Opts, dir: &Path, target: &Target) -> Res
         read_only: opts.read_only,
         log: std::env::var_os("DBQSFS_DAEMON_LOG").map(PathBuf::from),
     };
+    // SIGINT or SIGTERM at any moment from here on ends the mount cleanly: what was started is
+    // stopped (a second one ends the process at once).
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+            .context("installing the signal handlers")?;
+    }
+    let interrupted = |what: &str| -> Result<()> {
+        match stop.load(Ordering::SeqCst) {
+            true => bail!("interrupted {what}; stopped what the mount had started"),
+            false => Ok(()),
+        }
+    };
     let cleanup = match &target.embedded {
         Some(data) => {
             let _lock = FileLock::take(&data.join("lock"))?;
@@ -789,12 +807,13 @@ fn foreground(args: &MountArgs, opts: &Opts, dir: &Path, target: &Target) -> Res
             }
         }
     };
-    let result = secret_of(opts).and_then(|secret| serve(opts, dir, target, secret));
+    let result = interrupted("while starting the cluster")
+        .and_then(|_| secret_of(opts))
+        .and_then(|secret| serve(opts, dir, target, secret, &stop));
     drop(cleanup);
     result
 }
 
-/// Connects, takes the lease, mounts, and serves until unmounted.
 /// What opens the volume's key, as the options name it (a passphrase from $DBQSFS_PASSPHRASE,
 /// the terminal, or a line of stdin: how the background mount gets it).
 fn secret_of(opts: &Opts) -> Result<Option<Secret>> {
@@ -809,7 +828,15 @@ fn secret_of(opts: &Opts) -> Result<Option<Secret>> {
     })
 }
 
-fn serve(opts: &Opts, dir: &Path, target: &Target, secret: Option<Secret>) -> Result<()> {
+/// Connects, takes the lease, mounts, and serves until unmounted or `stop` is set (by SIGINT or
+/// SIGTERM).
+fn serve(
+    opts: &Opts,
+    dir: &Path,
+    target: &Target,
+    secret: Option<Secret>,
+    stop: &Arc<AtomicBool>,
+) -> Result<()> {
     let info = ClusterInfo::load(&target.cluster_toml)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -923,11 +950,22 @@ fn serve(opts: &Opts, dir: &Path, target: &Target, secret: Option<Secret>) -> Re
     let key = match (key, &secret) {
         (None, Some(s)) => {
             tracing::info!(volume = target.volume, "creating the volume's key");
-            match crypt::create_key(&backend, s, KdfCost::default()) {
+            // Under the lease now, so a read-write mount that created the volume unencrypted
+            // since the probe above has finished and its head shows: look again first.
+            let created = match backend.get_record(dbqsfs_fs::layout::HEAD_LABEL) {
+                Ok(None) => crypt::create_key(&backend, s, KdfCost::default())
+                    .map_err(|e| keys::explain(e, volume_name)),
+                Ok(Some(_)) => Err(anyhow!(
+                    "volume {volume_name:?} was just created unencrypted by another mount; \
+                     nothing was changed"
+                )),
+                Err(e) => Err(cannot_reach(&e)),
+            };
+            match created {
                 Ok(k) => Some(k),
                 Err(e) => {
                     release_lease(&rt, lease_task);
-                    return Err(keys::explain(e, volume_name));
+                    return Err(e);
                 }
             }
         }
@@ -989,10 +1027,14 @@ fn serve(opts: &Opts, dir: &Path, target: &Target, secret: Option<Secret>) -> Re
         "mounted"
     );
 
-    // SIGINT/SIGTERM: unmount; the session then ends like after an external unmount.
+    // SIGINT/SIGTERM (also one that came while starting): unmount; the session then ends like
+    // after an external unmount.
     let sig_dir = dir.to_path_buf();
+    let stop = stop.clone();
     rt.spawn(async move {
-        shutdown_signal().await;
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tracing::info!("unmounting on signal");
         let d = sig_dir.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -1081,18 +1123,27 @@ fn release_lease(rt: &tokio::runtime::Runtime, task: Option<LeaseTask>) {
 /// Entry point of `dbqsfs umount`.
 pub fn run_umount(args: UmountArgs) -> Result<()> {
     let dir = mount_path(&args.dir).map_err(|e| UsageError(format!("{e:#}")))?;
-    let fstype = mounted_fstype(&dir);
+    let mounted = mounted(&dir);
     let recs: Vec<(MountRecord, bool)> = records()
         .into_iter()
         .filter(|(r, _)| r.mountpoint == dir)
         .collect();
-    if fstype.is_none() && recs.is_empty() {
+    if mounted.is_none() && recs.is_empty() {
         bail!("{} is not mounted", dir.display());
     }
-    if let Some(t) = &fstype {
+    if let Some((t, source)) = &mounted {
         if !t.starts_with("fuse") {
             bail!(
                 "{} is a {t} mount, not dbqsfs: use umount(8)",
+                dir.display()
+            );
+        }
+        // A FUSE mount of another filesystem: not ours to unmount.
+        if recs.is_empty() && !source.starts_with("dbqsfs") {
+            bail!(
+                "{} is a FUSE mount of {source:?} ({t}), not a dbqsfs mount: unmount it with \
+                 `fusermount3 -u {}`",
+                dir.display(),
                 dir.display()
             );
         }

@@ -27,7 +27,14 @@ pub(crate) fn space_note(s: &dbqsfs_daemon::control::SpaceStatus) -> String {
     note
 }
 
-pub(crate) async fn status(cluster: &Path) -> Result<()> {
+/// How many members answered `status`.
+pub(crate) enum Answered {
+    All,
+    Some,
+    None,
+}
+
+pub(crate) async fn status(cluster: &Path) -> Result<Answered> {
     let client = connect(cluster)?;
     let chain = client.refresh().await;
     let config = chain.config().clone();
@@ -114,6 +121,7 @@ pub(crate) async fn status(cluster: &Path) -> Result<()> {
         })
     });
     let handles: Vec<_> = queries.collect();
+    println!("(C: committee member; probes: what the committee's probes of the member say)");
     let mut unreachable = 0;
     let mut transfers = Vec::new();
     for h in handles {
@@ -127,7 +135,9 @@ pub(crate) async fn status(cluster: &Path) -> Result<()> {
             } else {
                 " "
             },
-            if bad == 0 {
+            if probers == 0 {
+                "probes unknown".to_string()
+            } else if bad == 0 {
                 format!("probes ok ({probers} probers)")
             } else {
                 format!("UNRESPONSIVE to {bad} of {probers}")
@@ -142,11 +152,11 @@ pub(crate) async fn status(cluster: &Path) -> Result<()> {
         }
         match r {
             Ok(s) => println!(
-                "{}  {}  reachable  epoch {}  {} bytes in {} objects{}{}",
+                "{}  {}  reachable  epoch {}  {} in {} objects{}{}",
                 m.id.short(),
                 m.addr,
                 s.epoch,
-                s.stored_bytes,
+                bytesize::ByteSize(s.stored_bytes).display().iec(),
                 s.objects,
                 if s.ready {
                     ""
@@ -172,5 +182,9 @@ pub(crate) async fn status(cluster: &Path) -> Result<()> {
             println!("{}  {line}", id.short());
         }
     }
-    Ok(())
+    Ok(match unreachable {
+        0 => Answered::All,
+        n if n == config.members.len() => Answered::None,
+        _ => Answered::Some,
+    })
 }

@@ -6,9 +6,12 @@
 //! The key logic is `dbqsfs_fs::crypt`; this is the command line around it.
 
 use anyhow::{anyhow, bail, Context, Result};
+use dbqsfs_core::crypto::Keypair;
 use dbqsfs_daemon::client::DbqsClient;
 use dbqsfs_daemon::files::ClusterInfo;
-use dbqsfs_daemon::volume::{valid_volume_name, BackendOptions, DbqsBackend};
+use dbqsfs_daemon::volume::{
+    hostname, valid_volume_name, BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming,
+};
 use dbqsfs_fs::crypt::{self, Encrypted, KdfCost, KeyError, Secret};
 use dbqsfs_fs::layout::HEAD_LABEL;
 use dbqsfs_fs::Backend;
@@ -16,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::common::UsageError;
+use super::common::{cluster_toml, UsageError};
 use super::keys::{explain, passphrase, KeyArgs, NEW_PASSPHRASE_ENV};
 use super::mount;
 
@@ -66,6 +69,8 @@ pub struct VolumeAt {
 pub struct Connection {
     pub rt: tokio::runtime::Runtime,
     pub backend: Arc<DbqsBackend>,
+    pub client: DbqsClient,
+    pub owner: Keypair,
     /// The cluster's description, for messages.
     pub toml: PathBuf,
     pub volume: String,
@@ -82,16 +87,7 @@ impl Connection {
             ))
             .into());
         }
-        let toml = match &at.cluster {
-            Some(t) => t.clone(),
-            None => mount::data_dir(at.data_dir.as_deref())?.join("cluster/cluster.toml"),
-        };
-        if !toml.exists() {
-            bail!(
-                "no cluster at {}: pass --cluster FILE, or --data-dir of the embedded cluster",
-                toml.display()
-            );
-        }
+        let toml = cluster_toml(at.cluster.as_deref(), at.data_dir.as_deref())?;
         let info = ClusterInfo::load(&toml)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -107,7 +103,7 @@ impl Connection {
             )?
         };
         let backend = Arc::new(DbqsBackend::new(
-            client,
+            client.clone(),
             info.client_key.clone(),
             &at.volume,
             rt.handle().clone(),
@@ -119,6 +115,8 @@ impl Connection {
         Ok(Connection {
             rt,
             backend,
+            client,
+            owner: info.client_key.clone(),
             toml,
             volume: at.volume.clone(),
         })
@@ -178,6 +176,22 @@ pub fn run(cmd: VolumeCmd) -> Result<()> {
                 );
             }
             let conn = Connection::open(&at)?;
+            // Hold the volume's lease meanwhile, so no mount creates it unencrypted between
+            // the check and the key.
+            let holder = format!("dbqsfs volume create on {}", hostname());
+            let lease = conn
+                .rt
+                .block_on(Lease::acquire(
+                    conn.client.clone(),
+                    conn.owner.clone(),
+                    &at.volume,
+                    holder,
+                    LeaseTiming::default(),
+                ))
+                .map_err(|e| match e {
+                    e @ LeaseError::Held { .. } => anyhow!("{e}"),
+                    e => conn.unreachable(e),
+                })?;
             let raw = &*conn.backend;
             let exists = raw
                 .get_record(HEAD_LABEL)
@@ -207,6 +221,9 @@ pub fn run(cmd: VolumeCmd) -> Result<()> {
                      --volume {} DIR`",
                     at.volume, at.volume
                 ),
+            }
+            if let Err(e) = conn.rt.block_on(lease.release()) {
+                eprintln!("dbqsfs: releasing the volume lease: {e} (it expires by itself in 30 s)");
             }
             conn.close();
             Ok(())
