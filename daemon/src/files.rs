@@ -23,7 +23,10 @@ pub enum FileError {
     /// The I/O error is in the message, not a `source`, so that a chain of causes (`{:#}`)
     /// does not say it twice.
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
 }

@@ -2,10 +2,15 @@
 
 mod cmd;
 
-use clap::Parser;
-
 fn main() {
-    let cli = cmd::Cli::parse();
+    let cli = match cmd::command_line() {
+        Ok(Some(cli)) => cli,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("dbqsfs: error: {e}");
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = cmd::run(cli) {
         eprintln!("dbqsfs: error: {e:#}");
         if e.downcast_ref::<cmd::UsageError>().is_some() {

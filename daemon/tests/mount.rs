@@ -1166,3 +1166,47 @@ fn status_ctrl_c_and_umount_behave_around_a_mount() {
         eprintln!("bindfs not installed: the umount-of-another-filesystem case is skipped");
     }
 }
+
+/// The helper mount(8) runs for `-t fuse.dbqsfs` (an fstab line): a symlink named
+/// `mount.fuse.dbqsfs` to the binary, called as `mount.fuse.dbqsfs dbqsfs:VOLUME DIR -o OPTIONS`
+/// with fstab's generic options among OPTIONS.
+#[test]
+fn the_mount_helper_takes_an_fstab_line() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let first = env.mount("first", &[]);
+    std::fs::write(first.join("f"), b"through fstab").unwrap();
+    env.umount(&first);
+    let helper = env.root.join("mount.fuse.dbqsfs");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dbqsfs"), &helper).unwrap();
+    let dir = env.dir("fstab");
+    let opts = format!(
+        "rw,defaults,_netdev,nofail,noatime,nodev,x-systemd.automount,data_dir={}",
+        env.data.display()
+    );
+    let o = Command::new(&helper)
+        .args(["dbqsfs:default", dir.to_str().unwrap(), "-o", &opts])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(is_mounted(&dir));
+    assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"through fstab");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", dir.display())))
+        .unwrap();
+    assert!(
+        line.contains("dbqsfs:default") && line.contains("noatime"),
+        "{line}"
+    );
+    env.umount(&dir);
+    let o = Command::new(&helper)
+        .args(["dbqsfs:default"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+}

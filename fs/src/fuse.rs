@@ -53,7 +53,29 @@ pub struct MountOptions {
     /// Largest write request the kernel sends.
     pub max_write: u32,
     pub fsname: String,
+    /// Generic kernel mount flags (`dev`/`nodev`, `suid`/`nosuid`, `exec`/`noexec`,
+    /// `atime`/`noatime`) by their mount(8) names. Without them a root mount is nodev,nosuid.
+    pub kernel_flags: Vec<String>,
     pub volume: VolumeConfig,
+}
+
+/// The generic mount(8) flags [`MountOptions::kernel_flags`] accepts.
+pub const KERNEL_FLAGS: [&str; 8] = [
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+];
+
+fn kernel_flag(name: &str) -> Option<MountOption> {
+    Some(match name {
+        "dev" => MountOption::Dev,
+        "nodev" => MountOption::NoDev,
+        "suid" => MountOption::Suid,
+        "nosuid" => MountOption::NoSuid,
+        "exec" => MountOption::Exec,
+        "noexec" => MountOption::NoExec,
+        "atime" => MountOption::Atime,
+        "noatime" => MountOption::NoAtime,
+        _ => return None,
+    })
 }
 
 impl Default for MountOptions {
@@ -66,6 +88,7 @@ impl Default for MountOptions {
             allow_other: false,
             max_write: 1 << 20,
             fsname: "dbqsfs".into(),
+            kernel_flags: Vec::new(),
             volume: VolumeConfig {
                 commit_interval: Some(Duration::from_secs(1)),
                 ..VolumeConfig::default()
@@ -148,6 +171,9 @@ pub fn mount(
             MountOption::RW
         },
     ];
+    config
+        .mount_options
+        .extend(opts.kernel_flags.iter().filter_map(|f| kernel_flag(f)));
     if opts.allow_other {
         config.acl = SessionACL::All;
     }

@@ -212,6 +212,21 @@ pub enum Command {
     },
 }
 
+/// The command line of this process: `dbqsfs ...`, or mount(8)'s helper call when it runs as
+/// `mount.fuse.dbqsfs` (see [`mount::helper_args`]); `None` when there is nothing to do.
+pub fn command_line() -> std::result::Result<Option<Cli>, UsageError> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if mount::HELPER_NAMES.contains(&name) {
+        return Ok(mount::helper_args(&args)?.map(Cli::parse_from));
+    }
+    Ok(Some(Cli::parse()))
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     if !matches!(cli.command, Command::Node { .. } | Command::Mount(_)) {
         // A command whose output goes to a closed pipe (`dbqsfs status | head -1`) ends quietly,

@@ -15,8 +15,12 @@
 //!   `/tmp/dbqsfs-<uid>/`), which is how `dbqsfs umount DIR` finds the process to wait for and
 //!   how a mount knows whether it is the last one of its cluster.
 //!
-//! Non-goals: fstab integration (`mount -t fuse.dbqsfs`), clusters on other machines being
-//! started or stopped from here.
+//! - Run as `mount.fuse.dbqsfs` (a symlink), it is mount(8)'s helper for `-t fuse.dbqsfs`, so
+//!   fstab lines work; mount(8)'s generic options are accepted.
+//! - SIGINT/SIGTERM at any moment end the mount cleanly (what it started is stopped); a failed
+//!   mount removes the mount point it created.
+//!
+//! Non-goals: clusters on other machines being started or stopped from here.
 
 use super::cluster::{cluster_down, cluster_init, Timing};
 use super::common::{data_dir, init_logs, open_log, UsageError};
@@ -77,6 +81,8 @@ pub struct Opts {
     pub keyfile: Option<PathBuf>,
     /// Read the encrypted volume's passphrase (`-o passphrase`).
     pub passphrase: bool,
+    /// Generic kernel flags (`nodev`, `noexec`, `noatime`, ...), passed to the mount.
+    pub kernel_flags: Vec<String>,
 }
 
 /// Default of `-o commit=MS`.
@@ -84,7 +90,25 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
     attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
-    commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase";
+    commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase; and mount(8)'s generic ones: \
+    defaults, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, auto, noauto, user, nouser, \
+    _netdev, nofail, relatime, strictatime, nodiratime, x-*, comment=*";
+
+/// Generic options of mount(8) and fstab that mean nothing to a dbqsfs mount (they are for
+/// mount(8) itself, systemd or the kernel's atime policy, which FUSE leaves to the filesystem).
+const IGNORED_OPTIONS: [&str; 11] = [
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "_netdev",
+    "nofail",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+];
 
 fn secs(name: &str, v: &str) -> Result<Duration, UsageError> {
     v.parse::<f64>()
@@ -112,6 +136,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         encrypt: false,
         keyfile: None,
         passphrase: false,
+        kernel_flags: Vec::new(),
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -120,6 +145,9 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         };
         match (k, v) {
             ("", None) => {}
+            (k, None) if IGNORED_OPTIONS.contains(&k) => {}
+            (k, None) if dbqsfs_fs::KERNEL_FLAGS.contains(&k) => o.kernel_flags.push(k.into()),
+            (k, _) if k.starts_with("x-") || k == "comment" => {}
             ("ro", None) => o.read_only = true,
             ("rw", None) => o.read_only = false,
             ("allow_other", None) => o.allow_other = true,
@@ -571,8 +599,64 @@ fn mount_on(args: &MountArgs, opts: &Opts, dir: &Path, created: &mut bool) -> Re
             )?),
             false => None,
         };
-        daemonize(dir, &target, pass)
+        daemonize(args, dir, &target, pass)
     }
+}
+
+/// The names under which this program is mount(8)'s helper for `-t fuse.dbqsfs` (a symlink
+/// `/sbin/mount.fuse.dbqsfs` to `dbqsfs`), so fstab lines work.
+pub const HELPER_NAMES: [&str; 2] = ["mount.fuse.dbqsfs", "mount.dbqsfs"];
+
+/// The `dbqsfs mount` command line for a helper call `mount.fuse.dbqsfs SOURCE DIR [-o OPTIONS]
+/// [-n] [-s] [-f] [-v]`, as mount(8) makes it. SOURCE is the volume (`VOLUME` or
+/// `dbqsfs:VOLUME`); the options `cluster=FILE` and `data_dir=DIR` pick the cluster as
+/// `--cluster` and `--data-dir` do; the rest are mount options. `None` for `-f` (mount(8)'s
+/// "fake": do nothing).
+pub fn helper_args(
+    args: &[std::ffi::OsString],
+) -> Result<Option<Vec<std::ffi::OsString>>, UsageError> {
+    let usage = || {
+        UsageError(
+            "usage: mount.fuse.dbqsfs [dbqsfs:]VOLUME DIR [-o OPTIONS] (as mount(8) calls it; \
+             OPTIONS may hold cluster=FILE or data_dir=DIR and any `dbqsfs mount` option)"
+                .into(),
+        )
+    };
+    let mut positional = Vec::new();
+    let mut options: Vec<String> = Vec::new();
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        match a.to_str() {
+            Some("-o") => {
+                let o = rest.next().and_then(|o| o.to_str()).ok_or_else(usage)?;
+                options.extend(o.split(',').map(str::to_string));
+            }
+            Some("-f") => return Ok(None),
+            Some("-n" | "-s" | "-v") => {}
+            Some(x) if x.starts_with('-') => return Err(usage()),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let [source, dir] = &positional[..] else {
+        return Err(usage());
+    };
+    let source = source.to_str().ok_or_else(usage)?;
+    let volume = source.strip_prefix("dbqsfs:").unwrap_or(source);
+    let mut cmd: Vec<std::ffi::OsString> = vec!["dbqsfs".into(), "mount".into()];
+    let mut kept = Vec::new();
+    for o in options {
+        match o.split_once('=') {
+            Some(("cluster", f)) => cmd.extend(["--cluster".into(), f.into()]),
+            Some(("data_dir", d)) => cmd.extend(["--data-dir".into(), d.into()]),
+            _ => kept.push(o),
+        }
+    }
+    cmd.extend(["--volume".into(), volume.into()]);
+    if !kept.is_empty() {
+        cmd.extend(["-o".into(), kept.join(",").into()]);
+    }
+    cmd.push(dir.clone());
+    Ok(Some(cmd))
 }
 
 /// Which cluster a mount uses.
@@ -620,15 +704,35 @@ impl Target {
 }
 
 /// Starts `dbqsfs mount ... -f` in a new session and waits for the mount to appear.
-fn daemonize(dir: &Path, target: &Target, pass: Option<Zeroizing<Vec<u8>>>) -> Result<()> {
+fn daemonize(
+    args: &MountArgs,
+    dir: &Path,
+    target: &Target,
+    pass: Option<Zeroizing<Vec<u8>>>,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the dbqsfs executable")?;
     let log = open_log(&target.log)?;
     let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    args.push("--foreground".into());
+    // The same mount in the foreground, from the parsed arguments (this process may have been
+    // called as mount(8)'s helper, with another command line).
+    let mut child_args: Vec<std::ffi::OsString> = vec!["mount".into(), "--foreground".into()];
+    if let Some(d) = &args.data_dir {
+        child_args.extend(["--data-dir".into(), d.into()]);
+    }
+    if let Some(c) = &args.cluster {
+        child_args.extend(["--cluster".into(), c.into()]);
+    }
+    if let Some(p) = args.base_port {
+        child_args.extend(["--base-port".into(), p.to_string().into()]);
+    }
+    child_args.extend(["--volume".into(), args.volume.clone().into()]);
+    for o in &args.options {
+        child_args.extend(["-o".into(), o.into()]);
+    }
+    child_args.push(dir.into());
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(&args)
+    cmd.args(&child_args)
         .env("DBQSFS_DAEMON_LOG", &target.log)
         .env_remove(PASSPHRASE_ENV)
         .stdin(match pass {
@@ -986,6 +1090,7 @@ fn serve(
         attr_ttl: opts.attr_ttl.unwrap_or(defaults.attr_ttl),
         entry_ttl: opts.entry_ttl.unwrap_or(defaults.entry_ttl),
         allow_other: opts.allow_other,
+        kernel_flags: opts.kernel_flags.clone(),
         fsname: opts.fsname.clone().unwrap_or_else(|| match &opts.snapshot {
             Some(s) => format!("dbqsfs:{}@{s}", target.volume),
             None => format!("dbqsfs:{}", target.volume),
@@ -1308,6 +1413,31 @@ mod tests {
         );
         assert!(parse_options(&["keyfile=/k,passphrase".into()]).is_err());
         assert!(parse_options(&["keyfile=".into()]).is_err());
+        let helper = |a: &[&str]| {
+            let a: Vec<std::ffi::OsString> = a.iter().map(Into::into).collect();
+            helper_args(&a).map(|c| c.map(|c| c.join(std::ffi::OsStr::new(" "))))
+        };
+        assert_eq!(
+            helper(&[
+                "mount.fuse.dbqsfs",
+                "dbqsfs:v",
+                "/m",
+                "-o",
+                "rw,data_dir=/d,noatime"
+            ])
+            .unwrap()
+            .unwrap(),
+            "dbqsfs mount --data-dir /d --volume v -o rw,noatime /m"
+        );
+        assert_eq!(
+            helper(&["mount.fuse.dbqsfs", "v", "/m", "-f"]).unwrap(),
+            None
+        );
+        assert!(helper(&["mount.fuse.dbqsfs", "v"]).is_err());
+        let o =
+            parse_options(&["defaults,_netdev,nofail,noatime,nodev,x-systemd.automount".into()])
+                .unwrap();
+        assert_eq!(o.kernel_flags, vec!["noatime", "nodev"]);
     }
 
     #[test]
