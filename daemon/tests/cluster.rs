@@ -36,21 +36,24 @@ struct Cluster {
 
 impl Cluster {
     fn start(nodes: u32) -> Cluster {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("cluster");
         let mut r = [0u8; 2];
         getrandom::fill(&mut r).expect("randomness");
         let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
-        ok(&[
-            "cluster",
-            "init",
+        Cluster::start_with(&[
             "--nodes",
             &nodes.to_string(),
-            "--dir",
-            dir.to_str().unwrap(),
             "--base-port",
             &base.to_string(),
-        ]);
+        ])
+    }
+
+    /// A cluster made by `cluster init` with `how` (the nodes and their addresses), started.
+    fn start_with(how: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cluster");
+        let mut args = vec!["cluster", "init", "--dir", dir.to_str().unwrap()];
+        args.extend_from_slice(how);
+        ok(&args);
         let c = Cluster {
             toml: dir.join("cluster.toml").to_string_lossy().into_owned(),
             dir,
@@ -327,4 +330,42 @@ fn a_second_node_on_a_running_nodes_directory_is_refused_naming_the_running_one(
         "{err}"
     );
     assert_eq!(err.matches("already runs").count(), 1, "said once: {err}");
+}
+
+/// Nodes on four addresses of their own (127.0.0.1 to 127.0.0.4, one port), as on four hosts:
+/// `cluster init --node IP:PORT` per node; blocks round-trip and every member answers `status`.
+#[test]
+fn nodes_at_addresses_of_their_own_form_a_cluster() {
+    let mut r = [0u8; 2];
+    getrandom::fill(&mut r).expect("randomness");
+    let port = (20000 + u32::from(u16::from_le_bytes(r)) % 39000).to_string();
+    let addrs: Vec<String> = (1..=4).map(|i| format!("127.0.0.{i}:{port}")).collect();
+    let mut how = Vec::new();
+    for a in &addrs {
+        how.extend(["--node", a.as_str()]);
+    }
+    let cluster = Cluster::start_with(&how);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = payload(3 << 20, "four addresses");
+    cluster.round_trip(tmp.path(), "four", &data);
+    let status = ok(&["status", "--cluster", &cluster.toml]);
+    for a in &addrs {
+        assert!(status.contains(&format!("{a}  reachable")), "{a}: {status}");
+    }
+    let dup = dbqsfs(&[
+        "cluster",
+        "init",
+        "--dir",
+        tmp.path().join("dup").to_str().unwrap(),
+        "--node",
+        &addrs[0],
+        "--node",
+        &addrs[0],
+        "--node",
+        &addrs[1],
+        "--node",
+        &addrs[2],
+    ]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("given twice"));
 }

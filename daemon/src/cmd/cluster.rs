@@ -16,14 +16,21 @@ pub enum ClusterCmd {
     #[command(
         long_about = "Create a local cluster description in DIR: one key and one admission \
         certificate (the admission key's signature over the node key) per node, a genesis \
-        configuration of N nodes listening on 127.0.0.1:P, P+1, ..., with groups of 3f+1 and a \
+        configuration of N nodes listening on 127.0.0.1:P, P+1, ... (or at the addresses given \
+        with --node, one per node, for nodes on several hosts), with groups of 3f+1 and a \
         committee of the first 3f+1 members, a client key, DIR/cluster.toml for clients and \
-        DIR/node-<i>/ for each node. Keys are made from OS randomness; secret key files are mode 0600."
+        DIR/node-<i>/ for each node (copy it to the host that runs the node; see \
+        docs/DEPLOY.md). Keys are made from OS randomness; secret key files are mode 0600."
     )]
     Init {
-        /// Number of nodes (at least 3f+1).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        nodes: u32,
+        /// Number of nodes on this host's loopback (at least 3f+1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000),
+              required_unless_present = "node", conflicts_with = "node")]
+        nodes: Option<u32>,
+        /// A node's UDP address, IP:PORT (repeat once per node, at least 3f+1): it listens
+        /// there and members and clients reach it there.
+        #[arg(long = "node", value_name = "IP:PORT", conflicts_with = "base_port")]
+        node: Vec<std::net::SocketAddr>,
         /// The directory to create (must be empty or absent).
         #[arg(long)]
         dir: PathBuf,
@@ -95,13 +102,27 @@ impl Default for Timing {
     }
 }
 
+/// `n` loopback addresses from port `base_port` on.
+pub(crate) fn local_addrs(n: u32, base_port: u16) -> Result<Vec<std::net::SocketAddr>> {
+    if u32::from(base_port) + n > 65536 {
+        bail!(
+            "ports {base_port}..{} do not fit below 65536",
+            u32::from(base_port) + n
+        );
+    }
+    Ok((0..n)
+        .map(|i| std::net::SocketAddr::from(([127, 0, 0, 1], (u32::from(base_port) + i) as u16)))
+        .collect())
+}
+
+/// Creates a cluster of nodes at `addrs` in `dir`.
 pub(crate) fn cluster_init(
-    n: u32,
+    addrs: &[std::net::SocketAddr],
     dir: &Path,
     f: Option<u32>,
-    base_port: u16,
     timing: &Timing,
 ) -> Result<()> {
+    let n = addrs.len() as u32;
     let f = f.unwrap_or(n.saturating_sub(1) / 3);
     if n < 3 * f + 1 {
         bail!(
@@ -109,10 +130,17 @@ pub(crate) fn cluster_init(
             3 * f + 1
         );
     }
-    if u32::from(base_port) + n > 65536 {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = addrs.iter().find(|a| !seen.insert(**a)) {
+        bail!("node address {dup} is given twice: every node needs its own");
+    }
+    if let Some(bad) = addrs
+        .iter()
+        .find(|a| a.ip().is_unspecified() || a.port() == 0)
+    {
         bail!(
-            "ports {base_port}..{} do not fit below 65536",
-            u32::from(base_port) + n
+            "node address {bad}: give the address members and clients reach the node at (not \
+             0.0.0.0 or port 0)"
         );
     }
     if dir.exists()
@@ -128,7 +156,7 @@ pub(crate) fn cluster_init(
     let admission = rnd()?;
     let client = rnd()?;
     let keys = (0..n).map(|_| rnd()).collect::<Result<Vec<_>>>()?;
-    let addr = |i: u32| format!("127.0.0.1:{}", u32::from(base_port) + i);
+    let addr = |i: u32| addrs[i as usize].to_string();
     let mut members: Vec<Member> = keys
         .iter()
         .zip(0..)
@@ -186,8 +214,15 @@ pub(crate) fn cluster_init(
         },
     )?;
     println!(
-        "created a cluster of {n} nodes (f={f}) on 127.0.0.1:{base_port}..{} in {}",
-        u32::from(base_port) + n - 1,
+        "created a cluster of {n} nodes (f={f}) at {} in {}",
+        match addrs {
+            [a, .., b] if addrs.len() > 2 => format!("{a} .. {b}"),
+            _ => addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
         dir.display()
     );
     Ok(())

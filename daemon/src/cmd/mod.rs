@@ -281,12 +281,18 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Cluster(ClusterCmd::Init {
             nodes,
+            node,
             dir,
             f,
             base_port,
             timing,
         }) => {
             init_logs("warn");
+            let addrs = match nodes {
+                Some(n) => cluster::local_addrs(n, base_port)?,
+                None => node,
+            };
+            let nodes = addrs.len() as u32;
             let fv = f.unwrap_or(nodes.saturating_sub(1) / 3);
             if nodes < 3 * fv + 1 {
                 use clap::CommandFactory;
@@ -300,7 +306,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                     .exit();
             }
-            cluster_init(nodes, &dir, f, base_port, &timing)
+            cluster_init(&addrs, &dir, f, &timing)
         }
         Command::Keygen { dir } => {
             init_logs("warn");

@@ -22,7 +22,7 @@
 //!
 //! Non-goals: clusters on other machines being started or stopped from here.
 
-use super::cluster::{cluster_down, cluster_init, Timing};
+use super::cluster::{cluster_down, cluster_init, local_addrs, Timing};
 use super::common::{data_dir, init_logs, open_log, UsageError};
 use super::keys::{self, PASSPHRASE_ENV};
 use anyhow::{anyhow, bail, Context, Result};
@@ -505,10 +505,9 @@ fn ensure_embedded_cluster(data: &Path, base_port: Option<u16>) -> Result<PathBu
         None => free_base_port(EMBEDDED_NODES as u16)?,
     };
     cluster_init(
-        EMBEDDED_NODES,
+        &local_addrs(EMBEDDED_NODES, base)?,
         &cdir,
         Some(EMBEDDED_F),
-        base,
         &Timing::default(),
     )
     .context("creating the embedded cluster")?;
