@@ -369,3 +369,17 @@ fn nodes_at_addresses_of_their_own_form_a_cluster() {
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("given twice"));
 }
+
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let bash = ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("_dbqsfs()") && bash.contains("snapshot"),
+        "{bash}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&["man", "--dir", tmp.path().to_str().unwrap()]);
+    let page = std::fs::read_to_string(tmp.path().join("dbqsfs-mount.1")).unwrap();
+    assert!(page.contains("keyfile"), "the mount page lacks its options");
+    assert_eq!(dbqsfs(&["completions", "cmd.exe"]).status.code(), Some(2));
+}

@@ -193,6 +193,27 @@ pub enum Command {
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
         ops: u32,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    #[command(
+        long_about = "Print the completion script of SHELL to stdout. For bash: \
+        `dbqsfs completions bash > /etc/bash_completion.d/dbqsfs`; zsh: `dbqsfs completions zsh \
+        > \"${fpath[1]}/_dbqsfs\"`; fish: `dbqsfs completions fish > \
+        ~/.config/fish/completions/dbqsfs.fish`."
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (dbqsfs.1 and one per subcommand) into DIR.
+    #[command(
+        long_about = "Write the man pages, dbqsfs.1 and dbqsfs-SUBCOMMAND.1, into DIR \
+        (for example /usr/local/share/man/man1, then `man dbqsfs-mount`)."
+    )]
+    Man {
+        /// Where to write them.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Show the cluster: epoch, committee, members (reachability, probe state, stored bytes,
     /// transfers), and the joins and leaves pending for the next epoch.
     #[command(
@@ -355,6 +376,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench { cluster, ops } => {
             init_logs("warn");
             runtime()?.block_on(bench(&cluster, ops as usize))
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "dbqsfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            println!("wrote the man pages into {}", dir.display());
+            Ok(())
         }
         Command::Status { cluster, data_dir } => {
             init_logs("error");
