@@ -1084,6 +1084,16 @@ fn status_ctrl_c_and_umount_behave_around_a_mount() {
         "{out}"
     );
     assert!(!out.contains(" bytes in "), "sizes are for people: {out}");
+    let o = dbqsfs(&["status", "--data-dir", &data, "--json"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");
+    let members = doc["members"].as_array().expect("members");
+    assert_eq!(members.len(), 4, "{doc}");
+    assert!(
+        members.iter().all(|m| m["node"]["reachable"] == true),
+        "{doc}"
+    );
+    assert!(doc["agreement"]["view"].is_u64(), "{doc}");
     // The first line goes to `head`, which exits; later lines meet a closed pipe.
     let err = env.root.join("status.err");
     sh(&format!(

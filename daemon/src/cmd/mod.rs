@@ -230,6 +230,9 @@ pub enum Command {
         /// The embedded cluster's data directory [default: as for `dbqsfs mount`].
         #[arg(long, value_name = "DIR", conflicts_with = "cluster")]
         data_dir: Option<PathBuf>,
+        /// One JSON document instead of text (ids in hex, sizes in bytes, times in ms).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -390,10 +393,14 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("wrote the man pages into {}", dir.display());
             Ok(())
         }
-        Command::Status { cluster, data_dir } => {
+        Command::Status {
+            cluster,
+            data_dir,
+            json,
+        } => {
             init_logs("error");
             let toml = common::cluster_toml(cluster.as_deref(), data_dir.as_deref())?;
-            let answered = runtime()?.block_on(status(&toml))?;
+            let answered = runtime()?.block_on(status(&toml, json))?;
             match answered {
                 status::Answered::All => Ok(()),
                 status::Answered::Some => std::process::exit(3),

@@ -2,6 +2,10 @@
 
 use super::common::connect;
 use anyhow::Result;
+use dbqsfs_core::config::{Configuration, Member};
+use dbqsfs_core::crypto::NodeId;
+use dbqsfs_daemon::client::NodeStatus;
+use dbqsfs_daemon::ms::MsStatus;
 use dbqsfs_daemon::transfer;
 use std::path::Path;
 
@@ -34,157 +38,244 @@ pub(crate) enum Answered {
     None,
 }
 
-pub(crate) async fn status(cluster: &Path) -> Result<Answered> {
-    let client = connect(cluster)?;
-    let chain = client.refresh().await;
-    let config = chain.config().clone();
-    let p = &config.params;
-    println!(
-        "epoch {}  f={}  {} members  committee of {} (f_ms={})  epoch {} s, probes every {} s, evict after {} failed",
-        config.epoch,
-        p.f,
-        config.members.len(),
-        config.committee.len(),
-        p.f_ms,
-        p.epoch_ms / 1000,
-        p.probe_ms as f64 / 1000.0,
-        p.evict_after_probes,
-    );
-    // The MS view of every member: the committee members' probes and pending changes.
-    let ms_queries: Vec<_> = config
-        .members
-        .iter()
-        .map(|m| {
-            let c = client.clone();
-            let m = m.clone();
-            tokio::spawn(async move { c.ms_status(&m).await.ok() })
-        })
-        .collect();
-    let mut views = Vec::new();
-    for h in ms_queries {
-        if let Some(v) = h.await? {
-            views.push(v);
-        }
-    }
-    // Probe state: how many committee members (of those that answered) report each member
-    // unresponsive.
-    let suspicion = |id: &dbqsfs_core::crypto::NodeId| -> (usize, usize) {
-        let probers: Vec<_> = views
+/// What `status` learned: the newest configuration, the MS views of the members that answered,
+/// and each member's node status (or why it did not answer).
+struct Report {
+    config: Configuration,
+    views: Vec<MsStatus>,
+    nodes: Vec<(Member, Result<NodeStatus, String>)>,
+}
+
+impl Report {
+    async fn gather(cluster: &Path) -> Result<Report> {
+        let client = connect(cluster)?;
+        let config = client.refresh().await.config().clone();
+        // Every member's MS view (probes, pending changes) and node status, all at once.
+        let queries: Vec<_> = config
+            .members
             .iter()
-            .filter(|v| v.in_agreement && v.epoch == config.epoch)
+            .map(|m| {
+                let c = client.clone();
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let (ms, node) = tokio::join!(c.ms_status(&m), c.node_status(&m));
+                    (m, ms.ok(), node.map_err(|e| e.to_string()))
+                })
+            })
+            .collect();
+        let mut views = Vec::new();
+        let mut nodes = Vec::new();
+        for q in queries {
+            let (m, view, node) = q.await?;
+            views.extend(view);
+            nodes.push((m, node));
+        }
+        Ok(Report {
+            config,
+            views,
+            nodes,
+        })
+    }
+
+    /// The MS view of a committee member running this epoch's agreement.
+    fn agreement(&self) -> Option<&MsStatus> {
+        self.views
+            .iter()
+            .find(|v| v.in_agreement && v.epoch == self.config.epoch)
+    }
+
+    /// How many committee members (of those that answered) report `id` unresponsive, of how many.
+    fn suspicion(&self, id: &NodeId) -> (usize, usize) {
+        let probers: Vec<_> = self
+            .views
+            .iter()
+            .filter(|v| v.in_agreement && v.epoch == self.config.epoch)
             .collect();
         let bad = probers
             .iter()
             .filter(|v| v.probes.iter().any(|(t, _, ok)| t == id && !ok))
             .count();
         (bad, probers.len())
-    };
-    if let Some(v) = views
-        .iter()
-        .find(|v| v.in_agreement && v.epoch == config.epoch)
-    {
-        println!(
-            "agreement: view {}  primary {}  {} operations batches executed  epoch age {} s",
-            v.view,
-            v.primary.map(|p| p.short()).unwrap_or_else(|| "?".into()),
-            v.executed,
-            v.epoch_age_ms / 1000
-        );
-        if let Some(pending) = &v.pending {
-            let ids = |xs: &[dbqsfs_core::crypto::NodeId]| {
-                xs.iter().map(|x| x.short()).collect::<Vec<_>>().join(" ")
-            };
-            println!(
-                "pending for epoch {}: joins [{}]  leaves [{}]  suspected [{}]  guilty [{}]  end votes {}",
-                config.epoch + 1,
-                ids(&pending.joins),
-                ids(&pending.leaves),
-                pending
-                    .suspected
-                    .iter()
-                    .map(|(id, n)| format!("{}×{n}", id.short()))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                ids(&pending.guilty),
-                pending.end_votes
-            );
-        }
-    } else {
-        println!("agreement: no committee member answered");
     }
-    let queries = config.members.iter().map(|m| {
-        let c = client.clone();
-        let m = m.clone();
-        tokio::spawn(async move {
-            let r = c.node_status(&m).await;
-            (m, r)
-        })
-    });
-    let handles: Vec<_> = queries.collect();
-    println!("(C: committee member; probes: what the committee's probes of the member say)");
-    let mut unreachable = 0;
-    let mut transfers = Vec::new();
-    for h in handles {
-        let (m, r) = h.await?;
-        let (bad, probers) = suspicion(&m.id);
-        // "C" marks committee members; then what the committee's probes say.
-        print!(
-            "{} {:<26} ",
-            if config.committee.contains(&m.id) {
-                "C"
-            } else {
-                " "
-            },
-            if probers == 0 {
-                "probes unknown".to_string()
-            } else if bad == 0 {
-                format!("probes ok ({probers} probers)")
-            } else {
-                format!("UNRESPONSIVE to {bad} of {probers}")
-            },
-        );
-        if let Ok(s) = &r {
-            let mut lines = transfer::status_lines(&s.transfers);
-            lines.extend(transfer::gc_line(&s.gc));
-            if !lines.is_empty() {
-                transfers.push((m.id, lines));
-            }
+
+    fn answered(&self) -> Answered {
+        match self.nodes.iter().filter(|(_, r)| r.is_err()).count() {
+            0 => Answered::All,
+            n if n == self.nodes.len() => Answered::None,
+            _ => Answered::Some,
         }
-        match r {
-            Ok(s) => println!(
-                "{}  {}  reachable  epoch {}  {} in {} objects{}{}",
-                m.id.short(),
-                m.addr,
-                s.epoch,
-                bytesize::ByteSize(s.stored_bytes).display().iec(),
-                s.objects,
-                if s.ready {
-                    ""
+    }
+
+    fn print_text(&self) {
+        let config = &self.config;
+        let p = &config.params;
+        println!(
+            "epoch {}  f={}  {} members  committee of {} (f_ms={})  epoch {} s, probes every {} s, evict after {} failed",
+            config.epoch,
+            p.f,
+            config.members.len(),
+            config.committee.len(),
+            p.f_ms,
+            p.epoch_ms / 1000,
+            p.probe_ms as f64 / 1000.0,
+            p.evict_after_probes,
+        );
+        match self.agreement() {
+            Some(v) => {
+                println!(
+                    "agreement: view {}  primary {}  {} operations batches executed  epoch age {} s",
+                    v.view,
+                    v.primary.map(|p| p.short()).unwrap_or_else(|| "?".into()),
+                    v.executed,
+                    v.epoch_age_ms / 1000
+                );
+                if let Some(pending) = &v.pending {
+                    let ids =
+                        |xs: &[NodeId]| xs.iter().map(|x| x.short()).collect::<Vec<_>>().join(" ");
+                    println!(
+                        "pending for epoch {}: joins [{}]  leaves [{}]  suspected [{}]  guilty [{}]  end votes {}",
+                        config.epoch + 1,
+                        ids(&pending.joins),
+                        ids(&pending.leaves),
+                        pending
+                            .suspected
+                            .iter()
+                            .map(|(id, n)| format!("{}×{n}", id.short()))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        ids(&pending.guilty),
+                        pending.end_votes
+                    );
+                }
+            }
+            None => println!("agreement: no committee member answered"),
+        }
+        println!("(C: committee member; probes: what the committee's probes of the member say)");
+        let mut transfers = Vec::new();
+        for (m, r) in &self.nodes {
+            let (bad, probers) = self.suspicion(&m.id);
+            print!(
+                "{} {:<26} ",
+                if config.committee.contains(&m.id) {
+                    "C"
                 } else {
-                    "  (state transfer pending)"
+                    " "
                 },
-                space_note(&s.space),
-            ),
-            Err(e) => {
-                unreachable += 1;
-                println!("{}  {}  unreachable  ({e})", m.id.short(), m.addr)
+                if probers == 0 {
+                    "probes unknown".to_string()
+                } else if bad == 0 {
+                    format!("probes ok ({probers} probers)")
+                } else {
+                    format!("UNRESPONSIVE to {bad} of {probers}")
+                },
+            );
+            match r {
+                Ok(s) => {
+                    let mut lines = transfer::status_lines(&s.transfers);
+                    lines.extend(transfer::gc_line(&s.gc));
+                    if !lines.is_empty() {
+                        transfers.push((m.id, lines));
+                    }
+                    println!(
+                        "{}  {}  reachable  epoch {}  {} in {} objects{}{}",
+                        m.id.short(),
+                        m.addr,
+                        s.epoch,
+                        bytesize::ByteSize(s.stored_bytes).display().iec(),
+                        s.objects,
+                        if s.ready {
+                            ""
+                        } else {
+                            "  (state transfer pending)"
+                        },
+                        space_note(&s.space),
+                    )
+                }
+                Err(e) => println!("{}  {}  unreachable  ({e})", m.id.short(), m.addr),
+            }
+        }
+        let unreachable = self.nodes.iter().filter(|(_, r)| r.is_err()).count();
+        if unreachable > 0 {
+            println!("{unreachable} of {} members unreachable", self.nodes.len());
+        }
+        for (id, lines) in transfers {
+            for line in lines {
+                println!("{}  {line}", id.short());
             }
         }
     }
-    if unreachable > 0 {
-        println!(
-            "{unreachable} of {} members unreachable",
-            config.members.len()
-        );
+
+    /// The same as one JSON document (ids in hex, sizes in bytes, times in milliseconds).
+    fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let config = &self.config;
+        let p = &config.params;
+        let members: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|(m, r)| {
+                let (bad, probers) = self.suspicion(&m.id);
+                let node = match r {
+                    Ok(s) => json!({
+                        "reachable": true,
+                        "epoch": s.epoch,
+                        "stored_bytes": s.stored_bytes,
+                        "objects": s.objects,
+                        "ready": s.ready,
+                        "space": s.space,
+                        "transfers": s.transfers,
+                        "gc": s.gc,
+                    }),
+                    Err(e) => json!({ "reachable": false, "error": e }),
+                };
+                json!({
+                    "id": m.id.to_hex(),
+                    "addr": m.addr,
+                    "committee": config.committee.contains(&m.id),
+                    "probes": { "unresponsive_to": bad, "probers": probers },
+                    "node": node,
+                })
+            })
+            .collect();
+        let agreement = self.agreement().map(|v| {
+            let ids = |xs: &[NodeId]| xs.iter().map(|x| x.to_hex()).collect::<Vec<_>>();
+            json!({
+                "view": v.view,
+                "primary": v.primary.map(|p| p.to_hex()),
+                "executed": v.executed,
+                "epoch_age_ms": v.epoch_age_ms,
+                "pending": v.pending.as_ref().map(|pd| json!({
+                    "joins": ids(&pd.joins),
+                    "leaves": ids(&pd.leaves),
+                    "suspected": pd.suspected.iter().map(|(id, n)| json!([id.to_hex(), n])).collect::<Vec<_>>(),
+                    "guilty": ids(&pd.guilty),
+                    "end_votes": pd.end_votes,
+                })),
+            })
+        });
+        json!({
+            "epoch": config.epoch,
+            "params": {
+                "f": p.f,
+                "f_ms": p.f_ms,
+                "epoch_ms": p.epoch_ms,
+                "probe_ms": p.probe_ms,
+                "evict_after_probes": p.evict_after_probes,
+                "freshness_ms": p.freshness_ms,
+            },
+            "agreement": agreement,
+            "members": members,
+        })
     }
-    for (id, lines) in transfers {
-        for line in lines {
-            println!("{}  {line}", id.short());
-        }
+}
+
+/// Prints the cluster's status, as text or as one JSON document, and says how many answered.
+pub(crate) async fn status(cluster: &Path, json: bool) -> Result<Answered> {
+    let report = Report::gather(cluster).await?;
+    if json {
+        println!("{:#}", report.to_json());
+    } else {
+        report.print_text();
     }
-    Ok(match unreachable {
-        0 => Answered::All,
-        n if n == config.members.len() => Answered::None,
-        _ => Answered::Some,
-    })
+    Ok(report.answered())
 }
