@@ -13,6 +13,7 @@ pub mod deferred;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod files;
+pub mod metrics;
 pub mod ms;
 pub mod node;
 pub mod store;

@@ -246,6 +246,8 @@ pub struct Node {
     /// `DIR/node.lock`, locked while the node runs (one node per directory); holds its pid.
     _lock: std::fs::File,
     ms: MsOptions,
+    /// Where to serve Prometheus metrics, if anywhere.
+    metrics: Option<SocketAddr>,
     #[cfg(feature = "fault-injection")]
     fault: Option<crate::fault::Fault>,
 }
@@ -355,6 +357,7 @@ impl Node {
                 transfers,
             }),
             ms,
+            metrics: None,
             #[cfg(feature = "fault-injection")]
             fault: None,
         })
@@ -420,6 +423,12 @@ impl Node {
     }
 
     /// Tunes the state-transfer worker (before [`Node::run`]).
+    /// Serves Prometheus metrics at `http://addr/metrics` while the node runs.
+    pub fn with_metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
     pub fn with_transfer_options(self, opts: TransferOptions) -> Self {
         self.shared.transfers.set_options(opts);
         self
@@ -440,6 +449,21 @@ impl Node {
             Arc::new(Trust(Arc::downgrade(&shared))),
         )?;
         info!(addr = %endpoint.local_addr(), "serving");
+        let sampler = match self.metrics {
+            Some(addr) => match crate::metrics::serve(addr) {
+                Ok(()) => {
+                    info!(%addr, "serving metrics at /metrics");
+                    Some(tokio::spawn(crate::metrics::sample(Arc::downgrade(
+                        &shared,
+                    ))))
+                }
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot serve metrics; going on without them");
+                    None
+                }
+            },
+            None => None,
+        };
         let transfers = shared
             .transfers
             .start(endpoint.clone(), shared.replica.clone());
@@ -463,6 +487,9 @@ impl Node {
         shutdown.await;
         info!("shutting down");
         trimmer.abort();
+        if let Some(s) = sampler {
+            s.abort();
+        }
         ms_task.abort();
         let _ = ms_task.await;
         transfers.abort();
@@ -514,10 +541,18 @@ async fn handle(
     let key = PublicKey(peer.to_bytes());
     let from = key.node_id();
     let kind = shared.peer(&key);
+    let peer_label = match kind {
+        Peer::Member => "member",
+        Peer::Client => "client",
+        Peer::Myself => "self",
+        Peer::Stranger => "stranger",
+    };
     if is_ms(&request) {
+        crate::metrics::request(peer_label, "ms");
         return crate::ms::serve(&shared, &ms, key, kind, &request).await;
     }
     if request.get(1) == Some(&<AgreementMessage as Protocol>::ID) {
+        crate::metrics::request(peer_label, "agreement");
         if kind == Peer::Member {
             ms.offer(Inbound::Agreement {
                 from,
@@ -548,6 +583,16 @@ async fn handle(
         // Transfers yield to client traffic.
         shared.transfers.client_request();
     }
+    crate::metrics::request(
+        peer_label,
+        if is_control(&request) {
+            "control"
+        } else if transfer::is_transfer(&request) {
+            "transfer"
+        } else {
+            "dbqs"
+        },
+    );
     let task = tokio::task::spawn_blocking(move || {
         if is_control(&request) {
             return control(&shared, from, &request);
@@ -586,6 +631,58 @@ async fn handle(
     }
 }
 
+/// A node's state as `status` and the metrics show it.
+pub struct StatusParts {
+    pub epoch: u64,
+    pub ready: bool,
+    pub gc: Vec<crate::control::GcStatus>,
+    pub space: SpaceStatus,
+    pub stored_bytes: u64,
+    pub transfers: Vec<crate::control::TransferStatus>,
+    pub members: usize,
+}
+
+impl Shared {
+    /// The node's state now (reads the replica under its read lock; blocking).
+    pub fn status_parts(&self) -> StatusParts {
+        let (epoch, ready, gc, deferred, members) = {
+            let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
+            let deferred = r.deferred().len() as u64;
+            (
+                r.epoch(),
+                r.is_ready(),
+                self.transfers.gc_status(&r),
+                deferred,
+                r.chain().config().members.len(),
+            )
+        };
+        let store = &self.store;
+        let space = store.space().map_or(
+            SpaceStatus {
+                deferred,
+                full: store.is_full(),
+                ..SpaceStatus::default()
+            },
+            |s| SpaceStatus {
+                free: s.free,
+                size: s.size,
+                reserve: s.reserve,
+                deferred,
+                full: store.is_full(),
+            },
+        );
+        StatusParts {
+            epoch,
+            ready,
+            gc,
+            space,
+            stored_bytes: store.content_bytes(),
+            transfers: self.transfers.status(),
+            members,
+        }
+    }
+}
+
 fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
     let env = match decode::<ControlMessage>(request) {
         Ok(env) => env,
@@ -596,42 +693,18 @@ fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
     };
     match env.msg {
         ControlMessage::StatusRequest => {
-            let (epoch, ready, gc, deferred) = {
-                let r = shared.replica.read().unwrap_or_else(|p| p.into_inner());
-                let deferred = r.deferred().len() as u64;
-                (
-                    r.epoch(),
-                    r.is_ready(),
-                    shared.transfers.gc_status(&r),
-                    deferred,
-                )
-            };
-            let store = &shared.store;
-            let space = store.space().map_or(
-                SpaceStatus {
-                    deferred,
-                    full: store.is_full(),
-                    ..SpaceStatus::default()
-                },
-                |s| SpaceStatus {
-                    free: s.free,
-                    size: s.size,
-                    reserve: s.reserve,
-                    deferred,
-                    full: store.is_full(),
-                },
-            );
-            let objects = store.list().map(|l| l.len() as u64).unwrap_or(0);
+            let s = shared.status_parts();
+            let objects = shared.store.list().map(|l| l.len() as u64).unwrap_or(0);
             Some(encode_msg(
-                epoch,
+                s.epoch,
                 ControlMessage::Status {
-                    epoch,
-                    stored_bytes: store.content_bytes(),
+                    epoch: s.epoch,
+                    stored_bytes: s.stored_bytes,
                     objects,
-                    ready,
-                    transfers: shared.transfers.status(),
-                    gc,
-                    space,
+                    ready: s.ready,
+                    transfers: s.transfers,
+                    gc: s.gc,
+                    space: s.space,
                 },
             ))
         }

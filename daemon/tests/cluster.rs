@@ -383,3 +383,87 @@ fn completions_and_man_pages_are_generated() {
     assert!(page.contains("keyfile"), "the mount page lacks its options");
     assert_eq!(dbqsfs(&["completions", "cmd.exe"]).status.code(), Some(2));
 }
+
+/// `dbqsfs node --metrics IP:PORT` serves Prometheus metrics: requests by peer and protocol,
+/// and the node's sampled state.
+#[test]
+fn a_node_serves_prometheus_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let mut r = [0u8; 2];
+    getrandom::fill(&mut r).expect("randomness");
+    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
+    ok(&[
+        "cluster",
+        "init",
+        "--nodes",
+        "4",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--base-port",
+        &base.to_string(),
+    ]);
+    let metrics_addr = format!("127.0.0.1:{}", base + 10);
+    struct Nodes(Vec<std::process::Child>);
+    impl Drop for Nodes {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                // SAFETY: kill(2) of a node this test started.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let _ = c.wait();
+            }
+        }
+    }
+    let nodes = Nodes(
+        (0..4)
+            .map(|i| {
+                let mut cmd = Command::new(BIN);
+                cmd.args(["node", "--dir"])
+                    .arg(dir.join(format!("node-{i}")));
+                if i == 0 {
+                    cmd.args(["--metrics", &metrics_addr]);
+                }
+                cmd.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    let file = tmp.path().join("f");
+    std::fs::write(&file, payload(100_000, "metrics")).unwrap();
+    let toml = dir.join("cluster.toml");
+    let started = Instant::now();
+    // The nodes need a moment to listen; the client retries within its timeout.
+    ok(&[
+        "block",
+        "put",
+        "--cluster",
+        toml.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    let scrape = || -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(&metrics_addr) else {
+            return String::new();
+        };
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let mut text = scrape();
+    while !(text.contains("dbqsfs_epoch") && text.contains("protocol=\"dbqs\""))
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        text = scrape();
+    }
+    assert!(
+        text.contains("dbqsfs_requests_total{peer=\"client\",protocol=\"dbqs\"}"),
+        "{text}"
+    );
+    assert!(text.contains("dbqsfs_ready 1"), "{text}");
+    assert!(text.contains("dbqsfs_members 4"), "{text}");
+    drop(nodes);
+}

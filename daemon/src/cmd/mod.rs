@@ -125,6 +125,10 @@ pub enum Command {
         /// volume's namespace stays writable [default: 1% of the filesystem, 16 MiB to 1 GiB].
         #[arg(long, value_name = "MIB")]
         reserve: Option<u64>,
+        /// Serve Prometheus metrics at http://IP:PORT/metrics (requests by peer and protocol,
+        /// epoch, readiness, stored bytes, free space, transfers).
+        #[arg(long, value_name = "IP:PORT")]
+        metrics: Option<std::net::SocketAddr>,
         /// Test builds only: make this node Byzantine in the given way.
         #[cfg(feature = "fault-injection")]
         #[arg(long, value_enum)]
@@ -273,6 +277,7 @@ pub fn run(cli: Cli) -> Result<()> {
             transfer_rate_limit,
             transfer_rate_under_load,
             reserve,
+            metrics,
             #[cfg(feature = "fault-injection")]
             fault,
         } => {
@@ -288,6 +293,10 @@ pub fn run(cli: Cli) -> Result<()> {
             #[cfg(feature = "fault-injection")]
             let node = match fault {
                 Some(f) => node.with_fault(f),
+                None => node,
+            };
+            let node = match metrics {
+                Some(addr) => node.with_metrics(addr),
                 None => node,
             };
             let node = node.with_transfer_options(TransferOptions {
