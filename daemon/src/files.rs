@@ -63,6 +63,34 @@ pub struct NodeFile {
     /// A member's address to learn configurations from while this node is not a member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<String>,
+    /// The node's settings (`[settings]`); the flags of `dbqsfs node` override them.
+    #[serde(default, skip_serializing_if = "NodeSettings::is_empty")]
+    pub settings: NodeSettings,
+}
+
+/// Settings of a node kept in its `node.toml` (so `cluster up` and service managers start it
+/// with them). Each is the `dbqsfs node` flag of the same name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Cap on the bytes per second its state transfers receive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_rate_limit: Option<u64>,
+    /// Cap on the bytes per second its state transfers receive while clients are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_rate_under_load: Option<u64>,
+    /// Free space (MiB) kept for metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_mib: Option<u64>,
+    /// Where to serve Prometheus metrics, `IP:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+impl NodeSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == NodeSettings::default()
+    }
 }
 
 /// `cluster.toml`.

@@ -248,6 +248,8 @@ pub struct Node {
     ms: MsOptions,
     /// Where to serve Prometheus metrics, if anywhere.
     metrics: Option<SocketAddr>,
+    /// The `[settings]` of node.toml.
+    settings: crate::files::NodeSettings,
     #[cfg(feature = "fault-injection")]
     fault: Option<crate::fault::Fault>,
 }
@@ -358,9 +360,15 @@ impl Node {
             }),
             ms,
             metrics: None,
+            settings: file.settings.clone(),
             #[cfg(feature = "fault-injection")]
             fault: None,
         })
+    }
+
+    /// The `[settings]` of the node's node.toml (which the command line's flags override).
+    pub fn settings(&self) -> &crate::files::NodeSettings {
+        &self.settings
     }
 
     /// Keeps `bytes` free on the data directory's filesystem for metadata

@@ -384,8 +384,9 @@ fn completions_and_man_pages_are_generated() {
     assert_eq!(dbqsfs(&["completions", "cmd.exe"]).status.code(), Some(2));
 }
 
-/// `dbqsfs node --metrics IP:PORT` serves Prometheus metrics: requests by peer and protocol,
-/// and the node's sampled state.
+/// A node with `metrics = "IP:PORT"` in its node.toml's `[settings]` (the same as `dbqsfs node
+/// --metrics IP:PORT`) serves Prometheus metrics: requests by peer and protocol, and the node's
+/// sampled state. A setting that does not exist is refused, naming the file.
 #[test]
 fn a_node_serves_prometheus_metrics() {
     let tmp = tempfile::tempdir().unwrap();
@@ -404,6 +405,20 @@ fn a_node_serves_prometheus_metrics() {
         &base.to_string(),
     ]);
     let metrics_addr = format!("127.0.0.1:{}", base + 10);
+    let node0 = dir.join("node-0/node.toml");
+    let toml0 = std::fs::read_to_string(&node0).unwrap();
+    std::fs::write(&node0, format!("{toml0}\n[settings]\nmetrics_at = \"x\"\n")).unwrap();
+    let o = dbqsfs(&["node", "--dir", dir.join("node-0").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("node.toml"),
+        "{o:?}"
+    );
+    std::fs::write(
+        &node0,
+        format!("{toml0}\n[settings]\nmetrics = \"{metrics_addr}\"\nreserve_mib = 16\n"),
+    )
+    .unwrap();
     struct Nodes(Vec<std::process::Child>);
     impl Drop for Nodes {
         fn drop(&mut self) {
@@ -420,9 +435,6 @@ fn a_node_serves_prometheus_metrics() {
                 let mut cmd = Command::new(BIN);
                 cmd.args(["node", "--dir"])
                     .arg(dir.join(format!("node-{i}")));
-                if i == 0 {
-                    cmd.args(["--metrics", &metrics_addr]);
-                }
                 cmd.stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .spawn()

@@ -200,6 +200,7 @@ pub(crate) fn cluster_init(
                 admission_cert: files::to_hex(&cert.0),
                 join: false,
                 bootstrap: None,
+                settings: Default::default(),
             },
         )?;
         names.push(name);

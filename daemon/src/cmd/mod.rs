@@ -94,7 +94,10 @@ pub enum Command {
         long_about = "Run one node in the foreground from its node directory (as written by \
         `dbqsfs cluster init`: node.toml, node.key, data/). The node serves the dBQS protocol over \
         QUIC to the members of the current configuration and the client keys listed in node.toml. \
-        SIGTERM or ctrl-c shuts it down cleanly. Logs go to stderr, filtered by RUST_LOG (default info)."
+        SIGTERM or ctrl-c shuts it down cleanly. Logs go to stderr, filtered by RUST_LOG (default info). \
+        Settings can also be kept in node.toml, in a [settings] table with the flags' names \
+        (transfer_rate_limit, transfer_rate_under_load, reserve_mib, metrics = \"IP:PORT\"); \
+        flags override them."
     )]
     Node {
         /// The node directory.
@@ -115,10 +118,9 @@ pub enum Command {
         transfer_rate_limit: Option<u64>,
         /// Cap on the bytes per second the node's state transfers receive while it serves client
         /// requests (any in the last second); without clients they run at full speed. Higher moves
-        /// data sooner and slows clients more.
-        #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = transfer::DEFAULT_RATE_UNDER_LOAD,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        transfer_rate_under_load: u64,
+        /// data sooner and slows clients more [default: 50000000].
+        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+        transfer_rate_under_load: Option<u64>,
         /// Free space (MiB) kept on the data directory's filesystem for metadata: below it the node
         /// refuses new content blocks (clients and transfers go on with the other replicas) but
         /// still stores public-key blocks and configurations, so it stays in its epoch and the
@@ -287,6 +289,23 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let node =
                 Node::load(&dir).with_context(|| format!("loading node {}", dir.display()))?;
+            // Flags first, then node.toml's [settings], then the defaults.
+            let file = node.settings().clone();
+            let reserve = reserve.or(file.reserve_mib);
+            let transfer_rate_limit = transfer_rate_limit.or(file.transfer_rate_limit);
+            let transfer_rate_under_load = transfer_rate_under_load
+                .or(file.transfer_rate_under_load)
+                .unwrap_or(transfer::DEFAULT_RATE_UNDER_LOAD);
+            let metrics = match (metrics, &file.metrics) {
+                (Some(m), _) => Some(m),
+                (None, Some(m)) => Some(m.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{}: settings.metrics = {m:?} is not an IP:PORT",
+                        dir.join("node.toml").display()
+                    )
+                })?),
+                (None, None) => None,
+            };
             if let Some(mib) = reserve {
                 node.set_reserve(mib.saturating_mul(1 << 20));
             }

@@ -114,6 +114,7 @@ pub(crate) fn prepare_join(
             admission_cert: files::to_hex(&ticket.cert.sig.0),
             join: true,
             bootstrap: Some(via.to_string()),
+            settings: Default::default(),
         },
     )?;
     Ok(())
