@@ -1,5 +1,5 @@
-//! Prometheus metrics of a node (`dbqsfs node --metrics IP:PORT`): an HTTP endpoint at
-//! `http://IP:PORT/metrics` in the text format.
+//! Prometheus metrics of a node (`dbqsfs node --metrics IP:PORT`) and of a mount (`-o
+//! metrics=IP:PORT`): an HTTP endpoint at `http://IP:PORT/metrics` in the text format.
 //!
 //! Goals: what an operator graphs and alerts on, cheaply: requests served by kind of peer and
 //! protocol (counters, counted where requests are dispatched), and the node's state sampled
@@ -29,6 +29,27 @@ pub fn serve(addr: SocketAddr) -> Result<(), String> {
 /// Counts one request served, by the kind of peer and the protocol it spoke.
 pub fn request(peer: &'static str, protocol: &'static str) {
     counter!("dbqsfs_requests_total", "peer" => peer, "protocol" => protocol).increment(1);
+}
+
+/// Samples a mount's calls to the cluster (by kind: calls, time, bytes) every [`SAMPLE_EVERY`],
+/// and the bytes written to it, while `written` answers.
+pub async fn sample_mount(
+    stats: std::sync::Arc<crate::volume::BackendStats>,
+    written: impl Fn() -> Option<u64>,
+) {
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(w) = written() else { return };
+        counter!("dbqsfs_mount_written_bytes_total").absolute(w);
+        for (kind, calls, micros, bytes) in stats.totals() {
+            counter!("dbqsfs_mount_backend_calls_total", "kind" => kind).absolute(calls);
+            counter!("dbqsfs_mount_backend_seconds_total", "kind" => kind)
+                .absolute(micros / 1_000_000);
+            counter!("dbqsfs_mount_backend_bytes_total", "kind" => kind).absolute(bytes);
+        }
+    }
 }
 
 /// Samples the node's state into gauges every [`SAMPLE_EVERY`] while the node lives.

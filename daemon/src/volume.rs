@@ -90,6 +90,22 @@ impl BackendStats {
         self.bytes[kind].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Per kind of call: its name, calls, total microseconds and bytes so far.
+    pub fn totals(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        KINDS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                (
+                    *k,
+                    self.calls[i].load(Ordering::Relaxed),
+                    self.micros[i].load(Ordering::Relaxed),
+                    self.bytes[i].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// One line: per kind, calls, mean latency and bytes.
     pub fn summary(&self) -> String {
         KINDS

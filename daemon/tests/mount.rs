@@ -1193,8 +1193,9 @@ fn the_mount_helper_takes_an_fstab_line() {
     let helper = env.root.join("mount.fuse.dbqsfs");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dbqsfs"), &helper).unwrap();
     let dir = env.dir("fstab");
+    let metrics = format!("127.0.0.1:{}", env.base_port + 20);
     let opts = format!(
-        "rw,defaults,_netdev,nofail,noatime,nodev,x-systemd.automount,data_dir={}",
+        "rw,defaults,_netdev,nofail,noatime,nodev,x-systemd.automount,data_dir={},metrics={metrics}",
         env.data.display()
     );
     let o = Command::new(&helper)
@@ -1213,6 +1214,26 @@ fn the_mount_helper_takes_an_fstab_line() {
         line.contains("dbqsfs:default") && line.contains("noatime"),
         "{line}"
     );
+    // The mount's metrics: its calls to the cluster, sampled every 5 s.
+    write_synced(&dir.join("g"), b"counted").unwrap();
+    let scrape = || {
+        let Ok(mut s) = std::net::TcpStream::connect(&metrics) else {
+            return String::new();
+        };
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let want = "dbqsfs_mount_backend_calls_total{kind=\"put_record\"}";
+    let t = Instant::now();
+    let mut text = scrape();
+    while !text.contains(want) && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(500));
+        text = scrape();
+    }
+    assert!(text.contains(want), "{text}");
+    assert!(text.contains("dbqsfs_mount_written_bytes_total"), "{text}");
     env.umount(&dir);
     let o = Command::new(&helper)
         .args(["dbqsfs:default"])

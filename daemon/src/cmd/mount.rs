@@ -83,6 +83,8 @@ pub struct Opts {
     pub passphrase: bool,
     /// Generic kernel flags (`nodev`, `noexec`, `noatime`, ...), passed to the mount.
     pub kernel_flags: Vec<String>,
+    /// Serve Prometheus metrics there (`-o metrics=IP:PORT`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Default of `-o commit=MS`.
@@ -90,7 +92,8 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
     attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
-    commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase; and mount(8)'s generic ones: \
+    commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase, metrics=IP:PORT; and mount(8)'s \
+    generic ones: \
     defaults, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, auto, noauto, user, nouser, \
     _netdev, nofail, relatime, strictatime, nodiratime, x-*, comment=*";
 
@@ -137,6 +140,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         keyfile: None,
         passphrase: false,
         kernel_flags: Vec::new(),
+        metrics: None,
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -169,6 +173,12 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
             ("snapshot", Some(v)) if !v.is_empty() => o.snapshot = Some(v.into()),
             ("encrypt", None) => o.encrypt = true,
             ("keyfile", Some(v)) if !v.is_empty() => o.keyfile = Some(v.into()),
+            ("metrics", Some(v)) => {
+                o.metrics = Some(
+                    v.parse()
+                        .map_err(|_| UsageError(format!("-o metrics={v}: expected IP:PORT")))?,
+                )
+            }
             ("passphrase", None) => o.passphrase = true,
             ("attr_timeout", Some(v)) => o.attr_ttl = Some(secs(k, v)?),
             ("entry_timeout", Some(v)) => o.entry_ttl = Some(secs(k, v)?),
@@ -957,16 +967,19 @@ fn serve(
     };
     let owner = info.client_key.clone();
     let call_timeout = opts.op_timeout + Duration::from_secs(5);
-    let probe = Arc::new(DbqsBackend::new(
-        client.clone(),
-        owner.clone(),
-        &target.volume,
-        handle.clone(),
-        BackendOptions {
-            call_timeout,
-            ..BackendOptions::default()
-        },
-    ));
+    let new_backend = || {
+        DbqsBackend::new(
+            client.clone(),
+            owner.clone(),
+            &target.volume,
+            handle.clone(),
+            BackendOptions {
+                call_timeout,
+                ..BackendOptions::default()
+            },
+        )
+    };
+    let probe = Arc::new(new_backend());
     let cannot_reach = |e: &dyn std::fmt::Display| {
         anyhow!(
             "cannot reach the cluster of {} ({e}); check that its nodes run (`dbqsfs status \
@@ -1011,16 +1024,7 @@ fn serve(
     }
 
     // The lease (read-write mounts only).
-    let mut backend = DbqsBackend::new(
-        client.clone(),
-        owner.clone(),
-        &target.volume,
-        handle.clone(),
-        BackendOptions {
-            call_timeout,
-            ..BackendOptions::default()
-        },
-    );
+    let mut backend = new_backend();
     let mut lease_task = None;
     if !opts.read_only {
         let holder = format!(
@@ -1124,6 +1128,20 @@ fn serve(
         }
     };
     let volume = mount.volume().clone();
+    if let Some(addr) = opts.metrics {
+        let _g = rt.enter();
+        match dbqsfs_daemon::metrics::serve(addr) {
+            Ok(()) => {
+                let weak = Arc::downgrade(&volume);
+                rt.spawn(dbqsfs_daemon::metrics::sample_mount(
+                    stats.clone(),
+                    move || weak.upgrade().map(|v| v.bytes_written()),
+                ));
+                tracing::info!(%addr, "serving metrics at /metrics");
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics; going on without"),
+        }
+    }
     tracing::info!(
         volume = target.volume,
         dir = %dir.display(),
@@ -1343,7 +1361,9 @@ timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads),
 chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB), \
 commit=MS (longest time a change waits for its commit, default 1000), sync (commit every \
 operation before it returns), async (the default), snapshot=NAME (mount that snapshot of the \
-volume, read-only; see `dbqsfs snapshot`).
+volume, read-only; see `dbqsfs snapshot`), metrics=IP:PORT (Prometheus metrics of the mount's \
+calls to the cluster at http://IP:PORT/metrics), and mount(8)'s generic options (defaults, \
+_netdev, nofail, noatime, nodev, ...: see the README).
 
 Encryption (see `dbqsfs volume --help`): keyfile=PATH or passphrase (asked on the terminal, or \
 $DBQSFS_PASSPHRASE) opens an encrypted volume; on a volume that does not exist yet they create \
