@@ -430,13 +430,13 @@ impl Node {
         self.shared.key.node_id()
     }
 
-    /// Tunes the state-transfer worker (before [`Node::run`]).
     /// Serves Prometheus metrics at `http://addr/metrics` while the node runs.
     pub fn with_metrics(mut self, addr: SocketAddr) -> Self {
         self.metrics = Some(addr);
         self
     }
 
+    /// Tunes the state-transfer worker (before [`Node::run`]).
     pub fn with_transfer_options(self, opts: TransferOptions) -> Self {
         self.shared.transfers.set_options(opts);
         self

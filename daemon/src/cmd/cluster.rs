@@ -1,4 +1,5 @@
-//! `dbqsfs cluster init|up|down`: local clusters on 127.0.0.1 (keys, genesis, node processes).
+//! `dbqsfs cluster init|up|down`: a cluster's keys, genesis configuration and node directories
+//! (nodes on loopback, or at the addresses given), and the node processes of this host.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;

@@ -6,7 +6,8 @@
 //!
 //! Goals: every subcommand explains itself in `--help`; bad arguments exit with code 2 (clap's
 //! convention), failures with code 1 and a message naming what failed. Non-goals: remote cluster
-//! management (only local clusters on 127.0.0.1 are created and started here).
+//! management (clusters are created here for any addresses, but `cluster up`/`down` start and
+//! stop only the nodes whose directories are on this host).
 
 mod block;
 mod cluster;
@@ -86,7 +87,7 @@ pub enum Command {
         encrypt,keyfile=PATH` creates an encrypted volume too)."
     )]
     Volume(volume::VolumeCmd),
-    /// Create, start and stop a local test cluster on 127.0.0.1.
+    /// Create a cluster (keys, genesis, node directories); start and stop the nodes on this host.
     #[command(subcommand)]
     Cluster(ClusterCmd),
     /// Run one node in the foreground (SIGTERM or ctrl-c stops it cleanly).
