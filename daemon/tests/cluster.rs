@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
 
+mod common;
+
 fn dbqsfs(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -454,23 +456,11 @@ fn a_node_serves_prometheus_metrics() {
         toml.to_str().unwrap(),
         file.to_str().unwrap(),
     ]);
-    let scrape = || -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(&metrics_addr) else {
-            return String::new();
-        };
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    };
-    let mut text = scrape();
-    while !(text.contains("dbqsfs_epoch") && text.contains("protocol=\"dbqs\""))
-        && started.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(500));
-        text = scrape();
-    }
+    let text = common::metrics_with(
+        &metrics_addr,
+        &["dbqsfs_epoch", "protocol=\"dbqs\""],
+        Duration::from_secs(30).saturating_sub(started.elapsed()),
+    );
     assert!(
         text.contains("dbqsfs_requests_total{peer=\"client\",protocol=\"dbqs\"}"),
         "{text}"

@@ -1216,22 +1216,8 @@ fn the_mount_helper_takes_an_fstab_line() {
     );
     // The mount's metrics: its calls to the cluster, sampled every 5 s.
     write_synced(&dir.join("g"), b"counted").unwrap();
-    let scrape = || {
-        let Ok(mut s) = std::net::TcpStream::connect(&metrics) else {
-            return String::new();
-        };
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    };
     let want = "dbqsfs_mount_backend_calls_total{kind=\"put_record\"}";
-    let t = Instant::now();
-    let mut text = scrape();
-    while !text.contains(want) && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(500));
-        text = scrape();
-    }
+    let text = common::metrics_with(&metrics, &[want], Duration::from_secs(20));
     assert!(text.contains(want), "{text}");
     assert!(text.contains("dbqsfs_mount_written_bytes_total"), "{text}");
     env.umount(&dir);

@@ -59,10 +59,10 @@ pub struct MountOptions {
     pub volume: VolumeConfig,
 }
 
-/// The generic mount(8) flags [`MountOptions::kernel_flags`] accepts.
-pub const KERNEL_FLAGS: [&str; 8] = [
-    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-];
+/// Whether [`MountOptions::kernel_flags`] accepts the mount(8) flag `name`.
+pub fn is_kernel_flag(name: &str) -> bool {
+    kernel_flag(name).is_some()
+}
 
 fn kernel_flag(name: &str) -> Option<MountOption> {
     Some(match name {

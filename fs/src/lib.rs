@@ -31,6 +31,6 @@ pub mod volume;
 
 pub use backend::{Backend, BackendError, ChunkId, Failure, MemBackend, Record};
 pub use error::{backend_errno, FsError, FsResult};
-pub use fuse::{mount, MountError, MountHandle, MountOptions, KERNEL_FLAGS};
+pub use fuse::{mount, MountError, MountHandle, MountOptions};
 pub use layout::{FileKind, Timestamp};
 pub use volume::{Attr, Cred, DirListEntry, SetAttr, StatFs, TimeSet, Volume, VolumeConfig};

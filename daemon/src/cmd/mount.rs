@@ -150,7 +150,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         match (k, v) {
             ("", None) => {}
             (k, None) if IGNORED_OPTIONS.contains(&k) => {}
-            (k, None) if dbqsfs_fs::KERNEL_FLAGS.contains(&k) => o.kernel_flags.push(k.into()),
+            (k, None) if dbqsfs_fs::fuse::is_kernel_flag(k) => o.kernel_flags.push(k.into()),
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             ("ro", None) => o.read_only = true,
             ("rw", None) => o.read_only = false,

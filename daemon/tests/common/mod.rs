@@ -461,3 +461,26 @@ impl Cluster {
         eprintln!("node logs of the failed test kept in {}", keep.display());
     }
 }
+
+/// The Prometheus text at `http://addr/metrics` once it contains every one of `wanted` (polled
+/// every 500 ms), or what it was when `within` ran out.
+pub fn metrics_with(addr: &str, wanted: &[&str], within: std::time::Duration) -> String {
+    use std::io::{Read, Write};
+    let scrape = || {
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return String::new();
+        };
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let text = scrape();
+        if wanted.iter().all(|w| text.contains(w)) || start.elapsed() > within {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
