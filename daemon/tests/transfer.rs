@@ -1002,7 +1002,16 @@ async fn a_transfer_yields_to_client_writes_and_runs_at_full_speed_without_them(
     };
     s.push_next().await;
 
-    // Under the load: capped, and reported so.
+    // Under the load: capped, and reported so. Measured from a first look 1 s in: when the new
+    // epoch starts, clients refresh their configuration and may send nothing for a moment, and
+    // a transfer that saw no client request for a second runs uncapped, as designed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = client.node_status(&new).await.expect("status");
+    let before = before
+        .transfers
+        .iter()
+        .find(|t| t.epoch == 1)
+        .map_or(0, |t| fetched(t).1);
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let st = client.node_status(&new).await.expect("status");
@@ -1011,9 +1020,9 @@ async fn a_transfer_yields_to_client_writes_and_runs_at_full_speed_without_them(
         .iter()
         .find(|t| t.epoch == 1)
         .unwrap_or_else(|| panic!("no transfer into epoch 1: {}", describe(&st.transfers)));
-    let (_, bytes) = fetched(t);
+    let bytes = fetched(t).1 - before;
     eprintln!(
-        "under load: {bytes} of {share} bytes fetched in {:?}, cap {:?}, yielding {}",
+        "under load: {bytes} of {share} bytes fetched in {:?} ({before} before), cap {:?}, yielding {}",
         start.elapsed(),
         t.rate_cap,
         t.yielding
