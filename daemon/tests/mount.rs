@@ -1177,6 +1177,83 @@ fn status_ctrl_c_and_umount_behave_around_a_mount() {
     }
 }
 
+/// `mount -t fuse.dbqsfs` and an fstab line (`mount -T FSTAB DIR`) as mount(8) runs them, with the
+/// helper linked where mount(8) looks (`/sbin/mount.fuse.dbqsfs`). So that the test changes
+/// nothing on the machine, it runs in a private mount namespace (unshare(1)) where a directory
+/// holding only the helper is bound over /sbin; the mounts it makes live and end there. The mount
+/// shows with the type `fuse.dbqsfs`.
+#[test]
+fn mount_t_fuse_dbqsfs_and_fstab_lines_work() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if !fuse_usable() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (a private mount namespace) and /dev/fuse");
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let first = env.mount("first", &[]);
+    std::fs::write(first.join("f"), b"through mount -t").unwrap();
+    let line = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", first.display())))
+        .map(str::to_string)
+        .unwrap();
+    assert!(line.contains(" fuse.dbqsfs "), "{line}");
+    env.umount(&first);
+    let sbin = env.root.join("sbin");
+    std::fs::create_dir(&sbin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dbqsfs"), sbin.join("mount.fuse.dbqsfs"))
+        .unwrap();
+    let (a, b) = (env.root.join("by-type"), env.root.join("by-fstab"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let fstab = env.root.join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# a comment\ndbqsfs:default {} fuse.dbqsfs defaults,_netdev,nofail,noatime,data_dir={} 0 0\n",
+            b.display(),
+            env.data.display()
+        ),
+    )
+    .unwrap();
+    let script = r#"
+        set -eu
+        bin=$1 sbin=$2 a=$3 b=$4 fstab=$5 data=$6
+        trap '"$bin" umount "$a" 2>/dev/null || true; "$bin" umount "$b" 2>/dev/null || true' EXIT
+        mount --bind "$sbin" /sbin
+        mount -t fuse.dbqsfs dbqsfs:default "$a" -o "data_dir=$data"
+        grep -q " $a fuse.dbqsfs " /proc/self/mounts
+        test "$(cat "$a/f")" = "through mount -t"
+        "$bin" umount "$a"
+        mount -T "$fstab" "$b"
+        grep " $b fuse.dbqsfs " /proc/self/mounts | grep -q noatime
+        test "$(cat "$b/f")" = "through mount -t"
+        "$bin" umount "$b"
+        echo both-ok
+    "#;
+    let o = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_dbqsfs"))
+        .args([&sbin, &a, &b, &fstab, &env.data])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("both-ok"),
+        "{}",
+        show(&o)
+    );
+}
+
 /// The helper mount(8) runs for `-t fuse.dbqsfs` (an fstab line): a symlink named
 /// `mount.fuse.dbqsfs` to the binary, called as `mount.fuse.dbqsfs dbqsfs:VOLUME DIR -o OPTIONS`
 /// with fstab's generic options among OPTIONS.

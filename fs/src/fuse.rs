@@ -35,6 +35,7 @@ use fuser::{
 use crate::backend::Backend;
 use crate::error::FsError;
 use crate::layout::{FileKind, Timestamp};
+use crate::mounts::{self, FuseMount, OwnMount};
 use crate::volume::{Attr, Cred, SetAttr, TimeSet, Volume, VolumeConfig};
 
 /// How to mount a volume.
@@ -109,6 +110,9 @@ pub enum MountError {
 /// request loops to finish, after everything buffered has been stored.
 pub struct MountHandle {
     session: Option<BackgroundSession>,
+    /// The mount, when this process made it itself (as root; see [`crate::mounts`]); otherwise
+    /// the session holds fuser's.
+    own: Option<OwnMount>,
     volume: Arc<Volume>,
 }
 
@@ -119,9 +123,19 @@ impl MountHandle {
 
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+        self.finish()
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        match self.own.take() {
+            Some(m) => {
+                m.unmount()?;
+                s.join()
+            }
+            None => s.umount_and_join(),
         }
     }
 
@@ -136,10 +150,8 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!("unmount failed: {e}");
-            }
+        if let Err(e) = self.finish() {
+            tracing::warn!("unmount failed: {e}");
         }
     }
 }
@@ -179,9 +191,39 @@ pub fn mount(
     }
     config.n_threads = Some(opts.n_threads.max(1));
     config.clone_fd = true;
+    // As root, mount(2) here so the type is `fuse.dbqsfs`; otherwise (or when the kernel says
+    // no, as in a user namespace) fuser goes through fusermount3 with the subtype option.
+    if rustix::process::geteuid().is_root() {
+        let how = FuseMount {
+            source: &opts.fsname,
+            read_only: opts.read_only,
+            allow_other: opts.allow_other,
+            kernel_flags: &opts.kernel_flags,
+        };
+        match mounts::mount_fuse(dir, &how) {
+            Ok((fd, own)) => {
+                let acl = config.acl;
+                let session = fuser::Session::from_fd(fs, fd, acl, config).and_then(|s| s.spawn());
+                return match session {
+                    Ok(session) => Ok(MountHandle {
+                        session: Some(session),
+                        own: Some(own),
+                        volume,
+                    }),
+                    Err(e) => {
+                        let _ = own.unmount();
+                        Err(e.into())
+                    }
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let session = fuser::spawn_mount(fs, dir, &config)?;
     Ok(MountHandle {
         session: Some(session),
+        own: None,
         volume,
     })
 }

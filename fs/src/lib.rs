@@ -26,6 +26,7 @@ mod file;
 pub mod fuse;
 mod image;
 pub mod layout;
+pub mod mounts;
 pub mod snapshot;
 pub mod volume;
 

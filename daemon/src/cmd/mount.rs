@@ -32,7 +32,7 @@ use dbqsfs_daemon::volume::{
     valid_volume_name, BackendOptions, DbqsBackend, Lease, LeaseError, LeaseTiming,
 };
 use dbqsfs_fs::crypt::{self, Encrypted, KdfCost, KeyError, Secret};
-use dbqsfs_fs::{Backend, MountOptions};
+use dbqsfs_fs::{mounts, Backend, MountOptions};
 use zeroize::Zeroizing;
 
 use serde::{Deserialize, Serialize};
@@ -247,53 +247,9 @@ pub fn mount_path(path: &Path) -> Result<PathBuf> {
     Ok(parent.join(name))
 }
 
-/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space, ...).
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
 /// The filesystem type mounted on `path` (the topmost mount), if any.
 pub fn mounted_fstype(path: &Path) -> Option<String> {
-    mounted(path).map(|(fstype, _)| fstype)
-}
-
-/// The filesystem type and source of the topmost mount on `path`, if any.
-fn mounted(path: &Path) -> Option<(String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.as_os_str().as_bytes();
-    let mut found = None;
-    for line in info.lines() {
-        let mut fields = line.split(' ');
-        let Some(mp) = fields.nth(4) else { continue };
-        if unescape_mountinfo(mp) != want {
-            continue;
-        }
-        let Some((_, rest)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut f = rest.split(' ');
-        let fstype = f.next().unwrap_or_default().to_string();
-        let source =
-            String::from_utf8_lossy(&unescape_mountinfo(f.next().unwrap_or_default())).into_owned();
-        found = Some((fstype, source));
-    }
-    found
+    mounts::mounted_at(path).map(|m| m.fstype)
 }
 
 fn is_root() -> bool {
@@ -459,7 +415,7 @@ fn other_live_mounts(cluster_dir: &Path, except: u32) -> Vec<MountRecord> {
         .collect()
 }
 
-/// An exclusive `flock` on a file, held until dropped.
+/// An exclusive lock on a file (`File::lock`, an flock(2) on Linux), held until dropped.
 struct FileLock {
     _file: std::fs::File,
 }
@@ -472,12 +428,8 @@ impl FileLock {
             .write(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
-        }
+        f.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
         Ok(FileLock { _file: f })
     }
 }
@@ -1245,7 +1197,7 @@ fn release_lease(rt: &tokio::runtime::Runtime, task: Option<LeaseTask>) {
 /// Entry point of `dbqsfs umount`.
 pub fn run_umount(args: UmountArgs) -> Result<()> {
     let dir = mount_path(&args.dir).map_err(|e| UsageError(format!("{e:#}")))?;
-    let mounted = mounted(&dir);
+    let mounted = mounts::mounted_at(&dir).map(|m| (m.fstype, m.source));
     let recs: Vec<(MountRecord, bool)> = records()
         .into_iter()
         .filter(|(r, _)| r.mountpoint == dir)
@@ -1261,7 +1213,7 @@ pub fn run_umount(args: UmountArgs) -> Result<()> {
             );
         }
         // A FUSE mount of another filesystem: not ours to unmount.
-        if recs.is_empty() && !source.starts_with("dbqsfs") {
+        if recs.is_empty() && t != mounts::FSTYPE && !source.starts_with("dbqsfs") {
             bail!(
                 "{} is a FUSE mount of {source:?} ({t}), not a dbqsfs mount: unmount it with \
                  `fusermount3 -u {}`",
@@ -1457,12 +1409,5 @@ mod tests {
             parse_options(&["defaults,_netdev,nofail,noatime,nodev,x-systemd.automount".into()])
                 .unwrap();
         assert_eq!(o.kernel_flags, vec!["noatime", "nodev"]);
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
-        assert_eq!(unescape_mountinfo(r"/x\"), b"/x\\");
     }
 }
