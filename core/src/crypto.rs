@@ -19,11 +19,11 @@ macro_rules! ring_id {
         impl $name {
             /// The first eight bytes in hex, for logs.
             pub fn short(&self) -> String {
-                hex(&self.0[..8])
+                hex::encode(&self.0[..8])
             }
             /// All 32 bytes in hex.
             pub fn to_hex(&self) -> String {
-                hex(&self.0)
+                hex::encode(&self.0)
             }
             /// Parses 64 hex digits.
             pub fn from_hex(s: &str) -> Option<Self> {
@@ -54,21 +54,9 @@ ring_id!(
     "The identity of a stored object (content-hash or public-key block)."
 );
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.as_bytes();
-    if s.len() != 64 {
-        return None;
-    }
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    for (i, pair) in s.chunks(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -142,7 +130,7 @@ impl PublicKey {
     }
 
     pub fn to_hex(&self) -> String {
-        hex(&self.0)
+        hex::encode(&self.0)
     }
 
     pub fn from_hex(s: &str) -> Option<Self> {
@@ -152,7 +140,7 @@ impl PublicKey {
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({})", hex(&self.0[..8]))
+        write!(f, "PublicKey({})", hex::encode(&self.0[..8]))
     }
 }
 
@@ -162,7 +150,7 @@ pub struct Signature(pub [u8; 64]);
 
 impl fmt::Debug for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Signature({}..)", hex(&self.0[..8]))
+        write!(f, "Signature({}..)", hex::encode(&self.0[..8]))
     }
 }
 

@@ -370,6 +370,7 @@ async fn drive(
                     }
                 }
                 ClientOutput::Misbehaviour { from, what } => {
+                    crate::metrics::misbehaviour(what);
                     // Once per replica every 10 s, with a count: a lying replica answers every
                     // request, and a line each would flood the log.
                     let (count, last) = misbehaved.entry(from).or_insert((0, None));

@@ -118,38 +118,26 @@ pub struct JoinTicket {
 
 impl JoinTicket {
     pub fn encode(&self) -> String {
-        to_hex(&postcard::to_allocvec(self).unwrap_or_default())
+        hex::encode(&postcard::to_allocvec(self).unwrap_or_default())
     }
 
     /// Decodes a ticket from its hex text (`what` names it in errors).
     pub fn decode(what: &Path, text: &str) -> Result<JoinTicket, FileError> {
-        from_hex(text)
+        hex::decode(text.trim())
+            .ok()
             .and_then(|b| postcard::from_bytes(&b).ok())
             .ok_or_else(|| FileError::invalid(what, "not a certificate printed by `dbqsfs admit`"))
     }
 }
 
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 == 1 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 pub fn encode_genesis(g: &CertifiedConfig) -> String {
-    to_hex(&postcard::to_stdvec(g).expect("configurations encode"))
+    hex::encode(&postcard::to_stdvec(g).expect("configurations encode"))
 }
 
 pub fn decode_genesis(path: &Path, hex: &str) -> Result<CertifiedConfig, FileError> {
-    let bytes = from_hex(hex).ok_or_else(|| FileError::invalid(path, "genesis is not hex"))?;
+    let bytes = hex::decode(hex.trim())
+        .ok()
+        .ok_or_else(|| FileError::invalid(path, "genesis is not hex"))?;
     postcard::from_bytes(&bytes)
         .map_err(|e| FileError::invalid(path, format!("genesis does not decode: {e}")))
 }
@@ -168,13 +156,15 @@ pub fn write_key(path: &Path, key: &Keypair) -> Result<(), FileError> {
         .mode(0o600)
         .open(path)
         .map_err(FileError::io(path))?;
-    writeln!(f, "{}", to_hex(&key.seed())).map_err(FileError::io(path))?;
+    writeln!(f, "{}", hex::encode(&key.seed())).map_err(FileError::io(path))?;
     f.sync_all().map_err(FileError::io(path))
 }
 
 pub fn read_key(path: &Path) -> Result<Keypair, FileError> {
     let text = fs::read_to_string(path).map_err(FileError::io(path))?;
-    let bytes = from_hex(&text).ok_or_else(|| FileError::invalid(path, "key is not hex"))?;
+    let bytes = hex::decode(&text.trim())
+        .ok()
+        .ok_or_else(|| FileError::invalid(path, "key is not hex"))?;
     let seed: [u8; 32] = bytes
         .try_into()
         .map_err(|_| FileError::invalid(path, "key is not 32 bytes"))?;

@@ -518,6 +518,8 @@ impl Task {
         self.enter_epoch();
         let mut tick = tokio::time::interval(self.opts.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sampled = Instant::now();
+        crate::metrics::ms(&self.status());
         loop {
             tokio::select! {
                 input = rx.recv() => match input {
@@ -525,6 +527,10 @@ impl Task {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick(),
+            }
+            if sampled.elapsed() >= crate::metrics::MS_SAMPLE_EVERY {
+                crate::metrics::ms(&self.status());
+                sampled = Instant::now();
             }
             if self.shared.epoch() != self.epoch {
                 self.forward_new_configs();

@@ -266,7 +266,8 @@ impl Node {
             .parse()
             .map_err(|_| NodeError::BadListen(file.listen.clone()))?;
         let admission = files::decode_public(&toml_path, &file.admission_key)?;
-        let cert = files::from_hex(&file.admission_cert)
+        let cert = hex::decode(file.admission_cert.trim())
+            .ok()
             .and_then(|b| <[u8; 64]>::try_from(b).ok())
             .map(Signature)
             .ok_or_else(|| NodeError::NotAdmitted(toml_path.clone()))?;
@@ -485,7 +486,10 @@ impl Node {
             #[cfg(feature = "fault-injection")]
             let distorter = distorter.clone();
             async move {
+                let started = std::time::Instant::now();
+                let protocol = protocol_of(&request);
                 let reply = handle(shared, ms, peer, request).await;
+                crate::metrics::request_done(protocol, started);
                 #[cfg(feature = "fault-injection")]
                 let reply = distorter.reply(&peer.to_bytes(), reply);
                 reply
@@ -540,6 +544,21 @@ impl Authorizer for Trust {
     }
 }
 
+/// The protocol a request speaks, as metrics label it.
+fn protocol_of(request: &[u8]) -> &'static str {
+    if is_ms(request) {
+        "ms"
+    } else if request.get(1) == Some(&<AgreementMessage as Protocol>::ID) {
+        "agreement"
+    } else if is_control(request) {
+        "control"
+    } else if transfer::is_transfer(request) {
+        "transfer"
+    } else {
+        "dbqs"
+    }
+}
+
 async fn handle(
     shared: Arc<Shared>,
     ms: MsHandle,
@@ -555,12 +574,13 @@ async fn handle(
         Peer::Myself => "self",
         Peer::Stranger => "stranger",
     };
+    let protocol = protocol_of(&request);
     if is_ms(&request) {
-        crate::metrics::request(peer_label, "ms");
+        crate::metrics::request(peer_label, protocol);
         return crate::ms::serve(&shared, &ms, key, kind, &request).await;
     }
     if request.get(1) == Some(&<AgreementMessage as Protocol>::ID) {
-        crate::metrics::request(peer_label, "agreement");
+        crate::metrics::request(peer_label, protocol);
         if kind == Peer::Member {
             ms.offer(Inbound::Agreement {
                 from,
@@ -591,16 +611,7 @@ async fn handle(
         // Transfers yield to client traffic.
         shared.transfers.client_request();
     }
-    crate::metrics::request(
-        peer_label,
-        if is_control(&request) {
-            "control"
-        } else if transfer::is_transfer(&request) {
-            "transfer"
-        } else {
-            "dbqs"
-        },
-    );
+    crate::metrics::request(peer_label, protocol);
     let task = tokio::task::spawn_blocking(move || {
         if is_control(&request) {
             return control(&shared, from, &request);

@@ -183,7 +183,28 @@ impl DbqsBackend {
         l
     }
 
+    /// Runs call `fut` of kind `KINDS[kind]` to its end or the call timeout, counting it in
+    /// the metrics.
     fn block<T>(
+        &self,
+        kind: usize,
+        fut: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, BackendError> {
+        let started = std::time::Instant::now();
+        let result = self.block_inner(fut);
+        let failure = result.as_ref().err().map(|e| match e {
+            BackendError::Unavailable(_) => "unavailable",
+            BackendError::TimedOut => "timed_out",
+            BackendError::NoSpace => "no_space",
+            BackendError::NotFound => "not_found",
+            BackendError::Corrupt(_) => "corrupt",
+            BackendError::TooLarge { .. } => "too_large",
+        });
+        crate::metrics::backend_call(KINDS[kind], started, failure);
+        result
+    }
+
+    fn block_inner<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, ClientError>>,
     ) -> Result<T, BackendError> {
@@ -250,14 +271,14 @@ impl Backend for DbqsBackend {
             });
         }
         let t = std::time::Instant::now();
-        let id = self.block(self.client.put_content(data.to_vec()))?;
+        let id = self.block(0, self.client.put_content(data.to_vec()))?;
         self.stats.add(0, t, data.len());
         Ok(id.0)
     }
 
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackendError> {
         let t = std::time::Instant::now();
-        match self.block(self.client.get_content(ObjectId(*id)))? {
+        match self.block(1, self.client.get_content(ObjectId(*id)))? {
             Some(data) => {
                 self.stats.add(1, t, data.len());
                 Ok(data)
@@ -269,7 +290,7 @@ impl Backend for DbqsBackend {
     fn get_record(&self, label: &[u8]) -> Result<Option<Record>, BackendError> {
         let id = pk_block_id(&self.owner.public(), &self.label(label));
         let t = std::time::Instant::now();
-        let rec = self.block(self.client.get_pk(id))?.map(|b| Record {
+        let rec = self.block(2, self.client.get_pk(id))?.map(|b| Record {
             version: b.version,
             value: b.value,
         });
@@ -289,6 +310,7 @@ impl Backend for DbqsBackend {
         let label = self.label(label);
         let t = std::time::Instant::now();
         self.block(
+            3,
             self.client
                 .put_pk(&self.owner, &label, value.to_vec(), Some(version)),
         )?;

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
 
 type Stops = Vec<(
@@ -117,7 +119,8 @@ async fn one_byzantine_node_in_every_fault_mode_cannot_change_what_clients_read(
 
 /// An encrypted volume over a cluster with a node that serves tampered blocks (a flipped byte in
 /// every content block, forged record values): the client's checks (content id, signature) and
-/// the volume's AEAD refuse them, and every read comes right from the others.
+/// the volume's AEAD refuse them, and every read comes right from the others. What the client
+/// refused shows in the Prometheus metrics as Byzantine evidence.
 #[test]
 fn an_encrypted_volume_reads_right_past_a_tampering_node() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -125,6 +128,14 @@ fn an_encrypted_volume_reads_right_past_a_tampering_node() {
         .enable_all()
         .build()
         .unwrap();
+    let metrics = {
+        let _g = rt.enter();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        dbqsfs_daemon::metrics::serve(addr).unwrap();
+        addr.to_string()
+    };
     for fault in [Fault::Corrupt, Fault::Equivocate] {
         let (_tmp, info, stops) = rt.block_on(start_cluster(fault));
         let key = VolumeKey::from_bytes([42; 32]);
@@ -170,5 +181,11 @@ fn an_encrypted_volume_reads_right_past_a_tampering_node() {
         }
         drop(vol);
         rt.block_on(stop(stops));
+        let want = "dbqsfs_byzantine_evidence_total{what=";
+        let text = common::metrics_with(&metrics, &[want], Duration::from_secs(5));
+        assert!(
+            text.contains(want),
+            "{fault:?}: no evidence counted:\n{text}"
+        );
     }
 }

@@ -473,6 +473,14 @@ fn a_node_serves_prometheus_metrics() {
         "{text}"
     );
     assert!(text.contains("dbqsfs_ready 1"), "{text}");
+    assert!(
+        text.contains("dbqsfs_request_seconds_bucket{protocol=\"dbqs\",le="),
+        "{text}"
+    );
+    // Node 0 sits in the committee of 4 and runs its agreement; its MS sample is taken at once.
+    assert!(text.contains("dbqsfs_ms_in_agreement 1"), "{text}");
+    assert!(text.contains("dbqsfs_ms_probed_members"), "{text}");
+    assert!(text.contains("dbqsfs_gc_arcs_lost"), "{text}");
     assert!(text.contains("dbqsfs_members 4"), "{text}");
     drop(nodes);
 }

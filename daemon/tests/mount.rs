@@ -1297,6 +1297,10 @@ fn the_mount_helper_takes_an_fstab_line() {
     let text = common::metrics_with(&metrics, &[want], Duration::from_secs(20));
     assert!(text.contains(want), "{text}");
     assert!(text.contains("dbqsfs_mount_written_bytes_total"), "{text}");
+    assert!(
+        text.contains("dbqsfs_mount_backend_call_seconds_bucket{kind=\"put_record\",le="),
+        "{text}"
+    );
     env.umount(&dir);
     let o = Command::new(&helper)
         .args(["dbqsfs:default"])

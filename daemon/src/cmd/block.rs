@@ -100,18 +100,19 @@ pub(crate) async fn block_get(cluster: &Path, id: FileId, out: &Path) -> Result<
     Ok(())
 }
 
-pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+/// Latencies, microseconds, to 3 significant digits.
+fn latencies() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new(3).expect("3 significant digits are allowed")
+}
+
+fn at(h: &hdrhistogram::Histogram<u64>, q: f64) -> Duration {
+    Duration::from_micros(h.value_at_quantile(q))
 }
 
 pub(crate) async fn bench(cluster: &Path, ops: usize) -> Result<()> {
     let client = connect(cluster)?;
     let owner = files::random_key().map_err(|e| anyhow!("OS randomness: {e}"))?;
-    let mut lat = Vec::with_capacity(ops);
+    let mut lat = latencies();
     for i in 0..ops {
         let t = Instant::now();
         client
@@ -122,27 +123,21 @@ pub(crate) async fn bench(cluster: &Path, ops: usize) -> Result<()> {
                 Some(i as u64 + 1),
             )
             .await?;
-        lat.push(t.elapsed());
+        lat.saturating_record(t.elapsed().as_micros() as u64);
     }
-    lat.sort();
     println!(
         "pk write (version known): p50 {:?}  p99 {:?}",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
+        at(&lat, 0.5),
+        at(&lat, 0.99)
     );
     let id = dbqsfs_core::object::pk_block_id(&owner.public(), b"bench");
-    lat.clear();
+    lat.reset();
     for _ in 0..ops {
         let t = Instant::now();
         client.get_pk(id).await?;
-        lat.push(t.elapsed());
+        lat.saturating_record(t.elapsed().as_micros() as u64);
     }
-    lat.sort();
-    println!(
-        "pk read: p50 {:?}  p99 {:?}",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
-    );
+    println!("pk read: p50 {:?}  p99 {:?}", at(&lat, 0.5), at(&lat, 0.99));
     for size in [4096usize, 1 << 20] {
         let n = if size > 65536 { ops.min(64) } else { ops };
         for inflight in [1usize, 16] {

@@ -101,7 +101,7 @@ impl fmt::Debug for Request {
         write!(
             f,
             "Request({}#{}, {} bytes)",
-            crate::crypto::hex(&self.client.0[..4]),
+            hex::encode(&self.client.0[..4]),
             self.seq,
             self.payload.len()
         )
