@@ -616,7 +616,11 @@ struct Worker {
     /// Writes issued and not finished, over all transfers.
     pending_writes: usize,
     write_slots: Arc<Semaphore>,
-    /// Rate limit: a token bucket of bytes, and the expected size of a reply.
+    /// Rate limit: a token bucket of bytes, and the expected size of a reply. Not `governor`:
+    /// a reply's size is known only when it arrives, so a request reserves the estimate and the
+    /// difference is settled later (the balance may go negative), and the rate switches with
+    /// client load (`cap`) without losing the balance; governor's GCRA takes a known cost up
+    /// front and a fixed quota.
     tokens: f64,
     tokens_at: Instant,
     reply_estimate: f64,
