@@ -85,6 +85,10 @@ pub struct NodeSettings {
     /// Where to serve Prometheus metrics, `IP:PORT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// What to log, in `RUST_LOG`'s syntax (e.g. `info` or `warn,dbqsfs_daemon::transfer=debug`);
+    /// `RUST_LOG` overrides it. Default `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 impl NodeSettings {

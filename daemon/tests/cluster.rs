@@ -416,9 +416,19 @@ fn a_node_serves_prometheus_metrics() {
         String::from_utf8_lossy(&o.stderr).contains("node.toml"),
         "{o:?}"
     );
+    std::fs::write(&node0, format!("{toml0}\n[settings]\nlog = \"info,[x\"\n")).unwrap();
+    let o = dbqsfs(&["node", "--dir", dir.join("node-0").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("node.toml") && err.contains("not a log filter"),
+        "{o:?}"
+    );
     std::fs::write(
         &node0,
-        format!("{toml0}\n[settings]\nmetrics = \"{metrics_addr}\"\nreserve_mib = 16\n"),
+        format!(
+            "{toml0}\n[settings]\nmetrics = \"{metrics_addr}\"\nreserve_mib = 16\nlog = \"warn\"\n"
+        ),
     )
     .unwrap();
     struct Nodes(Vec<std::process::Child>);

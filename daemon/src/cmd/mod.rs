@@ -26,6 +26,7 @@ use block::{bench, block_get, block_put, BlockCmd};
 use clap::{Parser, Subcommand};
 use cluster::{cluster_down, cluster_init, cluster_up, ClusterCmd};
 use common::{init_logs, runtime};
+use dbqsfs_daemon::files;
 use dbqsfs_daemon::node::{shutdown_signal, Node};
 use dbqsfs_daemon::transfer::{self, TransferOptions};
 use mount::{MountArgs, UmountArgs, MOUNT_HELP};
@@ -284,7 +285,21 @@ pub fn run(cli: Cli) -> Result<()> {
             #[cfg(feature = "fault-injection")]
             fault,
         } => {
-            init_logs("info");
+            // node.toml's `log` setting, read before anything logs (a node being set up by
+            // --join has no node.toml yet).
+            let log = files::read_toml::<files::NodeFile>(&dir.join("node.toml"))
+                .ok()
+                .and_then(|f| f.settings.log);
+            if let Some(l) = &log {
+                tracing_subscriber::EnvFilter::try_new(l).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: [settings] log = {l:?} is not a log filter ({e}); write it as \
+                         RUST_LOG takes it, e.g. \"info\" or \"warn,dbqsfs_daemon=debug\"",
+                        dir.join("node.toml").display()
+                    )
+                })?;
+            }
+            init_logs(log.as_deref().unwrap_or("info"));
             if let (Some(join), Some(cert)) = (join, cert) {
                 prepare_join(&dir, join, &cert, listen)?;
             }
