@@ -18,11 +18,12 @@
 //! Non-goals: volume listing and deletion, garbage collection, several owners per volume.
 
 use crate::client::{ClientError, DbqsClient};
+use crate::control::SpaceStatus;
 use dbqsfs_core::crypto::{Keypair, ObjectId};
 use dbqsfs_core::dbqs::client::OpError;
 use dbqsfs_core::dbqs::msg::Reject;
 use dbqsfs_core::object::{pk_block_id, ObjectError, MAX_BLOCK};
-use dbqsfs_fs::{Backend, BackendError, ChunkId, Record};
+use dbqsfs_fs::{Backend, BackendError, Capacity, ChunkId, Record};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -143,6 +144,68 @@ pub struct DbqsBackend {
     writable_until: Option<Arc<AtomicU64>>,
     /// Calls fail at once until this time (Unix ms) after a call timed out.
     fail_fast_until: AtomicU64,
+    /// What the cluster can hold, as last learned ([`DbqsBackend::with_capacity_updates`]).
+    capacity: Arc<std::sync::Mutex<Option<Capacity>>>,
+}
+
+/// How often a mount asks the members for their space (for `df`).
+const CAPACITY_EVERY: Duration = Duration::from_secs(10);
+
+/// What a cluster of `n` members with groups of `3f+1` can still hold for clients, from the
+/// members' `spaces` (at least `2f+1` answers, else `None`). Blocks spread evenly over the ring
+/// and each lives on the `3f+1` members of its group, so the cluster holds `n/(3f+1)` times what
+/// one member holds, and it is full when its fullest member is: the answer scales a member's room
+/// above its reserve. Of the answers it takes the `(f+1)`-th smallest, so `f` lying members cannot
+/// move it below or above what correct members report.
+pub fn capacity_of(spaces: &[SpaceStatus], f: usize, n: usize) -> Option<Capacity> {
+    if spaces.len() < 2 * f + 1 || n == 0 {
+        return None;
+    }
+    let pick = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[f]
+    };
+    let free = pick(
+        spaces
+            .iter()
+            .map(|s| s.free.saturating_sub(s.reserve))
+            .collect(),
+    );
+    let size = pick(
+        spaces
+            .iter()
+            .map(|s| s.size.saturating_sub(s.reserve))
+            .collect(),
+    );
+    let scale = |x: u64| (u128::from(x) * n as u128 / (3 * f as u128 + 1)) as u64;
+    Some(Capacity {
+        total: scale(size),
+        available: scale(free).min(scale(size)),
+    })
+}
+
+/// Asks every member of the newest configuration for its space (each within 3 s).
+pub async fn cluster_capacity(client: &DbqsClient) -> Option<Capacity> {
+    let chain = client.chain();
+    let config = chain.config();
+    let mut asks = tokio::task::JoinSet::new();
+    for m in config.members.iter().cloned() {
+        let client = client.clone();
+        asks.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(3), client.node_status(&m))
+                .await
+                .ok()?
+                .ok()
+                .map(|s| s.space)
+        });
+    }
+    let mut spaces = Vec::new();
+    while let Some(r) = asks.join_next().await {
+        if let Ok(Some(s)) = r {
+            spaces.push(s);
+        }
+    }
+    capacity_of(&spaces, config.params.f as usize, config.members.len())
 }
 
 impl DbqsBackend {
@@ -163,7 +226,27 @@ impl DbqsBackend {
             opts,
             writable_until: None,
             fail_fast_until: AtomicU64::new(0),
+            capacity: Arc::default(),
         }
+    }
+
+    /// Keeps [`Backend::capacity`] current: asks the members for their space now and every
+    /// [`CAPACITY_EVERY`], in the background, while this backend lives.
+    pub fn with_capacity_updates(self) -> DbqsBackend {
+        let cache = Arc::downgrade(&self.capacity);
+        let client = self.client.clone();
+        self.handle.spawn(async move {
+            loop {
+                let got = cluster_capacity(&client).await;
+                let Some(cache) = cache.upgrade() else { return };
+                if got.is_some() {
+                    *cache.lock().unwrap_or_else(|p| p.into_inner()) = got;
+                }
+                drop(cache);
+                tokio::time::sleep(CAPACITY_EVERY).await;
+            }
+        });
+        self
     }
 
     /// Makes writes depend on a lease: refused once `until` (Unix ms) has passed.
@@ -316,6 +399,10 @@ impl Backend for DbqsBackend {
         )?;
         self.stats.add(3, t, value.len());
         Ok(())
+    }
+
+    fn capacity(&self) -> Option<Capacity> {
+        *self.capacity.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn max_block(&self) -> usize {
@@ -575,6 +662,33 @@ impl Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capacity_is_the_scaled_room_of_a_member_liars_cannot_move() {
+        let gib = 1u64 << 30;
+        let space = |free: u64| SpaceStatus {
+            free: free * gib,
+            size: 100 * gib,
+            reserve: gib,
+            ..SpaceStatus::default()
+        };
+        // 8 members, groups of 4: the cluster holds twice what one member holds.
+        let honest: Vec<_> = [50, 51, 52, 53, 54, 55, 56].map(space).to_vec();
+        let c = capacity_of(&honest, 1, 8).unwrap();
+        assert_eq!(c.available, 2 * 50 * gib); // 51 GiB free less the 1 GiB reserve, doubled
+        assert_eq!(c.total, 2 * 99 * gib);
+        // One liar claiming nothing free, or everything: the answer stays among honest ones.
+        let mut low = honest.clone();
+        low[6] = space(0);
+        let lo = capacity_of(&low, 1, 8).unwrap().available;
+        let mut high = honest.clone();
+        high[0] = space(1 << 20);
+        let hi = capacity_of(&high, 1, 8).unwrap().available;
+        assert!((2 * 49 * gib..=2 * 55 * gib).contains(&lo), "{lo}");
+        assert!((2 * 49 * gib..=2 * 55 * gib).contains(&hi), "{hi}");
+        // Too few answers to outvote f liars: unknown.
+        assert_eq!(capacity_of(&honest[..2], 1, 8), None);
+    }
 
     #[test]
     fn lease_values_round_trip_and_reject_foreign_bytes() {

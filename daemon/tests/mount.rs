@@ -1182,6 +1182,58 @@ fn status_ctrl_c_and_umount_behave_around_a_mount() {
 /// nothing on the machine, it runs in a private mount namespace (unshare(1)) where a directory
 /// holding only the helper is bound over /sbin; the mounts it makes live and end there. The mount
 /// shows with the type `fuse.dbqsfs`.
+/// `df` on a mount tells the truth: available is what the cluster can still take (here four
+/// nodes on this machine's filesystem with groups of four, so about that filesystem's free space
+/// less the nodes' reserve), used is the volume's files, and the type is fuse.dbqsfs.
+#[test]
+fn df_shows_the_room_the_cluster_has_and_the_files_of_the_volume() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    let mnt = env.mount("df", &[]);
+    write_synced(&mnt.join("three"), &vec![7u8; 3 << 20]).unwrap();
+    let df = |dir: &Path| -> (String, u64, u64, u64) {
+        let o = Command::new("df")
+            .args(["-B1", "--output=fstype,size,used,avail"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let f: Vec<&str> = text
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (f.first().unwrap_or(&"").to_string(), n(1), n(2), n(3))
+    };
+    // The mount learns the nodes' space in the background, at once and every 10 s.
+    let start = Instant::now();
+    let mut seen = df(&mnt);
+    while seen.3 >= 1 << 50 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(300));
+        seen = df(&mnt);
+    }
+    let (fstype, size, used, avail) = seen;
+    let (_, _, _, host_avail) = df(&env.root);
+    println!("df: {fstype} size {size} used {used} avail {avail}; host avail {host_avail}");
+    assert_eq!(fstype, "fuse.dbqsfs");
+    let slack = host_avail / 20;
+    assert!(
+        avail <= host_avail + slack && avail + (1 << 30) + 2 * slack >= host_avail,
+        "avail {avail} is not the host's {host_avail} less a reserve of at most 1 GiB"
+    );
+    assert!(used >= 3 << 20, "used {used} misses the 3 MiB file");
+    assert!(
+        size >= used + avail - (1 << 20),
+        "size {size} < used {used} + avail {avail}"
+    );
+    env.umount(&mnt);
+}
+
 #[test]
 fn mount_t_fuse_dbqsfs_and_fstab_lines_work() {
     // SAFETY: geteuid(2) has no preconditions.

@@ -67,6 +67,20 @@ pub trait Backend: Send + Sync + 'static {
     fn max_block(&self) -> usize {
         1 << 20
     }
+    /// What the store can hold, if it knows (for `statfs`). It must answer at once, from what
+    /// it last learned: `df` must not wait on the network.
+    fn capacity(&self) -> Option<Capacity> {
+        None
+    }
+}
+
+/// A store's room for data, in bytes of what a client writes (replication already accounted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// All the store could hold.
+    pub total: u64,
+    /// What it can still take.
+    pub available: u64,
 }
 
 /// A shared backend is a backend (so a caller can keep a handle on what a `Volume` uses).
@@ -85,6 +99,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn max_block(&self) -> usize {
         (**self).max_block()
+    }
+    fn capacity(&self) -> Option<Capacity> {
+        (**self).capacity()
     }
 }
 

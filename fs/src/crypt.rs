@@ -447,6 +447,9 @@ impl<B: Backend> Backend for Encrypted<B> {
     fn max_block(&self) -> usize {
         self.inner.max_block().saturating_sub(OVERHEAD)
     }
+    fn capacity(&self) -> Option<crate::backend::Capacity> {
+        self.inner.capacity()
+    }
 }
 
 #[cfg(test)]

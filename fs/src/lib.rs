@@ -30,7 +30,7 @@ pub mod mounts;
 pub mod snapshot;
 pub mod volume;
 
-pub use backend::{Backend, BackendError, ChunkId, Failure, MemBackend, Record};
+pub use backend::{Backend, BackendError, Capacity, ChunkId, Failure, MemBackend, Record};
 pub use error::{backend_errno, FsError, FsResult};
 pub use fuse::{mount, MountError, MountHandle, MountOptions};
 pub use layout::{FileKind, Timestamp};

@@ -1379,17 +1379,28 @@ impl Volume {
         self.lock().readdir(ino, offset, limit)
     }
 
+    /// `df`'s view: used = the bytes of the volume's files (their sizes), available = what the
+    /// backend says it can still take ([`Backend::capacity`]; without it, a notional 1 PiB), size
+    /// = the two together. The block size is the chunk size.
     pub fn statfs(&self) -> StatFs {
         let state = self.lock();
-        let bsize = state.chunk_size;
-        let blocks = (1u64 << 50) / bsize as u64;
-        let used = state.nodes.len() as u64;
+        let bsize = state.chunk_size.max(1);
+        let used_bytes: u64 = state
+            .nodes
+            .values()
+            .filter(|n| n.inode.kind == FileKind::File)
+            .map(|n| n.inode.size)
+            .sum();
+        let inodes = state.nodes.len() as u64;
+        let available = state.backend.capacity().map_or(1u64 << 50, |c| c.available);
+        let b = bsize as u64;
+        let bavail = available / b;
         StatFs {
-            blocks,
-            bfree: blocks,
-            bavail: blocks,
+            blocks: used_bytes.div_ceil(b) + bavail,
+            bfree: bavail,
+            bavail,
             files: 1 << 40,
-            ffree: (1 << 40) - used,
+            ffree: (1 << 40) - inodes,
             bsize,
             namelen: 255,
         }

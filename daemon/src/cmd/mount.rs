@@ -976,7 +976,7 @@ fn serve(
     }
 
     // The lease (read-write mounts only).
-    let mut backend = new_backend();
+    let mut backend = new_backend().with_capacity_updates();
     let mut lease_task = None;
     if !opts.read_only {
         let holder = format!(
