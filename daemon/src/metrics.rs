@@ -52,7 +52,7 @@ pub fn misbehaviour(what: &'static str) {
     counter!("dbqsfs_byzantine_evidence_total", "what" => what).increment(1);
 }
 
-/// A mount's call to the cluster of `kind` ended after `seconds`: `Err` names its failure
+/// A mount's call to the cluster of `kind`, begun at `started`, ended: `failure` names its error
 /// (`timed_out`, `no_space`, ...).
 pub fn backend_call(kind: &'static str, started: Instant, failure: Option<&'static str>) {
     histogram!("dbqsfs_mount_backend_call_seconds", "kind" => kind)
