@@ -488,7 +488,7 @@ impl Node {
             async move {
                 let started = std::time::Instant::now();
                 let protocol = protocol_of(&request);
-                let reply = handle(shared, ms, peer, request).await;
+                let reply = handle(shared, ms, peer, protocol, request).await;
                 crate::metrics::request_done(protocol, started);
                 #[cfg(feature = "fault-injection")]
                 let reply = distorter.reply(&peer.to_bytes(), reply);
@@ -563,6 +563,7 @@ async fn handle(
     shared: Arc<Shared>,
     ms: MsHandle,
     peer: VerifyingKey,
+    protocol: &'static str,
     request: Vec<u8>,
 ) -> Option<Vec<u8>> {
     let key = PublicKey(peer.to_bytes());
@@ -574,7 +575,6 @@ async fn handle(
         Peer::Myself => "self",
         Peer::Stranger => "stranger",
     };
-    let protocol = protocol_of(&request);
     if is_ms(&request) {
         crate::metrics::request(peer_label, protocol);
         return crate::ms::serve(&shared, &ms, key, kind, &request).await;

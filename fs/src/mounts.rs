@@ -140,15 +140,22 @@ pub fn mount_fuse(dir: &Path, how: &FuseMount) -> io::Result<(OwnedFd, OwnMount)
     Ok((fd, OwnMount { dir, id }))
 }
 
+/// umount(2) of `dir` (needs `CAP_SYS_ADMIN`); `lazy` detaches it at once even if busy.
+pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
+    let flags = if lazy {
+        UnmountFlags::DETACH
+    } else {
+        UnmountFlags::empty()
+    };
+    Ok(rustix::mount::unmount(dir, flags)?)
+}
+
 impl OwnMount {
     /// Unmounts, if the mount this process made is still the one on its directory (someone may
     /// have unmounted it, and mounted something else there since).
     pub fn unmount(&self) -> io::Result<()> {
         match (mounted_at(&self.dir), self.id) {
-            (Some(m), Some(id)) if m.id == id => {
-                rustix::mount::unmount(&self.dir, UnmountFlags::empty())?;
-                Ok(())
-            }
+            (Some(m), Some(id)) if m.id == id => unmount(&self.dir, false),
             _ => Ok(()),
         }
     }

@@ -43,8 +43,7 @@ pub struct Opts {
 /// Default of `-o commit=MS`.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
-const KNOWN_OPTIONS: &str =
-    "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
+const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
     attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
     commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase, metrics=IP:PORT; and mount(8)'s \
     generic ones: \

@@ -6,7 +6,6 @@ use crate::cmd::common::UsageError;
 use anyhow::{bail, Context, Result};
 use dbqsfs_fs::mounts;
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// `path` made absolute with its parent resolved, without touching `path` itself (which may be
@@ -123,13 +122,7 @@ pub(super) fn check_mount_point(dir: &Path, opts: &Opts, created: &mut bool) -> 
 /// Unmounts `dir` from inside the mount process (on SIGINT/SIGTERM): plain first, lazily if busy.
 pub(super) fn unmount_dir(dir: &Path, lazy: bool) -> std::io::Result<()> {
     if is_root() {
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-        let flags = if lazy { libc::MNT_DETACH } else { 0 };
-        // SAFETY: a valid C string; umount2 has no memory effects.
-        if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
-            return Ok(());
-        }
-        Err(std::io::Error::last_os_error())
+        dbqsfs_fs::mounts::unmount(dir, lazy)
     } else {
         let out = std::process::Command::new("fusermount3")
             .arg(if lazy { "-uz" } else { "-u" })
