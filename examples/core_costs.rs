@@ -8,6 +8,7 @@
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId};
 use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::dbqs::refs::RefRecord;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
 use dbqsfs_core::object::{content_id, PkBlock};
 use dbqsfs_core::store::MemStore;
@@ -101,17 +102,33 @@ fn main() {
             rid: 1,
             id: content_id(&small),
             data: small.clone(),
+            hold: None,
         },
     );
     time("replica PutContent (4 KiB, hash + store)", 20_000, |_| {
         handle(&put_small)
     });
+    let put_held = encode_msg(
+        0,
+        DbqsMessage::PutContent {
+            rid: 1,
+            id: content_id(&small),
+            data: small.clone(),
+            hold: Some(RefRecord::hold(&k, content_id(&small), 1)),
+        },
+    );
+    time(
+        "replica PutContent (4 KiB, with an owner's hold: + verify + merge)",
+        20_000,
+        |_| handle(&put_held),
+    );
     let put_big = encode_msg(
         0,
         DbqsMessage::PutContent {
             rid: 1,
             id: content_id(&mib),
             data: mib.clone(),
+            hold: None,
         },
     );
     time("replica PutContent (1 MiB, hash + store)", 300, |_| {

@@ -23,7 +23,7 @@ macro_rules! ring_id {
             }
             /// All 32 bytes in hex.
             pub fn to_hex(&self) -> String {
-                hex::encode(&self.0)
+                hex::encode(self.0)
             }
             /// Parses 64 hex digits.
             pub fn from_hex(s: &str) -> Option<Self> {
@@ -75,6 +75,8 @@ pub enum Domain {
     Agreement,
     /// A committee member's statement that an epoch is current at a time.
     Freshness,
+    /// An owner's hold or release of a content block: (id, seq, hold).
+    BlockRef,
 }
 
 impl Domain {
@@ -86,6 +88,7 @@ impl Domain {
             Domain::Probe => b"probe",
             Domain::Agreement => b"agreement",
             Domain::Freshness => b"freshness",
+            Domain::BlockRef => b"block-ref",
         }
     }
 
@@ -130,7 +133,7 @@ impl PublicKey {
     }
 
     pub fn to_hex(&self) -> String {
-        hex::encode(&self.0)
+        hex::encode(self.0)
     }
 
     pub fn from_hex(s: &str) -> Option<Self> {

@@ -10,6 +10,7 @@
 //! that survives a crash.
 
 use crate::crypto::ObjectId;
+use crate::dbqs::refs::{self, RefRecord};
 use crate::object::{PkBlock, Stamp};
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -39,8 +40,9 @@ pub trait Store {
     /// Ids of every object held, for state transfer and inspection.
     fn list(&self) -> Result<Vec<ObjectId>, StoreError>;
     /// Ids of the objects held in `(lo, hi]` (from the lowest id when `lo` is `None`), ascending,
-    /// at most `limit`: a page of a state-transfer listing. The default sorts [`Store::list`];
-    /// stores with an ordered index answer from it.
+    /// at most `limit`, and the ids of content blocks that have reference records without data
+    /// (tombstones): a page of a state-transfer listing. The default sorts [`Store::list`]
+    /// (it lists no tombstones); stores with an ordered index answer from it.
     fn list_range(
         &self,
         lo: Option<&ObjectId>,
@@ -57,9 +59,32 @@ pub trait Store {
         ids.truncate(limit);
         Ok(ids)
     }
-    /// Removes object `id` (content or public-key block), for garbage collection of ranges handed
-    /// to a later group; durable on return. Removing an absent object succeeds.
+    /// Removes object `id` (content or public-key block) and its reference records, for garbage
+    /// collection of ranges handed to a later group; durable on return. Removing an absent object
+    /// succeeds.
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError>;
+    /// Whether the data of content block `id` is held.
+    fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        Ok(self.get_content(id)?.is_some())
+    }
+    /// The reference records of content block `id` ([`crate::dbqs::refs`]), at most one per owner,
+    /// ordered by owner.
+    fn refs(&self, id: &ObjectId) -> Result<Vec<RefRecord>, StoreError>;
+    /// Merges `records` (signatures checked by the caller) into those of `id` by
+    /// [`refs::merge`], atomically; returns the records held afterwards. Durable on return.
+    fn merge_refs(
+        &self,
+        id: &ObjectId,
+        records: &[RefRecord],
+    ) -> Result<Vec<RefRecord>, StoreError>;
+    /// Deletes the data of content block `id` if its records release it ([`refs::released`]),
+    /// keeping the records; returns whether data was deleted. Atomic against
+    /// [`Store::merge_refs`]: a hold merged before it keeps the data, and one merged after it is
+    /// followed by its put. Durable on return.
+    fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError>;
+    /// The content blocks whose data is held while their records release them (for a replica
+    /// that restarts to schedule their deletion again).
+    fn released(&self) -> Result<Vec<ObjectId>, StoreError>;
 }
 
 impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
@@ -88,6 +113,25 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         (**self).delete(id)
+    }
+    fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        (**self).has_content(id)
+    }
+    fn refs(&self, id: &ObjectId) -> Result<Vec<RefRecord>, StoreError> {
+        (**self).refs(id)
+    }
+    fn merge_refs(
+        &self,
+        id: &ObjectId,
+        records: &[RefRecord],
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        (**self).merge_refs(id, records)
+    }
+    fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        (**self).drop_released(id)
+    }
+    fn released(&self) -> Result<Vec<ObjectId>, StoreError> {
+        (**self).released()
     }
 }
 
@@ -125,6 +169,7 @@ pub struct MemStore {
 struct MemInner {
     content: BTreeMap<ObjectId, Vec<u8>>,
     pk: BTreeMap<ObjectId, PkBlock>,
+    refs: BTreeMap<ObjectId, Vec<RefRecord>>,
     /// At most this many content blocks; a new one beyond it is refused with `NoSpace`.
     content_limit: Option<usize>,
 }
@@ -156,11 +201,17 @@ impl MemStore {
         self.lock().pk.insert(block.id(), block);
     }
 
-    /// Removes an object (for tests and garbage collection).
+    /// Removes an object and its reference records (for tests and garbage collection).
     pub fn remove(&self, id: &ObjectId) {
         let mut g = self.lock();
         g.content.remove(id);
         g.pk.remove(id);
+        g.refs.remove(id);
+    }
+
+    /// Removes the data of content block `id` whatever its records say (a lying replica, in tests).
+    pub fn drop_content(&self, id: &ObjectId) {
+        self.lock().content.remove(id);
     }
 
     /// Number of objects held.
@@ -220,12 +271,54 @@ impl Store for MemStore {
         };
         let g = self.lock();
         let content = g.content.range(range).map(|(id, _)| *id).take(limit);
+        let refs = g.refs.range(range).map(|(id, _)| *id).take(limit);
         let pk = g.pk.range(range).map(|(id, _)| *id).take(limit);
-        Ok(merge_ids(content.collect(), pk.collect(), limit))
+        let content = merge_ids(content.collect(), refs.collect(), limit);
+        Ok(merge_ids(content, pk.collect(), limit))
     }
 
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         self.remove(id);
         Ok(())
+    }
+
+    fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        Ok(self.lock().content.contains_key(id))
+    }
+
+    fn refs(&self, id: &ObjectId) -> Result<Vec<RefRecord>, StoreError> {
+        Ok(self.lock().refs.get(id).cloned().unwrap_or_default())
+    }
+
+    fn merge_refs(
+        &self,
+        id: &ObjectId,
+        records: &[RefRecord],
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        let mut g = self.lock();
+        let held = g.refs.entry(*id).or_default();
+        refs::merge(held, id, records);
+        let held = held.clone();
+        if held.is_empty() {
+            g.refs.remove(id);
+        }
+        Ok(held)
+    }
+
+    fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        let mut g = self.lock();
+        if !g.refs.get(id).is_some_and(|r| refs::released(r)) {
+            return Ok(false);
+        }
+        Ok(g.content.remove(id).is_some())
+    }
+
+    fn released(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let g = self.lock();
+        Ok(g.refs
+            .iter()
+            .filter(|(id, r)| refs::released(r) && g.content.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect())
     }
 }

@@ -297,6 +297,11 @@ fn run_transfer(
                 TransferOutput::StorePk { block } => {
                     mine.store().put_pk_if_newer(&block).unwrap();
                 }
+                TransferOutput::StoreRefs { refs } => {
+                    for (id, records) in refs {
+                        mine.merge_transferred_refs(&id, &records).unwrap();
+                    }
+                }
                 TransferOutput::UnitDone { arc, .. } => done.push(arc),
                 TransferOutput::Complete { epoch } => assert_eq!(epoch, 1),
             }
@@ -376,6 +381,7 @@ fn when_old_replicas_deleted_the_range_the_new_groups_ready_peers_serve_it() {
                     content: Vec::new(),
                     pk: stale.clone(),
                     next,
+                    refs: Vec::new(),
                 }
             }
             (_, TransferMessage::Content { rid, id, .. }) if to == liar => {

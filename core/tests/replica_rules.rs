@@ -3,7 +3,8 @@
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId};
 use dbqsfs_core::dbqs::msg::{DbqsMessage, Reject};
-use dbqsfs_core::dbqs::replica::{Dropped, Handled, Replica, ReplicaOptions};
+use dbqsfs_core::dbqs::refs::RefRecord;
+use dbqsfs_core::dbqs::replica::{Dropped, Handled, Replica, ReplicaOptions, DEFAULT_GRACE_MS};
 use dbqsfs_core::object::{content_id, PkBlock};
 use dbqsfs_core::store::{MemStore, Store};
 use dbqsfs_core::wire::{decode, encode_msg, Envelope};
@@ -128,6 +129,7 @@ fn refuses_bad_signatures_and_wrong_hashes() {
             rid: 2,
             id: content_id(b"a"),
             data: b"b".to_vec(),
+            hold: None,
         },
     );
     assert_eq!(
@@ -265,6 +267,7 @@ fn objects_outside_the_group_are_refused() {
             rid: 1,
             id: content_id(&data),
             data,
+            hold: None,
         },
     );
     assert_eq!(
@@ -494,6 +497,7 @@ fn a_full_store_refuses_new_content_with_no_space_and_still_takes_public_key_blo
         rid: 1,
         id: content_id(&data),
         data,
+        hold: None,
     };
     assert_eq!(
         ask(&r, 0, put).msg,
@@ -508,4 +512,203 @@ fn a_full_store_refuses_new_content_with_no_space_and_still_takes_public_key_blo
         ask(&r, 0, DbqsMessage::PutPk { rid: 2, block }).msg,
         DbqsMessage::PkStored { .. }
     ));
+}
+
+fn put_held(data: &[u8], hold: Option<RefRecord>) -> DbqsMessage {
+    DbqsMessage::PutContent {
+        rid: 7,
+        id: content_id(data),
+        data: data.to_vec(),
+        hold,
+    }
+}
+
+fn reference(record: RefRecord) -> DbqsMessage {
+    DbqsMessage::Reference { rid: 8, record }
+}
+
+#[test]
+fn a_block_goes_only_once_every_owner_released_it_and_the_grace_passed() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let (a, b) = (Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32]));
+    let data = b"shared by two owners".to_vec();
+    let x = content_id(&data);
+    for owner in [&a, &b] {
+        let reply = ask(&r, 0, put_held(&data, Some(RefRecord::hold(owner, x, 1))));
+        assert_eq!(reply.msg, DbqsMessage::ContentStored { rid: 7, id: x });
+    }
+    let stored = DbqsMessage::RefStored { rid: 8, id: x };
+    assert_eq!(
+        ask(&r, 0, reference(RefRecord::release(&a, x, 2))).msg,
+        stored
+    );
+    assert_eq!(r.sweep(0, 100).unwrap(), vec![], "b still holds it");
+    assert_eq!(r.next_sweep(0), None);
+    assert_eq!(
+        ask(&r, 0, reference(RefRecord::release(&b, x, 2))).msg,
+        stored
+    );
+    assert_eq!(
+        r.next_sweep(1000),
+        Some(1000),
+        "the grace starts at the next sweep"
+    );
+    assert_eq!(r.sweep(1000, 100).unwrap(), vec![]);
+    let due = 1000 + DEFAULT_GRACE_MS;
+    assert_eq!(r.next_sweep(1001), Some(due));
+    assert_eq!(r.sweep(due - 1, 100).unwrap(), vec![]);
+    assert!(r.store().has_content(&x).unwrap(), "kept through the grace");
+    assert_eq!(r.sweep(due, 100).unwrap(), vec![x]);
+    assert!(!r.store().has_content(&x).unwrap());
+    assert_eq!(
+        r.store().refs(&x).unwrap().len(),
+        2,
+        "the records stay as tombstones"
+    );
+    // A replayed old put (hold 1 < release 2) is acknowledged but brings nothing back...
+    let reply = ask(&r, 0, put_held(&data, Some(RefRecord::hold(&b, x, 1))));
+    assert_eq!(reply.msg, DbqsMessage::ContentStored { rid: 7, id: x });
+    assert!(!r.store().has_content(&x).unwrap());
+    // ... and neither does a put that nobody claims; a new hold of the owner does.
+    ask(&r, 0, put_held(&data, None));
+    assert!(!r.store().has_content(&x).unwrap());
+    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&b, x, 3))));
+    assert!(r.store().has_content(&x).unwrap());
+    assert_eq!(r.sweep(due + 10 * DEFAULT_GRACE_MS, 100).unwrap(), vec![]);
+}
+
+#[test]
+fn a_hold_during_the_grace_keeps_the_block_and_a_new_release_waits_a_new_grace() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let a = Keypair::from_seed([1; 32]);
+    let data = b"held again".to_vec();
+    let x = content_id(&data);
+    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 1))));
+    ask(&r, 0, reference(RefRecord::release(&a, x, 2)));
+    r.sweep(0, 100).unwrap();
+    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 3))));
+    ask(&r, 0, reference(RefRecord::release(&a, x, 4)));
+    // Due at the first release's grace: the block was held and released since, so it waits.
+    assert_eq!(r.sweep(DEFAULT_GRACE_MS, 100).unwrap(), vec![]);
+    assert!(r.store().has_content(&x).unwrap());
+    assert_eq!(r.sweep(2 * DEFAULT_GRACE_MS - 1, 100).unwrap(), vec![]);
+    assert_eq!(r.sweep(2 * DEFAULT_GRACE_MS, 100).unwrap(), vec![x]);
+}
+
+#[test]
+fn forged_releases_and_foreign_holds_are_refused() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let (a, thief) = (Keypair::from_seed([1; 32]), Keypair::from_seed([3; 32]));
+    let data = b"not yours".to_vec();
+    let x = content_id(&data);
+    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 1))));
+    // A release in a's name signed by someone else.
+    let mut forged = RefRecord::release(&thief, x, 9);
+    forged.owner = a.public();
+    let refused = |reason| DbqsMessage::Rejected { rid: 8, reason };
+    assert_eq!(
+        ask(&r, 0, reference(forged)).msg,
+        refused(Reject::BadSignature)
+    );
+    // The thief's own release drops only the thief's (absent) reference.
+    ask(&r, 0, reference(RefRecord::release(&thief, x, 9)));
+    r.sweep(0, 100).unwrap();
+    assert_eq!(r.sweep(10 * DEFAULT_GRACE_MS, 100).unwrap(), vec![]);
+    assert!(r.store().has_content(&x).unwrap());
+    // A put's hold must hold, and this block.
+    let refused = |reason| DbqsMessage::Rejected { rid: 7, reason };
+    let other = RefRecord::hold(&a, content_id(b"other"), 2);
+    assert_eq!(
+        ask(&r, 0, put_held(&data, Some(other))).msg,
+        refused(Reject::NotAReference)
+    );
+    let release = RefRecord::release(&a, x, 2);
+    assert_eq!(
+        ask(&r, 0, put_held(&data, Some(release))).msg,
+        refused(Reject::NotAReference)
+    );
+    let mut bad = RefRecord::hold(&a, x, 2);
+    bad.seq = 3;
+    assert_eq!(
+        ask(&r, 0, put_held(&data, Some(bad))).msg,
+        refused(Reject::BadSignature)
+    );
+}
+
+#[test]
+fn a_restarted_replica_schedules_its_released_blocks_again() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let a = Keypair::from_seed([1; 32]);
+    let data = b"released before a crash".to_vec();
+    let x = content_id(&data);
+    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 1))));
+    ask(&r, 0, reference(RefRecord::release(&a, x, 2)));
+    // A crash before the sweep: a replica built anew on the same store.
+    let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();
+    let again = Replica::new(
+        fx.keys[0].node_id(),
+        r.store().clone(),
+        chain,
+        true,
+        ReplicaOptions::default(),
+    );
+    assert_eq!(again.next_sweep(5), None);
+    assert_eq!(again.recover_released().unwrap(), 1);
+    again.sweep(5, 100).unwrap();
+    assert_eq!(again.sweep(5 + DEFAULT_GRACE_MS, 100).unwrap(), vec![x]);
+    assert_eq!(again.recover_released().unwrap(), 0);
+}
+
+#[test]
+fn listings_carry_reference_records_and_tombstones() {
+    use dbqsfs_core::dbqs::transfer::{Arc as RingArc, TransferMessage};
+    let fx = fixture();
+    let mut r = replica(&fx, 0);
+    r.install(vec![fx.configs[1].clone()]).unwrap();
+    let a = Keypair::from_seed([1; 32]);
+    let (kept, gone) = (b"kept".to_vec(), b"gone".to_vec());
+    let store = r.store().clone();
+    for (i, d) in [&kept, &gone].into_iter().enumerate() {
+        let x = content_id(d);
+        store.merge_refs(&x, &[RefRecord::hold(&a, x, 1)]).unwrap();
+        store.put_content(&x, d).unwrap();
+        if i == 1 {
+            store
+                .merge_refs(&x, &[RefRecord::release(&a, x, 2)])
+                .unwrap();
+            assert!(store.drop_released(&x).unwrap());
+        }
+    }
+    let whole = RingArc {
+        start: [0; 32],
+        end: [0; 32],
+    };
+    let list = TransferMessage::List {
+        rid: 1,
+        epoch: 1,
+        arc: whole,
+        after: None,
+    };
+    let reply = r
+        .handle_transfer(NodeId([1; 32]), &encode_msg(1, list))
+        .unwrap();
+    match decode::<TransferMessage>(&reply).unwrap().msg {
+        TransferMessage::Listing { content, refs, .. } => {
+            assert_eq!(
+                content,
+                vec![content_id(&kept)],
+                "a tombstone lists no content"
+            );
+            let mut ids: Vec<_> = refs.iter().map(|r| (r.id, r.hold)).collect();
+            ids.sort();
+            let mut want = vec![(content_id(&kept), true), (content_id(&gone), false)];
+            want.sort();
+            assert_eq!(ids, want);
+        }
+        other => panic!("expected a listing, got {other:?}"),
+    }
 }

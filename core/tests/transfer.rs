@@ -3,6 +3,7 @@
 
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId, Signature};
+use dbqsfs_core::dbqs::refs::{released, RefRecord};
 use dbqsfs_core::dbqs::replica::{Replica, ReplicaOptions};
 use dbqsfs_core::dbqs::transfer::{
     plan, Transfer, TransferMessage, TransferOptions, TransferOutput,
@@ -103,7 +104,8 @@ fn old_replicas(ks: &[Keypair], g: &Configuration, c1: &CertifiedConfig) -> BTre
 }
 
 /// Four old replicas holding some blocks; a fifth node joins in epoch 1. Replica 0 lies in
-/// transfer: it lists a forged newer value and a content id that does not exist.
+/// transfer: it lists a forged newer value and a content id that does not exist, withholds the
+/// owners' reference records and forges releases in their names.
 #[test]
 fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
     let ks = keys(5);
@@ -111,6 +113,9 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
     let next = config(1, &ks, Some(g.hash()));
     let c1 = certify(&g, next.clone(), &ks);
     let owner = Keypair::from_seed([7; 32]);
+    // Two owners of every content block: `a` holds each; `b` released the odd ones (a release
+    // that reached three of the four old replicas), and `a` also released every fourth block.
+    let (a, b) = (Keypair::from_seed([8; 32]), Keypair::from_seed([9; 32]));
     let replicas = old_replicas(&ks[..4], &g, &c1);
     // Data: 40 public-key blocks (v1 everywhere, v2 on three replicas) and 40 content blocks on
     // three replicas each.
@@ -129,9 +134,20 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
             } else {
                 v2.clone()
             });
+            let id = content_id(&data);
             if j as u32 != (i + 1) % 4 {
-                store.put_content(&content_id(&data), &data).unwrap();
+                store.put_content(&id, &data).unwrap();
             }
+            let mut recs = vec![RefRecord::hold(&a, id, 1), RefRecord::hold(&b, id, 1)];
+            if j as u32 != (i + 2) % 4 {
+                if i % 2 == 1 {
+                    recs.push(RefRecord::release(&b, id, 2));
+                }
+                if i % 4 == 3 {
+                    recs.push(RefRecord::release(&a, id, 2));
+                }
+            }
+            store.merge_refs(&id, &recs).unwrap();
         }
         latest.push(v2);
         contents.push(data);
@@ -158,6 +174,12 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
                 TransferOutput::StorePk { block } => {
                     mine.put_pk_if_newer(&block).unwrap();
                 }
+                TransferOutput::StoreRefs { refs } => {
+                    for (id, records) in refs {
+                        assert!(records.iter().all(|r| r.verify().is_ok()));
+                        mine.merge_refs(&id, &records).unwrap();
+                    }
+                }
                 TransferOutput::UnitDone { epoch, .. } | TransferOutput::Complete { epoch } => {
                     assert_eq!(epoch, 1)
                 }
@@ -171,7 +193,7 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
                 continue;
             };
             if to == liar {
-                reply = lie(&reply);
+                reply = lie(&reply, &a);
             }
             t.handle_message(now, to, &reply);
         }
@@ -188,16 +210,37 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
             );
         }
     }
-    for data in &contents {
+    for (i, data) in contents.iter().enumerate() {
         let id = content_id(data);
         if next.is_responsible(&me, &id) {
             assert_eq!(mine.get_content(&id).unwrap().as_deref(), Some(&data[..]));
+            // The union of 2f+1 listings has every record a quorum holds, and nothing forged.
+            let refs = mine.refs(&id).unwrap();
+            let holds = |k: &Keypair| {
+                refs.iter()
+                    .find(|r| r.owner == k.public())
+                    .map(|r| (r.seq, r.hold))
+            };
+            let b_released = i % 2 == 1;
+            let a_released = i % 4 == 3;
+            assert_eq!(
+                holds(&b),
+                Some((1 + b_released as u64, !b_released)),
+                "block {i}, owner b"
+            );
+            assert_eq!(
+                holds(&a),
+                Some((1 + a_released as u64, !a_released)),
+                "block {i}, owner a"
+            );
+            assert_eq!(released(&refs), a_released && b_released, "block {i}");
         }
     }
 }
 
-/// What the lying replica answers instead: forged newer versions and an id nobody holds.
-fn lie(reply: &[u8]) -> Vec<u8> {
+/// What the lying replica answers instead: forged newer versions, an id nobody holds, no
+/// reference records but forged releases of `owner`'s.
+fn lie(reply: &[u8], owner: &Keypair) -> Vec<u8> {
     let env = decode::<TransferMessage>(reply).unwrap();
     let msg = match env.msg {
         TransferMessage::Listing {
@@ -205,7 +248,18 @@ fn lie(reply: &[u8]) -> Vec<u8> {
             mut content,
             mut pk,
             next,
+            refs,
         } => {
+            let refs = refs
+                .iter()
+                .map(|r| RefRecord {
+                    seq: 50,
+                    hold: false,
+                    signature: Signature([2; 64]),
+                    owner: owner.public(),
+                    ..r.clone()
+                })
+                .collect();
             let forged: Vec<PkBlock> = pk
                 .iter()
                 .map(|b| PkBlock {
@@ -221,6 +275,7 @@ fn lie(reply: &[u8]) -> Vec<u8> {
                 content,
                 pk,
                 next,
+                refs,
             }
         }
         TransferMessage::Content { rid, id, .. } => TransferMessage::Content {

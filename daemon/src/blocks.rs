@@ -5,10 +5,16 @@
 //! no guessing; every chunk is verified by the client against its id, and the manifest's sizes and
 //! total are checked on reassembly. Non-goals: deduplicating chunking (fixed-size chunks only),
 //! files too large for one manifest (about 28,000 chunks, roughly 28 GiB).
+//!
+//! Every block is put held by an [`Owner`] (a key and a sequence number, `dbqs::refs`), and
+//! [`remove_file`] releases the owner's hold on every block of a file, so that the replicas delete
+//! them after their grace period. Holds are per owner, not counted: a block that two files of one
+//! owner share goes when either is removed.
 
 use crate::client::{ClientError, DbqsClient};
-use dbqsfs_core::crypto::ObjectId;
-use dbqsfs_core::object::MAX_BLOCK;
+use dbqsfs_core::crypto::{Keypair, ObjectId};
+use dbqsfs_core::dbqs::refs::RefRecord;
+use dbqsfs_core::object::{content_id, MAX_BLOCK};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -49,6 +55,31 @@ impl FromStr for FileId {
     }
 }
 
+/// Who holds the blocks a put stores, and the sequence number of its holds or releases: each
+/// later hold or release of the same block by the same key needs a higher one.
+#[derive(Clone)]
+pub struct Owner {
+    pub key: Keypair,
+    pub seq: u64,
+}
+
+impl Owner {
+    /// `key`, numbering its holds and releases by the time now in microseconds (so a later
+    /// command of the same key orders after an earlier one, as long as the clock does not go
+    /// back).
+    pub fn now(key: Keypair) -> Owner {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Owner { key, seq: micros }
+    }
+
+    async fn put(&self, client: &DbqsClient, data: Vec<u8>) -> Result<ObjectId, ClientError> {
+        let hold = RefRecord::hold(&self.key, content_id(&data), self.seq);
+        client.put_held(data, hold).await
+    }
+}
+
 /// The manifest of a large file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Manifest {
@@ -77,6 +108,7 @@ pub enum TransferError {
 
 async fn put_all(
     client: &DbqsClient,
+    owner: &Owner,
     data: &[u8],
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<(ObjectId, u32)>, TransferError> {
@@ -86,12 +118,12 @@ async fn put_all(
     let mut next = 0;
     while next < chunks.len() || !set.is_empty() {
         while next < chunks.len() && set.len() < PARALLEL {
-            let c = client.clone();
+            let (c, o) = (client.clone(), owner.clone());
             let chunk = chunks[next].to_vec();
             let i = next;
             set.spawn(async move {
                 let len = chunk.len();
-                c.put_content(chunk).await.map(|id| (i, id, len))
+                o.put(&c, chunk).await.map(|id| (i, id, len))
             });
             next += 1;
         }
@@ -107,15 +139,16 @@ async fn put_all(
 /// Stores `data`; `progress` is told the bytes of each block stored.
 pub async fn put_file(
     client: &DbqsClient,
+    owner: &Owner,
     data: &[u8],
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<FileId, TransferError> {
     if data.len() <= MAX_BLOCK {
-        let id = client.put_content(data.to_vec()).await?;
+        let id = owner.put(client, data.to_vec()).await?;
         progress(data.len() as u64);
         return Ok(FileId::Block(id));
     }
-    let chunks = put_all(client, data, progress).await?;
+    let chunks = put_all(client, owner, data, progress).await?;
     let manifest = Manifest {
         magic: MAGIC.to_vec(),
         total: data.len() as u64,
@@ -125,7 +158,46 @@ pub async fn put_file(
     if bytes.len() > MAX_BLOCK {
         return Err(TransferError::TooLarge);
     }
-    Ok(FileId::Manifest(client.put_content(bytes).await?))
+    Ok(FileId::Manifest(owner.put(client, bytes).await?))
+}
+
+/// Releases `owner`'s hold on every block of file `id` (its chunks, then its manifest, so that
+/// a failure half way can be retried with the same id); returns how many blocks. The replicas
+/// delete a block once every owner released it, after their grace period.
+pub async fn remove_file(
+    client: &DbqsClient,
+    owner: &Owner,
+    id: FileId,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<usize, TransferError> {
+    let release = |x: ObjectId| {
+        let c = client.clone();
+        let record = RefRecord::release(&owner.key, x, owner.seq);
+        async move { c.reference(record).await }
+    };
+    let root = match id {
+        FileId::Block(b) => b,
+        FileId::Manifest(m) => m,
+    };
+    let chunks = match id {
+        FileId::Block(_) => Vec::new(),
+        FileId::Manifest(m) => fetch_manifest(client, m).await?.chunks,
+    };
+    let mut set = JoinSet::new();
+    let mut next = 0;
+    while next < chunks.len() || !set.is_empty() {
+        while next < chunks.len() && set.len() < PARALLEL {
+            set.spawn(release(chunks[next].0));
+            next += 1;
+        }
+        if let Some(r) = set.join_next().await {
+            r.map_err(|e| TransferError::Task(e.to_string()))??;
+            progress(1);
+        }
+    }
+    release(root).await?;
+    progress(1);
+    Ok(chunks.len() + 1)
 }
 
 /// The total size of a stored file (fetches the manifest of a large one).

@@ -20,6 +20,7 @@ use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId};
 use dbqsfs_core::dbqs::client::{
     Client, ClientOptions, ClientOutput, OpError, OpId, Operation, Outcome,
 };
+use dbqsfs_core::dbqs::refs::RefRecord;
 use dbqsfs_core::object::{PkBlock, Stamp};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::{local_bind_for, Endpoint, NetError, TransportOptions};
@@ -113,6 +114,9 @@ pub struct DbqsClient {
     endpoint: Endpoint,
     /// The newest verified configurations the driver knows.
     chain: Arc<Mutex<ConfigChain>>,
+    /// Requests sent and not answered yet (an operation completes with a quorum; the rest of
+    /// its group may still be on the way).
+    in_flight: tokio::sync::watch::Sender<usize>,
 }
 
 fn member_addr(m: &Member) -> Result<(SocketAddr, VerifyingKey), ClientError> {
@@ -162,12 +166,29 @@ impl DbqsClient {
         );
         let (tx, rx) = mpsc::channel(256);
         let chain = Arc::new(Mutex::new(chain));
-        tokio::spawn(drive(core, endpoint.clone(), rx, chain.clone()));
+        let in_flight = tokio::sync::watch::Sender::new(0);
+        tokio::spawn(drive(
+            core,
+            endpoint.clone(),
+            rx,
+            chain.clone(),
+            in_flight.clone(),
+        ));
         Ok(DbqsClient {
             submit: tx,
             endpoint,
             chain,
+            in_flight,
         })
+    }
+
+    /// Waits, at most `max`, until every request sent has been answered or failed: operations
+    /// complete with a quorum of their group, and a process that exits right after would cut
+    /// off the requests to the rest (a command line tool calls this before it exits, so that
+    /// every replica it can reach learns, say, a release).
+    pub async fn settle(&self, max: Duration) {
+        let mut rx = self.in_flight.subscribe();
+        let _ = tokio::time::timeout(max, rx.wait_for(|n| *n == 0)).await;
     }
 
     /// The newest verified configurations the client knows.
@@ -234,8 +255,33 @@ impl DbqsClient {
 
     /// Stores a content block (at most [`dbqsfs_core::object::MAX_BLOCK`] bytes); returns its id.
     pub async fn put_content(&self, data: Vec<u8>) -> Result<ObjectId, ClientError> {
-        match self.run(Operation::PutContent { data }).await? {
+        match self.run(Operation::PutContent { data, hold: None }).await? {
             Outcome::ContentStored { id } => Ok(id),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Stores a content block held by `hold`'s owner (an owner-signed
+    /// [`RefRecord::hold`] of the block's id); returns its id.
+    pub async fn put_held(&self, data: Vec<u8>, hold: RefRecord) -> Result<ObjectId, ClientError> {
+        match self
+            .run(Operation::PutContent {
+                data,
+                hold: Some(hold),
+            })
+            .await?
+        {
+            Outcome::ContentStored { id } => Ok(id),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Records an owner-signed reference at a quorum of its block's group, normally a release
+    /// ([`RefRecord::release`]): once every owner released a block, its replicas delete it after
+    /// their grace period.
+    pub async fn reference(&self, record: RefRecord) -> Result<(), ClientError> {
+        match self.run(Operation::Reference { record }).await? {
+            Outcome::RefStored { .. } => Ok(()),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
@@ -309,11 +355,21 @@ impl DbqsClient {
 }
 
 /// The driver task: owns the core client.
+/// Counts a request out of [`DbqsClient::settle`]'s count when its task ends, however it ends.
+struct InFlight(tokio::sync::watch::Sender<usize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 async fn drive(
     mut core: Client,
     endpoint: Endpoint,
     mut submissions: mpsc::Receiver<Input>,
     latest: Arc<Mutex<ConfigChain>>,
+    in_flight: tokio::sync::watch::Sender<usize>,
 ) {
     // The core's clock is wall-clock milliseconds (freshness certificates carry wall-clock time),
     // advanced monotonically from the start.
@@ -350,7 +406,10 @@ async fn drive(
                     };
                     let endpoint = endpoint.clone();
                     let resp_tx = resp_tx.clone();
+                    in_flight.send_modify(|n| *n += 1);
+                    let done = InFlight(in_flight.clone());
                     tokio::spawn(async move {
+                        let _done = done;
                         match endpoint.request_shared(addr, &key, bytes).await {
                             Ok(resp) => {
                                 let _ = resp_tx.send((to, Some(resp)));

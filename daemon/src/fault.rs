@@ -7,6 +7,7 @@
 
 use dbqsfs_core::crypto::ObjectId;
 use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::dbqs::refs::RefRecord;
 use dbqsfs_core::object::{PkBlock, Stamp};
 use dbqsfs_core::store::{Store, StoreError};
 use dbqsfs_core::wire::{decode, encode_msg};
@@ -110,6 +111,30 @@ impl<S: Store> Store for FaultStore<S> {
 
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         self.inner.delete(id)
+    }
+
+    fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        self.inner.has_content(id)
+    }
+
+    fn refs(&self, id: &ObjectId) -> Result<Vec<RefRecord>, StoreError> {
+        self.inner.refs(id)
+    }
+
+    fn merge_refs(
+        &self,
+        id: &ObjectId,
+        records: &[RefRecord],
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        self.inner.merge_refs(id, records)
+    }
+
+    fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        self.inner.drop_released(id)
+    }
+
+    fn released(&self) -> Result<Vec<ObjectId>, StoreError> {
+        self.inner.released()
     }
 }
 

@@ -89,6 +89,10 @@ pub struct NodeSettings {
     /// `RUST_LOG` overrides it. Default `info`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+    /// How long (seconds) a content block every owner released stays before it is deleted
+    /// (readers that started before the release finish meanwhile). Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_grace_secs: Option<u64>,
 }
 
 impl NodeSettings {
@@ -122,7 +126,7 @@ pub struct JoinTicket {
 
 impl JoinTicket {
     pub fn encode(&self) -> String {
-        hex::encode(&postcard::to_allocvec(self).unwrap_or_default())
+        hex::encode(postcard::to_allocvec(self).unwrap_or_default())
     }
 
     /// Decodes a ticket from its hex text (`what` names it in errors).
@@ -135,7 +139,7 @@ impl JoinTicket {
 }
 
 pub fn encode_genesis(g: &CertifiedConfig) -> String {
-    hex::encode(&postcard::to_stdvec(g).expect("configurations encode"))
+    hex::encode(postcard::to_stdvec(g).expect("configurations encode"))
 }
 
 pub fn decode_genesis(path: &Path, hex: &str) -> Result<CertifiedConfig, FileError> {
@@ -160,13 +164,13 @@ pub fn write_key(path: &Path, key: &Keypair) -> Result<(), FileError> {
         .mode(0o600)
         .open(path)
         .map_err(FileError::io(path))?;
-    writeln!(f, "{}", hex::encode(&key.seed())).map_err(FileError::io(path))?;
+    writeln!(f, "{}", hex::encode(key.seed())).map_err(FileError::io(path))?;
     f.sync_all().map_err(FileError::io(path))
 }
 
 pub fn read_key(path: &Path) -> Result<Keypair, FileError> {
     let text = fs::read_to_string(path).map_err(FileError::io(path))?;
-    let bytes = hex::decode(&text.trim())
+    let bytes = hex::decode(text.trim())
         .ok()
         .ok_or_else(|| FileError::invalid(path, "key is not hex"))?;
     let seed: [u8; 32] = bytes

@@ -47,6 +47,11 @@ pub fn request_done(protocol: &'static str, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Content blocks whose data the node deleted because every owner released them.
+pub fn released_deleted(blocks: u64) {
+    counter!("dbqsfs_released_blocks_deleted_total").increment(blocks);
+}
+
 /// A replica's answer refused as Byzantine (`what` says how it was wrong).
 pub fn misbehaviour(what: &'static str) {
     counter!("dbqsfs_byzantine_evidence_total", "what" => what).increment(1);

@@ -334,7 +334,15 @@ impl Node {
         }
         info!(node = %me.short(), epoch = chain.epoch(), ready, %listen, "node loaded");
         let replica_store: ReplicaStore = store.clone();
-        let mut replica = Replica::new(me, replica_store, chain, ready, ReplicaOptions::default());
+        let replica_opts = replica_options(&file.settings);
+        let mut replica = Replica::new(me, replica_store, chain, ready, replica_opts);
+        let released = replica.recover_released()?;
+        if released > 0 {
+            info!(
+                blocks = released,
+                "released content blocks to delete after the grace period"
+            );
+        }
         let deferred = store.load_deferred()?;
         if !deferred.is_empty() {
             info!(
@@ -378,6 +386,16 @@ impl Node {
         self.shared.store.set_reserve(bytes);
     }
 
+    /// Deletes a content block every owner released this long after the node learnt it
+    /// (`Replica::sweep`; default [`dbqsfs_core::dbqs::replica::DEFAULT_GRACE_MS`]).
+    pub fn set_release_grace(&self, grace: std::time::Duration) {
+        self.shared
+            .replica
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_grace_ms(grace.as_millis() as u64);
+    }
+
     /// The UDP address the node listens on.
     pub fn listen_addr(&self) -> SocketAddr {
         self.shared.listen
@@ -397,8 +415,9 @@ impl Node {
             faulty,
             chain,
             ready,
-            ReplicaOptions::default(),
+            replica_options(&self.settings),
         );
+        let _ = replica.recover_released();
         if let Ok(deferred) = s.store.load_deferred() {
             for x in deferred {
                 replica.defer(x);
@@ -496,9 +515,11 @@ impl Node {
             }
         });
         let trimmer = tokio::spawn(trim_memory());
+        let sweeper = tokio::spawn(sweep_released(shared.replica.clone()));
         shutdown.await;
         info!("shutting down");
         trimmer.abort();
+        sweeper.abort();
         if let Some(s) = sampler {
             s.abort();
         }
@@ -508,6 +529,52 @@ impl Node {
         let _ = transfers.await;
         endpoint.close().await;
         Ok(())
+    }
+}
+
+/// The replica's options from node.toml's settings.
+fn replica_options(settings: &crate::files::NodeSettings) -> ReplicaOptions {
+    let mut opts = ReplicaOptions::default();
+    if let Some(secs) = settings.release_grace_secs {
+        opts.grace_ms = secs.saturating_mul(1000);
+    }
+    opts
+}
+
+/// Deletes released content blocks once their grace is over (`Replica::sweep`): looks every
+/// second, and deletes at most a page at a time on the blocking pool, under the replica's read
+/// lock (requests are served meanwhile).
+async fn sweep_released(replica: SharedReplica) {
+    const PAGE: usize = 256;
+    let started = std::time::Instant::now();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = started.elapsed().as_millis() as u64;
+        let due = {
+            let r = replica.read().unwrap_or_else(|p| p.into_inner());
+            r.next_sweep(now).is_some_and(|t| t <= now)
+        };
+        if !due {
+            continue;
+        }
+        let r = replica.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            r.read().unwrap_or_else(|p| p.into_inner()).sweep(now, PAGE)
+        })
+        .await;
+        match swept {
+            Ok(Ok(ids)) if !ids.is_empty() => {
+                debug!(blocks = ids.len(), "deleted released content blocks");
+                crate::metrics::released_deleted(ids.len() as u64);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "deleting released content blocks failed; trying again")
+            }
+            Err(e) => warn!(error = %e, "the sweep task failed"),
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 
 use dbqsfs_core::config::CertifiedConfig;
 use dbqsfs_core::crypto::ObjectId;
+use dbqsfs_core::dbqs::refs::{self, RefRecord};
 use dbqsfs_core::dbqs::transfer::Arc as RingArc;
 use dbqsfs_core::object::{check_content, PkBlock, Stamp, MAX_BLOCK};
 use dbqsfs_core::store::{id_bounds, merge_ids, Store, StoreError};
@@ -43,6 +44,9 @@ use tracing::{info, warn};
 
 /// Public-key blocks: object id → postcard-encoded [`PkBlock`].
 const PK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pk_blocks");
+/// Owners' reference records of content blocks (`dbqs::refs`): object id → postcard-encoded
+/// records, at most one per owner. Kept after a released block's data goes (tombstones).
+const REFS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_refs");
 /// Node metadata: name → postcard-encoded value.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_CHAIN: &str = "config_chain";
@@ -166,6 +170,7 @@ impl DiskStore {
         {
             let w = db.begin_write().map_err(redb::Error::from)?;
             w.open_table(PK).map_err(redb::Error::from)?;
+            w.open_table(REFS).map_err(redb::Error::from)?;
             w.open_table(META).map_err(redb::Error::from)?;
             w.open_table(TRANSFER_DONE).map_err(redb::Error::from)?;
             w.open_table(GC_COLLECTED).map_err(redb::Error::from)?;
@@ -306,10 +311,11 @@ impl DiskStore {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ids of the public-key blocks within `range` (from [`id_bounds`]), ascending, at most
-    /// `limit`.
-    fn pk_range(
+    /// Ids of the keys of `table` (the public-key blocks, or the reference records) within
+    /// `range` (from [`id_bounds`]), ascending, at most `limit`.
+    fn table_range(
         &self,
+        table: TableDefinition<&[u8], &[u8]>,
         range: (Bound<ObjectId>, Bound<ObjectId>),
         limit: usize,
     ) -> Result<Vec<ObjectId>, StoreError> {
@@ -317,7 +323,7 @@ impl DiskStore {
             b.as_ref().map(|id| &id.0[..])
         }
         let r = self.db.begin_read().map_err(db_err)?;
-        let t = r.open_table(PK).map_err(db_err)?;
+        let t = r.open_table(table).map_err(db_err)?;
         let mut ids = Vec::new();
         for entry in t
             .range::<&[u8]>((bytes(&range.0), bytes(&range.1)))
@@ -708,10 +714,143 @@ impl Store for DiskStore {
             return Ok(Vec::new());
         };
         let content: Vec<ObjectId> = self.index().range(range).take(limit).copied().collect();
-        Ok(merge_ids(content, self.pk_range(range, limit)?, limit))
+        let content = merge_ids(content, self.table_range(REFS, range, limit)?, limit);
+        Ok(merge_ids(
+            content,
+            self.table_range(PK, range, limit)?,
+            limit,
+        ))
     }
 
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.delete_block_file(id)?;
+        // A write transaction (an fsync) only for a public-key block or records actually held:
+        // garbage collection deletes many content blocks in a row.
+        let held = |table| -> Result<bool, StoreError> {
+            let r = self.db.begin_read().map_err(db_err)?;
+            let t = r.open_table(table).map_err(db_err)?;
+            Ok(t.get(id.0.as_slice()).map_err(db_err)?.is_some())
+        };
+        let (pk, refs) = (held(PK)?, held(REFS)?);
+        if !pk && !refs {
+            return Ok(());
+        }
+        let w = self.db.begin_write().map_err(db_err)?;
+        for (table, held) in [(PK, pk), (REFS, refs)] {
+            if held {
+                let mut t = w.open_table(table).map_err(db_err)?;
+                t.remove(id.0.as_slice()).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
+    }
+
+    fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        Ok(self.index().contains(id))
+    }
+
+    fn refs(&self, id: &ObjectId) -> Result<Vec<RefRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(REFS).map_err(db_err)?;
+        Ok(read_refs(
+            t.get(id.0.as_slice())
+                .map_err(db_err)?
+                .as_ref()
+                .map(|v| v.value()),
+            id,
+        ))
+    }
+
+    fn merge_refs(
+        &self,
+        id: &ObjectId,
+        records: &[RefRecord],
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        // Most merges change nothing (a retransmitted put): those cost no write transaction.
+        let mut held = self.refs(id)?;
+        if !refs::merge(&mut held.clone(), id, records) {
+            return Ok(held);
+        }
+        // redb runs one write transaction at a time, so read-merge-write below is atomic.
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(REFS).map_err(db_err)?;
+            held = read_refs(
+                t.get(id.0.as_slice())
+                    .map_err(db_err)?
+                    .as_ref()
+                    .map(|v| v.value()),
+                id,
+            );
+            refs::merge(&mut held, id, records);
+            let bytes = postcard::to_stdvec(&held).map_err(|e| StoreError::Io(e.to_string()))?;
+            t.insert(id.0.as_slice(), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)?;
+        Ok(held)
+    }
+
+    fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        // Inside a write transaction, so that no hold is merged between the check and the
+        // deletion (a put merges its hold before it writes its data).
+        let w = self.db.begin_write().map_err(db_err)?;
+        let released = {
+            let t = w.open_table(REFS).map_err(db_err)?;
+            let held = read_refs(
+                t.get(id.0.as_slice())
+                    .map_err(db_err)?
+                    .as_ref()
+                    .map(|v| v.value()),
+                id,
+            );
+            refs::released(&held)
+        };
+        let dropped = released && self.delete_block_file(id)?;
+        w.abort().map_err(db_err)?;
+        Ok(dropped)
+    }
+
+    fn released(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(REFS).map_err(db_err)?;
+        let index = self.index().clone();
+        let mut ids = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let Ok(arr) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
+            let id = ObjectId(arr);
+            if index.contains(&id) && refs::released(&read_refs(Some(v.value()), &id)) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// The reference records of `id` as stored; unreadable or foreign records count as none (the
+/// block is then kept, never deleted on a doubt).
+fn read_refs(bytes: Option<&[u8]>, id: &ObjectId) -> Vec<RefRecord> {
+    let Some(bytes) = bytes else {
+        return Vec::new();
+    };
+    match postcard::from_bytes::<Vec<RefRecord>>(bytes) {
+        Ok(mut v) => {
+            v.retain(|r| r.id == *id);
+            v
+        }
+        Err(e) => {
+            warn!(block = %id.to_hex(), error = %e, "reference records on disk are unreadable; keeping the block");
+            Vec::new()
+        }
+    }
+}
+
+impl DiskStore {
+    /// Removes content block `id`'s file; returns whether it existed.
+    fn delete_block_file(&self, id: &ObjectId) -> Result<bool, StoreError> {
         let (_, b, file) = self.block_path(id);
         let len = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         let removed = {
@@ -726,26 +865,11 @@ impl Store for DiskStore {
             Ok(()) => {
                 fsync_dir(&b).map_err(io_err)?;
                 self.content_bytes.fetch_sub(len, Ordering::Relaxed);
+                Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(e)),
         }
-        // A write transaction (an fsync) only for a public-key block actually held: garbage
-        // collection deletes many content blocks in a row.
-        let held_pk = {
-            let r = self.db.begin_read().map_err(db_err)?;
-            let t = r.open_table(PK).map_err(db_err)?;
-            t.get(id.0.as_slice()).map_err(db_err)?.is_some()
-        };
-        if !held_pk {
-            return Ok(());
-        }
-        let w = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = w.open_table(PK).map_err(db_err)?;
-            t.remove(id.0.as_slice()).map_err(db_err)?;
-        }
-        w.commit().map_err(db_err)
     }
 }
 
@@ -925,5 +1049,61 @@ mod tests {
         s.put_pk_many(std::slice::from_ref(&v1)).unwrap();
         assert_eq!(s.get_pk(&v1.id()).unwrap(), Some(v2));
         assert_eq!(s.get_pk(&w.id()).unwrap(), Some(w));
+    }
+
+    #[test]
+    fn released_blocks_lose_their_data_and_keep_their_records_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32]));
+        let (kept, gone) = (b"kept".to_vec(), b"gone".to_vec());
+        let (k, g) = (content_id(&kept), content_id(&gone));
+        {
+            let s = open(dir.path());
+            for (x, d) in [(k, &kept), (g, &gone)] {
+                s.merge_refs(&x, &[RefRecord::hold(&a, x, 1), RefRecord::hold(&b, x, 1)])
+                    .unwrap();
+                s.put_content(&x, d).unwrap();
+            }
+            // A replayed hold changes nothing; b lets go of both, a only of `gone`.
+            assert_eq!(
+                s.merge_refs(&k, &[RefRecord::hold(&b, k, 1)])
+                    .unwrap()
+                    .len(),
+                2
+            );
+            s.merge_refs(&k, &[RefRecord::release(&b, k, 2)]).unwrap();
+            let held = s
+                .merge_refs(
+                    &g,
+                    &[RefRecord::release(&b, g, 2), RefRecord::release(&a, g, 2)],
+                )
+                .unwrap();
+            assert!(refs::released(&held));
+            assert!(!s.drop_released(&k).unwrap(), "a still holds it");
+        }
+        let s = open(dir.path());
+        assert_eq!(
+            s.released().unwrap(),
+            vec![g],
+            "found again after a restart"
+        );
+        let before = s.content_bytes();
+        assert!(s.drop_released(&g).unwrap());
+        assert!(!s.drop_released(&g).unwrap(), "idempotent");
+        assert_eq!(s.content_bytes(), before - gone.len() as u64);
+        assert!(!s.has_content(&g).unwrap());
+        assert_eq!(s.get_content(&g).unwrap(), None);
+        assert_eq!(s.refs(&g).unwrap().len(), 2, "the tombstone stays");
+        assert!(s.released().unwrap().is_empty());
+        // The tombstone is listed (for transfer) but not as held data.
+        let top = ObjectId([0xff; 32]);
+        let listed = s.list_range(None, &top, 10).unwrap();
+        assert!(listed.contains(&g) && listed.contains(&k));
+        assert_eq!(s.list().unwrap(), vec![k]);
+        // Garbage collection of a lost range takes records and all.
+        s.delete(&g).unwrap();
+        s.delete(&k).unwrap();
+        assert!(s.refs(&g).unwrap().is_empty() && s.refs(&k).unwrap().is_empty());
+        assert!(s.list_range(None, &top, 10).unwrap().is_empty());
     }
 }

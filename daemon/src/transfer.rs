@@ -1032,6 +1032,12 @@ impl Worker {
                         self.try_announce(epoch);
                     }
                     TransferOutput::Complete { .. } => self.complete(epoch),
+                    TransferOutput::StoreRefs { .. } => {
+                        if let Some(r) = self.transfers.get_mut(&epoch) {
+                            r.announcing = false;
+                        }
+                        self.try_announce(epoch);
+                    }
                     _ => {}
                 }
             }
@@ -1365,7 +1371,12 @@ impl Worker {
                         self.write(e, gen, Write::Pk(std::mem::take(&mut pk)));
                     }
                 }
-                out @ (TransferOutput::UnitDone { .. } | TransferOutput::Complete { .. }) => {
+                // Reference records go in order with the announcements: after every content
+                // block of their unit is stored (so a released block is scheduled for deletion
+                // once it is there), before the unit is done.
+                out @ (TransferOutput::StoreRefs { .. }
+                | TransferOutput::UnitDone { .. }
+                | TransferOutput::Complete { .. }) => {
                     if let Some(r) = self.transfers.get_mut(&e) {
                         r.announce.push_back((r.next_seq, out));
                     }
@@ -1518,7 +1529,7 @@ impl Worker {
         let events = self.events.clone();
         tokio::spawn(async move {
             let w = what.clone();
-            let result = tokio::task::spawn_blocking(move || announce(&store, &replica, &w))
+            let result = tokio::task::spawn_blocking(move || announce(&store, &replica, e, &w))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Io(format!("announce task: {e}"))));
             let _ = events.send(Event::Announced {
@@ -1913,9 +1924,19 @@ impl Worker {
 fn announce(
     store: &DiskStore,
     replica: &SharedReplica,
+    into: Epoch,
     what: &TransferOutput,
 ) -> Result<(), StoreError> {
     match what {
+        TransferOutput::StoreRefs { refs } => {
+            let r = replica.read().unwrap_or_else(|p| p.into_inner());
+            for (id, records) in refs {
+                // Under the read lock, as a content write: nothing of a range collected since.
+                if r.accepts_transferred(into, id) {
+                    r.merge_transferred_refs(id, records)?;
+                }
+            }
+        }
         TransferOutput::UnitDone { epoch, arc } if is_single(arc) => {
             // An object fetched on demand: not persisted (after a restart a read fetches it again).
             replica

@@ -301,6 +301,108 @@ fn a_node_killed_in_the_middle_of_writes_holds_no_torn_or_corrupt_block_after_re
     }
 }
 
+/// Bytes of the block files under `dir` (a node's data directory holds them in `blocks/`).
+fn block_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => block_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
+    let mut r = [0u8; 2];
+    getrandom::fill(&mut r).expect("randomness");
+    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("cluster");
+    let (d, b) = (dir.to_str().unwrap(), base.to_string());
+    ok(&[
+        "cluster",
+        "init",
+        "--nodes",
+        "4",
+        "--dir",
+        d,
+        "--base-port",
+        &b,
+    ]);
+    // A one-second grace, as a node.toml setting.
+    for i in 0..4 {
+        let toml = dir.join(format!("node-{i}/node.toml"));
+        let mut text = std::fs::read_to_string(&toml).unwrap();
+        text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
+        std::fs::write(&toml, text).unwrap();
+    }
+    let cluster = Cluster {
+        toml: dir.join("cluster.toml").to_string_lossy().into_owned(),
+        dir,
+        _tmp: tmp,
+    };
+    cluster.up();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let stored = || {
+        (0..4)
+            .map(|i| block_bytes(&cluster.node_dir(i).join("data/blocks")))
+            .sum::<u64>()
+    };
+    let empty = stored();
+    let big = payload(5 << 20, "big");
+    let big_id = cluster.round_trip(w, "big", &big);
+    let small = payload(3000, "small");
+    let small_id = cluster.round_trip(w, "small", &small);
+    let full = stored();
+    assert!(
+        full - empty >= 3 * (5 << 20),
+        "at least 2f+1 copies: {full} bytes"
+    );
+    ok(&["block", "rm", "--cluster", &cluster.toml, &big_id]);
+    // Every replica deletes it a second after it took the release (`block rm` waits for the
+    // whole group to answer, not only a quorum); what is left is the small file's 4 copies.
+    let bound = empty + 4 * small.len() as u64;
+    let start = Instant::now();
+    let left = loop {
+        let now = stored();
+        if now <= bound || start.elapsed() > Duration::from_secs(30) {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        left <= bound,
+        "{left} bytes on the nodes {:?} after `block rm` of 5 MiB (from {full}; empty {empty})",
+        start.elapsed()
+    );
+    // The other file is whole; the removed one is gone.
+    let out = w.join("small.again");
+    cluster.get(&small_id, &out);
+    assert_eq!(std::fs::read(&out).unwrap(), small);
+    let gone = dbqsfs(&[
+        "block",
+        "get",
+        "--cluster",
+        &cluster.toml,
+        &big_id,
+        "-o",
+        w.join("big.again").to_str().unwrap(),
+    ]);
+    assert!(!gone.status.success(), "a removed file cannot be read back");
+    // Put again after the removal: held again, and readable.
+    cluster.round_trip(w, "big", &big);
+    eprintln!(
+        "stored {full} bytes; {left} bytes {:?} after `block rm` (empty: {empty})",
+        start.elapsed()
+    );
+}
+
 fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;

@@ -24,6 +24,7 @@
 
 use super::health::Health;
 use super::msg::{DbqsMessage, Reject, RequestId};
+use super::refs::RefRecord;
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, ObjectId};
 use crate::object::{check_content, content_id, ObjectError, PkBlock, Stamp};
@@ -74,8 +75,17 @@ impl Default for ClientOptions {
 /// An operation a caller asks for.
 #[derive(Clone, Debug)]
 pub enum Operation {
+    /// Store `data` as a content block, held by `hold`'s owner (an owner-signed
+    /// [`RefRecord::hold`] of the block; `None`: unclaimed, kept until some owner's release).
     PutContent {
         data: Vec<u8>,
+        hold: Option<RefRecord>,
+    },
+    /// Record an owner's signed reference, normally a release ([`RefRecord::release`]), at `2f+1`
+    /// replicas of its block: once every owner released a block, its replicas delete it after
+    /// their grace period.
+    Reference {
+        record: RefRecord,
     },
     GetContent {
         id: ObjectId,
@@ -97,6 +107,10 @@ pub enum Operation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     ContentStored {
+        id: ObjectId,
+    },
+    /// `2f+1` replicas recorded the reference.
+    RefStored {
         id: ObjectId,
     },
     /// `None`: `2f+1` replicas said they do not hold it.
@@ -152,6 +166,12 @@ enum Phase {
     PutContent {
         id: ObjectId,
         data: Vec<u8>,
+        hold: Option<RefRecord>,
+        acks: Tally<()>,
+        refusals: Tally<Reject>,
+    },
+    Reference {
+        record: RefRecord,
         acks: Tally<()>,
         refusals: Tally<Reject>,
     },
@@ -389,9 +409,15 @@ impl Client {
         let Some(st) = self.ops.get(&id) else { return };
         let old_rid = st.rid;
         let phase = match (&st.op, &st.signed) {
-            (Operation::PutContent { data }, _) => Phase::PutContent {
+            (Operation::PutContent { data, hold }, _) => Phase::PutContent {
                 id: content_id(data),
                 data: data.clone(),
+                hold: hold.clone(),
+                acks: Tally::new(),
+                refusals: Tally::new(),
+            },
+            (Operation::Reference { record }, _) => Phase::Reference {
+                record: record.clone(),
                 acks: Tally::new(),
                 refusals: Tally::new(),
             },
@@ -453,29 +479,13 @@ impl Client {
     fn send_phase(&mut self, now: u64, id: OpId, mode: Send) {
         let Some(st) = self.ops.get(&id) else { return };
         let rid = st.rid;
-        let (target, msg) = match &st.phase {
-            Phase::PutContent { id, data, .. } => (
-                *id,
-                DbqsMessage::PutContent {
-                    rid,
-                    id: *id,
-                    data: data.clone(),
-                },
-            ),
-            Phase::GetContent { id, .. } => (*id, DbqsMessage::GetContent { rid, id: *id }),
-            Phase::Collect { id, .. } => (*id, DbqsMessage::GetPk { rid, id: *id }),
-            Phase::Write { block, .. } => (
-                block.id(),
-                DbqsMessage::PutPk {
-                    rid,
-                    block: block.clone(),
-                },
-            ),
-        };
+        let (target, msg) = (st.phase.target(), st.phase.request(rid));
         let group = self.group_of(&target);
         let st = self.ops.get_mut(&id).expect("checked above");
         let answered = |n: &NodeId| match &st.phase {
-            Phase::PutContent { acks, refusals, .. } => acks.contains(n) || refusals.contains(n),
+            Phase::PutContent { acks, refusals, .. } | Phase::Reference { acks, refusals, .. } => {
+                acks.contains(n) || refusals.contains(n)
+            }
             Phase::GetContent { missing, .. } => missing.contains(n),
             Phase::Collect {
                 stamps, refusals, ..
@@ -649,12 +659,7 @@ impl Client {
         }; // a late reply of a finished phase
         let st = &self.ops[&op];
         let op_epoch = st.epoch;
-        let target = match &st.phase {
-            Phase::PutContent { id, .. }
-            | Phase::GetContent { id, .. }
-            | Phase::Collect { id, .. } => *id,
-            Phase::Write { block, .. } => block.id(),
-        };
+        let target = st.phase.target();
         if !self.group_of(&target).contains(&from) {
             return self.misbehaviour(now, from, "reply from outside the group");
         }
@@ -723,20 +728,7 @@ impl Client {
     /// Resends the current request of `op` to one node (after pushing it configurations).
     fn resend_to(&mut self, op: OpId, to: NodeId) {
         let st = &self.ops[&op];
-        let rid = st.rid;
-        let msg = match &st.phase {
-            Phase::PutContent { id, data, .. } => DbqsMessage::PutContent {
-                rid,
-                id: *id,
-                data: data.clone(),
-            },
-            Phase::GetContent { id, .. } => DbqsMessage::GetContent { rid, id: *id },
-            Phase::Collect { id, .. } => DbqsMessage::GetPk { rid, id: *id },
-            Phase::Write { block, .. } => DbqsMessage::PutPk {
-                rid,
-                block: block.clone(),
-            },
-        };
+        let msg = st.phase.request(st.rid);
         self.out.push_back(ClientOutput::Send {
             to,
             bytes: encode_msg(st.epoch, msg).into(),
@@ -785,6 +777,16 @@ impl Client {
                     acks.add(from, ());
                     if acks.len() >= quorum {
                         next = Some(Step::Done(Outcome::ContentStored { id: *id }));
+                    }
+                }
+            }
+            (Phase::Reference { record, acks, .. }, DbqsMessage::RefStored { id: got, .. }) => {
+                if got != record.id {
+                    bad = Some("acknowledged another block");
+                } else {
+                    acks.add(from, ());
+                    if acks.len() >= quorum {
+                        next = Some(Step::Done(Outcome::RefStored { id: got }));
                     }
                 }
             }
@@ -901,6 +903,7 @@ impl Client {
             (Phase::Collect { .. } | Phase::Write { .. }, DbqsMessage::NotReady { .. }) => {}
             (
                 Phase::PutContent { refusals, .. }
+                | Phase::Reference { refusals, .. }
                 | Phase::Collect { refusals, .. }
                 | Phase::Write { refusals, .. },
                 DbqsMessage::Rejected { reason, .. },
@@ -965,6 +968,41 @@ impl Client {
             refusals: Tally::new(),
         };
         self.send_phase(now, op, Send::First);
+    }
+}
+
+impl Phase {
+    /// The object the phase is about (whose group it asks).
+    fn target(&self) -> ObjectId {
+        match self {
+            Phase::PutContent { id, .. }
+            | Phase::GetContent { id, .. }
+            | Phase::Collect { id, .. } => *id,
+            Phase::Reference { record, .. } => record.id,
+            Phase::Write { block, .. } => block.id(),
+        }
+    }
+
+    /// The phase's request, with request id `rid`.
+    fn request(&self, rid: RequestId) -> DbqsMessage {
+        match self {
+            Phase::PutContent { id, data, hold, .. } => DbqsMessage::PutContent {
+                rid,
+                id: *id,
+                data: data.clone(),
+                hold: hold.clone(),
+            },
+            Phase::Reference { record, .. } => DbqsMessage::Reference {
+                rid,
+                record: record.clone(),
+            },
+            Phase::GetContent { id, .. } => DbqsMessage::GetContent { rid, id: *id },
+            Phase::Collect { id, .. } => DbqsMessage::GetPk { rid, id: *id },
+            Phase::Write { block, .. } => DbqsMessage::PutPk {
+                rid,
+                block: block.clone(),
+            },
+        }
     }
 }
 

@@ -18,11 +18,13 @@
 //! - [`transfer`]: state transfer between epochs: planning, messages, the transfer machine, on-demand
 //!   fetch of one object.
 //! - [`gc`]: garbage collection of the ranges a node lost, once their new group holds them.
+//! - [`refs`]: owners' signed holds and releases of content blocks, and when a block may go.
 
 pub mod client;
 pub mod gc;
 pub mod health;
 pub mod msg;
+pub mod refs;
 pub mod replica;
 pub mod transfer;
 
@@ -44,4 +46,10 @@ pub enum Mutant {
     ServeBeforeTransfer,
     /// Old replicas delete a lost range after f+1 of its new group confirm holding it, not 2f+1.
     GcEarly,
+    /// Replicas honour a release without checking the owner's signature.
+    ReleaseUnsigned,
+    /// State transfer hands over content blocks without their reference records.
+    DropRefsInTransfer,
+    /// Replicas delete a released block at once instead of after the grace period.
+    DeleteWithoutGrace,
 }

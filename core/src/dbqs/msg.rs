@@ -1,6 +1,7 @@
 //! The messages of dBQS, one closed enum. Requests carry a request id chosen by the client; replies
 //! echo it. The sender's epoch travels in the [`crate::wire::Envelope`].
 
+use super::refs::RefRecord;
 use crate::config::{CertifiedConfig, Epoch};
 use crate::crypto::ObjectId;
 use crate::object::{PkBlock, Stamp};
@@ -16,12 +17,15 @@ pub const MAX_CONFIGS_PER_REPLY: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DbqsMessage {
     // Client → replica.
-    /// Store content block `id` (the replica checks that `data` hashes to `id`).
+    /// Store content block `id` (the replica checks that `data` hashes to `id`), held by the owner
+    /// of `hold` (a [`RefRecord`] of `id` with `hold` set; `None`: nobody claims it, and it is
+    /// kept until a release of every owner that claims it later).
     PutContent {
         rid: RequestId,
         id: ObjectId,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        hold: Option<RefRecord>,
     },
     GetContent {
         rid: RequestId,
@@ -89,7 +93,23 @@ pub enum DbqsMessage {
         rid: RequestId,
         reason: Reject,
     },
+
+    // Appended, so that the variants before keep their indices ([`is_block_op`]).
+    /// Client → replica: record `record` (an owner's release of a content block, or a hold of it
+    /// without its data).
+    Reference {
+        rid: RequestId,
+        record: RefRecord,
+    },
+    /// Replica → client: the replica now holds `id`'s records merged with the one sent.
+    RefStored {
+        rid: RequestId,
+        id: ObjectId,
+    },
 }
+
+/// The variant index of [`DbqsMessage::Reference`] (a block operation too).
+const REFERENCE_VARIANT: u32 = 15;
 
 /// Why a replica refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +122,8 @@ pub enum Reject {
     StoreFailed,
     /// The requester's key is neither a client the cluster lists nor a member.
     NotAuthorized,
+    /// A put's hold is a release, or names another block.
+    NotAReference,
 }
 
 impl Protocol for DbqsMessage {
@@ -109,14 +131,16 @@ impl Protocol for DbqsMessage {
 }
 
 /// Whether `bytes` claim to be a client's read or write of a block (`PutContent`, `GetContent`,
-/// `PutPk`, `GetPk`), by the envelope header and the message's variant alone: cheap, for deciding
+/// `PutPk`, `GetPk`, `Reference`), by the envelope header and the message's variant alone: cheap, for deciding
 /// priorities before anything is decoded (decoding decides what the message is).
 pub fn is_block_op(bytes: &[u8]) -> bool {
     // Postcard: the version and protocol bytes, the epoch as a varint, then the variant's index
     // as a varint, in declaration order.
     match postcard::take_from_bytes::<(u8, u8, Epoch, u32)>(bytes) {
         Ok(((version, protocol, _, variant), _)) => {
-            version == crate::wire::WIRE_VERSION && protocol == DbqsMessage::ID && variant <= 3
+            version == crate::wire::WIRE_VERSION
+                && protocol == DbqsMessage::ID
+                && (variant <= 3 || variant == REFERENCE_VARIANT)
         }
         Err(_) => false,
     }
@@ -135,8 +159,10 @@ impl DbqsMessage {
             | Stale { rid }
             | Behind { rid }
             | NotReady { rid }
-            | Rejected { rid, .. } => Some(*rid),
+            | Rejected { rid, .. }
+            | RefStored { rid, .. } => Some(*rid),
             PutContent { .. }
+            | Reference { .. }
             | GetContent { .. }
             | PutPk { .. }
             | GetPk { .. }
@@ -155,7 +181,8 @@ pub fn refuse_unauthorized(request: &[u8]) -> Option<Vec<u8>> {
         DbqsMessage::PutContent { rid, .. }
         | DbqsMessage::GetContent { rid, .. }
         | DbqsMessage::PutPk { rid, .. }
-        | DbqsMessage::GetPk { rid, .. } => rid,
+        | DbqsMessage::GetPk { rid, .. }
+        | DbqsMessage::Reference { rid, .. } => rid,
         _ => return None,
     };
     let reply = DbqsMessage::Rejected {
@@ -180,10 +207,15 @@ mod tests {
                 rid: 1,
                 id,
                 data: vec![1; 300],
+                hold: None,
             },
             DbqsMessage::GetContent { rid: 1 << 40, id },
             DbqsMessage::PutPk { rid: 2, block },
             DbqsMessage::GetPk { rid: 3, id },
+            DbqsMessage::Reference {
+                rid: 4,
+                record: RefRecord::release(&Keypair::from_seed([1; 32]), id, 9),
+            },
         ];
         for (i, m) in ops.into_iter().enumerate() {
             assert!(is_block_op(&encode_msg(u64::MAX - i as u64, m)));
@@ -192,6 +224,7 @@ mod tests {
             DbqsMessage::GetConfigs { rid: 4, after: 9 },
             DbqsMessage::Stale { rid: 5 },
             DbqsMessage::NotReady { rid: 6 },
+            DbqsMessage::RefStored { rid: 7, id },
         ];
         for m in others {
             assert!(!is_block_op(&encode_msg(3, m)));

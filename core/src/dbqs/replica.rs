@@ -12,6 +12,10 @@
 //!   fetched on demand), so a correct replica never claims a value it may be missing. It accepts
 //!   writes at once. [`Replica::handle_noting_miss`] names the object of such a read, so the driver
 //!   can fetch it on demand ([`super::transfer::Transfer::fetch_now`]);
+//! - content blocks are kept on behalf of owners ([`super::refs`]): a put may carry the owner's
+//!   signed hold, a [`DbqsMessage::Reference`] its signed release; a block every owner released is
+//!   deleted [`ReplicaOptions::grace_ms`] after the replica learnt it ([`Replica::sweep`]), its
+//!   records kept as tombstones;
 //! - it serves state transfer and garbage collection ([`Replica::handle_transfer`]), and deletes a
 //!   range it lost once `2f+1` of the range's new group hold it ([`Replica::delete_lost`]); from then
 //!   on it answers requests for that range [`TransferMessage::Gone`], never an empty listing.
@@ -20,6 +24,7 @@
 //! configurations takes `&mut self`.
 
 use super::msg::{DbqsMessage, Reject, RequestId, MAX_CONFIGS_PER_REPLY};
+use super::refs::{self, RefRecord};
 use super::transfer::{responsible_for_arc, Arc, TransferMessage, PAGE, PAGE_BYTES};
 use crate::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch};
 use crate::crypto::{NodeId, ObjectId};
@@ -27,12 +32,56 @@ use crate::object::{check_content, ObjectError};
 use crate::store::{Store, StoreError};
 use crate::wire::{decode, encode_msg, WireError};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 /// Options of a replica.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ReplicaOptions {
+    /// A block every owner released is deleted this long after the replica learnt it (readers
+    /// that started before the release, such as a snapshot's or a read-only mount's, finish
+    /// meanwhile). A restarted replica counts the whole grace again.
+    pub grace_ms: u64,
     #[cfg(feature = "mutants")]
     pub mutant: super::Mutant,
+}
+
+/// The default of [`ReplicaOptions::grace_ms`]: 30 s.
+pub const DEFAULT_GRACE_MS: u64 = 30_000;
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions {
+            grace_ms: DEFAULT_GRACE_MS,
+            #[cfg(feature = "mutants")]
+            mutant: super::Mutant::None,
+        }
+    }
+}
+
+/// Released blocks waiting out their grace.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// Learnt released since the last [`Replica::sweep`] (which stamps them).
+    new: BTreeSet<ObjectId>,
+    /// The stamped ones in the order they are due, and when each is due. A block learnt released
+    /// again (held meanwhile, then released anew) waits a whole grace again.
+    due: BTreeSet<(u64, ObjectId)>,
+    due_at: BTreeMap<ObjectId, u64>,
+}
+
+impl Sweep {
+    fn stamp(&mut self, id: ObjectId, at: u64) {
+        if let Some(old) = self.due_at.insert(id, at) {
+            self.due.remove(&(old, id));
+        }
+        self.due.insert((at, id));
+    }
+
+    fn forget(&mut self, id: &ObjectId) {
+        if let Some(at) = self.due_at.remove(id) {
+            self.due.remove(&(at, *id));
+        }
+    }
 }
 
 /// What the driver should do with an incoming message.
@@ -67,6 +116,9 @@ pub struct Replica<S> {
     collected: BTreeMap<Epoch, Vec<Arc>>,
     /// Content blocks a transfer brought that the store had no room for ([`Replica::defer`]).
     deferred: BTreeSet<ObjectId>,
+    /// Released blocks to delete ([`Replica::sweep`]); behind a lock, since requests are served
+    /// through `&self`.
+    sweep: Mutex<Sweep>,
     opts: ReplicaOptions,
 }
 
@@ -88,6 +140,7 @@ impl<S: Store> Replica<S> {
             ready_arcs: BTreeMap::new(),
             collected: BTreeMap::new(),
             deferred: BTreeSet::new(),
+            sweep: Mutex::new(Sweep::default()),
             opts,
         };
         if ready {
@@ -424,7 +477,8 @@ impl<S: Store> Replica<S> {
     ) -> Result<TransferMessage, StoreError> {
         // One more than a page, so that a full page knows whether more follow.
         let ids = self.arc_ids(&arc, after, PAGE + 1)?;
-        let (mut content, mut pk, mut bytes, mut next) = (Vec::new(), Vec::new(), 0, None);
+        let (mut content, mut pk, mut records) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut bytes, mut next) = (0, None);
         for (i, id) in ids.iter().enumerate() {
             if i > 0 && (i >= PAGE || bytes >= PAGE_BYTES) {
                 next = Some(ids[i - 1]);
@@ -435,7 +489,15 @@ impl<S: Store> Replica<S> {
                     bytes += b.value.len() + b.label.len();
                     pk.push(b);
                 }
-                None => content.push(*id),
+                None => {
+                    // A tombstone (records without data) is listed by its records alone.
+                    if self.store.has_content(id)? {
+                        content.push(*id);
+                    }
+                    let r = self.store.refs(id)?;
+                    bytes += r.len() * REF_BYTES;
+                    records.extend(r);
+                }
             }
         }
         Ok(TransferMessage::Listing {
@@ -443,6 +505,7 @@ impl<S: Store> Replica<S> {
             content,
             pk,
             next,
+            refs: records,
         })
     }
 
@@ -502,6 +565,104 @@ impl<S: Store> Replica<S> {
         self.chain.config().is_responsible(&self.me, x)
     }
 
+    /// Merges reference records of content block `id` that a state transfer brought (the
+    /// transfer checked their signatures, [`super::transfer::TransferOutput::StoreRefs`]) and
+    /// schedules the block's deletion if they release it. Call before storing the block itself.
+    pub fn merge_transferred_refs(
+        &self,
+        id: &ObjectId,
+        records: &[RefRecord],
+    ) -> Result<(), StoreError> {
+        let held = self.store.merge_refs(id, records)?;
+        if refs::released(&held) {
+            self.note_released(*id);
+        }
+        Ok(())
+    }
+
+    /// Schedules the deletion of every block the store holds released (after a restart: the
+    /// grace counts again from the next [`Replica::sweep`]). Returns how many.
+    pub fn recover_released(&self) -> Result<usize, StoreError> {
+        let ids = self.store.released()?;
+        let n = ids.len();
+        self.lock_sweep().new.extend(ids);
+        Ok(n)
+    }
+
+    /// What a restart loses of the sweep: the grace clocks. The replica forgets every scheduled
+    /// deletion and schedules the store's released blocks again ([`Replica::recover_released`]),
+    /// as a replica built anew after a restart does (for a driver, like the simulator, that keeps
+    /// the replica across a crash).
+    pub fn restart_sweep(&self) -> Result<usize, StoreError> {
+        *self.lock_sweep() = Sweep::default();
+        self.recover_released()
+    }
+
+    fn note_released(&self, id: ObjectId) {
+        self.lock_sweep().new.insert(id);
+    }
+
+    fn lock_sweep(&self) -> std::sync::MutexGuard<'_, Sweep> {
+        self.sweep.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When [`Replica::sweep`] has work: now for blocks learnt released since the last sweep (to
+    /// start their grace), else the earliest end of a grace; `None` when nothing waits.
+    pub fn next_sweep(&self, now: u64) -> Option<u64> {
+        let s = self.lock_sweep();
+        if !s.new.is_empty() {
+            return Some(now);
+        }
+        s.due.first().map(|(t, _)| *t)
+    }
+
+    /// Starts the grace of blocks learnt released since the last call, and deletes the data of at
+    /// most `limit` blocks whose grace has ended and which every owner still releases (the store
+    /// checks that atomically against a hold arriving meanwhile). Returns the ids whose data went.
+    /// On a store error the block stays due: call again.
+    pub fn sweep(&self, now: u64, limit: usize) -> Result<Vec<ObjectId>, StoreError> {
+        let grace = self.grace_ms();
+        let due: Vec<ObjectId> = {
+            let mut s = self.lock_sweep();
+            for id in std::mem::take(&mut s.new) {
+                s.stamp(id, now.saturating_add(grace));
+            }
+            s.due
+                .iter()
+                .take_while(|(t, _)| *t <= now)
+                .take(limit)
+                .map(|(_, id)| *id)
+                .collect()
+        };
+        let mut deleted = Vec::new();
+        for id in due {
+            // Under the sweep's lock, so that a block held and released anew since it was
+            // stamped (noted under this lock after its records were stored) waits a new grace.
+            let mut s = self.lock_sweep();
+            if s.new.contains(&id) {
+                continue;
+            }
+            if self.store.drop_released(&id)? {
+                deleted.push(id);
+            }
+            s.forget(&id);
+        }
+        Ok(deleted)
+    }
+
+    /// Changes [`ReplicaOptions::grace_ms`] (blocks already due keep their time).
+    pub fn set_grace_ms(&mut self, ms: u64) {
+        self.opts.grace_ms = ms;
+    }
+
+    fn grace_ms(&self) -> u64 {
+        #[cfg(feature = "mutants")]
+        if self.opts.mutant == super::Mutant::DeleteWithoutGrace {
+            return 0;
+        }
+        self.opts.grace_ms
+    }
+
     /// Handles one message from `from`.
     pub fn handle(&self, from: NodeId, bytes: &[u8]) -> Handled {
         self.handle_noting_miss(from, bytes).0
@@ -528,7 +689,8 @@ impl<S: Store> Replica<S> {
             PutContent { rid, .. }
             | GetContent { rid, .. }
             | PutPk { rid, .. }
-            | GetPk { rid, .. } => *rid,
+            | GetPk { rid, .. }
+            | Reference { rid, .. } => *rid,
             _ => return (Handled::Dropped(Dropped::NotARequest), None),
         };
         if env.epoch < mine {
@@ -550,15 +712,41 @@ impl<S: Store> Replica<S> {
         use DbqsMessage::*;
         let rejected = |reason| Rejected { rid, reason };
         match msg {
-            PutContent { id, data, .. } => {
+            PutContent { id, data, hold, .. } => {
                 if !self.responsible(&id) {
                     return rejected(Reject::NotResponsible);
                 }
                 if let Err(e) = check_content(&id, &data) {
                     return rejected(object_reject(&e));
                 }
-                match self.store.put_content(&id, &data) {
+                if let Some(h) = &hold {
+                    if !h.hold || h.id != id {
+                        return rejected(Reject::NotAReference);
+                    }
+                    if h.verify().is_err() {
+                        return rejected(Reject::BadSignature);
+                    }
+                }
+                match self.put_held(&id, &data, hold) {
                     Ok(()) => ContentStored { rid, id },
+                    Err(e) => rejected(store_reject(&e)),
+                }
+            }
+            Reference { record, .. } => {
+                let id = record.id;
+                if !self.responsible(&id) {
+                    return rejected(Reject::NotResponsible);
+                }
+                if !self.release_authorized(&record) {
+                    return rejected(Reject::BadSignature);
+                }
+                match self.store.merge_refs(&id, std::slice::from_ref(&record)) {
+                    Ok(held) => {
+                        if refs::released(&held) {
+                            self.note_released(id);
+                        }
+                        RefStored { rid, id }
+                    }
                     Err(e) => rejected(store_reject(&e)),
                 }
             }
@@ -613,6 +801,34 @@ impl<S: Store> Replica<S> {
         }
     }
 
+    /// Stores a put block: its hold first, then its data (so that a sweep either sees the hold or
+    /// deleted before the data is written). A put that leaves the block released (its hold older
+    /// than its owner's release, or no hold on a block every owner released) is acknowledged
+    /// without storing anything: its owners let the block go.
+    fn put_held(
+        &self,
+        id: &ObjectId,
+        data: &[u8],
+        hold: Option<RefRecord>,
+    ) -> Result<(), StoreError> {
+        let held = match hold {
+            Some(h) => self.store.merge_refs(id, &[h])?,
+            None => self.store.refs(id)?,
+        };
+        if refs::released(&held) {
+            return Ok(());
+        }
+        self.store.put_content(id, data)
+    }
+
+    fn release_authorized(&self, record: &RefRecord) -> bool {
+        #[cfg(feature = "mutants")]
+        if self.opts.mutant == super::Mutant::ReleaseUnsigned {
+            return true;
+        }
+        record.verify().is_ok()
+    }
+
     fn check_pk(&self, block: &crate::object::PkBlock) -> Result<(), ObjectError> {
         #[cfg(feature = "mutants")]
         if self.opts.mutant == super::Mutant::AcceptUnsigned {
@@ -622,6 +838,9 @@ impl<S: Store> Replica<S> {
         block.verify()
     }
 }
+
+/// About the encoded size of a [`RefRecord`], for a listing's page budget.
+const REF_BYTES: usize = 140;
 
 fn object_reject(e: &ObjectError) -> Reject {
     match e {

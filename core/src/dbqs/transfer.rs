@@ -13,6 +13,13 @@
 //!   were ready in `e-1`;
 //! - listings carry public-key blocks whole, so a public-key block is taken as the highest validly
 //!   signed version among those `2f+1` listings, with no claim to chase;
+//! - listings carry the owners' signed reference records of the content blocks they list
+//!   ([`super::refs`]), tombstones included; a unit takes their union over the listings it
+//!   completed, merged per owner by sequence number, and hands them over when the unit is done
+//!   ([`TransferOutput::StoreRefs`]): every completed hold or release reached a correct one of
+//!   `2f+1` old replicas (or of `f+1` ready peers), and nobody can forge one, so a Byzantine
+//!   lister can neither drop a hold (and get a referenced block deleted) nor a release (and keep
+//!   a released block forever);
 //! - content blocks are listed by id and fetched from any old replica, accepted when they hash to
 //!   their id; an id is dropped only when `2f+1` old replicas say they do not hold it (a completed
 //!   write has at most `2f` such replicas, counting liars), so a Byzantine lister can neither stall
@@ -42,6 +49,7 @@
 //! verified before it is stored, and every claim is checked against the object fetched.
 
 use super::health::Health;
+use super::refs::{self, RefRecord};
 use crate::config::{Configuration, Epoch};
 use crate::crypto::{NodeId, ObjectId};
 use crate::object::{check_content, PkBlock};
@@ -250,14 +258,16 @@ pub enum TransferMessage {
         arc: Arc,
         after: Option<ObjectId>,
     },
-    /// A page of a listing: content block ids and whole public-key blocks, in arc order. `next` is
-    /// the last id of this page when more follow (the next page lists what comes after it); `None`
-    /// on the last page.
+    /// A page of a listing: content block ids and whole public-key blocks, in arc order, and the
+    /// reference records of the page's content blocks (also of those held only as tombstones).
+    /// `next` is the last id of this page when more follow (the next page lists what comes after
+    /// it); `None` on the last page.
     Listing {
         rid: u64,
         content: Vec<ObjectId>,
         pk: Vec<PkBlock>,
         next: Option<ObjectId>,
+        refs: Vec<RefRecord>,
     },
     /// Send content block `id`.
     Fetch { rid: u64, id: ObjectId },
@@ -352,6 +362,13 @@ pub enum TransferOutput {
     StorePk {
         block: PkBlock,
     },
+    /// Merge these reference records, signatures checked, into the records of their blocks
+    /// ([`crate::dbqs::replica::Replica::merge_transferred_refs`], unless
+    /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on). Given
+    /// after the unit's content blocks, before its [`TransferOutput::UnitDone`].
+    StoreRefs {
+        refs: Vec<(ObjectId, Vec<RefRecord>)>,
+    },
     /// Every object of `arc` is stored (once everything above is persisted): the replica may answer
     /// reads in `arc` ([`crate::dbqs::replica::Replica::arc_ready`]) before the whole epoch is done.
     /// For an on-demand fetch ([`Transfer::fetch_now`]) `arc` is [`Arc::single`] of the object.
@@ -365,10 +382,20 @@ pub enum TransferOutput {
     },
 }
 
+/// One listing page's contents, as received.
+struct Page {
+    content: Vec<ObjectId>,
+    pk: Vec<PkBlock>,
+    next: Option<ObjectId>,
+    refs: Vec<RefRecord>,
+}
+
 #[derive(Debug, Default)]
 struct Listing {
     content: BTreeSet<ObjectId>,
     pk: BTreeMap<ObjectId, PkBlock>,
+    /// Reference records, signatures checked, merged per block.
+    refs: BTreeMap<ObjectId, Vec<RefRecord>>,
     /// Where the next page starts (`None` before the first page).
     cursor: Option<ObjectId>,
     done: bool,
@@ -441,6 +468,8 @@ struct UnitState {
     /// Retransmission rounds that found the unit unfinished.
     stalls: u32,
     phase: Phase,
+    /// The union of the completed listings' reference records, handed over when the unit is done.
+    refs: BTreeMap<ObjectId, Vec<RefRecord>>,
     /// [`TransferOutput::UnitDone`] was given for it.
     announced: bool,
 }
@@ -455,6 +484,7 @@ impl UnitState {
             peers_asked: false,
             stalls: 0,
             phase: Phase::Listing,
+            refs: BTreeMap::new(),
             announced: false,
         }
     }
@@ -861,16 +891,31 @@ impl Transfer {
             }
             (
                 TransferMessage::Listing {
-                    content, pk, next, ..
+                    content,
+                    pk,
+                    next,
+                    refs,
+                    ..
                 },
-                Req::List,
-            ) => self.on_listing(u, Via::Old, from, content, pk, next),
-            (
-                TransferMessage::Listing {
-                    content, pk, next, ..
-                },
-                Req::ListReady,
-            ) => self.on_listing(u, Via::Peer, from, content, pk, next),
+                Req::List | Req::ListReady,
+            ) => {
+                let via = if req == Req::List {
+                    Via::Old
+                } else {
+                    Via::Peer
+                };
+                self.on_listing(
+                    u,
+                    via,
+                    from,
+                    Page {
+                        content,
+                        pk,
+                        next,
+                        refs,
+                    },
+                )
+            }
             (TransferMessage::Content { id, data, .. }, Req::Fetch(want)) if id == want => {
                 self.on_content(u, (Via::Old, from), id, data)
             }
@@ -882,15 +927,13 @@ impl Transfer {
         self.check_complete();
     }
 
-    fn on_listing(
-        &mut self,
-        u: usize,
-        via: Via,
-        from: NodeId,
-        content: Vec<ObjectId>,
-        pk: Vec<PkBlock>,
-        next: Option<ObjectId>,
-    ) {
+    fn on_listing(&mut self, u: usize, via: Via, from: NodeId, page: Page) {
+        let Page {
+            content,
+            pk,
+            next,
+            refs: records,
+        } = page;
         let unit = &mut self.units[u];
         if !matches!(unit.phase, Phase::Listing) {
             return;
@@ -915,6 +958,12 @@ impl Transfer {
                 && l.pk.get(&id).is_none_or(|cur| b.stamp() > cur.stamp())
             {
                 l.pk.insert(id, b);
+            }
+        }
+        for r in records {
+            if arc.contains(&r.id) && r.verify().is_ok() {
+                let held = l.refs.entry(r.id).or_default();
+                refs::merge(held, &r.id.clone(), &[r]);
             }
         }
         // A page must move forward along the arc; one that does not ends the listing.
@@ -981,6 +1030,17 @@ impl Transfer {
                 content.entry(*id).or_default().push(*c);
             }
         }
+        #[cfg(feature = "mutants")]
+        let drop_refs = self.opts.mutant == super::Mutant::DropRefsInTransfer;
+        #[cfg(not(feature = "mutants"))]
+        let drop_refs = false;
+        let mut union: BTreeMap<ObjectId, Vec<RefRecord>> = BTreeMap::new();
+        for (_, l) in listers.iter().filter(|_| !drop_refs) {
+            for (id, records) in &l.refs {
+                refs::merge(union.entry(*id).or_default(), id, records);
+            }
+        }
+        unit.refs = union;
         for block in best.into_values() {
             self.out.push_back(TransferOutput::StorePk { block });
         }
@@ -1120,6 +1180,11 @@ impl Transfer {
         for u in &mut self.units {
             if matches!(u.phase, Phase::Done) && !u.announced {
                 u.announced = true;
+                let refs: Vec<(ObjectId, Vec<RefRecord>)> =
+                    std::mem::take(&mut u.refs).into_iter().collect();
+                if !refs.is_empty() {
+                    self.out.push_back(TransferOutput::StoreRefs { refs });
+                }
                 self.out.push_back(TransferOutput::UnitDone {
                     epoch: self.epoch,
                     arc: u.unit.arc,

@@ -1,9 +1,9 @@
 //! `dbqsfs block put|get` (files as blocks) and `dbqsfs bench` (block latency and throughput).
 
-use super::common::connect;
+use super::common::{connect, connect_as};
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
-use dbqsfs_daemon::blocks::{self, FileId};
+use dbqsfs_daemon::blocks::{self, FileId, Owner};
 use dbqsfs_daemon::files::{self};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
@@ -17,7 +17,8 @@ pub enum BlockCmd {
         long_about = "Store FILE in the cluster and print its id. A file of at most 1 MiB \
         becomes one content block (id `c:<hex>`); a larger file becomes content blocks of 1 MiB \
         plus a manifest block listing them (id `m:<hex>`). Prints the id on stdout once a quorum \
-        of 2f+1 replicas of every block has stored it durably."
+        of 2f+1 replicas of every block has stored it durably. The blocks are held by the \
+        cluster's client key until `dbqsfs block rm` releases them."
     )]
     Put {
         /// The cluster description (DIR/cluster.toml).
@@ -42,6 +43,24 @@ pub enum BlockCmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Release a stored file: its blocks are deleted once nobody else holds them.
+    #[command(
+        long_about = "Release the client key's hold on every block of the file with id ID (as \
+        printed by `block put`). Each replica deletes a block once every key that stored it \
+        released it, after its grace period (`dbqsfs node --release-grace`, 30 s by default), \
+        and keeps a small record of the release so that an old put replayed cannot bring it back. \
+        Holds are per key, not counted: a block that another file stored with the same key \
+        shares goes too (identical files, or identical 1 MiB pieces). Holds and releases are \
+        ordered by the time of the command, so a `block put` after a `block rm` of the same \
+        content keeps it, as long as this machine's clock does not go back."
+    )]
+    Rm {
+        /// The cluster description (DIR/cluster.toml).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The id printed by `block put` (`c:<hex>` or `m:<hex>`).
+        id: FileId,
+    },
 }
 
 pub(crate) fn progress_bar(total: u64) -> ProgressBar {
@@ -62,14 +81,28 @@ pub(crate) fn progress_bar(total: u64) -> ProgressBar {
 }
 
 pub(crate) async fn block_put(cluster: &Path, file: &Path) -> Result<()> {
-    let client = connect(cluster)?;
+    let (client, key) = connect_as(cluster)?;
     let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let bar = progress_bar(data.len() as u64);
-    let id = blocks::put_file(&client, &data, &|n| bar.inc(n))
+    let owner = Owner::now(key);
+    let id = blocks::put_file(&client, &owner, &data, &|n| bar.inc(n))
         .await
         .with_context(|| format!("storing {}", file.display()))?;
+    client.settle(Duration::from_secs(3)).await;
     bar.finish_and_clear();
     println!("{id}");
+    Ok(())
+}
+
+pub(crate) async fn block_rm(cluster: &Path, id: FileId) -> Result<()> {
+    let (client, key) = connect_as(cluster)?;
+    let owner = Owner::now(key);
+    let n = blocks::remove_file(&client, &owner, id, &|_| {})
+        .await
+        .with_context(|| format!("releasing {id}"))?;
+    // A quorum took each release; let the rest of each group hear of it too.
+    client.settle(Duration::from_secs(3)).await;
+    eprintln!("released {n} block(s) of {id}; the replicas delete them after their grace period");
     Ok(())
 }
 

@@ -22,7 +22,7 @@ mod volume;
 pub use common::UsageError;
 
 use anyhow::{Context, Result};
-use block::{bench, block_get, block_put, BlockCmd};
+use block::{bench, block_get, block_put, block_rm, BlockCmd};
 use clap::{Parser, Subcommand};
 use cluster::{cluster_down, cluster_init, cluster_up, ClusterCmd};
 use common::{init_logs, runtime};
@@ -98,7 +98,8 @@ pub enum Command {
         QUIC to the members of the current configuration and the client keys listed in node.toml. \
         SIGTERM or ctrl-c shuts it down cleanly. Logs go to stderr, filtered by RUST_LOG (default info). \
         Settings can also be kept in node.toml, in a [settings] table with the flags' names \
-        (transfer_rate_limit, transfer_rate_under_load, reserve_mib, metrics = \"IP:PORT\"); \
+        (transfer_rate_limit, transfer_rate_under_load, reserve_mib, release_grace_secs, \
+        metrics = \"IP:PORT\", log); \
         flags override them."
     )]
     Node {
@@ -129,6 +130,10 @@ pub enum Command {
         /// volume's namespace stays writable [default: 1% of the filesystem, 16 MiB to 1 GiB].
         #[arg(long, value_name = "MIB")]
         reserve: Option<u64>,
+        /// Seconds a content block waits, once every owner released it, before the node deletes
+        /// it (readers that began before the release finish meanwhile) [default: 30].
+        #[arg(long, value_name = "SECS")]
+        release_grace: Option<u64>,
         /// Serve Prometheus metrics at http://IP:PORT/metrics (requests by peer and protocol,
         /// epoch, readiness, stored bytes, free space, transfers).
         #[arg(long, value_name = "IP:PORT")]
@@ -281,6 +286,7 @@ pub fn run(cli: Cli) -> Result<()> {
             transfer_rate_limit,
             transfer_rate_under_load,
             reserve,
+            release_grace,
             metrics,
             #[cfg(feature = "fault-injection")]
             fault,
@@ -325,6 +331,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(mib) = reserve {
                 node.set_reserve(mib.saturating_mul(1 << 20));
             }
+
             #[cfg(feature = "fault-injection")]
             let node = match fault {
                 Some(f) => node.with_fault(f),
@@ -334,6 +341,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(addr) => node.with_metrics(addr),
                 None => node,
             };
+            // node.toml's release_grace_secs is the node's own (Node::load); the flag overrides it.
+            if let Some(secs) = release_grace {
+                node.set_release_grace(std::time::Duration::from_secs(secs));
+            }
             let node = node.with_transfer_options(TransferOptions {
                 rate_limit: transfer_rate_limit,
                 rate_under_load: Some(transfer_rate_under_load),
@@ -403,6 +414,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Block(BlockCmd::Put { cluster, file }) => {
             init_logs("warn");
             runtime()?.block_on(block_put(&cluster, &file))
+        }
+        Command::Block(BlockCmd::Rm { cluster, id }) => {
+            init_logs("warn");
+            runtime()?.block_on(block_rm(&cluster, id))
         }
         Command::Block(BlockCmd::Get {
             cluster,

@@ -38,6 +38,9 @@ enum MutantArg {
     TransferFromOne,
     ServeBeforeTransfer,
     GcEarly,
+    ReleaseUnsigned,
+    DropRefsInTransfer,
+    DeleteWithoutGrace,
 }
 
 fn main() {
@@ -50,6 +53,9 @@ fn main() {
         Some(MutantArg::TransferFromOne) => Mutant::TransferFromOne,
         Some(MutantArg::ServeBeforeTransfer) => Mutant::ServeBeforeTransfer,
         Some(MutantArg::GcEarly) => Mutant::GcEarly,
+        Some(MutantArg::ReleaseUnsigned) => Mutant::ReleaseUnsigned,
+        Some(MutantArg::DropRefsInTransfer) => Mutant::DropRefsInTransfer,
+        Some(MutantArg::DeleteWithoutGrace) => Mutant::DeleteWithoutGrace,
     };
     let opts = RunOptions { f: args.f, mutant };
     let seeds = Seeds {
@@ -74,13 +80,16 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
                     r.stats.gone,
                     r.stats.peer_requests,
-                    r.stats.deferred
+                    r.stats.deferred,
+                    r.stats.releases,
+                    r.stats.released_deleted,
+                    r.stats.forged_releases
                 ),
             }
         },

@@ -33,6 +33,7 @@ use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId, Signature};
 use dbqsfs_core::dbqs::client::{Client, ClientOptions, ClientOutput, OpId, Operation, Outcome};
 use dbqsfs_core::dbqs::gc::{Gc, GcOptions, GcOutput};
 use dbqsfs_core::dbqs::msg::DbqsMessage;
+use dbqsfs_core::dbqs::refs::RefRecord;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
 use dbqsfs_core::dbqs::transfer::{
     Arc as RingArc, Transfer, TransferMessage, TransferOptions, TransferOutput,
@@ -52,6 +53,8 @@ pub const LIVENESS_BOUND_MS: u64 = 60_000;
 /// A run that processes more events than this is reported as a violation (a livelock).
 const EVENT_BUDGET: u64 = 3_000_000;
 const RETRANSMIT_MS: u64 = 150;
+/// The replicas' grace before a released block goes ([`ReplicaOptions::grace_ms`]).
+const GRACE_MS: u64 = 400;
 
 /// What a run is asked to do.
 #[derive(Clone, Debug)]
@@ -89,6 +92,12 @@ pub struct Stats {
     pub peer_requests: u64,
     /// Content blocks a full store's transfer deferred (`Replica::defer`).
     pub deferred: u64,
+    /// Releases of content blocks that completed.
+    pub releases: u64,
+    /// Released content blocks whose data correct nodes deleted.
+    pub released_deleted: u64,
+    /// A Byzantine client's forged or replayed releases.
+    pub forged_releases: u64,
 }
 
 #[derive(Debug)]
@@ -145,6 +154,11 @@ enum Ev {
         epoch: u64,
         at: u64,
     },
+    /// Node `n` deletes the released blocks whose grace is over (`Replica::sweep`).
+    Sweep {
+        n: usize,
+        at: u64,
+    },
     Heal,
 }
 
@@ -163,6 +177,7 @@ struct Node {
     /// The pending timer event of each transfer and collection, by epoch.
     transfer_timer: BTreeMap<u64, u64>,
     gc_timer: BTreeMap<u64, u64>,
+    sweep_timer: Option<u64>,
 }
 
 struct Byz {
@@ -186,6 +201,13 @@ struct ClientSlot {
     /// The version of its own block it last wrote, when known (then it may skip discovery).
     own_version: Option<u64>,
     auditor: bool,
+    /// The sequence number of this owner's next hold or release (kept across its crashes: the
+    /// owner's durable counter).
+    ref_seq: u64,
+    /// The content blocks it holds (put, not released since).
+    held: Vec<ObjectId>,
+    /// A Byzantine client: it only sends forged and replayed releases of others' blocks.
+    thief: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -200,9 +222,18 @@ enum HKind {
         tag: Option<u64>,
         stamp: Option<Stamp>,
     },
+    /// A put held by the client's own key at `seq`.
     PutContent {
         id: ObjectId,
+        seq: u64,
     },
+    /// A release by the client's own key at `seq`.
+    Release {
+        id: ObjectId,
+        seq: u64,
+    },
+    /// A Byzantine client's forged or replayed release.
+    Forged,
     GetContent {
         id: ObjectId,
         found: Option<bool>,
@@ -241,6 +272,11 @@ struct Swarm {
     /// When set, about a quarter of the directed links are persistently slow (200–800 ms extra), so
     /// a write can reach one replica long before the others.
     slow_links: Option<u64>,
+    /// Clients release content blocks they put (drawn from a stream of its own, so that the runs
+    /// without releases are those of before releases existed).
+    releases: bool,
+    /// A Byzantine client sends forged and replayed releases (with `releases` only).
+    thief: bool,
 }
 
 struct Sim {
@@ -273,6 +309,10 @@ struct Sim {
     /// Per client, the event indexes of its most recent sends (lost in part if it crashes now).
     recent_sends: BTreeMap<NodeId, Vec<(u64, usize)>>,
     stats: Stats,
+    /// The stream of every draw about releases.
+    del_rng: Rng,
+    /// Every genuine release record sent, for the thief to replay.
+    release_records: Vec<RefRecord>,
 }
 
 /// Runs one seed.
@@ -315,7 +355,13 @@ impl Sim {
             epoch_changes: rng.below(4) as u32,
             heal_at: rng.range(500, 5000),
             slow_links: rng.chance(0.5).then(|| rng.next_u64()),
+            releases: false,
+            thief: false,
         };
+        let mut swarm = swarm;
+        let mut del_rng = Rng::new(seed ^ 0x7265_6c65_6173_6573);
+        swarm.releases = del_rng.chance(0.5);
+        swarm.thief = swarm.releases && del_rng.chance(0.5);
         let mut nodes = Vec::new();
         let mut node_index = BTreeMap::new();
         let byz_count = rng.below(f + 1);
@@ -344,6 +390,7 @@ impl Sim {
         let genesis = make_config(0, &params, nodes.iter().take(k).map(|(k, _)| k), None);
         let genesis = CertifiedConfig::genesis(genesis);
         let replica_opts = ReplicaOptions {
+            grace_ms: GRACE_MS,
             mutant: opts.mutant,
         };
         let nodes: Vec<Node> = nodes
@@ -368,6 +415,7 @@ impl Sim {
                     gc_done: BTreeSet::new(),
                     transfer_timer: BTreeMap::new(),
                     gc_timer: BTreeMap::new(),
+                    sweep_timer: None,
                     key,
                     replica,
                     store,
@@ -419,6 +467,8 @@ impl Sim {
             recent_sends: BTreeMap::new(),
             stats: Stats::default(),
             swarm,
+            del_rng,
+            release_records: Vec::new(),
         };
         for c in 0..sim.swarm.clients {
             let own = Keypair::from_seed(sim.rng.seed32());
@@ -431,6 +481,11 @@ impl Sim {
             sim.add_client(own, sim.swarm.ops_per_client, false);
         }
         sim.keys = keys;
+        if sim.swarm.thief {
+            let own = Keypair::from_seed(sim.del_rng.seed32());
+            let c = sim.add_client(own, 12, false);
+            sim.clients[c].thief = true;
+        }
         sim
     }
 
@@ -449,6 +504,9 @@ impl Sim {
             own,
             own_version: None,
             auditor,
+            ref_seq: 1,
+            held: Vec::new(),
+            thief: false,
         });
         c
     }
@@ -482,6 +540,11 @@ impl Sim {
 
     fn run(&mut self) {
         for c in 0..self.clients.len() {
+            if self.clients[c].thief {
+                let at = self.del_rng.range(0, 50);
+                self.schedule(at, Ev::ClientNext { c });
+                continue;
+            }
             let at = self.rng.range(0, 50);
             self.schedule(at, Ev::ClientNext { c });
         }
@@ -551,7 +614,8 @@ impl Sim {
                         n.byz.is_some()
                             || (n.replica.epoch() == newest
                                 && n.replica.is_ready()
-                                && (1..=newest).all(|e| n.gc_done.contains(&e)))
+                                && (1..=newest).all(|e| n.gc_done.contains(&e))
+                                && n.replica.next_sweep(self.now).is_none())
                     });
                     if settled {
                         self.check_holders();
@@ -734,6 +798,7 @@ impl Sim {
                     self.nodes[n].gc_done.clear();
                     self.nodes[n].transfer_timer.clear();
                     self.nodes[n].gc_timer.clear();
+                    self.nodes[n].sweep_timer = None;
                     let at = now + self.rng.range(100, 2000);
                     self.schedule(at, Ev::Restart { n });
                 }
@@ -777,6 +842,12 @@ impl Sim {
                         g.handle_timeout(now);
                     }
                     self.drain_gc(n, epoch);
+                }
+            }
+            Ev::Sweep { n, at } => {
+                if self.nodes[n].up && self.nodes[n].sweep_timer == Some(at) {
+                    self.nodes[n].sweep_timer = None;
+                    self.sweep(n);
                 }
             }
             Ev::Heal => {
@@ -872,6 +943,50 @@ impl Sim {
             }
         }
         self.apply(n, from, handled);
+        self.schedule_sweep(n);
+    }
+
+    /// Schedules node `n`'s next sweep, if it has one due earlier than the one scheduled.
+    fn schedule_sweep(&mut self, n: usize) {
+        let Some(at) = self.nodes[n].replica.next_sweep(self.now) else {
+            return;
+        };
+        let at = at.max(self.now + 1);
+        if self.nodes[n].sweep_timer.is_none_or(|cur| at < cur) {
+            self.nodes[n].sweep_timer = Some(at);
+            self.schedule(at, Ev::Sweep { n, at });
+        }
+    }
+
+    /// Node `n` deletes released blocks whose grace is over. At a correct node, each deletion
+    /// must come at least the grace after some release of the block was sent (a replica learns
+    /// a release after it is sent, and waits the grace from then).
+    fn sweep(&mut self, n: usize) {
+        let deleted = self.nodes[n]
+            .replica
+            .sweep(self.now, usize::MAX)
+            .unwrap_or_default();
+        if self.nodes[n].byz.is_none() {
+            for id in deleted {
+                self.stats.released_deleted += 1;
+                let first_release = self
+                    .history
+                    .iter()
+                    .filter_map(|h| match h.kind {
+                        HKind::Release { id: x, .. } if x == id => Some(h.call),
+                        _ => None,
+                    })
+                    .min();
+                if first_release.is_none_or(|t| self.now < t + GRACE_MS) {
+                    let me = self.nodes[n].key.node_id().short();
+                    self.violation(format!(
+                        "node {me} deleted released block {id:?} at t={}ms, within the grace of {GRACE_MS}ms of its first release (sent at {first_release:?})",
+                        self.now
+                    ));
+                }
+            }
+        }
+        self.schedule_sweep(n);
     }
 
     /// A state-transfer message at node `n`: a request is served by its replica, a reply goes to
@@ -911,6 +1026,8 @@ impl Sim {
             return;
         }
         self.nodes[n].up = true;
+        let _ = self.nodes[n].replica.restart_sweep();
+        self.schedule_sweep(n);
         let current = self.nodes[n].replica.epoch();
         for e in 1..=current {
             if !self.nodes[n].replica.ready_at(e) {
@@ -989,6 +1106,16 @@ impl Sim {
                     if self.nodes[n].replica.accepts_transferred(e, &block.id()) && !self.hollow(n)
                     {
                         let _ = self.nodes[n].store.put_pk_if_newer(&block);
+                    }
+                }
+                TransferOutput::StoreRefs { refs } => {
+                    if !self.hollow(n) {
+                        for (id, records) in refs {
+                            if self.nodes[n].replica.accepts_transferred(e, &id) {
+                                let _ = self.nodes[n].replica.merge_transferred_refs(&id, &records);
+                            }
+                        }
+                        self.schedule_sweep(n);
                     }
                 }
                 TransferOutput::UnitDone { epoch, arc } => {
@@ -1256,6 +1383,14 @@ impl Sim {
                 {
                     Some(DbqsMessage::ContentStored { rid: *rid, id: *id })
                 }
+                (DbqsMessage::Reference { rid, record }, _)
+                    if lying && kind != Adversary::Stale =>
+                {
+                    Some(DbqsMessage::RefStored {
+                        rid: *rid,
+                        id: record.id,
+                    })
+                }
                 (DbqsMessage::PutPk { rid, block }, _) if lying && kind != Adversary::Stale => {
                     Some(DbqsMessage::PkStored {
                         rid: *rid,
@@ -1417,11 +1552,13 @@ impl Sim {
                             .values()
                             .filter_map(|v| v.iter().min_by_key(|b| b.stamp()).cloned())
                             .collect();
+                        // ... and it withholds every reference record.
                         TransferMessage::Listing {
                             rid,
                             content: Vec::new(),
                             pk,
                             next: None,
+                            refs: Vec::new(),
                         }
                     }
                     (
@@ -1439,17 +1576,23 @@ impl Sim {
                             content,
                             mut pk,
                             next,
+                            mut refs,
                         },
                         Adversary::Corrupt,
                     ) => {
                         for b in &mut pk {
                             b.value.push(1);
                         }
+                        // Holds turned into releases, under the owners' (now wrong) signatures.
+                        for r in &mut refs {
+                            r.hold = false;
+                        }
                         TransferMessage::Listing {
                             rid,
                             content,
                             pk,
                             next,
+                            refs,
                         }
                     }
                     (TransferMessage::Content { rid, id, data }, Adversary::Corrupt) => {
@@ -1468,17 +1611,30 @@ impl Sim {
                             mut content,
                             mut pk,
                             next,
+                            mut refs,
                         },
                         Adversary::Forge,
                     ) => {
                         let forged: Vec<PkBlock> = pk.iter().map(|b| self.forge(b)).collect();
                         pk.extend(forged);
                         content.push(ObjectId(self.rng.seed32()));
+                        // Later releases in the owners' names, with signatures it cannot make.
+                        let forged: Vec<RefRecord> = refs
+                            .iter()
+                            .map(|r| {
+                                let mut f = r.clone();
+                                f.seq = f.seq.saturating_add(1000);
+                                f.hold = false;
+                                f
+                            })
+                            .collect();
+                        refs.extend(forged);
                         TransferMessage::Listing {
                             rid,
                             content,
                             pk,
                             next,
+                            refs,
                         }
                     }
                     (msg, _) => msg,
@@ -1520,6 +1676,13 @@ impl Sim {
             return;
         }
         let now = self.now;
+        if slot.thief {
+            return self.thief_next(c);
+        }
+        if self.swarm.releases && !slot.auditor && !slot.held.is_empty() && self.del_rng.chance(0.2)
+        {
+            return self.release_next(c);
+        }
         let roll = self.rng.below(100);
         let (op, kind) = if slot.auditor {
             self.audit_queue
@@ -1579,7 +1742,13 @@ impl Sim {
                 },
             )
         } else if roll < 80 || self.contents.is_empty() {
-            let data = if !self.contents.is_empty() && self.rng.chance(0.1) {
+            // With releases, blocks are shared by several owners more often.
+            let reuse = if self.swarm.releases {
+                self.del_rng.chance(0.3)
+            } else {
+                self.rng.chance(0.1)
+            };
+            let data = if !self.contents.is_empty() && reuse {
                 self.contents[self.rng.below(self.contents.len())].clone()
             } else {
                 let len = *self.rng.pick(&[0usize, 1, 100, 4096, 20_000]);
@@ -1587,9 +1756,22 @@ impl Sim {
             };
             let id = content_id(&data);
             self.contents.push(data.clone());
-            (Operation::PutContent { data }, HKind::PutContent { id })
+            let slot = &mut self.clients[c];
+            let seq = slot.ref_seq;
+            slot.ref_seq += 1;
+            if !slot.held.contains(&id) {
+                slot.held.push(id);
+            }
+            let hold = Some(RefRecord::hold(&slot.own, id, seq));
+            (
+                Operation::PutContent { data, hold },
+                HKind::PutContent { id, seq },
+            )
         } else {
-            let id = if self.rng.chance(0.1) {
+            let released = self.recently_released();
+            let id = if let Some(id) = released {
+                id
+            } else if self.rng.chance(0.1) {
                 ObjectId(self.rng.seed32())
             } else {
                 content_id(&self.contents[self.rng.below(self.contents.len())])
@@ -1599,17 +1781,87 @@ impl Sim {
                 HKind::GetContent { id, found: None },
             )
         };
+        let _ = now;
+        self.submit(c, op, kind);
+    }
+
+    /// Starts operation `op` of client `c`, recorded in the history as `kind`.
+    fn submit(&mut self, c: usize, op: Operation, kind: HKind) {
         let h = self.history.len();
         self.history.push(HOp {
             client: c,
-            call: now,
+            call: self.now,
             ret: None,
             kind,
         });
-        let op_id = self.clients[c].client.submit(now, op);
+        let op_id = self.clients[c].client.submit(self.now, op);
         self.clients[c].current = Some((op_id, h));
         self.clients[c].ops_left -= 1;
         self.drain_client(c);
+    }
+
+    /// With releases, half the content reads go to a block released lately (so that reads meet
+    /// the grace and the deletion).
+    fn recently_released(&mut self) -> Option<ObjectId> {
+        if !self.swarm.releases || !self.del_rng.chance(0.5) {
+            return None;
+        }
+        let recent: Vec<ObjectId> = self
+            .history
+            .iter()
+            .rev()
+            .filter_map(|h| match h.kind {
+                HKind::Release { id, .. } => Some(id),
+                _ => None,
+            })
+            .take(4)
+            .collect();
+        (!recent.is_empty()).then(|| recent[self.del_rng.below(recent.len())])
+    }
+
+    /// Client `c` releases one of the blocks it holds.
+    fn release_next(&mut self, c: usize) {
+        let slot = &mut self.clients[c];
+        let i = self.del_rng.below(slot.held.len());
+        let id = slot.held.swap_remove(i);
+        let seq = slot.ref_seq;
+        slot.ref_seq += 1;
+        let record = RefRecord::release(&slot.own, id, seq);
+        self.release_records.push(record.clone());
+        self.submit(
+            c,
+            Operation::Reference { record },
+            HKind::Release { id, seq },
+        );
+    }
+
+    /// The Byzantine client's next attempt to release others' blocks: a release in another
+    /// owner's name with a bad signature, or a replay of a genuine release sent earlier.
+    fn thief_next(&mut self, c: usize) {
+        let owners: Vec<usize> = (0..self.clients.len())
+            .filter(|&o| o != c && !self.clients[o].auditor && !self.clients[o].thief)
+            .collect();
+        if self.contents.is_empty() || owners.is_empty() {
+            let others_done = owners.iter().all(|&o| self.clients[o].ops_left == 0);
+            if others_done {
+                self.clients[c].ops_left = 0; // nothing was ever put: nothing to steal
+            } else {
+                let at = self.now + self.del_rng.range(50, 300);
+                self.schedule(at, Ev::ClientNext { c });
+            }
+            return;
+        }
+        let record = if !self.release_records.is_empty() && self.del_rng.chance(0.4) {
+            self.release_records[self.del_rng.below(self.release_records.len())].clone()
+        } else {
+            let id = content_id(&self.contents[self.del_rng.below(self.contents.len())]);
+            let victim = &self.clients[owners[self.del_rng.below(owners.len())]].own;
+            let mut forged = RefRecord::release(&self.clients[c].own, id, u64::MAX / 2);
+            forged.owner = victim.public();
+            forged
+        };
+        self.stats.forged_releases += 1;
+        self.submit(c, Operation::Reference { record }, HKind::Forged);
     }
 
     fn drain_client(&mut self, c: usize) {
@@ -1690,9 +1942,16 @@ impl Sim {
                 *tag = Some(block.map_or(0, |b| value_tag(&b.value)));
                 invalid.then(|| format!("read of key {key} returned an invalid block"))
             }
-            (HKind::PutContent { id }, Outcome::ContentStored { id: got }) => {
+            (HKind::PutContent { id, .. }, Outcome::ContentStored { id: got }) => {
                 (*id != got).then(|| format!("content write of {id:?} acknowledged as {got:?}"))
             }
+            (HKind::Release { id, .. }, Outcome::RefStored { id: got }) => {
+                self.stats.releases += 1;
+                (*id != got).then(|| format!("release of {id:?} acknowledged as {got:?}"))
+            }
+            // A forged release is refused (or, replayed, changes nothing); either is fine here:
+            // the checks are on what the owners read.
+            (HKind::Forged, _) => None,
             (HKind::GetContent { id, found }, Outcome::Content { id: got, data }) => {
                 *found = Some(data.is_some());
                 let wrong = data.is_some_and(|d| content_id(&d) != *id) || got != *id;
@@ -1731,7 +1990,7 @@ impl Sim {
             .history
             .iter()
             .filter_map(|h| match h.kind {
-                HKind::PutContent { id } if h.ret.is_some() => Some(id),
+                HKind::PutContent { id, .. } if h.ret.is_some() => Some(id),
                 _ => None,
             })
             .collect();
@@ -1764,15 +2023,16 @@ impl Sim {
                 .count()
         };
         let mut problems = Vec::new();
-        let written: BTreeSet<ObjectId> = self
-            .history
-            .iter()
-            .filter_map(|h| match h.kind {
-                HKind::PutContent { id } if h.ret.is_some() => Some(id),
-                _ => None,
-            })
-            .collect();
-        for id in written {
+        let (referenced, released) = self.content_fates();
+        for &id in &released {
+            let held = correct_holders(self, &id, &|n: &Node| {
+                n.store.get_content(&id).ok().flatten().is_some()
+            });
+            if held > 0 {
+                problems.push(format!("content block {id:?}, released by every owner, is still held by {held} correct members of its group after the grace"));
+            }
+        }
+        for id in referenced {
             let held = correct_holders(self, &id, &|n: &Node| {
                 n.store.get_content(&id).ok().flatten().is_some()
             });
@@ -1828,6 +2088,89 @@ impl Sim {
         }
     }
 
+    /// The content blocks at the end of a run: those an owner still holds (a put of it completed,
+    /// and the same owner sent no later release), and those every owner released (each owner's
+    /// last put or release of it, sent or abandoned, is a release that completed). Blocks in
+    /// neither (an abandoned release, say) may be held or not.
+    fn content_fates(&self) -> (BTreeSet<ObjectId>, BTreeSet<ObjectId>) {
+        /// One owner's puts and releases of one block.
+        #[derive(Default)]
+        struct OwnerOps {
+            /// The highest seq of a put sent, and the seqs of the puts that completed.
+            put: u64,
+            completed: Vec<u64>,
+            /// The highest seq of a release sent, and whether that release completed.
+            release: u64,
+            release_done: bool,
+        }
+        let mut last: BTreeMap<(ObjectId, usize), OwnerOps> = BTreeMap::new();
+        for h in &self.history {
+            match h.kind {
+                HKind::PutContent { id, seq } => {
+                    let e = last.entry((id, h.client)).or_default();
+                    e.put = e.put.max(seq);
+                    if h.ret.is_some() {
+                        e.completed.push(seq);
+                    }
+                }
+                HKind::Release { id, seq } => {
+                    let e = last.entry((id, h.client)).or_default();
+                    if seq > e.release {
+                        e.release = seq;
+                        e.release_done = h.ret.is_some();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (mut referenced, mut released) = (BTreeSet::new(), BTreeSet::new());
+        let mut maybe_held = BTreeSet::new();
+        for ((id, _), o) in &last {
+            if o.completed.iter().any(|s| *s > o.release) {
+                referenced.insert(*id);
+            }
+            if o.put > o.release || !o.release_done {
+                maybe_held.insert(*id);
+            }
+            released.insert(*id);
+        }
+        released.retain(|id| !maybe_held.contains(id));
+        (referenced, released)
+    }
+
+    /// Whether a read of `id` from `call` to `ret` must find it: some owner held it throughout (a
+    /// put of it completed before the read began, and that owner sent no later release more
+    /// than the grace before the read ended).
+    fn must_find(&self, id: ObjectId, call: u64, ret: u64) -> bool {
+        self.history.iter().any(|p| match p.kind {
+            HKind::PutContent { id: x, seq } if x == id && p.ret.is_some_and(|r| r < call) => {
+                !self.history.iter().any(|r| {
+                    matches!(r.kind, HKind::Release { id: y, seq: s }
+                        if y == id && s > seq && r.client == p.client && r.call + GRACE_MS <= ret)
+                })
+            }
+            _ => false,
+        })
+    }
+
+    /// The puts and releases of content block `id`, for a report.
+    fn refs_history(&self, id: ObjectId) -> String {
+        let ops: Vec<String> = self
+            .history
+            .iter()
+            .filter_map(|h| {
+                let what = match h.kind {
+                    HKind::PutContent { id: x, seq } if x == id => format!("put#{seq}"),
+                    HKind::Release { id: x, seq } if x == id => format!("release#{seq}"),
+                    _ => return None,
+                };
+                let ret = h.ret.map_or("…".to_string(), |r| r.to_string());
+                Some(format!("client {} {what} t={}..{ret}", h.client, h.call))
+            })
+            .collect();
+        ops.join(", ")
+    }
+
     /// Runs the checkers over the recorded history.
     fn check(&mut self) {
         // Public-key blocks: one register per key.
@@ -1853,14 +2196,8 @@ impl Sim {
                 self.violation(format!("public-key block {key} is not linearizable: {e}"));
             }
         }
-        // Content blocks: a block whose write completed before a read began must be found.
-        let mut completed_at: BTreeMap<ObjectId, u64> = BTreeMap::new();
-        for h in &self.history {
-            if let (HKind::PutContent { id }, Some(ret)) = (&h.kind, h.ret) {
-                let e = completed_at.entry(*id).or_insert(ret);
-                *e = (*e).min(ret);
-            }
-        }
+        // Content blocks: a block some owner held throughout a read (its put completed before the
+        // read began, and no later release of that owner was sent a grace before it ended) is found.
         let lost: Vec<String> = self
             .history
             .iter()
@@ -1868,9 +2205,12 @@ impl Sim {
                 HKind::GetContent {
                     id,
                     found: Some(false),
-                } if completed_at.get(&id).is_some_and(|&t| t < h.call) => Some(format!(
-                    "content block {id:?} written by t={}ms was not found by client {} at t={}ms",
-                    completed_at[&id], h.client, h.call
+                } if self.must_find(id, h.call, h.ret.unwrap_or(u64::MAX)) => Some(format!(
+                    "content block {id:?}, held by an owner, was not found by client {} at t={}..{}ms; its owners' puts and releases: {}",
+                    h.client,
+                    h.call,
+                    h.ret.unwrap_or(0),
+                    self.refs_history(id)
                 )),
                 _ => None,
             })
