@@ -189,7 +189,7 @@ pub async fn cluster_capacity(client: &DbqsClient) -> Option<Capacity> {
     let chain = client.chain();
     let config = chain.config();
     let mut asks = tokio::task::JoinSet::new();
-    for m in config.members.iter().cloned() {
+    for m in config.members.clone() {
         let client = client.clone();
         asks.spawn(async move {
             tokio::time::timeout(Duration::from_secs(3), client.node_status(&m))

@@ -81,7 +81,7 @@ impl Setup {
         let key = files::random_key().unwrap();
         let mut file: NodeFile = files::read_toml(&dirs[0].join("node.toml")).unwrap();
         file.listen = format!("127.0.0.1:{}", free_port());
-        file.admission_cert = hex::encode(&admission.sign(Domain::Admission, &key.public().0).0);
+        file.admission_cert = hex::encode(admission.sign(Domain::Admission, &key.public().0).0);
         let new_dir = dir.join("node-new");
         std::fs::create_dir_all(&new_dir).unwrap();
         files::write_key(&new_dir.join("node.key"), &key).unwrap();

@@ -32,9 +32,9 @@ pub fn mounted_at(path: &Path) -> Option<Mounted> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.as_os_str().as_bytes();
     info.lines()
+        .rev()
         .filter_map(parse_line)
-        .filter(|m| m.mount_point.as_os_str().as_bytes() == want)
-        .last()
+        .find(|m| m.mount_point.as_os_str().as_bytes() == want)
 }
 
 /// Parses a mountinfo line: `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [TAGS...] - TYPE SOURCE

@@ -198,7 +198,7 @@ pub(crate) fn cluster_init(
                 genesis: genesis.clone(),
                 clients: vec![client.public().to_hex()],
                 admission_key: admission.public().to_hex(),
-                admission_cert: hex::encode(&cert.0),
+                admission_cert: hex::encode(cert.0),
                 join: false,
                 bootstrap: None,
                 settings: Default::default(),

@@ -111,7 +111,7 @@ pub(crate) fn prepare_join(
             genesis: files::encode_genesis(&ticket.genesis),
             clients: ticket.clients.iter().map(|c| c.to_hex()).collect(),
             admission_key: ticket.admission_key.to_hex(),
-            admission_cert: hex::encode(&ticket.cert.sig.0),
+            admission_cert: hex::encode(ticket.cert.sig.0),
             join: true,
             bootstrap: Some(via.to_string()),
             settings: Default::default(),
