@@ -113,6 +113,19 @@ impl PkBlock {
         })
     }
 
+    /// The tombstone of `owner`'s block `label` as version `version`: a signed empty value. It
+    /// replaces every older version like any newer value does (so a replica keeps only the label
+    /// and the signature, and an older value offered again is refused), and reads as deleted
+    /// ([`PkBlock::is_tombstone`]).
+    pub fn tombstone(owner: &Keypair, label: &[u8], version: u64) -> Result<PkBlock, ObjectError> {
+        Self::sign(owner, label, version, Vec::new())
+    }
+
+    /// Whether this value is a tombstone (the empty value): the block was deleted.
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_empty()
+    }
+
     pub fn id(&self) -> ObjectId {
         pk_block_id(&self.owner, &self.label)
     }
@@ -212,6 +225,21 @@ mod tests {
             check_content(&content_id(&[1, 2]), &[1, 3]),
             Err(ObjectError::HashMismatch)
         );
+    }
+
+    #[test]
+    fn a_tombstone_is_a_newer_signed_empty_value() {
+        let k = Keypair::from_seed([9; 32]);
+        let v = PkBlock::sign(&k, b"x", 2, vec![7; 4096]).unwrap();
+        let t = PkBlock::tombstone(&k, b"x", 3).unwrap();
+        assert!(t.verify_as(&v.id()).is_ok() && t.is_tombstone() && !v.is_tombstone());
+        assert!(t.stamp() > v.stamp(), "it supersedes the value");
+        let other = Keypair::from_seed([8; 32]);
+        let forged = PkBlock {
+            owner: k.public(),
+            ..PkBlock::tombstone(&other, b"x", 3).unwrap()
+        };
+        assert!(forged.verify().is_err(), "only the owner can delete");
     }
 
     #[test]
