@@ -102,25 +102,13 @@ fn main() {
             rid: 1,
             id: content_id(&small),
             data: small.clone(),
-            hold: None,
-        },
-    );
-    time("replica PutContent (4 KiB, hash + store)", 20_000, |_| {
-        handle(&put_small)
-    });
-    let put_held = encode_msg(
-        0,
-        DbqsMessage::PutContent {
-            rid: 1,
-            id: content_id(&small),
-            data: small.clone(),
-            hold: Some(RefRecord::hold(&k, content_id(&small), 1)),
+            hold: RefRecord::hold(&k, content_id(&small), 1),
         },
     );
     time(
-        "replica PutContent (4 KiB, with an owner's hold: + verify + merge)",
+        "replica PutContent (4 KiB, hash + verify the hold + merge + store)",
         20_000,
-        |_| handle(&put_held),
+        |_| handle(&put_small),
     );
     let put_big = encode_msg(
         0,
@@ -128,7 +116,7 @@ fn main() {
             rid: 1,
             id: content_id(&mib),
             data: mib.clone(),
-            hold: None,
+            hold: RefRecord::hold(&k, content_id(&mib), 1),
         },
     );
     time("replica PutContent (1 MiB, hash + store)", 300, |_| {

@@ -129,7 +129,7 @@ fn refuses_bad_signatures_and_wrong_hashes() {
             rid: 2,
             id: content_id(b"a"),
             data: b"b".to_vec(),
-            hold: None,
+            hold: RefRecord::hold(&fx.keys[0], content_id(b"a"), 1),
         },
     );
     assert_eq!(
@@ -266,8 +266,8 @@ fn objects_outside_the_group_are_refused() {
         DbqsMessage::PutContent {
             rid: 1,
             id: content_id(&data),
+            hold: RefRecord::hold(&fx.keys[0], content_id(&data), 1),
             data,
-            hold: None,
         },
     );
     assert_eq!(
@@ -496,8 +496,8 @@ fn a_full_store_refuses_new_content_with_no_space_and_still_takes_public_key_blo
     let put = DbqsMessage::PutContent {
         rid: 1,
         id: content_id(&data),
+        hold: RefRecord::hold(&fx.keys[0], content_id(&data), 1),
         data,
-        hold: None,
     };
     assert_eq!(
         ask(&r, 0, put).msg,
@@ -514,7 +514,7 @@ fn a_full_store_refuses_new_content_with_no_space_and_still_takes_public_key_blo
     ));
 }
 
-fn put_held(data: &[u8], hold: Option<RefRecord>) -> DbqsMessage {
+fn put_held(data: &[u8], hold: RefRecord) -> DbqsMessage {
     DbqsMessage::PutContent {
         rid: 7,
         id: content_id(data),
@@ -535,7 +535,7 @@ fn a_block_goes_only_once_every_owner_released_it_and_the_grace_passed() {
     let data = b"shared by two owners".to_vec();
     let x = content_id(&data);
     for owner in [&a, &b] {
-        let reply = ask(&r, 0, put_held(&data, Some(RefRecord::hold(owner, x, 1))));
+        let reply = ask(&r, 0, put_held(&data, RefRecord::hold(owner, x, 1)));
         assert_eq!(reply.msg, DbqsMessage::ContentStored { rid: 7, id: x });
     }
     let stored = DbqsMessage::RefStored { rid: 8, id: x };
@@ -566,14 +566,23 @@ fn a_block_goes_only_once_every_owner_released_it_and_the_grace_passed() {
         2,
         "the records stay as tombstones"
     );
-    // A replayed old put (hold 1 < release 2) is acknowledged but brings nothing back...
-    let reply = ask(&r, 0, put_held(&data, Some(RefRecord::hold(&b, x, 1))));
-    assert_eq!(reply.msg, DbqsMessage::ContentStored { rid: 7, id: x });
+    // A replayed old put (hold 1 < release 2) brings nothing back, and says why...
+    let reply = ask(&r, 0, put_held(&data, RefRecord::hold(&b, x, 1)));
+    let superseded = DbqsMessage::Rejected {
+        rid: 7,
+        reason: Reject::Superseded,
+    };
+    assert_eq!(reply.msg, superseded);
     assert!(!r.store().has_content(&x).unwrap());
-    // ... and neither does a put that nobody claims; a new hold of the owner does.
-    ask(&r, 0, put_held(&data, None));
-    assert!(!r.store().has_content(&x).unwrap());
-    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&b, x, 3))));
+    // ... and a release of an owner that never held it here changes nothing; a new hold of the
+    // owner brings it back.
+    let c = Keypair::from_seed([5; 32]);
+    assert_eq!(
+        ask(&r, 0, reference(RefRecord::release(&c, x, 9))).msg,
+        stored
+    );
+    assert_eq!(r.store().refs(&x).unwrap().len(), 2);
+    ask(&r, 0, put_held(&data, RefRecord::hold(&b, x, 3)));
     assert!(r.store().has_content(&x).unwrap());
     assert_eq!(r.sweep(due + 10 * DEFAULT_GRACE_MS, 100).unwrap(), vec![]);
 }
@@ -585,10 +594,10 @@ fn a_hold_during_the_grace_keeps_the_block_and_a_new_release_waits_a_new_grace()
     let a = Keypair::from_seed([1; 32]);
     let data = b"held again".to_vec();
     let x = content_id(&data);
-    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 1))));
+    ask(&r, 0, put_held(&data, RefRecord::hold(&a, x, 1)));
     ask(&r, 0, reference(RefRecord::release(&a, x, 2)));
     r.sweep(0, 100).unwrap();
-    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 3))));
+    ask(&r, 0, put_held(&data, RefRecord::hold(&a, x, 3)));
     ask(&r, 0, reference(RefRecord::release(&a, x, 4)));
     // Due at the first release's grace: the block was held and released since, so it waits.
     assert_eq!(r.sweep(DEFAULT_GRACE_MS, 100).unwrap(), vec![]);
@@ -604,7 +613,7 @@ fn forged_releases_and_foreign_holds_are_refused() {
     let (a, thief) = (Keypair::from_seed([1; 32]), Keypair::from_seed([3; 32]));
     let data = b"not yours".to_vec();
     let x = content_id(&data);
-    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 1))));
+    ask(&r, 0, put_held(&data, RefRecord::hold(&a, x, 1)));
     // A release in a's name signed by someone else.
     let mut forged = RefRecord::release(&thief, x, 9);
     forged.owner = a.public();
@@ -613,8 +622,9 @@ fn forged_releases_and_foreign_holds_are_refused() {
         ask(&r, 0, reference(forged)).msg,
         refused(Reject::BadSignature)
     );
-    // The thief's own release drops only the thief's (absent) reference.
+    // The thief's own release of a block it never held changes nothing.
     ask(&r, 0, reference(RefRecord::release(&thief, x, 9)));
+    assert_eq!(r.store().refs(&x).unwrap().len(), 1);
     r.sweep(0, 100).unwrap();
     assert_eq!(r.sweep(10 * DEFAULT_GRACE_MS, 100).unwrap(), vec![]);
     assert!(r.store().has_content(&x).unwrap());
@@ -622,18 +632,18 @@ fn forged_releases_and_foreign_holds_are_refused() {
     let refused = |reason| DbqsMessage::Rejected { rid: 7, reason };
     let other = RefRecord::hold(&a, content_id(b"other"), 2);
     assert_eq!(
-        ask(&r, 0, put_held(&data, Some(other))).msg,
+        ask(&r, 0, put_held(&data, other)).msg,
         refused(Reject::NotAReference)
     );
     let release = RefRecord::release(&a, x, 2);
     assert_eq!(
-        ask(&r, 0, put_held(&data, Some(release))).msg,
+        ask(&r, 0, put_held(&data, release)).msg,
         refused(Reject::NotAReference)
     );
     let mut bad = RefRecord::hold(&a, x, 2);
     bad.seq = 3;
     assert_eq!(
-        ask(&r, 0, put_held(&data, Some(bad))).msg,
+        ask(&r, 0, put_held(&data, bad)).msg,
         refused(Reject::BadSignature)
     );
 }
@@ -645,7 +655,7 @@ fn a_restarted_replica_schedules_its_released_blocks_again() {
     let a = Keypair::from_seed([1; 32]);
     let data = b"released before a crash".to_vec();
     let x = content_id(&data);
-    ask(&r, 0, put_held(&data, Some(RefRecord::hold(&a, x, 1))));
+    ask(&r, 0, put_held(&data, RefRecord::hold(&a, x, 1)));
     ask(&r, 0, reference(RefRecord::release(&a, x, 2)));
     // A crash before the sweep: a replica built anew on the same store.
     let chain = ConfigChain::new(fx.configs[0].clone()).unwrap();

@@ -11,10 +11,10 @@
 //! them after their grace period. Holds are per owner, not counted: a block that two files of one
 //! owner share goes when either is removed.
 
+pub use crate::client::Owner;
 use crate::client::{ClientError, DbqsClient};
-use dbqsfs_core::crypto::{Keypair, ObjectId};
-use dbqsfs_core::dbqs::refs::RefRecord;
-use dbqsfs_core::object::{content_id, MAX_BLOCK};
+use dbqsfs_core::crypto::ObjectId;
+use dbqsfs_core::object::MAX_BLOCK;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -52,31 +52,6 @@ impl FromStr for FileId {
             "m" => Ok(FileId::Manifest(id)),
             _ => Err(bad()),
         }
-    }
-}
-
-/// Who holds the blocks a put stores, and the sequence number of its holds or releases: each
-/// later hold or release of the same block by the same key needs a higher one.
-#[derive(Clone)]
-pub struct Owner {
-    pub key: Keypair,
-    pub seq: u64,
-}
-
-impl Owner {
-    /// `key`, numbering its holds and releases by the time now in microseconds (so a later
-    /// command of the same key orders after an earlier one, as long as the clock does not go
-    /// back).
-    pub fn now(key: Keypair) -> Owner {
-        let micros = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        Owner { key, seq: micros }
-    }
-
-    async fn put(&self, client: &DbqsClient, data: Vec<u8>) -> Result<ObjectId, ClientError> {
-        let hold = RefRecord::hold(&self.key, content_id(&data), self.seq);
-        client.put_held(data, hold).await
     }
 }
 
@@ -123,7 +98,7 @@ async fn put_all(
             let i = next;
             set.spawn(async move {
                 let len = chunk.len();
-                o.put(&c, chunk).await.map(|id| (i, id, len))
+                c.put_as(&o, chunk).await.map(|id| (i, id, len))
             });
             next += 1;
         }
@@ -144,7 +119,7 @@ pub async fn put_file(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<FileId, TransferError> {
     if data.len() <= MAX_BLOCK {
-        let id = owner.put(client, data.to_vec()).await?;
+        let id = client.put_as(owner, data.to_vec()).await?;
         progress(data.len() as u64);
         return Ok(FileId::Block(id));
     }
@@ -158,7 +133,7 @@ pub async fn put_file(
     if bytes.len() > MAX_BLOCK {
         return Err(TransferError::TooLarge);
     }
-    Ok(FileId::Manifest(owner.put(client, bytes).await?))
+    Ok(FileId::Manifest(client.put_as(owner, bytes).await?))
 }
 
 /// Releases `owner`'s hold on every block of file `id` (its chunks, then its manifest, so that
@@ -171,9 +146,8 @@ pub async fn remove_file(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<usize, TransferError> {
     let release = |x: ObjectId| {
-        let c = client.clone();
-        let record = RefRecord::release(&owner.key, x, owner.seq);
-        async move { c.reference(record).await }
+        let (c, o) = (client.clone(), owner.clone());
+        async move { c.release_as(&o, x).await }
     };
     let root = match id {
         FileId::Block(b) => b,

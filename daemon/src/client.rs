@@ -20,6 +20,7 @@ use dbqsfs_core::crypto::{Keypair, NodeId, ObjectId};
 use dbqsfs_core::dbqs::client::{
     Client, ClientOptions, ClientOutput, OpError, OpId, Operation, Outcome,
 };
+use dbqsfs_core::dbqs::msg::Reject;
 use dbqsfs_core::dbqs::refs::RefRecord;
 use dbqsfs_core::object::{PkBlock, Stamp};
 use dbqsfs_core::wire::{decode, encode_msg};
@@ -110,6 +111,8 @@ enum Input {
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct DbqsClient {
+    /// The client's own key, which holds what [`DbqsClient::put_content`] stores.
+    owner: Owner,
     submit: mpsc::Sender<Input>,
     endpoint: Endpoint,
     /// The newest verified configurations the driver knows.
@@ -148,6 +151,7 @@ impl DbqsClient {
             key.dalek().clone(),
             opts.transport.clone(),
         )?;
+        let owner = Owner::new(key.clone());
         let lease = opts.freshness.then_some(chain.config().params.freshness_ms);
         // The struct update is needed when core's `mutants` feature adds a field (workspace builds).
         #[allow(clippy::needless_update)]
@@ -175,6 +179,7 @@ impl DbqsClient {
             in_flight.clone(),
         ));
         Ok(DbqsClient {
+            owner,
             submit: tx,
             endpoint,
             chain,
@@ -253,33 +258,46 @@ impl DbqsClient {
         }
     }
 
-    /// Stores a content block (at most [`dbqsfs_core::object::MAX_BLOCK`] bytes); returns its id.
+    /// The client's own key as an owner of blocks.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+
+    /// Stores a content block (at most [`dbqsfs_core::object::MAX_BLOCK`] bytes) held by the
+    /// client's own key; returns its id.
     pub async fn put_content(&self, data: Vec<u8>) -> Result<ObjectId, ClientError> {
-        match self.run(Operation::PutContent { data, hold: None }).await? {
-            Outcome::ContentStored { id } => Ok(id),
-            other => Err(ClientError::Unexpected(Box::new(other))),
+        self.put_as(&self.owner.clone(), data).await
+    }
+
+    /// Stores a content block held by `owner` (its signed hold, numbered by `owner`); returns
+    /// its id. A put that meets a newer release of the same owner (its numbering went back, say
+    /// a clock on another host) jumps the numbering ahead and puts again.
+    pub async fn put_as(&self, owner: &Owner, data: Vec<u8>) -> Result<ObjectId, ClientError> {
+        let id = dbqsfs_core::object::content_id(&data);
+        let mut tries = 0;
+        loop {
+            let hold = RefRecord::hold(&owner.key, id, owner.next());
+            let op = Operation::PutContent {
+                data: data.clone(),
+                hold,
+            };
+            match self.run(op).await {
+                Ok(Outcome::ContentStored { id }) => return Ok(id),
+                Ok(other) => return Err(ClientError::Unexpected(Box::new(other))),
+                Err(ClientError::Op(OpError::Refused(Reject::Superseded))) if tries < 3 => {
+                    tries += 1;
+                    owner.jump();
+                    warn!(block = %id.short(), "a put met a newer release of the same owner: numbering ahead");
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
-    /// Stores a content block held by `hold`'s owner (an owner-signed
-    /// [`RefRecord::hold`] of the block's id); returns its id.
-    pub async fn put_held(&self, data: Vec<u8>, hold: RefRecord) -> Result<ObjectId, ClientError> {
-        match self
-            .run(Operation::PutContent {
-                data,
-                hold: Some(hold),
-            })
-            .await?
-        {
-            Outcome::ContentStored { id } => Ok(id),
-            other => Err(ClientError::Unexpected(Box::new(other))),
-        }
-    }
-
-    /// Records an owner-signed reference at a quorum of its block's group, normally a release
-    /// ([`RefRecord::release`]): once every owner released a block, its replicas delete it after
-    /// their grace period.
-    pub async fn reference(&self, record: RefRecord) -> Result<(), ClientError> {
+    /// Releases `owner`'s hold on content block `id` at a quorum of its group: once every owner
+    /// released a block, its replicas delete it after their grace period.
+    pub async fn release_as(&self, owner: &Owner, id: ObjectId) -> Result<(), ClientError> {
+        let record = RefRecord::release(&owner.key, id, owner.next());
         match self.run(Operation::Reference { record }).await? {
             Outcome::RefStored { .. } => Ok(()),
             other => Err(ClientError::Unexpected(Box::new(other))),
@@ -355,6 +373,44 @@ impl DbqsClient {
 }
 
 /// The driver task: owns the core client.
+/// A key that holds the content blocks it stores (`dbqs::refs`), and the numbering of its holds
+/// and releases: each later hold or release of one block needs a higher number. Clones share the
+/// numbering.
+#[derive(Clone)]
+pub struct Owner {
+    key: Keypair,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Owner {
+    /// Numbers from the time now in microseconds, counting up: a later process of the same key
+    /// orders after this one as long as the clocks it runs on do not go back (if one does, the
+    /// replicas say so and [`DbqsClient::put_as`] jumps ahead).
+    pub fn new(key: Keypair) -> Owner {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Owner {
+            key,
+            seq: Arc::new(std::sync::atomic::AtomicU64::new(micros)),
+        }
+    }
+
+    pub fn key(&self) -> &Keypair {
+        &self.key
+    }
+
+    fn next(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// About twelve days of microseconds ahead: past any clock skew between hosts.
+    fn jump(&self) {
+        self.seq
+            .fetch_add(1 << 40, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Counts a request out of [`DbqsClient::settle`]'s count when its task ends, however it ends.
 struct InFlight(tokio::sync::watch::Sender<usize>);
 

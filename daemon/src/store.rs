@@ -113,6 +113,17 @@ pub struct DiskStore {
     /// The ids of the content block files, in order (built at open). Renames into place and
     /// removals of block files happen under its lock, so it always matches the directory tree.
     index: Mutex<BTreeSet<ObjectId>>,
+    /// Reference records waiting to be merged ([`Store::merge_refs`]), committed in groups.
+    ref_queue: Mutex<Vec<RefMerge>>,
+    /// Held by the caller that commits a group of merges.
+    ref_commit: Mutex<()>,
+}
+
+/// One caller's merge waiting in [`DiskStore::ref_queue`], and where its result goes.
+struct RefMerge {
+    id: ObjectId,
+    records: Vec<RefRecord>,
+    result: std::sync::Arc<Mutex<Option<Result<Vec<RefRecord>, StoreError>>>>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -188,6 +199,8 @@ impl DiskStore {
             reserve: AtomicU64::new(0),
             full: AtomicBool::new(false),
             index: Mutex::new(BTreeSet::new()),
+            ref_queue: Mutex::new(Vec::new()),
+            ref_commit: Mutex::new(()),
         };
         let size = store.statvfs().map(|(_, size)| size).map_err(at(dir))?;
         store.set_reserve(default_reserve(size));
@@ -767,28 +780,30 @@ impl Store for DiskStore {
         records: &[RefRecord],
     ) -> Result<Vec<RefRecord>, StoreError> {
         // Most merges change nothing (a retransmitted put): those cost no write transaction.
-        let mut held = self.refs(id)?;
+        let held = self.refs(id)?;
         if !refs::merge(&mut held.clone(), id, records) {
             return Ok(held);
         }
-        // redb runs one write transaction at a time, so read-merge-write below is atomic.
-        let w = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = w.open_table(REFS).map_err(db_err)?;
-            held = read_refs(
-                t.get(id.0.as_slice())
-                    .map_err(db_err)?
-                    .as_ref()
-                    .map(|v| v.value()),
-                id,
-            );
-            refs::merge(&mut held, id, records);
-            let bytes = postcard::to_stdvec(&held).map_err(|e| StoreError::Io(e.to_string()))?;
-            t.insert(id.0.as_slice(), bytes.as_slice())
-                .map_err(db_err)?;
+        // Group commit: every merge queued meanwhile goes in one durable transaction (one fsync
+        // for all the puts a node is storing at once), committed by whichever caller gets the
+        // commit lock first; the others find their result done when they get it.
+        let result = std::sync::Arc::new(Mutex::new(None));
+        lock(&self.ref_queue).push(RefMerge {
+            id: *id,
+            records: records.to_vec(),
+            result: result.clone(),
+        });
+        let _commit = lock(&self.ref_commit);
+        if let Some(done) = lock(&result).take() {
+            return done;
         }
-        w.commit().map_err(db_err)?;
-        Ok(held)
+        let group = std::mem::take(&mut *lock(&self.ref_queue));
+        let outcome = self.commit_merges(&group);
+        for (m, r) in group.iter().zip(outcome) {
+            *lock(&m.result) = Some(r);
+        }
+        let done = lock(&result).take();
+        done.unwrap_or_else(|| Err(StoreError::Io("a reference merge was lost".into())))
     }
 
     fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
@@ -827,6 +842,43 @@ impl Store for DiskStore {
             }
         }
         Ok(ids)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DiskStore {
+    /// Merges a group of queued reference records in one write transaction (redb runs one at a
+    /// time, so each read-merge-write is atomic); returns each merge's records afterwards, or the
+    /// transaction's error for all of them.
+    fn commit_merges(&self, group: &[RefMerge]) -> Vec<Result<Vec<RefRecord>, StoreError>> {
+        let run = || -> Result<Vec<Vec<RefRecord>>, StoreError> {
+            let w = self.db.begin_write().map_err(db_err)?;
+            let mut out = Vec::with_capacity(group.len());
+            {
+                let mut t = w.open_table(REFS).map_err(db_err)?;
+                for m in group {
+                    let stored = t.get(m.id.0.as_slice()).map_err(db_err)?;
+                    let mut held = read_refs(stored.as_ref().map(|v| v.value()), &m.id);
+                    drop(stored);
+                    if refs::merge(&mut held, &m.id, &m.records) {
+                        let bytes = postcard::to_stdvec(&held)
+                            .map_err(|e| StoreError::Io(e.to_string()))?;
+                        t.insert(m.id.0.as_slice(), bytes.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    out.push(held);
+                }
+            }
+            w.commit().map_err(db_err)?;
+            Ok(out)
+        };
+        match run() {
+            Ok(v) => v.into_iter().map(Ok).collect(),
+            Err(e) => group.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 }
 
@@ -1105,5 +1157,32 @@ mod tests {
         s.delete(&k).unwrap();
         assert!(s.refs(&g).unwrap().is_empty() && s.refs(&k).unwrap().is_empty());
         assert!(s.list_range(None, &top, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn concurrent_merges_commit_in_groups_and_lose_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(open(dir.path()));
+        let ids: Vec<ObjectId> = (0..4u8).map(|i| content_id(&[i])).collect();
+        let threads: Vec<_> = (0..16u8)
+            .map(|t| {
+                let (s, ids) = (s.clone(), ids.clone());
+                std::thread::spawn(move || {
+                    let k = Keypair::from_seed([t + 1; 32]);
+                    for (i, x) in ids.iter().enumerate() {
+                        let held = s.merge_refs(x, &[RefRecord::hold(&k, *x, i as u64 + 1)]);
+                        assert!(held.unwrap().iter().any(|r| r.owner == k.public()));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(s);
+        let s = open(dir.path());
+        for x in &ids {
+            assert_eq!(s.refs(x).unwrap().len(), 16, "every owner's hold, durable");
+        }
     }
 }

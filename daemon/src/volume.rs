@@ -17,7 +17,7 @@
 //!
 //! Non-goals: volume listing and deletion, garbage collection, several owners per volume.
 
-use crate::client::{ClientError, DbqsClient};
+use crate::client::{ClientError, DbqsClient, Owner};
 use crate::control::SpaceStatus;
 use dbqsfs_core::crypto::{Keypair, ObjectId};
 use dbqsfs_core::dbqs::client::OpError;
@@ -136,6 +136,8 @@ pub struct DbqsBackend {
     stats: Arc<BackendStats>,
     client: DbqsClient,
     owner: Keypair,
+    /// The volume's key as the holder of the volume's chunks (`dbqs::refs`).
+    holder: Owner,
     prefix: Vec<u8>,
     handle: Handle,
     opts: BackendOptions,
@@ -220,6 +222,7 @@ impl DbqsBackend {
         DbqsBackend {
             stats: Arc::default(),
             client,
+            holder: Owner::new(owner.clone()),
             owner,
             prefix: volume_prefix(volume),
             handle,
@@ -354,7 +357,7 @@ impl Backend for DbqsBackend {
             });
         }
         let t = std::time::Instant::now();
-        let id = self.block(0, self.client.put_content(data.to_vec()))?;
+        let id = self.block(0, self.client.put_as(&self.holder, data.to_vec()))?;
         self.stats.add(0, t, data.len());
         Ok(id.0)
     }

@@ -76,10 +76,10 @@ impl Default for ClientOptions {
 #[derive(Clone, Debug)]
 pub enum Operation {
     /// Store `data` as a content block, held by `hold`'s owner (an owner-signed
-    /// [`RefRecord::hold`] of the block; `None`: unclaimed, kept until some owner's release).
+    /// [`RefRecord::hold`] of the block).
     PutContent {
         data: Vec<u8>,
-        hold: Option<RefRecord>,
+        hold: RefRecord,
     },
     /// Record an owner's signed reference, normally a release ([`RefRecord::release`]), at `2f+1`
     /// replicas of its block: once every owner released a block, its replicas delete it after
@@ -166,7 +166,7 @@ enum Phase {
     PutContent {
         id: ObjectId,
         data: Vec<u8>,
-        hold: Option<RefRecord>,
+        hold: RefRecord,
         acks: Tally<()>,
         refusals: Tally<Reject>,
     },

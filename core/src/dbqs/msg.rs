@@ -18,14 +18,13 @@ pub const MAX_CONFIGS_PER_REPLY: usize = 16;
 pub enum DbqsMessage {
     // Client → replica.
     /// Store content block `id` (the replica checks that `data` hashes to `id`), held by the owner
-    /// of `hold` (a [`RefRecord`] of `id` with `hold` set; `None`: nobody claims it, and it is
-    /// kept until a release of every owner that claims it later).
+    /// of `hold` (an owner-signed [`RefRecord`] of `id` with `hold` set).
     PutContent {
         rid: RequestId,
         id: ObjectId,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
-        hold: Option<RefRecord>,
+        hold: RefRecord,
     },
     GetContent {
         rid: RequestId,
@@ -124,6 +123,9 @@ pub enum Reject {
     NotAuthorized,
     /// A put's hold is a release, or names another block.
     NotAReference,
+    /// A put's hold is older than its owner's release of the block: sign the hold with a higher
+    /// sequence number than any of the owner's releases, and put again.
+    Superseded,
 }
 
 impl Protocol for DbqsMessage {
@@ -207,7 +209,7 @@ mod tests {
                 rid: 1,
                 id,
                 data: vec![1; 300],
-                hold: None,
+                hold: RefRecord::hold(&Keypair::from_seed([1; 32]), id, 1),
             },
             DbqsMessage::GetContent { rid: 1 << 40, id },
             DbqsMessage::PutPk { rid: 2, block },

@@ -10,8 +10,12 @@
 //!
 //! A block is *released* when it has records and none of them holds it ([`released`]); a replica
 //! deletes a released block's data after a grace period ([`super::replica::Replica::sweep`]) and keeps
-//! the records as tombstones, so that a replayed put of an old hold cannot bring it back. A block
-//! without any record (put before owners signed their puts) is kept.
+//! the records as tombstones, so that a replayed put of an old hold cannot bring it back (it is
+//! refused, [`super::msg::Reject::Superseded`], so an owner whose numbering went back learns it
+//! rather than being acknowledged for nothing). Every put carries a hold. A replica takes a
+//! client's release only from an owner whose record it has, so a block stored before owners signed
+//! their puts (without any record) is kept whoever releases it; a state transfer brings every
+//! record a quorum has.
 //!
 //! Records are signed by the owner ([`crate::crypto::Domain::BlockRef`]) so that a replica can
 //! check a client's release, and a new replica can check the records a state transfer hands it:

@@ -719,16 +719,15 @@ impl<S: Store> Replica<S> {
                 if let Err(e) = check_content(&id, &data) {
                     return rejected(object_reject(&e));
                 }
-                if let Some(h) = &hold {
-                    if !h.hold || h.id != id {
-                        return rejected(Reject::NotAReference);
-                    }
-                    if h.verify().is_err() {
-                        return rejected(Reject::BadSignature);
-                    }
+                if !hold.hold || hold.id != id {
+                    return rejected(Reject::NotAReference);
+                }
+                if hold.verify().is_err() {
+                    return rejected(Reject::BadSignature);
                 }
                 match self.put_held(&id, &data, hold) {
-                    Ok(()) => ContentStored { rid, id },
+                    Ok(true) => ContentStored { rid, id },
+                    Ok(false) => rejected(Reject::Superseded),
                     Err(e) => rejected(store_reject(&e)),
                 }
             }
@@ -739,6 +738,17 @@ impl<S: Store> Replica<S> {
                 }
                 if !self.release_authorized(&record) {
                     return rejected(Reject::BadSignature);
+                }
+                // An owner releases only what it holds here: a release of a block this replica
+                // never saw the owner's hold of (a block stored before owners signed their puts,
+                // or a put that did not reach it) changes nothing. A transfer brings what a quorum
+                // recorded.
+                let owners = match self.store.refs(&id) {
+                    Ok(r) => r,
+                    Err(e) => return rejected(store_reject(&e)),
+                };
+                if !record.hold && !owners.iter().any(|r| r.owner == record.owner) {
+                    return RefStored { rid, id };
                 }
                 match self.store.merge_refs(&id, std::slice::from_ref(&record)) {
                     Ok(held) => {
@@ -802,23 +812,17 @@ impl<S: Store> Replica<S> {
     }
 
     /// Stores a put block: its hold first, then its data (so that a sweep either sees the hold or
-    /// deleted before the data is written). A put that leaves the block released (its hold older
-    /// than its owner's release, or no hold on a block every owner released) is acknowledged
-    /// without storing anything: its owners let the block go.
-    fn put_held(
-        &self,
-        id: &ObjectId,
-        data: &[u8],
-        hold: Option<RefRecord>,
-    ) -> Result<(), StoreError> {
-        let held = match hold {
-            Some(h) => self.store.merge_refs(id, &[h])?,
-            None => self.store.refs(id)?,
-        };
-        if refs::released(&held) {
-            return Ok(());
+    /// deleted before the data is written). Returns false, storing nothing, when the hold is older
+    /// than its owner's release (a replayed or late put, or an owner whose numbering went back:
+    /// the owner is told, [`Reject::Superseded`], rather than acknowledged for nothing).
+    fn put_held(&self, id: &ObjectId, data: &[u8], hold: RefRecord) -> Result<bool, StoreError> {
+        let owner = hold.owner;
+        let held = self.store.merge_refs(id, &[hold])?;
+        if !held.iter().any(|r| r.owner == owner && r.hold) {
+            return Ok(false);
         }
-        self.store.put_content(id, data)
+        self.store.put_content(id, data)?;
+        Ok(true)
     }
 
     fn release_authorized(&self, record: &RefRecord) -> bool {

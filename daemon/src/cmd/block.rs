@@ -1,9 +1,9 @@
 //! `dbqsfs block put|get` (files as blocks) and `dbqsfs bench` (block latency and throughput).
 
-use super::common::{connect, connect_as};
+use super::common::connect;
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
-use dbqsfs_daemon::blocks::{self, FileId, Owner};
+use dbqsfs_daemon::blocks::{self, FileId};
 use dbqsfs_daemon::files::{self};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
@@ -81,11 +81,10 @@ pub(crate) fn progress_bar(total: u64) -> ProgressBar {
 }
 
 pub(crate) async fn block_put(cluster: &Path, file: &Path) -> Result<()> {
-    let (client, key) = connect_as(cluster)?;
+    let client = connect(cluster)?;
     let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let bar = progress_bar(data.len() as u64);
-    let owner = Owner::now(key);
-    let id = blocks::put_file(&client, &owner, &data, &|n| bar.inc(n))
+    let id = blocks::put_file(&client, client.owner(), &data, &|n| bar.inc(n))
         .await
         .with_context(|| format!("storing {}", file.display()))?;
     client.settle(Duration::from_secs(3)).await;
@@ -95,9 +94,8 @@ pub(crate) async fn block_put(cluster: &Path, file: &Path) -> Result<()> {
 }
 
 pub(crate) async fn block_rm(cluster: &Path, id: FileId) -> Result<()> {
-    let (client, key) = connect_as(cluster)?;
-    let owner = Owner::now(key);
-    let n = blocks::remove_file(&client, &owner, id, &|_| {})
+    let client = connect(cluster)?;
+    let n = blocks::remove_file(&client, client.owner(), id, &|_| {})
         .await
         .with_context(|| format!("releasing {id}"))?;
     // A quorum took each release; let the rest of each group hear of it too.

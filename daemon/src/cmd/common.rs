@@ -1,7 +1,6 @@
 //! What the subcommands share: usage errors, logging, the async runtime, a client of a cluster.
 
 use anyhow::{bail, Context, Result};
-use dbqsfs_core::crypto::Keypair;
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions};
 use dbqsfs_daemon::files::ClusterInfo;
 use std::io::IsTerminal;
@@ -57,15 +56,12 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub(crate) fn connect(cluster: &Path) -> Result<DbqsClient> {
-    Ok(connect_as(cluster)?.0)
-}
-
-/// A client of a cluster, and the client key it connects with (which owns what it stores).
-pub(crate) fn connect_as(cluster: &Path) -> Result<(DbqsClient, Keypair)> {
     let info = ClusterInfo::load(cluster)?;
-    let key = info.client_key.clone();
-    let client = DbqsClient::connect(info.genesis, info.client_key, DbqsClientOptions::default())?;
-    Ok((client, key))
+    Ok(DbqsClient::connect(
+        info.genesis,
+        info.client_key,
+        DbqsClientOptions::default(),
+    )?)
 }
 
 /// Where the embedded default keeps its data: `--data-dir`, `$XDG_DATA_HOME/dbqsfs`,

@@ -1762,7 +1762,7 @@ impl Sim {
             if !slot.held.contains(&id) {
                 slot.held.push(id);
             }
-            let hold = Some(RefRecord::hold(&slot.own, id, seq));
+            let hold = RefRecord::hold(&slot.own, id, seq);
             (
                 Operation::PutContent { data, hold },
                 HKind::PutContent { id, seq },
