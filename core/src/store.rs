@@ -77,6 +77,24 @@ pub trait Store {
         id: &ObjectId,
         records: &[RefRecord],
     ) -> Result<Vec<RefRecord>, StoreError>;
+    /// Stores a put's block: merges `hold` (checked by the caller) into `id`'s records, and stores
+    /// `data` unless the merged records say the owner released the block after this hold.
+    /// Returns the records afterwards. When it returns, the records are durable and, if the owner
+    /// holds the block, so is the data, whatever [`Store::drop_released`] ran meanwhile. The
+    /// default merges first and then writes (so a sweep either saw the hold or deleted before the
+    /// data was written); a store may write both at once if it then makes sure the data is there.
+    fn put_held(
+        &self,
+        id: &ObjectId,
+        data: &[u8],
+        hold: &RefRecord,
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        let held = self.merge_refs(id, std::slice::from_ref(hold))?;
+        if holds(&held, hold) {
+            self.put_content(id, data)?;
+        }
+        Ok(held)
+    }
     /// Deletes the data of content block `id` if its records release it ([`refs::released`]),
     /// keeping the records; returns whether data was deleted. Atomic against
     /// [`Store::merge_refs`]: a hold merged before it keeps the data, and one merged after it is
@@ -114,6 +132,14 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         (**self).delete(id)
     }
+    fn put_held(
+        &self,
+        id: &ObjectId,
+        data: &[u8],
+        hold: &RefRecord,
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        (**self).put_held(id, data, hold)
+    }
     fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
         (**self).has_content(id)
     }
@@ -133,6 +159,11 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     fn released(&self) -> Result<Vec<ObjectId>, StoreError> {
         (**self).released()
     }
+}
+
+/// Whether `records` (a block's, after merging `hold`) show `hold`'s owner holding the block.
+pub fn holds(records: &[RefRecord], hold: &RefRecord) -> bool {
+    records.iter().any(|r| r.owner == hold.owner && r.hold)
 }
 
 /// The bounds of `(lo, hi]` (from the lowest id when `lo` is `None`) for an ordered map's range

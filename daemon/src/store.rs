@@ -806,6 +806,34 @@ impl Store for DiskStore {
         done.unwrap_or_else(|| Err(StoreError::Io("a reference merge was lost".into())))
     }
 
+    fn put_held(
+        &self,
+        id: &ObjectId,
+        data: &[u8],
+        hold: &RefRecord,
+    ) -> Result<Vec<RefRecord>, StoreError> {
+        // The block file and the hold's transaction, each with its fsyncs, at once; then, if a
+        // sweep deleted the file before the hold was committed (the block was released a grace
+        // ago and is put again just now), the file is written again: once the hold is durable no
+        // sweep deletes it.
+        let (held, wrote) = std::thread::scope(|s| {
+            let writer = s.spawn(|| self.put_content(id, data));
+            let held = self.merge_refs(id, std::slice::from_ref(hold));
+            let wrote = writer
+                .join()
+                .unwrap_or_else(|_| Err(StoreError::Io("the block writer panicked".into())));
+            (held, wrote)
+        });
+        let held = held?;
+        if dbqsfs_core::store::holds(&held, hold) {
+            wrote?;
+            if !self.has_content(id)? {
+                self.put_content(id, data)?;
+            }
+        }
+        Ok(held)
+    }
+
     fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
         // Inside a write transaction, so that no hold is merged between the check and the
         // deletion (a put merges its hold before it writes its data).

@@ -816,13 +816,15 @@ impl<S: Store> Replica<S> {
     /// than its owner's release (a replayed or late put, or an owner whose numbering went back:
     /// the owner is told, [`Reject::Superseded`], rather than acknowledged for nothing).
     fn put_held(&self, id: &ObjectId, data: &[u8], hold: RefRecord) -> Result<bool, StoreError> {
-        let owner = hold.owner;
-        let held = self.store.merge_refs(id, &[hold])?;
-        if !held.iter().any(|r| r.owner == owner && r.hold) {
-            return Ok(false);
+        let held = self.store.put_held(id, data, &hold)?;
+        if crate::store::holds(&held, &hold) {
+            return Ok(true);
         }
-        self.store.put_content(id, data)?;
-        Ok(true)
+        // A store that wrote the data alongside may hold it now: it goes after the grace.
+        if refs::released(&held) {
+            self.note_released(*id);
+        }
+        Ok(false)
     }
 
     fn release_authorized(&self, record: &RefRecord) -> bool {
