@@ -1213,4 +1213,30 @@ mod tests {
             assert_eq!(s.refs(x).unwrap().len(), 16, "every owner's hold, durable");
         }
     }
+
+    #[test]
+    fn a_held_put_stores_data_and_hold_and_a_superseded_one_only_schedules_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let a = Keypair::from_seed([1; 32]);
+        let data = b"put, released, put again".to_vec();
+        let x = content_id(&data);
+        let held = s.put_held(&x, &data, &RefRecord::hold(&a, x, 1)).unwrap();
+        assert!(dbqsfs_core::store::holds(&held, &RefRecord::hold(&a, x, 1)));
+        assert_eq!(s.get_content(&x).unwrap(), Some(data.clone()));
+        s.merge_refs(&x, &[RefRecord::release(&a, x, 2)]).unwrap();
+        assert!(s.drop_released(&x).unwrap());
+        // A late put of the old hold: not held, and whatever it wrote is released again.
+        let late = RefRecord::hold(&a, x, 1);
+        let held = s.put_held(&x, &data, &late).unwrap();
+        assert!(!dbqsfs_core::store::holds(&held, &late));
+        assert!(s.released().unwrap().iter().all(|y| *y == x));
+        // A newer hold brings it back, durable.
+        let new = RefRecord::hold(&a, x, 3);
+        assert!(dbqsfs_core::store::holds(&s.put_held(&x, &data, &new).unwrap(), &new));
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.get_content(&x).unwrap(), Some(data));
+        assert!(s.released().unwrap().is_empty());
+    }
 }
