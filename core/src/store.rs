@@ -163,7 +163,7 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
 
 /// Whether `records` (a block's, after merging `hold`) show `hold`'s owner holding the block.
 pub fn holds(records: &[RefRecord], hold: &RefRecord) -> bool {
-    records.iter().any(|r| r.owner == hold.owner && r.hold)
+    refs::holding(records, &hold.owner)
 }
 
 /// The bounds of `(lo, hi]` (from the lowest id when `lo` is `None`) for an ordered map's range

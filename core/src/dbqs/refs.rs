@@ -2,26 +2,27 @@
 //!
 //! A content block is kept on behalf of owners. An owner that puts a block signs a [`RefRecord`]
 //! that *holds* it; an owner that no longer needs it signs one that *releases* it. Each record
-//! carries the owner's sequence number, and per owner only the record with the highest one counts
-//! ([`merge`]): an owner that releases a block and later puts the same content again (a higher
-//! number) keeps it, and a replayed older record changes nothing. The owner numbers its records of
-//! one block in the order it means them (a volume's writer numbers them from its commit sequence);
-//! on a tie, a hold wins, so that ambiguity never loses data.
+//! carries the owner's sequence number. Per owner a replica keeps its highest hold and its highest
+//! release ([`merge`]), and the owner holds the block while its hold is at least as high as its
+//! release ([`holding`]; a tie goes to the hold, so that ambiguity never loses data): an owner that
+//! releases a block and later puts the same content again (a higher number) keeps it, and a
+//! replayed older record changes nothing. The owner numbers its records of one block in the order
+//! it means them.
 //!
-//! A block is *released* when it has records and none of them holds it ([`released`]); a replica
-//! deletes a released block's data after a grace period ([`super::replica::Replica::sweep`]) and keeps
-//! the records as tombstones, so that a replayed put of an old hold cannot bring it back (it is
-//! refused, [`super::msg::Reject::Superseded`], so an owner whose numbering went back learns it
-//! rather than being acknowledged for nothing). Every put carries a hold. A replica takes a
-//! client's release only from an owner whose record it has, so a block stored before owners signed
-//! their puts (without any record) is kept whoever releases it; a state transfer brings every
-//! record a quorum has.
+//! A block is *released* when some owner held it and none holds it now ([`released`]): a signed
+//! hold proves the block was claimed, so a release by a key that never held the block (a thief's,
+//! or anyone's of a block stored before owners signed their puts) lets nothing go. A replica
+//! deletes a released block's data after a grace period ([`super::replica::Replica::sweep`]) and
+//! keeps the records as tombstones, so that a replayed put of an old hold cannot bring it back (it
+//! is refused, [`super::msg::Reject::Superseded`], so an owner whose numbering went back learns it
+//! rather than being acknowledged for nothing).
 //!
 //! Records are signed by the owner ([`crate::crypto::Domain::BlockRef`]) so that a replica can
 //! check a client's release, and a new replica can check the records a state transfer hands it:
-//! a Byzantine replica can withhold records or replay old ones but not forge them. A transfer takes
-//! the union of the records of `2f+1` old replicas (every completed hold and release reached a
-//! correct one among them), merged by the same rule.
+//! a Byzantine replica can withhold records or replay old ones but not forge them. Every replica
+//! records every valid hold and release it is sent, so a completed one is on `f+1` correct members
+//! of any `2f+1`; a transfer takes the union of the records of `2f+1` old replicas, merged by the
+//! same rule.
 
 use crate::crypto::{CryptoError, Domain, Keypair, ObjectId, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
@@ -74,22 +75,17 @@ impl RefRecord {
             &self.signature,
         )
     }
-
-    /// Whether this record counts over `other` (of the same owner and block).
-    fn supersedes(&self, other: &RefRecord) -> bool {
-        (self.seq, self.hold) > (other.seq, other.hold)
-    }
 }
 
-/// Merges `new` into `held` (the records of one block, at most one per owner, ordered by owner):
-/// per owner the record with the highest `seq` stays (a hold over a release of the same `seq`).
-/// Records of another block are ignored; signatures are the caller's to check. Returns whether
-/// `held` changed.
+/// Merges `new` into `held` (the records of one block, ordered by owner then kind, at most a hold
+/// and a release per owner): per owner and kind the record with the highest `seq` stays. Records
+/// of another block are ignored; signatures are the caller's to check. Returns whether `held`
+/// changed.
 pub fn merge(held: &mut Vec<RefRecord>, id: &ObjectId, new: &[RefRecord]) -> bool {
     let mut changed = false;
     for r in new.iter().filter(|r| r.id == *id) {
-        match held.binary_search_by(|h| h.owner.cmp(&r.owner)) {
-            Ok(i) if r.supersedes(&held[i]) => {
+        match held.binary_search_by(|h| (h.owner, h.hold).cmp(&(r.owner, r.hold))) {
+            Ok(i) if r.seq > held[i].seq => {
                 held[i] = r.clone();
                 changed = true;
             }
@@ -103,9 +99,37 @@ pub fn merge(held: &mut Vec<RefRecord>, id: &ObjectId, new: &[RefRecord]) -> boo
     changed
 }
 
-/// Whether a block with these records may be deleted: it has records, and no owner holds it.
+/// The highest hold and release of `owner` among a block's records.
+fn of_owner(records: &[RefRecord], owner: &PublicKey) -> (Option<u64>, Option<u64>) {
+    let seq = |hold: bool| {
+        records
+            .iter()
+            .filter(|r| r.owner == *owner && r.hold == hold)
+            .map(|r| r.seq)
+            .max()
+    };
+    (seq(true), seq(false))
+}
+
+/// Whether `owner` holds the block: it has a hold at least as high as its release.
+pub fn holding(records: &[RefRecord], owner: &PublicKey) -> bool {
+    match of_owner(records, owner) {
+        (Some(h), Some(r)) => h >= r,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// Whether a block with these records may be deleted: some owner held it, and none holds it now.
 pub fn released(records: &[RefRecord]) -> bool {
-    !records.is_empty() && records.iter().all(|r| !r.hold)
+    let mut held_once = false;
+    for r in records.iter().filter(|r| r.hold) {
+        held_once = true;
+        if holding(records, &r.owner) {
+            return false;
+        }
+    }
+    held_once
 }
 
 #[cfg(test)]
@@ -117,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn the_highest_seq_of_each_owner_counts_whatever_the_order() {
+    fn the_highest_hold_and_release_of_each_owner_count_whatever_the_order() {
         let (a, b) = (key(1), key(2));
         let id = ObjectId([9; 32]);
         let recs = [
@@ -127,13 +151,14 @@ mod tests {
             RefRecord::hold(&b, id, 1),
             RefRecord::release(&b, id, 5),
         ];
-        // Every order of merging gives the same result: a holds (seq 3), b released (seq 5).
+        // Every order of merging gives the same result: a holds (3 > 2), b released (5 > 1).
         for rot in 0..recs.len() {
             let mut held = Vec::new();
             for i in 0..recs.len() {
                 merge(&mut held, &id, &[recs[(i + rot) % recs.len()].clone()]);
             }
-            assert_eq!(held.len(), 2);
+            assert_eq!(held.len(), 4, "a hold and a release per owner");
+            assert!(holding(&held, &a.public()) && !holding(&held, &b.public()));
             assert!(!released(&held));
             let replay = recs[1].clone();
             assert!(
@@ -146,19 +171,27 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_wins_a_tie_and_other_blocks_records_are_ignored() {
-        let a = key(1);
+    fn a_hold_wins_a_tie_and_a_release_without_a_hold_lets_nothing_go() {
+        let (a, thief) = (key(1), key(3));
         let id = ObjectId([9; 32]);
         let mut held = vec![RefRecord::release(&a, id, 7)];
+        assert!(
+            !released(&held),
+            "nobody ever held it: a block stored before holds"
+        );
         assert!(merge(&mut held, &id, &[RefRecord::hold(&a, id, 7)]));
-        assert!(!released(&held));
-        assert!(!merge(&mut held, &id, &[RefRecord::release(&a, id, 7)]));
+        assert!(!released(&held), "the tie goes to the hold");
         assert!(!merge(
             &mut held,
             &id,
             &[RefRecord::release(&a, ObjectId([8; 32]), 9)]
         ));
-        assert!(!released(&[]), "a block nobody claimed is kept");
+        assert!(merge(&mut held, &id, &[RefRecord::release(&a, id, 8)]));
+        assert!(released(&held));
+        let mut other = vec![RefRecord::hold(&a, id, 1)];
+        merge(&mut other, &id, &[RefRecord::release(&thief, id, 99)]);
+        assert!(!released(&other), "a thief's release lets go of nothing");
+        assert!(!released(&[]));
     }
 
     #[test]

@@ -739,17 +739,10 @@ impl<S: Store> Replica<S> {
                 if !self.release_authorized(&record) {
                     return rejected(Reject::BadSignature);
                 }
-                // An owner releases only what it holds here: a release of a block this replica
-                // never saw the owner's hold of (a block stored before owners signed their puts,
-                // or a put that did not reach it) changes nothing. A transfer brings what a quorum
-                // recorded.
-                let owners = match self.store.refs(&id) {
-                    Ok(r) => r,
-                    Err(e) => return rejected(store_reject(&e)),
-                };
-                if !record.hold && !owners.iter().any(|r| r.owner == record.owner) {
-                    return RefStored { rid, id };
-                }
+                // Recorded whether or not this replica saw the owner's hold (a put that did not
+                // reach it): a completed release must be on `f+1` correct replicas of any `2f+1`,
+                // for transfers. A release by a key that never held the block lets nothing go
+                // (`refs::released`).
                 match self.store.merge_refs(&id, std::slice::from_ref(&record)) {
                     Ok(held) => {
                         if refs::released(&held) {

@@ -2029,7 +2029,7 @@ impl Sim {
                 n.store.get_content(&id).ok().flatten().is_some()
             });
             if held > 0 {
-                problems.push(format!("content block {id:?}, released by every owner, is still held by {held} correct members of its group after the grace"));
+                problems.push(format!("content block {id:?}, released by every owner, is still held by {held} correct members of its group after the grace; its owners' puts and releases: {}", self.refs_history(id)));
             }
         }
         for id in referenced {
