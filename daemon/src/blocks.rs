@@ -6,7 +6,7 @@
 //! total are checked on reassembly. Non-goals: deduplicating chunking (fixed-size chunks only),
 //! files too large for one manifest (about 28,000 chunks, roughly 28 GiB).
 //!
-//! Every block is put held by an [`Owner`] (a key and a sequence number, `dbqs::refs`), and
+//! Every block is put held by an [`Owner`] (a key and the numbering of its holds, `dbqs::refs`), and
 //! [`remove_file`] releases the owner's hold on every block of a file, so that the replicas delete
 //! them after their grace period. Holds are per owner, not counted: a block that two files of one
 //! owner share goes when either is removed.

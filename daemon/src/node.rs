@@ -542,10 +542,11 @@ fn replica_options(settings: &crate::files::NodeSettings) -> ReplicaOptions {
 }
 
 /// Deletes released content blocks once their grace is over (`Replica::sweep`): looks every
-/// second, and deletes at most a page at a time on the blocking pool, under the replica's read
-/// lock (requests are served meanwhile).
+/// second, and deletes a page at a time (up to 64 pages a second) on the blocking pool, each page
+/// under the replica's read lock (requests are served meanwhile).
 async fn sweep_released(replica: SharedReplica) {
     const PAGE: usize = 256;
+    const PAGES: usize = 64;
     let started = std::time::Instant::now();
     let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -561,7 +562,19 @@ async fn sweep_released(replica: SharedReplica) {
         }
         let r = replica.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            r.read().unwrap_or_else(|p| p.into_inner()).sweep(now, PAGE)
+            let mut all = Vec::new();
+            for _ in 0..PAGES {
+                let page = r
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sweep(now, PAGE)?;
+                let more = page.len() == PAGE;
+                all.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            Ok::<_, dbqsfs_core::store::StoreError>(all)
         })
         .await;
         match swept {

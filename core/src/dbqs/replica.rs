@@ -12,10 +12,10 @@
 //!   fetched on demand), so a correct replica never claims a value it may be missing. It accepts
 //!   writes at once. [`Replica::handle_noting_miss`] names the object of such a read, so the driver
 //!   can fetch it on demand ([`super::transfer::Transfer::fetch_now`]);
-//! - content blocks are kept on behalf of owners ([`super::refs`]): a put may carry the owner's
-//!   signed hold, a [`DbqsMessage::Reference`] its signed release; a block every owner released is
-//!   deleted [`ReplicaOptions::grace_ms`] after the replica learnt it ([`Replica::sweep`]), its
-//!   records kept as tombstones;
+//! - content blocks are kept on behalf of owners ([`super::refs`]): every put carries its owner's
+//!   signed hold, a [`DbqsMessage::Reference`] its signed release; a block some owner held and
+//!   none holds now is deleted [`ReplicaOptions::grace_ms`] after the replica learnt it
+//!   ([`Replica::sweep`]), its records kept as tombstones;
 //! - it serves state transfer and garbage collection ([`Replica::handle_transfer`]), and deletes a
 //!   range it lost once `2f+1` of the range's new group hold it ([`Replica::delete_lost`]); from then
 //!   on it answers requests for that range [`TransferMessage::Gone`], never an empty listing.
@@ -566,8 +566,8 @@ impl<S: Store> Replica<S> {
     }
 
     /// Merges reference records of content block `id` that a state transfer brought (the
-    /// transfer checked their signatures, [`super::transfer::TransferOutput::StoreRefs`]) and
-    /// schedules the block's deletion if they release it. Call before storing the block itself.
+    /// transfer checked their signatures, [`super::transfer::TransferOutput::StoreRefs`], given
+    /// after the unit's blocks are stored) and schedules the block's deletion if they release it.
     pub fn merge_transferred_refs(
         &self,
         id: &ObjectId,

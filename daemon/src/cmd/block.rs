@@ -51,8 +51,8 @@ pub enum BlockCmd {
         and keeps a small record of the release so that an old put replayed cannot bring it back. \
         Holds are per key, not counted: a block that another file stored with the same key \
         shares goes too (identical files, or identical 1 MiB pieces). Holds and releases are \
-        ordered by the time of the command, so a `block put` after a `block rm` of the same \
-        content keeps it, as long as this machine's clock does not go back."
+        numbered from the clock, so a `block put` after a `block rm` of the same content keeps \
+        it (if a clock went back, the replicas say so and the put numbers ahead)."
     )]
     Rm {
         /// The cluster description (DIR/cluster.toml).
