@@ -267,7 +267,7 @@ fn a_node_killed_in_the_middle_of_writes_holds_no_torn_or_corrupt_block_after_re
     // Kill node 0 once it has stored a few blocks, while the put is still running.
     let blocks = cluster.node_dir(0).join("data/blocks");
     let start = Instant::now();
-    while count_files(&blocks) < 3 && start.elapsed() < Duration::from_secs(60) {
+    while files_under(&blocks).0 < 3 && start.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(
@@ -301,19 +301,20 @@ fn a_node_killed_in_the_middle_of_writes_holds_no_torn_or_corrupt_block_after_re
     }
 }
 
-/// Bytes of the block files under `dir` (a node's data directory holds them in `blocks/`).
-fn block_bytes(dir: &Path) -> u64 {
+/// The files under `dir` and their bytes, recursively (a node's block files are under
+/// `data/blocks/`).
+fn files_under(dir: &Path) -> (usize, u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return (0, 0);
     };
     entries
         .flatten()
         .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => block_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
+            Ok(m) if m.is_dir() => files_under(&e.path()),
+            Ok(m) => (1, m.len()),
+            Err(_) => (0, 0),
         })
-        .sum()
+        .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2))
 }
 
 #[test]
@@ -351,7 +352,7 @@ fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
     let w = work.path();
     let stored = || {
         (0..4)
-            .map(|i| block_bytes(&cluster.node_dir(i).join("data/blocks")))
+            .map(|i| files_under(&cluster.node_dir(i).join("data/blocks")).1)
             .sum::<u64>()
     };
     let empty = stored();
@@ -401,20 +402,6 @@ fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
         "stored {full} bytes; {left} bytes {:?} after `block rm` (empty: {empty})",
         start.elapsed()
     );
-}
-
-fn count_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => count_files(&e.path()),
-            Ok(_) => 1,
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 #[test]
