@@ -77,6 +77,17 @@ pub trait Store {
         id: &ObjectId,
         records: &[RefRecord],
     ) -> Result<Vec<RefRecord>, StoreError>;
+    /// [`Store::merge_refs`] of many blocks (a state transfer's records), in as few durable
+    /// writes as the store can; returns each block's records afterwards, in order.
+    fn merge_refs_many(
+        &self,
+        items: &[(ObjectId, Vec<RefRecord>)],
+    ) -> Result<Vec<Vec<RefRecord>>, StoreError> {
+        items
+            .iter()
+            .map(|(id, records)| self.merge_refs(id, records))
+            .collect()
+    }
     /// Stores a put's block: merges `hold` (checked by the caller) into `id`'s records, and stores
     /// `data` unless the merged records say the owner released the block after this hold.
     /// Returns the records afterwards. When it returns, the records are durable and, if the owner
@@ -139,6 +150,12 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
         hold: &RefRecord,
     ) -> Result<Vec<RefRecord>, StoreError> {
         (**self).put_held(id, data, hold)
+    }
+    fn merge_refs_many(
+        &self,
+        items: &[(ObjectId, Vec<RefRecord>)],
+    ) -> Result<Vec<Vec<RefRecord>>, StoreError> {
+        (**self).merge_refs_many(items)
     }
     fn has_content(&self, id: &ObjectId) -> Result<bool, StoreError> {
         (**self).has_content(id)

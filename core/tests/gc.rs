@@ -297,11 +297,7 @@ fn run_transfer(
                 TransferOutput::StorePk { block } => {
                     mine.store().put_pk_if_newer(&block).unwrap();
                 }
-                TransferOutput::StoreRefs { refs } => {
-                    for (id, records) in refs {
-                        mine.merge_transferred_refs(&id, &records).unwrap();
-                    }
-                }
+                TransferOutput::StoreRefs { refs } => mine.merge_transferred_refs(&refs).unwrap(),
                 TransferOutput::UnitDone { arc, .. } => done.push(arc),
                 TransferOutput::Complete { epoch } => assert_eq!(epoch, 1),
             }

@@ -129,6 +129,13 @@ impl<S: Store> Store for FaultStore<S> {
         self.inner.merge_refs(id, records)
     }
 
+    fn merge_refs_many(
+        &self,
+        items: &[(ObjectId, Vec<RefRecord>)],
+    ) -> Result<Vec<Vec<RefRecord>>, StoreError> {
+        self.inner.merge_refs_many(items)
+    }
+
     fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
         self.inner.drop_released(id)
     }

@@ -837,6 +837,13 @@ impl Store for DiskStore {
         Ok(held)
     }
 
+    fn merge_refs_many(
+        &self,
+        items: &[(ObjectId, Vec<RefRecord>)],
+    ) -> Result<Vec<Vec<RefRecord>>, StoreError> {
+        self.merge_in_one(items.iter().map(|(id, r)| (id, r.as_slice())))
+    }
+
     fn drop_released(&self, id: &ObjectId) -> Result<bool, StoreError> {
         // Inside a write transaction, so that no hold is merged between the check and the
         // deletion (a put merges its hold before it writes its data).
@@ -885,31 +892,37 @@ impl DiskStore {
     /// time, so each read-merge-write is atomic); returns each merge's records afterwards, or the
     /// transaction's error for all of them.
     fn commit_merges(&self, group: &[RefMerge]) -> Vec<Result<Vec<RefRecord>, StoreError>> {
-        let run = || -> Result<Vec<Vec<RefRecord>>, StoreError> {
-            let w = self.db.begin_write().map_err(db_err)?;
-            let mut out = Vec::with_capacity(group.len());
-            {
-                let mut t = w.open_table(REFS).map_err(db_err)?;
-                for m in group {
-                    let stored = t.get(m.id.0.as_slice()).map_err(db_err)?;
-                    let mut held = read_refs(stored.as_ref().map(|v| v.value()), &m.id);
-                    drop(stored);
-                    if refs::merge(&mut held, &m.id, &m.records) {
-                        let bytes = postcard::to_stdvec(&held)
-                            .map_err(|e| StoreError::Io(e.to_string()))?;
-                        t.insert(m.id.0.as_slice(), bytes.as_slice())
-                            .map_err(db_err)?;
-                    }
-                    out.push(held);
-                }
-            }
-            w.commit().map_err(db_err)?;
-            Ok(out)
-        };
-        match run() {
+        match self.merge_in_one(group.iter().map(|m| (&m.id, m.records.as_slice()))) {
             Ok(v) => v.into_iter().map(Ok).collect(),
             Err(e) => group.iter().map(|_| Err(e.clone())).collect(),
         }
+    }
+
+    /// Merges each `(id, records)` in one durable write transaction (redb runs one at a time, so
+    /// each read-merge-write is atomic); returns each block's records afterwards, in order.
+    fn merge_in_one<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a ObjectId, &'a [RefRecord])>,
+    ) -> Result<Vec<Vec<RefRecord>>, StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        let mut out = Vec::new();
+        {
+            let mut t = w.open_table(REFS).map_err(db_err)?;
+            for (id, records) in items {
+                let stored = t.get(id.0.as_slice()).map_err(db_err)?;
+                let mut held = read_refs(stored.as_ref().map(|v| v.value()), id);
+                drop(stored);
+                if refs::merge(&mut held, id, records) {
+                    let bytes =
+                        postcard::to_stdvec(&held).map_err(|e| StoreError::Io(e.to_string()))?;
+                    t.insert(id.0.as_slice(), bytes.as_slice())
+                        .map_err(db_err)?;
+                }
+                out.push(held);
+            }
+        }
+        w.commit().map_err(db_err)?;
+        Ok(out)
     }
 }
 
@@ -1244,5 +1257,35 @@ mod tests {
         let s = open(dir.path());
         assert_eq!(s.get_content(&x).unwrap(), Some(data));
         assert!(s.released().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_transfers_records_merge_in_one_write_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let a = Keypair::from_seed([1; 32]);
+        let ids: Vec<ObjectId> = (0..100u8).map(|i| content_id(&[i])).collect();
+        let first: Vec<_> = ids
+            .iter()
+            .map(|x| (*x, vec![RefRecord::hold(&a, *x, 1)]))
+            .collect();
+        assert!(s
+            .merge_refs_many(&first)
+            .unwrap()
+            .iter()
+            .all(|r| r.len() == 1));
+        // The same block twice in one batch: the second sees the first.
+        let x = ids[0];
+        let twice = vec![
+            (x, vec![RefRecord::release(&a, x, 2)]),
+            (x, vec![RefRecord::hold(&a, x, 3)]),
+        ];
+        let out = s.merge_refs_many(&twice).unwrap();
+        assert_eq!((out[0].len(), out[1].len()), (2, 2));
+        assert!(refs::released(&out[0]) && !refs::released(&out[1]));
+        drop(s);
+        let s = open(dir.path());
+        assert!(!refs::released(&s.refs(&x).unwrap()));
+        assert_eq!(s.refs(&ids[99]).unwrap().len(), 1);
     }
 }

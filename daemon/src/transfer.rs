@@ -1929,13 +1929,14 @@ fn announce(
 ) -> Result<(), StoreError> {
     match what {
         TransferOutput::StoreRefs { refs } => {
+            // Under the read lock, as a content write: nothing of a range collected since.
             let r = replica.read().unwrap_or_else(|p| p.into_inner());
-            for (id, records) in refs {
-                // Under the read lock, as a content write: nothing of a range collected since.
-                if r.accepts_transferred(into, id) {
-                    r.merge_transferred_refs(id, records)?;
-                }
-            }
+            let wanted: Vec<_> = refs
+                .iter()
+                .filter(|(id, _)| r.accepts_transferred(into, id))
+                .cloned()
+                .collect();
+            r.merge_transferred_refs(&wanted)?;
         }
         TransferOutput::UnitDone { epoch, arc } if is_single(arc) => {
             // An object fetched on demand: not persisted (after a restart a read fetches it again).

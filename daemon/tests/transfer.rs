@@ -476,6 +476,16 @@ async fn a_new_node_transfers_exactly_its_groups_objects_and_serves_them() {
     stop_all(nodes.into_iter().flatten()).await;
     eprintln!("stopped all: {:?}", t0.elapsed());
     s.check_holdings(&data);
+    // The transfer brought each block's owner's hold along with it.
+    let store = open_store(&s.dirs[s.new_node()]);
+    let owner = client.owner().key().public();
+    for id in &needed {
+        assert!(
+            dbqsfs_core::dbqs::refs::holding(&store.refs(id).unwrap(), &owner),
+            "block {} came without its owner's hold",
+            id.short()
+        );
+    }
     eprintln!("checked: {:?}", t0.elapsed());
 }
 

@@ -565,17 +565,21 @@ impl<S: Store> Replica<S> {
         self.chain.config().is_responsible(&self.me, x)
     }
 
-    /// Merges reference records of content block `id` that a state transfer brought (the
-    /// transfer checked their signatures, [`super::transfer::TransferOutput::StoreRefs`], given
-    /// after the unit's blocks are stored) and schedules the block's deletion if they release it.
+    /// Merges the reference records a state transfer brought (the transfer checked their
+    /// signatures, [`super::transfer::TransferOutput::StoreRefs`], given after the unit's blocks
+    /// are stored; the caller leaves out what [`Replica::accepts_transferred`] refuses), a
+    /// thousand blocks per durable write, and schedules the deletion of the blocks they release.
     pub fn merge_transferred_refs(
         &self,
-        id: &ObjectId,
-        records: &[RefRecord],
+        refs: &[(ObjectId, Vec<RefRecord>)],
     ) -> Result<(), StoreError> {
-        let held = self.store.merge_refs(id, records)?;
-        if refs::released(&held) {
-            self.note_released(*id);
+        for batch in refs.chunks(1024) {
+            let held = self.store.merge_refs_many(batch)?;
+            for ((id, _), records) in batch.iter().zip(held) {
+                if refs::released(&records) {
+                    self.note_released(*id);
+                }
+            }
         }
         Ok(())
     }

@@ -1110,11 +1110,12 @@ impl Sim {
                 }
                 TransferOutput::StoreRefs { refs } => {
                     if !self.hollow(n) {
-                        for (id, records) in refs {
-                            if self.nodes[n].replica.accepts_transferred(e, &id) {
-                                let _ = self.nodes[n].replica.merge_transferred_refs(&id, &records);
-                            }
-                        }
+                        let replica = &self.nodes[n].replica;
+                        let wanted: Vec<_> = refs
+                            .into_iter()
+                            .filter(|(id, _)| replica.accepts_transferred(e, id))
+                            .collect();
+                        let _ = replica.merge_transferred_refs(&wanted);
                         self.schedule_sweep(n);
                     }
                 }
