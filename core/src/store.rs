@@ -101,7 +101,7 @@ pub trait Store {
         hold: &RefRecord,
     ) -> Result<Vec<RefRecord>, StoreError> {
         let held = self.merge_refs(id, std::slice::from_ref(hold))?;
-        if holds(&held, hold) {
+        if refs::holding(&held, &hold.owner) {
             self.put_content(id, data)?;
         }
         Ok(held)
@@ -178,11 +178,6 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
 }
 
-/// Whether `records` (a block's, after merging `hold`) show `hold`'s owner holding the block.
-pub fn holds(records: &[RefRecord], hold: &RefRecord) -> bool {
-    refs::holding(records, &hold.owner)
-}
-
 /// The bounds of `(lo, hi]` (from the lowest id when `lo` is `None`) for an ordered map's range
 /// query, or `None` when the range is empty (a reversed range would panic a `BTreeMap`).
 pub fn id_bounds(
@@ -255,11 +250,6 @@ impl MemStore {
         g.content.remove(id);
         g.pk.remove(id);
         g.refs.remove(id);
-    }
-
-    /// Removes the data of content block `id` whatever its records say (a lying replica, in tests).
-    pub fn drop_content(&self, id: &ObjectId) {
-        self.lock().content.remove(id);
     }
 
     /// Number of objects held.

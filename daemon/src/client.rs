@@ -266,7 +266,7 @@ impl DbqsClient {
     /// Stores a content block (at most [`dbqsfs_core::object::MAX_BLOCK`] bytes) held by the
     /// client's own key; returns its id.
     pub async fn put_content(&self, data: Vec<u8>) -> Result<ObjectId, ClientError> {
-        self.put_as(&self.owner.clone(), data).await
+        self.put_as(&self.owner, data).await
     }
 
     /// Stores a content block held by `owner` (its signed hold, numbered by `owner`); returns

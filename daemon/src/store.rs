@@ -828,7 +828,7 @@ impl Store for DiskStore {
             (held, wrote)
         });
         let held = held?;
-        if dbqsfs_core::store::holds(&held, hold) {
+        if refs::holding(&held, &hold.owner) {
             wrote?;
             if !self.has_content(id)? {
                 self.put_content(id, data)?;
@@ -1238,20 +1238,20 @@ mod tests {
         let data = b"put, released, put again".to_vec();
         let x = content_id(&data);
         let held = s.put_held(&x, &data, &RefRecord::hold(&a, x, 1)).unwrap();
-        assert!(dbqsfs_core::store::holds(&held, &RefRecord::hold(&a, x, 1)));
+        assert!(refs::holding(&held, &a.public()));
         assert_eq!(s.get_content(&x).unwrap(), Some(data.clone()));
         s.merge_refs(&x, &[RefRecord::release(&a, x, 2)]).unwrap();
         assert!(s.drop_released(&x).unwrap());
         // A late put of the old hold: not held, and whatever it wrote is released again.
         let late = RefRecord::hold(&a, x, 1);
         let held = s.put_held(&x, &data, &late).unwrap();
-        assert!(!dbqsfs_core::store::holds(&held, &late));
+        assert!(!refs::holding(&held, &late.owner));
         assert!(s.released().unwrap().iter().all(|y| *y == x));
         // A newer hold brings it back, durable.
         let new = RefRecord::hold(&a, x, 3);
-        assert!(dbqsfs_core::store::holds(
+        assert!(refs::holding(
             &s.put_held(&x, &data, &new).unwrap(),
-            &new
+            &new.owner
         ));
         drop(s);
         let s = open(dir.path());

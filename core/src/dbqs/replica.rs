@@ -814,7 +814,7 @@ impl<S: Store> Replica<S> {
     /// the owner is told, [`Reject::Superseded`], rather than acknowledged for nothing).
     fn put_held(&self, id: &ObjectId, data: &[u8], hold: RefRecord) -> Result<bool, StoreError> {
         let held = self.store.put_held(id, data, &hold)?;
-        if crate::store::holds(&held, &hold) {
+        if refs::holding(&held, &hold.owner) {
             return Ok(true);
         }
         // A store that wrote the data alongside may hold it now: it goes after the grace.
