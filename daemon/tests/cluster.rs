@@ -38,10 +38,17 @@ struct Cluster {
 
 impl Cluster {
     fn start(nodes: u32) -> Cluster {
+        let c = Cluster::init(nodes);
+        c.up();
+        c
+    }
+
+    /// `cluster init` of `nodes` local nodes at a random base port, not started.
+    fn init(nodes: u32) -> Cluster {
         let mut r = [0u8; 2];
         getrandom::fill(&mut r).expect("randomness");
         let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
-        Cluster::start_with(&[
+        Cluster::init_with(&[
             "--nodes",
             &nodes.to_string(),
             "--base-port",
@@ -51,18 +58,23 @@ impl Cluster {
 
     /// A cluster made by `cluster init` with `how` (the nodes and their addresses), started.
     fn start_with(how: &[&str]) -> Cluster {
+        let c = Cluster::init_with(how);
+        c.up();
+        c
+    }
+
+    /// A cluster made by `cluster init` with `how`, not started.
+    fn init_with(how: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("cluster");
         let mut args = vec!["cluster", "init", "--dir", dir.to_str().unwrap()];
         args.extend_from_slice(how);
         ok(&args);
-        let c = Cluster {
+        Cluster {
             toml: dir.join("cluster.toml").to_string_lossy().into_owned(),
             dir,
             _tmp: tmp,
-        };
-        c.up();
-        c
+        }
     }
 
     fn up(&self) {
@@ -319,34 +331,14 @@ fn files_under(dir: &Path) -> (usize, u64) {
 
 #[test]
 fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
-    let mut r = [0u8; 2];
-    getrandom::fill(&mut r).expect("randomness");
-    let base = 20000 + u32::from(u16::from_le_bytes(r)) % 39000;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("cluster");
-    let (d, b) = (dir.to_str().unwrap(), base.to_string());
-    ok(&[
-        "cluster",
-        "init",
-        "--nodes",
-        "4",
-        "--dir",
-        d,
-        "--base-port",
-        &b,
-    ]);
+    let cluster = Cluster::init(4);
     // A one-second grace, as a node.toml setting.
     for i in 0..4 {
-        let toml = dir.join(format!("node-{i}/node.toml"));
+        let toml = cluster.node_dir(i).join("node.toml");
         let mut text = std::fs::read_to_string(&toml).unwrap();
         text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
         std::fs::write(&toml, text).unwrap();
     }
-    let cluster = Cluster {
-        toml: dir.join("cluster.toml").to_string_lossy().into_owned(),
-        dir,
-        _tmp: tmp,
-    };
     cluster.up();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
