@@ -77,12 +77,18 @@ pub fn unix_ms() -> u64 {
 /// log line).
 #[derive(Debug, Default)]
 pub struct BackendStats {
-    calls: [AtomicU64; 4],
-    micros: [AtomicU64; 4],
-    bytes: [AtomicU64; 4],
+    calls: [AtomicU64; 5],
+    micros: [AtomicU64; 5],
+    bytes: [AtomicU64; 5],
 }
 
-const KINDS: [&str; 4] = ["put_chunk", "get_chunk", "get_record", "put_record"];
+const KINDS: [&str; 5] = [
+    "put_chunk",
+    "get_chunk",
+    "get_record",
+    "put_record",
+    "release_chunks",
+];
 
 impl BackendStats {
     fn add(&self, kind: usize, started: std::time::Instant, bytes: usize) {
@@ -149,6 +155,9 @@ pub struct DbqsBackend {
     /// What the cluster can hold, as last learned ([`DbqsBackend::with_capacity_updates`]).
     capacity: Arc<std::sync::Mutex<Option<Capacity>>>,
 }
+
+/// How many releases one `release_chunks` call keeps in flight.
+const RELEASES_IN_FLIGHT: usize = 64;
 
 /// How often a mount asks the members for their space (for `df`).
 const CAPACITY_EVERY: Duration = Duration::from_secs(10);
@@ -401,6 +410,36 @@ impl Backend for DbqsBackend {
                 .put_pk(&self.owner, &label, value.to_vec(), Some(version)),
         )?;
         self.stats.add(3, t, value.len());
+        Ok(())
+    }
+
+    /// Releases in parallel (a bounded number in flight); the first failure is the answer,
+    /// after every release was tried (a release is idempotent, so the caller simply retries).
+    fn release_chunks(&self, ids: &[ChunkId]) -> Result<(), BackendError> {
+        self.check_writable()?;
+        let t = std::time::Instant::now();
+        let (client, holder) = (self.client.clone(), self.holder.clone());
+        let ids = ids.to_vec();
+        self.block(4, async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut first = Ok(());
+            for id in ids {
+                if tasks.len() >= RELEASES_IN_FLIGHT {
+                    if let Some(Ok(Err(e))) = tasks.join_next().await {
+                        first = first.and(Err(e));
+                    }
+                }
+                let (client, holder) = (client.clone(), holder.clone());
+                tasks.spawn(async move { client.release_as(&holder, ObjectId(id)).await });
+            }
+            while let Some(r) = tasks.join_next().await {
+                if let Ok(Err(e)) = r {
+                    first = first.and(Err(e));
+                }
+            }
+            first
+        })?;
+        self.stats.add(4, t, 0);
         Ok(())
     }
 

@@ -5,8 +5,12 @@
 //! blocking and returns only once the data is durable at a quorum, so the filesystem can order
 //! its writes ("chunks first, then the inode") by ordering its calls.
 //!
-//! Non-goals: deletion (dBQS has none; unreachable chunks and records are garbage for a future
-//! collector), transactions across several records, caching (the filesystem caches), and
+//! Chunks are released, not deleted: `release_chunks` tells the store that this volume no longer
+//! needs them (dBQS drops a block a grace period after its last owner released it, so a reader
+//! that still has an old id keeps it for that long). Only the volume's writer releases, and only
+//! chunks nothing it keeps reaches (`crate::gc`). Records are never deleted.
+//!
+//! Non-goals: transactions across several records, caching (the filesystem caches), and
 //! naming volumes: a `Backend` value is already bound to one volume, so labels here are relative
 //! to it and the real client prefixes them with the volume's name.
 //!
@@ -63,6 +67,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Writes a record. Writing a version lower than or equal to the stored one is acknowledged
     /// but has no effect.
     fn put_record(&self, label: &[u8], version: u64, value: &[u8]) -> Result<(), BackendError>;
+    /// Gives up this volume's hold on chunks (durable at a quorum when it returns). A chunk put
+    /// again afterwards is held again. Releasing a chunk twice, or one never put, does nothing.
+    fn release_chunks(&self, ids: &[ChunkId]) -> Result<(), BackendError>;
     /// The largest chunk or record value the backend accepts.
     fn max_block(&self) -> usize {
         1 << 20
@@ -97,6 +104,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     fn put_record(&self, label: &[u8], version: u64, value: &[u8]) -> Result<(), BackendError> {
         (**self).put_record(label, version, value)
     }
+    fn release_chunks(&self, ids: &[ChunkId]) -> Result<(), BackendError> {
+        (**self).release_chunks(ids)
+    }
     fn max_block(&self) -> usize {
         (**self).max_block()
     }
@@ -128,6 +138,8 @@ pub struct CallCounts {
     pub get_chunk: u64,
     pub get_record: u64,
     pub put_record: u64,
+    /// Chunks released (not calls).
+    pub released: u64,
 }
 
 #[derive(Default)]
@@ -179,6 +191,11 @@ impl MemBackend {
 
     pub fn counts(&self) -> CallCounts {
         self.inner.lock().unwrap().counts
+    }
+
+    /// Whether chunk `id` is stored (bypassing counters and failures).
+    pub fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.inner.lock().unwrap().chunks.contains_key(id)
     }
 
     pub fn chunk_count(&self) -> usize {
@@ -311,6 +328,18 @@ impl Backend for MemBackend {
             );
         }
         checked
+    }
+
+    /// Drops released chunks at once (no grace), so a test reading a chunk released too early
+    /// gets `NotFound`.
+    fn release_chunks(&self, ids: &[ChunkId]) -> Result<(), BackendError> {
+        self.check(true)?;
+        let mut inner = self.inner.lock().unwrap();
+        inner.counts.released += ids.len() as u64;
+        for id in ids {
+            inner.chunks.remove(id);
+        }
+        Ok(())
     }
 
     fn max_block(&self) -> usize {

@@ -23,7 +23,8 @@
 //! demand) the committer writes the image's changed pages and root, then a head naming that
 //! checkpoint and an empty journal.
 //!
-//! Non-goals: several writers (the daemon's lease keeps to one), freeing superseded chunks.
+//! Non-goals: several writers (the daemon's lease keeps to one). Freeing what a commit or a
+//! checkpoint leaves behind is the collector's (`gc`), which runs under the same lock.
 
 use std::collections::btree_map::Entry;
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, ChunkId};
 use crate::error::{err, FsError, FsResult};
 use crate::file::{Changes, Dirty};
+use crate::gc::{Gc, RELEASE_BATCH};
 use crate::image::{piece_size, put_chunks, Content, Image, Piece};
 use crate::layout::{
     split, Head, JournalOp, Meta, Patch, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL,
@@ -227,6 +229,8 @@ pub(crate) struct Committer {
     pub version: u64,
     /// Opened from a snapshot: the head never changes.
     frozen: bool,
+    /// The collector, for the volume's writer (`None` when read-only).
+    pub gc: Option<Gc>,
 }
 
 fn format_error(detail: String) -> FsError {
@@ -244,8 +248,13 @@ fn check_format(head: &Head) -> FsResult<()> {
 }
 
 impl Committer {
-    /// Opens the volume in `backend`, formatting an empty one unless `cfg.read_only`.
-    pub fn open(backend: &dyn Backend, cfg: &VolumeConfig) -> FsResult<Committer> {
+    /// Opens the volume in `backend`, formatting an empty one unless `cfg.read_only`. A writer
+    /// passes the list its backend records puts in (`gc::Recording`), for its collector.
+    pub fn open(
+        backend: &dyn Backend,
+        cfg: &VolumeConfig,
+        puts: Option<Arc<std::sync::Mutex<Vec<ChunkId>>>>,
+    ) -> FsResult<Committer> {
         if let Some(name) = &cfg.snapshot {
             let head = crate::snapshot::head_of(backend, name)?;
             check_format(&head)?;
@@ -254,6 +263,7 @@ impl Committer {
                 head,
                 version: 0,
                 frozen: true,
+                gc: None,
             });
         }
         let Some(rec) = backend.get_record(HEAD_LABEL)? else {
@@ -267,20 +277,29 @@ impl Committer {
             if cfg.read_only {
                 return err(libc::EROFS);
             }
-            return Committer::format(backend, cfg);
+            return Committer::format(backend, cfg, puts);
         };
         let head = Head::decode(&rec.value)?;
         check_format(&head)?;
-        let image = Image::load(backend, &head)?;
+        let (image, seen, structure) = Image::load_seen(backend, &head)?;
+        let gc = match (!cfg.read_only).then_some(puts).flatten() {
+            Some(puts) => Some(Gc::open(backend, puts, seen, structure, &head)?),
+            None => None,
+        };
         Ok(Committer {
             image,
             head,
             version: rec.version,
             frozen: false,
+            gc,
         })
     }
 
-    fn format(backend: &dyn Backend, cfg: &VolumeConfig) -> FsResult<Committer> {
+    fn format(
+        backend: &dyn Backend,
+        cfg: &VolumeConfig,
+        puts: Option<Arc<std::sync::Mutex<Vec<ChunkId>>>>,
+    ) -> FsResult<Committer> {
         let chunk_size = cfg
             .chunk_size
             .unwrap_or(1 << 20)
@@ -316,10 +335,15 @@ impl Committer {
                 checkpoint: Vec::new(),
                 journal: Vec::new(),
                 tail: Vec::new(),
+                gc_floor: 0,
+                garbage: Vec::new(),
+                garbage_list: Vec::new(),
             },
             version: 0,
             frozen: false,
+            gc: None,
         };
+        c.gc = puts.map(|puts| Gc::new(puts, Default::default(), Default::default()));
         c.append(backend, &ops, ROOT_INO + 1)?;
         Ok(c)
     }
@@ -345,7 +369,11 @@ impl Committer {
         Ok(())
     }
 
-    fn write_head(&mut self, backend: &dyn Backend, head: Head) -> FsResult<()> {
+    fn write_head(&mut self, backend: &dyn Backend, mut head: Head) -> FsResult<()> {
+        if let Some(gc) = &mut self.gc {
+            (head.garbage, head.garbage_list) =
+                gc.garbage_for_head(backend, &self.head.garbage_list)?;
+        }
         let value = head.encode();
         if value.len() > backend.max_block() {
             return err(libc::ENOSPC);
@@ -427,7 +455,110 @@ impl Committer {
         head.checkpoint = root;
         head.journal.clear();
         head.tail.clear();
-        self.write_head(backend, head)
+        // What this checkpoint leaves behind (the old pages, the journal) cannot be found from
+        // the new head at the next open: make it pending, so the head lists it.
+        let mut structure = self.image.structure();
+        structure.extend(head.checkpoint.iter().copied());
+        if let Some(gc) = &mut self.gc {
+            let mut now = crate::gc::image_reach(&self.image, &head);
+            now.extend(structure.iter().copied());
+            gc.collect(now);
+        }
+        if let Err(e) = self.write_head(backend, head) {
+            // The old head stands: what it reaches is not garbage after all.
+            if let Some(gc) = &mut self.gc {
+                gc.collect(gc.reach(&self.image, &self.head));
+            }
+            return Err(e);
+        }
+        if let Some(gc) = &mut self.gc {
+            gc.durable_checkpoint = structure;
+        }
+        Ok(())
+    }
+
+    /// The collector's first half, under the committer's lock: finds what the volume no longer
+    /// reaches (nor any snapshot); if there is any, raises the head's `gc_floor` and reads the
+    /// snapshot index again (in that order: see `gc`). Returns how many chunks are ready to
+    /// release.
+    pub fn gc_collect(&mut self, backend: &dyn Backend) -> FsResult<usize> {
+        let Some(gc) = &mut self.gc else {
+            return Ok(0);
+        };
+        let now = gc.reach(&self.image, &self.head);
+        gc.collect(now);
+        gc.stats.passes += 1;
+        self.gc_snapshots(backend)?;
+        if self.gc.as_ref().is_some_and(|g| g.pending.is_empty()) {
+            return Ok(0);
+        }
+        if self.head.gc_floor < self.version {
+            let mut head = self.head.clone();
+            head.gc_floor = self.version + 1;
+            self.write_head(backend, head)?;
+            self.gc_snapshots(backend)?;
+        }
+        Ok(self.gc.as_ref().map_or(0, |g| g.pending.len()))
+    }
+
+    /// Takes up the snapshot index: loads the reach of new snapshots, frees what a deleted one
+    /// alone kept, and takes out of `pending` what a snapshot keeps.
+    fn gc_snapshots(&mut self, backend: &dyn Backend) -> FsResult<()> {
+        let listed: Vec<(String, u64)> = crate::snapshot::list(backend)?
+            .into_iter()
+            .map(|(name, info)| (name, info.commit))
+            .collect();
+        let Some(gc) = self.gc.as_mut() else {
+            return Ok(());
+        };
+        let now = gc.reach(&self.image, &self.head);
+        gc.set_snapshots(&listed, &now, |name| {
+            let head = crate::snapshot::head_of(backend, name)?;
+            let (image, mut seen, structure) = Image::load_seen(backend, &head)?;
+            seen.extend(structure);
+            seen.extend(crate::gc::image_reach(&image, &head));
+            Ok(seen)
+        })?;
+        let kept: Vec<ChunkId> = gc
+            .pending
+            .iter()
+            .filter(|id| gc.kept_by_snapshot(id))
+            .copied()
+            .collect();
+        for id in &kept {
+            gc.pending.remove(id);
+        }
+        gc.stats.kept_for_snapshots = gc.kept_total() as u64;
+        gc.stats.reachable = now.len() as u64;
+        gc.stats.pending = gc.pending.len() as u64;
+        Ok(())
+    }
+
+    /// The collector's second half, a batch at a time under the committer's lock: releases up
+    /// to `RELEASE_BATCH` pending chunks (none put since they were found unreachable). Returns
+    /// how many pending chunks it took up (0: none left).
+    pub fn gc_release(&mut self, backend: &dyn Backend) -> FsResult<usize> {
+        let Some(gc) = &mut self.gc else {
+            return Ok(0);
+        };
+        let batch: Vec<ChunkId> = gc.pending.iter().take(RELEASE_BATCH).copied().collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let again = gc.put_since(&batch);
+        let ids: Vec<ChunkId> = batch
+            .iter()
+            .filter(|id| !again.contains(*id))
+            .copied()
+            .collect();
+        backend.release_chunks(&ids)?;
+        gc.released(&ids);
+        // A chunk put again stays out of `pending` until a pass finds it unreachable anew.
+        for id in &batch {
+            gc.pending.remove(id);
+        }
+        gc.stats.pending = gc.pending.len() as u64;
+        Ok(batch.len())
     }
 
     /// For a read-only volume: takes up a newer head if there is one. Returns whether it did.

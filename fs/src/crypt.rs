@@ -413,6 +413,11 @@ impl<B: Backend> Backend for Encrypted<B> {
         self.open("a chunk", CHUNK_AAD, self.inner.get_chunk(id)?)
     }
 
+    /// The ids are the sealed chunks' own (what `put_chunk` returned).
+    fn release_chunks(&self, ids: &[ChunkId]) -> Result<(), BackendError> {
+        self.inner.release_chunks(ids)
+    }
+
     fn get_record(&self, label: &[u8]) -> Result<Option<Record>, BackendError> {
         let stored = self.label(label);
         match self.inner.get_record(&stored)? {

@@ -12,7 +12,7 @@
 //!
 //! Non-goals: anything not durable (buffered data, open handles: `volume::State`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::{Backend, ChunkId};
@@ -361,6 +361,40 @@ impl Image {
 
     /// Loads what `head` names: its checkpoint, then its journal, then its tail.
     pub fn load(backend: &dyn Backend, head: &Head) -> FsResult<Image> {
+        Ok(Image::load_seen(backend, head)?.0)
+    }
+
+    /// Loads like [`Image::load`], and also returns every chunk the head names along the way
+    /// (checkpoint structure and data, journal pieces, chunks its operations set) and the
+    /// structure of its checkpoint alone (root pieces, pages, patch lists): what the collector
+    /// starts from.
+    pub fn load_seen(
+        backend: &dyn Backend,
+        head: &Head,
+    ) -> FsResult<(Image, HashSet<ChunkId>, HashSet<ChunkId>)> {
+        let mut image = Image::load_checkpoint(backend, head)?;
+        let mut structure: HashSet<ChunkId> = image.page_pieces().collect();
+        structure.extend(head.checkpoint.iter().copied());
+        for inode in image.inodes.values() {
+            if let Content::File(m) = &inode.content {
+                structure.extend(m.chunks.values().filter_map(|p| p.stored_patches));
+            }
+        }
+        let mut seen = crate::gc::image_reach(&image, head);
+        let mut note = |op: &JournalOp| {
+            if let JournalOp::Chunk { id: Some(id), .. } = op {
+                seen.insert(*id);
+            }
+        };
+        image.replay_noting(backend, &head.journal, &mut note)?;
+        for op in &head.tail {
+            note(op);
+            image.apply(op);
+        }
+        Ok((image, seen, structure))
+    }
+
+    fn load_checkpoint(backend: &dyn Backend, head: &Head) -> FsResult<Image> {
         let mut image = Image::empty();
         if !head.checkpoint.is_empty() {
             let root = Root::decode(&get_joined(backend, &head.checkpoint)?)?;
@@ -394,20 +428,43 @@ impl Image {
             }
             image.pages = root.pages.into_iter().collect();
         }
-        image.replay(backend, &head.journal)?;
-        for op in &head.tail {
-            image.apply(op);
-        }
         Ok(image)
+    }
+
+    /// The pieces of every page as last checkpointed.
+    pub fn page_pieces(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.pages.values().flatten().copied()
+    }
+
+    /// The structure a checkpoint just written names (with its root's pieces): pages and the
+    /// files' stored patch lists.
+    pub fn structure(&self) -> HashSet<ChunkId> {
+        let mut s: HashSet<ChunkId> = self.page_pieces().collect();
+        for inode in self.inodes.values() {
+            if let Content::File(m) = &inode.content {
+                s.extend(m.chunks.values().filter_map(|p| p.stored_patches));
+            }
+        }
+        s
     }
 
     /// Applies journal segments (each a list of pieces) in order.
     pub fn replay(&mut self, backend: &dyn Backend, segments: &[Vec<ChunkId>]) -> FsResult<()> {
+        self.replay_noting(backend, segments, &mut |_| {})
+    }
+
+    fn replay_noting(
+        &mut self,
+        backend: &dyn Backend,
+        segments: &[Vec<ChunkId>],
+        note: &mut dyn FnMut(&JournalOp),
+    ) -> FsResult<()> {
         let pieces: Vec<ChunkId> = segments.iter().flatten().copied().collect();
         let mut fetched = get_chunks(backend, &pieces)?.into_iter();
         for seg in segments {
             let bytes: Vec<u8> = fetched.by_ref().take(seg.len()).flatten().collect();
             for op in &Segment::decode(&bytes)?.ops {
+                note(op);
                 self.apply(op);
             }
         }

@@ -26,8 +26,11 @@
 //! kind and the format revision, so a reader can refuse what it does not understand. A volume of
 //! format 1 (a `super` record, no `head`) is refused with a message naming both formats.
 //!
-//! Non-goals: garbage collection of superseded chunks (journal segments folded into a
-//! checkpoint, replaced pages, overwritten data), several writers.
+//! What the volume no longer reaches (journal segments folded into a checkpoint, replaced pages,
+//! overwritten data) is released by the writer's collector (`crate::gc`); the head carries what
+//! the collector needs to stay safe and complete (`Head::gc_floor`, `Head::garbage`).
+//!
+//! Non-goals: several writers.
 
 use std::collections::BTreeMap;
 
@@ -42,11 +45,13 @@ pub const HEAD_LABEL: &[u8] = b"head";
 pub const FORMAT1_LABEL: &[u8] = b"super";
 pub const ROOT_INO: u64 = 1;
 
-const TAG_HEAD: u8 = 0x48;
+const TAG_HEAD_V1: u8 = 0x48;
+const TAG_HEAD: u8 = 0x49;
 const TAG_SEGMENT: u8 = 0x4a;
 const TAG_PAGE: u8 = 0x50;
 const TAG_ROOT: u8 = 0x52;
 const TAG_PATCHES: u8 = 0x54;
+const TAG_GARBAGE: u8 = 0x47;
 
 /// Seconds and nanoseconds since the Unix epoch (seconds may be negative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -121,6 +126,41 @@ pub struct Head {
     /// costs one record write. When they would pass [`Head::tail_max`], the next commit stores
     /// them (with its own) as a segment.
     pub tail: Vec<JournalOp>,
+    /// Heads of a lower version may have lost blocks to the collector (`crate::gc`): a snapshot
+    /// taken of one must be taken again.
+    pub gc_floor: u64,
+    /// Chunks the writer found unreachable and has not released yet, which an opening writer
+    /// could not find otherwise, when they are few (`gc::GARBAGE_IN_HEAD`)...
+    pub garbage: Vec<ChunkId>,
+    /// ...else the pieces of a [`GarbageList`] holding them.
+    pub garbage_list: Vec<ChunkId>,
+}
+
+/// The collector's pending chunks, stored when they are too many for the head.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GarbageList {
+    pub ids: Vec<ChunkId>,
+}
+
+impl GarbageList {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(TAG_GARBAGE, self)
+    }
+    pub fn decode(bytes: &[u8]) -> FsResult<Self> {
+        decode(TAG_GARBAGE, "garbage list", bytes)
+    }
+}
+
+/// A head as written before the collector (tag [`TAG_HEAD_V1`]).
+#[derive(Deserialize)]
+struct HeadV1 {
+    format: u32,
+    chunk_size: u32,
+    created: Timestamp,
+    next_ino: u64,
+    checkpoint: Vec<ChunkId>,
+    journal: Vec<Vec<ChunkId>>,
+    tail: Vec<JournalOp>,
 }
 
 /// Format version of a volume: 1 was one record per inode and directory bucket, written through;
@@ -310,6 +350,21 @@ impl Head {
         encode(TAG_HEAD, self)
     }
     pub fn decode(bytes: &[u8]) -> FsResult<Self> {
+        if bytes.first() == Some(&TAG_HEAD_V1) {
+            let v1: HeadV1 = decode(TAG_HEAD_V1, "volume head", bytes)?;
+            return Ok(Head {
+                format: v1.format,
+                chunk_size: v1.chunk_size,
+                created: v1.created,
+                next_ino: v1.next_ino,
+                checkpoint: v1.checkpoint,
+                journal: v1.journal,
+                tail: v1.tail,
+                gc_floor: 0,
+                garbage: Vec::new(),
+                garbage_list: Vec::new(),
+            });
+        }
         decode(TAG_HEAD, "volume head", bytes)
     }
 }
@@ -387,9 +442,43 @@ mod tests {
             checkpoint: Vec::new(),
             journal: vec![vec![[7; 32]]],
             tail: vec![JournalOp::Free { ino: 9 }],
+            gc_floor: 3,
+            garbage: vec![[8; 32]],
+            garbage_list: vec![[9; 32]],
         };
         assert!(Segment::decode(&head.encode()).is_err());
         assert_eq!(Head::decode(&head.encode()).unwrap(), head);
+    }
+
+    #[test]
+    fn a_head_written_before_the_collector_still_opens() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            format: u32,
+            chunk_size: u32,
+            created: Timestamp,
+            next_ino: u64,
+            checkpoint: &'a [ChunkId],
+            journal: &'a [Vec<ChunkId>],
+            tail: &'a [JournalOp],
+        }
+        let journal = vec![vec![[7; 32]]];
+        let old = encode(
+            TAG_HEAD_V1,
+            &V1 {
+                format: FORMAT,
+                chunk_size: 4096,
+                created: Timestamp::default(),
+                next_ino: 5,
+                checkpoint: &[[1; 32]],
+                journal: &journal,
+                tail: &[],
+            },
+        );
+        let head = Head::decode(&old).unwrap();
+        assert_eq!((head.next_ino, head.gc_floor), (5, 0));
+        assert_eq!(head.journal, journal);
+        assert!(head.garbage.is_empty() && head.garbage_list.is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod crypt;
 mod dir;
 pub mod error;
 mod file;
+mod gc;
 pub mod fuse;
 mod image;
 pub mod layout;
@@ -34,4 +35,4 @@ pub use backend::{Backend, BackendError, Capacity, ChunkId, Failure, MemBackend,
 pub use error::{backend_errno, FsError, FsResult};
 pub use fuse::{mount, MountError, MountHandle, MountOptions};
 pub use layout::{FileKind, Timestamp};
-pub use volume::{Attr, Cred, DirListEntry, SetAttr, StatFs, TimeSet, Volume, VolumeConfig};
+pub use volume::{Attr, Cred, GcStats, DirListEntry, SetAttr, StatFs, TimeSet, Volume, VolumeConfig};

@@ -9,8 +9,12 @@
 //! index record (`snapshots`) lists the names with when they were taken and the commit they
 //! copied. Deleting writes an empty value over the snapshot's record and drops the name.
 //!
-//! Non-goals: freeing a deleted snapshot's blocks (nothing is freed yet), several clients
-//! changing one volume's snapshots at once (the last index write wins; run one at a time).
+//! The writer's collector (`crate::gc`) keeps every block a listed snapshot reaches, and frees a
+//! deleted snapshot's blocks if it sees the deletion (it ran meanwhile, or runs when a snapshot
+//! is deleted; a snapshot deleted while no writer ran leaves its blocks behind for now).
+//!
+//! Non-goals: several clients changing one volume's snapshots at once (the last index write
+//! wins; run one at a time).
 
 use std::collections::BTreeMap;
 
@@ -46,6 +50,8 @@ pub enum SnapshotError {
     NoSuchSnapshot(String),
     #[error("the volume already has a snapshot named {0:?}")]
     Exists(String),
+    #[error("the volume's writer kept collecting garbage while snapshot {0:?} was taken; run the command again")]
+    Busy(String),
     #[error("the volume does not exist yet (mount it read-write once to create it)")]
     NoVolume,
     #[error(transparent)]
@@ -103,27 +109,45 @@ fn write_index(backend: &dyn Backend, index: &Index, version: u64) -> FsResult<(
 }
 
 /// Names the volume's current committed state `name`.
+///
+/// While a writer has the volume mounted, its collector may release what only older heads
+/// reach. So after the index names the snapshot, the head is read again: if its `gc_floor`
+/// passed the copied head, the collector may already have released some of that head's blocks
+/// without seeing the snapshot, and the snapshot is taken again of the newer head (see `gc`).
 pub fn create(backend: &dyn Backend, name: &str) -> Result<SnapshotInfo, SnapshotError> {
     check_name(name)?;
-    let (mut index, version) = read_index(backend)?;
-    if index.snapshots.contains_key(name) {
-        return Err(SnapshotError::Exists(name.into()));
+    let mut ours = false;
+    for _ in 0..CREATE_TRIES {
+        let (mut index, version) = read_index(backend)?;
+        if index.snapshots.contains_key(name) && !ours {
+            return Err(SnapshotError::Exists(name.into()));
+        }
+        let head = backend
+            .get_record(HEAD_LABEL)?
+            .ok_or(SnapshotError::NoVolume)?;
+        Head::decode(&head.value)?;
+        // A deleted snapshot of the same name left its record at some version: go above it.
+        let old = backend.get_record(&label(name))?.map_or(0, |r| r.version);
+        backend.put_record(&label(name), old + 1, &head.value)?;
+        let info = SnapshotInfo {
+            created: Timestamp::now(),
+            commit: head.version,
+        };
+        index.snapshots.insert(name.into(), info.clone());
+        write_index(backend, &index, version + 1)?;
+        ours = true;
+        let now = backend
+            .get_record(HEAD_LABEL)?
+            .ok_or(SnapshotError::NoVolume)?;
+        if Head::decode(&now.value)?.gc_floor <= head.version {
+            return Ok(info);
+        }
     }
-    let head = backend
-        .get_record(HEAD_LABEL)?
-        .ok_or(SnapshotError::NoVolume)?;
-    Head::decode(&head.value)?;
-    // A deleted snapshot of the same name left its record at some version: go above it.
-    let old = backend.get_record(&label(name))?.map_or(0, |r| r.version);
-    backend.put_record(&label(name), old + 1, &head.value)?;
-    let info = SnapshotInfo {
-        created: Timestamp::now(),
-        commit: head.version,
-    };
-    index.snapshots.insert(name.into(), info.clone());
-    write_index(backend, &index, version + 1)?;
-    Ok(info)
+    Err(SnapshotError::Busy(name.into()))
 }
+
+/// How often `create` takes a snapshot again while the writer's collector keeps passing it.
+const CREATE_TRIES: usize = 8;
 
 /// The volume's snapshots, by name.
 pub fn list(backend: &dyn Backend) -> FsResult<Vec<(String, SnapshotInfo)>> {

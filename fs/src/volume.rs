@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::backend::{Backend, ChunkId};
 use crate::commit::Committer;
+pub use crate::gc::GcStats;
 use crate::dir::Edit;
 use crate::error::{err, FsResult};
 use crate::file::{ChunkCache, Dirty};
@@ -75,6 +76,9 @@ pub struct VolumeConfig {
     pub readahead_bytes: usize,
     /// Open this snapshot instead of the volume's current state (read-only; see `snapshot`).
     pub snapshot: Option<String>,
+    /// Run the collector (`gc`) this often in the commit thread (`None`: only when asked,
+    /// [`Volume::collect_garbage`], as tests want).
+    pub gc_interval: Option<Duration>,
 }
 
 impl Default for VolumeConfig {
@@ -93,6 +97,7 @@ impl Default for VolumeConfig {
             patch_budget: 64 << 20,
             readahead_bytes: 8 << 20,
             snapshot: None,
+            gc_interval: None,
         }
     }
 }
@@ -946,15 +951,49 @@ impl Shared {
         if self.read_only {
             return Ok(());
         }
-        let mut c = self.committer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.committer();
         c.commit(self.backend.as_ref(), &self.state, checkpoint)
+    }
+
+    fn committer(&self) -> MutexGuard<'_, Committer> {
+        self.committer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One collector pass over what is committed: finds what the volume no longer reaches,
+    /// then releases it a batch at a time, letting commits in between. `progress` sees the
+    /// figures after each batch.
+    fn collect_garbage(&self, progress: &mut dyn FnMut(&GcStats)) -> FsResult<GcStats> {
+        let b = self.backend.as_ref();
+        let mut pass = || -> FsResult<()> {
+            self.committer().gc_collect(b)?;
+            loop {
+                let mut c = self.committer();
+                let n = c.gc_release(b)?;
+                let stats = c.gc.as_ref().map(|g| g.stats.clone()).unwrap_or_default();
+                drop(c);
+                progress(&stats);
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+        };
+        let result = pass();
+        let mut c = self.committer();
+        let Some(gc) = c.gc.as_mut() else {
+            return Ok(GcStats::default());
+        };
+        gc.stats.last_error = result.as_ref().err().map(|e| e.to_string());
+        let stats = gc.stats.clone();
+        result.map(|_| stats)
     }
 }
 
 /// Commits every `interval` while the volume has changes, and at once when a change finds the
 /// batch full, until the volume is dropped.
-fn commit_timer(shared: Weak<Shared>, interval: Duration) {
+fn commit_timer(shared: Weak<Shared>, interval: Duration, gc_every: Option<Duration>) {
     let mut failed = false;
+    let mut last_gc = std::time::Instant::now();
+    let mut released = 0;
     loop {
         let Some(s) = shared.upgrade() else { return };
         // After a failure, wait: the next try would fail at once (the backend fails fast).
@@ -995,6 +1034,19 @@ fn commit_timer(shared: Weak<Shared>, interval: Duration) {
                 failed = true;
             }
         }
+        if let Some(every) = gc_every {
+            if !failed && last_gc.elapsed() >= every {
+                last_gc = std::time::Instant::now();
+                match s.collect_garbage(&mut |_| {}) {
+                    Ok(st) if st.released > released => {
+                        tracing::debug!(released = st.released - released, pending = st.pending, "collector released chunks");
+                        released = st.released;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "collector pass failed; it runs again later"),
+                }
+            }
+        }
     }
 }
 
@@ -1021,7 +1073,14 @@ impl Volume {
     /// formatting it first if it has no head.
     pub fn open_or_format(backend: Arc<dyn Backend>, mut cfg: VolumeConfig) -> FsResult<Volume> {
         cfg.read_only |= cfg.snapshot.is_some();
-        let committer = Committer::open(backend.as_ref(), &cfg)?;
+        // The writer's backend remembers what it puts, for the collector.
+        let (backend, puts) = if cfg.read_only {
+            (backend, None)
+        } else {
+            let (b, puts) = crate::gc::Recording::new(backend);
+            (b, Some(puts))
+        };
+        let committer = Committer::open(backend.as_ref(), &cfg, puts)?;
         let mut state = State {
             chunks: ChunkCache::new(cfg.chunk_cache_bytes),
             backend: backend.clone(),
@@ -1057,7 +1116,7 @@ impl Volume {
                 Some(
                     std::thread::Builder::new()
                         .name("dbqsfs-commit".into())
-                        .spawn(move || commit_timer(weak, interval))
+                        .spawn(move || commit_timer(weak, interval, cfg.gc_interval))
                         .map_err(|_| crate::error::FsError::Posix(libc::EAGAIN))?,
                 )
             }
@@ -1471,6 +1530,27 @@ impl Volume {
     /// Commits everything applied so far and writes a checkpoint (unmount, `syncfs`).
     pub fn sync_all(&self) -> FsResult<()> {
         self.shared.commit(true)
+    }
+
+    /// Commits what is applied, then runs a collector pass to its end (`dbqsfs gc`, tests):
+    /// releases every chunk neither the volume nor a snapshot reaches. `progress` sees the
+    /// figures after each batch. A read-only volume collects nothing.
+    pub fn collect_garbage(&self, progress: &mut dyn FnMut(&GcStats)) -> FsResult<GcStats> {
+        if self.shared.read_only {
+            return Ok(GcStats::default());
+        }
+        self.shared.commit(false)?;
+        self.shared.collect_garbage(progress)
+    }
+
+    /// The collector's figures so far (empty for a read-only volume).
+    pub fn gc_stats(&self) -> GcStats {
+        self.shared
+            .committer()
+            .gc
+            .as_ref()
+            .map(|g| g.stats.clone())
+            .unwrap_or_default()
     }
 }
 

@@ -912,6 +912,9 @@ impl dbqsfs_fs::Backend for GatedReads {
     ) -> Result<Option<dbqsfs_fs::Record>, dbqsfs_fs::BackendError> {
         self.inner.get_record(label)
     }
+    fn release_chunks(&self, ids: &[dbqsfs_fs::ChunkId]) -> Result<(), dbqsfs_fs::BackendError> {
+        self.inner.release_chunks(ids)
+    }
     fn put_record(
         &self,
         label: &[u8],
