@@ -51,7 +51,7 @@ pub(crate) struct Recording {
 }
 
 impl Recording {
-    pub fn new(inner: Arc<dyn Backend>) -> (Arc<dyn Backend>, Arc<Mutex<Vec<ChunkId>>>) {
+    pub fn wrap(inner: Arc<dyn Backend>) -> (Arc<dyn Backend>, Arc<Mutex<Vec<ChunkId>>>) {
         let puts = Arc::new(Mutex::new(Vec::new()));
         let b = Recording {
             inner,

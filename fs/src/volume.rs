@@ -1077,7 +1077,7 @@ impl Volume {
         let (backend, puts) = if cfg.read_only {
             (backend, None)
         } else {
-            let (b, puts) = crate::gc::Recording::new(backend);
+            let (b, puts) = crate::gc::Recording::wrap(backend);
             (b, Some(puts))
         };
         let committer = Committer::open(backend.as_ref(), &cfg, puts)?;
