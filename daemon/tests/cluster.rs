@@ -10,6 +10,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
 
 mod common;
 
+use common::files_under;
+
 fn dbqsfs(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -315,20 +317,6 @@ fn a_node_killed_in_the_middle_of_writes_holds_no_torn_or_corrupt_block_after_re
 
 /// The files under `dir` and their bytes, recursively (a node's block files are under
 /// `data/blocks/`).
-fn files_under(dir: &Path) -> (usize, u64) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return (0, 0);
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => files_under(&e.path()),
-            Ok(m) => (1, m.len()),
-            Err(_) => (0, 0),
-        })
-        .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2))
-}
-
 #[test]
 fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
     let cluster = Cluster::init(4);

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::is_mounted;
+use common::{files_under, is_mounted};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -1185,6 +1185,114 @@ fn status_ctrl_c_and_umount_behave_around_a_mount() {
 /// `df` on a mount tells the truth: available is what the cluster can still take (here four
 /// nodes on this machine's filesystem with groups of four, so about that filesystem's free space
 /// less the nodes' reserve), used is the volume's files, and the type is fuse.dbqsfs.
+#[test]
+fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    // The first mount creates the embedded cluster; give its nodes a one-second grace (a
+    // node.toml setting) before they start again.
+    let mnt = env.mount("gc", &[]);
+    env.umount(&mnt);
+    for i in 0..4 {
+        let toml = env.data.join(format!("cluster/node-{i}/node.toml"));
+        let mut text = std::fs::read_to_string(&toml).unwrap();
+        text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
+        std::fs::write(&toml, text).unwrap();
+    }
+    let mnt = env.mount("gc", &["-o", "gc=1"]);
+    let stored = || {
+        (0..4)
+            .map(|i| files_under(&env.data.join(format!("cluster/node-{i}/data/blocks"))).1)
+            .sum::<u64>()
+    };
+    write_synced(&mnt.join("keep"), b"kept across collections").unwrap();
+    let start = stored();
+    let mb = 48;
+    std::fs::create_dir(mnt.join("tree")).unwrap();
+    let mut stream = Stream(7);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut big = std::fs::File::create(mnt.join("tree/big")).unwrap();
+    for _ in 0..mb {
+        stream.fill(&mut buf);
+        big.write_all(&buf).unwrap();
+    }
+    big.sync_all().unwrap();
+    drop(big);
+    for i in 0..200 {
+        stream.fill(&mut buf[..3000]);
+        std::fs::write(mnt.join(format!("tree/small-{i}")), &buf[..3000]).unwrap();
+    }
+    // Overwrite the big file's first half: the old chunks are garbage too.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("tree/big"))
+        .unwrap();
+    for _ in 0..mb / 2 {
+        stream.fill(&mut buf);
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let full = stored();
+    let written = (mb + mb / 2) as u64 * (1 << 20);
+    assert!(
+        full - start >= 3 * written,
+        "at least 2f+1 copies of {written} bytes: {start} -> {full}"
+    );
+    sh(&format!("rm -rf {}", mnt.join("tree").display()));
+    // Within the commit interval, the collector's interval and the grace, the nodes hold what
+    // they held before (within 10% of what was written).
+    let bound = start + written / 10;
+    let t = Instant::now();
+    let left = loop {
+        let now = stored();
+        if now <= bound || t.elapsed() > Duration::from_secs(120) {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "nodes held {start} bytes, {full} with the files, {left} {:?} after rm -rf",
+        t.elapsed()
+    );
+    assert!(left <= bound, "{left} bytes left on the nodes, bound {bound}");
+    assert_eq!(
+        std::fs::read(mnt.join("keep")).unwrap(),
+        b"kept across collections"
+    );
+
+    // `dbqsfs gc` finds the mount on this host and asks it; `status` shows the collector.
+    let data = env.data.to_string_lossy().into_owned();
+    let o = dbqsfs(&["gc", "--data-dir", &data]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("asked the mount"),
+        "{}",
+        show(&o)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("released"), "{}", show(&o));
+    let o = dbqsfs(&["status", "--data-dir", &data]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("collector:") && text.contains("blocks released"),
+        "{}",
+        show(&o)
+    );
+    env.umount(&mnt);
+    // Without a mount, `gc` cannot reach the embedded cluster (its nodes run with a mount).
+    let o = dbqsfs(&["gc", "--data-dir", &data]);
+    assert!(!o.status.success());
+    let mnt = env.mount("gc", &[]);
+    assert_eq!(
+        std::fs::read(mnt.join("keep")).unwrap(),
+        b"kept across collections"
+    );
+    env.umount(&mnt);
+}
+
 #[test]
 fn df_shows_the_room_the_cluster_has_and_the_files_of_the_volume() {
     if !fuse_usable() {

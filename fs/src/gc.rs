@@ -88,7 +88,7 @@ impl Backend for Recording {
 }
 
 /// What the collector has done, for `dbqsfs status` and tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GcStats {
     /// Passes run (each computes what the volume reaches).
     pub passes: u64,

@@ -12,6 +12,7 @@
 mod block;
 mod cluster;
 mod common;
+mod gc;
 mod keys;
 mod mount;
 mod node;
@@ -74,6 +75,11 @@ pub enum Command {
         Deleting a snapshot does not free its data yet."
     )]
     Snapshot(snapshot::SnapshotCmd),
+    /// Release what a volume no longer reaches, now (its read-write mount does it every 5 s).
+    #[command(
+        long_about = "A volume's writer releases the blocks its volume no longer reaches         (overwritten data, deleted files, deleted snapshots, journal folded into a checkpoint);         the nodes delete a released block after their grace period (`dbqsfs node         --release-grace`, default 30 s). A read-write mount does this every -o gc seconds         (default 5). `dbqsfs gc` asks the mount on this host that holds the volume for a pass         now and follows it; if no mount holds it, it takes the volume's lease and runs the pass         itself. The cluster must be running (the embedded one runs while a mount of it does)."
+    )]
+    Gc(gc::GcArgs),
     /// Create an encrypted volume, or change what opens its key.
     #[command(
         subcommand,
@@ -434,6 +440,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Volume(cmd) => {
             init_logs("warn");
             volume::run(cmd)
+        }
+        Command::Gc(args) => {
+            init_logs("warn");
+            gc::run(args)
         }
         Command::Bench { cluster, ops } => {
             init_logs("warn");

@@ -272,10 +272,38 @@ impl Report {
 /// Prints the cluster's status, as text or as one JSON document, and says how many answered.
 pub(crate) async fn status(cluster: &Path, json: bool) -> Result<Answered> {
     let report = Report::gather(cluster).await?;
+    let mounts = super::mount::collect::local_mounts(cluster.parent().unwrap_or(Path::new(".")));
     if json {
-        println!("{:#}", report.to_json());
+        let mut doc = report.to_json();
+        doc["mounts_on_this_host"] = mounts
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "pid": m.pid,
+                    "mountpoint": m.mountpoint,
+                    "volume": m.volume,
+                    "read_only": m.read_only,
+                    "collector": m.gc.as_ref().map(|r| serde_json::json!({
+                        "passes": r.stats.passes,
+                        "released": r.stats.released,
+                        "pending": r.stats.pending,
+                        "reachable": r.stats.reachable,
+                        "kept_for_snapshots": r.stats.kept_for_snapshots,
+                        "running": r.running,
+                        "last_error": r.stats.last_error,
+                    })),
+                })
+            })
+            .collect();
+        println!("{doc:#}");
     } else {
         report.print_text();
+        if !mounts.is_empty() {
+            println!("mounts on this host:");
+            for m in &mounts {
+                println!("  {}", m.line());
+            }
+        }
     }
     Ok(report.answered())
 }

@@ -74,6 +74,8 @@ pub struct Connection {
     /// The cluster's description, for messages.
     pub toml: PathBuf,
     pub volume: String,
+    /// The volume's lease while kept ([`Connection::keep_lease`]).
+    lease: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Lease>)>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,6 +121,7 @@ impl Connection {
             owner: info.client_key.clone(),
             toml,
             volume: at.volume.clone(),
+            lease: None,
         })
     }
 
@@ -155,8 +158,40 @@ impl Connection {
         }
     }
 
+    /// Keeps `lease` (renewed in the background) until `close`, which releases it; writes
+    /// through `backend` stop if it runs out.
+    pub fn keep_lease(&mut self, lease: Lease) {
+        let backend = DbqsBackend::new(
+            self.client.clone(),
+            self.owner.clone(),
+            &self.volume,
+            self.rt.handle().clone(),
+            BackendOptions {
+                call_timeout: TIMEOUT + Duration::from_secs(5),
+                ..BackendOptions::default()
+            },
+        )
+        .with_lease_deadline(lease.writable_until.clone());
+        self.backend = Arc::new(backend);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let task = self.rt.spawn(async move {
+            let mut lease = lease;
+            lease.keep(stop_rx).await;
+            lease
+        });
+        self.lease = Some((stop, task));
+    }
+
     pub fn close(self) {
         drop(self.backend);
+        if let Some((stop, task)) = self.lease {
+            let _ = stop.send(());
+            if let Ok(lease) = self.rt.block_on(task) {
+                if let Err(e) = self.rt.block_on(lease.release()) {
+                    eprintln!("dbqsfs: releasing the volume lease: {e} (it expires by itself in 30 s)");
+                }
+            }
+        }
         self.rt.shutdown_timeout(Duration::from_secs(2));
     }
 }

@@ -20,6 +20,21 @@ pub fn is_mounted(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// How many files lie under `dir` (recursively), and their bytes.
+pub fn files_under(dir: &Path) -> (usize, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => files_under(&e.path()),
+            Ok(m) => (1, m.len()),
+            Err(_) => (0, 0),
+        })
+        .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2))
+}
+
 /// `dbqsfs cluster init` of 4 nodes in `dir`, on random loopback ports; returns `cluster.toml`.
 pub fn init_cluster(dir: &Path) -> PathBuf {
     let mut r = [0u8; 2];

@@ -48,7 +48,9 @@ fsname=NAME, attr_timeout=SECS and entry_timeout=SECS (kernel caching, default 1
 timeout=SECS (per dBQS operation, default 15), threads=N (FUSE request threads), \
 chunk_size=BYTES (file chunk size of a volume this mount creates; default 1 MiB), \
 commit=MS (longest time a change waits for its commit, default 1000), sync (commit every \
-operation before it returns), async (the default), snapshot=NAME (mount that snapshot of the \
+operation before it returns), async (the default), gc=SECS (how often the writer releases what \
+its volume no longer reaches: overwritten data, deleted files and snapshots, folded journal; \
+default 5, 0 for only `dbqsfs gc`), snapshot=NAME (mount that snapshot of the \
 volume, read-only; see `dbqsfs snapshot`), metrics=IP:PORT (Prometheus metrics of the mount's \
 calls to the cluster at http://IP:PORT/metrics), and mount(8)'s generic options (defaults, \
 _netdev, nofail, noatime, nodev, ...: see the README).
@@ -56,7 +58,12 @@ _netdev, nofail, noatime, nodev, ...: see the README).
 Encryption (see `dbqsfs volume --help`): keyfile=PATH or passphrase (asked on the terminal, or \
 $DBQSFS_PASSPHRASE) opens an encrypted volume; on a volume that does not exist yet they create \
 it encrypted (encrypt says so explicitly and asks for a passphrase twice). Nodes then hold only \
-ciphertext and hashed labels. An unencrypted volume stays unencrypted.";
+ciphertext and hashed labels. An unencrypted volume stays unencrypted.
+
+Space: the read-write mount releases what its volume no longer reaches every -o gc seconds; the \
+nodes delete a released block after their grace period (default 30 s), so `df` and the nodes' \
+disks show freed space about a minute after an rm. A read-only mount reading a file the writer \
+replaced meanwhile can see EIO once that grace has passed.";
 
 /// Arguments of `dbqsfs mount`.
 #[derive(clap::Args, Debug)]

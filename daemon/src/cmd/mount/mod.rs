@@ -23,6 +23,7 @@
 //! Non-goals: clusters on other machines being started or stopped from here.
 
 mod args;
+pub(crate) mod collect;
 mod embedded;
 mod options;
 mod point;

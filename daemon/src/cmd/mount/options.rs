@@ -38,14 +38,20 @@ pub struct Opts {
     pub kernel_flags: Vec<String>,
     /// Serve Prometheus metrics there (`-o metrics=IP:PORT`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// How often the writer's collector runs (`-o gc=SECS`; `None`: only on `dbqsfs gc`).
+    pub gc_interval: Option<Duration>,
 }
 
 /// Default of `-o commit=MS`.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Default of `-o gc=SECS`: space comes back within seconds of a commit, plus the nodes' grace.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(5);
+
 const KNOWN_OPTIONS: &str = "ro, rw, allow_other, default_permissions, nonempty, fsname=NAME, \
     attr_timeout=SECS, entry_timeout=SECS, timeout=SECS, threads=N, chunk_size=BYTES, sync, async, \
-    commit=MS, snapshot=NAME, encrypt, keyfile=PATH, passphrase, metrics=IP:PORT; and mount(8)'s \
+    commit=MS, gc=SECS, snapshot=NAME, encrypt, keyfile=PATH, passphrase, metrics=IP:PORT; and \
+    mount(8)'s \
     generic ones: \
     defaults, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, auto, noauto, user, nouser, \
     _netdev, nofail, relatime, strictatime, nodiratime, x-*, comment=*";
@@ -94,6 +100,7 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
         passphrase: false,
         kernel_flags: Vec::new(),
         metrics: None,
+        gc_interval: Some(DEFAULT_GC_INTERVAL),
     };
     for item in values.iter().flat_map(|v| v.split(',')) {
         let (k, v) = match item.split_once('=') {
@@ -121,6 +128,10 @@ pub fn parse_options(values: &[String]) -> Result<Opts, UsageError> {
                     .ok_or_else(|| {
                         UsageError(format!("-o commit={v}: expected 1..3600000 milliseconds"))
                     })?
+            }
+            ("gc", Some(v)) => {
+                let every = secs(k, v)?;
+                o.gc_interval = (!every.is_zero()).then_some(every);
             }
             ("fsname", Some(v)) if !v.is_empty() => o.fsname = Some(v.into()),
             ("snapshot", Some(v)) if !v.is_empty() => o.snapshot = Some(v.into()),
@@ -257,6 +268,12 @@ mod tests {
         assert!(o.sync);
         assert_eq!(o.commit_interval, Duration::from_millis(250));
         assert!(parse_options(&["commit=0".into()]).is_err());
+        assert_eq!(parse_options(&["gc=0".into()]).unwrap().gc_interval, None);
+        assert_eq!(
+            parse_options(&["gc=2.5".into()]).unwrap().gc_interval,
+            Some(Duration::from_millis(2500))
+        );
+        assert!(parse_options(&["gc=x".into()]).is_err());
         let o = parse_options(&["encrypt,keyfile=/k".into()]).unwrap();
         assert!(o.encrypt && o.keyfile == Some(PathBuf::from("/k")) && !o.passphrase);
         assert!(parse_options(&["passphrase".into()]).unwrap().passphrase);

@@ -22,7 +22,7 @@ pub(super) struct MountRecord {
     pub(super) log: Option<PathBuf>,
 }
 
-fn registry_dir() -> PathBuf {
+pub(super) fn registry_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
         Some(d) => PathBuf::from(d).join("dbqsfs"),
         // SAFETY: getuid has no preconditions.

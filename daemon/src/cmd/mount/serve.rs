@@ -196,6 +196,7 @@ pub(super) fn serve(
             chunk_size: opts.chunk_size,
             sync: opts.sync,
             commit_interval: Some(opts.commit_interval),
+            gc_interval: opts.gc_interval,
             snapshot: opts.snapshot.clone(),
             ..defaults.volume.clone()
         },
@@ -277,7 +278,11 @@ pub(super) fn serve(
         })
     });
 
+    // A writer's collector figures for `dbqsfs status`, and SIGUSR1 from `dbqsfs gc`.
+    let reporter = (!opts.read_only).then(|| super::collect::Reporter::start(volume.clone()));
+
     let joined = mount.join();
+    drop(reporter);
     drop(refresh_stop);
     if let Some(t) = refresher {
         let _ = t.join();
