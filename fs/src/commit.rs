@@ -222,6 +222,14 @@ fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Everything a snapshot's head reaches, the structure its journal replaced included.
+fn snapshot_reach(backend: &dyn Backend, head: &Head) -> FsResult<std::collections::HashSet<ChunkId>> {
+    let (image, mut seen, structure) = Image::load_seen(backend, head)?;
+    seen.extend(structure);
+    seen.extend(crate::gc::image_reach(&image, head));
+    Ok(seen)
+}
+
 /// The volume's durable side: its image, its head, and the head's version.
 pub(crate) struct Committer {
     pub image: Image,
@@ -512,13 +520,23 @@ impl Committer {
             return Ok(());
         };
         let now = gc.reach(&self.image, &self.head);
+        let known = gc.known_snapshots();
         gc.set_snapshots(&listed, &now, |name| {
-            let head = crate::snapshot::head_of(backend, name)?;
-            let (image, mut seen, structure) = Image::load_seen(backend, &head)?;
-            seen.extend(structure);
-            seen.extend(crate::gc::image_reach(&image, &head));
-            Ok(seen)
+            snapshot_reach(backend, &crate::snapshot::head_of(backend, name)?)
         })?;
+        // Deleted snapshots: what they alone reached is pending (a snapshot this collector knew
+        // was freed above, as it left the list).
+        for key in crate::snapshot::deleted(backend)? {
+            if gc.freed_deleted.contains(&key) {
+                continue;
+            }
+            if !known.contains(&key) {
+                if let Some(head) = crate::snapshot::deleted_head(backend, &key)? {
+                    gc.free(snapshot_reach(backend, &head)?, &now);
+                }
+            }
+            gc.freed_deleted.insert(key);
+        }
         let kept: Vec<ChunkId> = gc
             .pending
             .iter()
@@ -531,6 +549,20 @@ impl Committer {
         gc.stats.kept_for_snapshots = gc.kept_total() as u64;
         gc.stats.reachable = now.len() as u64;
         gc.stats.pending = gc.pending.len() as u64;
+        Ok(())
+    }
+
+    /// After a pass released everything pending: the deleted snapshots it freed leave the index.
+    pub fn gc_forget_deleted(&mut self, backend: &dyn Backend) -> FsResult<()> {
+        let Some(gc) = &mut self.gc else {
+            return Ok(());
+        };
+        if !gc.pending.is_empty() || gc.freed_deleted.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = gc.freed_deleted.iter().cloned().collect();
+        crate::snapshot::forget_deleted(backend, &keys)?;
+        gc.freed_deleted.clear();
         Ok(())
     }
 

@@ -118,6 +118,9 @@ pub(crate) struct Gc {
     pub stats: GcStats,
     /// The pending ids as last stored for a head (a hash of the set, and the list's pieces).
     spilled: Option<([u8; 32], Vec<ChunkId>)>,
+    /// Deleted snapshots (`NAME@COMMIT`) whose blocks are pending: the index forgets them once
+    /// nothing is pending.
+    pub freed_deleted: BTreeSet<String>,
     /// Stored lists a head replaced since the last `collect`: garbage no pass has seen yet, so
     /// every head lists them too.
     replaced: BTreeSet<ChunkId>,
@@ -147,6 +150,7 @@ impl Gc {
             snapshots: BTreeMap::new(),
             stats: GcStats::default(),
             spilled: None,
+            freed_deleted: BTreeSet::new(),
             replaced: BTreeSet::new(),
         }
     }
@@ -247,6 +251,20 @@ impl Gc {
             }
         }
         Ok(())
+    }
+
+    /// The snapshots whose reach is known, as `NAME@COMMIT`.
+    pub fn known_snapshots(&self) -> BTreeSet<String> {
+        self.snapshots
+            .iter()
+            .map(|(n, (c, _))| format!("{n}@{c}"))
+            .collect()
+    }
+
+    /// Makes pending what a deleted snapshot reached and the volume does not.
+    pub fn free(&mut self, reach: HashSet<ChunkId>, now: &HashSet<ChunkId>) {
+        self.pending
+            .extend(reach.into_iter().filter(|id| !now.contains(id)));
     }
 
     /// How many chunks the snapshots keep that the live state does not reach (as of the last

@@ -973,7 +973,7 @@ impl Shared {
                 drop(c);
                 progress(&stats);
                 if n == 0 {
-                    return Ok(());
+                    return self.committer().gc_forget_deleted(b);
                 }
             }
         };

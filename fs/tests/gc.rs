@@ -201,3 +201,50 @@ fn a_snapshot_racing_the_collector_is_taken_again_of_a_head_it_kept() {
     assert!(snap.lookup(ROOT, b"f").is_err());
     assert_eq!(read_file(&snap, "g"), data(10, 5_000));
 }
+
+#[test]
+fn a_snapshot_deleted_while_no_writer_runs_is_freed_by_the_next() {
+    let mem = MemBackend::new();
+    let backend: Arc<dyn Backend> = Arc::new(mem.clone());
+    let vol = open(&backend, cfg());
+    write_file(&vol, "f", &data(11, 60_000));
+    write_file(&vol, "g", &data(12, 6_000));
+    vol.sync_all().unwrap();
+    snapshot::create(backend.as_ref(), "old").unwrap();
+    vol.unlink(ROOT, b"f").unwrap();
+    let stats = vol.collect_garbage(&mut |_| {}).unwrap();
+    assert!(stats.kept_for_snapshots >= 15, "{stats:?}");
+    vol.sync_all().unwrap();
+    drop(vol);
+
+    snapshot::delete(backend.as_ref(), "old").unwrap();
+    assert!(snapshot::list(backend.as_ref()).unwrap().is_empty());
+    // A snapshot of the same name again, of another state, before any writer ran.
+    let vol = open(&backend, cfg());
+    snapshot::create(backend.as_ref(), "old").unwrap();
+    vol.collect_garbage(&mut |_| {}).unwrap();
+    let stats = vol.collect_garbage(&mut |_| {}).unwrap();
+    assert_eq!(stats.kept_for_snapshots, 0, "{stats:?}");
+    assert_eq!(mem.chunk_count() as u64, stats.reachable, "{stats:?}");
+    assert_eq!(read_file(&vol, "g"), data(12, 6_000));
+    let labels: Vec<String> = mem
+        .labels()
+        .into_iter()
+        .map(|l| String::from_utf8_lossy(&l).into_owned())
+        .collect();
+    assert!(labels.iter().any(|l| l.starts_with("deleted-snapshot/")), "{labels:?}");
+    for l in labels.iter().filter(|l| l.starts_with("deleted-snapshot/")) {
+        let rec = mem.peek_record(l.as_bytes()).unwrap();
+        assert!(rec.value.is_empty(), "{l} still holds a head after the collector freed it");
+    }
+    let snap = Volume::open_or_format(
+        backend.clone(),
+        VolumeConfig {
+            snapshot: Some("old".into()),
+            ..cfg()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_file(&snap, "g"), data(12, 6_000));
+    assert!(snap.lookup(ROOT, b"f").is_err());
+}

@@ -72,7 +72,8 @@ pub enum Command {
         read-write mount stored): taking one is instant, whatever the volume holds, and works while \
         the volume is mounted. `dbqsfs mount -o snapshot=NAME DIR` mounts it read-only; it never \
         changes. The cluster must be running (the embedded one runs while a mount of it does). \
-        Deleting a snapshot does not free its data yet."
+        While a snapshot exists the volume's collector keeps every block it reaches; deleting it \
+        lets the writer (a read-write mount, or `dbqsfs gc`) release what only it kept."
     )]
     Snapshot(snapshot::SnapshotCmd),
     /// Release what a volume no longer reaches, now (its read-write mount does it every 5 s).

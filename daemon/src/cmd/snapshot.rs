@@ -25,7 +25,7 @@ pub enum SnapshotCmd {
         #[command(flatten)]
         key: KeyArgs,
     },
-    /// Delete a snapshot (its data is not freed yet: dBQS has no deletion).
+    /// Delete a snapshot (the volume's writer frees what only it kept).
     Delete {
         #[command(flatten)]
         at: VolumeAt,
