@@ -8,6 +8,8 @@
 //! - [`backend`]: the storage interface (`Backend`) and an in-memory implementation for tests.
 //! - [`crypt`]: encryption at rest, a `Backend` wrapper the rest of the crate never sees.
 //! - [`layout`]: record labels and value encodings on the backend.
+//! - `gc`: the writer's collector, which releases what the volume no longer reaches;
+//!   [`snapshot`]: named committed states, kept whole by the collector while they exist.
 //! - [`volume`]: `Volume`, all POSIX logic on inode numbers, with no FUSE types (so it is tested
 //!   without a mount); directories in `dir`, file contents and caches in `file`.
 //! - [`fuse`]: a thin fuser adapter over `Volume`, and `mount`.
@@ -15,7 +17,7 @@
 //!
 //! Non-goals (for now): several read-write mounts of one volume (the daemon's volume lease keeps
 //! to one; read-only volumes follow the head with `Volume::refresh`), garbage collection of
-//! unreachable chunks and records, POSIX ACLs and file locks beyond the kernel's local ones.
+//! records (chunks are collected), POSIX ACLs and file locks beyond the kernel's local ones.
 
 pub mod backend;
 mod commit;
