@@ -7,6 +7,8 @@
 #   SKIP_PJDFSTEST=1 / SKIP_FSX=1           # run only one of the suites
 #   DBQSFS_BIN=path/to/dbqsfs               # use this binary instead of building a release one
 #   ENCRYPT=1                               # both volumes encrypted (-o keyfile=, a random key)
+#   FSX_SPACE_WAIT=SECS                     # after fsx, wait until the nodes deleted what the
+#                                           # volume released (their grace: 30 s by default)
 #
 # Installs what is missing: fuse3 (apt-get), pjdfstest and fsx (cargo install --locked), the
 # `tests` user pjdfstest needs. Always unmounts and stops the cluster, also on failure or ctrl-c.
@@ -101,8 +103,9 @@ if [ -z "${SKIP_PJDFSTEST:-}" ]; then
 fi
 
 if [ -z "${SKIP_FSX:-}" ]; then
-  # Its own volume (default chunk size, 1 MiB unless FSX_CHUNK_SIZE says otherwise). dBQS has no
-  # delete yet, so what a run stores stays on the nodes: the step reports how much that was.
+  # Its own volume (default chunk size, 1 MiB unless FSX_CHUNK_SIZE says otherwise). What a run
+  # stores stays on the nodes until the collector releases it and the nodes' grace passes: the
+  # step reports how much that was, and with FSX_SPACE_WAIT what is left against the live file.
   node_bytes() { du -sb "$data"/cluster/node-*/ | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
   before=$(node_bytes)
   "$bin" mount --data-dir "$data" --volume fsx -o "rw${FSX_CHUNK_SIZE:+,chunk_size=$FSX_CHUNK_SIZE}$keyopt" "$fsxmnt"
@@ -125,6 +128,16 @@ if [ -z "${SKIP_FSX:-}" ]; then
   blocks=$(sed -n 's/.*put_chunk: [0-9]* calls, mean [0-9.]* ms, \([0-9.]*\) MiB.*/\1/p' <<< "$line")
   grown=$(( $(node_bytes) - before ))
   python3 -c "import sys; w=float(sys.argv[1] or 0)*2**20; g=int(sys.argv[2]); b=float(sys.argv[3] or 0)*2**20; print(f'fsx: wrote {w/2**20:.1f} MiB; the mount stored {b/2**20:.1f} MiB of blocks ({b/w if w else 0:.1f}x per replica); the nodes grew by {g/2**20:.1f} MiB ({g/w if w else 0:.1f}x, 4 replicas counted)')" "${written:-0}" "$grown" "${blocks:-0}"
+  if [ -n "${FSX_SPACE_WAIT:-}" ]; then
+    blocks_bytes() { du -sb "$data"/cluster/node-*/data/blocks | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
+    # The nodes run while a mount does: mount again (no writes) and wait out their grace.
+    "$bin" mount --data-dir "$data" --volume fsx -o "ro$keyopt" "$fsxmnt"
+    live=$(stat -c %s "$fsxmnt/fsx.testfile")
+    sleep "$FSX_SPACE_WAIT"
+    held=$(blocks_bytes)
+    "$bin" umount "$fsxmnt"
+    python3 -c "import sys; l=int(sys.argv[1]); h=int(sys.argv[2]); print(f'fsx: after {sys.argv[3]} s the nodes hold {h/2**20:.1f} MiB of blocks for a live file of {l/2**20:.1f} MiB: {h/l if l else 0:.1f}x the live data, {h/(4*l) if l else 0:.2f}x its 4 replicas')" "$live" "$held" "$FSX_SPACE_WAIT"
+  fi
 fi
 
 echo "posix-suites: done in $(( $(date +%s) - start )) s, status $status"

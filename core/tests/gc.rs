@@ -284,7 +284,7 @@ fn run_transfer(
         while let Some(out) = t.poll_output() {
             match out {
                 TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
-                TransferOutput::Check { ids } => {
+                TransferOutput::Check { ids, .. } => {
                     let held: Vec<ObjectId> = ids
                         .into_iter()
                         .filter(|id| mine.store().get_content(id).unwrap().is_some())

@@ -726,3 +726,32 @@ fn listings_carry_reference_records_and_tombstones() {
         other => panic!("expected a listing, got {other:?}"),
     }
 }
+
+#[test]
+fn the_same_records_brought_by_each_transfer_keep_the_grace_and_bring_nothing_back() {
+    let fx = fixture();
+    let r = replica(&fx, 0);
+    let a = Keypair::from_seed([1; 32]);
+    let data = b"released once".to_vec();
+    let x = content_id(&data);
+    let (hold, release) = (RefRecord::hold(&a, x, 1), RefRecord::release(&a, x, 2));
+    ask(&r, 0, put_held(&data, hold.clone()));
+    ask(&r, 0, reference(release.clone()));
+    r.sweep(1000, 100).unwrap();
+    let due = 1000 + DEFAULT_GRACE_MS;
+    // Every epoch's transfer brings the same records: the deletion stays due when it was.
+    let records = vec![(x, vec![hold, release])];
+    r.merge_transferred_refs(&records).unwrap();
+    r.sweep(due - 1, 100).unwrap();
+    assert_eq!(r.next_sweep(due - 1), Some(due), "the grace is not started again");
+    assert_eq!(r.sweep(due, 100).unwrap(), vec![x]);
+    // Deleted: a later transfer listing it released does not fetch it again, and merging the
+    // records once more schedules nothing.
+    assert!(r.transfer_skips(&x, true).unwrap());
+    assert!(
+        !r.transfer_skips(&x, false).unwrap(),
+        "held again according to the listings: fetched"
+    );
+    r.merge_transferred_refs(&records).unwrap();
+    assert_eq!(r.next_sweep(due + 1), None);
+}

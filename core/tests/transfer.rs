@@ -163,7 +163,7 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
         while let Some(out) = t.poll_output() {
             match out {
                 TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
-                TransferOutput::Check { ids } => {
+                TransferOutput::Check { ids, .. } => {
                     let held: Vec<ObjectId> = ids
                         .into_iter()
                         .filter(|id| mine.get_content(id).unwrap().is_some())
@@ -446,7 +446,7 @@ fn fetches_waiting_on_a_source_that_fails_are_asked_elsewhere_at_once() {
         while let Some(out) = t.poll_output() {
             match out {
                 TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
-                TransferOutput::Check { ids } => {
+                TransferOutput::Check { ids, .. } => {
                     listed = true;
                     t.held(&[]);
                     let _ = ids;

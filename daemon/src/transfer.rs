@@ -1354,7 +1354,7 @@ impl Worker {
                         .or_default()
                         .push_back((e, gen, bytes));
                 }
-                TransferOutput::Check { ids } => self.check(e, gen, ids),
+                TransferOutput::Check { ids, released } => self.check(e, gen, ids, released),
                 TransferOutput::StoreContent { id, data } => {
                     self.write(e, gen, Write::Content { id, data })
                 }
@@ -1394,7 +1394,7 @@ impl Worker {
     /// ([`DiskStore::content_len`]): held blocks are not read. A node that stays responsible for a
     /// range holds most of it; reading and hashing all of it at every epoch change was about
     /// 1.4 GB per node in the transfer benchmark.
-    fn check(&mut self, e: Epoch, gen: u64, ids: Vec<ObjectId>) {
+    fn check(&mut self, e: Epoch, gen: u64, ids: Vec<ObjectId>, released: BTreeSet<ObjectId>) {
         if let Some(r) = self.transfers.get_mut(&e) {
             if let Some(u) = ids.first().and_then(|id| r.unit_of(id)) {
                 if u.phase == UnitPhase::Listing {
@@ -1419,11 +1419,10 @@ impl Worker {
                     } else if replica
                         .read()
                         .unwrap_or_else(|p| p.into_inner())
-                        .deferred()
-                        .contains(&id)
+                        .transfer_skips(&id, released.contains(&id))?
                     {
-                        // Deferred for lack of space already: fetched by `deferred::refetch`
-                        // once there is room, not by every transfer again.
+                        // Deferred for lack of space (fetched by `deferred::refetch` once there
+                        // is room), or deleted after its release: not fetched again.
                         held.push((id, 0));
                     }
                 }

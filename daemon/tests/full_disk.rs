@@ -3,8 +3,9 @@
 //! Writes then fail cleanly with ENOSPC; epochs go on, every node stays ready in them (the full
 //! nodes' transfers go on without what does not fit, and nobody's transfer waits on them); the
 //! volume stays readable through the mount and through a fresh read-only mount, and `rm` and
-//! `mkdir` work; `status` says FULL. Once the filesystems are grown, the deferred blocks are
-//! stored by themselves and writes go on.
+//! `mkdir` work; `status` says FULL. Once `rm` frees space (the mount's collector releases the
+//! files' blocks, the nodes delete them after their grace), writes go on; once the filesystems
+//! are grown, the deferred blocks are stored by themselves.
 //!
 //! Needs root (tmpfs mounts) and FUSE; without them it says so and passes. Unmounts everything it
 //! mounted in every path (its guard's drop).
@@ -175,9 +176,10 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     }
     for i in 0..4 {
         if FULL_NODES.contains(&i) {
-            env.cluster.start_with(i, &["--reserve", "4"]);
+            env.cluster
+                .start_with(i, &["--reserve", "4", "--release-grace", "1"]);
         } else {
-            env.cluster.start(i);
+            env.cluster.start_with(i, &["--release-grace", "1"]);
         }
     }
     let client = env.cluster.client();
@@ -238,6 +240,37 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     read_back(&ro, 1..written, "on a fresh mount");
     env.umount(&ro);
 
+    // rm frees space: the writer releases the removed files' blocks, the nodes delete them a
+    // second later, and a write that failed with ENOSPC goes through (retried while the
+    // collector and the grace run).
+    env.mount(&mnt, false);
+    let half = written / 2;
+    for k in 1..=half {
+        std::fs::remove_file(mnt.join(format!("d/f{k}"))).expect("rm of a full volume's file");
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let again = loop {
+        let write = || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(mnt.join("d/f200"))?;
+            f.write_all(&file_bytes(200))?;
+            f.sync_all()
+        };
+        match write() {
+            Ok(()) => break Instant::now(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("a write after rm of {half} MiB still fails: {e}\n{}", env.status()),
+        }
+    };
+    println!(
+        "after rm of {half} files, a write succeeded within {:?}",
+        again.saturating_duration_since(deadline - Duration::from_secs(90))
+    );
+    read_back(&mnt, half + 1..written, "after rm freed space");
+    env.umount(&mnt);
+
     // Space is freed: the deferred blocks are stored by themselves, and writes go on.
     for t in env.tmpfs.clone() {
         let out = run(Command::new("mount")
@@ -274,6 +307,6 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     env.umount(&mnt);
     epochs_pass(&env, &client, 1).await;
     env.mount(&ro, true);
-    read_back(&ro, (1..written).chain(100..104), "at the end");
+    read_back(&ro, (half + 1..written).chain(100..104).chain(200..201), "at the end");
     env.umount(&ro);
 }

@@ -1281,6 +1281,26 @@ fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
         "{}",
         show(&o)
     );
+
+    // A quota: the mount takes it up within 5 s; writes past it fail with EDQUOT; df shows it.
+    let o = dbqsfs(&["volume", "quota", "--data-dir", &data, "8M"]);
+    assert!(o.status.success(), "{}", show(&o));
+    std::thread::sleep(Duration::from_secs(6));
+    let mut f = std::fs::File::create(mnt.join("over")).unwrap();
+    let refused = (0..16)
+        .map(|_| f.write_all(&buf))
+        .find_map(|r| r.err())
+        .expect("16 MiB written under an 8 MiB quota");
+    assert_eq!(refused.raw_os_error(), Some(libc::EDQUOT), "{refused}");
+    drop(f);
+    let df = sh(&format!("df -B1 --output=size {}", mnt.display()));
+    let size: u64 = df.lines().nth(1).unwrap_or("").trim().parse().unwrap_or(0);
+    assert!(size <= 8 << 20, "df size {size} above the 8 MiB quota");
+    std::fs::remove_file(mnt.join("over")).unwrap();
+    let o = dbqsfs(&["volume", "quota", "--data-dir", &data]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("quota 8388608 bytes"), "{}", show(&o));
+    let o = dbqsfs(&["volume", "quota", "--data-dir", &data, "none"]);
+    assert!(o.status.success(), "{}", show(&o));
     env.umount(&mnt);
     // Without a mount, `gc` cannot reach the embedded cluster (its nodes run with a mount).
     let o = dbqsfs(&["gc", "--data-dir", &data]);

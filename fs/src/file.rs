@@ -355,11 +355,13 @@ impl State {
         else {
             return err(libc::EFBIG);
         };
+        let old_size = self.node(ino)?.inode.size;
         match self.node(ino)?.inode.content {
             Content::File(_) => {}
             Content::Dir(_) => return err(libc::EISDIR),
             _ => return err(libc::EINVAL),
         }
+        self.check_quota(end.saturating_sub(old_size))?;
         // Read every chunk the write only partly covers before changing anything, so a failed
         // read leaves the file as it was.
         let mut bases = Vec::new();
@@ -403,10 +405,12 @@ impl State {
         }
         let now = crate::layout::Timestamp::now();
         node.inode.size = node.inode.size.max(end);
+        let grown = node.inode.size - old_size;
         node.inode.mtime = now;
         node.inode.ctime = now;
         self.changed.insert(ino);
         self.dirty_files.insert(ino);
+        self.file_bytes += grown;
         Ok(data.len())
     }
 
@@ -419,6 +423,7 @@ impl State {
             return err(libc::EFBIG);
         }
         let old = self.node(ino)?.inode.size;
+        self.check_quota(new_size.saturating_sub(old))?;
         if new_size < old {
             let rem = (new_size % cs) as usize;
             let last = new_size / cs;
@@ -472,6 +477,7 @@ impl State {
         let node = self.nodes.get_mut(&ino).expect("checked above");
         node.inode.size = new_size;
         self.changed.insert(ino);
+        self.file_bytes = self.file_bytes - old.min(self.file_bytes) + new_size;
         Ok(old)
     }
 

@@ -30,6 +30,7 @@ pub mod fuse;
 mod image;
 pub mod layout;
 pub mod mounts;
+pub mod quota;
 pub mod snapshot;
 pub mod volume;
 

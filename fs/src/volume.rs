@@ -255,6 +255,11 @@ pub(crate) struct State {
     pub(crate) inflight: HashSet<ChunkId>,
     /// The chunk index where each file's last read ended, to tell sequential reads.
     pub(crate) last_read: HashMap<u64, u64>,
+    /// The sizes of all files, kept as they change: what `df` calls used, and what the quota
+    /// bounds.
+    pub(crate) file_bytes: u64,
+    /// The volume's quota in bytes of files, if it has one (`quota` record).
+    pub(crate) quota: Option<u64>,
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -325,6 +330,9 @@ impl State {
     fn discard(&mut self, ino: u64) {
         if let Some(node) = self.nodes.remove(&ino) {
             self.dirty_bytes -= node.dirty.values().map(|d| d.data.len()).sum::<usize>();
+            if node.inode.kind == FileKind::File {
+                self.file_bytes = self.file_bytes.saturating_sub(node.inode.size);
+            }
         }
         self.changed.remove(&ino);
         self.dirty_files.remove(&ino);
@@ -881,10 +889,16 @@ impl State {
         };
         let size = node.inode.size;
         let grow = mode & keep == 0 && end > size;
+        if grow {
+            self.check_quota(end - size)?;
+        }
         if clears {
             self.zero_range(ino, offset, end.min(size))?;
         }
         let now = Timestamp::now();
+        if grow {
+            self.file_bytes += end - size;
+        }
         self.update(ino, |i| {
             if grow {
                 i.size = end;
@@ -988,11 +1002,15 @@ impl Shared {
     }
 }
 
+/// How often a writer reads its volume's quota record again.
+const QUOTA_EVERY: Duration = Duration::from_secs(5);
+
 /// Commits every `interval` while the volume has changes, and at once when a change finds the
 /// batch full, until the volume is dropped.
 fn commit_timer(shared: Weak<Shared>, interval: Duration, gc_every: Option<Duration>) {
     let mut failed = false;
     let mut last_gc = std::time::Instant::now();
+    let mut last_quota = std::time::Instant::now();
     let mut released = 0;
     loop {
         let Some(s) = shared.upgrade() else { return };
@@ -1032,6 +1050,13 @@ fn commit_timer(shared: Weak<Shared>, interval: Duration, gc_every: Option<Durat
             if let Err(e) = s.commit(false) {
                 tracing::warn!(error = %e, "periodic commit failed; the batch is kept for the next");
                 failed = true;
+            }
+        }
+        if last_quota.elapsed() >= QUOTA_EVERY {
+            last_quota = std::time::Instant::now();
+            match crate::quota::read(s.backend.as_ref()) {
+                Ok(q) => s.lock().quota = q,
+                Err(e) => tracing::debug!(error = %e, "reading the volume's quota"),
             }
         }
         if let Some(every) = gc_every {
@@ -1081,6 +1106,11 @@ impl Volume {
             (b, Some(puts))
         };
         let committer = Committer::open(backend.as_ref(), &cfg, puts)?;
+        let quota = if cfg.snapshot.is_some() {
+            None
+        } else {
+            crate::quota::read(backend.as_ref())?
+        };
         let mut state = State {
             chunks: ChunkCache::new(cfg.chunk_cache_bytes),
             backend: backend.clone(),
@@ -1097,9 +1127,12 @@ impl Volume {
             pinned: BTreeSet::new(),
             inflight: HashSet::new(),
             last_read: HashMap::new(),
+            file_bytes: 0,
+            quota: None,
             cfg: cfg.clone(),
         };
         state.take_up(&committer.image);
+        state.quota = quota;
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             committer: Mutex::new(committer),
@@ -1439,19 +1472,18 @@ impl Volume {
     }
 
     /// `df`'s view: used = the bytes of the volume's files (their sizes), available = what the
-    /// backend says it can still take ([`Backend::capacity`]; without it, a notional 1 PiB), size
-    /// = the two together. The block size is the chunk size.
+    /// backend says it can still take ([`Backend::capacity`]; without it, a notional 1 PiB),
+    /// within the volume's quota if it has one; size = the two together. The block size is the
+    /// chunk size.
     pub fn statfs(&self) -> StatFs {
         let state = self.lock();
         let bsize = state.chunk_size.max(1);
-        let used_bytes: u64 = state
-            .nodes
-            .values()
-            .filter(|n| n.inode.kind == FileKind::File)
-            .map(|n| n.inode.size)
-            .sum();
+        let used_bytes = state.file_bytes;
         let inodes = state.nodes.len() as u64;
-        let available = state.backend.capacity().map_or(1u64 << 50, |c| c.available);
+        let mut available = state.backend.capacity().map_or(1u64 << 50, |c| c.available);
+        if let Some(q) = state.quota {
+            available = available.min(q.saturating_sub(used_bytes));
+        }
         let b = bsize as u64;
         let bavail = available / b;
         StatFs {
@@ -1463,6 +1495,18 @@ impl Volume {
             bsize,
             namelen: 255,
         }
+    }
+
+    /// The volume's quota (bytes of files), as last read from its `quota` record.
+    pub fn quota(&self) -> Option<u64> {
+        self.lock().quota
+    }
+
+    /// Reads the volume's quota record again (a mount does so every few seconds).
+    pub fn refresh_quota(&self) -> FsResult<Option<u64>> {
+        let q = crate::quota::read(self.shared.backend.as_ref())?;
+        self.lock().quota = q;
+        Ok(q)
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
@@ -1580,6 +1624,22 @@ impl State {
             .next_ino
             .max(image.inodes.keys().last().map_or(0, |i| i + 1));
         self.patch_bytes = self.count_patch_bytes();
+        self.file_bytes = self
+            .nodes
+            .values()
+            .filter(|n| n.inode.kind == FileKind::File)
+            .map(|n| n.inode.size)
+            .sum();
+    }
+
+    /// Fails with `EDQUOT` if the files growing by `growth` bytes would pass the quota.
+    pub(crate) fn check_quota(&self, growth: u64) -> FsResult<()> {
+        match self.quota {
+            Some(q) if growth > 0 && self.file_bytes.saturating_add(growth) > q => {
+                err(libc::EDQUOT)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Bytes of patches over all files' maps.

@@ -248,3 +248,39 @@ fn a_snapshot_deleted_while_no_writer_runs_is_freed_by_the_next() {
     assert_eq!(read_file(&snap, "g"), data(12, 6_000));
     assert!(snap.lookup(ROOT, b"f").is_err());
 }
+
+#[test]
+fn writes_past_the_quota_fail_with_edquot_and_freeing_space_lets_them_go_on() {
+    let mem = MemBackend::new();
+    let backend: Arc<dyn Backend> = Arc::new(mem.clone());
+    dbqsfs_fs::quota::set(backend.as_ref(), Some(100_000)).unwrap();
+    let vol = open(&backend, cfg());
+    assert_eq!(vol.quota(), Some(100_000));
+    let a = write_file(&vol, "a", &data(1, 60_000));
+    let (attr, fh) = vol.create(&ME, ROOT, b"b", 0o644).unwrap();
+    vol.write(attr.ino, 0, &data(2, 30_000)).unwrap();
+    // 90,000 of 100,000 used: 20,000 more is refused, changing nothing.
+    let e = vol.write(attr.ino, 30_000, &data(3, 20_000)).unwrap_err();
+    assert_eq!(e.errno(), libc::EDQUOT);
+    assert_eq!(vol.getattr(attr.ino).unwrap().size, 30_000);
+    // So is growing by truncation; rewriting inside the file is not growth.
+    let grow = dbqsfs_fs::SetAttr {
+        size: Some(200_000),
+        ..Default::default()
+    };
+    assert_eq!(vol.setattr(&ME, attr.ino, &grow).unwrap_err().errno(), libc::EDQUOT);
+    vol.write(attr.ino, 0, &data(4, 30_000)).unwrap();
+    let st = vol.statfs();
+    assert_eq!(st.blocks * st.bsize as u64, 90_000u64.div_ceil(4096) * 4096 + st.bavail * 4096);
+    assert_eq!(st.bavail, 10_000 / 4096);
+    // Freeing space lets writes go on; what was written is all there.
+    vol.unlink(ROOT, b"a").unwrap();
+    vol.write(attr.ino, 30_000, &data(3, 20_000)).unwrap();
+    vol.release(fh).unwrap();
+    assert_eq!(read_file(&vol, "b")[30_000..], data(3, 20_000)[..]);
+    assert!(vol.getattr(a).is_err());
+    // Without a quota (the record emptied) nothing is refused.
+    dbqsfs_fs::quota::set(backend.as_ref(), None).unwrap();
+    assert_eq!(vol.refresh_quota().unwrap(), None);
+    write_file(&vol, "c", &data(5, 200_000));
+}

@@ -204,6 +204,17 @@ impl<S: Store> Replica<S> {
         self.deferred.insert(x);
     }
 
+    /// For a transfer's [`super::transfer::TransferOutput::Check`], of a content block the store
+    /// lacks: whether it counts as held all the same. A block deferred for lack of space is
+    /// fetched once there is room, not by every transfer again. A block that both the
+    /// transfer's listings (`released_there`) and this replica's own records show released,
+    /// without its data here, was deleted after its grace (or never came): fetching it again
+    /// from a replica that has not deleted it yet would only bring it back.
+    pub fn transfer_skips(&self, id: &ObjectId, released_there: bool) -> Result<bool, StoreError> {
+        Ok(self.deferred.contains(id)
+            || (released_there && refs::released(&self.store.refs(id)?)))
+    }
+
     /// Forgets a deferral: the block is stored now, or this replica is no longer responsible for it.
     pub fn undefer(&mut self, x: &ObjectId) {
         self.deferred.remove(x);
@@ -576,7 +587,12 @@ impl<S: Store> Replica<S> {
         for batch in refs.chunks(1024) {
             let held = self.store.merge_refs_many(batch)?;
             for ((id, _), records) in batch.iter().zip(held) {
-                if refs::released(&records) {
+                // Once per release: a block already scheduled keeps its time (each epoch's
+                // transfer brings the same records again), and one whose data is gone needs none.
+                if refs::released(&records)
+                    && !self.lock_sweep().due_at.contains_key(id)
+                    && self.store.has_content(id)?
+                {
                     self.note_released(*id);
                 }
             }

@@ -347,9 +347,13 @@ pub enum TransferOutput {
         bytes: Vec<u8>,
     },
     /// Which of these content blocks does the node hold already? Answer with [`Transfer::held`]
-    /// before anything else; only the others are fetched.
+    /// before anything else; only the others are fetched. `released` (a subset) are the ones
+    /// the listings' records show released: a replica that deleted such a block after its own
+    /// grace counts it as held, so that a transfer does not bring it back
+    /// ([`crate::dbqs::replica::Replica::transfer_skips`]).
     Check {
         ids: Vec<ObjectId>,
+        released: BTreeSet<ObjectId>,
     },
     /// Persist this verified content block (unless
     /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on).
@@ -1087,9 +1091,14 @@ impl Transfer {
         if wants.is_empty() {
             unit.phase = Phase::Done;
         } else {
-            let ids = wants.keys().copied().collect();
+            let ids: Vec<ObjectId> = wants.keys().copied().collect();
+            let released = ids
+                .iter()
+                .filter(|id| unit.refs.get(id).is_some_and(|r| refs::released(r)))
+                .copied()
+                .collect();
             unit.phase = Phase::Checking(wants);
-            self.out.push_back(TransferOutput::Check { ids });
+            self.out.push_back(TransferOutput::Check { ids, released });
         }
     }
 

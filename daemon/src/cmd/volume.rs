@@ -35,6 +35,20 @@ pub enum VolumeCmd {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Show or set the volume's quota: the most bytes its files may hold.
+    #[command(long_about = "The quota bounds the sum of the sizes of the volume's files (what \
+    `df` on a mount shows as used; `df` shows the quota as the size). A write, truncation or \
+    allocation that would pass it fails with EDQUOT (\"Disk quota exceeded\"), changing nothing; \
+    removing files lets writes go on. A mount takes a new quota up within 5 s. Without BYTES, \
+    shows the quota.")]
+    Quota {
+        #[command(flatten)]
+        at: VolumeAt,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Bytes (a number, optionally with K, M, G or T: powers of 1024), or `none`.
+        bytes: Option<String>,
+    },
     /// Change what opens an encrypted volume's key (the data is not rewritten).
     Rekey {
         #[command(flatten)]
@@ -196,8 +210,65 @@ impl Connection {
     }
 }
 
+/// "10G" -> 10 GiB; "none" -> no quota.
+fn parse_quota(v: &str) -> Result<Option<u64>, UsageError> {
+    if v == "none" {
+        return Ok(None);
+    }
+    let (num, shift) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => 64,
+            };
+            (&v[..i], shift)
+        }
+        _ => (v, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| shift < 64)
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .map(Some)
+        .ok_or_else(|| {
+            UsageError(format!(
+                "quota {v:?}: expected bytes, optionally with K, M, G or T (e.g. 10G), or none"
+            ))
+        })
+}
+
 pub fn run(cmd: VolumeCmd) -> Result<()> {
     match cmd {
+        VolumeCmd::Quota { at, key, bytes } => {
+            let quota = bytes.as_deref().map(parse_quota).transpose()?;
+            let secret = key.secret(false)?;
+            let conn = Connection::open(&at)?;
+            let backend = conn.fs_backend(secret.as_ref())?;
+            let mib = |b: u64| format!("{b} bytes ({:.1} MiB)", b as f64 / (1u64 << 20) as f64);
+            match quota {
+                None => match dbqsfs_fs::quota::read(&*backend).map_err(|e| conn.unreachable(e))? {
+                    Some(q) => println!("volume {:?}: quota {}", at.volume, mib(q)),
+                    None => println!("volume {:?} has no quota", at.volume),
+                },
+                Some(q) => {
+                    dbqsfs_fs::quota::set(&*backend, q).map_err(|e| conn.unreachable(e))?;
+                    match q {
+                        Some(q) => println!(
+                            "volume {:?}: quota {} (a mount takes it up within 5 s)",
+                            at.volume,
+                            mib(q)
+                        ),
+                        None => println!("volume {:?}: quota removed", at.volume),
+                    }
+                }
+            }
+            drop(backend);
+            conn.close();
+            Ok(())
+        }
         VolumeCmd::Create { at, encrypt, key } => {
             let secret = key.secret(true)?;
             if encrypt && secret.is_none() {
@@ -305,5 +376,21 @@ pub fn run(cmd: VolumeCmd) -> Result<()> {
             conn.close();
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_quota;
+
+    #[test]
+    fn quotas_parse_with_binary_suffixes() {
+        assert_eq!(parse_quota("1000").unwrap(), Some(1000));
+        assert_eq!(parse_quota("10G").unwrap(), Some(10 << 30));
+        assert_eq!(parse_quota("3m").unwrap(), Some(3 << 20));
+        assert_eq!(parse_quota("none").unwrap(), None);
+        assert!(parse_quota("10X").is_err());
+        assert!(parse_quota("G").is_err());
+        assert!(parse_quota("99999999T").is_err());
     }
 }

@@ -1075,14 +1075,16 @@ impl Sim {
                     }
                     self.send(me, to, bytes);
                 }
-                TransferOutput::Check { ids } => {
-                    // Blocks deferred for lack of space count as held, as in the node's driver.
+                TransferOutput::Check { ids, released } => {
+                    // As in the node's driver: held, or skipped (`Replica::transfer_skips`).
                     let (store, replica) = (&self.nodes[n].store, &self.nodes[n].replica);
                     let held: Vec<ObjectId> = ids
                         .into_iter()
                         .filter(|id| {
                             store.get_content(id).ok().flatten().is_some()
-                                || replica.deferred().contains(id)
+                                || replica
+                                    .transfer_skips(id, released.contains(id))
+                                    .unwrap_or(false)
                         })
                         .collect();
                     if let Some(t) = self.nodes[n].transfers.get_mut(&e) {

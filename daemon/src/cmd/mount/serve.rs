@@ -289,6 +289,13 @@ pub(super) fn serve(
     }
     if let Err(e) = volume.sync_all() {
         tracing::error!(error = %e, "storing buffered data after unmount failed");
+    } else if !opts.read_only && opts.gc_interval.is_some() {
+        // What the last commits and the final checkpoint left behind goes now, not at the next
+        // mount.
+        match volume.collect_garbage(&mut |_| {}) {
+            Ok(s) => tracing::info!(released = s.released, "collector: final pass"),
+            Err(e) => tracing::warn!(error = %e, "the final collector pass failed; the next writer does it"),
+        }
     }
     release_lease(&rt, lease_task);
     tracing::info!(
