@@ -244,6 +244,25 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     // second later, and a write that failed with ENOSPC goes through (retried while the
     // collector and the grace run).
     env.mount(&mnt, false);
+    // Full again first (what `rm d/f0` freed is taken up), so the write below needs the rm.
+    let mut refill = 300;
+    loop {
+        let write = |k: usize| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(mnt.join(format!("d/f{k}")))?;
+            f.write_all(&file_bytes(k))?;
+            f.sync_all()
+        };
+        match write(refill) {
+            Ok(()) if refill < 320 => refill += 1,
+            Ok(()) => panic!("20 more files fitted on full nodes"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                let _ = std::fs::remove_file(mnt.join(format!("d/f{refill}")));
+                break;
+            }
+        }
+    }
     let half = written / 2;
     for k in 1..=half {
         std::fs::remove_file(mnt.join(format!("d/f{k}"))).expect("rm of a full volume's file");
@@ -268,7 +287,7 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
         "after rm of {half} files, a write succeeded within {:?}",
         again.saturating_duration_since(deadline - Duration::from_secs(90))
     );
-    read_back(&mnt, half + 1..written, "after rm freed space");
+    read_back(&mnt, (half + 1..written).chain(300..refill), "after rm freed space");
     env.umount(&mnt);
 
     // Space is freed: the deferred blocks are stored by themselves, and writes go on.
