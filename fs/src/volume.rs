@@ -1497,6 +1497,11 @@ impl Volume {
         }
     }
 
+    /// The sizes of the volume's files, each inode once (what `df` shows as used).
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().file_bytes
+    }
+
     /// The volume's quota (bytes of files), as last read from its `quota` record.
     pub fn quota(&self) -> Option<u64> {
         self.lock().quota

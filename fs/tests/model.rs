@@ -678,6 +678,20 @@ fn compare_trees(m: &Model, vol: &Volume) -> Result<(), String> {
             }
         }
     }
+    // What `df` calls used (and the quota bounds) is the files' sizes, each inode once.
+    let files: u64 = ino_of
+        .keys()
+        .filter_map(|id| match &m.nodes[*id].kind {
+            MKind::File(f) => Some(f.len() as u64),
+            _ => None,
+        })
+        .sum();
+    if vol.used_bytes() != files {
+        return Err(format!(
+            "used bytes {}, the model's files hold {files}",
+            vol.used_bytes()
+        ));
+    }
     Ok(())
 }
 
