@@ -33,7 +33,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-blocks() { du -sb "$work"/data/cluster/node-*/data/blocks 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
+# The block files' bytes on all nodes (not the fan-out directories they leave behind).
+blocks() { find "$work"/data/cluster/node-*/data/blocks -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 lo_bytes() { awk '/^ *lo:/ { print $2 }' /proc/net/dev; }
 now() { date +%s.%N; }
 # Writes MB mebibytes of fresh random data to FILE with fsync; prints MB/s.

@@ -129,7 +129,8 @@ if [ -z "${SKIP_FSX:-}" ]; then
   grown=$(( $(node_bytes) - before ))
   python3 -c "import sys; w=float(sys.argv[1] or 0)*2**20; g=int(sys.argv[2]); b=float(sys.argv[3] or 0)*2**20; print(f'fsx: wrote {w/2**20:.1f} MiB; the mount stored {b/2**20:.1f} MiB of blocks ({b/w if w else 0:.1f}x per replica); the nodes grew by {g/2**20:.1f} MiB ({g/w if w else 0:.1f}x, 4 replicas counted)')" "${written:-0}" "$grown" "${blocks:-0}"
   if [ -n "${FSX_SPACE_WAIT:-}" ]; then
-    blocks_bytes() { du -sb "$data"/cluster/node-*/data/blocks | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
+    # The block files' bytes (not the fan-out directories they leave behind).
+    blocks_bytes() { find "$data"/cluster/node-*/data/blocks -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
     # The nodes run while a mount does: mount again (no writes) and wait out their grace.
     "$bin" mount --data-dir "$data" --volume fsx -o "ro$keyopt" "$fsxmnt"
     live=$(stat -c %s "$fsxmnt/fsx.testfile")

@@ -566,6 +566,19 @@ impl Committer {
         Ok(())
     }
 
+    /// After a pass released everything pending: a head that still lists garbage is written
+    /// again without it, so the next writer does not release it a second time.
+    pub fn gc_trim_head(&mut self, backend: &dyn Backend) -> FsResult<()> {
+        let Some(gc) = &self.gc else {
+            return Ok(());
+        };
+        let listed = !self.head.garbage.is_empty() || !self.head.garbage_list.is_empty();
+        if !gc.pending.is_empty() || !listed || self.frozen {
+            return Ok(());
+        }
+        self.write_head(backend, self.head.clone())
+    }
+
     /// The collector's second half, a batch at a time under the committer's lock: releases up
     /// to `RELEASE_BATCH` pending chunks (none put since they were found unreachable). Returns
     /// how many pending chunks it took up (0: none left).

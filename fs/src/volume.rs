@@ -987,7 +987,9 @@ impl Shared {
                 drop(c);
                 progress(&stats);
                 if n == 0 {
-                    return self.committer().gc_forget_deleted(b);
+                    let mut c = self.committer();
+                    c.gc_forget_deleted(b)?;
+                    return c.gc_trim_head(b);
                 }
             }
         };
