@@ -743,7 +743,11 @@ fn the_same_records_brought_by_each_transfer_keep_the_grace_and_bring_nothing_ba
     let records = vec![(x, vec![hold, release])];
     r.merge_transferred_refs(&records).unwrap();
     r.sweep(due - 1, 100).unwrap();
-    assert_eq!(r.next_sweep(due - 1), Some(due), "the grace is not started again");
+    assert_eq!(
+        r.next_sweep(due - 1),
+        Some(due),
+        "the grace is not started again"
+    );
     assert_eq!(r.sweep(due, 100).unwrap(), vec![x]);
     // Deleted: a later transfer listing it released does not fetch it again, and merging the
     // records once more schedules nothing.

@@ -280,14 +280,21 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => panic!("a write after rm of {half} MiB still fails: {e}\n{}", env.status()),
+            Err(e) => panic!(
+                "a write after rm of {half} MiB still fails: {e}\n{}",
+                env.status()
+            ),
         }
     };
     println!(
         "after rm of {half} files, a write succeeded within {:?}",
         again.saturating_duration_since(deadline - Duration::from_secs(90))
     );
-    read_back(&mnt, (half + 1..written).chain(300..refill), "after rm freed space");
+    read_back(
+        &mnt,
+        (half + 1..written).chain(300..refill),
+        "after rm freed space",
+    );
     env.umount(&mnt);
 
     // Space is freed: the deferred blocks are stored by themselves, and writes go on.
@@ -326,6 +333,10 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
     env.umount(&mnt);
     epochs_pass(&env, &client, 1).await;
     env.mount(&ro, true);
-    read_back(&ro, (half + 1..written).chain(100..104).chain(200..201), "at the end");
+    read_back(
+        &ro,
+        (half + 1..written).chain(100..104).chain(200..201),
+        "at the end",
+    );
     env.umount(&ro);
 }

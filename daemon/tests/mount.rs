@@ -1258,7 +1258,10 @@ fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
         "nodes held {start} bytes, {full} with the files, {left} {:?} after rm -rf",
         t.elapsed()
     );
-    assert!(left <= bound, "{left} bytes left on the nodes, bound {bound}");
+    assert!(
+        left <= bound,
+        "{left} bytes left on the nodes, bound {bound}"
+    );
     assert_eq!(
         std::fs::read(mnt.join("keep")).unwrap(),
         b"kept across collections"
@@ -1273,7 +1276,11 @@ fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
         "{}",
         show(&o)
     );
-    assert!(String::from_utf8_lossy(&o.stdout).contains("released"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("released"),
+        "{}",
+        show(&o)
+    );
     let o = dbqsfs(&["status", "--data-dir", &data]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -1298,7 +1305,11 @@ fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
     assert!(size <= 8 << 20, "df size {size} above the 8 MiB quota");
     std::fs::remove_file(mnt.join("over")).unwrap();
     let o = dbqsfs(&["volume", "quota", "--data-dir", &data]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("quota 8388608 bytes"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("quota 8388608 bytes"),
+        "{}",
+        show(&o)
+    );
     let o = dbqsfs(&["volume", "quota", "--data-dir", &data, "none"]);
     assert!(o.status.success(), "{}", show(&o));
     env.umount(&mnt);

@@ -223,7 +223,10 @@ fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 /// Everything a snapshot's head reaches, the structure its journal replaced included.
-fn snapshot_reach(backend: &dyn Backend, head: &Head) -> FsResult<std::collections::HashSet<ChunkId>> {
+fn snapshot_reach(
+    backend: &dyn Backend,
+    head: &Head,
+) -> FsResult<std::collections::HashSet<ChunkId>> {
     let (image, mut seen, structure) = Image::load_seen(backend, head)?;
     seen.extend(structure);
     seen.extend(crate::gc::image_reach(&image, head));

@@ -213,7 +213,10 @@ impl Gc {
     pub fn put_since(&self, ids: &[ChunkId]) -> HashSet<ChunkId> {
         let puts = self.puts.lock().unwrap_or_else(|p| p.into_inner());
         let asked: HashSet<&ChunkId> = ids.iter().collect();
-        puts.iter().filter(|id| asked.contains(id)).copied().collect()
+        puts.iter()
+            .filter(|id| asked.contains(id))
+            .copied()
+            .collect()
     }
 
     /// Takes up the snapshots the index lists (`(name, commit)`), loading the reach of new ones

@@ -25,8 +25,8 @@ pub mod crypt;
 mod dir;
 pub mod error;
 mod file;
-mod gc;
 pub mod fuse;
+mod gc;
 mod image;
 pub mod layout;
 pub mod mounts;
@@ -38,4 +38,6 @@ pub use backend::{Backend, BackendError, Capacity, ChunkId, Failure, MemBackend,
 pub use error::{backend_errno, FsError, FsResult};
 pub use fuse::{mount, MountError, MountHandle, MountOptions};
 pub use layout::{FileKind, Timestamp};
-pub use volume::{Attr, Cred, GcStats, DirListEntry, SetAttr, StatFs, TimeSet, Volume, VolumeConfig};
+pub use volume::{
+    Attr, Cred, DirListEntry, GcStats, SetAttr, StatFs, TimeSet, Volume, VolumeConfig,
+};

@@ -19,9 +19,9 @@ pub fn read(backend: &dyn Backend) -> FsResult<Option<u64>> {
     };
     match rec.value.as_slice() {
         [] => Ok(None),
-        [TAG_QUOTA, rest @ ..] if rest.len() == 8 => Ok(Some(u64::from_le_bytes(
-            rest.try_into().expect("8 bytes"),
-        ))),
+        [TAG_QUOTA, rest @ ..] if rest.len() == 8 => {
+            Ok(Some(u64::from_le_bytes(rest.try_into().expect("8 bytes"))))
+        }
         _ => Err(FsError::Decode {
             what: "volume quota",
             detail: format!("{} bytes", rec.value.len()),

@@ -205,7 +205,9 @@ pub fn delete(backend: &dyn Backend, name: &str) -> Result<(), SnapshotError> {
     let key = format!("{name}@{}", info.commit);
     if let Some(rec) = backend.get_record(&label(name))? {
         if !rec.value.is_empty() {
-            let old = backend.get_record(&deleted_label(&key))?.map_or(0, |r| r.version);
+            let old = backend
+                .get_record(&deleted_label(&key))?
+                .map_or(0, |r| r.version);
             backend.put_record(&deleted_label(&key), old + 1, &rec.value)?;
         }
     }

@@ -32,10 +32,10 @@ use std::time::Duration;
 
 use crate::backend::{Backend, ChunkId};
 use crate::commit::Committer;
-pub use crate::gc::GcStats;
 use crate::dir::Edit;
 use crate::error::{err, FsResult};
 use crate::file::{ChunkCache, Dirty};
+pub use crate::gc::GcStats;
 use crate::image::{ChunkMap, DirState, Image};
 pub(crate) use crate::image::{Content, Inode};
 use crate::layout::{DirEntry, FileKind, JournalOp, Timestamp, ROOT_INO};
@@ -1066,11 +1066,17 @@ fn commit_timer(shared: Weak<Shared>, interval: Duration, gc_every: Option<Durat
                 last_gc = std::time::Instant::now();
                 match s.collect_garbage(&mut |_| {}) {
                     Ok(st) if st.released > released => {
-                        tracing::debug!(released = st.released - released, pending = st.pending, "collector released chunks");
+                        tracing::debug!(
+                            released = st.released - released,
+                            pending = st.pending,
+                            "collector released chunks"
+                        );
                         released = st.released;
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "collector pass failed; it runs again later"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "collector pass failed; it runs again later")
+                    }
                 }
             }
         }

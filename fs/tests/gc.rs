@@ -21,6 +21,14 @@ fn open(backend: &Arc<dyn Backend>, cfg: VolumeConfig) -> Volume {
     Volume::open_or_format(backend.clone(), cfg).unwrap()
 }
 
+fn open_snapshot(backend: &Arc<dyn Backend>, name: &str) -> Volume {
+    let cfg = VolumeConfig {
+        snapshot: Some(name.into()),
+        ..cfg()
+    };
+    Volume::open_or_format(backend.clone(), cfg).unwrap()
+}
+
 /// Bytes no other file or chunk shares (chunks are content-addressed).
 fn data(tag: u8, len: usize) -> Vec<u8> {
     let mut out = vec![0; len];
@@ -116,14 +124,7 @@ fn a_snapshot_keeps_what_it_reaches_until_it_is_deleted() {
     vol.unlink(ROOT, b"f").unwrap();
     let stats = vol.collect_garbage(&mut |_| {}).unwrap();
     assert!(stats.kept_for_snapshots >= 13, "{stats:?}");
-    let snap = Volume::open_or_format(
-        backend.clone(),
-        VolumeConfig {
-            snapshot: Some("before".into()),
-            ..cfg()
-        },
-    )
-    .unwrap();
+    let snap = open_snapshot(&backend, "before");
     assert_eq!(read_file(&snap, "f"), old);
     drop(snap);
 
@@ -188,14 +189,7 @@ fn a_snapshot_racing_the_collector_is_taken_again_of_a_head_it_kept() {
         assert!(stats.released > 0, "{stats:?}");
     }));
     let info = snapshot::create(backend.as_ref(), "s").unwrap();
-    let snap = Volume::open_or_format(
-        backend.clone(),
-        VolumeConfig {
-            snapshot: Some("s".into()),
-            ..cfg()
-        },
-    )
-    .unwrap();
+    let snap = open_snapshot(&backend, "s");
     // Taken again, of a head the collector keeps whole: every file in it reads.
     assert!(info.commit > 2, "{info:?}");
     assert!(snap.lookup(ROOT, b"f").is_err());
@@ -232,19 +226,18 @@ fn a_snapshot_deleted_while_no_writer_runs_is_freed_by_the_next() {
         .into_iter()
         .map(|l| String::from_utf8_lossy(&l).into_owned())
         .collect();
-    assert!(labels.iter().any(|l| l.starts_with("deleted-snapshot/")), "{labels:?}");
+    assert!(
+        labels.iter().any(|l| l.starts_with("deleted-snapshot/")),
+        "{labels:?}"
+    );
     for l in labels.iter().filter(|l| l.starts_with("deleted-snapshot/")) {
         let rec = mem.peek_record(l.as_bytes()).unwrap();
-        assert!(rec.value.is_empty(), "{l} still holds a head after the collector freed it");
+        assert!(
+            rec.value.is_empty(),
+            "{l} still holds a head after the collector freed it"
+        );
     }
-    let snap = Volume::open_or_format(
-        backend.clone(),
-        VolumeConfig {
-            snapshot: Some("old".into()),
-            ..cfg()
-        },
-    )
-    .unwrap();
+    let snap = open_snapshot(&backend, "old");
     assert_eq!(read_file(&snap, "g"), data(12, 6_000));
     assert!(snap.lookup(ROOT, b"f").is_err());
 }
@@ -268,10 +261,16 @@ fn writes_past_the_quota_fail_with_edquot_and_freeing_space_lets_them_go_on() {
         size: Some(200_000),
         ..Default::default()
     };
-    assert_eq!(vol.setattr(&ME, attr.ino, &grow).unwrap_err().errno(), libc::EDQUOT);
+    assert_eq!(
+        vol.setattr(&ME, attr.ino, &grow).unwrap_err().errno(),
+        libc::EDQUOT
+    );
     vol.write(attr.ino, 0, &data(4, 30_000)).unwrap();
     let st = vol.statfs();
-    assert_eq!(st.blocks * st.bsize as u64, 90_000u64.div_ceil(4096) * 4096 + st.bavail * 4096);
+    assert_eq!(
+        st.blocks * st.bsize as u64,
+        90_000u64.div_ceil(4096) * 4096 + st.bavail * 4096
+    );
     assert_eq!(st.bavail, 10_000 / 4096);
     // Freeing space lets writes go on; what was written is all there.
     vol.unlink(ROOT, b"a").unwrap();

@@ -211,8 +211,7 @@ impl<S: Store> Replica<S> {
     /// without its data here, was deleted after its grace (or never came): fetching it again
     /// from a replica that has not deleted it yet would only bring it back.
     pub fn transfer_skips(&self, id: &ObjectId, released_there: bool) -> Result<bool, StoreError> {
-        Ok(self.deferred.contains(id)
-            || (released_there && refs::released(&self.store.refs(id)?)))
+        Ok(self.deferred.contains(id) || (released_there && refs::released(&self.store.refs(id)?)))
     }
 
     /// Forgets a deferral: the block is stored now, or this replica is no longer responsible for it.

@@ -36,11 +36,13 @@ pub enum VolumeCmd {
         key: KeyArgs,
     },
     /// Show or set the volume's quota: the most bytes its files may hold.
-    #[command(long_about = "The quota bounds the sum of the sizes of the volume's files (what \
+    #[command(
+        long_about = "The quota bounds the sum of the sizes of the volume's files (what \
     `df` on a mount shows as used; `df` shows the quota as the size). A write, truncation or \
     allocation that would pass it fails with EDQUOT (\"Disk quota exceeded\"), changing nothing; \
     removing files lets writes go on. A mount takes a new quota up within 5 s. Without BYTES, \
-    shows the quota.")]
+    shows the quota."
+    )]
     Quota {
         #[command(flatten)]
         at: VolumeAt,
@@ -89,7 +91,10 @@ pub struct Connection {
     pub toml: PathBuf,
     pub volume: String,
     /// The volume's lease while kept ([`Connection::keep_lease`]).
-    lease: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Lease>)>,
+    lease: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Lease>,
+    )>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,7 +207,9 @@ impl Connection {
             let _ = stop.send(());
             if let Ok(lease) = self.rt.block_on(task) {
                 if let Err(e) = self.rt.block_on(lease.release()) {
-                    eprintln!("dbqsfs: releasing the volume lease: {e} (it expires by itself in 30 s)");
+                    eprintln!(
+                        "dbqsfs: releasing the volume lease: {e} (it expires by itself in 30 s)"
+                    );
                 }
             }
         }

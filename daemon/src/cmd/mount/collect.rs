@@ -91,7 +91,11 @@ impl LocalMount {
             self.pid,
             self.mountpoint.display(),
             self.volume,
-            if self.read_only { "read-only" } else { "read-write" }
+            if self.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
         );
         if let Some(r) = &self.gc {
             let s = &r.stats;

@@ -294,7 +294,9 @@ pub(super) fn serve(
         // mount.
         match volume.collect_garbage(&mut |_| {}) {
             Ok(s) => tracing::info!(released = s.released, "collector: final pass"),
-            Err(e) => tracing::warn!(error = %e, "the final collector pass failed; the next writer does it"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the final collector pass failed; the next writer does it")
+            }
         }
     }
     release_lease(&rt, lease_task);
