@@ -304,6 +304,16 @@ impl DbqsClient {
         }
     }
 
+    /// Sends a reference record as it is: forged, replayed or in another's name. A Byzantine
+    /// client, for tests; built only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub async fn send_reference(&self, record: RefRecord) -> Result<(), ClientError> {
+        match self.run(Operation::Reference { record }).await? {
+            Outcome::RefStored { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// The verified bytes of content block `id`; `None` when a quorum says it is absent.
     pub async fn get_content(&self, id: ObjectId) -> Result<Option<Vec<u8>>, ClientError> {
         match self.run(Operation::GetContent { id }).await? {
