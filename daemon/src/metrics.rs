@@ -52,6 +52,11 @@ pub fn released_deleted(blocks: u64) {
     counter!("dbqsfs_released_blocks_deleted_total").increment(blocks);
 }
 
+/// A client's request refused for a signature that does not verify (a forged hold or release).
+pub fn forged_request() {
+    counter!("dbqsfs_forged_requests_total").increment(1);
+}
+
 /// A replica's answer refused as Byzantine (`what` says how it was wrong).
 pub fn misbehaviour(what: &'static str) {
     counter!("dbqsfs_byzantine_evidence_total", "what" => what).increment(1);

@@ -541,6 +541,41 @@ fn replica_options(settings: &crate::files::NodeSettings) -> ReplicaOptions {
     opts
 }
 
+/// Counts and logs (at most every 10 s, with how many since) requests refused for a signature
+/// that does not verify: a client forging holds or releases in another owner's name.
+fn note_forgery(from: NodeId, reply: &[u8]) {
+    use dbqsfs_core::dbqs::msg::{DbqsMessage, Reject};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    // A refusal is a few bytes; no other reply is decoded again.
+    if reply.len() > 64 {
+        return;
+    }
+    let forged = matches!(
+        decode::<DbqsMessage>(reply).map(|e| e.msg),
+        Ok(DbqsMessage::Rejected {
+            reason: Reject::BadSignature,
+            ..
+        })
+    );
+    if !forged {
+        return;
+    }
+    crate::metrics::forged_request();
+    let n = SINCE.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = crate::volume::unix_ms();
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        SINCE.store(0, Ordering::Relaxed);
+        warn!(peer = %from.short(), refused = n, "refused requests whose owner signature does not verify (forged holds or releases)");
+    }
+}
+
 /// Deletes released content blocks once their grace is over (`Replica::sweep`): looks every
 /// second, and deletes a page at a time (up to 64 pages a second) on the blocking pool, each page
 /// under the replica's read lock (requests are served meanwhile).
@@ -708,7 +743,10 @@ async fn handle(
             shared.transfers.fetch_now(epoch, x);
         }
         match handled {
-            Handled::Reply(bytes) => Some(bytes),
+            Handled::Reply(bytes) => {
+                note_forgery(from, &bytes);
+                Some(bytes)
+            }
             Handled::Install(configs) => {
                 if let Err(e) = shared.install(configs) {
                     debug!(peer = %from.short(), error = %e, "refused pushed configurations");

@@ -1,6 +1,7 @@
 //! A Byzantine client (built with `--features fault-injection`) on a real 4-node cluster: it
 //! sends releases forged in another owner's name, releases of its own for blocks it never held,
-//! and an owner's genuine but old release again. Replicas refuse the forgery, let none of them
+//! and an owner's genuine but old release again. Replicas refuse the forgery (counted in
+//! `dbqsfs_forged_requests_total` and logged at most every 10 s), let none of them
 //! release anything, and every block stays readable well past the grace; an owner's own release
 //! still frees its block (so the wait means something).
 
