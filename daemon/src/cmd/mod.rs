@@ -78,7 +78,13 @@ pub enum Command {
     Snapshot(snapshot::SnapshotCmd),
     /// Release what a volume no longer reaches, now (its read-write mount does it every 5 s).
     #[command(
-        long_about = "A volume's writer releases the blocks its volume no longer reaches         (overwritten data, deleted files, deleted snapshots, journal folded into a checkpoint);         the nodes delete a released block after their grace period (`dbqsfs node         --release-grace`, default 30 s). A read-write mount does this every -o gc seconds         (default 5). `dbqsfs gc` asks the mount on this host that holds the volume for a pass         now and follows it; if no mount holds it, it takes the volume's lease and runs the pass         itself. The cluster must be running (the embedded one runs while a mount of it does)."
+        long_about = "A volume's writer releases the blocks its volume no longer reaches \
+        (overwritten data, deleted files, deleted snapshots, journal folded into a checkpoint); \
+        the nodes delete a released block after their grace period (`dbqsfs node \
+        --release-grace`, default 30 s). A read-write mount does this every -o gc seconds \
+        (default 5). `dbqsfs gc` asks the mount on this host that holds the volume for a pass \
+        now and follows it; if no mount holds it, it takes the volume's lease and runs the pass \
+        itself. The cluster must be running (the embedded one runs while a mount of it does)."
     )]
     Gc(gc::GcArgs),
     /// Create an encrypted volume, or change what opens its key.

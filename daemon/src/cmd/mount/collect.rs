@@ -99,8 +99,10 @@ impl LocalMount {
         );
         if let Some(r) = &self.gc {
             let s = &r.stats;
-            line += &format!(
-                "; collector: {} passes, {} blocks released, {} pending{}, reaches {}, {} kept                  only for snapshots",
+            line +=
+                &format!(
+                "; collector: {} passes, {} blocks released, {} pending{}, reaches {}, {} kept \
+                 only for snapshots",
                 s.passes,
                 s.released,
                 s.pending,
