@@ -500,7 +500,8 @@ impl Committer {
         gc.collect(now);
         gc.stats.passes += 1;
         self.gc_snapshots(backend)?;
-        if self.gc.as_ref().is_some_and(|g| g.pending.is_empty()) {
+        if let Some(gc) = self.gc.as_mut().filter(|g| g.pending.is_empty()) {
+            gc.ready.clear();
             return Ok(0);
         }
         if self.head.gc_floor < self.version {
@@ -509,7 +510,11 @@ impl Committer {
             self.write_head(backend, head)?;
             self.gc_snapshots(backend)?;
         }
-        Ok(self.gc.as_ref().map_or(0, |g| g.pending.len()))
+        // Pending now, with the floor at this head and the index read since: no head from the
+        // floor on reaches these, and every snapshot of an older one is known or taken again.
+        let gc = self.gc.as_mut().expect("checked above");
+        gc.ready = gc.pending.clone();
+        Ok(gc.ready.len())
     }
 
     /// Takes up the snapshot index: loads the reach of new snapshots, frees what a deleted one
@@ -589,8 +594,17 @@ impl Committer {
         let Some(gc) = &mut self.gc else {
             return Ok(0);
         };
-        let batch: Vec<ChunkId> = gc.pending.iter().take(RELEASE_BATCH).copied().collect();
+        // Only what the pass found ready: a chunk that became unreachable since (a checkpoint
+        // between two batches) may be reached by a snapshot taken after the index was read.
+        let batch: Vec<ChunkId> = gc
+            .ready
+            .iter()
+            .filter(|id| gc.pending.contains(*id))
+            .take(RELEASE_BATCH)
+            .copied()
+            .collect();
         if batch.is_empty() {
+            gc.ready.clear();
             return Ok(0);
         }
         let again = gc.put_since(&batch);
@@ -604,6 +618,7 @@ impl Committer {
         // A chunk put again stays out of `pending` until a pass finds it unreachable anew.
         for id in &batch {
             gc.pending.remove(id);
+            gc.ready.remove(id);
         }
         gc.stats.pending = gc.pending.len() as u64;
         Ok(batch.len())

@@ -17,7 +17,9 @@
 //! with them. The handshake: before releasing, the writer writes a head whose `gc_floor` is its
 //! own version ("heads older than this may lose blocks from now on"), then reads the snapshot
 //! index; `snapshot::create`, after writing the index, reads the head again and starts over if
-//! the floor passed the head it copied. One of the two always sees the other.
+//! the floor passed the head it copied. One of the two always sees the other. A pass releases
+//! only what was pending at that moment (`ready`): a chunk that became unreachable later, say by
+//! a checkpoint between two of its batches, waits for the next pass's floor and index read.
 //!
 //! Completeness (what is not released is only leaked, never lost): the candidates are what the
 //! last pass reached plus what was put since, less what is reached now; at open, what the
@@ -111,6 +113,8 @@ pub(crate) struct Gc {
     last: HashSet<ChunkId>,
     /// Found unreachable, not yet released.
     pub pending: BTreeSet<ChunkId>,
+    /// What the last pass may release: pending when it raised the floor and read the index.
+    pub ready: BTreeSet<ChunkId>,
     /// The structure of the checkpoint the durable head names (root pieces, pages, patch lists).
     pub durable_checkpoint: HashSet<ChunkId>,
     /// Each snapshot's reach, by name, with the commit it copied.
@@ -146,6 +150,7 @@ impl Gc {
             puts,
             last: seen,
             pending: BTreeSet::new(),
+            ready: BTreeSet::new(),
             durable_checkpoint,
             snapshots: BTreeMap::new(),
             stats: GcStats::default(),
@@ -340,4 +345,71 @@ pub(crate) fn image_reach(image: &Image, head: &Head) -> HashSet<ChunkId> {
     r.extend(head.journal.iter().flatten().copied());
     r.extend(head.garbage_list.iter().copied());
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::backend::{Backend, MemBackend};
+    use crate::volume::{Cred, Volume, VolumeConfig};
+
+    /// A pass releases only what was ready when it read the snapshot index: a file removed
+    /// (and checkpointed) between two of its batches, which a snapshot taken meanwhile reaches,
+    /// stays for the next pass to judge.
+    #[test]
+    fn what_became_unreachable_during_a_pass_waits_for_the_next() {
+        let mem = MemBackend::new();
+        let backend: Arc<dyn Backend> = Arc::new(mem.clone());
+        let cfg = VolumeConfig {
+            chunk_size: Some(4096),
+            ..VolumeConfig::default()
+        };
+        let vol = Volume::open_or_format(backend.clone(), cfg).unwrap();
+        let me = Cred::ROOT;
+        let put = |name: &str, tag: u8, len: usize| {
+            let mut data = vec![0; len];
+            blake3::Hasher::new()
+                .update(&[tag])
+                .finalize_xof()
+                .fill(&mut data);
+            let (a, fh) = vol.create(&me, 1, name.as_bytes(), 0o644).unwrap();
+            vol.write(a.ino, 0, &data).unwrap();
+            vol.release(fh).unwrap();
+            data
+        };
+        put("gone", 1, 4096 * 300);
+        let f = put("f", 2, 4096 * 4);
+        vol.sync_all().unwrap();
+        vol.unlink(1, b"gone").unwrap();
+        vol.fsync(1, false).unwrap();
+        let b = backend.as_ref();
+        {
+            let mut c = vol.committer_for_tests();
+            assert!(c.gc_collect(b).unwrap() >= 300);
+            assert_eq!(c.gc_release(b).unwrap(), super::RELEASE_BATCH);
+        }
+        // Between two batches: a snapshot of the current head (which reaches `f`), then `f`
+        // removed and a checkpoint, whose collection makes `f`'s chunks pending.
+        crate::snapshot::create(b, "s").unwrap();
+        vol.unlink(1, b"f").unwrap();
+        vol.sync_all().unwrap();
+        {
+            let mut c = vol.committer_for_tests();
+            while c.gc_release(b).unwrap() > 0 {}
+        }
+        let snap = Volume::open_or_format(
+            backend.clone(),
+            VolumeConfig {
+                snapshot: Some("s".into()),
+                ..VolumeConfig::default()
+            },
+        )
+        .unwrap();
+        let a = snap.lookup(1, b"f").unwrap();
+        assert_eq!(snap.read(a.ino, 0, a.size as u32).unwrap(), f);
+        // The next pass sees the snapshot and keeps them.
+        vol.collect_garbage(&mut |_| {}).unwrap();
+        assert_eq!(snap.read(a.ino, 0, a.size as u32).unwrap(), f);
+    }
 }

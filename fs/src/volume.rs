@@ -1600,6 +1600,11 @@ impl Volume {
         self.shared.collect_garbage(progress)
     }
 
+    #[cfg(test)]
+    pub(crate) fn committer_for_tests(&self) -> MutexGuard<'_, Committer> {
+        self.shared.committer()
+    }
+
     /// The collector's figures so far (empty for a read-only volume).
     pub fn gc_stats(&self) -> GcStats {
         self.shared
