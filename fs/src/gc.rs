@@ -25,8 +25,8 @@
 //! last pass reached plus what was put since, less what is reached now; at open, what the
 //! checkpoint and the journal name plus the head's garbage list (the pending candidates, which
 //! include what a checkpoint made unreachable from what an open can see; in the head when few,
-//! else stored as a list the head names). So a crash leaks nothing, except the blocks of
-//! snapshots deleted while no writer ran (the next session's work).
+//! else stored as a list the head names). So a crash leaks nothing. A snapshot deleted while no
+//! writer runs waits in the index's deleted list (`snapshot::delete`) for the next collector.
 //!
 //! Non-goals: releasing records (the head, snapshot records), collecting for read-only mounts
 //! (a reader that still holds an old chunk id keeps it for the replicas' grace period).
