@@ -10,7 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_dbqsfs");
 
 mod common;
 
-use common::files_under;
+use common::{files_under, one_second_grace, wait_at_most};
 
 fn dbqsfs(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -320,12 +320,8 @@ fn a_node_killed_in_the_middle_of_writes_holds_no_torn_or_corrupt_block_after_re
 #[test]
 fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
     let cluster = Cluster::init(4);
-    // A one-second grace, as a node.toml setting.
     for i in 0..4 {
-        let toml = cluster.node_dir(i).join("node.toml");
-        let mut text = std::fs::read_to_string(&toml).unwrap();
-        text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
-        std::fs::write(&toml, text).unwrap();
+        one_second_grace(&cluster.node_dir(i));
     }
     cluster.up();
     let work = tempfile::tempdir().unwrap();
@@ -349,18 +345,15 @@ fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
     // Every replica deletes it a second after it took the release (`block rm` waits for the
     // whole group to answer, not only a quorum); what is left is the small file's 4 copies.
     let bound = empty + 4 * small.len() as u64;
-    let start = Instant::now();
-    let left = loop {
-        let now = stored();
-        if now <= bound || start.elapsed() > Duration::from_secs(30) {
-            break now;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (left, took) = wait_at_most(
+        bound,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        stored,
+    );
     assert!(
         left <= bound,
-        "{left} bytes on the nodes {:?} after `block rm` of 5 MiB (from {full}; empty {empty})",
-        start.elapsed()
+        "{left} bytes on the nodes {took:?} after `block rm` of 5 MiB (from {full}; empty {empty})"
     );
     // The other file is whole; the removed one is gone.
     let out = w.join("small.again");
@@ -378,10 +371,7 @@ fn a_removed_file_leaves_the_nodes_after_the_grace_and_the_other_files_stay() {
     assert!(!gone.status.success(), "a removed file cannot be read back");
     // Put again after the removal: held again, and readable.
     cluster.round_trip(w, "big", &big);
-    eprintln!(
-        "stored {full} bytes; {left} bytes {:?} after `block rm` (empty: {empty})",
-        start.elapsed()
-    );
+    eprintln!("stored {full} bytes; {left} bytes {took:?} after `block rm` (empty: {empty})");
 }
 
 #[test]

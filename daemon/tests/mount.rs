@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{files_under, is_mounted};
+use common::{files_under, is_mounted, one_second_grace, wait_at_most};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -1198,10 +1198,7 @@ fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
     let mnt = env.mount("gc", &[]);
     env.umount(&mnt);
     for i in 0..4 {
-        let toml = env.data.join(format!("cluster/node-{i}/node.toml"));
-        let mut text = std::fs::read_to_string(&toml).unwrap();
-        text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
-        std::fs::write(&toml, text).unwrap();
+        one_second_grace(&env.data.join(format!("cluster/node-{i}")));
     }
     let mnt = env.mount("gc", &["-o", "gc=1"]);
     // The nodes' data directories: block files, redb (records, tombstones) and the rest.
@@ -1252,18 +1249,13 @@ fn space_comes_back_after_rm_rf_and_dbqsfs_gc_asks_the_mount() {
     // Within the commit interval, the collector's interval and the grace, the nodes hold what
     // they held before (within 10% of what was written).
     let bound = start + written / 10;
-    let t = Instant::now();
-    let left = loop {
-        let now = stored();
-        if now <= bound || t.elapsed() > Duration::from_secs(120) {
-            break now;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    println!(
-        "nodes held {start} bytes, {full} with the files, {left} {:?} after rm -rf",
-        t.elapsed()
+    let (left, took) = wait_at_most(
+        bound,
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        stored,
     );
+    println!("nodes held {start} bytes, {full} with the files, {left} {took:?} after rm -rf");
     assert!(
         left <= bound,
         "{left} bytes left on the nodes, bound {bound}"

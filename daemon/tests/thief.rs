@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{init_cluster, start_node};
+use common::{init_cluster, one_second_grace, start_node};
 use dbqsfs_core::crypto::Keypair;
 use dbqsfs_core::dbqs::refs::RefRecord;
 use dbqsfs_daemon::client::{DbqsClient, DbqsClientOptions, Owner};
@@ -20,10 +20,7 @@ async fn forged_replayed_and_foreign_releases_free_nothing() {
     let dir = tmp.path().join("c");
     let toml = init_cluster(&dir);
     for i in 0..4 {
-        let node_toml = dir.join(format!("node-{i}/node.toml"));
-        let mut text = std::fs::read_to_string(&node_toml).unwrap();
-        text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
-        std::fs::write(&node_toml, text).unwrap();
+        one_second_grace(&dir.join(format!("node-{i}")));
     }
     let nodes: Vec<common::Running> = (0..4)
         .map(|i| {

@@ -35,6 +35,33 @@ pub fn files_under(dir: &Path) -> (usize, u64) {
         .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2))
 }
 
+/// Gives the node of directory `node_dir` a one-second release grace (a node.toml setting), so
+/// that a test sees released blocks go within seconds.
+pub fn one_second_grace(node_dir: &Path) {
+    let toml = node_dir.join("node.toml");
+    let mut text = std::fs::read_to_string(&toml).expect("node.toml");
+    text.push_str("\n[settings]\nrelease_grace_secs = 1\n");
+    std::fs::write(&toml, text).expect("write node.toml");
+}
+
+/// Polls `measure` every `every` until it is at most `bound` or `max` has passed; returns the
+/// last value and how long it took.
+pub fn wait_at_most(
+    bound: u64,
+    max: std::time::Duration,
+    every: std::time::Duration,
+    mut measure: impl FnMut() -> u64,
+) -> (u64, std::time::Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let now = measure();
+        if now <= bound || start.elapsed() > max {
+            return (now, start.elapsed());
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// `dbqsfs cluster init` of 4 nodes in `dir`, on random loopback ports; returns `cluster.toml`.
 pub fn init_cluster(dir: &Path) -> PathBuf {
     let mut r = [0u8; 2];
