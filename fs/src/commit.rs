@@ -520,10 +520,7 @@ impl Committer {
     /// Takes up the snapshot index: loads the reach of new snapshots, frees what a deleted one
     /// alone kept, and takes out of `pending` what a snapshot keeps.
     fn gc_snapshots(&mut self, backend: &dyn Backend) -> FsResult<()> {
-        let listed: Vec<(String, u64)> = crate::snapshot::list(backend)?
-            .into_iter()
-            .map(|(name, info)| (name, info.commit))
-            .collect();
+        let (listed, deleted) = crate::snapshot::for_collector(backend)?;
         let Some(gc) = self.gc.as_mut() else {
             return Ok(());
         };
@@ -534,7 +531,7 @@ impl Committer {
         })?;
         // Deleted snapshots: what they alone reached is pending (a snapshot this collector knew
         // was freed above, as it left the list).
-        for key in crate::snapshot::deleted(backend)? {
+        for key in deleted {
             if gc.freed_deleted.contains(&key) {
                 continue;
             }

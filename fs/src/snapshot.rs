@@ -229,9 +229,16 @@ fn deleted_label(key: &str) -> Vec<u8> {
     [b"deleted-snapshot/".as_slice(), key.as_bytes()].concat()
 }
 
-/// Deleted snapshots whose blocks are not released yet (`NAME@COMMIT`), for the collector.
-pub(crate) fn deleted(backend: &dyn Backend) -> FsResult<Vec<String>> {
-    Ok(read_index(backend)?.0.deleted.into_keys().collect())
+/// For the collector, from one read of the index: the snapshots (name, commit copied), and the
+/// deleted ones whose blocks are not released yet (`NAME@COMMIT`).
+pub(crate) fn for_collector(backend: &dyn Backend) -> FsResult<(Vec<(String, u64)>, Vec<String>)> {
+    let index = read_index(backend)?.0;
+    let listed = index
+        .snapshots
+        .into_iter()
+        .map(|(name, info)| (name, info.commit))
+        .collect();
+    Ok((listed, index.deleted.into_keys().collect()))
 }
 
 /// The head a deleted snapshot copied (`None`: nothing left of it).
