@@ -229,9 +229,12 @@ fn deleted_label(key: &str) -> Vec<u8> {
     [b"deleted-snapshot/".as_slice(), key.as_bytes()].concat()
 }
 
-/// For the collector, from one read of the index: the snapshots (name, commit copied), and the
-/// deleted ones whose blocks are not released yet (`NAME@COMMIT`).
-pub(crate) fn for_collector(backend: &dyn Backend) -> FsResult<(Vec<(String, u64)>, Vec<String>)> {
+/// What the collector needs of the index: the snapshots (name, commit copied), and the deleted
+/// ones whose blocks are not released yet (`NAME@COMMIT`).
+pub(crate) type CollectorView = (Vec<(String, u64)>, Vec<String>);
+
+/// [`CollectorView`], from one read of the index.
+pub(crate) fn for_collector(backend: &dyn Backend) -> FsResult<CollectorView> {
     let index = read_index(backend)?.0;
     let listed = index
         .snapshots
