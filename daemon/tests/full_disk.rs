@@ -263,19 +263,21 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
             }
         }
     }
+    // New data first, buffered (the nodes refuse it), then the removals: a commit of the two
+    // together must let the removals through, and the collector free their space, so that the
+    // same buffered data is stored by a later fsync.
+    let mut pending = std::fs::File::create(mnt.join("d/f200")).unwrap();
+    {
+        use std::io::Write;
+        pending.write_all(&file_bytes(200)).unwrap();
+    }
     let half = written / 2;
     for k in 1..=half {
         std::fs::remove_file(mnt.join(format!("d/f{k}"))).expect("rm of a full volume's file");
     }
     let deadline = Instant::now() + Duration::from_secs(90);
     let again = loop {
-        let write = || {
-            use std::io::Write;
-            let mut f = std::fs::File::create(mnt.join("d/f200"))?;
-            f.write_all(&file_bytes(200))?;
-            f.sync_all()
-        };
-        match write() {
+        match pending.sync_all() {
             Ok(()) => break Instant::now(),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -286,6 +288,7 @@ async fn two_full_nodes_leave_the_volume_readable_and_writes_resume_when_space_i
             ),
         }
     };
+    drop(pending);
     println!(
         "after rm of {half} files, a write succeeded within {:?}",
         again.saturating_duration_since(deadline - Duration::from_secs(90))

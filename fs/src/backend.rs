@@ -124,6 +124,9 @@ pub enum Failure {
     Unavailable,
     /// Every write fails with `NoSpace`; reads succeed.
     NoSpace,
+    /// Chunk puts fail with `NoSpace`; records, releases and reads succeed (full dBQS nodes:
+    /// they store public-key blocks from their reserve).
+    ChunksNoSpace,
     /// The next `n` calls (reads or writes) succeed, then every call fails with `Unavailable`.
     UnavailableAfter(u64),
     /// The next `n` writes succeed, then every write fails with `Unavailable`; reads succeed.
@@ -227,7 +230,7 @@ impl MemBackend {
             Failure::None => Ok(()),
             Failure::Unavailable => Err(BackendError::Unavailable("failure switch".into())),
             Failure::NoSpace if write => Err(BackendError::NoSpace),
-            Failure::NoSpace => Ok(()),
+            Failure::NoSpace | Failure::ChunksNoSpace => Ok(()),
             Failure::UnavailableAfter(n) => {
                 if self.calls.fetch_add(1, Ordering::SeqCst) < n {
                     Ok(())
@@ -265,6 +268,9 @@ impl MemBackend {
 impl Backend for MemBackend {
     fn put_chunk(&self, data: &[u8]) -> Result<ChunkId, BackendError> {
         self.inner.lock().unwrap().counts.put_chunk += 1;
+        if *self.failure.lock().unwrap() == Failure::ChunksNoSpace {
+            return Err(BackendError::NoSpace);
+        }
         let checked = self.check(true);
         if let Err(e) = &checked {
             if !self.failed_write_lands() {

@@ -19,7 +19,10 @@
 //!    the files' maps (`State::sealed`).
 //!
 //! Any failure in 2–4 undoes step 1 (`State::unseal`); a head version once tried is never
-//! reused, since a failed write may have landed. Every `checkpoint_segments` commits (and on
+//! reused, since a failed write may have landed. One failure is not all-or-nothing: chunks the
+//! nodes refuse for lack of space stay buffered while the rest of the batch commits (a file's
+//! size stops short of its refused chunks), so that removals commit and the collector can free
+//! space on a full cluster. Every `checkpoint_segments` commits (and on
 //! demand) the committer writes the image's changed pages and root, then a head naming that
 //! checkpoint and an empty journal.
 //!
@@ -31,11 +34,11 @@ use std::collections::HashMap;
 use std::mem;
 use std::sync::Arc;
 
-use crate::backend::{Backend, ChunkId};
+use crate::backend::{Backend, BackendError, ChunkId};
 use crate::error::{err, FsError, FsResult};
 use crate::file::{Changes, Dirty};
 use crate::gc::{Gc, RELEASE_BATCH};
-use crate::image::{piece_size, put_chunks, Content, Image, Piece};
+use crate::image::{piece_size, put_chunks, put_chunks_each, Content, Image, Piece};
 use crate::layout::{
     split, Head, JournalOp, Meta, Patch, Segment, Timestamp, FORMAT, FORMAT1_LABEL, HEAD_LABEL,
     ROOT_INO,
@@ -47,6 +50,15 @@ pub(crate) struct Batch {
     pub ops: Vec<JournalOp>,
     pub data: Vec<Flush>,
     pub next_ino: u64,
+}
+
+/// What became of one buffered chunk of a committed batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stored {
+    /// Stored whole (`None`: all zeros, a hole), or as patches in the journal (`None`).
+    Chunk(Option<ChunkId>),
+    /// The nodes had no space for it: it stays buffered, and the batch went without it.
+    Refused,
 }
 
 /// One buffered chunk of a batch.
@@ -154,30 +166,45 @@ impl State {
         }
         ops.append(&mut self.journal);
         self.journal = ops;
-        let limit = self.patch_limit();
         for f in batch.data {
-            let Some(n) = take_flushing(&mut self.nodes, &f) else {
-                continue;
-            };
-            match n.dirty.entry(f.idx) {
-                Entry::Vacant(slot) => {
-                    self.dirty_bytes += f.buf.len();
-                    slot.insert(Dirty {
-                        data: Arc::try_unwrap(f.buf).unwrap_or_else(|b| b.as_ref().clone()),
-                        changes: f.changes,
-                    });
-                    self.dirty_files.insert(f.ino);
-                }
-                // Written since, over this buffer: the changes since the stored state are both.
-                Entry::Occupied(mut newer) => newer.get_mut().absorb(f.changes.as_ref(), limit),
-            }
+            self.redirty(f);
         }
     }
 
-    /// A batch is durable: its chunks join the files' maps (unless truncated away since).
-    fn sealed(&mut self, batch: Batch, ids: &[Option<ChunkId>]) {
-        for (f, id) in batch.data.iter().zip(ids) {
-            let Some(n) = take_flushing(&mut self.nodes, f) else {
+    /// Makes a flushed buffer dirty again (its store failed), under what was written since.
+    fn redirty(&mut self, f: Flush) {
+        let limit = self.patch_limit();
+        let Some(n) = take_flushing(&mut self.nodes, &f) else {
+            return;
+        };
+        match n.dirty.entry(f.idx) {
+            Entry::Vacant(slot) => {
+                self.dirty_bytes += f.buf.len();
+                slot.insert(Dirty {
+                    data: Arc::try_unwrap(f.buf).unwrap_or_else(|b| b.as_ref().clone()),
+                    changes: f.changes,
+                });
+                self.dirty_files.insert(f.ino);
+            }
+            // Written since, over this buffer: the changes since the stored state are both.
+            Entry::Occupied(mut newer) => newer.get_mut().absorb(f.changes.as_ref(), limit),
+        }
+    }
+
+    /// A batch is durable: its chunks join the files' maps (unless truncated away since). The
+    /// chunks the nodes refused for lack of space are dirty again, and their files' attributes
+    /// are written again at the next cut (the head carried a size short of them).
+    fn sealed(&mut self, batch: Batch, stored: &[Stored]) {
+        for (f, s) in batch.data.into_iter().zip(stored) {
+            let id = match s {
+                Stored::Chunk(id) => id,
+                Stored::Refused => {
+                    self.changed.insert(f.ino);
+                    self.redirty(f);
+                    continue;
+                }
+            };
+            let Some(n) = take_flushing(&mut self.nodes, &f) else {
                 continue;
             };
             let Content::File(map) = &mut n.inode.content else {
@@ -361,16 +388,31 @@ impl Committer {
 
     /// Writes a head holding `ops` in its tail, or, when the tail would grow too large, stores
     /// the tail and `ops` as a segment first and names it in the head; then applies `ops` to
-    /// the image.
+    /// the image. If the nodes have no space for the segment, the tail grows on in the head
+    /// (a record, which the nodes store from their reserve) while the head stays under three
+    /// quarters of the largest value: so that removing files commits, and the collector frees space, on a full
+    /// cluster.
     fn append(&mut self, backend: &dyn Backend, ops: &[JournalOp], next_ino: u64) -> FsResult<()> {
         let mut head = self.head.clone();
         head.tail.extend_from_slice(ops);
         let tail_bytes = Segment::encode_ops(&head.tail).len();
         if tail_bytes > Head::tail_max(backend.max_block()) {
             let segment = Segment::encode_ops(&head.tail);
-            let pieces = put_chunks(backend, &split(&segment, piece_size(backend)))?;
-            head.journal.push(pieces);
-            head.tail.clear();
+            match put_chunks(backend, &split(&segment, piece_size(backend))) {
+                Ok(pieces) => {
+                    head.journal.push(pieces);
+                    head.tail.clear();
+                }
+                Err(FsError::Backend(BackendError::NoSpace))
+                    if head.encode().len() <= backend.max_block() / 4 * 3 =>
+                {
+                    tracing::debug!(
+                        tail_bytes,
+                        "no space for a journal segment: the head keeps it"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         head.next_ino = next_ino;
         self.write_head(backend, head)?;
@@ -397,6 +439,11 @@ impl Committer {
 
     /// Commits everything applied to `state` so far (see the module's protocol). With
     /// `checkpoint`, also writes a checkpoint afterwards.
+    ///
+    /// Chunks the nodes refuse for lack of space do not hold the rest back: the batch commits
+    /// without them (each such file with the size its stored chunks reach), they stay buffered,
+    /// and the call fails with `ENOSPC` after. A checkpoint that fails leaves the committed batch
+    /// committed: it is logged and tried again at the next commit.
     pub fn commit(
         &mut self,
         backend: &dyn Backend,
@@ -404,9 +451,13 @@ impl Committer {
         checkpoint: bool,
     ) -> FsResult<()> {
         let batch = lock(state).seal();
+        let mut refused = false;
         if !batch.is_empty() {
             match self.store(backend, &batch) {
-                Ok(ids) => lock(state).sealed(batch, &ids),
+                Ok(stored) => {
+                    refused = stored.iter().any(|s| matches!(s, Stored::Refused));
+                    lock(state).sealed(batch, &stored);
+                }
                 Err(e) => {
                     lock(state).unseal(batch);
                     return Err(e);
@@ -416,14 +467,18 @@ impl Committer {
         let head_full = self.head.encode().len() > backend.max_block() / 2;
         let due = self.head.journal.len() >= lock(state).cfg.checkpoint_segments.max(1);
         if checkpoint || head_full || due {
-            self.checkpoint(backend)?;
+            if let Err(e) = self.checkpoint(backend) {
+                tracing::warn!(error = %e, "checkpoint failed (what is committed stays so); tried again at the next commit");
+            }
+        }
+        if refused {
+            return Err(BackendError::NoSpace.into());
         }
         Ok(())
     }
 
-    /// Steps 2–4: chunks, segment, head. Returns each whole chunk's id (`None`: all zeros, or
-    /// stored as patches).
-    fn store(&mut self, backend: &dyn Backend, batch: &Batch) -> FsResult<Vec<Option<ChunkId>>> {
+    /// Steps 2–4: chunks, segment, head. Returns what became of each buffered chunk.
+    fn store(&mut self, backend: &dyn Backend, batch: &Batch) -> FsResult<Vec<Stored>> {
         let stored_whole = |f: &Flush| f.patches.is_none() && f.buf.iter().any(|x| *x != 0);
         let bodies: Vec<&[u8]> = batch
             .data
@@ -431,26 +486,56 @@ impl Committer {
             .filter(|f| stored_whole(f))
             .map(|f| f.buf.as_slice())
             .collect();
-        let mut stored = put_chunks(backend, &bodies)?.into_iter();
-        let ids: Vec<Option<ChunkId>> = batch
+        let mut puts = put_chunks_each(backend, &bodies)?.into_iter();
+        let mut stored: Vec<Stored> = batch
             .data
             .iter()
-            .map(|f| stored_whole(f).then(|| stored.next().expect("one id per stored chunk")))
+            .map(|f| match stored_whole(f) {
+                false => Stored::Chunk(None),
+                true => match puts.next().expect("one result per stored chunk") {
+                    Ok(id) => Stored::Chunk(Some(id)),
+                    Err(_) => Stored::Refused,
+                },
+            })
             .collect();
+        // A file with a refused chunk commits only below it: its later chunks wait with it, and
+        // its size stops there (or at its committed size), so that a crash shows the file as
+        // it was or shorter, never with a hole where the refused data was to go.
+        let mut cut: HashMap<u64, u64> = HashMap::new();
+        for (f, s) in batch.data.iter().zip(&stored) {
+            if matches!(s, Stored::Refused) {
+                let c = cut.entry(f.ino).or_insert(f.idx);
+                *c = (*c).min(f.idx);
+            }
+        }
+        for (f, s) in batch.data.iter().zip(stored.iter_mut()) {
+            if cut.get(&f.ino).is_some_and(|c| f.idx >= *c) {
+                *s = Stored::Refused;
+            }
+        }
+        let chunk_size = u64::from(self.head.chunk_size);
         let mut ops = batch.ops.clone();
-        for (f, id) in batch.data.iter().zip(&ids) {
-            if f.patches.is_some() {
-                ops.extend(f.patch_ops());
-            } else {
-                ops.push(JournalOp::Chunk {
+        for op in &mut ops {
+            if let JournalOp::Put { ino, meta } = op {
+                if let Some(c) = cut.get(ino) {
+                    let committed = self.image.inodes.get(ino).map_or(0, |i| i.size);
+                    meta.size = meta.size.min((c * chunk_size).max(committed));
+                }
+            }
+        }
+        for (f, s) in batch.data.iter().zip(&stored) {
+            match s {
+                Stored::Refused => {}
+                Stored::Chunk(_) if f.patches.is_some() => ops.extend(f.patch_ops()),
+                Stored::Chunk(id) => ops.push(JournalOp::Chunk {
                     ino: f.ino,
                     idx: f.idx,
                     id: *id,
-                });
+                }),
             }
         }
         self.append(backend, &ops, batch.next_ino)?;
-        Ok(ids)
+        Ok(stored)
     }
 
     /// Writes the image's changed pages and root, then a head naming them with an empty journal.

@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::backend::{Backend, BackendError, Capacity, ChunkId, Record};
-use crate::error::FsResult;
+use crate::error::{FsError, FsResult};
 use crate::image::{get_joined, piece_size, put_chunks, Content, Image};
 use crate::layout::{split, GarbageList, Head};
 
@@ -319,10 +319,20 @@ impl Gc {
         ids.extend(current.iter().copied());
         let hash = list_hash(&ids);
         let list = GarbageList {
-            ids: ids.into_iter().collect(),
+            ids: ids.iter().copied().collect(),
         }
         .encode();
-        let pieces = put_chunks(backend, &split(&list, piece_size(backend)))?;
+        let pieces = match put_chunks(backend, &split(&list, piece_size(backend))) {
+            Ok(pieces) => pieces,
+            // The nodes have no space for the list: the head carries it while it can (a head
+            // must be written for the volume to free space at all).
+            Err(FsError::Backend(BackendError::NoSpace))
+                if ids.len() <= backend.max_block() / 4 / 32 =>
+            {
+                return Ok((ids.into_iter().collect(), Vec::new()));
+            }
+            Err(e) => return Err(e),
+        };
         self.spilled = Some((hash, pieces.clone()));
         Ok((Vec::new(), pieces))
     }

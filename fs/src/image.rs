@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::backend::{Backend, ChunkId};
+use crate::backend::{Backend, BackendError, ChunkId};
 use crate::error::{FsError, FsResult};
 use crate::layout::{
     name_key, split, DirEntry, FileKind, Head, JournalOp, Meta, Page, Patch, Patches, Root,
@@ -585,6 +585,18 @@ fn parallel<T: Sync, R: Send>(
         }
     }
     Ok(out)
+}
+
+/// Stores chunks in parallel; for each, its id or `NoSpace` (the nodes refused it for lack of
+/// space). Any other failure fails the whole call at once.
+pub(crate) fn put_chunks_each(
+    backend: &dyn Backend,
+    pieces: &[&[u8]],
+) -> FsResult<Vec<Result<ChunkId, BackendError>>> {
+    parallel(pieces, |p| match backend.put_chunk(p) {
+        Err(BackendError::NoSpace) => Ok(Err(BackendError::NoSpace)),
+        r => Ok(Ok(r?)),
+    })
 }
 
 /// Stores chunks in parallel; their ids in order.

@@ -1048,10 +1048,13 @@ fn commit_timer(shared: Weak<Shared>, interval: Duration, gc_every: Option<Durat
             }
         }
         failed = false;
+        // Out of space, the collector runs all the same: what it frees lets the batch through.
+        let mut no_space = false;
         if !s.lock().batch_empty() {
             if let Err(e) = s.commit(false) {
                 tracing::warn!(error = %e, "periodic commit failed; the batch is kept for the next");
                 failed = true;
+                no_space = e.errno() == libc::ENOSPC;
             }
         }
         if last_quota.elapsed() >= QUOTA_EVERY {
@@ -1062,7 +1065,7 @@ fn commit_timer(shared: Weak<Shared>, interval: Duration, gc_every: Option<Durat
             }
         }
         if let Some(every) = gc_every {
-            if !failed && last_gc.elapsed() >= every {
+            if (!failed || no_space) && last_gc.elapsed() >= every {
                 last_gc = std::time::Instant::now();
                 match s.collect_garbage(&mut |_| {}) {
                     Ok(st) if st.released > released => {
@@ -1596,7 +1599,11 @@ impl Volume {
         if self.shared.read_only {
             return Ok(GcStats::default());
         }
-        self.shared.commit(false)?;
+        // The pass works from what is committed: a commit that failed (the nodes refuse data
+        // for lack of space) must not stop it, since freeing space is what lets it go through.
+        if let Err(e) = self.shared.commit(false) {
+            tracing::warn!(error = %e, "commit before the collector's pass failed; the pass goes on");
+        }
         self.shared.collect_garbage(progress)
     }
 

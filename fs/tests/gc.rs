@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use dbqsfs_fs::layout::ROOT_INO;
 use dbqsfs_fs::snapshot;
-use dbqsfs_fs::{Backend, BackendError, ChunkId, Cred, MemBackend, Record, Volume, VolumeConfig};
+use dbqsfs_fs::{
+    Backend, BackendError, ChunkId, Cred, Failure, MemBackend, Record, Volume, VolumeConfig,
+};
 
 const ROOT: u64 = ROOT_INO;
 const ME: Cred = Cred::ROOT;
@@ -282,4 +284,76 @@ fn writes_past_the_quota_fail_with_edquot_and_freeing_space_lets_them_go_on() {
     dbqsfs_fs::quota::set(backend.as_ref(), None).unwrap();
     assert_eq!(vol.refresh_quota().unwrap(), None);
     write_file(&vol, "c", &data(5, 200_000));
+}
+
+/// Full nodes refuse content blocks but store records: removing files must still commit (in the
+/// head, since no journal segment can be stored) and the collector must free their chunks, while
+/// new data waits buffered; a crash then shows the removals and the new file no longer than what
+/// was stored of it.
+#[test]
+fn on_full_nodes_removals_commit_and_free_space_while_new_data_waits() {
+    let mem = MemBackend::new();
+    let backend: Arc<dyn Backend> = Arc::new(mem.clone());
+    let vol = open(&backend, cfg());
+    let keep = data(1, 40_000);
+    write_file(&vol, "keep", &keep);
+    // Enough names that removing them all takes more than a head's tail (64 KiB).
+    let names: Vec<String> = (0..2500)
+        .map(|i| format!("old-file-number-{i:05}"))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let bytes = if i < 30 {
+            data(10 + i as u8, 8192)
+        } else {
+            Vec::new()
+        };
+        write_file(&vol, name, &bytes);
+    }
+    vol.sync_all().unwrap();
+    let before = mem.chunk_count();
+
+    mem.set_failure(Failure::ChunksNoSpace);
+    let new = data(2, 20_000);
+    let ino_new = write_file(&vol, "new", &new);
+    for name in &names {
+        vol.unlink(ROOT, name.as_bytes()).unwrap();
+    }
+    let e = vol.fsync(ino_new, false).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    let stats = vol.collect_garbage(&mut |_| {}).unwrap();
+    // Two chunks of each of the 30 files with data, and the checkpoint's pages they were on.
+    assert!(stats.released >= 60, "{stats:?}");
+    assert!(
+        mem.chunk_count() + 60 <= before,
+        "{} of {before}",
+        mem.chunk_count()
+    );
+    assert_eq!(read_file(&vol, "new"), new);
+
+    // What a crash now would leave: the committed head, read by a fresh reader.
+    let committed = || {
+        let cfg = VolumeConfig {
+            read_only: true,
+            ..cfg()
+        };
+        Volume::open_or_format(backend.clone(), cfg).unwrap()
+    };
+    let ro = committed();
+    assert_eq!(
+        ro.lookup(ROOT, names[0].as_bytes()).unwrap_err().errno(),
+        libc::ENOENT
+    );
+    assert_eq!(ro.lookup(ROOT, b"new").unwrap().size, 0);
+    assert_eq!(read_file(&ro, "keep"), keep);
+    drop(ro);
+
+    // Space again: the buffered data goes through, and the head is checkpointed small again.
+    mem.set_failure(Failure::None);
+    vol.fsync(ino_new, false).unwrap();
+    vol.sync_all().unwrap();
+    let ro = committed();
+    assert_eq!(read_file(&ro, "new"), new);
+    assert_eq!(read_file(&ro, "keep"), keep);
+    // `.`, `..`, keep and new.
+    assert_eq!(ro.readdir(ROOT, 0, 10_000).unwrap().len(), 4);
 }
