@@ -557,3 +557,70 @@ fn arc_helpers_agree_with_a_brute_force_over_sample_points() {
         assert_ne!(s.start, s.end);
     }
 }
+
+/// Answers every question of `gc` with `have` as `answer(epoch asked about, node asked)` says,
+/// until it stops sending; returns the arcs it deleted.
+fn answer_gc(gc: &mut Gc, answer: impl Fn(u64, NodeId) -> bool) -> Vec<(u64, RingArc)> {
+    let mut deleted = Vec::new();
+    let mut now = 0;
+    for _ in 0..20 {
+        let mut sent = Vec::new();
+        while let Some(out) = gc.poll_output() {
+            match out {
+                GcOutput::Send { to, bytes } => sent.push((to, bytes)),
+                GcOutput::Delete { epoch, arc } => deleted.push((epoch, arc)),
+                GcOutput::Complete { .. } => {}
+            }
+        }
+        for (to, bytes) in sent {
+            let env = decode::<TransferMessage>(&bytes).unwrap();
+            let TransferMessage::HaveQuery { rid, epoch, .. } = env.msg else {
+                panic!("a collection asks only HaveQuery");
+            };
+            let have = answer(epoch, to);
+            let reply = encode_msg(epoch, TransferMessage::Have { rid, have });
+            gc.handle_message(now, to, &reply);
+        }
+        now += 20_000;
+        gc.handle_timeout(now);
+    }
+    deleted
+}
+
+#[test]
+fn a_lost_range_whose_group_never_confirms_is_deleted_once_2f_plus_1_of_a_later_group_hold_it() {
+    let w = world();
+    let leaver = w.ks[0].node_id();
+    // Epoch 2: the same members as epoch 1, so each lost arc has one later group.
+    let later = config(
+        2,
+        &w.ks[1..].iter().collect::<Vec<_>>(),
+        Some(w.next.hash()),
+    );
+    let units = lost(&w.g, &w.next, &leaver).len();
+    assert!(units > 0);
+    let new = || Gc::new(&w.g, &w.next, &leaver, &[], GcOptions::default());
+
+    // Nobody of epoch 1's groups ever confirms: nothing is deleted, however long it asks.
+    let mut gc = new();
+    gc.start(0);
+    assert!(answer_gc(&mut gc, |e, _| e == 2).is_empty());
+    // Told of epoch 2, whose groups all hold the range: every lost arc goes, as lost in epoch 1.
+    gc.learn(&later);
+    let deleted = answer_gc(&mut gc, |e, _| e == 2);
+    assert_eq!(deleted.len(), units);
+    assert!(deleted.iter().all(|(e, _)| *e == 1));
+    assert!(gc.is_complete());
+
+    // Only f of a later group (here: the first member of each) is not enough.
+    let mut gc = new();
+    gc.start(0);
+    gc.learn(&later);
+    let first: Vec<NodeId> = lost(&w.g, &w.next, &leaver)
+        .iter()
+        .map(|l| l.holders[0])
+        .collect();
+    let deleted = answer_gc(&mut gc, |e, n| e == 2 && first.contains(&n));
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert!(!gc.is_complete());
+}

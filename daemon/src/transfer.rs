@@ -511,7 +511,7 @@ struct Running {
 struct GcRun {
     gen: u64,
     g: Gc,
-    /// The new groups' addresses (members of the epoch).
+    /// The new groups' addresses (members of the epoch and of the later ones it learned).
     addrs: BTreeMap<NodeId, (SocketAddr, VerifyingKey)>,
     /// Deletions issued and not yet carried out (retried on failure).
     deleting: usize,
@@ -687,6 +687,32 @@ impl Worker {
         };
         for e in ready {
             self.start_gc(e);
+        }
+        self.gc_learn();
+    }
+
+    /// Hands every running collection the configurations installed after its epoch, so that a
+    /// later group can confirm what the first never will ([`Gc::learn`]), and asks them.
+    fn gc_learn(&mut self) {
+        let running: Vec<Epoch> = self.gcs.keys().copied().collect();
+        for e in running {
+            let later: Vec<Configuration> = {
+                let r = self.lock_replica();
+                let learned = self.gcs.get(&e).map_or(e, |run| run.g.learned());
+                (learned + 1..=r.epoch())
+                    .filter_map(|x| r.chain().get(x).map(|c| c.config.clone()))
+                    .collect()
+            };
+            if later.is_empty() {
+                continue;
+            }
+            if let Some(run) = self.gcs.get_mut(&e) {
+                for config in &later {
+                    run.g.learn(config);
+                    run.addrs.extend(source_addrs(config));
+                }
+            }
+            self.drain_gc(e);
         }
     }
 

@@ -11,6 +11,13 @@
 //!   lost arc with one new group is one unit;
 //! - confirming: a [`TransferMessage::HaveQuery`] to each member of the new group, asked again with
 //!   backoff until `2f+1` answer `have`;
+//! - later groups: a group that never gets `2f+1` members through (members that were cut off
+//!   until the range moved on, then found every source gone) must not keep the old data forever.
+//!   The driver hands the machine every later configuration the node installs ([`Gc::learn`]);
+//!   each piece of the arc then may also be confirmed by `2f+1` of its group in a later epoch
+//!   `e'` that completed their transfer into `e'` (they hold every write completed before `e'`,
+//!   a superset of those before `e`). The arc is deleted once every point of it is confirmed by
+//!   one such group, the first or a later one;
 //! - deleting: [`GcOutput::Delete`] names the arc; the driver calls
 //!   [`super::replica::Replica::delete_lost`], which checks at that moment, object by object, that
 //!   the node has not been responsible for it since (it may have gained it back), and from then on
@@ -56,6 +63,27 @@ pub fn lost(prev: &Configuration, next: &Configuration, me: &NodeId) -> Vec<Lost
     merge(keyed)
         .into_iter()
         .map(|(arc, holders)| LostArc { arc, holders })
+        .collect()
+}
+
+/// `arc` cut at the member ids of `config`: within each piece, the group is constant.
+fn split_at_members(arc: &Arc, config: &Configuration) -> Vec<Arc> {
+    let mut cuts: Vec<[u8; 32]> = config
+        .members
+        .iter()
+        .map(|m| m.id.0)
+        .filter(|p| arc.contains(&ObjectId(*p)) && *p != arc.end)
+        .collect();
+    // In the arc's order, from just after its start round to its end.
+    cuts.sort_by_key(|p| arc.order_key(&ObjectId(*p)));
+    cuts.push(arc.end);
+    let mut start = arc.start;
+    cuts.into_iter()
+        .map(|end| {
+            let piece = Arc { start, end };
+            start = end;
+            piece
+        })
         .collect()
 }
 
@@ -105,8 +133,30 @@ struct Unit {
     lost: LostArc,
     /// Members of the new group that confirmed holding the arc.
     have: BTreeSet<NodeId>,
+    /// Pieces of the arc, each with its group in a later epoch ([`Gc::learn`]).
+    later: Vec<Later>,
     done: bool,
 }
+
+/// A piece of a lost arc and its group in a later epoch.
+#[derive(Debug)]
+struct Later {
+    epoch: Epoch,
+    arc: Arc,
+    holders: Vec<NodeId>,
+    need: usize,
+    have: BTreeSet<NodeId>,
+}
+
+impl Later {
+    fn confirmed(&self) -> bool {
+        self.have.len() >= self.need
+    }
+}
+
+/// Whom a question went to: the arc's group in the epoch it was lost in, or one of its later
+/// pieces (by index into [`Unit::later`]).
+type Asked = (usize, Option<usize>, NodeId);
 
 /// The garbage collection of what one node lost on entering one epoch.
 #[derive(Debug)]
@@ -115,9 +165,13 @@ pub struct Gc {
     /// Confirmations needed: `2f+1` of the new group.
     need: usize,
     units: Vec<Unit>,
-    /// Outstanding questions: rid → (unit, node asked); the last few rids of each stay valid.
-    by_rid: BTreeMap<u64, (usize, NodeId)>,
-    recent: BTreeMap<(usize, NodeId), VecDeque<u64>>,
+    /// Outstanding questions: rid → whom; the last few rids of each stay valid.
+    by_rid: BTreeMap<u64, Asked>,
+    recent: BTreeMap<Asked, VecDeque<u64>>,
+    /// The node, never asked about a later piece it belongs to (it gained the piece back).
+    me: NodeId,
+    /// The latest epoch handed to [`Gc::learn`].
+    learned: Epoch,
     next_rid: u64,
     opts: GcOptions,
     retransmit_at: u64,
@@ -142,6 +196,7 @@ impl Gc {
             .map(|lost| Unit {
                 lost,
                 have: BTreeSet::new(),
+                later: Vec::new(),
                 done: false,
             })
             .collect();
@@ -160,6 +215,8 @@ impl Gc {
             units,
             by_rid: BTreeMap::new(),
             recent: BTreeMap::new(),
+            me: *me,
+            learned: next.epoch,
             next_rid: opts.first_request_id,
             backoff: opts.retransmit_ms,
             opts,
@@ -222,7 +279,52 @@ impl Gc {
         self.check_complete();
     }
 
-    /// Asks the holders of unit `u` that have not confirmed.
+    /// The latest epoch whose configuration [`Gc::learn`] took (the machine's own at first).
+    pub fn learned(&self) -> Epoch {
+        self.learned
+    }
+
+    /// A configuration the node installed after this machine's epoch (in any order; older or
+    /// repeated ones are ignored): each unfinished arc may from now on also be confirmed piece by
+    /// piece by that epoch's groups, which are asked at once.
+    pub fn learn(&mut self, later: &Configuration) {
+        if later.epoch <= self.learned || self.complete {
+            return;
+        }
+        self.learned = later.epoch;
+        let need = later.quorum().quorum();
+        for u in 0..self.units.len() {
+            if self.units[u].done {
+                continue;
+            }
+            let arc = self.units[u].lost.arc;
+            let first = self.units[u].later.len();
+            for piece in split_at_members(&arc, later) {
+                let mut holders: Vec<NodeId> = later
+                    .group(&ObjectId(piece.end))
+                    .iter()
+                    .map(|m| m.id)
+                    .collect();
+                if holders.contains(&self.me) {
+                    continue; // gained back: `delete_lost` keeps it anyway
+                }
+                holders.sort();
+                self.units[u].later.push(Later {
+                    epoch: later.epoch,
+                    arc: piece,
+                    holders,
+                    need,
+                    have: BTreeSet::new(),
+                });
+            }
+            for l in first..self.units[u].later.len() {
+                self.ask_later(u, l);
+            }
+        }
+    }
+
+    /// Asks the holders of unit `u` that have not confirmed, in its first group and in the later
+    /// ones of pieces not yet confirmed.
     fn ask(&mut self, u: usize) {
         let pending: Vec<NodeId> = self.units[u]
             .lost
@@ -232,30 +334,46 @@ impl Gc {
             .copied()
             .collect();
         for n in pending {
-            self.request(u, n);
+            self.request((u, None, n), self.epoch, self.units[u].lost.arc);
+        }
+        for l in 0..self.units[u].later.len() {
+            self.ask_later(u, l);
         }
     }
 
-    fn request(&mut self, u: usize, to: NodeId) {
+    fn ask_later(&mut self, u: usize, l: usize) {
+        let later = &self.units[u].later[l];
+        if later.confirmed() {
+            return;
+        }
+        let (epoch, arc) = (later.epoch, later.arc);
+        let pending: Vec<NodeId> = later
+            .holders
+            .iter()
+            .filter(|n| !later.have.contains(n))
+            .copied()
+            .collect();
+        for n in pending {
+            self.request((u, Some(l), n), epoch, arc);
+        }
+    }
+
+    fn request(&mut self, asked: Asked, epoch: Epoch, arc: Arc) {
         const KEEP: usize = 4;
         let rid = self.next_rid;
         self.next_rid = self.next_rid.wrapping_add(1);
-        self.by_rid.insert(rid, (u, to));
-        let recent = self.recent.entry((u, to)).or_default();
+        self.by_rid.insert(rid, asked);
+        let recent = self.recent.entry(asked).or_default();
         recent.push_back(rid);
         if recent.len() > KEEP {
             if let Some(old) = recent.pop_front() {
                 self.by_rid.remove(&old);
             }
         }
-        let msg = TransferMessage::HaveQuery {
-            rid,
-            epoch: self.epoch,
-            arc: self.units[u].lost.arc,
-        };
+        let msg = TransferMessage::HaveQuery { rid, epoch, arc };
         self.out.push_back(GcOutput::Send {
-            to,
-            bytes: encode_msg(self.epoch, msg),
+            to: asked.2,
+            bytes: encode_msg(epoch, msg),
         });
     }
 
@@ -281,20 +399,34 @@ impl Gc {
         let TransferMessage::Have { rid, have } = env.msg else {
             return;
         };
-        let Some(&(u, asked)) = self.by_rid.get(&rid) else {
+        let Some(&asked) = self.by_rid.get(&rid) else {
             return;
         };
-        if asked != from {
+        let (u, later, node) = asked;
+        if node != from {
             return;
         }
-        for old in self.recent.remove(&(u, asked)).unwrap_or_default() {
+        for old in self.recent.remove(&asked).unwrap_or_default() {
             self.by_rid.remove(&old);
         }
         // "Not yet" is asked again at the next timeout.
         let unit = &mut self.units[u];
-        if have && !unit.done && unit.have.insert(from) {
+        if !have || unit.done {
+            return self.check_complete();
+        }
+        let new = match later {
+            None => unit.have.insert(from),
+            Some(l) => unit.later[l].have.insert(from),
+        };
+        if new {
             self.backoff = self.opts.retransmit_ms;
-            if unit.have.len() >= self.need {
+            let confirmed: Vec<Arc> = unit
+                .later
+                .iter()
+                .filter(|l| l.confirmed())
+                .map(|l| l.arc)
+                .collect();
+            if unit.have.len() >= self.need || unit.lost.arc.covered_by(&confirmed) {
                 unit.done = true;
                 self.out.push_back(GcOutput::Delete {
                     epoch: self.epoch,

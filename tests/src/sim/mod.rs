@@ -1156,22 +1156,50 @@ impl Sim {
     /// so every write completed before `epoch` survives on a correct node that serves it (DESIGN §4:
     /// old replicas delete only after `2f+1` new ones, up to `f` of them liars, confirm).
     fn check_deletion(&mut self, n: usize, epoch: u64, arc: RingArc) {
-        let config = &self.configs[epoch as usize].config;
-        let need = config.quorum().one_correct();
-        let holders: Vec<NodeId> = config
-            .group(&ObjectId(arc.end))
-            .iter()
-            .map(|m| m.id)
+        // Every point of the arc must be held by `f+1` correct members of its group in `epoch` or
+        // in one later epoch (those hold every write completed before it). The group is constant
+        // between member ids, so checking each piece's end decides for the piece.
+        let newest = self.configs.len() as u64 - 1;
+        let mut points: Vec<[u8; 32]> = (epoch..=newest)
+            .flat_map(|e| {
+                self.configs[e as usize]
+                    .config
+                    .members
+                    .iter()
+                    .map(|m| m.id.0)
+            })
+            .filter(|p| arc.contains(&ObjectId(*p)) && *p != arc.end)
             .collect();
-        let held = holders
-            .iter()
-            .map(|id| &self.nodes[self.node_index[id]])
-            .filter(|m| m.byz.is_none() && m.replica.holds_range(epoch, &arc))
-            .count();
-        if held < need {
+        points.push(arc.end);
+        points.sort_by_key(|p| arc.order_key(&ObjectId(*p)));
+        points.dedup();
+        let mut start = arc.start;
+        let mut short = None;
+        for end in points {
+            let piece = RingArc { start, end };
+            start = end;
+            let held_in = |e: u64| {
+                let config = &self.configs[e as usize].config;
+                let held = config
+                    .group(&ObjectId(piece.end))
+                    .iter()
+                    .map(|m| &self.nodes[self.node_index[&m.id]])
+                    .filter(|m| m.byz.is_none() && m.replica.holds_range(e, &piece))
+                    .count();
+                (held, config.quorum().one_correct())
+            };
+            if !(epoch..=newest).any(|e| {
+                let (held, need) = held_in(e);
+                held >= need
+            }) {
+                short = Some(held_in(epoch));
+                break;
+            }
+        }
+        if let Some((held, need)) = short {
             let me = self.nodes[n].key.node_id().short();
             self.violation(format!(
-                "node {me} deleted a range lost on entering epoch {epoch} while {held} correct members of its new group held it, {need} needed"
+                "node {me} deleted a range lost on entering epoch {epoch} while {held} correct members of its new group (and too few of any later one) held it, {need} needed"
             ));
         }
     }
@@ -1202,6 +1230,9 @@ impl Sim {
         };
         let mut gc = Gc::new(prev, next, &me, node.replica.collected_in(e), opts);
         gc.start(self.now);
+        for later in e + 1..=node.replica.epoch() {
+            gc.learn(&self.configs[later as usize].config);
+        }
         self.nodes[n].gcs.insert(e, gc);
         self.drain_gc(n, e);
     }
@@ -1262,6 +1293,16 @@ impl Sim {
                 // A node that moved past an epoch collects what it lost on entering it even if its
                 // transfer into that epoch is still running.
                 if after > before {
+                    let running: Vec<u64> = self.nodes[n].gcs.keys().copied().collect();
+                    for e in running {
+                        for later in before + 1..=after {
+                            let config = &self.configs[later as usize].config;
+                            if let Some(g) = self.nodes[n].gcs.get_mut(&e) {
+                                g.learn(config);
+                            }
+                        }
+                        self.drain_gc(n, e);
+                    }
                     for e in 1..after {
                         self.start_gc(n, e);
                     }
