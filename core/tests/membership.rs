@@ -5,7 +5,8 @@ use dbqsfs_core::crypto::{Keypair, NodeId};
 use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
 };
-use dbqsfs_core::ms::pbft::{Evidence, PrePrepare, Signed, SignedStatement};
+use dbqsfs_core::ms::app::{App, OutOfOrder};
+use dbqsfs_core::ms::pbft::{Evidence, PrePrepare, Request, Signed, SignedStatement};
 
 struct Cluster {
     admission: Keypair,
@@ -374,4 +375,59 @@ fn the_old_committee_certifies_the_next_configuration_and_followers_accept_it() 
         .expect("2f+1 signatures");
     let mut chain = ConfigChain::new(CertifiedConfig::genesis(c.config.clone())).unwrap();
     assert_eq!(chain.extend(vec![certified]), Ok(vec![1]));
+}
+
+fn op_request(key: &Keypair, seq: u64, op: &MsOp) -> Request {
+    Request::sign(key, seq, postcard::to_stdvec(op).unwrap())
+}
+
+#[test]
+fn the_ms_application_executes_in_order_chains_its_digest_and_replays_to_the_same_state() {
+    let c = cluster();
+    let committee = c.committee();
+    let end = |k: &Keypair, seq| op_request(k, seq, &MsOp::EndEpoch { epoch: 0 });
+    let garbage = Request::sign(committee[2], 1, b"not an operation".to_vec());
+    let batches = vec![
+        vec![end(committee[0], 1), garbage],
+        vec![end(committee[1], 1)],
+        vec![end(committee[2], 2)],
+    ];
+    let mut app = App::new(c.membership());
+    assert_eq!(
+        app.execute(2, &batches[1]).unwrap_err(),
+        OutOfOrder {
+            seq: 2,
+            executed: 0
+        }
+    );
+    let first = app.execute(1, &batches[0]).unwrap();
+    // The payload that is no operation is skipped.
+    assert_eq!(first.len(), 1);
+    assert!(app.ended().is_none());
+    let d1 = app.digest();
+    app.execute(2, &batches[1]).unwrap();
+    // The second committee vote ends the epoch, in batch 2 at index 0; later votes do not move it.
+    let ended = app.ended().cloned().expect("f_ms+1 votes end the epoch");
+    assert_eq!((ended.seq, ended.index), (2, 0));
+    app.execute(3, &batches[2]).unwrap();
+    assert_eq!(app.ended(), Some(&ended));
+    assert_eq!(app.executed(), 3);
+    assert_eq!(app.digest_at(1), Some(d1));
+
+    // Replay and prefixes reach the same digests and the same epoch end.
+    let again = App::replay(c.membership(), &batches);
+    assert_eq!(again.digest(), app.digest());
+    assert_eq!(again.ended(), app.ended());
+    assert_eq!(app.prefix(1).unwrap().digest(), d1);
+    // A different history has a different digest.
+    let other = App::replay(c.membership(), &[batches[1].clone(), batches[0].clone()]);
+    assert_ne!(other.digest_at(2), app.digest_at(2));
+    // The seed of the next committee is the batch's: the same everywhere.
+    let mut m = c.membership();
+    let seed = dbqsfs_core::ms::app::ms_seed(2, &batches[1]);
+    m.execute(&committee[0].public(), MsOp::EndEpoch { epoch: 0 }, &seed);
+    match m.execute(&committee[1].public(), MsOp::EndEpoch { epoch: 0 }, &seed) {
+        Executed::EpochEnded(next) => assert_eq!(*next, ended.config),
+        other => panic!("{other:?}"),
+    }
 }

@@ -38,11 +38,12 @@ use crate::node::{Peer, Shared};
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness, Member};
 use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::health::Health;
+use dbqsfs_core::ms::app::{op_epoch, App};
 use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp, Pending,
 };
 use dbqsfs_core::ms::pbft::{
-    batch_digest, Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
+    Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
 };
 use dbqsfs_core::wire::{decode, encode_msg, Protocol};
 use dbqsfs_net::Endpoint;
@@ -62,8 +63,6 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(3);
 const PULL_RETRIES: u32 = 2;
 /// Most configurations in one push or pull answer.
 const MAX_CONFIGS: usize = 64;
-/// Most batches kept per epoch for members that catch up (epochs are short; a bound all the same).
-const MAX_BATCHES: usize = 100_000;
 
 /// Messages of the MS between nodes (and from `dbqsfs` commands), beside the agreement's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,14 +393,6 @@ fn random_bytes() -> [u8; 32] {
     b
 }
 
-/// The seed the MS draws the next committee from: fixed by the agreed batch that ends the epoch.
-fn ms_seed(seq: SeqNo, requests: &[Request]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 ms seed");
-    h.update(&seq.to_le_bytes());
-    h.update(&batch_digest(requests));
-    *h.finalize().as_bytes()
-}
-
 fn member_target(m: &Member) -> Option<(SocketAddr, VerifyingKey)> {
     Some((
         m.addr.parse().ok()?,
@@ -425,11 +416,9 @@ struct Role {
     config: Configuration,
     /// `None` while sitting this epoch's agreement out.
     agreement: Option<Agreement>,
-    start: Membership,
-    membership: Membership,
-    batches: Vec<Vec<Request>>,
-    digests: Vec<Digest>,
-    /// How many of `batches` are persisted (with the agreement's state, [`Output::Persist`]).
+    /// The MS application: the batches executed, their digests, the membership state.
+    app: App,
+    /// How many of the app's batches are persisted (with the agreement's state, [`Output::Persist`]).
     saved_batches: usize,
     /// Waiting for the batches up to a stable checkpoint: outputs are queued meanwhile.
     installing: Option<(SeqNo, Digest)>,
@@ -442,12 +431,6 @@ struct Role {
     next_probe: Instant,
     next_fresh: Instant,
     end_at: Instant,
-}
-
-impl Role {
-    fn app_digest(&self) -> Digest {
-        self.digests.last().copied().unwrap_or([0; 32])
-    }
 }
 
 /// One outstanding submission of this node.
@@ -667,10 +650,7 @@ impl Task {
             end_at: now + Duration::from_millis(config.params.epoch_ms),
             config,
             agreement,
-            start: ms.clone(),
-            membership: ms,
-            batches: Vec::new(),
-            digests: Vec::new(),
+            app: App::new(ms),
             saved_batches: 0,
             installing: None,
             queued: VecDeque::new(),
@@ -733,14 +713,10 @@ impl Task {
             executed = batches.len(),
             "restarted in this epoch's agreement from the state it persisted"
         );
-        let (membership, digests, ended) = replay(start, &batches);
         Ok((
             Some(a),
             Some(Restored {
-                membership,
-                batches,
-                digests,
-                ended,
+                app: App::replay(start.clone(), &batches),
                 installing: record.installing,
                 queued: record.queued,
             }),
@@ -754,10 +730,9 @@ impl Task {
         let Some(role) = self.role.as_mut() else {
             return;
         };
-        role.membership = app.membership;
-        role.saved_batches = app.batches.len();
-        role.batches = app.batches;
-        role.digests = app.digests;
+        role.saved_batches = app.app.batches().len();
+        let ended = app.app.ended().map(|e| e.config.clone());
+        role.app = app.app;
         role.installing = app.installing;
         role.queued = app
             .queued
@@ -769,7 +744,7 @@ impl Task {
             .collect();
         let epoch = role.epoch;
         let installing = role.installing;
-        if let Some(next) = app.ended {
+        if let Some(next) = ended {
             self.epoch_ended(next);
         }
         if let Some((upto, _)) = installing {
@@ -804,7 +779,8 @@ impl Task {
         };
         let encode = |e: postcard::Error| format!("cannot encode the agreement state ({e})");
         let record = postcard::to_allocvec(&record).map_err(encode)?;
-        let new = role.batches[role.saved_batches.min(role.batches.len())..]
+        let batches = role.app.batches();
+        let new = batches[role.saved_batches.min(batches.len())..]
             .iter()
             .map(postcard::to_allocvec)
             .collect::<Result<Vec<_>, _>>()
@@ -813,7 +789,7 @@ impl Task {
             .store
             .save_agreement(role.epoch, &record, role.saved_batches as u64 + 1, &new)
             .map_err(|e| e.to_string())?;
-        role.saved_batches = role.batches.len();
+        role.saved_batches = role.app.batches().len();
         Ok(())
     }
 
@@ -936,11 +912,11 @@ impl Task {
             }
             MsMessage::Batches { epoch, upto } => {
                 let role = self.role.as_ref()?;
-                if epoch != role.epoch || upto as usize > role.batches.len() {
+                if epoch != role.epoch {
                     return None;
                 }
                 Some(MsMessage::BatchLog {
-                    batches: role.batches[..upto as usize].to_vec(),
+                    batches: role.app.batches().get(..upto as usize)?.to_vec(),
                 })
             }
             MsMessage::StatusRequest => Some(MsMessage::Status(Box::new(self.status()))),
@@ -987,8 +963,8 @@ impl Task {
                 s.view = a.view();
                 s.primary = a.committee().id(a.committee().primary(a.view()));
                 s.executed = a.last_executed();
-                s.requests_executed = role.batches.iter().map(|b| b.len() as u64).sum();
-                s.pending = Some(role.membership.pending());
+                s.requests_executed = role.app.batches().iter().map(|b| b.len() as u64).sum();
+                s.pending = Some(role.app.membership().pending());
             }
             s.probes = role
                 .probes
@@ -1320,8 +1296,8 @@ impl Task {
             }
             Output::Decided { seq, requests } => self.execute(seq, requests),
             Output::Checkpoint { seq } => {
-                if seq as usize == role.digests.len() {
-                    let d = role.app_digest();
+                if seq == role.app.executed() {
+                    let d = role.app.digest();
                     if let Some(a) = role.agreement.as_mut() {
                         a.checkpoint_digest(seq, d);
                     }
@@ -1354,40 +1330,29 @@ impl Task {
         let Some(role) = self.role.as_mut() else {
             return;
         };
-        if seq as usize != role.batches.len() + 1 {
-            warn!(
-                seq,
-                executed = role.batches.len(),
-                "decided batch out of order: ignored"
-            );
-            return;
-        }
-        let digest = chain_digest(&role.app_digest(), seq, &requests);
-        role.digests.push(digest);
-        if role.batches.len() < MAX_BATCHES {
-            role.batches.push(requests.clone());
-        }
-        let mut ended = None;
-        let seed = ms_seed(seq, &requests);
-        for r in &requests {
-            if self
-                .outstanding
-                .as_ref()
-                .is_some_and(|o| o.req.client == r.client && o.req.seq == r.seq)
+        let outcomes = match role.app.execute(seq, &requests) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                warn!(error = %e, "decided batch ignored");
+                return;
+            }
+        };
+        if let Some(o) = &self.outstanding {
+            if requests
+                .iter()
+                .any(|r| o.req.client == r.client && o.req.seq == r.seq)
             {
                 self.outstanding = None;
             }
-            let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) else {
-                continue;
-            };
-            let what = format!("{op:?}");
-            match role.membership.execute(&r.client, op, &seed) {
+        }
+        let mut ended = None;
+        for o in outcomes {
+            let what = format!("{:?}", o.op);
+            match o.executed {
                 Executed::Accepted => debug!(op = what, "MS operation executed"),
                 Executed::Ignored(why) => debug!(op = what, why, "MS operation ignored"),
                 Executed::EpochEnded(next) => {
-                    if ended.is_none() {
-                        ended = Some(*next);
-                    }
+                    ended.get_or_insert(*next);
                 }
             }
         }
@@ -1461,15 +1426,14 @@ impl Task {
             return;
         }
         // Replay from the start of the epoch and accept only what hashes to the agreed digest.
-        let (ms, digests, ended) = replay(&role.start, &batches);
-        if digests.last().copied().unwrap_or([0; 32]) != digest {
+        let app = App::replay(role.app.start().clone(), &batches);
+        if app.digest() != digest {
             debug!("a batch log does not match the stable checkpoint: ignored");
             return;
         }
         info!(seq, "caught up to the stable checkpoint");
-        role.membership = ms;
-        role.batches = batches;
-        role.digests = digests;
+        let ended = app.ended().map(|e| e.config.clone());
+        role.app = app;
         role.installing = None;
         let queued: Vec<Output> = role.queued.drain(..).collect();
         if let Some(next) = ended {
@@ -1619,43 +1583,6 @@ impl Task {
 /// A probe's answer is awaited for most of the probe period, so that it is settled (answered or
 /// failed) before the next round: a round that found the last probe still outstanding would count
 /// nothing, and failures would accrue at half the rate.
-/// The application digest after batch `seq`: a hash chain through every executed batch, so that
-/// equal digests mean equal histories.
-fn chain_digest(prev: &Digest, seq: SeqNo, requests: &[Request]) -> Digest {
-    let mut h = blake3::Hasher::new();
-    h.update(prev);
-    h.update(&seq.to_le_bytes());
-    for r in requests {
-        h.update(&r.digest());
-    }
-    *h.finalize().as_bytes()
-}
-
-/// The MS state after executing `batches` (sequence numbers 1, 2, ...) from `start`, the digest
-/// after each, and the next configuration if they ended the epoch.
-fn replay(
-    start: &Membership,
-    batches: &[Vec<Request>],
-) -> (Membership, Vec<Digest>, Option<Configuration>) {
-    let mut ms = start.clone();
-    let mut digests: Vec<Digest> = Vec::with_capacity(batches.len());
-    let mut ended = None;
-    for (i, batch) in batches.iter().enumerate() {
-        let seq = i as SeqNo + 1;
-        let prev = digests.last().copied().unwrap_or([0; 32]);
-        digests.push(chain_digest(&prev, seq, batch));
-        let seed = ms_seed(seq, batch);
-        for r in batch {
-            if let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) {
-                if let Executed::EpochEnded(next) = ms.execute(&r.client, op, &seed) {
-                    ended.get_or_insert(*next);
-                }
-            }
-        }
-    }
-    (ms, digests, ended)
-}
-
 /// What a committee member persists beside the agreement's durable state.
 #[derive(Serialize, Deserialize)]
 struct SavedRole {
@@ -1673,25 +1600,11 @@ enum Queued {
 
 /// The MS state of an epoch read back after a restart.
 struct Restored {
-    membership: Membership,
-    batches: Vec<Vec<Request>>,
-    digests: Vec<Digest>,
-    ended: Option<Configuration>,
+    app: App,
     installing: Option<(SeqNo, Digest)>,
     queued: Vec<Queued>,
 }
 
 fn role_probe_timeout(config: &Configuration) -> u64 {
     (config.params.probe_ms.saturating_mul(4) / 5).clamp(200, 5_000)
-}
-
-/// The epoch an operation is for, if it names one.
-fn op_epoch(op: &MsOp) -> Option<Epoch> {
-    match op {
-        MsOp::Join { epoch, .. }
-        | MsOp::Leave { epoch }
-        | MsOp::Probe { epoch, .. }
-        | MsOp::Misbehaviour { epoch, .. }
-        | MsOp::EndEpoch { epoch } => Some(*epoch),
-    }
 }

@@ -42,14 +42,13 @@ use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
 };
 use dbqsfs_core::crypto::{Keypair, NodeId, PublicKey};
-use dbqsfs_core::ms::membership::{
-    AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
-};
+use dbqsfs_core::ms::membership::{AdmissionCert, CertificateCollector, Membership, MsOp};
 pub use dbqsfs_core::ms::pbft::Mutant;
 use dbqsfs_core::ms::pbft::{
     batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options, Output,
     PrePrepare, Request, RequestKey, SeqNo, Signed,
 };
+use dbqsfs_core::ms::{self, app::Ended};
 use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -206,31 +205,14 @@ enum Ev {
     Heal,
 }
 
-/// The application a member runs: the log of what it executed, as a hash chain, and the MS state
-/// machine ([`Membership`]) fed with every agreed operation.
+/// The application a member runs: the core's MS application ([`ms::app::App`], the very code a
+/// node runs), and the requests it executed, for the checks.
 #[derive(Clone, Debug)]
 struct App {
-    /// `log[i]`: the requests executed at sequence number `i + 1` (key and digest).
-    log: Vec<Vec<(RequestKey, Digest)>>,
-    /// `digests[i]`: the application digest after sequence number `i + 1`.
-    digests: Vec<Digest>,
+    core: ms::app::App,
     executed: BTreeSet<RequestKey>,
-    /// `batches[i]`: the requests executed at sequence number `i + 1` (to replay the MS state).
-    batches: Vec<Vec<Request>>,
     /// The MS state at the start of the run (genesis), shared by every member.
     genesis: Rc<Membership>,
-    ms: Membership,
-    /// Where and to what the epoch ended at this member, if it did.
-    ended: Option<Ended>,
-}
-
-/// The epoch end a member executed: the request (sequence number, index in the batch) whose
-/// `EndEpoch` ended it, and the next configuration it computed.
-#[derive(Clone, Debug)]
-struct Ended {
-    seq: SeqNo,
-    index: usize,
-    config: Configuration,
 }
 
 /// A statement's identity, for comparing two statements of one slot.
@@ -239,72 +221,48 @@ fn body_hash<T: serde::Serialize>(body: &T) -> [u8; 32] {
     *blake3::hash(&bytes).as_bytes()
 }
 
-/// The seed the MS draws the next committee from: BLAKE3 of the decided batch's digest and its
-/// sequence number (the same at every correct member, unknown before the batch is decided).
-fn ms_seed(seq: SeqNo, requests: &[Request]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("dbqsfs agreement simulator ms seed");
-    h.update(&seq.to_le_bytes());
-    h.update(&batch_digest(requests));
-    *h.finalize().as_bytes()
-}
-
 impl App {
     fn new(genesis: Rc<Membership>) -> App {
         App {
-            log: Vec::new(),
-            digests: Vec::new(),
+            core: ms::app::App::new((*genesis).clone()),
             executed: BTreeSet::new(),
-            batches: Vec::new(),
-            ms: (*genesis).clone(),
             genesis,
-            ended: None,
         }
     }
 
     fn last(&self) -> SeqNo {
-        self.log.len() as SeqNo
+        self.core.executed()
     }
 
     fn digest(&self) -> Digest {
-        self.digests.last().copied().unwrap_or([0; 32])
+        self.core.digest()
     }
 
+    /// The digest after `seq` (executed).
+    fn digest_at(&self, seq: SeqNo) -> Option<Digest> {
+        self.core.digest_at(seq)
+    }
+
+    fn batches(&self) -> &[Vec<Request>] {
+        self.core.batches()
+    }
+
+    /// Where and to what the epoch ended at this member, if it did.
+    fn ended(&self) -> Option<&Ended> {
+        self.core.ended()
+    }
+
+    /// Executes the next batch (the caller checked the order).
     fn execute(&mut self, seq: SeqNo, requests: &[Request]) {
-        let entry: Vec<(RequestKey, Digest)> =
-            requests.iter().map(|r| (r.key(), r.digest())).collect();
-        let mut h = blake3::Hasher::new();
-        h.update(&self.digest());
-        h.update(&seq.to_le_bytes());
-        for (_, d) in &entry {
-            h.update(d);
-        }
-        self.log.push(entry);
-        self.digests.push(*h.finalize().as_bytes());
-        self.executed.extend(requests.iter().map(|r| r.key()));
-        self.batches.push(requests.to_vec());
-        // The MS: every request's payload is an operation of its submitter (payloads that are
-        // not operations, from Byzantine members, are skipped like ignored operations).
-        let seed = ms_seed(seq, requests);
-        for (index, r) in requests.iter().enumerate() {
-            let Ok(op) = postcard::from_bytes::<MsOp>(&r.payload) else {
-                continue;
-            };
-            if let Executed::EpochEnded(next) = self.ms.execute(&r.client, op, &seed) {
-                if self.ended.is_none() {
-                    self.ended = Some(Ended {
-                        seq,
-                        index,
-                        config: *next,
-                    });
-                }
-            }
+        if self.core.execute(seq, requests).is_ok() {
+            self.executed.extend(requests.iter().map(|r| r.key()));
         }
     }
 
     /// The application as it was after sequence number `seq` (the MS state replayed from genesis).
     fn prefix(&self, seq: SeqNo) -> App {
         let mut app = App::new(self.genesis.clone());
-        for (i, batch) in self.batches[..seq as usize].iter().enumerate() {
+        for (i, batch) in self.batches()[..seq as usize].iter().enumerate() {
             app.execute(i as SeqNo + 1, batch);
         }
         app
@@ -745,8 +703,8 @@ impl Sim {
         for (i, &a) in correct.iter().enumerate() {
             for &b in &correct[i + 1..] {
                 let (la, lb) = (&self.members[a].app, &self.members[b].app);
-                let common = la.log.len().min(lb.log.len());
-                if common > 0 && la.digests[common - 1] != lb.digests[common - 1] {
+                let common = la.last().min(lb.last());
+                if common > 0 && la.digest_at(common) != lb.digest_at(common) {
                     self.violation(format!(
                         "SAFETY: the logs of members {a} and {b} differ within their first {common} sequence numbers"
                     ));
@@ -784,7 +742,7 @@ impl Sim {
         let mut before: BTreeSet<RequestKey> = BTreeSet::new();
         // target → correct committee members whose last report called it unresponsive.
         let mut reported: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
-        'walk: for (i, batch) in self.members[oracle].app.batches.iter().enumerate() {
+        'walk: for (i, batch) in self.members[oracle].app.batches().iter().enumerate() {
             for (index, r) in batch.iter().enumerate() {
                 before.insert(r.key());
                 let from = r.client.node_id();
@@ -814,7 +772,7 @@ impl Sim {
         }
         let ended: Vec<(usize, Ended)> = correct
             .iter()
-            .filter_map(|&m| self.members[m].app.ended.clone().map(|e| (m, e)))
+            .filter_map(|&m| self.members[m].app.ended().cloned().map(|e| (m, e)))
             .collect();
         let Some((first, reference)) = ended.first().cloned() else {
             return; // the liveness check reports an epoch that never ended
@@ -1005,7 +963,7 @@ impl Sim {
                 .members
                 .iter()
                 .filter(|m| m.byz.is_none())
-                .all(|m| m.client_executed == self.submitted.len() && m.app.ended.is_some())
+                .all(|m| m.client_executed == self.submitted.len() && m.app.ended().is_some())
     }
 
     fn report_liveness(&mut self) {
@@ -1047,7 +1005,7 @@ impl Sim {
             .collect();
         problems.push(format!("members: {}", states.join(", ")));
         let not_ended: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.correct(i) && self.members[i].app.ended.is_none())
+            .filter(|&i| self.correct(i) && self.members[i].app.ended().is_none())
             .collect();
         if !not_ended.is_empty() {
             problems.push(format!(
@@ -1425,7 +1383,7 @@ impl Sim {
     fn install_state(&mut self, m: usize, seq: SeqNo, app_digest: Digest) {
         let source = (0..self.members.len()).filter(|&j| j != m).find(|&j| {
             let a = &self.members[j].app;
-            a.last() >= seq && a.digests[seq as usize - 1] == app_digest
+            a.last() >= seq && a.digest_at(seq) == Some(app_digest)
         });
         let Some(j) = source else {
             if self.correct(m) {
@@ -1441,7 +1399,7 @@ impl Sim {
         let app = self.members[j].app.prefix(seq);
         let old = &self.members[m].app;
         let extends = old.last() < seq
-            && (old.last() == 0 || app.digests[old.last() as usize - 1] == old.digest());
+            && (old.last() == 0 || app.digest_at(old.last()) == Some(old.digest()));
         if self.correct(m) && !extends {
             let last = old.last();
             self.violation(format!(

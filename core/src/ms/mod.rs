@@ -16,6 +16,9 @@
 //!
 //! - [`pbft`]: the agreement protocol (PBFT with signatures), a sans-IO state machine.
 //! - [`membership`]: what the agreed operations mean: joins, leaves, evictions, epoch ends.
+//! - [`app`]: the application a committee member runs on the agreement: batches executed in
+//!   order, the digest chained through them, the next committee's seed, replay.
 
+pub mod app;
 pub mod membership;
 pub mod pbft;
