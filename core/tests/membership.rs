@@ -2,10 +2,10 @@
 
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId};
+use dbqsfs_core::ms::app::{App, OutOfOrder};
 use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
 };
-use dbqsfs_core::ms::app::{App, OutOfOrder};
 use dbqsfs_core::ms::pbft::{Evidence, PrePrepare, Request, Signed, SignedStatement};
 
 struct Cluster {

@@ -45,6 +45,8 @@ use dbqsfs_core::ms::membership::{
 use dbqsfs_core::ms::pbft::{
     Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
 };
+pub use dbqsfs_core::ms::probe::probe_body;
+use dbqsfs_core::ms::probe::{probe_timeout_ms, Prober};
 use dbqsfs_core::wire::{decode, encode_msg, Protocol};
 use dbqsfs_net::Endpoint;
 use ed25519_dalek::VerifyingKey;
@@ -166,16 +168,6 @@ pub struct MsStatus {
     pub last_view_change: Option<(Epoch, View)>,
     /// Requests executed in this epoch (duplicates excluded), for benchmarks.
     pub requests_executed: u64,
-}
-
-/// The body a member signs to answer a probe: it binds the prober, so an answer cannot be
-/// replayed to another prober.
-pub fn probe_body(epoch: Epoch, nonce: &[u8; 32], prober: &NodeId) -> Vec<u8> {
-    let mut b = Vec::with_capacity(72);
-    b.extend_from_slice(&epoch.to_le_bytes());
-    b.extend_from_slice(nonce);
-    b.extend_from_slice(&prober.0);
-    b
 }
 
 /// Timing of the MS role that is local to a node (the protocol's own periods are in the
@@ -400,16 +392,6 @@ fn member_target(m: &Member) -> Option<(SocketAddr, VerifyingKey)> {
     ))
 }
 
-#[derive(Clone, Debug, Default)]
-struct ProbeState {
-    failures: u32,
-    /// The verdict last submitted (true: responsive). Members start responsive.
-    reported: bool,
-    /// The verdict now.
-    responsive: bool,
-    outstanding: Option<[u8; 32]>,
-}
-
 /// The agreement and MS state of one epoch at a committee member.
 struct Role {
     epoch: Epoch,
@@ -427,7 +409,7 @@ struct Role {
     /// Shares for next configurations received before we computed ours.
     early_shares: Vec<(NodeId, ConfigHash, Signature)>,
     fresh_shares: BTreeMap<u64, BTreeMap<NodeId, Signature>>,
-    probes: BTreeMap<NodeId, ProbeState>,
+    probes: Prober,
     next_probe: Instant,
     next_fresh: Instant,
     end_at: Instant,
@@ -584,7 +566,7 @@ impl Task {
         // Probe failures carry over from the epoch before (when this node probed in it too): a
         // count that restarted at every epoch could never reach `evict_after_probes` when an
         // epoch holds fewer probe rounds than that, and a dead member would never be evicted.
-        let carried = self.role.take().map(|r| r.probes).unwrap_or_default();
+        let carried = self.role.take().map(|r| r.probes);
         if !config.committee.contains(&me) {
             return;
         }
@@ -615,32 +597,15 @@ impl Task {
             }
         };
         let now = Instant::now();
-        let probes: BTreeMap<NodeId, ProbeState> = config
-            .members
-            .iter()
-            .filter(|m| m.id != me)
-            .map(|m| {
-                let before = carried.get(&m.id);
-                let responsive = before.is_none_or(|p| p.responsive);
-                (
-                    m.id,
-                    ProbeState {
-                        failures: before.map_or(0, |p| p.failures),
-                        responsive,
-                        // Reported just below when unresponsive.
-                        reported: responsive,
-                        outstanding: None,
-                    },
-                )
-            })
-            .collect();
-        // The new epoch's membership starts with every member responsive: a member found
-        // unresponsive before is reported again at once.
-        for (target, _) in probes.iter().filter(|(_, p)| !p.responsive) {
-            info!(target = %target.short(), "still unresponsive: reported in the new epoch");
+        // Probe failures carry over from the epoch before, and a member found unresponsive
+        // before is reported again at once (the new membership starts with every member
+        // responsive).
+        let (probes, again) = Prober::new(&config, me, carried.as_ref());
+        for v in again {
+            info!(target = %v.target.short(), "still unresponsive: reported in the new epoch");
             self.outbox.push_back(MsOp::Probe {
                 epoch: config.epoch,
-                target: *target,
+                target: v.target,
                 responsive: false,
             });
         }
@@ -966,11 +931,7 @@ impl Task {
                 s.requests_executed = role.app.batches().iter().map(|b| b.len() as u64).sum();
                 s.pending = Some(role.app.membership().pending());
             }
-            s.probes = role
-                .probes
-                .iter()
-                .map(|(id, p)| (*id, p.failures, p.responsive))
-                .collect();
+            s.probes = role.probes.counts();
         }
         s
     }
@@ -1006,49 +967,24 @@ impl Task {
         nonce: [u8; 32],
         answer: Option<Signature>,
     ) {
-        let me = self.shared.key.node_id();
         let Some(role) = self.role.as_mut() else {
             return;
         };
-        if epoch != role.epoch {
+        if epoch != role.probes.epoch() {
             return;
         }
-        let Some(key) = role.config.member(&target).map(|m| m.key) else {
+        let Some(v) = role.probes.answered(&target, &nonce, answer.as_ref()) else {
             return;
         };
-        let Some(p) = role.probes.get_mut(&target) else {
-            return;
-        };
-        if p.outstanding != Some(nonce) {
-            return;
-        }
-        p.outstanding = None;
-        let ok = answer.is_some_and(|sig| {
-            key.verify(Domain::Probe, &probe_body(epoch, &nonce, &me), &sig)
-                .is_ok()
+        info!(target = %target.short(), responsive = v.responsive, "probe verdict changed");
+        // A newer verdict about the same target replaces a queued one.
+        self.outbox
+            .retain(|op| !matches!(op, MsOp::Probe { target: t, .. } if *t == target));
+        self.outbox.push_back(MsOp::Probe {
+            epoch,
+            target,
+            responsive: v.responsive,
         });
-        if ok {
-            p.failures = 0;
-            p.responsive = true;
-        } else {
-            p.failures = p.failures.saturating_add(1);
-            if p.failures >= role.config.params.evict_after_probes {
-                p.responsive = false;
-            }
-        }
-        if p.responsive != p.reported {
-            p.reported = p.responsive;
-            let responsive = p.responsive;
-            info!(target = %target.short(), responsive, "probe verdict changed");
-            // A newer verdict about the same target replaces a queued one.
-            self.outbox
-                .retain(|op| !matches!(op, MsOp::Probe { target: t, .. } if *t == target));
-            self.outbox.push_back(MsOp::Probe {
-                epoch,
-                target,
-                responsive,
-            });
-        }
     }
 
     fn on_tick(&mut self) {
@@ -1161,19 +1097,12 @@ impl Task {
             return;
         };
         let epoch = role.epoch;
-        let mut sends = Vec::new();
-        for m in &role.config.members {
-            let Some(p) = role.probes.get_mut(&m.id) else {
-                continue;
-            };
-            if p.outstanding.is_some() {
-                // The last probe is unanswered: it failed.
-                continue;
-            }
-            let nonce = random_bytes();
-            p.outstanding = Some(nonce);
-            sends.push((m.clone(), nonce));
-        }
+        let sends: Vec<(Member, [u8; 32])> = role
+            .probes
+            .round(random_bytes)
+            .into_iter()
+            .filter_map(|(id, nonce)| Some((role.config.member(&id)?.clone(), nonce)))
+            .collect();
         for (m, nonce) in sends {
             let Some((addr, key)) = member_target(&m) else {
                 continue;
@@ -1181,7 +1110,7 @@ impl Task {
             let endpoint = self.endpoint.clone();
             let tx = self.tx.clone();
             let bytes = encode_msg(epoch, MsMessage::Challenge { epoch, nonce });
-            let timeout = Duration::from_millis(role_probe_timeout(&role.config));
+            let timeout = Duration::from_millis(probe_timeout_ms(&role.config));
             tokio::spawn(async move {
                 let answer =
                     match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
@@ -1603,8 +1532,4 @@ struct Restored {
     app: App,
     installing: Option<(SeqNo, Digest)>,
     queued: Vec<Queued>,
-}
-
-fn role_probe_timeout(config: &Configuration) -> u64 {
-    (config.params.probe_ms.saturating_mul(4) / 5).clamp(200, 5_000)
 }

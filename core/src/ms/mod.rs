@@ -18,7 +18,9 @@
 //! - [`membership`]: what the agreed operations mean: joins, leaves, evictions, epoch ends.
 //! - [`app`]: the application a committee member runs on the agreement: batches executed in
 //!   order, the digest chained through them, the next committee's seed, replay.
+//! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
 
 pub mod app;
 pub mod membership;
 pub mod pbft;
+pub mod probe;
