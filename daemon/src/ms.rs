@@ -40,14 +40,17 @@ use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::health::Health;
 use dbqsfs_core::ms::app::{op_epoch, App};
 use dbqsfs_core::ms::membership::{
-    AdmissionCert, CertificateCollector, Executed, Membership, MsOp, Pending,
+    AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
 };
 use dbqsfs_core::ms::pbft::{
     Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
 };
 pub use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::probe::{probe_timeout_ms, Prober};
-use dbqsfs_core::wire::{decode, encode_msg, Protocol};
+pub use dbqsfs_core::ms::tree::push_children;
+use dbqsfs_core::ms::tree::tree_order;
+pub use dbqsfs_core::ms::wire::{is_ms, MsMessage, MsStatus};
+use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::Endpoint;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
@@ -65,110 +68,6 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(3);
 const PULL_RETRIES: u32 = 2;
 /// Most configurations in one push or pull answer.
 const MAX_CONFIGS: usize = 64;
-
-/// Messages of the MS between nodes (and from `dbqsfs` commands), beside the agreement's own.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MsMessage {
-    /// A signed MS operation for the committee. Any member may send one; a stranger only a join.
-    Submit(Request),
-    /// A prober's challenge: sign `nonce` for `epoch`.
-    Challenge {
-        epoch: Epoch,
-        nonce: [u8; 32],
-    },
-    /// The answer: the member's signature over [`probe_body`].
-    ChallengeAnswer {
-        sig: Signature,
-    },
-    /// A committee member's signature over the next configuration (of epoch `epoch`, hash `hash`).
-    ConfigShare {
-        epoch: Epoch,
-        hash: ConfigHash,
-        sig: Signature,
-    },
-    /// A committee member's freshness share: epoch `epoch` (hash `config`) is current at `time_ms`.
-    FreshShare {
-        epoch: Epoch,
-        config: ConfigHash,
-        time_ms: u64,
-        sig: Signature,
-    },
-    /// Certified configurations (oldest first), and the newest freshness certificate known.
-    Push {
-        configs: Vec<CertifiedConfig>,
-        freshness: Option<Freshness>,
-    },
-    /// Asks for the configurations after `epoch` (a pull).
-    ChainAfter {
-        epoch: Epoch,
-    },
-    /// The answer to [`MsMessage::ChainAfter`].
-    Chain {
-        configs: Vec<CertifiedConfig>,
-        freshness: Option<Freshness>,
-    },
-    /// Asks a committee member for the batches it executed in `epoch` up to `upto` (catching up
-    /// after the agreement skipped to a stable checkpoint).
-    Batches {
-        epoch: Epoch,
-        upto: SeqNo,
-    },
-    /// The answer to [`MsMessage::Batches`]: batches 1..=upto.
-    BatchLog {
-        batches: Vec<Vec<Request>>,
-    },
-    /// Asks for the node's view of the MS (for `dbqsfs status`).
-    StatusRequest,
-    Status(Box<MsStatus>),
-    /// Sent by `dbqsfs leave` with the node's own key: leave the cluster.
-    Leave,
-    /// The answer to [`MsMessage::Leave`]: whether the node is still a member of `epoch`.
-    Leaving {
-        epoch: Epoch,
-        member: bool,
-    },
-    /// A refusal, with the reason.
-    Refused {
-        reason: String,
-    },
-}
-
-impl Protocol for MsMessage {
-    const ID: u8 = 0x41;
-}
-
-/// Whether `bytes` claim to be an MS message (by the envelope header; decoding decides).
-pub fn is_ms(bytes: &[u8]) -> bool {
-    matches!(bytes, [v, p, ..] if *v == dbqsfs_core::wire::WIRE_VERSION && *p == MsMessage::ID)
-}
-
-/// A node's view of the MS, for `dbqsfs status` (informational, unsigned).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MsStatus {
-    pub epoch: Epoch,
-    pub config: ConfigHash,
-    pub member: bool,
-    pub committee: Vec<NodeId>,
-    /// Whether this node runs the agreement of this epoch (a committee member not sitting out).
-    pub in_agreement: bool,
-    pub view: View,
-    pub primary: Option<NodeId>,
-    pub executed: SeqNo,
-    /// This node's probes (committee members only): member, failed probes in a row, verdict.
-    pub probes: Vec<(NodeId, u32, bool)>,
-    /// What the next epoch changes, as this member's MS state has it.
-    pub pending: Option<Pending>,
-    /// Milliseconds since this node entered the epoch.
-    pub epoch_age_ms: u64,
-    /// Time of the newest freshness certificate this node holds.
-    pub freshness_ms: Option<u64>,
-    /// Whether the node asked to leave.
-    pub leaving: bool,
-    /// The last view change this node's agreement went through: (epoch, view entered).
-    pub last_view_change: Option<(Epoch, View)>,
-    /// Requests executed in this epoch (duplicates excluded), for benchmarks.
-    pub requests_executed: u64,
-}
 
 /// Timing of the MS role that is local to a node (the protocol's own periods are in the
 /// configuration's [`dbqsfs_core::config::Params`]).
@@ -338,35 +237,6 @@ pub async fn serve(
         | MsMessage::Refused { .. } => None,
     };
     answer.map(|m| encode_msg(epoch, m))
-}
-
-/// The members that `me` forwards a newly installed configuration to: its children in a binary
-/// tree over the members ordered by BLAKE3(epoch ‖ id). The committee members that certified it
-/// push to the root.
-pub fn push_children(config: &Configuration, me: &NodeId) -> Vec<Member> {
-    let order = tree_order(config);
-    let Some(i) = order.iter().position(|m| m.id == *me) else {
-        return Vec::new();
-    };
-    [2 * i + 1, 2 * i + 2]
-        .into_iter()
-        .filter_map(|j| order.get(j).cloned())
-        .collect()
-}
-
-fn tree_order(config: &Configuration) -> Vec<Member> {
-    let mut ranked: Vec<([u8; 32], Member)> = config
-        .members
-        .iter()
-        .map(|m| {
-            let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 push tree");
-            h.update(&config.epoch.to_le_bytes());
-            h.update(&m.id.0);
-            (*h.finalize().as_bytes(), m.clone())
-        })
-        .collect();
-    ranked.sort_by_key(|r| r.0);
-    ranked.into_iter().map(|(_, m)| m).collect()
 }
 
 fn unix_ms() -> u64 {

@@ -19,8 +19,12 @@
 //! - [`app`]: the application a committee member runs on the agreement: batches executed in
 //!   order, the digest chained through them, the next committee's seed, replay.
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
+//! - [`tree`]: the push tree that disseminates each certified configuration.
+//! - [`wire`]: the MS's messages beside the agreement's.
 
 pub mod app;
 pub mod membership;
 pub mod pbft;
 pub mod probe;
+pub mod tree;
+pub mod wire;

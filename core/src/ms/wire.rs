@@ -1,0 +1,117 @@
+//! The Membership Service's messages between nodes (and from `dbqsfs` commands), beside the
+//! agreement's own ([`super::pbft::AgreementMessage`]): submissions, probes, certificate and
+//! freshness shares, configuration pushes and pulls, batch logs for a member catching up, status.
+//!
+//! Fault model: every field comes from the network; receivers check signatures and epochs before
+//! use (configurations and freshness certificates are self-certifying).
+
+use super::membership::Pending;
+use super::pbft::{Request, SeqNo, View};
+use crate::config::{CertifiedConfig, ConfigHash, Epoch, Freshness};
+use crate::crypto::{NodeId, Signature};
+use crate::wire::{Protocol, WIRE_VERSION};
+use serde::{Deserialize, Serialize};
+
+/// Messages of the MS between nodes (and from `dbqsfs` commands), beside the agreement's own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsMessage {
+    /// A signed MS operation for the committee. Any member may send one; a stranger only a join.
+    Submit(Request),
+    /// A prober's challenge: sign `nonce` for `epoch`.
+    Challenge {
+        epoch: Epoch,
+        nonce: [u8; 32],
+    },
+    /// The answer: the member's signature over [`crate::ms::probe::probe_body`].
+    ChallengeAnswer {
+        sig: Signature,
+    },
+    /// A committee member's signature over the next configuration (of epoch `epoch`, hash `hash`).
+    ConfigShare {
+        epoch: Epoch,
+        hash: ConfigHash,
+        sig: Signature,
+    },
+    /// A committee member's freshness share: epoch `epoch` (hash `config`) is current at `time_ms`.
+    FreshShare {
+        epoch: Epoch,
+        config: ConfigHash,
+        time_ms: u64,
+        sig: Signature,
+    },
+    /// Certified configurations (oldest first), and the newest freshness certificate known.
+    Push {
+        configs: Vec<CertifiedConfig>,
+        freshness: Option<Freshness>,
+    },
+    /// Asks for the configurations after `epoch` (a pull).
+    ChainAfter {
+        epoch: Epoch,
+    },
+    /// The answer to [`MsMessage::ChainAfter`].
+    Chain {
+        configs: Vec<CertifiedConfig>,
+        freshness: Option<Freshness>,
+    },
+    /// Asks a committee member for the batches it executed in `epoch` up to `upto` (catching up
+    /// after the agreement skipped to a stable checkpoint).
+    Batches {
+        epoch: Epoch,
+        upto: SeqNo,
+    },
+    /// The answer to [`MsMessage::Batches`]: batches 1..=upto.
+    BatchLog {
+        batches: Vec<Vec<Request>>,
+    },
+    /// Asks for the node's view of the MS (for `dbqsfs status`).
+    StatusRequest,
+    Status(Box<MsStatus>),
+    /// Sent by `dbqsfs leave` with the node's own key: leave the cluster.
+    Leave,
+    /// The answer to [`MsMessage::Leave`]: whether the node is still a member of `epoch`.
+    Leaving {
+        epoch: Epoch,
+        member: bool,
+    },
+    /// A refusal, with the reason.
+    Refused {
+        reason: String,
+    },
+}
+
+impl Protocol for MsMessage {
+    const ID: u8 = 0x41;
+}
+
+/// Whether `bytes` claim to be an MS message (by the envelope header; decoding decides).
+pub fn is_ms(bytes: &[u8]) -> bool {
+    matches!(bytes, [v, p, ..] if *v == WIRE_VERSION && *p == MsMessage::ID)
+}
+
+/// A node's view of the MS, for `dbqsfs status` (informational, unsigned).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsStatus {
+    pub epoch: Epoch,
+    pub config: ConfigHash,
+    pub member: bool,
+    pub committee: Vec<NodeId>,
+    /// Whether this node runs the agreement of this epoch (a committee member not sitting out).
+    pub in_agreement: bool,
+    pub view: View,
+    pub primary: Option<NodeId>,
+    pub executed: SeqNo,
+    /// This node's probes (committee members only): member, failed probes in a row, verdict.
+    pub probes: Vec<(NodeId, u32, bool)>,
+    /// What the next epoch changes, as this member's MS state has it.
+    pub pending: Option<Pending>,
+    /// Milliseconds since this node entered the epoch.
+    pub epoch_age_ms: u64,
+    /// Time of the newest freshness certificate this node holds.
+    pub freshness_ms: Option<u64>,
+    /// Whether the node asked to leave.
+    pub leaving: bool,
+    /// The last view change this node's agreement went through: (epoch, view entered).
+    pub last_view_change: Option<(Epoch, View)>,
+    /// Requests executed in this epoch (duplicates excluded), for benchmarks.
+    pub requests_executed: u64,
+}
