@@ -1336,7 +1336,7 @@ impl Task {
         let mut junk = vec![0u8; 200];
         junk.copy_from_slice(&[0x5a; 200]);
         junk[0] = dbqsfs_core::wire::WIRE_VERSION;
-        junk[1] = <dbqsfs_core::ms::pbft::AgreementMessage as Protocol>::ID;
+        junk[1] = <dbqsfs_core::ms::pbft::AgreementMessage as dbqsfs_core::wire::Protocol>::ID;
         for m in others {
             self.send_raw(m, junk.clone());
         }
