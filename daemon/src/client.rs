@@ -12,7 +12,6 @@
 //! files (the CLI does it), caching.
 
 use crate::control::{ControlMessage, GcStatus, SpaceStatus, TransferStatus};
-use crate::ms::{MsMessage, MsStatus};
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, ConfigError, Configuration, Epoch, Freshness, Member,
 };
@@ -22,6 +21,7 @@ use dbqsfs_core::dbqs::client::{
 };
 use dbqsfs_core::dbqs::msg::Reject;
 use dbqsfs_core::dbqs::refs::RefRecord;
+use dbqsfs_core::ms::wire::{MsMessage, MsStatus};
 use dbqsfs_core::object::{PkBlock, Stamp};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::{local_bind_for, Endpoint, NetError, TransportOptions};

@@ -149,3 +149,14 @@ impl Protocol for ControlMessage {
 pub fn is_control(bytes: &[u8]) -> bool {
     matches!(bytes, [v, p, ..] if *v == WIRE_VERSION && *p == ControlMessage::ID)
 }
+
+/// A node's state as `status` and the metrics show it.
+pub struct StatusParts {
+    pub epoch: u64,
+    pub ready: bool,
+    pub gc: Vec<GcStatus>,
+    pub space: SpaceStatus,
+    pub stored_bytes: u64,
+    pub transfers: Vec<TransferStatus>,
+    pub members: usize,
+}

@@ -9,7 +9,7 @@
 pub mod blocks;
 pub mod client;
 pub mod control;
-pub mod deferred;
+pub mod epochs;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod files;

@@ -9,12 +9,11 @@
 //! their latency, bytes and failures (timeouts, no space). Names start with `dbqsfs_`.
 //! Non-goals: per-object or per-client labels (unbounded cardinality); a push gateway.
 
-use crate::ms::MsStatus;
-use crate::node::Shared;
+use crate::control::StatusParts;
+use dbqsfs_core::ms::wire::MsStatus;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use std::net::SocketAddr;
-use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 /// How often the sampled gauges are refreshed.
@@ -88,19 +87,19 @@ pub fn ms(s: &MsStatus) {
 /// How often the MS task samples itself into [`ms`].
 pub const MS_SAMPLE_EVERY: Duration = SAMPLE_EVERY;
 
-/// Samples a mount's calls to the cluster (by kind: calls, time, bytes) every [`SAMPLE_EVERY`],
-/// and the bytes written to it, while `written` answers.
-pub async fn sample_mount(
-    stats: std::sync::Arc<crate::volume::BackendStats>,
-    written: impl Fn() -> Option<u64>,
-) {
+/// A mount's figures: the bytes written to it, and its calls to the cluster by kind (kind,
+/// calls, microseconds, bytes).
+pub type MountFigures = (u64, Vec<(&'static str, u64, u64, u64)>);
+
+/// Samples a mount's figures every [`SAMPLE_EVERY`] while `figures` answers.
+pub async fn sample_mount(figures: impl Fn() -> Option<MountFigures>) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let Some(w) = written() else { return };
+        let Some((w, totals)) = figures() else { return };
         counter!("dbqsfs_mount_written_bytes_total").absolute(w);
-        for (kind, calls, micros, bytes) in stats.totals() {
+        for (kind, calls, micros, bytes) in totals {
             counter!("dbqsfs_mount_backend_calls_total", "kind" => kind).absolute(calls);
             counter!("dbqsfs_mount_backend_seconds_total", "kind" => kind)
                 .absolute(micros / 1_000_000);
@@ -109,19 +108,18 @@ pub async fn sample_mount(
     }
 }
 
-/// Samples the node's state into gauges every [`SAMPLE_EVERY`] while the node lives.
-pub async fn sample(shared: Weak<Shared>) {
+/// Samples the node's state into gauges every [`SAMPLE_EVERY`] while `parts` gives it (blocking:
+/// it runs on the blocking pool; `None` once the node is gone).
+pub async fn sample(parts: impl Fn() -> Option<StatusParts> + Clone + Send + 'static) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let Some(shared) = shared.upgrade() else {
-            return;
+        let parts = parts.clone();
+        let Ok(s) = tokio::task::spawn_blocking(parts).await else {
+            continue;
         };
-        let s = tokio::task::spawn_blocking(move || shared.status_parts())
-            .await
-            .ok();
-        let Some(s) = s else { continue };
+        let Some(s) = s else { return };
         gauge!("dbqsfs_epoch").set(s.epoch as f64);
         gauge!("dbqsfs_ready").set(if s.ready { 1.0 } else { 0.0 });
         gauge!("dbqsfs_store_content_bytes").set(s.stored_bytes as f64);

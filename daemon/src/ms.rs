@@ -9,7 +9,7 @@
 //!   once elsewhere rather than a period later), or, for a node that is joining, from the peer it
 //!   was told to join through. Every configuration
 //!   is verified against the chain from the genesis configuration, persisted, and only then used
-//!   ([`Shared::install`]).
+//!   ([`Epochs::install`]).
 //! - **Committee role** (members of the current committee). Runs the core's PBFT
 //!   ([`dbqsfs_core::ms::pbft::Agreement`]) over QUIC and executes the agreed operations with the
 //!   core's [`Membership`]; probes every member every `probe_ms` with a nonce that the member must
@@ -34,9 +34,10 @@
 //! can delay or refuse, never forge: configurations and freshness certificates are self-certifying,
 //! probe answers are signatures over our nonce, agreement messages are checked by the core.
 
-use crate::node::{Peer, Shared};
+use crate::epochs::{Epochs, Peer};
+use crate::store::DiskStore;
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness, Member};
-use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
+use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::health::Health;
 use dbqsfs_core::ms::app::{op_epoch, App};
 use dbqsfs_core::ms::membership::{
@@ -128,10 +129,22 @@ pub enum Inbound {
     },
 }
 
+/// What the MS task needs of its node: its identity, its store (for the agreement's durable
+/// state) and its epochs.
+pub struct MsContext {
+    pub key: Keypair,
+    pub admission_key: PublicKey,
+    /// The address this node listens on (as members are told to reach it).
+    pub listen: SocketAddr,
+    pub store: Arc<DiskStore>,
+    pub epochs: Arc<Epochs>,
+}
+
 /// The handle through which the node feeds the MS task.
 #[derive(Clone)]
 pub struct MsHandle {
     tx: mpsc::Sender<Inbound>,
+    shared: Arc<MsContext>,
 }
 
 impl MsHandle {
@@ -155,25 +168,23 @@ impl MsHandle {
 
 /// Starts the MS task of the node; abort the returned task to stop it (the node does at shutdown).
 pub fn spawn(
-    shared: Arc<Shared>,
+    shared: Arc<MsContext>,
     endpoint: Endpoint,
     opts: MsOptions,
 ) -> (MsHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(4096);
-    let handle = MsHandle { tx: tx.clone() };
+    let handle = MsHandle {
+        tx: tx.clone(),
+        shared: shared.clone(),
+    };
     let task = Task::new(shared, endpoint, opts, tx);
     (handle, tokio::spawn(task.run(rx)))
 }
 
 /// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
 /// key, `kind` what it is to us.
-pub async fn serve(
-    shared: &Arc<Shared>,
-    ms: &MsHandle,
-    peer: PublicKey,
-    kind: Peer,
-    bytes: &[u8],
-) -> Option<Vec<u8>> {
+pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> Option<Vec<u8>> {
+    let shared = &ms.shared;
     let env = match decode::<MsMessage>(bytes) {
         Ok(env) => env,
         Err(e) => {
@@ -181,7 +192,7 @@ pub async fn serve(
             return None;
         }
     };
-    let epoch = shared.epoch();
+    let epoch = shared.epochs.epoch();
     let allowed = match (&env.msg, kind) {
         (_, Peer::Member | Peer::Myself) => true,
         (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => true,
@@ -200,18 +211,18 @@ pub async fn serve(
                 .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
         }),
         MsMessage::ChainAfter { epoch: after } => Some(MsMessage::Chain {
-            configs: shared.chain().after(after, MAX_CONFIGS),
-            freshness: shared.freshness(),
+            configs: shared.epochs.chain().after(after, MAX_CONFIGS),
+            freshness: shared.epochs.freshness(),
         }),
         MsMessage::Push { configs, freshness } => {
             if let Some(f) = freshness {
-                shared.learn_freshness(f);
+                shared.epochs.learn_freshness(f);
             }
             if !configs.is_empty() {
                 let s = shared.clone();
                 let from = peer.node_id();
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = s.install(configs) {
+                    if let Err(e) = s.epochs.install(configs) {
                         debug!(peer = %from.short(), error = %e, "refused pushed configurations");
                     }
                 })
@@ -293,7 +304,7 @@ struct Outstanding {
 }
 
 struct Task {
-    shared: Arc<Shared>,
+    shared: Arc<MsContext>,
     endpoint: Endpoint,
     opts: MsOptions,
     tx: mpsc::Sender<Inbound>,
@@ -318,14 +329,14 @@ struct Task {
 
 impl Task {
     fn new(
-        shared: Arc<Shared>,
+        shared: Arc<MsContext>,
         endpoint: Endpoint,
         opts: MsOptions,
         tx: mpsc::Sender<Inbound>,
     ) -> Task {
         let now = Instant::now();
         Task {
-            epoch: shared.epoch(),
+            epoch: shared.epochs.epoch(),
             shared,
             endpoint,
             opts,
@@ -367,7 +378,7 @@ impl Task {
                 crate::metrics::ms(&self.status());
                 sampled = Instant::now();
             }
-            if self.shared.epoch() != self.epoch {
+            if self.shared.epochs.epoch() != self.epoch {
                 self.forward_new_configs();
                 self.enter_epoch();
             }
@@ -378,7 +389,7 @@ impl Task {
     /// Passes the configurations installed since our last epoch down the push tree of the newest
     /// one (whatever their source: a push, a pull, or our own certificate).
     fn forward_new_configs(&self) {
-        let chain = self.shared.chain();
+        let chain = self.shared.epochs.chain();
         let configs = chain.after(self.epoch, MAX_CONFIGS);
         if configs.is_empty() {
             return;
@@ -395,7 +406,7 @@ impl Task {
 
     /// Sets up the role for the newest installed epoch.
     fn enter_epoch(&mut self) {
-        let chain = self.shared.chain();
+        let chain = self.shared.epochs.chain();
         let config = chain.config().clone();
         let changed = config.epoch != self.epoch || self.role.is_none();
         self.epoch = config.epoch;
@@ -761,7 +772,7 @@ impl Task {
                     self.leaving = true;
                     self.enter_epoch();
                 }
-                let member = self.shared.chain().config().is_member(&sender);
+                let member = self.shared.epochs.chain().config().is_member(&sender);
                 Some(MsMessage::Leaving {
                     epoch: self.epoch,
                     member,
@@ -772,7 +783,7 @@ impl Task {
     }
 
     fn status(&self) -> MsStatus {
-        let chain = self.shared.chain();
+        let chain = self.shared.epochs.chain();
         let config = chain.config();
         let me = self.shared.key.node_id();
         let mut s = MsStatus {
@@ -787,7 +798,7 @@ impl Task {
             } else {
                 0
             },
-            freshness_ms: self.shared.freshness().map(|f| f.time_ms),
+            freshness_ms: self.shared.epochs.freshness().map(|f| f.time_ms),
             leaving: self.leaving,
             last_view_change: self.last_view_change,
             ..MsStatus::default()
@@ -810,14 +821,14 @@ impl Task {
         match msg {
             MsMessage::Chain { configs, freshness } => {
                 if let Some(f) = freshness {
-                    self.shared.learn_freshness(f);
+                    self.shared.epochs.learn_freshness(f);
                 }
                 if configs.is_empty() {
                     return;
                 }
                 let shared = self.shared.clone();
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = shared.install(configs) {
+                    if let Err(e) = shared.epochs.install(configs) {
                         debug!(peer = %from.short(), error = %e, "pulled configurations refused");
                     }
                 });
@@ -945,13 +956,13 @@ impl Task {
                     epoch = role.epoch,
                     time_ms, "freshness certificate assembled"
                 );
-                self.shared.learn_freshness(cert);
+                self.shared.epochs.learn_freshness(cert);
             }
         }
     }
 
     fn committee_peers(&self) -> Vec<Member> {
-        let chain = self.shared.chain();
+        let chain = self.shared.epochs.chain();
         let config = chain.config();
         let me = self.shared.key.node_id();
         config
@@ -1208,7 +1219,7 @@ impl Task {
         };
         self.send_all(root, msg);
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = shared.install(vec![cc]) {
+            if let Err(e) = shared.epochs.install(vec![cc]) {
                 warn!(error = %e, "the certified configuration did not install");
             }
         });
@@ -1247,7 +1258,7 @@ impl Task {
     }
 
     fn pull_random(&mut self) {
-        let chain = self.shared.chain();
+        let chain = self.shared.epochs.chain();
         let me = self.shared.key.node_id();
         let others: Vec<&Member> = chain
             .config()
@@ -1274,7 +1285,7 @@ impl Task {
     }
 
     fn pull_from(&mut self, from: NodeId) {
-        if let Some(m) = self.shared.chain().config().member(&from).cloned() {
+        if let Some(m) = self.shared.epochs.chain().config().member(&from).cloned() {
             self.request(m, MsMessage::ChainAfter { epoch: self.epoch });
         }
     }
@@ -1290,7 +1301,7 @@ impl Task {
     /// others) and a forged freshness certificate to every member; sends garbage agreement messages.
     #[cfg(feature = "fault-injection")]
     fn forge(&mut self) {
-        let chain = self.shared.chain();
+        let chain = self.shared.epochs.chain();
         let cur = chain.config();
         let me = self.shared.key.node_id();
         // Keep only ourselves and the fewest others a configuration may have.

@@ -9,19 +9,20 @@
 //!   stranger may ask is limited there). Every connection is authenticated by its key; what it may
 //!   do is decided per message ([`Peer`]).
 //! - Feed every request to the replica (on the blocking pool: the store fsyncs), send back its reply.
-//!   Newer configurations, from any source, go through [`Shared::install`]: verified against the
+//!   Newer configurations, from any source, go through [`crate::epochs::Epochs::install`]: verified against the
 //!   chain, persisted, then installed. Answer [`ControlMessage::StatusRequest`].
 //! - Run the node's MS task ([`crate::ms`]): epoch follower, and committee role when in the committee.
 //! - Shut down cleanly on SIGTERM or ctrl-c.
 //!
 //! Non-goals: protocol decisions (the replica and the MS core make them).
 
-use crate::control::{is_control, ControlMessage, SpaceStatus};
+use crate::control::{is_control, ControlMessage, SpaceStatus, StatusParts};
+use crate::epochs::{Epochs, Peer};
 use crate::files::{self, FileError, NodeFile};
-use crate::ms::{is_ms, Inbound, MsHandle, MsOptions};
+use crate::ms::{is_ms, Inbound, MsContext, MsHandle, MsOptions};
 use crate::store::{DiskStore, OpenError};
 use crate::transfer::{self, TransferOptions, TransferWorker};
-use dbqsfs_core::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch, Freshness};
+use dbqsfs_core::config::{ConfigChain, ConfigError};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::msg::is_block_op;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
@@ -35,7 +36,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use tracing::{debug, info, warn};
 
 /// Why a node could not start.
@@ -104,19 +105,6 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
 type ReplicaStore = Arc<dyn Store + Send + Sync>;
 type SharedReplica = Arc<RwLock<Replica<ReplicaStore>>>;
 
-/// What a peer is to this node, by its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peer {
-    /// A member of the current configuration.
-    Member,
-    /// A client key listed in node.toml.
-    Client,
-    /// This node's own key (its `dbqsfs` commands).
-    Myself,
-    /// Anyone else: a node that is joining, a member that was removed, or a stranger.
-    Stranger,
-}
-
 /// What the node's tasks share.
 pub struct Shared {
     pub key: Keypair,
@@ -126,37 +114,12 @@ pub struct Shared {
     pub replica: SharedReplica,
     pub store: Arc<DiskStore>,
     clients: BTreeSet<[u8; 32]>,
-    freshness: Mutex<Option<Freshness>>,
-    /// Serializes installations (verify, persist, install must not interleave).
-    installing: Mutex<()>,
-    /// The state-transfer worker: told of every installed epoch ([`Shared::install`]).
+    /// The chain, installs and freshness, shared with the MS task.
+    pub epochs: Arc<Epochs>,
     pub transfers: TransferWorker,
 }
 
 impl Shared {
-    pub fn epoch(&self) -> Epoch {
-        self.replica
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .epoch()
-    }
-
-    /// A copy of the verified configuration chain.
-    pub fn chain(&self) -> ConfigChain {
-        self.replica
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .chain()
-            .clone()
-    }
-
-    /// Whether `id` is a member of any configuration this node knows.
-    pub fn was_member(&self, id: &NodeId) -> bool {
-        let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
-        let chain = r.chain();
-        (0..=chain.epoch()).any(|e| chain.get(e).is_some_and(|c| c.config.is_member(id)))
-    }
-
     pub fn peer(&self, key: &PublicKey) -> Peer {
         if *key == self.key.public() {
             Peer::Myself
@@ -175,69 +138,6 @@ impl Shared {
             Peer::Stranger
         }
     }
-
-    /// Verifies `configs` against the chain, persists the longer chain, and only then installs it
-    /// (a node that restarted in an epoch it had already left could accept writes the new epoch
-    /// assumes over). Blocking: it fsyncs. Returns the epochs added (none if nothing was new).
-    pub fn install(&self, configs: Vec<CertifiedConfig>) -> Result<Vec<Epoch>, InstallError> {
-        let _one = self.installing.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = self.chain();
-        let added = next.extend(configs.clone())?;
-        if added.is_empty() {
-            return Ok(added);
-        }
-        self.store.save_chain(&next.all())?;
-        {
-            let mut r = self.replica.write().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = r.install(configs) {
-                warn!(error = %e, "configurations verified once did not install");
-            }
-        }
-        let config = next.config();
-        info!(
-            epochs = ?added,
-            members = config.members.len(),
-            member = config.is_member(&self.key.node_id()),
-            committee = config.committee.contains(&self.key.node_id()),
-            "installed configurations"
-        );
-        self.transfers.epochs_installed(&added);
-        Ok(added)
-    }
-
-    /// The newest freshness certificate this node holds.
-    pub fn freshness(&self) -> Option<Freshness> {
-        self.freshness
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Keeps `f` if it verifies against the configuration of its epoch and is newer.
-    pub fn learn_freshness(&self, f: Freshness) {
-        let Some(config) = self.chain().get(f.epoch).map(|c| c.config.clone()) else {
-            return;
-        };
-        if f.verify(&config).is_err() {
-            return;
-        }
-        let mut cur = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
-        if cur
-            .as_ref()
-            .is_none_or(|c| (f.epoch, f.time_ms) > (c.epoch, c.time_ms))
-        {
-            *cur = Some(f);
-        }
-    }
-}
-
-/// Why configurations were not installed.
-#[derive(Debug, thiserror::Error)]
-pub enum InstallError {
-    #[error("{0}")]
-    Config(#[from] ConfigError),
-    #[error("could not persist the configuration chain (staying in the current epoch): {0}")]
-    Store(#[from] StoreError),
 }
 
 /// A node loaded from its directory, not yet serving.
@@ -354,17 +254,18 @@ impl Node {
             replica.defer(x);
         }
         let transfers = TransferWorker::new(me, store.clone(), TransferOptions::default());
+        let replica: SharedReplica = Arc::new(RwLock::new(replica));
+        let epochs = Epochs::new(me, replica.clone(), store.clone(), transfers.clone());
         Ok(Node {
             _lock: lock,
             shared: Arc::new(Shared {
                 key,
                 admission_key: admission,
                 listen,
-                replica: Arc::new(RwLock::new(replica)),
+                replica,
+                epochs: Arc::new(epochs),
                 store,
                 clients,
-                freshness: Mutex::new(None),
-                installing: Mutex::new(()),
                 transfers,
             }),
             ms,
@@ -423,15 +324,21 @@ impl Node {
                 replica.defer(x);
             }
         }
+        let replica: SharedReplica = Arc::new(RwLock::new(replica));
+        let epochs = Epochs::new(
+            s.key.node_id(),
+            replica.clone(),
+            s.store.clone(),
+            s.transfers.clone(),
+        );
         self.shared = Arc::new(Shared {
             key: s.key.clone(),
             admission_key: s.admission_key,
             listen: s.listen,
-            replica: Arc::new(RwLock::new(replica)),
+            replica,
+            epochs: Arc::new(epochs),
             store: s.store.clone(),
             clients: s.clients.clone(),
-            freshness: Mutex::new(None),
-            installing: Mutex::new(()),
             transfers: s.transfers.clone(),
         });
         self.fault = Some(fault);
@@ -481,9 +388,10 @@ impl Node {
             Some(addr) => match crate::metrics::serve(addr) {
                 Ok(()) => {
                     info!(%addr, "serving metrics at /metrics");
-                    Some(tokio::spawn(crate::metrics::sample(Arc::downgrade(
-                        &shared,
-                    ))))
+                    let weak = Arc::downgrade(&shared);
+                    Some(tokio::spawn(crate::metrics::sample(move || {
+                        weak.upgrade().map(|s| s.status_parts())
+                    })))
                 }
                 Err(e) => {
                     warn!(%addr, error = %e, "cannot serve metrics; going on without them");
@@ -495,7 +403,14 @@ impl Node {
         let transfers = shared
             .transfers
             .start(endpoint.clone(), shared.replica.clone());
-        let (ms, ms_task) = crate::ms::spawn(shared.clone(), endpoint.clone(), self.ms);
+        let context = MsContext {
+            key: shared.key.clone(),
+            admission_key: shared.admission_key,
+            listen: shared.listen,
+            store: shared.store.clone(),
+            epochs: shared.epochs.clone(),
+        };
+        let (ms, ms_task) = crate::ms::spawn(Arc::new(context), endpoint.clone(), self.ms);
         #[cfg(feature = "fault-injection")]
         let distorter = Arc::new(crate::fault::Distorter::new(self.fault));
         let serving = shared.clone();
@@ -692,7 +607,7 @@ async fn handle(
     };
     if is_ms(&request) {
         crate::metrics::request(peer_label, protocol);
-        return crate::ms::serve(&shared, &ms, key, kind, &request).await;
+        return crate::ms::serve(&ms, key, kind, &request).await;
     }
     if request.get(1) == Some(&<AgreementMessage as Protocol>::ID) {
         crate::metrics::request(peer_label, protocol);
@@ -708,7 +623,7 @@ async fn handle(
         // A node that left still collects what it lost: it asks the members that took its ranges
         // over whether they hold them (an answer from memory, about what this node holds).
         if transfer::is_transfer(&request)
-            && shared.was_member(&from)
+            && shared.epochs.was_member(&from)
             && transfer::is_have_query(&request)
         {
             return tokio::task::spawn_blocking(move || {
@@ -748,7 +663,7 @@ async fn handle(
                 Some(bytes)
             }
             Handled::Install(configs) => {
-                if let Err(e) = shared.install(configs) {
+                if let Err(e) = shared.epochs.install(configs) {
                     debug!(peer = %from.short(), error = %e, "refused pushed configurations");
                 }
                 None
@@ -766,17 +681,6 @@ async fn handle(
             None
         }
     }
-}
-
-/// A node's state as `status` and the metrics show it.
-pub struct StatusParts {
-    pub epoch: u64,
-    pub ready: bool,
-    pub gc: Vec<crate::control::GcStatus>,
-    pub space: SpaceStatus,
-    pub stored_bytes: u64,
-    pub transfers: Vec<crate::control::TransferStatus>,
-    pub members: usize,
 }
 
 impl Shared {

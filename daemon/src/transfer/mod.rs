@@ -22,7 +22,7 @@
 //!   `Replica::transfer_complete`. A failed write abandons the run, which restarts later from what
 //!   is persisted (2 s, doubling up to 60 s while failures go on; logged once). A content block
 //!   that does not fit above the store's reserve does not fail the run: it is recorded as deferred
-//!   (`Replica::defer`) and fetched by [`crate::deferred`] once space is back, so a full node still
+//!   (`Replica::defer`) and fetched by `deferred` once space is back, so a full node still
 //!   becomes ready and lists what it holds, and no other node's transfer waits on it.
 //! - Progress per epoch and unit (objects and bytes done of those known so far, rate) for
 //!   `dbqsfs status` ([`TransferWorker::status`]) and the progress bar
@@ -49,6 +49,7 @@
 //! and claim; the worker bounds every request in time and the requests in number, and treats any
 //! failure of a request as no answer (the core asks again, elsewhere). Nothing received panics.
 
+mod deferred;
 mod view;
 mod worker;
 

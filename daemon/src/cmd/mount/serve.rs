@@ -228,10 +228,11 @@ pub(super) fn serve(
         match dbqsfs_daemon::metrics::serve(addr) {
             Ok(()) => {
                 let weak = Arc::downgrade(&volume);
-                rt.spawn(dbqsfs_daemon::metrics::sample_mount(
-                    stats.clone(),
-                    move || weak.upgrade().map(|v| v.bytes_written()),
-                ));
+                let stats = stats.clone();
+                rt.spawn(dbqsfs_daemon::metrics::sample_mount(move || {
+                    let written = weak.upgrade()?.bytes_written();
+                    Some((written, stats.totals()))
+                }));
                 tracing::info!(%addr, "serving metrics at /metrics");
             }
             Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics; going on without"),

@@ -786,7 +786,7 @@ pub(super) fn spawn(
         handle: handle.clone(),
     };
     // Blocks a full store deferred are brought in beside the transfers, and stop with them.
-    let refetch = crate::deferred::run(
+    let refetch = super::deferred::run(
         handle.shared.me,
         handle.shared.store.clone(),
         worker.replica.clone(),

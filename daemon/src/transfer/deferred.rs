@@ -20,8 +20,8 @@
 //! Fault model: sources may lie, stall or vanish: every request is bounded in time, every answer
 //! verified, and a source that fails is skipped for the next.
 
+use super::{random_u64, source_addrs, SharedReplica};
 use crate::store::DiskStore;
-use crate::transfer::{random_u64, source_addrs, SharedReplica};
 use dbqsfs_core::config::{Configuration, Epoch};
 use dbqsfs_core::crypto::{NodeId, ObjectId};
 use dbqsfs_core::dbqs::transfer::TransferMessage;
