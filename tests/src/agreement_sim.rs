@@ -25,11 +25,13 @@
 //! The Byzantine members run the real state machine and lie through its outputs (see
 //! [`Adversary`]).
 //!
-//! On top of the agreement, every member runs the MS state machine ([`Membership`]) from one
-//! genesis configuration (the agreement's committee plus members outside it): request payloads
-//! are postcard-encoded [`MsOp`]s, executed in decided order with the submitter as authority and a
-//! seed hashed from the decided batch. The seed draws joiners (with and without a valid admission
-//! certificate), leavers, dead members (reported unresponsive by every correct committee member),
+//! On top of the agreement, every member runs the node's MS application (`ms::app::App`, over
+//! [`Membership`]) from one genesis configuration (the agreement's committee plus members outside
+//! it): request payloads are postcard-encoded [`MsOp`]s, executed in decided order with the
+//! submitter as authority and a seed hashed from the decided batch. The seed draws joiners (with
+//! and without a valid admission certificate), leavers, dead members (reported unresponsive by
+//! every correct committee member, whose verdicts come from the node's `ms::probe::Prober`: the
+//! dead leave its signed challenges unanswered),
 //! one Byzantine prober (accuses a live member, vouches for the dead, sometimes ends the epoch
 //! early) and, once the faults healed and every other operation was decided, the correct
 //! committee members' `EndEpoch`. The load clients are outsiders whose operations must be
@@ -41,13 +43,14 @@ use crate::rng::Rng;
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
 };
-use dbqsfs_core::crypto::{Keypair, NodeId, PublicKey};
+use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey};
 use dbqsfs_core::ms::membership::{AdmissionCert, CertificateCollector, Membership, MsOp};
 pub use dbqsfs_core::ms::pbft::Mutant;
 use dbqsfs_core::ms::pbft::{
     batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options, Output,
     PrePrepare, Request, RequestKey, SeqNo, Signed,
 };
+use dbqsfs_core::ms::probe::{probe_body, Prober};
 use dbqsfs_core::ms::{self, app::Ended};
 use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
@@ -1994,7 +1997,23 @@ fn draw_ms(
         if byz.contains_key(&i) {
             continue;
         }
-        let mut ops: Vec<MsOp> = dead.iter().map(|&d| probe(d, false)).collect();
+        // The member's verdicts come from the core's prober (the node's), over `evict_after`
+        // rounds in which the dead answer nothing and every other member signs its challenge.
+        let (mut prober_of_i, _) = Prober::new(&genesis, key.node_id(), None);
+        let mut ops: Vec<MsOp> = Vec::new();
+        for _ in 0..genesis.params.evict_after_probes {
+            for (target, nonce) in prober_of_i.round(|| rng.seed32()) {
+                let answer = keys
+                    .iter()
+                    .chain(extras)
+                    .find(|k| k.node_id() == target && !dead.contains(&target))
+                    .map(|k| k.sign(Domain::Probe, &probe_body(0, &nonce, &key.node_id())));
+                if let Some(v) = prober_of_i.answered(&target, &nonce, answer.as_ref()) {
+                    ops.push(probe(v.target, v.responsive));
+                }
+            }
+        }
+        assert_eq!(ops.len(), dead.len(), "the prober reports exactly the dead");
         rng.shuffle(&mut ops);
         if rng.chance(0.5) {
             ops.push(probe(*rng.pick(&live), true));
