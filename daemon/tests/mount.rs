@@ -1497,3 +1497,76 @@ fn the_mount_helper_takes_an_fstab_line() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
 }
+
+/// The epoch of the embedded default, from `status --json`.
+fn embedded_epoch(env: &Env) -> Option<u64> {
+    let data = env.data.to_string_lossy().into_owned();
+    let o = dbqsfs(&["status", "--data-dir", &data, "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    doc["epoch"].as_u64()
+}
+
+/// Waits until the embedded default's epoch passes `after`; returns it and how long it took.
+fn epoch_after(env: &Env, after: u64, within: Duration) -> (u64, Duration) {
+    let t = Instant::now();
+    loop {
+        if let Some(e) = embedded_epoch(env).filter(|e| *e > after) {
+            return (e, t.elapsed());
+        }
+        assert!(
+            t.elapsed() < within,
+            "the embedded default stayed at epoch {:?} (after {after}) for {within:?}",
+            embedded_epoch(env)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A remount of the embedded default takes its epochs up again: the last unmount stops its nodes
+/// (in the middle of an epoch), the next mount starts them, and the next epoch comes within two
+/// epoch lengths of the mount, twice. The cluster is made with 3 s epochs before the first mount
+/// (the embedded default takes up a cluster already in its place).
+#[test]
+fn epochs_go_on_after_the_embedded_default_is_remounted() {
+    if !fuse_usable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::new();
+    std::fs::create_dir_all(&env.data).unwrap();
+    let cdir = env.data.join("cluster").to_string_lossy().into_owned();
+    let port = env.base_port.to_string();
+    let o = dbqsfs(&[
+        "cluster",
+        "init",
+        "--nodes",
+        "4",
+        "--dir",
+        &cdir,
+        "--base-port",
+        &port,
+        "--epoch-ms",
+        "3000",
+        "--probe-ms",
+        "1000",
+    ]);
+    assert!(o.status.success(), "cluster init: {}", show(&o));
+    let mnt = env.mount("mnt", &[]);
+    let (mut epoch, _) = epoch_after(&env, 1, Duration::from_secs(30));
+    for round in 0..2 {
+        std::fs::write(mnt.join(format!("f{round}")), b"kept").unwrap();
+        env.umount(&mnt);
+        assert_eq!(env.nodes_running(), 0, "the last unmount stops the nodes");
+        let mnt2 = env.mount("mnt", &[]);
+        assert_eq!(mnt2, mnt);
+        // Two epoch lengths, plus the nodes' start and a status round trip.
+        let (next, took) = epoch_after(&env, epoch, Duration::from_secs(6 + 4));
+        eprintln!("remount {round}: epoch {epoch} → {next} after {took:?}");
+        epoch = next;
+        assert_eq!(
+            std::fs::read(mnt.join(format!("f{round}"))).unwrap(),
+            b"kept"
+        );
+    }
+    env.umount(&mnt);
+}
