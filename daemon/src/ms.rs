@@ -36,18 +36,17 @@
 
 use crate::epochs::{Epochs, Peer};
 use crate::store::DiskStore;
-use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness, Member};
+use dbqsfs_core::config::{CertifiedConfig, Configuration, Epoch, Freshness, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::health::Health;
 use dbqsfs_core::ms::app::{op_epoch, App};
-use dbqsfs_core::ms::membership::{
-    AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
-};
+use dbqsfs_core::ms::membership::{AdmissionCert, Executed, Membership, MsOp};
 use dbqsfs_core::ms::pbft::{
     Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
 };
 pub use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::probe::{probe_timeout_ms, Prober};
+use dbqsfs_core::ms::shares::{FreshnessShares, NextConfig};
 pub use dbqsfs_core::ms::tree::push_children;
 use dbqsfs_core::ms::tree::tree_order;
 pub use dbqsfs_core::ms::wire::{is_ms, MsMessage, MsStatus};
@@ -55,7 +54,7 @@ use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::Endpoint;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -286,10 +285,9 @@ struct Role {
     /// Waiting for the batches up to a stable checkpoint: outputs are queued meanwhile.
     installing: Option<(SeqNo, Digest)>,
     queued: VecDeque<Output>,
-    collector: Option<CertificateCollector>,
-    /// Shares for next configurations received before we computed ours.
-    early_shares: Vec<(NodeId, ConfigHash, Signature)>,
-    fresh_shares: BTreeMap<u64, BTreeMap<NodeId, Signature>>,
+    /// The next configuration's certificate, collected once the epoch ended here.
+    next: NextConfig,
+    fresh: FreshnessShares,
     probes: Prober,
     next_probe: Instant,
     next_fresh: Instant,
@@ -491,6 +489,7 @@ impl Task {
             });
         }
         info!(epoch = config.epoch, "in the committee of this epoch");
+        let fresh = FreshnessShares::new(config.clone());
         self.role = Some(Role {
             epoch: config.epoch,
             end_at: now + Duration::from_millis(config.params.epoch_ms),
@@ -500,9 +499,8 @@ impl Task {
             saved_batches: 0,
             installing: None,
             queued: VecDeque::new(),
-            collector: None,
-            early_shares: Vec::new(),
-            fresh_shares: BTreeMap::new(),
+            next: NextConfig::default(),
+            fresh,
             probes,
             next_probe: now,
             next_fresh: now,
@@ -727,16 +725,8 @@ impl Task {
                 if epoch != role.epoch + 1 {
                     return None;
                 }
-                match role.collector.as_mut() {
-                    Some(c) => {
-                        if let Some(cc) = c.add(sender, sig) {
-                            self.certified(cc);
-                        }
-                    }
-                    None if role.early_shares.len() < 64 => {
-                        role.early_shares.push((sender, hash, sig))
-                    }
-                    None => {}
+                if let Some(cc) = role.next.share(sender, hash, sig) {
+                    self.certified(cc);
                 }
                 None
             }
@@ -747,10 +737,7 @@ impl Task {
                 sig,
             } => {
                 let role = self.role.as_mut()?;
-                if epoch != role.epoch
-                    || config != role.config.hash()
-                    || !Freshness::verify_share(&role.config, time_ms, &sender, &sig)
-                {
+                if epoch != role.epoch || config != role.config.hash() {
                     return None;
                 }
                 self.add_fresh_share(time_ms, sender, sig);
@@ -937,27 +924,12 @@ impl Task {
         let Some(role) = self.role.as_mut() else {
             return;
         };
-        // Keep a few recent times only.
-        if role.fresh_shares.len() > 8 {
-            if let Some(oldest) = role.fresh_shares.keys().next().copied() {
-                role.fresh_shares.remove(&oldest);
-            }
-        }
-        let shares = role.fresh_shares.entry(time_ms).or_default();
-        shares.insert(signer, sig);
-        if shares.len() == role.config.params.ms_quorum().quorum() {
-            let cert = Freshness::assemble(
-                &role.config,
-                time_ms,
-                shares.iter().map(|(id, s)| (*id, *s)).collect(),
+        if let Some(cert) = role.fresh.add(time_ms, signer, sig) {
+            debug!(
+                epoch = role.epoch,
+                time_ms, "freshness certificate assembled"
             );
-            if cert.verify(&role.config).is_ok() {
-                debug!(
-                    epoch = role.epoch,
-                    time_ms, "freshness certificate assembled"
-                );
-                self.shared.epochs.learn_freshness(cert);
-            }
+            self.shared.epochs.learn_freshness(cert);
         }
     }
 
@@ -1175,7 +1147,7 @@ impl Task {
         let Some(role) = self.role.as_mut() else {
             return;
         };
-        if role.collector.is_some() {
+        if role.next.ended() {
             return;
         }
         info!(
@@ -1184,15 +1156,9 @@ impl Task {
             "the epoch ended: signing the next configuration"
         );
         let hash = next.hash();
-        let mut collector = CertificateCollector::new(role.config.clone(), next);
-        let sig = collector.sign(&self.shared.key);
-        let mut done = collector.add(self.shared.key.node_id(), sig);
-        for (from, h, s) in std::mem::take(&mut role.early_shares) {
-            if h == hash && done.is_none() {
-                done = collector.add(from, s);
-            }
-        }
-        role.collector = Some(collector);
+        let Some((sig, done)) = role.next.end(role.config.clone(), next, &self.shared.key) else {
+            return;
+        };
         let msg = MsMessage::ConfigShare {
             epoch: role.epoch + 1,
             hash,

@@ -19,6 +19,7 @@
 //! - [`app`]: the application a committee member runs on the agreement: batches executed in
 //!   order, the digest chained through them, the next committee's seed, replay.
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
+//! - [`shares`]: freshness shares and the next configuration's signatures, collected.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
 //! - [`wire`]: the MS's messages beside the agreement's.
 
@@ -26,5 +27,6 @@ pub mod app;
 pub mod membership;
 pub mod pbft;
 pub mod probe;
+pub mod shares;
 pub mod tree;
 pub mod wire;

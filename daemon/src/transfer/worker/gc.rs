@@ -208,38 +208,12 @@ impl Worker {
 
     pub(super) fn send_gc(&mut self, epoch: Epoch, gen: u64, to: NodeId, bytes: Vec<u8>) {
         self.gc_inflight += 1;
-        let events = self.events.clone();
-        let reply = move |reply| Event::GcReply {
+        let dest = self.gcs.get(&epoch).and_then(|r| r.addrs.get(&to).copied());
+        self.dispatch(to, dest, bytes, move |reply, _| Event::GcReply {
             epoch,
             gen,
             from: to,
             reply,
-        };
-        if to == self.me {
-            let replica = self.replica.clone();
-            let me = self.me;
-            tokio::spawn(async move {
-                let r = tokio::task::spawn_blocking(move || serve(&replica, me, &bytes))
-                    .await
-                    .ok()
-                    .flatten();
-                let _ = events.send(reply(r));
-            });
-            return;
-        }
-        let Some((addr, key)) = self.gcs.get(&epoch).and_then(|r| r.addrs.get(&to).copied()) else {
-            let _ = events.send(reply(None));
-            return;
-        };
-        let endpoint = self.endpoint.clone();
-        let timeout = self.opts.request_timeout;
-        tokio::spawn(async move {
-            let r = match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
-            {
-                Ok(Ok(r)) => Some(r),
-                _ => None,
-            };
-            let _ = events.send(reply(r));
         });
     }
 }

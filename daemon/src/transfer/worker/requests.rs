@@ -120,7 +120,6 @@ impl Worker {
             self.heard.insert(to, Instant::now());
         }
         *busy += 1;
-        let events = self.events.clone();
         let reply = move |reply: Option<Vec<u8>>, unreachable| Event::Reply {
             epoch,
             gen,
@@ -129,6 +128,21 @@ impl Worker {
             reserved,
             unreachable,
         };
+        self.dispatch(to, dest, bytes, reply);
+    }
+
+    /// Sends one request of a transfer or a collection: served here if it is for this node,
+    /// else over the endpoint within the request timeout. `reply` makes the event that carries
+    /// the answer back to the loop (`None`: no answer) and whether the transport failed (no
+    /// connection, or no answer in time), as opposed to an answer of nothing.
+    pub(super) fn dispatch(
+        &self,
+        to: NodeId,
+        dest: Option<(SocketAddr, VerifyingKey)>,
+        bytes: Vec<u8>,
+        reply: impl FnOnce(Option<Vec<u8>>, bool) -> Event + Send + 'static,
+    ) {
+        let events = self.events.clone();
         if to == self.me {
             let replica = self.replica.clone();
             let me = self.me;
@@ -142,7 +156,7 @@ impl Worker {
             return;
         }
         let Some((addr, key)) = dest else {
-            debug!(to = %to.short(), "no usable address for a transfer source");
+            debug!(to = %to.short(), "no usable address for a request");
             let _ = events.send(reply(None, false));
             return;
         };
@@ -155,11 +169,11 @@ impl Worker {
                     // Alive, but it answered nothing (it refused or failed this request).
                     Ok(Err(NetError::NoResponse)) => (None, false),
                     Ok(Err(e)) => {
-                        debug!(to = %to.short(), %addr, error = %e, "transfer request failed");
+                        debug!(to = %to.short(), %addr, error = %e, "request failed");
                         (None, true)
                     }
                     Err(_) => {
-                        debug!(to = %to.short(), %addr, "transfer request timed out");
+                        debug!(to = %to.short(), %addr, "request timed out");
                         (None, true)
                     }
                 };
