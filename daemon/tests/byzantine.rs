@@ -130,11 +130,19 @@ fn an_encrypted_volume_reads_right_past_a_tampering_node() {
         .unwrap();
     let metrics = {
         let _g = rt.enter();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
-        dbqsfs_daemon::metrics::serve(addr).unwrap();
-        addr.to_string()
+        // A port free a moment ago may be taken before the exporter binds it (by an outgoing
+        // connection of the test beside this one): try another.
+        let mut tries = 0;
+        loop {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            drop(l);
+            match dbqsfs_daemon::metrics::serve(addr) {
+                Ok(()) => break addr.to_string(),
+                Err(e) if e.contains("in use") && tries < 20 => tries += 1,
+                Err(e) => panic!("serving metrics at {addr}: {e}"),
+            }
+        }
     };
     for fault in [Fault::Corrupt, Fault::Equivocate] {
         let (_tmp, info, stops) = rt.block_on(start_cluster(fault));
