@@ -10,25 +10,21 @@
 //!   was told to join through. Every configuration
 //!   is verified against the chain from the genesis configuration, persisted, and only then used
 //!   ([`Epochs::install`]).
-//! - **Committee role** (members of the current committee). Runs the core's PBFT
-//!   ([`dbqsfs_core::ms::pbft::Agreement`]) over QUIC and executes the agreed operations with the
-//!   core's [`Membership`]; probes every member every `probe_ms` with a nonce that the member must
-//!   sign ([`MsMessage::Challenge`]) and submits its verdict when it changes (unresponsive after
-//!   `evict_after_probes` failed probes in a row); submits `EndEpoch` when the epoch timer fires;
-//!   turns agreement evidence into `Misbehaviour` operations; signs the next configuration when its
-//!   epoch ends and collects `2f_ms+1` signatures into the certificate; signs a freshness share
-//!   every third of `freshness_ms` and assembles freshness certificates.
+//! - **Committee role** (members of the current committee). Drives the core's committee role
+//!   ([`Role`]: the PBFT agreement, the MS application, probes, freshness and certificate shares,
+//!   the epoch timer) over QUIC: it feeds the role messages, answers and the clock, and carries
+//!   out its actions in order: persist, send, probe, submit reports, install the certified
+//!   configuration, learn freshness certificates.
 //! - **Submissions** (any node): joins (`dbqsfs node --join`), leaves (`dbqsfs leave`), and the
 //!   committee's own reports go out one at a time (the agreement executes a client's requests in
 //!   order and drops overtaken ones), resent until executed or their epoch is over.
 //!
 //! Non-goals: protocol decisions (the core makes them), state transfer (the transfer worker reacts
-//! to installed epochs on its own). A committee member persists what the agreement
-//! must not forget ([`Output::Persist`]: written to the node's store, with the batches it
-//! executed, before any message after it is sent) and, restarted in the same epoch, takes the
-//! agreement up again from it ([`Agreement::restore`], the MS state replayed from the batches), so
-//! epochs go on after a restart of any number of members. A member whose state cannot be read or
-//! written sits that epoch's agreement out rather than risk signing twice.
+//! to installed epochs on its own). What the role asks to persist ([`Action::Persist`]) is
+//! written to the node's store before any action after it is carried out; restarted in the same
+//! epoch, the role takes the agreement up again from it ([`Resume::Saved`]), so epochs go on
+//! after a restart of any number of members. A member whose state cannot be read or written
+//! sits that epoch's agreement out rather than risk signing twice.
 //!
 //! Fault model: every message comes from the network and is checked before use; a Byzantine peer
 //! can delay or refuse, never forge: configurations and freshness certificates are self-certifying,
@@ -36,24 +32,20 @@
 
 use crate::epochs::{Epochs, Peer};
 use crate::store::DiskStore;
-use dbqsfs_core::config::{CertifiedConfig, Configuration, Epoch, Freshness, Member};
+use dbqsfs_core::config::{CertifiedConfig, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::health::Health;
-use dbqsfs_core::ms::app::{op_epoch, App};
-use dbqsfs_core::ms::membership::{AdmissionCert, Executed, Membership, MsOp};
-use dbqsfs_core::ms::pbft::{
-    Agreement, Digest, Options as AgreementOptions, Output, Request, SeqNo, View,
-};
+use dbqsfs_core::ms::app::op_epoch;
+use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
+use dbqsfs_core::ms::pbft::{Request, View};
 pub use dbqsfs_core::ms::probe::probe_body;
-use dbqsfs_core::ms::probe::{probe_timeout_ms, Prober};
-use dbqsfs_core::ms::shares::{FreshnessShares, NextConfig};
+use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Saved, Setup};
 pub use dbqsfs_core::ms::tree::push_children;
 use dbqsfs_core::ms::tree::tree_order;
 pub use dbqsfs_core::ms::wire::{is_ms, MsMessage, MsStatus};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::Endpoint;
 use ed25519_dalek::VerifyingKey;
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -272,28 +264,6 @@ fn member_target(m: &Member) -> Option<(SocketAddr, VerifyingKey)> {
     ))
 }
 
-/// The agreement and MS state of one epoch at a committee member.
-struct Role {
-    epoch: Epoch,
-    config: Configuration,
-    /// `None` while sitting this epoch's agreement out.
-    agreement: Option<Agreement>,
-    /// The MS application: the batches executed, their digests, the membership state.
-    app: App,
-    /// How many of the app's batches are persisted (with the agreement's state, [`Output::Persist`]).
-    saved_batches: usize,
-    /// Waiting for the batches up to a stable checkpoint: outputs are queued meanwhile.
-    installing: Option<(SeqNo, Digest)>,
-    queued: VecDeque<Output>,
-    /// The next configuration's certificate, collected once the epoch ended here.
-    next: NextConfig,
-    fresh: FreshnessShares,
-    probes: Prober,
-    next_probe: Instant,
-    next_fresh: Instant,
-    end_at: Instant,
-}
-
 /// One outstanding submission of this node.
 struct Outstanding {
     op: MsOp,
@@ -445,88 +415,60 @@ impl Task {
         // Probe failures carry over from the epoch before (when this node probed in it too): a
         // count that restarted at every epoch could never reach `evict_after_probes` when an
         // epoch holds fewer probe rounds than that, and a dead member would never be evicted.
-        let carried = self.role.take().map(|r| r.probes);
+        let carried = self.role.take().map(|r| r.probes().clone());
         if !config.committee.contains(&me) {
             return;
         }
-        let keys: Vec<PublicKey> = config
-            .committee
-            .iter()
-            .filter_map(|id| config.member(id).map(|m| m.key))
-            .collect();
-        #[allow(clippy::needless_update)]
-        let opts = AgreementOptions {
-            epoch: config.epoch,
-            request_timeout_ms: 2_000,
-            ..AgreementOptions::default()
+        #[cfg(feature = "fault-injection")]
+        let honest = !self.opts.forge;
+        #[cfg(not(feature = "fault-injection"))]
+        let honest = true;
+        let setup = Setup {
+            key: self.shared.key.clone(),
+            opts: agreement_options(&config),
+            config: config.clone(),
+            admission_key: self.shared.admission_key,
+            nonce_seed: random_bytes(),
+            epoch_timer: honest,
         };
-        let max_batch = opts.max_batch;
-        let ms = Membership::new(config.clone(), self.shared.admission_key, max_batch);
         // The agreement starts afresh, or from what this member persisted in this epoch before
         // a restart (everything it signed was persisted before it was sent).
-        let restored = self.restore_agreement(&config, keys, opts, &ms);
-        let (agreement, app) = match restored {
-            Ok(r) => r,
-            Err(why) => {
+        let saved = self.saved_agreement(config.epoch);
+        let resume = match &saved {
+            Ok(Some((record, batches))) => Resume::Saved { record, batches },
+            Ok(None) => Resume::Fresh,
+            Err(_) => Resume::SitOut,
+        };
+        let (role, why) = Role::new(setup, resume, carried.as_ref(), self.now_ms());
+        match (why, saved) {
+            (_, Err(why)) | (Some(why), _) => {
                 warn!(
                     epoch = config.epoch,
                     "{why}: sitting this epoch's agreement out"
-                );
-                (None, None)
+                )
             }
-        };
-        let now = Instant::now();
-        // Probe failures carry over from the epoch before, and a member found unresponsive
-        // before is reported again at once (the new membership starts with every member
-        // responsive).
-        let (probes, again) = Prober::new(&config, me, carried.as_ref());
-        for v in again {
-            info!(target = %v.target.short(), "still unresponsive: reported in the new epoch");
-            self.outbox.push_back(MsOp::Probe {
-                epoch: config.epoch,
-                target: v.target,
-                responsive: false,
-            });
+            (None, Ok(Some(_))) => info!(
+                epoch = config.epoch,
+                view = role.agreement().map_or(0, |a| a.view()),
+                executed = role.app().executed(),
+                "restarted in this epoch's agreement from the state it persisted"
+            ),
+            (None, Ok(None)) => {}
         }
         info!(epoch = config.epoch, "in the committee of this epoch");
-        let fresh = FreshnessShares::new(config.clone());
-        self.role = Some(Role {
-            epoch: config.epoch,
-            end_at: now + Duration::from_millis(config.params.epoch_ms),
-            config,
-            agreement,
-            app: App::new(ms),
-            saved_batches: 0,
-            installing: None,
-            queued: VecDeque::new(),
-            next: NextConfig::default(),
-            fresh,
-            probes,
-            next_probe: now,
-            next_fresh: now,
-        });
-        if let Some(app) = app {
-            self.resume(app);
-        }
+        self.role = Some(role);
     }
 
-    /// Reads back what this member persisted in `config`'s agreement, if anything: the agreement
-    /// restored from it and the MS state replayed from the batches it had executed. `Err` says
-    /// why it must sit the agreement out (it may have signed something it cannot recall).
-    fn restore_agreement(
-        &self,
-        config: &Configuration,
-        keys: Vec<PublicKey>,
-        opts: AgreementOptions,
-        start: &Membership,
-    ) -> Result<(Option<Agreement>, Option<Restored>), String> {
-        let epoch = config.epoch;
-        let key = self.shared.key.clone();
+    /// What this member persisted in `epoch`'s agreement, if anything: the record and the
+    /// batches it had executed. `Err` says why it must sit the agreement out (it may have signed
+    /// something it cannot recall).
+    #[allow(clippy::type_complexity)]
+    fn saved_agreement(&self, epoch: Epoch) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, String> {
         let store = &self.shared.store;
         let saved = store
             .load_agreement(epoch)
             .map_err(|e| format!("cannot read the persisted agreement state ({e})"))?;
-        let Some((record, batches)) = saved else {
+        if saved.is_none() {
             let legacy = store
                 .load_legacy_agreement_epoch()
                 .map_err(|e| format!("cannot read the agreement marker ({e})"))?;
@@ -537,104 +479,21 @@ impl Task {
                         .into(),
                 );
             }
-            let a = Agreement::new(key, keys, opts)
-                .map_err(|e| format!("cannot run this epoch's agreement ({e})"))?;
-            return Ok((Some(a), None));
-        };
-        let unreadable =
-            |e: postcard::Error| format!("the persisted agreement state is unreadable ({e})");
-        let record: SavedRole = postcard::from_bytes(&record).map_err(unreadable)?;
-        let batches = batches
-            .iter()
-            .map(|b| postcard::from_bytes::<Vec<Request>>(b))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(unreadable)?;
-        let a = Agreement::restore(key, keys, opts, &record.agreement, self.now_ms())
-            .map_err(|e| format!("cannot restore the agreement ({e})"))?;
-        info!(
-            epoch,
-            view = a.view(),
-            executed = batches.len(),
-            "restarted in this epoch's agreement from the state it persisted"
-        );
-        Ok((
-            Some(a),
-            Some(Restored {
-                app: App::replay(start.clone(), &batches),
-                installing: record.installing,
-                queued: record.queued,
-            }),
-        ))
+        }
+        Ok(saved)
     }
 
-    /// Puts the MS state read back by [`Task::restore_agreement`] in place, and goes on where it
-    /// stopped: signing the next configuration if the epoch had ended, fetching the batches of a
-    /// stable checkpoint it was installing.
-    fn resume(&mut self, app: Restored) {
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        role.saved_batches = app.app.batches().len();
-        let ended = app.app.ended().map(|e| e.config.clone());
-        role.app = app.app;
-        role.installing = app.installing;
-        role.queued = app
-            .queued
-            .into_iter()
-            .map(|q| match q {
-                Queued::Decided { seq, requests } => Output::Decided { seq, requests },
-                Queued::Checkpoint { seq } => Output::Checkpoint { seq },
-            })
-            .collect();
-        let epoch = role.epoch;
-        let installing = role.installing;
-        if let Some(next) = ended {
-            self.epoch_ended(next);
-        }
-        if let Some((upto, _)) = installing {
-            for m in self.committee_peers() {
-                self.request(m, MsMessage::Batches { epoch, upto });
-            }
-        }
-    }
-
-    /// Writes the agreement's durable state with what the driver must keep beside it (the
-    /// batches executed since the last write, a stable checkpoint being installed and the
-    /// outputs queued behind it), durable on return.
-    fn persist(&mut self, state: Vec<u8>) -> Result<(), String> {
-        let Some(role) = self.role.as_mut() else {
-            return Ok(());
-        };
-        let record = SavedRole {
-            agreement: state,
-            installing: role.installing,
-            queued: role
-                .queued
-                .iter()
-                .filter_map(|o| match o {
-                    Output::Decided { seq, requests } => Some(Queued::Decided {
-                        seq: *seq,
-                        requests: requests.clone(),
-                    }),
-                    Output::Checkpoint { seq } => Some(Queued::Checkpoint { seq: *seq }),
-                    _ => None,
-                })
-                .collect(),
-        };
-        let encode = |e: postcard::Error| format!("cannot encode the agreement state ({e})");
-        let record = postcard::to_allocvec(&record).map_err(encode)?;
-        let batches = role.app.batches();
-        let new = batches[role.saved_batches.min(batches.len())..]
-            .iter()
-            .map(postcard::to_allocvec)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(encode)?;
+    /// Writes what the role must persist, durable on return.
+    fn persist(&self, saved: &Saved) -> Result<(), String> {
         self.shared
             .store
-            .save_agreement(role.epoch, &record, role.saved_batches as u64 + 1, &new)
-            .map_err(|e| e.to_string())?;
-        role.saved_batches = role.app.batches().len();
-        Ok(())
+            .save_agreement(
+                saved.epoch,
+                &saved.record,
+                saved.first_batch,
+                &saved.batches,
+            )
+            .map_err(|e| e.to_string())
     }
 
     fn queued_kind(&self, f: impl Fn(&MsOp) -> bool) -> bool {
@@ -645,9 +504,9 @@ impl Task {
         let now = self.now_ms();
         match input {
             Inbound::Agreement { from, bytes } => {
-                if let Some(agreement) = self.role.as_mut().and_then(|r| r.agreement.as_mut()) {
-                    if let Err(e) = agreement.handle_message(now, from, &bytes) {
-                        debug!(peer = %from.short(), error = ?e, "agreement message refused");
+                if let Some(role) = self.role.as_mut().filter(|r| r.agreement().is_some()) {
+                    if let Err(e) = role.on_agreement(now, from, &bytes) {
+                        debug!(peer = %from.short(), error = e, "agreement message refused");
                     }
                 } else if let Ok(env) = decode::<dbqsfs_core::ms::pbft::AgreementMessage>(&bytes) {
                     if env.epoch > self.epoch {
@@ -692,42 +551,20 @@ impl Task {
         let sender = from.node_id();
         match msg {
             MsMessage::Submit(req) => {
-                let Some(role) = self.role.as_mut().filter(|r| r.agreement.is_some()) else {
+                let Some(role) = self.role.as_mut() else {
                     return Some(MsMessage::Refused {
                         reason: "not running this epoch's agreement".into(),
                     });
                 };
-                // A stranger's request must be a join by itself.
-                if !role.config.is_member(&req.client.node_id()) {
-                    match postcard::from_bytes::<MsOp>(&req.payload) {
-                        Ok(MsOp::Join { .. }) => {}
-                        _ => {
-                            return Some(MsMessage::Refused {
-                                reason: "a non-member may only ask to join".into(),
-                            })
-                        }
-                    }
-                }
-                match role
-                    .agreement
-                    .as_mut()
-                    .map(|a| a.submit(now, req))
-                    .unwrap_or(Ok(()))
-                {
-                    Ok(()) => None,
-                    Err(e) => Some(MsMessage::Refused {
-                        reason: format!("{e:?}"),
-                    }),
-                }
+                role.admits(&req)
+                    .and_then(|()| role.submit(now, req))
+                    .err()
+                    .map(|reason| MsMessage::Refused { reason })
             }
             MsMessage::ConfigShare { epoch, hash, sig } => {
-                let role = self.role.as_mut()?;
-                if epoch != role.epoch + 1 {
-                    return None;
-                }
-                if let Some(cc) = role.next.share(sender, hash, sig) {
-                    self.certified(cc);
-                }
+                self.role
+                    .as_mut()?
+                    .on_config_share(sender, epoch, hash, sig);
                 None
             }
             MsMessage::FreshShare {
@@ -736,22 +573,14 @@ impl Task {
                 time_ms,
                 sig,
             } => {
-                let role = self.role.as_mut()?;
-                if epoch != role.epoch || config != role.config.hash() {
-                    return None;
-                }
-                self.add_fresh_share(time_ms, sender, sig);
+                self.role
+                    .as_mut()?
+                    .on_fresh_share(sender, epoch, config, time_ms, sig);
                 None
             }
-            MsMessage::Batches { epoch, upto } => {
-                let role = self.role.as_ref()?;
-                if epoch != role.epoch {
-                    return None;
-                }
-                Some(MsMessage::BatchLog {
-                    batches: role.app.batches().get(..upto as usize)?.to_vec(),
-                })
-            }
+            MsMessage::Batches { epoch, upto } => Some(MsMessage::BatchLog {
+                batches: self.role.as_ref()?.batches(epoch, upto)?,
+            }),
             MsMessage::StatusRequest => Some(MsMessage::Status(Box::new(self.status()))),
             MsMessage::Leave => {
                 if !self.leaving {
@@ -791,15 +620,15 @@ impl Task {
             ..MsStatus::default()
         };
         if let Some(role) = &self.role {
-            if let Some(a) = &role.agreement {
+            if let Some(a) = role.agreement() {
                 s.in_agreement = true;
                 s.view = a.view();
                 s.primary = a.committee().id(a.committee().primary(a.view()));
                 s.executed = a.last_executed();
-                s.requests_executed = role.app.batches().iter().map(|b| b.len() as u64).sum();
-                s.pending = Some(role.app.membership().pending());
+                s.requests_executed = role.app().batches().iter().map(|b| b.len() as u64).sum();
+                s.pending = Some(role.app().membership().pending());
             }
-            s.probes = role.probes.counts();
+            s.probes = role.probes().counts();
         }
         s
     }
@@ -820,7 +649,11 @@ impl Task {
                     }
                 });
             }
-            MsMessage::BatchLog { batches } => self.on_batch_log(batches),
+            MsMessage::BatchLog { batches }
+                if self.role.as_mut().is_some_and(|r| r.on_batch_log(&batches)) =>
+            {
+                info!(peer = %from.short(), "caught up to the stable checkpoint");
+            }
             MsMessage::Refused { reason } => {
                 debug!(peer = %from.short(), reason, "MS message refused")
             }
@@ -835,24 +668,9 @@ impl Task {
         nonce: [u8; 32],
         answer: Option<Signature>,
     ) {
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        if epoch != role.probes.epoch() {
-            return;
+        if let Some(role) = self.role.as_mut() {
+            role.on_probe_answer(epoch, target, &nonce, answer.as_ref());
         }
-        let Some(v) = role.probes.answered(&target, &nonce, answer.as_ref()) else {
-            return;
-        };
-        info!(target = %target.short(), responsive = v.responsive, "probe verdict changed");
-        // A newer verdict about the same target replaces a queued one.
-        self.outbox
-            .retain(|op| !matches!(op, MsOp::Probe { target: t, .. } if *t == target));
-        self.outbox.push_back(MsOp::Probe {
-            epoch,
-            target,
-            responsive: v.responsive,
-        });
     }
 
     fn on_tick(&mut self) {
@@ -868,68 +686,10 @@ impl Task {
             self.pull_random();
         }
         self.submit_next(now);
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        if let Some(a) = role.agreement.as_mut() {
-            if a.next_timeout().is_some_and(|t| t <= now_ms) {
-                a.handle_timeout(now_ms);
+        if let Some(role) = self.role.as_mut() {
+            if role.next_timer().is_some_and(|t| t <= now_ms) {
+                role.on_timer(now_ms, unix_ms());
             }
-        }
-        #[cfg(feature = "fault-injection")]
-        let honest = !self.opts.forge;
-        #[cfg(not(feature = "fault-injection"))]
-        let honest = true;
-        if honest && now >= role.end_at {
-            role.end_at = now + Duration::from_millis(role.config.params.epoch_ms.max(1_000));
-            let epoch = role.epoch;
-            if !self
-                .outbox
-                .iter()
-                .any(|op| matches!(op, MsOp::EndEpoch { .. }))
-            {
-                info!(epoch, "epoch timer fired: proposing the end of the epoch");
-                self.outbox.push_back(MsOp::EndEpoch { epoch });
-            }
-        }
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        if now >= role.next_probe {
-            role.next_probe = now + Duration::from_millis(role.config.params.probe_ms.max(100));
-            self.probe_all();
-        }
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        if now >= role.next_fresh {
-            let period = (role.config.params.freshness_ms / 3).max(500);
-            role.next_fresh = now + Duration::from_millis(period);
-            let t = unix_ms();
-            let time_ms = t - t % period;
-            let sig = Freshness::sign_share(&self.shared.key, &role.config, time_ms);
-            let msg = MsMessage::FreshShare {
-                epoch: role.epoch,
-                config: role.config.hash(),
-                time_ms,
-                sig,
-            };
-            let targets = self.committee_peers();
-            self.send_all(targets, msg);
-            self.add_fresh_share(time_ms, self.shared.key.node_id(), sig);
-        }
-    }
-
-    fn add_fresh_share(&mut self, time_ms: u64, signer: NodeId, sig: Signature) {
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        if let Some(cert) = role.fresh.add(time_ms, signer, sig) {
-            debug!(
-                epoch = role.epoch,
-                time_ms, "freshness certificate assembled"
-            );
-            self.shared.epochs.learn_freshness(cert);
         }
     }
 
@@ -945,45 +705,36 @@ impl Task {
             .collect()
     }
 
-    fn probe_all(&mut self) {
-        let Some(role) = self.role.as_mut() else {
+    /// Challenges `target`; its answer (or failure) comes back as [`Inbound::ProbeResult`].
+    fn probe(&self, epoch: Epoch, target: NodeId, nonce: [u8; 32], timeout_ms: u64) {
+        let Some(role) = self.role.as_ref() else {
             return;
         };
-        let epoch = role.epoch;
-        let sends: Vec<(Member, [u8; 32])> = role
-            .probes
-            .round(random_bytes)
-            .into_iter()
-            .filter_map(|(id, nonce)| Some((role.config.member(&id)?.clone(), nonce)))
-            .collect();
-        for (m, nonce) in sends {
-            let Some((addr, key)) = member_target(&m) else {
-                continue;
-            };
-            let endpoint = self.endpoint.clone();
-            let tx = self.tx.clone();
-            let bytes = encode_msg(epoch, MsMessage::Challenge { epoch, nonce });
-            let timeout = Duration::from_millis(probe_timeout_ms(&role.config));
-            tokio::spawn(async move {
-                let answer =
-                    match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await
-                    {
-                        Ok(Ok(resp)) => match decode::<MsMessage>(&resp).map(|e| e.msg) {
-                            Ok(MsMessage::ChallengeAnswer { sig }) => Some(sig),
-                            _ => None,
-                        },
+        let Some((addr, key)) = role.config().member(&target).and_then(member_target) else {
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        let tx = self.tx.clone();
+        let bytes = encode_msg(epoch, MsMessage::Challenge { epoch, nonce });
+        let timeout = Duration::from_millis(timeout_ms);
+        tokio::spawn(async move {
+            let answer =
+                match tokio::time::timeout(timeout, endpoint.request(addr, &key, &bytes)).await {
+                    Ok(Ok(resp)) => match decode::<MsMessage>(&resp).map(|e| e.msg) {
+                        Ok(MsMessage::ChallengeAnswer { sig }) => Some(sig),
                         _ => None,
-                    };
-                let _ = tx
-                    .send(Inbound::ProbeResult {
-                        target: m.id,
-                        epoch,
-                        nonce,
-                        answer,
-                    })
-                    .await;
-            });
-        }
+                    },
+                    _ => None,
+                };
+            let _ = tx
+                .send(Inbound::ProbeResult {
+                    target,
+                    epoch,
+                    nonce,
+                    answer,
+                })
+                .await;
+        });
     }
 
     /// Sends the head of the outbox (or resends the outstanding submission).
@@ -1020,155 +771,142 @@ impl Task {
         let req = o.req.clone();
         debug!(op = ?o.op, "submitting an MS operation");
         let now_ms = self.now_ms();
-        if let Some(a) = self.role.as_mut().and_then(|r| r.agreement.as_mut()) {
-            if let Err(e) = a.submit(now_ms, req.clone()) {
-                debug!(error = ?e, "own submission refused");
+        if let Some(role) = self.role.as_mut().filter(|r| r.agreement().is_some()) {
+            if let Err(e) = role.submit(now_ms, req.clone()) {
+                debug!(error = e, "own submission refused");
             }
         }
         let targets = self.committee_peers();
         self.send_all(targets, MsMessage::Submit(req));
     }
 
-    /// Carries out the agreement's outputs.
+    /// Carries out the role's actions, in order.
     fn drain(&mut self) {
-        loop {
-            let Some(role) = self.role.as_mut() else {
-                return;
-            };
-            let Some(out) = role.agreement.as_mut().and_then(|a| a.poll_output()) else {
-                return;
-            };
-            if role.installing.is_some()
-                && matches!(out, Output::Decided { .. } | Output::Checkpoint { .. })
-            {
-                role.queued.push_back(out);
-                continue;
-            }
-            self.on_output(out);
+        while let Some(action) = self.role.as_mut().and_then(|r| r.poll()) {
+            self.on_action(action);
         }
     }
 
-    fn on_output(&mut self, out: Output) {
+    fn on_action(&mut self, action: Action) {
         let Some(role) = self.role.as_mut() else {
             return;
         };
-        let epoch = role.epoch;
-        match out {
-            Output::Persist { state } => {
-                if let Err(e) = self.persist(state) {
-                    // What follows must not leave unpersisted: drop the agreement, and with it
-                    // every output it still holds.
+        let epoch = role.epoch();
+        match action {
+            Action::Persist(saved) => {
+                if let Err(e) = self.persist(&saved) {
+                    // What follows must not leave unpersisted.
                     warn!(epoch, error = %e, "cannot persist the agreement state: sitting this epoch's agreement out");
                     if let Some(role) = self.role.as_mut() {
-                        role.agreement = None;
+                        role.persist_failed();
                     }
                 }
             }
             #[cfg(feature = "fault-injection")]
-            Output::Send { .. } | Output::Broadcast { .. } if self.opts.forge => {}
-            Output::Send { to, bytes } => {
-                if let Some(m) = role.config.member(&to).cloned() {
+            Action::Agreement { .. } if self.opts.forge => {}
+            Action::Agreement {
+                to: Some(to),
+                bytes,
+            } => {
+                if let Some(m) = role.config().member(&to).cloned() {
                     self.send_raw(m, bytes);
                 }
             }
-            Output::Broadcast { bytes } => {
+            Action::Agreement { to: None, bytes } => {
                 for m in self.committee_peers() {
                     self.send_raw(m, bytes.clone());
                 }
             }
-            Output::Decided { seq, requests } => self.execute(seq, requests),
-            Output::Checkpoint { seq } => {
-                if seq == role.app.executed() {
-                    let d = role.app.digest();
-                    if let Some(a) = role.agreement.as_mut() {
-                        a.checkpoint_digest(seq, d);
+            Action::Send { to, msg } => {
+                let to: Vec<Member> = to
+                    .iter()
+                    .filter_map(|id| role.config().member(id).cloned())
+                    .collect();
+                if let MsMessage::ConfigShare { .. } = msg {
+                    info!(epoch, "the epoch ended: signed the next configuration");
+                }
+                self.send_all(to, msg);
+            }
+            Action::FetchBatches { upto, .. } => {
+                info!(
+                    epoch,
+                    seq = upto,
+                    "catching up to a stable checkpoint: fetching its batches"
+                );
+                for m in self.committee_peers() {
+                    self.request(m, MsMessage::Batches { epoch, upto });
+                }
+            }
+            Action::Probe {
+                target,
+                nonce,
+                timeout_ms,
+            } => self.probe(epoch, target, nonce, timeout_ms),
+            Action::Submit(op) => self.report(op),
+            Action::Executed {
+                requests, outcomes, ..
+            } => {
+                if let Some(o) = &self.outstanding {
+                    if requests
+                        .iter()
+                        .any(|r| o.req.client == r.client && o.req.seq == r.seq)
+                    {
+                        self.outstanding = None;
+                    }
+                }
+                for o in outcomes {
+                    match o.executed {
+                        Executed::Accepted => debug!(op = ?o.op, "MS operation executed"),
+                        Executed::Ignored(why) => debug!(op = ?o.op, why, "MS operation ignored"),
+                        Executed::EpochEnded(next) => info!(
+                            epoch = next.epoch,
+                            members = next.members.len(),
+                            "the epoch ended"
+                        ),
                     }
                 }
             }
-            Output::InstallState { seq, app_digest } => {
-                info!(
-                    epoch,
-                    seq, "catching up to a stable checkpoint: fetching its batches"
-                );
-                role.installing = Some((seq, app_digest));
-                for m in self.committee_peers() {
-                    self.request(m, MsMessage::Batches { epoch, upto: seq });
-                }
-            }
-            Output::EnteredView { view } => {
+            Action::OutOfOrder(e) => warn!(error = %e, "decided batch ignored"),
+            Action::EnteredView(view) => {
                 info!(epoch, view, "agreement entered a new view");
                 self.last_view_change = Some((epoch, view));
             }
-            Output::Evidence(evidence) => {
-                warn!(epoch, "agreement evidence of misbehaviour: reporting it");
+            Action::Certified(cc) => self.certified(cc),
+            Action::Freshness(cert) => {
+                debug!(
+                    epoch,
+                    time_ms = cert.time_ms,
+                    "freshness certificate assembled"
+                );
+                self.shared.epochs.learn_freshness(cert);
+            }
+        }
+    }
+
+    /// Queues an operation the role reports: a newer verdict about a member replaces a queued
+    /// one, and one end of the epoch is enough.
+    fn report(&mut self, op: MsOp) {
+        match &op {
+            MsOp::Probe {
+                target, responsive, ..
+            } => {
+                info!(target = %target.short(), responsive, "probe verdict: reporting it");
+                let target = *target;
                 self.outbox
-                    .push_back(MsOp::Misbehaviour { epoch, evidence });
+                    .retain(|o| !matches!(o, MsOp::Probe { target: t, .. } if *t == target));
             }
-        }
-    }
-
-    /// Executes a decided batch on the MS state.
-    fn execute(&mut self, seq: SeqNo, requests: Vec<Request>) {
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        let outcomes = match role.app.execute(seq, &requests) {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                warn!(error = %e, "decided batch ignored");
-                return;
-            }
-        };
-        if let Some(o) = &self.outstanding {
-            if requests
-                .iter()
-                .any(|r| o.req.client == r.client && o.req.seq == r.seq)
-            {
-                self.outstanding = None;
-            }
-        }
-        let mut ended = None;
-        for o in outcomes {
-            let what = format!("{:?}", o.op);
-            match o.executed {
-                Executed::Accepted => debug!(op = what, "MS operation executed"),
-                Executed::Ignored(why) => debug!(op = what, why, "MS operation ignored"),
-                Executed::EpochEnded(next) => {
-                    ended.get_or_insert(*next);
+            MsOp::EndEpoch { epoch } => {
+                if self.queued_kind(|o| matches!(o, MsOp::EndEpoch { .. })) {
+                    return;
                 }
+                info!(epoch, "epoch timer fired: proposing the end of the epoch");
             }
+            MsOp::Misbehaviour { epoch, .. } => {
+                warn!(epoch, "agreement evidence of misbehaviour: reporting it")
+            }
+            _ => {}
         }
-        if let Some(next) = ended {
-            self.epoch_ended(next);
-        }
-    }
-
-    fn epoch_ended(&mut self, next: Configuration) {
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        if role.next.ended() {
-            return;
-        }
-        info!(
-            epoch = next.epoch,
-            members = next.members.len(),
-            "the epoch ended: signing the next configuration"
-        );
-        let hash = next.hash();
-        let Some((sig, done)) = role.next.end(role.config.clone(), next, &self.shared.key) else {
-            return;
-        };
-        let msg = MsMessage::ConfigShare {
-            epoch: role.epoch + 1,
-            hash,
-            sig,
-        };
-        let targets = self.committee_peers();
-        self.send_all(targets, msg);
-        if let Some(cc) = done {
-            self.certified(cc);
-        }
+        self.outbox.push_back(op);
     }
 
     /// The next configuration is certified: install it and push it to the root of the tree.
@@ -1189,38 +927,6 @@ impl Task {
                 warn!(error = %e, "the certified configuration did not install");
             }
         });
-    }
-
-    fn on_batch_log(&mut self, batches: Vec<Vec<Request>>) {
-        let Some(role) = self.role.as_mut() else {
-            return;
-        };
-        let Some((seq, digest)) = role.installing else {
-            return;
-        };
-        if batches.len() as u64 != seq {
-            return;
-        }
-        // Replay from the start of the epoch and accept only what hashes to the agreed digest.
-        let app = App::replay(role.app.start().clone(), &batches);
-        if app.digest() != digest {
-            debug!("a batch log does not match the stable checkpoint: ignored");
-            return;
-        }
-        info!(seq, "caught up to the stable checkpoint");
-        let ended = app.ended().map(|e| e.config.clone());
-        role.app = app;
-        role.installing = None;
-        let queued: Vec<Output> = role.queued.drain(..).collect();
-        if let Some(next) = ended {
-            self.epoch_ended(next);
-        }
-        for out in queued {
-            match out {
-                Output::Decided { seq: s, .. } | Output::Checkpoint { seq: s } if s <= seq => {}
-                other => self.on_output(other),
-            }
-        }
     }
 
     fn pull_random(&mut self) {
@@ -1267,6 +973,7 @@ impl Task {
     /// others) and a forged freshness certificate to every member; sends garbage agreement messages.
     #[cfg(feature = "fault-injection")]
     fn forge(&mut self) {
+        use dbqsfs_core::config::{Configuration, Freshness};
         let chain = self.shared.epochs.chain();
         let cur = chain.config();
         let me = self.shared.key.node_id();
@@ -1354,29 +1061,4 @@ impl Task {
             };
         });
     }
-}
-
-/// A probe's answer is awaited for most of the probe period, so that it is settled (answered or
-/// failed) before the next round: a round that found the last probe still outstanding would count
-/// nothing, and failures would accrue at half the rate.
-/// What a committee member persists beside the agreement's durable state.
-#[derive(Serialize, Deserialize)]
-struct SavedRole {
-    agreement: Vec<u8>,
-    installing: Option<(SeqNo, Digest)>,
-    queued: Vec<Queued>,
-}
-
-/// An agreement output queued while a stable checkpoint's batches are fetched.
-#[derive(Serialize, Deserialize)]
-enum Queued {
-    Decided { seq: SeqNo, requests: Vec<Request> },
-    Checkpoint { seq: SeqNo },
-}
-
-/// The MS state of an epoch read back after a restart.
-struct Restored {
-    app: App,
-    installing: Option<(SeqNo, Digest)>,
-    queued: Vec<Queued>,
 }

@@ -25,9 +25,13 @@
 //! The Byzantine members run the real state machine and lie through its outputs (see
 //! [`Adversary`]).
 //!
-//! On top of the agreement, every member runs the node's MS application (`ms::app::App`, over
-//! [`Membership`]) from one genesis configuration (the agreement's committee plus members outside
-//! it): request payloads are postcard-encoded [`MsOp`]s, executed in decided order with the
+//! Every member is the node's committee role (`ms::role::Role`, the machine the node's MS driver
+//! runs): the agreement, the MS application on top of it, persistence (a crash loses everything
+//! but the records and batches it asked to persist, and the member restarts from them as a node
+//! does), catching up to a stable checkpoint from another member's batches, and the signatures
+//! over the next configuration and freshness, sent to each other over the same faulty network.
+//! The application (`ms::app::App`, over `Membership`) starts from one genesis configuration
+//! (the agreement's committee plus members outside it): request payloads are postcard-encoded [`MsOp`]s, executed in decided order with the
 //! submitter as authority and a seed hashed from the decided batch. The seed draws joiners (with
 //! and without a valid admission certificate), leavers, dead members (reported unresponsive by
 //! every correct committee member, whose verdicts come from the node's `ms::probe::Prober`: the
@@ -36,27 +40,29 @@
 //! early) and, once the faults healed and every other operation was decided, the correct
 //! committee members' `EndEpoch`. The load clients are outsiders whose operations must be
 //! ignored. One epoch transition per run; the agreement keeps the genesis committee. Checks:
-//! see `check_membership` and `check_certificate`; liveness includes the epoch ending at every
-//! correct member.
+//! see `check_membership` and `check_certificate`; every certificate a correct member assembles
+//! verifies and certifies the configuration its epoch ended with; liveness includes the epoch
+//! ending, and its certificate assembled, at every correct member.
 
 use crate::rng::Rng;
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
 };
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey};
-use dbqsfs_core::ms::membership::{AdmissionCert, CertificateCollector, Membership, MsOp};
+use dbqsfs_core::ms::membership::{AdmissionCert, CertificateCollector, MsOp};
 pub use dbqsfs_core::ms::pbft::Mutant;
 use dbqsfs_core::ms::pbft::{
-    batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options, Output,
+    batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options,
     PrePrepare, Request, RequestKey, SeqNo, Signed,
 };
 use dbqsfs_core::ms::probe::{probe_body, Prober};
+use dbqsfs_core::ms::role::{Action, Resume, Role, Setup};
+use dbqsfs_core::ms::wire::{is_ms, MsMessage};
 use dbqsfs_core::ms::{self, app::Ended};
 use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
-use std::rc::Rc;
 
 /// After the faults heal, every request must be executed by every correct member within this bound.
 pub const LIVENESS_BOUND_MS: u64 = 90_000;
@@ -113,6 +119,10 @@ pub struct MsCoverage {
     pub early_end: bool,
     /// Forged or under-signed certificates rejected.
     pub rejected_certs: u64,
+    /// Correct members that assembled the next configuration's certificate from the shares.
+    pub certified: u64,
+    /// Freshness certificates the members assembled.
+    pub freshness: u64,
 }
 
 /// The named Byzantine behaviours a member can draw.
@@ -208,68 +218,10 @@ enum Ev {
     Heal,
 }
 
-/// The application a member runs: the core's MS application ([`ms::app::App`], the very code a
-/// node runs), and the requests it executed, for the checks.
-#[derive(Clone, Debug)]
-struct App {
-    core: ms::app::App,
-    executed: BTreeSet<RequestKey>,
-    /// The MS state at the start of the run (genesis), shared by every member.
-    genesis: Rc<Membership>,
-}
-
 /// A statement's identity, for comparing two statements of one slot.
 fn body_hash<T: serde::Serialize>(body: &T) -> [u8; 32] {
     let bytes = postcard::to_allocvec(body).expect("in-memory statements encode");
     *blake3::hash(&bytes).as_bytes()
-}
-
-impl App {
-    fn new(genesis: Rc<Membership>) -> App {
-        App {
-            core: ms::app::App::new((*genesis).clone()),
-            executed: BTreeSet::new(),
-            genesis,
-        }
-    }
-
-    fn last(&self) -> SeqNo {
-        self.core.executed()
-    }
-
-    fn digest(&self) -> Digest {
-        self.core.digest()
-    }
-
-    /// The digest after `seq` (executed).
-    fn digest_at(&self, seq: SeqNo) -> Option<Digest> {
-        self.core.digest_at(seq)
-    }
-
-    fn batches(&self) -> &[Vec<Request>] {
-        self.core.batches()
-    }
-
-    /// Where and to what the epoch ended at this member, if it did.
-    fn ended(&self) -> Option<&Ended> {
-        self.core.ended()
-    }
-
-    /// Executes the next batch (the caller checked the order).
-    fn execute(&mut self, seq: SeqNo, requests: &[Request]) {
-        if self.core.execute(seq, requests).is_ok() {
-            self.executed.extend(requests.iter().map(|r| r.key()));
-        }
-    }
-
-    /// The application as it was after sequence number `seq` (the MS state replayed from genesis).
-    fn prefix(&self, seq: SeqNo) -> App {
-        let mut app = App::new(self.genesis.clone());
-        for (i, batch) in self.batches()[..seq as usize].iter().enumerate() {
-            app.execute(i as SeqNo + 1, batch);
-        }
-        app
-    }
 }
 
 struct Byz {
@@ -287,19 +239,36 @@ struct Byz {
     fake_seq: u64,
 }
 
+/// A committee member: the node's committee role ([`Role`]: the agreement, the MS application,
+/// persistence, catching up, shares), driven as the node's MS driver drives it.
 struct Member {
     key: Keypair,
-    core: Agreement,
+    role: Role,
     up: bool,
     /// Crashed (not merely cut off): it restarts from what it persisted.
     crashed: bool,
-    /// What it persisted last ([`Output::Persist`]) and its application at that point: its disk.
-    saved: Option<(Vec<u8>, App)>,
+    /// Its disk: the record and the batches it persisted ([`Action::Persist`]).
+    disk: Option<(Vec<u8>, Vec<Vec<u8>>)>,
     byz: Option<Byz>,
     timer_at: Option<u64>,
-    app: App,
+    /// Requests it executed, for the checks.
+    executed: BTreeSet<RequestKey>,
     /// Requests of the simulated clients this member executed.
     client_executed: usize,
+    /// The next configuration's certificate it assembled.
+    certified: Option<CertifiedConfig>,
+}
+
+impl Member {
+    fn core(&self) -> &Agreement {
+        self.role
+            .agreement()
+            .expect("simulated members always run the agreement")
+    }
+
+    fn app(&self) -> &ms::app::App {
+        self.role.app()
+    }
 }
 
 struct ClientSlot {
@@ -381,9 +350,8 @@ struct Sim {
     ms: MsSetup,
     coverage: MsCoverage,
     /// What members restart with.
-    committee: Vec<PublicKey>,
     core_opts: Options,
-    genesis_ms: Rc<Membership>,
+    admission: PublicKey,
     forget_signed_state: bool,
     /// Every statement a correct member signed: (member, kind, view, seq) → digest of the body.
     signed: BTreeMap<(usize, u8, u64, u64), [u8; 32]>,
@@ -415,7 +383,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         .members
         .iter()
         .filter(|m| m.byz.is_none())
-        .map(|m| m.core.view())
+        .map(|m| m.core().view())
         .max()
         .unwrap_or(0);
     SeedReport {
@@ -455,8 +423,9 @@ impl Sim {
             request_timeout_ms: *rng.pick(&[300u64, 600, 1_000]),
             tick_ms: *rng.pick(&[50u64, 100, 250]),
         };
-        let keys: Vec<Keypair> = (0..n).map(|_| Keypair::from_seed(rng.seed32())).collect();
-        let committee: Vec<PublicKey> = keys.iter().map(|k| k.public()).collect();
+        let mut keys: Vec<Keypair> = (0..n).map(|_| Keypair::from_seed(rng.seed32())).collect();
+        // Member i is the agreement's member i: the committee is in node id order.
+        keys.sort_by_key(|k| k.node_id());
         let ids: Vec<NodeId> = keys.iter().map(|k| k.node_id()).collect();
         // Byzantine members: up to f, each with its own adversary. A primary-type adversary is
         // often put where it will be primary: view 0 (index 0) or the first view change (index 1).
@@ -535,15 +504,14 @@ impl Sim {
         genesis
             .validate()
             .expect("the simulator builds valid genesis configurations");
-        let genesis_ms = Rc::new(Membership::new(
-            genesis.clone(),
-            admission.public(),
-            core_opts.max_batch,
-        ));
         let mut members = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let core = Agreement::new(key.clone(), committee.clone(), core_opts.clone())
-                .expect("the simulator builds valid committees");
+            let setup = role_setup(key, &genesis, admission.public(), &core_opts, &mut rng);
+            let (role, why) = Role::new(setup, Resume::Fresh, None, 0);
+            assert!(
+                why.is_none(),
+                "the simulator builds valid committees: {why:?}"
+            );
             let byz = byz.get(&i).map(|&kind| Byz {
                 kind,
                 recorded: Vec::new(),
@@ -555,14 +523,15 @@ impl Sim {
             });
             members.push(Member {
                 key: key.clone(),
-                core,
+                role,
                 up: true,
                 crashed: false,
-                saved: None,
+                disk: None,
                 byz,
                 timer_at: None,
-                app: App::new(genesis_ms.clone()),
+                executed: BTreeSet::new(),
                 client_executed: 0,
+                certified: None,
             });
         }
         let mut clients: Vec<ClientSlot> = (0..swarm.clients)
@@ -609,9 +578,8 @@ impl Sim {
             evidence: 0,
             ms,
             coverage: MsCoverage::default(),
-            committee,
             core_opts,
-            genesis_ms,
+            admission: admission.public(),
             forget_signed_state: opts.forget_signed_state,
             signed: BTreeMap::new(),
             restarts: 0,
@@ -705,8 +673,8 @@ impl Sim {
             .collect();
         for (i, &a) in correct.iter().enumerate() {
             for &b in &correct[i + 1..] {
-                let (la, lb) = (&self.members[a].app, &self.members[b].app);
-                let common = la.last().min(lb.last());
+                let (la, lb) = (&self.members[a].app(), self.members[b].app());
+                let common = la.executed().min(lb.executed());
                 if common > 0 && la.digest_at(common) != lb.digest_at(common) {
                     self.violation(format!(
                         "SAFETY: the logs of members {a} and {b} differ within their first {common} sequence numbers"
@@ -733,7 +701,7 @@ impl Sim {
             .collect();
         let Some(&oracle) = correct
             .iter()
-            .max_by_key(|&&m| (self.members[m].app.last(), Reverse(m)))
+            .max_by_key(|&&m| (self.members[m].app().executed(), Reverse(m)))
         else {
             return;
         };
@@ -745,7 +713,7 @@ impl Sim {
         let mut before: BTreeSet<RequestKey> = BTreeSet::new();
         // target → correct committee members whose last report called it unresponsive.
         let mut reported: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
-        'walk: for (i, batch) in self.members[oracle].app.batches().iter().enumerate() {
+        'walk: for (i, batch) in self.members[oracle].app().batches().iter().enumerate() {
             for (index, r) in batch.iter().enumerate() {
                 before.insert(r.key());
                 let from = r.client.node_id();
@@ -775,7 +743,7 @@ impl Sim {
         }
         let ended: Vec<(usize, Ended)> = correct
             .iter()
-            .filter_map(|&m| self.members[m].app.ended().cloned().map(|e| (m, e)))
+            .filter_map(|&m| self.members[m].app().ended().cloned().map(|e| (m, e)))
             .collect();
         let Some((first, reference)) = ended.first().cloned() else {
             return; // the liveness check reports an epoch that never ended
@@ -905,6 +873,16 @@ impl Sim {
             );
             return;
         };
+        // What the members' roles assembled from each other's shares certifies the same.
+        for &m in correct {
+            match &self.members[m].certified {
+                Some(cc) if cc.config != certified.config => self.violation(format!(
+                    "MS SAFETY: member {m} assembled a certificate of another configuration"
+                )),
+                Some(_) => self.coverage.certified += 1,
+                None => {}
+            }
+        }
         if let Err(e) = certified.verify_successor(genesis) {
             self.violation(format!(
                 "MS: the certified next configuration is refused: {e}"
@@ -962,11 +940,11 @@ impl Sim {
         self.clients
             .iter()
             .all(|c| c.remaining == 0 && c.current.is_none())
-            && self
-                .members
-                .iter()
-                .filter(|m| m.byz.is_none())
-                .all(|m| m.client_executed == self.submitted.len() && m.app.ended().is_some())
+            && self.members.iter().filter(|m| m.byz.is_none()).all(|m| {
+                m.client_executed == self.submitted.len()
+                    && m.app().ended().is_some()
+                    && m.certified.is_some()
+            })
     }
 
     fn report_liveness(&mut self) {
@@ -978,15 +956,15 @@ impl Sim {
             let missing = self
                 .submitted
                 .iter()
-                .filter(|k| !m.app.executed.contains(k))
+                .filter(|k| !m.executed.contains(k))
                 .count();
             if missing > 0 {
                 problems.push(format!(
                     "member {i} (view {}, changing {:?}, executed {}, stable {}) misses {missing} of {} requests",
-                    m.core.view(),
-                    m.core.changing_to(),
-                    m.core.last_executed(),
-                    m.core.stable_checkpoint(),
+                    m.core().view(),
+                    m.core().changing_to(),
+                    m.core().last_executed(),
+                    m.core().stable_checkpoint(),
                     self.submitted.len()
                 ));
             }
@@ -999,20 +977,28 @@ impl Sim {
                 format!(
                     "{i}{}: view {} changing {:?} executed {} stable {}",
                     if m.byz.is_some() { " (byzantine)" } else { "" },
-                    m.core.view(),
-                    m.core.changing_to(),
-                    m.core.last_executed(),
-                    m.core.stable_checkpoint()
+                    m.core().view(),
+                    m.core().changing_to(),
+                    m.core().last_executed(),
+                    m.core().stable_checkpoint()
                 )
             })
             .collect();
         problems.push(format!("members: {}", states.join(", ")));
         let not_ended: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.correct(i) && self.members[i].app.ended().is_none())
+            .filter(|&i| self.correct(i) && self.members[i].app().ended().is_none())
             .collect();
         if !not_ended.is_empty() {
             problems.push(format!(
                 "the epoch did not end at correct members {not_ended:?}"
+            ));
+        }
+        let uncertified: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.correct(i) && self.members[i].certified.is_none())
+            .collect();
+        if !uncertified.is_empty() {
+            problems.push(format!(
+                "correct members {uncertified:?} assembled no certificate of the next configuration"
             ));
         }
         let waiting = self.clients.iter().filter(|c| c.current.is_some()).count();
@@ -1038,14 +1024,30 @@ impl Sim {
                     }
                 }
                 let from_id = self.ids[from];
-                let _ = self.members[to].core.handle_message(now, from_id, &bytes);
+                let role = &mut self.members[to].role;
+                if is_ms(&bytes) {
+                    match decode::<MsMessage>(&bytes).map(|e| e.msg) {
+                        Ok(MsMessage::ConfigShare { epoch, hash, sig }) => {
+                            role.on_config_share(from_id, epoch, hash, sig)
+                        }
+                        Ok(MsMessage::FreshShare {
+                            epoch,
+                            config,
+                            time_ms,
+                            sig,
+                        }) => role.on_fresh_share(from_id, epoch, config, time_ms, sig),
+                        _ => {}
+                    }
+                } else {
+                    let _ = role.on_agreement(now, from_id, &bytes);
+                }
                 self.drain(to);
             }
             Ev::Timer { m, at } => {
                 if self.members[m].timer_at == Some(at) {
                     self.members[m].timer_at = None;
                     if self.members[m].up {
-                        self.members[m].core.handle_timeout(now);
+                        self.members[m].role.on_timer(now, now);
                         self.drain(m);
                     }
                 }
@@ -1059,7 +1061,7 @@ impl Sim {
                     {
                         return;
                     }
-                    let _ = self.members[m].core.submit(now, req);
+                    let _ = self.members[m].role.submit(now, req);
                     self.drain(m);
                 }
             }
@@ -1085,7 +1087,7 @@ impl Sim {
                     // The primary of the highest view a correct member is in.
                     let view = (0..self.members.len())
                         .filter(|&i| self.correct(i))
-                        .map(|i| self.members[i].core.view())
+                        .map(|i| self.members[i].core().view())
                         .max()
                         .unwrap_or(0);
                     let p = (view % self.members.len() as u64) as usize;
@@ -1133,57 +1135,63 @@ impl Sim {
         if std::mem::take(&mut self.members[m].crashed) {
             self.recover(m);
         }
-        self.members[m].core.handle_timeout(self.now);
+        self.members[m].role.on_timer(self.now, self.now);
         self.drain(m);
     }
 
     /// A crashed member's process starts again: its memory is gone; it has what it persisted
-    /// (nothing under the `forget-signed-state` mutant).
+    /// (nothing under the `forget-signed-state` mutant), which the role restarts from as a
+    /// node's does.
     fn recover(&mut self, m: usize) {
-        let saved = if self.forget_signed_state {
+        let disk = if self.forget_signed_state {
             None
         } else {
-            self.members[m].saved.clone()
+            self.members[m].disk.clone()
         };
-        let key = self.members[m].key.clone();
-        let (core, app) = match saved {
-            Some((state, app)) => {
-                let core = Agreement::restore(
-                    key,
-                    self.committee.clone(),
-                    self.core_opts.clone(),
-                    &state,
-                    self.now,
-                );
-                match core {
-                    Ok(core) => (core, app),
-                    Err(e) => {
-                        self.violation(format!(
-                            "member {m} cannot restore the state it persisted: {e}"
-                        ));
-                        return;
-                    }
-                }
-            }
-            None => (
-                Agreement::new(key, self.committee.clone(), self.core_opts.clone())
-                    .expect("the simulator builds valid committees"),
-                App::new(self.genesis_ms.clone()),
-            ),
+        let setup = role_setup(
+            &self.members[m].key,
+            &self.ms.genesis,
+            self.admission,
+            &self.core_opts,
+            &mut self.rng,
+        );
+        let resume = match &disk {
+            Some((record, batches)) => Resume::Saved { record, batches },
+            None => Resume::Fresh,
         };
+        let (role, why) = Role::new(setup, resume, None, self.now);
+        if let Some(why) = why {
+            self.violation(format!(
+                "member {m} cannot restart from the state it persisted: {why}"
+            ));
+            return;
+        }
         if self.correct(m) {
             self.restarts += 1;
         }
-        let ours = app
-            .executed
+        let member = &mut self.members[m];
+        member.role = role;
+        member.timer_at = None;
+        // Decisions it had not executed come out as actions.
+        self.executed_again(m, disk.map_or(0, |d| d.1.len()));
+    }
+
+    /// Recomputes what member `m` executed from its application's first `upto` batches (after a
+    /// restart or a state install; the later ones are still to come as actions).
+    fn executed_again(&mut self, m: usize, upto: usize) {
+        let batches = self.members[m].app().batches();
+        let executed: BTreeSet<RequestKey> = batches[..upto.min(batches.len())]
+            .iter()
+            .flatten()
+            .map(|r| r.key())
+            .collect();
+        let ours = executed
             .iter()
             .filter(|k| self.client_keys.contains(&k.0))
             .count();
         let member = &mut self.members[m];
-        member.core = core;
-        member.app = app;
+        member.executed = executed;
         member.client_executed = ours;
-        member.timer_at = None;
     }
 
     /// Records what correct member `m` signed in `bytes`: a second, different statement for one
@@ -1273,28 +1281,43 @@ impl Sim {
 
     // ---- members ----
 
+    /// Carries out member `m`'s actions in order, as the node's MS driver does.
     fn drain(&mut self, m: usize) {
-        while let Some(out) = self.members[m].core.poll_output() {
-            match out {
-                Output::Persist { state } => {
-                    let app = self.members[m].app.clone();
-                    self.members[m].saved = Some((state, app));
+        while let Some(action) = self.members[m].role.poll() {
+            match action {
+                Action::Persist(saved) => {
+                    let disk = self.members[m].disk.get_or_insert_with(Default::default);
+                    disk.0 = saved.record;
+                    disk.1
+                        .truncate(saved.first_batch.saturating_sub(1) as usize);
+                    disk.1.extend(saved.batches);
                 }
-                Output::Send { to, bytes } => {
+                Action::Agreement {
+                    to: Some(to),
+                    bytes,
+                } => {
                     let to = self.ids.iter().position(|i| *i == to).expect("a member");
                     self.emit(m, vec![to], bytes);
                 }
-                Output::Broadcast { bytes } => {
+                Action::Agreement { to: None, bytes } => {
                     let to = self.others(m);
                     self.emit(m, to, bytes);
                 }
-                Output::Decided { seq, requests } => self.on_decided(m, seq, requests),
-                Output::Checkpoint { seq } => {
-                    let app = self.members[m].app.digest();
-                    self.members[m].core.checkpoint_digest(seq, app);
+                Action::Send { to, msg } => {
+                    let to = to
+                        .iter()
+                        .filter_map(|id| self.ids.iter().position(|i| i == id))
+                        .collect();
+                    self.emit(m, to, encode_msg(0, msg));
                 }
-                Output::InstallState { seq, app_digest } => self.install_state(m, seq, app_digest),
-                Output::EnteredView { view } => {
+                Action::Executed { seq, requests, .. } => self.on_decided(m, seq, requests),
+                Action::OutOfOrder(e) => {
+                    if self.correct(m) {
+                        self.violation(format!("member {m}: {e}"));
+                    }
+                }
+                Action::FetchBatches { upto, digest } => self.install_state(m, upto, digest),
+                Action::EnteredView(view) => {
                     // An equivocating primary equivocates again in each view it leads.
                     let leads = view % self.members.len() as u64 == m as u64;
                     if leads && self.members[m].byz.is_some() {
@@ -1304,19 +1327,53 @@ impl Sim {
                         }
                     }
                 }
-                Output::Evidence(e) => self.on_evidence(m, e),
+                Action::Submit(MsOp::Misbehaviour { evidence, .. }) => {
+                    self.on_evidence(m, evidence)
+                }
+                // Probe verdicts and the end of the epoch come from the scripted clients
+                // (`draw_ms`), so that the checks know what the next configuration must hold.
+                Action::Submit(_) | Action::Probe { .. } => {}
+                Action::Certified(cc) => self.on_certified(m, cc),
+                Action::Freshness(cert) => {
+                    if cert.verify(&self.ms.genesis).is_err() && self.correct(m) {
+                        self.violation(format!(
+                            "member {m} assembled a freshness certificate that does not verify"
+                        ));
+                    }
+                    self.coverage.freshness += 1;
+                }
             }
         }
         if !self.members[m].up {
             return;
         }
-        if let Some(t) = self.members[m].core.next_timeout() {
+        if let Some(t) = self.members[m].role.next_timer() {
             let t = t.max(self.now + 1);
             if self.members[m].timer_at.is_none_or(|cur| t < cur) {
                 self.members[m].timer_at = Some(t);
                 self.schedule(t, Ev::Timer { m, at: t });
             }
         }
+    }
+
+    /// Member `m` assembled the next configuration's certificate: it must verify as genesis's
+    /// successor, and certify the configuration the epoch ended with at `m`.
+    fn on_certified(&mut self, m: usize, cc: CertifiedConfig) {
+        if !self.correct(m) {
+            return;
+        }
+        if let Err(e) = cc.verify_successor(&self.ms.genesis) {
+            self.violation(format!(
+                "member {m} assembled a certificate that does not verify: {e}"
+            ));
+        }
+        let ended = self.members[m].app().ended().map(|e| e.config.hash());
+        if ended != Some(cc.config.hash()) {
+            self.violation(format!(
+                "MS SAFETY: member {m} certified a configuration other than the one its epoch ended with"
+            ));
+        }
+        self.members[m].certified = Some(cc);
     }
 
     fn on_decided(&mut self, m: usize, seq: SeqNo, requests: Vec<Request>) {
@@ -1328,20 +1385,11 @@ impl Sim {
                 b.old_requests.extend(requests.iter().cloned());
             }
         }
-        let app = &self.members[m].app;
-        if seq != app.last() + 1 {
-            let last = app.last();
-            if correct {
-                self.violation(format!(
-                    "member {m} executed sequence number {seq} after {last}"
-                ));
-            }
-            return;
-        }
+        let executed = &self.members[m].executed;
         let twice: Vec<RequestKey> = requests
             .iter()
             .map(|r| r.key())
-            .filter(|k| app.executed.contains(k))
+            .filter(|k| executed.contains(k))
             .collect();
         if correct && !twice.is_empty() {
             self.violation(format!(
@@ -1368,7 +1416,9 @@ impl Sim {
             .filter(|r| self.client_keys.contains(&r.client))
             .count();
         self.members[m].client_executed += ours;
-        self.members[m].app.execute(seq, &requests);
+        self.members[m]
+            .executed
+            .extend(requests.iter().map(|r| r.key()));
         if correct {
             let mut finished = Vec::new();
             for r in &requests {
@@ -1383,10 +1433,13 @@ impl Sim {
         }
     }
 
+    /// Member `m` fetches the batches up to the stable checkpoint `seq` ([`Action::FetchBatches`]):
+    /// from a member that holds them (the simulator picks one at once; the role checks them
+    /// against `app_digest`).
     fn install_state(&mut self, m: usize, seq: SeqNo, app_digest: Digest) {
         let source = (0..self.members.len()).filter(|&j| j != m).find(|&j| {
-            let a = &self.members[j].app;
-            a.last() >= seq && a.digest_at(seq) == Some(app_digest)
+            let a = self.members[j].app();
+            a.executed() >= seq && a.digest_at(seq) == Some(app_digest)
         });
         let Some(j) = source else {
             if self.correct(m) {
@@ -1399,23 +1452,23 @@ impl Sim {
         if self.correct(m) {
             self.state_installs += 1;
         }
-        let app = self.members[j].app.prefix(seq);
-        let old = &self.members[m].app;
-        let extends = old.last() < seq
-            && (old.last() == 0 || app.digest_at(old.last()) == Some(old.digest()));
+        let batches = self.members[j].app().batches()[..seq as usize].to_vec();
+        let old = self.members[m].app();
+        let (last, digest) = (old.executed(), old.digest());
+        let source_app = self.members[j].app();
+        let extends = last < seq && (last == 0 || source_app.digest_at(last) == Some(digest));
         if self.correct(m) && !extends {
-            let last = old.last();
             self.violation(format!(
                 "member {m} installs a state at {seq} that does not extend what it executed (up to {last})"
             ));
         }
-        let ours = app
-            .executed
-            .iter()
-            .filter(|k| self.client_keys.contains(&k.0))
-            .count();
-        self.members[m].app = app;
-        self.members[m].client_executed = ours;
+        if !self.members[m].role.on_batch_log(&batches) && self.correct(m) {
+            self.violation(format!(
+                "member {m} refused the batches of the stable checkpoint {seq} it was installing"
+            ));
+        }
+        // What it held while installing comes out as actions (executed after `seq`).
+        self.executed_again(m, seq as usize);
     }
 
     fn on_evidence(&mut self, m: usize, e: Evidence) {
@@ -1772,7 +1825,7 @@ impl Sim {
         if batch_digest(&alt) == batch_digest(&batch) {
             alt = vec![fake];
         }
-        let max = self.members[m].core.options().max_batch;
+        let max = self.members[m].core().options().max_batch;
         alt.truncate(max);
         if batch_digest(&alt) == batch_digest(&batch) {
             alt = Vec::new();
@@ -1814,7 +1867,7 @@ impl Sim {
         mut batch: Vec<Request>,
     ) -> Vec<u8> {
         let b = self.members[m].byz.as_ref().expect("byzantine");
-        let max = self.members[m].core.options().max_batch;
+        let max = self.members[m].core().options().max_batch;
         if b.old_requests.is_empty() || batch.len() >= max {
             return encode_msg(
                 EPOCH,
@@ -2029,6 +2082,25 @@ fn draw_ms(
         accused,
         prober,
         before_end,
+    }
+}
+
+/// What member `key`'s role is made of; the epoch timer is off (the scripted clients end the
+/// epoch).
+fn role_setup(
+    key: &Keypair,
+    genesis: &Configuration,
+    admission: PublicKey,
+    opts: &Options,
+    rng: &mut Rng,
+) -> Setup {
+    Setup {
+        key: key.clone(),
+        config: genesis.clone(),
+        admission_key: admission,
+        opts: opts.clone(),
+        nonce_seed: rng.seed32(),
+        epoch_timer: false,
     }
 }
 

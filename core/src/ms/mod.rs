@@ -18,6 +18,9 @@
 //! - [`membership`]: what the agreed operations mean: joins, leaves, evictions, epoch ends.
 //! - [`app`]: the application a committee member runs on the agreement: batches executed in
 //!   order, the digest chained through them, the next committee's seed, replay.
+//! - [`role`]: a committee member's role in one epoch as one machine: the agreement, the
+//!   application, persistence, catching up, probes, shares and the epoch timer, with ordered
+//!   actions for the driver (the node's and the simulator's).
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
 //! - [`shares`]: freshness shares and the next configuration's signatures, collected.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
@@ -27,6 +30,7 @@ pub mod app;
 pub mod membership;
 pub mod pbft;
 pub mod probe;
+pub mod role;
 pub mod shares;
 pub mod tree;
 pub mod wire;

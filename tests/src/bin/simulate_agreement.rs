@@ -55,7 +55,7 @@ fn main() {
     // ended, joins, refused joins, leaves, evictions, live members kept, early Byzantine EndEpochs
     // outvoted, forged certificates refused.
     let coverage = RefCell::new([0u64; 3]);
-    let ms = RefCell::new([0u64; 8]);
+    let ms = RefCell::new([0u64; 10]);
     let seeds = Seeds {
         name: "simulate-agreement",
         unit: "decided",
@@ -100,6 +100,8 @@ fn main() {
                 m.kept,
                 u64::from(m.early_end),
                 m.rejected_certs,
+                m.certified,
+                m.freshness,
             ];
             for (acc, v) in ms.borrow_mut().iter_mut().zip(counts) {
                 *acc += v;
@@ -114,8 +116,8 @@ fn main() {
             );
             let ms = ms.borrow();
             eprintln!(
-                "membership: {} epochs ended, {} joins, {} joins refused, {} leaves, {} dead evicted, {} live kept against a Byzantine prober, {} early Byzantine EndEpochs outvoted, {} forged certificates refused",
-                ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6], ms[7]
+                "membership: {} epochs ended, {} joins, {} joins refused, {} leaves, {} dead evicted, {} live kept against a Byzantine prober, {} early Byzantine EndEpochs outvoted, {} forged certificates refused, {} certificates assembled by members from each other's shares, {} freshness certificates",
+                ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6], ms[7], ms[8], ms[9]
             );
         },
     )

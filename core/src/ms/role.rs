@@ -1,0 +1,661 @@
+//! The committee role of one member in one epoch, as a sans-IO machine: the agreement, the MS
+//! application on top of it, what the member persists, its catching up to a stable checkpoint,
+//! its probes, its freshness shares, the epoch timer, and the next configuration's certificate.
+//!
+//! The node's MS driver and the agreement simulator run this very machine: they feed it inputs
+//! (messages, answers, the clock) and carry out its [`Action`]s in the order it returns them.
+//!
+//! Goals:
+//! - **Persist before announcing.** Every statement the agreement signs leaves only after an
+//!   [`Action::Persist`] that holds it (with the batches executed so far), so a member restarted
+//!   from what it persisted ([`Resume::Saved`]) never signs two different things for one slot. A
+//!   driver that cannot persist calls [`Role::persist_failed`]: the member sits the epoch's
+//!   agreement out, and nothing queued after the failed write leaves.
+//! - **One application state.** Decided batches execute in order on [`App`]; a member the
+//!   agreement skipped to a stable checkpoint fetches the batches up to it from the others
+//!   ([`Action::FetchBatches`]), accepts them only if they replay to the agreed digest, and holds
+//!   the decisions that came meanwhile until then.
+//! - **Timers from one clock.** The epoch timer proposes `EndEpoch`; probe rounds challenge every
+//!   member; freshness shares are signed every third of the freshness period. All run on the
+//!   driver's milliseconds ([`Role::on_timer`], [`Role::next_timer`]); freshness times are the
+//!   driver's wall clock, as readers compare them to theirs.
+//!
+//! Non-goals: sending, retrying and timing out requests (the driver's), the submission queue of
+//! the node (reports come out as [`Action::Submit`]), configurations installed by the follower.
+//!
+//! Fault model: every input may come from a Byzantine peer: agreement messages are checked by
+//! [`Agreement`], shares by [`FreshnessShares`] and [`NextConfig`], batch logs by replaying them
+//! to the digest the agreement certified, probe answers by the target's signature.
+
+use super::app::{App, OutOfOrder, Outcome};
+use super::membership::{Executed, Membership, MsOp};
+use super::pbft::{Agreement, Digest, Options, Output, Request, SeqNo, View};
+use super::probe::{probe_timeout_ms, Prober};
+use super::shares::{FreshnessShares, NextConfig};
+use super::wire::MsMessage;
+use crate::config::{CertifiedConfig, Configuration, Epoch, Freshness};
+use crate::crypto::{Keypair, NodeId, PublicKey, Signature};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// What the driver must do, in order. An [`Action::Persist`] must be durable before any action
+/// after it is carried out.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Write this durably, replacing the previous record of the epoch and appending the batches.
+    Persist(Saved),
+    /// Agreement bytes for member `to`, or for every other committee member (`None`).
+    Agreement { to: Option<NodeId>, bytes: Vec<u8> },
+    /// An MS message for these committee members (certificate and freshness shares).
+    Send { to: Vec<NodeId>, msg: MsMessage },
+    /// Ask the other committee members for the batches up to `upto` (whose application digest is
+    /// `digest`) and feed the answers to [`Role::on_batch_log`].
+    FetchBatches { upto: SeqNo, digest: Digest },
+    /// Challenge `target` with `nonce` ([`MsMessage::Challenge`]); feed its answer, or `None`
+    /// after `timeout_ms` or a failure, to [`Role::on_probe_answer`].
+    Probe {
+        target: NodeId,
+        nonce: [u8; 32],
+        timeout_ms: u64,
+    },
+    /// Submit this operation to the MS (a probe verdict, evidence, the end of the epoch).
+    Submit(MsOp),
+    /// Batch `seq` executed (for logs and checks).
+    Executed {
+        seq: SeqNo,
+        requests: Vec<Request>,
+        outcomes: Vec<Outcome>,
+    },
+    /// A decided batch was not the next one and was not executed (for logs and checks).
+    OutOfOrder(OutOfOrder),
+    /// The agreement entered `view` (for logs).
+    EnteredView(View),
+    /// The next configuration is certified: install it and push it to the root of its tree.
+    Certified(CertifiedConfig),
+    /// A freshness certificate was assembled.
+    Freshness(Freshness),
+}
+
+/// What a member persists in an epoch ([`Action::Persist`]): read back by [`Resume::Saved`].
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub epoch: Epoch,
+    /// The record that replaces the previous one.
+    pub record: Vec<u8>,
+    /// The number (from 1) of the first batch in `batches`; the ones before are already saved.
+    pub first_batch: u64,
+    /// Encoded batches to append.
+    pub batches: Vec<Vec<u8>>,
+}
+
+/// How a role starts.
+pub enum Resume<'a> {
+    /// A fresh agreement: this member signed nothing in this epoch.
+    Fresh,
+    /// From what this member persisted in this epoch before a restart.
+    Saved {
+        record: &'a [u8],
+        batches: &'a [Vec<u8>],
+    },
+    /// Without the agreement (the member may have signed something it cannot recall): it still
+    /// probes, signs freshness and certificate shares, and proposes the end of the epoch.
+    SitOut,
+}
+
+/// What a role is made of.
+pub struct Setup {
+    pub key: Keypair,
+    pub config: Configuration,
+    /// The key that signs admission certificates.
+    pub admission_key: PublicKey,
+    /// The agreement's options ([`agreement_options`] for nodes).
+    pub opts: Options,
+    /// A secret the probe nonces are drawn from.
+    pub nonce_seed: [u8; 32],
+    /// Whether the epoch timer proposes the end of the epoch (a driver that submits it itself,
+    /// as the simulator's scripted clients do, turns it off).
+    pub epoch_timer: bool,
+}
+
+/// The agreement options nodes run an epoch's agreement with.
+pub fn agreement_options(config: &Configuration) -> Options {
+    Options {
+        epoch: config.epoch,
+        request_timeout_ms: 2_000,
+        ..Options::default()
+    }
+}
+
+/// The agreement's committee keys in committee order (index `i` leads views `i mod n`).
+pub fn committee_keys(config: &Configuration) -> Vec<PublicKey> {
+    config
+        .committee
+        .iter()
+        .filter_map(|id| config.member(id).map(|m| m.key))
+        .collect()
+}
+
+/// The committee role of one member in one epoch.
+pub struct Role {
+    key: Keypair,
+    config: Configuration,
+    /// `None` while sitting this epoch's agreement out.
+    agreement: Option<Agreement>,
+    app: App,
+    /// How many of the app's batches are persisted.
+    saved_batches: usize,
+    /// Waiting for the batches up to a stable checkpoint: agreement outputs are held meanwhile.
+    installing: Option<(SeqNo, Digest)>,
+    held: VecDeque<Output>,
+    next: NextConfig,
+    fresh: FreshnessShares,
+    probes: Prober,
+    nonce_seed: [u8; 32],
+    nonces: u64,
+    epoch_timer: bool,
+    end_at: u64,
+    next_probe: u64,
+    next_fresh: u64,
+    actions: VecDeque<Action>,
+}
+
+/// What a member persists beside the agreement's durable state.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    agreement: Vec<u8>,
+    installing: Option<(SeqNo, Digest)>,
+    held: Vec<Held>,
+}
+
+/// An agreement output held while a stable checkpoint's batches are fetched.
+#[derive(Serialize, Deserialize)]
+enum Held {
+    Decided { seq: SeqNo, requests: Vec<Request> },
+    Checkpoint { seq: SeqNo },
+}
+
+impl Role {
+    /// The role of `setup.key` in `setup.config`'s committee at time `now`, started as `resume`
+    /// says, with the probe failures of the epoch before carried over (`carried`, the prober of
+    /// the previous role). Returns the role and, when it sits the agreement out, why.
+    pub fn new(
+        setup: Setup,
+        resume: Resume<'_>,
+        carried: Option<&Prober>,
+        now: u64,
+    ) -> (Role, Option<String>) {
+        let Setup {
+            key,
+            config,
+            admission_key,
+            opts,
+            nonce_seed,
+            epoch_timer,
+        } = setup;
+        let me = key.node_id();
+        let start = Membership::new(config.clone(), admission_key, opts.max_batch);
+        let keys = committee_keys(&config);
+        let (probes, again) = Prober::new(&config, me, carried);
+        let mut role = Role {
+            fresh: FreshnessShares::new(config.clone()),
+            end_at: now.saturating_add(config.params.epoch_ms),
+            key: key.clone(),
+            config,
+            agreement: None,
+            app: App::new(start.clone()),
+            saved_batches: 0,
+            installing: None,
+            held: VecDeque::new(),
+            next: NextConfig::default(),
+            probes,
+            nonce_seed,
+            nonces: 0,
+            epoch_timer,
+            next_probe: now,
+            next_fresh: now,
+            actions: VecDeque::new(),
+        };
+        let epoch = role.config.epoch;
+        // A member found unresponsive before is reported again at once (the new membership
+        // starts with every member responsive).
+        for v in again {
+            role.actions.push_back(Action::Submit(MsOp::Probe {
+                epoch,
+                target: v.target,
+                responsive: false,
+            }));
+        }
+        let why = match resume {
+            Resume::SitOut => Some("sitting this epoch's agreement out".to_string()),
+            Resume::Fresh => match Agreement::new(key, keys, opts) {
+                Ok(a) => {
+                    role.agreement = Some(a);
+                    None
+                }
+                Err(e) => Some(format!("cannot run this epoch's agreement ({e})")),
+            },
+            Resume::Saved { record, batches } => role
+                .resume(key, keys, opts, start, record, batches, now)
+                .err(),
+        };
+        role.pump();
+        (role, why)
+    }
+
+    /// Takes the agreement up from what was persisted, and the MS state replayed from the batches;
+    /// goes on where it stopped: signing the next configuration if the epoch had ended, fetching
+    /// the batches of a stable checkpoint it was installing.
+    #[allow(clippy::too_many_arguments)]
+    fn resume(
+        &mut self,
+        key: Keypair,
+        keys: Vec<PublicKey>,
+        opts: Options,
+        start: Membership,
+        record: &[u8],
+        batches: &[Vec<u8>],
+        now: u64,
+    ) -> Result<(), String> {
+        let unreadable =
+            |e: postcard::Error| format!("the persisted agreement state is unreadable ({e})");
+        let record: Record = postcard::from_bytes(record).map_err(unreadable)?;
+        let batches = batches
+            .iter()
+            .map(|b| postcard::from_bytes::<Vec<Request>>(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unreadable)?;
+        let a = Agreement::restore(key, keys, opts, &record.agreement, now)
+            .map_err(|e| format!("cannot restore the agreement ({e})"))?;
+        self.agreement = Some(a);
+        self.app = App::replay(start, &batches);
+        self.saved_batches = self.app.batches().len();
+        self.installing = record.installing;
+        self.held = record
+            .held
+            .into_iter()
+            .map(|q| match q {
+                Held::Decided { seq, requests } => Output::Decided { seq, requests },
+                Held::Checkpoint { seq } => Output::Checkpoint { seq },
+            })
+            .collect();
+        if let Some(next) = self.app.ended().map(|e| e.config.clone()) {
+            self.epoch_ended(next);
+        }
+        if let Some((upto, digest)) = self.installing {
+            self.actions
+                .push_back(Action::FetchBatches { upto, digest });
+        }
+        Ok(())
+    }
+
+    // ---- accessors ----
+
+    pub fn epoch(&self) -> Epoch {
+        self.config.epoch
+    }
+
+    pub fn config(&self) -> &Configuration {
+        &self.config
+    }
+
+    /// The agreement, unless sitting it out.
+    pub fn agreement(&self) -> Option<&Agreement> {
+        self.agreement.as_ref()
+    }
+
+    /// The MS application (batches executed, digests, membership state).
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    pub fn probes(&self) -> &Prober {
+        &self.probes
+    }
+
+    /// The committee members other than this one.
+    pub fn peers(&self) -> Vec<NodeId> {
+        let me = self.key.node_id();
+        self.config
+            .committee
+            .iter()
+            .filter(|id| **id != me)
+            .copied()
+            .collect()
+    }
+
+    /// The next action to carry out, in order.
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest time at which [`Role::on_timer`] has work to do.
+    pub fn next_timer(&self) -> Option<u64> {
+        let mut t = self.next_probe.min(self.next_fresh);
+        if self.epoch_timer {
+            t = t.min(self.end_at);
+        }
+        if let Some(a) = &self.agreement {
+            t = a.next_timeout().map_or(t, |a| a.min(t));
+        }
+        Some(t)
+    }
+
+    // ---- inputs ----
+
+    /// The last [`Action::Persist`] could not be written: sit the agreement out, and drop every
+    /// action queued after it (they may carry statements nobody may see unpersisted).
+    pub fn persist_failed(&mut self) {
+        self.agreement = None;
+        self.actions.clear();
+    }
+
+    /// Agreement bytes from committee member `from`.
+    pub fn on_agreement(&mut self, now: u64, from: NodeId, bytes: &[u8]) -> Result<(), String> {
+        let Some(a) = self.agreement.as_mut() else {
+            return Err("not running this epoch's agreement".into());
+        };
+        let res = a.handle_message(now, from, bytes);
+        self.pump();
+        res.map_err(|e| format!("{e:?}"))
+    }
+
+    /// Whether this member takes `req` from the node that sent it: a stranger may only ask to
+    /// join. (Requests that other committee members forward are the agreement's to check.)
+    pub fn admits(&self, req: &Request) -> Result<(), String> {
+        if self.agreement.is_none() {
+            return Err("not running this epoch's agreement".into());
+        }
+        if !self.config.is_member(&req.client.node_id())
+            && !matches!(
+                postcard::from_bytes::<MsOp>(&req.payload),
+                Ok(MsOp::Join { .. })
+            )
+        {
+            return Err("a non-member may only ask to join".into());
+        }
+        Ok(())
+    }
+
+    /// A signed MS operation submitted to this member (see [`Role::admits`]).
+    pub fn submit(&mut self, now: u64, req: Request) -> Result<(), String> {
+        let Some(a) = self.agreement.as_mut() else {
+            return Err("not running this epoch's agreement".into());
+        };
+        let res = a.submit(now, req);
+        self.pump();
+        res.map_err(|e| format!("{e:?}"))
+    }
+
+    /// A committee member's signature over the next configuration.
+    pub fn on_config_share(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        hash: crate::config::ConfigHash,
+        sig: Signature,
+    ) {
+        if epoch != self.config.epoch + 1 {
+            return;
+        }
+        if let Some(cc) = self.next.share(from, hash, sig) {
+            self.actions.push_back(Action::Certified(cc));
+        }
+    }
+
+    /// A committee member's freshness share.
+    pub fn on_fresh_share(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        config: crate::config::ConfigHash,
+        time_ms: u64,
+        sig: Signature,
+    ) {
+        if epoch != self.config.epoch || config != self.config.hash() {
+            return;
+        }
+        if let Some(cert) = self.fresh.add(time_ms, from, sig) {
+            self.actions.push_back(Action::Freshness(cert));
+        }
+    }
+
+    /// The batches this member executed in `epoch` up to `upto`, for a member catching up.
+    pub fn batches(&self, epoch: Epoch, upto: SeqNo) -> Option<Vec<Vec<Request>>> {
+        if epoch != self.config.epoch {
+            return None;
+        }
+        Some(self.app.batches().get(..upto as usize)?.to_vec())
+    }
+
+    /// Batches 1..=n from another member, for the stable checkpoint being installed: taken if
+    /// they replay, from the epoch's start, to the digest the agreement certified.
+    pub fn on_batch_log(&mut self, batches: &[Vec<Request>]) -> bool {
+        let Some((seq, digest)) = self.installing else {
+            return false;
+        };
+        if batches.len() as u64 != seq {
+            return false;
+        }
+        let app = App::replay(self.app.start().clone(), batches);
+        if app.digest() != digest {
+            return false;
+        }
+        let ended = app.ended().map(|e| e.config.clone());
+        self.app = app;
+        self.installing = None;
+        if let Some(next) = ended {
+            self.epoch_ended(next);
+        }
+        let held: Vec<Output> = self.held.drain(..).collect();
+        for out in held {
+            match out {
+                Output::Decided { seq: s, .. } | Output::Checkpoint { seq: s } if s <= seq => {}
+                other => self.on_output(other),
+            }
+        }
+        self.pump();
+        true
+    }
+
+    /// The answer to a probe ([`Action::Probe`]), or `None` if it failed or timed out.
+    pub fn on_probe_answer(
+        &mut self,
+        epoch: Epoch,
+        target: NodeId,
+        nonce: &[u8; 32],
+        answer: Option<&Signature>,
+    ) {
+        if epoch != self.probes.epoch() {
+            return;
+        }
+        if let Some(v) = self.probes.answered(&target, nonce, answer) {
+            self.actions.push_back(Action::Submit(MsOp::Probe {
+                epoch,
+                target,
+                responsive: v.responsive,
+            }));
+        }
+    }
+
+    /// Runs what is due at `now` (the driver's milliseconds); `unix_ms` is the wall clock that
+    /// freshness shares are signed for.
+    pub fn on_timer(&mut self, now: u64, unix_ms: u64) {
+        if let Some(a) = self.agreement.as_mut() {
+            a.handle_timeout(now);
+        }
+        self.pump();
+        let params = self.config.params.clone();
+        let epoch = self.config.epoch;
+        if self.epoch_timer && now >= self.end_at {
+            self.end_at = now.saturating_add(params.epoch_ms.max(1_000));
+            self.actions
+                .push_back(Action::Submit(MsOp::EndEpoch { epoch }));
+        }
+        if now >= self.next_probe {
+            self.next_probe = now.saturating_add(params.probe_ms.max(100));
+            let (seed, mut count) = (self.nonce_seed, self.nonces);
+            let challenges = self.probes.round(|| {
+                count += 1;
+                *blake3::keyed_hash(&seed, &count.to_le_bytes()).as_bytes()
+            });
+            self.nonces = count;
+            let timeout_ms = probe_timeout_ms(&self.config);
+            for (target, nonce) in challenges {
+                self.actions.push_back(Action::Probe {
+                    target,
+                    nonce,
+                    timeout_ms,
+                });
+            }
+        }
+        if now >= self.next_fresh {
+            let period = (params.freshness_ms / 3).max(500);
+            self.next_fresh = now.saturating_add(period);
+            let time_ms = unix_ms - unix_ms % period;
+            let sig = Freshness::sign_share(&self.key, &self.config, time_ms);
+            let msg = MsMessage::FreshShare {
+                epoch,
+                config: self.config.hash(),
+                time_ms,
+                sig,
+            };
+            self.actions.push_back(Action::Send {
+                to: self.peers(),
+                msg,
+            });
+            self.on_fresh_share(self.key.node_id(), epoch, self.config.hash(), time_ms, sig);
+        }
+    }
+
+    // ---- the agreement's outputs ----
+
+    /// Turns the agreement's outputs into actions, holding decisions while installing.
+    fn pump(&mut self) {
+        loop {
+            let Some(out) = self.agreement.as_mut().and_then(|a| a.poll_output()) else {
+                return;
+            };
+            if self.installing.is_some()
+                && matches!(out, Output::Decided { .. } | Output::Checkpoint { .. })
+            {
+                self.held.push_back(out);
+                continue;
+            }
+            self.on_output(out);
+        }
+    }
+
+    fn on_output(&mut self, out: Output) {
+        let epoch = self.config.epoch;
+        match out {
+            Output::Persist { state } => match self.saved(state) {
+                Ok(saved) => self.actions.push_back(Action::Persist(saved)),
+                // Nothing after it may leave unpersisted.
+                Err(_) => self.agreement = None,
+            },
+            Output::Send { to, bytes } => self.actions.push_back(Action::Agreement {
+                to: Some(to),
+                bytes,
+            }),
+            Output::Broadcast { bytes } => self
+                .actions
+                .push_back(Action::Agreement { to: None, bytes }),
+            Output::Decided { seq, requests } => self.execute(seq, requests),
+            Output::Checkpoint { seq } => {
+                if seq == self.app.executed() {
+                    let d = self.app.digest();
+                    if let Some(a) = self.agreement.as_mut() {
+                        a.checkpoint_digest(seq, d);
+                    }
+                }
+            }
+            Output::InstallState { seq, app_digest } => {
+                self.installing = Some((seq, app_digest));
+                self.actions.push_back(Action::FetchBatches {
+                    upto: seq,
+                    digest: app_digest,
+                });
+            }
+            Output::EnteredView { view } => self.actions.push_back(Action::EnteredView(view)),
+            Output::Evidence(evidence) => self
+                .actions
+                .push_back(Action::Submit(MsOp::Misbehaviour { epoch, evidence })),
+        }
+    }
+
+    /// The record of [`Action::Persist`]: the agreement's durable state, the checkpoint being
+    /// installed, the outputs held, and the batches executed since the last one.
+    fn saved(&mut self, state: Vec<u8>) -> Result<Saved, postcard::Error> {
+        let record = Record {
+            agreement: state,
+            installing: self.installing,
+            held: self
+                .held
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Decided { seq, requests } => Some(Held::Decided {
+                        seq: *seq,
+                        requests: requests.clone(),
+                    }),
+                    Output::Checkpoint { seq } => Some(Held::Checkpoint { seq: *seq }),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let record = postcard::to_allocvec(&record)?;
+        let batches = self.app.batches();
+        let first = self.saved_batches.min(batches.len());
+        let new = batches[first..]
+            .iter()
+            .map(postcard::to_allocvec)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.saved_batches = batches.len();
+        Ok(Saved {
+            epoch: self.config.epoch,
+            record,
+            first_batch: first as u64 + 1,
+            batches: new,
+        })
+    }
+
+    fn execute(&mut self, seq: SeqNo, requests: Vec<Request>) {
+        let outcomes = match self.app.execute(seq, &requests) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                self.actions.push_back(Action::OutOfOrder(e));
+                return;
+            }
+        };
+        let ended = outcomes.iter().find_map(|o| match &o.executed {
+            Executed::EpochEnded(next) => Some((**next).clone()),
+            _ => None,
+        });
+        self.actions.push_back(Action::Executed {
+            seq,
+            requests,
+            outcomes,
+        });
+        if let Some(next) = ended {
+            self.epoch_ended(next);
+        }
+    }
+
+    /// The epoch ended here with `next`: sign it, send the signature to the other members.
+    fn epoch_ended(&mut self, next: Configuration) {
+        let hash = next.hash();
+        let Some((sig, done)) = self.next.end(self.config.clone(), next, &self.key) else {
+            return;
+        };
+        self.actions.push_back(Action::Send {
+            to: self.peers(),
+            msg: MsMessage::ConfigShare {
+                epoch: self.config.epoch + 1,
+                hash,
+                sig,
+            },
+        });
+        if let Some(cc) = done {
+            self.actions.push_back(Action::Certified(cc));
+        }
+    }
+}
