@@ -44,6 +44,7 @@
 //! verifies and certifies the configuration its epoch ended with; liveness includes the epoch
 //! ending, and its certificate assembled, at every correct member.
 
+use crate::harness::{Network, Queue};
 use crate::rng::Rng;
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
@@ -61,7 +62,7 @@ use dbqsfs_core::ms::wire::{is_ms, MsMessage};
 use dbqsfs_core::ms::{self, app::Ended};
 use dbqsfs_core::wire::{decode, encode_msg};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// After the faults heal, every request must be executed by every correct member within this bound.
@@ -326,17 +327,13 @@ struct Sim {
     rng: Rng,
     swarm: Swarm,
     now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    events: Vec<Option<Ev>>,
-    processed: u64,
+    queue: Queue<Ev>,
     digest: blake3::Hasher,
     members: Vec<Member>,
     ids: Vec<NodeId>,
     clients: Vec<ClientSlot>,
     client_keys: BTreeSet<PublicKey>,
-    faulty: bool,
-    partition: Option<BTreeSet<usize>>,
+    net: Network<usize>,
     /// Every request the clients created.
     submitted: Vec<RequestKey>,
     /// seq → (digests executed there, first correct member that executed it).
@@ -554,21 +551,18 @@ impl Sim {
             &mut clients,
         );
         let client_keys = clients.iter().map(|c| c.key.public()).collect();
+        let net = Network::new(swarm.drop_p, swarm.dup_p, swarm.max_delay, None);
         Sim {
             rng,
             swarm,
             now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: Vec::new(),
-            processed: 0,
+            queue: Queue::default(),
             digest: blake3::Hasher::new(),
             members,
             ids,
             clients,
             client_keys,
-            faulty: true,
-            partition: None,
+            net,
             submitted: Vec::new(),
             reference: BTreeMap::new(),
             decided: BTreeSet::new(),
@@ -587,10 +581,7 @@ impl Sim {
     }
 
     fn schedule(&mut self, at: u64, ev: Ev) {
-        let idx = self.events.len();
-        self.events.push(Some(ev));
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, idx)));
+        self.queue.schedule(at, ev);
     }
 
     fn violation(&mut self, what: String) {
@@ -640,16 +631,15 @@ impl Sim {
             let at = self.rng.range(100, heal_at);
             self.schedule(at, Ev::CrashPrimary);
         }
-        while let Some(Reverse((at, _, idx))) = self.queue.pop() {
+        while let Some((at, ev)) = self.queue.pop() {
             self.now = at;
-            self.processed += 1;
-            if self.processed > EVENT_BUDGET {
+            if self.queue.processed() > EVENT_BUDGET {
                 self.violation(format!(
                     "event budget of {EVENT_BUDGET} exceeded (livelock?)"
                 ));
                 break;
             }
-            let ev = self.events[idx].take().expect("each event runs once");
+            let ev = ev.expect("nothing is cancelled here");
             self.step(ev);
             if let Some(h) = self.healed_at {
                 if self.finished() {
@@ -1075,7 +1065,7 @@ impl Sim {
                 }
             }
             Ev::Crash { m } => {
-                if self.faulty && self.members[m].up {
+                if self.net.faulty && self.members[m].up {
                     self.members[m].up = false;
                     self.members[m].crashed = true;
                     let at = now + self.rng.range(100, 2_000);
@@ -1083,7 +1073,7 @@ impl Sim {
                 }
             }
             Ev::CrashPrimary => {
-                if self.faulty {
+                if self.net.faulty {
                     // The primary of the highest view a correct member is in.
                     let view = (0..self.members.len())
                         .filter(|&i| self.correct(i))
@@ -1101,24 +1091,20 @@ impl Sim {
             }
             Ev::Restart { m } => self.restart(m),
             Ev::Partition => {
-                if self.faulty {
-                    let side: BTreeSet<usize> = (0..self.members.len())
-                        .filter(|_| self.rng.chance(0.4))
-                        .collect();
-                    self.partition = Some(side);
+                if self.net.faulty {
+                    self.net.partition(&mut self.rng, 0..self.members.len());
                     let at = now + self.rng.range(100, 1_500);
                     self.schedule(at, Ev::HealPartition);
                 }
             }
-            Ev::HealPartition => self.partition = None,
+            Ev::HealPartition => self.net.partition = None,
             Ev::ByzTick { m } => {
                 self.byz_tick(m);
                 let at = now + self.rng.range(50, 300);
                 self.schedule(at, Ev::ByzTick { m });
             }
             Ev::Heal => {
-                self.faulty = false;
-                self.partition = None;
+                self.net.heal();
                 self.healed_at = Some(now);
                 for m in 0..self.members.len() {
                     self.restart(m);
@@ -1248,30 +1234,9 @@ impl Sim {
     // ---- network ----
 
     fn send(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
-        let mut copies = 1;
-        if self.faulty {
-            if let Some(side) = &self.partition {
-                if side.contains(&from) != side.contains(&to) {
-                    return;
-                }
-            }
-            if self.rng.chance(self.swarm.drop_p) {
-                return;
-            }
-            if self.rng.chance(self.swarm.dup_p) {
-                copies = 2;
-            }
-        }
-        for _ in 0..copies {
-            let at = self.now + self.rng.range(1, self.swarm.max_delay);
-            self.schedule(
-                at,
-                Ev::Deliver {
-                    to,
-                    from,
-                    bytes: bytes.clone(),
-                },
-            );
+        for at in self.net.arrivals(&mut self.rng, self.now, from, to) {
+            let bytes = bytes.clone();
+            self.schedule(at, Ev::Deliver { to, from, bytes });
         }
     }
 
@@ -1533,7 +1498,7 @@ impl Sim {
 
     fn submit_to_random(&mut self, req: Request) {
         let m = self.rng.below(self.members.len());
-        if self.faulty && self.rng.chance(self.swarm.drop_p) {
+        if self.net.faulty && self.rng.chance(self.swarm.drop_p) {
             return;
         }
         let at = self.now + self.rng.range(1, self.swarm.max_delay);

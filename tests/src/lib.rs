@@ -6,12 +6,14 @@
 //!   public-key blocks, integrity of content blocks, no lost write, liveness after faults heal).
 //! - [`agreement_sim`]: the deterministic simulator of the MS agreement protocol (PBFT), with
 //!   Byzantine committee members, safety checks after every step and liveness after healing.
+//! - [`harness`]: the virtual-time event queue and the faulty network both simulators run on.
 //! - [`rng`]: the one seeded PRNG every random choice of a run comes from.
 //! - [`checker`]: the history checkers, usable on any recorded history.
 //! - [`runner`]: the seed loop both simulators' command-line runners share.
 
 pub mod agreement_sim;
 pub mod checker;
+pub mod harness;
 pub mod rng;
 pub mod runner;
 pub mod sim;

@@ -26,6 +26,7 @@
 pub mod adversary;
 
 use crate::checker::{linearizable_register, RegKind, RegOp};
+use crate::harness::{Network, Queue};
 use crate::rng::Rng;
 pub use adversary::Adversary;
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
@@ -43,8 +44,7 @@ use dbqsfs_core::object::{content_id, pk_block_id, PkBlock, Stamp};
 use dbqsfs_core::store::{MemStore, Store, StoreError};
 use dbqsfs_core::wire::Protocol;
 use dbqsfs_core::wire::{decode, encode_msg};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// After the faults heal, every operation of a correct client must complete within this bound of
@@ -284,18 +284,14 @@ struct Sim {
     opts: RunOptions,
     swarm: Swarm,
     now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    events: Vec<Option<Ev>>,
-    processed: u64,
+    queue: Queue<Ev>,
     digest: blake3::Hasher,
     nodes: Vec<Node>,
     node_index: BTreeMap<NodeId, usize>,
     clients: Vec<ClientSlot>,
     client_index: BTreeMap<NodeId, usize>,
     configs: Vec<CertifiedConfig>,
-    faulty: bool,
-    partition: Option<BTreeSet<NodeId>>,
+    net: Network<NodeId>,
     shared_owner: Keypair,
     keys: Vec<PkKey>,
     contents: Vec<Vec<u8>>,
@@ -443,18 +439,14 @@ impl Sim {
             rng,
             opts,
             now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: Vec::new(),
-            processed: 0,
+            queue: Queue::default(),
             digest: blake3::Hasher::new(),
             nodes,
             node_index,
             clients: Vec::new(),
             client_index: BTreeMap::new(),
             configs: vec![genesis],
-            faulty: true,
-            partition: None,
+            net: Network::new(swarm.drop_p, swarm.dup_p, swarm.max_delay, swarm.slow_links),
             shared_owner,
             keys: Vec::new(),
             contents: Vec::new(),
@@ -525,11 +517,8 @@ impl Sim {
         Client::new(key.node_id(), chain, opts)
     }
 
-    fn schedule(&mut self, at: u64, ev: Ev) {
-        let idx = self.events.len();
-        self.events.push(Some(ev));
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, idx)));
+    fn schedule(&mut self, at: u64, ev: Ev) -> usize {
+        self.queue.schedule(at, ev)
     }
 
     fn violation(&mut self, what: String) {
@@ -575,17 +564,16 @@ impl Sim {
         let mut audit_started = false;
         let mut settling_since: Option<u64> = None;
         let mut holders_checked = false;
-        while let Some(Reverse((at, _, idx))) = self.queue.pop() {
+        while let Some((at, ev)) = self.queue.pop() {
             self.now = at;
-            self.processed += 1;
-            if self.processed > EVENT_BUDGET {
+            if self.queue.processed() > EVENT_BUDGET {
                 self.violation(format!(
                     "event budget of {EVENT_BUDGET} exceeded at t={}ms (livelock?)",
                     self.now
                 ));
                 break;
             }
-            let Some(ev) = self.events[idx].take() else {
+            let Some(ev) = ev else {
                 continue; // cancelled: lost in a crash
             };
             self.step(ev);
@@ -771,7 +759,7 @@ impl Sim {
                     let me = self.clients[c].key.node_id();
                     for (_, idx) in self.recent_sends.remove(&me).unwrap_or_default() {
                         if self.rng.chance(0.5) {
-                            self.events[idx] = None;
+                            self.queue.cancel(idx);
                         }
                     }
                     // The operation in flight is abandoned: it stays without a return in the history.
@@ -791,7 +779,7 @@ impl Sim {
                 }
             }
             Ev::Crash { n } => {
-                if self.faulty && self.nodes[n].up {
+                if self.net.faulty && self.nodes[n].up {
                     self.nodes[n].up = false;
                     self.nodes[n].transfers.clear();
                     self.nodes[n].gcs.clear();
@@ -805,25 +793,19 @@ impl Sim {
             }
             Ev::Restart { n } => self.restart(n),
             Ev::Partition => {
-                if self.faulty {
-                    let mut side = BTreeSet::new();
+                if self.net.faulty {
                     let all: Vec<NodeId> = self
                         .node_index
                         .keys()
                         .chain(self.client_index.keys())
                         .copied()
                         .collect();
-                    for id in all {
-                        if self.rng.chance(0.4) {
-                            side.insert(id);
-                        }
-                    }
-                    self.partition = Some(side);
+                    self.net.partition(&mut self.rng, all);
                     let at = now + self.rng.range(100, 1500);
                     self.schedule(at, Ev::HealPartition);
                 }
             }
-            Ev::HealPartition => self.partition = None,
+            Ev::HealPartition => self.net.partition = None,
             Ev::EpochChange => self.epoch_change(),
             Ev::Install { n, epoch } => self.install(n, epoch),
             Ev::Transfer { n, epoch, at } => {
@@ -851,8 +833,7 @@ impl Sim {
                 }
             }
             Ev::Heal => {
-                self.faulty = false;
-                self.partition = None;
+                self.net.heal();
                 self.healed_at = Some(now);
                 let newest = self.configs.len() as u64 - 1;
                 for n in 0..self.nodes.len() {
@@ -872,37 +853,14 @@ impl Sim {
 
     /// Puts `bytes` on the network; returns the event index of the (first) delivery, if any.
     fn send(&mut self, from: NodeId, to: NodeId, bytes: Vec<u8>) -> Option<usize> {
-        let mut copies = 1;
-        if self.faulty {
-            if let Some(side) = &self.partition {
-                if side.contains(&from) != side.contains(&to) {
-                    return None;
-                }
-            }
-            if self.rng.chance(self.swarm.drop_p) {
-                return None;
-            }
-            if self.rng.chance(self.swarm.dup_p) {
-                copies = 2;
-            }
+        let arrivals = self.net.arrivals(&mut self.rng, self.now, from, to);
+        let mut first = None;
+        for at in arrivals {
+            let bytes = bytes.clone();
+            let idx = self.schedule(at, Ev::Deliver { to, from, bytes });
+            first.get_or_insert(idx);
         }
-        let skew = self
-            .swarm
-            .slow_links
-            .map_or(0, |salt| link_skew(salt, &from, &to));
-        let first = self.events.len();
-        for _ in 0..copies {
-            let at = self.now + skew + self.rng.range(1, self.swarm.max_delay);
-            self.schedule(
-                at,
-                Ev::Deliver {
-                    to,
-                    from,
-                    bytes: bytes.clone(),
-                },
-            );
-        }
-        Some(first)
+        first
     }
 
     // ---- replicas ----
@@ -1325,7 +1283,7 @@ impl Sim {
     }
 
     fn epoch_change(&mut self) {
-        if self.faulty {
+        if self.net.faulty {
             self.reconfigure(3000);
         }
     }
@@ -1920,7 +1878,7 @@ impl Sim {
                         Ok(DbqsMessage::PutPk { .. })
                     );
                     let first = self.send(me, to, bytes.to_vec());
-                    if self.swarm.client_crashes && self.faulty && !self.clients[c].auditor {
+                    if self.swarm.client_crashes && self.net.faulty && !self.clients[c].auditor {
                         let now = self.now;
                         let recent = self.recent_sends.entry(me).or_default();
                         recent.retain(|&(t, _)| t + 3 >= now);
@@ -2262,20 +2220,6 @@ impl Sim {
         for l in lost {
             self.violation(l);
         }
-    }
-}
-
-/// The persistent extra delay of the directed link `from → to`: 0 for three links in four.
-fn link_skew(salt: u64, from: &NodeId, to: &NodeId) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(&salt.to_le_bytes());
-    h.update(&from.0);
-    h.update(&to.0);
-    let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-    if x % 4 == 0 {
-        200 + (x >> 8) % 600
-    } else {
-        0
     }
 }
 
