@@ -55,6 +55,8 @@ struct Net {
     now: u64,
     /// Messages that left after a failed write (must stay empty).
     leaked: usize,
+    /// Certificate shares still to lose on the way.
+    lose_shares: usize,
 }
 
 impl Net {
@@ -81,6 +83,7 @@ impl Net {
             queue: VecDeque::new(),
             now: 0,
             leaked: 0,
+            lose_shares: 0,
         }
     }
 
@@ -119,6 +122,10 @@ impl Net {
                     }
                 }
                 Action::Send { to, msg } => {
+                    if matches!(msg, MsMessage::ConfigShare { .. }) && self.lose_shares > 0 {
+                        self.lose_shares -= 1;
+                        continue;
+                    }
                     for id in to {
                         let j = self.index(&id);
                         self.queue.push_back((j, from, Msg::Ms(msg.clone())));
@@ -285,4 +292,25 @@ fn a_stranger_may_only_ask_to_join() {
         .find(|k| genesis.is_member(&k.node_id()))
         .unwrap();
     assert!(role.admits(&end_epoch(member, 1)).is_ok());
+}
+
+#[test]
+fn lost_certificate_shares_are_sent_again() {
+    let (keys, genesis) = genesis();
+    let mut net = Net::new(&keys, &genesis);
+    // Every member's first round of signatures over the next configuration is lost.
+    net.lose_shares = 4;
+    let (a, b) = (net.nodes[0].key.clone(), net.nodes[1].key.clone());
+    net.submit(0, end_epoch(&a, 1));
+    net.submit(1, end_epoch(&b, 1));
+    net.run();
+    assert!(net.nodes.iter().all(|n| n.certified.is_none()));
+    net.settle();
+    for n in &net.nodes {
+        let cc = n
+            .certified
+            .as_ref()
+            .expect("certified once the shares are sent again");
+        cc.verify_successor(&genesis).unwrap();
+    }
 }

@@ -4,7 +4,11 @@
 use dbqsfs_tests::sim::{run_seed, Mutant, RunOptions};
 
 fn opts(f: u32, mutant: Mutant) -> RunOptions {
-    RunOptions { f, mutant }
+    RunOptions {
+        f,
+        mutant,
+        composed: false,
+    }
 }
 
 #[test]
@@ -47,6 +51,39 @@ fn twenty_seeds_have_no_violation() {
 #[test]
 fn seeds_found_by_the_soak_pass() {
     [1_000_049, 1_003_470].into_iter().for_each(assert_clean);
+}
+
+/// The composed mode: the Membership Service's committee (the node's role machine) certifies the
+/// epochs the replicas live through. Seeds 170 and 962 once stalled it: a member's `EndEpoch`
+/// queued before it took its role up was dropped, and a certificate share lost on the network was
+/// never sent again.
+#[test]
+fn in_the_composed_mode_the_ms_decides_the_epochs() {
+    let composed = RunOptions {
+        composed: true,
+        ..opts(1, Mutant::None)
+    };
+    let mut epochs = 0;
+    for seed in (0..12).chain([170, 962]) {
+        let r = run_seed(seed, &composed);
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} ({}): {:?}",
+            r.setup,
+            r.violations
+        );
+        assert!(
+            r.stats.ms_epochs >= 1,
+            "seed {seed}: the MS certified no epoch"
+        );
+        epochs += r.stats.ms_epochs;
+        assert_eq!(
+            r.digest,
+            run_seed(seed, &composed).digest,
+            "seed {seed} replays"
+        );
+    }
+    assert!(epochs >= 20, "only {epochs} epochs certified");
 }
 
 #[test]

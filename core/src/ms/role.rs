@@ -156,8 +156,18 @@ pub struct Role {
     end_at: u64,
     next_probe: u64,
     next_fresh: u64,
+    /// This member's signature over the next configuration, once the epoch ended here: sent
+    /// again every [`SHARE_RESEND_MS`] while the role lives (a lost share must not leave another
+    /// member short of a certificate).
+    share: Option<MsMessage>,
+    next_share: u64,
+    /// The latest time an input brought.
+    now: u64,
     actions: VecDeque<Action>,
 }
+
+/// How often a member sends its signature over the next configuration again.
+pub const SHARE_RESEND_MS: u64 = 1_000;
 
 /// What a member persists beside the agreement's durable state.
 #[derive(Serialize, Deserialize)]
@@ -213,6 +223,9 @@ impl Role {
             epoch_timer,
             next_probe: now,
             next_fresh: now,
+            share: None,
+            next_share: u64::MAX,
+            now,
             actions: VecDeque::new(),
         };
         let epoch = role.config.epoch;
@@ -330,7 +343,7 @@ impl Role {
 
     /// The earliest time at which [`Role::on_timer`] has work to do.
     pub fn next_timer(&self) -> Option<u64> {
-        let mut t = self.next_probe.min(self.next_fresh);
+        let mut t = self.next_probe.min(self.next_fresh).min(self.next_share);
         if self.epoch_timer {
             t = t.min(self.end_at);
         }
@@ -351,6 +364,7 @@ impl Role {
 
     /// Agreement bytes from committee member `from`.
     pub fn on_agreement(&mut self, now: u64, from: NodeId, bytes: &[u8]) -> Result<(), String> {
+        self.now = self.now.max(now);
         let Some(a) = self.agreement.as_mut() else {
             return Err("not running this epoch's agreement".into());
         };
@@ -378,6 +392,7 @@ impl Role {
 
     /// A signed MS operation submitted to this member (see [`Role::admits`]).
     pub fn submit(&mut self, now: u64, req: Request) -> Result<(), String> {
+        self.now = self.now.max(now);
         let Some(a) = self.agreement.as_mut() else {
             return Err("not running this epoch's agreement".into());
         };
@@ -480,6 +495,7 @@ impl Role {
     /// Runs what is due at `now` (the driver's milliseconds); `unix_ms` is the wall clock that
     /// freshness shares are signed for.
     pub fn on_timer(&mut self, now: u64, unix_ms: u64) {
+        self.now = self.now.max(now);
         if let Some(a) = self.agreement.as_mut() {
             a.handle_timeout(now);
         }
@@ -490,6 +506,15 @@ impl Role {
             self.end_at = now.saturating_add(params.epoch_ms.max(1_000));
             self.actions
                 .push_back(Action::Submit(MsOp::EndEpoch { epoch }));
+        }
+        if now >= self.next_share {
+            self.next_share = now.saturating_add(SHARE_RESEND_MS);
+            if let Some(msg) = self.share.clone() {
+                self.actions.push_back(Action::Send {
+                    to: self.peers(),
+                    msg,
+                });
+            }
         }
         if now >= self.next_probe {
             self.next_probe = now.saturating_add(params.probe_ms.max(100));
@@ -646,13 +671,16 @@ impl Role {
         let Some((sig, done)) = self.next.end(self.config.clone(), next, &self.key) else {
             return;
         };
+        let msg = MsMessage::ConfigShare {
+            epoch: self.config.epoch + 1,
+            hash,
+            sig,
+        };
+        self.share = Some(msg.clone());
+        self.next_share = self.now.saturating_add(SHARE_RESEND_MS);
         self.actions.push_back(Action::Send {
             to: self.peers(),
-            msg: MsMessage::ConfigShare {
-                epoch: self.config.epoch + 1,
-                hash,
-                sig,
-            },
+            msg,
         });
         if let Some(cc) = done {
             self.actions.push_back(Action::Certified(cc));

@@ -28,6 +28,11 @@ struct Args {
     /// Print each seed's setup and result.
     #[arg(long, short)]
     verbose: bool,
+    /// The composed mode: the Membership Service's committee (the nodes' role machine, over the
+    /// same faulty network) decides the epochs the replicas, clients, transfers and collections
+    /// live through, instead of the test.
+    #[arg(long)]
+    composed: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,13 +62,21 @@ fn main() {
         Some(MutantArg::DropRefsInTransfer) => Mutant::DropRefsInTransfer,
         Some(MutantArg::DeleteWithoutGrace) => Mutant::DeleteWithoutGrace,
     };
-    let opts = RunOptions { f: args.f, mutant };
+    let opts = RunOptions {
+        f: args.f,
+        mutant,
+        composed: args.composed,
+    };
     let seeds = Seeds {
         name: "simulate",
         unit: "ops",
         first: args.seed,
         count: args.seeds,
-        replay_args: format!("--f {}", args.f),
+        replay_args: format!(
+            "--f {}{}",
+            args.f,
+            if args.composed { " --composed" } else { "" }
+        ),
         mutant: args
             .mutant
             .and_then(|m| m.to_possible_value())
@@ -80,7 +93,7 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
@@ -89,7 +102,8 @@ fn main() {
                     r.stats.deferred,
                     r.stats.releases,
                     r.stats.released_deleted,
-                    r.stats.forged_releases
+                    r.stats.forged_releases,
+                    r.stats.ms_epochs
                 ),
             }
         },

@@ -24,6 +24,7 @@
 //! and no correct node holds anything it is not responsible for.
 
 pub mod adversary;
+mod ms;
 
 use crate::checker::{linearizable_register, RegKind, RegOp};
 use crate::harness::{Network, Queue};
@@ -61,6 +62,9 @@ const GRACE_MS: u64 = 400;
 pub struct RunOptions {
     pub f: u32,
     pub mutant: Mutant,
+    /// The composed mode: the Membership Service's committee (the node's role machine) decides
+    /// the epochs instead of the test ([`ms`]).
+    pub composed: bool,
 }
 
 /// What a run found.
@@ -98,6 +102,8 @@ pub struct Stats {
     pub released_deleted: u64,
     /// A Byzantine client's forged or replayed releases.
     pub forged_releases: u64,
+    /// Composed mode: epochs the MS committee certified.
+    pub ms_epochs: u64,
 }
 
 #[derive(Debug)]
@@ -160,6 +166,21 @@ enum Ev {
         at: u64,
     },
     Heal,
+    /// Composed mode: node `n`'s role timer.
+    MsTimer {
+        n: usize,
+        at: u64,
+    },
+    /// Composed mode: the answer to node `n`'s probe of `target` (`None`: failed or timed out).
+    MsProbeAnswer {
+        n: usize,
+        epoch: u64,
+        target: NodeId,
+        nonce: [u8; 32],
+        answer: Option<Signature>,
+    },
+    /// Composed mode: resend what was not executed; start the roles nodes should run.
+    MsTick,
 }
 
 struct Node {
@@ -309,6 +330,8 @@ struct Sim {
     del_rng: Rng,
     /// Every genuine release record sent, for the thief to replay.
     release_records: Vec<RefRecord>,
+    /// The Membership Service, in the composed mode.
+    ms: Option<ms::Ms>,
 }
 
 /// Runs one seed.
@@ -329,7 +352,10 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         violations: sim.violations,
         digest: *sim.digest.finalize().as_bytes(),
         setup,
-        stats: sim.stats,
+        stats: Stats {
+            ms_epochs: sim.ms.as_ref().map_or(0, |m| m.epochs_certified),
+            ..sim.stats
+        },
     }
 }
 
@@ -435,6 +461,7 @@ impl Sim {
                 }
             })
             .collect();
+        let composed = opts.composed;
         let mut sim = Sim {
             rng,
             opts,
@@ -461,6 +488,7 @@ impl Sim {
             swarm,
             del_rng,
             release_records: Vec::new(),
+            ms: composed.then(|| ms::Ms::new(seed)),
         };
         for c in 0..sim.swarm.clients {
             let own = Keypair::from_seed(sim.rng.seed32());
@@ -561,6 +589,9 @@ impl Sim {
             let c = self.rng.below(self.clients.len());
             self.schedule(at, Ev::ClientCrash { c });
         }
+        if self.ms.is_some() {
+            self.schedule(0, Ev::MsTick);
+        }
         let mut audit_started = false;
         let mut settling_since: Option<u64> = None;
         let mut holders_checked = false;
@@ -598,13 +629,15 @@ impl Sim {
                     }
                     let since = *settling_since.get_or_insert(self.now);
                     let newest = self.configs.len() as u64 - 1;
-                    let settled = self.nodes.iter().all(|n| {
-                        n.byz.is_some()
-                            || (n.replica.epoch() == newest
-                                && n.replica.is_ready()
-                                && (1..=newest).all(|e| n.gc_done.contains(&e))
-                                && n.replica.next_sweep(self.now).is_none())
-                    });
+                    let reconfiguring = self.ms.as_ref().is_some_and(|m| m.reconfiguring());
+                    let settled = !reconfiguring
+                        && self.nodes.iter().all(|n| {
+                            n.byz.is_some()
+                                || (n.replica.epoch() == newest
+                                    && n.replica.is_ready()
+                                    && (1..=newest).all(|e| n.gc_done.contains(&e))
+                                    && n.replica.next_sweep(self.now).is_none())
+                        });
                     if settled {
                         self.check_holders();
                         holders_checked = true;
@@ -636,8 +669,9 @@ impl Sim {
                                 )
                             })
                             .collect();
+                        let ms = self.ms_describe();
                         self.violation(format!(
-                            "liveness: state transfers or garbage collections still running {LIVENESS_BOUND_MS}ms after the audit: {}",
+                            "liveness: state transfers, garbage collections or a reconfiguration still running {LIVENESS_BOUND_MS}ms after the audit: {}{ms}",
                             nodes.join("; ")
                         ));
                         break;
@@ -716,7 +750,11 @@ impl Sim {
                 self.digest.update(&from.0);
                 self.digest.update(blake3::hash(&bytes).as_bytes());
                 if let Some(&n) = self.node_index.get(&to) {
-                    self.deliver_to_node(n, from, bytes);
+                    if self.ms.is_some() && ms::is_ms_traffic(&bytes) {
+                        self.ms_deliver(n, from, &bytes);
+                    } else {
+                        self.deliver_to_node(n, from, bytes);
+                    }
                 } else if let Some(&c) = self.client_index.get(&to) {
                     if self.clients[c].up {
                         self.clients[c].client.handle_message(now, from, &bytes);
@@ -781,6 +819,7 @@ impl Sim {
             Ev::Crash { n } => {
                 if self.net.faulty && self.nodes[n].up {
                     self.nodes[n].up = false;
+                    self.ms_crash(n);
                     self.nodes[n].transfers.clear();
                     self.nodes[n].gcs.clear();
                     self.nodes[n].gc_done.clear();
@@ -832,6 +871,15 @@ impl Sim {
                     self.sweep(n);
                 }
             }
+            Ev::MsTimer { n, at } => self.ms_timer(n, at),
+            Ev::MsProbeAnswer {
+                n,
+                epoch,
+                target,
+                nonce,
+                answer,
+            } => self.ms_probe_answer(n, epoch, target, nonce, answer),
+            Ev::MsTick => self.ms_tick(),
             Ev::Heal => {
                 self.net.heal();
                 self.healed_at = Some(now);
@@ -995,6 +1043,7 @@ impl Sim {
                 self.start_gc(n, e);
             }
         }
+        self.ms_enter(n);
     }
 
     /// Starts the transfer of node `n` into epoch `e`.
@@ -1245,6 +1294,10 @@ impl Sim {
                 let before = self.nodes[n].replica.epoch();
                 let _ = self.nodes[n].replica.install(configs);
                 let after = self.nodes[n].replica.epoch();
+                if after > before {
+                    // Composed mode: a committee member of the new epoch takes its role up.
+                    self.ms_enter(n);
+                }
                 for e in before + 1..=after {
                     self.start_transfer(n, e);
                 }
@@ -1298,6 +1351,9 @@ impl Sim {
         self.rng.shuffle(&mut order);
         order.truncate(k);
         order.sort();
+        if self.ms.is_some() {
+            return self.ms_reconfigure(order);
+        }
         let keys: Vec<Keypair> = order.iter().map(|&i| self.nodes[i].key.clone()).collect();
         let next = make_config(last.epoch + 1, &last.params, keys.iter(), Some(last.hash()));
         // The committee of the last epoch certifies the next one (the test plays the MS).
