@@ -50,6 +50,7 @@
 //! failure of a request as no answer (the core asks again, elsewhere). Nothing received panics.
 
 mod deferred;
+mod scheduler;
 mod view;
 mod worker;
 
@@ -144,15 +145,8 @@ const PK_BATCH: usize = 256;
 /// How often the status is republished while it changes, and progress logged.
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 const LOG_EVERY: Duration = Duration::from_secs(10);
-/// How long nothing is sent to a source after a transport failure: doubling from the first to the
-/// second while it stays unreachable.
-const MIN_DOWN: Duration = Duration::from_secs(1);
-const MAX_DOWN: Duration = Duration::from_secs(16);
 /// The longest wait before a transfer interrupted by store failures starts again.
 const MAX_RETRY: Duration = Duration::from_secs(60);
-/// A source with requests in flight that has answered none of them for this long counts as
-/// unreachable (its requests still run to their timeout; nothing more waits for it).
-const SILENT_AFTER: Duration = Duration::from_secs(3);
 /// On-demand fetch requests waiting for the worker.
 pub const MAX_FETCH_REQUESTS: usize = 256;
 

@@ -1,14 +1,16 @@
 //! The worker task: one loop over its events, the runs of transfers into epochs and of
 //! garbage collections, and their timers. Its rooms: [`pipeline`] (a unit's objects through
-//! checks, store writes and durable announcements, in that order), [`requests`] (the send
-//! queues, per-source limits, the bandwidth cap and source health), [`gc`] (the collection of
-//! lost ranges) and [`status`] (progress for `dbqsfs status` and the log).
+//! checks, store writes and durable announcements, in that order), [`requests`] (sending what
+//! the scheduler, [`super::scheduler`], lets go, and what a source found down means for the
+//! machines), [`gc`] (the collection of lost ranges) and [`status`] (progress for
+//! `dbqsfs status` and the log).
 
 mod gc;
 mod pipeline;
 mod requests;
 mod status;
 
+use super::scheduler::Scheduler;
 use super::view::arc_name;
 use super::*;
 use gc::GcRun;
@@ -76,33 +78,13 @@ struct Worker {
     failures: u32,
     /// Arcs persisted as done, per epoch not complete.
     done_arcs: BTreeMap<Epoch, Vec<RingArc>>,
-    /// Requests waiting to be sent, per destination: (epoch, run, bytes).
-    queues: BTreeMap<NodeId, VecDeque<(Epoch, u64, Vec<u8>)>>,
-    /// Requests of on-demand fetches (a read waits for them): sent before the queues, whatever
-    /// the rate cap and the pending writes. At most [`MAX_FETCH_REQUESTS`] objects ask at once.
-    urgent: VecDeque<(NodeId, Epoch, u64, Vec<u8>)>,
+    /// Which request leaves next: queues, in-flight bounds, the rate cap, source health.
+    sched: Scheduler,
     /// Set while the outputs of an on-demand fetch are drained: their requests are urgent.
     draining_urgent: bool,
-    /// Requests sent and not yet consumed (a reply held back counts until it is fed).
-    inflight: usize,
-    inflight_peer: BTreeMap<NodeId, usize>,
-    last_peer: Option<NodeId>,
-    /// Sources whose last request failed in transport: until when nothing is sent to them, and
-    /// the backoff that set it.
-    down: BTreeMap<NodeId, (Instant, Duration)>,
-    /// When each source last answered (or, if it had nothing in flight, was sent a request).
-    heard: BTreeMap<NodeId, Instant>,
     /// Writes issued and not finished, over all transfers.
     pending_writes: usize,
     write_slots: Arc<Semaphore>,
-    /// Rate limit: a token bucket of bytes, and the expected size of a reply. Not `governor`:
-    /// a reply's size is known only when it arrives, so a request reserves the estimate and the
-    /// difference is settled later (the balance may go negative), and the rate switches with
-    /// client load (`cap`) without losing the balance; governor's GCRA takes a known cost up
-    /// front and a fixed quota.
-    tokens: f64,
-    tokens_at: Instant,
-    reply_estimate: f64,
     /// When configurations were last pushed to a source that was behind.
     pushed: BTreeMap<NodeId, Instant>,
     next_gen: u64,
@@ -288,7 +270,7 @@ impl Worker {
     /// Removes the run of `e`; the replies it held back no longer count as in flight.
     fn remove(&mut self, e: Epoch) -> Option<Running> {
         let r = self.transfers.remove(&e)?;
-        self.inflight = self.inflight.saturating_sub(r.backlog.len());
+        self.sched.release(r.backlog.len());
         Some(r)
     }
 
@@ -353,29 +335,20 @@ impl Worker {
                 reserved,
                 unreachable,
             } => {
-                if let Some(n) = self.inflight_peer.get_mut(&to) {
-                    *n = n.saturating_sub(1);
-                }
-                if !unreachable {
-                    self.heard.insert(to, Instant::now());
-                }
+                let got = reply.as_ref().map(Vec::len);
+                let dropped = self
+                    .sched
+                    .replied(to, Instant::now(), got, reserved, unreachable);
                 if unreachable {
-                    self.mark_down(to);
-                } else if reply.is_some() {
-                    self.down.remove(&to);
-                }
-                let got = reply.as_ref().map_or(0, Vec::len) as f64;
-                self.tokens += reserved - got;
-                if got > 0.0 {
-                    self.reply_estimate = 0.9 * self.reply_estimate + 0.1 * got;
+                    self.source_down(to, dropped);
                 }
                 let Some(bytes) = reply else {
-                    self.inflight = self.inflight.saturating_sub(1);
+                    self.sched.release(1);
                     return;
                 };
                 self.maybe_push_configs(epoch, to, &bytes);
                 if !self.live(epoch, gen) {
-                    self.inflight = self.inflight.saturating_sub(1);
+                    self.sched.release(1);
                     return;
                 }
                 let now = self.now_ms();
@@ -386,7 +359,7 @@ impl Worker {
                     r.backlog.push_back((to, bytes));
                     return;
                 }
-                self.inflight = self.inflight.saturating_sub(1);
+                self.sched.release(1);
                 r.t.handle_message(now, to, &bytes);
                 self.drain(epoch);
             }
@@ -581,14 +554,10 @@ impl Worker {
     /// waits to be sent, so a slow queue never snowballs), and abandoned runs' restarts.
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        let silent: Vec<NodeId> = self
-            .silent_since()
-            .filter(|(n, since)| now >= *since + SILENT_AFTER && !self.is_down(n))
-            .map(|(n, _)| n)
-            .collect();
-        for n in silent {
+        for n in self.sched.silent(now) {
             debug!(source = %n.short(), "source silent: treated as unreachable");
-            self.mark_down(n);
+            let dropped = self.sched.mark_down(n, now);
+            self.source_down(n, dropped);
         }
         let due: Vec<Epoch> = self
             .restart_at
@@ -636,11 +605,10 @@ impl Worker {
     }
 
     fn next_deadline(&self) -> Instant {
-        let mut at = Instant::now() + Duration::from_secs(3600);
-        for (n, since) in self.silent_since() {
-            if !self.is_down(&n) {
-                at = at.min(since + SILENT_AFTER);
-            }
+        let now = Instant::now();
+        let mut at = now + Duration::from_secs(3600);
+        if let Some(t) = self.sched.next_deadline(now, self.cap().map(|c| c.0)) {
+            at = at.min(t);
         }
         for r in self.transfers.values() {
             if !r.checking && r.queued == 0 {
@@ -665,9 +633,6 @@ impl Worker {
         }
         if !self.transfers.is_empty() {
             at = at.min(self.logged_at + LOG_EVERY);
-        }
-        if let Some(rate) = self.rate_wait() {
-            at = at.min(Instant::now() + rate);
         }
         at
     }
@@ -759,21 +724,18 @@ pub(super) fn spawn(
         restart_at: BTreeMap::new(),
         failures: 0,
         done_arcs: done,
-        queues: BTreeMap::new(),
-        urgent: VecDeque::new(),
+        sched: Scheduler::new(
+            handle.shared.me,
+            opts.max_requests,
+            opts.max_requests_per_peer,
+            // Until replies are seen, assume the largest (a first burst stays within the cap).
+            dbqsfs_core::object::MAX_BLOCK as f64,
+            Instant::now(),
+        ),
         draining_urgent: false,
-        inflight: 0,
-        inflight_peer: BTreeMap::new(),
-        last_peer: None,
-        down: BTreeMap::new(),
-        heard: BTreeMap::new(),
         pending_writes: 0,
         write_slots: Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1))),
         opts,
-        tokens: 0.0,
-        tokens_at: Instant::now(),
-        // Until replies are seen, assume the largest (a first burst stays within the cap).
-        reply_estimate: dbqsfs_core::object::MAX_BLOCK as f64,
         pushed: BTreeMap::new(),
         next_gen: 1,
         dirty: false,

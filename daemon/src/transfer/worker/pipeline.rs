@@ -2,6 +2,7 @@
 //! `max_concurrent_writes`), and announcements, each made durable only after every write issued
 //! before it ([`announce`]).
 
+use super::scheduler::Waiting;
 use super::*;
 
 impl Worker {
@@ -18,7 +19,7 @@ impl Worker {
             let Some((from, bytes)) = r.backlog.pop_front() else {
                 return;
             };
-            self.inflight = self.inflight.saturating_sub(1);
+            self.sched.release(1);
             r.t.handle_message(now, from, &bytes);
             self.drain(e);
         }
@@ -45,20 +46,22 @@ impl Worker {
             }
             match out {
                 TransferOutput::Send { to, bytes } => {
-                    if self.is_down(&to) {
+                    if self.sched.is_down(&to, Instant::now()) {
                         continue; // the machine asks again, elsewhere, at its next timeout
                     }
+                    let req = Waiting {
+                        epoch: e,
+                        gen,
+                        bytes,
+                    };
                     if self.draining_urgent {
-                        self.urgent.push_back((to, e, gen, bytes));
+                        self.sched.push_urgent(to, req);
                         continue;
                     }
                     if let Some(r) = self.transfers.get_mut(&e) {
                         r.queued += 1;
                     }
-                    self.queues
-                        .entry(to)
-                        .or_default()
-                        .push_back((e, gen, bytes));
+                    self.sched.push(to, req);
                 }
                 TransferOutput::Check { ids, released } => self.check(e, gen, ids, released),
                 TransferOutput::StoreContent { id, data } => {

@@ -1,18 +1,10 @@
-//! The request scheduler: per-destination send queues (on-demand fetches first), the in-flight
-//! bounds, the token bucket of the bandwidth cap, and source health (down after a transport
-//! failure, with backoff; silent after [`SILENT_AFTER`] without an answer).
+//! Sending requests: what the scheduler ([`super::super::scheduler`]) lets go leaves over the
+//! endpoint (or is served here when it is for this node), and a source found down is told to the
+//! machines, which ask elsewhere at once.
 
 use super::*;
 
 impl Worker {
-    /// Sources with requests in flight, and since when they have answered nothing.
-    pub(super) fn silent_since(&self) -> impl Iterator<Item = (NodeId, Instant)> + '_ {
-        self.inflight_peer
-            .iter()
-            .filter(|(n, busy)| **busy > 0 && **n != self.me)
-            .filter_map(|(n, _)| self.heard.get(n).map(|t| (*n, *t)))
-    }
-
     /// The cap on the transfer's rate in force now, bytes/s, and whether it is the one under client
     /// load ([`TransferOptions::rate_under_load`]).
     pub(super) fn cap(&self) -> Option<(u64, bool)> {
@@ -29,97 +21,42 @@ impl Worker {
         }
     }
 
-    /// Under a rate cap and with requests waiting: how long until the bucket allows the next one.
-    pub(super) fn rate_wait(&self) -> Option<Duration> {
-        let rate = self.cap()?.0 as f64;
-        if self.queues.values().all(VecDeque::is_empty) || self.tokens > 0.0 {
-            return None;
-        }
-        Some(Duration::from_secs_f64(
-            (-self.tokens / rate).clamp(0.001, 1.0),
-        ))
-    }
-
-    /// Sends the urgent requests, then queued ones while the bounds allow, round-robin over
-    /// destinations.
+    /// Sends what the scheduler lets go now.
     pub(super) fn pump(&mut self) {
-        while let Some((to, epoch, gen, bytes)) = self.urgent.pop_front() {
-            if self.is_down(&to) {
-                continue; // the machine asks again, elsewhere, at its next timeout
-            }
-            let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) else {
-                continue;
-            };
-            let dest = r.addrs.get(&to).copied();
-            self.send(epoch, gen, to, dest, bytes);
+        let now = Instant::now();
+        let cap = self.cap().map(|c| c.0);
+        let writes_full = self.pending_writes >= self.opts.max_pending_writes.max(1);
+        let transfers = &self.transfers;
+        let live = |w: &super::super::scheduler::Waiting| {
+            transfers.get(&w.epoch).is_some_and(|r| r.gen == w.gen)
+        };
+        let mut go = Vec::new();
+        while let Some(g) = self.sched.next(now, cap, writes_full, live) {
+            go.push(g);
         }
-        loop {
-            if self.inflight >= self.opts.max_requests.max(1)
-                || self.pending_writes >= self.opts.max_pending_writes.max(1)
-            {
-                return;
-            }
-            let now = Instant::now();
-            if let Some((rate, _)) = self.cap() {
-                let burst = (rate as f64 / 10.0).max(self.reply_estimate);
-                self.tokens =
-                    (self.tokens + (now - self.tokens_at).as_secs_f64() * rate as f64).min(burst);
-                self.tokens_at = now;
-                if self.tokens <= 0.0 {
-                    return;
-                }
-            } else {
-                // No cap now: the bucket starts empty when one comes into force.
-                self.tokens = 0.0;
-                self.tokens_at = now;
-            }
-            let per_peer = self.opts.max_requests_per_peer.max(1);
-            let ready = |n: &NodeId, q: &VecDeque<_>| {
-                !q.is_empty() && self.inflight_peer.get(n).copied().unwrap_or(0) < per_peer
-            };
-            let after = self.last_peer;
-            let pick = self
-                .queues
-                .iter()
-                .filter(|(n, _)| after.is_none_or(|a| **n > a))
-                .find(|(n, q)| ready(n, q))
-                .or_else(|| self.queues.iter().find(|(n, q)| ready(n, q)))
-                .map(|(n, _)| *n);
-            let Some(to) = pick else {
-                self.queues.retain(|_, q| !q.is_empty());
-                return;
-            };
-            self.last_peer = Some(to);
-            let Some((epoch, gen, bytes)) = self.queues.get_mut(&to).and_then(VecDeque::pop_front)
-            else {
+        for g in go {
+            let Some(r) = self.transfers.get_mut(&g.req.epoch) else {
                 continue;
             };
-            let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) else {
-                continue; // its run was abandoned
-            };
-            r.queued = r.queued.saturating_sub(1);
-            let dest = r.addrs.get(&to).copied();
-            self.send(epoch, gen, to, dest, bytes);
+            if !g.urgent {
+                r.queued = r.queued.saturating_sub(1);
+            }
+            let dest = r.addrs.get(&g.to).copied();
+            self.send(g.req.epoch, g.req.gen, g.to, dest, g.req.bytes, g.reserved);
         }
     }
 
+    /// Sends a request the scheduler let go (`reserved`: what it charged to the bucket, settled
+    /// against the reply's size when it comes).
     pub(super) fn send(
-        &mut self,
+        &self,
         epoch: Epoch,
         gen: u64,
         to: NodeId,
         dest: Option<(SocketAddr, VerifyingKey)>,
         bytes: Vec<u8>,
+        reserved: f64,
     ) {
-        // Charged to the bucket now, settled against the reply's size when it comes.
-        let reserved = self.reply_estimate;
-        self.tokens -= reserved;
-        self.inflight += 1;
-        let busy = self.inflight_peer.entry(to).or_default();
-        if *busy == 0 {
-            self.heard.insert(to, Instant::now());
-        }
-        *busy += 1;
         let reply = move |reply: Option<Vec<u8>>, unreachable| Event::Reply {
             epoch,
             gen,
@@ -181,32 +118,23 @@ impl Worker {
         });
     }
 
-    pub(super) fn is_down(&self, n: &NodeId) -> bool {
-        self.down
-            .get(n)
-            .is_some_and(|(until, _)| Instant::now() < *until)
-    }
-
-    /// A request to `n` failed in transport: send it nothing for a while (doubling while it stays
-    /// unreachable, up to [`MAX_DOWN`]), drop what waits for it, and tell the machines
-    /// ([`Transfer::peer_failed`]), which ask elsewhere at once what waited on it, so that a dead or
-    /// silent source holds up neither the queue nor the machines' retransmissions.
-    pub(super) fn mark_down(&mut self, n: NodeId) {
-        let backoff = self
-            .down
-            .get(&n)
-            .map_or(MIN_DOWN, |(_, b)| (*b * 2).min(MAX_DOWN));
-        self.down.insert(n, (Instant::now() + backoff, backoff));
-        let dropped = self.queues.remove(&n).unwrap_or_default();
+    /// Source `n` is down (its request failed in transport, or it went silent): the requests
+    /// that waited for it were dropped by the scheduler; the machines ask elsewhere now what
+    /// waited on it ([`Transfer::peer_failed`]), rather than at their next timeout, so that a dead
+    /// or silent source holds up neither the queue nor the machines' retransmissions.
+    pub(super) fn source_down(
+        &mut self,
+        n: NodeId,
+        dropped: Vec<super::super::scheduler::Waiting>,
+    ) {
         if !dropped.is_empty() {
-            debug!(source = %n.short(), requests = dropped.len(), ?backoff, "source unreachable: requests to it dropped");
+            debug!(source = %n.short(), requests = dropped.len(), "source unreachable: requests to it dropped");
         }
-        for (epoch, gen, _) in dropped {
-            if let Some(r) = self.transfers.get_mut(&epoch).filter(|r| r.gen == gen) {
+        for w in dropped {
+            if let Some(r) = self.transfers.get_mut(&w.epoch).filter(|r| r.gen == w.gen) {
                 r.queued = r.queued.saturating_sub(1);
             }
         }
-        // The machines ask elsewhere now what waited on it, rather than at their next timeout.
         let now = self.now_ms();
         let epochs: Vec<Epoch> = self.transfers.keys().copied().collect();
         for e in epochs {
