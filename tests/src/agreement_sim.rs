@@ -9,8 +9,9 @@
 //! A run has two phases:
 //! 1. faults: clients submit requests (one outstanding each, to random members, retried at other
 //!    members, sometimes duplicated) while the network drops, duplicates, delays and reorders
-//!    messages, partitions members, members crash and restart, and the primary is crashed on purpose
-//!    to force view changes; up to `f` members are Byzantine all along;
+//!    messages, partitions members, members crash and restart, the primary is crashed on purpose
+//!    to force view changes, and in half the seeds every member crashes at once and restarts from
+//!    what it persisted; up to `f` members are Byzantine all along;
 //! 2. healed: the network is reliable and every member is up (the Byzantine ones stay Byzantine);
 //!    every request of every client must be executed by every correct member within
 //!    [`LIVENESS_BOUND_MS`].
@@ -208,6 +209,8 @@ enum Ev {
         m: usize,
     },
     CrashPrimary,
+    /// Every member crashes at once.
+    CrashAll,
     Restart {
         m: usize,
     },
@@ -313,6 +316,10 @@ struct Swarm {
     partitions: bool,
     crashes: bool,
     primary_crashes: u32,
+    /// Every member crashes at once (a power cut) at this time during the faults, and each
+    /// restarts from what it persisted (drawn from a stream of its own, so that the seeds without
+    /// it draw as before).
+    crash_all: Option<u64>,
     heal_at: u64,
     client_retry_ms: u64,
     max_batch: usize,
@@ -411,6 +418,7 @@ impl Sim {
             partitions: rng.chance(0.4),
             crashes: rng.chance(0.4),
             primary_crashes: rng.below(3) as u32,
+            crash_all: None,
             heal_at: rng.range(1_000, 8_000),
             client_retry_ms: rng.range(500, 3_000),
             max_batch: *rng.pick(&[1usize, 2, 4, 8]),
@@ -451,6 +459,10 @@ impl Sim {
         // The largest messages (a window of batches and certificates) must fit the wire: shrink
         // the batches, then the window, until the core accepts the options.
         let mut swarm = swarm;
+        let mut power = Rng::new(seed ^ 0x706f_7765_725f_6375);
+        if power.chance(0.5) {
+            swarm.crash_all = Some(power.range(100, swarm.heal_at));
+        }
         let core_opts = loop {
             let o = Options {
                 epoch: EPOCH,
@@ -626,6 +638,9 @@ impl Sim {
                 let m = self.rng.below(self.members.len());
                 self.schedule(at, Ev::Crash { m });
             }
+        }
+        if let Some(at) = self.swarm.crash_all {
+            self.schedule(at, Ev::CrashAll);
         }
         for _ in 0..self.swarm.primary_crashes {
             let at = self.rng.range(100, heal_at);
@@ -1086,6 +1101,18 @@ impl Sim {
                         self.members[p].crashed = true;
                         let at = now + self.rng.range(500, 3_000);
                         self.schedule(at, Ev::Restart { m: p });
+                    }
+                }
+            }
+            Ev::CrashAll => {
+                if self.net.faulty {
+                    for m in 0..self.members.len() {
+                        if self.members[m].up {
+                            self.members[m].up = false;
+                            self.members[m].crashed = true;
+                            let at = now + self.rng.range(100, 2_000);
+                            self.schedule(at, Ev::Restart { m });
+                        }
                     }
                 }
             }
