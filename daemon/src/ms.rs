@@ -35,18 +35,17 @@ use crate::store::DiskStore;
 use dbqsfs_core::config::{CertifiedConfig, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::health::Health;
-use dbqsfs_core::ms::app::op_epoch;
 use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
-use dbqsfs_core::ms::pbft::{Request, View};
+use dbqsfs_core::ms::pbft::View;
 pub use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Saved, Setup};
+use dbqsfs_core::ms::submissions::Submissions;
 pub use dbqsfs_core::ms::tree::push_children;
 use dbqsfs_core::ms::tree::tree_order;
 pub use dbqsfs_core::ms::wire::{is_ms, MsMessage, MsStatus};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::Endpoint;
 use ed25519_dalek::VerifyingKey;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -264,13 +263,6 @@ fn member_target(m: &Member) -> Option<(SocketAddr, VerifyingKey)> {
     ))
 }
 
-/// One outstanding submission of this node.
-struct Outstanding {
-    op: MsOp,
-    req: Request,
-    sent: Option<Instant>,
-}
-
 struct Task {
     shared: Arc<MsContext>,
     endpoint: Endpoint,
@@ -281,9 +273,7 @@ struct Task {
     entered: Instant,
     role: Option<Role>,
     /// Operations to submit, one at a time.
-    outbox: VecDeque<MsOp>,
-    outstanding: Option<Outstanding>,
-    last_seq: u64,
+    submissions: Submissions,
     leaving: bool,
     next_pull: Instant,
     last_view_change: Option<(Epoch, View)>,
@@ -305,6 +295,7 @@ impl Task {
         let now = Instant::now();
         Task {
             epoch: shared.epochs.epoch(),
+            submissions: Submissions::new(opts.resubmit.as_millis() as u64),
             shared,
             endpoint,
             opts,
@@ -312,9 +303,6 @@ impl Task {
             start: now,
             entered: now,
             role: None,
-            outbox: VecDeque::new(),
-            outstanding: None,
-            last_seq: 0,
             leaving: false,
             next_pull: now,
             last_view_change: None,
@@ -380,32 +368,24 @@ impl Task {
         self.epoch = config.epoch;
         self.entered = Instant::now();
         // Operations of an older epoch are void; what we still want is queued again.
-        self.outbox
-            .retain(|op| op_epoch(op).is_none_or(|e| e == config.epoch));
-        if self
-            .outstanding
-            .as_ref()
-            .is_some_and(|o| op_epoch(&o.op).is_some_and(|e| e != config.epoch))
-        {
-            self.outstanding = None;
-        }
+        self.submissions.enter_epoch(config.epoch);
         let me = self.shared.key.node_id();
         let member = config.is_member(&me);
         if let Some(cert) = &self.opts.join {
             if member {
                 info!(epoch = config.epoch, "this node is a member");
                 self.opts.join = None;
-            } else if !self.queued_kind(|op| matches!(op, MsOp::Join { .. })) {
+            } else {
                 let addr = self.shared.listen.to_string();
-                self.outbox.push_back(MsOp::Join {
+                self.submissions.push(MsOp::Join {
                     epoch: config.epoch,
                     member: Member::new(self.shared.key.public(), addr),
                     cert: cert.clone(),
                 });
             }
         }
-        if self.leaving && member && !self.queued_kind(|op| matches!(op, MsOp::Leave { .. })) {
-            self.outbox.push_back(MsOp::Leave {
+        if self.leaving && member {
+            self.submissions.push(MsOp::Leave {
                 epoch: config.epoch,
             });
         }
@@ -494,10 +474,6 @@ impl Task {
                 &saved.batches,
             )
             .map_err(|e| e.to_string())
-    }
-
-    fn queued_kind(&self, f: impl Fn(&MsOp) -> bool) -> bool {
-        self.outbox.iter().any(&f) || self.outstanding.as_ref().is_some_and(|o| f(&o.op))
     }
 
     fn on_input(&mut self, input: Inbound) {
@@ -685,7 +661,7 @@ impl Task {
             self.pull_retries = 0;
             self.pull_random();
         }
-        self.submit_next(now);
+        self.submit_next();
         if let Some(role) = self.role.as_mut() {
             if role.next_timer().is_some_and(|t| t <= now_ms) {
                 role.on_timer(now_ms, unix_ms());
@@ -737,40 +713,15 @@ impl Task {
         });
     }
 
-    /// Sends the head of the outbox (or resends the outstanding submission).
-    fn submit_next(&mut self, now: Instant) {
-        if self.outstanding.is_none() {
-            let Some(op) = self.outbox.pop_front() else {
-                return;
-            };
-            // Sequence numbers grow with the clock, so they stay above those of an earlier run.
-            let seq = (unix_ms() << 10).max(self.last_seq + 1);
-            self.last_seq = seq;
-            let payload = match postcard::to_allocvec(&op) {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "cannot encode an MS operation");
-                    return;
-                }
-            };
-            let req = Request::sign(&self.shared.key, seq, payload);
-            self.outstanding = Some(Outstanding {
-                op,
-                req,
-                sent: None,
-            });
-        }
-        let resubmit = self.opts.resubmit;
-        let Some(o) = self.outstanding.as_mut() else {
+    /// Sends the next submission, or the outstanding one again once its period passed.
+    fn submit_next(&mut self) {
+        // Sequence numbers grow with the clock, so they stay above those of an earlier run.
+        let floor = unix_ms() << 10;
+        let now_ms = self.now_ms();
+        let Some(req) = self.submissions.poll(now_ms, &self.shared.key, floor) else {
             return;
         };
-        if o.sent.is_some_and(|t| now < t + resubmit) {
-            return;
-        }
-        o.sent = Some(now);
-        let req = o.req.clone();
-        debug!(op = ?o.op, "submitting an MS operation");
-        let now_ms = self.now_ms();
+        debug!(req = ?req, "submitting an MS operation");
         if let Some(role) = self.role.as_mut().filter(|r| r.agreement().is_some()) {
             if let Err(e) = role.submit(now_ms, req.clone()) {
                 debug!(error = e, "own submission refused");
@@ -846,14 +797,7 @@ impl Task {
             Action::Executed {
                 requests, outcomes, ..
             } => {
-                if let Some(o) = &self.outstanding {
-                    if requests
-                        .iter()
-                        .any(|r| o.req.client == r.client && o.req.seq == r.seq)
-                    {
-                        self.outstanding = None;
-                    }
-                }
+                self.submissions.executed(&requests);
                 for o in outcomes {
                     match o.executed {
                         Executed::Accepted => debug!(op = ?o.op, "MS operation executed"),
@@ -883,30 +827,25 @@ impl Task {
         }
     }
 
-    /// Queues an operation the role reports: a newer verdict about a member replaces a queued
-    /// one, and one end of the epoch is enough.
+    /// Queues an operation the role reports (the queue keeps one verdict per member and one end
+    /// of the epoch).
     fn report(&mut self, op: MsOp) {
-        match &op {
+        let what = op.clone();
+        if !self.submissions.push(op) {
+            return;
+        }
+        match what {
             MsOp::Probe {
                 target, responsive, ..
-            } => {
-                info!(target = %target.short(), responsive, "probe verdict: reporting it");
-                let target = *target;
-                self.outbox
-                    .retain(|o| !matches!(o, MsOp::Probe { target: t, .. } if *t == target));
-            }
+            } => info!(target = %target.short(), responsive, "probe verdict: reporting it"),
             MsOp::EndEpoch { epoch } => {
-                if self.queued_kind(|o| matches!(o, MsOp::EndEpoch { .. })) {
-                    return;
-                }
-                info!(epoch, "epoch timer fired: proposing the end of the epoch");
+                info!(epoch, "epoch timer fired: proposing the end of the epoch")
             }
             MsOp::Misbehaviour { epoch, .. } => {
                 warn!(epoch, "agreement evidence of misbehaviour: reporting it")
             }
-            _ => {}
+            MsOp::Join { .. } | MsOp::Leave { .. } => {}
         }
-        self.outbox.push_back(op);
     }
 
     /// The next configuration is certified: install it and push it to the root of the tree.

@@ -23,6 +23,7 @@
 //!   actions for the driver (the node's and the simulator's).
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
 //! - [`shares`]: freshness shares and the next configuration's signatures, collected.
+//! - [`submissions`]: a node's operations for the MS, signed and sent one at a time until executed.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
 //! - [`wire`]: the MS's messages beside the agreement's.
 
@@ -32,5 +33,6 @@ pub mod pbft;
 pub mod probe;
 pub mod role;
 pub mod shares;
+pub mod submissions;
 pub mod tree;
 pub mod wire;

@@ -19,11 +19,11 @@ use super::{Ev, Sim};
 use crate::rng::Rng;
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
-use dbqsfs_core::ms::app::op_epoch;
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
-use dbqsfs_core::ms::pbft::{AgreementMessage, Request};
+use dbqsfs_core::ms::pbft::AgreementMessage;
 use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Setup};
+use dbqsfs_core::ms::submissions::Submissions;
 use dbqsfs_core::ms::wire::{is_ms, MsMessage};
 use dbqsfs_core::wire::{decode, encode_msg, Protocol};
 use std::collections::BTreeMap;
@@ -45,12 +45,8 @@ pub(super) struct Ms {
     disks: BTreeMap<(usize, Epoch), Disk>,
     /// The pending timer event of each role.
     timers: BTreeMap<usize, u64>,
-    /// What each node wants executed in the current epoch, one at a time, and its last sequence
-    /// number (requests of a node are executed in order).
-    wanted: BTreeMap<usize, Vec<MsOp>>,
-    /// The request in flight of each node: the request, when it was last sent, its epoch.
-    outstanding: BTreeMap<usize, (Request, u64, Epoch)>,
-    seqs: BTreeMap<usize, u64>,
+    /// What each node wants executed, submitted one at a time as the daemon does (volatile).
+    subs: BTreeMap<usize, Submissions>,
     /// What correct members certified, by epoch.
     certified: BTreeMap<Epoch, ConfigHash>,
     /// The reconfiguration the test asked for and not certified yet: from which epoch, to which
@@ -69,14 +65,18 @@ impl Ms {
             roles: BTreeMap::new(),
             disks: BTreeMap::new(),
             timers: BTreeMap::new(),
-            wanted: BTreeMap::new(),
-            outstanding: BTreeMap::new(),
-            seqs: BTreeMap::new(),
+            subs: BTreeMap::new(),
             certified: BTreeMap::new(),
             target: None,
             queued: Default::default(),
             epochs_certified: 0,
         }
+    }
+
+    fn subs_of(&mut self, n: usize) -> &mut Submissions {
+        self.subs
+            .entry(n)
+            .or_insert_with(|| Submissions::new(RESUBMIT_MS))
     }
 
     /// Whether a reconfiguration the test asked for is still to be certified.
@@ -108,13 +108,7 @@ impl Sim {
             return;
         }
         // Operations of an older epoch are void.
-        let ms = self.ms();
-        if let Some(w) = ms.wanted.get_mut(&n) {
-            w.retain(|op| op_epoch(op).is_none_or(|e| e == epoch));
-        }
-        if ms.outstanding.get(&n).is_some_and(|o| o.2 != epoch) {
-            ms.outstanding.remove(&n);
-        }
+        self.ms().subs_of(n).enter_epoch(epoch);
         let carried = self.ms().roles.remove(&n).map(|r| r.probes().clone());
         if !config.committee.contains(&me) {
             return;
@@ -181,8 +175,7 @@ impl Sim {
         if let Some(ms) = self.ms.as_mut() {
             ms.roles.remove(&n);
             ms.timers.remove(&n);
-            ms.outstanding.remove(&n);
-            ms.wanted.remove(&n);
+            ms.subs.remove(&n);
             ms.queued.retain(|(m, _)| *m != n);
         }
     }
@@ -309,24 +302,15 @@ impl Sim {
                     // A node learns that its operation was executed in its epoch's agreement (the
                     // daemon from its own role or a later configuration; the simulator from any
                     // correct member of that epoch: a lagging member's older agreement ignores it).
-                    let nodes = &self.nodes;
-                    let done: Vec<usize> = self
-                        .ms
-                        .as_ref()
-                        .expect("composed mode")
-                        .outstanding
-                        .iter()
-                        .filter(|(k, (o, _, _))| {
-                            nodes[**k].replica.epoch() == epoch
-                                && requests
-                                    .iter()
-                                    .any(|r| r.client == o.client && r.seq == o.seq)
-                        })
-                        .map(|(k, _)| *k)
-                        .collect();
+                    let mut done = Vec::new();
+                    let ms = self.ms.as_mut().expect("composed mode");
+                    for (k, subs) in &mut ms.subs {
+                        if self.nodes[*k].replica.epoch() == epoch && subs.executed(&requests) {
+                            done.push(*k);
+                        }
+                    }
                     for k in done {
-                        self.ms().outstanding.remove(&k);
-                        self.ms_submit_next(k);
+                        self.ms_submit(k);
                     }
                 }
                 Action::Certified(cc) => self.ms_certified(n, cc),
@@ -385,54 +369,24 @@ impl Sim {
 
     /// Node `n` wants `op` executed in its current epoch.
     fn ms_want(&mut self, n: usize, op: MsOp) {
-        let ms = self.ms();
-        let wanted = ms.wanted.entry(n).or_default();
-        if !wanted.contains(&op) {
-            wanted.push(op);
-        }
-        if !ms.outstanding.contains_key(&n) {
-            self.ms_submit_next(n);
+        if self.ms().subs_of(n).push(op) {
+            self.ms_submit(n);
         }
     }
 
-    /// Sends node `n`'s next wanted operation to the committee of its epoch (and its own role).
-    fn ms_submit_next(&mut self, n: usize) {
+    /// Sends node `n`'s next submission to the committee of its epoch (and its own role), or the
+    /// outstanding one again once its period passed.
+    fn ms_submit(&mut self, n: usize) {
         if !self.nodes[n].up || self.nodes[n].byz.is_some() {
             return;
         }
-        let key = self.nodes[n].key.clone();
-        let ms = self.ms();
-        let Some(op) = ms
-            .wanted
-            .get_mut(&n)
-            .filter(|w| !w.is_empty())
-            .map(|w| w.remove(0))
-        else {
-            return;
-        };
-        let seq = ms.seqs.get(&n).copied().unwrap_or(0) + 1;
-        ms.seqs.insert(n, seq);
-        let payload = postcard::to_allocvec(&op).expect("operations encode");
-        let req = Request::sign(&key, seq, payload);
-        let epoch = op_epoch(&op).unwrap_or(0);
-        let ms = self.ms();
-        ms.outstanding.insert(n, (req, 0, epoch));
-        self.ms_resend(n);
-    }
-
-    /// Sends node `n`'s outstanding request again if its last send is older than the period.
-    fn ms_resend(&mut self, n: usize) {
         let now = self.now;
-        let Some((req, sent, op_epoch)) = self.ms().outstanding.get(&n).cloned() else {
+        let key = self.nodes[n].key.clone();
+        // As the daemon does: sequence numbers from the clock stay above those of an earlier run.
+        let Some(req) = self.ms().subs_of(n).poll(now, &key, now << 10) else {
             return;
         };
-        if sent != 0 && now < sent + RESUBMIT_MS {
-            return;
-        }
-        self.ms()
-            .outstanding
-            .insert(n, (req.clone(), now.max(1), op_epoch));
-        let me = self.nodes[n].key.node_id();
+        let me = key.node_id();
         let epoch = self.nodes[n].replica.epoch();
         let committee = self.configs[epoch as usize].config.committee.clone();
         if let Some(role) = self.ms().roles.get_mut(&n) {
@@ -451,7 +405,7 @@ impl Sim {
             if self.nodes[n].up {
                 self.ms_enter(n);
                 self.ms_queue_wants(n);
-                self.ms_resend(n);
+                self.ms_submit(n);
             }
         }
         let at = self.now + RESUBMIT_MS;
@@ -500,8 +454,8 @@ impl Sim {
                 } else {
                     ""
                 },
-                ms.wanted.get(&n),
-                ms.outstanding.get(&n).map(|(r, _, _)| r.seq)
+                ms.subs.get(&n).map(|s| s.pending().collect::<Vec<_>>()),
+                ms.subs.get(&n).and_then(|s| s.outstanding()).map(|r| r.seq)
             );
         }
         out
