@@ -54,7 +54,7 @@ fn sequence_numbers_rise_above_the_floor_and_above_the_last() {
     s.push(MsOp::Leave { epoch: 1 });
     let a = s.poll(0, &k, 5_000).unwrap();
     assert_eq!(a.seq, 5_000);
-    s.executed(&[a.clone()]);
+    s.executed(std::slice::from_ref(&a));
     s.push(MsOp::EndEpoch { epoch: 1 });
     // A floor that went back (a clock step) never gives a number at or below the last one.
     let b = s.poll(0, &k, 10).unwrap();
