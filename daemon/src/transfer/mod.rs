@@ -49,6 +49,7 @@
 //! and claim; the worker bounds every request in time and the requests in number, and treats any
 //! failure of a request as no answer (the core asks again, elsewhere). Nothing received panics.
 
+mod collector;
 mod deferred;
 mod scheduler;
 mod view;
@@ -60,7 +61,7 @@ use crate::control::{GcStatus, TransferStatus, UnitPhase, UnitStatus};
 use crate::store::DiskStore;
 use dbqsfs_core::config::{Configuration, Epoch};
 use dbqsfs_core::crypto::{NodeId, ObjectId};
-use dbqsfs_core::dbqs::gc::{lost, Gc, GcOptions, GcOutput};
+use dbqsfs_core::dbqs::gc::{lost, GcOptions};
 use dbqsfs_core::dbqs::msg::{DbqsMessage, MAX_CONFIGS_PER_REPLY};
 use dbqsfs_core::dbqs::replica::Replica;
 use dbqsfs_core::dbqs::transfer::{

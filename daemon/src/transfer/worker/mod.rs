@@ -2,18 +2,18 @@
 //! garbage collections, and their timers. Its rooms: [`pipeline`] (a unit's objects through
 //! checks, store writes and durable announcements, in that order), [`requests`] (sending what
 //! the scheduler, [`super::scheduler`], lets go, and what a source found down means for the
-//! machines), [`gc`] (the collection of lost ranges) and [`status`] (progress for
-//! `dbqsfs status` and the log).
+//! machines), [`gc`] (carrying out what the collector of lost ranges, [`super::collector`], asks)
+//! and [`status`] (progress for `dbqsfs status` and the log).
 
 mod gc;
 mod pipeline;
 mod requests;
 mod status;
 
+use super::collector::Collector;
 use super::scheduler::Scheduler;
 use super::view::arc_name;
 use super::*;
-use gc::GcRun;
 
 /// One transfer in progress.
 struct Running {
@@ -91,13 +91,8 @@ struct Worker {
     dirty: bool,
     published_at: Instant,
     logged_at: Instant,
-    /// Garbage collections running, and the epochs collected (or with nothing lost) in this process.
-    gcs: BTreeMap<Epoch, GcRun>,
-    gc_done: BTreeSet<Epoch>,
-    /// Garbage-collection questions in flight (at most `max_requests`).
-    gc_inflight: usize,
-    /// Deletions that failed, to try again at these times.
-    gc_retry: Vec<(Instant, Epoch, RingArc)>,
+    /// The garbage collections of lost ranges.
+    gc: Collector,
     handle: TransferWorker,
 }
 
@@ -299,34 +294,19 @@ impl Worker {
                 from,
                 reply,
             } => {
-                self.gc_inflight = self.gc_inflight.saturating_sub(1);
                 let now = self.now_ms();
-                if let (Some(bytes), Some(run)) =
-                    (reply, self.gcs.get_mut(&epoch).filter(|run| run.gen == gen))
-                {
-                    run.g.handle_message(now, from, &bytes);
-                    self.drain_gc(epoch);
-                }
+                self.gc.on_reply(now, epoch, gen, from, reply.as_deref());
+                self.run_gc();
             }
-            Event::GcDeleted { epoch, arc, result } => match result {
-                Ok(n) => {
-                    if let Some(run) = self.gcs.get_mut(&epoch) {
-                        run.deleting = run.deleting.saturating_sub(1);
-                        run.deleted += n as u64;
-                    }
-                    self.gc_publish(epoch, n as u64);
+            Event::GcDeleted { epoch, arc, result } => {
+                if let Ok(n) = &result {
                     info!(epoch, objects = n, arc = %arc_name(&arc), "lost range collected");
-                    self.gc_finish(epoch);
                 }
-                Err(e) => {
-                    warn!(epoch, arc = %arc_name(&arc), error = %e, "deleting a lost range failed; trying again");
-                    self.gc_retry.push((
-                        Instant::now() + self.opts.retry_after_failure,
-                        epoch,
-                        arc,
-                    ));
-                }
-            },
+                let now = self.now_ms();
+                let result = result.map_err(|e| format!("{e} (arc {})", arc_name(&arc)));
+                self.gc.on_deleted(now, epoch, arc, result);
+                self.run_gc();
+            }
             Event::Reply {
                 epoch,
                 gen,
@@ -583,25 +563,8 @@ impl Worker {
             }
             self.drain(e);
         }
-        let due: Vec<Epoch> = self
-            .gcs
-            .iter()
-            .filter(|(_, run)| run.g.next_timeout().is_some_and(|at| at <= now_ms))
-            .map(|(e, _)| *e)
-            .collect();
-        for e in due {
-            if let Some(run) = self.gcs.get_mut(&e) {
-                run.g.handle_timeout(now_ms);
-            }
-            self.drain_gc(e);
-        }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gc_retry)
-            .into_iter()
-            .partition(|(at, _, _)| *at <= now);
-        self.gc_retry = later;
-        for (_, e, arc) in due {
-            self.delete_lost(e, arc);
-        }
+        self.gc.on_timer(now_ms);
+        self.run_gc();
     }
 
     fn next_deadline(&self) -> Instant {
@@ -620,13 +583,8 @@ impl Worker {
         for t in self.restart_at.values() {
             at = at.min(*t);
         }
-        for run in self.gcs.values() {
-            if let Some(ms) = run.g.next_timeout() {
-                at = at.min(self.clock + Duration::from_millis(ms));
-            }
-        }
-        for (t, _, _) in &self.gc_retry {
-            at = at.min(*t);
+        if let Some(ms) = self.gc.next_deadline() {
+            at = at.min(self.clock + Duration::from_millis(ms));
         }
         if self.dirty {
             at = at.min(self.published_at + PUBLISH_EVERY);
@@ -732,6 +690,10 @@ pub(super) fn spawn(
             dbqsfs_core::object::MAX_BLOCK as f64,
             Instant::now(),
         ),
+        gc: Collector::new(
+            opts.max_requests,
+            opts.retry_after_failure.as_millis() as u64,
+        ),
         draining_urgent: false,
         pending_writes: 0,
         write_slots: Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1))),
@@ -741,10 +703,6 @@ pub(super) fn spawn(
         dirty: false,
         published_at: Instant::now(),
         logged_at: Instant::now(),
-        gcs: BTreeMap::new(),
-        gc_done: BTreeSet::new(),
-        gc_inflight: 0,
-        gc_retry: Vec::new(),
         handle: handle.clone(),
     };
     // Blocks a full store deferred are brought in beside the transfers, and stop with them.
