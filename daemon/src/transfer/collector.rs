@@ -27,6 +27,8 @@ pub(super) type Addr = (SocketAddr, VerifyingKey);
 
 /// What the collector asks the worker to do, in order.
 #[derive(Debug)]
+// Effects live only between `poll` and the worker's carrying them out: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Effect {
     /// Send this question of collection (`epoch`, `gen`) to `to` and hand its reply (or `None`)
     /// to [`Collector::on_reply`].
