@@ -47,6 +47,7 @@
 
 use crate::harness::{Network, Queue};
 use crate::rng::Rng;
+use crate::signed::SignedLog;
 use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
 };
@@ -222,12 +223,6 @@ enum Ev {
     Heal,
 }
 
-/// A statement's identity, for comparing two statements of one slot.
-fn body_hash<T: serde::Serialize>(body: &T) -> [u8; 32] {
-    let bytes = postcard::to_allocvec(body).expect("in-memory statements encode");
-    *blake3::hash(&bytes).as_bytes()
-}
-
 struct Byz {
     kind: Adversary,
     /// Messages it received, for replaying.
@@ -357,8 +352,8 @@ struct Sim {
     core_opts: Options,
     admission: PublicKey,
     forget_signed_state: bool,
-    /// Every statement a correct member signed: (member, kind, view, seq) → digest of the body.
-    signed: BTreeMap<(usize, u8, u64, u64), [u8; 32]>,
+    /// Every statement a correct member signed.
+    signed: SignedLog,
     /// Correct members restarted from their persisted state.
     restarts: u64,
 }
@@ -587,7 +582,7 @@ impl Sim {
             core_opts,
             admission: admission.public(),
             forget_signed_state: opts.forget_signed_state,
-            signed: BTreeMap::new(),
+            signed: SignedLog::default(),
             restarts: 0,
         }
     }
@@ -1207,54 +1202,10 @@ impl Sim {
         member.client_executed = ours;
     }
 
-    /// Records what correct member `m` signed in `bytes`: a second, different statement for one
-    /// slot (a pre-prepare, prepare or commit of one view and sequence number, a checkpoint of one
-    /// sequence number, a view change or new view for one view) is a violation, whatever
-    /// happened to the member in between (crashes and restarts included).
+    /// Records what correct member `m` signed in `bytes` ([`SignedLog`]).
     fn check_signed(&mut self, m: usize, bytes: &[u8]) {
-        use dbqsfs_core::ms::pbft::AgreementMessage as M;
-        let Ok(env) = decode::<AgreementMessage>(bytes) else {
-            return;
-        };
-        let mut statements: Vec<(u32, u8, u64, u64, [u8; 32])> = Vec::new();
-        match &env.msg {
-            M::PrePrepare { pre_prepare: p, .. } => {
-                statements.push((p.signer, 1, p.body.view, p.body.seq, p.body.digest))
-            }
-            M::Prepare(p) => statements.push((p.signer, 2, p.body.view, p.body.seq, p.body.digest)),
-            M::Commit(c) => statements.push((c.signer, 3, c.body.view, c.body.seq, c.body.digest)),
-            M::Checkpoint(c) => statements.push((c.signer, 4, 0, c.body.seq, c.body.digest)),
-            M::ViewChange { view_change: v, .. } => {
-                statements.push((v.signer, 5, v.body.new_view, 0, body_hash(&v.body)))
-            }
-            M::NewView { new_view: v, .. } => {
-                statements.push((v.signer, 6, v.body.view, 0, body_hash(&v.body)));
-                for p in &v.body.pre_prepares {
-                    statements.push((p.signer, 1, p.body.view, p.body.seq, p.body.digest));
-                }
-            }
-            _ => {}
-        }
-        const KINDS: [&str; 7] = [
-            "",
-            "pre-prepares",
-            "prepares",
-            "commits",
-            "checkpoints",
-            "view changes",
-            "new views",
-        ];
-        for (signer, kind, view, seq, digest) in statements {
-            if signer as usize != m {
-                continue;
-            }
-            match self.signed.insert((m, kind, view, seq), digest) {
-                Some(before) if before != digest => self.violation(format!(
-                    "SAFETY: member {m} signed two different {} for view {view}, sequence number {seq}",
-                    KINDS[kind as usize]
-                )),
-                _ => {}
-            }
+        for v in self.signed.record(m, m as u32, bytes) {
+            self.violation(v);
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`agreement_sim`]: the deterministic simulator of the MS agreement protocol (PBFT), with
 //!   Byzantine committee members, safety checks after every step and liveness after healing.
 //! - [`harness`]: the virtual-time event queue and the faulty network both simulators run on.
+//! - [`signed`]: the check that no correct committee member signs two things for one slot.
 //! - [`rng`]: the one seeded PRNG every random choice of a run comes from.
 //! - [`checker`]: the history checkers, usable on any recorded history.
 //! - [`runner`]: the seed loop both simulators' command-line runners share.
@@ -16,4 +17,5 @@ pub mod checker;
 pub mod harness;
 pub mod rng;
 pub mod runner;
+pub mod signed;
 pub mod sim;

@@ -8,6 +8,7 @@ fn opts(f: u32, mutant: Mutant) -> RunOptions {
         f,
         mutant,
         composed: false,
+        forget_signed_state: false,
     }
 }
 
@@ -84,6 +85,24 @@ fn in_the_composed_mode_the_ms_decides_the_epochs() {
         );
     }
     assert!(epochs >= 20, "only {epochs} epochs certified");
+}
+
+/// A committee member that restarts without what it persisted signs a second statement for a
+/// slot it signed before; the composed mode's check sees it (first at seed 26).
+#[test]
+fn in_the_composed_mode_a_member_that_forgets_what_it_signed_is_caught() {
+    let forget = RunOptions {
+        composed: true,
+        forget_signed_state: true,
+        ..opts(1, Mutant::None)
+    };
+    let caught = (0..60).find(|&seed| {
+        run_seed(seed, &forget)
+            .violations
+            .iter()
+            .any(|v| v.contains("signed two different"))
+    });
+    assert!(caught.is_some(), "forget-signed-state was not caught");
 }
 
 #[test]

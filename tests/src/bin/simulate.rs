@@ -46,6 +46,8 @@ enum MutantArg {
     ReleaseUnsigned,
     DropRefsInTransfer,
     DeleteWithoutGrace,
+    /// Composed mode only: a committee member restarts without its persisted agreement state.
+    ForgetSignedState,
 }
 
 fn main() {
@@ -61,11 +63,20 @@ fn main() {
         Some(MutantArg::ReleaseUnsigned) => Mutant::ReleaseUnsigned,
         Some(MutantArg::DropRefsInTransfer) => Mutant::DropRefsInTransfer,
         Some(MutantArg::DeleteWithoutGrace) => Mutant::DeleteWithoutGrace,
+        Some(MutantArg::ForgetSignedState) => Mutant::None,
     };
+    let forget_signed_state = matches!(args.mutant, Some(MutantArg::ForgetSignedState));
+    if forget_signed_state && !args.composed {
+        eprintln!(
+            "simulate: --mutant forget-signed-state needs --composed (the MS runs only there)"
+        );
+        std::process::exit(2);
+    }
     let opts = RunOptions {
         f: args.f,
         mutant,
         composed: args.composed,
+        forget_signed_state,
     };
     let seeds = Seeds {
         name: "simulate",
@@ -93,7 +104,7 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
@@ -103,7 +114,8 @@ fn main() {
                     r.stats.releases,
                     r.stats.released_deleted,
                     r.stats.forged_releases,
-                    r.stats.ms_epochs
+                    r.stats.ms_epochs,
+                    r.stats.ms_lying_roles
                 ),
             }
         },

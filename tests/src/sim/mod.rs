@@ -65,6 +65,9 @@ pub struct RunOptions {
     /// The composed mode: the Membership Service's committee (the node's role machine) decides
     /// the epochs instead of the test ([`ms`]).
     pub composed: bool,
+    /// The driver mutant `forget-signed-state` (composed mode): a committee member that restarts
+    /// resumes its role without what it persisted.
+    pub forget_signed_state: bool,
 }
 
 /// What a run found.
@@ -104,6 +107,8 @@ pub struct Stats {
     pub forged_releases: u64,
     /// Composed mode: epochs the MS committee certified.
     pub ms_epochs: u64,
+    /// Composed mode: roles taken up by Byzantine nodes that lie in them (not only silent).
+    pub ms_lying_roles: u64,
 }
 
 #[derive(Debug)]
@@ -354,6 +359,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         setup,
         stats: Stats {
             ms_epochs: sim.ms.as_ref().map_or(0, |m| m.epochs_certified),
+            ms_lying_roles: sim.ms.as_ref().map_or(0, |m| m.lying_roles),
             ..sim.stats
         },
     }
@@ -462,6 +468,7 @@ impl Sim {
             })
             .collect();
         let composed = opts.composed;
+        let forget_signed_state = opts.forget_signed_state;
         let mut sim = Sim {
             rng,
             opts,
@@ -488,7 +495,7 @@ impl Sim {
             swarm,
             del_rng,
             release_records: Vec::new(),
-            ms: composed.then(|| ms::Ms::new(seed)),
+            ms: composed.then(|| ms::Ms::new(seed, forget_signed_state)),
         };
         for c in 0..sim.swarm.clients {
             let own = Keypair::from_seed(sim.rng.seed32());

@@ -10,13 +10,23 @@
 //! epoch is over, as the daemon resends. The certificate the committee assembles is what every
 //! node installs; the replicas, clients, transfers and collections live through those epochs.
 //!
-//! Checks (beside every dBQS check): every certificate a correct member assembles verifies as
-//! the successor of the configuration before; two correct members never certify different
-//! configurations of one epoch; once the faults healed, a reconfiguration the test asks for is
-//! certified within the liveness bound.
+//! Byzantine dBQS nodes are Byzantine MS members too, each in one way ([`Lie`]): silent; sending
+//! garbage (bit-flipped copies of its agreement messages and shares, random bytes); or lying
+//! (agreeing honestly, but with shares for values it did not sign, tampered batch logs, inverted
+//! probe verdicts, and its own false accusations, early ends of the epoch and joins without
+//! admission). Their draws come from the MS's own random stream.
+//!
+//! Checks (beside every dBQS check): no correct member signs two different agreement statements
+//! for one slot, across its crashes and restarts ([`SignedLog`]; the driver mutant
+//! `forget-signed-state`, a restart without the persisted state, is caught by it); every
+//! certificate a correct member assembles verifies as the successor of the configuration before;
+//! two correct members never certify different configurations of one epoch; no epoch ends unless
+//! a correct member asked; no configuration admits a node without an admission certificate; once
+//! the faults healed, a reconfiguration the test asks for is certified within the liveness bound.
 
 use super::{Ev, Sim};
 use crate::rng::Rng;
+use crate::signed::SignedLog;
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
@@ -54,10 +64,32 @@ pub(super) struct Ms {
     target: Option<(Epoch, Vec<usize>)>,
     queued: std::collections::BTreeSet<(usize, Epoch)>,
     pub(super) epochs_certified: u64,
+    /// Roles taken up by Byzantine nodes that lie in them.
+    pub(super) lying_roles: u64,
+    /// How each Byzantine node lies in its MS role (drawn when it first takes one up).
+    lies: BTreeMap<usize, Lie>,
+    /// What correct members signed in the agreement.
+    signed: SignedLog,
+    /// The driver mutant `forget-signed-state`: a restarted member resumes without its disk.
+    forget_signed_state: bool,
+}
+
+/// How a Byzantine node behaves in its MS role. It runs the real role machine and lies through
+/// its outputs, as a node with a modified driver would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lie {
+    /// Sends nothing, submits nothing.
+    Silent,
+    /// Sends bit-flipped copies of its agreement messages and shares, and random bytes.
+    Garbage,
+    /// Agrees honestly, but its certificate and freshness shares are for values it did not sign,
+    /// its batch logs are tampered with, its probe verdicts are inverted, and it submits false
+    /// accusations of live members, early ends of the epoch and joins without admission.
+    Liar,
 }
 
 impl Ms {
-    pub(super) fn new(seed: u64) -> Ms {
+    pub(super) fn new(seed: u64, forget_signed_state: bool) -> Ms {
         let mut rng = Rng::new(seed ^ 0x636f_6d70_6f73_6564);
         Ms {
             admission: Keypair::from_seed(rng.seed32()),
@@ -70,6 +102,10 @@ impl Ms {
             target: None,
             queued: Default::default(),
             epochs_certified: 0,
+            lying_roles: 0,
+            lies: BTreeMap::new(),
+            signed: SignedLog::default(),
+            forget_signed_state,
         }
     }
 
@@ -93,6 +129,21 @@ pub(super) fn is_ms_traffic(bytes: &[u8]) -> bool {
 impl Sim {
     fn ms(&mut self) -> &mut Ms {
         self.ms.as_mut().expect("composed mode")
+    }
+
+    /// How node `n` behaves in its MS role: `None` if it is correct.
+    fn lie(&mut self, n: usize) -> Option<Lie> {
+        self.nodes[n].byz.as_ref()?;
+        let ms = self.ms();
+        let lie = match ms.lies.get(&n) {
+            Some(l) => *l,
+            None => {
+                let l = *ms.rng.pick(&[Lie::Silent, Lie::Garbage, Lie::Liar]);
+                ms.lies.insert(n, l);
+                l
+            }
+        };
+        Some(lie)
     }
 
     /// Node `n` (up) starts its role in the newest epoch it installed, if it is in its committee
@@ -121,7 +172,11 @@ impl Sim {
             nonce_seed: self.ms().rng.seed32(),
             epoch_timer: false,
         };
-        let disk = self.ms().disks.get(&(n, epoch)).cloned();
+        let disk = if self.ms().forget_signed_state {
+            None
+        } else {
+            self.ms().disks.get(&(n, epoch)).cloned()
+        };
         let resume = match &disk {
             Some((record, batches)) => Resume::Saved { record, batches },
             None => Resume::Fresh,
@@ -135,6 +190,9 @@ impl Sim {
             }
         }
         self.ms().roles.insert(n, role);
+        if matches!(self.lie(n), Some(Lie::Garbage | Lie::Liar)) {
+            self.ms().lying_roles += 1;
+        }
         self.ms().timers.remove(&n);
         self.ms_drain(n);
     }
@@ -182,8 +240,8 @@ impl Sim {
 
     /// MS bytes for node `n` from `from`.
     pub(super) fn ms_deliver(&mut self, n: usize, from: NodeId, bytes: &[u8]) {
-        if !self.nodes[n].up || self.nodes[n].byz.is_some() {
-            return; // Byzantine nodes are silent members
+        if !self.nodes[n].up || self.lie(n) == Some(Lie::Silent) {
+            return;
         }
         let now = self.now;
         if !is_ms(bytes) {
@@ -213,7 +271,16 @@ impl Sim {
                 sig,
             } => role.on_fresh_share(from, epoch, config, time_ms, sig),
             MsMessage::Batches { epoch, upto } => {
-                if let Some(batches) = role.batches(epoch, upto) {
+                if let Some(mut batches) = role.batches(epoch, upto) {
+                    if self.nodes[n].byz.is_some() {
+                        // A tampered log: the member catching up must not take it.
+                        match batches.iter_mut().flatten().next() {
+                            Some(r) => r.seq += 1,
+                            None => {
+                                batches.pop();
+                            }
+                        }
+                    }
                     let reply = encode_msg(epoch, MsMessage::BatchLog { batches });
                     self.send(me, from, reply);
                 }
@@ -256,16 +323,18 @@ impl Sim {
         self.ms_drain(n);
     }
 
-    /// Carries out node `n`'s role actions in order, as the daemon's MS driver does.
+    /// Carries out node `n`'s role actions in order, as the daemon's MS driver does (a Byzantine
+    /// node lies through them, [`Lie`]).
     fn ms_drain(&mut self, n: usize) {
         let me = self.nodes[n].key.node_id();
-        let byz = self.nodes[n].byz.is_some();
+        let lie = self.lie(n);
         while let Some(action) = self.ms().roles.get_mut(&n).and_then(|r| r.poll()) {
             let Some(role) = self.ms().roles.get(&n) else {
                 return;
             };
             let epoch = role.epoch();
             let peers = role.peers();
+            let index = role.config().committee.iter().position(|id| *id == me);
             match action {
                 Action::Persist(saved) => {
                     let disk = self.ms().disks.entry((n, saved.epoch)).or_default();
@@ -274,16 +343,29 @@ impl Sim {
                         .truncate(saved.first_batch.saturating_sub(1) as usize);
                     disk.1.extend(saved.batches);
                 }
-                _ if byz => {}
+                _ if lie == Some(Lie::Silent) => {}
                 Action::Agreement { to, bytes } => {
+                    if lie.is_none() {
+                        let index = index.map_or(u32::MAX, |i| i as u32);
+                        for v in self.ms().signed.record(n, index, &bytes) {
+                            self.violation(v);
+                        }
+                    }
                     for to in to.map_or(peers, |t| vec![t]) {
-                        self.send(me, to, bytes.clone());
+                        let bytes = self.ms_garble(lie, &bytes);
+                        self.send(me, to, bytes);
                     }
                 }
                 Action::Send { to, msg } => {
+                    let msg = if lie == Some(Lie::Liar) {
+                        self.ms_lie_share(msg)
+                    } else {
+                        msg
+                    };
                     let bytes = encode_msg(epoch, msg);
                     for to in to {
-                        self.send(me, to, bytes.clone());
+                        let bytes = self.ms_garble(lie, &bytes);
+                        self.send(me, to, bytes);
                     }
                 }
                 Action::FetchBatches { upto, .. } => {
@@ -297,7 +379,20 @@ impl Sim {
                     nonce,
                     timeout_ms,
                 } => self.ms_probe(n, epoch, target, nonce, timeout_ms),
+                Action::Submit(MsOp::Probe {
+                    epoch,
+                    target,
+                    responsive,
+                }) if lie == Some(Lie::Liar) => self.ms_want(
+                    n,
+                    MsOp::Probe {
+                        epoch,
+                        target,
+                        responsive: !responsive,
+                    },
+                ),
                 Action::Submit(op) => self.ms_want(n, op),
+                _ if lie.is_some() => {}
                 Action::Executed { requests, .. } => {
                     // A node learns that its operation was executed in its epoch's agreement (the
                     // daemon from its own role or a later configuration; the simulator from any
@@ -367,6 +462,96 @@ impl Sim {
         );
     }
 
+    /// What a garbling Byzantine node sends in place of `bytes`: a bit-flipped copy or random
+    /// bytes (others send `bytes`).
+    fn ms_garble(&mut self, lie: Option<Lie>, bytes: &[u8]) -> Vec<u8> {
+        if lie != Some(Lie::Garbage) {
+            return bytes.to_vec();
+        }
+        let rng = &mut self.ms().rng;
+        if bytes.is_empty() || rng.chance(0.2) {
+            let len = 1 + rng.below(200);
+            return rng.bytes(len);
+        }
+        let mut out = bytes.to_vec();
+        let i = rng.below(out.len());
+        out[i] ^= 1 << rng.below(8);
+        out
+    }
+
+    /// A lying member's share: the certificate share names another configuration than the one
+    /// signed, the freshness share another time.
+    fn ms_lie_share(&mut self, msg: MsMessage) -> MsMessage {
+        match msg {
+            MsMessage::ConfigShare { epoch, sig, .. } => MsMessage::ConfigShare {
+                epoch,
+                hash: self.ms().rng.seed32(),
+                sig,
+            },
+            MsMessage::FreshShare {
+                epoch,
+                config,
+                time_ms,
+                sig,
+            } => MsMessage::FreshShare {
+                epoch,
+                config,
+                time_ms: time_ms + 3_600_000,
+                sig,
+            },
+            other => other,
+        }
+    }
+
+    /// A lying committee member's own submissions: now and then it accuses a live member, asks
+    /// to end the epoch before anyone else, or submits a join without admission.
+    fn ms_lie_submit(&mut self, n: usize) {
+        let Some(config) = self
+            .ms()
+            .roles
+            .get(&n)
+            .filter(|r| r.agreement().is_some())
+            .map(|r| r.config().clone())
+        else {
+            return;
+        };
+        let epoch = config.epoch;
+        let me = self.nodes[n].key.node_id();
+        if self.ms().rng.chance(0.3) {
+            let others: Vec<NodeId> = config
+                .members
+                .iter()
+                .map(|m| m.id)
+                .filter(|id| *id != me)
+                .collect();
+            if !others.is_empty() {
+                let target = others[self.ms().rng.below(others.len())];
+                self.ms_want(
+                    n,
+                    MsOp::Probe {
+                        epoch,
+                        target,
+                        responsive: false,
+                    },
+                );
+            }
+        }
+        if self.ms().target.is_none() && self.ms().rng.chance(0.15) {
+            self.ms_want(n, MsOp::EndEpoch { epoch });
+        }
+        if self.ms().rng.chance(0.1) {
+            let stranger = Keypair::from_seed(self.ms().rng.seed32());
+            // Admitted by itself, not by the admission authority.
+            let cert = AdmissionCert::sign(&self.nodes[n].key, &stranger.public());
+            let op = MsOp::Join {
+                epoch,
+                member: Member::new(stranger.public(), "sim"),
+                cert,
+            };
+            self.ms_want(n, op);
+        }
+    }
+
     /// Node `n` wants `op` executed in its current epoch.
     fn ms_want(&mut self, n: usize, op: MsOp) {
         if self.ms().subs_of(n).push(op) {
@@ -377,7 +562,7 @@ impl Sim {
     /// Sends node `n`'s next submission to the committee of its epoch (and its own role), or the
     /// outstanding one again once its period passed.
     fn ms_submit(&mut self, n: usize) {
-        if !self.nodes[n].up || self.nodes[n].byz.is_some() {
+        if !self.nodes[n].up || self.lie(n) == Some(Lie::Silent) {
             return;
         }
         let now = self.now;
@@ -405,6 +590,9 @@ impl Sim {
             if self.nodes[n].up {
                 self.ms_enter(n);
                 self.ms_queue_wants(n);
+                if self.lie(n) == Some(Lie::Liar) {
+                    self.ms_lie_submit(n);
+                }
                 self.ms_submit(n);
             }
         }
@@ -487,6 +675,23 @@ impl Sim {
         }
         if epoch as usize != self.configs.len() {
             return;
+        }
+        if self.ms().target.is_none() {
+            self.violation(format!(
+                "MS: epoch {epoch} was certified though no correct member asked to end epoch {}",
+                epoch - 1
+            ));
+        }
+        if let Some(m) = cc
+            .config
+            .members
+            .iter()
+            .find(|m| !self.node_index.contains_key(&m.id))
+        {
+            self.violation(format!(
+                "MS: epoch {epoch} admits {}, which holds no admission certificate",
+                m.id.short()
+            ));
         }
         self.ms().epochs_certified += 1;
         if self
