@@ -2,12 +2,12 @@
 //! committee role on the members of the current epoch's committee.
 //!
 //! Goals:
-//! - **Follower** (every node). Configurations arrive pushed along a tree computed from the newest
-//!   configuration ([`push_children`]) and are pulled every [`MsOptions::pull`] from a random member
-//!   among the healthiest ([`Health`]: a member whose request failed or timed out, [`PULL_TIMEOUT`],
-//!   is asked last until it answers again or its penalty decays, and a failed pull is retried at
-//!   once elsewhere rather than a period later), or, for a node that is joining, from the peer it
-//!   was told to join through. Every configuration
+//! - **Follower** (every node). Drives the core's [`Follower`]: configurations arrive pushed along
+//!   a tree computed from the newest configuration ([`push_children`]) and are pulled every
+//!   [`MsOptions::pull`] from a random member among the healthiest (a member whose request failed
+//!   or timed out, [`PULL_TIMEOUT`], is asked last, and a failed pull is retried at once
+//!   elsewhere), or, for a node that is joining, from the peer it was told to join through. Every
+//!   configuration
 //!   is verified against the chain from the genesis configuration, persisted, and only then used
 //!   ([`Epochs::install`]).
 //! - **Committee role** (members of the current committee). Drives the core's committee role
@@ -34,7 +34,7 @@ use crate::epochs::{Epochs, Peer};
 use crate::store::DiskStore;
 use dbqsfs_core::config::{CertifiedConfig, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
-use dbqsfs_core::dbqs::health::Health;
+use dbqsfs_core::ms::follower::{FollowAction, Follower};
 use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
 use dbqsfs_core::ms::pbft::View;
 pub use dbqsfs_core::ms::probe::probe_body;
@@ -55,8 +55,6 @@ use tracing::{debug, info, warn};
 
 /// How long a pull or batch fetch may take before it counts as failed.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(3);
-/// Failed pulls retried at once, elsewhere, between two periodic pulls.
-const PULL_RETRIES: u32 = 2;
 /// Most configurations in one push or pull answer.
 const MAX_CONFIGS: usize = 64;
 
@@ -275,14 +273,9 @@ struct Task {
     /// Operations to submit, one at a time.
     submissions: Submissions,
     leaving: bool,
-    next_pull: Instant,
     last_view_change: Option<(Epoch, View)>,
-    /// How the members this node pulls from answered lately.
-    health: Health,
-    /// The member of the last random pull, until it answers or fails.
-    pulling: Option<NodeId>,
-    /// Pulls retried at once since the last periodic one (at most [`PULL_RETRIES`]).
-    pull_retries: u32,
+    /// Pulls and pushes of configurations.
+    follower: Follower,
 }
 
 impl Task {
@@ -293,7 +286,14 @@ impl Task {
         tx: mpsc::Sender<Inbound>,
     ) -> Task {
         let now = Instant::now();
+        let follower = Follower::new(
+            shared.key.node_id(),
+            shared.epochs.epoch(),
+            opts.pull.as_millis() as u64,
+            0,
+        );
         Task {
+            follower,
             epoch: shared.epochs.epoch(),
             submissions: Submissions::new(opts.resubmit.as_millis() as u64),
             shared,
@@ -304,11 +304,7 @@ impl Task {
             entered: now,
             role: None,
             leaving: false,
-            next_pull: now,
             last_view_change: None,
-            health: Health::new(),
-            pulling: None,
-            pull_retries: 0,
         }
     }
 
@@ -335,29 +331,49 @@ impl Task {
                 sampled = Instant::now();
             }
             if self.shared.epochs.epoch() != self.epoch {
-                self.forward_new_configs();
+                let forward = self.follower.entered(self.shared.epochs.chain().config());
+                self.follow(forward);
                 self.enter_epoch();
             }
             self.drain();
         }
     }
 
-    /// Passes the configurations installed since our last epoch down the push tree of the newest
-    /// one (whatever their source: a push, a pull, or our own certificate).
-    fn forward_new_configs(&self) {
+    /// Carries out what the follower asks: a pull (`ChainAfter`), or the configurations installed
+    /// after an epoch passed down the push tree of the newest one (whatever their source: a push,
+    /// a pull, or our own certificate).
+    fn follow(&mut self, action: Option<FollowAction>) {
         let chain = self.shared.epochs.chain();
-        let configs = chain.after(self.epoch, MAX_CONFIGS);
-        if configs.is_empty() {
-            return;
+        match action {
+            Some(FollowAction::Pull { to, after }) => {
+                if let Some(m) = chain.config().member(&to).cloned() {
+                    self.request(m, MsMessage::ChainAfter { epoch: after });
+                }
+            }
+            Some(FollowAction::Forward { to, after }) => {
+                let configs = chain.after(after, MAX_CONFIGS);
+                if configs.is_empty() {
+                    return;
+                }
+                let to: Vec<Member> = to
+                    .iter()
+                    .filter_map(|id| chain.config().member(id).cloned())
+                    .collect();
+                self.send_all(
+                    to,
+                    MsMessage::Push {
+                        configs,
+                        freshness: None,
+                    },
+                );
+            }
+            None => {}
         }
-        let children = push_children(chain.config(), &self.shared.key.node_id());
-        self.send_all(
-            children,
-            MsMessage::Push {
-                configs,
-                freshness: None,
-            },
-        );
+    }
+
+    /// A random rotation among equally healthy members to pull from.
+    fn rotate() -> u64 {
+        u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or([0; 8]))
     }
 
     /// Sets up the role for the newest installed epoch.
@@ -485,9 +501,8 @@ impl Task {
                         debug!(peer = %from.short(), error = e, "agreement message refused");
                     }
                 } else if let Ok(env) = decode::<dbqsfs_core::ms::pbft::AgreementMessage>(&bytes) {
-                    if env.epoch > self.epoch {
-                        self.pull_from(from);
-                    }
+                    let pull = self.follower.saw_epoch(from, env.epoch);
+                    self.follow(pull);
                 }
             }
             Inbound::Message { from, msg, reply } => {
@@ -495,23 +510,16 @@ impl Task {
                 let _ = reply.send(answer);
             }
             Inbound::Answer { from, msg } => {
-                self.health.good(from, now);
-                if self.pulling == Some(from) {
-                    self.pulling = None;
-                }
+                self.follower.answered(from, now);
                 self.on_answer(from, msg)
             }
             Inbound::Failed { from } => {
-                self.health.failed(from, now);
-                if self.pulling == Some(from) {
-                    self.pulling = None;
-                    if self.pull_retries < PULL_RETRIES {
-                        // Ask another member now rather than a whole period later.
-                        debug!(peer = %from.short(), "pull failed; pulling from another member");
-                        self.pull_retries += 1;
-                        self.pull_random();
-                    }
+                let config = self.shared.epochs.chain().config().clone();
+                let retry = self.follower.failed(from, now, &config, Self::rotate());
+                if retry.is_some() {
+                    debug!(peer = %from.short(), "pull failed; pulling from another member");
                 }
+                self.follow(retry);
             }
             Inbound::ProbeResult {
                 target,
@@ -650,16 +658,25 @@ impl Task {
     }
 
     fn on_tick(&mut self) {
-        let now = Instant::now();
         let now_ms = self.now_ms();
-        #[cfg(feature = "fault-injection")]
-        if self.opts.forge && now >= self.next_pull {
-            self.forge();
-        }
-        if now >= self.next_pull {
-            self.next_pull = now + self.opts.pull;
-            self.pull_retries = 0;
-            self.pull_random();
+        if now_ms >= self.follower.next_timer() {
+            #[cfg(feature = "fault-injection")]
+            if self.opts.forge {
+                self.forge();
+            }
+            let chain = self.shared.epochs.chain();
+            let pull = self
+                .follower
+                .on_timer(now_ms, chain.config(), Self::rotate());
+            self.follow(pull);
+            if let Some((addr, key)) = self.opts.bootstrap {
+                if !chain.config().is_member(&self.shared.key.node_id()) {
+                    let msg = MsMessage::ChainAfter {
+                        epoch: self.follower.epoch(),
+                    };
+                    self.request_at(addr, key, msg);
+                }
+            }
         }
         self.submit_next();
         if let Some(role) = self.role.as_mut() {
@@ -866,39 +883,6 @@ impl Task {
                 warn!(error = %e, "the certified configuration did not install");
             }
         });
-    }
-
-    fn pull_random(&mut self) {
-        let chain = self.shared.epochs.chain();
-        let me = self.shared.key.node_id();
-        let others: Vec<&Member> = chain
-            .config()
-            .members
-            .iter()
-            .filter(|m| m.id != me)
-            .collect();
-        let msg = MsMessage::ChainAfter { epoch: self.epoch };
-        if !others.is_empty() {
-            // A random one of the healthiest members.
-            let ids: Vec<NodeId> = others.iter().map(|m| m.id).collect();
-            let rotate = u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or([0; 8]));
-            let pick = self.health.order(&ids, rotate as usize, self.now_ms())[0];
-            if let Some(m) = others.iter().find(|m| m.id == pick) {
-                self.pulling = Some(pick);
-                self.request((*m).clone(), msg.clone());
-            }
-        }
-        if let Some((addr, key)) = self.opts.bootstrap {
-            if !chain.config().is_member(&me) {
-                self.request_at(addr, key, msg);
-            }
-        }
-    }
-
-    fn pull_from(&mut self, from: NodeId) {
-        if let Some(m) = self.shared.epochs.chain().config().member(&from).cloned() {
-            self.request(m, MsMessage::ChainAfter { epoch: self.epoch });
-        }
     }
 
     fn send_all(&self, to: Vec<Member>, msg: MsMessage) {

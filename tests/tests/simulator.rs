@@ -88,7 +88,7 @@ fn in_the_composed_mode_the_ms_decides_the_epochs() {
 }
 
 /// A committee member that restarts without what it persisted signs a second statement for a
-/// slot it signed before; the composed mode's check sees it (first at seed 26).
+/// slot it signed before; the composed mode's check sees it (first at seed 73).
 #[test]
 fn in_the_composed_mode_a_member_that_forgets_what_it_signed_is_caught() {
     let forget = RunOptions {
@@ -96,7 +96,7 @@ fn in_the_composed_mode_a_member_that_forgets_what_it_signed_is_caught() {
         forget_signed_state: true,
         ..opts(1, Mutant::None)
     };
-    let caught = (0..60).find(|&seed| {
+    let caught = (0..120).find(|&seed| {
         run_seed(seed, &forget)
             .violations
             .iter()

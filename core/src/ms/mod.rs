@@ -24,10 +24,13 @@
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
 //! - [`shares`]: freshness shares and the next configuration's signatures, collected.
 //! - [`submissions`]: a node's operations for the MS, signed and sent one at a time until executed.
+//! - [`follower`]: a node's following of the epochs: whom it pulls configurations from and when,
+//!   whom it forwards them to.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
 //! - [`wire`]: the MS's messages beside the agreement's.
 
 pub mod app;
+pub mod follower;
 pub mod membership;
 pub mod pbft;
 pub mod probe;

@@ -893,7 +893,11 @@ impl Sim {
                 let newest = self.configs.len() as u64 - 1;
                 for n in 0..self.nodes.len() {
                     self.restart(n);
-                    self.install(n, newest);
+                    // In the composed mode nodes learn the newest configuration by their own
+                    // pulls and the push tree, as nodes do.
+                    if self.ms.is_none() {
+                        self.install(n, newest);
+                    }
                 }
                 for c in 0..self.clients.len() {
                     if !self.clients[c].up {

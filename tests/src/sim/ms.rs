@@ -7,8 +7,12 @@
 //! role asked to persist. When the test reconfigures, nodes that should join submit `Join` (with
 //! an admission certificate), nodes that should go submit `Leave`, and the committee members
 //! submit `EndEpoch` (the epoch timer, fired by the test), each resent until executed or the
-//! epoch is over, as the daemon resends. The certificate the committee assembles is what every
-//! node installs; the replicas, clients, transfers and collections live through those epochs.
+//! epoch is over, as the daemon resends (`ms::submissions`). The certificate the committee
+//! assembles is what every node installs, and it reaches them as it reaches nodes: the members
+//! that assembled it push it to the root of the push tree, every node forwards what it installs
+//! to its children and pulls from a member every second (`ms::follower`, the daemon's too; the
+//! test installs nothing itself, not even at the heal). The replicas, clients, transfers and
+//! collections live through those epochs.
 //!
 //! Byzantine dBQS nodes are Byzantine MS members too, each in one way ([`Lie`]): silent; sending
 //! garbage (bit-flipped copies of its agreement messages and shares, random bytes); or lying
@@ -29,17 +33,24 @@ use crate::rng::Rng;
 use crate::signed::SignedLog;
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
+use dbqsfs_core::dbqs::replica::Handled;
+use dbqsfs_core::ms::follower::{FollowAction, Follower};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::pbft::AgreementMessage;
 use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Setup};
 use dbqsfs_core::ms::submissions::Submissions;
+use dbqsfs_core::ms::tree::tree_order;
 use dbqsfs_core::ms::wire::{is_ms, MsMessage};
 use dbqsfs_core::wire::{decode, encode_msg, Protocol};
 use std::collections::BTreeMap;
 
 /// Resubmission period of an operation not executed yet.
 const RESUBMIT_MS: u64 = 1_000;
+/// Period of a node's pulls of configurations.
+const PULL_MS: u64 = 1_000;
+/// Most configurations in one push or pull answer (as the daemon's).
+const MAX_CONFIGS: usize = 64;
 
 /// What a role persisted in one epoch: the record and the batches.
 type Disk = (Vec<u8>, Vec<Vec<u8>>);
@@ -57,6 +68,8 @@ pub(super) struct Ms {
     timers: BTreeMap<usize, u64>,
     /// What each node wants executed, submitted one at a time as the daemon does (volatile).
     subs: BTreeMap<usize, Submissions>,
+    /// Each node's following of the epochs: pulls and pushes (volatile).
+    followers: BTreeMap<usize, Follower>,
     /// What correct members certified, by epoch.
     certified: BTreeMap<Epoch, ConfigHash>,
     /// The reconfiguration the test asked for and not certified yet: from which epoch, to which
@@ -98,6 +111,7 @@ impl Ms {
             disks: BTreeMap::new(),
             timers: BTreeMap::new(),
             subs: BTreeMap::new(),
+            followers: BTreeMap::new(),
             certified: BTreeMap::new(),
             target: None,
             queued: Default::default(),
@@ -155,6 +169,11 @@ impl Sim {
         let epoch = self.nodes[n].replica.epoch();
         let config = self.configs[epoch as usize].config.clone();
         let me = self.nodes[n].key.node_id();
+        // What it installed goes on down the push tree (a Byzantine node withholds it).
+        let forward = self.ms_follower(n).entered(&config);
+        if self.nodes[n].byz.is_none() {
+            self.ms_follow(n, forward);
+        }
         if self.ms().roles.get(&n).is_some_and(|r| r.epoch() == epoch) {
             return;
         }
@@ -197,6 +216,48 @@ impl Sim {
         self.ms_drain(n);
     }
 
+    /// Node `n`'s follower (a restarted node starts a new one, from the epoch it holds).
+    fn ms_follower(&mut self, n: usize) -> &mut Follower {
+        let me = self.nodes[n].key.node_id();
+        let epoch = self.nodes[n].replica.epoch();
+        let now = self.now;
+        self.ms
+            .as_mut()
+            .expect("composed mode")
+            .followers
+            .entry(n)
+            .or_insert_with(|| Follower::new(me, epoch, PULL_MS, now))
+    }
+
+    /// Carries out what node `n`'s follower asks, as the daemon's MS driver does.
+    fn ms_follow(&mut self, n: usize, action: Option<FollowAction>) {
+        let me = self.nodes[n].key.node_id();
+        let epoch = self.nodes[n].replica.epoch();
+        match action {
+            Some(FollowAction::Pull { to, after }) => {
+                let bytes = encode_msg(epoch, MsMessage::ChainAfter { epoch: after });
+                self.send(me, to, bytes);
+            }
+            Some(FollowAction::Forward { to, after }) => {
+                let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
+                if configs.is_empty() {
+                    return;
+                }
+                let bytes = encode_msg(
+                    epoch,
+                    MsMessage::Push {
+                        configs,
+                        freshness: None,
+                    },
+                );
+                for to in to {
+                    self.send(me, to, bytes.clone());
+                }
+            }
+            None => {}
+        }
+    }
+
     /// Node `n` queues its part of the reconfiguration asked for, once it is in that epoch:
     /// join or leave, and, as a committee member, the end of the epoch.
     fn ms_queue_wants(&mut self, n: usize) {
@@ -234,6 +295,7 @@ impl Sim {
             ms.roles.remove(&n);
             ms.timers.remove(&n);
             ms.subs.remove(&n);
+            ms.followers.remove(&n);
             ms.queued.retain(|(m, _)| *m != n);
         }
     }
@@ -245,8 +307,17 @@ impl Sim {
         }
         let now = self.now;
         if !is_ms(bytes) {
-            if let Some(role) = self.ms().roles.get_mut(&n) {
-                let _ = role.on_agreement(now, from, bytes);
+            match self.ms().roles.get_mut(&n) {
+                Some(role) if role.agreement().is_some() => {
+                    let _ = role.on_agreement(now, from, bytes);
+                }
+                _ => {
+                    // Not in this agreement: a later epoch's means configurations we lack.
+                    if let Ok(env) = decode::<AgreementMessage>(bytes) {
+                        let pull = self.ms_follower(n).saw_epoch(from, env.epoch);
+                        self.ms_follow(n, pull);
+                    }
+                }
             }
             return self.ms_drain(n);
         }
@@ -254,6 +325,30 @@ impl Sim {
             return;
         };
         let me = self.nodes[n].key.node_id();
+        // The follower's messages, which need no role.
+        match env.msg {
+            MsMessage::ChainAfter { epoch: after } => {
+                if self.nodes[n].byz.is_none() {
+                    let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
+                    let epoch = self.nodes[n].replica.epoch();
+                    let reply = MsMessage::Chain {
+                        configs,
+                        freshness: None,
+                    };
+                    self.send(me, from, encode_msg(epoch, reply));
+                }
+                return;
+            }
+            MsMessage::Chain { configs, .. } | MsMessage::Push { configs, .. } => {
+                self.ms_follower(n).answered(from, now);
+                if !configs.is_empty() && self.nodes[n].byz.is_none() {
+                    // Installed only if the certificates chain to what the node holds.
+                    self.apply(n, from, Handled::Install(configs));
+                }
+                return;
+            }
+            _ => {}
+        }
         let Some(role) = self.ms().roles.get_mut(&n) else {
             return;
         };
@@ -589,6 +684,14 @@ impl Sim {
         for n in 0..self.nodes.len() {
             if self.nodes[n].up {
                 self.ms_enter(n);
+                if self.nodes[n].byz.is_none() {
+                    let epoch = self.nodes[n].replica.epoch();
+                    let config = self.configs[epoch as usize].config.clone();
+                    let rotate = self.ms().rng.next_u64();
+                    let now = self.now;
+                    let pull = self.ms_follower(n).on_timer(now, &config, rotate);
+                    self.ms_follow(n, pull);
+                }
                 self.ms_queue_wants(n);
                 if self.lie(n) == Some(Lie::Liar) {
                     self.ms_lie_submit(n);
@@ -649,6 +752,25 @@ impl Sim {
         out
     }
 
+    /// A correct member that assembled `cc` installs it (once its role's actions are carried out,
+    /// as the daemon's install runs beside the role) and pushes it to the root of its push tree;
+    /// from there the members forward it, and every node's pulls fill what is lost.
+    fn ms_push_root(&mut self, n: usize, cc: CertifiedConfig) {
+        let epoch = cc.config.epoch;
+        self.schedule(self.now + 1, Ev::Install { n, epoch });
+        let me = self.nodes[n].key.node_id();
+        let bytes = encode_msg(
+            epoch - 1,
+            MsMessage::Push {
+                configs: vec![cc.clone()],
+                freshness: None,
+            },
+        );
+        for root in tree_order(&cc.config).into_iter().take(2) {
+            self.send(me, root.id, bytes.clone());
+        }
+    }
+
     /// Node `n`'s role assembled the next configuration's certificate.
     fn ms_certified(&mut self, n: usize, cc: CertifiedConfig) {
         if self.nodes[n].byz.is_some() {
@@ -670,7 +792,7 @@ impl Sim {
                 ));
                 return;
             }
-            Some(_) => return,
+            Some(_) => return self.ms_push_root(n, cc),
             None => {}
         }
         if epoch as usize != self.configs.len() {
@@ -702,11 +824,7 @@ impl Sim {
         {
             self.ms().target = None;
         }
-        self.configs.push(cc);
-        // Nodes learn it from the committee's push within a moment (or from clients and peers).
-        for m in 0..self.nodes.len() {
-            let at = self.now + self.rng.range(0, 300);
-            self.schedule(at, Ev::Install { n: m, epoch });
-        }
+        self.configs.push(cc.clone());
+        self.ms_push_root(n, cc);
     }
 }
