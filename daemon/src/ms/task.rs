@@ -1,242 +1,11 @@
-//! The Membership Service as a node runs it (DESIGN §3): the epoch follower on every node, and the
-//! committee role on the members of the current epoch's committee.
-//!
-//! Goals:
-//! - **Follower** (every node). Drives the core's [`Follower`]: configurations arrive pushed along
-//!   a tree computed from the newest configuration ([`push_children`]) and are pulled every
-//!   [`MsOptions::pull`] from a random member among the healthiest (a member whose request failed
-//!   or timed out, [`PULL_TIMEOUT`], is asked last, and a failed pull is retried at once
-//!   elsewhere), or, for a node that is joining, from the peer it was told to join through. Every
-//!   configuration
-//!   is verified against the chain from the genesis configuration, persisted, and only then used
-//!   ([`Epochs::install`]).
-//! - **Committee role** (members of the current committee). Drives the core's committee role
-//!   ([`Role`]: the PBFT agreement, the MS application, probes, freshness and certificate shares,
-//!   the epoch timer) over QUIC: it feeds the role messages, answers and the clock, and carries
-//!   out its actions in order: persist, send, probe, submit reports, install the certified
-//!   configuration, learn freshness certificates.
-//! - **Submissions** (any node): joins (`dbqsfs node --join`), leaves (`dbqsfs leave`), and the
-//!   committee's own reports go out one at a time (the agreement executes a client's requests in
-//!   order and drops overtaken ones), resent until executed or their epoch is over.
-//!
-//! Non-goals: protocol decisions (the core makes them), state transfer (the transfer worker reacts
-//! to installed epochs on its own). What the role asks to persist ([`Action::Persist`]) is
-//! written to the node's store before any action after it is carried out; restarted in the same
-//! epoch, the role takes the agreement up again from it ([`Resume::Saved`]), so epochs go on
-//! after a restart of any number of members. A member whose state cannot be read or written
-//! sits that epoch's agreement out rather than risk signing twice.
-//!
-//! Fault model: every message comes from the network and is checked before use; a Byzantine peer
-//! can delay or refuse, never forge: configurations and freshness certificates are self-certifying,
-//! probe answers are signatures over our nonce, agreement messages are checked by the core.
+//! The MS task: one loop that feeds the core's machines (the committee role, the follower, the
+//! submissions) their inputs and the clock, and carries out their actions in order: persist,
+//! send, probe, install.
 
-use crate::epochs::{Epochs, Peer};
-use crate::store::DiskStore;
-use dbqsfs_core::config::{CertifiedConfig, Epoch, Member};
-use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
-use dbqsfs_core::ms::follower::{FollowAction, Follower};
-use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
-use dbqsfs_core::ms::pbft::View;
-pub use dbqsfs_core::ms::probe::probe_body;
-use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Saved, Setup};
-use dbqsfs_core::ms::submissions::Submissions;
-pub use dbqsfs_core::ms::tree::push_children;
-use dbqsfs_core::ms::tree::tree_order;
-pub use dbqsfs_core::ms::wire::{is_ms, MsMessage, MsStatus};
-use dbqsfs_core::wire::{decode, encode_msg};
-use dbqsfs_net::Endpoint;
-use ed25519_dalek::VerifyingKey;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
-use tracing::{debug, info, warn};
+#[cfg(feature = "fault-injection")]
+mod forge;
 
-/// How long a pull or batch fetch may take before it counts as failed.
-pub const PULL_TIMEOUT: Duration = Duration::from_secs(3);
-/// Most configurations in one push or pull answer.
-const MAX_CONFIGS: usize = 64;
-
-/// Timing of the MS role that is local to a node (the protocol's own periods are in the
-/// configuration's [`dbqsfs_core::config::Params`]).
-#[derive(Clone, Debug)]
-pub struct MsOptions {
-    /// Period of pulls from a random member.
-    pub pull: Duration,
-    /// Resend an unexecuted submission after this long.
-    pub resubmit: Duration,
-    /// Period of the role's timer checks.
-    pub tick: Duration,
-    /// A peer to pull configurations from before this node is a member: (address, key).
-    pub bootstrap: Option<(SocketAddr, VerifyingKey)>,
-    /// Join the cluster with this admission certificate (until a configuration includes us).
-    pub join: Option<AdmissionCert>,
-    /// Test builds only: behave as a Byzantine committee member (withhold agreement messages, send
-    /// garbage ones, never propose the end of an epoch, push forged configurations and freshness
-    /// certificates to every member).
-    #[cfg(feature = "fault-injection")]
-    pub forge: bool,
-}
-
-impl Default for MsOptions {
-    fn default() -> Self {
-        MsOptions {
-            pull: Duration::from_secs(2),
-            resubmit: Duration::from_secs(2),
-            tick: Duration::from_millis(50),
-            bootstrap: None,
-            join: None,
-            #[cfg(feature = "fault-injection")]
-            forge: false,
-        }
-    }
-}
-
-/// Inputs of the MS task.
-pub enum Inbound {
-    /// An agreement message from a peer.
-    Agreement { from: NodeId, bytes: Vec<u8> },
-    /// An MS message that needs the task's state; `reply` takes the answer, if any.
-    Message {
-        from: PublicKey,
-        msg: MsMessage,
-        reply: oneshot::Sender<Option<MsMessage>>,
-    },
-    /// The answer to a pull or a batch fetch we sent.
-    Answer { from: NodeId, msg: MsMessage },
-    /// A pull or batch fetch we sent to `from` failed: no connection, no answer in time, or an
-    /// undecodable one.
-    Failed { from: NodeId },
-    /// A probe answer (or its failure): (target, nonce, answer).
-    ProbeResult {
-        target: NodeId,
-        epoch: Epoch,
-        nonce: [u8; 32],
-        answer: Option<Signature>,
-    },
-}
-
-/// What the MS task needs of its node: its identity, its store (for the agreement's durable
-/// state) and its epochs.
-pub struct MsContext {
-    pub key: Keypair,
-    pub admission_key: PublicKey,
-    /// The address this node listens on (as members are told to reach it).
-    pub listen: SocketAddr,
-    pub store: Arc<DiskStore>,
-    pub epochs: Arc<Epochs>,
-}
-
-/// The handle through which the node feeds the MS task.
-#[derive(Clone)]
-pub struct MsHandle {
-    tx: mpsc::Sender<Inbound>,
-    shared: Arc<MsContext>,
-}
-
-impl MsHandle {
-    /// Feeds an input; drops it when the task is overloaded (every input is retransmitted by
-    /// its sender or recomputed by a timer).
-    pub fn offer(&self, input: Inbound) {
-        if self.tx.try_send(input).is_err() {
-            debug!("MS task busy: dropped an input");
-        }
-    }
-
-    /// Sends `msg` to the task and waits for its answer.
-    pub async fn ask(&self, from: PublicKey, msg: MsMessage) -> Option<MsMessage> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Inbound::Message { from, msg, reply })
-            .ok()?;
-        rx.await.ok().flatten()
-    }
-}
-
-/// Starts the MS task of the node; abort the returned task to stop it (the node does at shutdown).
-pub fn spawn(
-    shared: Arc<MsContext>,
-    endpoint: Endpoint,
-    opts: MsOptions,
-) -> (MsHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(4096);
-    let handle = MsHandle {
-        tx: tx.clone(),
-        shared: shared.clone(),
-    };
-    let task = Task::new(shared, endpoint, opts, tx);
-    (handle, tokio::spawn(task.run(rx)))
-}
-
-/// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
-/// key, `kind` what it is to us.
-pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> Option<Vec<u8>> {
-    let shared = &ms.shared;
-    let env = match decode::<MsMessage>(bytes) {
-        Ok(env) => env,
-        Err(e) => {
-            debug!(peer = %peer.node_id().short(), error = %e, "undecodable MS message");
-            return None;
-        }
-    };
-    let epoch = shared.epochs.epoch();
-    let allowed = match (&env.msg, kind) {
-        (_, Peer::Member | Peer::Myself) => true,
-        (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => true,
-        // A stranger may learn the configurations and ask to join, nothing else.
-        (MsMessage::ChainAfter { .. } | MsMessage::Submit(_), _) => true,
-        _ => false,
-    };
-    if !allowed {
-        let reason = "not a member of this cluster".to_string();
-        return Some(encode_msg(epoch, MsMessage::Refused { reason }));
-    }
-    let answer = match env.msg {
-        MsMessage::Challenge { epoch: e, nonce } => Some(MsMessage::ChallengeAnswer {
-            sig: shared
-                .key
-                .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
-        }),
-        MsMessage::ChainAfter { epoch: after } => Some(MsMessage::Chain {
-            configs: shared.epochs.chain().after(after, MAX_CONFIGS),
-            freshness: shared.epochs.freshness(),
-        }),
-        MsMessage::Push { configs, freshness } => {
-            if let Some(f) = freshness {
-                shared.epochs.learn_freshness(f);
-            }
-            if !configs.is_empty() {
-                let s = shared.clone();
-                let from = peer.node_id();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = s.epochs.install(configs) {
-                        debug!(peer = %from.short(), error = %e, "refused pushed configurations");
-                    }
-                })
-                .await
-                .ok()?;
-            }
-            None
-        }
-        MsMessage::Leave if kind != Peer::Myself => Some(MsMessage::Refused {
-            reason: "only the node's own key may ask it to leave".into(),
-        }),
-        msg @ (MsMessage::Submit(_)
-        | MsMessage::ConfigShare { .. }
-        | MsMessage::FreshShare { .. }
-        | MsMessage::Batches { .. }
-        | MsMessage::StatusRequest
-        | MsMessage::Leave) => ms.ask(peer, msg).await,
-        MsMessage::ChallengeAnswer { .. }
-        | MsMessage::Chain { .. }
-        | MsMessage::BatchLog { .. }
-        | MsMessage::Status(_)
-        | MsMessage::Leaving { .. }
-        | MsMessage::Refused { .. } => None,
-    };
-    answer.map(|m| encode_msg(epoch, m))
-}
+use super::*;
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -261,7 +30,7 @@ fn member_target(m: &Member) -> Option<(SocketAddr, VerifyingKey)> {
     ))
 }
 
-struct Task {
+pub(super) struct Task {
     shared: Arc<MsContext>,
     endpoint: Endpoint,
     opts: MsOptions,
@@ -279,7 +48,7 @@ struct Task {
 }
 
 impl Task {
-    fn new(
+    pub(super) fn new(
         shared: Arc<MsContext>,
         endpoint: Endpoint,
         opts: MsOptions,
@@ -312,7 +81,7 @@ impl Task {
         self.start.elapsed().as_millis() as u64
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
         self.enter_epoch();
         let mut tick = tokio::time::interval(self.opts.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -889,63 +658,6 @@ impl Task {
         let bytes = encode_msg(self.epoch, msg);
         for m in to {
             self.send_raw(m, bytes.clone());
-        }
-    }
-
-    /// Pushes a configuration certified by this node alone (its signature and made-up ones of the
-    /// others) and a forged freshness certificate to every member; sends garbage agreement messages.
-    #[cfg(feature = "fault-injection")]
-    fn forge(&mut self) {
-        use dbqsfs_core::config::{Configuration, Freshness};
-        let chain = self.shared.epochs.chain();
-        let cur = chain.config();
-        let me = self.shared.key.node_id();
-        // Keep only ourselves and the fewest others a configuration may have.
-        let mut members: Vec<Member> = cur.members.iter().filter(|m| m.id == me).cloned().collect();
-        members.extend(
-            cur.members
-                .iter()
-                .filter(|m| m.id != me)
-                .take(cur.quorum().group_size() - 1)
-                .cloned(),
-        );
-        let next = Configuration::new(cur.epoch + 1, cur.params.clone(), members, Some(cur.hash()));
-        let hash = next.hash();
-        let mut signatures: Vec<(NodeId, Signature)> = cur
-            .committee
-            .iter()
-            .map(|id| (*id, Signature([7u8; 64])))
-            .collect();
-        signatures.retain(|(id, _)| *id != me);
-        signatures.push((me, self.shared.key.sign(Domain::Configuration, &hash)));
-        let forged = CertifiedConfig {
-            config: next,
-            cert: dbqsfs_core::config::Certificate { signatures },
-        };
-        let fresh = Freshness {
-            epoch: cur.epoch,
-            config: cur.hash(),
-            time_ms: unix_ms() + 3_600_000,
-            signatures: vec![(me, Signature([9u8; 64]))],
-        };
-        warn!(
-            epoch = cur.epoch + 1,
-            "FAULT: pushing a forged configuration to every member"
-        );
-        let others: Vec<Member> = cur.members.iter().filter(|m| m.id != me).cloned().collect();
-        self.send_all(
-            others.clone(),
-            MsMessage::Push {
-                configs: vec![forged],
-                freshness: Some(fresh),
-            },
-        );
-        let mut junk = vec![0u8; 200];
-        junk.copy_from_slice(&[0x5a; 200]);
-        junk[0] = dbqsfs_core::wire::WIRE_VERSION;
-        junk[1] = <dbqsfs_core::ms::pbft::AgreementMessage as dbqsfs_core::wire::Protocol>::ID;
-        for m in others {
-            self.send_raw(m, junk.clone());
         }
     }
 

@@ -1,0 +1,73 @@
+//! Answering the MS messages of peers: which kind of peer may send what, the answers that need
+//! no task state (probe challenges, configurations, pushes), and the others handed to the task.
+
+use super::*;
+
+/// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
+/// key, `kind` what it is to us.
+pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> Option<Vec<u8>> {
+    let shared = &ms.shared;
+    let env = match decode::<MsMessage>(bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            debug!(peer = %peer.node_id().short(), error = %e, "undecodable MS message");
+            return None;
+        }
+    };
+    let epoch = shared.epochs.epoch();
+    let allowed = match (&env.msg, kind) {
+        (_, Peer::Member | Peer::Myself) => true,
+        (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => true,
+        // A stranger may learn the configurations and ask to join, nothing else.
+        (MsMessage::ChainAfter { .. } | MsMessage::Submit(_), _) => true,
+        _ => false,
+    };
+    if !allowed {
+        let reason = "not a member of this cluster".to_string();
+        return Some(encode_msg(epoch, MsMessage::Refused { reason }));
+    }
+    let answer = match env.msg {
+        MsMessage::Challenge { epoch: e, nonce } => Some(MsMessage::ChallengeAnswer {
+            sig: shared
+                .key
+                .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
+        }),
+        MsMessage::ChainAfter { epoch: after } => Some(MsMessage::Chain {
+            configs: shared.epochs.chain().after(after, MAX_CONFIGS),
+            freshness: shared.epochs.freshness(),
+        }),
+        MsMessage::Push { configs, freshness } => {
+            if let Some(f) = freshness {
+                shared.epochs.learn_freshness(f);
+            }
+            if !configs.is_empty() {
+                let s = shared.clone();
+                let from = peer.node_id();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = s.epochs.install(configs) {
+                        debug!(peer = %from.short(), error = %e, "refused pushed configurations");
+                    }
+                })
+                .await
+                .ok()?;
+            }
+            None
+        }
+        MsMessage::Leave if kind != Peer::Myself => Some(MsMessage::Refused {
+            reason: "only the node's own key may ask it to leave".into(),
+        }),
+        msg @ (MsMessage::Submit(_)
+        | MsMessage::ConfigShare { .. }
+        | MsMessage::FreshShare { .. }
+        | MsMessage::Batches { .. }
+        | MsMessage::StatusRequest
+        | MsMessage::Leave) => ms.ask(peer, msg).await,
+        MsMessage::ChallengeAnswer { .. }
+        | MsMessage::Chain { .. }
+        | MsMessage::BatchLog { .. }
+        | MsMessage::Status(_)
+        | MsMessage::Leaving { .. }
+        | MsMessage::Refused { .. } => None,
+    };
+    answer.map(|m| encode_msg(epoch, m))
+}
