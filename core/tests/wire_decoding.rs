@@ -82,3 +82,31 @@ proptest! {
         let _ = decode::<DbqsMessage>(&bytes);
     }
 }
+
+/// Who may send which MS message: strangers only learn the configurations and submit, clients
+/// also ask for the status, and a node is asked to leave by its own key alone.
+#[test]
+fn ms_messages_are_permitted_by_the_senders_kind() {
+    use dbqsfs_core::ms::wire::{permitted, MsMessage, Peer};
+    let chain = MsMessage::ChainAfter { epoch: 0 };
+    let status = MsMessage::StatusRequest;
+    let batches = MsMessage::Batches { epoch: 1, upto: 2 };
+    for peer in [Peer::Member, Peer::Myself, Peer::Client, Peer::Stranger] {
+        assert!(
+            permitted(&chain, peer).is_ok(),
+            "{peer:?} learns configurations"
+        );
+    }
+    assert!(permitted(&status, Peer::Client).is_ok());
+    assert!(permitted(&status, Peer::Stranger).is_err());
+    assert!(permitted(&batches, Peer::Member).is_ok());
+    assert!(permitted(&batches, Peer::Client).is_err());
+    assert!(permitted(&batches, Peer::Stranger).is_err());
+    assert!(permitted(&MsMessage::Leave, Peer::Myself).is_ok());
+    for peer in [Peer::Member, Peer::Client, Peer::Stranger] {
+        assert_eq!(
+            permitted(&MsMessage::Leave, peer),
+            Err("only the node's own key may ask it to leave")
+        );
+    }
+}

@@ -15,18 +15,8 @@ use dbqsfs_core::store::StoreError;
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
-/// What a peer is to this node, by its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peer {
-    /// A member of the current configuration.
-    Member,
-    /// A client key listed in node.toml.
-    Client,
-    /// This node's own key (its `dbqsfs` commands).
-    Myself,
-    /// Anyone else: a node that is joining, a member that was removed, or a stranger.
-    Stranger,
-}
+/// What a peer is to this node, by its key (the core's; what each may send is decided there).
+pub use dbqsfs_core::ms::wire::Peer;
 
 /// The node's epochs: its chain, installs, freshness.
 pub struct Epochs {

@@ -12,6 +12,34 @@ use crate::crypto::{NodeId, Signature};
 use crate::wire::{Protocol, WIRE_VERSION};
 use serde::{Deserialize, Serialize};
 
+/// What a peer is to the node it sends to, by its authenticated key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A member of the node's current configuration.
+    Member,
+    /// A client key listed in the node's settings.
+    Client,
+    /// The node's own key (its `dbqsfs` commands).
+    Myself,
+    /// Anyone else: a node that is joining, a member that was removed, or a stranger.
+    Stranger,
+}
+
+/// Whether `peer` may send `msg` (`Err`: the refusal's reason). Members and the node itself may
+/// send anything but a node is asked to leave only by its own key; clients may ask for the
+/// status and the configurations; anyone else may only learn the configurations and submit (what
+/// a stranger's submission may ask is checked again by the committee: only a join).
+pub fn permitted(msg: &MsMessage, peer: Peer) -> Result<(), &'static str> {
+    match (msg, peer) {
+        (MsMessage::Leave, Peer::Myself) => Ok(()),
+        (MsMessage::Leave, _) => Err("only the node's own key may ask it to leave"),
+        (_, Peer::Member | Peer::Myself) => Ok(()),
+        (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => Ok(()),
+        (MsMessage::ChainAfter { .. } | MsMessage::Submit(_), _) => Ok(()),
+        _ => Err("not a member of this cluster"),
+    }
+}
+
 /// Messages of the MS between nodes (and from `dbqsfs` commands), beside the agreement's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MsMessage {

@@ -1,7 +1,9 @@
-//! Answering the MS messages of peers: which kind of peer may send what, the answers that need
-//! no task state (probe challenges, configurations, pushes), and the others handed to the task.
+//! Answering the MS messages of peers: refusing what their kind may not send (the core's
+//! [`permitted`]), the answers that need no task state (probe challenges, configurations,
+//! pushes), and the others handed to the task.
 
 use super::*;
+use dbqsfs_core::ms::wire::permitted;
 
 /// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
 /// key, `kind` what it is to us.
@@ -15,15 +17,8 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
         }
     };
     let epoch = shared.epochs.epoch();
-    let allowed = match (&env.msg, kind) {
-        (_, Peer::Member | Peer::Myself) => true,
-        (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => true,
-        // A stranger may learn the configurations and ask to join, nothing else.
-        (MsMessage::ChainAfter { .. } | MsMessage::Submit(_), _) => true,
-        _ => false,
-    };
-    if !allowed {
-        let reason = "not a member of this cluster".to_string();
+    if let Err(reason) = permitted(&env.msg, kind) {
+        let reason = reason.to_string();
         return Some(encode_msg(epoch, MsMessage::Refused { reason }));
     }
     let answer = match env.msg {
@@ -53,9 +48,6 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
             }
             None
         }
-        MsMessage::Leave if kind != Peer::Myself => Some(MsMessage::Refused {
-            reason: "only the node's own key may ask it to leave".into(),
-        }),
         msg @ (MsMessage::Submit(_)
         | MsMessage::ConfigShare { .. }
         | MsMessage::FreshShare { .. }
