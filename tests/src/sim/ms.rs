@@ -326,6 +326,7 @@ impl Sim {
         };
         let me = self.nodes[n].key.node_id();
         // The follower's messages, which need no role.
+        let is_answer = matches!(env.msg, MsMessage::Chain { .. });
         match env.msg {
             MsMessage::ChainAfter { epoch: after } => {
                 if self.nodes[n].byz.is_none() {
@@ -340,7 +341,11 @@ impl Sim {
                 return;
             }
             MsMessage::Chain { configs, .. } | MsMessage::Push { configs, .. } => {
-                self.ms_follower(n).answered(from, now);
+                // Only a pull's answer says its member answered us (as in the daemon, where a
+                // push is not an answer to anything).
+                if is_answer {
+                    self.ms_follower(n).answered(from, now);
+                }
                 if !configs.is_empty() && self.nodes[n].byz.is_none() {
                     // Installed only if the certificates chain to what the node holds.
                     self.apply(n, from, Handled::Install(configs));
