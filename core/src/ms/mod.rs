@@ -21,6 +21,8 @@
 //! - [`role`]: a committee member's role in one epoch as one machine: the agreement, the
 //!   application, persistence, catching up, probes, shares and the epoch timer, with ordered
 //!   actions for the driver (the node's and the simulator's).
+//! - [`node`]: a node's whole part in the MS as one machine: its role, its submissions and its
+//!   following of the epochs, with one ordered queue of outputs for the driver.
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
 //! - [`shares`]: freshness shares and the next configuration's signatures, collected.
 //! - [`submissions`]: a node's operations for the MS, signed and sent one at a time until executed.
@@ -32,6 +34,7 @@
 pub mod app;
 pub mod follower;
 pub mod membership;
+pub mod node;
 pub mod pbft;
 pub mod probe;
 pub mod role;

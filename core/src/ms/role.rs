@@ -239,7 +239,7 @@ impl Role {
             }));
         }
         let why = match resume {
-            Resume::SitOut => Some("sitting this epoch's agreement out".to_string()),
+            Resume::SitOut => Some("without the state it persisted".to_string()),
             Resume::Fresh => match Agreement::new(key, keys, opts) {
                 Ok(a) => {
                     role.agreement = Some(a);

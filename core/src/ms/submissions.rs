@@ -104,6 +104,16 @@ impl Submissions {
         done
     }
 
+    /// When [`Submissions::poll`] has something to send: now (`Some(0)`) if a request is waiting
+    /// to go for the first time, the end of the resubmission period of the outstanding one, or
+    /// `None` with nothing to send.
+    pub fn next_timer(&self) -> Option<u64> {
+        match &self.outstanding {
+            Some(o) => Some(o.sent.map_or(0, |t| t.saturating_add(self.resubmit_ms))),
+            None => (!self.queue.is_empty()).then_some(0),
+        }
+    }
+
     /// The request to send now, if any: the next operation signed as a new request when none is
     /// outstanding, or the outstanding one again once `resubmit_ms` passed since it was last
     /// sent. Sequence numbers rise; `seq_floor` must be above every number an earlier run of this

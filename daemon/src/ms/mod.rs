@@ -2,25 +2,21 @@
 //! committee role on the members of the current epoch's committee.
 //!
 //! Goals:
-//! - **Follower** (every node). Drives the core's [`Follower`]: configurations arrive pushed along
-//!   a tree computed from the newest configuration ([`push_children`]) and are pulled every
-//!   [`MsOptions::pull`] from a random member among the healthiest (a member whose request failed
-//!   or timed out, [`PULL_TIMEOUT`], is asked last, and a failed pull is retried at once
-//!   elsewhere), or, for a node that is joining, from the peer it was told to join through. Every
-//!   configuration
-//!   is verified against the chain from the genesis configuration, persisted, and only then used
-//!   ([`Epochs::install`]).
-//! - **Committee role** (members of the current committee). Drives the core's committee role
-//!   ([`Role`]: the PBFT agreement, the MS application, probes, freshness and certificate shares,
-//!   the epoch timer) over QUIC: it feeds the role messages, answers and the clock, and carries
-//!   out its actions in order: persist, send, probe, submit reports, install the certified
-//!   configuration, learn freshness certificates.
-//! - **Submissions** (any node): joins (`dbqsfs node --join`), leaves (`dbqsfs leave`), and the
-//!   committee's own reports go out one at a time (the agreement executes a client's requests in
-//!   order and drops overtaken ones), resent until executed or their epoch is over.
+//! - **One machine, one order.** The task drives the core's [`MsNode`]: the node's committee role
+//!   in its epoch (the PBFT agreement, the MS application, probes, freshness and certificate
+//!   shares, the epoch timer), its submissions (joins from `dbqsfs node --join`, leaves from
+//!   `dbqsfs leave`, the committee's own reports: one at a time, resent until executed or their
+//!   epoch is over), and its following of the epochs (configurations pushed along a tree of the
+//!   newest configuration, pulled every [`MsOptions::pull`] from a random member among the
+//!   healthiest, a failed pull retried elsewhere at once, or, for a node that is joining, pulled
+//!   from the peer it was told to join through). It feeds the machine messages, answers,
+//!   failures ([`PULL_TIMEOUT`]) and the clock, and carries out its outputs in the order given:
+//!   persist, send, request, probe, install, learn freshness, log.
+//! - **Verified before used.** Every configuration is verified against the chain from the genesis
+//!   configuration, persisted, and only then used ([`Epochs::install`]).
 //!
 //! Non-goals: protocol decisions (the core makes them), state transfer (the transfer worker reacts
-//! to installed epochs on its own). What the role asks to persist ([`Action::Persist`]) is
+//! to installed epochs on its own). What the machine asks to persist (`Output::Persist`) is
 //! written to the node's store before any action after it is carried out; restarted in the same
 //! epoch, the role takes the agreement up again from it ([`Resume::Saved`]), so epochs go on
 //! after a restart of any number of members. A member whose state cannot be read or written
@@ -31,16 +27,13 @@
 //! probe answers are signatures over our nonce, agreement messages are checked by the core.
 use crate::epochs::{Epochs, Peer};
 use crate::store::DiskStore;
-use dbqsfs_core::config::{CertifiedConfig, Epoch, Member};
+use dbqsfs_core::config::{Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
-use dbqsfs_core::ms::follower::{FollowAction, Follower};
 use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
-use dbqsfs_core::ms::pbft::View;
+use dbqsfs_core::ms::node::{Event, MsNode, Options as NodeOptions, Output};
 pub use dbqsfs_core::ms::probe::probe_body;
-use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Saved, Setup};
-use dbqsfs_core::ms::submissions::Submissions;
+use dbqsfs_core::ms::role::{Resume, Saved};
 pub use dbqsfs_core::ms::tree::push_children;
-use dbqsfs_core::ms::tree::tree_order;
 pub use dbqsfs_core::ms::wire::{is_ms, MsMessage, MsStatus};
 use dbqsfs_core::wire::{decode, encode_msg};
 use dbqsfs_net::Endpoint;

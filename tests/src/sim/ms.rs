@@ -1,7 +1,8 @@
 //! The composed mode (`--composed`): the Membership Service decides the epochs.
 //!
-//! The committee members of each epoch run the node's committee role (`ms::role::Role`, the
-//! machine the daemon's MS driver runs) on the simulated nodes, over the same faulty network as
+//! Every simulated node runs the node's MS machine (`ms::node::MsNode`, the one the daemon's MS
+//! driver runs: the committee role, the submissions and the following of the epochs), and the
+//! committee members of each epoch run their role in it, over the same faulty network as
 //! the replicas and clients: agreement messages, certificate and freshness shares, batch fetches
 //! of a member catching up, probes. Nodes crash with their roles and restart them from what the
 //! role asked to persist. When the test reconfigures, nodes that should join submit `Join` (with
@@ -18,7 +19,8 @@
 //! garbage (bit-flipped copies of its agreement messages and shares, random bytes); or lying
 //! (agreeing honestly, but with shares for values it did not sign, tampered batch logs, inverted
 //! probe verdicts, and its own false accusations, early ends of the epoch and joins without
-//! admission). Their draws come from the MS's own random stream.
+//! admission). They run the real machine and lie through its outputs, as a node with a modified
+//! driver would. Their draws come from the MS's own random stream.
 //!
 //! Checks (beside every dBQS check): no correct member signs two different agreement statements
 //! for one slot, across its crashes and restarts ([`SignedLog`]; the driver mutant
@@ -34,13 +36,11 @@ use crate::signed::SignedLog;
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
 use dbqsfs_core::dbqs::replica::Handled;
-use dbqsfs_core::ms::follower::{FollowAction, Follower};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
-use dbqsfs_core::ms::pbft::AgreementMessage;
+use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
+use dbqsfs_core::ms::pbft::{AgreementMessage, Request};
 use dbqsfs_core::ms::probe::probe_body;
-use dbqsfs_core::ms::role::{agreement_options, Action, Resume, Role, Setup};
-use dbqsfs_core::ms::submissions::Submissions;
-use dbqsfs_core::ms::tree::tree_order;
+use dbqsfs_core::ms::role::Resume;
 use dbqsfs_core::ms::wire::{is_ms, MsMessage};
 use dbqsfs_core::wire::{decode, encode_msg, Protocol};
 use std::collections::BTreeMap;
@@ -58,18 +58,14 @@ type Disk = (Vec<u8>, Vec<Vec<u8>>);
 /// The MS side of a composed run.
 pub(super) struct Ms {
     admission: Keypair,
-    /// Draws of the MS (nonce seeds), apart from the run's stream.
+    /// Draws of the MS (nonce seeds, pull rotations), apart from the run's stream.
     rng: Rng,
-    /// The committee role each node runs in its current epoch (volatile: lost in a crash).
-    roles: BTreeMap<usize, Role>,
+    /// Each node's MS machine (volatile: lost in a crash).
+    nodes: BTreeMap<usize, MsNode>,
     /// What each node's role persisted, by epoch: its disk.
     disks: BTreeMap<(usize, Epoch), Disk>,
-    /// The pending timer event of each role.
+    /// The pending timer event of each node's machine.
     timers: BTreeMap<usize, u64>,
-    /// What each node wants executed, submitted one at a time as the daemon does (volatile).
-    subs: BTreeMap<usize, Submissions>,
-    /// Each node's following of the epochs: pulls and pushes (volatile).
-    followers: BTreeMap<usize, Follower>,
     /// What correct members certified, by epoch.
     certified: BTreeMap<Epoch, ConfigHash>,
     /// The reconfiguration the test asked for and not certified yet: from which epoch, to which
@@ -87,8 +83,8 @@ pub(super) struct Ms {
     forget_signed_state: bool,
 }
 
-/// How a Byzantine node behaves in its MS role. It runs the real role machine and lies through
-/// its outputs, as a node with a modified driver would.
+/// How a Byzantine node behaves in its MS role. It runs the real machine and lies through its
+/// outputs, as a node with a modified driver would.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lie {
     /// Sends nothing, submits nothing.
@@ -107,11 +103,9 @@ impl Ms {
         Ms {
             admission: Keypair::from_seed(rng.seed32()),
             rng,
-            roles: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             disks: BTreeMap::new(),
             timers: BTreeMap::new(),
-            subs: BTreeMap::new(),
-            followers: BTreeMap::new(),
             certified: BTreeMap::new(),
             target: None,
             queued: Default::default(),
@@ -121,12 +115,6 @@ impl Ms {
             signed: SignedLog::default(),
             forget_signed_state,
         }
-    }
-
-    fn subs_of(&mut self, n: usize) -> &mut Submissions {
-        self.subs
-            .entry(n)
-            .or_insert_with(|| Submissions::new(RESUBMIT_MS))
     }
 
     /// Whether a reconfiguration the test asked for is still to be certified.
@@ -160,102 +148,61 @@ impl Sim {
         Some(lie)
     }
 
-    /// Node `n` (up) starts its role in the newest epoch it installed, if it is in its committee
-    /// and has no role there yet: from its disk if it persisted something in that epoch.
+    /// Node `n`'s MS machine (a restarted node starts a new one, from the epoch it holds).
+    fn ms_node(&mut self, n: usize) -> &mut MsNode {
+        let key = self.nodes[n].key.clone();
+        let config = self.configs[self.nodes[n].replica.epoch() as usize]
+            .config
+            .clone();
+        let now = self.now;
+        let ms = self.ms.as_mut().expect("composed mode");
+        let opts = Options {
+            admission_key: ms.admission.public(),
+            pull_ms: PULL_MS,
+            resubmit_ms: RESUBMIT_MS,
+            // The test ends epochs itself (`ms_queue_wants`).
+            epoch_timer: false,
+        };
+        ms.nodes
+            .entry(n)
+            .or_insert_with(|| MsNode::new(key, config, opts, now))
+    }
+
+    /// Node `n` (up) enters the newest epoch it installed: its machine forwards what it
+    /// installed, and, in the committee, takes its role up, from its disk if it persisted
+    /// something in that epoch.
     pub(super) fn ms_enter(&mut self, n: usize) {
         if self.ms.is_none() || !self.nodes[n].up {
             return;
         }
-        let epoch = self.nodes[n].replica.epoch();
-        let config = self.configs[epoch as usize].config.clone();
-        let me = self.nodes[n].key.node_id();
-        // What it installed goes on down the push tree (a Byzantine node withholds it).
-        let forward = self.ms_follower(n).entered(&config);
-        if self.nodes[n].byz.is_none() {
-            self.ms_follow(n, forward);
-        }
-        if self.ms().roles.get(&n).is_some_and(|r| r.epoch() == epoch) {
-            return;
-        }
-        // Operations of an older epoch are void.
-        self.ms().subs_of(n).enter_epoch(epoch);
-        let carried = self.ms().roles.remove(&n).map(|r| r.probes().clone());
-        if !config.committee.contains(&me) {
-            return;
-        }
-        let setup = Setup {
-            key: self.nodes[n].key.clone(),
-            opts: agreement_options(&config),
-            config,
-            admission_key: self.ms().admission.public(),
-            nonce_seed: self.ms().rng.seed32(),
-            epoch_timer: false,
-        };
-        let disk = if self.ms().forget_signed_state {
-            None
+        let config = self.configs[self.nodes[n].replica.epoch() as usize]
+            .config
+            .clone();
+        let disk = if self.ms_node(n).wants_role(&config) && !self.ms().forget_signed_state {
+            self.ms().disks.get(&(n, config.epoch)).cloned()
         } else {
-            self.ms().disks.get(&(n, epoch)).cloned()
+            None
         };
         let resume = match &disk {
             Some((record, batches)) => Resume::Saved { record, batches },
             None => Resume::Fresh,
         };
-        let (role, why) = Role::new(setup, resume, carried.as_ref(), self.now);
-        if let Some(why) = why {
-            if self.nodes[n].byz.is_none() {
-                self.violation(format!(
-                    "MS: node {n} cannot take its role in epoch {epoch} up: {why}"
-                ));
-            }
-        }
-        self.ms().roles.insert(n, role);
-        if matches!(self.lie(n), Some(Lie::Garbage | Lie::Liar)) {
-            self.ms().lying_roles += 1;
-        }
-        self.ms().timers.remove(&n);
+        let seed = self.ms().rng.seed32();
+        let now = self.now;
+        self.ms_node(n).enter(&config, resume, seed, now);
         self.ms_drain(n);
     }
 
-    /// Node `n`'s follower (a restarted node starts a new one, from the epoch it holds).
-    fn ms_follower(&mut self, n: usize) -> &mut Follower {
-        let me = self.nodes[n].key.node_id();
-        let epoch = self.nodes[n].replica.epoch();
-        let now = self.now;
-        self.ms
-            .as_mut()
-            .expect("composed mode")
-            .followers
-            .entry(n)
-            .or_insert_with(|| Follower::new(me, epoch, PULL_MS, now))
-    }
-
-    /// Carries out what node `n`'s follower asks, as the daemon's MS driver does.
-    fn ms_follow(&mut self, n: usize, action: Option<FollowAction>) {
-        let me = self.nodes[n].key.node_id();
-        let epoch = self.nodes[n].replica.epoch();
-        match action {
-            Some(FollowAction::Pull { to, after }) => {
-                let bytes = encode_msg(epoch, MsMessage::ChainAfter { epoch: after });
-                self.send(me, to, bytes);
-            }
-            Some(FollowAction::Forward { to, after }) => {
-                let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
-                if configs.is_empty() {
-                    return;
-                }
-                let bytes = encode_msg(
-                    epoch,
-                    MsMessage::Push {
-                        configs,
-                        freshness: None,
-                    },
-                );
-                for to in to {
-                    self.send(me, to, bytes.clone());
-                }
-            }
-            None => {}
+    /// Runs node `n`'s machine's clock now (pulls, submissions, role timers).
+    fn ms_poke(&mut self, n: usize) {
+        if !self.nodes[n].up {
+            return;
         }
+        let now = self.now;
+        let rotate = self.ms().rng.next_u64();
+        // As the daemon does: sequence numbers from the clock stay above those of an earlier run.
+        self.ms_node(n).on_timer(now, now, rotate, now << 10);
+        self.ms_drain(n);
     }
 
     /// Node `n` queues its part of the reconfiguration asked for, once it is in that epoch:
@@ -289,13 +236,11 @@ impl Sim {
         }
     }
 
-    /// Node `n` crashed: its role's memory is gone (its disk stays).
+    /// Node `n` crashed: its machine's memory is gone (its disk stays).
     pub(super) fn ms_crash(&mut self, n: usize) {
         if let Some(ms) = self.ms.as_mut() {
-            ms.roles.remove(&n);
+            ms.nodes.remove(&n);
             ms.timers.remove(&n);
-            ms.subs.remove(&n);
-            ms.followers.remove(&n);
             ms.queued.retain(|(m, _)| *m != n);
         }
     }
@@ -307,72 +252,46 @@ impl Sim {
         }
         let now = self.now;
         if !is_ms(bytes) {
-            match self.ms().roles.get_mut(&n) {
-                Some(role) if role.agreement().is_some() => {
-                    let _ = role.on_agreement(now, from, bytes);
-                }
-                _ => {
-                    // Not in this agreement: a later epoch's means configurations we lack.
-                    if let Ok(env) = decode::<AgreementMessage>(bytes) {
-                        let pull = self.ms_follower(n).saw_epoch(from, env.epoch);
-                        self.ms_follow(n, pull);
-                    }
-                }
-            }
+            let _ = self.ms_node(n).on_agreement(now, from, bytes);
             return self.ms_drain(n);
         }
         let Ok(env) = decode::<MsMessage>(bytes) else {
             return;
         };
         let me = self.nodes[n].key.node_id();
-        // The follower's messages, which need no role.
-        let is_answer = matches!(env.msg, MsMessage::Chain { .. });
+        let epoch = self.nodes[n].replica.epoch();
         match env.msg {
+            // What needs no machine: the configurations the node holds, and pushes (a push is
+            // not an answer to anything).
             MsMessage::ChainAfter { epoch: after } => {
                 if self.nodes[n].byz.is_none() {
                     let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
-                    let epoch = self.nodes[n].replica.epoch();
                     let reply = MsMessage::Chain {
                         configs,
                         freshness: None,
                     };
                     self.send(me, from, encode_msg(epoch, reply));
                 }
-                return;
             }
-            MsMessage::Chain { configs, .. } | MsMessage::Push { configs, .. } => {
-                // Only a pull's answer says its member answered us (as in the daemon, where a
-                // push is not an answer to anything).
-                if is_answer {
-                    self.ms_follower(n).answered(from, now);
-                }
+            MsMessage::Push { configs, .. } => {
                 if !configs.is_empty() && self.nodes[n].byz.is_none() {
                     // Installed only if the certificates chain to what the node holds.
                     self.apply(n, from, Handled::Install(configs));
                 }
-                return;
             }
-            _ => {}
-        }
-        let Some(role) = self.ms().roles.get_mut(&n) else {
-            return;
-        };
-        match env.msg {
-            MsMessage::Submit(req) if role.admits(&req).is_ok() => {
-                let _ = role.submit(now, req);
+            // Answers to the node's requests (the simulated network has no request-response).
+            msg @ (MsMessage::Chain { .. }
+            | MsMessage::BatchLog { .. }
+            | MsMessage::Refused { .. }) => {
+                self.ms_node(n).on_answer(now, from, msg);
+                self.ms_drain(n);
             }
-            MsMessage::ConfigShare { epoch, hash, sig } => {
-                role.on_config_share(from, epoch, hash, sig)
-            }
-            MsMessage::FreshShare {
-                epoch,
-                config,
-                time_ms,
-                sig,
-            } => role.on_fresh_share(from, epoch, config, time_ms, sig),
-            MsMessage::Batches { epoch, upto } => {
-                if let Some(mut batches) = role.batches(epoch, upto) {
-                    if self.nodes[n].byz.is_some() {
+            msg => {
+                let answer = self.ms_node(n).on_message(now, from, msg);
+                if let Some(mut answer) = answer {
+                    if let (MsMessage::BatchLog { batches }, Some(_)) =
+                        (&mut answer, self.nodes[n].byz.as_ref())
+                    {
                         // A tampered log: the member catching up must not take it.
                         match batches.iter_mut().flatten().next() {
                             Some(r) => r.seq += 1,
@@ -381,16 +300,11 @@ impl Sim {
                             }
                         }
                     }
-                    let reply = encode_msg(epoch, MsMessage::BatchLog { batches });
-                    self.send(me, from, reply);
+                    self.send(me, from, encode_msg(epoch, answer));
                 }
+                self.ms_drain(n);
             }
-            MsMessage::BatchLog { batches } => {
-                role.on_batch_log(&batches);
-            }
-            _ => {}
         }
-        self.ms_drain(n);
     }
 
     /// A probe answer (or its failure) reaches node `n`'s role.
@@ -405,9 +319,8 @@ impl Sim {
         if !self.nodes[n].up {
             return;
         }
-        if let Some(role) = self.ms().roles.get_mut(&n) {
-            role.on_probe_answer(epoch, target, &nonce, answer.as_ref());
-        }
+        self.ms_node(n)
+            .on_probe_answer(epoch, target, &nonce, answer.as_ref());
         self.ms_drain(n);
     }
 
@@ -416,47 +329,85 @@ impl Sim {
             return;
         }
         self.ms().timers.remove(&n);
-        let now = self.now;
-        if let Some(role) = self.ms().roles.get_mut(&n) {
-            role.on_timer(now, now);
-        }
-        self.ms_drain(n);
+        self.ms_poke(n);
     }
 
-    /// Carries out node `n`'s role actions in order, as the daemon's MS driver does (a Byzantine
-    /// node lies through them, [`Lie`]).
+    /// Schedules node `n`'s machine's next timer.
+    fn ms_arm(&mut self, n: usize) {
+        let Some(t) = self.ms().nodes.get(&n).map(MsNode::next_timer) else {
+            return;
+        };
+        let t = t.max(self.now + 1);
+        if self.ms().timers.get(&n).is_none_or(|cur| t < *cur) {
+            self.ms().timers.insert(n, t);
+            self.schedule(t, Ev::MsTimer { n, at: t });
+        }
+    }
+
+    /// Carries out node `n`'s outputs in order, as the daemon's MS driver does (a Byzantine node
+    /// lies through them, [`Lie`]).
     fn ms_drain(&mut self, n: usize) {
         let me = self.nodes[n].key.node_id();
         let lie = self.lie(n);
-        while let Some(action) = self.ms().roles.get_mut(&n).and_then(|r| r.poll()) {
-            let Some(role) = self.ms().roles.get(&n) else {
-                return;
-            };
-            let epoch = role.epoch();
-            let peers = role.peers();
-            let index = role.config().committee.iter().position(|id| *id == me);
-            match action {
-                Action::Persist(saved) => {
+        let mut installs = Vec::new();
+        while let Some(out) = self.ms().nodes.get_mut(&n).and_then(MsNode::poll) {
+            let epoch = self.ms().nodes.get(&n).map_or(0, MsNode::epoch);
+            match out {
+                Output::Persist(saved) => {
                     let disk = self.ms().disks.entry((n, saved.epoch)).or_default();
                     disk.0 = saved.record;
                     disk.1
                         .truncate(saved.first_batch.saturating_sub(1) as usize);
                     disk.1.extend(saved.batches);
                 }
+                Output::Event(Event::Role { sat_out, .. }) => match lie {
+                    None => {
+                        if let Some(why) = sat_out {
+                            self.violation(format!(
+                                "MS: node {n} cannot take its role in epoch {epoch} up: {why}"
+                            ));
+                        }
+                    }
+                    Some(Lie::Garbage | Lie::Liar) => self.ms().lying_roles += 1,
+                    Some(Lie::Silent) => {}
+                },
                 _ if lie == Some(Lie::Silent) => {}
-                Action::Agreement { to, bytes } => {
+                Output::Agreement { to, bytes } => {
                     if lie.is_none() {
+                        let index = self.ms().nodes.get(&n).and_then(|m| {
+                            let c = &m.role()?.config().committee;
+                            c.iter().position(|id| *id == me)
+                        });
                         let index = index.map_or(u32::MAX, |i| i as u32);
                         for v in self.ms().signed.record(n, index, &bytes) {
                             self.violation(v);
                         }
                     }
-                    for to in to.map_or(peers, |t| vec![t]) {
+                    for to in to {
                         let bytes = self.ms_garble(lie, &bytes);
                         self.send(me, to, bytes);
                     }
                 }
-                Action::Send { to, msg } => {
+                // A Byzantine node neither pulls nor passes configurations on.
+                Output::Send {
+                    msg: MsMessage::Push { .. },
+                    ..
+                } if lie.is_some() => {}
+                Output::Send {
+                    to,
+                    msg: MsMessage::Submit(req),
+                } => {
+                    let req = if lie == Some(Lie::Liar) {
+                        self.ms_lie_verdict(n, req)
+                    } else {
+                        req
+                    };
+                    let bytes = encode_msg(epoch, MsMessage::Submit(req));
+                    for to in to {
+                        self.send(me, to, bytes.clone());
+                    }
+                }
+                Output::Send { to, msg } => {
                     let msg = if lie == Some(Lie::Liar) {
                         self.ms_lie_share(msg)
                     } else {
@@ -468,59 +419,66 @@ impl Sim {
                         self.send(me, to, bytes);
                     }
                 }
-                Action::FetchBatches { upto, .. } => {
-                    let bytes = encode_msg(epoch, MsMessage::Batches { epoch, upto });
-                    for to in peers {
-                        self.send(me, to, bytes.clone());
-                    }
-                }
-                Action::Probe {
+                Output::Probe {
+                    epoch,
                     target,
                     nonce,
                     timeout_ms,
                 } => self.ms_probe(n, epoch, target, nonce, timeout_ms),
-                Action::Submit(MsOp::Probe {
-                    epoch,
-                    target,
-                    responsive,
-                }) if lie == Some(Lie::Liar) => self.ms_want(
-                    n,
-                    MsOp::Probe {
-                        epoch,
-                        target,
-                        responsive: !responsive,
-                    },
-                ),
-                Action::Submit(op) => self.ms_want(n, op),
+                Output::Request {
+                    to,
+                    msg: msg @ MsMessage::Batches { .. },
+                } => {
+                    self.send(me, to, encode_msg(epoch, msg));
+                }
                 _ if lie.is_some() => {}
-                Action::Executed { requests, .. } => {
+                Output::Request { to, msg } => {
+                    self.send(me, to, encode_msg(epoch, msg));
+                }
+                Output::Forward { to, after } => {
+                    let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
+                    if configs.is_empty() {
+                        continue;
+                    }
+                    let msg = MsMessage::Push {
+                        configs,
+                        freshness: None,
+                    };
+                    let bytes = encode_msg(epoch, msg);
+                    for to in to {
+                        self.send(me, to, bytes.clone());
+                    }
+                }
+                // Installed once the outputs before are carried out (installing enters the
+                // new epoch, which runs the machine again).
+                Output::Install(configs) => installs.push(configs),
+                Output::Event(Event::Executed {
+                    epoch, requests, ..
+                }) => {
                     // A node learns that its operation was executed in its epoch's agreement (the
                     // daemon from its own role or a later configuration; the simulator from any
                     // correct member of that epoch: a lagging member's older agreement ignores it).
-                    let mut done = Vec::new();
-                    let ms = self.ms.as_mut().expect("composed mode");
-                    for (k, subs) in &mut ms.subs {
-                        if self.nodes[*k].replica.epoch() == epoch && subs.executed(&requests) {
-                            done.push(*k);
+                    let mut told = Vec::new();
+                    for (k, node) in &mut self.ms.as_mut().expect("composed mode").nodes {
+                        if self.nodes[*k].replica.epoch() == epoch {
+                            node.executed_elsewhere(&requests);
+                            told.push(*k);
                         }
                     }
-                    for k in done {
-                        self.ms_submit(k);
+                    for k in told {
+                        self.ms_arm(k);
                     }
                 }
-                Action::Certified(cc) => self.ms_certified(n, cc),
-                Action::OutOfOrder(e) => {
+                Output::Event(Event::Certified(cc)) => self.ms_certified(n, cc),
+                Output::Event(Event::OutOfOrder(e)) => {
                     self.violation(format!("MS: node {n}: {e}"));
                 }
-                Action::EnteredView(_) | Action::Freshness(_) => {}
+                Output::PullBootstrap { .. } | Output::Freshness(_) | Output::Event(_) => {}
             }
         }
-        if let Some(t) = self.ms().roles.get(&n).and_then(|r| r.next_timer()) {
-            let t = t.max(self.now + 1);
-            if self.ms().timers.get(&n).is_none_or(|cur| t < *cur) {
-                self.ms().timers.insert(n, t);
-                self.schedule(t, Ev::MsTimer { n, at: t });
-            }
+        self.ms_arm(n);
+        for configs in installs {
+            self.apply(n, me, Handled::Install(configs));
         }
     }
 
@@ -603,13 +561,35 @@ impl Sim {
         }
     }
 
+    /// A lying member's probe verdict in a submission is the opposite of what it found (the
+    /// request signed again with the same number).
+    fn ms_lie_verdict(&mut self, n: usize, req: Request) -> Request {
+        match postcard::from_bytes::<MsOp>(&req.payload) {
+            Ok(MsOp::Probe {
+                epoch,
+                target,
+                responsive,
+            }) => {
+                let op = MsOp::Probe {
+                    epoch,
+                    target,
+                    responsive: !responsive,
+                };
+                let payload = postcard::to_allocvec(&op).expect("MS operations always encode");
+                Request::sign(&self.nodes[n].key, req.seq, payload)
+            }
+            _ => req,
+        }
+    }
+
     /// A lying committee member's own submissions: now and then it accuses a live member, asks
     /// to end the epoch before anyone else, or submits a join without admission.
     fn ms_lie_submit(&mut self, n: usize) {
         let Some(config) = self
             .ms()
-            .roles
+            .nodes
             .get(&n)
+            .and_then(MsNode::role)
             .filter(|r| r.agreement().is_some())
             .map(|r| r.config().clone())
         else {
@@ -652,56 +632,27 @@ impl Sim {
         }
     }
 
-    /// Node `n` wants `op` executed in its current epoch.
+    /// Node `n` wants `op` executed in its current epoch: its machine submits it now if nothing
+    /// is outstanding.
     fn ms_want(&mut self, n: usize, op: MsOp) {
-        if self.ms().subs_of(n).push(op) {
-            self.ms_submit(n);
-        }
-    }
-
-    /// Sends node `n`'s next submission to the committee of its epoch (and its own role), or the
-    /// outstanding one again once its period passed.
-    fn ms_submit(&mut self, n: usize) {
-        if !self.nodes[n].up || self.lie(n) == Some(Lie::Silent) {
+        if !self.nodes[n].up {
             return;
         }
-        let now = self.now;
-        let key = self.nodes[n].key.clone();
-        // As the daemon does: sequence numbers from the clock stay above those of an earlier run.
-        let Some(req) = self.ms().subs_of(n).poll(now, &key, now << 10) else {
-            return;
-        };
-        let me = key.node_id();
-        let epoch = self.nodes[n].replica.epoch();
-        let committee = self.configs[epoch as usize].config.committee.clone();
-        if let Some(role) = self.ms().roles.get_mut(&n) {
-            let _ = role.submit(now, req.clone());
-        }
-        self.ms_drain(n);
-        let bytes = encode_msg(epoch, MsMessage::Submit(req));
-        for to in committee.into_iter().filter(|id| *id != me) {
-            self.send(me, to, bytes.clone());
-        }
+        self.ms_node(n).want(op);
+        self.ms_poke(n);
     }
 
-    /// Every second: resend what was not executed; start roles a node should run.
+    /// Every second: nodes enter what they installed and queue their part of a reconfiguration
+    /// asked for; lying members submit their lies.
     pub(super) fn ms_tick(&mut self) {
         for n in 0..self.nodes.len() {
             if self.nodes[n].up {
                 self.ms_enter(n);
-                if self.nodes[n].byz.is_none() {
-                    let epoch = self.nodes[n].replica.epoch();
-                    let config = self.configs[epoch as usize].config.clone();
-                    let rotate = self.ms().rng.next_u64();
-                    let now = self.now;
-                    let pull = self.ms_follower(n).on_timer(now, &config, rotate);
-                    self.ms_follow(n, pull);
-                }
                 self.ms_queue_wants(n);
                 if self.lie(n) == Some(Lie::Liar) {
                     self.ms_lie_submit(n);
                 }
-                self.ms_submit(n);
+                self.ms_arm(n);
             }
         }
         let at = self.now + RESUBMIT_MS;
@@ -731,7 +682,8 @@ impl Sim {
         };
         let mut out = format!("; MS: asked {:?}", ms.target.as_ref().map(|t| t.0));
         for n in 0..self.nodes.len() {
-            let role = ms.roles.get(&n).map(|r| {
+            let node = ms.nodes.get(&n);
+            let role = node.and_then(MsNode::role).map(|r| {
                 let a = r.agreement();
                 format!(
                     "role of epoch {} view {:?} changing {:?} executed {} ended {}",
@@ -750,33 +702,16 @@ impl Sim {
                 } else {
                     ""
                 },
-                ms.subs.get(&n).map(|s| s.pending().collect::<Vec<_>>()),
-                ms.subs.get(&n).and_then(|s| s.outstanding()).map(|r| r.seq)
+                node.map(|m| m.submissions().pending().collect::<Vec<_>>()),
+                node.and_then(|m| m.submissions().outstanding())
+                    .map(|r| r.seq)
             );
         }
         out
     }
 
-    /// A correct member that assembled `cc` installs it (once its role's actions are carried out,
-    /// as the daemon's install runs beside the role) and pushes it to the root of its push tree;
-    /// from there the members forward it, and every node's pulls fill what is lost.
-    fn ms_push_root(&mut self, n: usize, cc: CertifiedConfig) {
-        let epoch = cc.config.epoch;
-        self.schedule(self.now + 1, Ev::Install { n, epoch });
-        let me = self.nodes[n].key.node_id();
-        let bytes = encode_msg(
-            epoch - 1,
-            MsMessage::Push {
-                configs: vec![cc.clone()],
-                freshness: None,
-            },
-        );
-        for root in tree_order(&cc.config).into_iter().take(2) {
-            self.send(me, root.id, bytes.clone());
-        }
-    }
-
-    /// Node `n`'s role assembled the next configuration's certificate.
+    /// Node `n`'s role assembled the next configuration's certificate (its machine pushes it to
+    /// the root of the push tree and installs it).
     fn ms_certified(&mut self, n: usize, cc: CertifiedConfig) {
         if self.nodes[n].byz.is_some() {
             return;
@@ -797,7 +732,7 @@ impl Sim {
                 ));
                 return;
             }
-            Some(_) => return self.ms_push_root(n, cc),
+            Some(_) => return,
             None => {}
         }
         if epoch as usize != self.configs.len() {
@@ -829,7 +764,6 @@ impl Sim {
         {
             self.ms().target = None;
         }
-        self.configs.push(cc.clone());
-        self.ms_push_root(n, cc);
+        self.configs.push(cc);
     }
 }

@@ -7,7 +7,7 @@ impl Task {
     /// Pushes a configuration certified by this node alone (its signature and made-up ones of the
     /// others) and a forged freshness certificate to every member; sends garbage agreement messages.
     pub(super) fn forge(&mut self) {
-        use dbqsfs_core::config::{Configuration, Freshness};
+        use dbqsfs_core::config::{CertifiedConfig, Configuration, Freshness};
         let chain = self.shared.epochs.chain();
         let cur = chain.config();
         let me = self.shared.key.node_id();

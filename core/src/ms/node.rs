@@ -1,0 +1,601 @@
+//! A node's whole part in the Membership Service as one sans-IO machine: its committee role in
+//! the epoch it is in ([`super::role`]), its submissions ([`super::submissions`]) and its following
+//! of the epochs ([`super::follower`]), with one ordered queue of [`Output`]s.
+//!
+//! The node's MS driver and the composed simulator drive this very machine: they feed it what
+//! arrives (agreement bytes, MS messages, answers and failures of its requests, probe answers),
+//! the configurations the node installed, and the clock; they carry out its outputs in the order
+//! [`MsNode::poll`] returns them.
+//!
+//! Goals:
+//! - **One order.** An [`Output::Persist`] must be durable before any output after it is carried
+//!   out: every statement the agreement signs comes after the persist that holds it, whatever
+//!   else (pulls, forwards, submissions) the node does between them.
+//! - **Every decision here.** Whom to pull from and forward to, which operations to submit and
+//!   when to send them again, when a role starts and from what, which members a certified
+//!   configuration goes to first: the driver only sends, persists, probes and installs.
+//!
+//! Non-goals: verifying configurations (the driver installs them into its
+//! [`crate::config::ConfigChain`], which checks the certificates), reading persisted state (the
+//! driver loads it when [`MsNode::wants_role`] says so and passes it to [`MsNode::enter`]), the
+//! answers that need no state (challenges, the configurations a node holds), the clock and
+//! randomness (passed in).
+//!
+//! Fault model: as [`super::role`] and [`super::follower`]: every input may come from a
+//! Byzantine peer.
+
+use super::app::{OutOfOrder, Outcome};
+use super::follower::{FollowAction, Follower};
+use super::membership::{AdmissionCert, MsOp};
+use super::pbft::{AgreementMessage, Request, SeqNo, View};
+use super::probe::Prober;
+use super::role::{agreement_options, Action, Resume, Role, Saved, Setup};
+use super::submissions::Submissions;
+use super::tree::tree_order;
+use super::wire::MsMessage;
+use crate::config::{CertifiedConfig, Configuration, Epoch, Freshness, Member};
+use crate::crypto::{Keypair, NodeId, PublicKey, Signature};
+use std::collections::VecDeque;
+
+/// What the driver must do, in order. An [`Output::Persist`] must be durable before any output
+/// after it is carried out.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Write this durably, replacing the epoch's previous record and appending the batches.
+    Persist(Saved),
+    /// Agreement bytes for these committee members.
+    Agreement { to: Vec<NodeId>, bytes: Vec<u8> },
+    /// A one-way MS message for these members.
+    Send { to: Vec<NodeId>, msg: MsMessage },
+    /// A request to `to`: feed its answer to [`MsNode::on_answer`], or its failure (no
+    /// connection, no answer in time, an undecodable one) to [`MsNode::on_failed`].
+    Request { to: NodeId, msg: MsMessage },
+    /// Push the configurations after `after` that the node holds to `to` (`MsMessage::Push`).
+    Forward { to: Vec<NodeId>, after: Epoch },
+    /// The node is no member of the newest configuration it holds: ask the node it was told to
+    /// start from, if any, for the configurations after `after` (a request, as above).
+    PullBootstrap { after: Epoch },
+    /// Challenge `target` with `nonce` ([`MsMessage::Challenge`]); feed its answer, or `None`
+    /// after `timeout_ms` or a failure, to [`MsNode::on_probe_answer`].
+    Probe {
+        epoch: Epoch,
+        target: NodeId,
+        nonce: [u8; 32],
+        timeout_ms: u64,
+    },
+    /// Install these configurations if their certificates chain to what the node holds, and
+    /// then call [`MsNode::enter`] with the newest.
+    Install(Vec<CertifiedConfig>),
+    /// A freshness certificate: keep it if it is newer than the one held.
+    Freshness(Freshness),
+    /// What happened, for logs and checks.
+    Event(Event),
+}
+
+/// What happened in the node's MS part (for logs and the simulator's checks).
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The node is in `epoch`'s committee and took its role up: afresh, from what it persisted
+    /// (`resumed`), or sitting the agreement out (`sat_out`, why).
+    Role {
+        epoch: Epoch,
+        resumed: bool,
+        sat_out: Option<String>,
+    },
+    /// The node is a member: its join is done.
+    Joined { epoch: Epoch },
+    /// An operation the node will submit.
+    Queued(MsOp),
+    /// A request the node sends to the committee.
+    Submitting(Request),
+    /// Batch `seq` of `epoch` executed.
+    Executed {
+        epoch: Epoch,
+        seq: SeqNo,
+        requests: Vec<Request>,
+        outcomes: Vec<Outcome>,
+    },
+    /// A decided batch was not the next one and was not executed.
+    OutOfOrder(OutOfOrder),
+    /// The agreement entered `view`.
+    EnteredView { epoch: Epoch, view: View },
+    /// Catching up to a stable checkpoint: fetching the batches up to `upto`.
+    FetchingBatches { epoch: Epoch, upto: SeqNo },
+    /// The batches of the stable checkpoint arrived and replayed to its digest.
+    CaughtUp { from: NodeId },
+    /// This member signed the next configuration.
+    SignedNext { epoch: Epoch },
+    /// The next configuration is certified (pushed to the root of its tree and installed).
+    Certified(CertifiedConfig),
+    /// A pull failed and another member is asked.
+    PullRetry { failed: NodeId },
+    /// A peer refused a message of ours.
+    Refused { from: NodeId, reason: String },
+}
+
+/// How a node's MS part runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The key that signs admission certificates.
+    pub admission_key: PublicKey,
+    /// How often the node pulls configurations.
+    pub pull_ms: u64,
+    /// How often an operation not executed yet is sent again.
+    pub resubmit_ms: u64,
+    /// Whether a committee member's epoch timer proposes the end of the epoch.
+    pub epoch_timer: bool,
+}
+
+/// A node's part in the Membership Service.
+pub struct MsNode {
+    key: Keypair,
+    opts: Options,
+    /// The newest configuration the node entered.
+    config: Configuration,
+    /// The committee role in `config`'s epoch, if the node is in its committee.
+    role: Option<Role>,
+    submissions: Submissions,
+    follower: Follower,
+    /// The join to submit until the node is a member.
+    join: Option<(Member, AdmissionCert)>,
+    leaving: bool,
+    last_view_change: Option<(Epoch, View)>,
+    out: VecDeque<Output>,
+}
+
+impl MsNode {
+    /// The MS part of node `key`, which holds `config` (its newest) at time `now`. Call
+    /// [`MsNode::enter`] with it to take its role up.
+    pub fn new(key: Keypair, config: Configuration, opts: Options, now: u64) -> MsNode {
+        let follower = Follower::new(key.node_id(), config.epoch, opts.pull_ms, now);
+        MsNode {
+            submissions: Submissions::new(opts.resubmit_ms),
+            follower,
+            key,
+            opts,
+            config,
+            role: None,
+            join: None,
+            leaving: false,
+            last_view_change: None,
+            out: VecDeque::new(),
+        }
+    }
+
+    // ---- accessors ----
+
+    /// The epoch entered.
+    pub fn epoch(&self) -> Epoch {
+        self.config.epoch
+    }
+
+    /// The newest configuration entered.
+    pub fn config(&self) -> &Configuration {
+        &self.config
+    }
+
+    /// The committee role, if the node is in this epoch's committee.
+    pub fn role(&self) -> Option<&Role> {
+        self.role.as_ref()
+    }
+
+    pub fn submissions(&self) -> &Submissions {
+        &self.submissions
+    }
+
+    pub fn follower(&self) -> &Follower {
+        &self.follower
+    }
+
+    /// Whether the node was asked to leave.
+    pub fn leaving(&self) -> bool {
+        self.leaving
+    }
+
+    /// The last view the agreement entered, and in which epoch.
+    pub fn last_view_change(&self) -> Option<(Epoch, View)> {
+        self.last_view_change
+    }
+
+    /// The next output to carry out, in order.
+    pub fn poll(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The earliest time at which [`MsNode::on_timer`] has work to do.
+    pub fn next_timer(&self) -> u64 {
+        let mut t = self.follower.next_timer();
+        if let Some(s) = self.submissions.next_timer() {
+            t = t.min(s);
+        }
+        if let Some(r) = self.role.as_ref().and_then(Role::next_timer) {
+            t = t.min(r);
+        }
+        t
+    }
+
+    // ---- inputs ----
+
+    /// Whether entering `config` starts a role: then the driver loads what the node persisted in
+    /// that epoch's agreement and passes it to [`MsNode::enter`].
+    pub fn wants_role(&self, config: &Configuration) -> bool {
+        config.committee.contains(&self.key.node_id())
+            && self.role.as_ref().map(Role::epoch) != Some(config.epoch)
+    }
+
+    /// The node holds `config` as its newest configuration (at start, and after every install
+    /// that moved it on): the configurations after the one it was in go down the push tree,
+    /// operations of other epochs are void, its join and leave are queued as needed, and, in the
+    /// committee, its role starts as `resume` says (ignored otherwise). `nonce_seed` is a fresh
+    /// secret for the role's probe nonces.
+    pub fn enter(
+        &mut self,
+        config: &Configuration,
+        resume: Resume<'_>,
+        nonce_seed: [u8; 32],
+        now: u64,
+    ) {
+        if config.epoch < self.config.epoch {
+            return;
+        }
+        let start_role = self.wants_role(config);
+        if config.epoch > self.config.epoch {
+            self.config = config.clone();
+        }
+        if let Some(FollowAction::Forward { to, after }) = self.follower.entered(config) {
+            self.out.push_back(Output::Forward { to, after });
+        }
+        let epoch = config.epoch;
+        self.submissions.enter_epoch(epoch);
+        let me = self.key.node_id();
+        let member = config.is_member(&me);
+        if let Some((m, cert)) = self.join.clone() {
+            if member {
+                self.join = None;
+                self.out.push_back(Output::Event(Event::Joined { epoch }));
+            } else {
+                self.want(MsOp::Join {
+                    epoch,
+                    member: m,
+                    cert,
+                });
+            }
+        }
+        if self.leaving && member {
+            self.want(MsOp::Leave { epoch });
+        }
+        if self.role.as_ref().is_some_and(|r| r.epoch() != epoch) || start_role {
+            // Probe failures carry over from the epoch before (when this node probed in it
+            // too): a count that restarted every epoch could never reach the eviction threshold
+            // when an epoch holds fewer probe rounds than that.
+            let carried = self.role.take().map(|r| r.probes().clone());
+            if start_role {
+                self.start_role(config, resume, carried.as_ref(), nonce_seed, now);
+            }
+        }
+        self.pump();
+    }
+
+    fn start_role(
+        &mut self,
+        config: &Configuration,
+        resume: Resume<'_>,
+        carried: Option<&Prober>,
+        nonce_seed: [u8; 32],
+        now: u64,
+    ) {
+        let resumed = matches!(resume, Resume::Saved { .. });
+        let setup = Setup {
+            key: self.key.clone(),
+            opts: agreement_options(config),
+            config: config.clone(),
+            admission_key: self.opts.admission_key,
+            nonce_seed,
+            epoch_timer: self.opts.epoch_timer,
+        };
+        let (role, sat_out) = Role::new(setup, resume, carried, now);
+        self.out.push_back(Output::Event(Event::Role {
+            epoch: config.epoch,
+            resumed: resumed && sat_out.is_none(),
+            sat_out,
+        }));
+        self.role = Some(role);
+    }
+
+    /// The node wants to join with `member` (its key and address), admitted by `cert`: submitted
+    /// in every epoch until the node is a member.
+    pub fn join(&mut self, member: Member, cert: AdmissionCert) {
+        self.join = Some((member.clone(), cert.clone()));
+        if !self.config.is_member(&self.key.node_id()) {
+            self.want(MsOp::Join {
+                epoch: self.config.epoch,
+                member,
+                cert,
+            });
+        }
+    }
+
+    /// The node was asked to leave the cluster: `Leave` is submitted in every epoch while it is a
+    /// member. `false` if it was asked before.
+    pub fn leave(&mut self) -> bool {
+        if self.leaving {
+            return false;
+        }
+        self.leaving = true;
+        if self.config.is_member(&self.key.node_id()) {
+            self.want(MsOp::Leave {
+                epoch: self.config.epoch,
+            });
+        }
+        true
+    }
+
+    /// Queues `op` for submission (see [`Submissions::push`]): sent at the next
+    /// [`MsNode::on_timer`].
+    pub fn want(&mut self, op: MsOp) {
+        let what = op.clone();
+        if self.submissions.push(op) {
+            self.out.push_back(Output::Event(Event::Queued(what)));
+        }
+    }
+
+    /// The clock: periodic pulls, submissions and their resending, the role's timers. `now` is
+    /// the driver's monotonic milliseconds, `wall_ms` its wall clock (freshness times),
+    /// `rotate` a random number (which of equally healthy members to pull from), `seq_floor`
+    /// above every request sequence number an earlier run of this node may have used.
+    pub fn on_timer(&mut self, now: u64, wall_ms: u64, rotate: u64, seq_floor: u64) {
+        let due = now >= self.follower.next_timer();
+        if let Some(action) = self.follower.on_timer(now, &self.config, rotate) {
+            self.follow(action);
+        }
+        if due && !self.config.is_member(&self.key.node_id()) {
+            self.out.push_back(Output::PullBootstrap {
+                after: self.follower.epoch(),
+            });
+        }
+        if let Some(req) = self.submissions.poll(now, &self.key, seq_floor) {
+            self.out
+                .push_back(Output::Event(Event::Submitting(req.clone())));
+            if let Some(role) = self.role.as_mut().filter(|r| r.agreement().is_some()) {
+                let _ = role.submit(now, req.clone());
+            }
+            let me = self.key.node_id();
+            let to: Vec<NodeId> = self
+                .config
+                .committee
+                .iter()
+                .filter(|id| **id != me)
+                .copied()
+                .collect();
+            self.out.push_back(Output::Send {
+                to,
+                msg: MsMessage::Submit(req),
+            });
+        }
+        if let Some(role) = self.role.as_mut() {
+            if role.next_timer().is_some_and(|t| t <= now) {
+                role.on_timer(now, wall_ms);
+            }
+        }
+        self.pump();
+    }
+
+    /// Agreement bytes from `from`: for the role, or, from an agreement of a later epoch, a sign
+    /// that `from` holds configurations the node lacks.
+    pub fn on_agreement(&mut self, now: u64, from: NodeId, bytes: &[u8]) -> Result<(), String> {
+        let res = match self.role.as_mut().filter(|r| r.agreement().is_some()) {
+            Some(role) => role.on_agreement(now, from, bytes),
+            None => {
+                let env =
+                    crate::wire::decode::<AgreementMessage>(bytes).map_err(|e| e.to_string())?;
+                if let Some(action) = self.follower.saw_epoch(from, env.epoch) {
+                    self.follow(action);
+                }
+                Ok(())
+            }
+        };
+        self.pump();
+        res
+    }
+
+    /// An MS message from `from` that needs the node's state (a submission, shares, a request
+    /// for batches); returns the answer, if any. The driver answers the others itself.
+    pub fn on_message(&mut self, now: u64, from: NodeId, msg: MsMessage) -> Option<MsMessage> {
+        let answer = match (self.role.as_mut(), msg) {
+            (None, MsMessage::Submit(_)) => Some(MsMessage::Refused {
+                reason: "not running this epoch's agreement".into(),
+            }),
+            (Some(role), MsMessage::Submit(req)) => role
+                .admits(&req)
+                .and_then(|()| role.submit(now, req))
+                .err()
+                .map(|reason| MsMessage::Refused { reason }),
+            (Some(role), MsMessage::ConfigShare { epoch, hash, sig }) => {
+                role.on_config_share(from, epoch, hash, sig);
+                None
+            }
+            (
+                Some(role),
+                MsMessage::FreshShare {
+                    epoch,
+                    config,
+                    time_ms,
+                    sig,
+                },
+            ) => {
+                role.on_fresh_share(from, epoch, config, time_ms, sig);
+                None
+            }
+            (Some(role), MsMessage::Batches { epoch, upto }) => role
+                .batches(epoch, upto)
+                .map(|batches| MsMessage::BatchLog { batches }),
+            _ => None,
+        };
+        self.pump();
+        answer
+    }
+
+    /// The answer `from` gave to a request of ours.
+    pub fn on_answer(&mut self, now: u64, from: NodeId, msg: MsMessage) {
+        self.follower.answered(from, now);
+        match msg {
+            MsMessage::Chain { configs, freshness } => {
+                if let Some(f) = freshness {
+                    self.out.push_back(Output::Freshness(f));
+                }
+                if !configs.is_empty() {
+                    self.out.push_back(Output::Install(configs));
+                }
+            }
+            MsMessage::BatchLog { batches }
+                if self.role.as_mut().is_some_and(|r| r.on_batch_log(&batches)) =>
+            {
+                self.out.push_back(Output::Event(Event::CaughtUp { from }));
+            }
+            MsMessage::Refused { reason } => {
+                self.out
+                    .push_back(Output::Event(Event::Refused { from, reason }));
+            }
+            _ => {}
+        }
+        self.pump();
+    }
+
+    /// A request of ours to `from` failed: a failed pull is asked of another member at once.
+    pub fn on_failed(&mut self, now: u64, from: NodeId, rotate: u64) {
+        if let Some(action) = self.follower.failed(from, now, &self.config, rotate) {
+            self.out
+                .push_back(Output::Event(Event::PullRetry { failed: from }));
+            self.follow(action);
+        }
+    }
+
+    /// The answer to a probe (`None`: no valid answer in time).
+    pub fn on_probe_answer(
+        &mut self,
+        epoch: Epoch,
+        target: NodeId,
+        nonce: &[u8; 32],
+        answer: Option<&Signature>,
+    ) {
+        if let Some(role) = self.role.as_mut() {
+            role.on_probe_answer(epoch, target, nonce, answer);
+        }
+        self.pump();
+    }
+
+    /// The last [`Output::Persist`] could not be written: the role sits the epoch's agreement
+    /// out, and nothing queued after the failed write is carried out.
+    pub fn persist_failed(&mut self) {
+        if let Some(role) = self.role.as_mut() {
+            role.persist_failed();
+        }
+        self.out.clear();
+    }
+
+    /// These requests were executed in the node's epoch, as learned from elsewhere than its own
+    /// role (the simulator tells a node what any correct member of its epoch executed).
+    pub fn executed_elsewhere(&mut self, requests: &[Request]) {
+        self.submissions.executed(requests);
+    }
+
+    // ---- internals ----
+
+    fn follow(&mut self, action: FollowAction) {
+        self.out.push_back(match action {
+            FollowAction::Pull { to, after } => Output::Request {
+                to,
+                msg: MsMessage::ChainAfter { epoch: after },
+            },
+            FollowAction::Forward { to, after } => Output::Forward { to, after },
+        });
+    }
+
+    /// Turns the role's actions into outputs, in order.
+    fn pump(&mut self) {
+        while let Some(action) = self.role.as_mut().and_then(Role::poll) {
+            let Some(role) = self.role.as_ref() else {
+                return;
+            };
+            let epoch = role.epoch();
+            let out = match action {
+                Action::Persist(saved) => Output::Persist(saved),
+                Action::Agreement { to, bytes } => Output::Agreement {
+                    to: to.map_or_else(|| role.peers(), |t| vec![t]),
+                    bytes,
+                },
+                Action::Send { to, msg } => {
+                    if matches!(msg, MsMessage::ConfigShare { .. }) {
+                        self.out
+                            .push_back(Output::Event(Event::SignedNext { epoch }));
+                    }
+                    Output::Send { to, msg }
+                }
+                Action::FetchBatches { upto, .. } => {
+                    self.out
+                        .push_back(Output::Event(Event::FetchingBatches { epoch, upto }));
+                    for to in role.peers() {
+                        self.out.push_back(Output::Request {
+                            to,
+                            msg: MsMessage::Batches { epoch, upto },
+                        });
+                    }
+                    continue;
+                }
+                Action::Probe {
+                    target,
+                    nonce,
+                    timeout_ms,
+                } => Output::Probe {
+                    epoch,
+                    target,
+                    nonce,
+                    timeout_ms,
+                },
+                Action::Submit(op) => {
+                    self.want(op);
+                    continue;
+                }
+                Action::Executed {
+                    seq,
+                    requests,
+                    outcomes,
+                } => {
+                    self.submissions.executed(&requests);
+                    Output::Event(Event::Executed {
+                        epoch,
+                        seq,
+                        requests,
+                        outcomes,
+                    })
+                }
+                Action::OutOfOrder(e) => Output::Event(Event::OutOfOrder(e)),
+                Action::EnteredView(view) => {
+                    self.last_view_change = Some((epoch, view));
+                    Output::Event(Event::EnteredView { epoch, view })
+                }
+                Action::Certified(cc) => {
+                    // Pushed to the root of the new configuration's tree, from where it goes
+                    // down; every node's pulls fill in what is lost.
+                    let roots = tree_order(&cc.config)
+                        .into_iter()
+                        .take(2)
+                        .map(|m| m.id)
+                        .collect();
+                    self.out
+                        .push_back(Output::Event(Event::Certified(cc.clone())));
+                    self.out.push_back(Output::Send {
+                        to: roots,
+                        msg: MsMessage::Push {
+                            configs: vec![cc.clone()],
+                            freshness: None,
+                        },
+                    });
+                    Output::Install(vec![cc])
+                }
+                Action::Freshness(f) => Output::Freshness(f),
+            };
+            self.out.push_back(out);
+        }
+    }
+}

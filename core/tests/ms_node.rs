@@ -1,0 +1,338 @@
+//! A node's MS machine (`ms::node::MsNode`) on every node of a tiny in-memory cluster whose
+//! driver only carries outputs out (no protocol decision of its own): a stranger joins and the
+//! committee ends the epoch; every node, in the committee or not, learns the new configuration
+//! from the machines' pushes and pulls alone; a member restarted from its disk goes on; every
+//! agreement statement leaves after the persist that holds it; after a failed write nothing
+//! leaves.
+
+use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
+use dbqsfs_core::crypto::{Keypair, NodeId};
+use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
+use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
+use dbqsfs_core::ms::role::Resume;
+use dbqsfs_core::ms::wire::MsMessage;
+use std::collections::VecDeque;
+
+fn admission() -> Keypair {
+    Keypair::from_seed([99; 32])
+}
+
+fn opts() -> Options {
+    Options {
+        admission_key: admission().public(),
+        pull_ms: 1_000,
+        resubmit_ms: 500,
+        epoch_timer: false,
+    }
+}
+
+/// One node: its machine, its chain of configurations, its disk.
+struct Node {
+    key: Keypair,
+    ms: MsNode,
+    chain: ConfigChain,
+    disk: Option<(Vec<u8>, Vec<Vec<u8>>)>,
+    up: bool,
+    /// Persists carried out (or tried) in the current epoch, and agreement outputs sent before any.
+    persisted: usize,
+    unpersisted_sends: usize,
+    fail_writes: bool,
+    /// Agreement outputs after a failed write.
+    leaked: usize,
+    events: Vec<Event>,
+}
+
+enum Msg {
+    Agreement(Vec<u8>),
+    Ms(MsMessage),
+}
+
+struct Net {
+    nodes: Vec<Node>,
+    queue: VecDeque<(usize, NodeId, Msg)>,
+    now: u64,
+}
+
+impl Net {
+    /// Six members (f = 1, a committee of four) and `extra` strangers that know genesis.
+    fn new(extra: usize) -> Net {
+        let keys: Vec<Keypair> = (0..6 + extra as u8)
+            .map(|i| Keypair::from_seed([i + 60; 32]))
+            .collect();
+        let members = keys[..6]
+            .iter()
+            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+            .collect();
+        let genesis =
+            CertifiedConfig::genesis(Configuration::new(0, Params::with_f(1), members, None));
+        let nodes = keys
+            .into_iter()
+            .map(|key| {
+                let chain = ConfigChain::new(genesis.clone()).unwrap();
+                Node {
+                    ms: MsNode::new(key.clone(), chain.config().clone(), opts(), 0),
+                    key,
+                    chain,
+                    disk: None,
+                    up: true,
+                    persisted: 0,
+                    unpersisted_sends: 0,
+                    fail_writes: false,
+                    leaked: 0,
+                    events: Vec::new(),
+                }
+            })
+            .collect();
+        let mut net = Net {
+            nodes,
+            queue: VecDeque::new(),
+            now: 0,
+        };
+        for i in 0..net.nodes.len() {
+            net.enter(i);
+        }
+        net
+    }
+
+    fn index(&self, id: &NodeId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.key.node_id() == *id)
+    }
+
+    fn committee(&self) -> Vec<usize> {
+        let c = &self.nodes[0].chain.config().committee;
+        c.iter().filter_map(|id| self.index(id)).collect()
+    }
+
+    /// Node `i` enters its newest configuration, with its disk if it takes a role there.
+    fn enter(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let config = node.chain.config().clone();
+        let disk = node.disk.clone();
+        let resume = match (&disk, node.ms.wants_role(&config)) {
+            (Some((record, batches)), true) => Resume::Saved { record, batches },
+            _ => Resume::Fresh,
+        };
+        node.ms.enter(&config, resume, [i as u8; 32], self.now);
+        self.drain(i);
+    }
+
+    /// Carries out node `i`'s outputs in order.
+    fn drain(&mut self, i: usize) {
+        let me = self.nodes[i].key.node_id();
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.key.node_id()).collect();
+        let index = |id: &NodeId| ids.iter().position(|x| x == id);
+        let mut entered = false;
+        while let Some(out) = self.nodes[i].ms.poll() {
+            let node = &mut self.nodes[i];
+            if node.fail_writes && node.persisted > 0 && matches!(out, Output::Agreement { .. }) {
+                node.leaked += 1;
+            }
+            match out {
+                Output::Persist(saved) => {
+                    if node.fail_writes {
+                        node.persisted = 1;
+                        node.ms.persist_failed();
+                        continue;
+                    }
+                    let disk = node.disk.get_or_insert_with(Default::default);
+                    disk.0 = saved.record;
+                    disk.1
+                        .truncate(saved.first_batch.saturating_sub(1) as usize);
+                    disk.1.extend(saved.batches);
+                    node.persisted += 1;
+                }
+                Output::Agreement { to, bytes } => {
+                    if node.persisted == 0 {
+                        node.unpersisted_sends += 1;
+                    }
+                    for to in to.iter().filter_map(&index) {
+                        self.queue
+                            .push_back((to, me, Msg::Agreement(bytes.clone())));
+                    }
+                }
+                Output::Send { to, msg } => {
+                    for to in to.iter().filter_map(&index) {
+                        self.queue.push_back((to, me, Msg::Ms(msg.clone())));
+                    }
+                }
+                Output::Request { to, msg } => {
+                    if let Some(to) = index(&to) {
+                        self.queue.push_back((to, me, Msg::Ms(msg)));
+                    }
+                }
+                Output::Forward { to, after } => {
+                    let configs = node.chain.after(after, 64);
+                    let msg = MsMessage::Push {
+                        configs,
+                        freshness: None,
+                    };
+                    for to in to.iter().filter_map(&index) {
+                        self.queue.push_back((to, me, Msg::Ms(msg.clone())));
+                    }
+                }
+                Output::Install(configs) => {
+                    entered |= self.install(i, configs);
+                }
+                Output::Event(e) => node.events.push(e),
+                Output::PullBootstrap { .. } | Output::Probe { .. } | Output::Freshness(_) => {}
+            }
+        }
+        if entered {
+            self.enter(i);
+        }
+    }
+
+    /// Installs what chains to node `i`'s configurations; `true` if it moved on.
+    fn install(&mut self, i: usize, configs: Vec<CertifiedConfig>) -> bool {
+        let node = &mut self.nodes[i];
+        let before = node.chain.epoch();
+        let _ = node.chain.extend(configs);
+        if node.chain.epoch() > before {
+            node.persisted = 0;
+            node.disk = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn deliver(&mut self, i: usize, from: NodeId, msg: Msg) {
+        if !self.nodes[i].up {
+            return;
+        }
+        let now = self.now;
+        match msg {
+            Msg::Agreement(bytes) => {
+                let _ = self.nodes[i].ms.on_agreement(now, from, &bytes);
+            }
+            Msg::Ms(MsMessage::ChainAfter { epoch }) => {
+                let configs = self.nodes[i].chain.after(epoch, 64);
+                let to = self.index(&from).unwrap();
+                let me = self.nodes[i].key.node_id();
+                let reply = MsMessage::Chain {
+                    configs,
+                    freshness: None,
+                };
+                self.queue.push_back((to, me, Msg::Ms(reply)));
+            }
+            Msg::Ms(MsMessage::Push { configs, .. }) => {
+                if self.install(i, configs) {
+                    self.enter(i);
+                }
+            }
+            Msg::Ms(
+                msg @ (MsMessage::Chain { .. }
+                | MsMessage::BatchLog { .. }
+                | MsMessage::Refused { .. }),
+            ) => self.nodes[i].ms.on_answer(now, from, msg),
+            Msg::Ms(msg) => {
+                if let Some(answer) = self.nodes[i].ms.on_message(now, from, msg) {
+                    let to = self.index(&from).unwrap();
+                    let me = self.nodes[i].key.node_id();
+                    self.queue.push_back((to, me, Msg::Ms(answer)));
+                }
+            }
+        }
+        self.drain(i);
+    }
+
+    /// Delivers everything queued and runs every clock for `ms`, in steps of 100 ms.
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            while let Some((to, from, msg)) = self.queue.pop_front() {
+                self.deliver(to, from, msg);
+            }
+            self.now += 100;
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].up {
+                    let now = self.now;
+                    self.nodes[i].ms.on_timer(now, now, i as u64, now << 10);
+                    self.drain(i);
+                }
+            }
+        }
+    }
+
+    fn epochs(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.chain.epoch()).collect()
+    }
+}
+
+#[test]
+fn a_stranger_joins_and_every_node_learns_the_epoch_from_the_machines_alone() {
+    let mut net = Net::new(1);
+    let stranger = 6;
+    let key = net.nodes[stranger].key.public();
+    let cert = AdmissionCert::sign(&admission(), &key);
+    net.nodes[stranger]
+        .ms
+        .join(Member::new(key, "127.0.0.1:1"), cert);
+    net.run(2_000);
+    for i in net.committee() {
+        net.nodes[i].ms.want(MsOp::EndEpoch { epoch: 0 });
+    }
+    net.run(5_000);
+    assert_eq!(net.epochs(), vec![1; 7], "every node holds epoch 1");
+    let config = net.nodes[0].chain.config().clone();
+    assert!(
+        config.is_member(&net.nodes[stranger].key.node_id()),
+        "the stranger joined"
+    );
+    assert!(net.nodes[stranger]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Joined { epoch: 1 })));
+    for (i, n) in net.nodes.iter().enumerate() {
+        assert_eq!(n.unpersisted_sends, 0, "node {i} signed before persisting");
+    }
+    // The new committee runs its agreement: it ends its epoch too.
+    for i in net.committee() {
+        net.nodes[i].ms.want(MsOp::EndEpoch { epoch: 1 });
+    }
+    net.run(5_000);
+    assert_eq!(net.epochs(), vec![2; 7]);
+}
+
+#[test]
+fn a_committee_member_restarted_from_its_disk_goes_on() {
+    let mut net = Net::new(0);
+    net.run(1_000);
+    let victim = net.committee()[1];
+    net.nodes[victim].ms.want(MsOp::EndEpoch { epoch: 0 });
+    net.run(1_000);
+    // Crash: the machine's memory is gone, the disk stays; restart it from the disk.
+    let config = net.nodes[victim].chain.config().clone();
+    let key = net.nodes[victim].key.clone();
+    net.nodes[victim].ms = MsNode::new(key, config, opts(), net.now);
+    net.enter(victim);
+    assert!(net.nodes[victim].events.iter().any(|e| matches!(
+        e,
+        Event::Role {
+            epoch: 0,
+            resumed: true,
+            sat_out: None
+        }
+    )));
+    for i in net.committee() {
+        net.nodes[i].ms.want(MsOp::EndEpoch { epoch: 0 });
+    }
+    net.run(5_000);
+    assert_eq!(net.epochs(), vec![1; 6]);
+}
+
+#[test]
+fn after_a_failed_write_nothing_leaves() {
+    let mut net = Net::new(0);
+    let victim = net.committee()[2];
+    net.nodes[victim].fail_writes = true;
+    for i in net.committee() {
+        net.nodes[i].ms.want(MsOp::EndEpoch { epoch: 0 });
+    }
+    net.run(5_000);
+    let v = &net.nodes[victim];
+    assert_eq!(v.persisted, 1, "the write was tried");
+    assert_eq!(v.leaked, 0, "nothing left after the failed write");
+    // Three of four members are enough: the epoch still ends.
+    assert!(net.epochs().iter().all(|e| *e == 1), "{:?}", net.epochs());
+}
