@@ -283,7 +283,7 @@ fn run_transfer(
         let mut sent = Vec::new();
         while let Some(out) = t.poll_output() {
             match out {
-                TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
+                TransferOutput::Send { to, bytes, .. } => sent.push((to, bytes)),
                 TransferOutput::Check { ids, .. } => {
                     let held: Vec<ObjectId> = ids
                         .into_iter()

@@ -162,7 +162,7 @@ fn a_joining_node_gets_the_latest_values_despite_a_lying_old_replica() {
         let mut sent = Vec::new();
         while let Some(out) = t.poll_output() {
             match out {
-                TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
+                TransferOutput::Send { to, bytes, .. } => sent.push((to, bytes)),
                 TransferOutput::Check { ids, .. } => {
                     let held: Vec<ObjectId> = ids
                         .into_iter()
@@ -445,7 +445,7 @@ fn fetches_waiting_on_a_source_that_fails_are_asked_elsewhere_at_once() {
         let mut sent = Vec::new();
         while let Some(out) = t.poll_output() {
             match out {
-                TransferOutput::Send { to, bytes } => sent.push((to, bytes)),
+                TransferOutput::Send { to, bytes, .. } => sent.push((to, bytes)),
                 TransferOutput::Check { ids, .. } => {
                     listed = true;
                     t.held(&[]);
@@ -501,4 +501,55 @@ fn fetches_waiting_on_a_source_that_fails_are_asked_elsewhere_at_once() {
         live_sources >= 2,
         "fetches spread over the live listers: {fetched_from:?}"
     );
+}
+
+#[test]
+fn an_on_demand_fetch_is_urgent_and_resent_on_its_own_timer() {
+    let ks = keys(5);
+    let g = config(0, &ks[..4], None);
+    let next = config(1, &ks, Some(g.hash()));
+    let me = ks[4].node_id();
+    let mut t = Transfer::new(&g, &next, &me, true, TransferOptions::default());
+    t.start(0);
+    let drain = |t: &mut Transfer| {
+        let mut sends = Vec::new();
+        while let Some(out) = t.poll_output() {
+            if let TransferOutput::Send { urgent, .. } = out {
+                sends.push(urgent);
+            }
+        }
+        sends
+    };
+    let first = drain(&mut t);
+    assert!(
+        !first.is_empty() && first.iter().all(|u| !u),
+        "the plan's listings are not urgent"
+    );
+    assert_eq!(t.next_on_demand_timeout(), None, "no on-demand unit yet");
+    // An object this node gains, wanted by a read before its range arrived.
+    let x = (0u32..)
+        .map(|i| content_id(format!("wanted {i}").as_bytes()))
+        .find(|id| next.is_responsible(&me, id) && !g.is_responsible(&me, id))
+        .unwrap();
+    assert!(t.fetch_now(10, x));
+    let asked = drain(&mut t);
+    assert!(
+        !asked.is_empty() && asked.iter().all(|u| *u),
+        "on-demand requests are urgent"
+    );
+    // Nobody answers. Its own timer resends only the on-demand unit's requests, with no backoff,
+    // while the ordinary retransmission (held back by a driver with a queue) is not run.
+    let at = t
+        .next_on_demand_timeout()
+        .expect("an on-demand unit is open");
+    let before = t.next_timeout();
+    t.handle_on_demand_timeout(at);
+    let again = drain(&mut t);
+    assert_eq!(again.len(), asked.len());
+    assert!(again.iter().all(|u| *u));
+    assert_eq!(t.next_timeout(), before, "the ordinary timer is untouched");
+    let next_at = t.next_on_demand_timeout().unwrap();
+    assert_eq!(next_at - at, TransferOptions::default().retransmit_ms);
+    t.handle_on_demand_timeout(next_at - 1);
+    assert!(drain(&mut t).is_empty(), "not before its time");
 }

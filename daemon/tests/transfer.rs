@@ -891,7 +891,7 @@ async fn a_read_the_new_node_must_answer_fetches_its_object_on_demand() {
     // The old node with the highest id runs as a process, so that it can be frozen (SIGSTOP).
     let k = (0..n).max_by_key(|i| s.ids[*i]).unwrap();
     let (frozen, nodes, client) = start_old_nodes(&s, k).await;
-    let data = write_data(&client, 24, 256 * 1024, 30).await;
+    let data = write_data(&client, 96, 64 * 1024, 60).await;
     let new = s.member(n);
 
     // The new node fetches at 20 kB/s: its ranges (about 5 MB) would take minutes.

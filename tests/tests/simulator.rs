@@ -88,7 +88,7 @@ fn in_the_composed_mode_the_ms_decides_the_epochs() {
 }
 
 /// A committee member that restarts without what it persisted signs a second statement for a
-/// slot it signed before; the composed mode's check sees it (first at seed 73).
+/// slot it signed before; the composed mode's check sees it (first at seed 24).
 #[test]
 fn in_the_composed_mode_a_member_that_forgets_what_it_signed_is_caught() {
     let forget = RunOptions {

@@ -342,9 +342,13 @@ const PEERS_AFTER_STALLS: u32 = 6;
 /// What the driver should do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransferOutput {
+    /// Send `bytes` to `to`. `urgent`: the request serves an on-demand fetch
+    /// ([`Transfer::fetch_now`]) that a client's read waits for: it goes before the transfer's
+    /// other requests and is not held back by the transfer's rate.
     Send {
         to: NodeId,
         bytes: Vec<u8>,
+        urgent: bool,
     },
     /// Which of these content blocks does the node hold already? Answer with [`Transfer::held`]
     /// before anything else; only the others are fetched. `released` (a subset) are the ones
@@ -357,15 +361,10 @@ pub enum TransferOutput {
     },
     /// Persist this verified content block (unless
     /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on).
-    StoreContent {
-        id: ObjectId,
-        data: Vec<u8>,
-    },
+    StoreContent { id: ObjectId, data: Vec<u8> },
     /// Persist this verified public-key block if it is newer than the held one (unless
     /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on).
-    StorePk {
-        block: PkBlock,
-    },
+    StorePk { block: PkBlock },
     /// Merge these reference records, signatures checked, into the records of their blocks
     /// ([`crate::dbqs::replica::Replica::merge_transferred_refs`], unless
     /// [`crate::dbqs::replica::Replica::accepts_transferred`] says the range moved on). Given
@@ -376,14 +375,9 @@ pub enum TransferOutput {
     /// Every object of `arc` is stored (once everything above is persisted): the replica may answer
     /// reads in `arc` ([`crate::dbqs::replica::Replica::arc_ready`]) before the whole epoch is done.
     /// For an on-demand fetch ([`Transfer::fetch_now`]) `arc` is [`Arc::single`] of the object.
-    UnitDone {
-        epoch: Epoch,
-        arc: Arc,
-    },
+    UnitDone { epoch: Epoch, arc: Arc },
     /// Every unit is done: once everything above is persisted, the epoch's transfer is complete.
-    Complete {
-        epoch: Epoch,
-    },
+    Complete { epoch: Epoch },
 }
 
 /// One listing page's contents, as received.
@@ -519,6 +513,9 @@ pub struct Transfer {
     next_rid: u64,
     opts: TransferOptions,
     retransmit_at: u64,
+    /// When the on-demand units' unanswered requests are sent again
+    /// ([`Transfer::handle_on_demand_timeout`]), if any are unfinished.
+    on_demand_at: u64,
     /// The current retransmission interval: doubles while nothing progresses, up to 16 times the
     /// base, and returns to the base on progress.
     backoff: u64,
@@ -554,6 +551,7 @@ impl Transfer {
             backoff: opts.retransmit_ms,
             opts,
             retransmit_at: 0,
+            on_demand_at: u64::MAX,
             complete: false,
             out: VecDeque::new(),
             health: Health::new(),
@@ -633,6 +631,32 @@ impl Transfer {
         (!self.complete).then_some(self.retransmit_at)
     }
 
+    /// When [`Transfer::handle_on_demand_timeout`] has requests to send again: a driver whose
+    /// ordinary requests still wait to be sent (and so holds [`Transfer::handle_timeout`] back)
+    /// still resends the on-demand ones a read waits for.
+    pub fn next_on_demand_timeout(&self) -> Option<u64> {
+        let open = self
+            .units
+            .iter()
+            .any(|u| u.single.is_some() && !matches!(u.phase, Phase::Done));
+        (!self.complete && open).then_some(self.on_demand_at)
+    }
+
+    /// Resends what the on-demand units have unanswered, every base retransmission interval (no
+    /// backoff: a client waits), without touching the other units.
+    pub fn handle_on_demand_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        if now < self.on_demand_at || self.complete {
+            return;
+        }
+        self.on_demand_at = now + self.opts.retransmit_ms;
+        for u in 0..self.units.len() {
+            if self.units[u].single.is_some() && !matches!(self.units[u].phase, Phase::Done) {
+                self.retransmit(u);
+            }
+        }
+    }
+
     /// Marks done, before [`Transfer::start`], every unit whose arc lies within `done`: a driver
     /// resuming after a crash passes the arcs it persisted as done (after [`TransferOutput::UnitDone`])
     /// and they are not listed or fetched again. They are announced done like the others. Returns
@@ -707,6 +731,7 @@ impl Transfer {
             self.ask_peers(u);
         }
         self.retransmit_at = self.retransmit_at.min(now + self.opts.retransmit_ms);
+        self.on_demand_at = self.on_demand_at.min(now + self.opts.retransmit_ms);
         true
     }
 
@@ -770,6 +795,7 @@ impl Transfer {
         self.out.push_back(TransferOutput::Send {
             to,
             bytes: encode_msg(epoch, msg),
+            urgent: self.units[u].single.is_some(),
         });
     }
 
@@ -789,35 +815,40 @@ impl Transfer {
             if self.units[u].stalls >= PEERS_AFTER_STALLS {
                 self.ask_peers(u);
             }
-            let unit = &mut self.units[u];
-            let peers = unit.peers_asked;
-            match &mut unit.phase {
-                Phase::Listing => {
-                    let pending = |ls: &BTreeMap<NodeId, Listing>| -> Vec<NodeId> {
-                        ls.iter()
-                            .filter(|(_, l)| !l.done && !l.gone)
-                            .map(|(n, _)| *n)
-                            .collect()
-                    };
-                    let (old, new) = (pending(&unit.listings), pending(&unit.peer_listings));
-                    for n in old {
-                        self.request(u, n, Req::List);
-                    }
-                    for n in new {
-                        self.request(u, n, Req::ListReady);
-                    }
+            self.retransmit(u);
+        }
+    }
+
+    /// Sends unit `u`'s unanswered requests again.
+    fn retransmit(&mut self, u: usize) {
+        let unit = &mut self.units[u];
+        let peers = unit.peers_asked;
+        match &mut unit.phase {
+            Phase::Listing => {
+                let pending = |ls: &BTreeMap<NodeId, Listing>| -> Vec<NodeId> {
+                    ls.iter()
+                        .filter(|(_, l)| !l.done && !l.gone)
+                        .map(|(n, _)| *n)
+                        .collect()
+                };
+                let (old, new) = (pending(&unit.listings), pending(&unit.peer_listings));
+                for n in old {
+                    self.request(u, n, Req::List);
                 }
-                Phase::Fetching(wants) => {
-                    let asks: Vec<(ObjectId, (Via, NodeId))> = wants
-                        .iter_mut()
-                        .filter_map(|(id, w)| w.next_source(peers).map(|c| (*id, c)))
-                        .collect();
-                    for (id, c) in asks {
-                        self.fetch(u, id, c);
-                    }
+                for n in new {
+                    self.request(u, n, Req::ListReady);
                 }
-                Phase::Checking(_) | Phase::Done => {}
             }
+            Phase::Fetching(wants) => {
+                let asks: Vec<(ObjectId, (Via, NodeId))> = wants
+                    .iter_mut()
+                    .filter_map(|(id, w)| w.next_source(peers).map(|c| (*id, c)))
+                    .collect();
+                for (id, c) in asks {
+                    self.fetch(u, id, c);
+                }
+            }
+            Phase::Checking(_) | Phase::Done => {}
         }
     }
 

@@ -89,12 +89,22 @@ pub struct Running {
 
 /// Runs the node of `dir` on `rt` until [`Running::stop`].
 pub fn start_node(rt: &Handle, dir: &Path) -> Running {
-    let node = Node::load(dir).expect("load node");
-    // A node stopped just before in this process may still hold its socket for a few seconds:
-    // tasks it spawned (requests in flight, probes) keep its endpoint until they end. A node
-    // process releases it when it exits; here, wait until the port is free.
-    let addr = node.listen_addr();
+    // A node stopped just before in this process may still hold its directory's lock, its store
+    // and its socket for a few seconds: tasks it spawned (requests in flight, probes, installs
+    // on the blocking pool) keep them until they end. A node process releases them when it
+    // exits; here, wait until they are free.
     let free_by = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let node = loop {
+        match Node::load(dir) {
+            Ok(node) => break node,
+            Err(e) if std::time::Instant::now() < free_by => {
+                eprintln!("node of {} not loadable yet ({e}): waiting", dir.display());
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => panic!("load node: {e}"),
+        }
+    };
+    let addr = node.listen_addr();
     while std::net::UdpSocket::bind(addr).is_err() && std::time::Instant::now() < free_by {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

@@ -104,7 +104,7 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={} ms-equivocations={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
@@ -115,7 +115,8 @@ fn main() {
                     r.stats.released_deleted,
                     r.stats.forged_releases,
                     r.stats.ms_epochs,
-                    r.stats.ms_lying_roles
+                    r.stats.ms_lying_roles,
+                    r.stats.ms_equivocations
                 ),
             }
         },

@@ -109,6 +109,8 @@ pub struct Stats {
     pub ms_epochs: u64,
     /// Composed mode: roles taken up by Byzantine nodes that lie in them (not only silent).
     pub ms_lying_roles: u64,
+    /// Composed mode: pre-prepares a Byzantine primary equivocated on.
+    pub ms_equivocations: u64,
 }
 
 #[derive(Debug)]
@@ -360,6 +362,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
         stats: Stats {
             ms_epochs: sim.ms.as_ref().map_or(0, |m| m.epochs_certified),
             ms_lying_roles: sim.ms.as_ref().map_or(0, |m| m.lying_roles),
+            ms_equivocations: sim.ms.as_ref().map_or(0, |m| m.equivocations),
             ..sim.stats
         },
     }
@@ -1084,7 +1087,7 @@ impl Sim {
             .and_then(|t| t.poll_output())
         {
             match out {
-                TransferOutput::Send { to, bytes } => {
+                TransferOutput::Send { to, bytes, .. } => {
                     if matches!(
                         decode::<TransferMessage>(&bytes).map(|e| e.msg),
                         Ok(TransferMessage::ListReady { .. } | TransferMessage::FetchReady { .. })

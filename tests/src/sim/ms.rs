@@ -19,7 +19,8 @@
 //! garbage (bit-flipped copies of its agreement messages and shares, random bytes); or lying
 //! (agreeing honestly, but with shares for values it did not sign, tampered batch logs, inverted
 //! probe verdicts, and its own false accusations, early ends of the epoch and joins without
-//! admission). They run the real machine and lie through its outputs, as a node with a modified
+//! admission); or equivocating as a primary (each batch to some members, another for the same
+//! slot, with its commit, to the others). They run the real machine and lie through its outputs, as a node with a modified
 //! driver would. Their draws come from the MS's own random stream.
 //!
 //! Checks (beside every dBQS check): no correct member signs two different agreement statements
@@ -38,7 +39,7 @@ use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
 use dbqsfs_core::dbqs::replica::Handled;
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
-use dbqsfs_core::ms::pbft::{AgreementMessage, Request};
+use dbqsfs_core::ms::pbft::{batch_digest, AgreementMessage, Commit, PrePrepare, Request, Signed};
 use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::Resume;
 use dbqsfs_core::ms::wire::{is_ms, MsMessage};
@@ -75,6 +76,8 @@ pub(super) struct Ms {
     pub(super) epochs_certified: u64,
     /// Roles taken up by Byzantine nodes that lie in them.
     pub(super) lying_roles: u64,
+    /// Pre-prepares a Byzantine primary equivocated on.
+    pub(super) equivocations: u64,
     /// How each Byzantine node lies in its MS role (drawn when it first takes one up).
     lies: BTreeMap<usize, Lie>,
     /// What correct members signed in the agreement.
@@ -95,6 +98,10 @@ enum Lie {
     /// its batch logs are tampered with, its probe verdicts are inverted, and it submits false
     /// accusations of live members, early ends of the epoch and joins without admission.
     Liar,
+    /// As a primary, equivocates: every batch it pre-prepares goes to some members, another one
+    /// (reordered, cut, empty or with a request of its own), signed for the same slot and backed
+    /// by its commit, to the others. Otherwise honest.
+    Equivocate,
 }
 
 impl Ms {
@@ -111,6 +118,7 @@ impl Ms {
             queued: Default::default(),
             epochs_certified: 0,
             lying_roles: 0,
+            equivocations: 0,
             lies: BTreeMap::new(),
             signed: SignedLog::default(),
             forget_signed_state,
@@ -140,7 +148,9 @@ impl Sim {
         let lie = match ms.lies.get(&n) {
             Some(l) => *l,
             None => {
-                let l = *ms.rng.pick(&[Lie::Silent, Lie::Garbage, Lie::Liar]);
+                let l = *ms
+                    .rng
+                    .pick(&[Lie::Silent, Lie::Garbage, Lie::Liar, Lie::Equivocate]);
                 ms.lies.insert(n, l);
                 l
             }
@@ -368,7 +378,7 @@ impl Sim {
                             ));
                         }
                     }
-                    Some(Lie::Garbage | Lie::Liar) => self.ms().lying_roles += 1,
+                    Some(Lie::Garbage | Lie::Liar | Lie::Equivocate) => self.ms().lying_roles += 1,
                     Some(Lie::Silent) => {}
                 },
                 _ if lie == Some(Lie::Silent) => {}
@@ -382,6 +392,9 @@ impl Sim {
                         for v in self.ms().signed.record(n, index, &bytes) {
                             self.violation(v);
                         }
+                    }
+                    if lie == Some(Lie::Equivocate) && self.ms_equivocate(n, epoch, &to, &bytes) {
+                        continue;
                     }
                     for to in to {
                         let bytes = self.ms_garble(lie, &bytes);
@@ -559,6 +572,58 @@ impl Sim {
             },
             other => other,
         }
+    }
+
+    /// An equivocating primary's pre-prepare: the batch to a random part of `to`, another batch
+    /// for the same slot to the rest, each followed by its commit. `false` if `bytes` are no
+    /// pre-prepare (they go out as they are).
+    fn ms_equivocate(&mut self, n: usize, epoch: Epoch, to: &[NodeId], bytes: &[u8]) -> bool {
+        let Ok(env) = decode::<AgreementMessage>(bytes) else {
+            return false;
+        };
+        let AgreementMessage::PrePrepare { pre_prepare, batch } = env.msg else {
+            return false;
+        };
+        if to.len() < 2 {
+            return false;
+        }
+        let key = self.nodes[n].key.clone();
+        let me = key.node_id();
+        let rng = &mut self.ms().rng;
+        let fake = Request::sign(&key, rng.next_u64(), b"equivocation".to_vec());
+        let mut alt: Vec<Request> = match rng.below(4) {
+            0 => Vec::new(),
+            1 => batch.iter().rev().cloned().collect(),
+            2 => batch.iter().skip(1).cloned().collect(),
+            _ => batch.iter().cloned().chain([fake.clone()]).collect(),
+        };
+        if batch_digest(&alt) == batch_digest(&batch) {
+            alt = vec![fake];
+        }
+        let mut order = to.to_vec();
+        rng.shuffle(&mut order);
+        let cut = 1 + rng.below(order.len() - 1);
+        let PrePrepare { view, seq, .. } = pre_prepare.body;
+        let signer = pre_prepare.signer;
+        for (i, to) in order.into_iter().enumerate() {
+            let (pp, b) = if i < cut {
+                (pre_prepare.clone(), batch.clone())
+            } else {
+                let digest = batch_digest(&alt);
+                let body = PrePrepare { view, seq, digest };
+                (Signed::sign(&key, signer, epoch, body), alt.clone())
+            };
+            let digest = pp.body.digest;
+            let commit = Signed::sign(&key, signer, epoch, Commit { view, seq, digest });
+            let msg = AgreementMessage::PrePrepare {
+                pre_prepare: pp,
+                batch: b,
+            };
+            self.send(me, to, encode_msg(epoch, msg));
+            self.send(me, to, encode_msg(epoch, AgreementMessage::Commit(commit)));
+        }
+        self.ms().equivocations += 1;
+        true
     }
 
     /// A lying member's probe verdict in a submission is the opposite of what it found (the

@@ -80,8 +80,6 @@ struct Worker {
     done_arcs: BTreeMap<Epoch, Vec<RingArc>>,
     /// Which request leaves next: queues, in-flight bounds, the rate cap, source health.
     sched: Scheduler,
-    /// Set while the outputs of an on-demand fetch are drained: their requests are urgent.
-    draining_urgent: bool,
     /// Writes issued and not finished, over all transfers.
     pending_writes: usize,
     write_slots: Arc<Semaphore>,
@@ -524,9 +522,7 @@ impl Worker {
         }
         if r.t.fetch_now(now, x) {
             debug!(epoch, object = %x.short(), "fetching an object on demand");
-            self.draining_urgent = true;
             self.drain(epoch);
-            self.draining_urgent = false;
         }
     }
 
@@ -563,6 +559,20 @@ impl Worker {
             }
             self.drain(e);
         }
+        // On-demand fetches a read waits for are resent even while ordinary requests queue.
+        let due: Vec<Epoch> = self
+            .transfers
+            .iter()
+            .filter(|(_, r)| !r.checking)
+            .filter(|(_, r)| r.t.next_on_demand_timeout().is_some_and(|at| at <= now_ms))
+            .map(|(e, _)| *e)
+            .collect();
+        for e in due {
+            if let Some(r) = self.transfers.get_mut(&e) {
+                r.t.handle_on_demand_timeout(now_ms);
+            }
+            self.drain(e);
+        }
         self.gc.on_timer(now_ms);
         self.run_gc();
     }
@@ -573,11 +583,10 @@ impl Worker {
         if let Some(t) = self.sched.next_deadline(now, self.cap().map(|c| c.0)) {
             at = at.min(t);
         }
-        for r in self.transfers.values() {
-            if !r.checking && r.queued == 0 {
-                if let Some(ms) = r.t.next_timeout() {
-                    at = at.min(self.clock + Duration::from_millis(ms));
-                }
+        for r in self.transfers.values().filter(|r| !r.checking) {
+            let ordinary = r.t.next_timeout().filter(|_| r.queued == 0);
+            for ms in ordinary.into_iter().chain(r.t.next_on_demand_timeout()) {
+                at = at.min(self.clock + Duration::from_millis(ms));
             }
         }
         for t in self.restart_at.values() {
@@ -694,7 +703,6 @@ pub(super) fn spawn(
             opts.max_requests,
             opts.retry_after_failure.as_millis() as u64,
         ),
-        draining_urgent: false,
         pending_writes: 0,
         write_slots: Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1))),
         opts,

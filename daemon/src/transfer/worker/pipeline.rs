@@ -45,7 +45,7 @@ impl Worker {
                 self.write(e, gen, Write::Pk(std::mem::take(&mut pk)));
             }
             match out {
-                TransferOutput::Send { to, bytes } => {
+                TransferOutput::Send { to, bytes, urgent } => {
                     if self.sched.is_down(&to, Instant::now()) {
                         continue; // the machine asks again, elsewhere, at its next timeout
                     }
@@ -54,7 +54,7 @@ impl Worker {
                         gen,
                         bytes,
                     };
-                    if self.draining_urgent {
+                    if urgent {
                         self.sched.push_urgent(to, req);
                         continue;
                     }
