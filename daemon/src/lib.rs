@@ -13,6 +13,7 @@ pub mod epochs;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod files;
+pub mod identity;
 pub mod metrics;
 pub mod ms;
 pub mod node;

@@ -26,9 +26,10 @@
 //! can delay or refuse, never forge: configurations and freshness certificates are self-certifying,
 //! probe answers are signatures over our nonce, agreement messages are checked by the core.
 use crate::epochs::{Epochs, Peer};
+use crate::identity::Identity;
 use crate::store::DiskStore;
 use dbqsfs_core::config::{Epoch, Member};
-use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
+use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
 use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options as NodeOptions, Output};
 pub use dbqsfs_core::ms::probe::probe_body;
@@ -118,10 +119,8 @@ pub enum Inbound {
 /// What the MS task needs of its node: its identity, its store (for the agreement's durable
 /// state) and its epochs.
 pub struct MsContext {
-    pub key: Keypair,
-    pub admission_key: PublicKey,
-    /// The address this node listens on (as members are told to reach it).
-    pub listen: SocketAddr,
+    /// Who this node is.
+    pub me: Arc<Identity>,
     pub store: Arc<DiskStore>,
     pub epochs: Arc<Epochs>,
 }

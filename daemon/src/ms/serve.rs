@@ -24,6 +24,7 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
     let answer = match env.msg {
         MsMessage::Challenge { epoch: e, nonce } => Some(MsMessage::ChallengeAnswer {
             sig: shared
+                .me
                 .key
                 .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
         }),

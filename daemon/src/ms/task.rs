@@ -58,15 +58,15 @@ impl Task {
         #[cfg(not(feature = "fault-injection"))]
         let honest = true;
         let node_opts = NodeOptions {
-            admission_key: shared.admission_key,
+            admission_key: shared.me.admission_key,
             pull_ms: opts.pull.as_millis() as u64,
             resubmit_ms: opts.resubmit.as_millis() as u64,
             epoch_timer: honest,
         };
         let config = shared.epochs.chain().config().clone();
-        let mut node = MsNode::new(shared.key.clone(), config, node_opts, 0);
+        let mut node = MsNode::new(shared.me.key.clone(), config, node_opts, 0);
         if let Some(cert) = opts.join.clone() {
-            let me = Member::new(shared.key.public(), shared.listen.to_string());
+            let me = Member::new(shared.me.key.public(), shared.me.listen.to_string());
             node.join(me, cert);
         }
         let now = Instant::now();
@@ -215,7 +215,7 @@ impl Task {
     fn status(&self) -> MsStatus {
         let chain = self.shared.epochs.chain();
         let config = chain.config();
-        let me = self.shared.key.node_id();
+        let me = self.shared.me.key.node_id();
         let mut s = MsStatus {
             epoch: config.epoch,
             config: config.hash(),

@@ -19,11 +19,12 @@
 use crate::control::{is_control, ControlMessage, SpaceStatus, StatusParts};
 use crate::epochs::{Epochs, Peer};
 use crate::files::{self, FileError, NodeFile};
+use crate::identity::Identity;
 use crate::ms::{is_ms, Inbound, MsContext, MsHandle, MsOptions};
 use crate::store::{DiskStore, OpenError};
 use crate::transfer::{self, TransferOptions, TransferWorker};
 use dbqsfs_core::config::{ConfigChain, ConfigError};
-use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
+use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
 use dbqsfs_core::dbqs::msg::is_block_op;
 use dbqsfs_core::dbqs::replica::{Handled, Replica, ReplicaOptions};
 use dbqsfs_core::ms::membership::AdmissionCert;
@@ -113,10 +114,8 @@ type SharedReplica = Arc<RwLock<Replica<ReplicaStore>>>;
 
 /// What the node's tasks share.
 pub struct Shared {
-    pub key: Keypair,
-    pub admission_key: PublicKey,
-    /// The address this node listens on (as members are told to reach it).
-    pub listen: SocketAddr,
+    /// Who this node is (shared with the MS task).
+    pub me: Arc<Identity>,
     pub replica: SharedReplica,
     pub store: Arc<DiskStore>,
     clients: BTreeSet<[u8; 32]>,
@@ -127,7 +126,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn peer(&self, key: &PublicKey) -> Peer {
-        if *key == self.key.public() {
+        if *key == self.me.key.public() {
             Peer::Myself
         } else if self.clients.contains(&key.0) {
             Peer::Client
@@ -265,9 +264,11 @@ impl Node {
         Ok(Node {
             _lock: lock,
             shared: Arc::new(Shared {
-                key,
-                admission_key: admission,
-                listen,
+                me: Arc::new(Identity {
+                    key,
+                    admission_key: admission,
+                    listen,
+                }),
                 replica,
                 epochs: Arc::new(epochs),
                 store,
@@ -305,7 +306,7 @@ impl Node {
 
     /// The UDP address the node listens on.
     pub fn listen_addr(&self) -> SocketAddr {
-        self.shared.listen
+        self.shared.me.listen
     }
 
     /// Makes this node Byzantine in the way `fault` says (test builds only).
@@ -318,7 +319,7 @@ impl Node {
         };
         let faulty: ReplicaStore = Arc::new(crate::fault::FaultStore::new(s.store.clone(), fault));
         let mut replica = Replica::new(
-            s.key.node_id(),
+            s.me.id(),
             faulty,
             chain,
             ready,
@@ -332,15 +333,13 @@ impl Node {
         }
         let replica: SharedReplica = Arc::new(RwLock::new(replica));
         let epochs = Epochs::new(
-            s.key.node_id(),
+            s.me.id(),
             replica.clone(),
             s.store.clone(),
             s.transfers.clone(),
         );
         self.shared = Arc::new(Shared {
-            key: s.key.clone(),
-            admission_key: s.admission_key,
-            listen: s.listen,
+            me: s.me.clone(),
             replica,
             epochs: Arc::new(epochs),
             store: s.store.clone(),
@@ -360,7 +359,7 @@ impl Node {
     }
 
     pub fn id(&self) -> NodeId {
-        self.shared.key.node_id()
+        self.shared.me.id()
     }
 
     /// Serves Prometheus metrics at `http://addr/metrics` while the node runs.
@@ -384,8 +383,8 @@ impl Node {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
         let shared = self.shared;
         let endpoint = Endpoint::server(
-            shared.listen,
-            shared.key.dalek().clone(),
+            shared.me.listen,
+            shared.me.key.dalek().clone(),
             TransportOptions::default(),
             Arc::new(Trust(Arc::downgrade(&shared))),
         )?;
@@ -410,9 +409,7 @@ impl Node {
             .transfers
             .start(endpoint.clone(), shared.replica.clone());
         let context = MsContext {
-            key: shared.key.clone(),
-            admission_key: shared.admission_key,
-            listen: shared.listen,
+            me: shared.me.clone(),
             store: shared.store.clone(),
             epochs: shared.epochs.clone(),
         };

@@ -10,7 +10,7 @@ impl Task {
         use dbqsfs_core::config::{CertifiedConfig, Configuration, Freshness};
         let chain = self.shared.epochs.chain();
         let cur = chain.config();
-        let me = self.shared.key.node_id();
+        let me = self.shared.me.key.node_id();
         // Keep only ourselves and the fewest others a configuration may have.
         let mut members: Vec<Member> = cur.members.iter().filter(|m| m.id == me).cloned().collect();
         members.extend(
@@ -28,7 +28,7 @@ impl Task {
             .map(|id| (*id, Signature([7u8; 64])))
             .collect();
         signatures.retain(|(id, _)| *id != me);
-        signatures.push((me, self.shared.key.sign(Domain::Configuration, &hash)));
+        signatures.push((me, self.shared.me.key.sign(Domain::Configuration, &hash)));
         let forged = CertifiedConfig {
             config: next,
             cert: dbqsfs_core::config::Certificate { signatures },
