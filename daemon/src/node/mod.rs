@@ -112,8 +112,10 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
 type ReplicaStore = Arc<dyn Store + Send + Sync>;
 type SharedReplica = Arc<RwLock<Replica<ReplicaStore>>>;
 
-/// What the node's tasks share.
-pub struct Shared {
+/// What serving the node's requests needs (and its status reads). The MS task has a context of
+/// its own ([`MsContext`]) and shares only [`Identity`], the epochs and the store; the sweeper
+/// holds just the replica.
+pub struct Serving {
     /// Who this node is (shared with the MS task).
     pub me: Arc<Identity>,
     pub replica: SharedReplica,
@@ -124,7 +126,7 @@ pub struct Shared {
     pub transfers: TransferWorker,
 }
 
-impl Shared {
+impl Serving {
     pub fn peer(&self, key: &PublicKey) -> Peer {
         if *key == self.me.key.public() {
             Peer::Myself
@@ -147,7 +149,7 @@ impl Shared {
 
 /// A node loaded from its directory, not yet serving.
 pub struct Node {
-    shared: Arc<Shared>,
+    shared: Arc<Serving>,
     /// `DIR/node.lock`, locked while the node runs (one node per directory); holds its pid.
     _lock: std::fs::File,
     ms: MsOptions,
@@ -263,7 +265,7 @@ impl Node {
         let epochs = Epochs::new(me, replica.clone(), store.clone(), transfers.clone());
         Ok(Node {
             _lock: lock,
-            shared: Arc::new(Shared {
+            shared: Arc::new(Serving {
                 me: Arc::new(Identity {
                     key,
                     admission_key: admission,
@@ -338,7 +340,7 @@ impl Node {
             s.store.clone(),
             s.transfers.clone(),
         );
-        self.shared = Arc::new(Shared {
+        self.shared = Arc::new(Serving {
             me: s.me.clone(),
             replica,
             epochs: Arc::new(epochs),

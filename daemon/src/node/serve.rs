@@ -5,11 +5,11 @@
 use super::*;
 
 /// Every key may connect: a joining node is in no configuration yet, and a node that left still
-/// asks about what it collects. What a peer may ask is decided per message, by [`Shared::peer`].
+/// asks about what it collects. What a peer may ask is decided per message, by [`Serving::peer`].
 /// Members, listed clients and this node itself get the transport's full budget, other keys the
 /// strangers' small one. It holds the node weakly: the endpoint holds it, and the node's workers
 /// hold the endpoint, so a strong reference would keep the socket bound after the node stopped.
-pub(super) struct Trust(pub(super) std::sync::Weak<Shared>);
+pub(super) struct Trust(pub(super) std::sync::Weak<Serving>);
 
 impl Authorizer for Trust {
     fn is_authorized(&self, _peer: &VerifyingKey) -> bool {
@@ -39,7 +39,7 @@ pub(super) fn protocol_of(request: &[u8]) -> &'static str {
 }
 
 pub(super) async fn handle(
-    shared: Arc<Shared>,
+    shared: Arc<Serving>,
     ms: MsHandle,
     peer: VerifyingKey,
     protocol: &'static str,
@@ -132,7 +132,7 @@ pub(super) async fn handle(
     }
 }
 
-impl Shared {
+impl Serving {
     /// The node's state now (reads the replica under its read lock; blocking).
     pub fn status_parts(&self) -> StatusParts {
         let (epoch, ready, gc, deferred, members) = {
@@ -173,7 +173,7 @@ impl Shared {
     }
 }
 
-fn control(shared: &Shared, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
+fn control(shared: &Serving, from: NodeId, request: &[u8]) -> Option<Vec<u8>> {
     let env = match decode::<ControlMessage>(request) {
         Ok(env) => env,
         Err(e) => {
