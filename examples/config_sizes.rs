@@ -2,30 +2,24 @@
 //!
 //! Run: `cargo run --release -p dbqsfs-examples --example config_sizes`.
 //!
-//! A configuration is what nodes push and pull today: every member (id, key, address), the
-//! committee, the parameters, the predecessor's hash, certified by `2f_ms+1` signatures. A delta is
-//! what an epoch changes (1% of members joining and 1% leaving, a new committee): the size an
-//! incremental encoding would need. Times are for computing the configuration hash (what the
-//! committee signs and every follower checks).
+//! A configuration is what nodes pull: every member (id, key, address), the committee, the
+//! parameters, the predecessor's hash, certified by `2f_ms+1` signatures. A certified delta
+//! (`ms::delta::CertifiedDelta`) is what pushes carry: what an epoch changes (here 1% of members
+//! joining and 1% leaving) with the whole configuration's certificate. Times are for computing the
+//! configuration hash (what the committee signs and every follower checks) and for applying and
+//! verifying a delta (what a follower does with a push).
 
 use dbqsfs_core::config::{CertifiedConfig, Configuration, Member, Params};
-use dbqsfs_core::crypto::{Keypair, NodeId};
-use serde::Serialize;
+use dbqsfs_core::crypto::Keypair;
+use dbqsfs_core::ms::delta::CertifiedDelta;
 use std::time::Instant;
-
-#[derive(Serialize)]
-struct Delta {
-    epoch: u64,
-    prev: [u8; 32],
-    joined: Vec<Member>,
-    left: Vec<NodeId>,
-    committee: Vec<NodeId>,
-}
 
 fn main() {
     let params = Params::with_f(1);
-    println!("| members | configuration | certified | delta (1% join, 1% leave) | hash time |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| members | configuration | certified | certified delta (1% join, 1% leave) | hash time | delta apply + verify |"
+    );
+    println!("|---|---|---|---|---|---|");
     for n in [1_000usize, 10_000, 100_000] {
         let keys: Vec<Keypair> = (0..n)
             .map(|i| {
@@ -44,27 +38,34 @@ fn main() {
                 )
             })
             .collect();
-        let config = Configuration::new(1, params.clone(), members.clone(), Some([1; 32]));
-        let t = Instant::now();
-        let hash = config.hash();
-        let hash_time = t.elapsed();
-        let signers: Vec<&Keypair> = keys.iter().take(3).collect();
-        let certified = CertifiedConfig::certify(config.clone(), &signers);
         let churn = n / 100;
-        let delta = Delta {
-            epoch: 2,
-            prev: hash,
-            joined: members[..churn].to_vec(),
-            left: members[churn..2 * churn].iter().map(|m| m.id).collect(),
-            committee: config.committee.clone(),
-        };
+        // Epoch 1 has members churn.., epoch 2 drops churn..2*churn and takes ..churn back.
+        let prev = Configuration::new(1, params.clone(), members[churn..].to_vec(), Some([1; 32]));
+        let mut next_members = members[..churn].to_vec();
+        next_members.extend_from_slice(&members[2 * churn..]);
+        let config = Configuration::new(2, params.clone(), next_members, Some(prev.hash()));
+        let t = Instant::now();
+        let _ = config.hash();
+        let hash_time = t.elapsed();
+        let signers: Vec<&Keypair> = keys
+            .iter()
+            .filter(|k| prev.committee.contains(&k.node_id()))
+            .take(3)
+            .collect();
+        let certified = CertifiedConfig::certify(config.clone(), &signers);
+        let delta = CertifiedDelta::of(&prev, &certified);
+        let t = Instant::now();
+        let applied = delta.apply(&prev).expect("the delta applies");
+        let apply_time = t.elapsed();
+        assert_eq!(applied, certified);
         let size = |v: &dyn erased::Size| v.size();
         println!(
-            "| {n} | {} | {} | {} | {:.1} ms |",
+            "| {n} | {} | {} | {} | {:.1} ms | {:.1} ms |",
             human(size(&config)),
             human(size(&certified)),
             human(size(&delta)),
-            hash_time.as_secs_f64() * 1e3
+            hash_time.as_secs_f64() * 1e3,
+            apply_time.as_secs_f64() * 1e3
         );
     }
 }

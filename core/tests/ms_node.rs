@@ -7,6 +7,7 @@
 
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId};
+use dbqsfs_core::ms::delta::{deltas_after, resolve};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
 use dbqsfs_core::ms::role::Resume;
@@ -39,6 +40,8 @@ struct Node {
     fail_writes: bool,
     /// Agreement outputs after a failed write.
     leaked: usize,
+    /// Pushed deltas that did not apply (the node lacked the epoch before, or they were bad).
+    refused_deltas: usize,
     events: Vec<Event>,
 }
 
@@ -79,6 +82,7 @@ impl Net {
                     unpersisted_sends: 0,
                     fail_writes: false,
                     leaked: 0,
+                    refused_deltas: 0,
                     events: Vec::new(),
                 }
             })
@@ -161,9 +165,9 @@ impl Net {
                     }
                 }
                 Output::Forward { to, after } => {
-                    let configs = node.chain.after(after, 64);
-                    let msg = MsMessage::Push {
-                        configs,
+                    let deltas = deltas_after(&node.chain, after, 64);
+                    let msg = MsMessage::PushDeltas {
+                        deltas,
                         freshness: None,
                     };
                     for to in to.iter().filter_map(&index) {
@@ -215,7 +219,9 @@ impl Net {
                 };
                 self.queue.push_back((to, me, Msg::Ms(reply)));
             }
-            Msg::Ms(MsMessage::Push { configs, .. }) => {
+            Msg::Ms(MsMessage::PushDeltas { deltas, .. }) => {
+                let (configs, refused) = resolve(&self.nodes[i].chain, &deltas);
+                self.nodes[i].refused_deltas += usize::from(refused.is_some());
                 if self.install(i, configs) {
                     self.enter(i);
                 }

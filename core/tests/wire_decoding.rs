@@ -102,6 +102,13 @@ fn ms_messages_are_permitted_by_the_senders_kind() {
     assert!(permitted(&batches, Peer::Member).is_ok());
     assert!(permitted(&batches, Peer::Client).is_err());
     assert!(permitted(&batches, Peer::Stranger).is_err());
+    let deltas = MsMessage::PushDeltas {
+        deltas: Vec::new(),
+        freshness: None,
+    };
+    assert!(permitted(&deltas, Peer::Member).is_ok());
+    assert!(permitted(&deltas, Peer::Client).is_err());
+    assert!(permitted(&deltas, Peer::Stranger).is_err());
     assert!(permitted(&MsMessage::Leave, Peer::Myself).is_ok());
     for peer in [Peer::Member, Peer::Client, Peer::Stranger] {
         assert_eq!(

@@ -1,5 +1,6 @@
 //! A node that is pushed a newer certified configuration moves to it, keeps it across a restart,
-//! and refuses an under-signed one.
+//! and refuses an under-signed one; pushed as a delta, it is taken only if it makes the certified
+//! configuration.
 
 mod common;
 
@@ -106,6 +107,107 @@ async fn a_pushed_configuration_is_installed_persisted_and_forgeries_are_refused
         epoch,
         Some(1),
         "the installed chain was persisted before use"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// Pushes of configuration deltas (what the push tree carries) between members: a delta that
+/// makes another configuration than the certified one, or whose certificate is under-signed, is
+/// refused; the delta of the certified configuration is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_delta_is_installed_only_as_the_certified_configuration() {
+    use dbqsfs_core::config::Member;
+    use dbqsfs_core::ms::delta::CertifiedDelta;
+    use dbqsfs_core::ms::wire::MsMessage;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let toml = init_cluster(&dir);
+    let node_dir = |i: usize| dir.join(format!("node-{i}"));
+    let nodes: Vec<common::Running> = (0..4)
+        .map(|i| start_node(&Handle::current(), &node_dir(i)))
+        .collect();
+    let info = ClusterInfo::load(&toml).unwrap();
+    let genesis = info.genesis.config.clone();
+    let keys: Vec<Keypair> = (0..4)
+        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
+        .collect();
+    let committee: Vec<&Keypair> = keys
+        .iter()
+        .filter(|k| genesis.committee.contains(&k.node_id()))
+        .collect();
+    let next = Configuration::new(
+        1,
+        genesis.params.clone(),
+        genesis.members.clone(),
+        Some(genesis.hash()),
+    );
+    let good = CertifiedDelta::of(
+        &genesis,
+        &CertifiedConfig::certify(next.clone(), &committee[..3]),
+    );
+    let weak = CertifiedDelta::of(&genesis, &CertifiedConfig::certify(next, &committee[..2]));
+    let mut tampered = good.clone();
+    tampered.delta.joined.push(Member::new(
+        Keypair::from_seed([5; 32]).public(),
+        "127.0.0.1:1",
+    ));
+
+    let client = DbqsClient::connect(
+        info.genesis.clone(),
+        info.client_key.clone(),
+        DbqsClientOptions::default(),
+    )
+    .unwrap();
+    // The pusher is member 3, as a parent in the push tree would be.
+    let ep = Endpoint::client(
+        local_bind_for("127.0.0.1:1".parse().unwrap()),
+        keys[3].dalek().clone(),
+        TransportOptions::default(),
+    )
+    .unwrap();
+    let member = |i: usize| {
+        genesis
+            .members
+            .iter()
+            .find(|m| m.id == keys[i].node_id())
+            .unwrap()
+            .clone()
+    };
+    let push = |i: usize, d: CertifiedDelta| {
+        let ep = ep.clone();
+        let m = member(i);
+        async move {
+            let addr: SocketAddr = m.addr.parse().unwrap();
+            let key = VerifyingKey::from_bytes(&m.key.0).unwrap();
+            let msg = MsMessage::PushDeltas {
+                deltas: vec![d],
+                freshness: None,
+            };
+            let _ = ep.request(addr, &key, &encode_msg(0, msg)).await;
+            m
+        }
+    };
+
+    let m1 = push(1, tampered).await;
+    assert_eq!(
+        client.node_status(&m1).await.unwrap().epoch,
+        0,
+        "a delta that makes another configuration than the certified one is refused"
+    );
+    let m1 = push(1, weak).await;
+    assert_eq!(
+        client.node_status(&m1).await.unwrap().epoch,
+        0,
+        "an under-signed delta is refused"
+    );
+    let m0 = push(0, good).await;
+    assert_eq!(
+        client.node_status(&m0).await.unwrap().epoch,
+        1,
+        "the certified configuration's delta is installed"
     );
     for n in nodes {
         n.stop().await;

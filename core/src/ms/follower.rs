@@ -32,7 +32,8 @@ pub const PULL_RETRIES: u32 = 2;
 pub enum FollowAction {
     /// Ask `to` for the certified configurations after `after` (`MsMessage::ChainAfter`).
     Pull { to: NodeId, after: Epoch },
-    /// Send `to` the configurations after `after` that this node holds (`MsMessage::Push`).
+    /// Send `to` the configurations after `after` that this node holds (as deltas:
+    /// `MsMessage::PushDeltas`).
     Forward { to: Vec<NodeId>, after: Epoch },
 }
 

@@ -26,12 +26,14 @@
 //! - [`probe`]: a committee member's probing of the epoch's members and its verdicts.
 //! - [`shares`]: freshness shares and the next configuration's signatures, collected.
 //! - [`submissions`]: a node's operations for the MS, signed and sent one at a time until executed.
+//! - [`delta`]: configurations as what they change against the epoch before, for pushes.
 //! - [`follower`]: a node's following of the epochs: whom it pulls configurations from and when,
 //!   whom it forwards them to.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
 //! - [`wire`]: the MS's messages beside the agreement's.
 
 pub mod app;
+pub mod delta;
 pub mod follower;
 pub mod membership;
 pub mod node;

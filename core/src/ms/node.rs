@@ -25,6 +25,7 @@
 //! Byzantine peer.
 
 use super::app::{OutOfOrder, Outcome};
+use super::delta::CertifiedDelta;
 use super::follower::{FollowAction, Follower};
 use super::membership::{AdmissionCert, MsOp};
 use super::pbft::{AgreementMessage, Request, SeqNo, View};
@@ -50,7 +51,8 @@ pub enum Output {
     /// A request to `to`: feed its answer to [`MsNode::on_answer`], or its failure (no
     /// connection, no answer in time, an undecodable one) to [`MsNode::on_failed`].
     Request { to: NodeId, msg: MsMessage },
-    /// Push the configurations after `after` that the node holds to `to` (`MsMessage::Push`).
+    /// Push the configurations after `after` that the node holds to `to`, as deltas
+    /// (`MsMessage::PushDeltas` of [`super::delta::deltas_after`]).
     Forward { to: Vec<NodeId>, after: Epoch },
     /// The node is no member of the newest configuration it holds: ask the node it was told to
     /// start from, if any, for the configurations after `after` (a request, as above).
@@ -575,8 +577,9 @@ impl MsNode {
                     Output::Event(Event::EnteredView { epoch, view })
                 }
                 Action::Certified(cc) => {
-                    // Pushed to the root of the new configuration's tree, from where it goes
-                    // down; every node's pulls fill in what is lost.
+                    // Pushed, as a delta against this epoch, to the root of the new
+                    // configuration's tree, from where it goes down; every node's pulls fill in
+                    // what is lost.
                     let roots = tree_order(&cc.config)
                         .into_iter()
                         .take(2)
@@ -586,8 +589,8 @@ impl MsNode {
                         .push_back(Output::Event(Event::Certified(cc.clone())));
                     self.out.push_back(Output::Send {
                         to: roots,
-                        msg: MsMessage::Push {
-                            configs: vec![cc.clone()],
+                        msg: MsMessage::PushDeltas {
+                            deltas: vec![CertifiedDelta::of(role.config(), &cc)],
                             freshness: None,
                         },
                     });

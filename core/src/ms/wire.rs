@@ -1,10 +1,11 @@
 //! The Membership Service's messages between nodes (and from `dbqsfs` commands), beside the
 //! agreement's own ([`super::pbft::AgreementMessage`]): submissions, probes, certificate and
-//! freshness shares, configuration pushes and pulls, batch logs for a member catching up, status.
+//! freshness shares, configuration pushes (as deltas) and pulls, batch logs for a member catching up, status.
 //!
 //! Fault model: every field comes from the network; receivers check signatures and epochs before
 //! use (configurations and freshness certificates are self-certifying).
 
+use super::delta::CertifiedDelta;
 use super::membership::Pending;
 use super::pbft::{Request, SeqNo, View};
 use crate::config::{CertifiedConfig, ConfigHash, Epoch, Freshness};
@@ -104,6 +105,13 @@ pub enum MsMessage {
     /// A refusal, with the reason.
     Refused {
         reason: String,
+    },
+    /// Certified configurations as deltas, each against the epoch before (oldest first), and the
+    /// newest freshness certificate known: what pushes down the tree carry. A node that does not
+    /// hold the epoch before the first pulls whole configurations instead.
+    PushDeltas {
+        deltas: Vec<CertifiedDelta>,
+        freshness: Option<Freshness>,
     },
 }
 

@@ -292,11 +292,11 @@ impl Task {
                 }
             }
             Output::Forward { to, after } => {
-                let configs = self.shared.epochs.chain().after(after, MAX_CONFIGS);
-                if !configs.is_empty() {
+                let deltas = deltas_after(&self.shared.epochs.chain(), after, MAX_CONFIGS);
+                if !deltas.is_empty() {
                     let to = self.members(&to);
-                    let msg = MsMessage::Push {
-                        configs,
+                    let msg = MsMessage::PushDeltas {
+                        deltas,
                         freshness: None,
                     };
                     self.send_all(to, msg);

@@ -19,7 +19,7 @@
 //! garbage (bit-flipped copies of its agreement messages and shares, random bytes); or lying
 //! (agreeing honestly, but with shares for values it did not sign, tampered batch logs, inverted
 //! probe verdicts, and its own false accusations, early ends of the epoch and joins without
-//! admission); or equivocating as a primary (each batch to some members, another for the same
+//! admission, and pushes of tampered configuration deltas); or equivocating as a primary (each batch to some members, another for the same
 //! slot, with its commit, to the others). They run the real machine and lie through its outputs, as a node with a modified
 //! driver would. Their draws come from the MS's own random stream.
 //!
@@ -37,6 +37,7 @@ use crate::signed::SignedLog;
 use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
 use dbqsfs_core::dbqs::replica::Handled;
+use dbqsfs_core::ms::delta::{deltas_after, resolve, CertifiedDelta};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
 use dbqsfs_core::ms::pbft::{batch_digest, AgreementMessage, Commit, PrePrepare, Request, Signed};
@@ -289,6 +290,25 @@ impl Sim {
                     self.apply(n, from, Handled::Install(configs));
                 }
             }
+            MsMessage::PushDeltas { deltas, .. } => {
+                if self.nodes[n].byz.is_none() {
+                    // Applied to what the node holds, each verified as the successor of the one
+                    // before; a node that lacks the epoch before pulls.
+                    let (configs, _) = resolve(self.nodes[n].replica.chain(), &deltas);
+                    for c in &configs {
+                        let e = c.config.epoch as usize;
+                        if self.configs.get(e).is_some_and(|k| k.config != c.config) {
+                            self.violation(format!(
+                                "MS: node {n} took a delta of epoch {e} that makes another \
+                                 configuration than the certified one"
+                            ));
+                        }
+                    }
+                    if !configs.is_empty() {
+                        self.apply(n, from, Handled::Install(configs));
+                    }
+                }
+            }
             // Answers to the node's requests (the simulated network has no request-response).
             msg @ (MsMessage::Chain { .. }
             | MsMessage::BatchLog { .. }
@@ -403,7 +423,7 @@ impl Sim {
                 }
                 // A Byzantine node neither pulls nor passes configurations on.
                 Output::Send {
-                    msg: MsMessage::Push { .. },
+                    msg: MsMessage::Push { .. } | MsMessage::PushDeltas { .. },
                     ..
                 } if lie.is_some() => {}
                 Output::Send {
@@ -449,12 +469,12 @@ impl Sim {
                     self.send(me, to, encode_msg(epoch, msg));
                 }
                 Output::Forward { to, after } => {
-                    let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
-                    if configs.is_empty() {
+                    let deltas = deltas_after(self.nodes[n].replica.chain(), after, MAX_CONFIGS);
+                    if deltas.is_empty() {
                         continue;
                     }
-                    let msg = MsMessage::Push {
-                        configs,
+                    let msg = MsMessage::PushDeltas {
+                        deltas,
                         freshness: None,
                     };
                     let bytes = encode_msg(epoch, msg);
@@ -647,6 +667,33 @@ impl Sim {
         }
     }
 
+    /// A lying node pushes a tampered delta of its newest epoch (one more member than was
+    /// certified) to a random node: it must not apply.
+    fn ms_lie_push(&mut self, n: usize) {
+        let chain = self.nodes[n].replica.chain().clone();
+        let epoch = chain.epoch();
+        let (Some(prev), Some(cur)) = (
+            epoch.checked_sub(1).and_then(|e| chain.get(e)),
+            chain.get(epoch),
+        ) else {
+            return;
+        };
+        let mut delta = CertifiedDelta::of(&prev.config, cur);
+        let stranger = Keypair::from_seed(self.ms().rng.seed32());
+        delta
+            .delta
+            .joined
+            .push(Member::new(stranger.public(), "sim"));
+        delta.delta.joined.sort_by_key(|m| m.id);
+        let to = cur.config.members[self.ms().rng.below(cur.config.members.len())].id;
+        let me = self.nodes[n].key.node_id();
+        let msg = MsMessage::PushDeltas {
+            deltas: vec![delta],
+            freshness: None,
+        };
+        self.send(me, to, encode_msg(epoch, msg));
+    }
+
     /// A lying committee member's own submissions: now and then it accuses a live member, asks
     /// to end the epoch before anyone else, or submits a join without admission.
     fn ms_lie_submit(&mut self, n: usize) {
@@ -716,6 +763,9 @@ impl Sim {
                 self.ms_queue_wants(n);
                 if self.lie(n) == Some(Lie::Liar) {
                     self.ms_lie_submit(n);
+                    if self.ms().rng.chance(0.3) {
+                        self.ms_lie_push(n);
+                    }
                 }
                 self.ms_arm(n);
             }
