@@ -177,6 +177,10 @@ impl Net {
                 Output::Install(configs) => {
                     entered |= self.install(i, configs);
                 }
+                Output::InstallDeltas(deltas) => {
+                    let (configs, _) = resolve(&self.nodes[i].chain, &deltas);
+                    entered |= self.install(i, configs);
+                }
                 Output::Event(e) => node.events.push(e),
                 Output::PullBootstrap { .. } | Output::Probe { .. } | Output::Freshness(_) => {}
             }
@@ -209,6 +213,16 @@ impl Net {
             Msg::Agreement(bytes) => {
                 let _ = self.nodes[i].ms.on_agreement(now, from, &bytes);
             }
+            Msg::Ms(MsMessage::DeltasAfter { epoch }) => {
+                let deltas = deltas_after(&self.nodes[i].chain, epoch, 64);
+                let to = self.index(&from).unwrap();
+                let me = self.nodes[i].key.node_id();
+                let reply = MsMessage::Deltas {
+                    deltas,
+                    freshness: None,
+                };
+                self.queue.push_back((to, me, Msg::Ms(reply)));
+            }
             Msg::Ms(MsMessage::ChainAfter { epoch }) => {
                 let configs = self.nodes[i].chain.after(epoch, 64);
                 let to = self.index(&from).unwrap();
@@ -228,6 +242,7 @@ impl Net {
             }
             Msg::Ms(
                 msg @ (MsMessage::Chain { .. }
+                | MsMessage::Deltas { .. }
                 | MsMessage::BatchLog { .. }
                 | MsMessage::Refused { .. }),
             ) => self.nodes[i].ms.on_answer(now, from, msg),

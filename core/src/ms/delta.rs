@@ -8,8 +8,11 @@
 //! ([`CertifiedConfig::verify_successor`]: the hash the committee signed covers every member), so
 //! a delta built or applied wrongly, or forged, is refused.
 //!
-//! Non-goals: nodes that lack the predecessor (they pull whole configurations:
-//! `MsMessage::ChainAfter`), chunking large configurations.
+//! Pushes and a node's periodic pulls (`MsMessage::DeltasAfter`: the puller names the epoch it
+//! holds) carry deltas; clients and joining nodes ask for whole configurations
+//! (`MsMessage::ChainAfter`).
+//!
+//! Non-goals: chunking large configurations.
 //!
 //! Fault model: a delta comes from any node; nothing in it is trusted before the certificate of
 //! the configuration it makes verifies.

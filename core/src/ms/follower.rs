@@ -30,7 +30,7 @@ pub const PULL_RETRIES: u32 = 2;
 /// What the driver does for the follower.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FollowAction {
-    /// Ask `to` for the certified configurations after `after` (`MsMessage::ChainAfter`).
+    /// Ask `to` for the certified configurations after `after` (`MsMessage::DeltasAfter`).
     Pull { to: NodeId, after: Epoch },
     /// Send `to` the configurations after `after` that this node holds (as deltas:
     /// `MsMessage::PushDeltas`).

@@ -68,6 +68,9 @@ pub enum Output {
     /// Install these configurations if their certificates chain to what the node holds, and
     /// then call [`MsNode::enter`] with the newest.
     Install(Vec<CertifiedConfig>),
+    /// Apply these deltas to what the node holds ([`super::delta::resolve`]) and install what
+    /// they make, as [`Output::Install`].
+    InstallDeltas(Vec<CertifiedDelta>),
     /// A freshness certificate: keep it if it is newer than the one held.
     Freshness(Freshness),
     /// What happened, for logs and checks.
@@ -449,6 +452,14 @@ impl MsNode {
                     self.out.push_back(Output::Install(configs));
                 }
             }
+            MsMessage::Deltas { deltas, freshness } => {
+                if let Some(f) = freshness {
+                    self.out.push_back(Output::Freshness(f));
+                }
+                if !deltas.is_empty() {
+                    self.out.push_back(Output::InstallDeltas(deltas));
+                }
+            }
             MsMessage::BatchLog { batches }
                 if self.role.as_mut().is_some_and(|r| r.on_batch_log(&batches)) =>
             {
@@ -505,9 +516,10 @@ impl MsNode {
 
     fn follow(&mut self, action: FollowAction) {
         self.out.push_back(match action {
+            // The node holds `after`: what it lacks comes as deltas against it.
             FollowAction::Pull { to, after } => Output::Request {
                 to,
-                msg: MsMessage::ChainAfter { epoch: after },
+                msg: MsMessage::DeltasAfter { epoch: after },
             },
             FollowAction::Forward { to, after } => Output::Forward { to, after },
         });

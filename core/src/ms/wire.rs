@@ -36,7 +36,10 @@ pub fn permitted(msg: &MsMessage, peer: Peer) -> Result<(), &'static str> {
         (MsMessage::Leave, _) => Err("only the node's own key may ask it to leave"),
         (_, Peer::Member | Peer::Myself) => Ok(()),
         (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => Ok(()),
-        (MsMessage::ChainAfter { .. } | MsMessage::Submit(_), _) => Ok(()),
+        (
+            MsMessage::ChainAfter { .. } | MsMessage::DeltasAfter { .. } | MsMessage::Submit(_),
+            _,
+        ) => Ok(()),
         _ => Err("not a member of this cluster"),
     }
 }
@@ -110,6 +113,17 @@ pub enum MsMessage {
     /// newest freshness certificate known: what pushes down the tree carry. A node that does not
     /// hold the epoch before the first pulls whole configurations instead.
     PushDeltas {
+        deltas: Vec<CertifiedDelta>,
+        freshness: Option<Freshness>,
+    },
+    /// Asks for the configurations after `epoch`, which the asker holds, as deltas (a node's
+    /// periodic pull; clients and joining nodes ask [`MsMessage::ChainAfter`]).
+    DeltasAfter {
+        epoch: Epoch,
+    },
+    /// The answer to [`MsMessage::DeltasAfter`] (oldest first), and the newest freshness
+    /// certificate known.
+    Deltas {
         deltas: Vec<CertifiedDelta>,
         freshness: Option<Freshness>,
     },

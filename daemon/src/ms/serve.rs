@@ -32,6 +32,10 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
             configs: shared.epochs.chain().after(after, MAX_CONFIGS),
             freshness: shared.epochs.freshness(),
         }),
+        MsMessage::DeltasAfter { epoch: after } => Some(MsMessage::Deltas {
+            deltas: deltas_after(&shared.epochs.chain(), after, MAX_CONFIGS),
+            freshness: shared.epochs.freshness(),
+        }),
         MsMessage::Push { configs, freshness } => {
             if let Some(f) = freshness {
                 shared.epochs.learn_freshness(f);
@@ -81,6 +85,7 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
         | MsMessage::Leave) => ms.ask(peer, msg).await,
         MsMessage::ChallengeAnswer { .. }
         | MsMessage::Chain { .. }
+        | MsMessage::Deltas { .. }
         | MsMessage::BatchLog { .. }
         | MsMessage::Status(_)
         | MsMessage::Leaving { .. }

@@ -321,6 +321,20 @@ impl Task {
                     }
                 });
             }
+            Output::InstallDeltas(deltas) => {
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (configs, refused) = resolve(&shared.epochs.chain(), &deltas);
+                    if let Some(e) = refused {
+                        debug!(error = %e, "pulled delta not applied");
+                    }
+                    if !configs.is_empty() {
+                        if let Err(e) = shared.epochs.install(configs) {
+                            debug!(error = %e, "configurations refused");
+                        }
+                    }
+                });
+            }
             Output::Freshness(cert) => self.shared.epochs.learn_freshness(cert),
             Output::Event(event) => log(event),
         }

@@ -274,6 +274,16 @@ impl Sim {
         match env.msg {
             // What needs no machine: the configurations the node holds, and pushes (a push is
             // not an answer to anything).
+            MsMessage::DeltasAfter { epoch: after } => {
+                if self.nodes[n].byz.is_none() {
+                    let deltas = deltas_after(self.nodes[n].replica.chain(), after, MAX_CONFIGS);
+                    let reply = MsMessage::Deltas {
+                        deltas,
+                        freshness: None,
+                    };
+                    self.send(me, from, encode_msg(epoch, reply));
+                }
+            }
             MsMessage::ChainAfter { epoch: after } => {
                 if self.nodes[n].byz.is_none() {
                     let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
@@ -311,6 +321,7 @@ impl Sim {
             }
             // Answers to the node's requests (the simulated network has no request-response).
             msg @ (MsMessage::Chain { .. }
+            | MsMessage::Deltas { .. }
             | MsMessage::BatchLog { .. }
             | MsMessage::Refused { .. }) => {
                 self.ms_node(n).on_answer(now, from, msg);
@@ -485,6 +496,12 @@ impl Sim {
                 // Installed once the outputs before are carried out (installing enters the
                 // new epoch, which runs the machine again).
                 Output::Install(configs) => installs.push(configs),
+                Output::InstallDeltas(deltas) => {
+                    let (configs, _) = resolve(self.nodes[n].replica.chain(), &deltas);
+                    if !configs.is_empty() {
+                        installs.push(configs);
+                    }
+                }
                 Output::Event(Event::Executed {
                     epoch, requests, ..
                 }) => {
