@@ -7,11 +7,15 @@
 //! (`ms::delta::CertifiedDelta`) is what pushes carry: what an epoch changes (here 1% of members
 //! joining and 1% leaving) with the whole configuration's certificate. Times are for computing the
 //! configuration hash (what the committee signs and every follower checks) and for applying and
-//! verifying a delta (what a follower does with a push).
+//! verifying a delta (what a follower does with a push). The second table is a whole
+//! configuration fetched in pieces (`ms::pieces`): the head a receiver gets first (every piece's
+//! chaining value and the certificate), the pieces, and the receiver's work: verifying the head,
+//! checking every piece and verifying the assembled configuration.
 
 use dbqsfs_core::config::{CertifiedConfig, Configuration, Member, Params};
 use dbqsfs_core::crypto::Keypair;
 use dbqsfs_core::ms::delta::CertifiedDelta;
+use dbqsfs_core::ms::pieces::{piece, ConfigHead, Download};
 use std::time::Instant;
 
 fn main() {
@@ -20,6 +24,7 @@ fn main() {
         "| members | configuration | certified | certified delta (1% join, 1% leave) | hash time | delta apply + verify |"
     );
     println!("|---|---|---|---|---|---|");
+    let mut whole = Vec::new();
     for n in [1_000usize, 10_000, 100_000] {
         let keys: Vec<Keypair> = (0..n)
             .map(|i| {
@@ -66,6 +71,34 @@ fn main() {
             human(size(&delta)),
             hash_time.as_secs_f64() * 1e3,
             apply_time.as_secs_f64() * 1e3
+        );
+
+        let t = Instant::now();
+        let (head, bytes) = ConfigHead::of(&certified);
+        let serve_time = t.elapsed();
+        let head_size = size(&head);
+        let t = Instant::now();
+        let mut d = Download::new(&prev, head).expect("the head verifies");
+        let source = keys[0].node_id();
+        while !d.is_complete() {
+            for a in d.asks(0, &[source]) {
+                let p = piece(&bytes, a.index).expect("a piece").to_vec();
+                d.on_piece(a.to, a.index, p).expect("the piece checks");
+            }
+        }
+        let pieces = d.progress().1;
+        assert_eq!(d.finish(&prev).expect("it verifies"), certified);
+        whole.push((n, head_size, pieces, serve_time, t.elapsed()));
+    }
+    println!();
+    println!("| members | head | pieces (64 KiB) | head + pieces, sender | head + pieces + assembled, receiver |");
+    println!("|---|---|---|---|---|");
+    for (n, head, pieces, serve, receive) in whole {
+        println!(
+            "| {n} | {} | {pieces} | {:.1} ms | {:.1} ms |",
+            human(head),
+            serve.as_secs_f64() * 1e3,
+            receive.as_secs_f64() * 1e3
         );
     }
 }

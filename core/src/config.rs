@@ -115,12 +115,16 @@ pub enum ConfigError {
     NotOurGenesis,
 }
 
+/// The BLAKE3 key-derivation context of [`Configuration::hash`] (pieces of a configuration are
+/// checked against the same tree: `ms::pieces`).
+pub const CONFIG_HASH_CONTEXT: &str = "dbqsfs 2026-11 configuration";
+
 impl Configuration {
     /// The hash that certificates sign and successors name. Computed over the canonical postcard
     /// encoding, which is deterministic for a given value.
     pub fn hash(&self) -> ConfigHash {
         let bytes = postcard::to_stdvec(self).expect("configurations always encode");
-        let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 configuration");
+        let mut h = blake3::Hasher::new_derive_key(CONFIG_HASH_CONTEXT);
         h.update(&bytes);
         *h.finalize().as_bytes()
     }
@@ -259,14 +263,22 @@ impl CertifiedConfig {
             return Err(ConfigError::WrongPredecessor);
         }
         c.validate()?;
-        let h = c.hash();
+        self.cert.verify_for(&c.hash(), prev)
+    }
+}
+
+impl Certificate {
+    /// Whether `2f_ms+1` distinct members of `prev`'s committee signed `hash` (the hash of the
+    /// configuration that follows `prev`). Lets a node check a configuration's hash before it
+    /// holds the configuration (a transfer in pieces).
+    pub fn verify_for(&self, hash: &ConfigHash, prev: &Configuration) -> Result<(), ConfigError> {
         let mut signers = BTreeSet::new();
-        for (id, sig) in &self.cert.signatures {
+        for (id, sig) in &self.signatures {
             if !prev.committee.contains(id) || signers.contains(id) {
                 continue;
             }
             let Some(m) = prev.member(id) else { continue };
-            if m.key.verify(Domain::Configuration, &h, sig).is_ok() {
+            if m.key.verify(Domain::Configuration, hash, sig).is_ok() {
                 signers.insert(*id);
             }
         }

@@ -70,6 +70,22 @@ pub fn encode_msg<M: Protocol>(epoch: Epoch, msg: M) -> Vec<u8> {
     encode(&Envelope::new(epoch, msg))
 }
 
+/// The longest prefix of `items` whose encodings take at most `budget` bytes together (an
+/// answer that must fit in one message; the asker asks again for the rest).
+pub fn within<T: Serialize>(mut items: Vec<T>, budget: usize) -> Vec<T> {
+    let mut used = 0usize;
+    let fit = items
+        .iter()
+        .take_while(|t| {
+            used = used
+                .saturating_add(postcard::experimental::serialized_size(t).unwrap_or(usize::MAX));
+            used <= budget
+        })
+        .count();
+    items.truncate(fit);
+    items
+}
+
 /// Decodes untrusted bytes into an envelope of protocol `M`.
 pub fn decode<M: Protocol>(bytes: &[u8]) -> Result<Envelope<M>, WireError> {
     if bytes.len() > MAX_MESSAGE {

@@ -89,13 +89,21 @@ proptest! {
 fn ms_messages_are_permitted_by_the_senders_kind() {
     use dbqsfs_core::ms::wire::{permitted, MsMessage, Peer};
     let chain = MsMessage::ChainAfter { epoch: 0 };
+    let head = MsMessage::HeadAsk { epoch: 1 };
+    let piece = MsMessage::PieceAsk {
+        epoch: 1,
+        hash: [0; 32],
+        index: 0,
+    };
     let status = MsMessage::StatusRequest;
     let batches = MsMessage::Batches { epoch: 1, upto: 2 };
     for peer in [Peer::Member, Peer::Myself, Peer::Client, Peer::Stranger] {
-        assert!(
-            permitted(&chain, peer).is_ok(),
-            "{peer:?} learns configurations"
-        );
+        for ask in [&chain, &head, &piece] {
+            assert!(
+                permitted(ask, peer).is_ok(),
+                "{peer:?} learns configurations"
+            );
+        }
     }
     assert!(permitted(&status, Peer::Client).is_ok());
     assert!(permitted(&status, Peer::Stranger).is_err());

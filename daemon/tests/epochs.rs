@@ -213,3 +213,89 @@ async fn a_pushed_delta_is_installed_only_as_the_certified_configuration() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_is_fetched_whole_in_pieces_by_anyone() {
+    use dbqsfs_core::ms::pieces::ConfigHead;
+    use dbqsfs_core::ms::wire::MsMessage;
+    use dbqsfs_daemon::client::fetch_whole;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let toml = init_cluster(&dir);
+    let node_dir = |i: usize| dir.join(format!("node-{i}"));
+    let nodes: Vec<common::Running> = (0..4)
+        .map(|i| start_node(&Handle::current(), &node_dir(i)))
+        .collect();
+    let info = ClusterInfo::load(&toml).unwrap();
+    let genesis = info.genesis.config.clone();
+    let keys: Vec<Keypair> = (0..4)
+        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
+        .collect();
+    let committee: Vec<&Keypair> = keys
+        .iter()
+        .filter(|k| genesis.committee.contains(&k.node_id()))
+        .collect();
+    let next = CertifiedConfig::certify(
+        Configuration::new(
+            1,
+            genesis.params.clone(),
+            genesis.members.clone(),
+            Some(genesis.hash()),
+        ),
+        &committee[..3],
+    );
+    let pusher = Endpoint::client(
+        local_bind_for("127.0.0.1:1".parse().unwrap()),
+        keys[3].dalek().clone(),
+        TransportOptions::default(),
+    )
+    .unwrap();
+    // A stranger's key: configurations are public.
+    let ep = Endpoint::client(
+        local_bind_for("127.0.0.1:1".parse().unwrap()),
+        Keypair::from_seed([77; 32]).dalek().clone(),
+        TransportOptions::default(),
+    )
+    .unwrap();
+
+    // Before any member holds epoch 1, the fetch fails with a clear error, and bounded.
+    let err = fetch_whole(&ep, &genesis, |_, _| {}).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no configuration of epoch 1"),
+        "{err}"
+    );
+
+    for m in &genesis.members {
+        let addr: SocketAddr = m.addr.parse().unwrap();
+        let key = VerifyingKey::from_bytes(&m.key.0).unwrap();
+        let msg = MsMessage::Push {
+            configs: vec![next.clone()],
+            freshness: None,
+        };
+        let _ = pusher.request(addr, &key, &encode_msg(0, msg)).await;
+    }
+    let mut seen = Vec::new();
+    let got = fetch_whole(&ep, &genesis, |held, total| seen.push((held, total)))
+        .await
+        .unwrap();
+    assert_eq!(got, next);
+    let pieces = ConfigHead::of(&next).0.pieces();
+    assert_eq!(seen.last(), Some(&(pieces, pieces)));
+
+    // A piece of another hash is refused by the node, not served.
+    let m = &genesis.members[0];
+    let addr: SocketAddr = m.addr.parse().unwrap();
+    let key = VerifyingKey::from_bytes(&m.key.0).unwrap();
+    let ask = MsMessage::PieceAsk {
+        epoch: 1,
+        hash: [9; 32],
+        index: 0,
+    };
+    let resp = ep.request(addr, &key, &encode_msg(0, ask)).await.unwrap();
+    let answer = dbqsfs_core::wire::decode::<MsMessage>(&resp).unwrap().msg;
+    assert!(matches!(answer, MsMessage::Refused { .. }), "{answer:?}");
+    for n in nodes {
+        n.stop().await;
+    }
+}

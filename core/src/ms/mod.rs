@@ -27,6 +27,7 @@
 //! - [`shares`]: freshness shares and the next configuration's signatures, collected.
 //! - [`submissions`]: a node's operations for the MS, signed and sent one at a time until executed.
 //! - [`delta`]: configurations as what they change against the epoch before, for pushes.
+//! - [`pieces`]: whole configurations in bounded pieces, each checked against the certified hash.
 //! - [`follower`]: a node's following of the epochs: whom it pulls configurations from and when,
 //!   whom it forwards them to.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
@@ -38,6 +39,7 @@ pub mod follower;
 pub mod membership;
 pub mod node;
 pub mod pbft;
+pub mod pieces;
 pub mod probe;
 pub mod role;
 pub mod shares;

@@ -8,6 +8,7 @@
 use super::delta::CertifiedDelta;
 use super::membership::Pending;
 use super::pbft::{Request, SeqNo, View};
+use super::pieces::ConfigHead;
 use crate::config::{CertifiedConfig, ConfigHash, Epoch, Freshness};
 use crate::crypto::{NodeId, Signature};
 use crate::wire::{Protocol, WIRE_VERSION};
@@ -35,9 +36,19 @@ pub fn permitted(msg: &MsMessage, peer: Peer) -> Result<(), &'static str> {
         (MsMessage::Leave, Peer::Myself) => Ok(()),
         (MsMessage::Leave, _) => Err("only the node's own key may ask it to leave"),
         (_, Peer::Member | Peer::Myself) => Ok(()),
-        (MsMessage::StatusRequest | MsMessage::ChainAfter { .. }, Peer::Client) => Ok(()),
         (
-            MsMessage::ChainAfter { .. } | MsMessage::DeltasAfter { .. } | MsMessage::Submit(_),
+            MsMessage::StatusRequest
+            | MsMessage::ChainAfter { .. }
+            | MsMessage::HeadAsk { .. }
+            | MsMessage::PieceAsk { .. },
+            Peer::Client,
+        ) => Ok(()),
+        (
+            MsMessage::ChainAfter { .. }
+            | MsMessage::DeltasAfter { .. }
+            | MsMessage::HeadAsk { .. }
+            | MsMessage::PieceAsk { .. }
+            | MsMessage::Submit(_),
             _,
         ) => Ok(()),
         _ => Err("not a member of this cluster"),
@@ -126,6 +137,24 @@ pub enum MsMessage {
     Deltas {
         deltas: Vec<CertifiedDelta>,
         freshness: Option<Freshness>,
+    },
+    /// Asks for the head of the configuration of `epoch` (to fetch it in pieces: a configuration
+    /// too large for a [`MsMessage::Chain`] answer, or one a node asks for whole).
+    HeadAsk {
+        epoch: Epoch,
+    },
+    /// The answer to [`MsMessage::HeadAsk`].
+    Head(Box<ConfigHead>),
+    /// Asks for piece `index` of the configuration of `epoch` whose hash is `hash`.
+    PieceAsk {
+        epoch: Epoch,
+        hash: ConfigHash,
+        index: u32,
+    },
+    /// The answer to [`MsMessage::PieceAsk`].
+    Piece {
+        index: u32,
+        bytes: Vec<u8>,
     },
 }
 

@@ -33,6 +33,7 @@ use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
 use dbqsfs_core::ms::delta::{deltas_after, resolve};
 use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options as NodeOptions, Output};
+use dbqsfs_core::ms::pieces::ConfigHead;
 pub use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::{Resume, Saved};
 pub use dbqsfs_core::ms::tree::push_children;
@@ -126,11 +127,16 @@ pub struct MsContext {
     pub epochs: Arc<Epochs>,
 }
 
+/// A configuration's head and the encoding its pieces are cut from.
+type Whole = Arc<(ConfigHead, Vec<u8>)>;
+
 /// The handle through which the node feeds the MS task.
 #[derive(Clone)]
 pub struct MsHandle {
     tx: mpsc::Sender<Inbound>,
     shared: Arc<MsContext>,
+    /// The configuration last asked for whole, with its head (`serve`).
+    whole: Arc<std::sync::Mutex<Option<Whole>>>,
 }
 
 impl MsHandle {
@@ -162,6 +168,7 @@ pub fn spawn(
     let handle = MsHandle {
         tx: tx.clone(),
         shared: shared.clone(),
+        whole: Default::default(),
     };
     let task = Task::new(shared, endpoint, opts, tx);
     (handle, tokio::spawn(task.run(rx)))

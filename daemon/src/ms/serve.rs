@@ -3,7 +3,38 @@
 //! pushes), and the others handed to the task.
 
 use super::*;
+use dbqsfs_core::ms::pieces::piece;
 use dbqsfs_core::ms::wire::permitted;
+use dbqsfs_core::wire::{within, MAX_MESSAGE};
+
+/// Bytes of configurations or deltas in one answer, at most (room left for the envelope and the
+/// freshness certificate).
+const ANSWER_BUDGET: usize = MAX_MESSAGE - 64 * 1024;
+
+impl MsHandle {
+    /// The head and encoding of the configuration of `epoch`, if the node holds it: the newest
+    /// one asked is kept, since an asker asks for its pieces one by one.
+    async fn whole(&self, epoch: Epoch) -> Option<Whole> {
+        if let Some(w) = self
+            .whole
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if w.0.epoch == epoch {
+                return Some(w.clone());
+            }
+        }
+        let cc = self.shared.epochs.chain().get(epoch)?.clone();
+        let w = Arc::new(
+            tokio::task::spawn_blocking(move || ConfigHead::of(&cc))
+                .await
+                .ok()?,
+        );
+        *self.whole.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+        Some(w)
+    }
+}
 
 /// Answers the MS messages that need no task state, forwards the others. `peer` is the sender's
 /// key, `kind` what it is to us.
@@ -28,14 +59,45 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
                 .key
                 .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
         }),
+        // Answers hold what fits in one message; an asker that gets no configuration while a
+        // newer epoch exists fetches the next one in pieces.
         MsMessage::ChainAfter { epoch: after } => Some(MsMessage::Chain {
-            configs: shared.epochs.chain().after(after, MAX_CONFIGS),
+            configs: within(
+                shared.epochs.chain().after(after, MAX_CONFIGS),
+                ANSWER_BUDGET,
+            ),
             freshness: shared.epochs.freshness(),
         }),
         MsMessage::DeltasAfter { epoch: after } => Some(MsMessage::Deltas {
-            deltas: deltas_after(&shared.epochs.chain(), after, MAX_CONFIGS),
+            deltas: within(
+                deltas_after(&shared.epochs.chain(), after, MAX_CONFIGS),
+                ANSWER_BUDGET,
+            ),
             freshness: shared.epochs.freshness(),
         }),
+        MsMessage::HeadAsk { epoch: e } => Some(match ms.whole(e).await {
+            Some(whole) => MsMessage::Head(Box::new(whole.0.clone())),
+            None => MsMessage::Refused {
+                reason: format!("this node holds no configuration of epoch {e}"),
+            },
+        }),
+        MsMessage::PieceAsk {
+            epoch: e,
+            hash,
+            index,
+        } => Some(
+            match ms
+                .whole(e)
+                .await
+                .filter(|w| w.0.hash == hash)
+                .and_then(|w| piece(&w.1, index).map(<[u8]>::to_vec))
+            {
+                Some(bytes) => MsMessage::Piece { index, bytes },
+                None => MsMessage::Refused {
+                    reason: format!("this node holds no piece {index} of that configuration"),
+                },
+            },
+        ),
         MsMessage::Push { configs, freshness } => {
             if let Some(f) = freshness {
                 shared.epochs.learn_freshness(f);
@@ -89,6 +151,8 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
         | MsMessage::BatchLog { .. }
         | MsMessage::Status(_)
         | MsMessage::Leaving { .. }
+        | MsMessage::Head(_)
+        | MsMessage::Piece { .. }
         | MsMessage::Refused { .. } => None,
     };
     answer.map(|m| encode_msg(epoch, m))

@@ -21,6 +21,7 @@ use dbqsfs_core::dbqs::client::{
 };
 use dbqsfs_core::dbqs::msg::Reject;
 use dbqsfs_core::dbqs::refs::RefRecord;
+use dbqsfs_core::ms::pieces::PieceError;
 use dbqsfs_core::ms::wire::{MsMessage, MsStatus};
 use dbqsfs_core::object::{PkBlock, Stamp};
 use dbqsfs_core::wire::{decode, encode_msg};
@@ -33,6 +34,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
+
+mod whole;
+pub use whole::{fetch_whole, WHOLE_DEADLINE};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,10 @@ pub enum ClientError {
     BadStatus(String),
     #[error("unexpected outcome {0:?}")]
     Unexpected(Box<Outcome>),
+    #[error("whole configuration: {0}")]
+    Whole(#[from] PieceError),
+    #[error("whole configuration: no member gave a head of epoch {0} that verifies ({1}); the members may not hold that epoch yet, try again later")]
+    NoHead(Epoch, String),
 }
 
 /// Options of a [`DbqsClient`].
@@ -203,7 +211,8 @@ impl DbqsClient {
 
     /// Asks the members of the newest known configuration for newer configurations (verified
     /// from genesis before use) until one answers; returns the newest chain. Also learns the
-    /// freshest freshness certificate offered.
+    /// freshest freshness certificate offered. A configuration too large for an answer is
+    /// fetched whole, in pieces ([`fetch_whole`]).
     pub async fn refresh(&self) -> ConfigChain {
         let mut chain = self.chain();
         let mut freshest: Option<Freshness> = None;
@@ -223,7 +232,21 @@ impl DbqsClient {
                 }
             }
             if chain.epoch() == before {
-                break;
+                // An answer holds what fits in one message: a configuration too large for it
+                // comes whole, in pieces, when a freshness certificate offered names a newer
+                // epoch (unverified: only a reason to try, once a round).
+                if freshest.as_ref().is_none_or(|f| f.epoch <= before) {
+                    break;
+                }
+                match fetch_whole(&self.endpoint, chain.config(), |_, _| {}).await {
+                    Ok(cc) => {
+                        let _ = chain.extend(vec![cc]);
+                    }
+                    Err(e) => {
+                        debug!(epoch = before + 1, error = %e, "whole configuration not fetched");
+                        break;
+                    }
+                }
             }
         }
         let newer = chain.after(self.chain().epoch(), usize::MAX);
