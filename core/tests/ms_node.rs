@@ -3,15 +3,18 @@
 //! committee ends the epoch; every node, in the committee or not, learns the new configuration
 //! from the machines' pushes and pulls alone; a member restarted from its disk goes on; every
 //! agreement statement leaves after the persist that holds it; after a failed write nothing
-//! leaves.
+//! leaves; a node that missed an epoch while pull answers carry nothing (configurations too large
+//! for a message) fetches it whole, in pieces, through its machine's own requests.
 
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId};
 use dbqsfs_core::ms::delta::{deltas_after, resolve};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
+use dbqsfs_core::ms::pieces::{piece, ConfigHead};
 use dbqsfs_core::ms::role::Resume;
 use dbqsfs_core::ms::wire::MsMessage;
+use dbqsfs_core::wire::within;
 use std::collections::VecDeque;
 
 fn admission() -> Keypair {
@@ -54,6 +57,10 @@ struct Net {
     nodes: Vec<Node>,
     queue: VecDeque<(usize, NodeId, Msg)>,
     now: u64,
+    /// Bytes of configurations or deltas a pull's answer may hold.
+    answer_budget: usize,
+    /// Head and piece requests delivered.
+    whole_requests: usize,
 }
 
 impl Net {
@@ -91,6 +98,8 @@ impl Net {
             nodes,
             queue: VecDeque::new(),
             now: 0,
+            answer_budget: usize::MAX,
+            whole_requests: 0,
         };
         for i in 0..net.nodes.len() {
             net.enter(i);
@@ -214,24 +223,36 @@ impl Net {
                 let _ = self.nodes[i].ms.on_agreement(now, from, &bytes);
             }
             Msg::Ms(MsMessage::DeltasAfter { epoch }) => {
-                let deltas = deltas_after(&self.nodes[i].chain, epoch, 64);
-                let to = self.index(&from).unwrap();
-                let me = self.nodes[i].key.node_id();
+                let chain = &self.nodes[i].chain;
                 let reply = MsMessage::Deltas {
-                    deltas,
+                    deltas: within(deltas_after(chain, epoch, 64), self.answer_budget),
                     freshness: None,
+                    newest: chain.epoch(),
                 };
-                self.queue.push_back((to, me, Msg::Ms(reply)));
+                self.reply(i, from, reply);
             }
             Msg::Ms(MsMessage::ChainAfter { epoch }) => {
-                let configs = self.nodes[i].chain.after(epoch, 64);
-                let to = self.index(&from).unwrap();
-                let me = self.nodes[i].key.node_id();
+                let chain = &self.nodes[i].chain;
                 let reply = MsMessage::Chain {
-                    configs,
+                    configs: within(chain.after(epoch, 64), self.answer_budget),
                     freshness: None,
+                    newest: chain.epoch(),
                 };
-                self.queue.push_back((to, me, Msg::Ms(reply)));
+                self.reply(i, from, reply);
+            }
+            Msg::Ms(MsMessage::HeadAsk { epoch }) => {
+                self.whole_requests += 1;
+                if let Some(cc) = self.nodes[i].chain.get(epoch) {
+                    let head = Box::new(ConfigHead::of(cc).0);
+                    self.reply(i, from, MsMessage::Head(head));
+                }
+            }
+            Msg::Ms(MsMessage::PieceAsk { epoch, index, .. }) => {
+                self.whole_requests += 1;
+                if let Some(cc) = self.nodes[i].chain.get(epoch) {
+                    let bytes = piece(&ConfigHead::of(cc).1, index).unwrap().to_vec();
+                    self.reply(i, from, MsMessage::Piece { index, bytes });
+                }
             }
             Msg::Ms(MsMessage::PushDeltas { deltas, .. }) => {
                 let (configs, refused) = resolve(&self.nodes[i].chain, &deltas);
@@ -243,6 +264,8 @@ impl Net {
             Msg::Ms(
                 msg @ (MsMessage::Chain { .. }
                 | MsMessage::Deltas { .. }
+                | MsMessage::Head(_)
+                | MsMessage::Piece { .. }
                 | MsMessage::BatchLog { .. }
                 | MsMessage::Refused { .. }),
             ) => self.nodes[i].ms.on_answer(now, from, msg),
@@ -255,6 +278,13 @@ impl Net {
             }
         }
         self.drain(i);
+    }
+
+    /// Node `i` answers `to`.
+    fn reply(&mut self, i: usize, to: NodeId, msg: MsMessage) {
+        let to = self.index(&to).unwrap();
+        let me = self.nodes[i].key.node_id();
+        self.queue.push_back((to, me, Msg::Ms(msg)));
     }
 
     /// Delivers everything queued and runs every clock for `ms`, in steps of 100 ms.
@@ -356,4 +386,33 @@ fn after_a_failed_write_nothing_leaves() {
     assert_eq!(v.leaked, 0, "nothing left after the failed write");
     // Three of four members are enough: the epoch still ends.
     assert!(net.epochs().iter().all(|e| *e == 1), "{:?}", net.epochs());
+}
+
+#[test]
+fn a_node_that_missed_an_epoch_fetches_it_whole_when_answers_cannot_carry_it() {
+    let mut net = Net::new(0);
+    net.answer_budget = 0; // as at 100,000 members: no configuration fits in an answer
+    let committee = net.committee();
+    let away = (0..6).find(|i| !committee.contains(i)).unwrap();
+    net.nodes[away].up = false;
+    for i in net.committee() {
+        net.nodes[i].ms.want(MsOp::EndEpoch { epoch: 0 });
+    }
+    net.run(5_000);
+    assert_eq!(net.nodes[away].chain.epoch(), 0, "it was away");
+    net.nodes[away].up = true;
+    let before = net.whole_requests;
+    net.run(5_000);
+    assert_eq!(net.epochs(), vec![1; 6], "it caught up");
+    assert!(
+        net.whole_requests >= before + 2,
+        "a head and at least one piece were asked"
+    );
+    assert!(
+        !net.nodes[away]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Refused { .. })),
+        "nothing was refused"
+    );
 }

@@ -1,4 +1,4 @@
-//! Garbage collection of lost ranges (DESIGN §4, "State transfer", last sentence).
+//! Garbage collection of lost ranges (docs/DESIGN.md §4, "State transfer", last sentence).
 //!
 //! When a node enters epoch `e`, the arcs it was responsible for in `e-1` and is not in `e` are
 //! lost: their new group holds them from now on. The node deletes what it holds there only after

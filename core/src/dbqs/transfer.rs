@@ -1,4 +1,4 @@
-//! State transfer between epochs (DESIGN §4, "State transfer").
+//! State transfer between epochs (docs/DESIGN.md §4, "State transfer").
 //!
 //! When a node enters epoch `e`, it fetches what it is responsible for in `e` from the replica group
 //! of `e-1`: everything it gained (what it was not responsible or not ready for in `e-1`), and, for

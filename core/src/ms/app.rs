@@ -1,5 +1,5 @@
-//! The Membership Service application a committee member runs on top of the agreement (DESIGN
-//! §3): the decided batches executed in order by the epoch's [`Membership`], the application
+//! The Membership Service application a committee member runs on top of the agreement
+//! (docs/DESIGN.md §3): the decided batches executed in order by the epoch's [`Membership`], the application
 //! digest chained through them, the seed the next committee is drawn from, and the replay of an
 //! epoch from its start (after a restart, or when a member takes up a stable checkpoint's
 //! batches from others).

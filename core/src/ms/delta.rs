@@ -1,6 +1,6 @@
 //! Configuration deltas: epoch `e+1` disseminated as what it changes against epoch `e` (members
 //! added or changed, members removed, the new committee, new parameters), carried with the
-//! certificate of the whole configuration of `e+1` (DESIGN §3, "Dissemination").
+//! certificate of the whole configuration of `e+1` (docs/DESIGN.md §3, "Dissemination").
 //!
 //! Goals: pushes down the tree cost what an epoch changes, not the size of the membership; a
 //! delta is accepted only as the whole configuration it makes: the receiver applies it to the

@@ -1,5 +1,5 @@
 //! A node's following of the epochs: how certified configurations reach it, and whom it passes
-//! them on to (DESIGN §3, "Dissemination").
+//! them on to (docs/DESIGN.md §3, "Dissemination").
 //!
 //! Goals: every node, member or not, correct members' silence or a Byzantine parent in the push
 //! tree notwithstanding, learns each new configuration within about one pull period of its

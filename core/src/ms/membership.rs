@@ -1,4 +1,4 @@
-//! The MS state machine: what the committee's agreed operations mean (DESIGN §3).
+//! The MS state machine: what the committee's agreed operations mean (docs/DESIGN.md §3).
 //!
 //! Every correct committee member executes the same operations in the same order (the agreement
 //! guarantees it), and [`Membership::execute`] is deterministic, so every correct member computes the

@@ -1,5 +1,5 @@
 //! The Membership Service (MS): the committee of `3f_ms+1` members that orders membership operations
-//! and certifies each epoch's configuration (DESIGN §3).
+//! and certifies each epoch's configuration (docs/DESIGN.md §3).
 //!
 //! Goals: every correct committee member executes the same operations in the same order while at
 //! most `f_ms` members are Byzantine, under any message loss, duplication, delay or reordering

@@ -13,7 +13,9 @@
 //!   else (pulls, forwards, submissions) the node does between them.
 //! - **Every decision here.** Whom to pull from and forward to, which operations to submit and
 //!   when to send them again, when a role starts and from what, which members a certified
-//!   configuration goes to first: the driver only sends, persists, probes and installs.
+//!   configuration goes to first, when the next configuration is fetched whole in pieces
+//!   ([`super::pieces`]: a pull answered with nothing by a member that holds a newer epoch) and
+//!   from whom: the driver only sends, persists, probes and installs.
 //!
 //! Non-goals: verifying configurations (the driver installs them into its
 //! [`crate::config::ConfigChain`], which checks the certificates), reading persisted state (the
@@ -29,6 +31,7 @@ use super::delta::CertifiedDelta;
 use super::follower::{FollowAction, Follower};
 use super::membership::{AdmissionCert, MsOp};
 use super::pbft::{AgreementMessage, Request, SeqNo, View};
+use super::pieces::{ConfigHead, Download, PIECE_TIMEOUT_MS};
 use super::probe::Prober;
 use super::role::{agreement_options, Action, Resume, Role, Saved, Setup};
 use super::submissions::Submissions;
@@ -145,6 +148,8 @@ pub struct MsNode {
     join: Option<(Member, AdmissionCert)>,
     leaving: bool,
     last_view_change: Option<(Epoch, View)>,
+    /// The configuration after the one entered, coming whole, in pieces.
+    whole: Option<WholeFetch>,
     out: VecDeque<Output>,
 }
 
@@ -163,6 +168,7 @@ impl MsNode {
             join: None,
             leaving: false,
             last_view_change: None,
+            whole: None,
             out: VecDeque::new(),
         }
     }
@@ -216,6 +222,12 @@ impl MsNode {
         if let Some(r) = self.role.as_ref().and_then(Role::next_timer) {
             t = t.min(r);
         }
+        if let Some(w) = &self.whole {
+            t = t.min(w.until);
+            if let Some(d) = w.download.as_ref().and_then(Download::next_deadline) {
+                t = t.min(d);
+            }
+        }
         t
     }
 
@@ -246,6 +258,7 @@ impl MsNode {
         let start_role = self.wants_role(config);
         if config.epoch > self.config.epoch {
             self.config = config.clone();
+            self.whole = None;
         }
         if let Some(FollowAction::Forward { to, after }) = self.follower.entered(config) {
             self.out.push_back(Output::Forward { to, after });
@@ -349,6 +362,9 @@ impl MsNode {
     /// `rotate` a random number (which of equally healthy members to pull from), `seq_floor`
     /// above every request sequence number an earlier run of this node may have used.
     pub fn on_timer(&mut self, now: u64, wall_ms: u64, rotate: u64, seq_floor: u64) {
+        if self.whole.is_some() {
+            self.ask_pieces(now);
+        }
         let due = now >= self.follower.next_timer();
         if let Some(action) = self.follower.on_timer(now, &self.config, rotate) {
             self.follow(action);
@@ -444,22 +460,32 @@ impl MsNode {
     pub fn on_answer(&mut self, now: u64, from: NodeId, msg: MsMessage) {
         self.follower.answered(from, now);
         match msg {
-            MsMessage::Chain { configs, freshness } => {
-                if let Some(f) = freshness {
-                    self.out.push_back(Output::Freshness(f));
-                }
-                if !configs.is_empty() {
+            MsMessage::Chain {
+                configs,
+                freshness,
+                newest,
+            } => {
+                if configs.is_empty() {
+                    self.fetch_whole(now, from, newest);
+                } else {
                     self.out.push_back(Output::Install(configs));
                 }
+                self.out.extend(freshness.map(Output::Freshness));
             }
-            MsMessage::Deltas { deltas, freshness } => {
-                if let Some(f) = freshness {
-                    self.out.push_back(Output::Freshness(f));
-                }
-                if !deltas.is_empty() {
+            MsMessage::Deltas {
+                deltas,
+                freshness,
+                newest,
+            } => {
+                if deltas.is_empty() {
+                    self.fetch_whole(now, from, newest);
+                } else {
                     self.out.push_back(Output::InstallDeltas(deltas));
                 }
+                self.out.extend(freshness.map(Output::Freshness));
             }
+            MsMessage::Head(head) => self.on_head(now, from, *head),
+            MsMessage::Piece { index, bytes } => self.on_piece(now, from, index, bytes),
             MsMessage::BatchLog { batches }
                 if self.role.as_mut().is_some_and(|r| r.on_batch_log(&batches)) =>
             {
@@ -474,8 +500,115 @@ impl MsNode {
         self.pump();
     }
 
+    // ---- a configuration fetched whole ----
+
+    /// `from` answered a pull with nothing while it holds epoch `newest`: the next configuration
+    /// (or its delta) does not fit in one message, so it is fetched whole, in pieces: first its
+    /// head from `from`. One fetch at a time; `newest` is only a reason to try (a liar costs one
+    /// head request per pull).
+    fn fetch_whole(&mut self, now: u64, from: NodeId, newest: Epoch) {
+        if newest <= self.config.epoch || self.whole.is_some() {
+            return;
+        }
+        self.whole = Some(WholeFetch {
+            sources: whole_sources(&self.config, from, self.key.node_id()),
+            head_from: Some(from),
+            download: None,
+            until: now + PIECE_TIMEOUT_MS,
+        });
+        self.out.push_back(Output::Request {
+            to: from,
+            msg: MsMessage::HeadAsk {
+                epoch: self.config.epoch + 1,
+            },
+        });
+    }
+
+    fn on_head(&mut self, now: u64, from: NodeId, head: ConfigHead) {
+        let Some(w) = self.whole.as_mut().filter(|w| w.head_from == Some(from)) else {
+            return;
+        };
+        match Download::new(&self.config, head) {
+            Ok(d) => {
+                w.head_from = None;
+                w.download = Some(d);
+                w.until = now + WHOLE_DEADLINE_MS;
+                self.ask_pieces(now);
+            }
+            Err(e) => {
+                self.whole = None;
+                self.out.push_back(Output::Event(Event::Refused {
+                    from,
+                    reason: format!("configuration head: {e}"),
+                }));
+            }
+        }
+    }
+
+    fn on_piece(&mut self, now: u64, from: NodeId, index: u32, bytes: Vec<u8>) {
+        let Some(d) = self.whole.as_mut().and_then(|w| w.download.as_mut()) else {
+            return;
+        };
+        if let Err(e) = d.on_piece(from, index, bytes) {
+            self.out.push_back(Output::Event(Event::Refused {
+                from,
+                reason: format!("configuration piece: {e}"),
+            }));
+        }
+        if !d.is_complete() {
+            self.ask_pieces(now);
+            return;
+        }
+        let Some(d) = self.whole.take().and_then(|w| w.download) else {
+            return;
+        };
+        match d.finish(&self.config) {
+            Ok(cc) => self.out.push_back(Output::Install(vec![cc])),
+            Err(e) => self.out.push_back(Output::Event(Event::Refused {
+                from,
+                reason: format!("assembled configuration: {e}"),
+            })),
+        }
+    }
+
+    /// Asks the pieces due now; gives the fetch up when the head did not come in time, past the
+    /// whole fetch's deadline, or when every source lied (the next pull that finds a newer epoch
+    /// starts again, from the member it pulled).
+    fn ask_pieces(&mut self, now: u64) {
+        let Some(w) = self.whole.as_mut() else { return };
+        let stuck = match w.download.as_mut() {
+            Some(d) => !d.can_go_on(&w.sources),
+            None => false,
+        };
+        if now >= w.until || stuck {
+            self.whole = None;
+            return;
+        }
+        let Some(d) = w.download.as_mut() else { return };
+        let hash = d.head().hash;
+        let epoch = d.head().epoch;
+        for a in d.asks(now, &w.sources) {
+            self.out.push_back(Output::Request {
+                to: a.to,
+                msg: MsMessage::PieceAsk {
+                    epoch,
+                    hash,
+                    index: a.index,
+                },
+            });
+        }
+    }
+
     /// A request of ours to `from` failed: a failed pull is asked of another member at once.
     pub fn on_failed(&mut self, now: u64, from: NodeId, rotate: u64) {
+        if let Some(w) = self.whole.as_mut() {
+            if w.head_from == Some(from) {
+                self.whole = None;
+            } else if let Some(d) = w.download.as_mut() {
+                d.on_source_failed(from);
+                self.ask_pieces(now);
+            }
+        }
         if let Some(action) = self.follower.failed(from, now, &self.config, rotate) {
             self.out
                 .push_back(Output::Event(Event::PullRetry { failed: from }));
@@ -613,4 +746,31 @@ impl MsNode {
             self.out.push_back(out);
         }
     }
+}
+
+/// The longest a configuration fetched whole may take.
+const WHOLE_DEADLINE_MS: u64 = 120_000;
+
+/// A configuration coming whole: its head asked of `head_from`, then its pieces of `sources`;
+/// given up at `until` (the head's timeout, then the whole fetch's deadline).
+#[derive(Debug)]
+struct WholeFetch {
+    sources: Vec<NodeId>,
+    head_from: Option<NodeId>,
+    download: Option<Download>,
+    until: u64,
+}
+
+/// Whom to ask for the pieces of the configuration after `config`: the node that said it holds
+/// it and `config`'s committee (which certified it), never the node itself, in an order that
+/// starts at a place of the node's own (so that nodes catching up spread over the sources).
+fn whole_sources(config: &Configuration, from: NodeId, me: NodeId) -> Vec<NodeId> {
+    let mut sources = vec![from];
+    sources.extend(config.committee.iter().filter(|id| **id != from));
+    sources.retain(|id| *id != me);
+    if !sources.is_empty() {
+        let start = me.0[0] as usize % sources.len();
+        sources.rotate_left(start);
+    }
+    sources
 }

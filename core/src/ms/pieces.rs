@@ -1,8 +1,8 @@
-//! Whole configurations in bounded pieces (DESIGN §3, "Dissemination"): a certified configuration
-//! is about 78 bytes a member (7.6 MiB at 100,000 members, beyond one message), so a node or client
-//! that asks for a whole configuration gets it as pieces of [`PIECE_LEN`] bytes of its canonical
-//! encoding, from any sources, each checked on arrival, and a transfer resumes from the pieces it
-//! holds.
+//! Whole configurations in bounded pieces (docs/DESIGN.md §3, "Dissemination"): a certified
+//! configuration is about 78 bytes a member (7.6 MiB at 100,000 members, beyond one message), so
+//! a node or client that asks for a whole configuration gets it as pieces of [`PIECE_LEN`] bytes
+//! of its canonical encoding, from any sources, each checked on arrival, and a transfer resumes
+//! from the pieces it holds.
 //!
 //! How a piece is checked: a configuration's hash ([`Configuration::hash`]) is the BLAKE3 tree
 //! hash (derive-key mode) of its encoding, and pieces are aligned power-of-two subtrees of that
@@ -13,8 +13,9 @@
 //! chaining values against the hash, every piece against its chaining value; the assembled
 //! configuration is accepted only by [`CertifiedConfig::verify_successor`], as any other.
 //!
-//! Non-goals: choosing sources (the driver gives the members it may ask), persisting pieces (the
-//! driver may keep [`Download::held`] and [`Download::resume`] from it).
+//! Non-goals: choosing sources (the caller gives the members it may ask: `ms::node` asks the
+//! member that said it holds the epoch and the committee that certified it), persisting pieces
+//! (a driver may keep [`Download::held`] and [`Download::resume`] from it).
 //!
 //! Fault model: sources are untrusted. A head that does not verify is refused whole; a wrong piece
 //! is refused, its source is not asked again, and the piece is asked of another source.
@@ -333,6 +334,11 @@ impl Download {
         out
     }
 
+    /// When the first piece asked becomes overdue, if any is asked.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.asked.values().map(|(_, until)| *until).min()
+    }
+
     /// Piece `index` from `from`. Kept if it is right (`Ok(true)` if it is new); a wrong piece
     /// refuses its source for the rest of the transfer and is asked again of another.
     pub fn on_piece(
@@ -361,6 +367,20 @@ impl Download {
         if self.asked.get(&index).is_some_and(|(to, _)| *to == from) {
             self.asked.remove(&index);
             self.failed.insert(index, from);
+        }
+    }
+
+    /// A request to `from` failed without saying which (a transport failure): every piece asked
+    /// of it is asked again, of another source if there is one.
+    pub fn on_source_failed(&mut self, from: NodeId) {
+        let lost: Vec<u32> = self
+            .asked
+            .iter()
+            .filter(|(_, (to, _))| *to == from)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in lost {
+            self.on_failed(from, index);
         }
     }
 

@@ -1,4 +1,4 @@
-//! Probing (DESIGN §3): a committee member challenges every other member of the epoch every
+//! Probing (docs/DESIGN.md §3): a committee member challenges every other member of the epoch every
 //! `probe_ms` with a fresh nonce that the member must sign, and reports a verdict to the MS when
 //! it changes: unresponsive after `evict_after_probes` failed probes in a row, responsive again
 //! after one answer.

@@ -1,5 +1,5 @@
 //! The push tree of the Membership Service: how a certified configuration reaches every member
-//! without anyone sending it to all (DESIGN §3, "Dissemination").
+//! without anyone sending it to all (docs/DESIGN.md §3, "Dissemination").
 
 use crate::config::{Configuration, Member};
 use crate::crypto::NodeId;

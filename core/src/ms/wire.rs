@@ -91,10 +91,13 @@ pub enum MsMessage {
     ChainAfter {
         epoch: Epoch,
     },
-    /// The answer to [`MsMessage::ChainAfter`].
+    /// The answer to [`MsMessage::ChainAfter`]: what fits in one message, and the newest epoch
+    /// the answerer holds (an asker that got no configuration while a newer one exists fetches
+    /// it whole, in pieces).
     Chain {
         configs: Vec<CertifiedConfig>,
         freshness: Option<Freshness>,
+        newest: Epoch,
     },
     /// Asks a committee member for the batches it executed in `epoch` up to `upto` (catching up
     /// after the agreement skipped to a stable checkpoint).
@@ -132,11 +135,12 @@ pub enum MsMessage {
     DeltasAfter {
         epoch: Epoch,
     },
-    /// The answer to [`MsMessage::DeltasAfter`] (oldest first), and the newest freshness
-    /// certificate known.
+    /// The answer to [`MsMessage::DeltasAfter`] (oldest first, what fits in one message), the
+    /// newest freshness certificate known, and the newest epoch the answerer holds.
     Deltas {
         deltas: Vec<CertifiedDelta>,
         freshness: Option<Freshness>,
+        newest: Epoch,
     },
     /// Asks for the head of the configuration of `epoch` (to fetch it in pieces: a configuration
     /// too large for a [`MsMessage::Chain`] answer, or one a node asks for whole).

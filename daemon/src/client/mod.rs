@@ -74,7 +74,7 @@ pub struct DbqsClientOptions {
     pub op_timeout: Duration,
     pub transport: TransportOptions,
     /// Use a configuration only while holding a freshness certificate of it younger than the
-    /// configuration's `freshness_ms` (DESIGN §3); off only for tools that must work without an MS.
+    /// configuration's `freshness_ms` (docs/DESIGN.md §3); off only for tools that must work without an MS.
     pub freshness: bool,
 }
 
@@ -220,7 +220,8 @@ impl DbqsClient {
         for _ in 0..8 {
             let before = chain.epoch();
             let answers = ask_chain(&self.endpoint, chain.config(), before).await;
-            for (configs, freshness) in answers {
+            let newest = answers.iter().map(|a| a.2).max().unwrap_or(before);
+            for (configs, freshness, _) in answers {
                 let _ = chain.extend(configs);
                 if let Some(f) = freshness {
                     if freshest
@@ -233,9 +234,9 @@ impl DbqsClient {
             }
             if chain.epoch() == before {
                 // An answer holds what fits in one message: a configuration too large for it
-                // comes whole, in pieces, when a freshness certificate offered names a newer
-                // epoch (unverified: only a reason to try, once a round).
-                if freshest.as_ref().is_none_or(|f| f.epoch <= before) {
+                // comes whole, in pieces, when a member says it holds a newer epoch (unverified:
+                // only a reason to try, once a round).
+                if newest <= before {
                     break;
                 }
                 match fetch_whole(&self.endpoint, chain.config(), |_, _| {}).await {
@@ -552,11 +553,20 @@ async fn drive(
                 let answers = ask_chain(&endpoint, &config, config.epoch).await;
                 let mut configs = Vec::new();
                 let mut fresh = None;
-                for (c, f) in answers {
+                let mut newest = config.epoch;
+                for (c, f, n) in answers {
                     if c.len() > configs.len() {
                         configs = c;
                     }
                     fresh = fresh.or(f);
+                    newest = newest.max(n);
+                }
+                if configs.is_empty() && newest > config.epoch {
+                    // Too large for an answer: the next configuration comes whole, in pieces.
+                    match fetch_whole(&endpoint, &config, |_, _| {}).await {
+                        Ok(cc) => configs.push(cc),
+                        Err(e) => debug!(error = %e, "whole configuration not fetched"),
+                    }
                 }
                 let _ = tx.send((configs, fresh));
             });
@@ -609,8 +619,8 @@ fn learn(
     }
 }
 
-/// Asks `config`'s members for the configurations after `epoch` and the freshest freshness
-/// certificate: committee members first (they issue freshness). Returns once every member answered
+/// Asks `config`'s members for the configurations after `epoch`, the freshest freshness
+/// certificate and the newest epoch each holds: committee members first (they issue freshness). Returns once every member answered
 /// or failed, or once `2f+1` answered and the others had twice the time those took (20 ms to
 /// 500 ms) more, so a dead or silent member costs a refresh a short hedge instead of the 3 s
 /// request timeout. Untrusted: the caller verifies.
@@ -618,7 +628,7 @@ async fn ask_chain(
     endpoint: &Endpoint,
     config: &Configuration,
     epoch: Epoch,
-) -> Vec<(Vec<CertifiedConfig>, Option<Freshness>)> {
+) -> Vec<(Vec<CertifiedConfig>, Option<Freshness>, Epoch)> {
     let req = encode_msg(epoch, MsMessage::ChainAfter { epoch });
     let mut members: Vec<&Member> = config.members.iter().collect();
     members.sort_by_key(|m| !config.committee.contains(&m.id));
@@ -633,7 +643,11 @@ async fn ask_chain(
                     .ok()?
                     .ok()?;
             match decode::<MsMessage>(&resp).ok()?.msg {
-                MsMessage::Chain { configs, freshness } => Some((configs, freshness)),
+                MsMessage::Chain {
+                    configs,
+                    freshness,
+                    newest,
+                } => Some((configs, freshness, newest)),
                 _ => None,
             }
         });

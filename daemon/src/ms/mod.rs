@@ -1,4 +1,4 @@
-//! The Membership Service as a node runs it (DESIGN §3): the epoch follower on every node, and the
+//! The Membership Service as a node runs it (docs/DESIGN.md §3): the epoch follower on every node, and the
 //! committee role on the members of the current epoch's committee.
 //!
 //! Goals:

@@ -59,22 +59,24 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
                 .key
                 .sign(Domain::Probe, &probe_body(e, &nonce, &peer.node_id())),
         }),
-        // Answers hold what fits in one message; an asker that gets no configuration while a
-        // newer epoch exists fetches the next one in pieces.
-        MsMessage::ChainAfter { epoch: after } => Some(MsMessage::Chain {
-            configs: within(
-                shared.epochs.chain().after(after, MAX_CONFIGS),
-                ANSWER_BUDGET,
-            ),
-            freshness: shared.epochs.freshness(),
-        }),
-        MsMessage::DeltasAfter { epoch: after } => Some(MsMessage::Deltas {
-            deltas: within(
-                deltas_after(&shared.epochs.chain(), after, MAX_CONFIGS),
-                ANSWER_BUDGET,
-            ),
-            freshness: shared.epochs.freshness(),
-        }),
+        // Answers hold what fits in one message and name the newest epoch held; an asker that
+        // gets no configuration while a newer one exists fetches the next one in pieces.
+        MsMessage::ChainAfter { epoch: after } => {
+            let chain = shared.epochs.chain();
+            Some(MsMessage::Chain {
+                configs: within(chain.after(after, MAX_CONFIGS), ANSWER_BUDGET),
+                freshness: shared.epochs.freshness(),
+                newest: chain.epoch(),
+            })
+        }
+        MsMessage::DeltasAfter { epoch: after } => {
+            let chain = shared.epochs.chain();
+            Some(MsMessage::Deltas {
+                deltas: within(deltas_after(&chain, after, MAX_CONFIGS), ANSWER_BUDGET),
+                freshness: shared.epochs.freshness(),
+                newest: chain.epoch(),
+            })
+        }
         MsMessage::HeadAsk { epoch: e } => Some(match ms.whole(e).await {
             Some(whole) => MsMessage::Head(Box::new(whole.0.clone())),
             None => MsMessage::Refused {

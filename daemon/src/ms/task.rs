@@ -289,6 +289,13 @@ impl Task {
             Output::Request { to, msg } => {
                 if let Some(m) = self.members(&[to]).pop() {
                     self.request(m, msg);
+                } else if let Some((addr, key)) = self
+                    .opts
+                    .bootstrap
+                    .filter(|(_, key)| PublicKey(key.to_bytes()).node_id() == to)
+                {
+                    // A node that is joining asks its bootstrap peer, a member or not.
+                    self.request_at(addr, key, msg);
                 }
             }
             Output::Forward { to, after } => {

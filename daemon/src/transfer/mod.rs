@@ -1,4 +1,4 @@
-//! The node's state-transfer worker (DESIGN §4 "State transfer"): one tokio task that drives the
+//! The node's state-transfer worker (docs/DESIGN.md §4 "State transfer"): one tokio task that drives the
 //! core's sans-IO [`Transfer`] machines into every epoch the node installed and is not ready in.
 //!
 //! Goals:

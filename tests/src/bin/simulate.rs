@@ -104,7 +104,7 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={} ms-equivocations={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={} ms-equivocations={} ms-pieces={}/{} ms-false-epochs={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
@@ -116,7 +116,10 @@ fn main() {
                     r.stats.forged_releases,
                     r.stats.ms_epochs,
                     r.stats.ms_lying_roles,
-                    r.stats.ms_equivocations
+                    r.stats.ms_equivocations,
+                    r.stats.ms_pieces_served,
+                    r.stats.ms_pieces_refused,
+                    r.stats.ms_false_epochs
                 ),
             }
         },

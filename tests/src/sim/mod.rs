@@ -11,7 +11,7 @@
 //!    cluster to new configurations (acting as the Membership Service); nodes run the real state
 //!    transfer into each epoch, fetch an object on demand when a read hits it before its range is
 //!    transferred, and garbage-collect the ranges they lost once their transfer into the epoch is
-//!    complete (DESIGN §4);
+//!    complete (docs/DESIGN.md §4);
 //! 2. healed: the network is reliable, everyone is up and knows every configuration; every operation
 //!    of a correct client must complete within [`LIVENESS_BOUND_MS`];
 //! 3. audit: a fresh client reads every key and every written content block.
@@ -111,6 +111,11 @@ pub struct Stats {
     pub ms_lying_roles: u64,
     /// Composed mode: pre-prepares a Byzantine primary equivocated on.
     pub ms_equivocations: u64,
+    /// Composed mode: pieces of whole configurations correct nodes served, and pieces refused.
+    pub ms_pieces_served: u64,
+    pub ms_pieces_refused: u64,
+    /// Composed mode: pull answers in which a lying node claimed epochs it does not hold.
+    pub ms_false_epochs: u64,
 }
 
 #[derive(Debug)]
@@ -363,6 +368,9 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
             ms_epochs: sim.ms.as_ref().map_or(0, |m| m.epochs_certified),
             ms_lying_roles: sim.ms.as_ref().map_or(0, |m| m.lying_roles),
             ms_equivocations: sim.ms.as_ref().map_or(0, |m| m.equivocations),
+            ms_pieces_served: sim.ms.as_ref().map_or(0, |m| m.pieces_served),
+            ms_pieces_refused: sim.ms.as_ref().map_or(0, |m| m.pieces_refused),
+            ms_false_epochs: sim.ms.as_ref().map_or(0, |m| m.false_epochs),
             ..sim.stats
         },
     }
@@ -1174,7 +1182,7 @@ impl Sim {
 
     /// When correct node `n` deletes `arc`, lost on entering `epoch`: at least `f+1` correct members
     /// of the arc's group in `epoch` hold it (completed their transfer of it into `epoch` or later),
-    /// so every write completed before `epoch` survives on a correct node that serves it (DESIGN §4:
+    /// so every write completed before `epoch` survives on a correct node that serves it (docs/DESIGN.md §4:
     /// old replicas delete only after `2f+1` new ones, up to `f` of them liars, confirm).
     fn check_deletion(&mut self, n: usize, epoch: u64, arc: RingArc) {
         // Every point of the arc must be held by `f+1` correct members of its group in `epoch` or

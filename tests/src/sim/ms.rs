@@ -41,10 +41,11 @@ use dbqsfs_core::ms::delta::{deltas_after, resolve, CertifiedDelta};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
 use dbqsfs_core::ms::pbft::{batch_digest, AgreementMessage, Commit, PrePrepare, Request, Signed};
+use dbqsfs_core::ms::pieces::{piece, ConfigHead};
 use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::Resume;
 use dbqsfs_core::ms::wire::{is_ms, MsMessage};
-use dbqsfs_core::wire::{decode, encode_msg, Protocol};
+use dbqsfs_core::wire::{decode, encode_msg, within, Protocol};
 use std::collections::BTreeMap;
 
 /// Resubmission period of an operation not executed yet.
@@ -79,6 +80,15 @@ pub(super) struct Ms {
     pub(super) lying_roles: u64,
     /// Pre-prepares a Byzantine primary equivocated on.
     pub(super) equivocations: u64,
+    /// Bytes of configurations or deltas in a pull's answer (drawn per seed: in a quarter of the
+    /// seeds none fit, as at 100,000 members, and every node that falls behind fetches the next
+    /// configuration whole, in pieces).
+    answer_budget: usize,
+    /// Whole configurations whose pieces correct nodes served, and pieces nodes refused.
+    pub(super) pieces_served: u64,
+    pub(super) pieces_refused: u64,
+    /// Pull answers in which a lying node claimed epochs it does not hold.
+    pub(super) false_epochs: u64,
     /// How each Byzantine node lies in its MS role (drawn when it first takes one up).
     lies: BTreeMap<usize, Lie>,
     /// What correct members signed in the agreement.
@@ -108,8 +118,14 @@ enum Lie {
 impl Ms {
     pub(super) fn new(seed: u64, forget_signed_state: bool) -> Ms {
         let mut rng = Rng::new(seed ^ 0x636f_6d70_6f73_6564);
+        let admission = Keypair::from_seed(rng.seed32());
+        let answer_budget = if rng.below(4) == 0 { 0 } else { usize::MAX };
         Ms {
-            admission: Keypair::from_seed(rng.seed32()),
+            answer_budget,
+            pieces_served: 0,
+            pieces_refused: 0,
+            false_epochs: 0,
+            admission,
             rng,
             nodes: BTreeMap::new(),
             disks: BTreeMap::new(),
@@ -274,25 +290,90 @@ impl Sim {
         match env.msg {
             // What needs no machine: the configurations the node holds, and pushes (a push is
             // not an answer to anything).
+            // A lying node claims epochs it does not hold (an empty answer that names a later
+            // epoch sends the asker after a head that never comes or does not verify).
+            MsMessage::DeltasAfter { .. } | MsMessage::ChainAfter { .. }
+                if self.lie(n).is_some_and(|l| l != Lie::Silent) =>
+            {
+                let newest = self.nodes[n].replica.chain().epoch() + 5;
+                let reply = MsMessage::Deltas {
+                    deltas: Vec::new(),
+                    freshness: None,
+                    newest,
+                };
+                self.ms().false_epochs += 1;
+                self.send(me, from, encode_msg(epoch, reply));
+            }
             MsMessage::DeltasAfter { epoch: after } => {
                 if self.nodes[n].byz.is_none() {
-                    let deltas = deltas_after(self.nodes[n].replica.chain(), after, MAX_CONFIGS);
+                    let budget = self.ms().answer_budget;
+                    let chain = self.nodes[n].replica.chain();
                     let reply = MsMessage::Deltas {
-                        deltas,
+                        deltas: within(deltas_after(chain, after, MAX_CONFIGS), budget),
                         freshness: None,
+                        newest: chain.epoch(),
                     };
                     self.send(me, from, encode_msg(epoch, reply));
                 }
             }
             MsMessage::ChainAfter { epoch: after } => {
                 if self.nodes[n].byz.is_none() {
-                    let configs = self.nodes[n].replica.chain().after(after, MAX_CONFIGS);
+                    let budget = self.ms().answer_budget;
+                    let chain = self.nodes[n].replica.chain();
                     let reply = MsMessage::Chain {
-                        configs,
+                        configs: within(chain.after(after, MAX_CONFIGS), budget),
                         freshness: None,
+                        newest: chain.epoch(),
                     };
                     self.send(me, from, encode_msg(epoch, reply));
                 }
+            }
+            // A whole configuration in pieces: correct nodes serve what they hold, lying ones
+            // tampered heads and pieces.
+            MsMessage::HeadAsk { epoch: e } => {
+                let lie = self.lie(n);
+                let Some(cc) = self.nodes[n].replica.chain().get(e) else {
+                    return;
+                };
+                let (mut head, _) = ConfigHead::of(cc);
+                match lie {
+                    Some(Lie::Silent) => return,
+                    Some(_) => head.cvs.iter_mut().for_each(|cv| cv[0] ^= 1),
+                    None => {}
+                }
+                self.send(me, from, encode_msg(epoch, MsMessage::Head(Box::new(head))));
+            }
+            MsMessage::PieceAsk {
+                epoch: e,
+                hash,
+                index,
+            } => {
+                let lie = self.lie(n);
+                let held = self.nodes[n].replica.chain().get(e).and_then(|cc| {
+                    let (head, whole) = ConfigHead::of(cc);
+                    piece(&whole, index)
+                        .filter(|_| head.hash == hash)
+                        .map(<[u8]>::to_vec)
+                });
+                let bytes = match (lie, held) {
+                    (Some(Lie::Silent), _) => return,
+                    // A liar answers whether it holds the piece or not.
+                    (Some(_), Some(mut bytes)) => {
+                        bytes[0] ^= 1;
+                        bytes
+                    }
+                    (Some(_), None) => self.ms().rng.bytes(64),
+                    (None, Some(bytes)) => {
+                        self.ms().pieces_served += 1;
+                        bytes
+                    }
+                    (None, None) => return,
+                };
+                self.send(
+                    me,
+                    from,
+                    encode_msg(epoch, MsMessage::Piece { index, bytes }),
+                );
             }
             MsMessage::Push { configs, .. } => {
                 if !configs.is_empty() && self.nodes[n].byz.is_none() {
@@ -322,6 +403,8 @@ impl Sim {
             // Answers to the node's requests (the simulated network has no request-response).
             msg @ (MsMessage::Chain { .. }
             | MsMessage::Deltas { .. }
+            | MsMessage::Head(_)
+            | MsMessage::Piece { .. }
             | MsMessage::BatchLog { .. }
             | MsMessage::Refused { .. }) => {
                 self.ms_node(n).on_answer(now, from, msg);
@@ -520,6 +603,11 @@ impl Sim {
                     }
                 }
                 Output::Event(Event::Certified(cc)) => self.ms_certified(n, cc),
+                Output::Event(Event::Refused { reason, .. })
+                    if reason.starts_with("configuration piece") =>
+                {
+                    self.ms().pieces_refused += 1;
+                }
                 Output::Event(Event::OutOfOrder(e)) => {
                     self.violation(format!("MS: node {n}: {e}"));
                 }
