@@ -7,7 +7,8 @@
 //! moments of an epoch (graceful stops and power cuts, kill -9 of every node), each followed by a
 //! new epoch within two epoch lengths; kill -9 of two committee members at once, mid-agreement,
 //! and their restart, after which epochs go on; then a join and an eviction. No node ever
-//! reports agreement evidence (two different statements of one member for one slot).
+//! reports agreement evidence (two different statements of one member for one slot). And a
+//! member killed for eight epochs catches up as soon as it is back.
 
 mod common;
 
@@ -173,4 +174,73 @@ async fn epochs_go_on_after_whole_cluster_restarts_and_a_double_kill_then_a_join
             );
         }
     }
+}
+
+/// A member stopped for eight epochs (the other three of a committee of four go on without it)
+/// and restarted catches up at once: its first pull brings every configuration it missed, as
+/// deltas, each checked against its certificate; it then holds the same configuration as the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_away_for_eight_epochs_catches_up_at_once() {
+    const EPOCH_MS: u64 = 1500;
+    let tmp = tempfile::tempdir().unwrap();
+    let timing = [
+        "--epoch-ms",
+        "1500",
+        "--probe-ms",
+        "500",
+        // Four members are the fewest for f = 1: the one away is never evicted.
+        "--evict-after",
+        "3",
+        "--freshness-ms",
+        "3000",
+    ];
+    let mut cluster = Cluster::init(tmp.path(), 4, &timing);
+    for i in 0..4 {
+        cluster.start(i);
+    }
+    let client = cluster.client();
+    let start = cluster.wait_epoch(&client, 2, Duration::from_secs(30)).await;
+    let away = 3;
+    cluster.kill(away);
+    let bound = Duration::from_millis(8 * 3 * EPOCH_MS + 20_000);
+    let now = cluster.wait_epoch(&client, start + 8, bound).await;
+    println!("member {away} away from epoch {start} to {now}");
+
+    cluster.restart(away);
+    let t = Instant::now();
+    let id = cluster.node_id(away);
+    loop {
+        let chain = client.refresh().await;
+        let m = chain.config().member(&id).expect("still a member").clone();
+        if let Ok(s) = client.ms_status(&m).await {
+            if s.epoch >= now {
+                println!(
+                    "caught up to epoch {} in {:.1} s",
+                    s.epoch,
+                    t.elapsed().as_secs_f64()
+                );
+                break;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "member {away} did not catch up from epoch {start} to {now} within 20 s; logs in {}",
+            tmp.path().display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Everyone holds the same configuration of the newest epoch they agree on.
+    let newest = client.refresh().await.epoch();
+    cluster
+        .wait_all_at_least(&client, newest, Duration::from_secs(20))
+        .await;
+    let hashes = cluster.config_hashes(&client).await;
+    let e = hashes.iter().map(|(e, _)| *e).min().unwrap();
+    let at_e: Vec<_> = hashes.iter().filter(|(x, _)| *x == e).collect();
+    assert!(
+        at_e.windows(2).all(|w| w[0].1 == w[1].1),
+        "members disagree on epoch {e}: {hashes:?}"
+    );
+    cluster.stop_all();
 }
