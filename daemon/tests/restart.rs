@@ -200,7 +200,9 @@ async fn a_member_away_for_eight_epochs_catches_up_at_once() {
         cluster.start(i);
     }
     let client = cluster.client();
-    let start = cluster.wait_epoch(&client, 2, Duration::from_secs(30)).await;
+    let start = cluster
+        .wait_epoch(&client, 2, Duration::from_secs(30))
+        .await;
     let away = 3;
     cluster.kill(away);
     let bound = Duration::from_millis(8 * 3 * EPOCH_MS + 20_000);

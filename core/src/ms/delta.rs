@@ -23,7 +23,6 @@ use crate::config::{
 };
 use crate::crypto::NodeId;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// What epoch `epoch` changes against the configuration of `epoch - 1` (whose hash is `prev`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,55 +57,87 @@ pub enum DeltaError {
     OtherPredecessor(Epoch),
     #[error("the delta of epoch {0} removes a node that is not a member")]
     NotAMember(Epoch),
+    #[error("the delta of epoch {0} does not list its members in order")]
+    Unsorted(Epoch),
     #[error("the configuration the delta makes does not verify: {0}")]
     Config(#[from] ConfigError),
 }
 
 impl ConfigDelta {
-    /// What `next` changes against `prev` (its predecessor).
+    /// What `next` changes against `prev` (its predecessor): one walk of both member lists, which
+    /// a configuration keeps sorted by id.
     pub fn between(prev: &Configuration, next: &Configuration) -> ConfigDelta {
-        let before: BTreeMap<NodeId, &Member> = prev.members.iter().map(|m| (m.id, m)).collect();
-        let after: BTreeMap<NodeId, &Member> = next.members.iter().map(|m| (m.id, m)).collect();
+        let (a, b) = (&prev.members, &next.members);
+        let (mut joined, mut left) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) if x.id == y.id => {
+                    if x != y {
+                        joined.push(y.clone());
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(x), Some(y)) if x.id < y.id => {
+                    left.push(x.id);
+                    i += 1;
+                }
+                (Some(x), None) => {
+                    left.push(x.id);
+                    i += 1;
+                }
+                (_, Some(y)) => {
+                    joined.push(y.clone());
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
         ConfigDelta {
             epoch: next.epoch,
             prev: prev.hash(),
             params: (next.params != prev.params).then(|| next.params.clone()),
-            joined: next
-                .members
-                .iter()
-                .filter(|m| before.get(&m.id) != Some(m))
-                .cloned()
-                .collect(),
-            left: prev
-                .members
-                .iter()
-                .filter(|m| !after.contains_key(&m.id))
-                .map(|m| m.id)
-                .collect(),
+            joined,
+            left,
             committee: next.committee.clone(),
         }
     }
 
     /// The configuration this delta makes of `prev` (not verified: see
-    /// [`CertifiedDelta::apply`]).
+    /// [`CertifiedDelta::apply`]): one walk of `prev`'s members (sorted by id) beside the delta's
+    /// lists, which must be sorted too.
     pub fn apply(&self, prev: &Configuration) -> Result<Configuration, DeltaError> {
         if self.epoch != prev.epoch + 1 || self.prev != prev.hash() {
             return Err(DeltaError::OtherPredecessor(self.epoch));
         }
-        let mut members: BTreeMap<NodeId, Member> =
-            prev.members.iter().map(|m| (m.id, m.clone())).collect();
-        for id in &self.left {
-            if members.remove(id).is_none() {
-                return Err(DeltaError::NotAMember(self.epoch));
+        let sorted_left = self.left.windows(2).all(|w| w[0] < w[1]);
+        let sorted_joined = self.joined.windows(2).all(|w| w[0].id < w[1].id);
+        if !sorted_left || !sorted_joined {
+            return Err(DeltaError::Unsorted(self.epoch));
+        }
+        let mut members = Vec::with_capacity(prev.members.len() + self.joined.len());
+        let mut left = self.left.iter().peekable();
+        let mut joined = self.joined.iter().peekable();
+        for m in &prev.members {
+            while let Some(x) = joined.next_if(|x| x.id < m.id) {
+                members.push(x.clone());
+            }
+            let removed = left.next_if(|id| **id == m.id).is_some();
+            match joined.next_if(|x| x.id == m.id) {
+                Some(x) => members.push(x.clone()),
+                None if !removed => members.push(m.clone()),
+                None => {}
             }
         }
-        for m in &self.joined {
-            members.insert(m.id, m.clone());
+        members.extend(joined.cloned());
+        if left.next().is_some() {
+            return Err(DeltaError::NotAMember(self.epoch));
         }
         Ok(Configuration {
             epoch: self.epoch,
             params: self.params.clone().unwrap_or_else(|| prev.params.clone()),
-            members: members.into_values().collect(),
+            members,
             committee: self.committee.clone(),
             prev: Some(self.prev),
         })

@@ -267,37 +267,54 @@ impl Membership {
             .quorum()
             .group_size()
             .max(c.params.ms_quorum().group_size());
-        let mut members: BTreeMap<NodeId, Member> =
-            c.members.iter().map(|m| (m.id, m.clone())).collect();
-        members.extend(self.joins.iter().map(|(id, m)| (*id, m.clone())));
         let evicted = self
             .unresponsive
             .iter()
             .filter(|(_, r)| r.len() >= c.params.ms_quorum().one_correct())
             .map(|(t, _)| *t);
-        // Removals in order of gravity; never below the floor (what is left waits for a later epoch).
-        let removals: Vec<NodeId> = self
+        // Removals in order of gravity; never below the floor (what is left waits for a later
+        // epoch). Joins of members already in replace their records.
+        let new = self
+            .joins
+            .keys()
+            .filter(|id| c.member(id).is_none())
+            .count();
+        let mut count = c.members.len() + new;
+        let mut removed = BTreeSet::new();
+        for id in self
             .guilty
             .iter()
-            .copied()
-            .chain(self.leaves.iter().copied())
-            .chain(evicted)
-            .collect();
-        for id in removals {
-            if members.len() <= floor {
+            .chain(self.leaves.iter())
+            .chain(evicted.collect::<Vec<_>>().iter())
+        {
+            if count <= floor {
                 break;
             }
-            members.remove(&id);
+            let present = c.member(id).is_some() || self.joins.contains_key(id);
+            if present && removed.insert(*id) {
+                count -= 1;
+            }
         }
-        let members: Vec<Member> = members.into_values().collect();
-        let committee =
-            draw_committee(&members, c.params.ms_quorum().group_size(), &c.hash(), seed);
+        // One walk of the sorted members beside the sorted joins.
+        let mut members = Vec::with_capacity(count);
+        let mut joins = self.joins.values().peekable();
+        for m in &c.members {
+            while let Some(j) = joins.next_if(|j| j.id < m.id) {
+                members.push(j.clone());
+            }
+            let m = joins.next_if(|j| j.id == m.id).unwrap_or(m);
+            members.push(m.clone());
+        }
+        members.extend(joins.cloned());
+        members.retain(|m| !removed.contains(&m.id));
+        let hash = c.hash();
+        let committee = draw_committee(&members, c.params.ms_quorum().group_size(), &hash, seed);
         Configuration {
             epoch: c.epoch + 1,
             params: c.params.clone(),
             members,
             committee,
-            prev: Some(c.hash()),
+            prev: Some(hash),
         }
     }
 }
@@ -310,17 +327,22 @@ fn draw_committee(
     config_hash: &[u8; 32],
     seed: &[u8; 32],
 ) -> Vec<NodeId> {
+    use blake3::hazmat::{hash_derive_key_context, HasherExt};
+    let context = hash_derive_key_context("dbqsfs 2026-11 committee draw");
     let mut ranked: Vec<([u8; 32], NodeId)> = members
         .iter()
         .map(|m| {
-            let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 committee draw");
+            let mut h = blake3::Hasher::new_from_context_key(&context);
             h.update(config_hash);
             h.update(seed);
             h.update(&m.id.0);
             (*h.finalize().as_bytes(), m.id)
         })
         .collect();
-    ranked.sort();
+    if ranked.len() > size && size > 0 {
+        ranked.select_nth_unstable(size - 1);
+        ranked.truncate(size);
+    }
     let mut committee: Vec<NodeId> = ranked.into_iter().take(size).map(|(_, id)| id).collect();
     committee.sort();
     committee

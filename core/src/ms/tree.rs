@@ -21,11 +21,13 @@ pub fn push_children(config: &Configuration, me: &NodeId) -> Vec<Member> {
 /// The members of `config` in the order of its push tree: BLAKE3(epoch ‖ id), so that the tree
 /// differs per epoch and nobody chooses their place.
 pub fn tree_order(config: &Configuration) -> Vec<Member> {
+    use blake3::hazmat::{hash_derive_key_context, HasherExt};
+    let context = hash_derive_key_context("dbqsfs 2026-11 push tree");
     let mut ranked: Vec<([u8; 32], Member)> = config
         .members
         .iter()
         .map(|m| {
-            let mut h = blake3::Hasher::new_derive_key("dbqsfs 2026-11 push tree");
+            let mut h = blake3::Hasher::new_from_context_key(&context);
             h.update(&config.epoch.to_le_bytes());
             h.update(&m.id.0);
             (*h.finalize().as_bytes(), m.clone())
