@@ -6,7 +6,8 @@
 //! One real cluster of 5 node processes (a committee of 4): five whole-cluster restarts at random
 //! moments of an epoch (graceful stops and power cuts, kill -9 of every node), each followed by a
 //! new epoch within two epoch lengths; kill -9 of two committee members at once, mid-agreement,
-//! and their restart, after which epochs go on; then a join and an eviction. No node ever
+//! and their restart, after which epochs go on; then a join and an eviction; ten epochs or more,
+//! under committees that change. No node ever
 //! reports agreement evidence (two different statements of one member for one slot). And a
 //! member killed for eight epochs catches up as soon as it is back.
 
@@ -156,6 +157,21 @@ async fn epochs_go_on_after_whole_cluster_restarts_and_a_double_kill_then_a_join
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("evicted by epoch {}", client.refresh().await.epoch());
+
+    // Ten epochs or more, under committees that changed: every configuration the client holds
+    // was checked against the committee of the epoch before it.
+    let chain = client.refresh().await;
+    let committees: std::collections::BTreeSet<_> = (0..=chain.epoch())
+        .filter_map(|e| chain.get(e))
+        .map(|c| c.config.committee.clone())
+        .collect();
+    println!(
+        "{} epochs, {} different committees",
+        chain.epoch(),
+        committees.len()
+    );
+    assert!(chain.epoch() >= 10, "only {} epochs", chain.epoch());
+    assert!(committees.len() >= 2, "the committee never changed");
 
     // Nobody signed two different statements for one slot: a correct member holding two would
     // have reported them as evidence of misbehaviour.
