@@ -96,7 +96,9 @@ impl ConfigDelta {
         }
         ConfigDelta {
             epoch: next.epoch,
-            prev: prev.hash(),
+            // A successor names its predecessor's hash: no need to hash `prev` again (a delta
+            // whose `next` names another predecessor is refused where it is applied).
+            prev: next.prev.unwrap_or_else(|| prev.hash()),
             params: (next.params != prev.params).then(|| next.params.clone()),
             joined,
             left,
