@@ -1,0 +1,194 @@
+//! What one threshold key for the Membership Service would cost (issue 14): FROST over Ed25519
+//! (`frost-ed25519`, RFC 9591) for committees of 4, 7 and 10 members (`3f+1`, threshold `2f+1`),
+//! measured here with the crate's own primitives, beside today's certificates of `2f+1` separate
+//! ed25519 signatures. Not wired into the MS yet: this is the measurement the design starts from.
+//!
+//! Run: `cargo run --release -p dbqsfs-examples --example threshold_costs`.
+//!
+//! Per committee size: the distributed key generation (Pedersen DKG with proofs of knowledge: one
+//! broadcast round, one round of sub-shares sent to each member, then each member's check of what
+//! it received against the commitments), the bytes it moves; a refresh of the shares among the
+//! same members (the key stays the same, old shares stop working with new ones); signing a
+//! configuration hash with `2f+1` shares (two rounds) and aggregating; checking it. The aggregated
+//! signature is an ordinary Ed25519 signature under one 32-byte key, checked here with
+//! `ed25519-dalek`'s `verify_strict`.
+
+use dbqsfs_core::crypto::{Domain, Keypair};
+use frost_ed25519 as frost;
+use frost_ed25519::keys::{dkg, refresh, KeyPackage, PublicKeyPackage};
+use frost_ed25519::Identifier;
+use rand_core06::OsRng;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A DKG (or, with `old`, a refresh) among `n` members with threshold `t`: returns every member's
+/// key package, the public package, the bytes sent in all, and the time (one core, all members).
+fn keygen(
+    n: u16,
+    t: u16,
+    old: Option<&(BTreeMap<Identifier, KeyPackage>, PublicKeyPackage)>,
+) -> (
+    BTreeMap<Identifier, KeyPackage>,
+    PublicKeyPackage,
+    usize,
+    Duration,
+) {
+    let ids: Vec<Identifier> = (1..=n).map(|i| Identifier::try_from(i).unwrap()).collect();
+    let start = Instant::now();
+    let mut bytes = 0;
+    let mut secrets1 = BTreeMap::new();
+    let mut round1 = BTreeMap::new();
+    for id in &ids {
+        let (s, p) = match old {
+            None => dkg::part1(*id, n, t, OsRng).unwrap(),
+            Some(_) => refresh::refresh_dkg_part1(*id, n, t, OsRng).unwrap(),
+        };
+        // Broadcast to the n-1 others.
+        bytes += p.serialize().unwrap().len() * (n as usize - 1);
+        secrets1.insert(*id, s);
+        round1.insert(*id, p);
+    }
+    let mut secrets2 = BTreeMap::new();
+    let mut inbox: BTreeMap<Identifier, BTreeMap<Identifier, dkg::round2::Package>> =
+        BTreeMap::new();
+    for id in &ids {
+        let mut others = round1.clone();
+        others.remove(id);
+        let (s, out) = match old {
+            None => dkg::part2(secrets1.remove(id).unwrap(), &others).unwrap(),
+            Some(_) => refresh::refresh_dkg_part2(secrets1.remove(id).unwrap(), &others).unwrap(),
+        };
+        for (to, p) in out {
+            bytes += p.serialize().unwrap().len();
+            inbox.entry(to).or_default().insert(*id, p);
+        }
+        secrets2.insert(*id, s);
+    }
+    let mut keys = BTreeMap::new();
+    let mut public = None;
+    for id in &ids {
+        let mut others = round1.clone();
+        others.remove(id);
+        let (kp, pp) = match old {
+            None => dkg::part3(&secrets2[id], &others, &inbox[id]).unwrap(),
+            Some((old_keys, old_public)) => refresh::refresh_dkg_shares(
+                &secrets2[id],
+                &others,
+                &inbox[id],
+                old_public.clone(),
+                old_keys[id].clone(),
+            )
+            .unwrap(),
+        };
+        keys.insert(*id, kp);
+        public = Some(pp);
+    }
+    (keys, public.unwrap(), bytes, start.elapsed())
+}
+
+/// Signs `msg` with the shares of `signers` (two rounds) and aggregates; returns the signature
+/// and the time, or the aggregator's refusal (a share that does not verify, with its culprit).
+fn sign(
+    keys: &BTreeMap<Identifier, KeyPackage>,
+    public: &PublicKeyPackage,
+    signers: &[Identifier],
+    msg: &[u8],
+) -> Result<(frost::Signature, Duration), frost::Error> {
+    let start = Instant::now();
+    let mut nonces = BTreeMap::new();
+    let mut commitments = BTreeMap::new();
+    for id in signers {
+        let (n, c) = frost::round1::commit(keys[id].signing_share(), &mut OsRng);
+        nonces.insert(*id, n);
+        commitments.insert(*id, c);
+    }
+    let package = frost::SigningPackage::new(commitments, msg);
+    let mut shares = BTreeMap::new();
+    for id in signers {
+        shares.insert(*id, frost::round2::sign(&package, &nonces[id], &keys[id])?);
+    }
+    let sig = frost::aggregate(&package, &shares, public)?;
+    Ok((sig, start.elapsed()))
+}
+
+fn main() {
+    let msg = [0x5au8; 32]; // a configuration hash
+    println!(
+        "| committee | threshold | DKG (all members, one core) | DKG bytes | refresh | refresh bytes | sign + aggregate | certificate today | check: one signature | check today (t signatures) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for n in [4u16, 7, 10] {
+        let f = (n - 1) / 3;
+        let t = 2 * f + 1;
+        let (keys, public, dkg_bytes, dkg_time) = keygen(n, t, None);
+        let group_key = public.verifying_key().serialize().unwrap();
+        let (refreshed, new_public, refresh_bytes, refresh_time) =
+            keygen(n, t, Some(&(keys.clone(), public.clone())));
+        assert_eq!(
+            new_public.verifying_key().serialize().unwrap(),
+            group_key,
+            "a refresh keeps the key"
+        );
+
+        let signers: Vec<Identifier> = refreshed.keys().take(t as usize).copied().collect();
+        let (sig, sign_time) = sign(&refreshed, &new_public, &signers, &msg).unwrap();
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&group_key.clone().try_into().unwrap())
+            .unwrap();
+        let dalek_sig = ed25519_dalek::Signature::from_slice(&sig.serialize().unwrap()).unwrap();
+        let rounds = 200;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            vk.verify_strict(&msg, &dalek_sig)
+                .expect("an Ed25519 signature");
+        }
+        let verify_one = start.elapsed() / rounds;
+
+        // A member that kept its old share cannot sign with the refreshed ones: the aggregator
+        // names it.
+        let mut mixed = refreshed.clone();
+        let first = signers[0];
+        mixed.insert(first, keys[&first].clone());
+        match sign(&mixed, &new_public, &signers, &msg) {
+            Err(frost::Error::InvalidSignatureShare { culprits }) => {
+                assert_eq!(culprits, vec![first])
+            }
+            other => panic!("an old share signed with refreshed ones: {other:?}"),
+        }
+
+        // Today: t separate signatures, each checked.
+        let members: Vec<Keypair> = (0..t)
+            .map(|i| Keypair::from_seed([i as u8 + 1; 32]))
+            .collect();
+        let start = Instant::now();
+        let sigs: Vec<_> = members
+            .iter()
+            .map(|k| k.sign(Domain::Configuration, &msg))
+            .collect();
+        let sign_today = start.elapsed();
+        let start = Instant::now();
+        for _ in 0..rounds {
+            for (k, s) in members.iter().zip(&sigs) {
+                k.public()
+                    .verify(Domain::Configuration, &msg, s)
+                    .expect("verifies");
+            }
+        }
+        let verify_today = start.elapsed() / rounds;
+        println!(
+            "| {n} | {t} | {:.1} ms | {:.1} KiB | {:.1} ms | {:.1} KiB | {:.2} ms | {:.2} ms ({} bytes) | {:.3} ms (64 bytes) | {:.3} ms |",
+            ms(dkg_time),
+            dkg_bytes as f64 / 1024.0,
+            ms(refresh_time),
+            refresh_bytes as f64 / 1024.0,
+            ms(sign_time),
+            ms(sign_today),
+            t as usize * (32 + 64),
+            ms(verify_one),
+            ms(verify_today)
+        );
+    }
+}
