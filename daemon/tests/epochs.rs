@@ -122,28 +122,16 @@ async fn a_pushed_delta_is_installed_only_as_the_certified_configuration() {
     use dbqsfs_core::ms::delta::CertifiedDelta;
     use dbqsfs_core::ms::wire::MsMessage;
 
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("c");
-    let toml = init_cluster(&dir);
-    let node_dir = |i: usize| dir.join(format!("node-{i}"));
-    let nodes: Vec<common::Running> = (0..4)
-        .map(|i| start_node(&Handle::current(), &node_dir(i)))
-        .collect();
-    let info = ClusterInfo::load(&toml).unwrap();
-    let genesis = info.genesis.config.clone();
-    let keys: Vec<Keypair> = (0..4)
-        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
-        .collect();
-    let committee: Vec<&Keypair> = keys
-        .iter()
-        .filter(|k| genesis.committee.contains(&k.node_id()))
-        .collect();
-    let next = Configuration::new(
-        1,
-        genesis.params.clone(),
-        genesis.members.clone(),
-        Some(genesis.hash()),
-    );
+    let Fixture {
+        _tmp,
+        nodes,
+        info,
+        genesis,
+        keys,
+        next,
+        committee,
+    } = four_nodes();
+    let committee: Vec<&Keypair> = committee.iter().map(|i| &keys[*i]).collect();
     let good = CertifiedDelta::of(
         &genesis,
         &CertifiedConfig::certify(next.clone(), &committee[..3]),
@@ -220,31 +208,17 @@ async fn a_configuration_is_fetched_whole_in_pieces_by_anyone() {
     use dbqsfs_core::ms::wire::MsMessage;
     use dbqsfs_daemon::client::fetch_whole;
 
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("c");
-    let toml = init_cluster(&dir);
-    let node_dir = |i: usize| dir.join(format!("node-{i}"));
-    let nodes: Vec<common::Running> = (0..4)
-        .map(|i| start_node(&Handle::current(), &node_dir(i)))
-        .collect();
-    let info = ClusterInfo::load(&toml).unwrap();
-    let genesis = info.genesis.config.clone();
-    let keys: Vec<Keypair> = (0..4)
-        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
-        .collect();
-    let committee: Vec<&Keypair> = keys
-        .iter()
-        .filter(|k| genesis.committee.contains(&k.node_id()))
-        .collect();
-    let next = CertifiedConfig::certify(
-        Configuration::new(
-            1,
-            genesis.params.clone(),
-            genesis.members.clone(),
-            Some(genesis.hash()),
-        ),
-        &committee[..3],
-    );
+    let Fixture {
+        _tmp,
+        nodes,
+        genesis,
+        keys,
+        next,
+        committee,
+        ..
+    } = four_nodes();
+    let committee: Vec<&Keypair> = committee.iter().map(|i| &keys[*i]).collect();
+    let next = CertifiedConfig::certify(next, &committee[..3]);
     let pusher = Endpoint::client(
         local_bind_for("127.0.0.1:1".parse().unwrap()),
         keys[3].dalek().clone(),
@@ -297,5 +271,50 @@ async fn a_configuration_is_fetched_whole_in_pieces_by_anyone() {
     assert!(matches!(answer, MsMessage::Refused { .. }), "{answer:?}");
     for n in nodes {
         n.stop().await;
+    }
+}
+
+/// Four in-process nodes of a fresh cluster, their keys, and the configuration of epoch 1 with the
+/// same members (not certified: `committee` are the indices of genesis' committee members).
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    nodes: Vec<common::Running>,
+    info: ClusterInfo,
+    genesis: Configuration,
+    keys: Vec<Keypair>,
+    next: Configuration,
+    committee: Vec<usize>,
+}
+
+fn four_nodes() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let toml = init_cluster(&dir);
+    let node_dir = |i: usize| dir.join(format!("node-{i}"));
+    let nodes: Vec<common::Running> = (0..4)
+        .map(|i| start_node(&Handle::current(), &node_dir(i)))
+        .collect();
+    let info = ClusterInfo::load(&toml).unwrap();
+    let genesis = info.genesis.config.clone();
+    let keys: Vec<Keypair> = (0..4)
+        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
+        .collect();
+    let committee = (0..4)
+        .filter(|i| genesis.committee.contains(&keys[*i].node_id()))
+        .collect();
+    let next = Configuration::new(
+        1,
+        genesis.params.clone(),
+        genesis.members.clone(),
+        Some(genesis.hash()),
+    );
+    Fixture {
+        _tmp: tmp,
+        nodes,
+        info,
+        genesis,
+        keys,
+        next,
+        committee,
     }
 }
