@@ -8,11 +8,11 @@
 //! ([`CertifiedConfig::verify_successor`]: the hash the committee signed covers every member), so
 //! a delta built or applied wrongly, or forged, is refused.
 //!
-//! Pushes and a node's periodic pulls (`MsMessage::DeltasAfter`: the puller names the epoch it
-//! holds) carry deltas; clients and joining nodes ask for whole configurations
-//! (`MsMessage::ChainAfter`).
+//! Pushes and a node's pulls (`MsMessage::DeltasAfter`: the puller names the epoch it holds; a
+//! joining node's pulls from its bootstrap peer included) carry deltas; clients ask for whole
+//! configurations (`MsMessage::ChainAfter`).
 //!
-//! Non-goals: chunking large configurations.
+//! Non-goals: configurations too large for one message (`ms::pieces`).
 //!
 //! Fault model: a delta comes from any node; nothing in it is trusted before the certificate of
 //! the configuration it makes verifies.

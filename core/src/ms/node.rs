@@ -58,7 +58,8 @@ pub enum Output {
     /// (`MsMessage::PushDeltas` of [`super::delta::deltas_after`]).
     Forward { to: Vec<NodeId>, after: Epoch },
     /// The node is no member of the newest configuration it holds: ask the node it was told to
-    /// start from, if any, for the configurations after `after` (a request, as above).
+    /// start from, if any, for the configurations after `after` as deltas
+    /// ([`MsMessage::DeltasAfter`], a request, as above).
     PullBootstrap { after: Epoch },
     /// Challenge `target` with `nonce` ([`MsMessage::Challenge`]); feed its answer, or `None`
     /// after `timeout_ms` or a failure, to [`MsNode::on_probe_answer`].
@@ -749,7 +750,7 @@ impl MsNode {
 }
 
 /// The longest a configuration fetched whole may take.
-const WHOLE_DEADLINE_MS: u64 = 120_000;
+const WHOLE_DEADLINE_MS: u64 = 60_000;
 
 /// A configuration coming whole: its head asked of `head_from`, then its pieces of `sources`;
 /// given up at `until` (the head's timeout, then the whole fetch's deadline).

@@ -131,7 +131,8 @@ pub enum MsMessage {
         freshness: Option<Freshness>,
     },
     /// Asks for the configurations after `epoch`, which the asker holds, as deltas (a node's
-    /// periodic pull; clients and joining nodes ask [`MsMessage::ChainAfter`]).
+    /// periodic pull and a joining node's pull from its bootstrap peer; clients ask
+    /// [`MsMessage::ChainAfter`]).
     DeltasAfter {
         epoch: Epoch,
     },

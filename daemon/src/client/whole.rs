@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 /// The longest a whole configuration may take.
-pub const WHOLE_DEADLINE: Duration = Duration::from_secs(120);
+pub const WHOLE_DEADLINE: Duration = Duration::from_secs(60);
 /// Members asked for pieces, at most (the committee first).
 const MAX_SOURCES: usize = 32;
 /// Members asked for the head, at most, one after another.

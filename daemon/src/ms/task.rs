@@ -311,7 +311,9 @@ impl Task {
             }
             Output::PullBootstrap { after } => {
                 if let Some((addr, key)) = self.opts.bootstrap {
-                    self.request_at(addr, key, MsMessage::ChainAfter { epoch: after });
+                    // Deltas, like any pull: a joiner far behind a large cluster would otherwise
+                    // fetch every configuration it missed whole.
+                    self.request_at(addr, key, MsMessage::DeltasAfter { epoch: after });
                 }
             }
             Output::Probe {
