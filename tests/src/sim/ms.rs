@@ -84,7 +84,7 @@ pub(super) struct Ms {
     /// seeds none fit, as at 100,000 members, and every node that falls behind fetches the next
     /// configuration whole, in pieces).
     answer_budget: usize,
-    /// Whole configurations whose pieces correct nodes served, and pieces nodes refused.
+    /// Pieces of whole configurations that correct nodes served, and pieces nodes refused.
     pub(super) pieces_served: u64,
     pub(super) pieces_refused: u64,
     /// Pull answers in which a lying node claimed epochs it does not hold.
@@ -289,9 +289,9 @@ impl Sim {
         let epoch = self.nodes[n].replica.epoch();
         match env.msg {
             // What needs no machine: the configurations the node holds, and pushes (a push is
-            // not an answer to anything).
-            // A lying node claims epochs it does not hold (an empty answer that names a later
-            // epoch sends the asker after a head that never comes or does not verify).
+            // not an answer to anything). A lying node claims epochs it does not hold (an empty
+            // answer that names a later epoch sends the asker after a head that never comes or
+            // does not verify).
             MsMessage::DeltasAfter { .. } | MsMessage::ChainAfter { .. }
                 if self.lie(n).is_some_and(|l| l != Lie::Silent) =>
             {
