@@ -11,9 +11,10 @@ use crate::store::DiskStore;
 use crate::transfer::{SharedReplica, TransferWorker};
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, ConfigError, Epoch, Freshness};
 use dbqsfs_core::crypto::NodeId;
+use dbqsfs_core::ms::delta::{resolve, CertifiedDelta};
 use dbqsfs_core::store::StoreError;
 use std::sync::{Arc, Mutex};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What a peer is to this node, by its key (the core's; what each may send is decided there).
 pub use dbqsfs_core::ms::wire::Peer;
@@ -68,6 +69,20 @@ impl Epochs {
         let r = self.replica.read().unwrap_or_else(|p| p.into_inner());
         let chain = r.chain();
         (0..=chain.epoch()).any(|e| chain.get(e).is_some_and(|c| c.config.is_member(id)))
+    }
+
+    /// Applies `deltas` (oldest first) to the chain held and installs what they make, as
+    /// [`Epochs::install`]. A delta that does not apply (a forgery, or one whose epoch before the
+    /// node lacks: it pulls) stops there; those before it are installed. Blocking.
+    pub fn install_deltas(&self, deltas: &[CertifiedDelta]) -> Result<Vec<Epoch>, InstallError> {
+        let (configs, refused) = resolve(&self.chain(), deltas);
+        if let Some(e) = refused {
+            debug!(error = %e, "delta not applied");
+        }
+        if configs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.install(configs)
     }
 
     /// Verifies `configs` against the chain, persists the longer chain, and only then installs it

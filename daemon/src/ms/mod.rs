@@ -30,7 +30,7 @@ use crate::identity::Identity;
 use crate::store::DiskStore;
 use dbqsfs_core::config::{Epoch, Member};
 use dbqsfs_core::crypto::{Domain, NodeId, PublicKey, Signature};
-use dbqsfs_core::ms::delta::{deltas_after, resolve};
+use dbqsfs_core::ms::delta::deltas_after;
 use dbqsfs_core::ms::membership::{AdmissionCert, Executed, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options as NodeOptions, Output};
 use dbqsfs_core::ms::pieces::ConfigHead;

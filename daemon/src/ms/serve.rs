@@ -125,15 +125,8 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
                 let s = shared.clone();
                 let from = peer.node_id();
                 tokio::task::spawn_blocking(move || {
-                    // Applied to what the node holds; a node that lacks the epoch before pulls.
-                    let (configs, refused) = resolve(&s.epochs.chain(), &deltas);
-                    if let Some(e) = refused {
-                        debug!(peer = %from.short(), error = %e, "pushed delta not applied");
-                    }
-                    if !configs.is_empty() {
-                        if let Err(e) = s.epochs.install(configs) {
-                            debug!(peer = %from.short(), error = %e, "refused pushed configurations");
-                        }
+                    if let Err(e) = s.epochs.install_deltas(&deltas) {
+                        debug!(peer = %from.short(), error = %e, "refused pushed configurations");
                     }
                 })
                 .await

@@ -333,14 +333,8 @@ impl Task {
             Output::InstallDeltas(deltas) => {
                 let shared = self.shared.clone();
                 tokio::task::spawn_blocking(move || {
-                    let (configs, refused) = resolve(&shared.epochs.chain(), &deltas);
-                    if let Some(e) = refused {
-                        debug!(error = %e, "pulled delta not applied");
-                    }
-                    if !configs.is_empty() {
-                        if let Err(e) = shared.epochs.install(configs) {
-                            debug!(error = %e, "configurations refused");
-                        }
+                    if let Err(e) = shared.epochs.install_deltas(&deltas) {
+                        debug!(error = %e, "configurations refused");
                     }
                 });
             }
