@@ -4,9 +4,9 @@
 #   scripts/soak.sh HOURS                        # every simulator, random starting seeds, every core
 #   scripts/soak.sh --seeds N [--sim S] [--f F]  # exactly N seeds of one simulator and f, every core
 #
-# Simulators (S): simulate (dBQS: replicas, clients, state transfer, GC) and simulate-agreement (the
-# MS agreement and membership). Without --sim, HOURS mode rotates over simulate f=1, simulate f=2 and
-# simulate-agreement f=1. Each worker runs chunks of CHUNK seeds (default 500) from a random start;
+# Simulators (S): simulate (dBQS: replicas, clients, state transfer, GC), simulate-agreement (the
+# MS agreement and membership) and simulate-key (the MS's threshold key). Without --sim, HOURS mode
+# rotates over simulate f=1, simulate f=2, simulate-agreement f=1 and simulate-key f=1. Each worker runs chunks of CHUNK seeds (default 500) from a random start;
 # every seed draws its own swarm of faults. Every failing seed is printed with the command that
 # replays it, and the run ends with one summary line:
 #   soak: seeds=N violations=V failing=K
@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$hours" ] || [ -n "$total" ] || usage
-case "$sim" in ""|simulate|simulate-agreement) ;; *) echo "unknown simulator: $sim" >&2; usage ;; esac
+case "$sim" in ""|simulate|simulate-agreement|simulate-key) ;; *) echo "unknown simulator: $sim" >&2; usage ;; esac
 [ -n "$total" ] && [ -z "$sim" ] && sim=simulate
 
 chunk=${CHUNK:-500}
@@ -39,7 +39,7 @@ cargo build --release --locked -p dbqsfs-tests --bins >&2
 # Run a copy, so that a rebuild during a long soak does not change the binary under it.
 bin="$dir/bin"
 mkdir -p "$bin"
-cp target/release/simulate target/release/simulate-agreement "$bin/"
+cp target/release/simulate target/release/simulate-agreement target/release/simulate-key "$bin/"
 
 random_seed() { od -An -N5 -tu8 /dev/urandom | tr -d ' '; }
 
@@ -62,7 +62,7 @@ worker() {
       run_chunk "$sim" "$f" $(( base + i * chunk )) "$n"
     done
   else
-    local kinds=("simulate 1" "simulate 2" "simulate-agreement 1")
+    local kinds=("simulate 1" "simulate 2" "simulate-agreement 1" "simulate-key 1")
     [ -n "$sim" ] && kinds=("$sim $f")
     while [ "$(date +%s)" -lt "$deadline" ]; do
       # shellcheck disable=SC2086
@@ -82,7 +82,7 @@ wait
 seeds=0 violations=0
 for log in "$dir"/chunk-*.log; do
   [ -e "$log" ] || continue
-  line=$(grep -E '^simulate(-agreement)?: seeds=' "$log" || true)
+  line=$(grep -E '^simulate(-agreement|-key)?: seeds=' "$log" || true)
   if [ -z "$line" ]; then
     echo "no closing line in $log (the simulator crashed?):" >&2; tail -5 "$log" >&2
     violations=$(( violations + 1 )); continue
@@ -92,7 +92,7 @@ for log in "$dir"/chunk-*.log; do
   seeds=$(( seeds + s )); violations=$(( violations + v ))
 done
 failing=$(cat "$dir"/chunk-*.log 2>/dev/null | grep -cE '^seed [0-9]+ (FAILED|caught)' || true)
-for name in simulate simulate-agreement; do
+for name in simulate simulate-agreement simulate-key; do
   for ff in 1 2 3; do
     n=0
     for log in "$dir"/chunk-$name-f$ff-*.log; do

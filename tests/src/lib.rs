@@ -6,6 +6,8 @@
 //!   public-key blocks, integrity of content blocks, no lost write, liveness after faults heal).
 //! - [`agreement_sim`]: the deterministic simulator of the MS agreement protocol (PBFT), with
 //!   Byzantine committee members, safety checks after every step and liveness after healing.
+//! - [`key_sim`]: the deterministic simulator of the MS's threshold key: key generation and
+//!   redistribution to changing committees with Byzantine dealers, receivers and signers.
 //! - [`harness`]: the virtual-time event queue and the faulty network both simulators run on.
 //! - [`signed`]: the check that no correct committee member signs two things for one slot.
 //! - [`rng`]: the one seeded PRNG every random choice of a run comes from.
@@ -15,6 +17,7 @@
 pub mod agreement_sim;
 pub mod checker;
 pub mod harness;
+pub mod key_sim;
 pub mod rng;
 pub mod runner;
 pub mod signed;

@@ -30,12 +30,15 @@
 //! - [`pieces`]: whole configurations in bounded pieces, each checked against the certified hash.
 //! - [`follower`]: a node's following of the epochs: whom it pulls configurations from and when,
 //!   whom it forwards them to.
+//! - [`key`]: the MS's threshold key: its shares dealt to each committee in turn, checked with
+//!   evidence against cheating dealers, and FROST signing under one key.
 //! - [`tree`]: the push tree that disseminates each certified configuration.
 //! - [`wire`]: the MS's messages beside the agreement's.
 
 pub mod app;
 pub mod delta;
 pub mod follower;
+pub mod key;
 pub mod membership;
 pub mod node;
 pub mod pbft;
