@@ -5,7 +5,7 @@
 //! Run: `cargo run --release -p dbqsfs-examples --example ms_scale`.
 //!
 //! The epoch's changes are 1% of the members: 0.5% join (with admission certificates), 0.25%
-//! leave, 0.25% are evicted (`f_ms+1` committee members report each unresponsive). Measured on
+//! leave, 0.25% are evicted (`f+1` of each one's watchers report it unresponsive). Measured on
 //! this machine, one core:
 //! - committee CPU: what every committee member does for the epoch's operations and its end:
 //!   checking each submitted request's signature, executing it (`ms::membership`), computing
@@ -17,8 +17,10 @@
 //!
 //! Modeled, not measured: the time for the push tree to reach every member is its depth times one
 //! hop, a hop being a one-way latency (`LATENCY_MS`) plus sending the delta to two children at
-//! `BANDWIDTH_MBIT` plus the member's CPU above. Probing is the current design's: every committee
-//! member challenges every member once per probe period.
+//! `BANDWIDTH_MBIT` plus the member's CPU above. Probing is delegated (`ms::probe`): every member
+//! challenges the `3f+1` members after it on the ring once per probe period, whatever the size, and
+//! the committee orders only the changes of verdict (`f+1` per evicted member, counted in the
+//! requests ordered).
 
 use dbqsfs_core::config::{CertifiedConfig, Configuration, Member, Params};
 use dbqsfs_core::crypto::Keypair;
@@ -27,7 +29,9 @@ use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
 };
 use dbqsfs_core::ms::pbft::Request;
+use dbqsfs_core::ms::probe::{eviction_reports, watch_count};
 use dbqsfs_core::ms::tree::tree_order;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const LATENCY_MS: f64 = 20.0;
@@ -101,6 +105,17 @@ fn epoch_change(n: usize, changes: usize) -> Row {
         .filter(|k| !prev.committee.contains(&k.node_id()))
         .collect();
     let reporters = params.ms_quorum().one_correct();
+    let by_id: BTreeMap<_, &Keypair> = keys[..n].iter().map(|k| (k.node_id(), k)).collect();
+    // A member's watchers are the members before it on the ring.
+    let watchers = |target: &Keypair| -> Vec<&Keypair> {
+        let at = prev
+            .members
+            .binary_search_by(|m| m.id.cmp(&target.node_id()))
+            .expect("a member");
+        (1..=eviction_reports(&prev))
+            .map(|k| by_id[&prev.members[(at + n - k) % n].id])
+            .collect()
+    };
 
     // The signed requests the committee orders, as their submitters send them.
     let mut requests: Vec<Request> = Vec::new();
@@ -121,13 +136,13 @@ fn epoch_change(n: usize, changes: usize) -> Row {
         requests.push(submit(k, MsOp::Leave { epoch: 1 }));
     }
     for target in &outside[leavers..leavers + evicted] {
-        for c in &committee[..reporters] {
+        for w in watchers(target) {
             let op = MsOp::Probe {
                 epoch: 1,
                 target: target.node_id(),
                 responsive: false,
             };
-            requests.push(submit(c, op));
+            requests.push(submit(w, op));
         }
     }
     for c in &committee[..reporters] {
@@ -186,7 +201,7 @@ fn epoch_change(n: usize, changes: usize) -> Row {
         full: size(&certified),
         member_cpu,
         depth: (next.members.len() as f64 + 1.0).log2().ceil() as u32,
-        probes: n - 1,
+        probes: watch_count(&prev),
     }
 }
 
@@ -195,7 +210,7 @@ fn main() {
     println!("Changes of 1% of the members per epoch:");
     println!();
     println!(
-        "| members | changes | committee CPU (of which the epoch's end) | requests ordered | delta | full configuration | sent per member (most) | member CPU | tree depth | to every member (modeled) | probes per committee member per period |"
+        "| members | changes | committee CPU (of which the epoch's end) | requests ordered | delta | full configuration | sent per member (most) | member CPU | tree depth | to every member (modeled) | challenges per member per period (any member, committee too) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {

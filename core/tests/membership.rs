@@ -7,6 +7,7 @@ use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
 };
 use dbqsfs_core::ms::pbft::{Evidence, PrePrepare, Request, Signed, SignedStatement};
+use dbqsfs_core::ms::probe;
 
 struct Cluster {
     admission: Keypair,
@@ -179,10 +180,22 @@ fn a_leave_removes_exactly_its_submitter() {
 }
 
 #[test]
-fn one_faulty_prober_cannot_evict_a_live_node_but_f_plus_1_evict_a_dead_one() {
+fn one_faulty_watcher_cannot_evict_a_live_node_f_plus_1_evict_a_dead_one_and_others_are_not_heard()
+{
     let c = cluster();
-    let committee = c.committee();
     let target = c.outsider().node_id();
+    // Of six members, f = 1: the four before the target on the ring watch it, the fifth does not.
+    let watchers: Vec<&Keypair> = c
+        .keys
+        .iter()
+        .filter(|k| probe::watches(&c.config, &k.node_id(), &target))
+        .collect();
+    assert_eq!(watchers.len(), 4);
+    let stranger = c
+        .keys
+        .iter()
+        .find(|k| k.node_id() != target && !probe::watches(&c.config, &k.node_id(), &target))
+        .expect("one member does not watch the target");
     let probe = |responsive| MsOp::Probe {
         epoch: 0,
         target,
@@ -191,7 +204,7 @@ fn one_faulty_prober_cannot_evict_a_live_node_but_f_plus_1_evict_a_dead_one() {
 
     let mut m = c.membership();
     assert_eq!(
-        m.execute(&committee[3].public(), probe(false), &SEED),
+        m.execute(&watchers[3].public(), probe(false), &SEED),
         Executed::Accepted
     );
     assert!(
@@ -200,28 +213,31 @@ fn one_faulty_prober_cannot_evict_a_live_node_but_f_plus_1_evict_a_dead_one() {
     );
 
     let mut m = c.membership();
-    m.execute(&committee[2].public(), probe(false), &SEED);
-    m.execute(&committee[3].public(), probe(false), &SEED);
+    m.execute(&watchers[2].public(), probe(false), &SEED);
+    m.execute(&watchers[3].public(), probe(false), &SEED);
     assert!(
         !end_epoch(&c, &mut m).is_member(&target),
-        "f+1 reports evict"
+        "f+1 watchers' reports evict"
     );
 
     let mut m = c.membership();
-    m.execute(&committee[2].public(), probe(false), &SEED);
-    m.execute(&committee[3].public(), probe(false), &SEED);
-    m.execute(&committee[3].public(), probe(true), &SEED);
+    m.execute(&watchers[2].public(), probe(false), &SEED);
+    m.execute(&watchers[3].public(), probe(false), &SEED);
+    m.execute(&watchers[3].public(), probe(true), &SEED);
     assert!(
         end_epoch(&c, &mut m).is_member(&target),
-        "a member that answers again is no longer reported by that prober"
+        "a member that answers again is no longer reported by that watcher"
     );
 
+    // Reports from members that do not watch the target, or from the target itself, are not
+    // heard: a member's `f` faulty watchers are the only accusers it can have.
     let mut m = c.membership();
-    let not_committee = c.outsider().public();
-    assert!(matches!(
-        m.execute(&not_committee, probe(false), &SEED),
-        Executed::Ignored(_)
-    ));
+    for k in [stranger, c.outsider()] {
+        assert!(matches!(
+            m.execute(&k.public(), probe(false), &SEED),
+            Executed::Ignored(_)
+        ));
+    }
 }
 
 #[test]

@@ -1,9 +1,11 @@
-//! A committee member's probing: verdicts from signed answers only, failures counted across
-//! epochs, an unresponsive member reported again in each new epoch.
+//! A member's probing: whom it watches on the ring, verdicts from signed answers only, failures
+//! counted across epochs, an unresponsive member reported again in each new epoch.
 
 use dbqsfs_core::config::{Configuration, Member, Params};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId};
-use dbqsfs_core::ms::probe::{probe_body, Prober, Verdict};
+use dbqsfs_core::ms::probe::{
+    eviction_reports, probe_body, watch_count, watched, watches, Prober, Verdict,
+};
 
 fn keys() -> Vec<Keypair> {
     (0..5).map(|i| Keypair::from_seed([i + 60; 32])).collect()
@@ -147,4 +149,47 @@ fn only_a_signature_over_this_rounds_challenge_for_this_prober_counts() {
             responsive: true
         })
     );
+}
+
+#[test]
+fn each_member_watches_the_3f_plus_1_after_it_and_is_watched_by_as_many() {
+    for (n, f) in [(5usize, 1u32), (12, 1), (40, 2)] {
+        let ks: Vec<Keypair> = (0..n)
+            .map(|i| Keypair::from_seed([i as u8 + 1; 32]))
+            .collect();
+        let members = ks
+            .iter()
+            .map(|k| Member::new(k.public(), "127.0.0.1:1"))
+            .collect();
+        let c = Configuration::new(0, Params::with_f(f), members, None);
+        let w = (3 * f as usize + 1).min(n - 1);
+        assert_eq!(watch_count(&c), w);
+        assert_eq!(eviction_reports(&c), f as usize + 1);
+        for (i, m) in c.members.iter().enumerate() {
+            let mine = watched(&c, &m.id);
+            // The members after it on the ring, in order, wrapping around.
+            let expected: Vec<NodeId> = (1..=w).map(|k| c.members[(i + k) % n].id).collect();
+            assert_eq!(mine, expected);
+            let watchers = c
+                .members
+                .iter()
+                .filter(|x| watches(&c, &x.id, &m.id))
+                .count();
+            assert_eq!(watchers, w, "every member has {w} watchers");
+            for other in &c.members {
+                assert_eq!(watches(&c, &m.id, &other.id), mine.contains(&other.id));
+            }
+            // Its prober challenges exactly those.
+            let (mut p, _) = Prober::new(&c, m.id, None);
+            let mut challenged: Vec<NodeId> =
+                p.round(|| [0; 32]).into_iter().map(|(t, _)| t).collect();
+            challenged.sort();
+            let mut sorted = mine.clone();
+            sorted.sort();
+            assert_eq!(challenged, sorted);
+        }
+        let stranger = NodeId([0xee; 32]);
+        assert!(watched(&c, &stranger).is_empty());
+        assert!(!watches(&c, &stranger, &c.members[0].id));
+    }
 }

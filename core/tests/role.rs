@@ -29,7 +29,6 @@ fn setup(key: &Keypair, config: &Configuration) -> Setup {
         config: config.clone(),
         admission_key: Keypair::from_seed([99; 32]).public(),
         opts: agreement_options(config),
-        nonce_seed: [1; 32],
         epoch_timer: false,
     }
 }
@@ -66,7 +65,7 @@ impl Net {
             .iter()
             .map(|id| {
                 let key = keys.iter().find(|k| k.node_id() == *id).unwrap().clone();
-                let (role, why) = Role::new(setup(&key, config), Resume::Fresh, None, 0);
+                let (role, why) = Role::new(setup(&key, config), Resume::Fresh, 0);
                 assert!(why.is_none());
                 Node {
                     id: *id,
@@ -231,7 +230,7 @@ fn a_member_restarted_from_its_disk_goes_on_in_the_same_agreement() {
         record: &record,
         batches: &batches,
     };
-    let (role, why) = Role::new(setup(&n.key, &genesis), resume, None, net.now);
+    let (role, why) = Role::new(setup(&n.key, &genesis), resume, net.now);
     assert!(why.is_none(), "{why:?}");
     // What it persisted last (with its last message): the agreement and the batches agree.
     let a = role.agreement().expect("it rejoins the agreement");
@@ -257,7 +256,7 @@ fn a_member_restarted_from_its_disk_goes_on_in_the_same_agreement() {
         record: b"garbage",
         batches: &[],
     };
-    let (role, why) = Role::new(setup(&keys[0], &genesis), resume, None, 0);
+    let (role, why) = Role::new(setup(&keys[0], &genesis), resume, 0);
     assert!(why.unwrap().contains("unreadable"));
     assert!(role.agreement().is_none());
 }

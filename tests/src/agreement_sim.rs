@@ -58,7 +58,7 @@ use dbqsfs_core::ms::pbft::{
     batch_digest, Agreement, AgreementMessage, Commit, Digest, Evidence, NewView, Options,
     PrePrepare, Request, RequestKey, SeqNo, Signed,
 };
-use dbqsfs_core::ms::probe::{probe_body, Prober};
+use dbqsfs_core::ms::probe::{eviction_reports, probe_body, watched, watches, Prober};
 use dbqsfs_core::ms::role::{Action, Resume, Role, Setup};
 use dbqsfs_core::ms::wire::{is_ms, MsMessage};
 use dbqsfs_core::ms::{self, app::Ended};
@@ -510,8 +510,8 @@ impl Sim {
             .expect("the simulator builds valid genesis configurations");
         let mut members = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let setup = role_setup(key, &genesis, admission.public(), &core_opts, &mut rng);
-            let (role, why) = Role::new(setup, Resume::Fresh, None, 0);
+            let setup = role_setup(key, &genesis, admission.public(), &core_opts);
+            let (role, why) = Role::new(setup, Resume::Fresh, 0);
             assert!(
                 why.is_none(),
                 "the simulator builds valid committees: {why:?}"
@@ -706,12 +706,16 @@ impl Sim {
             return;
         };
         let genesis = self.ms.genesis.clone();
-        let correct_ids: BTreeSet<NodeId> = correct.iter().map(|&m| self.ids[m]).collect();
         // Walk the agreed log up to the end of the epoch.
         let mut votes: BTreeSet<NodeId> = BTreeSet::new();
         let mut end: Option<(SeqNo, usize)> = None;
         let mut before: BTreeSet<RequestKey> = BTreeSet::new();
-        // target → correct committee members whose last report called it unresponsive.
+        // target → its correct watchers whose last report called it unresponsive (the members
+        // outside the committee are all correct).
+        let byzantine: BTreeSet<NodeId> = (0..self.members.len())
+            .filter(|&m| !self.correct(m))
+            .map(|m| self.ids[m])
+            .collect();
         let mut reported: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
         'walk: for (i, batch) in self.members[oracle].app().batches().iter().enumerate() {
             for (index, r) in batch.iter().enumerate() {
@@ -729,7 +733,7 @@ impl Sim {
                         epoch: 0,
                         target,
                         responsive,
-                    }) if correct_ids.contains(&from) => {
+                    }) if !byzantine.contains(&from) && watches(&genesis, &from, &target) => {
                         let set = reported.entry(target).or_default();
                         if responsive {
                             set.remove(&from);
@@ -812,10 +816,10 @@ impl Sim {
         }
         for &id in &self.ms.dead.clone() {
             let reporters = reported.get(&id).map_or(0, |r| r.len());
-            if reporters > f {
+            if reporters >= eviction_reports(&genesis) {
                 if next.is_member(&id) {
                     self.violation(format!(
-                        "MS: dead member {id:?} was reported unresponsive by {reporters} correct committee members but was not evicted"
+                        "MS: dead member {id:?} was reported unresponsive by {reporters} of its correct watchers but was not evicted"
                     ));
                 } else {
                     self.coverage.evicted += 1;
@@ -1161,13 +1165,12 @@ impl Sim {
             &self.ms.genesis,
             self.admission,
             &self.core_opts,
-            &mut self.rng,
         );
         let resume = match &disk {
             Some((record, batches)) => Resume::Saved { record, batches },
             None => Resume::Fresh,
         };
-        let (role, why) = Role::new(setup, resume, None, self.now);
+        let (role, why) = Role::new(setup, resume, self.now);
         if let Some(why) = why {
             self.violation(format!(
                 "member {m} cannot restart from the state it persisted: {why}"
@@ -1273,9 +1276,9 @@ impl Sim {
                 Action::Submit(MsOp::Misbehaviour { evidence, .. }) => {
                     self.on_evidence(m, evidence)
                 }
-                // Probe verdicts and the end of the epoch come from the scripted clients
-                // (`draw_ms`), so that the checks know what the next configuration must hold.
-                Action::Submit(_) | Action::Probe { .. } => {}
+                // The end of the epoch comes from the scripted clients (`draw_ms`), as probe
+                // verdicts do, so that the checks know what the next configuration must hold.
+                Action::Submit(_) => {}
                 Action::Certified(cc) => self.on_certified(m, cc),
                 Action::Freshness(cert) => {
                     if cert.verify(&self.ms.genesis).is_err() && self.correct(m) {
@@ -1989,33 +1992,30 @@ fn draw_ms(
         accused = Some(target);
         add(clients, &mut before_end, keys[b].clone(), ops, false);
     }
+    // Every correct member probes the members it watches (committee members and the live members
+    // outside it alike); its verdicts come from the core's prober (the node's), over `evict_after`
+    // rounds in which the dead answer nothing and every other member signs its challenge.
+    let live_extras: Vec<&Keypair> = extras
+        .iter()
+        .filter(|k| !dead.contains(&k.node_id()) && !leavers.contains(&k.node_id()))
+        .collect();
     for (i, key) in keys.iter().enumerate() {
         if byz.contains_key(&i) {
             continue;
         }
-        // The member's verdicts come from the core's prober (the node's), over `evict_after`
-        // rounds in which the dead answer nothing and every other member signs its challenge.
-        let (mut prober_of_i, _) = Prober::new(&genesis, key.node_id(), None);
-        let mut ops: Vec<MsOp> = Vec::new();
-        for _ in 0..genesis.params.evict_after_probes {
-            for (target, nonce) in prober_of_i.round(|| rng.seed32()) {
-                let answer = keys
-                    .iter()
-                    .chain(extras)
-                    .find(|k| k.node_id() == target && !dead.contains(&target))
-                    .map(|k| k.sign(Domain::Probe, &probe_body(0, &nonce, &key.node_id())));
-                if let Some(v) = prober_of_i.answered(&target, &nonce, answer.as_ref()) {
-                    ops.push(probe(v.target, v.responsive));
-                }
-            }
-        }
-        assert_eq!(ops.len(), dead.len(), "the prober reports exactly the dead");
+        let mut ops = verdicts(&genesis, key, keys, extras, &dead, rng);
         rng.shuffle(&mut ops);
         if rng.chance(0.5) {
             ops.push(probe(*rng.pick(&live), true));
         }
         ops.push(MsOp::EndEpoch { epoch: 0 });
         add(clients, &mut before_end, key.clone(), ops, true);
+    }
+    for key in live_extras {
+        let ops = verdicts(&genesis, key, keys, extras, &dead, rng);
+        if !ops.is_empty() {
+            add(clients, &mut before_end, key.clone(), ops, false);
+        }
     }
     MsSetup {
         genesis,
@@ -2035,16 +2035,54 @@ fn role_setup(
     genesis: &Configuration,
     admission: PublicKey,
     opts: &Options,
-    rng: &mut Rng,
 ) -> Setup {
     Setup {
         key: key.clone(),
         config: genesis.clone(),
         admission_key: admission,
         opts: opts.clone(),
-        nonce_seed: rng.seed32(),
         epoch_timer: false,
     }
+}
+
+/// The probe verdicts of member `key` after `evict_after` rounds in which the dead answer nothing
+/// and every other member signs its challenge: exactly the dead among the members it watches.
+fn verdicts(
+    genesis: &Configuration,
+    key: &Keypair,
+    keys: &[Keypair],
+    extras: &[Keypair],
+    dead: &BTreeSet<NodeId>,
+    rng: &mut Rng,
+) -> Vec<MsOp> {
+    let (mut prober, _) = Prober::new(genesis, key.node_id(), None);
+    let mut ops = Vec::new();
+    for _ in 0..genesis.params.evict_after_probes {
+        for (target, nonce) in prober.round(|| rng.seed32()) {
+            let answer = keys
+                .iter()
+                .chain(extras)
+                .find(|k| k.node_id() == target && !dead.contains(&target))
+                .map(|k| k.sign(Domain::Probe, &probe_body(0, &nonce, &key.node_id())));
+            if let Some(v) = prober.answered(&target, &nonce, answer.as_ref()) {
+                ops.push(MsOp::Probe {
+                    epoch: 0,
+                    target: v.target,
+                    responsive: v.responsive,
+                });
+            }
+        }
+    }
+    let watched_dead = watched(genesis, &key.node_id())
+        .into_iter()
+        .filter(|t| dead.contains(t))
+        .count();
+    assert_eq!(
+        ops.len(),
+        watched_dead,
+        "the prober reports exactly the dead it watches"
+    );
+    ops
 }
 
 /// Request `seq` of a simulated client: deterministic, so its digest can be recomputed.

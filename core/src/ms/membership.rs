@@ -6,9 +6,10 @@
 //! - `Join`: a node with an admission certificate (the operator's admission key over its public key)
 //!   appears in the next configuration. This is the Sybil defence.
 //! - `Leave`: submitted by the leaving node itself; it disappears from the next configuration.
-//! - `Probe`: a committee member's current verdict about a member (responsive or not). A member is
-//!   evicted at the end of the epoch only when at least `f_ms+1` committee members currently report it
-//!   unresponsive, so one faulty prober can neither evict a live node nor keep a dead one.
+//! - `Probe`: a watcher's current verdict about a member it watches (responsive or not; the watchers
+//!   of a member are the `3f+1` that precede it on the ring, [`super::probe`]). A member is evicted
+//!   at the end of the epoch only when at least `f+1` of its watchers currently report it
+//!   unresponsive, so its `f` faulty watchers can neither evict it alive nor keep it dead.
 //! - `Misbehaviour`: agreement evidence (two conflicting statements signed by one committee member);
 //!   the guilty member is evicted at the end of the epoch.
 //! - `EndEpoch`: a committee member's epoch timer expired. When `f_ms+1` distinct members asked
@@ -17,13 +18,15 @@
 //!   pseudo-randomly from a seed the driver supplies from the agreed batch (unknown before the epoch
 //!   ended), certified by the old committee ([`CertificateCollector`]).
 //!
-//! Non-goals here: ordering (the agreement), probing itself and timers (the daemon's committee role).
+//! Non-goals here: ordering (the agreement), probing itself and timers (every member's
+//! [`super::probe::Prober`], run by its [`super::node::MsNode`]).
 //! Fault model: up to `f_ms` committee members are Byzantine and may submit any operation; every
 //! operation is checked against its submitter's authority before it has an effect.
 
 use crate::config::{Certificate, CertifiedConfig, Configuration, Epoch, Member};
 use crate::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
 use crate::ms::pbft::{Committee, Evidence};
+use crate::ms::probe;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -98,7 +101,7 @@ pub struct Membership {
     max_batch: usize,
     joins: BTreeMap<NodeId, Member>,
     leaves: BTreeSet<NodeId>,
-    /// target → committee members that currently report it unresponsive.
+    /// target → its watchers that currently report it unresponsive.
     unresponsive: BTreeMap<NodeId, BTreeSet<NodeId>>,
     guilty: BTreeSet<NodeId>,
     end_votes: BTreeSet<NodeId>,
@@ -205,11 +208,11 @@ impl Membership {
                 if e != epoch {
                     return Executed::Ignored("probe report of another epoch");
                 }
-                if !self.in_committee(&from) {
-                    return Executed::Ignored("probe reports come from committee members");
-                }
                 if !self.config.is_member(&target) {
                     return Executed::Ignored("target is not a member");
+                }
+                if !probe::watches(&self.config, &from, &target) {
+                    return Executed::Ignored("probe reports come from the target's watchers");
                 }
                 let reporters = self.unresponsive.entry(target).or_default();
                 if responsive {
@@ -270,7 +273,7 @@ impl Membership {
         let evicted = self
             .unresponsive
             .iter()
-            .filter(|(_, r)| r.len() >= c.params.ms_quorum().one_correct())
+            .filter(|(_, r)| r.len() >= probe::eviction_reports(c))
             .map(|(t, _)| *t);
         // Removals in order of gravity; never below the floor (what is left waits for a later
         // epoch). Joins of members already in replace their records.

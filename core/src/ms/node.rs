@@ -1,6 +1,7 @@
 //! A node's whole part in the Membership Service as one sans-IO machine: its committee role in
-//! the epoch it is in ([`super::role`]), its submissions ([`super::submissions`]) and its following
-//! of the epochs ([`super::follower`]), with one ordered queue of [`Output`]s.
+//! the epoch it is in ([`super::role`]), its probing of the members it watches
+//! ([`super::probe`]), its submissions ([`super::submissions`]) and its following of the epochs
+//! ([`super::follower`]), with one ordered queue of [`Output`]s.
 //!
 //! The node's MS driver and the composed simulator drive this very machine: they feed it what
 //! arrives (agreement bytes, MS messages, answers and failures of its requests, probe answers),
@@ -23,8 +24,8 @@
 //! answers that need no state (challenges, the configurations a node holds), the clock and
 //! randomness (passed in).
 //!
-//! Fault model: as [`super::role`] and [`super::follower`]: every input may come from a
-//! Byzantine peer.
+//! Fault model: as [`super::role`], [`super::probe`] and [`super::follower`]: every input may
+//! come from a Byzantine peer.
 
 use super::app::{OutOfOrder, Outcome};
 use super::delta::CertifiedDelta;
@@ -32,7 +33,7 @@ use super::follower::{FollowAction, Follower};
 use super::membership::{AdmissionCert, MsOp};
 use super::pbft::{AgreementMessage, Request, SeqNo, View};
 use super::pieces::{ConfigHead, Download, PIECE_TIMEOUT_MS};
-use super::probe::Prober;
+use super::probe::{probe_timeout_ms, Prober};
 use super::role::{agreement_options, Action, Resume, Role, Saved, Setup};
 use super::submissions::Submissions;
 use super::tree::tree_order;
@@ -151,6 +152,12 @@ pub struct MsNode {
     last_view_change: Option<(Epoch, View)>,
     /// The configuration after the one entered, coming whole, in pieces.
     whole: Option<WholeFetch>,
+    /// The probing of the members this node watches, while it is a member.
+    prober: Option<Prober>,
+    next_probe: u64,
+    /// The secret the probe nonces are drawn from, and how many were drawn.
+    nonce_seed: [u8; 32],
+    nonces: u64,
     out: VecDeque<Output>,
 }
 
@@ -170,6 +177,10 @@ impl MsNode {
             leaving: false,
             last_view_change: None,
             whole: None,
+            prober: None,
+            next_probe: now,
+            nonce_seed: [0; 32],
+            nonces: 0,
             out: VecDeque::new(),
         }
     }
@@ -189,6 +200,11 @@ impl MsNode {
     /// The committee role, if the node is in this epoch's committee.
     pub fn role(&self) -> Option<&Role> {
         self.role.as_ref()
+    }
+
+    /// The probing of the members this node watches, if it is a member.
+    pub fn prober(&self) -> Option<&Prober> {
+        self.prober.as_ref()
     }
 
     pub fn submissions(&self) -> &Submissions {
@@ -223,6 +239,9 @@ impl MsNode {
         if let Some(r) = self.role.as_ref().and_then(Role::next_timer) {
             t = t.min(r);
         }
+        if self.prober.is_some() {
+            t = t.min(self.next_probe);
+        }
         if let Some(w) = &self.whole {
             t = t.min(w.until);
             if let Some(d) = w.download.as_ref().and_then(Download::next_deadline) {
@@ -244,8 +263,8 @@ impl MsNode {
     /// The node holds `config` as its newest configuration (at start, and after every install
     /// that moved it on): the configurations after the one it was in go down the push tree,
     /// operations of other epochs are void, its join and leave are queued as needed, and, in the
-    /// committee, its role starts as `resume` says (ignored otherwise). `nonce_seed` is a fresh
-    /// secret for the role's probe nonces.
+    /// committee, its role starts as `resume` says (ignored otherwise); as a member, it probes
+    /// the members it watches. `nonce_seed` is a fresh secret for the probe nonces.
     pub fn enter(
         &mut self,
         config: &Configuration,
@@ -284,35 +303,44 @@ impl MsNode {
             self.want(MsOp::Leave { epoch });
         }
         if self.role.as_ref().is_some_and(|r| r.epoch() != epoch) || start_role {
-            // Probe failures carry over from the epoch before (when this node probed in it
-            // too): a count that restarted every epoch could never reach the eviction threshold
-            // when an epoch holds fewer probe rounds than that.
-            let carried = self.role.take().map(|r| r.probes().clone());
+            self.role = None;
             if start_role {
-                self.start_role(config, resume, carried.as_ref(), nonce_seed, now);
+                self.start_role(config, resume, now);
+            }
+        }
+        if !member {
+            self.prober = None;
+        } else if self.prober.as_ref().map(Prober::epoch) != Some(epoch) {
+            // Probe failures carry over from the epoch before for members still watched: a
+            // count that restarted every epoch could never reach the eviction threshold when an
+            // epoch holds fewer probe rounds than that. A member still unresponsive is reported
+            // again at once (the new membership starts with every member responsive).
+            let (prober, again) = Prober::new(config, me, self.prober.as_ref());
+            self.prober = Some(prober);
+            self.nonce_seed = nonce_seed;
+            self.nonces = 0;
+            self.next_probe = self.next_probe.min(now);
+            for v in again {
+                self.want(MsOp::Probe {
+                    epoch,
+                    target: v.target,
+                    responsive: false,
+                });
             }
         }
         self.pump();
     }
 
-    fn start_role(
-        &mut self,
-        config: &Configuration,
-        resume: Resume<'_>,
-        carried: Option<&Prober>,
-        nonce_seed: [u8; 32],
-        now: u64,
-    ) {
+    fn start_role(&mut self, config: &Configuration, resume: Resume<'_>, now: u64) {
         let resumed = matches!(resume, Resume::Saved { .. });
         let setup = Setup {
             key: self.key.clone(),
             opts: agreement_options(config),
             config: config.clone(),
             admission_key: self.opts.admission_key,
-            nonce_seed,
             epoch_timer: self.opts.epoch_timer,
         };
-        let (role, sat_out) = Role::new(setup, resume, carried, now);
+        let (role, sat_out) = Role::new(setup, resume, now);
         self.out.push_back(Output::Event(Event::Role {
             epoch: config.epoch,
             resumed: resumed && sat_out.is_none(),
@@ -399,7 +427,34 @@ impl MsNode {
                 role.on_timer(now, wall_ms);
             }
         }
+        if now >= self.next_probe {
+            self.probe_round(now);
+        }
         self.pump();
+    }
+
+    /// Challenges every member this node watches whose last probe is answered or failed.
+    fn probe_round(&mut self, now: u64) {
+        let Some(prober) = self.prober.as_mut() else {
+            return;
+        };
+        self.next_probe = now.saturating_add(self.config.params.probe_ms.max(100));
+        let (seed, mut count) = (self.nonce_seed, self.nonces);
+        let challenges = prober.round(|| {
+            count += 1;
+            *blake3::keyed_hash(&seed, &count.to_le_bytes()).as_bytes()
+        });
+        self.nonces = count;
+        let timeout_ms = probe_timeout_ms(&self.config);
+        let epoch = prober.epoch();
+        for (target, nonce) in challenges {
+            self.out.push_back(Output::Probe {
+                epoch,
+                target,
+                nonce,
+                timeout_ms,
+            });
+        }
     }
 
     /// Agreement bytes from `from`: for the role, or, from an agreement of a later epoch, a sign
@@ -625,8 +680,17 @@ impl MsNode {
         nonce: &[u8; 32],
         answer: Option<&Signature>,
     ) {
-        if let Some(role) = self.role.as_mut() {
-            role.on_probe_answer(epoch, target, nonce, answer);
+        let verdict = self
+            .prober
+            .as_mut()
+            .filter(|p| p.epoch() == epoch)
+            .and_then(|p| p.answered(&target, nonce, answer));
+        if let Some(v) = verdict {
+            self.want(MsOp::Probe {
+                epoch,
+                target,
+                responsive: v.responsive,
+            });
         }
         self.pump();
     }
@@ -690,16 +754,6 @@ impl MsNode {
                     }
                     continue;
                 }
-                Action::Probe {
-                    target,
-                    nonce,
-                    timeout_ms,
-                } => Output::Probe {
-                    epoch,
-                    target,
-                    nonce,
-                    timeout_ms,
-                },
                 Action::Submit(op) => {
                     self.want(op);
                     continue;

@@ -1,15 +1,22 @@
-//! Probing (docs/DESIGN.md §3): a committee member challenges every other member of the epoch every
-//! `probe_ms` with a fresh nonce that the member must sign, and reports a verdict to the MS when
-//! it changes: unresponsive after `evict_after_probes` failed probes in a row, responsive again
-//! after one answer.
+//! Probing (docs/DESIGN.md §3), delegated to the members: every member watches the `3f+1` members
+//! that follow it on the ring ([`watched`]; all the others in a ring of `3f+2` or fewer), so each
+//! member is watched by the `3f+1` that precede it, a window of the ring like a replica group, with
+//! at most `f` faulty members among them. A watcher challenges each member it watches every
+//! `probe_ms` with a fresh nonce that the member must sign, and submits a verdict to the MS when it
+//! changes: unresponsive after `evict_after_probes` failed probes in a row, responsive again after
+//! one answer. The MS counts only verdicts from a target's watchers ([`watches`]) and evicts at
+//! [`eviction_reports`] (`f+1`) of them, so the `f` faulty watchers of a member can neither evict
+//! it alive nor keep it dead. Each member sends `3f+1` challenges per period whatever the size of
+//! the ring, and the committee receives only changes of verdict: probing 100,000 members costs the
+//! committee what the failures cost, not what the membership does.
 //!
 //! Goals: a dead member is evicted even when an epoch holds fewer probe rounds than
-//! `evict_after_probes` (failures and verdicts carry over into the next epoch's prober, and a
-//! member still unresponsive is reported again at once, since the new epoch's membership starts
-//! with every member responsive); an answer proves the member holds its key now (the signature
-//! binds the epoch, the nonce and the prober, so it cannot be replayed to another prober or
-//! round); a round finds the last probe unanswered counts it failed, so failures accrue at one
-//! per round.
+//! `evict_after_probes` (failures and verdicts carry over into the next epoch's prober for targets
+//! still watched, and a member still unresponsive is reported again at once, since the new epoch's
+//! membership starts with every member responsive); an answer proves the member holds its key now
+//! (the signature binds the epoch, the nonce and the prober, so it cannot be replayed to another
+//! prober or round); a round finds the last probe unanswered counts it failed, so failures accrue
+//! at one per round.
 //!
 //! Non-goals: sending, timeouts and randomness (the driver's: it draws the nonces and reports
 //! each probe's answer, or `None` when it failed or timed out, [`probe_timeout_ms`]).
@@ -29,6 +36,43 @@ pub fn probe_body(epoch: Epoch, nonce: &[u8; 32], prober: &NodeId) -> Vec<u8> {
     b.extend_from_slice(nonce);
     b.extend_from_slice(&prober.0);
     b
+}
+
+/// How many members each member watches: `3f+1`, or all the others in a smaller ring.
+pub fn watch_count(config: &Configuration) -> usize {
+    config
+        .quorum()
+        .group_size()
+        .min(config.members.len().saturating_sub(1))
+}
+
+/// The members `me` watches: the [`watch_count`] that follow it on the ring (empty if `me` is not
+/// a member).
+pub fn watched(config: &Configuration, me: &NodeId) -> Vec<NodeId> {
+    let n = config.members.len();
+    let Ok(at) = config.members.binary_search_by(|m| m.id.cmp(me)) else {
+        return Vec::new();
+    };
+    (1..=watch_count(config))
+        .map(|k| config.members[(at + k) % n].id)
+        .collect()
+}
+
+/// Whether `watcher` watches `target` in `config`: `target` is among the [`watch_count`] members
+/// after `watcher` on the ring.
+pub fn watches(config: &Configuration, watcher: &NodeId, target: &NodeId) -> bool {
+    let n = config.members.len();
+    let position = |id: &NodeId| config.members.binary_search_by(|m| m.id.cmp(id)).ok();
+    match (position(watcher), position(target)) {
+        (Some(w), Some(t)) if w != t => (t + n - w) % n <= watch_count(config),
+        _ => false,
+    }
+}
+
+/// How many of a member's watchers must report it unresponsive to evict it: `f+1`, so at least
+/// one is correct.
+pub fn eviction_reports(config: &Configuration) -> usize {
+    config.quorum().one_correct()
 }
 
 /// How long a probe of `config`'s epoch may take before it counts as failed: within the period
@@ -55,7 +99,7 @@ pub struct Verdict {
     pub responsive: bool,
 }
 
-/// One committee member's probing of one epoch's members.
+/// One member's probing of the members it watches in one epoch.
 #[derive(Clone, Debug)]
 pub struct Prober {
     epoch: Epoch,
@@ -65,19 +109,18 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// The prober of `me` for `config`'s members, taking failures and verdicts over from the
-    /// prober of the epoch before (`before`, if `me` probed in it). Returns it with the verdicts
-    /// to report at once: members still unresponsive (the new epoch's membership starts with
-    /// every member responsive).
+    /// The prober of `me` for the members it watches in `config`, taking failures and verdicts
+    /// over from the prober of the epoch before (`before`, if `me` probed in it) for those it
+    /// still watches. Returns it with the verdicts to report at once: members still unresponsive
+    /// (the new epoch's membership starts with every member responsive).
     pub fn new(
         config: &Configuration,
         me: NodeId,
         before: Option<&Prober>,
     ) -> (Prober, Vec<Verdict>) {
-        let targets: BTreeMap<NodeId, Target> = config
-            .members
+        let targets: BTreeMap<NodeId, Target> = watched(config, &me)
             .iter()
-            .filter(|m| m.id != me)
+            .filter_map(|id| config.member(id))
             .map(|m| {
                 let old = before.and_then(|b| b.targets.get(&m.id));
                 let responsive = old.is_none_or(|t| t.responsive);

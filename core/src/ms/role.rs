@@ -1,6 +1,7 @@
 //! The committee role of one member in one epoch, as a sans-IO machine: the agreement, the MS
 //! application on top of it, what the member persists, its catching up to a stable checkpoint,
-//! its probes, its freshness shares, the epoch timer, and the next configuration's certificate.
+//! its freshness shares, the epoch timer, and the next configuration's certificate. (Probing is
+//! every member's, committee or not: [`super::node::MsNode`] runs it.)
 //!
 //! The node's MS driver and the agreement simulator run this very machine: they feed it inputs
 //! (messages, answers, the clock) and carry out its [`Action`]s in the order it returns them.
@@ -15,8 +16,8 @@
 //!   agreement skipped to a stable checkpoint fetches the batches up to it from the others
 //!   ([`Action::FetchBatches`]), accepts them only if they replay to the agreed digest, and holds
 //!   the decisions that came meanwhile until then.
-//! - **Timers from one clock.** The epoch timer proposes `EndEpoch`; probe rounds challenge every
-//!   member; freshness shares are signed every third of the freshness period. All run on the
+//! - **Timers from one clock.** The epoch timer proposes `EndEpoch`; freshness shares are signed
+//!   every third of the freshness period. All run on the
 //!   driver's milliseconds ([`Role::on_timer`], [`Role::next_timer`]); freshness times are the
 //!   driver's wall clock, as readers compare them to theirs.
 //!
@@ -25,12 +26,11 @@
 //!
 //! Fault model: every input may come from a Byzantine peer: agreement messages are checked by
 //! [`Agreement`], shares by [`FreshnessShares`] and [`NextConfig`], batch logs by replaying them
-//! to the digest the agreement certified, probe answers by the target's signature.
+//! to the digest the agreement certified.
 
 use super::app::{App, OutOfOrder, Outcome};
 use super::membership::{Executed, Membership, MsOp};
 use super::pbft::{Agreement, Digest, Options, Output, Request, SeqNo, View};
-use super::probe::{probe_timeout_ms, Prober};
 use super::shares::{FreshnessShares, NextConfig};
 use super::wire::MsMessage;
 use crate::config::{CertifiedConfig, Configuration, Epoch, Freshness};
@@ -51,14 +51,7 @@ pub enum Action {
     /// Ask the other committee members for the batches up to `upto` (whose application digest is
     /// `digest`) and feed the answers to [`Role::on_batch_log`].
     FetchBatches { upto: SeqNo, digest: Digest },
-    /// Challenge `target` with `nonce` ([`MsMessage::Challenge`]); feed its answer, or `None`
-    /// after `timeout_ms` or a failure, to [`Role::on_probe_answer`].
-    Probe {
-        target: NodeId,
-        nonce: [u8; 32],
-        timeout_ms: u64,
-    },
-    /// Submit this operation to the MS (a probe verdict, evidence, the end of the epoch).
+    /// Submit this operation to the MS (evidence, the end of the epoch).
     Submit(MsOp),
     /// Batch `seq` executed (for logs and checks).
     Executed {
@@ -98,7 +91,7 @@ pub enum Resume<'a> {
         batches: &'a [Vec<u8>],
     },
     /// Without the agreement (the member may have signed something it cannot recall): it still
-    /// probes, signs freshness and certificate shares, and proposes the end of the epoch.
+    /// signs freshness and certificate shares, and proposes the end of the epoch.
     SitOut,
 }
 
@@ -110,8 +103,6 @@ pub struct Setup {
     pub admission_key: PublicKey,
     /// The agreement's options ([`agreement_options`] for nodes).
     pub opts: Options,
-    /// A secret the probe nonces are drawn from.
-    pub nonce_seed: [u8; 32],
     /// Whether the epoch timer proposes the end of the epoch (a driver that submits it itself,
     /// as the simulator's scripted clients do, turns it off).
     pub epoch_timer: bool,
@@ -149,12 +140,8 @@ pub struct Role {
     held: VecDeque<Output>,
     next: NextConfig,
     fresh: FreshnessShares,
-    probes: Prober,
-    nonce_seed: [u8; 32],
-    nonces: u64,
     epoch_timer: bool,
     end_at: u64,
-    next_probe: u64,
     next_fresh: u64,
     /// This member's signature over the next configuration, once the epoch ended here: sent
     /// again every [`SHARE_RESEND_MS`] while the role lives (a lost share must not leave another
@@ -186,26 +173,17 @@ enum Held {
 
 impl Role {
     /// The role of `setup.key` in `setup.config`'s committee at time `now`, started as `resume`
-    /// says, with the probe failures of the epoch before carried over (`carried`, the prober of
-    /// the previous role). Returns the role and, when it sits the agreement out, why.
-    pub fn new(
-        setup: Setup,
-        resume: Resume<'_>,
-        carried: Option<&Prober>,
-        now: u64,
-    ) -> (Role, Option<String>) {
+    /// says. Returns the role and, when it sits the agreement out, why.
+    pub fn new(setup: Setup, resume: Resume<'_>, now: u64) -> (Role, Option<String>) {
         let Setup {
             key,
             config,
             admission_key,
             opts,
-            nonce_seed,
             epoch_timer,
         } = setup;
-        let me = key.node_id();
         let start = Membership::new(config.clone(), admission_key, opts.max_batch);
         let keys = committee_keys(&config);
-        let (probes, again) = Prober::new(&config, me, carried);
         let mut role = Role {
             fresh: FreshnessShares::new(config.clone()),
             end_at: now.saturating_add(config.params.epoch_ms),
@@ -217,27 +195,13 @@ impl Role {
             installing: None,
             held: VecDeque::new(),
             next: NextConfig::default(),
-            probes,
-            nonce_seed,
-            nonces: 0,
             epoch_timer,
-            next_probe: now,
             next_fresh: now,
             share: None,
             next_share: u64::MAX,
             now,
             actions: VecDeque::new(),
         };
-        let epoch = role.config.epoch;
-        // A member found unresponsive before is reported again at once (the new membership
-        // starts with every member responsive).
-        for v in again {
-            role.actions.push_back(Action::Submit(MsOp::Probe {
-                epoch,
-                target: v.target,
-                responsive: false,
-            }));
-        }
         let why = match resume {
             Resume::SitOut => Some("without the state it persisted".to_string()),
             Resume::Fresh => match Agreement::new(key, keys, opts) {
@@ -321,10 +285,6 @@ impl Role {
         &self.app
     }
 
-    pub fn probes(&self) -> &Prober {
-        &self.probes
-    }
-
     /// The committee members other than this one.
     pub fn peers(&self) -> Vec<NodeId> {
         let me = self.key.node_id();
@@ -343,7 +303,7 @@ impl Role {
 
     /// The earliest time at which [`Role::on_timer`] has work to do.
     pub fn next_timer(&self) -> Option<u64> {
-        let mut t = self.next_probe.min(self.next_fresh).min(self.next_share);
+        let mut t = self.next_fresh.min(self.next_share);
         if self.epoch_timer {
             t = t.min(self.end_at);
         }
@@ -472,26 +432,6 @@ impl Role {
         true
     }
 
-    /// The answer to a probe ([`Action::Probe`]), or `None` if it failed or timed out.
-    pub fn on_probe_answer(
-        &mut self,
-        epoch: Epoch,
-        target: NodeId,
-        nonce: &[u8; 32],
-        answer: Option<&Signature>,
-    ) {
-        if epoch != self.probes.epoch() {
-            return;
-        }
-        if let Some(v) = self.probes.answered(&target, nonce, answer) {
-            self.actions.push_back(Action::Submit(MsOp::Probe {
-                epoch,
-                target,
-                responsive: v.responsive,
-            }));
-        }
-    }
-
     /// Runs what is due at `now` (the driver's milliseconds); `unix_ms` is the wall clock that
     /// freshness shares are signed for.
     pub fn on_timer(&mut self, now: u64, unix_ms: u64) {
@@ -513,23 +453,6 @@ impl Role {
                 self.actions.push_back(Action::Send {
                     to: self.peers(),
                     msg,
-                });
-            }
-        }
-        if now >= self.next_probe {
-            self.next_probe = now.saturating_add(params.probe_ms.max(100));
-            let (seed, mut count) = (self.nonce_seed, self.nonces);
-            let challenges = self.probes.round(|| {
-                count += 1;
-                *blake3::keyed_hash(&seed, &count.to_le_bytes()).as_bytes()
-            });
-            self.nonces = count;
-            let timeout_ms = probe_timeout_ms(&self.config);
-            for (target, nonce) in challenges {
-                self.actions.push_back(Action::Probe {
-                    target,
-                    nonce,
-                    timeout_ms,
                 });
             }
         }

@@ -78,11 +78,11 @@ pub struct Timing {
     /// Epoch length: a committee member proposes the end of the epoch this long after it began.
     #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1_000..))]
     pub epoch_ms: u64,
-    /// Each committee member probes every member this often.
+    /// Each member probes the 3f+1 members after it on the ring (its watched members) this often.
     #[arg(long, value_name = "MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub probe_ms: u64,
     /// A member is reported unresponsive after this many failed probes in a row (and evicted at
-    /// the end of the epoch once f_ms+1 committee members report it). With the defaults a dead
+    /// the end of the epoch once f+1 of its watchers report it). With the defaults a dead
     /// node is gone within about a minute.
     #[arg(long, value_name = "N", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
     pub evict_after: u32,

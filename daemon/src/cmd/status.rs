@@ -84,18 +84,17 @@ impl Report {
             .find(|v| v.in_agreement && v.epoch == self.config.epoch)
     }
 
-    /// How many committee members (of those that answered) report `id` unresponsive, of how many.
+    /// How many of `id`'s watchers (of those that answered) find it unresponsive, of how many.
     fn suspicion(&self, id: &NodeId) -> (usize, usize) {
-        let probers: Vec<_> = self
+        let watchers: Vec<bool> = self
             .views
             .iter()
-            .filter(|v| v.in_agreement && v.epoch == self.config.epoch)
+            .filter(|v| v.epoch == self.config.epoch)
+            .filter_map(|v| v.probes.iter().find(|(t, _, _)| t == id))
+            .map(|(_, _, ok)| *ok)
             .collect();
-        let bad = probers
-            .iter()
-            .filter(|v| v.probes.iter().any(|(t, _, ok)| t == id && !ok))
-            .count();
-        (bad, probers.len())
+        let bad = watchers.iter().filter(|ok| !**ok).count();
+        (bad, watchers.len())
     }
 
     fn answered(&self) -> Answered {
@@ -150,7 +149,7 @@ impl Report {
             }
             None => println!("agreement: no committee member answered"),
         }
-        println!("(C: committee member; probes: what the committee's probes of the member say)");
+        println!("(C: committee member; probes: what the probes of the member's watchers, the 3f+1 members before it on the ring, say)");
         let mut transfers = Vec::new();
         for (m, r) in &self.nodes {
             let (bad, probers) = self.suspicion(&m.id);
@@ -164,7 +163,7 @@ impl Report {
                 if probers == 0 {
                     "probes unknown".to_string()
                 } else if bad == 0 {
-                    format!("probes ok ({probers} probers)")
+                    format!("probes ok ({probers} watchers)")
                 } else {
                     format!("UNRESPONSIVE to {bad} of {probers}")
                 },

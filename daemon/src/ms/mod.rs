@@ -3,9 +3,10 @@
 //!
 //! Goals:
 //! - **One machine, one order.** The task drives the core's [`MsNode`]: the node's committee role
-//!   in its epoch (the PBFT agreement, the MS application, probes, freshness and certificate
-//!   shares, the epoch timer), its submissions (joins from `dbqsfs node --join`, leaves from
-//!   `dbqsfs leave`, the committee's own reports: one at a time, resent until executed or their
+//!   in its epoch (the PBFT agreement, the MS application, freshness and certificate shares, the
+//!   epoch timer), its probes of the members it watches on the ring, its submissions (joins from
+//!   `dbqsfs node --join`, leaves from `dbqsfs leave`, its probe verdicts and the committee's
+//!   reports: one at a time, resent until executed or their
 //!   epoch is over), and its following of the epochs (configurations pushed along a tree of the
 //!   newest configuration, pulled every [`MsOptions::pull`] from a random member among the
 //!   healthiest, a failed pull retried elsewhere at once, or, for a node that is joining, pulled

@@ -242,7 +242,9 @@ impl Task {
                 s.requests_executed = role.app().batches().iter().map(|b| b.len() as u64).sum();
                 s.pending = Some(role.app().membership().pending());
             }
-            s.probes = role.probes().counts();
+        }
+        if let Some(prober) = self.node.prober() {
+            s.probes = prober.counts();
         }
         s
     }
