@@ -14,6 +14,7 @@ use crate::crypto::{Domain, Keypair, NodeId, ObjectId, PublicKey, Signature};
 use crate::quorum::Quorum;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// An epoch number. Genesis is epoch 0.
 pub type Epoch = u64;
@@ -386,10 +387,12 @@ impl Freshness {
 }
 
 /// The verified configurations a node or client knows, from genesis (or a trusted base) up to the
-/// newest. Every configuration in the chain was verified against its predecessor.
+/// newest. Every configuration in the chain was verified against its predecessor. Configurations
+/// are shared, not copied, between clones of a chain (drivers hand copies of theirs around), so a
+/// clone costs a reference count per epoch, not the configurations' size.
 #[derive(Clone, Debug)]
 pub struct ConfigChain {
-    configs: BTreeMap<Epoch, CertifiedConfig>,
+    configs: BTreeMap<Epoch, Arc<CertifiedConfig>>,
 }
 
 impl ConfigChain {
@@ -398,7 +401,7 @@ impl ConfigChain {
     pub fn new(trusted: CertifiedConfig) -> Result<ConfigChain, ConfigError> {
         trusted.config.validate()?;
         let mut configs = BTreeMap::new();
-        configs.insert(trusted.config.epoch, trusted);
+        configs.insert(trusted.config.epoch, Arc::new(trusted));
         Ok(ConfigChain { configs })
     }
 
@@ -406,6 +409,7 @@ impl ConfigChain {
         self.configs
             .values()
             .next_back()
+            .map(|c| &**c)
             .expect("a chain is never empty")
     }
 
@@ -418,12 +422,12 @@ impl ConfigChain {
     }
 
     pub fn get(&self, epoch: Epoch) -> Option<&CertifiedConfig> {
-        self.configs.get(&epoch)
+        self.configs.get(&epoch).map(|c| &**c)
     }
 
-    /// Every configuration of the chain, oldest first (what a node persists).
+    /// Every configuration of the chain, oldest first.
     pub fn all(&self) -> Vec<CertifiedConfig> {
-        self.configs.values().cloned().collect()
+        self.configs.values().map(|c| (**c).clone()).collect()
     }
 
     /// The configurations after `epoch`, oldest first, at most `limit` of them.
@@ -431,7 +435,7 @@ impl ConfigChain {
         self.configs
             .range(epoch + 1..)
             .take(limit)
-            .map(|(_, c)| c.clone())
+            .map(|(_, c)| (**c).clone())
             .collect()
     }
 
@@ -447,7 +451,7 @@ impl ConfigChain {
                 continue;
             }
             c.verify_successor(self.config())?;
-            self.configs.insert(e, c);
+            self.configs.insert(e, Arc::new(c));
             added.push(e);
         }
         Ok(added)

@@ -95,7 +95,9 @@ impl Epochs {
         if added.is_empty() {
             return Ok(added);
         }
-        self.store.save_chain(&next.all())?;
+        let new: Vec<CertifiedConfig> =
+            added.iter().filter_map(|e| next.get(*e).cloned()).collect();
+        self.store.save_configs(&new)?;
         {
             let mut r = self.replica.write().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = r.install(configs) {

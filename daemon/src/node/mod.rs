@@ -197,7 +197,7 @@ impl Node {
                 }
                 chain.extend(saved.into_iter().skip(1).collect())?;
             }
-            None => store.save_chain(&[genesis])?,
+            None => store.save_configs(&[genesis])?,
         }
         let me = key.node_id();
         let ready = match store.load_ready()? {

@@ -32,14 +32,60 @@ impl DiskStore {
         w.commit().map_err(db_err)
     }
 
-    /// The installed configurations, oldest first, as last saved.
+    /// The installed configurations, oldest first, as saved. A store written before
+    /// configurations had rows of their own holds the chain as one value: it is moved into rows
+    /// here, once.
     pub fn load_chain(&self) -> Result<Option<Vec<CertifiedConfig>>, StoreError> {
-        self.get_meta(META_CHAIN)
+        let rows = {
+            let r = self.db.begin_read().map_err(db_err)?;
+            let t = r.open_table(CHAIN).map_err(db_err)?;
+            let mut rows = Vec::new();
+            for entry in t.iter().map_err(db_err)? {
+                let (epoch, v) = entry.map_err(db_err)?;
+                let c: CertifiedConfig = postcard::from_bytes(v.value()).map_err(|e| {
+                    StoreError::Io(format!(
+                        "the configuration of epoch {} is unreadable: {e}",
+                        epoch.value()
+                    ))
+                })?;
+                rows.push(c);
+            }
+            rows
+        };
+        if !rows.is_empty() {
+            return Ok(Some(rows));
+        }
+        let Some(old) = self.get_meta::<Vec<CertifiedConfig>>(META_CHAIN)? else {
+            return Ok(None);
+        };
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(CHAIN).map_err(db_err)?;
+            for c in &old {
+                let bytes = postcard::to_stdvec(c).map_err(|e| StoreError::Io(e.to_string()))?;
+                t.insert(c.config.epoch, bytes.as_slice()).map_err(db_err)?;
+            }
+            w.open_table(META)
+                .map_err(db_err)?
+                .remove(META_CHAIN)
+                .map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)?;
+        Ok(Some(old))
     }
 
-    /// Saves the installed configurations; durable on return.
-    pub fn save_chain(&self, configs: &[CertifiedConfig]) -> Result<(), StoreError> {
-        self.put_meta(META_CHAIN, &configs)
+    /// Saves configurations the chain gained, one row each (the rows already saved are left as
+    /// they are); durable on return.
+    pub fn save_configs(&self, configs: &[CertifiedConfig]) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(CHAIN).map_err(db_err)?;
+            for c in configs {
+                let bytes = postcard::to_stdvec(c).map_err(|e| StoreError::Io(e.to_string()))?;
+                t.insert(c.config.epoch, bytes.as_slice()).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
     }
 
     /// The epochs whose state transfer is complete, as last saved.
