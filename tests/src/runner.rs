@@ -18,6 +18,51 @@ pub struct SeedOutcome {
     pub detail: String,
 }
 
+/// The arguments every simulator's command line takes (flattened into each binary's own).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SeedArgs {
+    /// Number of seeds to run (starting at --seed).
+    #[arg(long, default_value_t = 100)]
+    pub seeds: u64,
+    /// First seed; with --seeds 1, replays exactly that seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Faults tolerated: f of every 3f+1 (replica group, committee).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    pub f: u32,
+    /// Print each seed's setup and result.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+impl SeedArgs {
+    /// The runner's plan for binary `name` counting `unit`: `extra` are the replay arguments
+    /// beyond `--f` (such as `--composed`), `mutant` the mutant's command-line name.
+    pub fn seeds<'a>(
+        &self,
+        name: &'a str,
+        unit: &'a str,
+        extra: &str,
+        mutant: Option<String>,
+    ) -> Seeds<'a> {
+        Seeds {
+            name,
+            unit,
+            first: self.seed,
+            count: self.seeds,
+            replay_args: format!("--f {}{extra}", self.f),
+            mutant,
+            verbose: self.verbose,
+        }
+    }
+}
+
+/// A mutant's name as typed on the command line.
+pub fn mutant_name<M: clap::ValueEnum>(m: Option<M>) -> Option<String> {
+    m.and_then(|m| m.to_possible_value())
+        .map(|v| v.get_name().to_string())
+}
+
 /// How to run the seeds.
 pub struct Seeds<'a> {
     /// The binary's name, as in the closing line and the replay command.

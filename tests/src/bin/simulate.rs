@@ -5,7 +5,7 @@
 //! that catches the mutant and exits 0 only then.
 
 use clap::{Parser, ValueEnum};
-use dbqsfs_tests::runner::{run, SeedOutcome, Seeds};
+use dbqsfs_tests::runner::{mutant_name, run, SeedArgs, SeedOutcome};
 use dbqsfs_tests::sim::{run_seed, Mutant, RunOptions};
 
 #[derive(Parser)]
@@ -13,21 +13,11 @@ use dbqsfs_tests::sim::{run_seed, Mutant, RunOptions};
     about = "Run the dbqsfs deterministic simulator: seeded Byzantine replicas, message loss, partitions, crashes, epoch changes and state transfer, checked for linearizability, integrity, placement and liveness."
 )]
 struct Args {
-    /// Number of seeds to run (starting at --seed).
-    #[arg(long, default_value_t = 100)]
-    seeds: u64,
-    /// First seed; with --seeds 1, replays exactly that seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Faults tolerated per replica group.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
-    f: u32,
+    #[command(flatten)]
+    common: SeedArgs,
     /// Break the protocol on purpose; the run succeeds only if the checkers catch it.
     #[arg(long, value_enum)]
     mutant: Option<MutantArg>,
-    /// Print each seed's setup and result.
-    #[arg(long, short)]
-    verbose: bool,
     /// The composed mode: the Membership Service's committee (the nodes' role machine, over the
     /// same faulty network) decides the epochs the replicas, clients, transfers and collections
     /// live through, instead of the test.
@@ -73,27 +63,17 @@ fn main() {
         std::process::exit(2);
     }
     let opts = RunOptions {
-        f: args.f,
+        f: args.common.f,
         mutant,
         composed: args.composed,
         forget_signed_state,
     };
-    let seeds = Seeds {
-        name: "simulate",
-        unit: "ops",
-        first: args.seed,
-        count: args.seeds,
-        replay_args: format!(
-            "--f {}{}",
-            args.f,
-            if args.composed { " --composed" } else { "" }
-        ),
-        mutant: args
-            .mutant
-            .and_then(|m| m.to_possible_value())
-            .map(|v| v.get_name().to_string()),
-        verbose: args.verbose,
-    };
+    let seeds = args.common.seeds(
+        "simulate",
+        "ops",
+        if args.composed { " --composed" } else { "" },
+        mutant_name(args.mutant),
+    );
     run(
         seeds,
         |seed, _rerun| {

@@ -6,7 +6,7 @@
 
 use clap::{Parser, ValueEnum};
 use dbqsfs_tests::agreement_sim::{run_seed, Mutant, RunOptions};
-use dbqsfs_tests::runner::{run, SeedOutcome, Seeds};
+use dbqsfs_tests::runner::{mutant_name, run, SeedArgs, SeedOutcome};
 use std::cell::RefCell;
 
 #[derive(Parser)]
@@ -14,21 +14,11 @@ use std::cell::RefCell;
     about = "Run the deterministic simulator of the MS agreement (PBFT) and the Membership Service on top of it: Byzantine committee members (equivocating, withholding, forging primaries, lying probers), message loss, partitions and crashes, joins, leaves, evictions and one epoch end, checked for safety and liveness."
 )]
 struct Args {
-    /// Number of seeds to run (starting at --seed).
-    #[arg(long, default_value_t = 100)]
-    seeds: u64,
-    /// First seed; with --seeds 1, replays exactly that seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Faults tolerated by the committee (3f+1 members).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
-    f: u32,
+    #[command(flatten)]
+    common: SeedArgs,
     /// Break the protocol on purpose; the run succeeds only if the checkers catch it.
     #[arg(long, value_enum)]
     mutant: Option<MutantArg>,
-    /// Print each seed's setup and result.
-    #[arg(long, short)]
-    verbose: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,7 +37,7 @@ fn main() {
         Some(MutantArg::SkipViewChangeProof) => Mutant::SkipViewChangeProof,
     };
     let opts = RunOptions {
-        f: args.f,
+        f: args.common.f,
         mutant,
         forget_signed_state: matches!(args.mutant, Some(MutantArg::ForgetSignedState)),
     };
@@ -56,18 +46,12 @@ fn main() {
     // outvoted, forged certificates refused.
     let coverage = RefCell::new([0u64; 3]);
     let ms = RefCell::new([0u64; 10]);
-    let seeds = Seeds {
-        name: "simulate-agreement",
-        unit: "decided",
-        first: args.seed,
-        count: args.seeds,
-        replay_args: format!("--f {}", args.f),
-        mutant: args
-            .mutant
-            .and_then(|m| m.to_possible_value())
-            .map(|v| v.get_name().to_string()),
-        verbose: args.verbose,
-    };
+    let seeds = args.common.seeds(
+        "simulate-agreement",
+        "decided",
+        "",
+        mutant_name(args.mutant),
+    );
     run(
         seeds,
         |seed, rerun| {

@@ -8,7 +8,7 @@
 
 use clap::{Parser, ValueEnum};
 use dbqsfs_tests::key_sim::{run_seed, Mutant, RunOptions, Stats};
-use dbqsfs_tests::runner::{run, SeedOutcome, Seeds};
+use dbqsfs_tests::runner::{mutant_name, run, SeedArgs, SeedOutcome};
 use std::cell::RefCell;
 
 #[derive(Parser)]
@@ -16,21 +16,11 @@ use std::cell::RefCell;
     about = "Run the deterministic simulator of the MS's threshold key: a distributed key generation, then the key's shares redistributed to six changing committees, with up to f Byzantine members in every old and new committee (bad, withheld, late, equivocated or malformed deals, false complaints, wrong signature shares), checked: the key never changes, every correct member ends with a valid share, a signature of 2f+1 members verifies under the key, and no coalition ever holds 2f+1 shares of one sharing."
 )]
 struct Args {
-    /// Number of seeds to run (starting at --seed).
-    #[arg(long, default_value_t = 100)]
-    seeds: u64,
-    /// First seed; with --seeds 1, replays exactly that seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Faults tolerated by each committee (3f+1 members, 2f+1 sign).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
-    f: u32,
+    #[command(flatten)]
+    common: SeedArgs,
     /// Break the protocol on purpose; the run succeeds only if the checkers catch it.
     #[arg(long, value_enum)]
     mutant: Option<MutantArg>,
-    /// Print each seed's setup and result.
-    #[arg(long, short)]
-    verbose: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -44,7 +34,7 @@ enum MutantArg {
 fn main() {
     let args = Args::parse();
     let opts = RunOptions {
-        f: args.f as usize,
+        f: args.common.f as usize,
         mutant: match args.mutant {
             None => Mutant::None,
             Some(MutantArg::ReshareUnverified) => Mutant::ReshareUnverified,
@@ -52,18 +42,9 @@ fn main() {
         },
     };
     let totals = RefCell::new(Stats::default());
-    let seeds = Seeds {
-        name: "simulate-key",
-        unit: "rounds",
-        first: args.seed,
-        count: args.seeds,
-        replay_args: format!("--f {}", args.f),
-        mutant: args
-            .mutant
-            .and_then(|m| m.to_possible_value())
-            .map(|v| v.get_name().to_string()),
-        verbose: args.verbose,
-    };
+    let seeds = args
+        .common
+        .seeds("simulate-key", "rounds", "", mutant_name(args.mutant));
     run(
         seeds,
         |seed, rerun| {
