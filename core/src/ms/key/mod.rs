@@ -118,6 +118,24 @@ impl Round {
             .map_or(self.threshold, PublicShares::threshold)
     }
 
+    /// The shape every round must have: a threshold between 1 and the receivers, enough dealers
+    /// for the old threshold, nobody named twice.
+    fn check(&self) -> Result<(), KeyError> {
+        if self.threshold == 0 || self.threshold > self.receivers.len() || self.dealers.is_empty() {
+            return Err(KeyError::BadRound("threshold out of range"));
+        }
+        if self.needed() > self.dealers.len() {
+            return Err(KeyError::BadRound("fewer dealers than the old threshold"));
+        }
+        let distinct = |ids: Vec<&NodeId>| ids.iter().collect::<BTreeSet<_>>().len() == ids.len();
+        if !distinct(self.dealers.iter().collect())
+            || !distinct(self.receivers.iter().map(|(r, _)| r).collect())
+        {
+            return Err(KeyError::BadRound("a member is named twice"));
+        }
+        Ok(())
+    }
+
     fn dealer(&self, who: &NodeId) -> Result<usize, KeyError> {
         self.dealers
             .iter()
@@ -266,8 +284,9 @@ pub fn deal<R: RngCore + CryptoRng>(
     old: Option<&KeyShare>,
     rng: &mut R,
 ) -> Result<Deal, KeyError> {
+    round.check()?;
     let dealer = round.dealer(me)?;
-    let constant = match (&round.old, old) {
+    let mut constant = match (&round.old, old) {
         (None, _) => math::random(rng),
         (Some(public), Some(share)) if share.public == *public => share.secret,
         (Some(_), _) => return Err(KeyError::NoShare),
@@ -275,7 +294,7 @@ pub fn deal<R: RngCore + CryptoRng>(
     let mut coefficients = vec![constant];
     coefficients.extend((1..round.threshold).map(|_| math::random(rng)));
     let commitments: Vec<EdwardsPoint> = coefficients.iter().map(EdwardsPoint::mul_base).collect();
-    let r = math::random(rng);
+    let mut r = math::random(rng);
     let mut sealed = Vec::with_capacity(round.receivers.len());
     for (j, (_, seal)) in round.receivers.iter().enumerate() {
         let seal = point(seal).ok_or(KeyError::BadRound("a receiver's seal key is not a point"))?;
@@ -290,10 +309,13 @@ pub fn deal<R: RngCore + CryptoRng>(
             rng,
         )
     });
+    let ephemeral = bytes(&EdwardsPoint::mul_base(&r));
     coefficients.zeroize();
+    constant.zeroize();
+    r.zeroize();
     Ok(Deal {
         commitments: commitments.iter().map(bytes).collect(),
-        ephemeral: bytes(&EdwardsPoint::mul_base(&r)),
+        ephemeral,
         sealed,
         proof,
     })
@@ -329,19 +351,7 @@ pub struct Transcript {
 
 impl Transcript {
     pub fn new(round: Round) -> Result<Transcript, KeyError> {
-        let n = round.receivers.len();
-        if round.threshold == 0 || round.threshold > n || round.dealers.is_empty() {
-            return Err(KeyError::BadRound("threshold out of range"));
-        }
-        if round.needed() > round.dealers.len() {
-            return Err(KeyError::BadRound("fewer dealers than the old threshold"));
-        }
-        let distinct = |ids: Vec<&NodeId>| ids.iter().collect::<BTreeSet<_>>().len() == ids.len();
-        if !distinct(round.dealers.iter().collect())
-            || !distinct(round.receivers.iter().map(|(r, _)| r).collect())
-        {
-            return Err(KeyError::BadRound("a member is named twice"));
-        }
+        round.check()?;
         let seals = round
             .receivers
             .iter()
