@@ -131,13 +131,19 @@ pub struct MsContext {
 /// A configuration's head and the encoding its pieces are cut from.
 type Whole = Arc<(ConfigHead, Vec<u8>)>;
 
+/// How many configurations asked for whole are kept encoded: nodes catching up from different
+/// epochs ask for pieces of different configurations at once, and a configuration of 100,000
+/// members takes tens of milliseconds to encode and hash.
+const WHOLE_CACHED: usize = 4;
+
 /// The handle through which the node feeds the MS task.
 #[derive(Clone)]
 pub struct MsHandle {
     tx: mpsc::Sender<Inbound>,
     shared: Arc<MsContext>,
-    /// The configuration last asked for whole, with its head (`serve`).
-    whole: Arc<std::sync::Mutex<Option<Whole>>>,
+    /// The configurations last asked for whole, with their heads (`serve`), least recently used
+    /// out first.
+    whole: Arc<std::sync::Mutex<lru::LruCache<Epoch, Whole>>>,
 }
 
 impl MsHandle {
@@ -169,7 +175,9 @@ pub fn spawn(
     let handle = MsHandle {
         tx: tx.clone(),
         shared: shared.clone(),
-        whole: Default::default(),
+        whole: Arc::new(std::sync::Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(WHOLE_CACHED).expect("nonzero"),
+        ))),
     };
     let task = Task::new(shared, endpoint, opts, tx);
     (handle, tokio::spawn(task.run(rx)))

@@ -12,18 +12,16 @@ use dbqsfs_core::wire::{within, MAX_MESSAGE};
 const ANSWER_BUDGET: usize = MAX_MESSAGE - 64 * 1024;
 
 impl MsHandle {
-    /// The head and encoding of the configuration of `epoch`, if the node holds it: the newest
-    /// one asked is kept, since an asker asks for its pieces one by one.
+    /// The head and encoding of the configuration of `epoch`, if the node holds it: the last
+    /// few asked are kept, since an asker asks for their pieces one by one.
     async fn whole(&self, epoch: Epoch) -> Option<Whole> {
         if let Some(w) = self
             .whole
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+            .get(&epoch)
         {
-            if w.0.epoch == epoch {
-                return Some(w.clone());
-            }
+            return Some(w.clone());
         }
         let cc = self.shared.epochs.chain().get(epoch)?.clone();
         let w = Arc::new(
@@ -31,7 +29,10 @@ impl MsHandle {
                 .await
                 .ok()?,
         );
-        *self.whole.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+        self.whole
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(epoch, w.clone());
         Some(w)
     }
 }
