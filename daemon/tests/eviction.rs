@@ -1,6 +1,6 @@
 //! Eviction as documented. With the default periods of `dbqsfs cluster init` (epochs of 30 s,
 //! probes every 5 s, unresponsive after 6 failed probes): a member killed with kill -9 is gone from
-//! the configuration within 90 s, and the committee's status shows its probe failures mounting
+//! the configuration within 90 s, and its watchers' status shows its probe failures mounting
 //! meanwhile. Failure counts carry over epoch changes; when they restarted at every epoch, an epoch
 //! of 30 s never held the 6 failures, and a dead node stayed a member forever. And on a ring of
 //! eight, a dead member is probed, and evicted, by its watchers alone (delegated probing).
@@ -50,7 +50,7 @@ async fn a_dead_node_is_evicted_within_90_s_with_the_default_periods() {
             break;
         }
         for m in &chain.config().members {
-            if m.id == victim_id || !chain.config().committee.contains(&m.id) {
+            if !dbqsfs_core::ms::probe::watches(chain.config(), &m.id, &victim_id) {
                 continue;
             }
             if let Ok(s) = client.ms_status(m).await {
