@@ -18,28 +18,17 @@ use tokio::runtime::Handle;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_configuration_is_installed_persisted_and_forgeries_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("c");
-    let toml = init_cluster(&dir);
-    let node_dir = |i: usize| dir.join(format!("node-{i}"));
-    let mut nodes: Vec<common::Running> = (0..4)
-        .map(|i| start_node(&Handle::current(), &node_dir(i)))
-        .collect();
-    let info = ClusterInfo::load(&toml).unwrap();
-    let genesis = info.genesis.config.clone();
-    let keys: Vec<Keypair> = (0..4)
-        .map(|i| read_key(&node_dir(i).join("node.key")).unwrap())
-        .collect();
-    let committee: Vec<&Keypair> = keys
-        .iter()
-        .filter(|k| genesis.committee.contains(&k.node_id()))
-        .collect();
-    let next = Configuration::new(
-        1,
-        genesis.params.clone(),
-        genesis.members.clone(),
-        Some(genesis.hash()),
-    );
+    let Fixture {
+        _tmp,
+        dir,
+        mut nodes,
+        info,
+        genesis,
+        keys,
+        next,
+        committee,
+    } = four_nodes();
+    let committee: Vec<&Keypair> = committee.iter().map(|i| &keys[*i]).collect();
     let good = CertifiedConfig::certify(next.clone(), &committee[..3]);
     let weak = CertifiedConfig::certify(next, &committee[..2]);
 
@@ -94,7 +83,7 @@ async fn a_pushed_configuration_is_installed_persisted_and_forgeries_are_refused
 
     // Restarted from its directory, the node is still in epoch 1.
     nodes.remove(0).stop().await;
-    nodes.insert(0, start_node(&Handle::current(), &node_dir(0)));
+    nodes.insert(0, start_node(&Handle::current(), &dir.join("node-0")));
     let mut epoch = None;
     for _ in 0..50 {
         if let Ok(s) = client.node_status(&m0).await {
@@ -124,6 +113,7 @@ async fn a_pushed_delta_is_installed_only_as_the_certified_configuration() {
 
     let Fixture {
         _tmp,
+        dir: _,
         nodes,
         info,
         genesis,
@@ -210,6 +200,7 @@ async fn a_configuration_is_fetched_whole_in_pieces_by_anyone() {
 
     let Fixture {
         _tmp,
+        dir: _,
         nodes,
         genesis,
         keys,
@@ -278,6 +269,8 @@ async fn a_configuration_is_fetched_whole_in_pieces_by_anyone() {
 /// same members (not certified: `committee` are the indices of genesis' committee members).
 struct Fixture {
     _tmp: tempfile::TempDir,
+    /// The cluster's directory (`node-<i>` for each node).
+    dir: std::path::PathBuf,
     nodes: Vec<common::Running>,
     info: ClusterInfo,
     genesis: Configuration,
@@ -310,6 +303,7 @@ fn four_nodes() -> Fixture {
     );
     Fixture {
         _tmp: tmp,
+        dir,
         nodes,
         info,
         genesis,

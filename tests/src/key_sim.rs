@@ -574,14 +574,7 @@ fn look(
                 queue.push(now + delay, Event::Ordered(*me, KeyOp::Complaint(c), false));
             }
             (Some(Receiving::ForgedProof), _) => {
-                let c = key::Complaint {
-                    against: dealer,
-                    shared: members[me].seal.public(),
-                    proof: key::Proof {
-                        c: [1; 32],
-                        z: [2; 32],
-                    },
-                };
+                let c = forged_complaint(dealer, &members[me].seal);
                 queue.push(now + delay, Event::Ordered(*me, KeyOp::Complaint(c), false));
             }
             (Some(Receiving::ComplainAboutAbsent), _) => {
@@ -592,14 +585,7 @@ fn look(
                     .find(|d| !transcript.dealt().contains(d))
                     .copied()
                     .unwrap_or(dealer);
-                let c = key::Complaint {
-                    against: absent,
-                    shared: members[me].seal.public(),
-                    proof: key::Proof {
-                        c: [0; 32],
-                        z: [0; 32],
-                    },
-                };
+                let c = forged_complaint(absent, &members[me].seal);
                 queue.push(now + delay, Event::Ordered(*me, KeyOp::Complaint(c), false));
             }
         }
@@ -628,6 +614,19 @@ fn look(
             }
         }
         Err(e) => panic!("a receiver's share: {e}"),
+    }
+}
+
+/// A complaint about `against` whose proof is made up (the key it shows is the receiver's own
+/// public seal key).
+fn forged_complaint(against: NodeId, seal: &SealKey) -> key::Complaint {
+    key::Complaint {
+        against,
+        shared: seal.public(),
+        proof: key::Proof {
+            c: [1; 32],
+            z: [2; 32],
+        },
     }
 }
 

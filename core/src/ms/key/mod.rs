@@ -445,12 +445,8 @@ impl Transcript {
 
     fn apply_complaint(&mut self, from: &NodeId, c: &Complaint) -> Result<Applied, KeyError> {
         let receiver = self.round.receiver(from)?;
-        let dealer = self.round.dealer(&c.against)?;
-        let deal = self
-            .deals
-            .iter()
-            .find(|a| a.dealer == dealer)
-            .ok_or(KeyError::NoSuchDeal)?;
+        let deal = self.deal_of(&c.against)?;
+        let dealer = deal.dealer;
         let shared = point(&c.shared).ok_or(KeyError::BadProof)?;
         let binding = self.round.same_log_binding(dealer, receiver);
         if !math::check_same_log(
@@ -560,30 +556,48 @@ impl Transcript {
         rng: &mut R,
     ) -> Result<Result<(), Complaint>, KeyError> {
         let receiver = self.round.receiver(me)?;
-        let d = self.round.dealer(dealer)?;
-        let deal = self
-            .deals
-            .iter()
-            .find(|a| a.dealer == d)
-            .ok_or(KeyError::NoSuchDeal)?;
-        let shared = deal.ephemeral * key.secret;
-        if self.opens(deal, receiver, &shared).is_some() {
+        let deal = self.deal_of(dealer)?;
+        if self
+            .opens(deal, receiver, &(deal.ephemeral * key.secret))
+            .is_some()
+        {
             return Ok(Ok(()));
         }
-        let binding = self.round.same_log_binding(d, receiver);
+        Ok(Err(self.complaint(receiver, deal, key, rng)))
+    }
+
+    /// The accepted deal of `dealer`.
+    fn deal_of(&self, dealer: &NodeId) -> Result<&Accepted, KeyError> {
+        let d = self.round.dealer(dealer)?;
+        self.deals
+            .iter()
+            .find(|a| a.dealer == d)
+            .ok_or(KeyError::NoSuchDeal)
+    }
+
+    /// The complaint of `receiver` about its sub-share in `deal`: the Diffie–Hellman key that
+    /// opens it and the proof that it is the right one.
+    fn complaint<R: RngCore + CryptoRng>(
+        &self,
+        receiver: usize,
+        deal: &Accepted,
+        key: &SealKey,
+        rng: &mut R,
+    ) -> Complaint {
+        let shared = deal.ephemeral * key.secret;
         let proof = math::prove_same_log(
-            &binding,
+            &self.round.same_log_binding(deal.dealer, receiver),
             &key.secret,
             &self.seals[receiver],
             &deal.ephemeral,
             &shared,
             rng,
         );
-        Ok(Err(Complaint {
-            against: *dealer,
+        Complaint {
+            against: self.round.dealers[deal.dealer],
             shared: bytes(&shared),
             proof,
-        }))
+        }
     }
 
     /// `me`'s share of the new sharing, from the qualified deals. A sub-share that does not match
@@ -638,28 +652,9 @@ pub fn false_complaint<R: RngCore + CryptoRng>(
     dealer: &NodeId,
     rng: &mut R,
 ) -> Result<Complaint, KeyError> {
-    let round = &transcript.round;
-    let (receiver, d) = (round.receiver(me)?, round.dealer(dealer)?);
-    let deal = transcript
-        .deals
-        .iter()
-        .find(|a| a.dealer == d)
-        .ok_or(KeyError::NoSuchDeal)?;
-    let shared = deal.ephemeral * key.secret;
-    let binding = round.same_log_binding(d, receiver);
-    let proof = math::prove_same_log(
-        &binding,
-        &key.secret,
-        &transcript.seals[receiver],
-        &deal.ephemeral,
-        &shared,
-        rng,
-    );
-    Ok(Complaint {
-        against: *dealer,
-        shared: bytes(&shared),
-        proof,
-    })
+    let receiver = transcript.round.receiver(me)?;
+    let deal = transcript.deal_of(dealer)?;
+    Ok(transcript.complaint(receiver, deal, key, rng))
 }
 
 /// `secret·G` for a share's scalar, for the simulator's model of what a coalition knows.
