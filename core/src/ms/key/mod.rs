@@ -88,6 +88,16 @@ impl PublicShares {
         Some(bytes(&self.verifying_point(&points, position)))
     }
 
+    /// Every member's verifying share, in committee order (the commitments decoded once).
+    pub fn verifying_shares(&self) -> Option<Vec<PointBytes>> {
+        let points = self.points()?;
+        Some(
+            (0..self.members.len())
+                .map(|i| bytes(&self.verifying_point(&points, i)))
+                .collect(),
+        )
+    }
+
     fn verifying_point(&self, points: &[EdwardsPoint], position: usize) -> EdwardsPoint {
         math::evaluate_in_exponent(points, &abscissa(position))
     }

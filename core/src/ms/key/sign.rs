@@ -70,11 +70,11 @@ pub fn aggregate(
 ) -> Result<[u8; 64], AggregateError> {
     let mut verifying = BTreeMap::new();
     let mut members = BTreeMap::new();
-    for (position, member) in public.members.iter().enumerate() {
-        let share = public
-            .verifying_share(position)
-            .ok_or_else(|| AggregateError::Malformed("the public shares".into()))?;
-        let share = frost::keys::VerifyingShare::deserialize(&share)
+    let images = public
+        .verifying_shares()
+        .ok_or_else(|| AggregateError::Malformed("the public shares".into()))?;
+    for (position, (member, share)) in public.members.iter().zip(&images).enumerate() {
+        let share = frost::keys::VerifyingShare::deserialize(share)
             .map_err(|e| AggregateError::Malformed(e.to_string()))?;
         verifying.insert(identifier(position), share);
         members.insert(identifier(position), *member);
