@@ -91,6 +91,20 @@ pub struct Configuration {
     pub committee: Vec<NodeId>,
     /// Hash of the configuration of `epoch - 1`; `None` only for genesis.
     pub prev: Option<ConfigHash>,
+    /// The public side of the MS's threshold key as the committee of `epoch - 1` held it when
+    /// that epoch ended (`ms::key`); `None` at genesis and before the MS made its key. Once a
+    /// configuration carries it, every later one carries the same key (its first commitment).
+    pub key: Option<PublicShares>,
+}
+
+/// The public side of one epoch's sharing of the MS's threshold key: the committee in order
+/// (member `i` has abscissa `i+1`) and the commitments to the sharing polynomial's coefficients.
+/// The first commitment is the key. (`ms::key` does its arithmetic.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicShares {
+    pub epoch: Epoch,
+    pub members: Vec<NodeId>,
+    pub commitments: Vec<[u8; 32]>,
 }
 
 /// Why a configuration or certificate was refused.
@@ -114,6 +128,8 @@ pub enum ConfigError {
     Unknown(Epoch),
     #[error("genesis configuration does not match the cluster id")]
     NotOurGenesis,
+    #[error("the MS key it carries is not the one the committee before held, or changed")]
+    WrongKey,
 }
 
 /// The BLAKE3 key-derivation context of [`Configuration::hash`] (pieces of a configuration are
@@ -146,6 +162,7 @@ impl Configuration {
             members,
             committee,
             prev,
+            key: None,
         }
     }
 
@@ -173,6 +190,29 @@ impl Configuration {
             return Err(ConfigError::BadCommittee { expected });
         }
         Ok(())
+    }
+
+    /// The MS key rules between `prev` and its successor `self`: the sharing `self` carries is
+    /// the one `prev`'s committee held, of the MS's threshold, and the key never changes (nor
+    /// disappears) once a configuration carried it.
+    pub fn check_key(&self, prev: &Configuration) -> Result<(), ConfigError> {
+        match (&prev.key, &self.key) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(ConfigError::WrongKey),
+            (before, Some(k)) => {
+                let shaped = k.epoch == prev.epoch
+                    && k.members == prev.committee
+                    && k.commitments.len() == prev.params.ms_quorum().quorum();
+                let same = before
+                    .as_ref()
+                    .is_none_or(|b| b.commitments.first() == k.commitments.first());
+                if shaped && same {
+                    Ok(())
+                } else {
+                    Err(ConfigError::WrongKey)
+                }
+            }
+        }
     }
 
     pub fn quorum(&self) -> Quorum {
@@ -264,6 +304,7 @@ impl CertifiedConfig {
             return Err(ConfigError::WrongPredecessor);
         }
         c.validate()?;
+        c.check_key(prev)?;
         self.cert.verify_for(&c.hash(), prev)
     }
 }

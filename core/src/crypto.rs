@@ -218,6 +218,13 @@ impl Keypair {
         Signature(self.secret.sign(&domain.message(body)).to_bytes())
     }
 
+    /// The secret scalar of the key (clamped and reduced, as ed25519 signs with it): the node's
+    /// seal key for the MS's threshold key is this scalar, so its public half is the node's
+    /// public key (`ms::key::SealKey::of_node`).
+    pub(crate) fn scalar_bytes(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        zeroize::Zeroizing::new(self.secret.to_scalar().to_bytes())
+    }
+
     /// The underlying dalek key, for the transport's TLS identity.
     pub fn dalek(&self) -> &ed25519_dalek::SigningKey {
         &self.secret

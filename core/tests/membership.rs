@@ -3,6 +3,7 @@
 use dbqsfs_core::config::{CertifiedConfig, ConfigChain, Configuration, Member, Params};
 use dbqsfs_core::crypto::{Keypair, NodeId};
 use dbqsfs_core::ms::app::{App, OutOfOrder};
+use dbqsfs_core::ms::key::KeyMember;
 use dbqsfs_core::ms::membership::{
     AdmissionCert, CertificateCollector, Executed, Membership, MsOp,
 };
@@ -31,7 +32,18 @@ fn cluster() -> Cluster {
 }
 
 impl Cluster {
+    /// The membership of epoch 0 once the committee generated the MS key (so votes end it).
     fn membership(&self) -> Membership {
+        let mut m = self.membership_before_key();
+        for k in self.committee() {
+            assert_eq!(
+                m.execute(&k.public(), deal_of(k, &self.config), &SEED),
+                Executed::Accepted
+            );
+        }
+        m
+    }
+    fn membership_before_key(&self) -> Membership {
         Membership::new(self.config.clone(), self.admission.public(), 8)
     }
     /// The committee's keys in committee order (an agreement signer's index is its position).
@@ -56,6 +68,17 @@ impl Cluster {
 }
 
 const SEED: [u8; 32] = [7; 32];
+
+/// `key`'s deal in the round of the MS key that `config` makes, as its node makes it.
+fn deal_of(key: &Keypair, config: &Configuration) -> MsOp {
+    let op = KeyMember::new(key.clone(), Vec::new())
+        .enter(config)
+        .expect("a dealer of this round");
+    MsOp::Key {
+        epoch: config.epoch,
+        op: Box::new(op),
+    }
+}
 
 /// Ends the epoch with f_ms+1 = 2 committee votes; returns the next configuration.
 fn end_epoch(c: &Cluster, m: &mut Membership) -> Configuration {
@@ -446,4 +469,74 @@ fn the_ms_application_executes_in_order_chains_its_digest_and_replays_to_the_sam
         Executed::EpochEnded(next) => assert_eq!(*next, ended.config),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_epoch_ends_only_once_the_ms_key_has_moved_to_its_committee() {
+    let c = cluster();
+    let mut m = c.membership_before_key();
+    let committee = c.committee();
+    for k in &committee[..2] {
+        assert_eq!(
+            m.execute(&k.public(), MsOp::EndEpoch { epoch: 0 }, &SEED),
+            Executed::Accepted
+        );
+    }
+    assert_eq!(m.config().epoch, 0, "the votes wait for the key");
+    // An outsider's deal is refused; two committee deals are not the 2f+1 needed.
+    assert!(matches!(
+        m.execute(
+            &c.outsider().public(),
+            deal_of(committee[0], &c.config),
+            &SEED
+        ),
+        Executed::Ignored(_)
+    ));
+    for k in &committee[..2] {
+        assert_eq!(
+            m.execute(&k.public(), deal_of(k, &c.config), &SEED),
+            Executed::Accepted
+        );
+    }
+    assert_eq!(m.pending().key_dealt, 2);
+    // The third deal completes the round, and the epoch ends at once.
+    let next = match m.execute(
+        &committee[2].public(),
+        deal_of(committee[2], &c.config),
+        &SEED,
+    ) {
+        Executed::EpochEnded(next) => *next,
+        other => panic!("the epoch should end, got {other:?}"),
+    };
+    let key = next
+        .key
+        .clone()
+        .expect("the next configuration carries the key");
+    assert_eq!(key.members, c.config.committee);
+    assert_eq!(next.check_key(&c.config), Ok(()));
+    // Each receiver holds a valid share of it, computed from the ordered round.
+    let round = m.key_of(0).expect("the ended round is kept");
+    for k in &committee {
+        let mut km = KeyMember::new((*k).clone(), Vec::new());
+        assert!(
+            km.sync(round).is_empty(),
+            "no complaint about correct deals"
+        );
+        let share = km.holder().for_signing(0).expect("a share");
+        assert!(share.is_valid() && share.public == key);
+    }
+    // Once a configuration carries the key, its successor must carry the same key, as the
+    // sharing of the committee before: a changed or dropped key is refused by every verifier.
+    let mut after = next.clone();
+    after.epoch = 2;
+    after.key = Some(dbqsfs_core::config::PublicShares {
+        epoch: 1,
+        members: next.committee.clone(),
+        commitments: key.commitments.clone(),
+    });
+    assert_eq!(after.check_key(&next), Ok(()));
+    after.key.as_mut().unwrap().commitments[0] = key.commitments[1];
+    assert!(after.check_key(&next).is_err(), "another key");
+    after.key = None;
+    assert!(after.check_key(&next).is_err(), "no key");
 }

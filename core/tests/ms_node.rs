@@ -36,6 +36,8 @@ struct Node {
     ms: MsNode,
     chain: ConfigChain,
     disk: Option<(Vec<u8>, Vec<Vec<u8>>)>,
+    /// The shares of the MS key it persisted.
+    shares: Vec<dbqsfs_core::ms::key::KeyShare>,
     up: bool,
     /// Persists carried out (or tried) in the current epoch, and agreement outputs sent before any.
     persisted: usize,
@@ -80,10 +82,11 @@ impl Net {
             .map(|key| {
                 let chain = ConfigChain::new(genesis.clone()).unwrap();
                 Node {
-                    ms: MsNode::new(key.clone(), chain.config().clone(), opts(), 0),
+                    ms: MsNode::new(key.clone(), chain.config().clone(), Vec::new(), opts(), 0),
                     key,
                     chain,
                     disk: None,
+                    shares: Vec::new(),
                     up: true,
                     persisted: 0,
                     unpersisted_sends: 0,
@@ -191,6 +194,7 @@ impl Net {
                     entered |= self.install(i, configs);
                 }
                 Output::Event(e) => node.events.push(e),
+                Output::KeyShares(shares) => node.shares = shares,
                 Output::PullBootstrap { .. } | Output::Probe { .. } | Output::Freshness(_) => {}
             }
         }
@@ -355,7 +359,8 @@ fn a_committee_member_restarted_from_its_disk_goes_on() {
     // Crash: the machine's memory is gone, the disk stays; restart it from the disk.
     let config = net.nodes[victim].chain.config().clone();
     let key = net.nodes[victim].key.clone();
-    net.nodes[victim].ms = MsNode::new(key, config, opts(), net.now);
+    let shares = net.nodes[victim].shares.clone();
+    net.nodes[victim].ms = MsNode::new(key, config, shares, opts(), net.now);
     net.enter(victim);
     assert!(net.nodes[victim].events.iter().any(|e| matches!(
         e,

@@ -52,6 +52,7 @@ use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
 };
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey};
+use dbqsfs_core::ms::key::{KeyMember, KeyShare};
 use dbqsfs_core::ms::membership::{AdmissionCert, CertificateCollector, MsOp};
 pub use dbqsfs_core::ms::pbft::Mutant;
 use dbqsfs_core::ms::pbft::{
@@ -256,6 +257,9 @@ struct Member {
     client_executed: usize,
     /// The next configuration's certificate it assembled.
     certified: Option<CertifiedConfig>,
+    /// Its part in the MS key (the node's `ms::key::KeyMember`), and the shares it persisted.
+    key_member: KeyMember,
+    shares: Vec<KeyShare>,
 }
 
 impl Member {
@@ -504,6 +508,7 @@ impl Sim {
             members: genesis_members,
             committee: committee_ids,
             prev: None,
+            key: None,
         };
         genesis
             .validate()
@@ -536,6 +541,8 @@ impl Sim {
                 executed: BTreeSet::new(),
                 client_executed: 0,
                 certified: None,
+                key_member: KeyMember::new(key.clone(), Vec::new()),
+                shares: Vec::new(),
             });
         }
         let mut clients: Vec<ClientSlot> = (0..swarm.clients)
@@ -1183,6 +1190,8 @@ impl Sim {
         let member = &mut self.members[m];
         member.role = role;
         member.timer_at = None;
+        member.key_member = KeyMember::new(member.key.clone(), member.shares.clone());
+        self.sync_key(m);
         // Decisions it had not executed come out as actions.
         self.executed_again(m, disk.map_or(0, |d| d.1.len()));
     }
@@ -1256,7 +1265,10 @@ impl Sim {
                         .collect();
                     self.emit(m, to, encode_msg(0, msg));
                 }
-                Action::Executed { seq, requests, .. } => self.on_decided(m, seq, requests),
+                Action::Executed { seq, requests, .. } => {
+                    self.on_decided(m, seq, requests);
+                    self.sync_key(m);
+                }
                 Action::OutOfOrder(e) => {
                     if self.correct(m) {
                         self.violation(format!("member {m}: {e}"));
@@ -1302,11 +1314,51 @@ impl Sim {
         }
     }
 
+    /// Member `m`'s part in the round of the MS key, as the node's machine does it after every
+    /// batch: its complaints (a correct member complains only about a wrong deal, and every deal
+    /// here is a correct one), its share, what it persists.
+    fn sync_key(&mut self, m: usize) {
+        let member = &mut self.members[m];
+        let ops = match member.role.app().membership().key_of(0) {
+            Some(round) => member.key_member.sync(round),
+            None => Vec::new(),
+        };
+        if let Some(shares) = member.key_member.take_changed() {
+            member.shares = shares;
+        }
+        if !ops.is_empty() && self.correct(m) {
+            self.violation(format!(
+                "member {m} complained about a deal of the MS key though every dealer deals correctly"
+            ));
+        }
+    }
+
     /// Member `m` assembled the next configuration's certificate: it must verify as genesis's
-    /// successor, and certify the configuration the epoch ended with at `m`.
+    /// successor, certify the configuration the epoch ended with at `m`, and carry the MS key
+    /// the committee generated, of which `m` holds a valid share.
     fn on_certified(&mut self, m: usize, cc: CertifiedConfig) {
         if !self.correct(m) {
             return;
+        }
+        let held = self.members[m]
+            .key_member
+            .holder()
+            .for_signing(0)
+            .map(|s| (s.is_valid(), s.public.clone()));
+        match (&cc.config.key, held) {
+            (None, _) => self.violation(format!(
+                "member {m} certified a configuration that carries no MS key"
+            )),
+            (Some(_), None) => self.violation(format!(
+                "member {m} holds no share of the MS key its epoch ended with"
+            )),
+            (Some(key), Some((valid, public))) => {
+                if !valid || public != *key {
+                    self.violation(format!(
+                        "member {m}'s share of the MS key is not valid for the key its epoch ended with"
+                    ));
+                }
+            }
         }
         if let Err(e) = cc.verify_successor(&self.ms.genesis) {
             self.violation(format!(
@@ -1990,7 +2042,17 @@ fn draw_ms(
         ops.extend(dead.iter().map(|&d| probe(d, true)));
         prober = Some((b, early));
         accused = Some(target);
+        if rng.chance(0.5) {
+            ops.extend(genesis_deal(&genesis, &keys[b]));
+        }
         add(clients, &mut before_end, keys[b].clone(), ops, false);
+    }
+    // The other Byzantine members deal correctly or withhold their deal.
+    for &b in &byz_members {
+        if prober.map(|(p, _)| p) != Some(b) && rng.chance(0.5) {
+            let ops = genesis_deal(&genesis, &keys[b]).into_iter().collect();
+            add(clients, &mut before_end, keys[b].clone(), ops, false);
+        }
     }
     // Every correct member probes the members it watches (committee members and the live members
     // outside it alike); its verdicts come from the core's prober (the node's), over `evict_after`
@@ -2004,6 +2066,7 @@ fn draw_ms(
             continue;
         }
         let mut ops = verdicts(&genesis, key, keys, extras, &dead, rng);
+        ops.extend(genesis_deal(&genesis, key));
         rng.shuffle(&mut ops);
         if rng.chance(0.5) {
             ops.push(probe(*rng.pick(&live), true));
@@ -2026,6 +2089,15 @@ fn draw_ms(
         prober,
         before_end,
     }
+}
+
+/// Member `key`'s deal in the generation of the MS key, as its node's machine makes it.
+fn genesis_deal(genesis: &Configuration, key: &Keypair) -> Option<MsOp> {
+    let op = KeyMember::new(key.clone(), Vec::new()).enter(genesis)?;
+    Some(MsOp::Key {
+        epoch: 0,
+        op: Box::new(op),
+    })
 }
 
 /// What member `key`'s role is made of; the epoch timer is off (the scripted clients end the

@@ -51,7 +51,8 @@ pub fn op_epoch(op: &MsOp) -> Option<Epoch> {
         | MsOp::Leave { epoch }
         | MsOp::Probe { epoch, .. }
         | MsOp::Misbehaviour { epoch, .. }
-        | MsOp::EndEpoch { epoch } => Some(*epoch),
+        | MsOp::EndEpoch { epoch }
+        | MsOp::Key { epoch, .. } => Some(*epoch),
     }
 }
 

@@ -19,7 +19,7 @@
 
 use crate::config::{
     Certificate, CertifiedConfig, ConfigChain, ConfigError, ConfigHash, Configuration, Epoch,
-    Member, Params,
+    Member, Params, PublicShares,
 };
 use crate::crypto::NodeId;
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,8 @@ pub struct ConfigDelta {
     pub left: Vec<NodeId>,
     /// The committee of `epoch`.
     pub committee: Vec<NodeId>,
+    /// The MS key's sharing the configuration carries (it changes every epoch).
+    pub key: Option<PublicShares>,
 }
 
 /// A delta with the certificate of the configuration it makes.
@@ -103,6 +105,7 @@ impl ConfigDelta {
             joined,
             left,
             committee: next.committee.clone(),
+            key: next.key.clone(),
         }
     }
 
@@ -142,6 +145,7 @@ impl ConfigDelta {
             members,
             committee: self.committee.clone(),
             prev: Some(self.prev),
+            key: self.key.clone(),
         })
     }
 }

@@ -12,11 +12,18 @@
 //!   unresponsive, so its `f` faulty watchers can neither evict it alive nor keep it dead.
 //! - `Misbehaviour`: agreement evidence (two conflicting statements signed by one committee member);
 //!   the guilty member is evicted at the end of the epoch.
+//! - `Key`: a deal or a complaint of the round that moves the MS's threshold key to this epoch's
+//!   committee (`super::key`): from the committee of the epoch before (whose sharing the
+//!   configuration carries), or, when the configuration carries no key yet, the generation of the
+//!   key among this committee. Every member applies them in order to the same
+//!   [`Transcript`].
 //! - `EndEpoch`: a committee member's epoch timer expired. When `f_ms+1` distinct members asked
-//!   (so at least one correct member's timer did), the epoch ends: the next configuration is members +
+//!   (so at least one correct member's timer did) and the key has moved to this committee (its
+//!   round has its qualified deals, so this committee can sign), the epoch ends: the next configuration is members +
 //!   joins − leaves − guilty − evicted (never below `3f+1` members), with a committee drawn
 //!   pseudo-randomly from a seed the driver supplies from the agreed batch (unknown before the epoch
-//!   ended), certified by the old committee ([`CertificateCollector`]).
+//!   ended), certified by the old committee ([`CertificateCollector`]), and carrying the public
+//!   side of this committee's sharing of the key.
 //!
 //! Non-goals here: ordering (the agreement), probing itself and timers (every member's
 //! [`super::probe::Prober`], run by its [`super::node::MsNode`]).
@@ -25,6 +32,7 @@
 
 use crate::config::{Certificate, CertifiedConfig, Configuration, Epoch, Member};
 use crate::crypto::{Domain, Keypair, NodeId, PublicKey, Signature};
+use crate::ms::key::{key_round, KeyOp, Transcript};
 use crate::ms::pbft::{Committee, Evidence};
 use crate::ms::probe;
 use serde::{Deserialize, Serialize};
@@ -81,6 +89,11 @@ pub enum MsOp {
     EndEpoch {
         epoch: Epoch,
     },
+    /// A deal or complaint of the round that moves the MS key to `epoch`'s committee.
+    Key {
+        epoch: Epoch,
+        op: Box<KeyOp>,
+    },
 }
 
 /// What executing an operation did.
@@ -105,6 +118,12 @@ pub struct Membership {
     unresponsive: BTreeMap<NodeId, BTreeSet<NodeId>>,
     guilty: BTreeSet<NodeId>,
     end_votes: BTreeSet<NodeId>,
+    /// The round that moves the MS key to this committee (`None` if the configuration cannot
+    /// make one: a member's key is no valid seal key, which a join would have refused).
+    key: Option<Transcript>,
+    /// The round of the epoch before, once this state moved on from it (its receivers compute
+    /// their shares from it).
+    key_before: Option<Box<Transcript>>,
 }
 
 /// A summary of what the next epoch will change, for `dbqsfs status`.
@@ -116,13 +135,19 @@ pub struct Pending {
     pub suspected: Vec<(NodeId, usize)>,
     pub guilty: Vec<NodeId>,
     pub end_votes: usize,
+    /// The key's round: dealers whose deals count so far, of how many needed.
+    pub key_dealt: usize,
+    pub key_needed: usize,
 }
 
 impl Membership {
     /// The state at the start of `config`'s epoch. `max_batch` is the agreement's batch limit (to
     /// check evidence made of certificates).
     pub fn new(config: Configuration, admission_key: PublicKey, max_batch: usize) -> Membership {
+        let key = Transcript::new(key_round(&config)).ok();
         Membership {
+            key,
+            key_before: None,
             config,
             admission_key,
             max_batch,
@@ -150,7 +175,25 @@ impl Membership {
                 .collect(),
             guilty: self.guilty.iter().copied().collect(),
             end_votes: self.end_votes.len(),
+            key_dealt: self
+                .key
+                .as_ref()
+                .map_or(0, |k| k.dealt().len().saturating_sub(k.disproven().len())),
+            key_needed: self.key.as_ref().map_or(0, |k| k.round().needed()),
         }
+    }
+
+    /// The round that moves the MS key to this epoch's committee, with what was ordered of it.
+    pub fn key(&self) -> Option<&Transcript> {
+        self.key.as_ref()
+    }
+
+    /// The round of `epoch`'s key, this epoch's or (once the epoch ended) the one before.
+    pub fn key_of(&self, epoch: Epoch) -> Option<&Transcript> {
+        [self.key.as_ref(), self.key_before.as_deref()]
+            .into_iter()
+            .flatten()
+            .find(|k| k.round().epoch == epoch)
     }
 
     fn in_committee(&self, id: &NodeId) -> bool {
@@ -183,6 +226,9 @@ impl Membership {
                 }
                 if self.config.is_member(&member.id) {
                     return Executed::Ignored("already a member");
+                }
+                if !crate::ms::key::valid_seal(&member.key) {
+                    return Executed::Ignored("the node's key is no valid seal key for the MS key");
                 }
                 self.joins.insert(member.id, member);
                 Executed::Accepted
@@ -253,14 +299,38 @@ impl Membership {
                     return Executed::Ignored("only committee members end epochs");
                 }
                 self.end_votes.insert(from);
-                if self.end_votes.len() < self.config.params.ms_quorum().one_correct() {
-                    return Executed::Accepted;
+                self.end_if_due(seed)
+            }
+            MsOp::Key { epoch: e, op } => {
+                if e != epoch {
+                    return Executed::Ignored("key operation of another epoch's round");
                 }
-                let next = self.next_configuration(seed);
-                *self = Membership::new(next.clone(), self.admission_key, self.max_batch);
-                Executed::EpochEnded(Box::new(next))
+                let Some(key) = self.key.as_mut() else {
+                    return Executed::Ignored("this configuration makes no round of the key");
+                };
+                if key.apply(&from, &op).is_err() {
+                    return Executed::Ignored("key operation refused by the round");
+                }
+                self.end_if_due(seed)
             }
         }
+    }
+
+    /// Ends the epoch if `f_ms+1` members asked and the key has moved to this committee.
+    fn end_if_due(&mut self, seed: &[u8; 32]) -> Executed {
+        if self.end_votes.len() < self.config.params.ms_quorum().one_correct()
+            || self
+                .key
+                .as_ref()
+                .is_some_and(|k| k.qualified_dealers().is_none())
+        {
+            return Executed::Accepted;
+        }
+        let next = self.next_configuration(seed);
+        let ended = self.key.take().map(Box::new);
+        *self = Membership::new(next.clone(), self.admission_key, self.max_batch);
+        self.key_before = ended;
+        Executed::EpochEnded(Box::new(next))
     }
 
     /// The configuration of the next epoch.
@@ -318,6 +388,7 @@ impl Membership {
             members,
             committee,
             prev: Some(hash),
+            key: self.key.as_ref().and_then(|k| k.public().ok()),
         }
     }
 }

@@ -30,6 +30,7 @@
 use super::app::{OutOfOrder, Outcome};
 use super::delta::CertifiedDelta;
 use super::follower::{FollowAction, Follower};
+use super::key::{KeyMember, KeyShare};
 use super::membership::{AdmissionCert, MsOp};
 use super::pbft::{AgreementMessage, Request, SeqNo, View};
 use super::pieces::{ConfigHead, Download, PIECE_TIMEOUT_MS};
@@ -78,6 +79,9 @@ pub enum Output {
     InstallDeltas(Vec<CertifiedDelta>),
     /// A freshness certificate: keep it if it is newer than the one held.
     Freshness(Freshness),
+    /// The node's shares of the MS key changed: persist these, replacing (and erasing) the ones
+    /// persisted before. Pass them to [`MsNode::new`] after a restart.
+    KeyShares(Vec<KeyShare>),
     /// What happened, for logs and checks.
     Event(Event),
 }
@@ -158,15 +162,25 @@ pub struct MsNode {
     /// The secret the probe nonces are drawn from, and how many were drawn.
     nonce_seed: [u8; 32],
     nonces: u64,
+    /// Its shares of the MS key and its part in the rounds that move it.
+    key_member: KeyMember,
     out: VecDeque<Output>,
 }
 
 impl MsNode {
-    /// The MS part of node `key`, which holds `config` (its newest) at time `now`. Call
-    /// [`MsNode::enter`] with it to take its role up.
-    pub fn new(key: Keypair, config: Configuration, opts: Options, now: u64) -> MsNode {
+    /// The MS part of node `key`, which holds `config` (its newest) and the MS key `shares` it
+    /// persisted ([`Output::KeyShares`]), at time `now`. Call [`MsNode::enter`] with it to take
+    /// its role up.
+    pub fn new(
+        key: Keypair,
+        config: Configuration,
+        shares: Vec<KeyShare>,
+        opts: Options,
+        now: u64,
+    ) -> MsNode {
         let follower = Follower::new(key.node_id(), config.epoch, opts.pull_ms, now);
         MsNode {
+            key_member: KeyMember::new(key.clone(), shares),
             submissions: Submissions::new(opts.resubmit_ms),
             follower,
             key,
@@ -195,6 +209,17 @@ impl MsNode {
     /// The newest configuration entered.
     pub fn config(&self) -> &Configuration {
         &self.config
+    }
+
+    /// The node's shares of the MS key and its part in moving it.
+    pub fn key_member(&self) -> &KeyMember {
+        &self.key_member
+    }
+
+    /// The `keep-old-shares` mutant's switch.
+    #[cfg(feature = "mutants")]
+    pub fn key_member_mut(&mut self) -> &mut KeyMember {
+        &mut self.key_member
     }
 
     /// The committee role, if the node is in this epoch's committee.
@@ -328,7 +353,39 @@ impl MsNode {
                 });
             }
         }
+        if let Some(op) = self.key_member.enter(config) {
+            self.want(MsOp::Key {
+                epoch,
+                op: Box::new(op),
+            });
+        }
+        self.sync_key();
         self.pump();
+    }
+
+    /// The node's part as a receiver of its role's round of the MS key (complaints, its share),
+    /// and the shares to persist when they changed.
+    fn sync_key(&mut self) {
+        let ops = self.role.as_ref().map_or_else(Vec::new, |role| {
+            let epoch = role.epoch();
+            role.app()
+                .membership()
+                .key_of(epoch)
+                .map(|round| self.key_member.sync(round))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|op| MsOp::Key {
+                    epoch,
+                    op: Box::new(op),
+                })
+                .collect()
+        });
+        for op in ops {
+            self.want(op);
+        }
+        if let Some(shares) = self.key_member.take_changed() {
+            self.out.push_back(Output::KeyShares(shares));
+        }
     }
 
     fn start_role(&mut self, config: &Configuration, resume: Resume<'_>, now: u64) {
@@ -764,6 +821,7 @@ impl MsNode {
                     outcomes,
                 } => {
                     self.submissions.executed(&requests);
+                    self.sync_key();
                     Output::Event(Event::Executed {
                         epoch,
                         seq,

@@ -339,13 +339,19 @@ impl Role {
         if self.agreement.is_none() {
             return Err("not running this epoch's agreement".into());
         }
-        if !self.config.is_member(&req.client.node_id())
-            && !matches!(
-                postcard::from_bytes::<MsOp>(&req.payload),
-                Ok(MsOp::Join { .. })
-            )
-        {
-            return Err("a non-member may only ask to join".into());
+        let from = req.client.node_id();
+        let dealer = || {
+            self.app
+                .start()
+                .key()
+                .is_some_and(|k| k.round().dealers.contains(&from))
+        };
+        if !self.config.is_member(&from) {
+            match postcard::from_bytes::<MsOp>(&req.payload) {
+                Ok(MsOp::Join { .. }) => {}
+                Ok(MsOp::Key { .. }) if dealer() => {}
+                _ => return Err("a non-member may only ask to join (or deal the MS key)".into()),
+            }
         }
         Ok(())
     }

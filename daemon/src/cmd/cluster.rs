@@ -178,6 +178,7 @@ pub(crate) fn cluster_init(
         members,
         committee,
         prev: None,
+        key: None,
     };
     config.validate().context("genesis configuration")?;
     let genesis = files::encode_genesis(&CertifiedConfig::genesis(config));

@@ -6,6 +6,7 @@
 mod forge;
 
 use super::*;
+use dbqsfs_core::ms::key::KeyOp;
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -64,7 +65,11 @@ impl Task {
             epoch_timer: honest,
         };
         let config = shared.epochs.chain().config().clone();
-        let mut node = MsNode::new(shared.me.key.clone(), config, node_opts, 0);
+        let shares = shared.store.load_key_shares().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read this node's shares of the MS key: starting without");
+            Vec::new()
+        });
+        let mut node = MsNode::new(shared.me.key.clone(), config, shares, node_opts, 0);
         if let Some(cert) = opts.join.clone() {
             let me = Member::new(shared.me.key.public(), shared.me.listen.to_string());
             node.join(me, cert);
@@ -341,6 +346,11 @@ impl Task {
                 });
             }
             Output::Freshness(cert) => self.shared.epochs.learn_freshness(cert),
+            Output::KeyShares(shares) => {
+                if let Err(e) = self.shared.store.save_key_shares(&shares) {
+                    warn!(error = %e, "cannot persist this node's shares of the MS key");
+                }
+            }
             Output::Event(event) => log(event),
         }
     }
@@ -462,6 +472,14 @@ fn log(event: Event) {
             MsOp::Misbehaviour { epoch, .. } => {
                 warn!(epoch, "agreement evidence of misbehaviour: reporting it")
             }
+            MsOp::Key { epoch, op } => match *op {
+                KeyOp::Deal(_) => info!(epoch, "dealing this node's share of the MS key"),
+                KeyOp::Complaint(c) => warn!(
+                    epoch,
+                    dealer = %c.against.short(),
+                    "a sub-share of the MS key dealt to this node is wrong: complaining"
+                ),
+            },
             MsOp::Join { .. } | MsOp::Leave { .. } => {}
         },
         Event::Submitting(req) => debug!(req = ?req, "submitting an MS operation"),

@@ -151,6 +151,37 @@ impl DiskStore {
         w.commit().map_err(db_err)
     }
 
+    /// The node's shares of the MS key, as last saved by [`DiskStore::save_key_shares`]. A share
+    /// that does not read back or match its public side is left out (the node then holds no
+    /// share of that sharing, which the MS tolerates as a fault).
+    pub fn load_key_shares(&self) -> Result<Vec<KeyShare>, StoreError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(MS_KEY_SHARES).map_err(db_err)?;
+        let mut shares = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            if let Ok(share) = KeyShare::from_bytes(v.value()) {
+                shares.push(share);
+            }
+        }
+        Ok(shares)
+    }
+
+    /// Replaces the node's shares of the MS key with `shares` (the ones left out are deleted);
+    /// durable on return.
+    pub fn save_key_shares(&self, shares: &[KeyShare]) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(MS_KEY_SHARES).map_err(db_err)?;
+            t.retain(|_, _| false).map_err(db_err)?;
+            for share in shares {
+                t.insert(share.epoch(), share.to_bytes().as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
+    }
+
     /// The arcs whose state transfer is done, per epoch, as persisted by
     /// [`DiskStore::add_transfer_done`].
     pub fn load_transfer_done(&self) -> Result<BTreeMap<u64, Vec<RingArc>>, StoreError> {

@@ -40,6 +40,7 @@ use dbqsfs_core::config::CertifiedConfig;
 use dbqsfs_core::crypto::ObjectId;
 use dbqsfs_core::dbqs::refs::{self, RefRecord};
 use dbqsfs_core::dbqs::transfer::Arc as RingArc;
+use dbqsfs_core::ms::key::KeyShare;
 use dbqsfs_core::object::{check_content, PkBlock, Stamp, MAX_BLOCK};
 use dbqsfs_core::store::{id_bounds, merge_ids, Store, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -83,6 +84,9 @@ const DEFERRED: TableDefinition<&[u8], ()> = TableDefinition::new("deferred");
 const MS_AGREEMENT: TableDefinition<u64, &[u8]> = TableDefinition::new("ms_agreement");
 /// The batches a committee member executed: (epoch, sequence number) → the batch, encoded.
 const MS_BATCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ms_batches");
+/// The node's shares of the MS's threshold key, by the epoch of their sharing (secret: like the
+/// node's key file, they live only on this node's disk).
+const MS_KEY_SHARES: TableDefinition<u64, &[u8]> = TableDefinition::new("ms_key_shares");
 
 /// A committee member's agreement record and the batches it executed, encoded.
 pub type SavedAgreement = (Vec<u8>, Vec<Vec<u8>>);
@@ -206,6 +210,7 @@ impl DiskStore {
             w.open_table(GC_COLLECTED).map_err(redb::Error::from)?;
             w.open_table(DEFERRED).map_err(redb::Error::from)?;
             w.open_table(MS_AGREEMENT).map_err(redb::Error::from)?;
+            w.open_table(MS_KEY_SHARES).map_err(redb::Error::from)?;
             w.open_table(MS_BATCHES).map_err(redb::Error::from)?;
             w.commit().map_err(redb::Error::from)?;
         }

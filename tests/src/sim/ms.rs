@@ -38,6 +38,7 @@ use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
 use dbqsfs_core::dbqs::replica::Handled;
 use dbqsfs_core::ms::delta::{deltas_after, resolve, CertifiedDelta};
+use dbqsfs_core::ms::key::KeyShare;
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
 use dbqsfs_core::ms::pbft::{batch_digest, AgreementMessage, Commit, PrePrepare, Request, Signed};
@@ -67,6 +68,10 @@ pub(super) struct Ms {
     nodes: BTreeMap<usize, MsNode>,
     /// What each node's role persisted, by epoch: its disk.
     disks: BTreeMap<(usize, Epoch), Disk>,
+    /// The shares of the MS key each node persisted.
+    key_disks: BTreeMap<usize, Vec<Vec<u8>>>,
+    /// The MS key, once a certified configuration carried it.
+    key: Option<[u8; 32]>,
     /// The pending timer event of each node's machine.
     timers: BTreeMap<usize, u64>,
     /// What correct members certified, by epoch.
@@ -129,6 +134,8 @@ impl Ms {
             rng,
             nodes: BTreeMap::new(),
             disks: BTreeMap::new(),
+            key_disks: BTreeMap::new(),
+            key: None,
             timers: BTreeMap::new(),
             certified: BTreeMap::new(),
             target: None,
@@ -190,9 +197,18 @@ impl Sim {
             // The test ends epochs itself (`ms_queue_wants`).
             epoch_timer: false,
         };
-        ms.nodes
-            .entry(n)
-            .or_insert_with(|| MsNode::new(key, config, opts, now))
+        let disk = &ms.key_disks;
+        ms.nodes.entry(n).or_insert_with(|| {
+            let shares = disk
+                .get(&n)
+                .map(|d| {
+                    d.iter()
+                        .filter_map(|b| KeyShare::from_bytes(b).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            MsNode::new(key, config, shares, opts, now)
+        })
     }
 
     /// Node `n` (up) enters the newest epoch it installed: its machine forwards what it
@@ -483,6 +499,10 @@ impl Sim {
                     disk.1
                         .truncate(saved.first_batch.saturating_sub(1) as usize);
                     disk.1.extend(saved.batches);
+                }
+                Output::KeyShares(shares) => {
+                    let disk = shares.iter().map(|s| s.to_bytes().to_vec()).collect();
+                    self.ms().key_disks.insert(n, disk);
                 }
                 Output::Event(Event::Role { sat_out, .. }) => match lie {
                     None => {
@@ -943,6 +963,23 @@ impl Sim {
                 "MS: node {n} assembled a certificate of epoch {epoch} that does not verify: {e}"
             ));
             return;
+        }
+        let key = cc
+            .config
+            .key
+            .as_ref()
+            .and_then(|k| k.commitments.first().copied());
+        match (self.ms().key, key) {
+            (None, Some(k)) => self.ms().key = Some(k),
+            (Some(before), now) if now != Some(before) => self.violation(format!(
+                "MS: the configuration of epoch {epoch} carries another MS key, or none"
+            )),
+            (None, None) if epoch > 1 => self.violation(format!(
+                "MS: the configuration of epoch {epoch} carries no MS key: the key generation \
+                 of epoch {} did not end it",
+                epoch - 1
+            )),
+            _ => {}
         }
         let hash = cc.config.hash();
         match self.ms().certified.insert(epoch, hash) {

@@ -36,7 +36,10 @@
 //! of its identity), and randomness (the driver passes a cryptographic generator).
 
 mod math;
+mod member;
 pub mod sign;
+
+pub use member::{key_round, KeyMember};
 
 use crate::config::Epoch;
 use crate::crypto::NodeId;
@@ -58,14 +61,7 @@ pub struct Proof {
     pub z: [u8; 32],
 }
 
-/// The public side of one epoch's sharing: the committee in order (member `i` has abscissa `i+1`)
-/// and the commitments to the sharing polynomial's coefficients. The first commitment is the key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PublicShares {
-    pub epoch: Epoch,
-    pub members: Vec<NodeId>,
-    pub commitments: Vec<PointBytes>,
-}
+pub use crate::config::PublicShares;
 
 impl PublicShares {
     /// The MS's public key: an ordinary ed25519 key.
@@ -244,10 +240,74 @@ impl SealKey {
         }
     }
 
+    /// The seal key of a node: its ed25519 secret scalar, so its public half is the node's public
+    /// key and needs no announcing. Using one key for signatures and for these Diffie–Hellman
+    /// keys is sound here (Thormarker, "On using the same key pair for Ed25519 and an X25519
+    /// based KEM", 2021, proves the pairing secure): ed25519 signing never uses the scalar as a
+    /// nonce, points from others are checked to be in the prime-order subgroup, and the only
+    /// Diffie–Hellman value the node ever reveals is the one a complaint needs, for a deal
+    /// ordered in the agreement (far too few for a static Diffie–Hellman attack).
+    pub fn of_node(key: &crate::crypto::Keypair) -> SealKey {
+        SealKey {
+            secret: Scalar::from_bytes_mod_order(*key.scalar_bytes()),
+        }
+    }
+
     pub fn public(&self) -> PointBytes {
         bytes(&EdwardsPoint::mul_base(&self.secret))
     }
 }
+
+/// Whether a node's public key can be its seal key (a point of the prime-order subgroup, not of
+/// small order): the MS refuses to admit a node whose key cannot be.
+pub fn valid_seal(key: &crate::crypto::PublicKey) -> bool {
+    point(&key.0).is_some()
+}
+
+/// A deterministic cryptographic generator: BLAKE3's extendable output keyed by a secret. A node
+/// draws its deals and complaints from one keyed by its secret and the round, so a node that
+/// restarts deals again exactly what it dealt (never two different deals of one round).
+pub struct XofRng(blake3::OutputReader);
+
+impl XofRng {
+    /// The generator of `secret` for `purpose`.
+    pub fn new(secret: &[u8; 32], purpose: &[u8]) -> XofRng {
+        let mut h = blake3::Hasher::new_keyed(secret);
+        h.update(purpose);
+        XofRng(h.finalize_xof())
+    }
+
+    /// The generator a node draws from for `what` (about `about`) in the round of `epoch`.
+    pub fn of_node(key: &crate::crypto::Keypair, what: &str, epoch: Epoch, about: &[u8]) -> XofRng {
+        let mut purpose = b"dbqsfs 2026-12 ms key: ".to_vec();
+        purpose.extend_from_slice(what.as_bytes());
+        purpose.extend_from_slice(&epoch.to_le_bytes());
+        purpose.extend_from_slice(about);
+        XofRng::new(&key.scalar_bytes(), &purpose)
+    }
+}
+
+impl RngCore for XofRng {
+    fn next_u32(&mut self) -> u32 {
+        let mut b = [0; 4];
+        self.0.fill(&mut b);
+        u32::from_le_bytes(b)
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0; 8];
+        self.0.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill(dest);
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core06::Error> {
+        self.0.fill(dest);
+        Ok(())
+    }
+}
+
+impl CryptoRng for XofRng {}
 
 impl Drop for SealKey {
     fn drop(&mut self) {
@@ -256,6 +316,7 @@ impl Drop for SealKey {
 }
 
 /// One member's share of one epoch's sharing. The scalar is private and wiped when dropped.
+#[derive(Clone)]
 pub struct KeyShare {
     pub public: PublicShares,
     pub position: usize,
@@ -273,10 +334,40 @@ impl KeyShare {
             == Some(bytes(&EdwardsPoint::mul_base(&self.secret)))
     }
 
+    /// The share as the node persists it (secret: keep it with the node's key).
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let stored = (&self.public, self.position as u32, self.secret.to_bytes());
+        zeroize::Zeroizing::new(postcard::to_stdvec(&stored).expect("shares always encode"))
+    }
+
+    /// A share persisted by [`KeyShare::to_bytes`], checked against its verifying share.
+    pub fn from_bytes(b: &[u8]) -> Result<KeyShare, KeyError> {
+        let (public, position, secret): (PublicShares, u32, [u8; 32]) =
+            postcard::from_bytes(b).map_err(|_| KeyError::Malformed("unreadable share"))?;
+        let secret = scalar(&secret).ok_or(KeyError::Malformed("unreadable share"))?;
+        let share = KeyShare {
+            public,
+            position: position as usize,
+            secret,
+        };
+        share.is_valid().then_some(share).ok_or(KeyError::Malformed(
+            "the share does not match its verifying share",
+        ))
+    }
+
     /// The share's scalar, for the simulator's model of what a coalition knows.
     #[cfg(feature = "mutants")]
     pub fn secret_bytes(&self) -> [u8; 32] {
         self.secret.to_bytes()
+    }
+}
+
+impl std::fmt::Debug for KeyShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyShare")
+            .field("epoch", &self.public.epoch)
+            .field("position", &self.position)
+            .finish_non_exhaustive()
     }
 }
 
@@ -332,6 +423,7 @@ pub fn deal<R: RngCore + CryptoRng>(
 }
 
 /// A deal the transcript accepted, decoded.
+#[derive(Clone, Debug)]
 struct Accepted {
     dealer: usize,
     commitments: Vec<EdwardsPoint>,
@@ -349,6 +441,7 @@ pub enum Applied {
 
 /// A round's ordered operations, as every member of the agreement holds them, and what follows
 /// from them: the qualified deals, the new public shares, each receiver's share.
+#[derive(Clone, Debug)]
 pub struct Transcript {
     round: Round,
     seals: Vec<EdwardsPoint>,
