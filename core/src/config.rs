@@ -3,7 +3,9 @@
 //! A configuration of epoch `e` lists the parameters, the members sorted by node id (the ring), the
 //! MS committee of `e`, and the hash of configuration `e-1`. The genesis configuration (epoch 0) is
 //! trusted by its hash, which is the cluster id. Every later configuration carries a [`Certificate`]:
-//! `2f_ms+1` signatures of the committee of `e-1` over its hash. Holding the genesis configuration is
+//! `2f_ms+1` signatures of the committee of `e-1` over its hash, or, once configuration `e-1`
+//! carries the MS's threshold key, one signature under that key (the same key for the life of the
+//! cluster), which that committee makes together. Holding the genesis configuration is
 //! therefore enough to verify any chain of configurations, and a faulty relay can delay
 //! configurations but never forge them.
 //!
@@ -130,6 +132,8 @@ pub enum ConfigError {
     NotOurGenesis,
     #[error("the MS key it carries is not the one the committee before held, or changed")]
     WrongKey,
+    #[error("the certificate has no valid signature under the MS key")]
+    BadKeySignature,
 }
 
 /// The BLAKE3 key-derivation context of [`Configuration::hash`] (pieces of a configuration are
@@ -253,11 +257,17 @@ impl Configuration {
     }
 }
 
-/// Signatures of a committee over a configuration hash. A later issue replaces the list with one
-/// threshold signature; users only call [`CertifiedConfig::verify_successor`].
+/// What certifies a configuration hash: the signatures of the committee before, or, once the
+/// configuration before carries the MS key, one signature under it. Users only call
+/// [`CertifiedConfig::verify_successor`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Certificate {
+    /// Committee members' signatures: the certificate of a configuration whose predecessor
+    /// carries no MS key (the first ones).
     pub signatures: Vec<(NodeId, Signature)>,
+    /// One signature under the MS key: the certificate of a configuration whose predecessor
+    /// carries the key (`ms::threshold`).
+    pub threshold: Option<Signature>,
 }
 
 /// A configuration with the certificate that lets anyone holding its predecessor accept it.
@@ -285,7 +295,10 @@ impl CertifiedConfig {
             .collect();
         CertifiedConfig {
             config,
-            cert: Certificate { signatures },
+            cert: Certificate {
+                signatures,
+                threshold: None,
+            },
         }
     }
 
@@ -313,7 +326,22 @@ impl Certificate {
     /// Whether `2f_ms+1` distinct members of `prev`'s committee signed `hash` (the hash of the
     /// configuration that follows `prev`). Lets a node check a configuration's hash before it
     /// holds the configuration (a transfer in pieces).
+    ///
+    /// Once `prev` carries the MS key, the certificate is one signature under that key instead:
+    /// one verification, whatever the epoch.
     pub fn verify_for(&self, hash: &ConfigHash, prev: &Configuration) -> Result<(), ConfigError> {
+        if let Some(key) = prev.key.as_ref().and_then(|k| k.commitments.first()) {
+            return match &self.threshold {
+                Some(sig)
+                    if PublicKey(*key)
+                        .verify(Domain::Configuration, hash, sig)
+                        .is_ok() =>
+                {
+                    Ok(())
+                }
+                _ => Err(ConfigError::BadKeySignature),
+            };
+        }
         let mut signers = BTreeSet::new();
         for (id, sig) in &self.signatures {
             if !prev.committee.contains(id) || signers.contains(id) {

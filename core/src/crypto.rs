@@ -77,6 +77,8 @@ pub enum Domain {
     Freshness,
     /// An owner's hold or release of a content block: (id, seq, hold).
     BlockRef,
+    /// A committee member's FROST signature share, over the package it answers.
+    KeySign,
 }
 
 impl Domain {
@@ -89,10 +91,12 @@ impl Domain {
             Domain::Agreement => b"agreement",
             Domain::Freshness => b"freshness",
             Domain::BlockRef => b"block-ref",
+            Domain::KeySign => b"key-sign",
         }
     }
 
-    fn message(self, body: &[u8]) -> Vec<u8> {
+    /// The bytes a signature in this domain covers.
+    pub fn message(self, body: &[u8]) -> Vec<u8> {
         const PREFIX: &[u8] = b"dbqsfs/sig/v1/";
         let ctx = self.context();
         let mut m = Vec::with_capacity(PREFIX.len() + ctx.len() + 1 + body.len());

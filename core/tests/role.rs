@@ -31,6 +31,7 @@ fn setup(key: &Keypair, config: &Configuration) -> Setup {
         admission_key: Keypair::from_seed([99; 32]).public(),
         opts: agreement_options(config),
         epoch_timer: false,
+        seed: [3; 32],
     }
 }
 

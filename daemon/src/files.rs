@@ -138,6 +138,9 @@ impl JoinTicket {
     }
 }
 
+/// What to tell about a configuration an older version wrote.
+pub const OLDER_FORMAT: &str = "a cluster made before configurations carried the MS's threshold key (dbqsfs of 2026-12-07 and older) cannot be read by this version: make a new cluster and copy the files over";
+
 pub fn encode_genesis(g: &CertifiedConfig) -> String {
     hex::encode(postcard::to_stdvec(g).expect("configurations encode"))
 }
@@ -146,8 +149,12 @@ pub fn decode_genesis(path: &Path, hex: &str) -> Result<CertifiedConfig, FileErr
     let bytes = hex::decode(hex.trim())
         .ok()
         .ok_or_else(|| FileError::invalid(path, "genesis is not hex"))?;
-    postcard::from_bytes(&bytes)
-        .map_err(|e| FileError::invalid(path, format!("genesis does not decode: {e}")))
+    postcard::from_bytes(&bytes).map_err(|e| {
+        FileError::invalid(
+            path,
+            format!("genesis does not decode ({e}); {OLDER_FORMAT}"),
+        )
+    })
 }
 
 pub fn decode_public(path: &Path, hex: &str) -> Result<PublicKey, FileError> {

@@ -172,6 +172,9 @@ async fn epochs_go_on_after_whole_cluster_restarts_and_a_double_kill_then_a_join
     );
     assert!(chain.epoch() >= 10, "only {} epochs", chain.epoch());
     assert!(committees.len() >= 2, "the committee never changed");
+    // One MS key through every restart and committee change: generated in epoch 0, carried by
+    // every later configuration, and from epoch 2 on the only thing that certifies one.
+    assert_ms_key_held(&chain);
 
     // Nobody signed two different statements for one slot: a correct member holding two would
     // have reported them as evidence of misbehaviour.
@@ -187,6 +190,27 @@ async fn epochs_go_on_after_whole_cluster_restarts_and_a_double_kill_then_a_join
                 !log.contains("sitting this epoch's agreement out"),
                 "node {i} sat an agreement out; logs in {}",
                 cluster.dir.display()
+            );
+        }
+    }
+}
+
+/// Every configuration from epoch 1 on carries the same MS key, and every one from epoch 2 on is
+/// certified by one signature under it (no committee signatures).
+fn assert_ms_key_held(chain: &dbqsfs_core::config::ConfigChain) {
+    let key = chain
+        .get(1)
+        .and_then(|c| c.config.key.as_ref())
+        .map(|k| k.commitments[0])
+        .expect("configuration 1 carries the MS key");
+    for e in 1..=chain.epoch() {
+        let Some(c) = chain.get(e) else { continue };
+        let carried = c.config.key.as_ref().map(|k| k.commitments[0]);
+        assert_eq!(carried, Some(key), "epoch {e} carries another MS key");
+        if e >= 2 {
+            assert!(
+                c.cert.threshold.is_some() && c.cert.signatures.is_empty(),
+                "epoch {e} is not certified under the MS key"
             );
         }
     }
@@ -248,6 +272,8 @@ async fn a_member_away_for_eight_epochs_catches_up_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // What it caught up with is certified under the one MS key, one verification each.
+    assert_ms_key_held(&client.refresh().await);
     // Everyone holds the same configuration of the newest epoch they agree on.
     let newest = client.refresh().await.epoch();
     cluster

@@ -2114,6 +2114,7 @@ fn role_setup(
         admission_key: admission,
         opts: opts.clone(),
         epoch_timer: false,
+        seed: [3; 32],
     }
 }
 

@@ -308,8 +308,8 @@ impl Membership {
                 let Some(key) = self.key.as_mut() else {
                     return Executed::Ignored("this configuration makes no round of the key");
                 };
-                if key.apply(&from, &op).is_err() {
-                    return Executed::Ignored("key operation refused by the round");
+                if let Err(e) = key.apply(&from, &op) {
+                    return Executed::Ignored(e.reason());
                 }
                 self.end_if_due(seed)
             }
@@ -463,6 +463,7 @@ impl CertificateCollector {
             config: self.next.clone(),
             cert: Certificate {
                 signatures: self.signatures.iter().map(|(id, s)| (*id, *s)).collect(),
+                threshold: None,
             },
         })
     }

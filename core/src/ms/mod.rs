@@ -32,6 +32,8 @@
 //!   whom it forwards them to.
 //! - [`key`]: the MS's threshold key: its shares dealt to each committee in turn, checked with
 //!   evidence against cheating dealers, and FROST signing under one key.
+//! - [`threshold`]: the next configuration certified under the MS key by the committee together
+//!   (FROST's two rounds in attempts, one aggregator each).
 //! - [`tree`]: the push tree that disseminates each certified configuration.
 //! - [`wire`]: the MS's messages beside the agreement's.
 
@@ -47,5 +49,6 @@ pub mod probe;
 pub mod role;
 pub mod shares;
 pub mod submissions;
+pub mod threshold;
 pub mod tree;
 pub mod wire;

@@ -164,6 +164,8 @@ pub struct MsNode {
     nonces: u64,
     /// Its shares of the MS key and its part in the rounds that move it.
     key_member: KeyMember,
+    /// When to ask again for the deals of a round whose share this node misses.
+    key_ask_at: u64,
     out: VecDeque<Output>,
 }
 
@@ -181,6 +183,7 @@ impl MsNode {
         let follower = Follower::new(key.node_id(), config.epoch, opts.pull_ms, now);
         MsNode {
             key_member: KeyMember::new(key.clone(), shares),
+            key_ask_at: u64::MAX,
             submissions: Submissions::new(opts.resubmit_ms),
             follower,
             key,
@@ -267,6 +270,7 @@ impl MsNode {
         if self.prober.is_some() {
             t = t.min(self.next_probe);
         }
+        t = t.min(self.key_ask_at);
         if let Some(w) = &self.whole {
             t = t.min(w.until);
             if let Some(d) = w.download.as_ref().and_then(Download::next_deadline) {
@@ -330,7 +334,7 @@ impl MsNode {
         if self.role.as_ref().is_some_and(|r| r.epoch() != epoch) || start_role {
             self.role = None;
             if start_role {
-                self.start_role(config, resume, now);
+                self.start_role(config, resume, nonce_seed, now);
             }
         }
         if !member {
@@ -353,14 +357,30 @@ impl MsNode {
                 });
             }
         }
-        if let Some(op) = self.key_member.enter(config) {
+        self.deal(now);
+        self.sync_key();
+        self.pump();
+    }
+
+    /// This node's deal in the round of the epoch it is in, if it is a dealer; if it misses
+    /// the share it must deal from, it asks the other receivers of that round for its deals.
+    fn deal(&mut self, now: u64) {
+        let epoch = self.config.epoch;
+        if let Some(op) = self.key_member.enter(&self.config) {
+            self.key_ask_at = u64::MAX;
             self.want(MsOp::Key {
                 epoch,
                 op: Box::new(op),
             });
+        } else if let Some((round, others)) = self.key_member.missing(&self.config) {
+            self.key_ask_at = now.saturating_add(KEY_ASK_MS);
+            for to in others {
+                self.out.push_back(Output::Request {
+                    to,
+                    msg: MsMessage::KeyRoundAsk { epoch: round },
+                });
+            }
         }
-        self.sync_key();
-        self.pump();
     }
 
     /// The node's part as a receiver of its role's round of the MS key (complaints, its share),
@@ -383,12 +403,19 @@ impl MsNode {
         for op in ops {
             self.want(op);
         }
+        if let Some(role) = self.role.as_mut() {
+            if !role.has_key_share() {
+                if let Some(share) = self.key_member.holder().for_signing(role.epoch()) {
+                    role.offer_key_share(share);
+                }
+            }
+        }
         if let Some(shares) = self.key_member.take_changed() {
             self.out.push_back(Output::KeyShares(shares));
         }
     }
 
-    fn start_role(&mut self, config: &Configuration, resume: Resume<'_>, now: u64) {
+    fn start_role(&mut self, config: &Configuration, resume: Resume<'_>, seed: [u8; 32], now: u64) {
         let resumed = matches!(resume, Resume::Saved { .. });
         let setup = Setup {
             key: self.key.clone(),
@@ -396,6 +423,7 @@ impl MsNode {
             config: config.clone(),
             admission_key: self.opts.admission_key,
             epoch_timer: self.opts.epoch_timer,
+            seed: *blake3::keyed_hash(&seed, b"frost nonces").as_bytes(),
         };
         let (role, sat_out) = Role::new(setup, resume, now);
         self.out.push_back(Output::Event(Event::Role {
@@ -450,6 +478,10 @@ impl MsNode {
     pub fn on_timer(&mut self, now: u64, wall_ms: u64, rotate: u64, seq_floor: u64) {
         if self.whole.is_some() {
             self.ask_pieces(now);
+        }
+        if now >= self.key_ask_at {
+            self.key_ask_at = u64::MAX;
+            self.deal(now);
         }
         let due = now >= self.follower.next_timer();
         if let Some(action) = self.follower.on_timer(now, &self.config, rotate) {
@@ -536,6 +568,9 @@ impl MsNode {
     /// for batches); returns the answer, if any. The driver answers the others itself.
     pub fn on_message(&mut self, now: u64, from: NodeId, msg: MsMessage) -> Option<MsMessage> {
         let answer = match (self.role.as_mut(), msg) {
+            (_, MsMessage::KeyRoundAsk { epoch }) => Some(MsMessage::KeyRound(
+                self.key_member.round_deals(epoch).cloned().map(Box::new),
+            )),
             (None, MsMessage::Submit(_)) => Some(MsMessage::Refused {
                 reason: "not running this epoch's agreement".into(),
             }),
@@ -546,6 +581,18 @@ impl MsNode {
                 .map(|reason| MsMessage::Refused { reason }),
             (Some(role), MsMessage::ConfigShare { epoch, hash, sig }) => {
                 role.on_config_share(from, epoch, hash, sig);
+                None
+            }
+            (
+                Some(role),
+                MsMessage::KeySign {
+                    epoch,
+                    hash,
+                    attempt,
+                    step,
+                },
+            ) => {
+                role.on_key_sign(from, epoch, hash, attempt, step);
                 None
             }
             (
@@ -573,6 +620,10 @@ impl MsNode {
     pub fn on_answer(&mut self, now: u64, from: NodeId, msg: MsMessage) {
         self.follower.answered(from, now);
         match msg {
+            MsMessage::KeyRound(Some(deals)) if self.key_member.recover(&self.config, &deals) => {
+                self.deal(now);
+                self.sync_key();
+            }
             MsMessage::Chain {
                 configs,
                 freshness,
@@ -860,6 +911,9 @@ impl MsNode {
         }
     }
 }
+
+/// How often a node that misses the share it must deal from asks for the round's deals again.
+const KEY_ASK_MS: u64 = 2_000;
 
 /// The longest a configuration fetched whole may take.
 const WHOLE_DEADLINE_MS: u64 = 60_000;

@@ -29,10 +29,12 @@
 //! to the digest the agreement certified.
 
 use super::app::{App, OutOfOrder, Outcome};
+use super::key::KeyShare;
 use super::membership::{Executed, Membership, MsOp};
 use super::pbft::{Agreement, Digest, Options, Output, Request, SeqNo, View};
 use super::shares::{FreshnessShares, NextConfig};
-use super::wire::MsMessage;
+use super::threshold::{SignOut, ThresholdSigning};
+use super::wire::{MsMessage, SignStep};
 use crate::config::{CertifiedConfig, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
@@ -106,6 +108,8 @@ pub struct Setup {
     /// Whether the epoch timer proposes the end of the epoch (a driver that submits it itself,
     /// as the simulator's scripted clients do, turns it off).
     pub epoch_timer: bool,
+    /// A fresh secret (never the same twice, across restarts too) for the nonces of FROST.
+    pub seed: [u8; 32],
 }
 
 /// The agreement options nodes run an epoch's agreement with.
@@ -148,6 +152,16 @@ pub struct Role {
     /// member short of a certificate).
     share: Option<MsMessage>,
     next_share: u64,
+    /// A fresh secret for the nonces of FROST signing.
+    seed: [u8; 32],
+    /// This member's share of the MS key for this epoch, once its node holds it.
+    key_share: Option<KeyShare>,
+    /// The next configuration waiting for `key_share` to be certified under the MS key.
+    waiting: Option<Configuration>,
+    /// Its certification under the MS key, once started.
+    threshold: Option<ThresholdSigning>,
+    /// Signing messages that came before this member started signing (bounded).
+    early: Vec<(NodeId, u32, SignStep)>,
     /// The latest time an input brought.
     now: u64,
     actions: VecDeque<Action>,
@@ -155,6 +169,8 @@ pub struct Role {
 
 /// How often a member sends its signature over the next configuration again.
 pub const SHARE_RESEND_MS: u64 = 1_000;
+/// Signing messages kept before this member starts signing.
+const EARLY_SIGN_STEPS: usize = 64;
 
 /// What a member persists beside the agreement's durable state.
 #[derive(Serialize, Deserialize)]
@@ -181,6 +197,7 @@ impl Role {
             admission_key,
             opts,
             epoch_timer,
+            seed,
         } = setup;
         let start = Membership::new(config.clone(), admission_key, opts.max_batch);
         let keys = committee_keys(&config);
@@ -199,6 +216,11 @@ impl Role {
             next_fresh: now,
             share: None,
             next_share: u64::MAX,
+            seed,
+            key_share: None,
+            waiting: None,
+            threshold: None,
+            early: Vec::new(),
             now,
             actions: VecDeque::new(),
         };
@@ -304,6 +326,9 @@ impl Role {
     /// The earliest time at which [`Role::on_timer`] has work to do.
     pub fn next_timer(&self) -> Option<u64> {
         let mut t = self.next_fresh.min(self.next_share);
+        if let Some(th) = &self.threshold {
+            t = t.min(th.next_timer());
+        }
         if self.epoch_timer {
             t = t.min(self.end_at);
         }
@@ -383,6 +408,91 @@ impl Role {
         }
     }
 
+    /// This member's share of the MS key for this epoch (its node passes it once it holds it):
+    /// the next configuration, if the epoch already ended, is certified with it.
+    pub fn offer_key_share(&mut self, share: &KeyShare) {
+        if self.key_share.is_some() || share.epoch() != self.config.epoch {
+            return;
+        }
+        self.key_share = Some(share.clone());
+        self.start_threshold();
+    }
+
+    /// The certification of the next configuration under the MS key, once started.
+    pub fn threshold(&self) -> Option<&ThresholdSigning> {
+        self.threshold.as_ref()
+    }
+
+    /// Whether this role holds its share of the MS key.
+    pub fn has_key_share(&self) -> bool {
+        self.key_share.is_some()
+    }
+
+    /// A step of certifying the next configuration under the MS key, from committee member
+    /// `from`.
+    pub fn on_key_sign(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        hash: crate::config::ConfigHash,
+        attempt: u32,
+        step: SignStep,
+    ) {
+        if epoch != self.config.epoch + 1 {
+            return;
+        }
+        match self.threshold.as_mut() {
+            Some(th) => {
+                if th.done().map(|cc| cc.config.hash()).unwrap_or(hash) != hash {
+                    return;
+                }
+                let out = th.on_step(self.now, from, attempt, step);
+                self.sign_out(out);
+            }
+            None => {
+                if self.early.len() < EARLY_SIGN_STEPS {
+                    self.early.push((from, attempt, step));
+                }
+            }
+        }
+    }
+
+    /// Starts certifying the next configuration under the MS key once the epoch ended here and
+    /// this member holds its share.
+    fn start_threshold(&mut self) {
+        if self.threshold.is_some() {
+            return;
+        }
+        let (Some(next), Some(share)) = (self.waiting.clone(), self.key_share.clone()) else {
+            return;
+        };
+        let (th, out) = ThresholdSigning::start(
+            self.key.clone(),
+            self.config.clone(),
+            next,
+            share,
+            self.seed,
+            self.now,
+        );
+        self.threshold = Some(th);
+        self.sign_out(out);
+        for (from, attempt, step) in std::mem::take(&mut self.early) {
+            if let Some(th) = self.threshold.as_mut() {
+                let out = th.on_step(self.now, from, attempt, step);
+                self.sign_out(out);
+            }
+        }
+    }
+
+    fn sign_out(&mut self, out: Vec<SignOut>) {
+        for o in out {
+            self.actions.push_back(match o {
+                SignOut::Send { to, msg } => Action::Send { to, msg },
+                SignOut::Certified(cc) => Action::Certified(cc),
+            });
+        }
+    }
+
     /// A committee member's freshness share.
     pub fn on_fresh_share(
         &mut self,
@@ -446,6 +556,10 @@ impl Role {
             a.handle_timeout(now);
         }
         self.pump();
+        if let Some(th) = self.threshold.as_mut() {
+            let out = th.on_timer(now);
+            self.sign_out(out);
+        }
         let params = self.config.params.clone();
         let epoch = self.config.epoch;
         if self.epoch_timer && now >= self.end_at {
@@ -594,8 +708,16 @@ impl Role {
         }
     }
 
-    /// The epoch ended here with `next`: sign it, send the signature to the other members.
+    /// The epoch ended here with `next`: sign it, send the signature to the other members (or,
+    /// once this configuration carries the MS key, certify it under the key with the others).
     fn epoch_ended(&mut self, next: Configuration) {
+        if self.config.key.is_some() {
+            if self.waiting.is_none() {
+                self.waiting = Some(next);
+                self.start_threshold();
+            }
+            return;
+        }
         let hash = next.hash();
         let Some((sig, done)) = self.next.end(self.config.clone(), next, &self.key) else {
             return;

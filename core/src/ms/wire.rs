@@ -6,6 +6,7 @@
 //! use (configurations and freshness certificates are self-certifying).
 
 use super::delta::CertifiedDelta;
+use super::key::RoundDeals;
 use super::membership::Pending;
 use super::pbft::{Request, SeqNo, View};
 use super::pieces::ConfigHead;
@@ -161,6 +162,46 @@ pub enum MsMessage {
         index: u32,
         bytes: Vec<u8>,
     },
+    /// Asks for the qualified deals of the MS key's round of `epoch` (a receiver that missed it).
+    KeyRoundAsk {
+        epoch: Epoch,
+    },
+    /// The answer to [`MsMessage::KeyRoundAsk`] (`None`: not held).
+    KeyRound(Option<Box<RoundDeals>>),
+    /// A step of certifying the configuration of `epoch` (hash `hash`) under the MS key, in
+    /// attempt `attempt` ([`super::threshold`]).
+    KeySign {
+        epoch: Epoch,
+        hash: ConfigHash,
+        attempt: u32,
+        step: SignStep,
+    },
+}
+
+/// The steps of FROST signing between committee members ([`super::threshold`]); the FROST
+/// values travel in their own serialization.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SignStep {
+    /// A signer's nonce commitments, to the attempt's aggregator.
+    Commit(Vec<u8>),
+    /// A session's signing package, from the aggregator to the signers in it.
+    Package { session: u32, package: Vec<u8> },
+    /// A signature share for a session, signed by its sender over the package's digest, with
+    /// the sender's next commitment.
+    Share {
+        session: u32,
+        share: Vec<u8>,
+        sig: Signature,
+        next: Vec<u8>,
+    },
+    /// The package and every signed share of an attempt that did not aggregate: evidence
+    /// against the members whose shares are wrong.
+    Cheaters {
+        package: Vec<u8>,
+        shares: Vec<(NodeId, Vec<u8>, Signature)>,
+    },
+    /// The aggregate signature: the certificate.
+    Done(Signature),
 }
 
 impl Protocol for MsMessage {
@@ -198,4 +239,8 @@ pub struct MsStatus {
     pub last_view_change: Option<(Epoch, View)>,
     /// Requests executed in this epoch (duplicates excluded), for benchmarks.
     pub requests_executed: u64,
+    /// The MS key, once a configuration carries it.
+    pub ms_key: Option<[u8; 32]>,
+    /// The epochs whose sharing of the MS key this node holds a share of.
+    pub key_shares: Vec<Epoch>,
 }

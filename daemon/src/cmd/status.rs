@@ -145,9 +145,24 @@ impl Report {
                         ids(&pending.guilty),
                         pending.end_votes
                     );
+                    println!(
+                        "MS key: moved to this committee by {} of the {} deals needed",
+                        pending.key_dealt.min(pending.key_needed),
+                        pending.key_needed
+                    );
                 }
             }
             None => println!("agreement: no committee member answered"),
+        }
+        match &config.key {
+            Some(k) => println!(
+                "MS key {} (certificates of later epochs are one signature under it)",
+                k.commitments
+                    .first()
+                    .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>())
+                    .unwrap_or_default()
+            ),
+            None => println!("MS key: not generated yet (certificates are committee signatures)"),
         }
         println!("(C: committee member; probes: what the probes of the member's watchers, the 3f+1 members before it on the ring, say)");
         let mut transfers = Vec::new();
@@ -249,6 +264,8 @@ impl Report {
                     "suspected": pd.suspected.iter().map(|(id, n)| json!([id.to_hex(), n])).collect::<Vec<_>>(),
                     "guilty": ids(&pd.guilty),
                     "end_votes": pd.end_votes,
+                    "key_dealt": pd.key_dealt,
+                    "key_needed": pd.key_needed,
                 })),
             })
         });
@@ -263,6 +280,7 @@ impl Report {
                 "freshness_ms": p.freshness_ms,
             },
             "agreement": agreement,
+            "ms_key": config.key.as_ref().and_then(|k| k.commitments.first()).map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>()),
             "members": members,
         })
     }

@@ -137,6 +137,8 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
         }
         msg @ (MsMessage::Submit(_)
         | MsMessage::ConfigShare { .. }
+        | MsMessage::KeySign { .. }
+        | MsMessage::KeyRoundAsk { .. }
         | MsMessage::FreshShare { .. }
         | MsMessage::Batches { .. }
         | MsMessage::StatusRequest
@@ -149,6 +151,7 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
         | MsMessage::Leaving { .. }
         | MsMessage::Head(_)
         | MsMessage::Piece { .. }
+        | MsMessage::KeyRound(_)
         | MsMessage::Refused { .. } => None,
     };
     answer.map(|m| encode_msg(epoch, m))

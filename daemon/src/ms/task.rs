@@ -236,6 +236,18 @@ impl Task {
             freshness_ms: self.shared.epochs.freshness().map(|f| f.time_ms),
             leaving: self.node.leaving(),
             last_view_change: self.node.last_view_change(),
+            ms_key: config
+                .key
+                .as_ref()
+                .and_then(|k| k.commitments.first().copied()),
+            key_shares: self
+                .node
+                .key_member()
+                .holder()
+                .held()
+                .iter()
+                .map(|s| s.epoch())
+                .collect(),
             ..MsStatus::default()
         };
         if let Some(role) = self.node.role() {
@@ -487,6 +499,9 @@ fn log(event: Event) {
             for o in outcomes {
                 match o.executed {
                     Executed::Accepted => debug!(op = ?o.op, "MS operation executed"),
+                    Executed::Ignored(why) if matches!(o.op, MsOp::Key { .. }) => {
+                        warn!(why, "an operation of the MS key's round was ignored")
+                    }
                     Executed::Ignored(why) => debug!(op = ?o.op, why, "MS operation ignored"),
                     Executed::EpochEnded(next) => info!(
                         epoch = next.epoch,

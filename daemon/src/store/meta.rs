@@ -44,8 +44,9 @@ impl DiskStore {
                 let (epoch, v) = entry.map_err(db_err)?;
                 let c: CertifiedConfig = postcard::from_bytes(v.value()).map_err(|e| {
                     StoreError::Io(format!(
-                        "the configuration of epoch {} is unreadable: {e}",
-                        epoch.value()
+                        "the configuration of epoch {} is unreadable ({e}); {}",
+                        epoch.value(),
+                        crate::files::OLDER_FORMAT
                     ))
                 })?;
                 rows.push(c);

@@ -45,7 +45,8 @@ use dbqsfs_core::ms::pbft::{batch_digest, AgreementMessage, Commit, PrePrepare, 
 use dbqsfs_core::ms::pieces::{piece, ConfigHead};
 use dbqsfs_core::ms::probe::probe_body;
 use dbqsfs_core::ms::role::Resume;
-use dbqsfs_core::ms::wire::{is_ms, MsMessage};
+use dbqsfs_core::ms::threshold::share_statement;
+use dbqsfs_core::ms::wire::{is_ms, MsMessage, SignStep};
 use dbqsfs_core::wire::{decode, encode_msg, within, Protocol};
 use std::collections::BTreeMap;
 
@@ -556,7 +557,7 @@ impl Sim {
                 }
                 Output::Send { to, msg } => {
                     let msg = if lie == Some(Lie::Liar) {
-                        self.ms_lie_share(msg)
+                        self.ms_lie_share(n, msg)
                     } else {
                         msg
                     };
@@ -697,8 +698,81 @@ impl Sim {
 
     /// A lying member's share: the certificate share names another configuration than the one
     /// signed, the freshness share another time.
-    fn ms_lie_share(&mut self, msg: MsMessage) -> MsMessage {
+    fn ms_lie_share(&mut self, n: usize, msg: MsMessage) -> MsMessage {
         match msg {
+            // A wrong signature share, signed as its own (the evidence that convicts it).
+            MsMessage::KeySign {
+                epoch,
+                hash,
+                attempt,
+                step:
+                    SignStep::Share {
+                        session,
+                        mut share,
+                        next,
+                        ..
+                    },
+            } => {
+                if let Some(b) = share.first_mut() {
+                    *b ^= 1;
+                }
+                let package = self
+                    .ms()
+                    .nodes
+                    .get(&n)
+                    .and_then(|m| m.role()?.threshold()?.last_package(attempt))
+                    .unwrap_or_default();
+                let sig = self.nodes[n].key.sign(
+                    Domain::KeySign,
+                    &share_statement(epoch, attempt, &package, &share),
+                );
+                MsMessage::KeySign {
+                    epoch,
+                    hash,
+                    attempt,
+                    step: SignStep::Share {
+                        session,
+                        share,
+                        sig,
+                        next,
+                    },
+                }
+            }
+            // A package or a certificate that is not the real one.
+            MsMessage::KeySign {
+                epoch,
+                hash,
+                attempt,
+                step:
+                    SignStep::Package {
+                        session,
+                        mut package,
+                    },
+            } => {
+                if let Some(b) = package.last_mut() {
+                    *b ^= 1;
+                }
+                MsMessage::KeySign {
+                    epoch,
+                    hash,
+                    attempt,
+                    step: SignStep::Package { session, package },
+                }
+            }
+            MsMessage::KeySign {
+                epoch,
+                hash,
+                attempt,
+                step: SignStep::Done(mut sig),
+            } => {
+                sig.0[0] ^= 1;
+                MsMessage::KeySign {
+                    epoch,
+                    hash,
+                    attempt,
+                    step: SignStep::Done(sig),
+                }
+            }
             MsMessage::ConfigShare { epoch, sig, .. } => MsMessage::ConfigShare {
                 epoch,
                 hash: self.ms().rng.seed32(),
@@ -980,6 +1054,28 @@ impl Sim {
                 epoch - 1
             )),
             _ => {}
+        }
+        let convicted: Vec<NodeId> = self
+            .ms()
+            .nodes
+            .get(&n)
+            .and_then(|m| {
+                m.role()?
+                    .threshold()
+                    .map(|t| t.cheaters().iter().copied().collect())
+            })
+            .unwrap_or_default();
+        for c in convicted {
+            if self
+                .nodes
+                .iter()
+                .any(|x| x.key.node_id() == c && x.byz.is_none())
+            {
+                self.violation(format!(
+                    "MS: node {n} holds correct node {} a cheater in signing epoch {epoch}",
+                    c.short()
+                ));
+            }
         }
         let hash = cc.config.hash();
         match self.ms().certified.insert(epoch, hash) {

@@ -14,7 +14,9 @@
 //! Fault model: the transcript refuses what Byzantine dealers and receivers send; what this
 //! reads of it is what every correct member reads.
 
-use super::{deal, Holder, KeyOp, KeyShare, Round, SealKey, Transcript, XofRng};
+use super::{
+    deal, recover_share, Holder, KeyOp, KeyShare, Round, RoundDeals, SealKey, Transcript, XofRng,
+};
 use crate::config::{Configuration, Epoch};
 use crate::crypto::{Keypair, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,8 +56,13 @@ pub struct KeyMember {
     checked: BTreeSet<(Epoch, NodeId)>,
     /// The qualified dealers each held share was computed from.
     computed: BTreeMap<Epoch, Vec<NodeId>>,
+    /// The qualified deals of the newest rounds this node saw, for receivers that missed them.
+    rounds: BTreeMap<Epoch, RoundDeals>,
     changed: bool,
 }
+
+/// Rounds whose qualified deals a node keeps for others.
+const ROUNDS_KEPT: usize = 2;
 
 impl KeyMember {
     /// The part of `node`, holding the shares it persisted.
@@ -72,6 +79,7 @@ impl KeyMember {
             dealt: None,
             checked: BTreeSet::new(),
             computed: BTreeMap::new(),
+            rounds: BTreeMap::new(),
             changed: false,
         }
     }
@@ -125,6 +133,12 @@ impl KeyMember {
                 ops.push(KeyOp::Complaint(complaint));
             }
         }
+        if let Some(deals) = round.qualified_deals() {
+            self.rounds.insert(epoch, deals);
+            while self.rounds.len() > ROUNDS_KEPT {
+                self.rounds.pop_first();
+            }
+        }
         if let Some(qualified) = round.qualified_dealers() {
             if self.computed.get(&epoch) != Some(&qualified) {
                 if let Ok(share) = round.share(&self.me, &self.seal) {
@@ -135,6 +149,49 @@ impl KeyMember {
             }
         }
         ops
+    }
+
+    /// The qualified deals of the round of `epoch`, if this node saw it qualify.
+    pub fn round_deals(&self, epoch: Epoch) -> Option<&RoundDeals> {
+        self.rounds.get(&epoch)
+    }
+
+    /// The round whose share this node misses though it must deal from it in `config`'s round
+    /// (it was a receiver of the round before but did not see it: it was down, cut off, or
+    /// behind), and whom to ask for its deals.
+    pub fn missing(&self, config: &Configuration) -> Option<(Epoch, Vec<NodeId>)> {
+        let public = config.key.as_ref()?;
+        if !public.members.contains(&self.me)
+            || self.holder.held().iter().any(|s| s.public == *public)
+        {
+            return None;
+        }
+        let others = public
+            .members
+            .iter()
+            .filter(|m| **m != self.me)
+            .copied()
+            .collect();
+        Some((public.epoch, others))
+    }
+
+    /// Deals of the round `config` carries the sharing of, as another node gave them: the share
+    /// is recovered if they make it. Returns whether it was.
+    pub fn recover(&mut self, config: &Configuration, deals: &RoundDeals) -> bool {
+        let Some(public) = config.key.as_ref() else {
+            return false;
+        };
+        let Some(position) = public.members.iter().position(|m| *m == self.me) else {
+            return false;
+        };
+        match recover_share(public, position, &self.seal, deals) {
+            Ok(share) => {
+                self.holder.install(share);
+                self.changed = true;
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// The shares to persist (replacing what was persisted), if they changed since last asked.

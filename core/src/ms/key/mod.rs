@@ -227,6 +227,81 @@ pub enum KeyError {
     NoShare,
 }
 
+impl KeyError {
+    /// Why, in a few static words (for an operation the MS ignores).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyError::BadRound(why) | KeyError::Malformed(why) => why,
+            KeyError::NotDealer => "key operation: the sender is not a dealer of this round",
+            KeyError::NotReceiver => "key operation: the sender is not a receiver of this round",
+            KeyError::Duplicate => "key operation: this dealer already dealt",
+            KeyError::WrongConstant => "key operation: the deal does not share the dealer's share",
+            KeyError::BadProof => "key operation: a proof does not verify",
+            KeyError::NoSuchDeal => "key operation: a complaint about a dealer with no deal",
+            KeyError::FalseComplaint => "key operation: a false complaint",
+            KeyError::NotQualified { .. } => "key operation: the round is not qualified",
+            KeyError::BadSubShare(_) => "key operation: a wrong sub-share",
+            KeyError::NoShare => "key operation: no share",
+        }
+    }
+}
+
+/// The qualified deals of one round, for a receiver that missed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundDeals {
+    pub epoch: Epoch,
+    /// Whether the round generated the key (its shares are sums, not interpolations).
+    pub generation: bool,
+    /// Each qualified deal with its dealer's place among the round's dealers.
+    pub deals: Vec<(u32, Deal)>,
+}
+
+/// The share of the receiver at `position` of the sharing `public` (the one a configuration
+/// carries), opened from `deals` as someone who saw the round gives them: each sub-share
+/// unsealed with `seal`, weighted as the round weighs it. Whoever sends the deals, the result is
+/// kept only if it matches the receiver's public verifying share, so a lie is caught and the
+/// deals are asked of someone else.
+pub fn recover_share(
+    public: &PublicShares,
+    position: usize,
+    seal: &SealKey,
+    deals: &RoundDeals,
+) -> Result<KeyShare, KeyError> {
+    if deals.epoch != public.epoch || deals.deals.is_empty() || position >= public.members.len() {
+        return Err(KeyError::Malformed("the deals are not of this sharing"));
+    }
+    let xs: Vec<Scalar> = deals
+        .deals
+        .iter()
+        .map(|(d, _)| abscissa(*d as usize))
+        .collect();
+    let mut secret = Scalar::ZERO;
+    for (i, (dealer, d)) in deals.deals.iter().enumerate() {
+        let ephemeral = point(&d.ephemeral).ok_or(KeyError::Malformed("the ephemeral key"))?;
+        let sealed = d
+            .sealed
+            .get(position)
+            .and_then(scalar)
+            .ok_or(KeyError::Malformed("a sealed sub-share"))?;
+        let shared = ephemeral * seal.secret;
+        let value = sealed - math::seal_mask(&shared, deals.epoch, *dealer as usize, position);
+        let weight = if deals.generation {
+            Scalar::ONE
+        } else {
+            math::lagrange_at_zero(&xs, i)
+        };
+        secret += weight * value;
+    }
+    let share = KeyShare {
+        public: public.clone(),
+        position,
+        secret,
+    };
+    share.is_valid().then_some(share).ok_or(KeyError::Malformed(
+        "the deals do not make this member's share",
+    ))
+}
+
 /// A receiver's secret for opening its sealed sub-shares; its public half is announced with its
 /// identity. The driver derives it from a secret seed (the node's key material).
 pub struct SealKey {
@@ -429,6 +504,8 @@ struct Accepted {
     commitments: Vec<EdwardsPoint>,
     ephemeral: EdwardsPoint,
     sealed: Vec<Scalar>,
+    /// The deal as it was ordered (what a receiver that missed the round is given).
+    raw: Deal,
 }
 
 /// What applying an operation did.
@@ -542,6 +619,7 @@ impl Transcript {
             commitments,
             ephemeral,
             sealed,
+            raw: d.clone(),
         });
         Ok(Applied::Dealt(*from))
     }
@@ -613,6 +691,20 @@ impl Transcript {
             vec![Scalar::ONE; deals.len()]
         };
         Some((deals, weights))
+    }
+
+    /// The qualified deals with their dealers' places in the round, and whether the round
+    /// generates the key: what a receiver that missed the round needs ([`recover_share`]).
+    pub fn qualified_deals(&self) -> Option<RoundDeals> {
+        let (deals, _) = self.qualified()?;
+        Some(RoundDeals {
+            epoch: self.round.epoch,
+            generation: self.round.old.is_none(),
+            deals: deals
+                .iter()
+                .map(|a| (a.dealer as u32, a.raw.clone()))
+                .collect(),
+        })
     }
 
     /// The qualified dealers, once there are enough.

@@ -20,7 +20,14 @@ impl Task {
                 .take(cur.quorum().group_size() - 1)
                 .cloned(),
         );
-        let next = Configuration::new(cur.epoch + 1, cur.params.clone(), members, Some(cur.hash()));
+        let mut next =
+            Configuration::new(cur.epoch + 1, cur.params.clone(), members, Some(cur.hash()));
+        // Shaped as the MS would make it: the key carried on, so only the certificate is wrong.
+        next.key = cur.key.as_ref().map(|k| dbqsfs_core::config::PublicShares {
+            epoch: cur.epoch,
+            members: cur.committee.clone(),
+            commitments: k.commitments.clone(),
+        });
         let hash = next.hash();
         let mut signatures: Vec<(NodeId, Signature)> = cur
             .committee
@@ -31,7 +38,11 @@ impl Task {
         signatures.push((me, self.shared.me.key.sign(Domain::Configuration, &hash)));
         let forged = CertifiedConfig {
             config: next,
-            cert: dbqsfs_core::config::Certificate { signatures },
+            cert: dbqsfs_core::config::Certificate {
+                signatures,
+                // One node's own signature where the MS key's should be.
+                threshold: Some(self.shared.me.key.sign(Domain::Configuration, &hash)),
+            },
         };
         let fresh = Freshness {
             epoch: cur.epoch,
