@@ -71,7 +71,7 @@ const SEED: [u8; 32] = [7; 32];
 
 /// `key`'s deal in the round of the MS key that `config` makes, as its node makes it.
 fn deal_of(key: &Keypair, config: &Configuration) -> MsOp {
-    let op = KeyMember::new(key.clone(), Vec::new())
+    let op = KeyMember::new(key.clone(), Default::default())
         .enter(config)
         .expect("a dealer of this round");
     MsOp::Key {
@@ -517,7 +517,7 @@ fn an_epoch_ends_only_once_the_ms_key_has_moved_to_its_committee() {
     // Each receiver holds a valid share of it, computed from the ordered round.
     let round = m.key_of(0).expect("the ended round is kept");
     for k in &committee {
-        let mut km = KeyMember::new((*k).clone(), Vec::new());
+        let mut km = KeyMember::new((*k).clone(), Default::default());
         assert!(
             km.sync(round).is_empty(),
             "no complaint about correct deals"

@@ -37,7 +37,7 @@ struct Node {
     chain: ConfigChain,
     disk: Option<(Vec<u8>, Vec<Vec<u8>>)>,
     /// The shares of the MS key it persisted.
-    shares: Vec<dbqsfs_core::ms::key::KeyShare>,
+    shares: dbqsfs_core::ms::key::KeyState,
     up: bool,
     /// Persists carried out (or tried) in the current epoch, and agreement outputs sent before any.
     persisted: usize,
@@ -82,11 +82,17 @@ impl Net {
             .map(|key| {
                 let chain = ConfigChain::new(genesis.clone()).unwrap();
                 Node {
-                    ms: MsNode::new(key.clone(), chain.config().clone(), Vec::new(), opts(), 0),
+                    ms: MsNode::new(
+                        key.clone(),
+                        chain.config().clone(),
+                        Default::default(),
+                        opts(),
+                        0,
+                    ),
                     key,
                     chain,
                     disk: None,
-                    shares: Vec::new(),
+                    shares: Default::default(),
                     up: true,
                     persisted: 0,
                     unpersisted_sends: 0,
@@ -194,7 +200,7 @@ impl Net {
                     entered |= self.install(i, configs);
                 }
                 Output::Event(e) => node.events.push(e),
-                Output::KeyShares(shares) => node.shares = shares,
+                Output::KeyState(state) => node.shares = state,
                 Output::PullBootstrap { .. } | Output::Probe { .. } | Output::Freshness(_) => {}
             }
         }

@@ -90,7 +90,7 @@ impl Net {
         // entering the epoch: the epoch can end only once the key was generated.
         for i in 0..net.nodes.len() {
             let key = net.nodes[i].key.clone();
-            let op = KeyMember::new(key.clone(), Vec::new())
+            let op = KeyMember::new(key.clone(), Default::default())
                 .enter(config)
                 .expect("every member deals at genesis");
             let op = MsOp::Key {

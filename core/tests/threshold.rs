@@ -75,7 +75,7 @@ fn cluster() -> Cluster {
     let genesis = Configuration::new(0, Params::with_f(1), members, None);
     let mut kms: Vec<KeyMember> = keys
         .iter()
-        .map(|k| KeyMember::new(k.clone(), Vec::new()))
+        .map(|k| KeyMember::new(k.clone(), Default::default()))
         .collect();
     let first = epoch(&genesis, &keys, &mut kms);
     assert!(first.key.is_some());
@@ -323,7 +323,7 @@ fn a_receiver_that_missed_its_round_recovers_its_share_from_anyone_who_saw_it() 
     let genesis = Configuration::new(0, Params::with_f(1), members, None);
     let mut kms: Vec<KeyMember> = keys
         .iter()
-        .map(|k| KeyMember::new(k.clone(), Vec::new()))
+        .map(|k| KeyMember::new(k.clone(), Default::default()))
         .collect();
     let first = epoch(&genesis, &keys, &mut kms);
     // A receiver of epoch 0's round that saw none of it: it must deal in epoch 1's round.
@@ -331,7 +331,7 @@ fn a_receiver_that_missed_its_round_recovers_its_share_from_anyone_who_saw_it() 
         .iter()
         .position(|k| genesis.committee.contains(&k.node_id()))
         .unwrap();
-    let mut missed = KeyMember::new(keys[late].clone(), Vec::new());
+    let mut missed = KeyMember::new(keys[late].clone(), Default::default());
     assert!(missed.enter(&first).is_none(), "no share to deal from");
     let (round, ask) = missed.missing(&first).expect("it misses epoch 0's share");
     assert_eq!(round, 0);

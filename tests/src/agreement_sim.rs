@@ -52,7 +52,7 @@ use dbqsfs_core::config::{
     CertifiedConfig, ConfigChain, Configuration, Member as NodeInfo, Params,
 };
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, PublicKey};
-use dbqsfs_core::ms::key::{KeyMember, KeyShare};
+use dbqsfs_core::ms::key::{KeyMember, KeyState};
 use dbqsfs_core::ms::membership::{AdmissionCert, CertificateCollector, MsOp};
 pub use dbqsfs_core::ms::pbft::Mutant;
 use dbqsfs_core::ms::pbft::{
@@ -259,7 +259,7 @@ struct Member {
     certified: Option<CertifiedConfig>,
     /// Its part in the MS key (the node's `ms::key::KeyMember`), and the shares it persisted.
     key_member: KeyMember,
-    shares: Vec<KeyShare>,
+    shares: KeyState,
 }
 
 impl Member {
@@ -541,8 +541,8 @@ impl Sim {
                 executed: BTreeSet::new(),
                 client_executed: 0,
                 certified: None,
-                key_member: KeyMember::new(key.clone(), Vec::new()),
-                shares: Vec::new(),
+                key_member: KeyMember::new(key.clone(), Default::default()),
+                shares: KeyState::default(),
             });
         }
         let mut clients: Vec<ClientSlot> = (0..swarm.clients)
@@ -1323,8 +1323,8 @@ impl Sim {
             Some(round) => member.key_member.sync(round),
             None => Vec::new(),
         };
-        if let Some(shares) = member.key_member.take_changed() {
-            member.shares = shares;
+        if let Some(state) = member.key_member.take_changed() {
+            member.shares = state;
         }
         if !ops.is_empty() && self.correct(m) {
             self.violation(format!(
@@ -2093,7 +2093,7 @@ fn draw_ms(
 
 /// Member `key`'s deal in the generation of the MS key, as its node's machine makes it.
 fn genesis_deal(genesis: &Configuration, key: &Keypair) -> Option<MsOp> {
-    let op = KeyMember::new(key.clone(), Vec::new()).enter(genesis)?;
+    let op = KeyMember::new(key.clone(), Default::default()).enter(genesis)?;
     Some(MsOp::Key {
         epoch: 0,
         op: Box::new(op),

@@ -30,7 +30,7 @@
 use super::app::{OutOfOrder, Outcome};
 use super::delta::CertifiedDelta;
 use super::follower::{FollowAction, Follower};
-use super::key::{KeyMember, KeyShare};
+use super::key::{KeyMember, KeyState};
 use super::membership::{AdmissionCert, MsOp};
 use super::pbft::{AgreementMessage, Request, SeqNo, View};
 use super::pieces::{ConfigHead, Download, PIECE_TIMEOUT_MS};
@@ -79,9 +79,10 @@ pub enum Output {
     InstallDeltas(Vec<CertifiedDelta>),
     /// A freshness certificate: keep it if it is newer than the one held.
     Freshness(Freshness),
-    /// The node's shares of the MS key changed: persist these, replacing (and erasing) the ones
-    /// persisted before. Pass them to [`MsNode::new`] after a restart.
-    KeyShares(Vec<KeyShare>),
+    /// The node's shares of the MS key (or the round deals it keeps) changed: persist these,
+    /// replacing (and erasing) what was persisted before. Pass them to [`MsNode::new`] after a
+    /// restart.
+    KeyState(KeyState),
     /// What happened, for logs and checks.
     Event(Event),
 }
@@ -170,13 +171,13 @@ pub struct MsNode {
 }
 
 impl MsNode {
-    /// The MS part of node `key`, which holds `config` (its newest) and the MS key `shares` it
-    /// persisted ([`Output::KeyShares`]), at time `now`. Call [`MsNode::enter`] with it to take
+    /// The MS part of node `key`, which holds `config` (its newest) and what it persisted of
+    /// the MS key ([`Output::KeyState`]), at time `now`. Call [`MsNode::enter`] with it to take
     /// its role up.
     pub fn new(
         key: Keypair,
         config: Configuration,
-        shares: Vec<KeyShare>,
+        shares: KeyState,
         opts: Options,
         now: u64,
     ) -> MsNode {
@@ -410,8 +411,8 @@ impl MsNode {
                 }
             }
         }
-        if let Some(shares) = self.key_member.take_changed() {
-            self.out.push_back(Output::KeyShares(shares));
+        if let Some(state) = self.key_member.take_changed() {
+            self.out.push_back(Output::KeyState(state));
         }
     }
 

@@ -67,7 +67,7 @@ impl Task {
         let config = shared.epochs.chain().config().clone();
         let shares = shared.store.load_key_shares().unwrap_or_else(|e| {
             warn!(error = %e, "cannot read this node's shares of the MS key: starting without");
-            Vec::new()
+            Default::default()
         });
         let mut node = MsNode::new(shared.me.key.clone(), config, shares, node_opts, 0);
         if let Some(cert) = opts.join.clone() {
@@ -358,8 +358,8 @@ impl Task {
                 });
             }
             Output::Freshness(cert) => self.shared.epochs.learn_freshness(cert),
-            Output::KeyShares(shares) => {
-                if let Err(e) = self.shared.store.save_key_shares(&shares) {
+            Output::KeyState(state) => {
+                if let Err(e) = self.shared.store.save_key_shares(&state) {
                     warn!(error = %e, "cannot persist this node's shares of the MS key");
                 }
             }

@@ -155,7 +155,7 @@ impl DiskStore {
     /// The node's shares of the MS key, as last saved by [`DiskStore::save_key_shares`]. A share
     /// that does not read back or match its public side is left out (the node then holds no
     /// share of that sharing, which the MS tolerates as a fault).
-    pub fn load_key_shares(&self) -> Result<Vec<KeyShare>, StoreError> {
+    pub fn load_key_shares(&self) -> Result<KeyState, StoreError> {
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(MS_KEY_SHARES).map_err(db_err)?;
         let mut shares = Vec::new();
@@ -165,14 +165,21 @@ impl DiskStore {
                 shares.push(share);
             }
         }
-        Ok(shares)
+        let rounds = self.get_meta(META_KEY_ROUNDS)?.unwrap_or_default();
+        Ok(KeyState { shares, rounds })
     }
 
     /// Replaces the node's shares of the MS key with `shares` (the ones left out are deleted);
     /// durable on return.
-    pub fn save_key_shares(&self, shares: &[KeyShare]) -> Result<(), StoreError> {
+    pub fn save_key_shares(&self, state: &KeyState) -> Result<(), StoreError> {
+        let shares = &state.shares;
+        let rounds =
+            postcard::to_stdvec(&state.rounds).map_err(|e| StoreError::Io(e.to_string()))?;
         let w = self.db.begin_write().map_err(db_err)?;
         {
+            let mut m = w.open_table(META).map_err(db_err)?;
+            m.insert(META_KEY_ROUNDS, rounds.as_slice())
+                .map_err(db_err)?;
             let mut t = w.open_table(MS_KEY_SHARES).map_err(db_err)?;
             t.retain(|_, _| false).map_err(db_err)?;
             for share in shares {

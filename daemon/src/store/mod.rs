@@ -40,7 +40,7 @@ use dbqsfs_core::config::CertifiedConfig;
 use dbqsfs_core::crypto::ObjectId;
 use dbqsfs_core::dbqs::refs::{self, RefRecord};
 use dbqsfs_core::dbqs::transfer::Arc as RingArc;
-use dbqsfs_core::ms::key::KeyShare;
+use dbqsfs_core::ms::key::{KeyShare, KeyState};
 use dbqsfs_core::object::{check_content, PkBlock, Stamp, MAX_BLOCK};
 use dbqsfs_core::store::{id_bounds, merge_ids, Store, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -67,6 +67,8 @@ const META_CHAIN: &str = "config_chain";
 /// install; the rows already there are never rewritten.
 const CHAIN: TableDefinition<u64, &[u8]> = TableDefinition::new("configurations");
 const META_READY: &str = "ready_epochs";
+/// The qualified deals of the newest rounds of the MS key this node saw (public).
+const META_KEY_ROUNDS: &str = "ms_key_rounds";
 /// Written by versions before the agreement state was persisted: the newest epoch whose MS
 /// agreement the node took part in (read only, so that a node upgraded mid-epoch sits out the
 /// agreement it signed in without a record).

@@ -38,7 +38,7 @@ use dbqsfs_core::config::{CertifiedConfig, ConfigHash, Epoch, Member};
 use dbqsfs_core::crypto::{Domain, Keypair, NodeId, Signature};
 use dbqsfs_core::dbqs::replica::Handled;
 use dbqsfs_core::ms::delta::{deltas_after, resolve, CertifiedDelta};
-use dbqsfs_core::ms::key::KeyShare;
+use dbqsfs_core::ms::key::{KeyShare, KeyState, RoundDeals};
 use dbqsfs_core::ms::membership::{AdmissionCert, MsOp};
 use dbqsfs_core::ms::node::{Event, MsNode, Options, Output};
 use dbqsfs_core::ms::pbft::{batch_digest, AgreementMessage, Commit, PrePrepare, Request, Signed};
@@ -69,8 +69,8 @@ pub(super) struct Ms {
     nodes: BTreeMap<usize, MsNode>,
     /// What each node's role persisted, by epoch: its disk.
     disks: BTreeMap<(usize, Epoch), Disk>,
-    /// The shares of the MS key each node persisted.
-    key_disks: BTreeMap<usize, Vec<Vec<u8>>>,
+    /// What each node persisted of the MS key (its shares as bytes, the round deals it keeps).
+    key_disks: BTreeMap<usize, (Vec<Vec<u8>>, Vec<RoundDeals>)>,
     /// The MS key, once a certified configuration carried it.
     key: Option<[u8; 32]>,
     /// The pending timer event of each node's machine.
@@ -202,10 +202,12 @@ impl Sim {
         ms.nodes.entry(n).or_insert_with(|| {
             let shares = disk
                 .get(&n)
-                .map(|d| {
-                    d.iter()
+                .map(|(shares, rounds)| KeyState {
+                    shares: shares
+                        .iter()
                         .filter_map(|b| KeyShare::from_bytes(b).ok())
-                        .collect()
+                        .collect(),
+                    rounds: rounds.clone(),
                 })
                 .unwrap_or_default();
             MsNode::new(key, config, shares, opts, now)
@@ -423,6 +425,7 @@ impl Sim {
             | MsMessage::Head(_)
             | MsMessage::Piece { .. }
             | MsMessage::BatchLog { .. }
+            | MsMessage::KeyRound(_)
             | MsMessage::Refused { .. }) => {
                 self.ms_node(n).on_answer(now, from, msg);
                 self.ms_drain(n);
@@ -430,6 +433,18 @@ impl Sim {
             msg => {
                 let answer = self.ms_node(n).on_message(now, from, msg);
                 if let Some(mut answer) = answer {
+                    if let (MsMessage::KeyRound(Some(deals)), Some(_)) =
+                        (&mut answer, self.nodes[n].byz.as_ref())
+                    {
+                        // Tampered deals: the member recovering must not take them.
+                        if let Some(b) = deals
+                            .deals
+                            .first_mut()
+                            .and_then(|(_, d)| d.sealed.first_mut())
+                        {
+                            b[0] ^= 1;
+                        }
+                    }
                     if let (MsMessage::BatchLog { batches }, Some(_)) =
                         (&mut answer, self.nodes[n].byz.as_ref())
                     {
@@ -501,9 +516,9 @@ impl Sim {
                         .truncate(saved.first_batch.saturating_sub(1) as usize);
                     disk.1.extend(saved.batches);
                 }
-                Output::KeyShares(shares) => {
-                    let disk = shares.iter().map(|s| s.to_bytes().to_vec()).collect();
-                    self.ms().key_disks.insert(n, disk);
+                Output::KeyState(state) => {
+                    let shares = state.shares.iter().map(|s| s.to_bytes().to_vec()).collect();
+                    self.ms().key_disks.insert(n, (shares, state.rounds));
                 }
                 Output::Event(Event::Role { sat_out, .. }) => match lie {
                     None => {
@@ -999,23 +1014,36 @@ impl Sim {
             let node = ms.nodes.get(&n);
             let role = node.and_then(MsNode::role).map(|r| {
                 let a = r.agreement();
+                let p = r.app().membership().pending();
                 format!(
-                    "role of epoch {} view {:?} changing {:?} executed {} ended {}",
+                    "role of epoch {} view {:?} changing {:?} executed {} ended {} end votes {} key dealt {}/{} signing {:?}",
                     r.epoch(),
                     a.map(|a| a.view()),
                     a.and_then(|a| a.changing_to()),
                     r.app().executed(),
-                    r.app().ended().is_some()
+                    r.app().ended().is_some(),
+                    p.end_votes,
+                    p.key_dealt,
+                    p.key_needed,
+                    r.threshold().map(|t| t.done().is_some()),
                 )
             });
             out += &format!(
-                "; node {n} (epoch {}{}): {role:?} wants {:?} outstanding {:?}",
+                "; node {n} (epoch {}{}): {role:?} key shares {:?} wants {:?} outstanding {:?}",
                 self.nodes[n].replica.epoch(),
                 if self.nodes[n].byz.is_some() {
                     ", byzantine"
                 } else {
                     ""
                 },
+                node.map(|m| {
+                    m.key_member()
+                        .holder()
+                        .held()
+                        .iter()
+                        .map(|s| s.epoch())
+                        .collect::<Vec<_>>()
+                }),
                 node.map(|m| m.submissions().pending().collect::<Vec<_>>()),
                 node.and_then(|m| m.submissions().outstanding())
                     .map(|r| r.seq)

@@ -44,6 +44,14 @@ pub fn key_round(config: &Configuration) -> Round {
     }
 }
 
+/// What a node persists of its part in the MS key: its shares (secret) and the qualified deals
+/// of the newest rounds it saw (public: what a receiver that missed a round recovers from).
+#[derive(Clone, Debug, Default)]
+pub struct KeyState {
+    pub shares: Vec<KeyShare>,
+    pub rounds: Vec<RoundDeals>,
+}
+
 /// A node's shares of the MS key and its duties in the rounds that move it.
 pub struct KeyMember {
     node: Keypair,
@@ -65,12 +73,13 @@ pub struct KeyMember {
 const ROUNDS_KEPT: usize = 2;
 
 impl KeyMember {
-    /// The part of `node`, holding the shares it persisted.
-    pub fn new(node: Keypair, restored: Vec<KeyShare>) -> KeyMember {
+    /// The part of `node`, with what it persisted.
+    pub fn new(node: Keypair, restored: KeyState) -> KeyMember {
         let mut holder = Holder::default();
-        for share in restored {
+        for share in restored.shares {
             holder.install(share);
         }
+        let rounds = restored.rounds.into_iter().map(|r| (r.epoch, r)).collect();
         KeyMember {
             me: node.node_id(),
             seal: SealKey::of_node(&node),
@@ -79,7 +88,7 @@ impl KeyMember {
             dealt: None,
             checked: BTreeSet::new(),
             computed: BTreeMap::new(),
-            rounds: BTreeMap::new(),
+            rounds,
             changed: false,
         }
     }
@@ -134,9 +143,12 @@ impl KeyMember {
             }
         }
         if let Some(deals) = round.qualified_deals() {
-            self.rounds.insert(epoch, deals);
-            while self.rounds.len() > ROUNDS_KEPT {
-                self.rounds.pop_first();
+            if self.rounds.get(&epoch) != Some(&deals) {
+                self.rounds.insert(epoch, deals);
+                while self.rounds.len() > ROUNDS_KEPT {
+                    self.rounds.pop_first();
+                }
+                self.changed = true;
             }
         }
         if let Some(qualified) = round.qualified_dealers() {
@@ -194,8 +206,11 @@ impl KeyMember {
         }
     }
 
-    /// The shares to persist (replacing what was persisted), if they changed since last asked.
-    pub fn take_changed(&mut self) -> Option<Vec<KeyShare>> {
-        std::mem::take(&mut self.changed).then(|| self.holder.held().to_vec())
+    /// What to persist (replacing what was persisted), if it changed since last asked.
+    pub fn take_changed(&mut self) -> Option<KeyState> {
+        std::mem::take(&mut self.changed).then(|| KeyState {
+            shares: self.holder.held().to_vec(),
+            rounds: self.rounds.values().cloned().collect(),
+        })
     }
 }

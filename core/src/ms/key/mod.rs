@@ -39,7 +39,7 @@ mod math;
 mod member;
 pub mod sign;
 
-pub use member::{key_round, KeyMember};
+pub use member::{key_round, KeyMember, KeyState};
 
 use crate::config::Epoch;
 use crate::crypto::NodeId;
