@@ -91,9 +91,10 @@ pub struct Running {
 pub fn start_node(rt: &Handle, dir: &Path) -> Running {
     // A node stopped just before in this process may still hold its directory's lock, its store
     // and its socket for a few seconds: tasks it spawned (requests in flight, probes, installs
-    // on the blocking pool) keep them until they end. A node process releases them when it
-    // exits; here, wait until they are free.
-    let free_by = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    // on the blocking pool) keep them until they end (longer while the other core runs the
+    // simulators in CI). A node process releases them when it exits; here, wait until they
+    // are free.
+    let free_by = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let node = loop {
         match Node::load(dir) {
             Ok(node) => break node,
