@@ -1465,6 +1465,9 @@ impl Sim {
                 "member {m} refused the batches of the stable checkpoint {seq} it was installing"
             ));
         }
+        // The batches replayed without executing one by one: its part in the key's round too,
+        // as the node's machine does on catching up.
+        self.sync_key(m);
         // What it held while installing comes out as actions (executed after `seq`).
         self.executed_again(m, seq as usize);
     }

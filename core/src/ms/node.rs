@@ -655,6 +655,8 @@ impl MsNode {
                 if self.role.as_mut().is_some_and(|r| r.on_batch_log(&batches)) =>
             {
                 self.out.push_back(Output::Event(Event::CaughtUp { from }));
+                // The batches replayed without executing one by one: the key's round too.
+                self.sync_key();
             }
             MsMessage::Refused { reason } => {
                 self.out
