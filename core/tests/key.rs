@@ -5,40 +5,14 @@
 use dbqsfs_core::crypto::NodeId;
 use dbqsfs_core::ms::key::{
     self, sign, Applied, Holder, KeyError, KeyOp, KeyShare, PublicShares, Round, SealKey,
-    Transcript,
+    Transcript, XofRng,
 };
 use std::collections::BTreeMap;
 
-/// A deterministic generator for the tests (a BLAKE3 stream).
-struct TestRng(blake3::OutputReader);
-
-impl TestRng {
-    fn new(seed: u8) -> TestRng {
-        TestRng(blake3::Hasher::new().update(&[seed]).finalize_xof())
-    }
+/// A deterministic generator for the tests: the core's BLAKE3 stream keyed by a test seed.
+fn test_rng(seed: u8) -> XofRng {
+    XofRng::new(&[seed; 32], b"key tests")
 }
-
-impl rand_core06::RngCore for TestRng {
-    fn next_u32(&mut self) -> u32 {
-        let mut b = [0; 4];
-        self.0.fill(&mut b);
-        u32::from_le_bytes(b)
-    }
-    fn next_u64(&mut self) -> u64 {
-        let mut b = [0; 8];
-        self.0.fill(&mut b);
-        u64::from_le_bytes(b)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        self.0.fill(dest);
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core06::Error> {
-        self.0.fill(dest);
-        Ok(())
-    }
-}
-
-impl rand_core06::CryptoRng for TestRng {}
 
 fn node(i: u8) -> NodeId {
     NodeId([i; 32])
@@ -66,7 +40,7 @@ fn round(epoch: u64, dealers: &[u8], receivers: &[u8], old: Option<&PublicShares
 fn run(
     r: Round,
     holders: &BTreeMap<NodeId, Holder>,
-    rng: &mut TestRng,
+    rng: &mut XofRng,
 ) -> (Transcript, BTreeMap<NodeId, KeyShare>) {
     let mut t = Transcript::new(r.clone()).unwrap();
     for d in &r.dealers {
@@ -87,7 +61,7 @@ fn signs(
     public: &PublicShares,
     shares: &[&KeyShare],
     msg: &[u8],
-    rng: &mut TestRng,
+    rng: &mut XofRng,
 ) -> Result<[u8; 64], sign::AggregateError> {
     let mut nonces = Vec::new();
     let mut commitments = BTreeMap::new();
@@ -112,7 +86,7 @@ fn signs(
 
 #[test]
 fn the_key_moves_to_a_changed_committee_and_signs_with_one_verification() {
-    let mut rng = TestRng::new(1);
+    let mut rng = test_rng(1);
     let (t0, shares0) = run(
         round(0, &[1, 2, 3, 4], &[1, 2, 3, 4], None),
         &BTreeMap::new(),
@@ -170,7 +144,7 @@ fn the_key_moves_to_a_changed_committee_and_signs_with_one_verification() {
 
 #[test]
 fn a_wrong_sub_share_is_disproven_by_its_receiver_and_the_next_dealer_takes_its_place() {
-    let mut rng = TestRng::new(2);
+    let mut rng = test_rng(2);
     let r = round(0, &[1, 2, 3, 4], &[1, 2, 3, 4], None);
     let mut t = Transcript::new(r.clone()).unwrap();
     let mut deals: Vec<_> = r
@@ -227,7 +201,7 @@ fn a_wrong_sub_share_is_disproven_by_its_receiver_and_the_next_dealer_takes_its_
 
 #[test]
 fn false_forged_and_misplaced_complaints_are_refused() {
-    let mut rng = TestRng::new(3);
+    let mut rng = test_rng(3);
     let r = round(0, &[1, 2, 3, 4], &[1, 2, 3, 4], None);
     let (mut t, _) = run(r, &BTreeMap::new(), &mut rng);
     let public = t.public().unwrap();
@@ -260,7 +234,7 @@ fn false_forged_and_misplaced_complaints_are_refused() {
 
 #[test]
 fn deals_that_do_not_share_the_dealers_share_or_are_malformed_are_refused() {
-    let mut rng = TestRng::new(4);
+    let mut rng = test_rng(4);
     let (t0, shares0) = run(
         round(0, &[1, 2, 3, 4], &[1, 2, 3, 4], None),
         &BTreeMap::new(),
