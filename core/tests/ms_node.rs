@@ -427,3 +427,135 @@ fn a_node_that_missed_an_epoch_fetches_it_whole_when_answers_cannot_carry_it() {
         "nothing was refused"
     );
 }
+
+/// The requests node `i`'s machine sends (its submissions), taken from its outputs at `now`.
+fn submitted(net: &mut Net, i: usize, now: u64) -> Vec<dbqsfs_core::ms::pbft::Request> {
+    net.nodes[i].ms.on_timer(now, now, 0, 1);
+    let mut out = Vec::new();
+    while let Some(o) = net.nodes[i].ms.poll() {
+        if let Output::Send {
+            msg: MsMessage::Submit(req),
+            ..
+        } = o
+        {
+            out.push(req);
+        }
+    }
+    out
+}
+
+fn op_of(req: &dbqsfs_core::ms::pbft::Request) -> MsOp {
+    postcard::from_bytes(&req.payload).unwrap()
+}
+
+/// A member outside the committee has no role to tell it that its request was executed: it
+/// learns so from `f_ms+1` committee members' word (one member's, or a non-member's, is not
+/// enough), and only then sends its next operation. (Before, it learned nothing until the epoch
+/// ended, so a probe verdict held back the deal of the MS key that the epoch's end waited for.)
+#[test]
+fn a_member_outside_the_committee_goes_on_once_f_plus_1_members_say_its_request_executed() {
+    let mut net = Net::new(0);
+    let committee = net.committee();
+    let outsiders: Vec<usize> = (0..6).filter(|i| !committee.contains(i)).collect();
+    let o = outsiders[0];
+    let target = net.nodes[committee[0]].key.node_id();
+    net.nodes[o].ms.want(MsOp::Probe {
+        epoch: 0,
+        target,
+        responsive: false,
+    });
+    net.nodes[o].ms.want(MsOp::Leave { epoch: 0 });
+    let first = submitted(&mut net, o, 100);
+    assert_eq!(first.len(), 1);
+    assert!(matches!(op_of(&first[0]), MsOp::Probe { .. }));
+    let seq = first[0].seq;
+    let word = MsMessage::Executed { epoch: 0, seq };
+    let id = |net: &Net, i: usize| net.nodes[i].key.node_id();
+    // One committee member and a member outside the committee say so: not enough.
+    let (c0, other) = (id(&net, committee[0]), id(&net, outsiders[1]));
+    net.nodes[o].ms.on_message(150, c0, word.clone());
+    net.nodes[o].ms.on_message(150, other, word.clone());
+    net.nodes[o].ms.on_message(150, c0, word.clone());
+    // A word about another epoch does not count either.
+    let c2 = id(&net, committee[2]);
+    net.nodes[o]
+        .ms
+        .on_message(150, c2, MsMessage::Executed { epoch: 1, seq });
+    assert!(submitted(&mut net, o, 200).is_empty(), "nothing new yet");
+    let again = submitted(&mut net, o, 700);
+    assert_eq!(again, first, "the outstanding request is sent again");
+    // A second committee member: f_ms+1 = 2 say so, and the leave goes.
+    let c1 = id(&net, committee[1]);
+    net.nodes[o].ms.on_message(750, c1, word);
+    let next = submitted(&mut net, o, 800);
+    assert_eq!(next.len(), 1);
+    assert_eq!(op_of(&next[0]), MsOp::Leave { epoch: 0 });
+    assert!(next[0].seq > seq);
+}
+
+/// The same through the whole machines: both operations of a member outside the committee are
+/// executed in one epoch, the committee telling it of the first as it executes it (and again when
+/// it asks again, as after a lost word).
+#[test]
+fn a_member_outside_the_committee_gets_several_operations_executed_in_one_epoch() {
+    let mut net = Net::new(0);
+    let committee = net.committee();
+    let o = (0..6).find(|i| !committee.contains(i)).unwrap();
+    let me = net.nodes[o].key.node_id();
+    let target = net.nodes[committee[0]].key.node_id();
+    net.nodes[o].ms.want(MsOp::Probe {
+        epoch: 0,
+        target,
+        responsive: false,
+    });
+    net.nodes[o].ms.want(MsOp::Leave { epoch: 0 });
+    // Within the resubmission period (500 ms): the committee told it at once.
+    net.run(400);
+    let executed: Vec<MsOp> = net.nodes[committee[0]]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Executed { requests, .. } => Some(requests),
+            _ => None,
+        })
+        .flatten()
+        .filter(|r| r.client.node_id() == me)
+        .map(op_of)
+        .collect();
+    assert!(
+        executed.iter().any(|op| matches!(op, MsOp::Probe { .. })),
+        "{executed:?}"
+    );
+    assert!(executed.contains(&MsOp::Leave { epoch: 0 }), "{executed:?}");
+    // Asked again for an executed request, a committee member says again that it was.
+    let last = net.nodes[committee[1]]
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::Executed { requests, .. } => {
+                requests.iter().find(|r| r.client.node_id() == me).cloned()
+            }
+            _ => None,
+        })
+        .expect("the committee executed the outsider's requests");
+    let c1 = committee[1];
+    let answer = net.nodes[c1]
+        .ms
+        .on_message(net.now, me, MsMessage::Submit(last.clone()));
+    assert!(answer.is_none());
+    let mut told = false;
+    while let Some(out) = net.nodes[c1].ms.poll() {
+        if let Output::Send {
+            to,
+            msg: MsMessage::Executed { epoch: 0, seq },
+        } = out
+        {
+            told |= to == vec![me] && seq >= last.seq;
+        }
+    }
+    assert!(
+        told,
+        "the committee member did not say again that it was executed"
+    );
+}

@@ -110,3 +110,50 @@ fn the_queue_keeps_one_verdict_per_member_and_one_end_of_the_epoch() {
     assert!(s.has(|o| matches!(o, MsOp::EndEpoch { .. })));
     assert!(!s.has(|o| matches!(o, MsOp::Leave { .. })));
 }
+
+fn complaint(epoch: u64, against: u8) -> MsOp {
+    use dbqsfs_core::ms::key::{Complaint, KeyOp, Proof};
+    MsOp::Key {
+        epoch,
+        op: Box::new(KeyOp::Complaint(Complaint {
+            against: NodeId([against; 32]),
+            shared: [0; 32],
+            proof: Proof {
+                c: [0; 32],
+                z: [0; 32],
+            },
+        })),
+    }
+}
+
+/// The epoch cannot end before the MS key moved: the key's operations go before the probe
+/// verdicts queued earlier, in the order they came, behind only the request outstanding.
+#[test]
+fn the_keys_operations_go_before_the_others() {
+    let k = key();
+    let mut s = Submissions::new(1_000);
+    s.push(probe(4, 1, false));
+    s.push(probe(4, 2, false));
+    s.push(MsOp::EndEpoch { epoch: 4 });
+    s.push(complaint(4, 7));
+    s.push(complaint(4, 8));
+    let order: Vec<MsOp> = s.pending().cloned().collect();
+    assert_eq!(
+        order,
+        vec![
+            complaint(4, 7),
+            complaint(4, 8),
+            probe(4, 1, false),
+            probe(4, 2, false),
+            MsOp::EndEpoch { epoch: 4 },
+        ]
+    );
+    // Behind the outstanding request, never in its place.
+    let first = s.poll(0, &k, 0).unwrap();
+    s.push(complaint(4, 9));
+    assert_eq!(op_of(&first), complaint(4, 7));
+    assert_eq!(
+        s.pending().cloned().collect::<Vec<_>>()[..3],
+        [complaint(4, 7), complaint(4, 8), complaint(4, 9)]
+    );
+}

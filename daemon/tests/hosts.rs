@@ -60,6 +60,9 @@ struct Hosts {
     nodes: Vec<(usize, Child)>,
     mounts: Vec<PathBuf>,
     root: Option<tempfile::TempDir>,
+    /// The writer's stop flag, raised before anything is torn down (a failed step panics while
+    /// the writer still runs).
+    writer_stop: Option<Arc<AtomicBool>>,
 }
 
 impl Hosts {
@@ -88,6 +91,7 @@ impl Hosts {
             nodes: Vec::new(),
             mounts: Vec::new(),
             root: Some(tempfile::tempdir().expect("tempdir")),
+            writer_stop: None,
         })
     }
 
@@ -243,6 +247,11 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        if let Some(stop) = self.writer_stop.take() {
+            // The writer sleeps 50 ms between files: let it see the flag before the unmount.
+            stop.store(true, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(300));
+        }
         for dir in self.mounts.drain(..).rev() {
             if is_mounted(&dir) {
                 let _ = Command::new(BIN)
@@ -311,6 +320,10 @@ fn writer(mnt: PathBuf, mirror: PathBuf, stop: Arc<AtomicBool>) -> (usize, usize
                 acked += 1;
             }
             Err(e) => {
+                if !is_mounted(&mnt) {
+                    eprintln!("write {name}: {e}: the mount is gone; the writer stops");
+                    break;
+                }
                 eprintln!("write {name}: {e} (not acknowledged)");
                 failed += 1;
             }
@@ -387,6 +400,7 @@ fn seven_hosts_partition_evict_join_and_lose_nothing() {
 
     // Writes go on through everything below.
     let stop = Arc::new(AtomicBool::new(false));
+    net.writer_stop = Some(stop.clone());
     let w = {
         let (mnt, mirror, stop) = (mnt.clone(), mirror.clone(), stop.clone());
         std::thread::spawn(move || writer(mnt, mirror, stop))

@@ -41,7 +41,7 @@ use super::tree::tree_order;
 use super::wire::MsMessage;
 use crate::config::{CertifiedConfig, Configuration, Epoch, Freshness, Member};
 use crate::crypto::{Keypair, NodeId, PublicKey, Signature};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 /// What the driver must do, in order. An [`Output::Persist`] must be durable before any output
 /// after it is carried out.
@@ -150,6 +150,9 @@ pub struct MsNode {
     /// The committee role in `config`'s epoch, if the node is in its committee.
     role: Option<Role>,
     submissions: Submissions,
+    /// How far each committee member of `config`'s epoch says this node's requests were executed
+    /// ([`MsMessage::Executed`]): how a node outside the committee learns its operation is done.
+    executed_acks: BTreeMap<NodeId, SeqNo>,
     follower: Follower,
     /// The join to submit until the node is a member.
     join: Option<(Member, AdmissionCert)>,
@@ -186,6 +189,7 @@ impl MsNode {
             key_member: KeyMember::new(key.clone(), shares),
             key_ask_at: u64::MAX,
             submissions: Submissions::new(opts.resubmit_ms),
+            executed_acks: BTreeMap::new(),
             follower,
             key,
             opts,
@@ -309,6 +313,7 @@ impl MsNode {
         if config.epoch > self.config.epoch {
             self.config = config.clone();
             self.whole = None;
+            self.executed_acks.clear();
         }
         if let Some(FollowAction::Forward { to, after }) = self.follower.entered(config) {
             self.out.push_back(Output::Forward { to, after });
@@ -575,11 +580,27 @@ impl MsNode {
             (None, MsMessage::Submit(_)) => Some(MsMessage::Refused {
                 reason: "not running this epoch's agreement".into(),
             }),
-            (Some(role), MsMessage::Submit(req)) => role
-                .admits(&req)
-                .and_then(|()| role.submit(now, req))
-                .err()
-                .map(|reason| MsMessage::Refused { reason }),
+            (Some(role), MsMessage::Submit(req)) => {
+                let done = role.agreement().map_or(0, |a| a.executed_for(&req.client));
+                if from == req.client.node_id() && req.seq <= done {
+                    // Asked again: the word that it was executed may have been lost.
+                    let epoch = role.epoch();
+                    self.out.push_back(Output::Send {
+                        to: vec![from],
+                        msg: MsMessage::Executed { epoch, seq: done },
+                    });
+                    None
+                } else {
+                    role.admits(&req)
+                        .and_then(|()| role.submit(now, req))
+                        .err()
+                        .map(|reason| MsMessage::Refused { reason })
+                }
+            }
+            (_, MsMessage::Executed { epoch, seq }) => {
+                self.on_executed(from, epoch, seq);
+                None
+            }
             (Some(role), MsMessage::ConfigShare { epoch, hash, sig }) => {
                 role.on_config_share(from, epoch, hash, sig);
                 None
@@ -815,13 +836,47 @@ impl MsNode {
         self.out.clear();
     }
 
-    /// These requests were executed in the node's epoch, as learned from elsewhere than its own
-    /// role (the simulator tells a node what any correct member of its epoch executed).
-    pub fn executed_elsewhere(&mut self, requests: &[Request]) {
-        self.submissions.executed(requests);
+    // ---- internals ----
+
+    /// Tells the members whose requests the role executed in `epoch` (each other than this node:
+    /// it learns from its role) that they were, so that they send their next operation.
+    fn tell_executed(&mut self, epoch: Epoch, requests: &[Request]) {
+        let me = self.key.node_id();
+        for req in requests {
+            let client = req.client.node_id();
+            if client != me && self.config.is_member(&client) {
+                self.out.push_back(Output::Send {
+                    to: vec![client],
+                    msg: MsMessage::Executed {
+                        epoch,
+                        seq: req.seq,
+                    },
+                });
+            }
+        }
     }
 
-    // ---- internals ----
+    /// Committee member `from` says this node's requests up to `seq` were executed in `epoch`:
+    /// once `f_ms+1` members of the node's epoch say so of its outstanding request, at least one
+    /// correct member executed it, and the next operation may go.
+    fn on_executed(&mut self, from: NodeId, epoch: Epoch, seq: SeqNo) {
+        if epoch != self.config.epoch || !self.config.committee.contains(&from) {
+            return;
+        }
+        let told = self.executed_acks.entry(from).or_insert(0);
+        *told = (*told).max(seq);
+        let Some(req) = self.submissions.outstanding().cloned() else {
+            return;
+        };
+        let saying = self
+            .executed_acks
+            .values()
+            .filter(|s| **s >= req.seq)
+            .count();
+        if saying >= self.config.params.ms_quorum().one_correct() {
+            self.submissions.executed(&[req]);
+        }
+    }
 
     fn follow(&mut self, action: FollowAction) {
         self.out.push_back(match action {
@@ -875,6 +930,7 @@ impl MsNode {
                     outcomes,
                 } => {
                     self.submissions.executed(&requests);
+                    self.tell_executed(epoch, &requests);
                     self.sync_key();
                     Output::Event(Event::Executed {
                         epoch,

@@ -550,6 +550,12 @@ impl Agreement {
         self.d.last_executed
     }
 
+    /// The highest sequence number of `client`'s requests executed (0 if none): every request
+    /// of it at or below is done or void.
+    pub fn executed_for(&self, client: &PublicKey) -> SeqNo {
+        self.d.clients.get(client).copied().unwrap_or(0)
+    }
+
     /// The sequence number of the stable checkpoint (the low water mark).
     pub fn stable_checkpoint(&self) -> SeqNo {
         self.d.low

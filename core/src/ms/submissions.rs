@@ -8,7 +8,8 @@
 //! so entering an epoch drops those queued for another one (the driver queues again what it still
 //! wants). What is queued is kept small: a newer probe verdict about a member replaces a queued
 //! one, one end of the epoch, one join and one leave are enough, and an operation already queued
-//! or outstanding is not queued twice.
+//! or outstanding is not queued twice. The MS key's operations (deals, complaints) go before the
+//! others: the epoch cannot end without them.
 //!
 //! Both the node's MS driver and the simulator drive this type; neither keeps its own queue.
 
@@ -63,7 +64,18 @@ impl Submissions {
             self.queue
                 .retain(|o| !matches!(o, MsOp::Probe { target: t, .. } if *t == target));
         }
-        self.queue.push_back(op);
+        if matches!(op, MsOp::Key { .. }) {
+            // The epoch ends only once the key moved: the key's operations go before the others
+            // (in the order they came), not behind probe verdicts.
+            let at = self
+                .queue
+                .iter()
+                .position(|o| !matches!(o, MsOp::Key { .. }))
+                .unwrap_or(self.queue.len());
+            self.queue.insert(at, op);
+        } else {
+            self.queue.push_back(op);
+        }
         true
     }
 

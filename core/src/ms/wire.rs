@@ -176,6 +176,13 @@ pub enum MsMessage {
         attempt: u32,
         step: SignStep,
     },
+    /// To a node from a committee member of `epoch`: its requests up to `seq` were executed (or
+    /// are void). A node outside the committee learns so from `f_ms+1` members (at least one
+    /// correct), then sends its next operation.
+    Executed {
+        epoch: Epoch,
+        seq: u64,
+    },
 }
 
 /// The steps of FROST signing between committee members ([`super::threshold`]); the FROST

@@ -141,6 +141,7 @@ pub async fn serve(ms: &MsHandle, peer: PublicKey, kind: Peer, bytes: &[u8]) -> 
         | MsMessage::KeyRoundAsk { .. }
         | MsMessage::FreshShare { .. }
         | MsMessage::Batches { .. }
+        | MsMessage::Executed { .. }
         | MsMessage::StatusRequest
         | MsMessage::Leave) => ms.ask(peer, msg).await,
         MsMessage::ChallengeAnswer { .. }

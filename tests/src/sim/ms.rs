@@ -8,7 +8,8 @@
 //! role asked to persist. When the test reconfigures, nodes that should join submit `Join` (with
 //! an admission certificate), nodes that should go submit `Leave`, and the committee members
 //! submit `EndEpoch` (the epoch timer, fired by the test), each resent until executed or the
-//! epoch is over, as the daemon resends (`ms::submissions`). The certificate the committee
+//! epoch is over, as the daemon resends (`ms::submissions`); a node outside the committee learns
+//! that its request was executed as the daemon does, from `f_ms+1` members' `Executed` words. The certificate the committee
 //! assembles is what every node installs, and it reaches them as it reaches nodes: the members
 //! that assembled it push it to the root of the push tree, every node forwards what it installs
 //! to its children and pulls from a member every second (`ms::follower`, the daemon's too; the
@@ -621,23 +622,6 @@ impl Sim {
                         installs.push(configs);
                     }
                 }
-                Output::Event(Event::Executed {
-                    epoch, requests, ..
-                }) => {
-                    // A node learns that its operation was executed in its epoch's agreement (the
-                    // daemon from its own role or a later configuration; the simulator from any
-                    // correct member of that epoch: a lagging member's older agreement ignores it).
-                    let mut told = Vec::new();
-                    for (k, node) in &mut self.ms.as_mut().expect("composed mode").nodes {
-                        if self.nodes[*k].replica.epoch() == epoch {
-                            node.executed_elsewhere(&requests);
-                            told.push(*k);
-                        }
-                    }
-                    for k in told {
-                        self.ms_arm(k);
-                    }
-                }
                 Output::Event(Event::Certified(cc)) => self.ms_certified(n, cc),
                 Output::Event(Event::Refused { reason, .. })
                     if reason.starts_with("configuration piece") =>
@@ -788,6 +772,11 @@ impl Sim {
                     step: SignStep::Done(sig),
                 }
             }
+            // Word that a node's requests were all executed: alone, never enough to stop it.
+            MsMessage::Executed { epoch, .. } => MsMessage::Executed {
+                epoch,
+                seq: u64::MAX,
+            },
             MsMessage::ConfigShare { epoch, sig, .. } => MsMessage::ConfigShare {
                 epoch,
                 hash: self.ms().rng.seed32(),
