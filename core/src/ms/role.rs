@@ -35,7 +35,7 @@ use super::pbft::{Agreement, Digest, Options, Output, Request, SeqNo, View};
 use super::shares::{FreshnessShares, NextConfig};
 use super::threshold::{SignOut, ThresholdSigning};
 use super::wire::{MsMessage, SignStep};
-use crate::config::{CertifiedConfig, Configuration, Epoch, Freshness};
+use crate::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -160,8 +160,9 @@ pub struct Role {
     waiting: Option<Configuration>,
     /// Its certification under the MS key, once started.
     threshold: Option<ThresholdSigning>,
-    /// Signing messages that came before this member started signing (bounded).
-    early: Vec<(NodeId, u32, SignStep)>,
+    /// Signing messages that came before this member started signing, with the hash they name
+    /// (bounded per sender, so a Byzantine member cannot crowd the others' out).
+    early: Vec<(NodeId, ConfigHash, u32, SignStep)>,
     /// The latest time an input brought.
     now: u64,
     actions: VecDeque<Action>,
@@ -169,8 +170,8 @@ pub struct Role {
 
 /// How often a member sends its signature over the next configuration again.
 pub const SHARE_RESEND_MS: u64 = 1_000;
-/// Signing messages kept before this member starts signing.
-const EARLY_SIGN_STEPS: usize = 64;
+/// Signing messages kept from each committee member before this member starts signing.
+const EARLY_SIGN_STEPS: usize = 16;
 
 /// What a member persists beside the agreement's durable state.
 #[derive(Serialize, Deserialize)]
@@ -443,15 +444,16 @@ impl Role {
         }
         match self.threshold.as_mut() {
             Some(th) => {
-                if th.done().map(|cc| cc.config.hash()).unwrap_or(hash) != hash {
+                if th.hash() != hash {
                     return;
                 }
                 let out = th.on_step(self.now, from, attempt, step);
                 self.sign_out(out);
             }
             None => {
-                if self.early.len() < EARLY_SIGN_STEPS {
-                    self.early.push((from, attempt, step));
+                let kept = self.early.iter().filter(|(f, ..)| *f == from).count();
+                if self.config.committee.contains(&from) && kept < EARLY_SIGN_STEPS {
+                    self.early.push((from, hash, attempt, step));
                 }
             }
         }
@@ -476,8 +478,8 @@ impl Role {
         );
         self.threshold = Some(th);
         self.sign_out(out);
-        for (from, attempt, step) in std::mem::take(&mut self.early) {
-            if let Some(th) = self.threshold.as_mut() {
+        for (from, hash, attempt, step) in std::mem::take(&mut self.early) {
+            if let Some(th) = self.threshold.as_mut().filter(|th| th.hash() == hash) {
                 let out = th.on_step(self.now, from, attempt, step);
                 self.sign_out(out);
             }

@@ -195,6 +195,11 @@ impl ThresholdSigning {
         self.members().iter().position(|m| m == member)
     }
 
+    /// The hash of the configuration being certified.
+    pub fn hash(&self) -> ConfigHash {
+        self.hash
+    }
+
     /// The aggregator of `attempt`.
     pub fn aggregator(&self, attempt: u32) -> NodeId {
         let n = self.members().len();
