@@ -364,20 +364,26 @@ impl Certificate {
 }
 
 /// "Epoch `epoch` (the configuration with hash `config`) is current as of `time_ms`", signed by
-/// `2f_ms+1` members of that epoch's committee. A client uses a configuration only while it holds
-/// such a certificate younger than its lease, so a partitioned or misled client cannot keep talking
-/// to an old group whose members may have been corrupted after they left.
+/// that epoch's committee: once the configuration carries the MS key, by the key itself (one
+/// signature, made with FROST by `2f_ms+1` shares, `ms::threshold`); before (genesis), by
+/// `2f_ms+1` members. A client uses a configuration only while it holds such a certificate
+/// younger than its lease, so a partitioned or misled client cannot keep talking to an old group
+/// whose members may have been corrupted after they left.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Freshness {
     pub epoch: Epoch,
     pub config: ConfigHash,
     /// Milliseconds since the Unix epoch, on the committee's (loosely synchronised) clocks.
     pub time_ms: u64,
+    /// Members' signatures (a configuration without the MS key).
     pub signatures: Vec<(NodeId, Signature)>,
+    /// The signature under the MS key (a configuration that carries it).
+    pub threshold: Option<Signature>,
 }
 
 impl Freshness {
-    fn body(epoch: Epoch, config: &ConfigHash, time_ms: u64) -> [u8; 48] {
+    /// What a freshness certificate signs (in [`Domain::Freshness`]).
+    pub fn body(epoch: Epoch, config: &ConfigHash, time_ms: u64) -> [u8; 48] {
         let mut b = [0u8; 48];
         b[..8].copy_from_slice(&epoch.to_le_bytes());
         b[8..40].copy_from_slice(config);
@@ -424,16 +430,41 @@ impl Freshness {
             config: config.hash(),
             time_ms,
             signatures: shares,
+            threshold: None,
         }
     }
 
-    /// Accepts the certificate for `config`: same epoch and hash, and `2f_ms+1` distinct members of
-    /// `config`'s committee signed it.
+    /// The certificate of `config` at `time_ms` made of the MS key's signature `sig`.
+    pub fn under_key(config: &Configuration, time_ms: u64, sig: Signature) -> Freshness {
+        Freshness {
+            epoch: config.epoch,
+            config: config.hash(),
+            time_ms,
+            signatures: Vec::new(),
+            threshold: Some(sig),
+        }
+    }
+
+    /// Accepts the certificate for `config`: same epoch and hash, and signed by the MS key if
+    /// `config` carries it (one verification; members' signatures are then refused), or else by
+    /// `2f_ms+1` distinct members of `config`'s committee.
     pub fn verify(&self, config: &Configuration) -> Result<(), ConfigError> {
         if self.epoch != config.epoch || self.config != config.hash() {
             return Err(ConfigError::WrongPredecessor);
         }
         let body = Self::body(self.epoch, &self.config, self.time_ms);
+        if let Some(key) = config.key.as_ref().and_then(|k| k.commitments.first()) {
+            return match &self.threshold {
+                Some(sig)
+                    if PublicKey(*key)
+                        .verify(Domain::Freshness, &body, sig)
+                        .is_ok() =>
+                {
+                    Ok(())
+                }
+                _ => Err(ConfigError::BadKeySignature),
+            };
+        }
         let mut signers = BTreeSet::new();
         for (id, sig) in &self.signatures {
             if !config.committee.contains(id) || signers.contains(id) {

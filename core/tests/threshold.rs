@@ -121,6 +121,15 @@ struct Net {
 
 impl Net {
     fn new(c: &Cluster, faults: Vec<Fault>) -> Net {
+        Net::signing(c, faults, None)
+    }
+
+    /// Signing that `c.prev` is current at `fresh` (its own committee, with the same shares).
+    fn fresh(c: &Cluster, faults: Vec<Fault>, time_ms: u64) -> Net {
+        Net::signing(c, faults, Some(time_ms))
+    }
+
+    fn signing(c: &Cluster, faults: Vec<Fault>, fresh: Option<u64>) -> Net {
         let mut net = Net {
             nodes: Vec::new(),
             ids: c.signers.iter().map(|(k, _)| k.node_id()).collect(),
@@ -131,14 +140,24 @@ impl Net {
             now: 0,
         };
         for (i, (k, share)) in c.signers.iter().enumerate() {
-            let (s, out) = ThresholdSigning::start(
-                k.clone(),
-                c.prev.clone(),
-                c.next.clone(),
-                share.clone(),
-                [i as u8 + 1; 32],
-                0,
-            );
+            let (s, out) = match fresh {
+                None => ThresholdSigning::start(
+                    k.clone(),
+                    c.prev.clone(),
+                    c.next.clone(),
+                    share.clone(),
+                    [i as u8 + 1; 32],
+                    0,
+                ),
+                Some(time_ms) => ThresholdSigning::start_fresh(
+                    k.clone(),
+                    c.prev.clone(),
+                    time_ms,
+                    share.clone(),
+                    [i as u8 + 1; 32],
+                    0,
+                ),
+            };
             net.nodes.push(s);
             net.out(i, out);
         }
@@ -148,7 +167,7 @@ impl Net {
     fn out(&mut self, i: usize, out: Vec<SignOut>) {
         for o in out {
             match o {
-                SignOut::Certified(_) => self.done[i] = true,
+                SignOut::Certified(_) | SignOut::Fresh(_) => self.done[i] = true,
                 SignOut::Send { to, msg } => {
                     if self.faults[i] == Fault::Silent {
                         continue;
@@ -267,6 +286,47 @@ fn the_committee_certifies_the_next_configuration_with_one_signature_under_the_k
     assert!(listed.verify_successor(&c.prev).is_err());
     cc.cert.threshold.as_mut().unwrap().0[5] ^= 1;
     assert!(cc.verify_successor(&c.prev).is_err());
+}
+
+/// Freshness too is one signature under the MS key, made the same way (here with a member whose
+/// shares are wrong, for each member in turn): it verifies for its configuration and time only,
+/// and members' signatures are no longer a certificate once the configuration carries the key.
+#[test]
+fn the_committee_signs_freshness_with_one_signature_under_the_key() {
+    use dbqsfs_core::config::Freshness;
+    let c = cluster();
+    let time = 1_700_000_000_000;
+    for bad in 0..4 {
+        let mut faults = vec![Fault::None; 4];
+        faults[bad] = Fault::WrongShares;
+        let mut net = Net::fresh(&c, faults, time);
+        net.settle();
+        for (i, n) in net.nodes.iter().enumerate() {
+            assert!(n.done().is_none(), "freshness is not a configuration");
+            if i == bad {
+                continue;
+            }
+            let f = n
+                .freshness()
+                .expect("every correct member holds the certificate");
+            f.verify(&c.prev).unwrap();
+            assert!(f.signatures.is_empty());
+            assert_eq!((f.epoch, f.time_ms), (c.prev.epoch, time));
+            let mut later = f.clone();
+            later.time_ms += 1;
+            assert!(later.verify(&c.prev).is_err(), "another time");
+            assert!(f.verify(&c.next).is_err(), "another configuration");
+        }
+    }
+    // 2f_ms+1 members' signatures, valid as they are, certify nothing for a keyed configuration.
+    let shares = c
+        .signers
+        .iter()
+        .take(3)
+        .map(|(k, _)| (k.node_id(), Freshness::sign_share(k, &c.prev, time)))
+        .collect();
+    let listed = Freshness::assemble(&c.prev, time, shares);
+    assert!(listed.verify(&c.prev).is_err());
 }
 
 #[test]

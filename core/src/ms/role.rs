@@ -38,7 +38,7 @@ use super::wire::{MsMessage, SignStep};
 use crate::config::{CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness};
 use crate::crypto::{Keypair, NodeId, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 /// What the driver must do, in order. An [`Action::Persist`] must be durable before any action
 /// after it is carried out.
@@ -160,6 +160,11 @@ pub struct Role {
     waiting: Option<Configuration>,
     /// Its certification under the MS key, once started.
     threshold: Option<ThresholdSigning>,
+    /// Freshness certificates signed under the MS key (when the configuration carries it), by
+    /// time; the newest [`FRESH_SIGNINGS`] are kept. `fresh_due`: a time to sign once this
+    /// member holds its share.
+    fresh_signing: BTreeMap<u64, ThresholdSigning>,
+    fresh_due: Option<u64>,
     /// Signing messages that came before this member started signing, with the hash they name
     /// (bounded per sender, so a Byzantine member cannot crowd the others' out).
     early: Vec<(NodeId, ConfigHash, u32, SignStep)>,
@@ -172,6 +177,8 @@ pub struct Role {
 pub const SHARE_RESEND_MS: u64 = 1_000;
 /// Signing messages kept from each committee member before this member starts signing.
 const EARLY_SIGN_STEPS: usize = 16;
+/// Freshness signings under the MS key a member runs at once (the newest times).
+const FRESH_SIGNINGS: usize = 2;
 
 /// What a member persists beside the agreement's durable state.
 #[derive(Serialize, Deserialize)]
@@ -221,6 +228,8 @@ impl Role {
             key_share: None,
             waiting: None,
             threshold: None,
+            fresh_signing: BTreeMap::new(),
+            fresh_due: None,
             early: Vec::new(),
             now,
             actions: VecDeque::new(),
@@ -327,7 +336,7 @@ impl Role {
     /// The earliest time at which [`Role::on_timer`] has work to do.
     pub fn next_timer(&self) -> Option<u64> {
         let mut t = self.next_fresh.min(self.next_share);
-        if let Some(th) = &self.threshold {
+        for th in self.threshold.iter().chain(self.fresh_signing.values()) {
             t = t.min(th.next_timer());
         }
         if self.epoch_timer {
@@ -417,6 +426,7 @@ impl Role {
         }
         self.key_share = Some(share.clone());
         self.start_threshold();
+        self.start_fresh();
     }
 
     /// The certification of the next configuration under the MS key, once started.
@@ -439,6 +449,15 @@ impl Role {
         attempt: u32,
         step: SignStep,
     ) {
+        if epoch == self.config.epoch {
+            if let Some(th) = self.fresh_signing.values_mut().find(|th| th.hash() == hash) {
+                let out = th.on_step(self.now, from, attempt, step);
+                self.sign_out(out);
+            } else {
+                self.keep_early(from, hash, attempt, step);
+            }
+            return;
+        }
         if epoch != self.config.epoch + 1 {
             return;
         }
@@ -450,11 +469,59 @@ impl Role {
                 let out = th.on_step(self.now, from, attempt, step);
                 self.sign_out(out);
             }
-            None => {
-                let kept = self.early.iter().filter(|(f, ..)| *f == from).count();
-                if self.config.committee.contains(&from) && kept < EARLY_SIGN_STEPS {
-                    self.early.push((from, hash, attempt, step));
-                }
+            None => self.keep_early(from, hash, attempt, step),
+        }
+    }
+
+    /// Keeps a signing message that came before this member started the signing it names.
+    fn keep_early(&mut self, from: NodeId, hash: ConfigHash, attempt: u32, step: SignStep) {
+        let kept = self.early.iter().filter(|(f, ..)| *f == from).count();
+        if self.config.committee.contains(&from) && kept < EARLY_SIGN_STEPS {
+            self.early.push((from, hash, attempt, step));
+        }
+    }
+
+    /// The early messages naming `hash`, taken out.
+    fn take_early(&mut self, hash: ConfigHash) -> Vec<(NodeId, u32, SignStep)> {
+        let (mine, rest) = std::mem::take(&mut self.early)
+            .into_iter()
+            .partition(|(_, h, ..)| *h == hash);
+        self.early = rest;
+        mine.into_iter().map(|(f, _, a, s)| (f, a, s)).collect()
+    }
+
+    /// Starts signing freshness for the due time under the MS key, once this member holds its
+    /// share; the nonces come from a secret of their own per time (never those of another
+    /// signing).
+    fn start_fresh(&mut self) {
+        let (Some(time_ms), Some(share)) = (self.fresh_due, self.key_share.clone()) else {
+            return;
+        };
+        self.fresh_due = None;
+        if self.fresh_signing.contains_key(&time_ms) {
+            return;
+        }
+        let mut label = b"freshness nonces".to_vec();
+        label.extend_from_slice(&time_ms.to_le_bytes());
+        let seed = *blake3::keyed_hash(&self.seed, &label).as_bytes();
+        let (th, out) = ThresholdSigning::start_fresh(
+            self.key.clone(),
+            self.config.clone(),
+            time_ms,
+            share,
+            seed,
+            self.now,
+        );
+        let hash = th.hash();
+        self.fresh_signing.insert(time_ms, th);
+        while self.fresh_signing.len() > FRESH_SIGNINGS {
+            self.fresh_signing.pop_first();
+        }
+        self.sign_out(out);
+        for (from, attempt, step) in self.take_early(hash) {
+            if let Some(th) = self.fresh_signing.get_mut(&time_ms) {
+                let out = th.on_step(self.now, from, attempt, step);
+                self.sign_out(out);
             }
         }
     }
@@ -476,10 +543,11 @@ impl Role {
             self.seed,
             self.now,
         );
+        let hash = th.hash();
         self.threshold = Some(th);
         self.sign_out(out);
-        for (from, hash, attempt, step) in std::mem::take(&mut self.early) {
-            if let Some(th) = self.threshold.as_mut().filter(|th| th.hash() == hash) {
+        for (from, attempt, step) in self.take_early(hash) {
+            if let Some(th) = self.threshold.as_mut() {
                 let out = th.on_step(self.now, from, attempt, step);
                 self.sign_out(out);
             }
@@ -491,6 +559,7 @@ impl Role {
             self.actions.push_back(match o {
                 SignOut::Send { to, msg } => Action::Send { to, msg },
                 SignOut::Certified(cc) => Action::Certified(cc),
+                SignOut::Fresh(cert) => Action::Freshness(cert),
             });
         }
     }
@@ -504,7 +573,9 @@ impl Role {
         time_ms: u64,
         sig: Signature,
     ) {
-        if epoch != self.config.epoch || config != self.config.hash() {
+        // A configuration that carries the MS key is kept fresh under it: members' signatures
+        // would make no certificate.
+        if epoch != self.config.epoch || config != self.config.hash() || self.config.key.is_some() {
             return;
         }
         if let Some(cert) = self.fresh.add(time_ms, from, sig) {
@@ -562,6 +633,12 @@ impl Role {
             let out = th.on_timer(now);
             self.sign_out(out);
         }
+        let outs: Vec<SignOut> = self
+            .fresh_signing
+            .values_mut()
+            .flat_map(|th| th.on_timer(now))
+            .collect();
+        self.sign_out(outs);
         let params = self.config.params.clone();
         let epoch = self.config.epoch;
         if self.epoch_timer && now >= self.end_at {
@@ -582,6 +659,12 @@ impl Role {
             let period = (params.freshness_ms / 3).max(500);
             self.next_fresh = now.saturating_add(period);
             let time_ms = unix_ms - unix_ms % period;
+            if self.config.key.is_some() {
+                // Under the MS key, once this member holds its share of it.
+                self.fresh_due = Some(time_ms);
+                self.start_fresh();
+                return;
+            }
             let sig = Freshness::sign_share(&self.key, &self.config, time_ms);
             let msg = MsMessage::FreshShare {
                 epoch,

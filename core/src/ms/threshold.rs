@@ -28,7 +28,7 @@
 use super::key::sign::{self, SignatureShare, SigningCommitments, SigningNonces, SigningPackage};
 use super::key::{KeyShare, XofRng};
 use super::wire::{MsMessage, SignStep};
-use crate::config::{Certificate, CertifiedConfig, ConfigHash, Configuration, Epoch};
+use crate::config::{Certificate, CertifiedConfig, ConfigHash, Configuration, Epoch, Freshness};
 use crate::crypto::{Domain, Keypair, NodeId, Signature};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -46,6 +46,53 @@ const NONCES_PER_ATTEMPT: usize = 4;
 pub enum SignOut {
     Send { to: Vec<NodeId>, msg: MsMessage },
     Certified(CertifiedConfig),
+    Fresh(Freshness),
+}
+
+/// What a signing round certifies under the MS key.
+#[derive(Clone, Debug)]
+enum Target {
+    /// The next configuration, signed by the committee of the one before.
+    Next {
+        prev: Configuration,
+        next: Configuration,
+    },
+    /// That `config` is current at `time_ms`, signed by its own committee.
+    Fresh { config: Configuration, time_ms: u64 },
+}
+
+impl Target {
+    /// The configuration whose committee signs.
+    fn signers(&self) -> &Configuration {
+        match self {
+            Target::Next { prev, .. } => prev,
+            Target::Fresh { config, .. } => config,
+        }
+    }
+
+    /// The epoch the round's messages name: the next configuration's, or the fresh one's.
+    fn epoch(&self) -> Epoch {
+        match self {
+            Target::Next { next, .. } => next.epoch,
+            Target::Fresh { config, .. } => config.epoch,
+        }
+    }
+
+    /// The message signed.
+    fn message(&self) -> Vec<u8> {
+        match self {
+            Target::Next { next, .. } => certificate_message(&next.hash()),
+            Target::Fresh { config, time_ms } => freshness_message(config, *time_ms),
+        }
+    }
+
+    /// What the round's messages name it by: the next configuration's hash, or the message's.
+    fn hash(&self) -> ConfigHash {
+        match self {
+            Target::Next { next, .. } => next.hash(),
+            Target::Fresh { .. } => *blake3::hash(&self.message()).as_bytes(),
+        }
+    }
 }
 
 /// A signature share as received: its sender, the share, the sender's signature over it.
@@ -79,8 +126,7 @@ impl Aggregation {
 pub struct ThresholdSigning {
     node: Keypair,
     me: NodeId,
-    prev: Configuration,
-    next: Configuration,
+    target: Target,
     hash: ConfigHash,
     msg: Vec<u8>,
     share: KeyShare,
@@ -92,7 +138,8 @@ pub struct ThresholdSigning {
     /// Members proven to have sent wrong signature shares.
     cheaters: BTreeSet<NodeId>,
     rng: XofRng,
-    done: Option<CertifiedConfig>,
+    /// The aggregate signature, once it verified.
+    done: Option<Signature>,
     resend_at: u64,
     /// The last package this member signed, and its attempt.
     last_package: Option<(u32, Vec<u8>)>,
@@ -103,6 +150,11 @@ pub struct ThresholdSigning {
 /// The message every signature of this round signs: the configuration's hash in its domain.
 pub fn certificate_message(hash: &ConfigHash) -> Vec<u8> {
     Domain::Configuration.message(hash)
+}
+
+/// The message a freshness certificate of `config` at `time_ms` signs.
+pub fn freshness_message(config: &Configuration, time_ms: u64) -> Vec<u8> {
+    Domain::Freshness.message(&Freshness::body(config.epoch, &config.hash(), time_ms))
 }
 
 /// What a signature share's sender signs with it: the share and the package it answers.
@@ -126,14 +178,35 @@ impl ThresholdSigning {
         seed: [u8; 32],
         now: u64,
     ) -> (ThresholdSigning, Vec<SignOut>) {
-        let hash = next.hash();
+        Self::begin(node, Target::Next { prev, next }, share, seed, now)
+    }
+
+    /// Starts signing that `config` (whose committee this member is in) is current at
+    /// `time_ms`, with `share` (of `config`'s epoch). `seed` is a fresh secret for the nonces.
+    pub fn start_fresh(
+        node: Keypair,
+        config: Configuration,
+        time_ms: u64,
+        share: KeyShare,
+        seed: [u8; 32],
+        now: u64,
+    ) -> (ThresholdSigning, Vec<SignOut>) {
+        Self::begin(node, Target::Fresh { config, time_ms }, share, seed, now)
+    }
+
+    fn begin(
+        node: Keypair,
+        target: Target,
+        share: KeyShare,
+        seed: [u8; 32],
+        now: u64,
+    ) -> (ThresholdSigning, Vec<SignOut>) {
         let mut s = ThresholdSigning {
             me: node.node_id(),
             node,
-            msg: certificate_message(&hash),
-            hash,
-            prev,
-            next,
+            msg: target.message(),
+            hash: target.hash(),
+            target,
             share,
             attempt: 0,
             attempt_until: now.saturating_add(ATTEMPT_MS),
@@ -150,8 +223,28 @@ impl ThresholdSigning {
         (s, out)
     }
 
-    pub fn done(&self) -> Option<&CertifiedConfig> {
-        self.done.as_ref()
+    /// The certificate, once this member holds it (certifying a configuration).
+    pub fn done(&self) -> Option<CertifiedConfig> {
+        match (&self.target, self.done) {
+            (Target::Next { next, .. }, Some(sig)) => Some(CertifiedConfig {
+                config: next.clone(),
+                cert: Certificate {
+                    signatures: Vec::new(),
+                    threshold: Some(sig),
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    /// The freshness certificate, once this member holds it (signing freshness).
+    pub fn freshness(&self) -> Option<Freshness> {
+        match (&self.target, self.done) {
+            (Target::Fresh { config, time_ms }, Some(sig)) => {
+                Some(Freshness::under_key(config, *time_ms, sig))
+            }
+            _ => None,
+        }
     }
 
     /// The members this one holds proven to have sent wrong signature shares.
@@ -176,7 +269,7 @@ impl ThresholdSigning {
     }
 
     fn epoch(&self) -> Epoch {
-        self.next.epoch
+        self.target.epoch()
     }
 
     fn members(&self) -> &[NodeId] {
@@ -247,12 +340,12 @@ impl ThresholdSigning {
     /// The clock: the next attempt when this one took too long; the certificate sent again.
     pub fn on_timer(&mut self, now: u64) -> Vec<SignOut> {
         self.now = self.now.max(now);
-        if let Some(cc) = &self.done {
+        if let Some(sig) = self.done {
             if now < self.resend_at {
                 return Vec::new();
             }
             self.resend_at = now.saturating_add(DONE_RESEND_MS);
-            return vec![self.done_message(cc.clone())];
+            return vec![self.done_message(sig)];
         }
         if now < self.attempt_until {
             return Vec::new();
@@ -262,8 +355,7 @@ impl ThresholdSigning {
         self.commit()
     }
 
-    fn done_message(&self, cc: CertifiedConfig) -> SignOut {
-        let sig = cc.cert.threshold.unwrap_or(Signature([0; 64]));
+    fn done_message(&self, sig: Signature) -> SignOut {
         SignOut::Send {
             to: self.others(),
             msg: MsMessage::KeySign {
@@ -450,9 +542,10 @@ impl ThresholdSigning {
         sig: Signature,
         next: &[u8],
     ) -> Vec<SignOut> {
-        let (Some(position), Some(key)) =
-            (self.position(&from), self.prev.member(&from).map(|m| m.key))
-        else {
+        let (Some(position), Some(key)) = (
+            self.position(&from),
+            self.target.signers().member(&from).map(|m| m.key),
+        ) else {
             return Vec::new();
         };
         let epoch = self.epoch();
@@ -528,9 +621,10 @@ impl ThresholdSigning {
         }
         let mut parsed = BTreeMap::new();
         for (from, share, sig) in shares {
-            let (Some(position), Some(key)) =
-                (self.position(from), self.prev.member(from).map(|m| m.key))
-            else {
+            let (Some(position), Some(key)) = (
+                self.position(from),
+                self.target.signers().member(from).map(|m| m.key),
+            ) else {
                 return;
             };
             let statement = share_statement(self.epoch(), attempt, package, share);
@@ -564,20 +658,35 @@ impl ThresholdSigning {
 
     /// The aggregate signature (from this member or another): kept if it verifies.
     fn finish(&mut self, sig: Signature) -> Vec<SignOut> {
-        let cc = CertifiedConfig {
-            config: self.next.clone(),
-            cert: Certificate {
-                signatures: Vec::new(),
-                threshold: Some(sig),
-            },
-        };
-        if self.done.is_some() || cc.verify_successor(&self.prev).is_err() {
+        if self.done.is_some() {
             return Vec::new();
         }
-        self.done = Some(cc.clone());
+        let result = match &self.target {
+            Target::Next { prev, next } => {
+                let cc = CertifiedConfig {
+                    config: next.clone(),
+                    cert: Certificate {
+                        signatures: Vec::new(),
+                        threshold: Some(sig),
+                    },
+                };
+                match cc.verify_successor(prev) {
+                    Ok(()) => SignOut::Certified(cc),
+                    Err(_) => return Vec::new(),
+                }
+            }
+            Target::Fresh { config, time_ms } => {
+                let fresh = Freshness::under_key(config, *time_ms, sig);
+                match fresh.verify(config) {
+                    Ok(()) => SignOut::Fresh(fresh),
+                    Err(_) => return Vec::new(),
+                }
+            }
+        };
+        self.done = Some(sig);
         self.nonces.clear();
         self.aggregating.clear();
         self.resend_at = self.now.saturating_add(DONE_RESEND_MS);
-        vec![self.done_message(cc.clone()), SignOut::Certified(cc)]
+        vec![self.done_message(sig), result]
     }
 }

@@ -84,7 +84,7 @@ fn main() {
                 digest: r.digest,
                 setup: r.setup,
                 detail: format!(
-                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={} ms-equivocations={} ms-pieces={}/{} ms-false-epochs={}",
+                    "deleted={} on-demand={}/{} gone={} peer-requests={} deferred={} releases={} released-deleted={} forged-releases={} ms-epochs={} ms-lying-roles={} ms-equivocations={} ms-pieces={}/{} ms-false-epochs={} ms-fresh-under-key={}",
                     r.stats.deleted,
                     r.stats.on_demand_done,
                     r.stats.on_demand,
@@ -99,7 +99,8 @@ fn main() {
                     r.stats.ms_equivocations,
                     r.stats.ms_pieces_served,
                     r.stats.ms_pieces_refused,
-                    r.stats.ms_false_epochs
+                    r.stats.ms_false_epochs,
+                    r.stats.ms_fresh_under_key
                 ),
             }
         },

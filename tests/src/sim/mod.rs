@@ -114,6 +114,8 @@ pub struct Stats {
     /// Composed mode: pieces of whole configurations correct nodes served, and pieces refused.
     pub ms_pieces_served: u64,
     pub ms_pieces_refused: u64,
+    /// Composed mode: freshness certificates correct members assembled under the MS key.
+    pub ms_fresh_under_key: u64,
     /// Composed mode: pull answers in which a lying node claimed epochs it does not hold.
     pub ms_false_epochs: u64,
 }
@@ -370,6 +372,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> SeedReport {
             ms_equivocations: sim.ms.as_ref().map_or(0, |m| m.equivocations),
             ms_pieces_served: sim.ms.as_ref().map_or(0, |m| m.pieces_served),
             ms_pieces_refused: sim.ms.as_ref().map_or(0, |m| m.pieces_refused),
+            ms_fresh_under_key: sim.ms.as_ref().map_or(0, |m| m.fresh_under_key),
             ms_false_epochs: sim.ms.as_ref().map_or(0, |m| m.false_epochs),
             ..sim.stats
         },

@@ -94,6 +94,8 @@ pub(super) struct Ms {
     /// Pieces of whole configurations that correct nodes served, and pieces nodes refused.
     pub(super) pieces_served: u64,
     pub(super) pieces_refused: u64,
+    /// Freshness certificates correct members assembled under the MS key (each checked).
+    pub(super) fresh_under_key: u64,
     /// Pull answers in which a lying node claimed epochs it does not hold.
     pub(super) false_epochs: u64,
     /// How each Byzantine node lies in its MS role (drawn when it first takes one up).
@@ -131,6 +133,7 @@ impl Ms {
             answer_budget,
             pieces_served: 0,
             pieces_refused: 0,
+            fresh_under_key: 0,
             false_epochs: 0,
             admission,
             rng,
@@ -630,6 +633,20 @@ impl Sim {
                 }
                 Output::Event(Event::OutOfOrder(e)) => {
                     self.violation(format!("MS: node {n}: {e}"));
+                }
+                Output::Freshness(cert) if lie.is_none() => {
+                    // What a correct member assembled must verify for the certified
+                    // configuration of its epoch: under the MS key once that carries it.
+                    let e = cert.epoch as usize;
+                    if let Some(c) = self.configs.get(e).map(|k| k.config.clone()) {
+                        match cert.verify(&c) {
+                            Ok(()) if cert.threshold.is_some() => self.ms().fresh_under_key += 1,
+                            Ok(()) => {}
+                            Err(err) => self.violation(format!(
+                                "MS: node {n} assembled a freshness certificate of epoch {e} that does not verify: {err}"
+                            )),
+                        }
+                    }
                 }
                 Output::PullBootstrap { .. } | Output::Freshness(_) | Output::Event(_) => {}
             }
