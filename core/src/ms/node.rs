@@ -410,10 +410,8 @@ impl MsNode {
             self.want(op);
         }
         if let Some(role) = self.role.as_mut() {
-            if !role.has_key_share() {
-                if let Some(share) = self.key_member.holder().for_signing(role.epoch()) {
-                    role.offer_key_share(share);
-                }
+            if let Some(share) = self.key_member.holder().for_signing(role.epoch()) {
+                role.offer_key_share(share);
             }
         }
         if let Some(state) = self.key_member.take_changed() {

@@ -420,8 +420,17 @@ impl Role {
 
     /// This member's share of the MS key for this epoch (its node passes it once it holds it):
     /// the next configuration, if the epoch already ended, is certified with it.
+    ///
+    /// A share offered again after a complaint disproved a qualified dealer (the round's sharing
+    /// changed) replaces the one held: signings started later use it. The next configuration's
+    /// certification starts only after the epoch ended, when the sharing no longer changes.
     pub fn offer_key_share(&mut self, share: &KeyShare) {
-        if self.key_share.is_some() || share.epoch() != self.config.epoch {
+        if share.epoch() != self.config.epoch
+            || self
+                .key_share
+                .as_ref()
+                .is_some_and(|k| k.public == share.public)
+        {
             return;
         }
         self.key_share = Some(share.clone());

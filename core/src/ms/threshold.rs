@@ -1,6 +1,8 @@
 //! The next configuration certified under the MS key: the ending epoch's committee signs its hash
 //! with FROST's two rounds over its shares (`super::key::sign`), so that anyone checks the
 //! certificate with one ed25519 verification under the key the configuration before carries.
+//! Freshness certificates ("this configuration is current at `t`") are signed the same way by
+//! the configuration's own committee, one signing per time.
 //!
 //! How. Signing goes in *attempts*; attempt `a` has one aggregator, fixed by `a` and the hash, so
 //! every member knows it without talking. Within an attempt the aggregator runs *sessions* in the
