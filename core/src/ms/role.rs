@@ -165,6 +165,9 @@ pub struct Role {
     /// member holds its share.
     fresh_signing: BTreeMap<u64, ThresholdSigning>,
     fresh_due: Option<u64>,
+    /// Freshness signings started by this role: each draws its nonces from its own secret, even
+    /// for a time signed before (a wall clock stepped back), so no nonce signs two packages.
+    fresh_started: u64,
     /// Signing messages that came before this member started signing, with the hash they name
     /// (bounded per sender, so a Byzantine member cannot crowd the others' out).
     early: Vec<(NodeId, ConfigHash, u32, SignStep)>,
@@ -230,6 +233,7 @@ impl Role {
             threshold: None,
             fresh_signing: BTreeMap::new(),
             fresh_due: None,
+            fresh_started: 0,
             early: Vec::new(),
             now,
             actions: VecDeque::new(),
@@ -500,8 +504,7 @@ impl Role {
     }
 
     /// Starts signing freshness for the due time under the MS key, once this member holds its
-    /// share; the nonces come from a secret of their own per time (never those of another
-    /// signing).
+    /// share; the nonces come from a secret of this signing's own (never those of another).
     fn start_fresh(&mut self) {
         let (Some(time_ms), Some(share)) = (self.fresh_due, self.key_share.clone()) else {
             return;
@@ -510,7 +513,9 @@ impl Role {
         if self.fresh_signing.contains_key(&time_ms) {
             return;
         }
+        self.fresh_started += 1;
         let mut label = b"freshness nonces".to_vec();
+        label.extend_from_slice(&self.fresh_started.to_le_bytes());
         label.extend_from_slice(&time_ms.to_le_bytes());
         let seed = *blake3::keyed_hash(&self.seed, &label).as_bytes();
         let (th, out) = ThresholdSigning::start_fresh(
