@@ -141,6 +141,8 @@ pub struct Role {
     saved_batches: usize,
     /// Waiting for the batches up to a stable checkpoint: agreement outputs are held meanwhile.
     installing: Option<(SeqNo, Digest)>,
+    /// When to ask again for those batches (every answer may be lost or false).
+    fetch_again_at: u64,
     held: VecDeque<Output>,
     next: NextConfig,
     fresh: FreshnessShares,
@@ -178,6 +180,8 @@ pub struct Role {
 
 /// How often a member sends its signature over the next configuration again.
 pub const SHARE_RESEND_MS: u64 = 1_000;
+/// How often a member installing a stable checkpoint asks again for the batches up to it.
+const FETCH_AGAIN_MS: u64 = 2_000;
 /// Signing messages kept from each committee member before this member starts signing.
 const EARLY_SIGN_STEPS: usize = 16;
 /// Freshness signings under the MS key a member runs at once (the newest times).
@@ -221,6 +225,7 @@ impl Role {
             app: App::new(start.clone()),
             saved_batches: 0,
             installing: None,
+            fetch_again_at: u64::MAX,
             held: VecDeque::new(),
             next: NextConfig::default(),
             epoch_timer,
@@ -295,6 +300,7 @@ impl Role {
             self.epoch_ended(next);
         }
         if let Some((upto, digest)) = self.installing {
+            self.fetch_again_at = self.now.saturating_add(FETCH_AGAIN_MS);
             self.actions
                 .push_back(Action::FetchBatches { upto, digest });
         }
@@ -337,9 +343,17 @@ impl Role {
         self.actions.pop_front()
     }
 
+    /// The stable checkpoint whose batches this member waits for, if any.
+    pub fn installing(&self) -> Option<SeqNo> {
+        self.installing.map(|(seq, _)| seq)
+    }
+
     /// The earliest time at which [`Role::on_timer`] has work to do.
     pub fn next_timer(&self) -> Option<u64> {
         let mut t = self.next_fresh.min(self.next_share);
+        if self.installing.is_some() {
+            t = t.min(self.fetch_again_at);
+        }
         for th in self.threshold.iter().chain(self.fresh_signing.values()) {
             t = t.min(th.next_timer());
         }
@@ -643,6 +657,12 @@ impl Role {
             a.handle_timeout(now);
         }
         self.pump();
+        if let Some((upto, digest)) = self.installing.filter(|_| now >= self.fetch_again_at) {
+            // The answers may all have been lost, or been false: ask again.
+            self.fetch_again_at = now.saturating_add(FETCH_AGAIN_MS);
+            self.actions
+                .push_back(Action::FetchBatches { upto, digest });
+        }
         if let Some(th) = self.threshold.as_mut() {
             let out = th.on_timer(now);
             self.sign_out(out);
@@ -738,6 +758,7 @@ impl Role {
             }
             Output::InstallState { seq, app_digest } => {
                 self.installing = Some((seq, app_digest));
+                self.fetch_again_at = self.now.saturating_add(FETCH_AGAIN_MS);
                 self.actions.push_back(Action::FetchBatches {
                     upto: seq,
                     digest: app_digest,

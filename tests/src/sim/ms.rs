@@ -1022,11 +1022,12 @@ impl Sim {
                 let a = r.agreement();
                 let p = r.app().membership().pending();
                 format!(
-                    "role of epoch {} view {:?} changing {:?} executed {} ended {} end votes {} key dealt {}/{} signing {:?}",
+                    "role of epoch {} view {:?} changing {:?} executed {} installing {:?} ended {} end votes {} key dealt {}/{} signing {:?}",
                     r.epoch(),
                     a.map(|a| a.view()),
                     a.and_then(|a| a.changing_to()),
                     r.app().executed(),
+                    r.installing(),
                     r.app().ended().is_some(),
                     p.end_votes,
                     p.key_dealt,
