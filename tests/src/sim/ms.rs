@@ -9,7 +9,8 @@
 //! an admission certificate), nodes that should go submit `Leave`, and the committee members
 //! submit `EndEpoch` (the epoch timer, fired by the test), each resent until executed or the
 //! epoch is over, as the daemon resends (`ms::submissions`); a node outside the committee learns
-//! that its request was executed as the daemon does, from `f_ms+1` members' `Executed` words. The certificate the committee
+//! that its request was executed as the daemon does, from `f_ms+1` members' `Executed` words.
+//! The certificate the committee
 //! assembles is what every node installs, and it reaches them as it reaches nodes: the members
 //! that assembled it push it to the root of the push tree, every node forwards what it installs
 //! to its children and pulls from a member every second (`ms::follower`, the daemon's too; the
