@@ -330,17 +330,8 @@ impl Certificate {
     /// Once `prev` carries the MS key, the certificate is one signature under that key instead:
     /// one verification, whatever the epoch.
     pub fn verify_for(&self, hash: &ConfigHash, prev: &Configuration) -> Result<(), ConfigError> {
-        if let Some(key) = prev.key.as_ref().and_then(|k| k.commitments.first()) {
-            return match &self.threshold {
-                Some(sig)
-                    if PublicKey(*key)
-                        .verify(Domain::Configuration, hash, sig)
-                        .is_ok() =>
-                {
-                    Ok(())
-                }
-                _ => Err(ConfigError::BadKeySignature),
-            };
+        if let Some(key) = ms_key(prev) {
+            return verify_under_key(key, Domain::Configuration, hash, self.threshold.as_ref());
         }
         let mut signers = BTreeSet::new();
         for (id, sig) in &self.signatures {
@@ -360,6 +351,25 @@ impl Certificate {
             });
         }
         Ok(())
+    }
+}
+
+/// The MS key `config` carries, if it carries one: certificates of and about it are then one
+/// signature under that key.
+fn ms_key(config: &Configuration) -> Option<&[u8; 32]> {
+    config.key.as_ref().and_then(|k| k.commitments.first())
+}
+
+/// Accepts `sig` only if it is a signature under the MS key `key` over `body` in `domain`.
+fn verify_under_key(
+    key: &[u8; 32],
+    domain: Domain,
+    body: &[u8],
+    sig: Option<&Signature>,
+) -> Result<(), ConfigError> {
+    match sig {
+        Some(sig) if PublicKey(*key).verify(domain, body, sig).is_ok() => Ok(()),
+        _ => Err(ConfigError::BadKeySignature),
     }
 }
 
@@ -453,17 +463,8 @@ impl Freshness {
             return Err(ConfigError::WrongPredecessor);
         }
         let body = Self::body(self.epoch, &self.config, self.time_ms);
-        if let Some(key) = config.key.as_ref().and_then(|k| k.commitments.first()) {
-            return match &self.threshold {
-                Some(sig)
-                    if PublicKey(*key)
-                        .verify(Domain::Freshness, &body, sig)
-                        .is_ok() =>
-                {
-                    Ok(())
-                }
-                _ => Err(ConfigError::BadKeySignature),
-            };
+        if let Some(key) = ms_key(config) {
+            return verify_under_key(key, Domain::Freshness, &body, self.threshold.as_ref());
         }
         let mut signers = BTreeSet::new();
         for (id, sig) in &self.signatures {

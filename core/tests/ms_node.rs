@@ -448,6 +448,17 @@ fn op_of(req: &dbqsfs_core::ms::pbft::Request) -> MsOp {
     postcard::from_bytes(&req.payload).unwrap()
 }
 
+/// Node `o` queues two operations: a verdict on member `target`, then its leave.
+fn wants_a_verdict_then_to_leave(net: &mut Net, o: usize, target: usize) {
+    let target = net.nodes[target].key.node_id();
+    net.nodes[o].ms.want(MsOp::Probe {
+        epoch: 0,
+        target,
+        responsive: false,
+    });
+    net.nodes[o].ms.want(MsOp::Leave { epoch: 0 });
+}
+
 /// A member outside the committee has no role to tell it that its request was executed: it
 /// learns so from `f_ms+1` committee members' word (one member's, or a non-member's, is not
 /// enough), and only then sends its next operation. (Before, it learned nothing until the epoch
@@ -458,13 +469,7 @@ fn a_member_outside_the_committee_goes_on_once_f_plus_1_members_say_its_request_
     let committee = net.committee();
     let outsiders: Vec<usize> = (0..6).filter(|i| !committee.contains(i)).collect();
     let o = outsiders[0];
-    let target = net.nodes[committee[0]].key.node_id();
-    net.nodes[o].ms.want(MsOp::Probe {
-        epoch: 0,
-        target,
-        responsive: false,
-    });
-    net.nodes[o].ms.want(MsOp::Leave { epoch: 0 });
+    wants_a_verdict_then_to_leave(&mut net, o, committee[0]);
     let first = submitted(&mut net, o, 100);
     assert_eq!(first.len(), 1);
     assert!(matches!(op_of(&first[0]), MsOp::Probe { .. }));
@@ -502,13 +507,7 @@ fn a_member_outside_the_committee_gets_several_operations_executed_in_one_epoch(
     let committee = net.committee();
     let o = (0..6).find(|i| !committee.contains(i)).unwrap();
     let me = net.nodes[o].key.node_id();
-    let target = net.nodes[committee[0]].key.node_id();
-    net.nodes[o].ms.want(MsOp::Probe {
-        epoch: 0,
-        target,
-        responsive: false,
-    });
-    net.nodes[o].ms.want(MsOp::Leave { epoch: 0 });
+    wants_a_verdict_then_to_leave(&mut net, o, committee[0]);
     // Within the resubmission period (500 ms): the committee told it at once.
     net.run(400);
     let executed: Vec<MsOp> = net.nodes[committee[0]]

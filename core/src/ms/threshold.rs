@@ -80,19 +80,19 @@ impl Target {
         }
     }
 
-    /// The message signed.
-    fn message(&self) -> Vec<u8> {
+    /// The message signed, and what the round's messages name it by: the next configuration's
+    /// hash, or the message's (each configuration hashed once).
+    fn message_and_name(&self) -> (Vec<u8>, ConfigHash) {
         match self {
-            Target::Next { next, .. } => certificate_message(&next.hash()),
-            Target::Fresh { config, time_ms } => freshness_message(config, *time_ms),
-        }
-    }
-
-    /// What the round's messages name it by: the next configuration's hash, or the message's.
-    fn hash(&self) -> ConfigHash {
-        match self {
-            Target::Next { next, .. } => next.hash(),
-            Target::Fresh { .. } => *blake3::hash(&self.message()).as_bytes(),
+            Target::Next { next, .. } => {
+                let hash = next.hash();
+                (certificate_message(&hash), hash)
+            }
+            Target::Fresh { config, time_ms } => {
+                let msg = freshness_message(config, *time_ms);
+                let name = *blake3::hash(&msg).as_bytes();
+                (msg, name)
+            }
         }
     }
 }
@@ -203,11 +203,12 @@ impl ThresholdSigning {
         seed: [u8; 32],
         now: u64,
     ) -> (ThresholdSigning, Vec<SignOut>) {
+        let (msg, hash) = target.message_and_name();
         let mut s = ThresholdSigning {
             me: node.node_id(),
             node,
-            msg: target.message(),
-            hash: target.hash(),
+            msg,
+            hash,
             target,
             share,
             attempt: 0,
